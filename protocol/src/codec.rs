@@ -1,0 +1,509 @@
+//! The frame codec: varint length prefix + protobuf `Frame`, sans-IO.
+//!
+//! [`FrameDecoder`] is fed arbitrary chunks of the byte stream
+//! ([`FrameDecoder::handle_bytes`]) and yields whole frames
+//! ([`FrameDecoder::poll_frame`]). Frames are split off its buffer without
+//! copying, and `bytes` fields of the decoded frame (message bodies) are
+//! slices of that same allocation. [`FrameEncoder`] appends frames to the
+//! caller's buffer.
+
+use bytes::{Buf, Bytes, BytesMut};
+use prost::Message;
+
+use crate::error::{DecodeError, EncodeError};
+use crate::limits::{FRAME_BYTES_MAX_DEFAULT, LENGTH_PREFIX_BYTES_MAX};
+use crate::v1::Frame;
+
+/// Incremental frame decoder for one direction of one connection.
+///
+/// Call [`handle_bytes`](Self::handle_bytes) with whatever arrived (any
+/// split: a frame in many pieces, many frames in one piece), then call
+/// [`poll_frame`](Self::poll_frame) until it returns `Ok(None)`. At end of
+/// stream call [`handle_eof`](Self::handle_eof) to learn whether the peer
+/// stopped in the middle of a frame.
+///
+/// A length prefix above the limit is rejected before any memory is reserved
+/// for the frame. Errors in the length prefix leave the stream unframeable:
+/// the decoder then returns the same error forever. Errors inside a frame
+/// (malformed protobuf, unknown body) consume just that frame.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    frame_bytes_max: u32,
+    failed: Option<DecodeError>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new(FRAME_BYTES_MAX_DEFAULT)
+    }
+}
+
+enum Prefix {
+    /// More bytes are needed to know the length.
+    Incomplete,
+    /// The frame is `len` bytes long after a prefix of `prefix_bytes`.
+    Complete { len: u64, prefix_bytes: usize },
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts frames of at most `frame_bytes_max` bytes.
+    #[must_use]
+    pub fn new(frame_bytes_max: u32) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            frame_bytes_max,
+            failed: None,
+        }
+    }
+
+    /// Changes the limit (after Hello/Welcome negotiated one). Applies to
+    /// frames whose prefix has not been read yet.
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
+    /// The limit in force.
+    #[must_use]
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.frame_bytes_max
+    }
+
+    /// Feeds bytes received from the peer. Call [`poll_frame`](Self::poll_frame)
+    /// afterwards until it returns `Ok(None)`.
+    pub fn handle_bytes(&mut self, data: &[u8]) {
+        if self.failed.is_none() {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// The decoder's buffer, for I/O that reads straight into it (saving a
+    /// copy). Bytes appended here are treated like [`handle_bytes`](Self::handle_bytes).
+    pub fn read_buf(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes received that are not yet part of a returned frame.
+    #[must_use]
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Frees the buffer's memory if it holds no partial frame, so an idle
+    /// connection keeps no read buffer. Returns whether it did.
+    pub fn release_buffer(&mut self) -> bool {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Returns the next whole frame, `Ok(None)` if more bytes are needed, or
+    /// an error. After an error with [`DecodeError::is_fatal`] the connection
+    /// should be answered with an Error frame and closed.
+    #[must_use = "a decoded frame or error must be handled"]
+    pub fn poll_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let (len, prefix_bytes) = match parse_prefix(&self.buf) {
+            Ok(Prefix::Incomplete) => return Ok(None),
+            Ok(Prefix::Complete { len, prefix_bytes }) => (len, prefix_bytes),
+            Err(err) => return Err(self.fail(err)),
+        };
+        if len > u64::from(self.frame_bytes_max) {
+            let err = DecodeError::Oversized {
+                len,
+                max: self.frame_bytes_max,
+            };
+            return Err(self.fail(err));
+        }
+        // Cannot truncate: len <= frame_bytes_max <= u32::MAX.
+        let len = len as usize;
+        let total = prefix_bytes + len;
+        if self.buf.len() < total {
+            // The limit was checked above, so this reservation is bounded.
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(prefix_bytes);
+        let frame_bytes = self.buf.split_to(len).freeze();
+        decode_frame(frame_bytes).map(Some)
+    }
+
+    /// Tells the decoder the stream has ended. Returns an error if the peer
+    /// stopped inside a frame (or the stream had already failed).
+    pub fn handle_eof(&self) -> Result<(), DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Truncated {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+
+    fn fail(&mut self, err: DecodeError) -> DecodeError {
+        self.buf = BytesMut::new();
+        self.failed = Some(err.clone());
+        err
+    }
+}
+
+/// Reads the length prefix at the start of `buf`.
+fn parse_prefix(buf: &[u8]) -> Result<Prefix, DecodeError> {
+    let mut len: u64 = 0;
+    for (i, &byte) in buf.iter().take(LENGTH_PREFIX_BYTES_MAX).enumerate() {
+        len |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            // A last byte of zero after others means a longer-than-needed
+            // encoding: refuse it so every length has exactly one encoding.
+            if i > 0 && byte == 0 {
+                return Err(DecodeError::OverlongVarint);
+            }
+            return Ok(Prefix::Complete {
+                len,
+                prefix_bytes: i + 1,
+            });
+        }
+    }
+    if buf.len() >= LENGTH_PREFIX_BYTES_MAX {
+        Err(DecodeError::OverlongVarint)
+    } else {
+        Ok(Prefix::Incomplete)
+    }
+}
+
+/// Decodes one frame's protobuf bytes (without prefix).
+fn decode_frame(bytes: Bytes) -> Result<Frame, DecodeError> {
+    // Cloning `Bytes` bumps a reference count; it keeps the bytes around to
+    // recover the request id if decoding fails.
+    match Frame::decode(bytes.clone()) {
+        Ok(Frame {
+            request_id,
+            body: None,
+        }) => Err(DecodeError::UnknownFrameType { request_id }),
+        Ok(frame) => Ok(frame),
+        Err(source) => Err(DecodeError::Malformed {
+            request_id: peek_request_id(&bytes),
+            source,
+        }),
+    }
+}
+
+/// Best effort: the `request_id` (field 1, varint) when it is the first field
+/// of a frame that failed to decode, so the Error can name the request.
+fn peek_request_id(bytes: &[u8]) -> u64 {
+    let Some((&0x08, mut rest)) = bytes.split_first() else {
+        return 0;
+    };
+    prost::encoding::decode_varint(&mut rest).unwrap_or(0)
+}
+
+/// Encodes frames for a peer that accepts at most `frame_bytes_max` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEncoder {
+    frame_bytes_max: u32,
+}
+
+impl Default for FrameEncoder {
+    fn default() -> Self {
+        Self::new(FRAME_BYTES_MAX_DEFAULT)
+    }
+}
+
+impl FrameEncoder {
+    /// An encoder for a peer whose limit is `frame_bytes_max`.
+    #[must_use]
+    pub fn new(frame_bytes_max: u32) -> Self {
+        Self { frame_bytes_max }
+    }
+
+    /// Changes the peer's limit (after negotiation).
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
+    /// The peer's limit.
+    #[must_use]
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.frame_bytes_max
+    }
+
+    /// Appends `frame` (prefix and body) to `dst`; returns the bytes added.
+    /// Nothing is appended if the frame is too large for the peer.
+    pub fn encode(&self, frame: &Frame, dst: &mut BytesMut) -> Result<usize, EncodeError> {
+        let len = frame.encoded_len();
+        if len > self.frame_bytes_max as usize {
+            return Err(EncodeError::Oversized {
+                len,
+                max: self.frame_bytes_max,
+            });
+        }
+        let prefix_bytes = prost::encoding::encoded_len_varint(len as u64);
+        dst.reserve(prefix_bytes + len);
+        prost::encoding::encode_varint(len as u64, dst);
+        frame.encode_raw(dst);
+        Ok(prefix_bytes + len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{self, frame::Body};
+
+    fn ping(request_id: u64, nonce: u64) -> Frame {
+        Frame {
+            request_id,
+            body: Some(Body::Ping(v1::Ping { nonce })),
+        }
+    }
+
+    fn encode(frames: &[Frame]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for f in frames {
+            FrameEncoder::default().encode(f, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Feeds `input` in one piece and returns every poll result until the
+    /// decoder wants more bytes or fails fatally.
+    fn check(input: &[u8], max: u32) -> Vec<Result<Frame, DecodeError>> {
+        let mut d = FrameDecoder::new(max);
+        d.handle_bytes(input);
+        let mut out = Vec::new();
+        loop {
+            match d.poll_frame() {
+                Ok(Some(f)) => out.push(Ok(f)),
+                Ok(None) => break,
+                Err(e) => {
+                    let fatal = e.is_fatal();
+                    out.push(Err(e));
+                    if fatal {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn prefix_forms() {
+        assert!(matches!(parse_prefix(&[]), Ok(Prefix::Incomplete)));
+        assert!(matches!(parse_prefix(&[0x80]), Ok(Prefix::Incomplete)));
+        assert!(matches!(
+            parse_prefix(&[0x05]),
+            Ok(Prefix::Complete {
+                len: 5,
+                prefix_bytes: 1
+            })
+        ));
+        assert!(matches!(
+            parse_prefix(&[0xac, 0x02]),
+            Ok(Prefix::Complete {
+                len: 300,
+                prefix_bytes: 2
+            })
+        ));
+        // Non-minimal: 5 encoded in two bytes.
+        assert_eq!(
+            parse_prefix(&[0x85, 0x00]).err(),
+            Some(DecodeError::OverlongVarint)
+        );
+        // Six bytes.
+        assert_eq!(
+            parse_prefix(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).err(),
+            Some(DecodeError::OverlongVarint)
+        );
+        // Five-byte maximum is accepted as a prefix (and then the limit applies).
+        assert!(matches!(
+            parse_prefix(&[0xff, 0xff, 0xff, 0xff, 0x7f]),
+            Ok(Prefix::Complete { len, prefix_bytes: 5 }) if len == (1u64 << 35) - 1
+        ));
+    }
+
+    #[test]
+    fn many_frames_in_one_chunk() {
+        let frames = [ping(1, 10), ping(2, 20), ping(0, 30)];
+        let got = check(&encode(&frames), FRAME_BYTES_MAX_DEFAULT);
+        let want: Vec<_> = frames.into_iter().map(Ok).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let frames = [ping(1, u64::MAX), ping(2, 0)];
+        let wire = encode(&frames);
+        let mut d = FrameDecoder::default();
+        let mut got = Vec::new();
+        for b in wire.iter() {
+            d.handle_bytes(&[*b]);
+            while let Some(f) = d.poll_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames);
+        assert_eq!(d.handle_eof(), Ok(()));
+    }
+
+    #[test]
+    fn oversized_is_rejected_before_allocating() {
+        // A prefix announcing 2^34 bytes.
+        let mut d = FrameDecoder::new(1024);
+        d.handle_bytes(&[0x80, 0x80, 0x80, 0x80, 0x40]);
+        let err = d.poll_frame().unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Oversized {
+                len: 1 << 34,
+                max: 1024
+            }
+        );
+        assert!(d.read_buf().capacity() < 1024);
+        // Poisoned: later bytes are ignored, the error repeats.
+        d.handle_bytes(&encode(&[ping(1, 1)]));
+        assert_eq!(d.poll_frame().unwrap_err(), err);
+        assert_eq!(d.handle_eof().unwrap_err(), err);
+    }
+
+    #[test]
+    fn limit_is_inclusive() {
+        let f = ping(1, 1);
+        let len = f.encoded_len() as u32;
+        assert_eq!(check(&encode(std::slice::from_ref(&f)), len), vec![Ok(f.clone())]);
+        assert_eq!(
+            check(&encode(&[f]), len - 1),
+            vec![Err(DecodeError::Oversized {
+                len: u64::from(len),
+                max: len - 1
+            })]
+        );
+    }
+
+    #[test]
+    fn truncated_stream() {
+        let wire = encode(&[ping(1, 1)]);
+        let mut d = FrameDecoder::default();
+        d.handle_bytes(&wire[..wire.len() - 1]);
+        assert_eq!(d.poll_frame(), Ok(None));
+        assert_eq!(
+            d.handle_eof(),
+            Err(DecodeError::Truncated {
+                buffered: wire.len() - 1
+            })
+        );
+        // A lone continuation byte of a prefix is truncated too.
+        let mut d = FrameDecoder::default();
+        d.handle_bytes(&[0x81]);
+        assert_eq!(d.poll_frame(), Ok(None));
+        assert_eq!(d.handle_eof(), Err(DecodeError::Truncated { buffered: 1 }));
+    }
+
+    #[test]
+    fn unknown_body_keeps_the_stream() {
+        // Frame{request_id: 9, field 999: varint 1}: a body case from the future.
+        let unknown = [0x08, 0x09, 0xb8, 0x3e, 0x01];
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&[unknown.len() as u8]);
+        wire.extend_from_slice(&unknown);
+        wire.extend_from_slice(&[0x00]); // empty frame: no body either
+        wire.extend_from_slice(&encode(&[ping(3, 3)]));
+        assert_eq!(
+            check(&wire, FRAME_BYTES_MAX_DEFAULT),
+            vec![
+                Err(DecodeError::UnknownFrameType { request_id: 9 }),
+                Err(DecodeError::UnknownFrameType { request_id: 0 }),
+                Ok(ping(3, 3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_protobuf_names_the_request() {
+        // request_id 5, then field 10 (hello) length-delimited with a length
+        // running past the end.
+        let bad = [0x08, 0x05, 0x52, 0x7f];
+        let mut wire = vec![bad.len() as u8];
+        wire.extend_from_slice(&bad);
+        let got = check(&wire, FRAME_BYTES_MAX_DEFAULT);
+        assert_eq!(got.len(), 1);
+        let err = got[0].clone().unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Malformed { request_id: 5, .. }),
+            "{err:?}"
+        );
+        assert!(err.is_fatal());
+        // Invalid wire type 7 in the first byte: request id unknown.
+        let got = check(&[0x01, 0x0f], FRAME_BYTES_MAX_DEFAULT);
+        assert!(matches!(
+            got[0],
+            Err(DecodeError::Malformed { request_id: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn bodies_are_zero_copy() {
+        let body = Bytes::from(vec![0xab; 100]);
+        let frame = Frame {
+            request_id: 1,
+            body: Some(Body::Send(v1::Send {
+                client_msg_id: Bytes::from_static(&[7; 16]),
+                body: body.clone(),
+                ..Default::default()
+            })),
+        };
+        let wire = encode(&[frame]);
+        let mut d = FrameDecoder::default();
+        d.handle_bytes(&wire);
+        let range = d.read_buf().as_ptr_range();
+        let Some(Frame {
+            body: Some(Body::Send(send)),
+            ..
+        }) = d.poll_frame().unwrap()
+        else {
+            panic!("not a send")
+        };
+        assert_eq!(send.body, body);
+        assert!(range.contains(&send.body.as_ptr()), "body was copied");
+    }
+
+    #[test]
+    fn encoder_refuses_frames_the_peer_cannot_take() {
+        let f = ping(1, 1);
+        let len = f.encoded_len();
+        let mut out = BytesMut::new();
+        let enc = FrameEncoder::new(len as u32 - 1);
+        assert_eq!(
+            enc.encode(&f, &mut out),
+            Err(EncodeError::Oversized {
+                len,
+                max: len as u32 - 1
+            })
+        );
+        assert!(out.is_empty());
+        assert_eq!(
+            FrameEncoder::new(len as u32).encode(&f, &mut out),
+            Ok(len + 1)
+        );
+    }
+
+    #[test]
+    fn release_buffer_only_when_empty() {
+        let wire = encode(&[ping(1, 1)]);
+        let mut d = FrameDecoder::default();
+        d.handle_bytes(&wire[..2]);
+        assert!(!d.release_buffer());
+        d.handle_bytes(&wire[2..]);
+        assert!(d.poll_frame().unwrap().is_some());
+        assert!(d.release_buffer());
+        assert_eq!(d.read_buf().capacity(), 0);
+    }
+}
