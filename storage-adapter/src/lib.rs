@@ -9,3 +9,18 @@
 //!
 //! **Must not touch:** frames, sockets, connections or the runtime.
 #![forbid(unsafe_code)]
+
+pub mod embedded;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod log;
+pub mod traits;
+pub mod types;
+
+pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
+pub use error::{LogError, StorageError};
+pub use index::FjallIndex;
+pub use log::{Appended, Completion, LogOptions, RecoveryReport, SegmentedLog};
+pub use traits::{CursorStore, DeliveryCursor, DurableLog, MessageIndex, ReadCursor};
+pub use types::*;

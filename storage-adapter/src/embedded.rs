@@ -1,0 +1,227 @@
+//! The embedded backend for one sequencer shard: the segmented log (source of truth) plus the
+//! fjall index kept up to date by an applier thread and replayed from the log on open.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use crate::error::{LogError, StorageError};
+use crate::format;
+use crate::index::FjallIndex;
+use crate::log::{Completion, DurableRecord, LogOptions, RecoveryReport, SegmentedLog};
+use crate::traits::DurableLog;
+use crate::types::{Entry, Level, Lsn};
+
+/// Options of an [`EmbeddedShard`].
+#[derive(Clone, Debug)]
+pub struct ShardOptions {
+    /// The log's options.
+    pub log: LogOptions,
+    /// Block cache of the index, bytes.
+    pub index_cache_bytes: u64,
+    /// Most durable records the applier folds into one index write.
+    pub apply_records_max: usize,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        ShardOptions {
+            log: LogOptions::default(),
+            index_cache_bytes: 32 * 1024 * 1024,
+            apply_records_max: 256,
+        }
+    }
+}
+
+/// What opening a shard found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardOpenReport {
+    /// The log's recovery.
+    pub log: RecoveryReport,
+    /// The index was missing or damaged and was rebuilt from the whole log.
+    pub index_rebuilt: bool,
+    /// The index was ahead of the log (a replaced log directory) and was rebuilt.
+    pub index_was_ahead: bool,
+    /// Log records replayed into the index at open.
+    pub replayed_records: u64,
+}
+
+/// One shard's embedded store: `dir/log/` (segments) and `dir/index/` (fjall).
+pub struct EmbeddedShard {
+    log: Option<SegmentedLog>,
+    index: Arc<FjallIndex>,
+    applier: Option<JoinHandle<()>>,
+    report: ShardOpenReport,
+    dir: PathBuf,
+}
+
+impl fmt::Debug for EmbeddedShard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedShard")
+            .field("dir", &self.dir)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedShard {
+    /// Opens the shard in `dir`: recovers the log, then brings the index up to the log's end
+    /// (rebuilding it when missing, damaged or ahead). Blocking; call before serving.
+    pub fn open(dir: &Path, opts: ShardOptions) -> Result<EmbeddedShard, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::Fs {
+            op: "create_dir",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let index = Arc::new(FjallIndex::open(
+            &dir.join("index"),
+            opts.index_cache_bytes,
+        )?);
+        let index_rebuilt = index.rebuilt();
+        let applied = index.applied_lsn();
+        let mut replayed = 0u64;
+        let mut replay_err = None;
+        let (tx, rx) = mpsc::channel::<DurableRecord>();
+        let log = SegmentedLog::open_with(
+            &dir.join("log"),
+            opts.log,
+            |rec| {
+                if replay_err.is_none() && rec.last_lsn() > applied {
+                    replayed += 1;
+                    if let Err(e) = index.apply(&[*rec]) {
+                        replay_err = Some(e);
+                    }
+                }
+            },
+            Some(tx),
+        )?;
+        if let Some(e) = replay_err {
+            return Err(e);
+        }
+        let last = log.recovery().last_lsn;
+        let index_was_ahead = index.applied_lsn() > last;
+        if index_was_ahead {
+            index.clear()?;
+            let mut err = None;
+            log.scan(Lsn(1), |rec| {
+                replayed += 1;
+                err = index.apply(&[*rec]).err();
+                err.is_none()
+            })?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+        }
+        debug_assert_eq!(index.applied_lsn(), last);
+        let ix = index.clone();
+        let records_max = opts.apply_records_max.max(1);
+        let applier = std::thread::Builder::new()
+            .name("starling-index-apply".into())
+            .spawn(move || apply_loop(&ix, &rx, records_max))
+            .map_err(|source| StorageError::Fs {
+                op: "spawn",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let report = ShardOpenReport {
+            log: log.recovery().clone(),
+            index_rebuilt,
+            index_was_ahead,
+            replayed_records: replayed,
+        };
+        Ok(EmbeddedShard {
+            log: Some(log),
+            index,
+            applier: Some(applier),
+            report,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// What opening found.
+    pub fn open_report(&self) -> &ShardOpenReport {
+        &self.report
+    }
+
+    /// The index, shareable with reader threads.
+    pub fn index(&self) -> &Arc<FjallIndex> {
+        &self.index
+    }
+
+    /// The log itself (for scans and statistics).
+    pub fn log(&self) -> Result<&SegmentedLog, LogError> {
+        self.log.as_ref().ok_or(LogError::Closed)
+    }
+
+    fn log_mut(&mut self) -> Result<&mut SegmentedLog, LogError> {
+        self.log.as_mut().ok_or(LogError::Closed)
+    }
+}
+
+impl DurableLog for EmbeddedShard {
+    fn append<L: Level>(&mut self, entries: &[Entry]) -> Result<Completion<L>, LogError> {
+        self.log_mut()?.append(entries)
+    }
+
+    fn next_lsn(&self) -> Lsn {
+        self.log.as_ref().map_or(Lsn::ZERO, SegmentedLog::next_lsn)
+    }
+
+    fn durable_lsn(&self) -> Result<Lsn, LogError> {
+        self.log()?.durable_lsn()
+    }
+}
+
+impl DurableLog for SegmentedLog {
+    fn append<L: Level>(&mut self, entries: &[Entry]) -> Result<Completion<L>, LogError> {
+        SegmentedLog::append(self, entries)
+    }
+
+    fn next_lsn(&self) -> Lsn {
+        SegmentedLog::next_lsn(self)
+    }
+
+    fn durable_lsn(&self) -> Result<Lsn, LogError> {
+        SegmentedLog::durable_lsn(self)
+    }
+}
+
+impl Drop for EmbeddedShard {
+    fn drop(&mut self) {
+        // Stop the log first: its I/O thread drops the applier's sender, ending the applier.
+        self.log = None;
+        if let Some(t) = self.applier.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn apply_loop(index: &FjallIndex, rx: &mpsc::Receiver<DurableRecord>, records_max: usize) {
+    let mut recs = Vec::with_capacity(records_max);
+    while let Ok(first) = rx.recv() {
+        recs.push(first);
+        while recs.len() < records_max {
+            match rx.try_recv() {
+                Ok(r) => recs.push(r),
+                Err(_) => break,
+            }
+        }
+        let views: Result<Vec<_>, _> = recs
+            .iter()
+            .map(|r| format::decode_record(&r.bytes))
+            .collect();
+        let res = match views {
+            Ok(v) => index.apply(&v),
+            Err(e) => Err(StorageError::Decode {
+                table: "log record",
+                reason: e.to_string(),
+            }),
+        };
+        recs.clear();
+        if let Err(e) = res {
+            index.set_failed(e.to_string());
+            return;
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The embedded durable log: one segmented, append-only, checksummed file set per sequencer shard.
+//!
+//! The shard thread calls [`SegmentedLog::append`], which encodes the batch as one record, assigns
+//! its lsns and hands it to the log's I/O thread over a channel — it never blocks. The I/O thread
+//! group-commits: it takes everything queued (up to `group_bytes_max`), writes it with one
+//! positioned write and one `fdatasync`, then advances the durable watermark that completions
+//! watch. While one `fdatasync` is in flight the next group fills in the channel. A failed write or
+//! `fdatasync` poisons the log: every pending and later completion fails; reopen to recover.
+
+mod completion;
+mod fault;
+mod recovery;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+pub use completion::{Appended, Completion, WakeFn};
+pub use fault::{Fault, FaultHook, IoOp};
+pub use recovery::RecoveryReport;
+
+use crate::error::LogError;
+use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};
+use crate::types::{Durability, Entry, Level, Lsn};
+use completion::Watermarks;
+use recovery::{SPARE_NAME, segment_name};
+
+/// Options of a [`SegmentedLog`]. Every limit is fixed at open.
+#[derive(Clone)]
+pub struct LogOptions {
+    /// Bytes of each segment file, preallocated (zero-filled and synced) before use.
+    pub segment_bytes: u64,
+    /// Most bytes one group commit writes (one write + one fdatasync).
+    pub group_bytes_max: usize,
+    /// Most bytes submitted but not yet completed; beyond it `append` returns
+    /// [`LogError::Busy`] instead of growing memory.
+    pub inflight_bytes_max: u64,
+    /// Fault injection for tests (`None` in production).
+    pub fault_hook: Option<Arc<dyn FaultHook>>,
+    /// Called on the I/O thread after every group commit (and on failure).
+    pub wake: Option<WakeFn>,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: 64 * 1024 * 1024,
+            group_bytes_max: 4 * 1024 * 1024,
+            inflight_bytes_max: 64 * 1024 * 1024,
+            fault_hook: None,
+            wake: None,
+        }
+    }
+}
+
+impl fmt::Debug for LogOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogOptions")
+            .field("segment_bytes", &self.segment_bytes)
+            .field("group_bytes_max", &self.group_bytes_max)
+            .field("inflight_bytes_max", &self.inflight_bytes_max)
+            .field("fault_hook", &self.fault_hook)
+            .field("wake", &self.wake.is_some())
+            .finish()
+    }
+}
+
+/// A record that is durable, handed to whoever maintains a read model (the index).
+#[derive(Debug)]
+pub(crate) struct DurableRecord {
+    pub(crate) bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Request {
+    bytes: Vec<u8>,
+    last_lsn: Lsn,
+    sync: bool,
+}
+
+/// One shard's durable log. Owned by the shard thread (appends take `&mut self`).
+pub struct SegmentedLog {
+    dir: PathBuf,
+    next_lsn: Lsn,
+    segment_bytes: u64,
+    inflight_bytes_max: u64,
+    tx: Option<mpsc::Sender<Request>>,
+    marks: Arc<Watermarks>,
+    io_thread: Option<JoinHandle<()>>,
+    report: RecoveryReport,
+}
+
+impl fmt::Debug for SegmentedLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SegmentedLog")
+            .field("dir", &self.dir)
+            .field("next_lsn", &self.next_lsn)
+            .field("marks", &self.marks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SegmentedLog {
+    /// Opens (creating if needed) the log in `dir`, recovering it first (see `recovery`).
+    pub fn open(dir: &Path, opts: LogOptions) -> Result<SegmentedLog, LogError> {
+        Self::open_with(dir, opts, |_| {}, None)
+    }
+
+    /// Opens the log; `visit` sees every recovered record; durable records are sent to `sink`.
+    pub(crate) fn open_with(
+        dir: &Path,
+        opts: LogOptions,
+        visit: impl FnMut(&format::RecordView<'_>),
+        sink: Option<mpsc::Sender<DurableRecord>>,
+    ) -> Result<SegmentedLog, LogError> {
+        if opts.segment_bytes < (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1024) as u64 {
+            return Err(LogError::InvalidBatch("segment_bytes too small"));
+        }
+        fs::create_dir_all(dir).map_err(|e| LogError::io("create_dir", dir, e))?;
+        let rec = recovery::recover(dir, visit)?;
+        let next_lsn = Lsn(rec.report.last_lsn.0 + 1);
+        let cur = match rec.tail {
+            Some((file, path, _base, pos)) => {
+                let len = file
+                    .metadata()
+                    .map_err(|e| LogError::io("stat", &path, e))?
+                    .len();
+                if len < opts.segment_bytes {
+                    // Preallocate the rest now, so appends never grow the file.
+                    zero_fill(&file, &path, len, opts.segment_bytes)?;
+                    file.sync_all()
+                        .map_err(|e| LogError::io("fsync", &path, e))?;
+                }
+                Some(Cur {
+                    file,
+                    path,
+                    pos,
+                    capacity: len.max(opts.segment_bytes),
+                })
+            }
+            None => None,
+        };
+        let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
+        let (tx, rx) = mpsc::channel();
+        let (spare_req, spare_res) =
+            spawn_spare_maker(dir, opts.segment_bytes, opts.fault_hook.clone())?;
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            hook: opts.fault_hook.clone(),
+            group_bytes_max: opts.group_bytes_max,
+            segment_bytes: opts.segment_bytes,
+            cur,
+            spare_req,
+            spare_res,
+            marks: marks.clone(),
+            sink,
+            unsynced: Vec::new(),
+            buf: Vec::with_capacity(opts.group_bytes_max + RECORD_PAYLOAD_BYTES_MAX.min(1 << 20)),
+        };
+        let io_thread = std::thread::Builder::new()
+            .name("starling-log-io".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| LogError::io("spawn", dir, e))?;
+        Ok(SegmentedLog {
+            dir: dir.to_path_buf(),
+            next_lsn,
+            segment_bytes: opts.segment_bytes,
+            inflight_bytes_max: opts.inflight_bytes_max,
+            tx: Some(tx),
+            marks,
+            io_thread: Some(io_thread),
+            report: rec.report,
+        })
+    }
+
+    /// Appends `entries` as one record. Never blocks: the returned completion resolves once the
+    /// batch reached level `L` (for [`crate::SyncData`]: written and fdatasync'ed), or fails if the
+    /// log is poisoned before that.
+    pub fn append<L: Level>(&mut self, entries: &[Entry]) -> Result<Completion<L>, LogError> {
+        if let Some(e) = self.marks.failure() {
+            return Err(e);
+        }
+        if entries.is_empty() {
+            return Err(LogError::InvalidBatch("empty batch"));
+        }
+        let mut payload = 0usize;
+        for e in entries {
+            if e.body.len() > format::ENTRY_BODY_BYTES_MAX {
+                return Err(LogError::InvalidBatch(
+                    "entry body larger than ENTRY_BODY_BYTES_MAX",
+                ));
+            }
+            payload += format::entry_bytes(e);
+        }
+        let record_bytes = RECORD_HEADER_BYTES + payload;
+        if payload > RECORD_PAYLOAD_BYTES_MAX
+            || (record_bytes + SEGMENT_HEADER_BYTES) as u64 > self.segment_bytes
+            || entries.len() > u32::MAX as usize
+        {
+            return Err(LogError::InvalidBatch(
+                "batch larger than a record or a segment",
+            ));
+        }
+        let inflight = self.marks.inflight_bytes.load(Ordering::Acquire);
+        if inflight > 0 && inflight + record_bytes as u64 > self.inflight_bytes_max {
+            return Err(LogError::Busy {
+                inflight_bytes: inflight,
+                limit_bytes: self.inflight_bytes_max,
+            });
+        }
+        let first = self.next_lsn;
+        let last = Lsn(first.0 + entries.len() as u64 - 1);
+        let mut bytes = Vec::with_capacity(record_bytes);
+        format::encode_record(first, entries, &mut bytes);
+        debug_assert_eq!(bytes.len(), record_bytes);
+        let sync = L::DURABILITY == Durability::SyncData;
+        let tx = self.tx.as_ref().ok_or(LogError::Closed)?;
+        self.marks
+            .inflight_bytes
+            .fetch_add(record_bytes as u64, Ordering::AcqRel);
+        if tx
+            .send(Request {
+                bytes,
+                last_lsn: last,
+                sync,
+            })
+            .is_err()
+        {
+            self.marks
+                .inflight_bytes
+                .fetch_sub(record_bytes as u64, Ordering::AcqRel);
+            return Err(self.marks.failure().unwrap_or(LogError::Closed));
+        }
+        self.next_lsn = Lsn(last.0 + 1);
+        Ok(Completion::new(self.marks.clone(), first, last))
+    }
+
+    /// The lsn the next appended entry will get.
+    pub fn next_lsn(&self) -> Lsn {
+        self.next_lsn
+    }
+
+    /// The highest durable lsn, or the error that poisoned the log.
+    pub fn durable_lsn(&self) -> Result<Lsn, LogError> {
+        self.marks.durable()
+    }
+
+    /// The highest lsn handed to the OS (durable against a process crash, not a power failure).
+    pub fn written_lsn(&self) -> Lsn {
+        self.marks.written()
+    }
+
+    /// Bytes submitted but not yet completed.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.marks.inflight_bytes.load(Ordering::Acquire)
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads durable records with lsns from `from` on, in order, calling `visit` on each until
+    /// it returns `false`. Blocking (reads segment files); for replay, sync and benchmarks.
+    pub fn scan(
+        &self,
+        from: Lsn,
+        visit: impl FnMut(&format::RecordView<'_>) -> bool,
+    ) -> Result<(), LogError> {
+        let until = self.durable_lsn()?;
+        scan_dir(&self.dir, from, until, visit)
+    }
+}
+
+impl Drop for SegmentedLog {
+    fn drop(&mut self) {
+        self.tx = None; // the I/O thread drains what was queued, then stops
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads the records of the log in `dir` from lsn `from` through `until` (see [`SegmentedLog::scan`]).
+pub(crate) fn scan_dir(
+    dir: &Path,
+    from: Lsn,
+    until: Lsn,
+    mut visit: impl FnMut(&format::RecordView<'_>) -> bool,
+) -> Result<(), LogError> {
+    let segs = recovery::list_segments(dir)?;
+    for (i, seg) in segs.iter().enumerate() {
+        if seg.base > until {
+            break;
+        }
+        if segs.get(i + 1).is_some_and(|n| n.base <= from) {
+            continue;
+        }
+        let data = recovery::read_all(&seg.path)?;
+        let mut pos = SEGMENT_HEADER_BYTES;
+        while let Ok(view) = format::decode_record(data.get(pos..).unwrap_or(&[])) {
+            if view.first_lsn > until {
+                return Ok(());
+            }
+            if view.last_lsn() >= from && !visit(&view) {
+                return Ok(());
+            }
+            pos += view.total_bytes();
+        }
+    }
+    Ok(())
+}
+
+fn zero_fill(file: &File, path: &Path, from: u64, to: u64) -> Result<(), LogError> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = CHUNK.min((to - at) as usize);
+        file.write_all_at(&zeros[..n], at)
+            .map_err(|e| LogError::io("preallocate", path, e))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn make_spare(
+    dir: &Path,
+    segment_bytes: u64,
+    hook: Option<&dyn FaultHook>,
+) -> Result<File, LogError> {
+    let path = dir.join(SPARE_NAME);
+    if let Some(h) = hook
+        && let Some(f) = h.before(&IoOp::Preallocate {
+            path: &path,
+            len: segment_bytes,
+        })
+    {
+        let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
+        return Err(LogError::io("preallocate", &path, e));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| LogError::io("create", &path, e))?;
+    zero_fill(&file, &path, 0, segment_bytes)?;
+    file.sync_all()
+        .map_err(|e| LogError::io("fsync", &path, e))?;
+    Ok(file)
+}
+
+type SpareChannels = (mpsc::Sender<()>, mpsc::Receiver<Result<File, LogError>>);
+
+/// A helper thread that keeps one zero-filled, synced spare segment ready, so a segment switch
+/// costs a rename and a directory fsync instead of writing a whole segment of zeroes.
+fn spawn_spare_maker(
+    dir: &Path,
+    segment_bytes: u64,
+    hook: Option<Arc<dyn FaultHook>>,
+) -> Result<SpareChannels, LogError> {
+    let (req_tx, req_rx) = mpsc::channel::<()>();
+    let (res_tx, res_rx) = mpsc::channel();
+    let d = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("starling-log-spare".into())
+        .spawn(move || {
+            while req_rx.recv().is_ok() {
+                if res_tx
+                    .send(make_spare(&d, segment_bytes, hook.as_deref()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| LogError::io("spawn", dir, e))?;
+    req_tx.send(()).map_err(|_| LogError::Closed)?;
+    Ok((req_tx, res_rx))
+}
+
+#[derive(Debug)]
+struct Cur {
+    file: File,
+    path: PathBuf,
+    pos: u64,
+    capacity: u64,
+}
+
+struct Writer {
+    dir: PathBuf,
+    hook: Option<Arc<dyn FaultHook>>,
+    group_bytes_max: usize,
+    segment_bytes: u64,
+    cur: Option<Cur>,
+    spare_req: mpsc::Sender<()>,
+    spare_res: mpsc::Receiver<Result<File, LogError>>,
+    marks: Arc<Watermarks>,
+    sink: Option<mpsc::Sender<DurableRecord>>,
+    unsynced: Vec<Request>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, rx: &mpsc::Receiver<Request>) {
+        let mut group = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut bytes = first.bytes.len();
+            group.push(first);
+            while bytes < self.group_bytes_max {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.bytes.len();
+                        group.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let sync = group.iter().any(|r| r.sync);
+            match self.commit(&group, sync) {
+                Ok(()) => {
+                    let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
+                    self.marks.advance(last, sync.then_some(last));
+                    self.marks
+                        .inflight_bytes
+                        .fetch_sub(bytes as u64, Ordering::AcqRel);
+                    self.unsynced.append(&mut group);
+                    if sync {
+                        for r in self.unsynced.drain(..) {
+                            if let Some(s) = &self.sink {
+                                // A gone index applier is noticed by its owner; the log goes on.
+                                let _ = s.send(DurableRecord { bytes: r.bytes });
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Poison: never retry a failed fsync (the kernel may have dropped the dirty
+                    // pages and a retry would "succeed" without the data).
+                    self.marks.fail(e);
+                    return;
+                }
+            }
+        }
+        // Channel closed (log dropped): make buffered tail durable on a clean shutdown.
+        if let Some(c) = &self.cur {
+            let _ = c.file.sync_data();
+        }
+    }
+
+    fn commit(&mut self, group: &[Request], sync: bool) -> Result<(), LogError> {
+        self.buf.clear();
+        for r in group {
+            let len = r.bytes.len() as u64;
+            let fits = self
+                .cur
+                .as_ref()
+                .is_some_and(|c| c.pos + self.buf.len() as u64 + len <= c.capacity);
+            if !fits {
+                self.flush_buf()?;
+                if let Some(old) = self.cur.take() {
+                    self.sync(&old)?; // seal: everything in a sealed segment is durable
+                }
+                let first_lsn = Lsn(r.last_lsn.0 + 1 - u64::from(record_count(&r.bytes)));
+                self.roll(first_lsn)?;
+                self.buf
+                    .extend_from_slice(&format::encode_segment_header(first_lsn));
+            }
+            self.buf.extend_from_slice(&r.bytes);
+        }
+        self.flush_buf()?;
+        if sync && let Some(c) = &self.cur {
+            self.sync(c)?;
+        }
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> Result<(), LogError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(c) = self.cur.as_mut() else {
+            return Err(LogError::Inconsistent {
+                path: self.dir.clone(),
+                reason: "no open segment".into(),
+            });
+        };
+        let off = c.pos;
+        if let Some(h) = &self.hook
+            && let Some(f) = h.before(&IoOp::Write {
+                path: &c.path,
+                offset: off,
+                len: self.buf.len(),
+            })
+        {
+            return Err(match f {
+                Fault::Fail(e) => LogError::io("write", &c.path, e),
+                Fault::TornWrite(n, e) => {
+                    let n = n.min(self.buf.len());
+                    let _ = c.file.write_all_at(&self.buf[..n], off);
+                    LogError::io("write", &c.path, e)
+                }
+            });
+        }
+        c.file
+            .write_all_at(&self.buf, off)
+            .map_err(|e| LogError::io("write", &c.path, e))?;
+        c.pos += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn sync(&self, c: &Cur) -> Result<(), LogError> {
+        if let Some(h) = &self.hook
+            && let Some(f) = h.before(&IoOp::SyncData { path: &c.path })
+        {
+            let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
+            return Err(LogError::io("fdatasync", &c.path, e));
+        }
+        c.file
+            .sync_data()
+            .map_err(|e| LogError::io("fdatasync", &c.path, e))
+    }
+
+    /// Installs the spare as the segment starting at `base` and asks for the next spare.
+    fn roll(&mut self, base: Lsn) -> Result<(), LogError> {
+        let file = match self.spare_res.recv() {
+            Ok(r) => r?,
+            Err(_) => make_spare(&self.dir, self.segment_bytes, self.hook.as_deref())?,
+        };
+        let path = self.dir.join(segment_name(base));
+        if let Some(h) = &self.hook
+            && let Some(f) = h.before(&IoOp::Install { path: &path })
+        {
+            let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
+            return Err(LogError::io("install", &path, e));
+        }
+        fs::rename(self.dir.join(SPARE_NAME), &path)
+            .map_err(|e| LogError::io("rename", &path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| LogError::io("fsync_dir", &self.dir, e))?;
+        let _ = self.spare_req.send(());
+        self.cur = Some(Cur {
+            file,
+            path,
+            pos: 0,
+            capacity: self.segment_bytes,
+        });
+        Ok(())
+    }
+}
+
+fn record_count(bytes: &[u8]) -> u32 {
+    // Written by `encode_record` in this process: the header is there.
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&bytes[12..16]);
+    u32::from_le_bytes(a)
+}

@@ -1,0 +1,1052 @@
+//! Integration tests of the embedded store: crash (real processes, kill -9), corruption, fault
+//! injection, index rebuild and the committed on-disk fixtures.
+//!
+//! The crash child is this same test binary re-invoked with `STARLING_CRASH_CHILD_DIR` set (see
+//! `crash_child_entry_point`), which saves building a separate binary.
+#![allow(clippy::disallowed_methods)] // tests may read the clock for seeds
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use starling_storage::log::{Fault, FaultHook, IoOp};
+use starling_storage::{
+    ClientMsgId, ConvId, DeviceId, DurableLog, EmbeddedShard, Entry, EntryKind, LogError,
+    LogOptions, Lsn, MessageIndex, SegmentedLog, Seq, ShardOptions, SyncData, TimestampMs, UserId,
+};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// splitmix64: a tiny seeded generator, so any failure reproduces from its printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn seed_from_env(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(s) => s.parse().expect("seed is a u64"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    }
+}
+
+fn cmid(tag: u64, n: u64) -> ClientMsgId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&tag.to_le_bytes());
+    b[8..].copy_from_slice(&n.to_le_bytes());
+    ClientMsgId(b)
+}
+
+fn body_for(id: ClientMsgId, len: usize) -> Vec<u8> {
+    (0..len).map(|i| id.0[i % 16] ^ (i as u8)).collect()
+}
+
+fn entry(conv: u128, seq: u64, id: ClientMsgId, body_len: usize) -> Entry {
+    Entry {
+        kind: EntryKind::MESSAGE,
+        conv: ConvId(conv),
+        seq: Seq(seq),
+        client_msg_id: id,
+        sender: UserId(conv as u64 + 1000),
+        sender_device: DeviceId(1),
+        ts_ms: TimestampMs(1_700_000_000_000 + seq),
+        content_type: 1,
+        body: body_for(id, body_len),
+    }
+}
+
+fn small_opts(segment_bytes: u64) -> LogOptions {
+    LogOptions {
+        segment_bytes,
+        ..LogOptions::default()
+    }
+}
+
+fn shard_opts(segment_bytes: u64) -> ShardOptions {
+    ShardOptions {
+        log: small_opts(segment_bytes),
+        index_cache_bytes: 4 << 20,
+        ..ShardOptions::default()
+    }
+}
+
+/// Appends `batches` batches of `per` entries over 3 conversations; returns what was written.
+fn fill(log: &mut impl DurableLog, batches: u64, per: u64, body_len: usize) -> Vec<Entry> {
+    let mut seqs = [0u64; 3];
+    let mut all = Vec::new();
+    let mut pending = Vec::new();
+    let mut n = 0;
+    for _ in 0..batches {
+        let mut batch = Vec::new();
+        for _ in 0..per {
+            let c = (n % 3) as usize;
+            seqs[c] += 1;
+            batch.push(entry(
+                c as u128 + 1,
+                seqs[c],
+                cmid(7, n),
+                body_len + (n as usize % 5),
+            ));
+            n += 1;
+        }
+        pending.push(log.append::<SyncData>(&batch).unwrap());
+        all.extend(batch);
+    }
+    for p in pending {
+        p.wait().unwrap();
+    }
+    all
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Reads every entry of the log in `dir` (opening it, which recovers it).
+fn read_log(dir: &Path, segment_bytes: u64) -> Result<Vec<Entry>, LogError> {
+    let log = SegmentedLog::open(dir, small_opts(segment_bytes))?;
+    let mut out = Vec::new();
+    log.scan(Lsn(1), |r| {
+        out.extend(r.entries().unwrap());
+        true
+    })?;
+    Ok(out)
+}
+
+/// Offsets of the records in one segment file (walking the valid chain).
+fn record_offsets(seg: &Path) -> Vec<(usize, usize)> {
+    let data = fs::read(seg).unwrap();
+    let mut pos = starling_storage::format::SEGMENT_HEADER_BYTES;
+    let mut out = Vec::new();
+    while let Ok(v) = starling_storage::format::decode_record(&data[pos..]) {
+        out.push((pos, v.total_bytes()));
+        pos += v.total_bytes();
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// basic behaviour
+
+#[test]
+fn append_reopen_read_round_trip_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let mut log = SegmentedLog::open(dir.path(), small_opts(8192)).unwrap();
+        let w = fill(&mut log, 60, 4, 100);
+        assert_eq!(log.durable_lsn().unwrap(), Lsn(240));
+        w
+    };
+    assert!(
+        segments(dir.path()).len() > 3,
+        "the test must cross segments"
+    );
+    assert_eq!(read_log(dir.path(), 8192).unwrap(), written);
+    // Appending after reopen continues the lsns.
+    let mut log = SegmentedLog::open(dir.path(), small_opts(8192)).unwrap();
+    assert_eq!(log.next_lsn(), Lsn(241));
+    let c = log
+        .append::<SyncData>(&[entry(9, 1, cmid(1, 1), 10)])
+        .unwrap();
+    let done = c.wait().unwrap();
+    assert_eq!((done.first_lsn(), done.last_lsn()), (Lsn(241), Lsn(241)));
+}
+
+#[test]
+fn completion_is_a_future_any_executor_can_poll() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Flag(AtomicU64);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wakes = Arc::new(AtomicU64::new(0));
+    let w2 = wakes.clone();
+    let opts = LogOptions {
+        wake: Some(Arc::new(move || _ = w2.fetch_add(1, Ordering::SeqCst))),
+        ..small_opts(1 << 20)
+    };
+    let mut log = SegmentedLog::open(dir.path(), opts).unwrap();
+    let flag = Arc::new(Flag(AtomicU64::new(0)));
+    let waker = Waker::from(flag.clone());
+    let mut c = Box::pin(
+        log.append::<SyncData>(&[entry(1, 1, cmid(1, 1), 10)])
+            .unwrap(),
+    );
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        match c.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => {
+                assert_eq!(r.unwrap().last_lsn(), Lsn(1));
+                break;
+            }
+            Poll::Pending => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    assert!(wakes.load(Ordering::SeqCst) >= 1, "the wake callback ran");
+}
+
+#[test]
+fn invalid_batches_are_refused_and_backpressure_never_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions {
+        inflight_bytes_max: 1,
+        ..small_opts(1 << 20)
+    };
+    let mut log = SegmentedLog::open(dir.path(), opts).unwrap();
+    assert!(matches!(
+        log.append::<SyncData>(&[]),
+        Err(LogError::InvalidBatch(_))
+    ));
+    let huge = entry(1, 1, cmid(1, 1), 2 << 20);
+    assert!(matches!(
+        log.append::<SyncData>(&[huge]),
+        Err(LogError::InvalidBatch(_))
+    ));
+    // With a 1-byte budget, a second batch while the first is in flight is refused, not queued.
+    let mut busy = 0;
+    let mut pending = Vec::new();
+    for i in 0..50 {
+        match log.append::<SyncData>(&[entry(1, i + 1, cmid(1, i), 10)]) {
+            Ok(c) => pending.push(c),
+            Err(LogError::Busy { .. }) => busy += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    for c in pending {
+        c.wait().unwrap();
+    }
+    assert!(busy > 0, "some appends must have met backpressure");
+}
+
+// ---------------------------------------------------------------------------------------------
+// torn tails and corruption
+
+#[test]
+fn last_record_truncated_at_every_byte_offset_recovers_the_prefix() {
+    let src = tempfile::tempdir().unwrap();
+    let written = {
+        let mut log = SegmentedLog::open(src.path(), small_opts(1 << 16)).unwrap();
+        fill(&mut log, 5, 3, 40)
+    };
+    let seg = segments(src.path()).pop().unwrap();
+    let recs = record_offsets(&seg);
+    let (last_at, last_len) = *recs.last().unwrap();
+    let keep = written.len() - 3;
+    for cut in 0..last_len {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let seg_copy = dir.path().join(seg.file_name().unwrap());
+        let mut data = fs::read(&seg_copy).unwrap();
+        // A torn write: the record's bytes from `cut` on never reached the disk (zeroes remain).
+        data[last_at + cut..].fill(0);
+        fs::write(&seg_copy, &data).unwrap();
+        let got = read_log(dir.path(), 1 << 16).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert_eq!(got, written[..keep], "cut at byte {cut}");
+        // And the file itself was shortened: a fresh file length cut (no zero fill) also works.
+        let dir2 = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir2.path());
+        let seg2 = dir2.path().join(seg.file_name().unwrap());
+        let f = fs::OpenOptions::new().write(true).open(&seg2).unwrap();
+        f.set_len((last_at + cut) as u64).unwrap();
+        drop(f);
+        assert_eq!(
+            read_log(dir2.path(), 1 << 16).unwrap(),
+            written[..keep],
+            "file cut at byte {cut}"
+        );
+        // After recovery the log appends again right where the valid prefix ends.
+        let mut log = SegmentedLog::open(dir2.path(), small_opts(1 << 16)).unwrap();
+        assert_eq!(log.next_lsn(), Lsn(keep as u64 + 1));
+        log.append::<SyncData>(&[entry(1, 99, cmid(9, 9), 5)])
+            .unwrap()
+            .wait()
+            .unwrap();
+        drop(log);
+        assert_eq!(read_log(dir2.path(), 1 << 16).unwrap().len(), keep + 1);
+    }
+}
+
+#[test]
+fn garbage_or_zeros_after_the_tail_are_cut_and_reported() {
+    let src = tempfile::tempdir().unwrap();
+    let written = {
+        let mut log = SegmentedLog::open(src.path(), small_opts(1 << 16)).unwrap();
+        fill(&mut log, 4, 2, 30)
+    };
+    let seg = segments(src.path()).pop().unwrap();
+    let (at, len) = *record_offsets(&seg).last().unwrap();
+    let end = at + len;
+    let mut rng = Rng(42);
+    for garbage in [
+        vec![0u8; 100],
+        (0..300).map(|_| rng.next() as u8).collect(),
+        b"STLR\x01\x02".to_vec(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let seg_copy = dir.path().join(seg.file_name().unwrap());
+        let mut data = fs::read(&seg_copy).unwrap();
+        data[end..end + garbage.len()].copy_from_slice(&garbage);
+        fs::write(&seg_copy, &data).unwrap();
+        let log = SegmentedLog::open(dir.path(), small_opts(1 << 16)).unwrap();
+        let rep = log.recovery().clone();
+        drop(log);
+        if garbage.iter().any(|&b| b != 0) {
+            assert_eq!(rep.truncated_at, Some((seg_copy.clone(), end as u64)));
+            assert!(rep.zeroed_bytes > 0);
+        }
+        assert_eq!(read_log(dir.path(), 1 << 16).unwrap(), written);
+        // The garbage is gone from the file (zeroed), so a later scan cannot trip on it.
+        let data = fs::read(&seg_copy).unwrap();
+        assert!(data[end..].iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn bit_flip_in_a_middle_record_refuses_to_open_naming_file_and_offset() {
+    let src = tempfile::tempdir().unwrap();
+    {
+        let mut log = SegmentedLog::open(src.path(), small_opts(1 << 16)).unwrap();
+        fill(&mut log, 6, 2, 30);
+    }
+    let seg = segments(src.path()).pop().unwrap();
+    let recs = record_offsets(&seg);
+    let (at, len) = recs[2];
+    for bit in [0usize, 5 * 8 + 3, 9 * 8, 17 * 8 + 1, (len - 1) * 8 + 7] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let seg_copy = dir.path().join(seg.file_name().unwrap());
+        let mut data = fs::read(&seg_copy).unwrap();
+        data[at + bit / 8] ^= 1 << (bit % 8);
+        fs::write(&seg_copy, &data).unwrap();
+        let err = SegmentedLog::open(dir.path(), small_opts(1 << 16)).unwrap_err();
+        match &err {
+            LogError::Corrupt { path, offset, .. } => {
+                assert_eq!(path, &seg_copy);
+                assert_eq!(*offset, at as u64);
+            }
+            other => panic!("bit {bit}: expected Corrupt, got {other}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&seg_copy.display().to_string()) && msg.contains(&format!("offset {at}")),
+            "{msg}"
+        );
+        // Refusing must not have modified the file.
+        assert_eq!(fs::read(&seg_copy).unwrap(), data);
+    }
+}
+
+#[test]
+fn damage_in_an_earlier_segment_refuses_even_when_later_segments_are_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = SegmentedLog::open(dir.path(), small_opts(4096)).unwrap();
+        fill(&mut log, 40, 2, 60);
+    }
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3);
+    let (at, _) = record_offsets(&segs[0])[1];
+    let mut data = fs::read(&segs[0]).unwrap();
+    data[at + 30] ^= 0x40;
+    fs::write(&segs[0], &data).unwrap();
+    assert!(matches!(
+        SegmentedLog::open(dir.path(), small_opts(4096)),
+        Err(LogError::Corrupt { .. })
+    ));
+    // A segment whose header is damaged while later segments hold data: also refused.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = SegmentedLog::open(dir.path(), small_opts(4096)).unwrap();
+        fill(&mut log, 40, 2, 60);
+    }
+    let segs = segments(dir.path());
+    let mut data = fs::read(&segs[1]).unwrap();
+    data[3] ^= 1;
+    fs::write(&segs[1], &data).unwrap();
+    assert!(matches!(
+        SegmentedLog::open(dir.path(), small_opts(4096)),
+        Err(LogError::Corrupt { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// fault injection: write/fsync errors and a full disk
+
+#[derive(Debug, Default)]
+struct Faults {
+    /// Fail the n-th write (1-based; 0 = never).
+    fail_write: AtomicU64,
+    /// Fail the n-th fdatasync.
+    fail_sync: AtomicU64,
+    /// Fail preallocation of spare segments with ENOSPC while set.
+    disk_full: AtomicU64,
+    /// Tear the failing write after this many bytes (u64::MAX = write nothing).
+    torn_at: AtomicU64,
+    errno: AtomicU64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    log: Mutex<Vec<String>>,
+}
+
+impl FaultHook for Faults {
+    fn before(&self, op: &IoOp<'_>) -> Option<Fault> {
+        let err = || io::Error::from_raw_os_error(self.errno.load(Ordering::SeqCst) as i32);
+        match op {
+            IoOp::Write { .. } => {
+                let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == self.fail_write.load(Ordering::SeqCst) {
+                    self.log.lock().unwrap().push(format!("fail write {n}"));
+                    let torn = self.torn_at.load(Ordering::SeqCst);
+                    return Some(if torn == u64::MAX {
+                        Fault::Fail(err())
+                    } else {
+                        Fault::TornWrite(torn as usize, err())
+                    });
+                }
+                None
+            }
+            IoOp::SyncData { .. } => {
+                let n = self.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+                (n == self.fail_sync.load(Ordering::SeqCst)).then(|| Fault::Fail(err()))
+            }
+            IoOp::Preallocate { .. } => (self.disk_full.load(Ordering::SeqCst) != 0)
+                .then(|| Fault::Fail(io::Error::from_raw_os_error(28))),
+            IoOp::Install { .. } => None,
+        }
+    }
+}
+
+fn faulty(segment_bytes: u64, f: &Arc<Faults>) -> LogOptions {
+    LogOptions {
+        fault_hook: Some(f.clone()),
+        ..small_opts(segment_bytes)
+    }
+}
+
+/// Appends batches one by one until one fails; returns (acknowledged entries, the error).
+fn append_until_error(log: &mut SegmentedLog, limit: u64) -> (Vec<Entry>, LogError) {
+    let mut acked = Vec::new();
+    for i in 0..limit {
+        let batch = vec![
+            entry(1, i * 2 + 1, cmid(3, i * 2), 50),
+            entry(1, i * 2 + 2, cmid(3, i * 2 + 1), 50),
+        ];
+        match log.append::<SyncData>(&batch).and_then(|c| c.wait()) {
+            Ok(_) => acked.extend(batch),
+            Err(e) => return (acked, e),
+        }
+    }
+    panic!("no fault happened in {limit} batches");
+}
+
+#[test]
+fn fsync_error_poisons_the_log_and_nothing_later_is_acknowledged() {
+    for errno in [5, 28] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Faults {
+            fail_sync: AtomicU64::new(4),
+            errno: AtomicU64::new(errno),
+            ..Faults::default()
+        });
+        let mut log = SegmentedLog::open(dir.path(), faulty(1 << 16, &f)).unwrap();
+        let (acked, err) = append_until_error(&mut log, 100);
+        assert_eq!(
+            acked.len(),
+            6,
+            "three batches were synced before the failing fsync"
+        );
+        assert!(matches!(err, LogError::Poisoned(_)), "{err}");
+        assert_eq!(err.is_no_space(), errno == 28, "{err}");
+        // Every later append fails at once; the durable watermark never moves again.
+        assert!(
+            log.append::<SyncData>(&[entry(1, 99, cmid(4, 4), 1)])
+                .is_err()
+        );
+        assert!(log.durable_lsn().is_err());
+        drop(log);
+        // Reopening recovers from disk: every acknowledged entry is there (the failed batch may be
+        // too — it was written but never acknowledged).
+        let got = read_log(dir.path(), 1 << 16).unwrap();
+        assert!(got.len() == acked.len() || got.len() == acked.len() + 2);
+        assert_eq!(got[..acked.len()], acked[..]);
+    }
+}
+
+#[test]
+fn pipelined_waiters_all_fail_when_the_group_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Arc::new(Faults {
+        fail_sync: AtomicU64::new(2),
+        errno: AtomicU64::new(5),
+        ..Faults::default()
+    });
+    let mut log = SegmentedLog::open(dir.path(), faulty(1 << 20, &f)).unwrap();
+    let mut pending = Vec::new();
+    for i in 0..200 {
+        match log.append::<SyncData>(&[entry(1, i + 1, cmid(5, i), 200)]) {
+            Ok(c) => pending.push(c),
+            Err(_) => break,
+        }
+    }
+    let results: Vec<bool> = pending.into_iter().map(|c| c.wait().is_ok()).collect();
+    // Acknowledged batches form a prefix: after the first failure nothing is ever acknowledged.
+    let first_fail = results
+        .iter()
+        .position(|ok| !ok)
+        .expect("some batch failed");
+    assert!(results[first_fail..].iter().all(|ok| !ok));
+}
+
+#[test]
+fn write_errors_and_torn_writes_are_never_acknowledged() {
+    for torn in [u64::MAX, 0, 7, 30, 90] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Faults {
+            fail_write: AtomicU64::new(5),
+            torn_at: AtomicU64::new(torn),
+            errno: AtomicU64::new(5),
+            ..Faults::default()
+        });
+        let mut log = SegmentedLog::open(dir.path(), faulty(1 << 16, &f)).unwrap();
+        let (acked, err) = append_until_error(&mut log, 100);
+        assert_eq!(acked.len(), 8);
+        assert!(!err.is_no_space());
+        drop(log);
+        let got = read_log(dir.path(), 1 << 16).unwrap();
+        assert_eq!(
+            got, acked,
+            "torn at {torn}: the torn record is cut on recovery"
+        );
+    }
+}
+
+#[test]
+fn full_disk_gives_a_clear_error_and_service_resumes_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Arc::new(Faults {
+        errno: AtomicU64::new(5),
+        ..Faults::default()
+    });
+    // Small segments: the first rollover needs a new preallocated segment, which hits ENOSPC.
+    let mut log = SegmentedLog::open(dir.path(), faulty(4096, &f)).unwrap();
+    // Let the first spare get made, then fill the disk.
+    std::thread::sleep(Duration::from_millis(50));
+    f.disk_full.store(1, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    let err = loop {
+        let i = acked.len() as u64;
+        let batch = vec![entry(2, i + 1, cmid(6, i), 300)];
+        match log.append::<SyncData>(&batch).and_then(|c| c.wait()) {
+            Ok(_) => acked.extend(batch),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 1000, "disk never filled");
+    };
+    assert!(err.is_no_space(), "{err}");
+    assert!(err.to_string().contains("storage full"), "{err}");
+    assert!(
+        log.append::<SyncData>(&[entry(2, 999, cmid(6, 999), 1)])
+            .is_err()
+    );
+    drop(log);
+    // Space returns: reopen, everything acknowledged is there, appends work again.
+    f.disk_full.store(0, Ordering::SeqCst);
+    let mut log = SegmentedLog::open(dir.path(), faulty(4096, &f)).unwrap();
+    let n = log.next_lsn().0 - 1;
+    assert!(n >= acked.len() as u64);
+    for i in 0..40 {
+        log.append::<SyncData>(&[entry(3, i + 1, cmid(8, i), 300)])
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    drop(log);
+    let got = read_log(dir.path(), 4096).unwrap();
+    assert_eq!(got[..acked.len()], acked[..]);
+    assert_eq!(got.len() as u64, n + 40);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the index: replay, rebuild, dedup across restarts
+
+fn index_dump(shard: &EmbeddedShard, convs: &[u128]) -> Vec<Entry> {
+    let ix = shard.index();
+    let mut out = Vec::new();
+    for &c in convs {
+        let mut after = Seq(0);
+        loop {
+            let page = ix.after(ConvId(c), after, 100).unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            out.extend(page);
+        }
+    }
+    out
+}
+
+#[test]
+fn index_reads_latest_before_after_and_dedup_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let mut shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 16)).unwrap();
+        let w = fill(&mut shard, 30, 3, 20);
+        shard.index().wait_applied(Lsn(90)).unwrap();
+        w
+    };
+    let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 16)).unwrap();
+    let ix = shard.index();
+    let conv1: Vec<Entry> = written
+        .iter()
+        .filter(|e| e.conv == ConvId(1))
+        .cloned()
+        .collect();
+    assert_eq!(ix.last_seq(ConvId(1)).unwrap(), Seq(30));
+    assert_eq!(ix.latest(ConvId(1), 5).unwrap(), conv1[25..]);
+    assert_eq!(ix.before(ConvId(1), Seq(10), 3).unwrap(), conv1[6..9]);
+    assert_eq!(ix.after(ConvId(1), Seq(28), 10).unwrap(), conv1[28..]);
+    assert_eq!(
+        ix.entry(ConvId(1), Seq(7)).unwrap().as_ref(),
+        Some(&conv1[6])
+    );
+    assert_eq!(ix.entry(ConvId(1), Seq(31)).unwrap(), None);
+    assert_eq!(ix.last_seq(ConvId(77)).unwrap(), Seq::NONE);
+    for e in &written {
+        assert_eq!(ix.dedup(e.conv, e.client_msg_id).unwrap(), Some(e.seq));
+    }
+    assert_eq!(ix.dedup(ConvId(1), cmid(123, 456)).unwrap(), None);
+}
+
+#[test]
+fn index_deleted_corrupted_or_behind_is_rebuilt_with_identical_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let convs = [1, 2, 3];
+    let before = {
+        let mut shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 14)).unwrap();
+        fill(&mut shard, 50, 4, 30);
+        shard.index().wait_applied(Lsn(200)).unwrap();
+        index_dump(&shard, &convs)
+    };
+    assert_eq!(before.len(), 200);
+    // 1. deleted
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    {
+        let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 14)).unwrap();
+        assert!(shard.open_report().index_rebuilt);
+        assert_eq!(shard.open_report().replayed_records, 50);
+        assert_eq!(index_dump(&shard, &convs), before);
+    }
+    // 2. corrupted: overwrite every file of the index with garbage
+    let mut rng = Rng(7);
+    for e in walk(&dir.path().join("index")) {
+        let len = fs::metadata(&e).unwrap().len() as usize;
+        fs::write(
+            &e,
+            (0..len.max(16))
+                .map(|_| rng.next() as u8)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    }
+    {
+        let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 14)).unwrap();
+        assert!(
+            shard.open_report().index_rebuilt,
+            "{:?}",
+            shard.open_report()
+        );
+        assert_eq!(index_dump(&shard, &convs), before);
+    }
+    // 3. behind: an index saved earlier, with the log grown since, is caught up by replay
+    let old_index = tempfile::tempdir().unwrap();
+    copy_tree(&dir.path().join("index"), old_index.path());
+    let after = {
+        let mut shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 14)).unwrap();
+        let c = shard
+            .append::<SyncData>(&[entry(1, 68, cmid(11, 1), 10), entry(2, 67, cmid(11, 2), 10)])
+            .unwrap();
+        let lsn = c.wait().unwrap().last_lsn();
+        shard.index().wait_applied(lsn).unwrap();
+        index_dump(&shard, &convs)
+    };
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    copy_tree(old_index.path(), &dir.path().join("index"));
+    {
+        let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 14)).unwrap();
+        assert!(!shard.open_report().index_rebuilt);
+        assert_eq!(shard.open_report().replayed_records, 1);
+        assert_eq!(index_dump(&shard, &convs), after);
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &dest);
+        } else {
+            fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9 with real processes
+
+const CRASH_CONVS: u64 = 6;
+const CRASH_SEGMENT_BYTES: u64 = 32 * 1024;
+
+/// The crash child. A no-op unless re-invoked by `kill_9_at_random_moments_loses_nothing_acknowledged`.
+/// Appends batches (up to 8 in flight) and reports on stdout, flushing each line:
+/// `B <first_lsn> <conv>:<seq>:<cmid-n>:<body-len> ...` before submitting a batch,
+/// `A <first_lsn>` once it is acknowledged (durable), `R <conv> <cmid-n> <seq>` for a retry lookup.
+#[test]
+fn crash_child_entry_point() {
+    let Ok(dir) = std::env::var("STARLING_CRASH_CHILD_DIR") else {
+        return;
+    };
+    let seed: u64 = std::env::var("STARLING_CRASH_CHILD_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tag: u64 = std::env::var("STARLING_CRASH_CHILD_TAG")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut rng = Rng(seed);
+    let mut out = io::stdout().lock();
+    // libtest has printed "test crash_child_entry_point ... " without a newline: end that line.
+    writeln!(out).unwrap();
+    let mut shard = EmbeddedShard::open(Path::new(&dir), shard_opts(CRASH_SEGMENT_BYTES)).unwrap();
+    // A client retrying a send after the crash gets its original seq back.
+    if let Ok(retries) = std::env::var("STARLING_CRASH_CHILD_RETRY") {
+        for item in retries.split_whitespace() {
+            let mut it = item.split(':');
+            let (c, t, n): (u128, u64, u64) = (
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap().parse().unwrap(),
+            );
+            let seq = shard
+                .index()
+                .dedup(ConvId(c), cmid(t, n))
+                .unwrap()
+                .map_or(0, |s| s.0);
+            writeln!(out, "R {c} {t}:{n} {seq}").unwrap();
+        }
+        out.flush().unwrap();
+    }
+    let mut next_seq: Vec<u64> = (0..CRASH_CONVS)
+        .map(|c| shard.index().last_seq(ConvId(c as u128 + 1)).unwrap().0 + 1)
+        .collect();
+    let mut inflight = std::collections::VecDeque::new();
+    let mut n = 0u64;
+    for _ in 0..20_000 {
+        let k = 1 + rng.below(12);
+        let first = shard.next_lsn();
+        let mut batch = Vec::new();
+        let mut line = format!("B {}", first.0);
+        for _ in 0..k {
+            let c = rng.below(CRASH_CONVS) as usize;
+            let len = rng.below(300) as usize;
+            let e = entry(c as u128 + 1, next_seq[c], cmid(tag, n), len);
+            line.push_str(&format!(" {}:{}:{}:{}", c + 1, next_seq[c], n, len));
+            next_seq[c] += 1;
+            n += 1;
+            batch.push(e);
+        }
+        writeln!(out, "{line}").unwrap();
+        out.flush().unwrap();
+        inflight.push_back(shard.append::<SyncData>(&batch).unwrap());
+        while inflight.len() >= 8 || inflight.front().is_some_and(|c| c.try_complete().is_some()) {
+            let c = inflight.pop_front().unwrap();
+            let first = c.first_lsn();
+            c.wait().unwrap();
+            writeln!(out, "A {}", first.0).unwrap();
+            out.flush().unwrap();
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SubmittedBatch {
+    /// (conv, seq, tag, n, body len)
+    entries: Vec<(u128, u64, u64, u64, usize)>,
+    acked: bool,
+}
+
+/// (conv, tag, n, seq) the child's dedup lookup returned.
+type RetryReport = (u128, u64, u64, u64);
+
+fn parse_child_output(text: &str) -> (BTreeMap<u64, SubmittedBatch>, Vec<RetryReport>) {
+    let mut batches = BTreeMap::new();
+    let mut retries = Vec::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("B") => {
+                let Some(first) = w.next().and_then(|s| s.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let mut entries = Vec::new();
+                let mut ok = true;
+                for item in w {
+                    let f: Vec<&str> = item.split(':').collect();
+                    if f.len() != 4 {
+                        ok = false;
+                        break;
+                    }
+                    entries.push((
+                        f[0].parse().unwrap(),
+                        f[1].parse().unwrap(),
+                        0,
+                        f[2].parse().unwrap(),
+                        f[3].parse().unwrap(),
+                    ));
+                }
+                // A line cut by the kill was never followed by an append.
+                if ok && line.ends_with(|c: char| c.is_ascii_digit()) && !entries.is_empty() {
+                    batches.insert(
+                        first,
+                        SubmittedBatch {
+                            entries,
+                            acked: false,
+                        },
+                    );
+                }
+            }
+            Some("A") => {
+                let first: u64 = w.next().unwrap().parse().unwrap();
+                batches
+                    .get_mut(&first)
+                    .expect("ack for a submitted batch")
+                    .acked = true;
+            }
+            Some("R") => {
+                let c: u128 = w.next().unwrap().parse().unwrap();
+                let mut tn = w.next().unwrap().split(':');
+                let t: u64 = tn.next().unwrap().parse().unwrap();
+                let n: u64 = tn.next().unwrap().parse().unwrap();
+                let seq: u64 = w.next().unwrap().parse().unwrap();
+                retries.push((c, t, n, seq));
+            }
+            _ => {}
+        }
+    }
+    (batches, retries)
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+    let iterations: u64 = std::env::var("STARLING_CRASH_ITERS").map_or(200, |s| s.parse().unwrap());
+    let seed = seed_from_env("STARLING_CRASH_SEED");
+    eprintln!(
+        "kill -9 test: seed {seed} (STARLING_CRASH_SEED={seed} to reproduce), {iterations} iterations"
+    );
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // Everything that must survive: (conv, seq) -> (tag, n, body len). Filled from batches that
+    // were acknowledged, or found present after a crash.
+    let mut durable: HashMap<(u128, u64), (u64, u64, usize)> = HashMap::new();
+    let mut max_seq: HashMap<u128, u64> = HashMap::new();
+    let (mut acked_total, mut unacked_present, mut unacked_absent, mut retries_checked) =
+        (0u64, 0u64, 0u64, 0u64);
+    for it in 0..iterations {
+        let tag = it + 1;
+        // Some acknowledged sends to retry in the next child.
+        let retry: Vec<String> = durable
+            .iter()
+            .take(3)
+            .map(|((c, _), (t, n, _))| format!("{c}:{t}:{n}"))
+            .collect();
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "crash_child_entry_point",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("STARLING_CRASH_CHILD_DIR", dir.path())
+            .env("STARLING_CRASH_CHILD_SEED", rng.next().to_string())
+            .env("STARLING_CRASH_CHILD_TAG", tag.to_string())
+            .env("STARLING_CRASH_CHILD_RETRY", retry.join(" "))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                text.push_str(&line);
+                line.clear();
+            }
+            text
+        });
+        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let text = reader.join().unwrap();
+        let (batches, retries) = parse_child_output(&text);
+        for (c, t, n, seq) in retries {
+            let want = durable
+                .iter()
+                .find(|(_, v)| v.0 == t && v.1 == n)
+                .map(|(k, _)| k.1);
+            assert_eq!(
+                Some(seq),
+                want,
+                "seed {seed} iter {it}: retried client_msg_id {t}:{n} in conv {c}"
+            );
+            retries_checked += 1;
+        }
+
+        let shard = EmbeddedShard::open(dir.path(), shard_opts(CRASH_SEGMENT_BYTES))
+            .unwrap_or_else(|e| panic!("seed {seed} iter {it}: reopen failed: {e}"));
+        let ix = shard.index();
+        let mut absent_seen = false;
+        for (first, b) in &batches {
+            let present: Vec<bool> = b
+                .entries
+                .iter()
+                .map(
+                    |&(c, s, _, n, len)| match ix.entry(ConvId(c), Seq(s)).unwrap() {
+                        Some(e) => {
+                            assert_eq!(
+                                e,
+                                entry(c, s, cmid(tag, n), len),
+                                "seed {seed} iter {it}: wrong entry at {c}:{s}"
+                            );
+                            assert_eq!(ix.dedup(ConvId(c), cmid(tag, n)).unwrap(), Some(Seq(s)));
+                            true
+                        }
+                        None => false,
+                    },
+                )
+                .collect();
+            let all = present.iter().all(|&p| p);
+            let none = present.iter().all(|&p| !p);
+            assert!(
+                all || none,
+                "seed {seed} iter {it}: batch at lsn {first} is partly present: {present:?}"
+            );
+            if b.acked {
+                assert!(
+                    all,
+                    "seed {seed} iter {it}: acknowledged batch at lsn {first} lost"
+                );
+                acked_total += 1;
+            } else if all {
+                unacked_present += 1;
+            } else {
+                unacked_absent += 1;
+            }
+            // Batches are a prefix: once one is absent, every later one is absent.
+            assert!(
+                !(absent_seen && all),
+                "seed {seed} iter {it}: batch {first} present after an absent one"
+            );
+            absent_seen |= none;
+            if all {
+                for &(c, s, t, n, len) in &b.entries {
+                    let _ = t;
+                    durable.insert((c, s), (tag, n, len));
+                    let m = max_seq.entry(c).or_default();
+                    *m = (*m).max(s);
+                }
+            }
+        }
+        for (&c, &m) in &max_seq {
+            assert_eq!(
+                ix.last_seq(ConvId(c)).unwrap(),
+                Seq(m),
+                "seed {seed} iter {it}: conv {c} last seq"
+            );
+        }
+        // Every so often (and at the end) check everything: contiguous seqs, nothing lost.
+        if it % 50 == 49 || it + 1 == iterations {
+            for c in 1..=CRASH_CONVS as u128 {
+                let all = index_dump(&shard, &[c]);
+                for (i, e) in all.iter().enumerate() {
+                    assert_eq!(
+                        e.seq,
+                        Seq(i as u64 + 1),
+                        "seed {seed}: conv {c} seqs not contiguous"
+                    );
+                    let &(t, n, len) = durable
+                        .get(&(c, e.seq.0))
+                        .expect("every present entry is known");
+                    assert_eq!(*e, entry(c, e.seq.0, cmid(t, n), len));
+                }
+                assert_eq!(all.len() as u64, max_seq.get(&c).copied().unwrap_or(0));
+            }
+        }
+    }
+    eprintln!(
+        "kill -9 test: {iterations} kills, {acked_total} acknowledged batches checked, unacknowledged: \
+         {unacked_present} present / {unacked_absent} absent, {retries_checked} retries, {} entries durable",
+        durable.len()
+    );
+    assert!(
+        acked_total > iterations,
+        "the children must get work done before being killed"
+    );
+}
