@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Every `bytes` field is `bytes::Bytes`: decoding from a `Bytes`
         // buffer slices it instead of copying (zero-copy message bodies).
         .bytes(["."])
+        // Maps are BTreeMaps: encoding is deterministic (golden vectors,
+        // stable re-encoding).
+        .btree_map(["."])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -378,7 +378,10 @@ mod tests {
     fn limit_is_inclusive() {
         let f = ping(1, 1);
         let len = f.encoded_len() as u32;
-        assert_eq!(check(&encode(std::slice::from_ref(&f)), len), vec![Ok(f.clone())]);
+        assert_eq!(
+            check(&encode(std::slice::from_ref(&f)), len),
+            vec![Ok(f.clone())]
+        );
         assert_eq!(
             check(&encode(&[f]), len - 1),
             vec![Err(DecodeError::Oversized {

@@ -1,5 +1,5 @@
-//! Entry points for the cargo-fuzz targets in `fuzz/` (built with
-//! `--cfg fuzzing`). Each asserts the codec's properties on arbitrary input;
+//! Entry points for the cargo-fuzz targets in `fuzz/`, also run over the
+//! committed corpus by `protocol/tests/codec.rs`. Each asserts the codec's properties on arbitrary input;
 //! a failed assertion is a bug the fuzzer reports.
 
 use bytes::BytesMut;

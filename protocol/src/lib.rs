@@ -69,5 +69,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// The protocol version this crate speaks (`Hello.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;
 
-#[cfg(fuzzing)]
+/// Property checks shared by the cargo-fuzz targets in `fuzz/` and by the
+/// test that replays the committed fuzz corpus. Not a stable API.
+#[doc(hidden)]
 pub mod fuzzing;

@@ -1,0 +1,4 @@
+#![no_main]
+//! See `starling_protocol::fuzzing::roundtrip` for the property checked.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| starling_protocol::fuzzing::roundtrip(data));
