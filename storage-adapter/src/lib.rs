@@ -15,6 +15,7 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod log;
+pub mod meta;
 pub mod traits;
 pub mod types;
 
@@ -22,5 +23,6 @@ pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
 pub use error::{LogError, StorageError};
 pub use index::FjallIndex;
 pub use log::{Appended, Completion, LogOptions, RecoveryReport, SegmentedLog};
+pub use meta::{EmbeddedMeta, MetaBatch, MetadataStore, Record};
 pub use traits::{CursorStore, DeliveryCursor, DurableLog, MessageIndex, ReadCursor};
 pub use types::*;

@@ -224,6 +224,18 @@ impl<L: Level> Completion<L> {
         Watermarks::check(&s, self.last, L::DURABILITY).map(|r| r.map(|()| self.done()))
     }
 
+    /// Like [`Completion::wait`], but polls `polls` times before sleeping (see
+    /// `LogOptions::idle_polls` for why: a sleeping vCPU can be slow to wake).
+    pub fn wait_polling(self, polls: u32) -> Result<Appended<L>, LogError> {
+        for _ in 0..polls {
+            if let Some(r) = self.try_complete() {
+                return r;
+            }
+            std::hint::spin_loop();
+        }
+        self.wait()
+    }
+
     /// Blocks the calling thread until the batch completes. Not for shard threads.
     pub fn wait(self) -> Result<Appended<L>, LogError> {
         let mut s = self.marks.lock();

@@ -43,6 +43,10 @@ pub struct LogOptions {
     pub fault_hook: Option<Arc<dyn FaultHook>>,
     /// Called on the I/O thread after every group commit (and on failure).
     pub wake: Option<WakeFn>,
+    /// Polls for the next batch this many times before the I/O thread sleeps. On virtual
+    /// machines a sleeping vCPU can take milliseconds to wake; a short poll keeps a busy shard's
+    /// commits at disk speed. 0 = always sleep.
+    pub idle_polls: u32,
 }
 
 impl Default for LogOptions {
@@ -53,6 +57,7 @@ impl Default for LogOptions {
             inflight_bytes_max: 64 * 1024 * 1024,
             fault_hook: None,
             wake: None,
+            idle_polls: 0,
         }
     }
 }
@@ -65,6 +70,7 @@ impl fmt::Debug for LogOptions {
             .field("inflight_bytes_max", &self.inflight_bytes_max)
             .field("fault_hook", &self.fault_hook)
             .field("wake", &self.wake.is_some())
+            .field("idle_polls", &self.idle_polls)
             .finish()
     }
 }
@@ -124,7 +130,7 @@ impl SegmentedLog {
         let rec = recovery::recover(dir, visit)?;
         let next_lsn = Lsn(rec.report.last_lsn.0 + 1);
         let cur = match rec.tail {
-            Some((file, path, _base, pos)) => {
+            Some((file, path, base, pos)) => {
                 let len = file
                     .metadata()
                     .map_err(|e| LogError::io("stat", &path, e))?
@@ -138,6 +144,7 @@ impl SegmentedLog {
                 Some(Cur {
                     file,
                     path,
+                    base,
                     pos,
                     capacity: len.max(opts.segment_bytes),
                 })
@@ -148,11 +155,12 @@ impl SegmentedLog {
         let (tx, rx) = mpsc::channel();
         let (spare_req, spare_res) =
             spawn_spare_maker(dir, opts.segment_bytes, opts.fault_hook.clone())?;
-        let writer = Writer {
+        let mut writer = Writer {
             dir: dir.to_path_buf(),
             hook: opts.fault_hook.clone(),
             group_bytes_max: opts.group_bytes_max,
             segment_bytes: opts.segment_bytes,
+            idle_polls: opts.idle_polls,
             cur,
             spare_req,
             spare_res,
@@ -161,6 +169,10 @@ impl SegmentedLog {
             unsynced: Vec::new(),
             buf: Vec::with_capacity(opts.group_bytes_max + RECORD_PAYLOAD_BYTES_MAX.min(1 << 20)),
         };
+        if writer.cur.is_none() {
+            // Install the first segment now, so the first append does not wait for it.
+            writer.roll(next_lsn)?;
+        }
         let io_thread = std::thread::Builder::new()
             .name("starling-log-io".into())
             .spawn(move || writer.run(&rx))
@@ -394,6 +406,7 @@ fn spawn_spare_maker(
 struct Cur {
     file: File,
     path: PathBuf,
+    base: Lsn,
     pos: u64,
     capacity: u64,
 }
@@ -403,6 +416,7 @@ struct Writer {
     hook: Option<Arc<dyn FaultHook>>,
     group_bytes_max: usize,
     segment_bytes: u64,
+    idle_polls: u32,
     cur: Option<Cur>,
     spare_req: mpsc::Sender<()>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
@@ -415,7 +429,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Request>) {
         let mut group = Vec::new();
-        while let Ok(first) = rx.recv() {
+        while let Ok(first) = self.next_request(rx) {
             let mut bytes = first.bytes.len();
             group.push(first);
             while bytes < self.group_bytes_max {
@@ -459,14 +473,29 @@ impl Writer {
         }
     }
 
+    fn next_request(&self, rx: &mpsc::Receiver<Request>) -> Result<Request, mpsc::RecvError> {
+        for _ in 0..self.idle_polls {
+            match rx.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
+            }
+        }
+        rx.recv()
+    }
+
     fn commit(&mut self, group: &[Request], sync: bool) -> Result<(), LogError> {
         self.buf.clear();
         for r in group {
             let len = r.bytes.len() as u64;
-            let fits = self
-                .cur
-                .as_ref()
-                .is_some_and(|c| c.pos + self.buf.len() as u64 + len <= c.capacity);
+            let fits = self.cur.as_ref().is_some_and(|c| {
+                let header = if c.pos == 0 && self.buf.is_empty() {
+                    SEGMENT_HEADER_BYTES as u64
+                } else {
+                    0
+                };
+                c.pos + self.buf.len() as u64 + header + len <= c.capacity
+            });
             if !fits {
                 self.flush_buf()?;
                 if let Some(old) = self.cur.take() {
@@ -474,8 +503,13 @@ impl Writer {
                 }
                 let first_lsn = Lsn(r.last_lsn.0 + 1 - u64::from(record_count(&r.bytes)));
                 self.roll(first_lsn)?;
+            }
+            if let Some(c) = &self.cur
+                && c.pos == 0
+                && self.buf.is_empty()
+            {
                 self.buf
-                    .extend_from_slice(&format::encode_segment_header(first_lsn));
+                    .extend_from_slice(&format::encode_segment_header(c.base));
             }
             self.buf.extend_from_slice(&r.bytes);
         }
@@ -555,6 +589,7 @@ impl Writer {
         self.cur = Some(Cur {
             file,
             path,
+            base,
             pos: 0,
             capacity: self.segment_bytes,
         });

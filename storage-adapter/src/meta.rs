@@ -1,0 +1,760 @@
+//! Metadata: users, devices, sessions, OTPs, groups and members, the contact-discovery index,
+//! prekeys, push tokens, blocks — and cursors. Embedded backend: redb, every commit with
+//! immediate durability (fsync before `commit` returns).
+//!
+//! Records are encoded by hand (fixed-width little-endian integers, u32-length-prefixed bytes):
+//! no serialization framework to pin, and every decoder is a bounds-checked reader that returns
+//! an error, never panics, on damaged bytes. Keys are big-endian so prefix scans are ordered.
+
+use std::fmt;
+use std::path::Path;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::StorageError;
+use crate::traits::{CursorStore, DeliveryCursor, ReadCursor};
+use crate::types::{ConvId, DeviceId, Seq, TimestampMs, UserId};
+
+/// Most records one scan returns.
+pub const SCAN_RECORDS_MAX: usize = 10_000;
+
+// ---------------------------------------------------------------------------------------------
+// encoding helpers
+
+/// Appends fields to a record's bytes.
+#[derive(Debug, Default)]
+pub struct Writer(Vec<u8>);
+
+impl Writer {
+    /// A u8.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    /// A little-endian u32.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A little-endian u64.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A little-endian u128.
+    pub fn u128(&mut self, v: u128) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// u32 length, then the bytes.
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+/// Reads fields back; every read is bounds-checked.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    b: &'a [u8],
+    table: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8], table: &'static str) -> Reader<'a> {
+        Reader { b, table }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StorageError> {
+        if self.b.len() < n {
+            return Err(StorageError::Decode {
+                table: self.table,
+                reason: format!("truncated (need {n})"),
+            });
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    /// A u8.
+    pub fn u8(&mut self) -> Result<u8, StorageError> {
+        Ok(self.take(1)?[0])
+    }
+    /// A little-endian u32.
+    pub fn u32(&mut self) -> Result<u32, StorageError> {
+        let mut a = [0; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    /// A little-endian u64.
+    pub fn u64(&mut self) -> Result<u64, StorageError> {
+        let mut a = [0; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    /// A little-endian u128.
+    pub fn u128(&mut self) -> Result<u128, StorageError> {
+        let mut a = [0; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(u128::from_le_bytes(a))
+    }
+    /// u32 length, then the bytes.
+    pub fn bytes(&mut self) -> Result<Vec<u8>, StorageError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    /// A fixed 32-byte array.
+    pub fn arr32(&mut self) -> Result<[u8; 32], StorageError> {
+        let mut a = [0; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+    /// A fixed 16-byte array.
+    pub fn arr16(&mut self) -> Result<[u8; 16], StorageError> {
+        let mut a = [0; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(a)
+    }
+    /// A UTF-8 string.
+    pub fn string(&mut self) -> Result<String, StorageError> {
+        let table = self.table;
+        String::from_utf8(self.bytes()?).map_err(|_| StorageError::Decode {
+            table,
+            reason: "not UTF-8".into(),
+        })
+    }
+    fn finish(&self) -> Result<(), StorageError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::Decode {
+                table: self.table,
+                reason: "trailing bytes".into(),
+            })
+        }
+    }
+}
+
+/// A metadata record: its table, its key, and its encoding.
+pub trait Record: Sized {
+    /// The table (redb table name; a PostgreSQL table later).
+    const TABLE: &'static str;
+    /// The primary key (big-endian parts, so prefixes group related records).
+    fn key(&self) -> Vec<u8>;
+    /// Encodes the record (including its key fields).
+    fn encode(&self, w: &mut Writer);
+    /// Decodes a record written by `encode`.
+    fn decode(r: &mut Reader<'_>) -> Result<Self, StorageError>;
+}
+
+fn decode<R: Record>(b: &[u8]) -> Result<R, StorageError> {
+    let mut r = Reader::new(b, R::TABLE);
+    let v = R::decode(&mut r)?;
+    r.finish()?;
+    Ok(v)
+}
+
+fn encode<R: Record>(rec: &R) -> Vec<u8> {
+    let mut w = Writer::default();
+    rec.encode(&mut w);
+    w.0
+}
+
+/// Key helpers: big-endian concatenations.
+pub mod keys {
+    use super::{DeviceId, UserId};
+
+    /// `user`.
+    pub fn user(u: UserId) -> Vec<u8> {
+        u.0.to_be_bytes().to_vec()
+    }
+    /// `user ‖ device`.
+    pub fn device(u: UserId, d: DeviceId) -> Vec<u8> {
+        let mut k = user(u);
+        k.extend_from_slice(&d.0.to_be_bytes());
+        k
+    }
+    /// `group ‖ user`.
+    pub fn member(group: u128, u: UserId) -> Vec<u8> {
+        let mut k = group.to_be_bytes().to_vec();
+        k.extend_from_slice(&u.0.to_be_bytes());
+        k
+    }
+    /// `user ‖ device ‖ prekey id`.
+    pub fn prekey(u: UserId, d: DeviceId, id: u32) -> Vec<u8> {
+        let mut k = device(u, d);
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// records
+
+macro_rules! record {
+    ($(#[$m:meta])* $name:ident, $table:literal, key($s:ident) $key:block, enc($sw:ident, $w:ident) $enc:block, dec($r:ident) $dec:block) => {
+        $(#[$m])*
+        impl Record for $name {
+            const TABLE: &'static str = $table;
+            fn key(&self) -> Vec<u8> { let $s = self; $key }
+            fn encode(&self, $w: &mut Writer) { let $sw = self; $enc }
+            fn decode($r: &mut Reader<'_>) -> Result<Self, StorageError> { $dec }
+        }
+    };
+}
+
+/// An account. Key: user id. Phone lookups go through [`PhoneIndex`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// Id.
+    pub id: UserId,
+    /// E.164 phone number.
+    pub phone_e164: String,
+    /// Display name.
+    pub display_name: String,
+    /// Argon2id PHC string, if the account has a password.
+    pub password_hash: Option<String>,
+    /// Created at.
+    pub created_ms: TimestampMs,
+}
+record!(User, "users", key(s) { keys::user(s.id) },
+    enc(s, w) { w.u64(s.id.0).bytes(s.phone_e164.as_bytes()).bytes(s.display_name.as_bytes());
+        match &s.password_hash { Some(h) => { w.u8(1).bytes(h.as_bytes()); } None => { w.u8(0); } }
+        w.u64(s.created_ms.0); },
+    dec(r) { Ok(User { id: UserId(r.u64()?), phone_e164: r.string()?, display_name: r.string()?,
+        password_hash: if r.u8()? == 1 { Some(r.string()?) } else { None }, created_ms: TimestampMs(r.u64()?) }) });
+
+/// Phone → user (unique). Key: the phone string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhoneIndex {
+    /// E.164 phone number.
+    pub phone_e164: String,
+    /// Its user.
+    pub user: UserId,
+}
+record!(PhoneIndex, "phones", key(s) { s.phone_e164.as_bytes().to_vec() },
+    enc(s, w) { w.bytes(s.phone_e164.as_bytes()).u64(s.user.0); },
+    dec(r) { Ok(PhoneIndex { phone_e164: r.string()?, user: UserId(r.u64()?) }) });
+
+/// A device of a user. Key: user ‖ device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// Owner.
+    pub user: UserId,
+    /// Id within the user.
+    pub device: DeviceId,
+    /// Name shown in the device list.
+    pub name: String,
+    /// Platform tag ("ios", "android", "desktop", ...).
+    pub platform: String,
+    /// The device's public identity key (E2E), if registered.
+    pub identity_key: Vec<u8>,
+    /// Created at.
+    pub created_ms: TimestampMs,
+    /// Last seen.
+    pub last_seen_ms: TimestampMs,
+}
+record!(Device, "devices", key(s) { keys::device(s.user, s.device) },
+    enc(s, w) { w.u64(s.user.0).u32(s.device.0).bytes(s.name.as_bytes()).bytes(s.platform.as_bytes())
+        .bytes(&s.identity_key).u64(s.created_ms.0).u64(s.last_seen_ms.0); },
+    dec(r) { Ok(Device { user: UserId(r.u64()?), device: DeviceId(r.u32()?), name: r.string()?, platform: r.string()?,
+        identity_key: r.bytes()?, created_ms: TimestampMs(r.u64()?), last_seen_ms: TimestampMs(r.u64()?) }) });
+
+/// A login session. Key: session id. Only a hash of the refresh token is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// Random session id (carried in access tokens; checked on every connect).
+    pub id: [u8; 16],
+    /// User.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// SHA-256 (or HMAC) of the refresh token.
+    pub refresh_token_hash: [u8; 32],
+    /// Created at.
+    pub created_ms: TimestampMs,
+    /// Expires at.
+    pub expires_ms: TimestampMs,
+    /// Revoked by logout.
+    pub revoked: bool,
+}
+record!(Session, "sessions", key(s) { s.id.to_vec() },
+    enc(s, w) { w.0.extend_from_slice(&s.id); w.u64(s.user.0).u32(s.device.0); w.0.extend_from_slice(&s.refresh_token_hash);
+        w.u64(s.created_ms.0).u64(s.expires_ms.0).u8(u8::from(s.revoked)); },
+    dec(r) { Ok(Session { id: r.arr16()?, user: UserId(r.u64()?), device: DeviceId(r.u32()?), refresh_token_hash: r.arr32()?,
+        created_ms: TimestampMs(r.u64()?), expires_ms: TimestampMs(r.u64()?), revoked: r.u8()? != 0 }) });
+
+/// A pending one-time password. Key: phone. The code is stored as an HMAC only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtpRecord {
+    /// E.164 phone number.
+    pub phone_e164: String,
+    /// HMAC(pepper, code).
+    pub code_hmac: [u8; 32],
+    /// Expires at.
+    pub expires_ms: TimestampMs,
+    /// Verification attempts so far.
+    pub attempts: u32,
+    /// Created at.
+    pub created_ms: TimestampMs,
+}
+record!(OtpRecord, "otps", key(s) { s.phone_e164.as_bytes().to_vec() },
+    enc(s, w) { w.bytes(s.phone_e164.as_bytes()); w.0.extend_from_slice(&s.code_hmac); w.u64(s.expires_ms.0).u32(s.attempts).u64(s.created_ms.0); },
+    dec(r) { Ok(OtpRecord { phone_e164: r.string()?, code_hmac: r.arr32()?, expires_ms: TimestampMs(r.u64()?), attempts: r.u32()?,
+        created_ms: TimestampMs(r.u64()?) }) });
+
+/// A group (its conversation id is the group id). Key: group id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// Group id = its conversation id.
+    pub id: ConvId,
+    /// Name.
+    pub name: String,
+    /// Creator.
+    pub created_by: UserId,
+    /// Created at.
+    pub created_ms: TimestampMs,
+    /// Bumped on every membership change (E2E sender-key rotation, cache invalidation).
+    pub epoch: u64,
+}
+record!(Group, "groups", key(s) { s.id.0.to_be_bytes().to_vec() },
+    enc(s, w) { w.u128(s.id.0).bytes(s.name.as_bytes()).u64(s.created_by.0).u64(s.created_ms.0).u64(s.epoch); },
+    dec(r) { Ok(Group { id: ConvId(r.u128()?), name: r.string()?, created_by: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?), epoch: r.u64()? }) });
+
+/// A member's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Can send.
+    Member,
+    /// Can add/remove members.
+    Admin,
+    /// Created it; can delete it.
+    Owner,
+}
+
+/// A group member. Key: group ‖ user. [`MemberOf`] is its reverse index; write both in one batch
+/// (see [`MetaBatch::add_member`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Group.
+    pub group: ConvId,
+    /// Member.
+    pub user: UserId,
+    /// Role.
+    pub role: Role,
+    /// Joined at.
+    pub joined_ms: TimestampMs,
+}
+record!(Member, "members", key(s) { keys::member(s.group.0, s.user) },
+    enc(s, w) { w.u128(s.group.0).u64(s.user.0).u8(match s.role { Role::Member => 0, Role::Admin => 1, Role::Owner => 2 }).u64(s.joined_ms.0); },
+    dec(r) { Ok(Member { group: ConvId(r.u128()?), user: UserId(r.u64()?),
+        role: match r.u8()? { 0 => Role::Member, 1 => Role::Admin, 2 => Role::Owner,
+            _ => return Err(StorageError::Decode { table: "members", reason: "unknown role".into() }) },
+        joined_ms: TimestampMs(r.u64()?) }) });
+
+/// Reverse membership: user → groups. Key: user ‖ group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberOf {
+    /// Member.
+    pub user: UserId,
+    /// Group.
+    pub group: ConvId,
+}
+record!(MemberOf, "member_of", key(s) { let mut k = keys::user(s.user); k.extend_from_slice(&s.group.0.to_be_bytes()); k },
+    enc(s, w) { w.u64(s.user.0).u128(s.group.0); },
+    dec(r) { Ok(MemberOf { user: UserId(r.u64()?), group: ConvId(r.u128()?) }) });
+
+/// Contact discovery: HMAC(pepper, E.164) → user. Uploaded address books are never stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactIndex {
+    /// HMAC(pepper, E.164).
+    pub phone_hmac: [u8; 32],
+    /// Its user.
+    pub user: UserId,
+}
+record!(ContactIndex, "contacts", key(s) { s.phone_hmac.to_vec() },
+    enc(s, w) { w.0.extend_from_slice(&s.phone_hmac); w.u64(s.user.0); },
+    dec(r) { Ok(ContactIndex { phone_hmac: r.arr32()?, user: UserId(r.u64()?) }) });
+
+/// A device's signed prekey (E2E). Key: user ‖ device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedPrekey {
+    /// Owner.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// Prekey id.
+    pub id: u32,
+    /// Public key.
+    pub public_key: Vec<u8>,
+    /// Signature by the identity key.
+    pub signature: Vec<u8>,
+}
+record!(SignedPrekey, "signed_prekeys", key(s) { keys::device(s.user, s.device) },
+    enc(s, w) { w.u64(s.user.0).u32(s.device.0).u32(s.id).bytes(&s.public_key).bytes(&s.signature); },
+    dec(r) { Ok(SignedPrekey { user: UserId(r.u64()?), device: DeviceId(r.u32()?), id: r.u32()?, public_key: r.bytes()?, signature: r.bytes()? }) });
+
+/// A one-time prekey; each is handed out once ([`MetadataStore::pop_first`]). Key: user ‖ device ‖ id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OneTimePrekey {
+    /// Owner.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// Prekey id.
+    pub id: u32,
+    /// Public key.
+    pub public_key: Vec<u8>,
+}
+record!(OneTimePrekey, "one_time_prekeys", key(s) { keys::prekey(s.user, s.device, s.id) },
+    enc(s, w) { w.u64(s.user.0).u32(s.device.0).u32(s.id).bytes(&s.public_key); },
+    dec(r) { Ok(OneTimePrekey { user: UserId(r.u64()?), device: DeviceId(r.u32()?), id: r.u32()?, public_key: r.bytes()? }) });
+
+/// A push token of a device. Key: user ‖ device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushToken {
+    /// Owner.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// "apns", "fcm", "webhook", ...
+    pub provider: String,
+    /// The token.
+    pub token: Vec<u8>,
+    /// Updated at.
+    pub updated_ms: TimestampMs,
+}
+record!(PushToken, "push_tokens", key(s) { keys::device(s.user, s.device) },
+    enc(s, w) { w.u64(s.user.0).u32(s.device.0).bytes(s.provider.as_bytes()).bytes(&s.token).u64(s.updated_ms.0); },
+    dec(r) { Ok(PushToken { user: UserId(r.u64()?), device: DeviceId(r.u32()?), provider: r.string()?, token: r.bytes()?, updated_ms: TimestampMs(r.u64()?) }) });
+
+/// `user` blocks `blocked`. Key: user ‖ blocked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Who blocks.
+    pub user: UserId,
+    /// Who is blocked.
+    pub blocked: UserId,
+    /// Since.
+    pub created_ms: TimestampMs,
+}
+record!(Block, "blocks", key(s) { let mut k = keys::user(s.user); k.extend_from_slice(&s.blocked.0.to_be_bytes()); k },
+    enc(s, w) { w.u64(s.user.0).u64(s.blocked.0).u64(s.created_ms.0); },
+    dec(r) { Ok(Block { user: UserId(r.u64()?), blocked: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?) }) });
+
+// ---------------------------------------------------------------------------------------------
+// the store
+
+#[derive(Debug)]
+enum Op {
+    Put {
+        table: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: &'static str,
+        key: Vec<u8>,
+    },
+    Expect {
+        table: &'static str,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// An atomic set of metadata writes, optionally conditional (compare-and-set).
+#[derive(Debug, Default)]
+pub struct MetaBatch {
+    ops: Vec<Op>,
+}
+
+impl MetaBatch {
+    /// Inserts or replaces `rec`.
+    pub fn put<R: Record>(&mut self, rec: &R) -> &mut Self {
+        self.ops.push(Op::Put {
+            table: R::TABLE,
+            key: rec.key(),
+            value: encode(rec),
+        });
+        self
+    }
+    /// Deletes the record of type `R` at `key`.
+    pub fn delete<R: Record>(&mut self, key: &[u8]) -> &mut Self {
+        self.ops.push(Op::Delete {
+            table: R::TABLE,
+            key: key.to_vec(),
+        });
+        self
+    }
+    /// Fails the whole batch with [`StorageError::Conflict`] unless the record at `key` is
+    /// currently `expected` (`None` = absent). For OTP attempt counters, unique phones, etc.
+    pub fn expect<R: Record>(&mut self, key: &[u8], expected: Option<&R>) -> &mut Self {
+        self.ops.push(Op::Expect {
+            table: R::TABLE,
+            key: key.to_vec(),
+            value: expected.map(encode),
+        });
+        self
+    }
+    /// Adds a member and its reverse index together.
+    pub fn add_member(&mut self, m: &Member) -> &mut Self {
+        self.put(m).put(&MemberOf {
+            user: m.user,
+            group: m.group,
+        })
+    }
+    /// Removes a member and its reverse index together.
+    pub fn remove_member(&mut self, group: ConvId, user: UserId) -> &mut Self {
+        let rev = MemberOf { user, group }.key();
+        self.delete::<Member>(&keys::member(group.0, user))
+            .delete::<MemberOf>(&rev)
+    }
+}
+
+/// The metadata seam.
+pub trait MetadataStore {
+    /// The record of type `R` at `key`.
+    fn get<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StorageError>;
+    /// Records of type `R` whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan<R: Record>(&self, prefix: &[u8], limit: usize) -> Result<Vec<R>, StorageError>;
+    /// Applies `batch` atomically; durable (fsync'ed) when it returns `Ok`.
+    fn commit(&self, batch: &MetaBatch) -> Result<(), StorageError>;
+    /// Removes and returns the first record with `prefix` (one-time prekeys), durably.
+    fn pop_first<R: Record>(&self, prefix: &[u8]) -> Result<Option<R>, StorageError>;
+}
+
+const DELIVERY: TableDefinition<'static, &[u8], u64> = TableDefinition::new("delivery_cursors");
+const READ: TableDefinition<'static, &[u8], u64> = TableDefinition::new("read_cursors");
+
+fn table(name: &'static str) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// The embedded metadata store (one redb file per node).
+pub struct EmbeddedMeta {
+    db: Database,
+}
+
+impl fmt::Debug for EmbeddedMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedMeta").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedMeta {
+    /// Opens (creating if needed) the metadata file at `path`.
+    pub fn open(path: &Path) -> Result<EmbeddedMeta, StorageError> {
+        Ok(EmbeddedMeta {
+            db: Database::create(path)?,
+        })
+    }
+
+    fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        Ok(tx)
+    }
+}
+
+fn map_table_err(e: redb::TableError) -> Result<(), StorageError> {
+    match e {
+        redb::TableError::TableDoesNotExist(_) => Ok(()),
+        e => Err(e.into()),
+    }
+}
+
+impl MetadataStore for EmbeddedMeta {
+    fn get<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StorageError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(table(R::TABLE)) {
+            Ok(t) => t,
+            Err(e) => return map_table_err(e).map(|()| None),
+        };
+        match t.get(key)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan<R: Record>(&self, prefix: &[u8], limit: usize) -> Result<Vec<R>, StorageError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(table(R::TABLE)) {
+            Ok(t) => t,
+            Err(e) => return map_table_err(e).map(|()| Vec::new()),
+        };
+        let mut out = Vec::new();
+        for item in t.range(prefix..)? {
+            let (k, v) = item?;
+            if !k.value().starts_with(prefix) || out.len() >= limit.min(SCAN_RECORDS_MAX) {
+                break;
+            }
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: &MetaBatch) -> Result<(), StorageError> {
+        let tx = self.write_txn()?;
+        for op in &batch.ops {
+            match op {
+                Op::Put {
+                    table: name,
+                    key,
+                    value,
+                } => {
+                    tx.open_table(table(name))?
+                        .insert(key.as_slice(), value.as_slice())?;
+                }
+                Op::Delete { table: name, key } => {
+                    tx.open_table(table(name))?.remove(key.as_slice())?;
+                }
+                Op::Expect {
+                    table: name,
+                    key,
+                    value,
+                } => {
+                    let t = tx.open_table(table(name))?;
+                    let cur = t.get(key.as_slice())?.map(|g| g.value().to_vec());
+                    if cur != *value {
+                        drop(t);
+                        tx.abort()?;
+                        return Err(StorageError::Conflict { table: name });
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn pop_first<R: Record>(&self, prefix: &[u8]) -> Result<Option<R>, StorageError> {
+        let tx = self.write_txn()?;
+        let found = {
+            let mut t = tx.open_table(table(R::TABLE))?;
+            let first = match t.range(prefix..)?.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    k.value()
+                        .starts_with(prefix)
+                        .then(|| (k.value().to_vec(), v.value().to_vec()))
+                }
+                None => None,
+            };
+            match first {
+                Some((k, v)) => {
+                    t.remove(k.as_slice())?;
+                    Some(decode::<R>(&v)?)
+                }
+                None => None,
+            }
+        };
+        tx.commit()?;
+        Ok(found)
+    }
+}
+
+fn delivery_key(conv: ConvId, user: UserId, device: DeviceId) -> [u8; 28] {
+    let mut k = [0u8; 28];
+    k[..16].copy_from_slice(&conv.0.to_be_bytes());
+    k[16..24].copy_from_slice(&user.0.to_be_bytes());
+    k[24..].copy_from_slice(&device.0.to_be_bytes());
+    k
+}
+
+fn read_key(conv: ConvId, user: UserId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&conv.0.to_be_bytes());
+    k[16..].copy_from_slice(&user.0.to_be_bytes());
+    k
+}
+
+impl CursorStore for EmbeddedMeta {
+    fn advance_delivery(&self, cursors: &[DeliveryCursor]) -> Result<(), StorageError> {
+        let tx = self.write_txn()?;
+        {
+            let mut t = tx.open_table(DELIVERY)?;
+            for c in cursors {
+                let k = delivery_key(c.conv, c.user, c.device);
+                let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
+                if c.seq.0 > cur {
+                    t.insert(k.as_slice(), c.seq.0)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn advance_read(&self, cursors: &[ReadCursor]) -> Result<(), StorageError> {
+        let tx = self.write_txn()?;
+        {
+            let mut t = tx.open_table(READ)?;
+            for c in cursors {
+                let k = read_key(c.conv, c.user);
+                let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
+                if c.seq.0 > cur {
+                    t.insert(k.as_slice(), c.seq.0)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn delivery_cursor(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Seq, StorageError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(DELIVERY) {
+            Ok(t) => t,
+            Err(e) => return map_table_err(e).map(|()| Seq::NONE),
+        };
+        Ok(Seq(t
+            .get(delivery_key(conv, user, device).as_slice())?
+            .map_or(0, |g| g.value())))
+    }
+
+    fn read_cursor(&self, conv: ConvId, user: UserId) -> Result<Seq, StorageError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(READ) {
+            Ok(t) => t,
+            Err(e) => return map_table_err(e).map(|()| Seq::NONE),
+        };
+        Ok(Seq(t
+            .get(read_key(conv, user).as_slice())?
+            .map_or(0, |g| g.value())))
+    }
+
+    fn delivery_cursors(&self, conv: ConvId) -> Result<Vec<DeliveryCursor>, StorageError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(DELIVERY) {
+            Ok(t) => t,
+            Err(e) => return map_table_err(e).map(|()| Vec::new()),
+        };
+        let prefix = conv.0.to_be_bytes();
+        let mut out = Vec::new();
+        for item in t.range(prefix.as_slice()..)? {
+            let (k, v) = item?;
+            let k = k.value();
+            if !k.starts_with(&prefix) || out.len() >= SCAN_RECORDS_MAX {
+                break;
+            }
+            let mut r = Reader::new(&k[16..], "delivery_cursors");
+            let mut be8 = [0u8; 8];
+            be8.copy_from_slice(r.take(8)?);
+            let mut be4 = [0u8; 4];
+            be4.copy_from_slice(r.take(4)?);
+            out.push(DeliveryCursor {
+                conv,
+                user: UserId(u64::from_be_bytes(be8)),
+                device: DeviceId(u32::from_be_bytes(be4)),
+                seq: Seq(v.value()),
+            });
+        }
+        Ok(out)
+    }
+}
