@@ -522,14 +522,23 @@ fn pipelined_waiters_all_fail_when_the_group_fails() {
         ..Faults::default()
     });
     let mut log = SegmentedLog::open(dir.path(), faulty(1 << 20, &f)).unwrap();
+    // The first group commit (one batch) succeeds; the second, whatever it holds, fails.
+    log.append::<SyncData>(&[entry(1, 1, cmid(5, 999), 200)])
+        .unwrap()
+        .wait()
+        .unwrap();
     let mut pending = Vec::new();
-    for i in 0..200 {
+    for i in 1..200 {
         match log.append::<SyncData>(&[entry(1, i + 1, cmid(5, i), 200)]) {
             Ok(c) => pending.push(c),
             Err(_) => break,
         }
     }
     let results: Vec<bool> = pending.into_iter().map(|c| c.wait().is_ok()).collect();
+    assert!(
+        !results[0],
+        "the batch in the failed group is not acknowledged"
+    );
     // Acknowledged batches form a prefix: after the first failure nothing is ever acknowledged.
     let first_fail = results
         .iter()
