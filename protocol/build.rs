@@ -28,6 +28,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps are BTreeMaps: encoding is deterministic (golden vectors,
         // stable re-encoding).
         .btree_map(["."])
+        // Keep `Frame` small (it is moved on every decode): rarely present,
+        // large nested messages live behind a Box. Hot fields stay inline.
+        .boxed(".starling.v1.Send.media")
+        .boxed(".starling.v1.Message.media")
+        .boxed(".starling.v1.Profile.avatar")
+        .boxed(".starling.v1.UpdateProfile.avatar")
+        .boxed(".starling.v1.CreateGroup.avatar")
+        .boxed(".starling.v1.GroupInfo.avatar")
+        .boxed(".starling.v1.UpdateGroup.avatar")
+        .boxed(".starling.v1.ConversationSummary.last_message")
+        .boxed(".starling.v1.GroupChanged.group")
         .compile_fds(descriptors)?;
     Ok(())
 }

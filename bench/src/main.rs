@@ -4,6 +4,13 @@
 
 use clap::{Parser, Subcommand};
 
+/// The same allocator as the `starling` server, so per-frame allocation
+/// costs match what the server pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod clock;
+mod codec;
 mod log;
 
 #[derive(Debug, Parser)]
@@ -15,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Frame codec throughput on one core (decode and encode).
+    Codec(codec::CodecArgs),
     /// Durable-log throughput and latency for one sequencer shard.
     Log(log::LogArgs),
 }
@@ -22,6 +31,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Codec(args) => codec::run(&args),
         Command::Log(args) => log::run(&args),
     }
 }

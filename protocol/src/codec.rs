@@ -180,29 +180,20 @@ fn parse_prefix(buf: &[u8]) -> Result<Prefix, DecodeError> {
 }
 
 /// Decodes one frame's protobuf bytes (without prefix).
-fn decode_frame(bytes: Bytes) -> Result<Frame, DecodeError> {
-    // Cloning `Bytes` bumps a reference count; it keeps the bytes around to
-    // recover the request id if decoding fails.
-    match Frame::decode(bytes.clone()) {
-        Ok(Frame {
-            request_id,
-            body: None,
-        }) => Err(DecodeError::UnknownFrameType { request_id }),
-        Ok(frame) => Ok(frame),
+fn decode_frame(mut bytes: Bytes) -> Result<Frame, DecodeError> {
+    // Merging into a default frame (rather than `Frame::decode`) keeps what
+    // was decoded before an error, so the Error can name the request.
+    let mut frame = Frame::default();
+    match frame.merge(&mut bytes) {
+        Ok(()) if frame.body.is_none() => Err(DecodeError::UnknownFrameType {
+            request_id: frame.request_id,
+        }),
+        Ok(()) => Ok(frame),
         Err(source) => Err(DecodeError::Malformed {
-            request_id: peek_request_id(&bytes),
+            request_id: frame.request_id,
             source,
         }),
     }
-}
-
-/// Best effort: the `request_id` (field 1, varint) when it is the first field
-/// of a frame that failed to decode, so the Error can name the request.
-fn peek_request_id(bytes: &[u8]) -> u64 {
-    let Some((&0x08, mut rest)) = bytes.split_first() else {
-        return 0;
-    };
-    prost::encoding::decode_varint(&mut rest).unwrap_or(0)
 }
 
 /// Encodes frames for a peer that accepts at most `frame_bytes_max` bytes.

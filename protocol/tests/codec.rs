@@ -182,7 +182,7 @@ fn sample(kind: FrameKind) -> Body {
             user_id: 1_001,
             display_name: "Ana".into(),
             about: "climbing".into(),
-            avatar: Some(media()),
+            avatar: Some(Box::new(media())),
             phone: "+14155550100".into(),
             email: String::new(),
             created_at_ms: 1_790_000_000_000,
@@ -260,7 +260,7 @@ fn sample(kind: FrameKind) -> Body {
         }),
         FrameKind::Deliver => Body::Deliver(v1::Deliver {
             message: Some(v1::Message {
-                media: Some(media()),
+                media: Some(Box::new(media())),
                 ..message()
             }),
         }),
@@ -314,7 +314,7 @@ fn sample(kind: FrameKind) -> Body {
                 kind: v1::ConversationKind::Direct as i32,
                 peer_user_id: 1_002,
                 title: "Bo".into(),
-                last_message: Some(message()),
+                last_message: Some(Box::new(message())),
                 last_seq: 42,
                 unread_count: 2,
                 read_up_to_seq: 40,
@@ -352,7 +352,7 @@ fn sample(kind: FrameKind) -> Body {
             avatar: None,
         }),
         FrameKind::GroupChanged => Body::GroupChanged(v1::GroupChanged {
-            group: Some(group_info()),
+            group: Some(Box::new(group_info())),
             by_user_id: 1_001,
         }),
         FrameKind::SubscribePresence => Body::SubscribePresence(v1::SubscribePresence {
