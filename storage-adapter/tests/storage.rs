@@ -940,17 +940,28 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (first_ack_tx, first_ack) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
             let mut r = BufReader::new(stdout);
             let mut line = String::new();
             while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("A ") {
+                    let _ = first_ack_tx.send(());
+                }
                 text.push_str(&line);
                 line.clear();
             }
             text
         });
-        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        // Odd iterations kill at any moment from spawn (during recovery too); even ones once the
+        // child is appending, so every iteration under a loaded machine still does work.
+        if it % 2 == 0 {
+            let _ = first_ack.recv_timeout(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_micros(rng.below(8_000)));
+        } else {
+            std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let text = reader.join().unwrap();
