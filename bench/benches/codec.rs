@@ -12,6 +12,10 @@ use starling_protocol::v1::{self, frame::Body};
 use starling_protocol::{FrameDecoder, FrameEncoder};
 use std::hint::black_box;
 
+/// The server's allocator, so allocation costs match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn send_frame() -> v1::Frame {
     v1::Frame {
         request_id: 123_456,
