@@ -4,10 +4,65 @@
 //! runtime per core, listeners (SO_REUSEPORT), TLS termination, the
 //! connection lifecycle (deadlines, heartbeats on a per-shard timer wheel,
 //! idle timeouts), write coalescing and backpressure, the metrics endpoint
-//! and configuration.
+//! and configuration. Until the router and the storage crate's metadata
+//! store exist, it also hosts the accounts front door ([`accounts`]) behind
+//! a narrow store trait.
 //!
 //! **Is not:** chat state. Who is in which group, which `seq` a conversation
 //! is at, who may read what: all of that is the router's.
 //!
 //! **Must not touch:** conversation state or storage directly; frames are
 //! decoded by `starling-protocol` and handed to `starling-router`.
+//!
+//! ## Design choices
+//!
+//! - **Runtime seam** ([`runtime`]): compio, one single-threaded runtime per
+//!   shard thread, pinned to a core. The driver is io_uring or compio's
+//!   epoll ("polling") backend, chosen by `--driver` or by fallback when
+//!   io_uring is unavailable. Only [`runtime`] names compio.
+//! - **Readiness, then read**: sockets are non-blocking `std` sockets; the
+//!   runtime reports readiness (io_uring `POLL_ADD` or epoll) and the task
+//!   reads into a per-shard scratch buffer, feeds rustls, and moves the
+//!   plaintext into the frame decoder, whose buffer is released again when
+//!   it holds no partial frame. An idle connection owns no read buffer and
+//!   no in-flight I/O buffer.
+//! - **TLS**: rustls `ServerConnection` driven by hand (no stream wrapper),
+//!   TLS 1.3 only, `ring` provider; its outbound buffer is capped at
+//!   `outbound_bytes_max` (over it: slow consumer, close). A dev CA and
+//!   server certificate are generated on first start.
+//! - **Deadlines** ([`wheel`]): one hashed timer wheel per shard; each
+//!   connection has one entry and one `deadline_ms` cell. Handshake and
+//!   Hello deadlines are absolute (a byte a second does not extend them);
+//!   after Welcome, each whole frame moves the idle deadline.
+//! - **Requests are handled in order per connection**; account work (store
+//!   transactions, Argon2id, webhooks) runs on one bounded blocking pool
+//!   shared by all shards, so shard threads never block on disk or CPU-heavy
+//!   hashing. While a connection waits for its answer it is not read (TCP
+//!   pushes back). At most `inflight_requests_max` requests are accepted
+//!   from one read; more get `TOO_MANY_IN_FLIGHT`.
+//! - **Cross-shard control** (session revocation, shutdown) is a low-rate
+//!   `mpsc` queue per shard drained on each timer tick.
+//! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by
+//!   `sigwait` on the main thread; shards stop accepting, send
+//!   `Goodbye{SHUTTING_DOWN}`, drain for up to `shutdown_drain_ms`, and the
+//!   process exits 0.
+//! - **Accounts** ([`accounts`]): OTP codes stored as HMAC-SHA256 with a
+//!   server secret, 6 digits, TTL and attempt limits, rate-limited per
+//!   identifier and per IP; EdDSA JWT access tokens (alg pinned, `kid`,
+//!   session checked against the store on use); opaque refresh tokens stored
+//!   as SHA-256 and rotated on use (reuse revokes the session and closes its
+//!   connections); Argon2id passwords; contact discovery compares
+//!   HMAC(pepper, SHA-256(E.164)) and never stores uploaded lists.
+//!   The store is [`accounts::store::AccountStore`] with a redb
+//!   implementation in `<data>/accounts.redb`.
+
+pub mod accounts;
+pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod runtime;
+pub mod server;
+pub mod shard;
+pub mod tls;
+pub mod wheel;

@@ -1,0 +1,337 @@
+//! Configuration: defaults, then a TOML file, then `STARLING_*` environment
+//! variables and command-line flags (flags win). Every value is checked at
+//! start-up ([`Config::validate`]); a bad value stops the server with a
+//! message naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Which I/O driver the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverChoice {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring only (start-up fails if unavailable).
+    IoUring,
+    /// The readiness (epoll) fallback driver.
+    Epoll,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where one-time codes go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum OtpSenderConfig {
+    /// Append `<identifier> <code>` to `<data>/otp.log` and log it (development).
+    Dev,
+    /// POST `{"identifier": .., "code": ..}` to an `http://` URL.
+    Webhook {
+        /// The URL, `http://host:port/path`.
+        url: String,
+    },
+}
+
+/// Per-connection and per-shard limits, sized at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most open connections one shard holds; more are refused.
+    pub connections_per_shard_max: usize,
+    /// Largest frame accepted from a client, in bytes.
+    pub frame_bytes_max: u32,
+    /// Most requests one connection may have outstanding.
+    pub inflight_requests_max: u32,
+    /// Most bytes queued for one connection before it is a slow consumer.
+    pub outbound_bytes_max: usize,
+    /// How often clients should ping (advertised in Welcome).
+    pub heartbeat_ms: u32,
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u32,
+    /// The TLS handshake must finish within this long of accept.
+    pub handshake_timeout_ms: u64,
+    /// Hello must arrive within this long of the handshake.
+    pub hello_timeout_ms: u64,
+    /// Granularity of the per-shard timer wheel.
+    pub timer_tick_ms: u64,
+    /// On shutdown, how long connections get to drain.
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_shard_max: 100_000,
+            frame_bytes_max: starling_protocol::limits::FRAME_BYTES_MAX_DEFAULT,
+            inflight_requests_max: 64,
+            outbound_bytes_max: 1024 * 1024,
+            heartbeat_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            timer_tick_ms: 100,
+            shutdown_drain_ms: 5_000,
+        }
+    }
+}
+
+/// Accounts, tokens and abuse limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// A one-time code is valid this long.
+    pub otp_ttl_ms: u64,
+    /// Wrong guesses allowed per code.
+    pub otp_attempts_max: u32,
+    /// Minimum time between two codes for one identifier.
+    pub otp_resend_ms: u64,
+    /// Codes requested per identifier per hour.
+    pub otp_requests_per_identifier_per_hour: u32,
+    /// Codes requested per client IP per hour.
+    pub otp_requests_per_ip_per_hour: u32,
+    /// Access token lifetime.
+    pub access_token_ttl_ms: u64,
+    /// Refresh token lifetime.
+    pub refresh_token_ttl_ms: u64,
+    /// DiscoverContacts requests per user per hour.
+    pub discover_requests_per_hour: u32,
+    /// Threads for blocking work (password hashing, store writes, webhooks).
+    pub blocking_threads: usize,
+    /// Argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations.
+    pub argon2_iterations: u32,
+    /// Where codes are delivered.
+    pub otp_sender: OtpSenderConfig,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            otp_ttl_ms: 5 * 60 * 1000,
+            otp_attempts_max: 5,
+            otp_resend_ms: 30_000,
+            otp_requests_per_identifier_per_hour: 5,
+            otp_requests_per_ip_per_hour: 30,
+            access_token_ttl_ms: 15 * 60 * 1000,
+            refresh_token_ttl_ms: 30 * 24 * 3600 * 1000,
+            discover_requests_per_hour: 20,
+            blocking_threads: 4,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            otp_sender: OtpSenderConfig::Dev,
+        }
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory (TLS material, keys, metadata, otp.log).
+    pub data_dir: PathBuf,
+    /// TLS listener.
+    pub listen: SocketAddr,
+    /// Plain-TCP listener for loopback benchmarks. Unencrypted: never expose.
+    pub dangerous_plaintext_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics` listener (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Number of shards (0: one per core).
+    pub shards: usize,
+    /// I/O driver.
+    pub driver: DriverChoice,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Connection limits.
+    pub limits: LimitsConfig,
+    /// Account settings.
+    pub accounts: AccountsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./starling-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            dangerous_plaintext_listen: None,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            shards: 0,
+            driver: DriverChoice::Auto,
+            log_format: LogFormat::Human,
+            limits: LimitsConfig::default(),
+            accounts: AccountsConfig::default(),
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown/mistyped keys.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config value `{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Parses TOML over the defaults.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The number of shards to run (resolves `0`).
+    #[must_use]
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            self.shards
+        }
+    }
+
+    /// Checks every value; the first bad one is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let l = &self.limits;
+        let a = &self.accounts;
+        if self.shards > 1024 {
+            return bad("shards", "at most 1024");
+        }
+        if l.connections_per_shard_max == 0 {
+            return bad("limits.connections_per_shard_max", "must be at least 1");
+        }
+        if !(starling_protocol::limits::FRAME_BYTES_MAX_FLOOR
+            ..=starling_protocol::limits::FRAME_BYTES_MAX_CEILING)
+            .contains(&l.frame_bytes_max)
+        {
+            return bad("limits.frame_bytes_max", "must be between 1024 and 1048576");
+        }
+        if l.inflight_requests_max == 0 {
+            return bad("limits.inflight_requests_max", "must be at least 1");
+        }
+        if l.outbound_bytes_max < l.frame_bytes_max as usize * 2 {
+            return bad(
+                "limits.outbound_bytes_max",
+                "must hold at least two maximal frames",
+            );
+        }
+        if l.timer_tick_ms == 0 || l.timer_tick_ms > 1000 {
+            return bad("limits.timer_tick_ms", "must be between 1 and 1000");
+        }
+        if u64::from(l.heartbeat_ms) >= u64::from(l.idle_timeout_ms) {
+            return bad(
+                "limits.idle_timeout_ms",
+                "must be longer than limits.heartbeat_ms",
+            );
+        }
+        for (key, v) in [
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.hello_timeout_ms", l.hello_timeout_ms),
+            ("limits.idle_timeout_ms", u64::from(l.idle_timeout_ms)),
+        ] {
+            if v < l.timer_tick_ms {
+                return bad(key, "must be at least limits.timer_tick_ms");
+            }
+        }
+        if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
+            return bad("accounts.otp_attempts_max", "must be between 1 and 20");
+        }
+        if a.otp_ttl_ms < 10_000 {
+            return bad("accounts.otp_ttl_ms", "must be at least 10000");
+        }
+        if a.access_token_ttl_ms < 1000 || a.access_token_ttl_ms > 24 * 3600 * 1000 {
+            return bad(
+                "accounts.access_token_ttl_ms",
+                "must be between 1 s and 24 h",
+            );
+        }
+        if a.blocking_threads == 0 || a.blocking_threads > 64 {
+            return bad("accounts.blocking_threads", "must be between 1 and 64");
+        }
+        if a.argon2_memory_kib < 8 || a.argon2_iterations == 0 {
+            return bad(
+                "accounts.argon2_memory_kib",
+                "argon2 costs too low (memory >= 8 KiB, iterations >= 1)",
+            );
+        }
+        if let OtpSenderConfig::Webhook { url } = &a.otp_sender
+            && crate::accounts::sender::parse_http_url(url).is_none()
+        {
+            return bad("accounts.otp_sender.url", "must be http://host:port/path");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_keys() {
+        let c = Config::from_toml(
+            "listen = \"127.0.0.1:9000\"\ndriver = \"epoll\"\n[limits]\nhello_timeout_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.driver, DriverChoice::Epoll);
+        assert_eq!(c.limits.hello_timeout_ms, 500);
+        assert!(Config::from_toml("lisen = \"x\"").is_err());
+        let mut c = Config::default();
+        c.limits.timer_tick_ms = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! The `starling` server binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use starling_gateway::config::{Config, DriverChoice, LogFormat};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "starling", version, about = "Starling chat server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+/// Flags override `STARLING_*` environment variables, which override the
+/// config file, which overrides the defaults.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "STARLING_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./starling-data].
+    #[arg(long, env = "STARLING_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TLS listen address [default: 127.0.0.1:7443].
+    #[arg(long, env = "STARLING_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Number of shards (0: one per core) [default: 0].
+    #[arg(long, env = "STARLING_SHARDS")]
+    shards: Option<usize>,
+    /// Metrics listen address, or "off" [default: 127.0.0.1:9464].
+    #[arg(long, env = "STARLING_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Also listen WITHOUT TLS here (loopback benchmarks only).
+    #[arg(long, env = "STARLING_DANGEROUS_PLAINTEXT_LISTEN")]
+    dangerous_plaintext_listen: Option<SocketAddr>,
+    /// I/O driver [default: auto].
+    #[arg(long, env = "STARLING_DRIVER", value_enum)]
+    driver: Option<DriverChoice>,
+    /// Log format [default: human].
+    #[arg(long, env = "STARLING_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn config(a: ServeArgs) -> anyhow::Result<Config> {
+    let mut c = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.data_dir {
+        c.data_dir = v;
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if let Some(v) = a.shards {
+        c.shards = v;
+    }
+    if let Some(v) = a.metrics_listen {
+        c.metrics_listen =
+            if v == "off" {
+                None
+            } else {
+                Some(v.parse().map_err(|e| {
+                    anyhow::anyhow!("invalid value for --metrics-listen `{v}`: {e}")
+                })?)
+            };
+    }
+    if let Some(v) = a.dangerous_plaintext_listen {
+        c.dangerous_plaintext_listen = Some(v);
+    }
+    if let Some(v) = a.driver {
+        c.driver = v;
+    }
+    if let Some(v) = a.log_format {
+        c.log_format = v;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(args) => {
+            let cfg = match config(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("starling: configuration error: {e:#}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            init_logs(cfg.log_format);
+            match starling_gateway::server::serve(cfg) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("starling: {e:#}");
+                    std::process::ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

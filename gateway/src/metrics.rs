@@ -1,0 +1,193 @@
+//! Counters and the Prometheus text endpoint. Shards bump relaxed atomics in
+//! their own [`ShardMetrics`] (no sharing of cache lines on the hot path);
+//! a plain thread serves `GET /metrics` by reading them.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// A counter's name, help text and field.
+type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> &AtomicU64);
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open connections (gauge).
+    pub connections: AtomicI64,
+    /// Connections accepted.
+    pub accepts: AtomicU64,
+    /// Connections refused because the shard was full.
+    pub refused: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub handshake_failures: AtomicU64,
+    /// Frames received.
+    pub frames_in: AtomicU64,
+    /// Frames sent.
+    pub frames_out: AtomicU64,
+    /// Bytes received (on the socket).
+    pub bytes_in: AtomicU64,
+    /// Bytes sent (on the socket).
+    pub bytes_out: AtomicU64,
+    /// Connections closed for silence.
+    pub heartbeat_timeouts: AtomicU64,
+    /// Connections closed for a missed handshake/Hello deadline.
+    pub deadline_timeouts: AtomicU64,
+    /// Connections closed for bad frames.
+    pub protocol_errors: AtomicU64,
+}
+
+/// Authentication failure reasons counted separately.
+pub const AUTH_FAILURE_REASONS: &[&str] = &[
+    "token_expired",
+    "token_invalid",
+    "session_revoked",
+    "otp_invalid",
+    "otp_expired",
+    "otp_attempts_exceeded",
+    "invalid_credentials",
+    "refresh_token_reused",
+    "rate_limited",
+];
+
+/// All counters of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Per shard, indexed by shard number.
+    pub shards: Vec<ShardMetrics>,
+    auth_failures: Vec<AtomicU64>,
+}
+
+/// Adds 1.
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n`.
+pub fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Counters for `shards` shards.
+    #[must_use]
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            auth_failures: AUTH_FAILURE_REASONS
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Counts an authentication failure (`reason` from [`AUTH_FAILURE_REASONS`]).
+    pub fn auth_failure(&self, reason: &str) {
+        if let Some(i) = AUTH_FAILURE_REASONS.iter().position(|r| *r == reason) {
+            inc(&self.auth_failures[i]);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let gauge = |s: &mut String, name: &str, help: &str, f: &dyn Fn(&ShardMetrics) -> i64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (i, m) in self.shards.iter().enumerate() {
+                let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {}", f(m));
+            }
+        };
+        gauge(&mut s, "starling_connections", "Open connections.", &|m| {
+            m.connections.load(Ordering::Relaxed)
+        });
+        let counters: [Counter; 10] = [
+            ("starling_accepts_total", "Connections accepted.", |m| {
+                &m.accepts
+            }),
+            (
+                "starling_connections_refused_total",
+                "Connections refused (shard full).",
+                |m| &m.refused,
+            ),
+            (
+                "starling_tls_handshake_failures_total",
+                "TLS handshakes failed or timed out.",
+                |m| &m.handshake_failures,
+            ),
+            ("starling_frames_in_total", "Frames received.", |m| {
+                &m.frames_in
+            }),
+            ("starling_frames_out_total", "Frames sent.", |m| {
+                &m.frames_out
+            }),
+            ("starling_bytes_in_total", "Bytes received.", |m| {
+                &m.bytes_in
+            }),
+            ("starling_bytes_out_total", "Bytes sent.", |m| &m.bytes_out),
+            (
+                "starling_heartbeat_timeouts_total",
+                "Connections closed for silence.",
+                |m| &m.heartbeat_timeouts,
+            ),
+            (
+                "starling_deadline_timeouts_total",
+                "Connections closed for a missed handshake or Hello deadline.",
+                |m| &m.deadline_timeouts,
+            ),
+            (
+                "starling_protocol_errors_total",
+                "Connections closed for bad frames.",
+                |m| &m.protocol_errors,
+            ),
+        ];
+        for (name, help, f) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (i, m) in self.shards.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "{name}{{shard=\"{i}\"}} {}",
+                    f(m).load(Ordering::Relaxed)
+                );
+            }
+        }
+        let name = "starling_auth_failures_total";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Authentication failures by reason.\n# TYPE {name} counter"
+        );
+        for (reason, c) in AUTH_FAILURE_REASONS.iter().zip(&self.auth_failures) {
+            let _ = writeln!(
+                s,
+                "{name}{{reason=\"{reason}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        s
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process exits (a plain
+/// thread: scrapes are rare and tiny).
+pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(crate::clock::ms(2000)));
+        let _ = stream.set_write_timeout(Some(crate::clock::ms(2000)));
+        let mut req = [0u8; 1024];
+        let n = stream.read(&mut req).unwrap_or(0);
+        let head = &req[..n];
+        let (status, body) =
+            if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Start-up and shutdown: validate config, prepare the data directory and
+//! TLS material, bind one SO_REUSEPORT listener per shard, start the shard
+//! threads and the metrics thread, then wait for SIGTERM/SIGINT.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::{Arc, mpsc};
+
+use anyhow::Context as _;
+
+use crate::accounts::Accounts;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::runtime::{BlockingPool, ShardRuntime};
+use crate::shard::{Control, Shard, Shared};
+
+/// Binds a listening socket with SO_REUSEPORT (so every shard can bind the
+/// same address and the kernel spreads connections over them).
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Binds `n` listeners on `addr`; port 0 is resolved by the first.
+fn bind_group(addr: SocketAddr, n: usize) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
+    let first = bind_reuseport(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let actual = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bind_reuseport(actual).with_context(|| format!("cannot listen on {actual}"))?);
+    }
+    Ok((actual, all))
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and the threads it spawns later),
+/// so they can be taken synchronously with `sigwait`.
+fn block_signals() -> anyhow::Result<libc::sigset_t> {
+    // Safety: sigset_t is plain data; sigemptyset initialises it before use,
+    // and pthread_sigmask only reads the set we pass.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        anyhow::ensure!(rc == 0, "pthread_sigmask failed: {rc}");
+        Ok(set)
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // Safety: `set` was initialised by block_signals; `sig` is a valid out-pointer.
+    let rc = unsafe { libc::sigwait(set, &mut sig) };
+    if rc == 0 { sig } else { libc::SIGTERM }
+}
+
+/// Runs the server until SIGTERM/SIGINT, then drains and returns.
+pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let sigset = block_signals()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    say(&format!("starling {} starting", env!("CARGO_PKG_VERSION")));
+    say(&format!("data dir: {}", cfg.data_dir.display()));
+
+    let material = crate::tls::ensure_dev_material(&cfg.data_dir)?;
+    if material.generated {
+        say(&format!(
+            "generated a development CA and server certificate in {}",
+            cfg.data_dir.join("tls").display()
+        ));
+    }
+    say(&format!(
+        "  CA certificate:     {}",
+        material.ca_pem.display()
+    ));
+    say(&format!(
+        "  server certificate: {}",
+        material.server_pem.display()
+    ));
+    say(&format!(
+        "  server key:         {}",
+        material.server_key.display()
+    ));
+    say(&format!("  CA SHA-256 fingerprint: {}", material.ca_sha256));
+    let tls = crate::tls::server_config(&material)?;
+
+    let n = cfg.shard_count();
+    let metrics = Arc::new(Metrics::new(n));
+    let accounts = Arc::new(Accounts::open(
+        &cfg.data_dir,
+        cfg.accounts.clone(),
+        metrics.clone(),
+    )?);
+    say(&format!("access token key id: {}", accounts.token_kid()));
+
+    let (tls_addr, mut tls_listeners) = bind_group(cfg.listen, n)?;
+    let mut plain = match cfg.dangerous_plaintext_listen {
+        Some(a) => Some(bind_group(a, n)?),
+        None => None,
+    };
+    let metrics_addr = match cfg.metrics_listen {
+        Some(a) => {
+            let l = TcpListener::bind(a)
+                .with_context(|| format!("cannot listen for metrics on {a}"))?;
+            let addr = l.local_addr()?;
+            let m = metrics.clone();
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || crate::metrics::serve(l, m))?;
+            Some(addr)
+        }
+        None => None,
+    };
+
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = mpsc::channel();
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        accounts,
+        metrics,
+        tls,
+        controls: senders.clone(),
+    });
+    let pool = BlockingPool::new(cfg.accounts.blocking_threads);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::new();
+    for (i, rx) in receivers.into_iter().enumerate().rev() {
+        let mut listeners = vec![(tls_listeners.pop().context("listener count")?, true)];
+        if let Some((_, ls)) = plain.as_mut() {
+            listeners.push((ls.pop().context("listener count")?, false));
+        }
+        let shared = shared.clone();
+        let pool = pool.clone();
+        let ready = ready_tx.clone();
+        let driver = cfg.driver;
+        let t = std::thread::Builder::new()
+            .name(format!("shard-{i}"))
+            .spawn(move || {
+                let rt = match ShardRuntime::build(driver, Some(i % cpus), &pool) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("shard {i}: cannot start runtime: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(rt.driver()));
+                let shard = Rc::new(Shard::new(i, shared));
+                rt.block_on(shard.run(listeners, rx));
+            })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    let mut driver = None;
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(d)) => driver = Some(d),
+            Ok(Err(e)) => anyhow::bail!(e),
+            Err(_) => anyhow::bail!("a shard thread died during start-up"),
+        }
+    }
+    let driver = driver.map_or("?", crate::runtime::DriverKind::name);
+    say(&format!("shards: {n} (driver: {driver})"));
+    say(&format!("listening (TLS 1.3): {tls_addr}"));
+    if let Some((a, _)) = &plain {
+        say(&format!(
+            "listening (PLAINTEXT, dangerous, benchmarks only): {a}"
+        ));
+    }
+    if let Some(a) = metrics_addr {
+        say(&format!("metrics: http://{a}/metrics"));
+    }
+    say("ready");
+    tracing::info!(%tls_addr, shards = n, driver, "starling ready");
+
+    let sig = wait_signal(&sigset);
+    tracing::info!(signal = sig, "shutting down: draining connections");
+    for s in &senders {
+        let _ = s.send(Control::Shutdown);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    say("stopped");
+    Ok(())
+}

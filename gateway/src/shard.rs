@@ -1,0 +1,329 @@
+//! A shard: one pinned thread running one single-threaded runtime, with its
+//! own listeners (SO_REUSEPORT), connections, timer wheel and scratch
+//! buffers. Shards share nothing mutable on the data path; the only
+//! cross-shard traffic is a low-rate control queue ([`Control`]) drained on
+//! each timer tick.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::task::{Poll, Waker};
+
+use starling_protocol::v1::ErrorCode;
+
+use crate::accounts::Accounts;
+use crate::clock;
+use crate::config::Config;
+use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::runtime::{self, Ready};
+use crate::wheel::{ConnId, TimerWheel};
+
+/// Messages between shards (and from the signal thread).
+#[derive(Debug)]
+pub enum Control {
+    /// Close the connections of these sessions.
+    RevokeSessions(Vec<u64>),
+    /// Stop accepting, say Goodbye, drain, stop.
+    Shutdown,
+}
+
+/// State shared by all shards (read-only after start, or internally synced).
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub cfg: Config,
+    /// Accounts service.
+    pub accounts: Arc<Accounts>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// TLS configuration.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// One control sender per shard.
+    pub controls: Vec<mpsc::Sender<Control>>,
+}
+
+impl Shared {
+    /// Asks every shard to close the connections of `sessions`.
+    pub fn revoke_sessions(&self, sessions: &[u64]) {
+        if sessions.is_empty() {
+            return;
+        }
+        for c in &self.controls {
+            let _ = c.send(Control::RevokeSessions(sessions.to_vec()));
+        }
+    }
+}
+
+/// Why the shard is closing a connection from outside its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// Missed the TLS handshake or Hello deadline.
+    Deadline,
+    /// Silent for longer than the idle timeout.
+    Idle,
+    /// Its session was revoked.
+    Revoked,
+    /// The server is shutting down.
+    Shutdown,
+    /// Closing took too long (the peer does not read).
+    CloseTimeout,
+}
+
+impl Kill {
+    /// The code sent in Goodbye/Error.
+    #[must_use]
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Kill::Deadline | Kill::CloseTimeout => ErrorCode::DeadlineExceeded,
+            Kill::Idle => ErrorCode::HeartbeatTimeout,
+            Kill::Revoked => ErrorCode::SessionRevoked,
+            Kill::Shutdown => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
+/// What the shard knows about one connection (the task owns the rest).
+#[derive(Debug, Default)]
+pub struct ConnCtl {
+    /// Monotonic ms after which the connection is killed.
+    pub deadline_ms: Cell<u64>,
+    /// What the deadline is for: `Kill::Deadline` or `Kill::Idle`.
+    pub deadline_kind: Cell<Option<Kill>>,
+    /// Set by the shard; taken by the task.
+    kill: Cell<Option<Kill>>,
+    waker: RefCell<Option<Waker>>,
+    /// The authenticated session (0: none).
+    pub session_id: Cell<u64>,
+}
+
+impl ConnCtl {
+    /// Asks the task to close.
+    pub fn kill(&self, why: Kill) {
+        if self.kill.get().is_none() {
+            self.kill.set(Some(why));
+        }
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// A pending kill, if any; otherwise remembers the waker.
+    pub fn poll_kill(&self, waker: &Waker) -> Option<Kill> {
+        if let Some(k) = self.kill.take() {
+            return Some(k);
+        }
+        let mut w = self.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|old| old.will_wake(waker)) {
+            *w = Some(waker.clone());
+        }
+        None
+    }
+
+    /// Moves the deadline (later or earlier).
+    pub fn set_deadline(&self, deadline_ms: u64, kind: Kill) {
+        self.deadline_ms.set(deadline_ms);
+        self.deadline_kind.set(Some(kind));
+    }
+}
+
+/// One shard's state; lives on its thread only.
+#[derive(Debug)]
+pub struct Shard {
+    /// Shard number.
+    pub index: usize,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    conns: RefCell<HashMap<ConnId, Rc<ConnCtl>>>,
+    wheel: RefCell<TimerWheel>,
+    next_id: Cell<u64>,
+    shutting_down: Cell<bool>,
+    accept_wakers: RefCell<Vec<Waker>>,
+    /// Ciphertext read scratch (per shard, not per connection).
+    pub read_scratch: RefCell<Vec<u8>>,
+    /// Plaintext scratch (per shard).
+    pub plain_scratch: RefCell<Vec<u8>>,
+}
+
+/// Read scratch size: one maximal TLS record plus overhead.
+pub const READ_SCRATCH_BYTES: usize = 18 * 1024;
+
+impl Shard {
+    /// A new shard.
+    #[must_use]
+    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+        let tick = shared.cfg.limits.timer_tick_ms;
+        Self {
+            index,
+            wheel: RefCell::new(TimerWheel::new(tick, 1024, clock::mono_ms())),
+            shared,
+            conns: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+            shutting_down: Cell::new(false),
+            accept_wakers: RefCell::new(Vec::new()),
+            read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
+            plain_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
+        }
+    }
+
+    /// This shard's counters.
+    #[must_use]
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.index]
+    }
+
+    /// True once shutdown began.
+    #[must_use]
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    /// Registers a connection with a first deadline.
+    pub fn register(&self, deadline_ms: u64) -> (ConnId, Rc<ConnCtl>) {
+        let id = ConnId(self.next_id.get());
+        self.next_id.set(id.0 + 1);
+        let ctl = Rc::new(ConnCtl::default());
+        ctl.set_deadline(deadline_ms, Kill::Deadline);
+        self.conns.borrow_mut().insert(id, ctl.clone());
+        self.wheel.borrow_mut().schedule(id, deadline_ms);
+        self.metrics()
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (id, ctl)
+    }
+
+    /// Forgets a connection (its wheel entry is dropped when it comes up).
+    pub fn unregister(&self, id: ConnId) {
+        if self.conns.borrow_mut().remove(&id).is_some() {
+            self.metrics()
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn tick(&self, now_ms: u64) {
+        let conns = self.conns.borrow();
+        self.wheel.borrow_mut().advance(now_ms, |id| {
+            let ctl = conns.get(&id)?;
+            let deadline = ctl.deadline_ms.get();
+            if deadline > now_ms {
+                return Some(deadline);
+            }
+            let kind = ctl.deadline_kind.get().unwrap_or(Kill::Deadline);
+            ctl.kill(kind);
+            // Keep an entry: a connection that ignores its kill (it is in a
+            // blocking-pool call) is looked at again, with a close timeout.
+            let close_by = now_ms + 2000;
+            ctl.set_deadline(close_by, Kill::CloseTimeout);
+            Some(close_by)
+        });
+    }
+
+    fn control(&self, msg: Control) {
+        match msg {
+            Control::RevokeSessions(ids) => {
+                for ctl in self.conns.borrow().values() {
+                    let sid = ctl.session_id.get();
+                    if sid != 0 && ids.contains(&sid) {
+                        ctl.kill(Kill::Revoked);
+                    }
+                }
+            }
+            Control::Shutdown => {
+                if !self.shutting_down.replace(true) {
+                    for w in self.accept_wakers.borrow_mut().drain(..) {
+                        w.wake();
+                    }
+                    for ctl in self.conns.borrow().values() {
+                        ctl.kill(Kill::Shutdown);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the shard until shutdown has drained.
+    pub async fn run(
+        self: Rc<Self>,
+        listeners: Vec<(TcpListener, bool)>,
+        controls: mpsc::Receiver<Control>,
+    ) {
+        for (l, tls) in listeners {
+            match Ready::new(l) {
+                Ok(l) => runtime::spawn(accept_loop(self.clone(), l, tls)),
+                Err(e) => tracing::error!(shard = self.index, error = %e, "listener setup failed"),
+            }
+        }
+        let tick = self.shared.cfg.limits.timer_tick_ms;
+        let mut drain_until = None;
+        loop {
+            runtime::sleep_ms(tick).await;
+            let now = clock::mono_ms();
+            while let Ok(msg) = controls.try_recv() {
+                self.control(msg);
+            }
+            self.tick(now);
+            if self.shutting_down.get() {
+                let until =
+                    *drain_until.get_or_insert(now + self.shared.cfg.limits.shutdown_drain_ms);
+                if self.conns.borrow().is_empty() || now >= until {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) {
+    loop {
+        let accepted = poll_fn(|cx| {
+            if shard.shutting_down() {
+                return Poll::Ready(None);
+            }
+            loop {
+                match listener.get().accept() {
+                    Ok(s) => return Poll::Ready(Some(Ok(s))),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        match listener.poll_readable(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                            Poll::Pending => {
+                                let mut ws = shard.accept_wakers.borrow_mut();
+                                if !ws.iter().any(|w| w.will_wake(cx.waker())) {
+                                    ws.push(cx.waker().clone());
+                                }
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                }
+            }
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok((stream, peer))) => {
+                metrics::inc(&shard.metrics().accepts);
+                if shard.conns.borrow().len() >= shard.shared.cfg.limits.connections_per_shard_max {
+                    metrics::inc(&shard.metrics().refused);
+                    drop(stream);
+                    continue;
+                }
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                runtime::spawn(crate::conn::run(shard.clone(), stream, peer, tls));
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = shard.index, error = %e, "accept failed");
+                runtime::sleep_ms(50).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! TLS material: on first start a development CA and a server certificate
+//! signed by it are generated in `<data>/tls/`; later starts load them.
+//! Only TLS 1.3 is offered, with the `ring` provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Paths and fingerprint of the TLS material in use.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    /// The dev CA certificate (give it to clients).
+    pub ca_pem: PathBuf,
+    /// The server certificate.
+    pub server_pem: PathBuf,
+    /// The server key.
+    pub server_key: PathBuf,
+    /// SHA-256 of the CA certificate (DER), colon-separated hex.
+    pub ca_sha256: String,
+    /// True when this start generated them.
+    pub generated: bool,
+}
+
+/// Loads the TLS material from `<data>/tls/`, generating it if absent.
+pub fn ensure_dev_material(data_dir: &Path) -> anyhow::Result<TlsMaterial> {
+    let dir = data_dir.join("tls");
+    let ca_pem = dir.join("ca.pem");
+    let server_pem = dir.join("server.pem");
+    let server_key = dir.join("server.key");
+    let mut generated = false;
+    if !server_pem.exists() || !server_key.exists() || !ca_pem.exists() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        generate(&ca_pem, &server_pem, &server_key)?;
+        generated = true;
+    }
+    let ca_der = CertificateDer::from_pem_file(&ca_pem)
+        .with_context(|| format!("reading {}", ca_pem.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &ca_der);
+    let ca_sha256 = digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(TlsMaterial {
+        ca_pem,
+        server_pem,
+        server_key,
+        ca_sha256,
+        generated,
+    })
+}
+
+fn generate(ca_pem: &Path, server_pem: &Path, server_key: &Path) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Starling development CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).context("signing the CA")?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let key = KeyPair::generate().context("generating the server key")?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "starling server");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing the server certificate")?;
+
+    write_private(server_key, key.serialize_pem().as_bytes())?;
+    std::fs::write(server_pem, cert.pem())?;
+    std::fs::write(ca_pem, ca_cert.pem())?;
+    Ok(())
+}
+
+/// Writes a file readable by the owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The rustls server configuration (TLS 1.3 only).
+pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&m.server_pem)
+        .with_context(|| format!("reading {}", m.server_pem.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", m.server_pem.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&m.server_key)
+        .with_context(|| format!("reading {}", m.server_key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("server certificate and key do not match")?;
+    cfg.alpn_protocols = vec![b"starling/1".to_vec()];
+    // Session tickets are not needed for long-lived connections.
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,690 @@
+//! Tests against the real `starling` binary: each test starts it with a
+//! temporary data dir and ephemeral ports, for both the io_uring and the
+//! epoll driver, and talks to it over TLS with a rustls client.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use starling_protocol::v1::{self, ErrorCode, frame::Body};
+use starling_protocol::{FrameDecoder, FrameEncoder};
+
+const DRIVERS: [&str; 2] = ["io-uring", "epoll"];
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests measure deadlines against the wall clock"
+)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+struct Server {
+    child: KillOnDrop,
+    dir: tempfile::TempDir,
+    tls_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Server {
+    fn start(driver: &str, extra_toml: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("starling.toml");
+        std::fs::write(&cfg, extra_toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--shards", "2", "--driver", driver])
+            .env("STARLING_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Killed on drop, even if start-up checks below panic.
+        let mut child = KillOnDrop(child);
+        let stdout = child.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut tls_addr, mut metrics_addr, mut ca) = (None, None, None);
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server did not become ready");
+            if let Some(a) = line.strip_prefix("listening (TLS 1.3): ") {
+                tls_addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("metrics: http://") {
+                metrics_addr = Some(a.trim_end_matches("/metrics").parse().unwrap());
+            } else if let Some(p) = line.trim().strip_prefix("CA certificate:") {
+                ca = Some(PathBuf::from(p.trim()));
+            } else if line.starts_with("shards: ") && driver != "auto" {
+                assert!(line.contains(driver), "{line}");
+            } else if line == "ready" {
+                break;
+            }
+        }
+        let ca = ca.unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(&ca).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Server {
+            child,
+            dir,
+            tls_addr: tls_addr.unwrap(),
+            metrics_addr: metrics_addr.unwrap(),
+            tls: Arc::new(tls),
+        }
+    }
+
+    fn connect(&self) -> Client {
+        let tcp = TcpStream::connect(self.tls_addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let name = "localhost".try_into().unwrap();
+        let conn = rustls::ClientConnection::new(self.tls.clone(), name).unwrap();
+        Client {
+            s: rustls::StreamOwned::new(conn, tcp),
+            dec: FrameDecoder::new(1 << 20),
+            next_id: 1,
+        }
+    }
+
+    /// A connection that has said Hello (optionally with a token).
+    fn hello(&self, token: &str) -> Client {
+        let mut c = self.connect();
+        let w = c.request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: token.into(),
+            ..Default::default()
+        }));
+        assert!(matches!(w, Body::Welcome(_)), "{w:?}");
+        c
+    }
+
+    fn otp_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/otp.log")).unwrap_or_default()
+    }
+
+    fn code_for(&self, ident: &str) -> String {
+        let log = self.otp_log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with(&format!("{ident} ")))
+            .expect("no code in otp.log");
+        line.rsplit(' ').next().unwrap().to_owned()
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.0.id() as i32;
+        // Safety: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Client {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    dec: FrameDecoder,
+    next_id: u64,
+}
+
+impl Client {
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+        self.s.flush().unwrap();
+    }
+
+    fn send(&mut self, request_id: u64, body: Body) {
+        let mut b = BytesMut::new();
+        FrameEncoder::new(1 << 20)
+            .encode(
+                &v1::Frame {
+                    request_id,
+                    body: Some(body),
+                },
+                &mut b,
+            )
+            .unwrap();
+        self.send_raw(&b);
+    }
+
+    /// The next frame, or None at end of stream / reset.
+    fn recv(&mut self) -> Option<v1::Frame> {
+        loop {
+            if let Some(f) = self.dec.poll_frame().unwrap() {
+                return Some(f);
+            }
+            let mut buf = [0u8; 4096];
+            match self.s.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.dec.handle_bytes(&buf[..n]),
+            }
+        }
+    }
+
+    fn request(&mut self, body: Body) -> Body {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(id, body);
+        let f = self.recv().expect("connection closed");
+        assert_eq!(f.request_id, id, "{f:?}");
+        f.body.unwrap()
+    }
+
+    fn expect_closed(&mut self) {
+        if let Some(f) = self.recv() {
+            panic!("expected close, got {f:?}");
+        }
+    }
+}
+
+fn err_code(b: &Body) -> ErrorCode {
+    match b {
+        Body::Error(e) => ErrorCode::try_from(e.code).unwrap(),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+fn email(e: &str) -> Option<v1::Identifier> {
+    Some(v1::Identifier {
+        kind: Some(v1::identifier::Kind::Email(e.into())),
+    })
+}
+
+fn phone(p: &str) -> Option<v1::Identifier> {
+    Some(v1::Identifier {
+        kind: Some(v1::identifier::Kind::Phone(p.into())),
+    })
+}
+
+fn register(
+    srv: &Server,
+    c: &mut Client,
+    ident: Option<v1::Identifier>,
+    key: &str,
+) -> v1::SessionGranted {
+    let sent = c.request(Body::RequestOtp(v1::RequestOtp {
+        identifier: ident.clone(),
+    }));
+    assert!(matches!(sent, Body::OtpSent(_)), "{sent:?}");
+    let code = srv.code_for(key);
+    let g = c.request(Body::VerifyOtp(v1::VerifyOtp {
+        identifier: ident,
+        code,
+        device: Some(v1::DeviceInfo {
+            name: "test phone".into(),
+            platform: "linux".into(),
+        }),
+        display_name: "Ana".into(),
+    }));
+    match g {
+        Body::SessionGranted(g) => g,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hello_ping_metrics_and_sigterm() {
+    for driver in DRIVERS {
+        let mut srv = Server::start(driver, "");
+        let mut c = srv.connect();
+        let w = c.request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            ..Default::default()
+        }));
+        let Body::Welcome(w) = w else { panic!("{w:?}") };
+        assert_eq!(w.protocol_version, 1);
+        assert_eq!(w.limits.unwrap().frame_bytes_max, 65536);
+        assert!(w.authenticated.is_none());
+        assert!(matches!(
+            c.request(Body::Ping(v1::Ping { nonce: 9 })),
+            Body::Pong(v1::Pong { nonce: 9 })
+        ));
+        // Not built yet / not authenticated: an Error, and the connection stays.
+        let e = c.request(Body::Send(v1::Send::default()));
+        assert_eq!(err_code(&e), ErrorCode::Unauthenticated);
+        let m = srv.metrics();
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("starling_connections{shard="), "{m}");
+        assert!(m.contains("starling_frames_in_total{shard="), "{m}");
+        // SIGTERM: Goodbye{SHUTTING_DOWN}, close, exit 0.
+        let pid = srv.child.0.id() as i32;
+        // Safety: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let f = c.recv().expect("goodbye");
+        match f.body.unwrap() {
+            Body::Goodbye(g) => assert_eq!(g.code, ErrorCode::ShuttingDown as i32),
+            other => panic!("{other:?}"),
+        }
+        c.expect_closed();
+        let st = srv.sigterm();
+        assert!(st.success(), "{driver}: {st:?}");
+    }
+}
+
+#[test]
+fn accounts_over_the_protocol() {
+    for driver in DRIVERS {
+        let srv = Server::start(driver, "[accounts]\nargon2_memory_kib = 1024\n");
+        let mut a = srv.hello("");
+        // Unauthenticated requests are refused, not disconnected.
+        assert_eq!(
+            err_code(&a.request(Body::GetMe(v1::GetMe {}))),
+            ErrorCode::Unauthenticated
+        );
+        let g = register(&srv, &mut a, phone("+14155550100"), "+14155550100");
+        assert!(g.new_user);
+        assert!(!g.access_token.is_empty() && !g.refresh_token.is_empty());
+        let Body::Profile(p) = a.request(Body::GetMe(v1::GetMe {})) else {
+            panic!()
+        };
+        assert_eq!(
+            (p.user_id, p.display_name.as_str(), p.phone.as_str()),
+            (g.user_id, "Ana", "+14155550100")
+        );
+        let Body::Profile(p) = a.request(Body::UpdateProfile(v1::UpdateProfile {
+            about: Some("hi".into()),
+            ..Default::default()
+        })) else {
+            panic!()
+        };
+        assert_eq!(p.about, "hi");
+        assert!(matches!(
+            a.request(Body::SetPassword(v1::SetPassword {
+                new_password: "correct horse".into()
+            })),
+            Body::Done(_)
+        ));
+        // Features not built yet answer UNAVAILABLE and keep the connection.
+        let e = a.request(Body::Send(v1::Send::default()));
+        assert_eq!(err_code(&e), ErrorCode::Unavailable);
+
+        // Password login from a second device.
+        let mut b = srv.hello("");
+        let bad = b.request(Body::Login(v1::Login {
+            identifier: phone("+14155550100"),
+            credential: Some(v1::login::Credential::Password("wrong password".into())),
+            device: None,
+        }));
+        assert_eq!(err_code(&bad), ErrorCode::InvalidCredentials);
+        let Body::SessionGranted(g2) = b.request(Body::Login(v1::Login {
+            identifier: phone("+14155550100"),
+            credential: Some(v1::login::Credential::Password("correct horse".into())),
+            device: Some(v1::DeviceInfo {
+                name: "laptop".into(),
+                platform: "linux".into(),
+            }),
+        })) else {
+            panic!()
+        };
+        assert_eq!(g2.user_id, g.user_id);
+        assert_ne!(g2.device_id, g.device_id);
+        let Body::DeviceList(d) = b.request(Body::ListDevices(v1::ListDevices {})) else {
+            panic!()
+        };
+        assert_eq!(d.devices.len(), 2);
+        assert!(
+            d.devices
+                .iter()
+                .any(|d| d.current && d.device_id == g2.device_id)
+        );
+
+        // Contact discovery by SHA-256 of E.164, from another user.
+        let mut c = srv.hello("");
+        register(&srv, &mut c, email("bob@example.org"), "bob@example.org");
+        let h = ring::digest::digest(&ring::digest::SHA256, b"+14155550100");
+        let other = ring::digest::digest(&ring::digest::SHA256, b"+14155550199");
+        let Body::ContactMatches(m) = c.request(Body::DiscoverContacts(v1::DiscoverContacts {
+            phone_sha256: vec![h.as_ref().to_vec().into(), other.as_ref().to_vec().into()],
+        })) else {
+            panic!()
+        };
+        assert_eq!(m.matches.len(), 1);
+        assert_eq!(m.matches[0].user_id, g.user_id);
+
+        // Tokens: valid, forged, garbage.
+        let w = srv.connect().request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: g.access_token.clone(),
+            ..Default::default()
+        }));
+        let Body::Welcome(w) = w else { panic!("{w:?}") };
+        assert_eq!(w.authenticated.unwrap().session_id, g.session_id);
+        let mut parts: Vec<String> = g.access_token.split('.').map(str::to_owned).collect();
+        parts[1] = g2.access_token.split('.').nth(1).unwrap().to_owned();
+        let forged = parts.join(".");
+        for bad in [
+            forged.as_str(),
+            "not.a.token",
+            "eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.",
+        ] {
+            let mut x = srv.connect();
+            let e = x.request(Body::Hello(v1::Hello {
+                protocol_version: 1,
+                access_token: bad.into(),
+                ..Default::default()
+            }));
+            assert_eq!(err_code(&e), ErrorCode::TokenInvalid);
+            // Still usable: Hello without a token works.
+            assert!(matches!(
+                x.request(Body::Hello(v1::Hello {
+                    protocol_version: 1,
+                    ..Default::default()
+                })),
+                Body::Welcome(_)
+            ));
+            assert_eq!(
+                err_code(&x.request(Body::Authenticate(v1::Authenticate {
+                    access_token: bad.into()
+                }))),
+                ErrorCode::TokenInvalid
+            );
+        }
+
+        // Refresh rotates; reusing the old refresh token revokes the session
+        // and closes its live connections.
+        let mut live = srv.hello(&g2.access_token);
+        let Body::SessionGranted(g3) = b.request(Body::Refresh(v1::Refresh {
+            refresh_token: g2.refresh_token.clone(),
+        })) else {
+            panic!()
+        };
+        assert_ne!(g3.refresh_token, g2.refresh_token);
+        assert_eq!(g3.session_id, g2.session_id);
+        let mut thief = srv.hello("");
+        let e = thief.request(Body::Refresh(v1::Refresh {
+            refresh_token: g2.refresh_token.clone(),
+        }));
+        assert_eq!(err_code(&e), ErrorCode::RefreshTokenReused);
+        let f = live.recv().expect("goodbye");
+        assert!(
+            matches!(f.body, Some(Body::Goodbye(ref g)) if g.code == ErrorCode::SessionRevoked as i32),
+            "{f:?}"
+        );
+        live.expect_closed();
+        let e = srv.connect().request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: g3.access_token.clone(),
+            ..Default::default()
+        }));
+        assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+
+        // Logout closes the session's connections and invalidates its token.
+        let mut other_conn = srv.hello(&g.access_token);
+        assert!(matches!(
+            a.request(Body::Logout(v1::Logout { session_id: 0 })),
+            Body::Done(_)
+        ));
+        for conn in [&mut a, &mut other_conn] {
+            let f = conn.recv().expect("goodbye");
+            assert!(
+                matches!(f.body, Some(Body::Goodbye(ref g)) if g.code == ErrorCode::SessionRevoked as i32),
+                "{f:?}"
+            );
+            conn.expect_closed();
+        }
+        let mut x = srv.connect();
+        let e = x.request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: g.access_token.clone(),
+            ..Default::default()
+        }));
+        assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+        let m = srv.metrics();
+        assert!(
+            m.contains("starling_auth_failures_total{reason=\"refresh_token_reused\"} 1"),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn expired_tokens_and_otp_guessing() {
+    let srv = Server::start("auto", "[accounts]\naccess_token_ttl_ms = 1000\n");
+    let mut a = srv.hello("");
+    let g = register(&srv, &mut a, email("eve@example.org"), "eve@example.org");
+    std::thread::sleep(Duration::from_millis(2100));
+    let e = srv.connect().request(Body::Hello(v1::Hello {
+        protocol_version: 1,
+        access_token: g.access_token,
+        ..Default::default()
+    }));
+    assert_eq!(err_code(&e), ErrorCode::TokenExpired);
+
+    // Guessing: 5 wrong codes burn the code; then even the right one fails.
+    let mut c = srv.hello("");
+    let id = email("mallory@example.org");
+    assert!(matches!(
+        c.request(Body::RequestOtp(v1::RequestOtp {
+            identifier: id.clone()
+        })),
+        Body::OtpSent(_)
+    ));
+    let code = srv.code_for("mallory@example.org");
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(err_code(&c.request(Body::VerifyOtp(v1::VerifyOtp {
+            identifier: id.clone(),
+            code: wrong.into(),
+            ..Default::default()
+        }))));
+    }
+    assert_eq!(&codes[..4], &[ErrorCode::OtpInvalid; 4]);
+    assert_eq!(codes[4], ErrorCode::OtpAttemptsExceeded);
+    let e = c.request(Body::VerifyOtp(v1::VerifyOtp {
+        identifier: id.clone(),
+        code,
+        ..Default::default()
+    }));
+    assert_eq!(err_code(&e), ErrorCode::OtpAttemptsExceeded);
+    // And a new code cannot be requested at once.
+    let e = c.request(Body::RequestOtp(v1::RequestOtp { identifier: id }));
+    assert_eq!(err_code(&e), ErrorCode::RateLimited);
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    for driver in DRIVERS {
+        let srv = Server::start(driver, "");
+        let mut healthy = srv.hello("");
+
+        // Oversized: a prefix announcing 1 MiB.
+        let mut c = srv.hello("");
+        c.send_raw(&[0x80, 0x80, 0x40]);
+        let f = c.recv().unwrap();
+        assert_eq!(err_code(&f.body.unwrap()), ErrorCode::FrameTooLarge);
+        c.expect_closed();
+
+        // Malformed protobuf.
+        let mut c = srv.hello("");
+        c.send_raw(&[4, 0x08, 0x05, 0x52, 0x7f]);
+        let f = c.recv().unwrap();
+        assert_eq!(f.request_id, 5);
+        assert_eq!(err_code(&f.body.unwrap()), ErrorCode::MalformedFrame);
+        c.expect_closed();
+
+        // Truncated: half a frame, then end of stream.
+        let mut c = srv.hello("");
+        c.send_raw(&[10, 0x08, 0x01]);
+        c.s.conn.send_close_notify();
+        c.s.flush().unwrap();
+        c.s.sock.shutdown(Shutdown::Write).unwrap();
+        let f = c.recv().unwrap();
+        assert_eq!(err_code(&f.body.unwrap()), ErrorCode::BadLengthPrefix);
+        c.expect_closed();
+
+        // Unknown frame type: Error, and the connection stays open.
+        let mut c = srv.hello("");
+        c.send_raw(&[5, 0x08, 0x09, 0xb8, 0x3e, 0x01]);
+        let f = c.recv().unwrap();
+        assert_eq!(f.request_id, 9);
+        assert_eq!(err_code(&f.body.unwrap()), ErrorCode::UnknownFrameType);
+        assert!(matches!(
+            c.request(Body::Ping(v1::Ping { nonce: 1 })),
+            Body::Pong(_)
+        ));
+
+        // Not Hello first: Error and close.
+        let mut c = srv.connect();
+        let e = c.request(Body::Ping(v1::Ping { nonce: 1 }));
+        assert_eq!(err_code(&e), ErrorCode::UnexpectedFrame);
+        c.expect_closed();
+
+        assert!(matches!(
+            healthy.request(Body::Ping(v1::Ping { nonce: 2 })),
+            Body::Pong(_)
+        ));
+        let m = srv.metrics();
+        assert!(m.contains("starling_protocol_errors_total"), "{m}");
+    }
+}
+
+#[test]
+fn deadlines_cut_silent_and_slow_connections() {
+    let toml = "[limits]\ntimer_tick_ms = 20\nhandshake_timeout_ms = 400\nhello_timeout_ms = 400\nheartbeat_ms = 300\nidle_timeout_ms = 600\n";
+    for driver in DRIVERS {
+        let srv = Server::start(driver, toml);
+        // Silent TCP: never starts TLS.
+        let t0 = now();
+        let mut raw = TcpStream::connect(srv.tls_addr).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(raw.read(&mut buf), Ok(0) | Err(_)));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+
+        // Slowloris over TLS: one byte of a Hello every 100 ms.
+        let mut c = srv.connect();
+        let mut hello = BytesMut::new();
+        FrameEncoder::default()
+            .encode(
+                &v1::Frame {
+                    request_id: 1,
+                    body: Some(Body::Hello(v1::Hello {
+                        protocol_version: 1,
+                        client: Some(v1::ClientInfo {
+                            app: "slow".repeat(20),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })),
+                },
+                &mut hello,
+            )
+            .unwrap();
+        let t0 = now();
+        let mut cut = false;
+        for b in hello.iter() {
+            if c.s.write_all(&[*b]).and_then(|()| c.s.flush()).is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if t0.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
+        if !cut {
+            let f = c.recv();
+            if let Some(f) = f {
+                assert_eq!(err_code(&f.body.unwrap()), ErrorCode::DeadlineExceeded);
+            }
+            c.expect_closed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+
+        // Idle after Welcome: Goodbye{HEARTBEAT_TIMEOUT}; pinging keeps it open.
+        let mut idle = srv.hello("");
+        let mut pinger = srv.hello("");
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(150));
+            assert!(matches!(
+                pinger.request(Body::Ping(v1::Ping { nonce: 3 })),
+                Body::Pong(_)
+            ));
+        }
+        let f = idle.recv().expect("goodbye");
+        assert!(
+            matches!(f.body, Some(Body::Goodbye(ref g)) if g.code == ErrorCode::HeartbeatTimeout as i32),
+            "{f:?}"
+        );
+        idle.expect_closed();
+        let m = srv.metrics();
+        assert!(!m.contains("starling_heartbeat_timeouts_total{shard=\"0\"} 0\nstarling_heartbeat_timeouts_total{shard=\"1\"} 0"), "{m}");
+    }
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[limits]\nframe_bytes_max = 10\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.frame_bytes_max"), "{err}");
+    std::fs::write(&cfg, "listen = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config file"));
+}
