@@ -7,3 +7,44 @@
 //!
 //! **Must not touch:** server internals. It speaks only the published
 //! protocol (`starling-protocol`), like any other client would.
+//!
+//! ## Layers
+//!
+//! - [`Connection`] — one TCP/TLS connection: Hello/Welcome, requests
+//!   correlated by `request_id`, pushes on their own queue ([`Pushes`]),
+//!   Ping heartbeats and frame limits from `Welcome.limits`. The benchmark
+//!   uses this directly (with [`Transport::DangerousPlaintext`] on loopback).
+//! - [`Client`] — a session from a [`Profile`] directory: automatic
+//!   Hello-with-token and refresh, reconnect with full-jitter [`Backoff`],
+//!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection
+//!   ([`Reorder`]) and an ordered, deduplicated [`Events`] stream.
+//! - [`json`] — the JSON shapes `starling-cli --json` prints.
+//!
+//! **Guarantee to the application:** per conversation, [`Event::Message`]s
+//! arrive in strictly increasing, contiguous seq order, each once per run; a
+//! cursor is persisted after its messages were handed over, so after a crash
+//! the messages since the last persisted cursor are delivered again
+//! (at-least-once across crashes, exactly-once within a run).
+
+mod backoff;
+mod client;
+mod clock;
+mod connection;
+mod error;
+mod ids;
+pub mod json;
+mod reorder;
+mod store;
+mod tls;
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use client::{Client, ClientConfig, Event, Events, HistoryAnchor, Identifier, LoginCredential};
+pub use connection::{ConnectOptions, Connection, Pushes, ResponseStream, Transport};
+pub use error::{ClientError, ServerError};
+pub use ids::ClientMsgId;
+pub use reorder::{FETCH_MESSAGES_MAX, FetchRange, Released, Reorder};
+pub use store::{Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target};
+pub use tls::{TlsTrust, fingerprint};
+
+/// The wire types, re-exported for convenience.
+pub use starling_protocol::v1;

@@ -1,0 +1,374 @@
+//! The JSON objects `starling-cli --json` prints, one per line. Every object
+//! has a `"type"`; ids and seqs are JSON numbers; `client_msg_id` is 32 hex
+//! digits; a UTF-8 `text/*` body appears as `"text"`, any other as
+//! `"body_hex"`. Tokens never appear.
+
+use serde_json::{Value, json};
+
+use crate::client::Event;
+use crate::error::{ClientError, ServerError};
+use crate::ids::ClientMsgId;
+use crate::v1;
+
+fn msg_id(bytes: &[u8]) -> Value {
+    ClientMsgId::from_bytes(bytes).map_or_else(
+        || Value::String(hex::encode(bytes)),
+        |id| Value::String(id.to_string()),
+    )
+}
+
+/// A message.
+#[must_use]
+pub fn message(m: &v1::Message) -> Value {
+    let mut v = json!({
+        "type": "message",
+        "conversation_id": m.conversation_id,
+        "seq": m.seq,
+        "sender_user_id": m.sender_user_id,
+        "sender_device_id": m.sender_device_id,
+        "client_msg_id": msg_id(&m.client_msg_id),
+        "server_ts_ms": m.server_ts_ms,
+        "content_type": m.content_type,
+    });
+    match (
+        m.content_type.starts_with("text/") || m.content_type.is_empty(),
+        std::str::from_utf8(&m.body),
+    ) {
+        (true, Ok(text)) => v["text"] = json!(text),
+        _ => v["body_hex"] = json!(hex::encode(&m.body)),
+    }
+    if m.reply_to_seq != 0 {
+        v["reply_to_seq"] = json!(m.reply_to_seq);
+    }
+    v
+}
+
+/// A send acknowledgement.
+#[must_use]
+pub fn send_ack(a: &v1::SendAck) -> Value {
+    json!({
+        "type": "sent",
+        "client_msg_id": msg_id(&a.client_msg_id),
+        "conversation_id": a.conversation_id,
+        "seq": a.seq,
+        "server_ts_ms": a.server_ts_ms,
+        "duplicate": a.duplicate,
+    })
+}
+
+/// A receipt.
+#[must_use]
+pub fn receipt(r: &v1::Receipt) -> Value {
+    let kind = match v1::ReceiptKind::try_from(r.kind) {
+        Ok(v1::ReceiptKind::Delivered) => "delivered",
+        Ok(v1::ReceiptKind::Read) => "read",
+        _ => "unknown",
+    };
+    json!({
+        "type": "receipt",
+        "conversation_id": r.conversation_id,
+        "up_to_seq": r.up_to_seq,
+        "kind": kind,
+        "by_user_id": r.by_user_id,
+        "ts_ms": r.ts_ms,
+    })
+}
+
+/// A server error (`"type": "error"`).
+#[must_use]
+pub fn server_error(e: &ServerError) -> Value {
+    json!({
+        "type": "error",
+        "code": e.code_name(),
+        "code_num": e.code_num,
+        "message": e.message,
+        "retry_after_ms": e.retry_after_ms,
+    })
+}
+
+/// Any SDK error (`"type": "error"`); server errors carry their code,
+/// others `"code": "CLIENT"`.
+#[must_use]
+pub fn error(e: &ClientError) -> Value {
+    let mut v = match e.server() {
+        Some(s) => server_error(s),
+        None => json!({ "type": "error", "code": "CLIENT" }),
+    };
+    v["message"] = json!(e.to_string());
+    if let ClientError::StillQueued { client_msg_id, .. } = e {
+        v["queued_client_msg_id"] = json!(client_msg_id.to_string());
+    }
+    v
+}
+
+/// A profile.
+#[must_use]
+pub fn profile(p: &v1::Profile) -> Value {
+    json!({
+        "type": "profile",
+        "user_id": p.user_id,
+        "display_name": p.display_name,
+        "about": p.about,
+        "phone": p.phone,
+        "email": p.email,
+        "created_at_ms": p.created_at_ms,
+        "has_password": p.has_password,
+    })
+}
+
+/// A new session (tokens left out).
+#[must_use]
+pub fn session(g: &v1::SessionGranted) -> Value {
+    json!({
+        "type": "session",
+        "user_id": g.user_id,
+        "device_id": g.device_id,
+        "session_id": g.session_id,
+        "new_user": g.new_user,
+        "access_expires_at_ms": g.access_expires_at_ms,
+    })
+}
+
+/// A conversation list line.
+#[must_use]
+pub fn conversation(c: &v1::ConversationSummary) -> Value {
+    let kind = match v1::ConversationKind::try_from(c.kind) {
+        Ok(v1::ConversationKind::Direct) => "direct",
+        Ok(v1::ConversationKind::Group) => "group",
+        _ => "unknown",
+    };
+    json!({
+        "type": "conversation",
+        "conversation_id": c.conversation_id,
+        "kind": kind,
+        "peer_user_id": c.peer_user_id,
+        "title": c.title,
+        "last_seq": c.last_seq,
+        "unread_count": c.unread_count,
+        "read_up_to_seq": c.read_up_to_seq,
+        "last_message": c.last_message.as_deref().map(message),
+    })
+}
+
+/// An event of [`crate::Events`].
+#[must_use]
+pub fn event(e: &Event) -> Value {
+    match e {
+        Event::Connected {
+            user_id,
+            device_id,
+            server_version,
+        } => json!({
+            "type": "connected",
+            "user_id": user_id,
+            "device_id": device_id,
+            "server_version": server_version,
+        }),
+        Event::Disconnected { reason, retry_in } => json!({
+            "type": "disconnected",
+            "reason": reason,
+            "retry_in_ms": u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+        }),
+        Event::Synced { messages, receipts } => json!({
+            "type": "synced",
+            "messages": messages,
+            "receipts": receipts,
+        }),
+        Event::SyncFailed(err) => {
+            let mut v = server_error(err);
+            v["context"] = json!("sync");
+            v
+        }
+        Event::Message(m) => message(m),
+        Event::Receipt(r) => receipt(r),
+        Event::Sent(a) => send_ack(a),
+        Event::SendFailed {
+            client_msg_id,
+            error,
+        } => {
+            let mut v = server_error(error);
+            v["type"] = json!("send_failed");
+            v["client_msg_id"] = json!(client_msg_id.to_string());
+            v
+        }
+        Event::Typing(t) => json!({
+            "type": "typing",
+            "conversation_id": t.conversation_id,
+            "user_id": t.user_id,
+            "typing": t.state == v1::TypingState::Typing as i32,
+        }),
+        Event::Presence(p) => json!({
+            "type": "presence",
+            "user_id": p.user_id,
+            "state": v1::PresenceState::try_from(p.state)
+                .map_or("PRESENCE_STATE_UNSPECIFIED", |s| s.as_str_name())
+                .trim_start_matches("PRESENCE_STATE_")
+                .to_ascii_lowercase(),
+            "last_seen_ms": p.last_seen_ms,
+        }),
+        Event::GroupChanged(g) => json!({
+            "type": "group_changed",
+            "conversation_id": g.group.as_ref().map_or(0, |g| g.conversation_id),
+            "by_user_id": g.by_user_id,
+            "version": g.group.as_ref().map_or(0, |g| g.version),
+        }),
+        Event::ServerError(err) => server_error(err),
+        Event::LocalError(message) => json!({
+            "type": "error",
+            "code": "CLIENT",
+            "message": message,
+        }),
+        Event::LoggedOut { reason } => json!({
+            "type": "logged_out",
+            "reason": reason,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn messages_show_text_or_hex() {
+        let id = ClientMsgId([0xab; 16]);
+        let m = v1::Message {
+            conversation_id: 5,
+            seq: 9,
+            sender_user_id: 1,
+            sender_device_id: 2,
+            client_msg_id: id.0.to_vec().into(),
+            server_ts_ms: 1_700_000_000_000,
+            content_type: "text/plain".into(),
+            body: b"hi \xF0\x9F\x90\xA6".to_vec().into(),
+            ..v1::Message::default()
+        };
+        assert_eq!(
+            message(&m),
+            json!({
+                "type": "message",
+                "conversation_id": 5,
+                "seq": 9,
+                "sender_user_id": 1,
+                "sender_device_id": 2,
+                "client_msg_id": "ab".repeat(16),
+                "server_ts_ms": 1_700_000_000_000u64,
+                "content_type": "text/plain",
+                "text": "hi 🐦",
+            })
+        );
+        let bin = v1::Message {
+            content_type: "application/x-starling-e2e".into(),
+            body: vec![0, 1].into(),
+            ..m
+        };
+        let v = message(&bin);
+        assert_eq!(v["body_hex"], "0001");
+        assert!(v.get("text").is_none());
+    }
+
+    #[test]
+    fn every_event_is_one_line_with_a_type() {
+        let events = [
+            Event::Connected {
+                user_id: 1,
+                device_id: 1,
+                server_version: "starling 0.1.0".into(),
+            },
+            Event::Disconnected {
+                reason: "x".into(),
+                retry_in: Duration::from_millis(1500),
+            },
+            Event::Synced {
+                messages: 3,
+                receipts: 1,
+            },
+            Event::Message(v1::Message::default()),
+            Event::Receipt(v1::Receipt {
+                kind: v1::ReceiptKind::Read as i32,
+                ..v1::Receipt::default()
+            }),
+            Event::Sent(v1::SendAck::default()),
+            Event::SendFailed {
+                client_msg_id: ClientMsgId([1; 16]),
+                error: ServerError {
+                    code_num: 400,
+                    message: "blocked".into(),
+                    retry_after_ms: 0,
+                },
+            },
+            Event::Typing(v1::Typing::default()),
+            Event::Presence(v1::PresenceUpdate {
+                state: v1::PresenceState::Online as i32,
+                ..v1::PresenceUpdate::default()
+            }),
+            Event::GroupChanged(v1::GroupChanged::default()),
+            Event::ServerError(ServerError {
+                code_num: 9999,
+                message: String::new(),
+                retry_after_ms: 0,
+            }),
+            Event::LocalError("disk full".into()),
+            Event::LoggedOut {
+                reason: "revoked".into(),
+            },
+        ];
+        let types: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let line = event(e).to_string();
+                assert!(!line.contains('\n'));
+                let v: Value = serde_json::from_str(&line).unwrap();
+                v["type"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "connected",
+                "disconnected",
+                "synced",
+                "message",
+                "receipt",
+                "sent",
+                "send_failed",
+                "typing",
+                "presence",
+                "group_changed",
+                "error",
+                "error",
+                "logged_out"
+            ]
+        );
+        assert_eq!(event(&events[1])["retry_in_ms"], 1500);
+        assert_eq!(event(&events[4])["kind"], "read");
+        assert_eq!(event(&events[6])["code"], "BLOCKED");
+        assert_eq!(event(&events[8])["state"], "online");
+        // Unknown codes read as INTERNAL but keep their number.
+        assert_eq!(event(&events[10])["code"], "INTERNAL");
+        assert_eq!(event(&events[10])["code_num"], 9999);
+    }
+
+    #[test]
+    fn errors_carry_code_and_queued_id() {
+        let server = ServerError {
+            code_num: 501,
+            message: "Send: not implemented yet".into(),
+            retry_after_ms: 0,
+        };
+        let e = ClientError::StillQueued {
+            client_msg_id: ClientMsgId([2; 16]),
+            cause: Box::new(ClientError::Server(server)),
+        };
+        let v = error(&e);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "UNAVAILABLE");
+        assert_eq!(v["code_num"], 501);
+        assert_eq!(v["queued_client_msg_id"], "02".repeat(16));
+        assert!(v["message"].as_str().unwrap().contains("not implemented"));
+        let v = error(&ClientError::NotLoggedIn("/p".into()));
+        assert_eq!(v["code"], "CLIENT");
+    }
+}
