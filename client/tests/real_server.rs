@@ -1,0 +1,334 @@
+//! Against the real `starling` binary (built on demand from this
+//! workspace): the CLI's account flow, TLS trust by CA file and by pin, the
+//! clear failure of messaging commands the server does not serve yet, and
+//! the SDK's token refresh and reconnect.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use starling_client::{
+    Client, ClientConfig, ConnectOptions, Event, Identifier, Profile, TlsTrust, Transport, v1,
+};
+
+/// `target/<profile>/starling`, built if needed.
+fn server_binary() -> PathBuf {
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_starling-cli"));
+    let dir = cli.parent().unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "starling-gateway", "--bin", "starling"]);
+    // Without the variables cargo set for this test, so that build scripts
+    // (ring's reads CARGO_PKG_*) see the same environment as a plain build
+    // and nothing is rebuilt.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            build.env_remove(key);
+        }
+    }
+    if dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "building the starling server failed");
+    dir.join("starling")
+}
+
+struct Server {
+    child: Child,
+    data: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(bin: &Path, data: &Path, listen: &str) -> Server {
+        let mut child = Command::new(bin)
+            .args(["serve", "--shards", "1", "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--listen", listen])
+            .env("STARLING_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server did not become ready");
+            if let Some(a) = line.strip_prefix("listening (TLS 1.3): ") {
+                addr = Some(a.parse().unwrap());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        Server {
+            child,
+            data: data.to_owned(),
+            addr: addr.unwrap(),
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.data.join("tls/ca.pem")
+    }
+
+    /// The latest code sent to `identifier` (dev sender: `<data>/otp.log`).
+    fn otp(&self, identifier: &str) -> String {
+        let log = std::fs::read_to_string(self.data.join("otp.log")).unwrap();
+        log.lines()
+            .rev()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(id, _)| *id == identifier)
+            .map(|(_, code)| code.trim().to_owned())
+            .expect("no code in otp.log")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cli<'a> {
+    server: &'a Server,
+    profile: PathBuf,
+}
+
+impl Cli<'_> {
+    /// Runs `starling-cli --json` with the CA file and returns (ok, JSON lines).
+    fn run(&self, args: &[&str]) -> (bool, Vec<Value>) {
+        let ca = self.server.ca();
+        self.run_with(&["--ca", ca.to_str().unwrap()], args)
+    }
+
+    fn run_with(&self, trust: &[&str], args: &[&str]) -> (bool, Vec<Value>) {
+        let out: Output = Command::new(env!("CARGO_BIN_EXE_starling-cli"))
+            .args(["--json", "--server"])
+            .arg(self.server.addr.to_string())
+            .arg("--profile")
+            .arg(&self.profile)
+            .args(trust)
+            .args(if trust.contains(&"--timeout") {
+                &[][..]
+            } else {
+                &["--timeout", "5"][..]
+            })
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        (out.status.success(), lines)
+    }
+}
+
+#[test]
+fn cli_account_flow_and_messaging_errors() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&bin, &tmp.path().join("data"), "127.0.0.1:0");
+    let cli = Cli {
+        server: &server,
+        profile: tmp.path().join("profile"),
+    };
+    let phone = "+15550100001";
+
+    let (ok, out) = cli.run(&["request-otp", "--phone", phone]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "otp_sent");
+    assert_eq!(out[0]["attempts_allowed"], 5);
+
+    let code = server.otp(phone);
+    let (ok, out) = cli.run(&["verify", "--phone", phone, "--code", &code, "--name", "Ana"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "session");
+    assert_eq!(out[0]["new_user"], true);
+    assert!(out[0].get("access_token").is_none(), "tokens never printed");
+    let user_id = out[0]["user_id"].as_u64().unwrap();
+
+    let (ok, out) = cli.run(&["me"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "profile");
+    assert_eq!(out[0]["user_id"], user_id);
+    assert_eq!(out[0]["display_name"], "Ana");
+    assert_eq!(out[0]["phone"], phone);
+
+    // Trust by pin: the server's end-entity certificate.
+    use rustls::pki_types::pem::PemObject as _;
+    let leaf = rustls::pki_types::CertificateDer::from_pem_file(server.data.join("tls/server.pem"))
+        .unwrap();
+    let pin = starling_client::fingerprint(&leaf);
+    let (ok, out) = cli.run_with(&["--pin", &pin], &["me"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["user_id"], user_id);
+    let wrong = "00".repeat(32);
+    let (ok, out) = cli.run_with(&["--pin", &wrong, "--timeout", "1"], &["me"]);
+    assert!(!ok);
+    assert!(
+        out[0]["message"].as_str().unwrap().contains("tls"),
+        "{out:?}"
+    );
+
+    // Messaging is not served yet: each command fails clearly, quickly.
+    let to = user_id.to_string();
+    let (ok, out) = cli.run(&["send", "--to", &to, "--text", "hi"]);
+    assert!(!ok);
+    assert_eq!(out[0]["type"], "error");
+    assert_eq!(out[0]["code"], "UNAVAILABLE");
+    let queued = out[0]["queued_client_msg_id"].as_str().unwrap().to_owned();
+    // The message waits in the outbox under its client_msg_id.
+    let (ok, out) = cli.run(&["outbox"]);
+    assert!(ok);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0]["client_msg_id"], queued.as_str());
+    let (ok, out) = cli.run(&["outbox", "--clear"]);
+    assert!(ok);
+    assert_eq!(out[0]["removed"], 1);
+    for args in [
+        &["sync"][..],
+        &["history", "--with", "conv:1"],
+        &["chats"],
+        &["read", "--with", "conv:1", "--up-to", "1"],
+        &["block", "--user", &to],
+    ] {
+        let (ok, out) = cli.run(args);
+        assert!(!ok, "{args:?}");
+        assert_eq!(out.last().unwrap()["type"], "error", "{args:?}: {out:?}");
+        assert_eq!(
+            out.last().unwrap()["code"],
+            "UNAVAILABLE",
+            "{args:?}: {out:?}"
+        );
+    }
+
+    let (ok, out) = cli.run(&["logout"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "logged_out");
+    let (ok, out) = cli.run(&["me"]);
+    assert!(!ok);
+    assert!(
+        out[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not logged in")
+    );
+
+    // Login again with a new code.
+    let (ok, _) = cli.run(&["request-otp", "--phone", phone]);
+    assert!(ok);
+    let code2 = server.otp(phone);
+    let (ok, out) = cli.run(&["login", "--phone", phone, "--code", &code2]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["user_id"], user_id);
+    assert_eq!(out[0]["new_user"], false);
+}
+
+async fn next(events: &mut starling_client::Events) -> Event {
+    tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("no event in time")
+        .expect("client stopped")
+}
+
+#[tokio::test]
+async fn sdk_refreshes_an_expired_token_and_reconnects_after_a_restart() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&bin, &data, "127.0.0.1:0");
+    let mut connect = ConnectOptions::new(
+        server.addr.to_string(),
+        Transport::Tls(TlsTrust::CaFile(server.ca())),
+    );
+    connect.request_timeout = Duration::from_secs(5);
+    let profile = Profile::open(tmp.path().join("profile")).unwrap();
+    let phone = Identifier::Phone("+15550100002".to_owned());
+    Client::request_otp(&connect, &phone).await.unwrap();
+    let device = v1::DeviceInfo {
+        name: "test".into(),
+        platform: "linux".into(),
+    };
+    let granted = Client::verify_otp(
+        &connect,
+        &profile,
+        &phone,
+        &server.otp("+15550100002"),
+        "Bo",
+        device,
+    )
+    .await
+    .unwrap();
+
+    // Pretend the access token expired: the client must refresh.
+    let mut creds = profile.credentials().unwrap().unwrap();
+    creds.access_expires_at_ms = 0;
+    profile.save_credentials(&creds).unwrap();
+
+    let mut cfg = ClientConfig::new(connect, profile.dir());
+    cfg.receive_messages = false;
+    cfg.backoff.base = Duration::from_millis(50);
+    cfg.backoff.cap = Duration::from_millis(300);
+    let (client, mut events) = Client::start(cfg).unwrap();
+    assert!(
+        matches!(next(&mut events).await, Event::Connected { user_id, .. } if user_id == granted.user_id)
+    );
+    assert_eq!(client.me().await.unwrap().user_id, granted.user_id);
+    let refreshed = profile.credentials().unwrap().unwrap();
+    assert_ne!(
+        refreshed.refresh_token, creds.refresh_token,
+        "refresh token rotated"
+    );
+    assert!(refreshed.access_expires_at_ms > 0);
+
+    // Kill the server: the client notices, backs off, and reconnects once
+    // the server is back on the same address.
+    let addr = server.addr;
+    server.kill();
+    match next(&mut events).await {
+        Event::Disconnected { retry_in, .. } => assert!(retry_in <= Duration::from_millis(300)),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    let _server = Server::start(&bin, &data, &addr.to_string());
+    loop {
+        match next(&mut events).await {
+            Event::Connected { .. } => break,
+            Event::Disconnected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(client.me().await.unwrap().display_name, "Bo");
+    client.shutdown().await;
+}
