@@ -101,6 +101,7 @@ impl Server {
 
     fn connect(&self) -> Client {
         let tcp = TcpStream::connect(self.tls_addr).unwrap();
+        tcp.set_nodelay(true).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let name = "localhost".try_into().unwrap();
         let conn = rustls::ClientConnection::new(self.tls.clone(), name).unwrap();
@@ -687,4 +688,78 @@ fn bad_config_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config file"));
+}
+
+/// Server RSS in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn open_connections(srv: &Server) -> i64 {
+    srv.metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("starling_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
+/// Many idle TLS connections that only heartbeat: all stay open, and the
+/// server's memory per idle connection is reported. The count can be
+/// raised with STARLING_IDLE_CONNS (one process holds at most 20,000 fds;
+/// beyond ~18,000 spread clients over processes).
+#[test]
+fn ten_thousand_idle_connections_with_heartbeats() {
+    let total: usize = std::env::var("STARLING_IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let toml = "[limits]\ntimer_tick_ms = 100\nheartbeat_ms = 2000\nidle_timeout_ms = 6000\n";
+    let srv = Arc::new(Server::start("auto", toml));
+    let pid = srv.child.0.id();
+    let rss_before = rss_kib(pid);
+    let threads = 4;
+    let t0 = now();
+    let mut handles = Vec::new();
+    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+    for _ in 0..threads {
+        let srv = srv.clone();
+        let barrier = barrier.clone();
+        handles.push(std::thread::spawn(move || {
+            let n = total / threads;
+            let mut conns: Vec<Client> = (0..n).map(|_| srv.hello("")).collect();
+            barrier.wait(); // all open
+            barrier.wait(); // measured
+            // Two heartbeat rounds, 1.5 s apart: everything stays open.
+            for round in 0..2 {
+                for c in &mut conns {
+                    let b = c.request(Body::Ping(v1::Ping { nonce: round }));
+                    assert!(matches!(b, Body::Pong(_)), "{b:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            barrier.wait(); // heartbeats done
+            barrier.wait(); // counted again
+            conns.len()
+        }));
+    }
+    barrier.wait();
+    let opened = t0.elapsed();
+    let open = open_connections(&srv);
+    let rss_after = rss_kib(pid);
+    barrier.wait();
+    barrier.wait();
+    let still_open = open_connections(&srv);
+    barrier.wait();
+    let held: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(open as usize, held);
+    assert_eq!(still_open as usize, held, "{}", srv.metrics());
+    let per_conn = (rss_after.saturating_sub(rss_before) * 1024) / held as u64;
+    println!(
+        "{held} idle TLS connections opened in {opened:?}; server RSS {rss_before} KiB -> {rss_after} KiB (~{per_conn} bytes per connection)"
+    );
 }
