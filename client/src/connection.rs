@@ -711,3 +711,226 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_protocol::v1::ErrorCode;
+
+    /// The far end of an in-memory stream, speaking frames.
+    struct FakeServer {
+        io: tokio::io::DuplexStream,
+        decoder: FrameDecoder,
+    }
+
+    impl FakeServer {
+        async fn recv(&mut self) -> v1::Frame {
+            loop {
+                if let Some(frame) = self.decoder.poll_frame().unwrap() {
+                    return frame;
+                }
+                let n = self.io.read_buf(self.decoder.read_buf()).await.unwrap();
+                assert!(n > 0, "client closed");
+            }
+        }
+
+        async fn send(&mut self, request_id: u64, body: Body) {
+            let mut buf = BytesMut::new();
+            FrameEncoder::default()
+                .encode(
+                    &v1::Frame {
+                        request_id,
+                        body: Some(body),
+                    },
+                    &mut buf,
+                )
+                .unwrap();
+            self.io.write_all(&buf).await.unwrap();
+        }
+    }
+
+    fn pair() -> (Connection, Pushes, FakeServer) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let opts = ConnectOptions::new("test:1", Transport::DangerousPlaintext);
+        let (conn, pushes) = Connection::start(client_io, &opts);
+        let server = FakeServer {
+            io: server_io,
+            decoder: FrameDecoder::default(),
+        };
+        (conn, pushes, server)
+    }
+
+    fn welcome(heartbeat_ms: u32) -> Body {
+        Body::Welcome(v1::Welcome {
+            protocol_version: 1,
+            server_version: "fake".into(),
+            limits: Some(v1::Limits {
+                frame_bytes_max: 4096,
+                heartbeat_ms,
+                idle_timeout_ms: 0,
+                inflight_requests_max: 8,
+                ..v1::Limits::default()
+            }),
+            ..v1::Welcome::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn responses_correlate_pushes_separate_and_heartbeats_follow_welcome() {
+        let (conn, mut pushes, mut server) = pair();
+        let hello = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.hello(Some("tok")).await }
+        });
+        let f = server.recv().await;
+        let Some(Body::Hello(h)) = &f.body else {
+            panic!("{f:?}")
+        };
+        assert_eq!(h.access_token, "tok");
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        server.send(f.request_id, welcome(50)).await;
+        hello.await.unwrap().unwrap();
+
+        // Two requests answered in reverse order, with a push in between.
+        let a = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.request(Body::GetMe(v1::GetMe {})).await }
+        });
+        let b = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.request(Body::ListDevices(v1::ListDevices {})).await }
+        });
+        let (f1, f2) = (server.recv().await, server.recv().await);
+        let (me, devices) = if matches!(f1.body, Some(Body::GetMe(_))) {
+            (f1, f2)
+        } else {
+            (f2, f1)
+        };
+        server
+            .send(
+                0,
+                Body::Receipt(v1::Receipt {
+                    up_to_seq: 3,
+                    ..v1::Receipt::default()
+                }),
+            )
+            .await;
+        server
+            .send(
+                devices.request_id,
+                Body::Error(v1::Error {
+                    code: ErrorCode::RateLimited as i32,
+                    message: "slow down".into(),
+                    retry_after_ms: 10,
+                }),
+            )
+            .await;
+        server
+            .send(
+                me.request_id,
+                Body::Profile(v1::Profile {
+                    user_id: 7,
+                    ..v1::Profile::default()
+                }),
+            )
+            .await;
+        assert!(matches!(a.await.unwrap(), Ok(Body::Profile(p)) if p.user_id == 7));
+        let err = b.await.unwrap().unwrap_err();
+        assert_eq!(err.server().unwrap().code(), ErrorCode::RateLimited);
+        assert!(err.is_transient());
+        let push = pushes.recv().await.unwrap();
+        assert!(matches!(push.body, Some(Body::Receipt(r)) if r.up_to_seq == 3));
+
+        // Idle for longer than heartbeat_ms: the client pings.
+        let ping = tokio::time::timeout(Duration::from_secs(5), server.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ping.body, Some(Body::Ping(_))), "{ping:?}");
+        // And it answers the server's pings.
+        server.send(9, Body::Ping(v1::Ping { nonce: 42 })).await;
+        let pong = loop {
+            let f = server.recv().await;
+            if matches!(f.body, Some(Body::Pong(_))) {
+                break f;
+            }
+        };
+        assert_eq!(pong.request_id, 9);
+        assert!(matches!(pong.body, Some(Body::Pong(p)) if p.nonce == 42));
+
+        // Frames above the server's limit are refused locally.
+        let big = Body::Send(v1::Send {
+            body: vec![0u8; 8192].into(),
+            ..v1::Send::default()
+        });
+        assert!(matches!(
+            conn.request(big).await,
+            Err(ClientError::Encode(_))
+        ));
+
+        // The server hangs up: waiters and pushes end, with a reason.
+        let pending = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.request(Body::GetMe(v1::GetMe {})).await }
+        });
+        let _ = server.recv().await;
+        drop(server);
+        assert!(matches!(
+            pending.await.unwrap(),
+            Err(ClientError::Closed(_))
+        ));
+        while pushes.recv().await.is_some() {}
+        conn.closed().await;
+        assert!(conn.close_reason().unwrap().contains("server closed"));
+        assert!(matches!(
+            conn.request(Body::GetMe(v1::GetMe {})).await,
+            Err(ClientError::Closed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_sync_stream_ends_at_sync_done_and_garbage_closes_the_connection() {
+        let (conn, _pushes, mut server) = pair();
+        let stream = tokio::spawn({
+            let conn = conn.clone();
+            async move {
+                let mut s = conn.request_stream(Body::Sync(v1::Sync::default())).await?;
+                let mut kinds = Vec::new();
+                while let Some(f) = s.next().await? {
+                    kinds.push(f.body.map(|b| b.kind().name()));
+                }
+                Ok::<_, ClientError>(kinds)
+            }
+        });
+        let sync = server.recv().await;
+        let deliver = Body::Deliver(v1::Deliver {
+            message: Some(v1::Message::default()),
+        });
+        server.send(sync.request_id, deliver).await;
+        server
+            .send(sync.request_id, Body::SyncDone(v1::SyncDone::default()))
+            .await;
+        let kinds = stream.await.unwrap().unwrap();
+        assert_eq!(kinds, vec![Some("deliver"), Some("sync_done")]);
+
+        // An over-long length prefix is fatal for the connection.
+        server.io.write_all(&[0xff; 6]).await.unwrap();
+        conn.closed().await;
+        assert!(conn.close_reason().unwrap().contains("invalid frame"));
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            split_host_port("127.0.0.1:7443").unwrap(),
+            ("127.0.0.1", 7443)
+        );
+        assert_eq!(split_host_port("[::1]:7443").unwrap(), ("::1", 7443));
+        assert_eq!(
+            split_host_port("example.org:1").unwrap(),
+            ("example.org", 1)
+        );
+        for bad in ["nohost", ":1", "h:99999", "h:x"] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+    }
+}
