@@ -14,7 +14,7 @@ use crate::traits::DurableLog;
 use crate::types::{Entry, Level, Lsn};
 
 /// Options of an [`EmbeddedShard`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ShardOptions {
     /// The log's options.
     pub log: LogOptions,
@@ -22,6 +22,13 @@ pub struct ShardOptions {
     pub index_cache_bytes: u64,
     /// Most durable records the applier folds into one index write.
     pub apply_records_max: usize,
+    /// Most durable records queued for the index applier. Together with
+    /// `log.inflight_bytes_max` (records count as in flight until indexed) this bounds the memory
+    /// a lagging index can hold; beyond it `append` returns [`LogError::Busy`].
+    pub apply_queue_records_max: usize,
+    /// Test hook run by the applier before each index write (e.g. to stall it). `None` in
+    /// production.
+    pub apply_hook: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for ShardOptions {
@@ -30,7 +37,21 @@ impl Default for ShardOptions {
             log: LogOptions::default(),
             index_cache_bytes: 32 * 1024 * 1024,
             apply_records_max: 256,
+            apply_queue_records_max: 4096,
+            apply_hook: None,
         }
+    }
+}
+
+impl fmt::Debug for ShardOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardOptions")
+            .field("log", &self.log)
+            .field("index_cache_bytes", &self.index_cache_bytes)
+            .field("apply_records_max", &self.apply_records_max)
+            .field("apply_queue_records_max", &self.apply_queue_records_max)
+            .field("apply_hook", &self.apply_hook.is_some())
+            .finish()
     }
 }
 
@@ -82,7 +103,7 @@ impl EmbeddedShard {
         let applied = index.applied_lsn();
         let mut replayed = 0u64;
         let mut replay_err = None;
-        let (tx, rx) = mpsc::channel::<DurableRecord>();
+        let (tx, rx) = mpsc::sync_channel::<DurableRecord>(opts.apply_queue_records_max.max(1));
         let log = SegmentedLog::open_with(
             &dir.join("log"),
             opts.log,
@@ -116,9 +137,10 @@ impl EmbeddedShard {
         debug_assert_eq!(index.applied_lsn(), last);
         let ix = index.clone();
         let records_max = opts.apply_records_max.max(1);
+        let hook = opts.apply_hook.clone();
         let applier = std::thread::Builder::new()
             .name("starling-index-apply".into())
-            .spawn(move || apply_loop(&ix, &rx, records_max))
+            .spawn(move || apply_loop(&ix, &rx, records_max, hook.as_deref()))
             .map_err(|source| StorageError::Fs {
                 op: "spawn",
                 path: dir.to_path_buf(),
@@ -197,7 +219,12 @@ impl Drop for EmbeddedShard {
     }
 }
 
-fn apply_loop(index: &FjallIndex, rx: &mpsc::Receiver<DurableRecord>, records_max: usize) {
+fn apply_loop(
+    index: &FjallIndex,
+    rx: &mpsc::Receiver<DurableRecord>,
+    records_max: usize,
+    hook: Option<&(dyn Fn() + Send + Sync)>,
+) {
     let mut recs = Vec::with_capacity(records_max);
     while let Ok(first) = rx.recv() {
         recs.push(first);
@@ -206,6 +233,9 @@ fn apply_loop(index: &FjallIndex, rx: &mpsc::Receiver<DurableRecord>, records_ma
                 Ok(r) => recs.push(r),
                 Err(_) => break,
             }
+        }
+        if let Some(h) = hook {
+            h();
         }
         let views: Result<Vec<_>, _> = recs
             .iter()
@@ -218,9 +248,13 @@ fn apply_loop(index: &FjallIndex, rx: &mpsc::Receiver<DurableRecord>, records_ma
                 reason: e.to_string(),
             }),
         };
+        // Dropping the records releases their bytes from the log's in-flight count.
         recs.clear();
         if let Err(e) = res {
             index.set_failed(e.to_string());
+            // Keep draining (and so releasing) records: the log goes on; readers see the failure
+            // through `wait_applied`, and reopening rebuilds the index from the log.
+            while rx.recv().is_ok() {}
             return;
         }
     }

@@ -141,6 +141,10 @@ pub enum StorageError {
     /// The index thread is gone.
     #[error("index applier stopped: {0}")]
     IndexStopped(String),
+    /// The store cannot be reached or refused the operation for a reason of its own (a remote
+    /// backend's connection, or a fault injected into a test backend). Nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 macro_rules! redb_from {

@@ -147,14 +147,14 @@ pub trait Record: Sized {
     fn decode(r: &mut Reader<'_>) -> Result<Self, StorageError>;
 }
 
-fn decode<R: Record>(b: &[u8]) -> Result<R, StorageError> {
+pub(crate) fn decode<R: Record>(b: &[u8]) -> Result<R, StorageError> {
     let mut r = Reader::new(b, R::TABLE);
     let v = R::decode(&mut r)?;
     r.finish()?;
     Ok(v)
 }
 
-fn encode<R: Record>(rec: &R) -> Vec<u8> {
+pub(crate) fn encode<R: Record>(rec: &R) -> Vec<u8> {
     let mut w = Writer::default();
     rec.encode(&mut w);
     w.0
@@ -442,11 +442,42 @@ record!(Block, "blocks", key(s) { let mut k = keys::user(s.user); k.extend_from_
     enc(s, w) { w.u64(s.user.0).u64(s.blocked.0).u64(s.created_ms.0); },
     dec(r) { Ok(Block { user: UserId(r.u64()?), blocked: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?) }) });
 
+/// The direct (1:1) conversation of two users, by pair. Key: low user ‖ high user. Written
+/// together with [`DirectConv`] under compare-and-set, so shards racing to create it agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectPair {
+    /// The smaller user id.
+    pub low: UserId,
+    /// The larger user id (equal to `low` for a note-to-self conversation).
+    pub high: UserId,
+    /// Its conversation.
+    pub conv: ConvId,
+}
+record!(DirectPair, "direct_pairs", key(s) { let mut k = keys::user(s.low); k.extend_from_slice(&s.high.0.to_be_bytes()); k },
+    enc(s, w) { w.u64(s.low.0).u64(s.high.0).u128(s.conv.0); },
+    dec(r) { Ok(DirectPair { low: UserId(r.u64()?), high: UserId(r.u64()?), conv: ConvId(r.u128()?) }) });
+
+/// A direct conversation by id (the reverse of [`DirectPair`]). Key: conversation id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectConv {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The smaller user id.
+    pub low: UserId,
+    /// The larger user id.
+    pub high: UserId,
+    /// Created at.
+    pub created_ms: TimestampMs,
+}
+record!(DirectConv, "direct_convs", key(s) { s.conv.0.to_be_bytes().to_vec() },
+    enc(s, w) { w.u128(s.conv.0).u64(s.low.0).u64(s.high.0).u64(s.created_ms.0); },
+    dec(r) { Ok(DirectConv { conv: ConvId(r.u128()?), low: UserId(r.u64()?), high: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?) }) });
+
 // ---------------------------------------------------------------------------------------------
 // the store
 
 #[derive(Debug)]
-enum Op {
+pub(crate) enum Op {
     Put {
         table: &'static str,
         key: Vec<u8>,
@@ -466,7 +497,7 @@ enum Op {
 /// An atomic set of metadata writes, optionally conditional (compare-and-set).
 #[derive(Debug, Default)]
 pub struct MetaBatch {
-    ops: Vec<Op>,
+    pub(crate) ops: Vec<Op>,
 }
 
 impl MetaBatch {

@@ -667,6 +667,61 @@ fn index_reads_latest_before_after_and_dedup_survive_restart() {
 }
 
 #[test]
+fn a_stalled_index_applier_is_backpressure_on_append_not_memory() {
+    // The applier waits on `gate` before every index write; while the test holds it, durable
+    // records pile up for the index. Their bytes stay in flight, so `append` must turn to Busy
+    // (never block, never queue unboundedly), acknowledgements must keep flowing for what was
+    // accepted, and service must resume once the index catches up.
+    let gate = Arc::new(Mutex::new(()));
+    let held = gate.lock().unwrap();
+    let g = gate.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ShardOptions {
+        log: LogOptions {
+            segment_bytes: 1 << 20,
+            inflight_bytes_max: 16 * 1024,
+            ..LogOptions::default()
+        },
+        index_cache_bytes: 4 << 20,
+        apply_queue_records_max: 8,
+        apply_hook: Some(Arc::new(move || drop(g.lock().unwrap()))),
+        ..ShardOptions::default()
+    };
+    let mut shard = EmbeddedShard::open(dir.path(), opts).unwrap();
+    let mut accepted = 0u64;
+    let busy = loop {
+        let e = entry(1, accepted + 1, cmid(7, accepted), 1000);
+        match shard.append::<SyncData>(&[e]) {
+            Ok(c) => {
+                c.wait().expect("durable even while the index lags");
+                accepted += 1;
+            }
+            Err(err) => break err,
+        }
+        assert!(accepted < 1000, "a stalled index never pushed back");
+    };
+    assert!(matches!(busy, LogError::Busy { .. }), "{busy:?}");
+    assert!(shard.log().unwrap().inflight_bytes() <= 16 * 1024 + 2048);
+    assert!(shard.index().applied_lsn() < Lsn(accepted));
+    drop(held);
+    shard.index().wait_applied(Lsn(accepted)).unwrap();
+    // Released bytes are visible once the applier dropped the records it applied.
+    let mut tries = 0;
+    while shard.log().unwrap().inflight_bytes() > 0 {
+        tries += 1;
+        assert!(tries < 10_000, "in-flight bytes never released");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let e = entry(1, accepted + 1, cmid(7, accepted), 1000);
+    shard.append::<SyncData>(&[e]).unwrap().wait().unwrap();
+    shard.index().wait_applied(Lsn(accepted + 1)).unwrap();
+    assert_eq!(
+        shard.index().last_seq(ConvId(1)).unwrap(),
+        Seq(accepted + 1)
+    );
+}
+
+#[test]
 fn index_deleted_corrupted_or_behind_is_rebuilt_with_identical_reads() {
     let dir = tempfile::tempdir().unwrap();
     let convs = [1, 2, 3];

@@ -271,3 +271,41 @@ impl<L: Level> Future for Completion<L> {
         Poll::Pending
     }
 }
+
+/// The producer side of completions, for backends other than [`crate::SegmentedLog`] (a
+/// PostgreSQL log, the router's deterministic simulator): the backend hands out completions and
+/// advances the watermarks as its batches become written / durable, or fails them all.
+#[derive(Debug, Clone)]
+pub struct CompletionSource {
+    marks: Arc<Watermarks>,
+}
+
+impl CompletionSource {
+    /// A source whose lsns through `recovered` are already durable.
+    pub fn new(recovered: Lsn, wake: Option<WakeFn>) -> CompletionSource {
+        CompletionSource {
+            marks: Arc::new(Watermarks::new(recovered, wake)),
+        }
+    }
+
+    /// The completion of the batch with lsns `first..=last`.
+    pub fn completion<L: Level>(&self, first: Lsn, last: Lsn) -> Completion<L> {
+        Completion::new(self.marks.clone(), first, last)
+    }
+
+    /// Everything through `written` reached the OS; through `durable` (if given) is synced.
+    /// Watermarks only move forward.
+    pub fn advance(&self, written: Lsn, durable: Option<Lsn>) {
+        self.marks.advance(written, durable);
+    }
+
+    /// Fails every pending and later completion (the backend is poisoned).
+    pub fn fail(&self, err: LogError) {
+        self.marks.fail(err);
+    }
+
+    /// The durable watermark, or the poisoning error.
+    pub fn durable(&self) -> Result<Lsn, LogError> {
+        self.marks.durable()
+    }
+}

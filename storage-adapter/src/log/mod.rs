@@ -11,6 +11,7 @@ mod completion;
 mod fault;
 mod recovery;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-pub use completion::{Appended, Completion, WakeFn};
+pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
 
@@ -76,9 +77,22 @@ impl fmt::Debug for LogOptions {
 }
 
 /// A record that is durable, handed to whoever maintains a read model (the index).
+///
+/// Its bytes stay counted in the log's in-flight bytes until the record is dropped (applied, or
+/// discarded by a stopped applier): a lagging read model is backpressure on `append`
+/// ([`LogError::Busy`]), never unbounded memory.
 #[derive(Debug)]
 pub(crate) struct DurableRecord {
     pub(crate) bytes: Vec<u8>,
+    marks: Arc<Watermarks>,
+}
+
+impl Drop for DurableRecord {
+    fn drop(&mut self) {
+        self.marks
+            .inflight_bytes
+            .fetch_sub(self.bytes.len() as u64, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug)]
@@ -116,12 +130,14 @@ impl SegmentedLog {
         Self::open_with(dir, opts, |_| {}, None)
     }
 
-    /// Opens the log; `visit` sees every recovered record; durable records are sent to `sink`.
+    /// Opens the log; `visit` sees every recovered record; durable records are sent to `sink`
+    /// (a bounded channel: while it is full the I/O thread waits, and the bytes of records not yet
+    /// dropped by the sink's reader count as in flight, so `append` reports [`LogError::Busy`]).
     pub(crate) fn open_with(
         dir: &Path,
         opts: LogOptions,
         visit: impl FnMut(&format::RecordView<'_>),
-        sink: Option<mpsc::Sender<DurableRecord>>,
+        sink: Option<mpsc::SyncSender<DurableRecord>>,
     ) -> Result<SegmentedLog, LogError> {
         if opts.segment_bytes < (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1024) as u64 {
             return Err(LogError::InvalidBatch("segment_bytes too small"));
@@ -167,6 +183,7 @@ impl SegmentedLog {
             marks: marks.clone(),
             sink,
             unsynced: Vec::new(),
+            to_index: VecDeque::new(),
             buf: Vec::with_capacity(opts.group_bytes_max + RECORD_PAYLOAD_BYTES_MAX.min(1 << 20)),
         };
         if writer.cur.is_none() {
@@ -421,10 +438,15 @@ struct Writer {
     spare_req: mpsc::Sender<()>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
     marks: Arc<Watermarks>,
-    sink: Option<mpsc::Sender<DurableRecord>>,
+    sink: Option<mpsc::SyncSender<DurableRecord>>,
     unsynced: Vec<Request>,
+    /// Durable records the read model's bounded queue could not take yet.
+    to_index: VecDeque<DurableRecord>,
     buf: Vec<u8>,
 }
+
+/// How often the I/O thread offers records to a read model whose queue was full.
+const INDEX_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Request>) {
@@ -446,17 +468,24 @@ impl Writer {
                 Ok(()) => {
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
                     self.marks.advance(last, sync.then_some(last));
-                    self.marks
-                        .inflight_bytes
-                        .fetch_sub(bytes as u64, Ordering::AcqRel);
+                    if self.sink.is_none() {
+                        self.marks
+                            .inflight_bytes
+                            .fetch_sub(bytes as u64, Ordering::AcqRel);
+                        group.clear();
+                        continue;
+                    }
+                    // With a read model attached, a record's bytes stay in flight until the
+                    // read model has dropped it (see `DurableRecord`).
                     self.unsynced.append(&mut group);
                     if sync {
                         for r in self.unsynced.drain(..) {
-                            if let Some(s) = &self.sink {
-                                // A gone index applier is noticed by its owner; the log goes on.
-                                let _ = s.send(DurableRecord { bytes: r.bytes });
-                            }
+                            self.to_index.push_back(DurableRecord {
+                                bytes: r.bytes,
+                                marks: self.marks.clone(),
+                            });
                         }
+                        self.drain_to_index();
                     }
                 }
                 Err(e) => {
@@ -467,13 +496,40 @@ impl Writer {
                 }
             }
         }
-        // Channel closed (log dropped): make buffered tail durable on a clean shutdown.
+        // Channel closed (log dropped): make buffered tail durable on a clean shutdown, and hand
+        // the read model what it has not seen yet (it is still running; blocking is fine now).
         if let Some(c) = &self.cur {
             let _ = c.file.sync_data();
         }
+        if let Some(s) = &self.sink {
+            for r in self.to_index.drain(..) {
+                let _ = s.send(r);
+            }
+        }
     }
 
-    fn next_request(&self, rx: &mpsc::Receiver<Request>) -> Result<Request, mpsc::RecvError> {
+    /// Hands queued durable records to the read model without ever blocking: what its bounded
+    /// queue cannot take now stays here (still counted as in flight) and is retried.
+    fn drain_to_index(&mut self) {
+        let Some(s) = &self.sink else {
+            self.to_index.clear();
+            return;
+        };
+        while let Some(r) = self.to_index.pop_front() {
+            match s.try_send(r) {
+                Ok(()) => {}
+                Err(mpsc::TrySendError::Full(r)) => {
+                    self.to_index.push_front(r);
+                    return;
+                }
+                // A gone applier is noticed by its owner; dropping releases the bytes and the
+                // log goes on.
+                Err(mpsc::TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+
+    fn next_request(&mut self, rx: &mpsc::Receiver<Request>) -> Result<Request, mpsc::RecvError> {
         for _ in 0..self.idle_polls {
             match rx.try_recv() {
                 Ok(r) => return Ok(r),
@@ -481,7 +537,18 @@ impl Writer {
                 Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
             }
         }
-        rx.recv()
+        loop {
+            self.drain_to_index();
+            if self.to_index.is_empty() {
+                return rx.recv();
+            }
+            // The read model is behind: keep offering it records while waiting for appends.
+            match rx.recv_timeout(INDEX_RETRY) {
+                Ok(r) => return Ok(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(mpsc::RecvError),
+            }
+        }
     }
 
     fn commit(&mut self, group: &[Request], sync: bool) -> Result<(), LogError> {
