@@ -19,3 +19,17 @@
 
 pub mod ring;
 mod sync;
+
+#[cfg(not(loom))]
+pub mod grid;
+#[cfg(not(loom))]
+pub mod ids;
+#[cfg(not(loom))]
+mod shard;
+
+#[cfg(not(loom))]
+pub use grid::{ShardLinks, grid};
+#[cfg(not(loom))]
+pub use shard::{
+    CloseRequest, ConnId, ConnRef, RouterShard, ShardConfig, ShardMsg, ShardStats, Transmit,
+};

@@ -1,0 +1,66 @@
+//! Conversation ids and shard ownership (see `docs/design/messaging.md`, "Conversation ids").
+//!
+//! The wire names a conversation with a `u64`; storage's `ConvId` is a `u128` holding the same
+//! value. The top bit tells the kind: clear for a direct (1:1) conversation, set for a group.
+//! A direct conversation's id is derived from the user pair (`direct_candidate`), probing further
+//! candidates on the (rare) collision; the pair → id binding is written once to metadata under
+//! compare-and-set, so shards racing to create it agree. Group ids are allocated by the group API
+//! with the top bit set.
+
+use starling_storage::ConvId;
+
+/// The bit that marks a group conversation id.
+pub const GROUP_BIT: u64 = 1 << 63;
+
+/// Whether `conv` names a group.
+pub fn is_group(conv: u64) -> bool {
+    conv & GROUP_BIT != 0
+}
+
+/// Storage's id for the wire id `conv`.
+pub fn conv_id(conv: u64) -> ConvId {
+    ConvId(u128::from(conv))
+}
+
+/// splitmix64's finalizer: a cheap, well-mixing bijection on u64.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The shard that sequences `conv` among `shards` shards.
+pub fn owner_shard(conv: u64, shards: usize) -> usize {
+    debug_assert!(shards > 0);
+    (mix64(conv) % shards.max(1) as u64) as usize
+}
+
+/// The `attempt`-th candidate id for the direct conversation of users `a` and `b` (order does
+/// not matter): never 0, top bit clear.
+pub fn direct_candidate(a: u64, b: u64, attempt: u32) -> u64 {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let h = mix64(mix64(lo ^ 0x5354_4152_4C49_4E47) ^ hi.rotate_left(17) ^ u64::from(attempt));
+    let id = h & !GROUP_BIT;
+    if id == 0 { 1 } else { id }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_ids_are_symmetric_direct_and_spread_over_shards() {
+        let mut per_shard = [0u32; 4];
+        for a in 1..200u64 {
+            for b in a..a + 5 {
+                let id = direct_candidate(a, b, 0);
+                assert_eq!(id, direct_candidate(b, a, 0));
+                assert!(!is_group(id) && id != 0);
+                assert_ne!(id, direct_candidate(a, b, 1));
+                per_shard[owner_shard(id, 4)] += 1;
+            }
+        }
+        assert!(per_shard.iter().all(|&n| n > 150), "{per_shard:?}");
+        assert!(is_group(GROUP_BIT | 5));
+    }
+}

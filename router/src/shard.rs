@@ -1,0 +1,2043 @@
+//! [`RouterShard`]: one shard's messaging core, sans-IO. See the crate docs for the API and
+//! `docs/design/messaging.md` for the design (message path, receipts, sync, slow consumers).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message as _;
+use starling_protocol::v1::{self, ErrorCode, frame::Body};
+use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
+use starling_storage::{
+    ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
+    LogError, Lsn, MessageIndex, MetaBatch, MetadataStore, ReadCursor, Seq, StorageError, SyncData,
+    TimestampMs, UserId,
+};
+
+use crate::grid::ShardLinks;
+use crate::ids::{self, conv_id, is_group, owner_shard};
+
+/// Limits and sizes of one shard, fixed at start-up.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Largest message body accepted in `Send`, bytes.
+    pub body_bytes_max: usize,
+    /// Most entries in one log batch; a full open batch is submitted at once.
+    pub batch_entries_max: usize,
+    /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
+    /// sends are refused with `OVERLOADED`.
+    pub open_entries_max: usize,
+    /// Bytes a connection may have queued (emitted, not yet reported written) before pushes to
+    /// it turn into `MessagesAvailable` hints.
+    pub conn_outbound_bytes_max: u64,
+    /// Most messages per conversation one `Sync` returns.
+    pub sync_messages_max: usize,
+    /// Default and most messages of one `HistoryPage`.
+    pub history_limit_default: usize,
+    /// Cap of `GetHistory.limit`.
+    pub history_limit_max: usize,
+    /// Default and cap of `ListConversations.limit`.
+    pub list_limit_default: usize,
+    /// Cap of `ListConversations.limit`.
+    pub list_limit_max: usize,
+    /// Cursor updates are written (one durable batch) at most this long after they arrive.
+    pub cursor_flush_ms: u64,
+    /// ... or as soon as this many are waiting.
+    pub cursor_flush_max: usize,
+    /// Unread counts stop at this value.
+    pub unread_count_max: usize,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT as usize,
+            batch_entries_max: 512,
+            open_entries_max: 8192,
+            conn_outbound_bytes_max: 256 * 1024,
+            sync_messages_max: 500,
+            history_limit_default: 50,
+            history_limit_max: 200,
+            list_limit_default: 50,
+            list_limit_max: 200,
+            cursor_flush_ms: 20,
+            cursor_flush_max: 1024,
+            unread_count_max: 999,
+        }
+    }
+}
+
+/// A connection, named by the gateway; unique within its shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A connection anywhere in the node: its shard and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The shard that owns the connection.
+    pub shard: usize,
+    /// The connection.
+    pub conn: ConnId,
+}
+
+/// A frame for the gateway to write to one of this shard's connections.
+#[derive(Debug)]
+pub struct Transmit {
+    /// The connection.
+    pub conn: ConnId,
+    /// The frame (responses carry the request's `request_id`; pushes carry 0).
+    pub frame: v1::Frame,
+}
+
+/// The router asks the gateway to close a connection (after sending it `Goodbye`).
+#[derive(Debug)]
+pub struct CloseRequest {
+    /// The connection.
+    pub conn: ConnId,
+    /// Why.
+    pub code: ErrorCode,
+    /// Detail for the Goodbye and logs.
+    pub message: String,
+}
+
+/// A message between shards, carried by the grid's rings. Opaque to the gateway.
+pub struct ShardMsg(Inner);
+
+impl fmt::Debug for ShardMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.0 {
+            Inner::Send(_) => "Send",
+            Inner::Reply { .. } => "Reply",
+            Inner::Fanout(_) => "Fanout",
+            Inner::Cursor(_) => "Cursor",
+            Inner::Sync(_) => "Sync",
+            Inner::SyncPart(_) => "SyncPart",
+            Inner::History(_) => "History",
+            Inner::List(_) => "List",
+            Inner::ListPart(_) => "ListPart",
+        };
+        f.debug_tuple("ShardMsg").field(&kind).finish()
+    }
+}
+
+enum Inner {
+    Send(Box<SendCmd>),
+    Reply { to: ConnId, frames: Vec<v1::Frame> },
+    Fanout(Arc<Vec<FanoutItem>>),
+    Cursor(CursorCmd),
+    Sync(SyncCmd),
+    SyncPart(SyncPart),
+    History(HistoryCmd),
+    List(ListCmd),
+    ListPart(ListPart),
+}
+
+struct SendCmd {
+    origin: ConnRef,
+    request_id: u64,
+    user: UserId,
+    device: DeviceId,
+    conv: u64,
+    cmid: ClientMsgId,
+    content_type: String,
+    body: Bytes,
+    reply_to_seq: u64,
+    now_ms: u64,
+}
+
+enum FanoutItem {
+    /// A durable message for every online device of `members`, except `origin` (which got the
+    /// SendAck).
+    Message {
+        msg: v1::Message,
+        members: Arc<[UserId]>,
+        origin: ConnRef,
+    },
+    /// A receipt for every online device of `to`.
+    Receipt {
+        receipt: v1::Receipt,
+        to: Vec<UserId>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CursorKind {
+    Delivered,
+    Read,
+}
+
+struct CursorCmd {
+    /// Where to send `Done` once durable (request_id != 0), if anywhere.
+    reply: Option<(ConnRef, u64)>,
+    kind: CursorKind,
+    user: UserId,
+    device: DeviceId,
+    conv: u64,
+    seq: u64,
+}
+
+struct SyncCmd {
+    origin: ConnRef,
+    request_id: u64,
+    user: UserId,
+    convs: Vec<(u64, u64)>,
+}
+
+struct SyncPart {
+    to: ConnId,
+    request_id: u64,
+    frames: Vec<v1::Frame>,
+    truncated: Vec<v1::MessagesAvailable>,
+    messages: u32,
+    receipts: u32,
+}
+
+struct HistoryCmd {
+    origin: ConnRef,
+    request_id: u64,
+    user: UserId,
+    req: v1::GetHistory,
+}
+
+struct ListCmd {
+    origin: ConnRef,
+    request_id: u64,
+    user: UserId,
+    convs: Vec<u64>,
+}
+
+struct ListPart {
+    to: ConnId,
+    request_id: u64,
+    summaries: Vec<v1::ConversationSummary>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// the message envelope stored in an entry body
+
+/// `Entry.content_type` of entries whose body is the router's envelope, version 1:
+/// `u16 LE content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`.
+const ENVELOPE_V1: u16 = 1;
+
+fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]) -> Vec<u8> {
+    let ct = content_type.as_bytes();
+    let ct = &ct[..ct.len().min(u16::MAX as usize)];
+    let mut out = Vec::with_capacity(2 + ct.len() + 8 + body.len());
+    out.extend_from_slice(&(ct.len() as u16).to_le_bytes());
+    out.extend_from_slice(ct);
+    out.extend_from_slice(&reply_to_seq.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
+/// damaged (never panics on stored bytes).
+fn entry_to_message(conv: u64, e: &Entry) -> Option<v1::Message> {
+    if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
+        return None;
+    }
+    let b = &e.body;
+    let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+    let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
+    let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
+    let body = b.get(10 + n..)?;
+    Some(v1::Message {
+        conversation_id: conv,
+        seq: e.seq.0,
+        sender_user_id: e.sender.0,
+        sender_device_id: e.sender_device.0,
+        client_msg_id: Bytes::copy_from_slice(&e.client_msg_id.0),
+        server_ts_ms: e.ts_ms.0,
+        content_type: ct.to_owned(),
+        body: Bytes::copy_from_slice(body),
+        media: None,
+        reply_to_seq: reply,
+    })
+}
+
+fn frame(request_id: u64, body: Body) -> v1::Frame {
+    v1::Frame {
+        request_id,
+        body: Some(body),
+    }
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> v1::Frame {
+    frame(
+        request_id,
+        Body::Error(v1::Error {
+            code: code as i32,
+            message: message.into(),
+            retry_after_ms: 0,
+        }),
+    )
+}
+
+/// A refusal: the code and message of the `Error` frame that answers the request.
+#[derive(Debug)]
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn storage(what: &str, e: &StorageError) -> Refusal {
+        Refusal(ErrorCode::StorageFailure, format!("{what}: {e}"))
+    }
+}
+
+fn block_key(user: UserId, blocked: UserId) -> Vec<u8> {
+    let mut k = keys::user(user);
+    k.extend_from_slice(&blocked.0.to_be_bytes());
+    k
+}
+
+fn member_of_prefix(user: UserId) -> Vec<u8> {
+    keys::user(user)
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-conversation state at its owner shard
+
+struct ConvState {
+    members: Arc<[UserId]>,
+    /// For a direct conversation: the two users (equal for a note to self).
+    pair: Option<(UserId, UserId)>,
+    title: String,
+    /// The seq the next accepted message gets.
+    next_seq: u64,
+    /// Highest durable seq (every seq up to it is durable).
+    durable_seq: u64,
+    /// Durable entries the index may not show yet (pruned once `indexed_lsn` covers them).
+    recent: VecDeque<(Lsn, Arc<Entry>)>,
+    /// client_msg_id → (seq, ts, batch number) of accepted, not yet durable messages.
+    pending: HashMap<ClientMsgId, (u64, u64, u64)>,
+    /// client_msg_id → (seq, ts) of durable entries in `recent`.
+    recent_ids: HashMap<ClientMsgId, (u64, u64)>,
+    /// Delivery cursors (possibly not yet durable).
+    delivery: HashMap<(UserId, DeviceId), u64>,
+    /// Read cursors (possibly not yet durable).
+    read: HashMap<UserId, u64>,
+    /// Per user: the delivered / read seq last made durable and announced.
+    announced_delivered: HashMap<UserId, u64>,
+    announced_read: HashMap<UserId, u64>,
+}
+
+impl ConvState {
+    fn delivered_max(&self, user: UserId) -> u64 {
+        self.delivery
+            .iter()
+            .filter(|((u, _), _)| *u == user)
+            .map(|(_, s)| *s)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+struct Waiter {
+    origin: ConnRef,
+    request_id: u64,
+    conv: u64,
+    seq: u64,
+    ts: u64,
+    cmid: ClientMsgId,
+    duplicate: bool,
+}
+
+struct OpenBatch {
+    no: u64,
+    entries: Vec<Entry>,
+    waiters: Vec<Waiter>,
+}
+
+struct InFlight {
+    no: u64,
+    completion: Completion<SyncData>,
+    entries: Vec<Entry>,
+    waiters: Vec<Waiter>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-connection state at the connection's shard
+
+struct Conn {
+    user: UserId,
+    device: DeviceId,
+    /// Bytes emitted and not yet reported written by the gateway.
+    queued_bytes: u64,
+    /// Over budget: pushes turn into hints until the device syncs.
+    behind: bool,
+    /// Latest seq per conversation not pushed while behind.
+    hints: BTreeMap<u64, u64>,
+    syncs: HashMap<u64, SyncGather>,
+    lists: HashMap<u64, ListGather>,
+}
+
+#[derive(Default)]
+struct SyncGather {
+    remaining: usize,
+    truncated: Vec<v1::MessagesAvailable>,
+    messages: u32,
+    receipts: u32,
+}
+
+struct ListGather {
+    remaining: usize,
+    limit: usize,
+    offset: usize,
+    summaries: Vec<v1::ConversationSummary>,
+}
+
+/// Counters for tests, metrics and the simulator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Messages acknowledged durable.
+    pub messages_acked: u64,
+    /// Sends answered from dedup (retries).
+    pub duplicates: u64,
+    /// Deliver frames pushed (not counting Sync).
+    pub pushed: u64,
+    /// MessagesAvailable hints emitted.
+    pub hints: u64,
+    /// Cursor flushes (durable batches of cursor updates).
+    pub cursor_flushes: u64,
+}
+
+/// One shard's messaging core: its sequencer partition, its slice of the session directory
+/// (its own connections), its log and its rings. Sans-IO: see the crate docs.
+pub struct RouterShard<L, I, M> {
+    cfg: ShardConfig,
+    shard: usize,
+    shards: usize,
+    links: ShardLinks<ShardMsg>,
+    log: L,
+    index: Arc<I>,
+    meta: Arc<M>,
+    now_ms: u64,
+
+    // sequencer
+    convs: HashMap<u64, ConvState>,
+    open: OpenBatch,
+    inflight: VecDeque<InFlight>,
+    /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
+    recent_order: VecDeque<(Lsn, u64)>,
+    failed: Option<String>,
+    dirty_delivery: HashSet<(u64, UserId, DeviceId)>,
+    dirty_read: HashSet<(u64, UserId)>,
+    cursor_due_ms: Option<u64>,
+    /// Cursor requests to answer with `Done` after the next successful flush.
+    cursor_waiters: Vec<(ConnRef, u64)>,
+
+    // session directory slice
+    conns: HashMap<ConnId, Conn>,
+    users: HashMap<UserId, Vec<ConnId>>,
+    direct_cache: HashMap<(UserId, UserId), u64>,
+
+    // outputs
+    local: VecDeque<Inner>,
+    outbox: Vec<VecDeque<ShardMsg>>,
+    transmits: VecDeque<Transmit>,
+    closes: VecDeque<CloseRequest>,
+    stats: ShardStats,
+}
+
+impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterShard")
+            .field("shard", &self.shard)
+            .field("convs", &self.convs.len())
+            .field("conns", &self.conns.len())
+            .field("inflight", &self.inflight.len())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+const DIRECT_PROBES_MAX: u32 = 8;
+const DIRECT_CACHE_MAX: usize = 100_000;
+
+impl<L, I, M> RouterShard<L, I, M>
+where
+    L: DurableLog,
+    I: MessageIndex,
+    M: MetadataStore + CursorStore,
+{
+    /// A shard over `log` (recovered), `index` (covering everything durable in `log` at open)
+    /// and the node's metadata/cursor store, connected to the others by `links`.
+    pub fn new(
+        cfg: ShardConfig,
+        links: ShardLinks<ShardMsg>,
+        log: L,
+        index: Arc<I>,
+        meta: Arc<M>,
+    ) -> Self {
+        let shards = links.shards();
+        RouterShard {
+            shard: links.shard(),
+            shards,
+            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+            cfg,
+            links,
+            log,
+            index,
+            meta,
+            now_ms: 0,
+            convs: HashMap::new(),
+            open: OpenBatch {
+                no: 0,
+                entries: Vec::new(),
+                waiters: Vec::new(),
+            },
+            inflight: VecDeque::new(),
+            recent_order: VecDeque::new(),
+            failed: None,
+            dirty_delivery: HashSet::new(),
+            dirty_read: HashSet::new(),
+            cursor_due_ms: None,
+            cursor_waiters: Vec::new(),
+            conns: HashMap::new(),
+            users: HashMap::new(),
+            direct_cache: HashMap::new(),
+            local: VecDeque::new(),
+            transmits: VecDeque::new(),
+            closes: VecDeque::new(),
+            stats: ShardStats::default(),
+        }
+    }
+
+    /// This shard's index in the grid.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Why this shard stopped sequencing (its log failed), if it did. The gateway should then
+    /// restart the shard: drop it, reopen the log (recovery) and build a new one.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    /// The log (for the gateway's statistics, or the simulator's disk).
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// The log, mutably (the simulator drives its fake disk through it).
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+
+    /// Whether any item waits for room in a full ring: the gateway should stop reading from its
+    /// sockets until this clears (rings are never grown).
+    pub fn is_backpressured(&self) -> bool {
+        self.outbox.iter().any(|q| !q.is_empty())
+    }
+
+    /// Forget cached membership of `conv` (call after the group API changed it).
+    pub fn invalidate_members(&mut self, conv: u64) {
+        if let Some(c) = self.convs.get_mut(&conv)
+            && let Ok((members, _, title)) = load_members(&*self.meta, conv)
+        {
+            c.members = members;
+            c.title = title;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // inputs
+
+    /// An authenticated connection of `user`'s `device` opened on this shard.
+    pub fn handle_conn_opened(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        device: DeviceId,
+        now_ms: u64,
+    ) {
+        self.now_ms = now_ms;
+        self.conns.insert(
+            conn,
+            Conn {
+                user,
+                device,
+                queued_bytes: 0,
+                behind: false,
+                hints: BTreeMap::new(),
+                syncs: HashMap::new(),
+                lists: HashMap::new(),
+            },
+        );
+        self.users.entry(user).or_default().push(conn);
+    }
+
+    /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
+    pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
+        self.now_ms = now_ms;
+        if let Some(c) = self.conns.remove(&conn)
+            && let Some(list) = self.users.get_mut(&c.user)
+        {
+            list.retain(|x| *x != conn);
+            if list.is_empty() {
+                self.users.remove(&c.user);
+            }
+        }
+    }
+
+    /// The gateway wrote `bytes` of this connection's frames to its socket.
+    pub fn handle_conn_flushed(&mut self, conn: ConnId, bytes: u64, now_ms: u64) {
+        self.now_ms = now_ms;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        }
+        self.emit_hints(conn);
+    }
+
+    /// A decoded client frame from `conn` (authenticated as the user and device it was opened
+    /// with). Only the messaging frames are the router's (see [`RouterShard::handles`]); others
+    /// are answered with `UNEXPECTED_FRAME`.
+    pub fn handle_frame(&mut self, conn: ConnId, f: v1::Frame, now_ms: u64) {
+        self.now_ms = now_ms;
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (user, device) = (c.user, c.device);
+        let rid = f.request_id;
+        let origin = ConnRef {
+            shard: self.shard,
+            conn,
+        };
+        let res = match f.body {
+            Some(Body::Send(s)) => self.on_send(origin, rid, user, device, s),
+            Some(Body::DeliveryAck(a)) => self.route_cursor(
+                origin,
+                rid,
+                CursorKind::Delivered,
+                user,
+                device,
+                a.conversation_id,
+                a.up_to_seq,
+            ),
+            Some(Body::ReadCursor(r)) => self.route_cursor(
+                origin,
+                rid,
+                CursorKind::Read,
+                user,
+                device,
+                r.conversation_id,
+                r.up_to_seq,
+            ),
+            Some(Body::Sync(s)) => self.on_sync(origin, rid, user, s),
+            Some(Body::GetHistory(h)) => {
+                if h.conversation_id == 0 {
+                    Err(Refusal(
+                        ErrorCode::InvalidArgument,
+                        "conversation_id is 0".into(),
+                    ))
+                } else {
+                    let to = owner_shard(h.conversation_id, self.shards);
+                    self.send_to(
+                        to,
+                        Inner::History(HistoryCmd {
+                            origin,
+                            request_id: rid,
+                            user,
+                            req: h,
+                        }),
+                    );
+                    Ok(())
+                }
+            }
+            Some(Body::ListConversations(l)) => self.on_list(origin, rid, user, &l),
+            Some(Body::Block(b)) => self.on_block(rid, user, b.user_id, true).map(|()| {
+                self.emit(conn, frame(rid, Body::Done(v1::Done {})), false);
+            }),
+            Some(Body::Unblock(b)) => self.on_block(rid, user, b.user_id, false).map(|()| {
+                self.emit(conn, frame(rid, Body::Done(v1::Done {})), false);
+            }),
+            _ => Err(Refusal(
+                ErrorCode::UnexpectedFrame,
+                "not a messaging frame".into(),
+            )),
+        };
+        if let Err(Refusal(code, msg)) = res {
+            self.emit(conn, error_frame(rid, code, msg), false);
+        }
+        self.drive();
+    }
+
+    /// Whether `body` is a frame the router handles (the gateway routes the rest elsewhere).
+    pub fn handles(body: &Body) -> bool {
+        matches!(
+            body,
+            Body::Send(_)
+                | Body::DeliveryAck(_)
+                | Body::ReadCursor(_)
+                | Body::Sync(_)
+                | Body::GetHistory(_)
+                | Body::ListConversations(_)
+                | Body::Block(_)
+                | Body::Unblock(_)
+        )
+    }
+
+    /// Drains the inbound rings (call after this shard's bell / doorbell woke it).
+    pub fn handle_rings(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        while let Some(ShardMsg(m)) = self.links.pop() {
+            self.process(m);
+            self.drive_local();
+        }
+        self.drive();
+    }
+
+    /// The log reported progress (its wake callback fired): acknowledge what became durable, or
+    /// fail everything pending if the log failed.
+    pub fn handle_log_progress(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        while let Some(front) = self.inflight.front() {
+            match front.completion.try_complete() {
+                None => break,
+                Some(Ok(appended)) => {
+                    let Some(b) = self.inflight.pop_front() else {
+                        break;
+                    };
+                    debug_assert_eq!(
+                        appended.last_lsn().0 + 1 - appended.first_lsn().0,
+                        b.entries.len() as u64
+                    );
+                    self.batch_durable(appended.first_lsn(), b);
+                }
+                Some(Err(e)) => {
+                    self.fail(&e);
+                    break;
+                }
+            }
+        }
+        self.prune_recent();
+        self.drive();
+    }
+
+    /// Timer: submit a batch the log pushed back, write due cursor updates, prune caches. Call
+    /// at [`RouterShard::poll_timeout`] (or more often).
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
+            self.flush_cursors();
+        }
+        self.prune_recent();
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in conns {
+            self.emit_hints(c);
+        }
+        self.drive();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // outputs
+
+    /// Submits the open batch to the log and pushes queued items into the rings. Every `poll_*`
+    /// calls it; call it (or any `poll_*`) after a burst of `handle_*` calls, so that the burst
+    /// becomes one log batch and one ring publish.
+    pub fn flush(&mut self) {
+        self.submit_open();
+        self.flush_outbox();
+    }
+
+    /// The next frame to write to one of this shard's connections.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.flush();
+        self.transmits.pop_front()
+    }
+
+    /// The next connection the router wants closed.
+    #[must_use]
+    pub fn poll_close(&mut self) -> Option<CloseRequest> {
+        self.flush();
+        self.closes.pop_front()
+    }
+
+    /// When to call [`RouterShard::handle_tick`] next (absolute ms), if anything is waiting.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<u64> {
+        self.flush();
+        let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
+        match (self.cursor_due_ms, busy) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // plumbing
+
+    fn drive(&mut self) {
+        self.drive_local();
+        if self.open.entries.len() >= self.cfg.batch_entries_max {
+            self.submit_open();
+        }
+        if self.dirty_delivery.len() + self.dirty_read.len() >= self.cfg.cursor_flush_max {
+            self.flush_cursors();
+        }
+        self.drive_local();
+        self.flush_outbox();
+    }
+
+    fn drive_local(&mut self) {
+        while let Some(m) = self.local.pop_front() {
+            self.process(m);
+        }
+    }
+
+    fn send_to(&mut self, shard: usize, m: Inner) {
+        if shard == self.shard {
+            self.local.push_back(m);
+        } else if let Some(q) = self.outbox.get_mut(shard) {
+            q.push_back(ShardMsg(m));
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        let mut pushed = false;
+        for (to, q) in self.outbox.iter_mut().enumerate() {
+            while let Some(m) = q.pop_front() {
+                match self.links.push(to, m) {
+                    Ok(()) => pushed = true,
+                    Err(m) => {
+                        q.push_front(m);
+                        break;
+                    }
+                }
+            }
+        }
+        if pushed {
+            self.links.publish();
+        }
+    }
+
+    fn process(&mut self, m: Inner) {
+        match m {
+            Inner::Send(cmd) => self.on_send_cmd(*cmd),
+            Inner::Reply { to, frames } => {
+                for f in frames {
+                    self.emit(to, f, false);
+                }
+            }
+            Inner::Fanout(items) => self.on_fanout(&items),
+            Inner::Cursor(c) => self.on_cursor(c),
+            Inner::Sync(s) => self.on_sync_cmd(s),
+            Inner::SyncPart(p) => self.on_sync_part(p),
+            Inner::History(h) => self.on_history(h),
+            Inner::List(l) => self.on_list_cmd(l),
+            Inner::ListPart(p) => self.on_list_part(p),
+        }
+    }
+
+    fn reply(&mut self, to: ConnRef, frames: Vec<v1::Frame>) {
+        self.send_to(
+            to.shard,
+            Inner::Reply {
+                to: to.conn,
+                frames,
+            },
+        );
+    }
+
+    /// Queues `f` for `conn`. `push` frames count against the outbound budget and switch the
+    /// connection to hints once it is exhausted; responses are always queued (the client asked
+    /// for them and its in-flight request limit bounds them).
+    fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        if push && c.behind {
+            return false;
+        }
+        c.queued_bytes += f.encoded_len() as u64 + 5;
+        if push && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
+            c.behind = true;
+        }
+        self.transmits.push_back(Transmit { conn, frame: f });
+        true
+    }
+
+    fn emit_hints(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.hints.is_empty() || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
+            return;
+        }
+        let hints = std::mem::take(&mut c.hints);
+        for (conv, seq) in hints {
+            self.stats.hints += 1;
+            let f = frame(
+                0,
+                Body::MessagesAvailable(v1::MessagesAvailable {
+                    conversation_id: conv,
+                    up_to_seq: seq,
+                }),
+            );
+            self.emit(conn, f, false);
+        }
+    }
+
+    fn fail(&mut self, e: &LogError) {
+        let why = format!("log failed: {e}");
+        let mut waiters = Vec::new();
+        for b in self.inflight.drain(..) {
+            waiters.extend(b.waiters);
+        }
+        waiters.append(&mut self.open.waiters);
+        self.open.entries.clear();
+        for w in waiters {
+            let f = error_frame(
+                w.request_id,
+                ErrorCode::StorageFailure,
+                "the message could not be made durable; it was not accepted",
+            );
+            self.reply(w.origin, vec![f]);
+        }
+        // Seqs handed out to failed entries are void; nothing is sequenced until restart.
+        for c in self.convs.values_mut() {
+            c.pending.clear();
+        }
+        self.failed = Some(why);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // conversations
+
+    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<u64, Refusal> {
+        if peer.0 == 0 {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "recipient user_id is 0".into(),
+            ));
+        }
+        let (low, high) = if me <= peer { (me, peer) } else { (peer, me) };
+        if let Some(c) = self.direct_cache.get(&(low, high)) {
+            return Ok(*c);
+        }
+        let meta = &*self.meta;
+        let pair_key = {
+            let mut k = keys::user(low);
+            k.extend_from_slice(&high.0.to_be_bytes());
+            k
+        };
+        let conv = 'found: {
+            if let Some(p) = meta
+                .get::<DirectPair>(&pair_key)
+                .map_err(|e| Refusal::storage("direct lookup", &e))?
+            {
+                break 'found p.conv.0 as u64;
+            }
+            if meta
+                .get::<User>(&keys::user(peer))
+                .map_err(|e| Refusal::storage("user lookup", &e))?
+                .is_none()
+            {
+                return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
+            }
+            for attempt in 0..DIRECT_PROBES_MAX {
+                let id = ids::direct_candidate(low.0, high.0, attempt);
+                let pair = DirectPair {
+                    low,
+                    high,
+                    conv: conv_id(id),
+                };
+                let dc = DirectConv {
+                    conv: conv_id(id),
+                    low,
+                    high,
+                    created_ms: TimestampMs(self.now_ms),
+                };
+                let mut b = MetaBatch::default();
+                b.expect::<DirectPair>(&pair_key, None)
+                    .expect::<DirectConv>(&conv_id(id).0.to_be_bytes(), None)
+                    .put(&pair)
+                    .put(&dc);
+                for u in [low, high] {
+                    b.add_member(&Member {
+                        group: conv_id(id),
+                        user: u,
+                        role: starling_storage::meta::Role::Member,
+                        joined_ms: TimestampMs(self.now_ms),
+                    });
+                }
+                match meta.commit(&b) {
+                    Ok(()) => break 'found id,
+                    Err(StorageError::Conflict { .. }) => {
+                        // Either another shard created this pair just now (use its id), or the
+                        // candidate id belongs to another pair (probe the next one).
+                        if let Some(p) = meta
+                            .get::<DirectPair>(&pair_key)
+                            .map_err(|e| Refusal::storage("direct lookup", &e))?
+                        {
+                            break 'found p.conv.0 as u64;
+                        }
+                    }
+                    Err(e) => return Err(Refusal::storage("direct create", &e)),
+                }
+            }
+            return Err(Refusal(
+                ErrorCode::Internal,
+                "could not allocate a conversation id".into(),
+            ));
+        };
+        if self.direct_cache.len() >= DIRECT_CACHE_MAX {
+            self.direct_cache.clear();
+        }
+        self.direct_cache.insert((low, high), conv);
+        Ok(conv)
+    }
+
+    /// The owner-side state of `conv`, loaded on first use.
+    fn conv(&mut self, conv: u64) -> Result<&mut ConvState, Refusal> {
+        debug_assert_eq!(owner_shard(conv, self.shards), self.shard);
+        if !self.convs.contains_key(&conv) {
+            let (members, pair, title) = load_members(&*self.meta, conv)?;
+            let cid = conv_id(conv);
+            let last = self
+                .index
+                .last_seq(cid)
+                .map_err(|e| Refusal::storage("index", &e))?
+                .0;
+            let mut st = ConvState {
+                members,
+                pair,
+                title,
+                next_seq: last + 1,
+                durable_seq: last,
+                recent: VecDeque::new(),
+                pending: HashMap::new(),
+                recent_ids: HashMap::new(),
+                delivery: HashMap::new(),
+                read: HashMap::new(),
+                announced_delivered: HashMap::new(),
+                announced_read: HashMap::new(),
+            };
+            for c in self
+                .meta
+                .delivery_cursors(cid)
+                .map_err(|e| Refusal::storage("cursors", &e))?
+            {
+                st.delivery.insert((c.user, c.device), c.seq.0);
+            }
+            for u in st.members.iter() {
+                let r = self
+                    .meta
+                    .read_cursor(cid, *u)
+                    .map_err(|e| Refusal::storage("cursors", &e))?
+                    .0;
+                if r > 0 {
+                    st.read.insert(*u, r);
+                }
+            }
+            let users: Vec<UserId> = st.delivery.keys().map(|(u, _)| *u).collect();
+            for u in users {
+                let d = st.delivered_max(u);
+                st.announced_delivered.insert(u, d);
+            }
+            st.announced_read = st.read.clone();
+            self.convs.insert(conv, st);
+        }
+        self.convs
+            .get_mut(&conv)
+            .ok_or_else(|| Refusal(ErrorCode::Internal, "conversation state vanished".into()))
+    }
+
+    fn member_conv(&mut self, conv: u64, user: UserId) -> Result<&mut ConvState, Refusal> {
+        let c = self.conv(conv)?;
+        if !c.members.contains(&user) {
+            return Err(Refusal(
+                ErrorCode::NotAMember,
+                "not a member of this conversation".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
+    fn read_after(
+        &mut self,
+        conv: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let index = self.index.clone();
+        let c = self.conv(conv)?;
+        let mut out: Vec<Arc<Entry>> = index
+            .after(conv_id(conv), Seq(after), limit)
+            .map_err(|e| Refusal::storage("index", &e))?
+            .into_iter()
+            .filter(|e| e.seq.0 <= c.durable_seq)
+            .map(Arc::new)
+            .collect();
+        let mut last = out.last().map_or(after, |e| e.seq.0);
+        for (_, e) in &c.recent {
+            if out.len() >= limit {
+                break;
+            }
+            if e.seq.0 == last + 1 {
+                out.push(e.clone());
+                last += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
+    fn read_before(
+        &mut self,
+        conv: u64,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let index = self.index.clone();
+        let c = self.conv(conv)?;
+        let before = before.min(c.durable_seq + 1);
+        let mut newest: Vec<Arc<Entry>> = Vec::new();
+        let mut next = before; // collecting seqs below this, descending
+        for (_, e) in c.recent.iter().rev() {
+            if newest.len() >= limit {
+                break;
+            }
+            if e.seq.0 + 1 == next {
+                newest.push(e.clone());
+                next -= 1;
+            }
+        }
+        if newest.len() < limit && next > 1 {
+            let older = index
+                .before(conv_id(conv), Seq(next), limit - newest.len())
+                .map_err(|e| Refusal::storage("index", &e))?;
+            for e in older.into_iter().rev() {
+                newest.push(Arc::new(e));
+            }
+        }
+        newest.reverse();
+        Ok(newest)
+    }
+
+    fn prune_recent(&mut self) {
+        let indexed = self.index.indexed_lsn();
+        while let Some(&(lsn, conv)) = self.recent_order.front() {
+            if lsn > indexed {
+                break;
+            }
+            self.recent_order.pop_front();
+            if let Some(c) = self.convs.get_mut(&conv)
+                && let Some((l, e)) = c.recent.front()
+                && *l <= lsn
+            {
+                c.recent_ids.remove(&e.client_msg_id);
+                c.recent.pop_front();
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // sending
+
+    fn on_send(
+        &mut self,
+        origin: ConnRef,
+        rid: u64,
+        user: UserId,
+        device: DeviceId,
+        s: v1::Send,
+    ) -> Result<(), Refusal> {
+        let cmid: [u8; 16] = s.client_msg_id.as_ref().try_into().map_err(|_| {
+            Refusal(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "client_msg_id must be 16 bytes, got {}",
+                    s.client_msg_id.len()
+                ),
+            )
+        })?;
+        if cmid == [0; 16] {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "client_msg_id must not be all zeroes".into(),
+            ));
+        }
+        if s.body.len() > self.cfg.body_bytes_max {
+            return Err(Refusal(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "body is {} bytes, limit {}",
+                    s.body.len(),
+                    self.cfg.body_bytes_max
+                ),
+            ));
+        }
+        if s.content_type.len() > 255 {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "content_type longer than 255 bytes".into(),
+            ));
+        }
+        let conv = match s.to.and_then(|t| t.target) {
+            Some(v1::recipient::Target::UserId(peer)) => self.resolve_direct(user, UserId(peer))?,
+            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => c,
+            _ => {
+                return Err(Refusal(
+                    ErrorCode::InvalidArgument,
+                    "Send.to must name a user or a conversation".into(),
+                ));
+            }
+        };
+        let cmd = SendCmd {
+            origin,
+            request_id: rid,
+            user,
+            device,
+            conv,
+            cmid: ClientMsgId(cmid),
+            content_type: s.content_type,
+            body: s.body,
+            reply_to_seq: s.reply_to_seq,
+            now_ms: self.now_ms,
+        };
+        self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
+        Ok(())
+    }
+
+    fn on_send_cmd(&mut self, cmd: SendCmd) {
+        if let Err(Refusal(code, msg)) = self.sequence(&cmd) {
+            self.reply(cmd.origin, vec![error_frame(cmd.request_id, code, msg)]);
+        }
+    }
+
+    fn ack_frame(w: &Waiter) -> v1::Frame {
+        frame(
+            w.request_id,
+            Body::SendAck(v1::SendAck {
+                client_msg_id: Bytes::copy_from_slice(&w.cmid.0),
+                conversation_id: w.conv,
+                seq: w.seq,
+                server_ts_ms: w.ts,
+                duplicate: w.duplicate,
+            }),
+        )
+    }
+
+    fn sequence(&mut self, cmd: &SendCmd) -> Result<(), Refusal> {
+        if self.failed.is_some() {
+            return Err(Refusal(
+                ErrorCode::StorageFailure,
+                "this sequencer shard's log failed; retry after it restarts".into(),
+            ));
+        }
+        let index = self.index.clone();
+        let meta = self.meta.clone();
+        let open_no = self.open.no;
+        let open_len = self.open.entries.len();
+        let open_max = self.cfg.open_entries_max;
+        let now = self.now_ms.max(cmd.now_ms);
+        let c = self.member_conv(cmd.conv, cmd.user)?;
+        if let Some((a, b)) = c.pair {
+            let peer = if a == cmd.user { b } else { a };
+            if peer != cmd.user
+                && meta
+                    .get::<Block>(&block_key(peer, cmd.user))
+                    .map_err(|e| Refusal::storage("block lookup", &e))?
+                    .is_some()
+            {
+                return Err(Refusal(
+                    ErrorCode::Blocked,
+                    "the recipient has blocked you".into(),
+                ));
+            }
+        }
+        let mut waiter = Waiter {
+            origin: cmd.origin,
+            request_id: cmd.request_id,
+            conv: cmd.conv,
+            seq: 0,
+            ts: 0,
+            cmid: cmd.cmid,
+            duplicate: true,
+        };
+        // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
+        if let Some(&(seq, ts, no)) = c.pending.get(&cmd.cmid) {
+            waiter.seq = seq;
+            waiter.ts = ts;
+            self.stats.duplicates += 1;
+            if no == open_no {
+                self.open.waiters.push(waiter);
+            } else if let Some(b) = self.inflight.iter_mut().find(|b| b.no == no) {
+                b.waiters.push(waiter);
+            }
+            return Ok(());
+        }
+        let known = match c.recent_ids.get(&cmd.cmid) {
+            Some(&(seq, ts)) => Some((seq, ts)),
+            None => match index
+                .dedup(conv_id(cmd.conv), cmd.cmid)
+                .map_err(|e| Refusal::storage("dedup", &e))?
+            {
+                Some(seq) => {
+                    let ts = index
+                        .entry(conv_id(cmd.conv), seq)
+                        .map_err(|e| Refusal::storage("index", &e))?
+                        .map_or(0, |e| e.ts_ms.0);
+                    Some((seq.0, ts))
+                }
+                None => None,
+            },
+        };
+        if let Some((seq, ts)) = known {
+            waiter.seq = seq;
+            waiter.ts = ts;
+            self.stats.duplicates += 1;
+            let f = Self::ack_frame(&waiter);
+            self.reply(cmd.origin, vec![f]);
+            return Ok(());
+        }
+        if open_len >= open_max {
+            return Err(Refusal(
+                ErrorCode::Overloaded,
+                "the sequencer is behind its log; retry shortly".into(),
+            ));
+        }
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        c.pending.insert(cmd.cmid, (seq, now, open_no));
+        waiter.seq = seq;
+        waiter.ts = now;
+        waiter.duplicate = false;
+        self.open.entries.push(Entry {
+            kind: EntryKind::MESSAGE,
+            conv: conv_id(cmd.conv),
+            seq: Seq(seq),
+            client_msg_id: cmd.cmid,
+            sender: cmd.user,
+            sender_device: cmd.device,
+            ts_ms: TimestampMs(now),
+            content_type: ENVELOPE_V1,
+            body: encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body),
+        });
+        self.open.waiters.push(waiter);
+        Ok(())
+    }
+
+    fn submit_open(&mut self) {
+        if self.open.entries.is_empty() || self.failed.is_some() {
+            return;
+        }
+        match self.log.append::<SyncData>(&self.open.entries) {
+            Ok(completion) => {
+                let no = self.open.no;
+                let entries = std::mem::take(&mut self.open.entries);
+                let waiters = std::mem::take(&mut self.open.waiters);
+                self.inflight.push_back(InFlight {
+                    no,
+                    completion,
+                    entries,
+                    waiters,
+                });
+                self.open.no += 1;
+            }
+            Err(LogError::Busy { .. }) => {} // retried at the next flush / tick
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn batch_durable(&mut self, first: Lsn, b: InFlight) {
+        let mut items = Vec::new();
+        for (i, e) in b.entries.into_iter().enumerate() {
+            let lsn = Lsn(first.0 + i as u64);
+            let conv = e.conv.0 as u64;
+            let Some(c) = self.convs.get_mut(&conv) else {
+                continue;
+            };
+            debug_assert_eq!(e.seq.0, c.durable_seq + 1, "seqs become durable in order");
+            c.durable_seq = e.seq.0;
+            c.pending.remove(&e.client_msg_id);
+            c.recent_ids.insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
+            let e = Arc::new(e);
+            c.recent.push_back((lsn, e.clone()));
+            self.recent_order.push_back((lsn, conv));
+            if let Some(msg) = entry_to_message(conv, &e) {
+                let origin = b
+                    .waiters
+                    .iter()
+                    .find(|w| w.conv == conv && w.seq == e.seq.0 && !w.duplicate)
+                    .map_or(
+                        ConnRef {
+                            shard: usize::MAX,
+                            conn: ConnId(u64::MAX),
+                        },
+                        |w| w.origin,
+                    );
+                items.push(FanoutItem::Message {
+                    msg,
+                    members: c.members.clone(),
+                    origin,
+                });
+            }
+        }
+        for w in b.waiters {
+            if !w.duplicate {
+                self.stats.messages_acked += 1;
+            }
+            let f = Self::ack_frame(&w);
+            self.reply(w.origin, vec![f]);
+        }
+        self.broadcast(items);
+    }
+
+    fn broadcast(&mut self, items: Vec<FanoutItem>) {
+        if items.is_empty() {
+            return;
+        }
+        let items = Arc::new(items);
+        for s in 0..self.shards {
+            self.send_to(s, Inner::Fanout(items.clone()));
+        }
+    }
+
+    fn on_fanout(&mut self, items: &[FanoutItem]) {
+        for item in items {
+            match item {
+                FanoutItem::Message {
+                    msg,
+                    members,
+                    origin,
+                } => {
+                    for u in members.iter() {
+                        let conns = self.users.get(u).cloned().unwrap_or_default();
+                        for conn in conns {
+                            if origin.shard == self.shard && origin.conn == conn {
+                                continue;
+                            }
+                            let f = frame(
+                                0,
+                                Body::Deliver(v1::Deliver {
+                                    message: Some(msg.clone()),
+                                }),
+                            );
+                            if self.emit(conn, f, true) {
+                                self.stats.pushed += 1;
+                            } else if let Some(c) = self.conns.get_mut(&conn) {
+                                let h = c.hints.entry(msg.conversation_id).or_default();
+                                *h = (*h).max(msg.seq);
+                            }
+                        }
+                    }
+                }
+                FanoutItem::Receipt { receipt, to } => {
+                    for u in to {
+                        let conns = self.users.get(u).cloned().unwrap_or_default();
+                        for conn in conns {
+                            // A device that is behind learns receipts from its next Sync.
+                            let f = frame(0, Body::Receipt(*receipt));
+                            self.emit(conn, f, true);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // cursors and receipts
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_cursor(
+        &mut self,
+        origin: ConnRef,
+        rid: u64,
+        kind: CursorKind,
+        user: UserId,
+        device: DeviceId,
+        conv: u64,
+        seq: u64,
+    ) -> Result<(), Refusal> {
+        if conv == 0 {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "conversation_id is 0".into(),
+            ));
+        }
+        let reply = (rid != 0).then_some((origin, rid));
+        let cmd = CursorCmd {
+            reply,
+            kind,
+            user,
+            device,
+            conv,
+            seq,
+        };
+        self.send_to(owner_shard(conv, self.shards), Inner::Cursor(cmd));
+        Ok(())
+    }
+
+    fn on_cursor(&mut self, cmd: CursorCmd) {
+        let c = match self.member_conv(cmd.conv, cmd.user) {
+            Ok(c) => c,
+            Err(Refusal(code, msg)) => {
+                if let Some((origin, rid)) = cmd.reply {
+                    self.reply(origin, vec![error_frame(rid, code, msg)]);
+                }
+                return;
+            }
+        };
+        let seq = cmd.seq.min(c.durable_seq);
+        let moved = match cmd.kind {
+            CursorKind::Delivered => {
+                let v = c.delivery.entry((cmd.user, cmd.device)).or_default();
+                let moved = seq > *v;
+                *v = (*v).max(seq);
+                if moved {
+                    self.dirty_delivery.insert((cmd.conv, cmd.user, cmd.device));
+                }
+                moved
+            }
+            CursorKind::Read => {
+                let v = c.read.entry(cmd.user).or_default();
+                let moved = seq > *v;
+                *v = (*v).max(seq);
+                if moved {
+                    self.dirty_read.insert((cmd.conv, cmd.user));
+                }
+                moved
+            }
+        };
+        if let Some(w) = cmd.reply {
+            self.cursor_waiters.push(w);
+        }
+        if (moved || cmd.reply.is_some()) && self.cursor_due_ms.is_none() {
+            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
+        }
+    }
+
+    /// Writes every changed cursor in one durable batch per kind, then announces receipts (only
+    /// durable cursors are ever announced, so a receipt is never taken back by a crash).
+    fn flush_cursors(&mut self) {
+        if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() {
+            self.cursor_due_ms = None;
+            self.answer_cursor_waiters();
+            return;
+        }
+        let mut dc = Vec::new();
+        for &(conv, user, device) in &self.dirty_delivery {
+            if let Some(c) = self.convs.get(&conv)
+                && let Some(&s) = c.delivery.get(&(user, device))
+            {
+                dc.push(DeliveryCursor {
+                    conv: conv_id(conv),
+                    user,
+                    device,
+                    seq: Seq(s),
+                });
+            }
+        }
+        let mut rc = Vec::new();
+        for &(conv, user) in &self.dirty_read {
+            if let Some(c) = self.convs.get(&conv)
+                && let Some(&s) = c.read.get(&user)
+            {
+                rc.push(ReadCursor {
+                    conv: conv_id(conv),
+                    user,
+                    seq: Seq(s),
+                });
+            }
+        }
+        let ok = (dc.is_empty() || self.meta.advance_delivery(&dc).is_ok())
+            && (rc.is_empty() || self.meta.advance_read(&rc).is_ok());
+        if !ok {
+            // Cursors are monotonic and idempotent: retry the whole set later.
+            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
+            return;
+        }
+        self.stats.cursor_flushes += 1;
+        self.cursor_due_ms = None;
+        self.answer_cursor_waiters();
+        let mut items = Vec::new();
+        let mut users: Vec<(u64, UserId)> = self
+            .dirty_delivery
+            .drain()
+            .map(|(c, u, _)| (c, u))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        for (conv, user) in users {
+            let Some(c) = self.convs.get_mut(&conv) else {
+                continue;
+            };
+            let d = c.delivered_max(user);
+            let prev = c.announced_delivered.entry(user).or_default();
+            if d > *prev {
+                *prev = d;
+                let to = c.members.iter().copied().filter(|u| *u != user).collect();
+                items.push(FanoutItem::Receipt {
+                    receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, self.now_ms),
+                    to,
+                });
+            }
+        }
+        let mut reads: Vec<(u64, UserId)> = self.dirty_read.drain().collect();
+        reads.sort_unstable();
+        for (conv, user) in reads {
+            let Some(c) = self.convs.get_mut(&conv) else {
+                continue;
+            };
+            let r = c.read.get(&user).copied().unwrap_or(0);
+            let prev = c.announced_read.entry(user).or_default();
+            if r > *prev {
+                *prev = r;
+                let to = c.members.to_vec();
+                items.push(FanoutItem::Receipt {
+                    receipt: receipt(conv, r, v1::ReceiptKind::Read, user, self.now_ms),
+                    to,
+                });
+            }
+        }
+        self.broadcast(items);
+    }
+
+    fn answer_cursor_waiters(&mut self) {
+        for (origin, rid) in std::mem::take(&mut self.cursor_waiters) {
+            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // sync, history, conversation list
+
+    fn conversations_of(&self, user: UserId) -> Result<Vec<u64>, Refusal> {
+        Ok(self
+            .meta
+            .scan::<MemberOf>(&member_of_prefix(user), usize::MAX)
+            .map_err(|e| Refusal::storage("membership", &e))?
+            .into_iter()
+            .map(|m| m.group.0 as u64)
+            .collect())
+    }
+
+    fn on_sync(
+        &mut self,
+        origin: ConnRef,
+        rid: u64,
+        user: UserId,
+        s: v1::Sync,
+    ) -> Result<(), Refusal> {
+        let convs = self.conversations_of(user)?;
+        let mut per_owner: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        for conv in convs {
+            let last = s.last_seq.get(&conv).copied().unwrap_or(0);
+            per_owner
+                .entry(owner_shard(conv, self.shards))
+                .or_default()
+                .push((conv, last));
+        }
+        let Some(c) = self.conns.get_mut(&origin.conn) else {
+            return Ok(());
+        };
+        // The device catches up now: pushes resume, hints are void.
+        c.behind = false;
+        c.hints.clear();
+        if per_owner.is_empty() {
+            self.emit(
+                origin.conn,
+                frame(rid, Body::SyncDone(v1::SyncDone::default())),
+                false,
+            );
+            return Ok(());
+        }
+        c.syncs.insert(
+            rid,
+            SyncGather {
+                remaining: per_owner.len(),
+                ..SyncGather::default()
+            },
+        );
+        for (owner, convs) in per_owner {
+            self.send_to(
+                owner,
+                Inner::Sync(SyncCmd {
+                    origin,
+                    request_id: rid,
+                    user,
+                    convs,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn on_sync_cmd(&mut self, cmd: SyncCmd) {
+        let max = self.cfg.sync_messages_max;
+        let now = self.now_ms;
+        let mut part = SyncPart {
+            to: cmd.origin.conn,
+            request_id: cmd.request_id,
+            frames: Vec::new(),
+            truncated: Vec::new(),
+            messages: 0,
+            receipts: 0,
+        };
+        for (conv, last) in cmd.convs {
+            let Ok(entries) = self.read_after(conv, last, max + 1) else {
+                continue;
+            };
+            let Ok(c) = self.member_conv(conv, cmd.user) else {
+                continue;
+            };
+            if entries.len() > max {
+                part.truncated.push(v1::MessagesAvailable {
+                    conversation_id: conv,
+                    up_to_seq: c.durable_seq,
+                });
+            }
+            for e in entries.iter().take(max) {
+                if let Some(m) = entry_to_message(conv, e) {
+                    part.frames.push(frame(
+                        cmd.request_id,
+                        Body::Deliver(v1::Deliver { message: Some(m) }),
+                    ));
+                    part.messages += 1;
+                }
+            }
+            let mut rs = Vec::new();
+            for (&u, &d) in &c.announced_delivered {
+                if u != cmd.user && d > 0 {
+                    rs.push(receipt(conv, d, v1::ReceiptKind::Delivered, u, now));
+                }
+            }
+            for (&u, &r) in &c.announced_read {
+                if r > 0 {
+                    rs.push(receipt(conv, r, v1::ReceiptKind::Read, u, now));
+                }
+            }
+            rs.sort_by_key(|r| (r.by_user_id, r.kind));
+            for r in rs {
+                part.frames.push(frame(cmd.request_id, Body::Receipt(r)));
+                part.receipts += 1;
+            }
+        }
+        self.send_to(cmd.origin.shard, Inner::SyncPart(part));
+    }
+
+    fn on_sync_part(&mut self, p: SyncPart) {
+        let Some(c) = self.conns.get_mut(&p.to) else {
+            return;
+        };
+        let done = match c.syncs.get_mut(&p.request_id) {
+            Some(g) => {
+                g.remaining = g.remaining.saturating_sub(1);
+                g.truncated.extend(p.truncated);
+                g.messages += p.messages;
+                g.receipts += p.receipts;
+                g.remaining == 0
+            }
+            None => return,
+        };
+        for f in p.frames {
+            self.emit(p.to, f, false);
+        }
+        if done
+            && let Some(g) = self
+                .conns
+                .get_mut(&p.to)
+                .and_then(|c| c.syncs.remove(&p.request_id))
+        {
+            let f = frame(
+                p.request_id,
+                Body::SyncDone(v1::SyncDone {
+                    truncated: g.truncated,
+                    messages: g.messages,
+                    receipts: g.receipts,
+                }),
+            );
+            self.emit(p.to, f, false);
+        }
+    }
+
+    fn on_history(&mut self, h: HistoryCmd) {
+        let res = self.history_page(&h);
+        let f = match res {
+            Ok(page) => frame(h.request_id, Body::HistoryPage(page)),
+            Err(Refusal(code, msg)) => error_frame(h.request_id, code, msg),
+        };
+        self.reply(h.origin, vec![f]);
+    }
+
+    fn history_page(&mut self, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal> {
+        let conv = h.req.conversation_id;
+        let limit = match h.req.limit as usize {
+            0 => self.cfg.history_limit_default,
+            n => n.min(self.cfg.history_limit_max),
+        };
+        self.member_conv(conv, h.user)?;
+        let (mut entries, has_more) = match h.req.anchor {
+            Some(v1::get_history::Anchor::AfterSeq(a)) => {
+                let mut v = self.read_after(conv, a, limit + 1)?;
+                let more = v.len() > limit;
+                v.truncate(limit);
+                (v, more)
+            }
+            Some(v1::get_history::Anchor::BeforeSeq(b)) => {
+                let mut v = self.read_before(conv, b, limit + 1)?;
+                let more = v.len() > limit;
+                if more {
+                    v.remove(0);
+                }
+                (v, more)
+            }
+            None => {
+                let mut v = self.read_before(conv, u64::MAX, limit + 1)?;
+                let more = v.len() > limit;
+                if more {
+                    v.remove(0);
+                }
+                (v, more)
+            }
+        };
+        let messages = entries
+            .drain(..)
+            .filter_map(|e| entry_to_message(conv, &e))
+            .collect();
+        Ok(v1::HistoryPage {
+            conversation_id: conv,
+            messages,
+            has_more,
+        })
+    }
+
+    fn on_list(
+        &mut self,
+        origin: ConnRef,
+        rid: u64,
+        user: UserId,
+        l: &v1::ListConversations,
+    ) -> Result<(), Refusal> {
+        let offset = match l.cursor.len() {
+            0 => 0,
+            4 => u32::from_be_bytes([l.cursor[0], l.cursor[1], l.cursor[2], l.cursor[3]]) as usize,
+            _ => return Err(Refusal(ErrorCode::InvalidArgument, "bad cursor".into())),
+        };
+        let limit = match l.limit as usize {
+            0 => self.cfg.list_limit_default,
+            n => n.min(self.cfg.list_limit_max),
+        };
+        let convs = self.conversations_of(user)?;
+        let mut per_owner: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for conv in convs {
+            per_owner
+                .entry(owner_shard(conv, self.shards))
+                .or_default()
+                .push(conv);
+        }
+        let Some(c) = self.conns.get_mut(&origin.conn) else {
+            return Ok(());
+        };
+        if per_owner.is_empty() {
+            self.emit(
+                origin.conn,
+                frame(rid, Body::ConversationList(v1::ConversationList::default())),
+                false,
+            );
+            return Ok(());
+        }
+        c.lists.insert(
+            rid,
+            ListGather {
+                remaining: per_owner.len(),
+                limit,
+                offset,
+                summaries: Vec::new(),
+            },
+        );
+        for (owner, convs) in per_owner {
+            self.send_to(
+                owner,
+                Inner::List(ListCmd {
+                    origin,
+                    request_id: rid,
+                    user,
+                    convs,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn on_list_cmd(&mut self, l: ListCmd) {
+        let mut summaries = Vec::new();
+        for conv in l.convs {
+            if let Ok(s) = self.summary(conv, l.user) {
+                summaries.push(s);
+            }
+        }
+        self.send_to(
+            l.origin.shard,
+            Inner::ListPart(ListPart {
+                to: l.origin.conn,
+                request_id: l.request_id,
+                summaries,
+            }),
+        );
+    }
+
+    fn summary(&mut self, conv: u64, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
+        let unread_max = self.cfg.unread_count_max;
+        let last = self.read_before(conv, u64::MAX, 1)?;
+        let c = self.member_conv(conv, user)?;
+        let read = c.read.get(&user).copied().unwrap_or(0);
+        let (kind, peer, title) = match c.pair {
+            Some((a, b)) => (
+                v1::ConversationKind::Direct,
+                if a == user { b.0 } else { a.0 },
+                String::new(),
+            ),
+            None => (v1::ConversationKind::Group, 0, c.title.clone()),
+        };
+        let last_seq = c.durable_seq;
+        let unread = self
+            .read_after(conv, read, unread_max)?
+            .iter()
+            .filter(|e| e.sender != user)
+            .count();
+        let title = if kind == v1::ConversationKind::Direct {
+            self.meta
+                .get::<User>(&keys::user(UserId(peer)))
+                .ok()
+                .flatten()
+                .map(|u| u.display_name)
+                .unwrap_or(title)
+        } else {
+            title
+        };
+        Ok(v1::ConversationSummary {
+            conversation_id: conv,
+            kind: kind as i32,
+            peer_user_id: peer,
+            title,
+            last_message: last
+                .first()
+                .and_then(|e| entry_to_message(conv, e))
+                .map(Box::new),
+            last_seq,
+            unread_count: unread as u32,
+            read_up_to_seq: read,
+        })
+    }
+
+    fn on_list_part(&mut self, p: ListPart) {
+        let Some(c) = self.conns.get_mut(&p.to) else {
+            return;
+        };
+        let Some(g) = c.lists.get_mut(&p.request_id) else {
+            return;
+        };
+        g.summaries.extend(p.summaries);
+        g.remaining = g.remaining.saturating_sub(1);
+        if g.remaining > 0 {
+            return;
+        }
+        let Some(mut g) = c.lists.remove(&p.request_id) else {
+            return;
+        };
+        let ts =
+            |s: &v1::ConversationSummary| s.last_message.as_ref().map_or(0, |m| m.server_ts_ms);
+        g.summaries.sort_by(|a, b| {
+            ts(b)
+                .cmp(&ts(a))
+                .then(b.conversation_id.cmp(&a.conversation_id))
+        });
+        let end = (g.offset + g.limit).min(g.summaries.len());
+        let next_cursor = if end < g.summaries.len() {
+            Bytes::copy_from_slice(&(end as u32).to_be_bytes())
+        } else {
+            Bytes::new()
+        };
+        let page: Vec<_> = g.summaries.drain(g.offset.min(end)..end).collect();
+        let f = frame(
+            p.request_id,
+            Body::ConversationList(v1::ConversationList {
+                conversations: page,
+                next_cursor,
+            }),
+        );
+        self.emit(p.to, f, false);
+    }
+
+    fn on_block(
+        &mut self,
+        _rid: u64,
+        user: UserId,
+        other: u64,
+        block: bool,
+    ) -> Result<(), Refusal> {
+        if other == 0 || other == user.0 {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "cannot block yourself or user 0".into(),
+            ));
+        }
+        let mut b = MetaBatch::default();
+        if block {
+            b.put(&Block {
+                user,
+                blocked: UserId(other),
+                created_ms: TimestampMs(self.now_ms),
+            });
+        } else {
+            b.delete::<Block>(&block_key(user, UserId(other)));
+        }
+        self.meta
+            .commit(&b)
+            .map_err(|e| Refusal::storage("block", &e))?;
+        Ok(())
+    }
+}
+
+fn receipt(conv: u64, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
+    v1::Receipt {
+        conversation_id: conv,
+        up_to_seq: up_to,
+        kind: kind as i32,
+        by_user_id: by.0,
+        ts_ms: now,
+    }
+}
+
+type Members = (Arc<[UserId]>, Option<(UserId, UserId)>, String);
+
+fn load_members<M: MetadataStore>(meta: &M, conv: u64) -> Result<Members, Refusal> {
+    let cid = conv_id(conv);
+    let key = cid.0.to_be_bytes();
+    if is_group(conv) {
+        let g = meta
+            .get::<Group>(&key)
+            .map_err(|e| Refusal::storage("group", &e))?;
+        let Some(g) = g else {
+            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
+        };
+        let members: Vec<UserId> = meta
+            .scan::<Member>(&key, usize::MAX)
+            .map_err(|e| Refusal::storage("members", &e))?
+            .into_iter()
+            .map(|m| m.user)
+            .collect();
+        Ok((members.into(), None, g.name))
+    } else {
+        let d = meta
+            .get::<DirectConv>(&key)
+            .map_err(|e| Refusal::storage("conversation", &e))?;
+        let Some(d) = d else {
+            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
+        };
+        let mut members = vec![d.low, d.high];
+        members.dedup();
+        Ok((members.into(), Some((d.low, d.high)), String::new()))
+    }
+}

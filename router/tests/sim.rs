@@ -1,0 +1,1026 @@
+//! Deterministic simulation of router + sequencer + storage in one thread (DESIGN.md "Testing";
+//! TigerBeetle's VOPR in spirit): simulated clock, seeded lossy network, a faulty in-memory disk
+//! (writes buffered until sync, sync failures that poison the log, crashes that drop unsynced
+//! data and tear the last record), and simulated clients that behave like the SDK (outbox retried
+//! under the same client_msg_id until SendAck, per-conversation stores ordered by seq, cumulative
+//! DeliveryAck, Sync on reconnect and on MessagesAvailable).
+//!
+//! Invariants, checked after every step (and after every recovery):
+//! - a SendAck or Deliver is only ever issued for a message the disk has synced;
+//! - no acknowledged message is lost by a crash; recovered seqs are contiguous from 1;
+//! - one seq per client_msg_id, one message per (conversation, seq), as seen by every device;
+//! - durable cursors never move backwards; receipts never run ahead of durable cursors;
+//! - at the end (faults off, everyone reconnects and syncs): every device holds every message of
+//!   each of its conversations exactly once, in order, and every send was acknowledged.
+//!
+//! `STARLING_SIM_SEEDS=N` runs N seeds (default 2000); `STARLING_SIM_SEED=S` replays one seed.
+//! A failure prints the seed that reproduces it.
+#![allow(clippy::disallowed_methods)] // the seed base may come from the clock
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use starling_protocol::v1::{self, ErrorCode, frame::Body};
+use starling_router::ids::{GROUP_BIT, conv_id};
+use starling_router::ring::{Bell, Doorbell};
+use starling_router::{ConnId, RouterShard, ShardConfig, grid};
+use starling_storage::format::{decode_record, encode_record};
+use starling_storage::meta::{Group, Member, Role, User, keys};
+use starling_storage::{
+    ClientMsgId, Completion, CompletionSource, ConvId, CursorStore, DeviceId, DurableLog, Entry,
+    Level, LogError, Lsn, MemMeta, MessageIndex, MetaBatch, MetadataStore, Seq, StorageError,
+    TimestampMs, UserId,
+};
+
+// ---------------------------------------------------------------------------------------------
+// seeded randomness
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// True with probability `per_mille`/1000.
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the faulty in-memory disk, log and index
+
+/// What survives a crash: the synced bytes of one shard's log.
+#[derive(Default)]
+struct Disk {
+    synced: Vec<u8>,
+}
+
+#[derive(Default)]
+struct IndexState {
+    entries: BTreeMap<(ConvId, u64), Entry>,
+    dedup: HashMap<(ConvId, ClientMsgId), u64>,
+    applied: Lsn,
+}
+
+#[derive(Default)]
+struct SimIndex(Mutex<IndexState>);
+
+impl SimIndex {
+    fn apply(&self, records: &[Vec<u8>]) {
+        let mut s = self.0.lock().unwrap();
+        for r in records {
+            let view = decode_record(r).expect("the sim encodes valid records");
+            for e in view.entries().expect("valid entries") {
+                if e.seq != Seq::NONE {
+                    if !e.client_msg_id.is_none() {
+                        s.dedup.insert((e.conv, e.client_msg_id), e.seq.0);
+                    }
+                    s.entries.insert((e.conv, e.seq.0), e);
+                }
+            }
+            s.applied = view.last_lsn();
+        }
+    }
+}
+
+impl MessageIndex for SimIndex {
+    fn latest(&self, conv: ConvId, limit: usize) -> Result<Vec<Entry>, StorageError> {
+        self.before(conv, Seq(u64::MAX), limit)
+    }
+    fn before(&self, conv: ConvId, seq: Seq, limit: usize) -> Result<Vec<Entry>, StorageError> {
+        let s = self.0.lock().unwrap();
+        let mut v: Vec<Entry> = s
+            .entries
+            .range((conv, 0)..(conv, seq.0))
+            .rev()
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect();
+        v.reverse();
+        Ok(v)
+    }
+    fn after(&self, conv: ConvId, seq: Seq, limit: usize) -> Result<Vec<Entry>, StorageError> {
+        let s = self.0.lock().unwrap();
+        Ok(s.entries
+            .range((conv, seq.0.saturating_add(1))..=(conv, u64::MAX))
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+    fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>, StorageError> {
+        Ok(self.0.lock().unwrap().entries.get(&(conv, seq.0)).cloned())
+    }
+    fn last_seq(&self, conv: ConvId) -> Result<Seq, StorageError> {
+        let s = self.0.lock().unwrap();
+        Ok(Seq(s
+            .entries
+            .range((conv, 0)..=(conv, u64::MAX))
+            .next_back()
+            .map_or(0, |(k, _)| k.1)))
+    }
+    fn dedup(&self, conv: ConvId, id: ClientMsgId) -> Result<Option<Seq>, StorageError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap()
+            .dedup
+            .get(&(conv, id))
+            .map(|s| Seq(*s)))
+    }
+    fn indexed_lsn(&self) -> Lsn {
+        self.0.lock().unwrap().applied
+    }
+}
+
+/// A `DurableLog` over a [`Disk`]: appends are buffered ("page cache") until `sim_sync`.
+struct SimLog {
+    disk: Arc<Mutex<Disk>>,
+    unsynced: Vec<(Vec<u8>, Lsn)>,
+    to_index: VecDeque<Vec<u8>>,
+    index: Arc<SimIndex>,
+    next_lsn: Lsn,
+    src: CompletionSource,
+}
+
+impl DurableLog for SimLog {
+    fn append<L: Level>(&mut self, entries: &[Entry]) -> Result<Completion<L>, LogError> {
+        self.src.durable()?;
+        if entries.is_empty() {
+            return Err(LogError::InvalidBatch("empty batch"));
+        }
+        if self.unsynced.len() >= 64 {
+            return Err(LogError::Busy {
+                inflight_bytes: 0,
+                limit_bytes: 0,
+            });
+        }
+        let first = self.next_lsn;
+        let last = Lsn(first.0 + entries.len() as u64 - 1);
+        let mut bytes = Vec::new();
+        encode_record(first, entries, &mut bytes);
+        self.unsynced.push((bytes, last));
+        self.next_lsn = Lsn(last.0 + 1);
+        Ok(self.src.completion(first, last))
+    }
+    fn next_lsn(&self) -> Lsn {
+        self.next_lsn
+    }
+    fn durable_lsn(&self) -> Result<Lsn, LogError> {
+        self.src.durable()
+    }
+}
+
+impl SimLog {
+    /// Recovers from `disk`: keeps every whole record, cuts a torn tail, rebuilds the index.
+    fn recover(disk: Arc<Mutex<Disk>>) -> SimLog {
+        let index = Arc::new(SimIndex::default());
+        let mut last = Lsn::ZERO;
+        {
+            let mut d = disk.lock().unwrap();
+            let mut pos = 0;
+            let mut recs = Vec::new();
+            while let Ok(view) = decode_record(&d.synced[pos..]) {
+                last = view.last_lsn();
+                recs.push(d.synced[pos..pos + view.total_bytes()].to_vec());
+                pos += view.total_bytes();
+            }
+            d.synced.truncate(pos); // a torn tail is cut, never replayed
+            index.apply(&recs);
+        }
+        SimLog {
+            disk,
+            unsynced: Vec::new(),
+            to_index: VecDeque::new(),
+            index,
+            next_lsn: Lsn(last.0 + 1),
+            src: CompletionSource::new(last, None),
+        }
+    }
+
+    /// fdatasync: everything buffered becomes durable, or the sync fails and poisons the log
+    /// (the buffered records stay in limbo: a crash may or may not persist them).
+    fn sim_sync(&mut self, fail: bool) -> Vec<Entry> {
+        if self.unsynced.is_empty() || self.src.durable().is_err() {
+            return Vec::new();
+        }
+        if fail {
+            self.src.fail(LogError::Io {
+                op: "fdatasync",
+                path: PathBuf::from("sim"),
+                source: Arc::new(io::Error::other("injected fsync failure")),
+            });
+            return Vec::new();
+        }
+        let mut d = self.disk.lock().unwrap();
+        let mut out = Vec::new();
+        let mut last = Lsn::ZERO;
+        for (bytes, l) in self.unsynced.drain(..) {
+            d.synced.extend_from_slice(&bytes);
+            out.extend(decode_record(&bytes).unwrap().entries().unwrap());
+            self.to_index.push_back(bytes);
+            last = l;
+        }
+        drop(d);
+        self.src.advance(last, Some(last));
+        out
+    }
+
+    /// The index catches up by up to `n` records (it lags the log).
+    fn apply_index(&mut self, n: usize) {
+        let recs: Vec<Vec<u8>> = (0..n).filter_map(|_| self.to_index.pop_front()).collect();
+        self.index.apply(&recs);
+    }
+
+    /// A crash: unsynced records may persist as a prefix, the next one possibly torn.
+    fn crash(self, rng: &mut Rng) {
+        let mut d = self.disk.lock().unwrap();
+        for (bytes, _) in &self.unsynced {
+            match rng.below(3) {
+                0 => d.synced.extend_from_slice(bytes),
+                1 => {
+                    let cut = rng.below(bytes.len() as u64) as usize;
+                    d.synced.extend_from_slice(&bytes[..cut]);
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the node
+
+struct NoBell;
+impl Doorbell for NoBell {
+    fn ring(&self) {}
+}
+
+type Shard = RouterShard<SimLog, SimIndex, MemMeta>;
+
+struct Node {
+    shards: Vec<Shard>,
+}
+
+fn cfg() -> ShardConfig {
+    ShardConfig {
+        batch_entries_max: 8,
+        conn_outbound_bytes_max: 1200,
+        sync_messages_max: 6,
+        cursor_flush_ms: 3,
+        ..ShardConfig::default()
+    }
+}
+
+impl Node {
+    fn start(disks: &[Arc<Mutex<Disk>>], meta: &Arc<MemMeta>) -> Node {
+        let bells: Vec<_> = disks.iter().map(|_| Bell::new(NoBell)).collect();
+        let links = grid(64, &bells);
+        let shards = links
+            .into_iter()
+            .zip(disks)
+            .map(|(l, d)| {
+                let log = SimLog::recover(d.clone());
+                let index = log.index.clone();
+                RouterShard::new(cfg(), l, log, index, meta.clone())
+            })
+            .collect();
+        Node { shards }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the clients
+
+#[derive(Clone)]
+struct Outgoing {
+    cmid: [u8; 16],
+    to: v1::recipient::Target,
+    body: Bytes,
+}
+
+struct Device {
+    user: u64,
+    device: u32,
+    slow: bool,
+    conn: Option<(usize, ConnId)>,
+    downlink: VecDeque<v1::Frame>,
+    outbox: Vec<Outgoing>,
+    /// conv → seq → (cmid, body).
+    store: BTreeMap<u64, BTreeMap<u64, ([u8; 16], Bytes)>>,
+    acked_delivery: BTreeMap<u64, u64>,
+    next_rid: u64,
+    sent: u64,
+    syncing: bool,
+}
+
+impl Device {
+    fn contiguous(&self, conv: u64) -> u64 {
+        let mut n = 0;
+        if let Some(m) = self.store.get(&conv) {
+            for s in m.keys() {
+                if *s == n + 1 {
+                    n += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        n
+    }
+}
+
+fn encoded_len(f: &v1::Frame) -> u64 {
+    prost::Message::encoded_len(f) as u64 + 5
+}
+
+// ---------------------------------------------------------------------------------------------
+// the world
+
+struct World {
+    rng: Rng,
+    now: u64,
+    meta: Arc<MemMeta>,
+    disks: Vec<Arc<Mutex<Disk>>>,
+    node: Node,
+    devices: Vec<Device>,
+    users: Vec<u64>,
+    group: u64,
+    next_conn: u64,
+    faults: bool,
+    /// (conv, seq) → (cmid, body): everything the disks have synced.
+    durable: BTreeMap<(u64, u64), ([u8; 16], Bytes)>,
+    /// Acknowledged (conv, seq) → cmid.
+    acked: BTreeMap<(u64, u64), [u8; 16]>,
+    /// cmid → (conv, seq), as observed by any device.
+    seq_of: HashMap<[u8; 16], (u64, u64)>,
+    cursors_seen: BTreeMap<(u64, u64, u32), u64>,
+    convs: BTreeSet<u64>,
+    restarts: u64,
+    hints: u64,
+    duplicates: u64,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let shards = 1 + rng.below(3) as usize;
+        let meta = Arc::new(MemMeta::new());
+        let users: Vec<u64> = (1..=2 + rng.below(3)).collect();
+        let group = GROUP_BIT | 7;
+        let mut b = MetaBatch::default();
+        for &u in &users {
+            b.put(&User {
+                id: UserId(u),
+                phone_e164: format!("+1555000{u}"),
+                display_name: format!("user{u}"),
+                password_hash: None,
+                created_ms: TimestampMs(0),
+            });
+            b.add_member(&Member {
+                group: conv_id(group),
+                user: UserId(u),
+                role: Role::Member,
+                joined_ms: TimestampMs(0),
+            });
+        }
+        b.put(&Group {
+            id: conv_id(group),
+            name: "sim".into(),
+            created_by: UserId(1),
+            created_ms: TimestampMs(0),
+            epoch: 0,
+        });
+        meta.commit(&b).unwrap();
+        let disks: Vec<_> = (0..shards)
+            .map(|_| Arc::new(Mutex::new(Disk::default())))
+            .collect();
+        let node = Node::start(&disks, &meta);
+        let mut devices = Vec::new();
+        for &u in &users {
+            for d in 1..=1 + rng.below(2) as u32 {
+                devices.push(Device {
+                    user: u,
+                    device: d,
+                    slow: rng.chance(250),
+                    conn: None,
+                    downlink: VecDeque::new(),
+                    outbox: Vec::new(),
+                    store: BTreeMap::new(),
+                    acked_delivery: BTreeMap::new(),
+                    next_rid: 1,
+                    sent: 0,
+                    syncing: false,
+                });
+            }
+        }
+        let mut convs = BTreeSet::new();
+        convs.insert(group);
+        World {
+            rng,
+            now: 1_000,
+            meta,
+            disks,
+            node,
+            devices,
+            users,
+            group,
+            next_conn: 1,
+            faults: true,
+            durable: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            seq_of: HashMap::new(),
+            cursors_seen: BTreeMap::new(),
+            convs,
+            restarts: 0,
+            hints: 0,
+            duplicates: 0,
+        }
+    }
+
+    fn send_frame(&mut self, d: usize, body: Body) {
+        let Some((shard, conn)) = self.devices[d].conn else {
+            return;
+        };
+        let rid = self.devices[d].next_rid;
+        self.devices[d].next_rid += 1;
+        let f = v1::Frame {
+            request_id: rid,
+            body: Some(body),
+        };
+        if self.faults && self.rng.chance(5) {
+            // Lost on the way: the connection breaks.
+            self.disconnect(d);
+            return;
+        }
+        let dup = self.faults && self.rng.chance(20);
+        self.node.shards[shard].handle_frame(conn, f.clone(), self.now);
+        if dup {
+            self.node.shards[shard].handle_frame(conn, f, self.now);
+        }
+    }
+
+    fn connect(&mut self, d: usize) {
+        if self.devices[d].conn.is_some() {
+            return;
+        }
+        let shard = self.rng.below(self.node.shards.len() as u64) as usize;
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let (u, dev) = (self.devices[d].user, self.devices[d].device);
+        self.node.shards[shard].handle_conn_opened(conn, UserId(u), DeviceId(dev), self.now);
+        self.devices[d].conn = Some((shard, conn));
+        self.sync(d);
+        for o in self.devices[d].outbox.clone() {
+            self.send_out(d, &o);
+        }
+    }
+
+    fn sync(&mut self, d: usize) {
+        let last_seq = self.devices[d]
+            .store
+            .keys()
+            .map(|c| (*c, self.devices[d].contiguous(*c)))
+            .collect();
+        self.devices[d].syncing = true;
+        self.send_frame(d, Body::Sync(v1::Sync { last_seq }));
+    }
+
+    fn disconnect(&mut self, d: usize) {
+        if let Some((shard, conn)) = self.devices[d].conn.take() {
+            self.node.shards[shard].handle_conn_closed(conn, self.now);
+        }
+        self.devices[d].downlink.clear();
+        self.devices[d].syncing = false;
+    }
+
+    fn send_out(&mut self, d: usize, o: &Outgoing) {
+        self.send_frame(
+            d,
+            Body::Send(v1::Send {
+                client_msg_id: Bytes::copy_from_slice(&o.cmid),
+                to: Some(v1::Recipient { target: Some(o.to) }),
+                content_type: "text/plain".into(),
+                body: o.body.clone(),
+                media: None,
+                reply_to_seq: 0,
+            }),
+        );
+    }
+
+    fn new_message(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        dev.sent += 1;
+        let mut cmid = [0u8; 16];
+        cmid[..8].copy_from_slice(&dev.user.to_le_bytes());
+        cmid[8..12].copy_from_slice(&dev.device.to_le_bytes());
+        cmid[12..].copy_from_slice(&(dev.sent as u32).to_le_bytes());
+        let to = if self.rng.chance(400) {
+            v1::recipient::Target::ConversationId(self.group)
+        } else {
+            let peer = self.users[self.rng.below(self.users.len() as u64) as usize];
+            v1::recipient::Target::UserId(peer)
+        };
+        let body = Bytes::from(format!("m{:?}", &cmid[..]).into_bytes());
+        let o = Outgoing { cmid, to, body };
+        self.devices[d].outbox.push(o.clone());
+        self.send_out(d, &o);
+    }
+
+    // --- server side
+
+    fn server_step(&mut self) {
+        let n = self.node.shards.len();
+        for s in 0..n {
+            self.node.shards[s].handle_rings(self.now);
+            let _ = self.node.shards[s].poll_timeout();
+            if self.rng.chance(600) {
+                let fail = self.faults && self.rng.chance(15);
+                let synced = self.node.shards[s].log_mut().sim_sync(fail);
+                for e in synced {
+                    let conv = e.conv.0 as u64;
+                    let m = starling_like_body(&e);
+                    self.durable.insert((conv, e.seq.0), (e.client_msg_id.0, m));
+                }
+                self.node.shards[s].handle_log_progress(self.now);
+            }
+            if self.rng.chance(500) {
+                let k = self.rng.below(4) as usize;
+                self.node.shards[s].log_mut().apply_index(k);
+            }
+            self.node.shards[s].handle_tick(self.now);
+            while let Some(t) = self.node.shards[s].poll_transmit() {
+                if let Some(d) = self
+                    .devices
+                    .iter()
+                    .position(|d| d.conn == Some((s, t.conn)))
+                {
+                    self.devices[d].downlink.push_back(t.frame);
+                }
+            }
+            while self.node.shards[s].poll_close().is_some() {}
+        }
+    }
+
+    fn crash(&mut self) {
+        self.restarts += 1;
+        self.add_stats();
+        for d in 0..self.devices.len() {
+            self.devices[d].conn = None;
+            self.devices[d].downlink.clear();
+            self.devices[d].syncing = false;
+        }
+        let old = std::mem::replace(&mut self.node, Node { shards: Vec::new() });
+        for shard in old.shards {
+            let log = shard_into_log(shard);
+            log.crash(&mut self.rng);
+        }
+        self.node = Node::start(&self.disks, &self.meta);
+        // Recovery check: nothing acknowledged is lost; seqs are contiguous; limbo records that
+        // did survive are now durable.
+        let mut recovered = BTreeMap::new();
+        for s in &self.node.shards {
+            let ix = s.log().index.0.lock().unwrap();
+            for ((conv, seq), e) in &ix.entries {
+                recovered.insert(
+                    (conv.0 as u64, *seq),
+                    (e.client_msg_id.0, starling_like_body(e)),
+                );
+            }
+        }
+        for ((conv, seq), cmid) in &self.acked {
+            let got = recovered.get(&(*conv, *seq)).map(|x| x.0);
+            assert_eq!(
+                got,
+                Some(*cmid),
+                "acknowledged message {conv}/{seq} lost by a crash"
+            );
+        }
+        for (k, v) in &self.durable {
+            assert_eq!(
+                recovered.get(k),
+                Some(v),
+                "synced entry {k:?} changed by a crash"
+            );
+        }
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        for (conv, seq) in recovered.keys() {
+            let l = last.entry(*conv).or_default();
+            assert_eq!(
+                *seq,
+                *l + 1,
+                "seqs of conversation {conv} not contiguous after recovery"
+            );
+            *l = *seq;
+        }
+        self.durable = recovered;
+    }
+
+    // --- client side
+
+    fn client_read(&mut self, d: usize, max: usize) {
+        let mut bytes = 0;
+        let mut frames = Vec::new();
+        for _ in 0..max {
+            match self.devices[d].downlink.pop_front() {
+                Some(f) => {
+                    bytes += encoded_len(&f);
+                    frames.push(f);
+                }
+                None => break,
+            }
+        }
+        if frames.is_empty() {
+            return;
+        }
+        if self.faults && frames.len() > 1 && self.rng.chance(100) {
+            let i = self.rng.below(frames.len() as u64 - 1) as usize;
+            frames.swap(i, i + 1); // reordered (the SDK orders by seq anyway)
+        }
+        if self.faults && self.rng.chance(50) {
+            let i = self.rng.below(frames.len() as u64) as usize;
+            let f = frames[i].clone();
+            frames.insert(i, f); // duplicated
+        }
+        if let Some((shard, conn)) = self.devices[d].conn {
+            self.node.shards[shard].handle_conn_flushed(conn, bytes, self.now);
+        }
+        for f in frames {
+            self.client_frame(d, f);
+            if self.devices[d].conn.is_none() {
+                return;
+            }
+        }
+        // Cumulative acknowledgements for whatever became contiguous.
+        let convs: Vec<u64> = self.devices[d].store.keys().copied().collect();
+        for conv in convs {
+            let c = self.devices[d].contiguous(conv);
+            if c > self.devices[d]
+                .acked_delivery
+                .get(&conv)
+                .copied()
+                .unwrap_or(0)
+            {
+                self.devices[d].acked_delivery.insert(conv, c);
+                self.send_frame(
+                    d,
+                    Body::DeliveryAck(v1::DeliveryAck {
+                        conversation_id: conv,
+                        up_to_seq: c,
+                    }),
+                );
+                if self.rng.chance(300) {
+                    self.send_frame(
+                        d,
+                        Body::ReadCursor(v1::ReadCursor {
+                            conversation_id: conv,
+                            up_to_seq: c,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    fn store(&mut self, d: usize, conv: u64, seq: u64, cmid: [u8; 16], body: Bytes) {
+        let who = (self.devices[d].user, self.devices[d].device);
+        let Some(model) = self.durable.get(&(conv, seq)) else {
+            panic!("device {who:?} got {conv}/{seq} which is not durable");
+        };
+        assert_eq!(
+            model,
+            &(cmid, body.clone()),
+            "device {who:?}: {conv}/{seq} differs from the disk"
+        );
+        match self.seq_of.get(&cmid) {
+            Some(&x) => assert_eq!(x, (conv, seq), "client_msg_id got two seqs"),
+            None => {
+                self.seq_of.insert(cmid, (conv, seq));
+            }
+        }
+        self.convs.insert(conv);
+        let m = self.devices[d].store.entry(conv).or_default();
+        if let Some(old) = m.get(&seq) {
+            assert_eq!(old, &(cmid, body.clone()), "two messages at {conv}/{seq}");
+        }
+        m.insert(seq, (cmid, body));
+    }
+
+    fn client_frame(&mut self, d: usize, f: v1::Frame) {
+        match f.body {
+            Some(Body::Deliver(v1::Deliver { message: Some(m) })) => {
+                let cmid: [u8; 16] = m.client_msg_id.as_ref().try_into().unwrap();
+                self.store(d, m.conversation_id, m.seq, cmid, m.body);
+            }
+            Some(Body::SendAck(a)) => {
+                let cmid: [u8; 16] = a.client_msg_id.as_ref().try_into().unwrap();
+                let Some(pos) = self.devices[d].outbox.iter().position(|o| o.cmid == cmid) else {
+                    // A duplicate ack for something already acknowledged.
+                    assert_eq!(self.seq_of.get(&cmid), Some(&(a.conversation_id, a.seq)));
+                    return;
+                };
+                let o = self.devices[d].outbox.remove(pos);
+                assert!(
+                    self.durable.contains_key(&(a.conversation_id, a.seq)),
+                    "SendAck before the message was durable"
+                );
+                self.acked.insert((a.conversation_id, a.seq), cmid);
+                self.store(d, a.conversation_id, a.seq, cmid, o.body);
+            }
+            Some(Body::Error(e)) => {
+                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+                assert!(
+                    matches!(
+                        code,
+                        ErrorCode::StorageFailure | ErrorCode::Overloaded | ErrorCode::Unavailable
+                    ),
+                    "unexpected error {code:?}: {}",
+                    e.message
+                );
+                // The outbox keeps the message; it is retried under the same client_msg_id.
+            }
+            Some(Body::MessagesAvailable(m)) => {
+                if m.up_to_seq > self.devices[d].contiguous(m.conversation_id)
+                    && !self.devices[d].syncing
+                {
+                    self.sync(d);
+                }
+            }
+            Some(Body::SyncDone(s)) => {
+                self.devices[d].syncing = false;
+                if !s.truncated.is_empty() {
+                    self.sync(d);
+                }
+            }
+            Some(Body::Receipt(r)) => {
+                let conv = ConvId(u128::from(r.conversation_id));
+                let durable = if r.kind == v1::ReceiptKind::Read as i32 {
+                    self.meta.read_cursor(conv, UserId(r.by_user_id)).unwrap().0
+                } else {
+                    self.meta
+                        .delivery_cursors(conv)
+                        .unwrap()
+                        .iter()
+                        .filter(|c| c.user.0 == r.by_user_id)
+                        .map(|c| c.seq.0)
+                        .max()
+                        .unwrap_or(0)
+                };
+                assert!(
+                    r.up_to_seq <= durable,
+                    "receipt ahead of the durable cursor"
+                );
+            }
+            Some(Body::Done(_)) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    fn check_cursors(&mut self) {
+        for &conv in &self.convs {
+            for c in self
+                .meta
+                .delivery_cursors(ConvId(u128::from(conv)))
+                .unwrap()
+            {
+                let k = (conv, c.user.0, c.device.0);
+                let prev = self.cursors_seen.insert(k, c.seq.0).unwrap_or(0);
+                assert!(c.seq.0 >= prev, "delivery cursor moved backwards");
+                let last = self.durable.range((conv, 0)..=(conv, u64::MAX)).next_back();
+                assert!(
+                    c.seq.0 <= last.map_or(0, |(k, _)| k.1),
+                    "cursor past the durable end"
+                );
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        let d = self.rng.below(self.devices.len() as u64) as usize;
+        match self.rng.below(100) {
+            0..=9 => self.connect(d),
+            10..=11 if self.faults => self.disconnect(d),
+            12..=29 => {
+                if self.devices[d].sent < 12 {
+                    self.new_message(d);
+                }
+            }
+            30..=32 => {
+                if let Some(o) = self.devices[d].outbox.first().cloned() {
+                    self.send_out(d, &o);
+                }
+            }
+            33..=64 => {
+                if !self.devices[d].slow || self.rng.chance(100) {
+                    let k = 1 + self.rng.below(6) as usize;
+                    self.client_read(d, k);
+                }
+            }
+            65 if self.faults && self.rng.chance(150) => self.crash(),
+            _ => self.server_step(),
+        }
+        if self.node.shards.iter().any(|s| s.failure().is_some()) && self.rng.chance(300) {
+            self.crash(); // the gateway restarts a shard whose log failed
+        }
+        self.check_cursors();
+    }
+
+    fn converged(&self) -> bool {
+        self.devices
+            .iter()
+            .all(|d| d.outbox.is_empty() && d.downlink.is_empty() && d.conn.is_some())
+            && self.node.shards.iter().all(|s| s.log().unsynced.is_empty())
+            && self.devices.iter().all(|d| {
+                self.durable.keys().all(|(conv, seq)| {
+                    !self.is_member(*conv, d.user)
+                        || d.store.get(conv).is_some_and(|m| m.contains_key(seq))
+                })
+            })
+    }
+
+    fn is_member(&self, conv: u64, user: u64) -> bool {
+        self.meta
+            .get::<Member>(&keys::member(conv_id(conv).0, UserId(user)))
+            .unwrap()
+            .is_some()
+    }
+
+    fn add_stats(&mut self) {
+        for s in &self.node.shards {
+            let st = s.stats();
+            self.hints += st.hints;
+            self.duplicates += st.duplicates;
+        }
+    }
+
+    /// Faults off; everyone reconnects, retries and syncs until nothing moves.
+    fn settle(&mut self) {
+        self.faults = false;
+        if self.node.shards.iter().any(|s| s.failure().is_some()) {
+            self.crash();
+        }
+        for round in 0..40 {
+            for d in 0..self.devices.len() {
+                if self.devices[d].conn.is_none() {
+                    self.connect(d);
+                } else if round % 4 == 3 {
+                    self.sync(d);
+                    for o in self.devices[d].outbox.clone() {
+                        self.send_out(d, &o);
+                    }
+                }
+            }
+            if round > 0 && self.converged() {
+                break;
+            }
+            for _ in 0..12 {
+                self.now += 1;
+                for s in 0..self.node.shards.len() {
+                    let synced = self.node.shards[s].log_mut().sim_sync(false);
+                    for e in synced {
+                        self.durable.insert(
+                            (e.conv.0 as u64, e.seq.0),
+                            (e.client_msg_id.0, starling_like_body(&e)),
+                        );
+                    }
+                    self.node.shards[s].log_mut().apply_index(2);
+                }
+                self.server_step();
+                for d in 0..self.devices.len() {
+                    self.client_read(d, 64);
+                }
+                self.check_cursors();
+            }
+        }
+        // Final: every send acknowledged; every device has every message of its conversations,
+        // exactly once and in order.
+        for dev in &self.devices {
+            assert!(
+                dev.outbox.is_empty(),
+                "device {}/{} has unacknowledged sends",
+                dev.user,
+                dev.device
+            );
+        }
+        let mut by_conv: BTreeMap<u64, Vec<(u64, [u8; 16])>> = BTreeMap::new();
+        for ((conv, seq), (cmid, _)) in &self.durable {
+            by_conv.entry(*conv).or_default().push((*seq, *cmid));
+        }
+        for (conv, entries) in &by_conv {
+            for (i, (seq, _)) in entries.iter().enumerate() {
+                assert_eq!(*seq, i as u64 + 1, "conversation {conv} has a gap");
+            }
+            let members: Vec<u64> = self
+                .meta
+                .scan::<Member>(&conv_id(*conv).0.to_be_bytes(), 100)
+                .unwrap()
+                .iter()
+                .map(|m| m.user.0)
+                .collect();
+            for dev in self.devices.iter().filter(|d| members.contains(&d.user)) {
+                let got: Vec<(u64, [u8; 16])> = dev
+                    .store
+                    .get(conv)
+                    .map(|m| m.iter().map(|(s, (c, _))| (*s, *c)).collect())
+                    .unwrap_or_default();
+                assert_eq!(
+                    &got, entries,
+                    "device {}/{} misses messages of {conv}",
+                    dev.user, dev.device
+                );
+            }
+        }
+        self.add_stats();
+    }
+}
+
+fn starling_like_body(e: &Entry) -> Bytes {
+    // The router stores an envelope (content type, reply_to, body); the client body is its tail.
+    let b = &e.body;
+    let n = u16::from_le_bytes([b[0], b[1]]) as usize;
+    Bytes::copy_from_slice(&b[2 + n + 8..])
+}
+
+fn shard_into_log(mut shard: Shard) -> SimLog {
+    // RouterShard owns its log; the sim takes it back to crash it.
+    let empty = SimLog::recover(Arc::new(Mutex::new(Disk::default())));
+    std::mem::replace(shard.log_mut(), empty)
+}
+
+#[derive(Default, Debug)]
+struct Totals {
+    acked: u64,
+    restarts: u64,
+    hints: u64,
+    duplicates: u64,
+}
+
+fn run_seed(seed: u64, steps: usize) -> Totals {
+    let mut w = World::new(seed);
+    for _ in 0..steps {
+        w.step();
+    }
+    w.settle();
+    Totals {
+        acked: w.acked.len() as u64,
+        restarts: w.restarts,
+        hints: w.hints,
+        duplicates: w.duplicates,
+    }
+}
+
+#[test]
+fn simulation() {
+    let steps = 400;
+    if let Ok(s) = std::env::var("STARLING_SIM_SEED") {
+        let seed: u64 = s.parse().expect("STARLING_SIM_SEED is a number");
+        let t = run_seed(seed, steps);
+        println!("seed {seed}: {t:?}");
+        return;
+    }
+    let seeds: u64 = std::env::var("STARLING_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let base = match std::env::var("STARLING_SIM_BASE") {
+        Ok(s) => s.parse().expect("STARLING_SIM_BASE is a number"),
+        Err(_) => 0,
+    };
+    let start = std::time::Instant::now();
+    let mut total = Totals::default();
+    for seed in base..base + seeds {
+        let r = std::panic::catch_unwind(|| run_seed(seed, steps));
+        match r {
+            Ok(t) => {
+                total.acked += t.acked;
+                total.restarts += t.restarts;
+                total.hints += t.hints;
+                total.duplicates += t.duplicates;
+            }
+            Err(e) => {
+                eprintln!("simulation failed; replay with STARLING_SIM_SEED={seed}");
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{seeds} seeds in {secs:.1}s ({:.0} seeds/s): {total:?}",
+        seeds as f64 / secs
+    );
+    assert!(
+        total.acked > seeds * 5 && total.restarts > 0 && total.hints > 0 && total.duplicates > 0
+    );
+}
