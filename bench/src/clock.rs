@@ -8,12 +8,8 @@ pub(crate) struct Stopwatch(Instant);
 
 impl Stopwatch {
     /// Starts measuring now.
-    #[allow(
-        clippy::disallowed_methods,
-        reason = "benchmarks measure wall-clock time by design"
-    )]
     pub(crate) fn start() -> Self {
-        Self(Instant::now())
+        Self(now())
     }
 
     /// Time since `start`.
@@ -25,4 +21,24 @@ impl Stopwatch {
     pub(crate) fn elapsed_secs(self) -> f64 {
         self.elapsed().as_secs_f64()
     }
+}
+
+/// The monotonic clock, now.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "benchmarks measure wall-clock time by design"
+)]
+pub(crate) fn now() -> Instant {
+    Instant::now()
+}
+
+/// Seconds since the Unix epoch (for report timestamps).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "reports carry the date they were taken"
+)]
+pub(crate) fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -9,9 +9,17 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod accounts;
 mod clock;
 mod codec;
+mod connections;
+mod handshakes;
+mod heartbeats;
 mod log;
+mod net;
+mod rate;
+mod report;
+mod workers;
 
 #[derive(Debug, Parser)]
 #[command(name = "starling-bench", version, about = "Starling benchmarks")]
@@ -26,6 +34,14 @@ enum Command {
     Codec(codec::CodecArgs),
     /// Durable-log throughput and latency for one sequencer shard.
     Log(log::LogArgs),
+    /// Register benchmark accounts through the OTP flow and save their tokens.
+    Register(accounts::RegisterArgs),
+    /// Open and hold N authenticated connections; memory per connection.
+    Connections(connections::ConnectionsArgs),
+    /// Ping -> Pong throughput over many pipelining connections.
+    Heartbeats(heartbeats::HeartbeatsArgs),
+    /// TLS 1.3 handshakes (+ login) per second, full or resumed.
+    Handshakes(handshakes::HandshakesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +49,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Codec(args) => codec::run(&args),
         Command::Log(args) => log::run(&args),
+        Command::Register(args) => accounts::run(&args),
+        Command::Connections(args) => connections::run(&args),
+        Command::Heartbeats(args) => heartbeats::run(&args),
+        Command::Handshakes(args) => handshakes::run(&args),
     }
 }

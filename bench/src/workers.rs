@@ -1,0 +1,207 @@
+//! Load-generator processes. Every process is capped at 20,000 open files,
+//! so a subcommand that holds many connections re-runs itself `--procs`
+//! times with `--worker I` added. A worker runs one single-threaded tokio
+//! runtime, prints `@@{json}` lines (progress and result) on stdout, and
+//! stops early when its stdin closes. The parent aggregates and reports.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Flags every multi-process subcommand has.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// Load-generator processes (each holds at most ~19,000 sockets).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) procs: u32,
+    /// Internal: this process is worker I of --procs.
+    #[arg(long, hide = true)]
+    pub(crate) worker: Option<u32>,
+}
+
+impl WorkerArgs {
+    /// This worker's share of `total` items, and the index of its first.
+    pub(crate) fn share(&self, total: u64) -> (u64, u64) {
+        let p = u64::from(self.procs.max(1));
+        let i = u64::from(self.worker.unwrap_or(0));
+        let base = total / p;
+        let extra = total % p;
+        let count = base + u64::from(i < extra);
+        let first = i * base + i.min(extra);
+        (count, first)
+    }
+}
+
+/// One line from a worker.
+#[derive(Debug)]
+pub(crate) struct Msg {
+    pub(crate) worker: usize,
+    pub(crate) kind: String,
+    pub(crate) value: serde_json::Value,
+}
+
+impl Msg {
+    pub(crate) fn parse<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_value(self.value.clone())
+            .with_context(|| format!("worker {} sent a bad {} line", self.worker, self.kind))
+    }
+}
+
+/// Running worker processes.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+    rx: Receiver<Option<Msg>>,
+    open: usize,
+}
+
+impl Workers {
+    /// Starts `procs` copies of this command line with `--worker I`.
+    pub(crate) fn spawn(procs: u32) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding our own executable")?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let (tx, rx) = channel();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        for i in 0..procs {
+            let mut child = Command::new(&exe)
+                .args(&args)
+                .arg("--worker")
+                .arg(i.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a worker process")?;
+            let out = child.stdout.take().context("worker stdout")?;
+            stdins.push(child.stdin.take());
+            let tx = tx.clone();
+            let worker = i as usize;
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let Some(json) = line.strip_prefix("@@") else {
+                        eprintln!("[worker {worker}] {line}");
+                        continue;
+                    };
+                    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str(json) else {
+                        eprintln!("[worker {worker}] unparsable: {line}");
+                        continue;
+                    };
+                    let kind = m
+                        .remove("k")
+                        .and_then(|k| k.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let value = m.remove("v").unwrap_or_default();
+                    if tx
+                        .send(Some(Msg {
+                            worker,
+                            kind,
+                            value,
+                        }))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = tx.send(None);
+            });
+            children.push(child);
+        }
+        Ok(Self {
+            children,
+            stdins,
+            rx,
+            open: procs as usize,
+        })
+    }
+
+    /// The next line from any worker; `Ok(None)` on timeout; an error once
+    /// every worker has exited.
+    pub(crate) fn recv(&mut self, timeout: Duration) -> anyhow::Result<Option<Msg>> {
+        loop {
+            match self.rx.recv_timeout(timeout) {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {
+                    self.open -= 1;
+                    if self.open == 0 {
+                        bail!("all workers exited");
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => bail!("all workers exited"),
+            }
+        }
+    }
+
+    /// Asks every worker to finish (closes their stdin).
+    pub(crate) fn stop_all(&mut self) {
+        for s in &mut self.stdins {
+            s.take();
+        }
+    }
+
+    /// Waits for every worker; fails if one failed.
+    pub(crate) fn wait(mut self) -> anyhow::Result<()> {
+        self.stop_all();
+        let mut failed = Vec::new();
+        for (i, c) in self.children.iter_mut().enumerate() {
+            let st = c.wait()?;
+            if !st.success() {
+                failed.push(format!("worker {i}: {st}"));
+            }
+        }
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// Worker side: prints one `@@` line.
+pub(crate) fn emit(kind: &str, value: &impl Serialize) {
+    #[derive(Serialize)]
+    struct Line<'a, T> {
+        k: &'a str,
+        v: &'a T,
+    }
+    let mut line = b"@@".to_vec();
+    if serde_json::to_writer(&mut line, &Line { k: kind, v: value }).is_ok() {
+        line.push(b'\n');
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&line);
+        let _ = out.flush();
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Worker side: whether the parent asked us to stop (stdin closed).
+pub(crate) fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Worker side: watches stdin and flags [`stop_requested`] when it closes.
+pub(crate) fn watch_stdin() {
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        STOP.store(true, Ordering::Relaxed);
+    });
+}
+
+/// Runs `f` on a single-threaded tokio runtime.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    Ok(rt.block_on(f))
+}
