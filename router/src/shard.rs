@@ -31,6 +31,9 @@ pub struct ShardConfig {
     /// Bytes a connection may have queued (emitted, not yet reported written) before pushes to
     /// it turn into `MessagesAvailable` hints.
     pub conn_outbound_bytes_max: u64,
+    /// A connection that stays over its outbound budget this long (it reads nothing) is
+    /// closed with `SLOW_CONSUMER`; it syncs after reconnecting.
+    pub slow_consumer_close_ms: u64,
     /// Most messages per conversation one `Sync` returns.
     pub sync_messages_max: usize,
     /// Default and most messages of one `HistoryPage`.
@@ -56,6 +59,7 @@ impl Default for ShardConfig {
             batch_entries_max: 512,
             open_entries_max: 8192,
             conn_outbound_bytes_max: 256 * 1024,
+            slow_consumer_close_ms: 30_000,
             sync_messages_max: 500,
             history_limit_default: 50,
             history_limit_max: 200,
@@ -367,6 +371,8 @@ struct Conn {
     behind: bool,
     /// Latest seq per conversation not pushed while behind.
     hints: BTreeMap<u64, u64>,
+    /// When it went behind (for `slow_consumer_close_ms`); `None` once a close was requested.
+    behind_since_ms: Option<u64>,
     syncs: HashMap<u64, SyncGather>,
     lists: HashMap<u64, ListGather>,
 }
@@ -565,6 +571,7 @@ where
                 queued_bytes: 0,
                 behind: false,
                 hints: BTreeMap::new(),
+                behind_since_ms: None,
                 syncs: HashMap::new(),
                 lists: HashMap::new(),
             },
@@ -728,8 +735,25 @@ where
         }
         self.prune_recent();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-        for c in conns {
-            self.emit_hints(c);
+        let (budget, close_ms) = (
+            self.cfg.conn_outbound_bytes_max,
+            self.cfg.slow_consumer_close_ms,
+        );
+        for id in conns {
+            self.emit_hints(id);
+            if let Some(c) = self.conns.get_mut(&id)
+                && c.behind
+                && c.queued_bytes > budget
+                && c.behind_since_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
+            {
+                c.behind_since_ms = None;
+                self.closes.push_back(CloseRequest {
+                    conn: id,
+                    code: ErrorCode::SlowConsumer,
+                    message: format!("{} bytes unread for {close_ms} ms", c.queued_bytes),
+                });
+            }
         }
         self.drive();
     }
@@ -856,8 +880,9 @@ where
             return false;
         }
         c.queued_bytes += f.encoded_len() as u64 + 5;
-        if push && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
+        if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
             c.behind = true;
+            c.behind_since_ms = Some(self.now_ms);
         }
         self.transmits.push_back(Transmit { conn, frame: f });
         true
@@ -1081,9 +1106,9 @@ where
             if out.len() >= limit {
                 break;
             }
-            if e.seq.0 == last + 1 {
+            if Some(e.seq.0) == last.checked_add(1) {
                 out.push(e.clone());
-                last += 1;
+                last = e.seq.0;
             }
         }
         Ok(out)
