@@ -16,6 +16,8 @@ mod connections;
 mod handshakes;
 mod heartbeats;
 mod log;
+mod messages;
+mod mqtt;
 mod net;
 mod rate;
 mod report;
@@ -42,6 +44,9 @@ enum Command {
     Heartbeats(heartbeats::HeartbeatsArgs),
     /// TLS 1.3 handshakes (+ login) per second, full or resumed.
     Handshakes(handshakes::HandshakesArgs),
+    /// Open-loop messaging workload (Starling or MQTT), latency corrected
+    /// for coordinated omission.
+    Messages(messages::MessagesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Connections(args) => connections::run(&args),
         Command::Heartbeats(args) => heartbeats::run(&args),
         Command::Handshakes(args) => handshakes::run(&args),
+        Command::Messages(args) => messages::run(&args),
     }
 }

@@ -1,0 +1,1118 @@
+//! `starling-bench messages`: the messaging workload, open loop.
+//!
+//! `--pairs` pairs of connections; both members of a pair send to the other
+//! at `--rate / (2 * pairs)` messages per second each, for `--duration-secs`.
+//! Every message has a **scheduled** send time fixed before the run starts
+//! (`start + offset + k * interval`); all latencies are measured from that
+//! time, not from when the bytes were written, so a stalled server or a
+//! busy load generator shows up as latency instead of silently lowering the
+//! offered load (coordinated omission, corrected as in wrk2).
+//!
+//! Starling (`tls://`, `plain://`): Send → SendAck (ack, once durable),
+//! Send → Deliver at the peer (delivery), and Deliver → Receipt{DELIVERED}
+//! back at the sender (the peer acknowledges cumulatively with one
+//! DeliveryAck per read batch; `--read-cursor` also sends ReadCursor).
+//!
+//! MQTT (`mqtt://`, `mqtts://`): each member subscribes at QoS 1 to its own
+//! topic and publishes at QoS 1 to the other's; PUBLISH → PUBACK is the ack,
+//! PUBLISH → receipt of the PUBLISH at the peer is the delivery. MQTT has no
+//! end-to-end receipt.
+//!
+//! One task per pair owns both sockets; everything due is encoded into one
+//! buffer per socket and written with one syscall. Every message carries
+//! its scheduled time, its index and its direction, so the receiver checks
+//! that each message arrives exactly once.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::{Buf as _, BytesMut};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use starling_protocol::v1::{self, frame::Body};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::accounts::{Account, AccountsFile};
+use crate::clock::{self, Stopwatch};
+use crate::mqtt::{self, Packet};
+use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
+use crate::report::{self, HistData, Machine, Summary};
+use crate::workers::{self, WorkerArgs, Workers};
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub(crate) struct MessagesArgs {
+    /// tls://IP:PORT or plain://IP:PORT (Starling), mqtt://IP:PORT or mqtts://IP:PORT.
+    #[arg(long, default_value = "tls://127.0.0.1:7443")]
+    pub(crate) target: String,
+    /// CA certificate for TLS [default: DATA_DIR/tls/ca.pem].
+    #[arg(long)]
+    pub(crate) ca: Option<PathBuf>,
+    /// Starling's data directory (for the default CA path).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Accounts file from `starling-bench register` (Starling: 2 per pair).
+    #[arg(long, default_value = "bench-accounts.json")]
+    pub(crate) accounts: PathBuf,
+    /// Pairs of connections.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) pairs: u64,
+    /// Offered load: messages per second over all pairs and both directions.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub(crate) rate: f64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) duration_secs: u64,
+    /// Messages scheduled in the first seconds are not recorded.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup_secs: u64,
+    /// After sending, wait at most this long for acks and deliveries.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) drain_secs: u64,
+    /// Body (payload) bytes per message (at least 17: time, index, direction).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) body_bytes: usize,
+    /// Most unacknowledged sends per connection (0: Starling's
+    /// Welcome.limits.inflight_requests_max; 64 for MQTT).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) inflight: usize,
+    /// Starling: also send ReadCursor with every DeliveryAck.
+    #[arg(long)]
+    pub(crate) read_cursor: bool,
+    /// The server's pid, to measure its CPU.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// Source addresses to spread connections over.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) sources: u32,
+    /// Write the full report here.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub(crate) w: WorkerArgs,
+}
+
+/// Counters a worker reports.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(crate) struct Counts {
+    pub(crate) connected_pairs: u64,
+    pub(crate) scheduled: u64,
+    pub(crate) sent: u64,
+    pub(crate) acked: u64,
+    pub(crate) delivered: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) receipts: u64,
+    pub(crate) errors: u64,
+    pub(crate) finished_pairs: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.connected_pairs += o.connected_pairs;
+        self.scheduled += o.scheduled;
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.receipts += o.receipts;
+        self.errors += o.errors;
+        self.finished_pairs += o.finished_pairs;
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WorkerResult {
+    counts: Counts,
+    ack: HistData,
+    deliver: HistData,
+    receipt: HistData,
+    send_lag: HistData,
+    cpu_secs: f64,
+    /// Seconds from the scheduled start to the last delivery.
+    last_delivery_secs: f64,
+    errors: Vec<String>,
+}
+
+/// The measured outcome of one run (also what `compare.sh` collects).
+#[derive(Debug, Serialize)]
+pub(crate) struct Outcome {
+    pub(crate) system: &'static str,
+    pub(crate) target: String,
+    pub(crate) rate_offered: f64,
+    pub(crate) rate_achieved: f64,
+    pub(crate) counts: Counts,
+    pub(crate) missing: u64,
+    pub(crate) ack_us: Summary,
+    pub(crate) deliver_us: Summary,
+    pub(crate) receipt_us: Summary,
+    pub(crate) send_lag_us: Summary,
+    pub(crate) server_cpu_cores: Option<f64>,
+    pub(crate) loadgen_cpu_cores: f64,
+    pub(crate) loadgen_saturated: bool,
+    pub(crate) loadavg_1m_end: f64,
+    pub(crate) errors: Vec<String>,
+}
+
+pub(crate) fn run(args: &MessagesArgs) -> anyhow::Result<()> {
+    if args.w.worker.is_some() {
+        return worker(args);
+    }
+    let machine = Machine::now();
+    let out = run_parent(args)?;
+    print_outcome(args, &out);
+    if let Some(p) = &args.json {
+        report::write_json(
+            p,
+            &serde_json::json!({
+                "subcommand": "messages",
+                "params": args,
+                "machine": machine,
+                "outcome": out,
+            }),
+        )?;
+    }
+    if out.counts.errors > 0 && out.counts.acked == 0 {
+        bail!(
+            "no message was acknowledged: {}",
+            out.errors.first().map_or("", String::as_str)
+        );
+    }
+    Ok(())
+}
+
+fn print_outcome(args: &MessagesArgs, out: &Outcome) {
+    let c = &out.counts;
+    println!();
+    println!("target            {} ({})", args.target, out.system);
+    println!(
+        "workload          {} pairs, {:.0} msg/s offered, {} s, {}-byte bodies, {} processes",
+        args.pairs, args.rate, args.duration_secs, args.body_bytes, args.w.procs
+    );
+    println!(
+        "messages          scheduled {} sent {} acked {} delivered {} missing {} duplicates {} receipts {} errors {}",
+        c.scheduled, c.sent, c.acked, c.delivered, out.missing, c.duplicates, c.receipts, c.errors
+    );
+    println!("rate achieved     {:.0} msg/s delivered", out.rate_achieved);
+    if let Some(s) = out.server_cpu_cores {
+        println!("server CPU        {s:.2} cores");
+    }
+    println!(
+        "load gen CPU      {:.2} cores{}",
+        out.loadgen_cpu_cores,
+        if out.loadgen_saturated {
+            "  [SATURATED: the load generator may be the limit]"
+        } else {
+            ""
+        }
+    );
+    let ack = if out.system == "mqtt" {
+        "publish -> PUBACK"
+    } else {
+        "send -> SendAck"
+    };
+    let del = if out.system == "mqtt" {
+        "publish -> receive"
+    } else {
+        "send -> Deliver"
+    };
+    let mut rows = vec![(ack, &out.ack_us), (del, &out.deliver_us)];
+    if out.system != "mqtt" {
+        rows.push(("Deliver -> Receipt", &out.receipt_us));
+    }
+    rows.push(("send lag (loadgen)", &out.send_lag_us));
+    report::print_latency_table(&rows);
+    for e in out.errors.iter().take(5) {
+        println!("error: {e}");
+    }
+}
+
+/// Runs the workers and merges their results.
+pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
+    let target = Target::parse(&args.target)?;
+    anyhow::ensure!(
+        args.pairs > 0 && args.rate > 0.0,
+        "--pairs and --rate must be > 0"
+    );
+    anyhow::ensure!(
+        args.body_bytes >= BODY_HEADER,
+        "--body-bytes must be at least {BODY_HEADER}"
+    );
+    let per_proc = 2 * args.pairs.div_ceil(u64::from(args.w.procs.max(1)));
+    if per_proc > 19_000 {
+        bail!("{per_proc} connections per process is over the 20,000 open-file cap: raise --procs");
+    }
+    if !target.is_mqtt() {
+        let a = AccountsFile::load(&args.accounts)?;
+        a.need(2 * args.pairs as usize, &args.accounts)?;
+    }
+    let procs = args.w.procs.max(1) as usize;
+    let mut ws = Workers::spawn(args.w.procs)?;
+    let sw = Stopwatch::start();
+    let mut cpu_start = None;
+    let mut cpu_end = None;
+    let mut prog = vec![Counts::default(); procs];
+    let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
+    let mut last = (0.0, 0u64);
+    let mut rate = 0.0;
+    let cap = Duration::from_secs(args.duration_secs + args.drain_secs + 180);
+    loop {
+        if let Some(m) = ws.recv(Duration::from_millis(200))? {
+            match m.kind.as_str() {
+                "progress" => prog[m.worker] = m.parse()?,
+                "result" => {
+                    let r: WorkerResult = m.parse()?;
+                    prog[m.worker] = r.counts.clone();
+                    results[m.worker] = Some(r);
+                }
+                _ => {}
+            }
+        }
+        let mut t = Counts::default();
+        for p in &prog {
+            t.add(p);
+        }
+        if cpu_start.is_none() && t.connected_pairs == args.pairs {
+            cpu_start = Some((
+                args.server_pid.and_then(report::cpu_secs),
+                sw.elapsed_secs(),
+            ));
+        }
+        if cpu_end.is_none()
+            && (t.finished_pairs == args.pairs || results.iter().any(Option::is_some))
+        {
+            cpu_end = Some((
+                args.server_pid.and_then(report::cpu_secs),
+                sw.elapsed_secs(),
+            ));
+        }
+        let now = sw.elapsed_secs();
+        if now - last.0 >= 1.0 {
+            rate = (t.delivered - last.1) as f64 / (now - last.0);
+            last = (now, t.delivered);
+        }
+        report::progress(&format!(
+            "messages: {now:.0}s pairs {}/{} sent {} acked {} delivered {} ({rate:.0}/s) receipts {} errors {}",
+            t.connected_pairs, args.pairs, t.sent, t.acked, t.delivered, t.receipts, t.errors
+        ));
+        if results.iter().all(Option::is_some) {
+            break;
+        }
+        if sw.elapsed() > cap {
+            ws.stop_all();
+        }
+    }
+    report::progress_done();
+    ws.wait()?;
+    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let (mut ack, mut del, mut rec, mut lag) = (
+        report::histogram(),
+        report::histogram(),
+        report::histogram(),
+        report::histogram(),
+    );
+    let mut counts = Counts::default();
+    let mut errors = Vec::new();
+    let mut lg_cpu = 0.0;
+    let mut last_delivery: f64 = 0.0;
+    for r in &results {
+        r.ack.merge_into(&mut ack);
+        r.deliver.merge_into(&mut del);
+        r.receipt.merge_into(&mut rec);
+        r.send_lag.merge_into(&mut lag);
+        counts.add(&r.counts);
+        errors.extend(r.errors.iter().cloned());
+        lg_cpu += r.cpu_secs;
+        last_delivery = last_delivery.max(r.last_delivery_secs);
+    }
+    let (server_cpu_cores, wall) = match (cpu_start, cpu_end) {
+        (Some((a, t0)), Some((b, t1))) if t1 > t0 => {
+            (a.zip(b).map(|(a, b)| (b - a) / (t1 - t0)), t1 - t0)
+        }
+        _ => (None, sw.elapsed_secs()),
+    };
+    let loadgen_cpu_cores = lg_cpu / wall.max(1e-3);
+    Ok(Outcome {
+        system: if target.is_mqtt() { "mqtt" } else { "starling" },
+        target: args.target.clone(),
+        rate_offered: args.rate,
+        rate_achieved: counts.delivered as f64
+            / last_delivery.max(args.duration_secs as f64).max(1e-3),
+        missing: counts.sent.saturating_sub(counts.delivered),
+        counts,
+        ack_us: Summary::of(&ack),
+        deliver_us: Summary::of(&del),
+        receipt_us: Summary::of(&rec),
+        send_lag_us: Summary::of(&lag),
+        server_cpu_cores,
+        loadgen_cpu_cores,
+        loadgen_saturated: loadgen_cpu_cores > 0.85 * f64::from(args.w.procs.max(1)),
+        loadavg_1m_end: report::loadavg(),
+        errors: errors.into_iter().take(20).collect(),
+    })
+}
+
+/// Scheduled time (ns since the worker's epoch), index, direction.
+pub(crate) const BODY_HEADER: usize = 17;
+
+pub(crate) fn write_body(buf: &mut Vec<u8>, sched_ns: u64, k: u64, dir: u8, len: usize) {
+    buf.clear();
+    buf.extend_from_slice(&sched_ns.to_le_bytes());
+    buf.extend_from_slice(&k.to_le_bytes());
+    buf.push(dir);
+    buf.resize(len.max(BODY_HEADER), 0x2a);
+}
+
+pub(crate) fn read_body(b: &[u8]) -> Option<(u64, u64, u8)> {
+    if b.len() < BODY_HEADER {
+        return None;
+    }
+    let s = u64::from_le_bytes(b[0..8].try_into().ok()?);
+    let k = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    Some((s, k, b[16]))
+}
+
+/// Worker-wide recorders.
+#[derive(Debug)]
+pub(crate) struct Rec {
+    pub(crate) epoch: Instant,
+    pub(crate) warmup_ns: u64,
+    pub(crate) counts: RefCell<Counts>,
+    pub(crate) ack: RefCell<Histogram<u64>>,
+    pub(crate) deliver: RefCell<Histogram<u64>>,
+    pub(crate) receipt: RefCell<Histogram<u64>>,
+    pub(crate) lag: RefCell<Histogram<u64>>,
+    pub(crate) errors: RefCell<Vec<String>>,
+    pub(crate) last_delivery_ns: RefCell<u64>,
+    pub(crate) fatal: RefCell<Option<String>>,
+}
+
+impl Rec {
+    pub(crate) fn new(epoch: Instant, warmup_ns: u64) -> Self {
+        Self {
+            epoch,
+            warmup_ns,
+            counts: RefCell::default(),
+            ack: RefCell::new(report::histogram()),
+            deliver: RefCell::new(report::histogram()),
+            receipt: RefCell::new(report::histogram()),
+            lag: RefCell::new(report::histogram()),
+            errors: RefCell::default(),
+            last_delivery_ns: RefCell::new(0),
+            fatal: RefCell::default(),
+        }
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn record(&self, h: &RefCell<Histogram<u64>>, sched_ns: u64, now_ns: u64) {
+        if sched_ns >= self.warmup_ns {
+            h.borrow_mut()
+                .saturating_record(now_ns.saturating_sub(sched_ns) / 1000);
+        }
+    }
+
+    pub(crate) fn error(&self, e: &anyhow::Error) {
+        self.counts.borrow_mut().errors += 1;
+        let mut errs = self.errors.borrow_mut();
+        if errs.len() < 10 {
+            errs.push(format!("{e:#}"));
+        }
+    }
+}
+
+/// One direction's sender state plus what its receiver saw.
+#[derive(Debug)]
+pub(crate) struct Ep {
+    /// Offset of the first send and the interval, in ns.
+    offset_ns: u64,
+    interval_ns: u64,
+    /// Messages this member sends in the run.
+    n: u64,
+    next_k: u64,
+    inflight: usize,
+    /// Messages from the peer seen (bitmap over the peer's k).
+    seen: Vec<u64>,
+    delivered: u64,
+    /// Starling: deliveries awaiting the peer's Receipt: (seq, ns).
+    awaiting_receipt: VecDeque<(u64, u64)>,
+    /// Starling: highest seq delivered here, and its conversation.
+    ack_upto: Option<(u64, u64)>,
+    /// MQTT: packet id → scheduled ns.
+    pid_sched: Vec<u64>,
+    next_pid: u16,
+}
+
+impl Ep {
+    fn new(offset_ns: u64, interval_ns: u64, n: u64) -> Self {
+        Self {
+            offset_ns,
+            interval_ns,
+            n,
+            next_k: 0,
+            inflight: 0,
+            seen: vec![0; n.div_ceil(64) as usize],
+            delivered: 0,
+            awaiting_receipt: VecDeque::new(),
+            ack_upto: None,
+            pid_sched: Vec::new(),
+            next_pid: 0,
+        }
+    }
+
+    fn sched_ns(&self, start_ns: u64, k: u64) -> u64 {
+        start_ns + self.offset_ns + k * self.interval_ns
+    }
+
+    /// Marks message `k` from the peer; false if it was already seen.
+    fn mark(&mut self, k: u64) -> bool {
+        let (w, b) = ((k / 64) as usize, k % 64);
+        let Some(word) = self.seen.get_mut(w) else {
+            return false;
+        };
+        let fresh = *word & (1 << b) == 0;
+        *word |= 1 << b;
+        fresh
+    }
+}
+
+/// Schedule parameters of one run in one worker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub(crate) start_ns: u64,
+    pub(crate) drain_ns: u64,
+    pub(crate) interval_ns: u64,
+    pub(crate) per_member: u64,
+    pub(crate) body_bytes: usize,
+    pub(crate) inflight: usize,
+    pub(crate) read_cursor: bool,
+}
+
+impl Plan {
+    fn eps(&self, gi: u64, pairs: u64) -> [Ep; 2] {
+        // Spread the members' phases evenly over one interval.
+        let slot = |m: u64| (self.interval_ns * (2 * gi + m)) / (2 * pairs).max(1);
+        [
+            Ep::new(slot(0), self.interval_ns, self.per_member),
+            Ep::new(slot(1), self.interval_ns, self.per_member),
+        ]
+    }
+}
+
+fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
+    workers::watch_stdin();
+    let target = Target::parse(&args.target)?;
+    let tls = if target.is_tls() {
+        let ca = args
+            .ca
+            .clone()
+            .or_else(|| args.data_dir.as_ref().map(|d| d.join("tls/ca.pem")))
+            .context("TLS needs --ca or --data-dir")?;
+        Some(tls_config(&ca, false)?)
+    } else {
+        None
+    };
+    let accounts: Rc<Vec<Account>> = Rc::new(if target.is_mqtt() {
+        Vec::new()
+    } else {
+        AccountsFile::load(&args.accounts)?.accounts
+    });
+    let (count, first) = args.w.share(args.pairs);
+    let cpu0 = report::own_cpu_secs();
+    let epoch = clock::now();
+    let per_member_rate = args.rate / (2.0 * args.pairs as f64);
+    let interval_ns = (1e9 / per_member_rate) as u64;
+    let rec = Rc::new(Rec::new(epoch, 0));
+    workers::block_on(async {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                // Connect every pair first.
+                let conns =
+                    connect_pairs(args, &target, tls.as_ref(), &accounts, count, first, &rec).await;
+                // Start together a little later (workers start within ~100 ms of
+                // each other; each has its own epoch).
+                let start_ns = rec.now_ns() + 200_000_000;
+                let plan = Plan {
+                    start_ns,
+                    drain_ns: start_ns + (args.duration_secs + args.drain_secs) * 1_000_000_000,
+                    interval_ns,
+                    per_member: (args.duration_secs as f64 * per_member_rate).floor() as u64,
+                    body_bytes: args.body_bytes,
+                    inflight: args.inflight,
+                    read_cursor: args.read_cursor,
+                };
+                // The recorder's warm-up boundary, now that the start is known.
+                let rec = Rc::new(Rec::new(epoch, start_ns + args.warmup_secs * 1_000_000_000));
+                {
+                    let mut c = rec.counts.borrow_mut();
+                    c.connected_pairs = conns.len() as u64;
+                }
+                let mut tasks = Vec::new();
+                for (gi, pc) in conns {
+                    let eps = plan.eps(gi, args.pairs);
+                    rec.counts.borrow_mut().scheduled += 2 * plan.per_member;
+                    let rec = rec.clone();
+                    tasks.push(tokio::task::spawn_local(async move {
+                        let r = match pc {
+                            PairConns::Starling(c, users, inflight_max) => {
+                                starling_pair(c, users, inflight_max, eps, plan, &rec).await
+                            }
+                            PairConns::Mqtt(c, topics) => {
+                                mqtt_pair(c, topics, eps, plan, &rec).await
+                            }
+                        };
+                        if let Err(e) = r {
+                            rec.error(&e);
+                        }
+                        rec.counts.borrow_mut().finished_pairs += 1;
+                    }));
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    workers::emit("progress", &*rec.counts.borrow());
+                    if tasks.iter().all(tokio::task::JoinHandle::is_finished)
+                        || workers::stop_requested()
+                    {
+                        break;
+                    }
+                }
+                let h = |x: &RefCell<Histogram<u64>>| HistData::of(&x.borrow());
+                let last = *rec.last_delivery_ns.borrow();
+                workers::emit(
+                    "result",
+                    &WorkerResult {
+                        counts: rec.counts.borrow().clone(),
+                        ack: h(&rec.ack),
+                        deliver: h(&rec.deliver),
+                        receipt: h(&rec.receipt),
+                        send_lag: h(&rec.lag),
+                        cpu_secs: report::own_cpu_secs() - cpu0,
+                        last_delivery_secs: last.saturating_sub(start_ns) as f64 / 1e9,
+                        errors: rec.errors.borrow().clone(),
+                    },
+                );
+            })
+            .await;
+    })?;
+    Ok(())
+}
+
+/// The two connections of a pair.
+pub(crate) enum PairConns {
+    /// Starling connections, the members' user ids, the server's in-flight limit.
+    Starling([StarlingConn; 2], [u64; 2], usize),
+    /// MQTT connections and the members' topics.
+    Mqtt([MqttConn; 2], [String; 2]),
+}
+
+async fn connect_pairs(
+    args: &MessagesArgs,
+    target: &Target,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    accounts: &Rc<Vec<Account>>,
+    count: u64,
+    first: u64,
+    rec: &Rc<Rec>,
+) -> Vec<(u64, PairConns)> {
+    let out = Rc::new(RefCell::new(Vec::new()));
+    let next = Rc::new(RefCell::new(0u64));
+    let mut lanes = Vec::new();
+    for _ in 0..32 {
+        let (out, next, target, tls, accounts, rec) = (
+            out.clone(),
+            next.clone(),
+            target.clone(),
+            tls.cloned(),
+            accounts.clone(),
+            rec.clone(),
+        );
+        let sources = args.sources;
+        lanes.push(tokio::task::spawn_local(async move {
+            loop {
+                let i = {
+                    let mut n = next.borrow_mut();
+                    if *n >= count {
+                        return;
+                    }
+                    *n += 1;
+                    *n - 1
+                };
+                let gi = first + i;
+                match connect_pair(gi, &target, tls.as_ref(), &accounts, sources).await {
+                    Ok(pc) => {
+                        out.borrow_mut().push((gi, pc));
+                        rec.counts.borrow_mut().connected_pairs += 1;
+                    }
+                    Err(e) => rec.error(&e.context(format!("connecting pair {gi}"))),
+                }
+            }
+        }));
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        workers::emit("progress", &*rec.counts.borrow());
+        if lanes.iter().all(tokio::task::JoinHandle::is_finished) {
+            break;
+        }
+    }
+    std::mem::take(&mut *out.borrow_mut())
+}
+
+pub(crate) async fn connect_pair(
+    gi: u64,
+    target: &Target,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    accounts: &[Account],
+    sources: u32,
+) -> anyhow::Result<PairConns> {
+    let dst = target.addr();
+    let timeout = Duration::from_secs(20);
+    let s0 = Stream::connect(dst, source_addr(2 * gi, sources, dst), tls, timeout).await?;
+    let s1 = Stream::connect(dst, source_addr(2 * gi + 1, sources, dst), tls, timeout).await?;
+    if target.is_mqtt() {
+        let topics = [format!("sb/{gi}/0"), format!("sb/{gi}/1")];
+        let a = MqttConn::open(s0, &format!("sb-{gi}-0"), &topics[0]).await?;
+        let b = MqttConn::open(s1, &format!("sb-{gi}-1"), &topics[1]).await?;
+        Ok(PairConns::Mqtt([a, b], topics))
+    } else {
+        let (a0, a1) = (&accounts[2 * gi as usize], &accounts[2 * gi as usize + 1]);
+        let mut c0 = StarlingConn::new(s0);
+        let mut c1 = StarlingConn::new(s1);
+        let w = c0.hello(Some(&a0.access_token)).await?;
+        c1.hello(Some(&a1.access_token)).await?;
+        let inflight = w.limits.map_or(16, |l| l.inflight_requests_max as usize);
+        Ok(PairConns::Starling(
+            [c0, c1],
+            [a0.user_id, a1.user_id],
+            inflight,
+        ))
+    }
+}
+
+/// Sends whatever is due on member `m` (respecting the in-flight limit);
+/// returns the next time something becomes due, if any.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the hot path's state, passed apart to borrow it apart"
+)]
+fn due_starling(
+    c: &mut StarlingConn,
+    ep: &mut Ep,
+    to_user: u64,
+    plan: &Plan,
+    inflight_max: usize,
+    dir: u8,
+    rec: &Rec,
+    body: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let now = rec.now_ns();
+    let mut sent = 0;
+    while ep.next_k < ep.n && ep.inflight < inflight_max {
+        let sched = ep.sched_ns(plan.start_ns, ep.next_k);
+        if sched > now {
+            break;
+        }
+        write_body(body, sched, ep.next_k, dir, plan.body_bytes);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&sched.to_le_bytes());
+        id[8..].copy_from_slice(&ep.next_k.to_le_bytes());
+        let rid = c.rid();
+        c.push(
+            rid,
+            Body::Send(v1::Send {
+                client_msg_id: bytes::Bytes::copy_from_slice(&id),
+                to: Some(v1::Recipient {
+                    target: Some(v1::recipient::Target::UserId(to_user)),
+                }),
+                content_type: "application/octet-stream".to_owned(),
+                body: bytes::Bytes::copy_from_slice(body),
+                media: None,
+                reply_to_seq: 0,
+            }),
+        )?;
+        rec.record(&rec.lag, sched, now);
+        ep.next_k += 1;
+        ep.inflight += 1;
+        sent += 1;
+    }
+    rec.counts.borrow_mut().sent += sent;
+    Ok(())
+}
+
+fn next_due(eps: &[Ep; 2], plan: &Plan, inflight_max: usize) -> Option<u64> {
+    eps.iter()
+        .filter(|e| e.next_k < e.n && e.inflight < inflight_max)
+        .map(|e| e.sched_ns(plan.start_ns, e.next_k))
+        .min()
+}
+
+fn pair_done(eps: &[Ep; 2]) -> bool {
+    eps.iter().all(|e| e.next_k == e.n && e.inflight == 0) && eps.iter().all(|e| e.delivered >= e.n)
+}
+
+/// Handles the frames received on member `m`'s connection.
+fn on_starling_frames(
+    c: &mut StarlingConn,
+    m: usize,
+    eps: &mut [Ep; 2],
+    plan: &Plan,
+    rec: &Rec,
+) -> anyhow::Result<()> {
+    let now = rec.now_ns();
+    while let Some(f) = c.next_frame()? {
+        match f.body {
+            Some(Body::SendAck(a)) => {
+                let sched = a
+                    .client_msg_id
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .context("SendAck with a foreign client_msg_id")?;
+                rec.record(&rec.ack, sched, now);
+                eps[m].inflight = eps[m].inflight.saturating_sub(1);
+                rec.counts.borrow_mut().acked += 1;
+            }
+            Some(Body::Deliver(d)) => {
+                let msg = d.message.context("Deliver without a message")?;
+                let (sched, k, _dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
+                if eps[m].mark(k) {
+                    rec.record(&rec.deliver, sched, now);
+                    eps[m].delivered += 1;
+                    eps[m].awaiting_receipt.push_back((msg.seq, now));
+                    eps[m].ack_upto = Some((msg.conversation_id, msg.seq));
+                    rec.counts.borrow_mut().delivered += 1;
+                    *rec.last_delivery_ns.borrow_mut() = now;
+                } else {
+                    rec.counts.borrow_mut().duplicates += 1;
+                }
+            }
+            Some(Body::Receipt(r)) if r.kind == v1::ReceiptKind::Delivered as i32 => {
+                {
+                    // Receipts for what the peer (the other member) received.
+                    let peer = &mut eps[1 - m];
+                    let mut n = 0;
+                    while let Some(&(seq, t)) = peer.awaiting_receipt.front() {
+                        if seq > r.up_to_seq {
+                            break;
+                        }
+                        peer.awaiting_receipt.pop_front();
+                        if now >= plan.start_ns {
+                            rec.receipt
+                                .borrow_mut()
+                                .saturating_record(now.saturating_sub(t) / 1000);
+                        }
+                        n += 1;
+                    }
+                    rec.counts.borrow_mut().receipts += n;
+                }
+            }
+            Some(Body::Ping(p)) => c.push(0, Body::Pong(v1::Pong { nonce: p.nonce }))?,
+            Some(Body::Error(e)) => {
+                if e.code == v1::ErrorCode::Unavailable as i32 {
+                    *rec.fatal.borrow_mut() = Some(describe_error(&e));
+                    bail!(
+                        "the server answered with UNAVAILABLE ({}): messaging is not wired \
+                         into this server yet, so there is nothing to measure",
+                        describe_error(&e)
+                    );
+                }
+                eps[m].inflight = eps[m].inflight.saturating_sub(1);
+                bail!("server error: {}", describe_error(&e));
+            }
+            Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
+            _ => {}
+        }
+    }
+    // One cumulative DeliveryAck per read batch.
+    if let Some((conv, seq)) = eps[m].ack_upto.take() {
+        c.push(
+            0,
+            Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: conv,
+                up_to_seq: seq,
+            }),
+        )?;
+        if plan.read_cursor {
+            c.push(
+                0,
+                Body::ReadCursor(v1::ReadCursor {
+                    conversation_id: conv,
+                    up_to_seq: seq,
+                }),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+async fn starling_pair(
+    mut c: [StarlingConn; 2],
+    users: [u64; 2],
+    server_inflight: usize,
+    mut eps: [Ep; 2],
+    plan: Plan,
+    rec: &Rec,
+) -> anyhow::Result<()> {
+    let inflight_max = if plan.inflight == 0 {
+        server_inflight
+    } else {
+        plan.inflight.min(server_inflight)
+    }
+    .max(1);
+    let mut body = Vec::with_capacity(plan.body_bytes);
+    let [c0, c1] = &mut c;
+    loop {
+        if rec.fatal.borrow().is_some() {
+            bail!("stopping: another pair saw the server refuse messaging");
+        }
+        due_starling(
+            c0,
+            &mut eps[0],
+            users[1],
+            &plan,
+            inflight_max,
+            0,
+            rec,
+            &mut body,
+        )?;
+        due_starling(
+            c1,
+            &mut eps[1],
+            users[0],
+            &plan,
+            inflight_max,
+            1,
+            rec,
+            &mut body,
+        )?;
+        if c0.pending_write() > 0 {
+            c0.flush().await?;
+        }
+        if c1.pending_write() > 0 {
+            c1.flush().await?;
+        }
+        if pair_done(&eps) {
+            // Wait briefly for the last receipts.
+            if eps.iter().all(|e| e.awaiting_receipt.is_empty()) || rec.now_ns() > plan.drain_ns {
+                return Ok(());
+            }
+        }
+        if rec.now_ns() > plan.drain_ns || workers::stop_requested() {
+            return Ok(());
+        }
+        let wake = next_due(&eps, &plan, inflight_max)
+            .unwrap_or(plan.drain_ns)
+            .min(plan.drain_ns);
+        let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
+        tokio::select! {
+            n = c0.read_some() => {
+                if n? == 0 { bail!("server closed the connection"); }
+                on_starling_frames(c0, 0, &mut eps, &plan, rec)?;
+            }
+            n = c1.read_some() => {
+                if n? == 0 { bail!("server closed the connection"); }
+                on_starling_frames(c1, 1, &mut eps, &plan, rec)?;
+            }
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// One MQTT client connection.
+pub(crate) struct MqttConn {
+    stream: Stream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl MqttConn {
+    /// CONNECT (clean session) and SUBSCRIBE to `topic` at QoS 1.
+    async fn open(stream: Stream, client_id: &str, topic: &str) -> anyhow::Result<Self> {
+        let mut c = Self {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::new(),
+        };
+        mqtt::connect(&mut c.wbuf, client_id);
+        mqtt::subscribe(&mut c.wbuf, 1, topic);
+        c.flush().await?;
+        let (mut connack, mut suback) = (false, false);
+        while !(connack && suback) {
+            if c.read_some().await? == 0 {
+                bail!("broker closed the connection during CONNECT");
+            }
+            while let Some((p, n)) = mqtt::parse(&c.rbuf)? {
+                match p {
+                    Packet::ConnAck { return_code: 0 } => connack = true,
+                    Packet::ConnAck { return_code } => bail!("CONNACK refused: {return_code}"),
+                    Packet::SubAck { granted: 1, .. } => suback = true,
+                    Packet::SubAck { granted, .. } => {
+                        bail!("SUBACK granted {granted:#x}, not QoS 1")
+                    }
+                    _ => {}
+                }
+                c.rbuf.advance(n);
+            }
+        }
+        Ok(c)
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    async fn read_some(&mut self) -> anyhow::Result<usize> {
+        self.rbuf.reserve(16 * 1024);
+        Ok(self.stream.read_buf(&mut self.rbuf).await?)
+    }
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the hot path's state, passed apart to borrow it apart"
+)]
+fn due_mqtt(
+    c: &mut MqttConn,
+    ep: &mut Ep,
+    peer_topic: &str,
+    plan: &Plan,
+    inflight_max: usize,
+    dir: u8,
+    rec: &Rec,
+    body: &mut Vec<u8>,
+) {
+    let now = rec.now_ns();
+    let mut sent = 0;
+    if ep.pid_sched.is_empty() {
+        ep.pid_sched = vec![0; 65536];
+    }
+    while ep.next_k < ep.n && ep.inflight < inflight_max {
+        let sched = ep.sched_ns(plan.start_ns, ep.next_k);
+        if sched > now {
+            break;
+        }
+        write_body(body, sched, ep.next_k, dir, plan.body_bytes);
+        ep.next_pid = ep.next_pid.checked_add(1).unwrap_or(1);
+        ep.pid_sched[usize::from(ep.next_pid)] = sched;
+        mqtt::publish_qos1(&mut c.wbuf, ep.next_pid, peer_topic, body);
+        rec.record(&rec.lag, sched, now);
+        ep.next_k += 1;
+        ep.inflight += 1;
+        sent += 1;
+    }
+    rec.counts.borrow_mut().sent += sent;
+}
+
+fn on_mqtt_packets(c: &mut MqttConn, m: usize, eps: &mut [Ep; 2], rec: &Rec) -> anyhow::Result<()> {
+    let now = rec.now_ns();
+    let mut consumed = 0;
+    while let Some((p, n)) = mqtt::parse(&c.rbuf[consumed..])? {
+        match p {
+            Packet::PubAck { packet_id } => {
+                let sched = eps[m].pid_sched[usize::from(packet_id)];
+                rec.record(&rec.ack, sched, now);
+                eps[m].inflight = eps[m].inflight.saturating_sub(1);
+                rec.counts.borrow_mut().acked += 1;
+            }
+            Packet::Publish {
+                qos,
+                packet_id,
+                payload,
+                ..
+            } => {
+                let (sched, k, _dir) =
+                    read_body(payload).context("PUBLISH of a foreign payload")?;
+                if eps[m].mark(k) {
+                    rec.record(&rec.deliver, sched, now);
+                    eps[m].delivered += 1;
+                    rec.counts.borrow_mut().delivered += 1;
+                    *rec.last_delivery_ns.borrow_mut() = now;
+                } else {
+                    rec.counts.borrow_mut().duplicates += 1;
+                }
+                if qos == 1 {
+                    mqtt::puback(&mut c.wbuf, packet_id);
+                }
+            }
+            _ => {}
+        }
+        consumed += n;
+    }
+    c.rbuf.advance(consumed);
+    Ok(())
+}
+
+async fn mqtt_pair(
+    mut c: [MqttConn; 2],
+    topics: [String; 2],
+    mut eps: [Ep; 2],
+    plan: Plan,
+    rec: &Rec,
+) -> anyhow::Result<()> {
+    let inflight_max = if plan.inflight == 0 {
+        64
+    } else {
+        plan.inflight
+    };
+    let mut body = Vec::with_capacity(plan.body_bytes);
+    let [c0, c1] = &mut c;
+    loop {
+        due_mqtt(
+            c0,
+            &mut eps[0],
+            &topics[1],
+            &plan,
+            inflight_max,
+            0,
+            rec,
+            &mut body,
+        );
+        due_mqtt(
+            c1,
+            &mut eps[1],
+            &topics[0],
+            &plan,
+            inflight_max,
+            1,
+            rec,
+            &mut body,
+        );
+        if !c0.wbuf.is_empty() {
+            c0.flush().await?;
+        }
+        if !c1.wbuf.is_empty() {
+            c1.flush().await?;
+        }
+        if pair_done(&eps) || rec.now_ns() > plan.drain_ns || workers::stop_requested() {
+            return Ok(());
+        }
+        let wake = next_due(&eps, &plan, inflight_max)
+            .unwrap_or(plan.drain_ns)
+            .min(plan.drain_ns);
+        let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
+        tokio::select! {
+            n = c0.read_some() => {
+                if n? == 0 { bail!("broker closed the connection"); }
+                on_mqtt_packets(c0, 0, &mut eps, rec)?;
+            }
+            n = c1.read_some() => {
+                if n? == 0 { bail!("broker closed the connection"); }
+                on_mqtt_packets(c1, 1, &mut eps, rec)?;
+            }
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
