@@ -110,3 +110,52 @@ impl<T> ShardLinks<T> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::Doorbell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Count(std::sync::Arc<AtomicUsize>);
+    impl Doorbell for Count {
+        fn ring(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn every_pair_has_one_ring_a_full_ring_hands_back_and_one_publish_wakes_once() {
+        let rings = std::sync::Arc::new(AtomicUsize::new(0));
+        let bells: Vec<_> = (0..3).map(|_| Bell::new(Count(rings.clone()))).collect();
+        let mut links = grid::<u32>(2, &bells);
+        assert_eq!(links[1].push(1, 7), Err(7), "no ring to itself");
+        assert_eq!(links[1].push(9, 7), Err(7), "no such shard");
+        links[0].push(2, 1).unwrap();
+        links[0].push(2, 2).unwrap();
+        assert_eq!(
+            links[0].push(2, 3),
+            Err(3),
+            "full: backpressure, not growth"
+        );
+        links[1].push(2, 10).unwrap();
+        assert_eq!(links[2].pop(), None, "unpublished items are invisible");
+        assert!(links[2].bell().try_park());
+        links[0].publish();
+        links[1].publish();
+        assert_eq!(
+            rings.load(Ordering::Relaxed),
+            1,
+            "one wake-up for the parked consumer"
+        );
+        links[2].bell().begin_drain();
+        let mut got = Vec::new();
+        while let Some(x) = links[2].pop() {
+            got.push(x);
+        }
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2, 10]);
+        assert_eq!(links[2].shard(), 2);
+        assert_eq!(links[2].shards(), 3);
+    }
+}

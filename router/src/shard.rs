@@ -125,6 +125,12 @@ impl fmt::Debug for ShardMsg {
     }
 }
 
+// Shards run on their own threads: what crosses a ring must be `Send`.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<ShardMsg>();
+};
+
 enum Inner {
     Send(Box<SendCmd>),
     Reply { to: ConnId, frames: Vec<v1::Frame> },
@@ -318,6 +324,8 @@ struct ConvState {
     recent_ids: HashMap<ClientMsgId, (u64, u64)>,
     /// Delivery cursors (possibly not yet durable).
     delivery: HashMap<(UserId, DeviceId), u64>,
+    /// Per user: the highest delivery cursor of any of their devices.
+    delivered: HashMap<UserId, u64>,
     /// Read cursors (possibly not yet durable).
     read: HashMap<UserId, u64>,
     /// Per user: the delivered / read seq last made durable and announced.
@@ -327,12 +335,7 @@ struct ConvState {
 
 impl ConvState {
     fn delivered_max(&self, user: UserId) -> u64 {
-        self.delivery
-            .iter()
-            .filter(|((u, _), _)| *u == user)
-            .map(|(_, s)| *s)
-            .max()
-            .unwrap_or(0)
+        self.delivered.get(&user).copied().unwrap_or(0)
     }
 }
 
@@ -434,6 +437,8 @@ pub struct RouterShard<L, I, M> {
 
     // session directory slice
     conns: HashMap<ConnId, Conn>,
+    /// Connections over their outbound budget (pushes turned into hints).
+    behind: HashSet<ConnId>,
     users: HashMap<UserId, Vec<ConnId>>,
     direct_cache: HashMap<(UserId, UserId), u64>,
 
@@ -500,6 +505,7 @@ where
             cursor_due_ms: None,
             cursor_waiters: Vec::new(),
             conns: HashMap::new(),
+            behind: HashSet::new(),
             users: HashMap::new(),
             direct_cache: HashMap::new(),
             local: VecDeque::new(),
@@ -582,6 +588,7 @@ where
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
         self.now_ms = now_ms;
+        self.behind.remove(&conn);
         if let Some(c) = self.conns.remove(&conn)
             && let Some(list) = self.users.get_mut(&c.user)
         {
@@ -734,7 +741,7 @@ where
             self.flush_cursors();
         }
         self.prune_recent();
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        let conns: Vec<ConnId> = self.behind.iter().copied().collect();
         let (budget, close_ms) = (
             self.cfg.conn_outbound_bytes_max,
             self.cfg.slow_consumer_close_ms,
@@ -748,6 +755,7 @@ where
                     .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
             {
                 c.behind_since_ms = None;
+                self.behind.remove(&id);
                 self.closes.push_back(CloseRequest {
                     conn: id,
                     code: ErrorCode::SlowConsumer,
@@ -788,10 +796,16 @@ where
     pub fn poll_timeout(&mut self) -> Option<u64> {
         self.flush();
         let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
-        match (self.cursor_due_ms, busy) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let close = self
+            .behind
+            .iter()
+            .filter_map(|id| self.conns.get(id)?.behind_since_ms)
+            .min()
+            .map(|t| t + self.cfg.slow_consumer_close_ms);
+        [self.cursor_due_ms, busy, close]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -883,6 +897,7 @@ where
         if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
             c.behind = true;
             c.behind_since_ms = Some(self.now_ms);
+            self.behind.insert(conn);
         }
         self.transmits.push_back(Transmit { conn, frame: f });
         true
@@ -1040,6 +1055,7 @@ where
                 pending: HashMap::new(),
                 recent_ids: HashMap::new(),
                 delivery: HashMap::new(),
+                delivered: HashMap::new(),
                 read: HashMap::new(),
                 announced_delivered: HashMap::new(),
                 announced_read: HashMap::new(),
@@ -1050,6 +1066,8 @@ where
                 .map_err(|e| Refusal::storage("cursors", &e))?
             {
                 st.delivery.insert((c.user, c.device), c.seq.0);
+                let d = st.delivered.entry(c.user).or_default();
+                *d = (*d).max(c.seq.0);
             }
             for u in st.members.iter() {
                 let r = self
@@ -1061,11 +1079,7 @@ where
                     st.read.insert(*u, r);
                 }
             }
-            let users: Vec<UserId> = st.delivery.keys().map(|(u, _)| *u).collect();
-            for u in users {
-                let d = st.delivered_max(u);
-                st.announced_delivered.insert(u, d);
-            }
+            st.announced_delivered = st.delivered.clone();
             st.announced_read = st.read.clone();
             self.convs.insert(conv, st);
         }
@@ -1519,6 +1533,8 @@ where
                 let v = c.delivery.entry((cmd.user, cmd.device)).or_default();
                 let moved = seq > *v;
                 *v = (*v).max(seq);
+                let d = c.delivered.entry(cmd.user).or_default();
+                *d = (*d).max(seq);
                 if moved {
                     self.dirty_delivery.insert((cmd.conv, cmd.user, cmd.device));
                 }
@@ -1669,6 +1685,8 @@ where
         // The device catches up now: pushes resume, hints are void.
         c.behind = false;
         c.hints.clear();
+        c.behind_since_ms = None;
+        self.behind.remove(&origin.conn);
         if per_owner.is_empty() {
             self.emit(
                 origin.conn,

@@ -390,12 +390,14 @@ impl World {
                 password_hash: None,
                 created_ms: TimestampMs(0),
             });
-            b.add_member(&Member {
-                group: conv_id(group),
-                user: UserId(u),
-                role: Role::Member,
-                joined_ms: TimestampMs(0),
-            });
+            if u == 1 || rng.chance(700) {
+                b.add_member(&Member {
+                    group: conv_id(group),
+                    user: UserId(u),
+                    role: Role::Member,
+                    joined_ms: TimestampMs(0),
+                });
+            }
         }
         b.put(&Group {
             id: conv_id(group),
@@ -529,8 +531,15 @@ impl World {
         cmid[..8].copy_from_slice(&dev.user.to_le_bytes());
         cmid[8..12].copy_from_slice(&dev.device.to_le_bytes());
         cmid[12..].copy_from_slice(&(dev.sent as u32).to_le_bytes());
-        let to = if self.rng.chance(400) {
+        let user = self.devices[d].user;
+        let known: Vec<u64> = self.devices[d].store.keys().copied().collect();
+        let to = if self.rng.chance(400) && self.is_member(self.group, user) {
             v1::recipient::Target::ConversationId(self.group)
+        } else if !known.is_empty() && self.rng.chance(300) {
+            // A conversation the device already knows, by id (direct or group).
+            v1::recipient::Target::ConversationId(
+                known[self.rng.below(known.len() as u64) as usize],
+            )
         } else {
             let peer = self.users[self.rng.below(self.users.len() as u64) as usize];
             v1::recipient::Target::UserId(peer)
@@ -796,12 +805,47 @@ impl World {
                 );
             }
             Some(Body::Done(_)) => {}
+            Some(Body::HistoryPage(p)) => {
+                // A page is a contiguous, ascending run of durable messages.
+                for w in p.messages.windows(2) {
+                    assert_eq!(w[1].seq, w[0].seq + 1, "history page not contiguous");
+                }
+                for m in p.messages {
+                    let cmid: [u8; 16] = m.client_msg_id.as_ref().try_into().unwrap();
+                    let model = self.durable.get(&(p.conversation_id, m.seq));
+                    assert_eq!(
+                        model,
+                        Some(&(cmid, m.body)),
+                        "history differs from the disk"
+                    );
+                }
+            }
+            Some(Body::ConversationList(l)) => {
+                for c in l.conversations {
+                    let last = self
+                        .durable
+                        .range((c.conversation_id, 0)..=(c.conversation_id, u64::MAX))
+                        .next_back()
+                        .map_or(0, |(k, _)| k.1);
+                    assert!(c.last_seq <= last, "list shows a seq that is not durable");
+                    assert_eq!(c.last_message.map_or(0, |m| m.seq), c.last_seq);
+                    assert!(self.is_member(c.conversation_id, self.devices[d].user));
+                }
+            }
             other => panic!("unexpected frame {other:?}"),
         }
     }
 
     fn check_cursors(&mut self) {
         for &conv in &self.convs {
+            for &u in &self.users {
+                let r = self.meta.read_cursor(conv_id(conv), UserId(u)).unwrap().0;
+                let prev = self
+                    .cursors_seen
+                    .insert((conv, u, u32::MAX), r)
+                    .unwrap_or(0);
+                assert!(r >= prev, "read cursor moved backwards");
+            }
             for c in self
                 .meta
                 .delivery_cursors(ConvId(u128::from(conv)))
@@ -835,6 +879,27 @@ impl World {
                     self.send_out(d, &o);
                 }
             }
+            66..=67 => {
+                let known: Vec<u64> = self.devices[d].store.keys().copied().collect();
+                if !known.is_empty() {
+                    let conv = known[self.rng.below(known.len() as u64) as usize];
+                    let anchor = match self.rng.below(3) {
+                        0 => None,
+                        1 => Some(v1::get_history::Anchor::BeforeSeq(1 + self.rng.below(20))),
+                        _ => Some(v1::get_history::Anchor::AfterSeq(self.rng.below(20))),
+                    };
+                    let limit = self.rng.below(6) as u32;
+                    self.send_frame(
+                        d,
+                        Body::GetHistory(v1::GetHistory {
+                            conversation_id: conv,
+                            anchor,
+                            limit,
+                        }),
+                    );
+                }
+            }
+            68 => self.send_frame(d, Body::ListConversations(v1::ListConversations::default())),
             33..=64 => {
                 if !self.devices[d].slow || self.rng.chance(100) {
                     let k = 1 + self.rng.below(6) as usize;
