@@ -1671,3 +1671,76 @@ fn a_slow_consumer_gets_hints_not_messages_and_never_slows_others() {
     h.run();
     assert_eq!(seqs(&h.take(21)), vec![41]);
 }
+
+#[test]
+fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
+    use starling_storage::{EmbeddedMeta, EmbeddedShard, FjallIndex, ShardOptions};
+    type Real = RouterShard<EmbeddedShard, FjallIndex, EmbeddedMeta>;
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Arc::new(EmbeddedMeta::open(&dir.path().join("meta.redb")).unwrap());
+    let mut b = MetaBatch::default();
+    for u in [1, 2] {
+        b.put(&User {
+            id: UserId(u),
+            phone_e164: format!("+1555000{u}"),
+            display_name: format!("user{u}"),
+            password_hash: None,
+            created_ms: TimestampMs(0),
+        });
+    }
+    meta.commit(&b).unwrap();
+    let open = |meta: &Arc<EmbeddedMeta>| -> Real {
+        let store =
+            EmbeddedShard::open(&dir.path().join("shard0"), ShardOptions::default()).unwrap();
+        let index = store.index().clone();
+        let links = grid(8, &[Bell::new(NoBell)]).pop().unwrap();
+        RouterShard::new(ShardConfig::default(), links, store, index, meta.clone())
+    };
+    let send = |shard: &mut Real, conn: u64| -> v1::SendAck {
+        shard.handle_frame(
+            ConnId(conn),
+            v1::Frame {
+                request_id: 5,
+                body: Some(Body::Send(v1::Send {
+                    client_msg_id: Bytes::from_static(&[9; 16]),
+                    to: Some(v1::Recipient {
+                        target: Some(Target::UserId(2)),
+                    }),
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"durable"),
+                    media: None,
+                    reply_to_seq: 0,
+                })),
+            },
+            1,
+        );
+        for _ in 0..10_000 {
+            if let Some(t) = shard.poll_transmit() {
+                match t.frame.body {
+                    Some(Body::SendAck(a)) => return a,
+                    other => panic!("{other:?}"),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            shard.handle_log_progress(2);
+        }
+        panic!("no SendAck");
+    };
+    let mut shard = open(&meta);
+    shard.handle_conn_opened(ConnId(1), UserId(1), DeviceId(1), 0);
+    let first = send(&mut shard, 1);
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    drop(shard); // a restart: the log and index reopen from disk
+    let mut shard = open(&meta);
+    shard.handle_conn_opened(ConnId(2), UserId(1), DeviceId(1), 0);
+    let again = send(&mut shard, 2);
+    assert_eq!(
+        (
+            again.conversation_id,
+            again.seq,
+            again.duplicate,
+            again.server_ts_ms
+        ),
+        (first.conversation_id, 1, true, first.server_ts_ms)
+    );
+}
