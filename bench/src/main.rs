@@ -21,6 +21,7 @@ mod mqtt;
 mod net;
 mod rate;
 mod report;
+mod storm;
 mod workers;
 
 #[derive(Debug, Parser)]
@@ -47,6 +48,8 @@ enum Command {
     /// Open-loop messaging workload (Starling or MQTT), latency corrected
     /// for coordinated omission.
     Messages(messages::MessagesArgs),
+    /// Reconnect storm: K clients drop at once, reconnect with backoff, resync.
+    Storm(storm::StormArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::Heartbeats(args) => heartbeats::run(&args),
         Command::Handshakes(args) => handshakes::run(&args),
         Command::Messages(args) => messages::run(&args),
+        Command::Storm(args) => storm::run(&args),
     }
 }

@@ -412,7 +412,7 @@ impl Rec {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    fn record(&self, h: &RefCell<Histogram<u64>>, sched_ns: u64, now_ns: u64) {
+    pub(crate) fn record(&self, h: &RefCell<Histogram<u64>>, sched_ns: u64, now_ns: u64) {
         if sched_ns >= self.warmup_ns {
             h.borrow_mut()
                 .saturating_record(now_ns.saturating_sub(sched_ns) / 1000);

@@ -161,7 +161,6 @@ impl Stream {
 
     /// Closes abruptly (RST), as a dropped network would look to the server
     /// only much faster; used by the reconnect storm.
-    #[allow(dead_code, reason = "used by the storm subcommand")]
     pub(crate) fn abort(self) {
         let tcp = match self {
             Stream::Plain(t) => t,

@@ -2,11 +2,12 @@
 //! so a subcommand that holds many connections re-runs itself `--procs`
 //! times with `--worker I` added. A worker runs one single-threaded tokio
 //! runtime, prints `@@{json}` lines (progress and result) on stdout, and
-//! stops early when its stdin closes. The parent aggregates and reports.
+//! stops early when its stdin closes; each line on its stdin is a signal
+//! (the reconnect storm's "drop now"). The parent aggregates and reports.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
@@ -141,6 +142,14 @@ impl Workers {
         }
     }
 
+    /// Sends every worker one signal line (see [`signals`]).
+    pub(crate) fn signal_all(&mut self) {
+        for s in self.stdins.iter_mut().flatten() {
+            let _ = s.write_all(b"go\n");
+            let _ = s.flush();
+        }
+    }
+
     /// Asks every worker to finish (closes their stdin).
     pub(crate) fn stop_all(&mut self) {
         for s in &mut self.stdins {
@@ -182,6 +191,12 @@ pub(crate) fn emit(kind: &str, value: &impl Serialize) {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// Worker side: how many signal lines the parent has sent.
+pub(crate) fn signals() -> u64 {
+    SIGNALS.load(Ordering::Relaxed)
+}
 
 /// Worker side: whether the parent asked us to stop (stdin closed).
 pub(crate) fn stop_requested() -> bool {
@@ -191,8 +206,12 @@ pub(crate) fn stop_requested() -> bool {
 /// Worker side: watches stdin and flags [`stop_requested`] when it closes.
 pub(crate) fn watch_stdin() {
     std::thread::spawn(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        for line in std::io::stdin().lock().lines() {
+            if line.is_err() {
+                break;
+            }
+            SIGNALS.fetch_add(1, Ordering::Relaxed);
+        }
         STOP.store(true, Ordering::Relaxed);
     });
 }
