@@ -108,6 +108,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     accounts.need(1, &args.accounts)?;
     let machine = Machine::now();
     let sock0 = SockStat::read();
+    let slab0 = report::socket_slab_bytes();
     let rss0 = args.server_pid.and_then(report::rss_kib);
     let sw = Stopwatch::start();
     let mut ws = Workers::spawn(args.w.procs)?;
@@ -116,6 +117,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
     let mut open_secs = None;
     let mut sampled: Option<(Option<u64>, SockStat, Option<f64>, Stopwatch)> = None;
+    let mut slab1 = None;
     let mut after_hold = None;
     let hold = Duration::from_secs(args.hold_secs);
     loop {
@@ -140,6 +142,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
             && sampled.is_none()
             && sw.elapsed_secs() > o + 1.0
         {
+            slab1 = report::socket_slab_bytes();
             sampled = Some((
                 args.server_pid.and_then(report::rss_kib),
                 SockStat::read(),
@@ -218,7 +221,8 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         "server_rss_kib": {"before": rss0, "all_open": rss1, "after_hold": rss2},
         "server_rss_bytes_per_conn": rss_per_conn,
         "sockstat": {"before": sock0, "all_open": sock1},
-        "kernel_socket_bytes_per_conn_both_ends": sock_bytes_per_conn,
+        "kernel_socket_buffer_bytes_per_conn_both_ends": sock_bytes_per_conn,
+        "kernel_socket_slab_bytes_per_conn_both_ends": slab_bytes_per_conn,
         "server_cpu_cores_while_holding": server_cpu_hold,
         "loadgen_cpu_secs": lg_cpu,
         "errors": results.iter().flat_map(|r| r.errors.clone()).take(20).collect::<Vec<_>>(),
@@ -239,9 +243,14 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         println!("server RSS          {a} KiB -> {b} KiB: {per:.0} bytes per connection");
     }
     println!(
-        "kernel TCP memory   {} -> {} pages: {sock_bytes_per_conn:.0} bytes per connection (both ends of loopback)",
+        "kernel TCP buffers  {} -> {} pages: {sock_bytes_per_conn:.0} bytes per connection (both ends of loopback)",
         sock0.tcp_mem_pages, sock1.tcp_mem_pages
     );
+    if let Some(s) = slab_bytes_per_conn {
+        println!(
+            "kernel socket slabs {s:.0} bytes per connection (TCP, sock_inode, filp, epoll; both ends)"
+        );
+    }
     if let Some(c) = server_cpu_hold {
         println!("server CPU holding  {:.1}% of a core", c * 100.0);
     }

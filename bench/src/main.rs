@@ -12,6 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod accounts;
 mod clock;
 mod codec;
+mod compare;
 mod connections;
 mod handshakes;
 mod heartbeats;
@@ -50,6 +51,8 @@ enum Command {
     Messages(messages::MessagesArgs),
     /// Reconnect storm: K clients drop at once, reconnect with backoff, resync.
     Storm(storm::StormArgs),
+    /// Summarise bench/compare.sh runs: compare.json, a table and SVG plots.
+    CompareReport(compare::CompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,5 +66,6 @@ fn main() -> anyhow::Result<()> {
         Command::Handshakes(args) => handshakes::run(&args),
         Command::Messages(args) => messages::run(&args),
         Command::Storm(args) => storm::run(&args),
+        Command::CompareReport(args) => compare::run(&args),
     }
 }

@@ -1,0 +1,351 @@
+//! `starling-bench compare-report`: turns the per-run JSON files that
+//! `bench/compare.sh` collected (`SYSTEM-TRANSPORT-RATE.json`, each written
+//! by `messages --json`) into `compare.json`, a Markdown table and two SVG
+//! plots (latency and throughput against offered load). The SVG is written
+//! here, by hand: a few polylines need no plotting library.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::report;
+
+#[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// Directory holding the runs' JSON files.
+    #[arg(long)]
+    runs: PathBuf,
+    /// Where compare.json, compare.md and the SVG plots go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// A rate is sustained if p99 delivery latency is within this bound,
+    /// at least 95% of the offered rate was delivered, and nothing was lost.
+    #[arg(long, default_value_t = 50.0)]
+    bound_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Step {
+    rate_offered: f64,
+    rate_achieved: f64,
+    ack_p50_us: u64,
+    ack_p99_us: u64,
+    ack_p999_us: u64,
+    deliver_p50_us: u64,
+    deliver_p99_us: u64,
+    deliver_p999_us: u64,
+    missing: u64,
+    server_cpu_cores: Option<f64>,
+    loadgen_cpu_cores: f64,
+    loadgen_saturated: bool,
+    loadavg_1m_end: f64,
+    sustained: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct System {
+    steps: Vec<Step>,
+    max_sustained_rate: Option<f64>,
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+fn f(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(Value::as_f64)
+}
+
+pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    let mut systems: BTreeMap<String, Vec<Step>> = BTreeMap::new();
+    let mut params = None;
+    let mut machine = None;
+    let mut entries: Vec<_> = std::fs::read_dir(&args.runs)
+        .with_context(|| format!("reading {}", args.runs.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let Some((system, _rate)) = stem.rsplit_once('-') else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let o = &v["outcome"];
+        if params.is_none() {
+            params = Some(v["params"].clone());
+            machine = Some(v["machine"].clone());
+        }
+        let error = o["errors"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let offered = f(o, &["rate_offered"]).unwrap_or(0.0);
+        let achieved = f(o, &["rate_achieved"]).unwrap_or(0.0);
+        let missing = u(o, &["missing"]);
+        let deliver_p99 = u(o, &["deliver_us", "p99_us"]);
+        let delivered = u(o, &["counts", "delivered"]);
+        let sustained = error.is_none()
+            && delivered > 0
+            && missing == 0
+            && achieved >= 0.95 * offered
+            && (deliver_p99 as f64) <= args.bound_ms * 1000.0;
+        systems.entry(system.to_owned()).or_default().push(Step {
+            rate_offered: offered,
+            rate_achieved: achieved,
+            ack_p50_us: u(o, &["ack_us", "p50_us"]),
+            ack_p99_us: u(o, &["ack_us", "p99_us"]),
+            ack_p999_us: u(o, &["ack_us", "p999_us"]),
+            deliver_p50_us: u(o, &["deliver_us", "p50_us"]),
+            deliver_p99_us: deliver_p99,
+            deliver_p999_us: u(o, &["deliver_us", "p999_us"]),
+            missing,
+            server_cpu_cores: f(o, &["server_cpu_cores"]),
+            loadgen_cpu_cores: f(o, &["loadgen_cpu_cores"]).unwrap_or(0.0),
+            loadgen_saturated: o["loadgen_saturated"].as_bool().unwrap_or(false),
+            loadavg_1m_end: f(o, &["loadavg_1m_end"]).unwrap_or(0.0),
+            sustained,
+            error,
+        });
+    }
+    anyhow::ensure!(
+        !systems.is_empty(),
+        "no run files in {}",
+        args.runs.display()
+    );
+    let systems: BTreeMap<String, System> = systems
+        .into_iter()
+        .map(|(k, mut steps)| {
+            steps.sort_by(|a, b| a.rate_offered.total_cmp(&b.rate_offered));
+            let max_sustained_rate = steps
+                .iter()
+                .filter(|s| s.sustained)
+                .map(|s| s.rate_offered)
+                .reduce(f64::max);
+            (
+                k,
+                System {
+                    steps,
+                    max_sustained_rate,
+                },
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(&args.out)?;
+    report::write_json(
+        &args.out.join("compare.json"),
+        &serde_json::json!({
+            "bound_ms": args.bound_ms,
+            "sustained_means": "p99 delivery <= bound_ms, >= 95% of offered delivered, none missing, no errors",
+            "machine": machine,
+            "params_of_first_run": params,
+            "systems": systems,
+        }),
+    )?;
+    let md = table(&systems, args.bound_ms);
+    print!("{md}");
+    std::fs::write(args.out.join("compare.md"), &md)?;
+    write_svg(
+        &args.out.join("latency.svg"),
+        "p99 send -> delivery latency (ms, log scale) vs offered rate (msg/s)",
+        &systems,
+        |s| (s.deliver_p99_us > 0).then(|| s.deliver_p99_us as f64 / 1000.0),
+        true,
+    )?;
+    write_svg(
+        &args.out.join("throughput.svg"),
+        "delivered rate vs offered rate (msg/s)",
+        &systems,
+        |s| Some(s.rate_achieved),
+        false,
+    )?;
+    Ok(())
+}
+
+fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| system | offered/s | delivered/s | ack p50 / p99 / p99.9 ms | delivery p50 / p99 / p99.9 ms | server CPU | loadgen CPU | within {bound_ms} ms |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|");
+    let ms = |us: u64| us as f64 / 1000.0;
+    for (name, sys) in systems {
+        for st in &sys.steps {
+            let note = match (&st.error, st.sustained, st.loadgen_saturated) {
+                (Some(e), _, _) => format!("error: {}", e.chars().take(80).collect::<String>()),
+                (None, true, false) => "yes".to_owned(),
+                (None, true, true) => "yes (loadgen saturated)".to_owned(),
+                (None, false, true) => "no (loadgen saturated)".to_owned(),
+                (None, false, false) => "no".to_owned(),
+            };
+            let _ = writeln!(
+                s,
+                "| {name} | {:.0} | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {:.2} | {note} |",
+                st.rate_offered,
+                st.rate_achieved,
+                ms(st.ack_p50_us),
+                ms(st.ack_p99_us),
+                ms(st.ack_p999_us),
+                ms(st.deliver_p50_us),
+                ms(st.deliver_p99_us),
+                ms(st.deliver_p999_us),
+                st.server_cpu_cores
+                    .map_or("-".to_owned(), |c| format!("{c:.2}")),
+                st.loadgen_cpu_cores,
+            );
+        }
+    }
+    let _ = writeln!(s);
+    for (name, sys) in systems {
+        let _ = writeln!(
+            s,
+            "- {name}: highest rate sustained within {bound_ms} ms p99: {}",
+            sys.max_sustained_rate
+                .map_or("none".to_owned(), |r| format!("{r:.0} msg/s"))
+        );
+    }
+    s
+}
+
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+fn write_svg(
+    path: &Path,
+    title: &str,
+    systems: &BTreeMap<String, System>,
+    y_of: impl Fn(&Step) -> Option<f64>,
+    log_y: bool,
+) -> anyhow::Result<()> {
+    let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 180.0, 40.0, 50.0);
+    let pts: Vec<(f64, f64)> = systems
+        .values()
+        .flat_map(|s| s.steps.iter())
+        .filter(|s| s.error.is_none())
+        .filter_map(|s| y_of(s).map(|y| (s.rate_offered, y)))
+        .collect();
+    let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let (ymin, ymax) = if log_y {
+        let lo = pts.iter().map(|p| p.1).fold(f64::MAX, f64::min).max(0.01);
+        let hi = pts.iter().map(|p| p.1).fold(0.0, f64::max).max(lo * 10.0);
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf(hi.log10().ceil()),
+        )
+    } else {
+        (
+            0.0,
+            pts.iter().map(|p| p.1).fold(1.0, f64::max).max(xmax) * 1.05,
+        )
+    };
+    let sx = |x: f64| l + (x / xmax) * (w - l - r);
+    let sy = |y: f64| {
+        let f = if log_y {
+            (y.max(ymin).log10() - ymin.log10()) / (ymax.log10() - ymin.log10())
+        } else {
+            (y - ymin) / (ymax - ymin)
+        };
+        h - b - f * (h - t - b)
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{l}" y="24" font-size="14">{title}</text>"#);
+    let _ = writeln!(
+        s,
+        r#"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="black"/>"#,
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
+    for i in 0..=5 {
+        let x = xmax * f64::from(i) / 5.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}</text>"#,
+            sx(x),
+            h - b + 18.0,
+            x
+        );
+    }
+    let yticks: Vec<f64> = if log_y {
+        let (a, z) = (ymin.log10() as i32, ymax.log10() as i32);
+        (a..=z).map(|e| 10f64.powi(e)).collect()
+    } else {
+        (0..=5).map(|i| ymax * f64::from(i) / 5.0).collect()
+    };
+    for y in yticks {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="#ddd"/><text x="{2}" y="{3:.1}" text-anchor="end">{4}</text>"##,
+            sy(y),
+            w - r,
+            l - 6.0,
+            sy(y) + 4.0,
+            if y < 1.0 {
+                format!("{y}")
+            } else {
+                format!("{y:.0}")
+            }
+        );
+    }
+    for (i, (name, sys)) in systems.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let line: Vec<String> = sys
+            .steps
+            .iter()
+            .filter(|s| s.error.is_none())
+            .filter_map(|s| y_of(s).map(|y| format!("{:.1},{:.1}", sx(s.rate_offered), sy(y))))
+            .collect();
+        if !line.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                line.join(" ")
+            );
+            for p in &line {
+                let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+                let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="3" fill="{c}"/>"#);
+            }
+        }
+        let ly = t + 20.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{c}"/><text x="{}" y="{}">{name}{}</text>"#,
+            w - r + 10.0,
+            ly,
+            w - r + 28.0,
+            ly + 10.0,
+            if line.is_empty() { " (no data)" } else { "" }
+        );
+    }
+    let _ = writeln!(s, "</svg>");
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
