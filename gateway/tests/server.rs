@@ -763,3 +763,122 @@ fn ten_thousand_idle_connections_with_heartbeats() {
         "{held} idle TLS connections opened in {opened:?}; server RSS {rss_before} KiB -> {rss_after} KiB (~{per_conn} bytes per connection)"
     );
 }
+
+/// The webhook OTP sender POSTs JSON; OTP login and RemoveDevice work and
+/// removing a device closes its connections.
+#[test]
+fn webhook_otp_login_and_remove_device() {
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/otp", hook.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for s in hook.incoming() {
+            let mut s = s.unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            // Read head and body (Content-Length) without a full HTTP parser.
+            loop {
+                let n = s.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            let _ = tx.send(String::from_utf8_lossy(&req).into_owned());
+        }
+    });
+    let toml = format!(
+        "[accounts]\notp_resend_ms = 0\n[accounts.otp_sender]\nkind = \"webhook\"\nurl = \"{url}\"\n"
+    );
+    let srv = Server::start("epoll", &toml);
+    let ident = phone("+491701234567");
+    let code_from_hook = |c: &mut Client| {
+        assert!(matches!(
+            c.request(Body::RequestOtp(v1::RequestOtp {
+                identifier: ident.clone()
+            })),
+            Body::OtpSent(_)
+        ));
+        let req = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(req.starts_with("POST /otp HTTP/1.1\r\n"), "{req}");
+        let body = req.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["identifier"], "+491701234567");
+        v["code"].as_str().unwrap().to_owned()
+    };
+    let mut a = srv.hello("");
+    let code = code_from_hook(&mut a);
+    assert!(
+        srv.otp_log().is_empty(),
+        "webhook mode must not write otp.log"
+    );
+    let Body::SessionGranted(g1) = a.request(Body::VerifyOtp(v1::VerifyOtp {
+        identifier: ident.clone(),
+        code,
+        ..Default::default()
+    })) else {
+        panic!()
+    };
+    assert!(g1.new_user);
+
+    // A second device signs in with a fresh code (Login by OTP).
+    let mut b = srv.hello("");
+    let code = code_from_hook(&mut b);
+    let Body::SessionGranted(g2) = b.request(Body::Login(v1::Login {
+        identifier: ident.clone(),
+        credential: Some(v1::login::Credential::OtpCode(code)),
+        device: Some(v1::DeviceInfo {
+            name: "tablet".into(),
+            platform: "android".into(),
+        }),
+    })) else {
+        panic!()
+    };
+    assert_eq!(g2.user_id, g1.user_id);
+    assert!(!g2.new_user);
+    let Body::DeviceList(d) = a.request(Body::ListDevices(v1::ListDevices {})) else {
+        panic!()
+    };
+    assert_eq!(d.devices.len(), 2);
+
+    // Removing the second device closes its connections and kills its token.
+    let mut victim = srv.hello(&g2.access_token);
+    assert!(matches!(
+        a.request(Body::RemoveDevice(v1::RemoveDevice {
+            device_id: g2.device_id
+        })),
+        Body::Done(_)
+    ));
+    for conn in [&mut victim, &mut b] {
+        let f = conn.recv().expect("goodbye");
+        assert!(
+            matches!(f.body, Some(Body::Goodbye(ref g)) if g.code == ErrorCode::SessionRevoked as i32),
+            "{f:?}"
+        );
+        conn.expect_closed();
+    }
+    let e = srv.connect().request(Body::Hello(v1::Hello {
+        protocol_version: 1,
+        access_token: g2.access_token,
+        ..Default::default()
+    }));
+    assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+    assert_eq!(
+        err_code(&a.request(Body::RemoveDevice(v1::RemoveDevice { device_id: 99 }))),
+        ErrorCode::NotFound
+    );
+}
