@@ -199,7 +199,10 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let sock_bytes_per_conn =
-        sock1.tcp_mem_pages.saturating_sub(sock0.tcp_mem_pages) as f64 * 4096.0 / held as f64;
+        (sock1.tcp_mem_pages as f64 - sock0.tcp_mem_pages as f64) * 4096.0 / held as f64;
+    let slab_bytes_per_conn = slab0
+        .zip(slab1)
+        .map(|(a, b)| (b as f64 - a as f64) / held as f64);
     let server_cpu_hold = match (cpu1, cpu2) {
         (Some(a), Some(b)) if held_secs > 0.0 => Some((b - a) / held_secs),
         _ => None,
