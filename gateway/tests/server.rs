@@ -714,48 +714,74 @@ fn open_connections(srv: &Server) -> i64 {
 /// beyond ~18,000 spread clients over processes).
 #[test]
 fn ten_thousand_idle_connections_with_heartbeats() {
+    use std::sync::mpsc;
+
     let total: usize = std::env::var("STARLING_IDLE_CONNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let toml = "[limits]\ntimer_tick_ms = 100\nheartbeat_ms = 2000\nidle_timeout_ms = 6000\n";
+    // The idle timeout is shorter than the heartbeat phase (4 rounds, 5 s
+    // apart), so only the heartbeats keep the connections open; it is long
+    // enough that opening 10,000 TLS connections on a busy machine does
+    // not time the first ones out.
+    let toml = "[limits]\ntimer_tick_ms = 100\nheartbeat_ms = 5000\nidle_timeout_ms = 15000\n";
     let srv = Arc::new(Server::start("auto", toml));
     let pid = srv.child.0.id();
     let rss_before = rss_kib(pid);
     let threads = 4;
     let t0 = now();
+    // Phases are driven by channels, not a Barrier: a worker that fails
+    // drops its sender and the main thread fails at once instead of
+    // waiting forever.
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut go = Vec::new();
     let mut handles = Vec::new();
-    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
     for _ in 0..threads {
         let srv = srv.clone();
-        let barrier = barrier.clone();
+        let done = done_tx.clone();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        go.push(go_tx);
         handles.push(std::thread::spawn(move || {
             let n = total / threads;
             let mut conns: Vec<Client> = (0..n).map(|_| srv.hello("")).collect();
-            barrier.wait(); // all open
-            barrier.wait(); // measured
-            // Two heartbeat rounds, 1.5 s apart: everything stays open.
-            for round in 0..2 {
+            done.send(()).unwrap(); // phase 1: all open
+            if go_rx.recv().is_err() {
+                return 0;
+            }
+            for round in 0..4 {
                 for c in &mut conns {
                     let b = c.request(Body::Ping(v1::Ping { nonce: round }));
                     assert!(matches!(b, Body::Pong(_)), "{b:?}");
                 }
-                std::thread::sleep(Duration::from_millis(1500));
+                std::thread::sleep(Duration::from_millis(5000));
             }
-            barrier.wait(); // heartbeats done
-            barrier.wait(); // counted again
+            done.send(()).unwrap(); // phase 2: heartbeats done
+            let _ = go_rx.recv();
             conns.len()
         }));
     }
-    barrier.wait();
+    drop(done_tx);
+    let wait_phase = || {
+        for _ in 0..threads {
+            done_rx
+                .recv_timeout(Duration::from_secs(300))
+                .expect("a client thread failed or stalled (see its panic above)");
+        }
+    };
+    wait_phase();
     let opened = t0.elapsed();
     let open = open_connections(&srv);
     let rss_after = rss_kib(pid);
-    barrier.wait();
-    barrier.wait();
+    for g in &go {
+        g.send(()).unwrap();
+    }
+    wait_phase();
     let still_open = open_connections(&srv);
-    barrier.wait();
+    for g in &go {
+        g.send(()).unwrap();
+    }
     let held: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(held, total / threads * threads);
     assert_eq!(open as usize, held);
     assert_eq!(still_open as usize, held, "{}", srv.metrics());
     let per_conn = (rss_after.saturating_sub(rss_before) * 1024) / held as u64;
