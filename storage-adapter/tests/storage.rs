@@ -616,6 +616,80 @@ fn full_disk_gives_a_clear_error_and_service_resumes_when_space_returns() {
     assert_eq!(got.len() as u64, n + 40);
 }
 
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount(8)");
+        assert!(
+            st.success(),
+            "mounting a {size} tmpfs at {} failed: this test fills a real filesystem and needs root",
+            dir.display()
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// The same as above on a real filesystem that runs out of space (a 256 KiB
+/// tmpfs): the kernel's ENOSPC, not an injected one.
+#[test]
+fn real_full_filesystem_gives_a_clear_error_and_service_resumes() {
+    let fs_root = Tmpfs::mount("256k");
+    let dir = fs_root.0.join("log");
+    fs::create_dir(&dir).unwrap();
+    // Space that can be given back later.
+    let filler = fs_root.0.join("filler");
+    fs::write(&filler, vec![1u8; 96 * 1024]).unwrap();
+    let mut log = SegmentedLog::open(&dir, small_opts(16 * 1024)).unwrap();
+    let mut acked = Vec::new();
+    let err = loop {
+        let i = acked.len() as u64;
+        let batch = vec![entry(4, i + 1, cmid(9, i), 1000)];
+        match log.append::<SyncData>(&batch).and_then(|c| c.wait()) {
+            Ok(_) => acked.extend(batch),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 10_000, "the filesystem never filled");
+    };
+    assert!(err.is_no_space(), "{err}");
+    assert!(err.to_string().contains("storage full"), "{err}");
+    assert!(!acked.is_empty(), "nothing fit before the disk filled");
+    // Nothing later is acknowledged.
+    assert!(
+        log.append::<SyncData>(&[entry(4, 9_999, cmid(9, 9_999), 1)])
+            .and_then(|c| c.wait())
+            .is_err()
+    );
+    drop(log);
+    // Space returns; reopening recovers every acknowledged entry and appends work again.
+    fs::remove_file(&filler).unwrap();
+    let mut log = SegmentedLog::open(&dir, small_opts(16 * 1024)).unwrap();
+    let first_new = log.next_lsn().0;
+    for i in 0..10 {
+        log.append::<SyncData>(&[entry(5, i + 1, cmid(10, i), 1000)])
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    drop(log);
+    let got = read_log(&dir, 16 * 1024).unwrap();
+    assert_eq!(got[..acked.len()], acked[..]);
+    assert_eq!(got.len() as u64, first_new - 1 + 10);
+}
+
 // ---------------------------------------------------------------------------------------------
 // the index: replay, rebuild, dedup across restarts
 
