@@ -8,14 +8,15 @@
 # and the raw per-run reports in bench/results/runs/. Takes ~5-8 minutes with
 # the defaults. Needs: mosquitto (apt-get install -y mosquitto), taskset.
 #
-# Knobs (environment): RATES, PAIRS, DURATION, BODY, TRANSPORTS ("plain tls"),
+# Knobs (environment): RATES, PAIRS, DURATION, BODY, TICK_US, TRANSPORTS ("plain tls"),
 # SYSTEMS ("starling mosquitto"), BOUND_MS, SERVER_CPU, LOADGEN_CPU,
 # OUT, STARLING, BENCH, SKIP_BUILD=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RATES=${RATES:-"2000 5000 10000 20000 40000 60000"}
-PAIRS=${PAIRS:-100}
+RATES=${RATES:-"2000 5000 10000 20000 30000 40000 60000"}
+PAIRS=${PAIRS:-50}
+TICK_US=${TICK_US:-1000}
 DURATION=${DURATION:-6}
 BODY=${BODY:-100}
 TRANSPORTS=${TRANSPORTS:-"plain tls"}
@@ -107,7 +108,7 @@ run() { # system transport target pid rate
   echo "== $system $transport: $rate msg/s"
   taskset -c "$LOADGEN_CPU" "$BENCH" messages --target "$target" --ca "$CA" \
     --accounts "$TMP/accounts.json" --pairs "$PAIRS" --rate "$rate" --duration-secs "$DURATION" \
-    --drain-secs 3 --body-bytes "$BODY" --server-pid "$pid" \
+    --drain-secs 3 --body-bytes "$BODY" --tick-us "$TICK_US" --server-pid "$pid" \
     --json "$RUNS/$system-$transport-$rate.json" 2>/dev/null | sed -n '/^target/,$p'
 }
 

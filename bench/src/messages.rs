@@ -84,6 +84,11 @@ pub(crate) struct MessagesArgs {
     /// Starling: also send ReadCursor with every DeliveryAck.
     #[arg(long)]
     pub(crate) read_cursor: bool,
+    /// Send quantum in µs: a pair wakes at most once per tick and sends all
+    /// that is due in one write per connection (more batching, fewer
+    /// syscalls; latency still counts from each message's scheduled time).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) tick_us: u64,
     /// The server's pid, to measure its CPU.
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
@@ -493,9 +498,16 @@ pub(crate) struct Plan {
     pub(crate) body_bytes: usize,
     pub(crate) inflight: usize,
     pub(crate) read_cursor: bool,
+    pub(crate) tick_ns: u64,
 }
 
 impl Plan {
+    /// Rounds a wake-up time up to the next tick (and caps it at the drain deadline).
+    fn quantize(&self, t: u64) -> u64 {
+        let tick = self.tick_ns.max(1);
+        t.div_ceil(tick).saturating_mul(tick).min(self.drain_ns)
+    }
+
     fn eps(&self, gi: u64, pairs: u64) -> [Ep; 2] {
         // Spread the members' phases evenly over one interval.
         let slot = |m: u64| (self.interval_ns * (2 * gi + m)) / (2 * pairs).max(1);
@@ -548,6 +560,7 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                     body_bytes: args.body_bytes,
                     inflight: args.inflight,
                     read_cursor: args.read_cursor,
+                    tick_ns: args.tick_us * 1000,
                 };
                 // The recorder's warm-up boundary, now that the start is known.
                 let rec = Rc::new(Rec::new(epoch, start_ns + args.warmup_secs * 1_000_000_000));
@@ -908,9 +921,7 @@ async fn starling_pair(
         if rec.now_ns() > plan.drain_ns || workers::stop_requested() {
             return Ok(());
         }
-        let wake = next_due(&eps, &plan, inflight_max)
-            .unwrap_or(plan.drain_ns)
-            .min(plan.drain_ns);
+        let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
         let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
         tokio::select! {
             n = c0.read_some() => {
@@ -1099,9 +1110,7 @@ async fn mqtt_pair(
         if pair_done(&eps) || rec.now_ns() > plan.drain_ns || workers::stop_requested() {
             return Ok(());
         }
-        let wake = next_due(&eps, &plan, inflight_max)
-            .unwrap_or(plan.drain_ns)
-            .min(plan.drain_ns);
+        let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
         let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
         tokio::select! {
             n = c0.read_some() => {
