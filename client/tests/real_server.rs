@@ -1,7 +1,7 @@
 //! Against the real `starling` binary (built on demand from this
-//! workspace): the CLI's account flow, TLS trust by CA file and by pin, the
-//! clear failure of messaging commands the server does not serve yet, and
-//! the SDK's token refresh and reconnect.
+//! workspace): the CLI's account flow, TLS trust by CA file and by pin,
+//! messaging between two users (send, sync, history, chats, read, block),
+//! and the SDK's token refresh and reconnect.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -156,7 +156,7 @@ impl Cli<'_> {
 }
 
 #[test]
-fn cli_account_flow_and_messaging_errors() {
+fn cli_account_flow_and_messaging() {
     let bin = server_binary();
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&bin, &tmp.path().join("data"), "127.0.0.1:0");
@@ -202,37 +202,71 @@ fn cli_account_flow_and_messaging_errors() {
         "{out:?}"
     );
 
-    // Messaging is not served yet: each command fails clearly, quickly.
-    let to = user_id.to_string();
+    // Messaging: a second user, Ben; Ana sends to him, he syncs and reads.
+    let ben = Cli {
+        server: &server,
+        profile: tmp.path().join("profile-ben"),
+    };
+    let ben_phone = "+15550100003";
+    let (ok, out) = ben.run(&["request-otp", "--phone", ben_phone]);
+    assert!(ok, "{out:?}");
+    let code = server.otp(ben_phone);
+    let (ok, out) = ben.run(&[
+        "verify", "--phone", ben_phone, "--code", &code, "--name", "Ben",
+    ]);
+    assert!(ok, "{out:?}");
+    let ben_id = out[0]["user_id"].as_u64().unwrap();
+    let to = ben_id.to_string();
     let (ok, out) = cli.run(&["send", "--to", &to, "--text", "hi"]);
-    assert!(!ok);
-    assert_eq!(out[0]["type"], "error");
-    assert_eq!(out[0]["code"], "UNAVAILABLE");
-    let queued = out[0]["queued_client_msg_id"].as_str().unwrap().to_owned();
-    // The message waits in the outbox under its client_msg_id.
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "sent");
+    assert_eq!(out[0]["seq"], 1);
+    assert_eq!(out[0]["duplicate"], false);
+    let conv = out[0]["conversation_id"].as_u64().unwrap();
+    // Acknowledged, so the outbox is empty again.
     let (ok, out) = cli.run(&["outbox"]);
     assert!(ok);
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0]["client_msg_id"], queued.as_str());
-    let (ok, out) = cli.run(&["outbox", "--clear"]);
+    assert!(out.is_empty(), "{out:?}");
+
+    let (ok, out) = ben.run(&["sync"]);
+    assert!(ok, "{out:?}");
+    let msg = out
+        .iter()
+        .find(|v| v["type"] == "message")
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(msg["text"], "hi");
+    assert_eq!(msg["sender_user_id"], user_id);
+    assert_eq!(msg["seq"], 1);
+    assert_eq!(out.last().unwrap()["type"], "synced", "{out:?}");
+
+    let with = format!("conv:{conv}");
+    let (ok, out) = ben.run(&["history", "--with", &with]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "message", "{out:?}");
+    assert_eq!(out[0]["text"], "hi");
+    assert_eq!(out.last().unwrap()["type"], "history_end");
+    let (ok, out) = ben.run(&["chats"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "conversation", "{out:?}");
+    assert_eq!(out[0]["conversation_id"], conv);
+    assert_eq!(out[0]["peer_user_id"], user_id);
+    assert_eq!(out[0]["last_seq"], 1);
+    let (ok, out) = ben.run(&["read", "--with", &with, "--up-to", "1"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "read");
+    let user = user_id.to_string();
+    let (ok, out) = ben.run(&["block", "--user", &user]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "blocked");
+    // Blocked: Ana's next message is refused.
+    let (ok, out) = cli.run(&["send", "--to", &to, "--text", "still there?"]);
+    assert!(!ok, "{out:?}");
+    assert_eq!(out[0]["type"], "error");
+    assert_eq!(out[0]["code"], "BLOCKED", "{out:?}");
+    // A refusal is final: the message does not wait in the outbox.
+    let (ok, out) = cli.run(&["outbox"]);
     assert!(ok);
-    assert_eq!(out[0]["removed"], 1);
-    for args in [
-        &["sync"][..],
-        &["history", "--with", "conv:1"],
-        &["chats"],
-        &["read", "--with", "conv:1", "--up-to", "1"],
-        &["block", "--user", &to],
-    ] {
-        let (ok, out) = cli.run(args);
-        assert!(!ok, "{args:?}");
-        assert_eq!(out.last().unwrap()["type"], "error", "{args:?}: {out:?}");
-        assert_eq!(
-            out.last().unwrap()["code"],
-            "UNAVAILABLE",
-            "{args:?}: {out:?}"
-        );
-    }
+    assert!(out.is_empty(), "{out:?}");
 
     let (ok, out) = cli.run(&["logout"]);
     assert!(ok, "{out:?}");

@@ -16,9 +16,11 @@ use starling_protocol::{FrameDecoder, FrameEncoder, PROTOCOL_VERSION};
 
 use crate::accounts::{Accounts, ApiError, Granted, Principal};
 use crate::clock;
+use crate::messaging::{Router, router_conn};
 use crate::metrics;
 use crate::runtime::{self, Ready};
 use crate::shard::{ConnCtl, Kill, Shard};
+use crate::wheel::ConnId;
 
 /// The byte transport under the frames.
 enum Transport {
@@ -85,6 +87,9 @@ impl Transport {
 }
 
 struct Conn {
+    id: ConnId,
+    /// Registered with the shard's router (authenticated).
+    router_open: bool,
     shard: Rc<Shard>,
     ctl: Rc<ConnCtl>,
     io: Ready<TcpStream>,
@@ -133,6 +138,8 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: boo
         }
     };
     let mut conn = Conn {
+        id,
+        router_open: false,
         handshake_done: !tls,
         shard: shard.clone(),
         ctl,
@@ -146,11 +153,18 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: boo
         principal: None,
     };
     conn.drive().await;
+    if conn.router_open
+        && let Some(r) = &shard.router
+    {
+        r.with(|rs, now| rs.handle_conn_closed(router_conn(id), now));
+    }
     shard.unregister(id);
 }
 
 enum Wake {
     Ready,
+    /// Router frames wait to be written.
+    Outbound,
     Kill(Kill),
     Failed,
 }
@@ -160,6 +174,17 @@ impl Conn {
         poll_fn(|cx| {
             if let Some(k) = self.ctl.poll_kill(cx.waker()) {
                 return Poll::Ready(Wake::Kill(k));
+            }
+            if !write && self.ctl.has_outbound() {
+                return Poll::Ready(Wake::Outbound);
+            }
+            if !write
+                && let Some(r) = &self.shard.router
+                && r.pause_reading(cx.waker())
+            {
+                // A ring to another shard is full: leave the socket unread
+                // (TCP pushes back) until the router drains it.
+                return Poll::Pending;
             }
             let r = if write {
                 self.io.poll_writable(cx)
@@ -181,7 +206,7 @@ impl Conn {
             match self.transport.write_to(self.io.get()) {
                 Ok(n) => metrics::add(&self.shard.metrics().bytes_out, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.wait(true).await {
-                    Wake::Ready => {}
+                    Wake::Ready | Wake::Outbound => {}
                     Wake::Failed => return Err(()),
                     Wake::Kill(k) => {
                         if closing || k == Kill::CloseTimeout {
@@ -199,16 +224,21 @@ impl Conn {
 
     async fn drive(&mut self) {
         loop {
-            match self.wait(false).await {
+            let readable = match self.wait(false).await {
                 Wake::Failed => return,
                 Wake::Kill(k) => {
                     self.on_kill(k);
                     let _ = self.flush(true).await;
                     return;
                 }
-                Wake::Ready => {}
-            }
-            let stop = self.read_and_handle().await;
+                Wake::Ready => true,
+                Wake::Outbound => false,
+            };
+            let stop = if readable {
+                self.read_and_handle().await
+            } else {
+                None
+            };
             // Idle connections keep no read buffer.
             self.decoder.release_buffer();
             let closing = matches!(stop, Some(Stop::Flush));
@@ -220,10 +250,27 @@ impl Conn {
                 self.ctl
                     .set_deadline(clock::mono_ms() + 2000, Kill::CloseTimeout);
             }
+            let routed = self.queue_outbound();
             if self.flush(closing).await.is_err() || closing {
                 return;
             }
+            if routed > 0
+                && let Some(r) = &self.shard.router
+            {
+                let id = router_conn(self.id);
+                r.with(|rs, now| rs.handle_conn_flushed(id, routed, now));
+            }
         }
+    }
+
+    /// Encodes the router's frames for this connection into the transport;
+    /// returns the bytes queued.
+    fn queue_outbound(&mut self) -> u64 {
+        let mut bytes = 0u64;
+        for frame in self.ctl.take_outbound() {
+            bytes += self.send_frame(&frame) as u64;
+        }
+        bytes
     }
 
     fn on_kill(&mut self, k: Kill) {
@@ -245,6 +292,7 @@ impl Conn {
             }
             Kill::Revoked => self.goodbye(k.code(), "session revoked", 0),
             Kill::Shutdown => self.goodbye(k.code(), "server shutting down", 1000),
+            Kill::Router(code) => self.goodbye(code, "closed by the router", 0),
             Kill::CloseTimeout => {}
         }
         self.transport.close_notify();
@@ -369,17 +417,24 @@ impl Conn {
             request_id,
             body: Some(body),
         };
+        self.send_frame(&frame);
+    }
+
+    /// Encodes and queues one frame; returns its encoded size (0 if not sent).
+    fn send_frame(&mut self, frame: &v1::Frame) -> usize {
         self.out_scratch.clear();
-        if let Err(e) = self.encoder.encode(&frame, &mut self.out_scratch) {
+        if let Err(e) = self.encoder.encode(frame, &mut self.out_scratch) {
             tracing::error!(error = %e, "response too large for the peer");
-            return;
+            return 0;
         }
         let limit = self.shard.shared.cfg.limits.outbound_bytes_max;
         if self.transport.queue(&self.out_scratch, limit) {
             metrics::inc(&self.shard.metrics().frames_out);
+            self.out_scratch.len()
         } else {
             // Over the outbound budget: the peer is not reading.
             self.ctl.kill(Kill::CloseTimeout);
+            0
         }
     }
 
@@ -420,9 +475,37 @@ impl Conn {
         self.shard.shared.accounts.clone()
     }
 
-    fn authenticated(&mut self, p: Principal) {
+    async fn authenticated(&mut self, p: Principal) {
         self.principal = Some(p);
         self.ctl.session_id.set(p.session_id);
+        let Some(r) = self.shard.router.clone() else {
+            return;
+        };
+        // The router resolves recipients in the node's metadata: make sure this
+        // user is there before it can be written to.
+        let (meta, accounts) = (r.meta.clone(), self.accounts());
+        if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
+            .await
+            .is_none()
+        {
+            tracing::error!(
+                user = p.user_id,
+                "mirroring the user into metadata panicked"
+            );
+        }
+        let id = router_conn(self.id);
+        r.with(|rs, now| {
+            if self.router_open {
+                rs.handle_conn_closed(id, now);
+            }
+            rs.handle_conn_opened(
+                id,
+                starling_storage::UserId(p.user_id),
+                starling_storage::DeviceId(p.device_id),
+                now,
+            );
+        });
+        self.router_open = true;
     }
 
     /// Runs `f` on the blocking pool.
@@ -461,7 +544,7 @@ impl Conn {
                     .await
                 {
                     Ok(p) => {
-                        self.authenticated(p);
+                        self.authenticated(p).await;
                         self.send(rid, Body::Done(v1::Done {}));
                     }
                     Err(e) => self.api_error(rid, e),
@@ -479,11 +562,11 @@ impl Conn {
             }
             Body::VerifyOtp(req) => {
                 let r = self.call(move |acc, now| acc.verify_otp(&req, now)).await;
-                self.granted(rid, r);
+                self.granted(rid, r).await;
             }
             Body::Login(req) => {
                 let r = self.call(move |acc, now| acc.login(&req, now)).await;
-                self.granted(rid, r);
+                self.granted(rid, r).await;
             }
             Body::Refresh(req) => {
                 let shared = self.shard.shared.clone();
@@ -497,7 +580,7 @@ impl Conn {
                         })
                     })
                     .await;
-                self.granted(rid, r);
+                self.granted(rid, r).await;
             }
             other => {
                 let Some(p) = self.principal else {
@@ -518,10 +601,10 @@ impl Conn {
         None
     }
 
-    fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
+    async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
         match r {
             Ok(g) => {
-                self.authenticated(g.principal);
+                self.authenticated(g.principal).await;
                 self.send(rid, Body::SessionGranted(g.frame));
             }
             Err(e) => self.api_error(rid, e),
@@ -583,7 +666,7 @@ impl Conn {
         self.welcomed = true;
         self.ctl.set_deadline(clock::mono_ms() + idle, Kill::Idle);
         if let Some(p) = authenticated {
-            self.authenticated(p);
+            self.authenticated(p).await;
         }
         self.send(rid, Body::Welcome(welcome));
         None
@@ -643,6 +726,18 @@ impl Conn {
             }
             other if is_server_only(&other) => {
                 self.error(rid, ErrorCode::UnexpectedFrame, "server-to-client frame");
+            }
+            other if Router::handles(&other) && self.router_open => {
+                if let Some(r) = &self.shard.router {
+                    let (id, frame) = (
+                        router_conn(self.id),
+                        v1::Frame {
+                            request_id: rid,
+                            body: Some(other),
+                        },
+                    );
+                    r.with(|rs, now| rs.handle_frame(id, frame, now));
+                }
             }
             other => {
                 let name = other.kind().name();

@@ -40,6 +40,16 @@
 //!   hashing. While a connection waits for its answer it is not read (TCP
 //!   pushes back). At most `inflight_requests_max` requests are accepted
 //!   from one read; more get `TOO_MANY_IN_FLIGHT`.
+//! - **Messaging** ([`messaging`]): each shard thread owns one
+//!   `starling_router::RouterShard` over its `EmbeddedShard`
+//!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`
+//!   (`<data>/meta.redb`). One eventfd per shard is rung by the ring grid's
+//!   bell and by the log's wake callback; a driver task waits on it, on
+//!   `poll_timeout` and on kicks from connection tasks, and moves
+//!   `poll_transmit`/`poll_close` into the connections' outbound queues.
+//!   Connection tasks call `handle_frame` for the router's frames and report
+//!   written bytes with `handle_conn_flushed`. Users are mirrored from the
+//!   accounts store into the metadata store when they authenticate.
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by
@@ -60,6 +70,7 @@ pub mod accounts;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod messaging;
 pub mod metrics;
 pub mod runtime;
 pub mod server;

@@ -108,6 +108,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     )?);
     say(&format!("access token key id: {}", accounts.token_kid()));
 
+    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n)?;
+    let mut router_parts: Vec<Option<_>> = router_parts.into_iter().map(Some).collect();
+
     let (tls_addr, mut tls_listeners) = bind_group(cfg.listen, n)?;
     let mut plain = match cfg.dangerous_plaintext_listen {
         Some(a) => Some(bind_group(a, n)?),
@@ -154,6 +157,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let pool = pool.clone();
         let ready = ready_tx.clone();
         let driver = cfg.driver;
+        let parts = router_parts[i].take().context("router parts")?;
         let t = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || {
@@ -164,9 +168,20 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                         return;
                     }
                 };
-                let _ = ready.send(Ok(rt.driver()));
-                let shard = Rc::new(Shard::new(i, shared));
-                rt.block_on(shard.run(listeners, rx));
+                let kind = rt.driver();
+                rt.block_on(async move {
+                    // Built inside the runtime: its eventfd registers with this driver.
+                    let router = match crate::messaging::ShardRouter::new(parts) {
+                        Ok(r) => Rc::new(r),
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("shard {i}: cannot start router: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(kind));
+                    let shard = Rc::new(Shard::new(i, shared, Some(router)));
+                    shard.run(listeners, rx).await;
+                });
             })?;
         threads.push(t);
     }

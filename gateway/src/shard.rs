@@ -5,7 +5,7 @@
 //! each timer tick.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::net::TcpListener;
 use std::rc::Rc;
@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::task::{Poll, Waker};
 
-use starling_protocol::v1::ErrorCode;
+use starling_protocol::v1::{self, ErrorCode};
 
 use crate::accounts::Accounts;
 use crate::clock;
 use crate::config::Config;
+use crate::messaging::ShardRouter;
 use crate::metrics::{self, Metrics, ShardMetrics};
 use crate::runtime::{self, Ready};
 use crate::wheel::{ConnId, TimerWheel};
@@ -71,6 +72,8 @@ pub enum Kill {
     Shutdown,
     /// Closing took too long (the peer does not read).
     CloseTimeout,
+    /// The router asked for the close (e.g. `SLOW_CONSUMER`).
+    Router(ErrorCode),
 }
 
 impl Kill {
@@ -82,6 +85,7 @@ impl Kill {
             Kill::Idle => ErrorCode::HeartbeatTimeout,
             Kill::Revoked => ErrorCode::SessionRevoked,
             Kill::Shutdown => ErrorCode::ShuttingDown,
+            Kill::Router(code) => code,
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct ConnCtl {
     waker: RefCell<Option<Waker>>,
     /// The authenticated session (0: none).
     pub session_id: Cell<u64>,
+    /// Frames from the router waiting to be encoded and written.
+    outbound: RefCell<VecDeque<v1::Frame>>,
 }
 
 impl ConnCtl {
@@ -109,6 +115,25 @@ impl ConnCtl {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
+    }
+
+    /// Queues a frame from the router and wakes the task.
+    pub fn push_outbound(&self, frame: v1::Frame) {
+        self.outbound.borrow_mut().push_back(frame);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Whether router frames wait.
+    #[must_use]
+    pub fn has_outbound(&self) -> bool {
+        !self.outbound.borrow().is_empty()
+    }
+
+    /// Takes the router frames that wait.
+    pub fn take_outbound(&self) -> VecDeque<v1::Frame> {
+        std::mem::take(&mut *self.outbound.borrow_mut())
     }
 
     /// A pending kill, if any; otherwise remembers the waker.
@@ -146,6 +171,8 @@ pub struct Shard {
     pub read_scratch: RefCell<Vec<u8>>,
     /// Plaintext scratch (per shard).
     pub plain_scratch: RefCell<Vec<u8>>,
+    /// The shard's messaging core, if messaging is enabled.
+    pub router: Option<Rc<ShardRouter>>,
 }
 
 /// Read scratch size: one maximal TLS record plus overhead.
@@ -154,7 +181,7 @@ pub const READ_SCRATCH_BYTES: usize = 18 * 1024;
 impl Shard {
     /// A new shard.
     #[must_use]
-    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub fn new(index: usize, shared: Arc<Shared>, router: Option<Rc<ShardRouter>>) -> Self {
         let tick = shared.cfg.limits.timer_tick_ms;
         Self {
             index,
@@ -166,6 +193,21 @@ impl Shard {
             accept_wakers: RefCell::new(Vec::new()),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             plain_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
+            router,
+        }
+    }
+
+    /// Queues a router frame for connection `id` (dropped if it is gone).
+    pub fn push_outbound(&self, id: ConnId, frame: v1::Frame) {
+        if let Some(ctl) = self.conns.borrow().get(&id) {
+            ctl.push_outbound(frame);
+        }
+    }
+
+    /// Asks connection `id` to close.
+    pub fn kill_conn(&self, id: ConnId, why: Kill) {
+        if let Some(ctl) = self.conns.borrow().get(&id) {
+            ctl.kill(why);
         }
     }
 
@@ -251,6 +293,9 @@ impl Shard {
         listeners: Vec<(TcpListener, bool)>,
         controls: mpsc::Receiver<Control>,
     ) {
+        if let Some(r) = &self.router {
+            runtime::spawn(crate::messaging::drive(self.clone(), r.clone()));
+        }
         for (l, tls) in listeners {
             match Ready::new(l) {
                 Ok(l) => runtime::spawn(accept_loop(self.clone(), l, tls)),

@@ -1,0 +1,342 @@
+//! The glue between a shard's runtime and its [`RouterShard`] (the sans-IO
+//! messaging core): the eventfd doorbell shared by the ring bell and the
+//! log's wake callback, the per-shard storage opened at start-up, and the
+//! driver task that feeds the router its wake-ups and timers and moves its
+//! output into the connections' outbound queues.
+
+use std::cell::{Cell, RefCell};
+use std::future::{Future as _, poll_fn};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::Path;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use anyhow::Context as _;
+use starling_router::ring::{Bell, Doorbell};
+use starling_router::{ConnId as RouterConnId, RouterShard, ShardConfig, ShardLinks, ShardMsg};
+use starling_storage::{EmbeddedMeta, EmbeddedShard, FjallIndex, LogOptions, ShardOptions};
+
+use crate::clock;
+use crate::runtime::{self, Ready};
+use crate::shard::{Kill, Shard};
+use crate::wheel::ConnId;
+
+/// One shard's messaging core over the embedded backend.
+pub type Router = RouterShard<EmbeddedShard, FjallIndex, EmbeddedMeta>;
+
+/// A non-blocking eventfd: written by other threads (ring producers, the
+/// log's I/O thread), read by the shard's driver task.
+#[derive(Debug, Clone)]
+pub struct EventFd(Arc<OwnedFd>);
+
+impl EventFd {
+    /// A new eventfd (non-blocking, close-on-exec).
+    pub fn new() -> std::io::Result<Self> {
+        // Safety: eventfd(2) with valid flags; the returned fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Safety: `fd` is a fresh descriptor nobody else owns.
+        Ok(Self(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    /// Adds one to the counter (wakes a waiting reader).
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // Safety: writes 8 bytes from a valid u64 to our own eventfd.
+        let _ = unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                std::ptr::from_ref(&one).cast::<libc::c_void>(),
+                8,
+            )
+        };
+    }
+
+    /// Resets the counter; true if it was non-zero.
+    fn drain(&self) -> bool {
+        let mut v: u64 = 0;
+        // Safety: reads 8 bytes into a valid u64 from our own eventfd.
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                std::ptr::from_mut(&mut v).cast::<libc::c_void>(),
+                8,
+            )
+        };
+        n == 8
+    }
+}
+
+struct EventFdBell(EventFd);
+
+impl Doorbell for EventFdBell {
+    fn ring(&self) {
+        self.0.notify();
+    }
+}
+
+/// What one shard thread needs to build its router (all `Send`).
+#[derive(Debug)]
+pub struct RouterParts {
+    /// The shard's storage (log + index), recovered.
+    pub store: EmbeddedShard,
+    /// Its row and column of the grid.
+    pub links: ShardLinks<ShardMsg>,
+    /// The node's metadata.
+    pub meta: Arc<EmbeddedMeta>,
+    /// Rung by the bell and the log.
+    pub efd: EventFd,
+}
+
+/// Opens the node's metadata and every shard's storage under `data_dir`
+/// and builds the grid. Blocking; call before serving.
+pub fn open(
+    data_dir: &Path,
+    shards: usize,
+) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
+    let meta =
+        Arc::new(EmbeddedMeta::open(&data_dir.join("meta.redb")).context("cannot open meta.redb")?);
+    let mut efds = Vec::new();
+    let mut bells = Vec::new();
+    for _ in 0..shards {
+        let efd = EventFd::new().context("eventfd")?;
+        bells.push(Bell::new(EventFdBell(efd.clone())));
+        efds.push(efd);
+    }
+    let links = starling_router::grid::<ShardMsg>(4096, &bells);
+    let mut parts = Vec::new();
+    for (i, (links, efd)) in links.into_iter().zip(efds).enumerate() {
+        let wake_fd = efd.clone();
+        let opts = ShardOptions {
+            log: LogOptions {
+                wake: Some(Arc::new(move || wake_fd.notify())),
+                ..LogOptions::default()
+            },
+            ..ShardOptions::default()
+        };
+        let dir = data_dir.join("shards").join(i.to_string());
+        let store = EmbeddedShard::open(&dir, opts)
+            .with_context(|| format!("cannot open shard storage {}", dir.display()))?;
+        parts.push(RouterParts {
+            store,
+            links,
+            meta: meta.clone(),
+            efd,
+        });
+    }
+    Ok((meta, parts))
+}
+
+/// A shard's router and the wake-up state of its driver task.
+pub struct ShardRouter {
+    router: RefCell<Router>,
+    efd: Ready<OwnedFd>,
+    efd_handle: EventFd,
+    bell: Arc<Bell>,
+    kicked: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+    /// Connection tasks that stopped reading while a ring was full.
+    paused: RefCell<Vec<Waker>>,
+    /// The node's metadata (for mirroring users).
+    pub meta: Arc<EmbeddedMeta>,
+}
+
+impl std::fmt::Debug for ShardRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardRouter").finish_non_exhaustive()
+    }
+}
+
+impl ShardRouter {
+    /// Builds the router on the shard thread.
+    pub fn new(parts: RouterParts) -> std::io::Result<Self> {
+        let index = parts.store.index().clone();
+        let bell = parts.links.bell().clone();
+        let router = RouterShard::new(
+            ShardConfig::default(),
+            parts.links,
+            parts.store,
+            index,
+            parts.meta.clone(),
+        );
+        let dup = parts.efd.0.try_clone()?;
+        Ok(Self {
+            router: RefCell::new(router),
+            efd: Ready::new(dup)?,
+            efd_handle: parts.efd,
+            bell,
+            kicked: Cell::new(false),
+            waker: RefCell::new(None),
+            paused: RefCell::new(Vec::new()),
+            meta: parts.meta,
+        })
+    }
+
+    /// Runs `f` on the router (never across an await), then wakes the
+    /// driver so that the router's output is delivered.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Router, u64) -> T) -> T {
+        let out = f(&mut self.router.borrow_mut(), clock::unix_ms());
+        self.kick();
+        out
+    }
+
+    /// Wakes the driver task.
+    pub fn kick(&self) {
+        self.kicked.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Whether the router wants the sockets left unread (a ring to another
+    /// shard is full). If so, `waker` is woken once it clears.
+    pub fn pause_reading(&self, waker: &Waker) -> bool {
+        if !self.router.borrow().is_backpressured() {
+            return false;
+        }
+        let mut paused = self.paused.borrow_mut();
+        if !paused.iter().any(|w| w.will_wake(waker)) {
+            paused.push(waker.clone());
+        }
+        true
+    }
+}
+
+/// The shard's router driver: rings, log progress, timers, output.
+pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
+    let mut failed = false;
+    loop {
+        r.bell.begin_drain();
+        let now = clock::unix_ms();
+        let timeout = {
+            let mut rs = r.router.borrow_mut();
+            rs.handle_rings(now);
+            rs.handle_log_progress(now);
+            if rs.poll_timeout().is_some_and(|t| t <= now) {
+                rs.handle_tick(now);
+            }
+            while let Some(t) = rs.poll_transmit() {
+                shard.push_outbound(ConnId(t.conn.0), t.frame);
+            }
+            while let Some(c) = rs.poll_close() {
+                tracing::info!(conn = c.conn.0, code = ?c.code, message = %c.message, "router closes connection");
+                shard.kill_conn(ConnId(c.conn.0), Kill::Router(c.code));
+            }
+            if !failed && let Some(f) = rs.failure() {
+                failed = true;
+                tracing::error!(
+                    shard = shard.index,
+                    failure = f,
+                    "router shard failed: restart the server"
+                );
+            }
+            let timeout = rs.poll_timeout();
+            if rs.is_backpressured() {
+                // Ring space frees without a wake-up here: look again soon.
+                Some(timeout.map_or(now + 1, |t| t.min(now + 1)))
+            } else {
+                for w in r.paused.borrow_mut().drain(..) {
+                    w.wake();
+                }
+                timeout
+            }
+        };
+        let sleep_ms = timeout.map(|t| t.saturating_sub(clock::unix_ms()));
+        if !r.bell.try_park() || sleep_ms == Some(0) {
+            // More to do at once: let this shard's connection tasks run first.
+            yield_now().await;
+            continue;
+        }
+        let sleep = async {
+            match sleep_ms {
+                Some(ms) => runtime::sleep_ms(ms).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let mut sleep = pin!(sleep);
+        poll_fn(|cx| {
+            if r.kicked.replace(false) {
+                return Poll::Ready(());
+            }
+            *r.waker.borrow_mut() = Some(cx.waker().clone());
+            if r.efd_handle.drain() {
+                return Poll::Ready(());
+            }
+            match r.efd.poll_readable(cx) {
+                Poll::Ready(_) => {
+                    r.efd_handle.drain();
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// The router's id for a gateway connection.
+#[must_use]
+pub fn router_conn(id: ConnId) -> RouterConnId {
+    RouterConnId(id.0)
+}
+
+/// Puts `p`'s user into the node's metadata if it is not there yet (the
+/// router looks recipients up there; accounts live in `accounts.redb`).
+/// Blocking: run on the blocking pool.
+pub fn ensure_user(
+    meta: &EmbeddedMeta,
+    accounts: &crate::accounts::Accounts,
+    p: crate::accounts::Principal,
+) {
+    use starling_storage::meta::{User, keys};
+    use starling_storage::{MetaBatch, MetadataStore as _, TimestampMs, UserId};
+    let key = keys::user(UserId(p.user_id));
+    match meta.get::<User>(&key) {
+        Ok(Some(_)) => return,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(user = p.user_id, error = %e, "user lookup in metadata failed");
+            return;
+        }
+    }
+    let (phone, name) = accounts
+        .get_me(p)
+        .map(|prof| (prof.phone, prof.display_name))
+        .unwrap_or_default();
+    let user = User {
+        id: UserId(p.user_id),
+        phone_e164: phone,
+        display_name: name,
+        password_hash: None,
+        created_ms: TimestampMs(clock::unix_ms()),
+    };
+    let mut b = MetaBatch::default();
+    b.expect::<User>(&key, None).put(&user);
+    if let Err(e) = meta.commit(&b) {
+        // A concurrent login of the same user wrote it first: fine.
+        tracing::debug!(user = p.user_id, error = %e, "mirroring user into metadata");
+    }
+}
+
+/// Lets the runtime's other ready tasks run once.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
+}
