@@ -33,7 +33,20 @@ struct Server {
 
 impl Server {
     fn start(driver: &str, extra_toml: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
+        Server::start_in(tempfile::tempdir().unwrap(), driver, extra_toml)
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, no flush) and starts a
+    /// new one on the same data directory.
+    fn kill9_and_restart(self, driver: &str) -> Server {
+        let Server { mut child, dir, .. } = self;
+        child.0.kill().unwrap(); // SIGKILL on Unix
+        child.0.wait().unwrap();
+        let toml = std::fs::read_to_string(dir.path().join("starling.toml")).unwrap();
+        Server::start_in(dir, driver, &toml)
+    }
+
+    fn start_in(dir: tempfile::TempDir, driver: &str, extra_toml: &str) -> Server {
         let cfg = dir.path().join("starling.toml");
         std::fs::write(&cfg, extra_toml).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_starling"))
@@ -1092,5 +1105,204 @@ fn messaging_end_to_end() {
             }
             other => panic!("{driver}: {other:?}"),
         }
+    }
+}
+
+/// Pipelines `Send`s to `to` for message indexes `from..to_index` until the
+/// connection dies or all are acknowledged; returns the acknowledgements
+/// (index → seq) received. Never panics on a dead connection.
+fn send_stream(
+    c: &mut Client,
+    to: u64,
+    indexes: &[u32],
+    window: usize,
+) -> std::collections::BTreeMap<u32, (u64, bool)> {
+    use std::collections::{BTreeMap, HashMap};
+    let mut acked = BTreeMap::new();
+    let mut inflight: HashMap<u64, u32> = HashMap::new();
+    let mut next = 0;
+    loop {
+        while inflight.len() < window && next < indexes.len() {
+            let i = indexes[next];
+            next += 1;
+            let id = c.next_id;
+            c.next_id += 1;
+            let mut b = BytesMut::new();
+            FrameEncoder::new(1 << 20)
+                .encode(
+                    &v1::Frame {
+                        request_id: id,
+                        body: Some(stream_msg(i, to)),
+                    },
+                    &mut b,
+                )
+                .unwrap();
+            if c.s.write_all(&b).and_then(|()| c.s.flush()).is_err() {
+                return acked;
+            }
+            inflight.insert(id, i);
+        }
+        if inflight.is_empty() {
+            return acked;
+        }
+        let Some(f) = c.recv() else { return acked };
+        if let Some(i) = inflight.remove(&f.request_id) {
+            match f.body {
+                Some(Body::SendAck(a)) => {
+                    acked.insert(i, (a.seq, a.duplicate));
+                }
+                other => panic!("send {i}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Message `i` of a stream: client_msg_id and body both derived from `i`.
+fn stream_msg(i: u32, to: u64) -> Body {
+    let mut cmid = [0xa5u8; 16];
+    cmid[..4].copy_from_slice(&i.to_be_bytes());
+    Body::Send(v1::Send {
+        client_msg_id: cmid.to_vec().into(),
+        to: Some(v1::Recipient {
+            target: Some(v1::recipient::Target::UserId(to)),
+        }),
+        content_type: "text/plain".into(),
+        body: format!("message {i}").into_bytes().into(),
+        ..Default::default()
+    })
+}
+
+/// Every message of a conversation, by paging GetHistory after_seq.
+fn whole_history(c: &mut Client, conv: u64) -> Vec<v1::Message> {
+    let mut out: Vec<v1::Message> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |m| m.seq);
+        match call(
+            c,
+            Body::GetHistory(v1::GetHistory {
+                conversation_id: conv,
+                anchor: Some(v1::get_history::Anchor::AfterSeq(after)),
+                limit: 200,
+            }),
+        ) {
+            Body::HistoryPage(p) => {
+                let more = p.has_more;
+                if p.messages.is_empty() {
+                    return out;
+                }
+                out.extend(p.messages);
+                if !more {
+                    return out;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// The server is killed with SIGKILL in the middle of a pipelined stream of
+/// sends, three times. After each restart the client retries what was not
+/// acknowledged (same client_msg_id, like the SDK's outbox). At the end:
+/// every acknowledged message is stored with the seq it was acknowledged
+/// with, seqs are contiguous, every message is stored exactly once, and the
+/// messages acknowledged before a crash kept their send order.
+#[test]
+fn sigkill_mid_stream_loses_nothing_acknowledged() {
+    use std::collections::BTreeMap;
+    let seed = std::time::SystemTime::UNIX_EPOCH
+        .elapsed()
+        .map_or(7, |d| d.subsec_nanos());
+    println!("kill timing seed {seed}");
+    let mut srv = Server::start("auto", "");
+    let mut a = srv.hello("");
+    let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
+    let mut b = srv.hello("");
+    let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    drop(b);
+    // More than the server can take in the longest delay below, so every
+    // kill lands in the middle of the stream.
+    const TOTAL: u32 = 30_000;
+    let mut acked: BTreeMap<u32, (u64, bool)> = BTreeMap::new();
+    let mut rng = u64::from(seed) | 1;
+    for round in 0..3 {
+        // Send everything not yet acknowledged, in index order; kill the
+        // server after a random delay.
+        let pending: Vec<u32> = (0..TOTAL).filter(|i| !acked.contains_key(i)).collect();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let delay = Duration::from_millis(20 + rng % 180);
+        let pid = srv.child.0.id() as i32;
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // Safety: kill(2) on our own child process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let got = send_stream(&mut a, gb.user_id, &pending, 32);
+        killer.join().unwrap();
+        // Acknowledgements seen before the crash kept send order.
+        let mut last = 0;
+        for (i, (seq, dup)) in &got {
+            if !dup {
+                assert!(
+                    *seq > last,
+                    "round {round}: message {i} got seq {seq} after {last}"
+                );
+                last = *seq;
+            }
+        }
+        for (i, ack) in got {
+            if let Some(prev) = acked.insert(i, ack) {
+                panic!("message {i} acknowledged twice: {prev:?} then {ack:?}");
+            }
+        }
+        println!(
+            "round {round}: killed after {delay:?}; {} of {TOTAL} acknowledged so far",
+            acked.len()
+        );
+        assert!(
+            acked.len() < TOTAL as usize,
+            "the kill came after the stream ended"
+        );
+        srv = srv.kill9_and_restart("auto");
+        a = srv.hello(&ga.access_token);
+    }
+    // Finish the stream after the last restart: retries of messages that
+    // were stored but not acknowledged come back as duplicates with their
+    // original seq.
+    let pending: Vec<u32> = (0..TOTAL).filter(|i| !acked.contains_key(i)).collect();
+    let got = send_stream(&mut a, gb.user_id, &pending, 32);
+    assert_eq!(got.len(), pending.len(), "every retry is acknowledged");
+    acked.extend(got);
+    let duplicates = acked.values().filter(|(_, dup)| *dup).count();
+    println!("{duplicates} retries were stored before a crash and came back as duplicates");
+    assert_eq!(acked.len(), TOTAL as usize);
+
+    // The recipient reads the whole conversation.
+    let mut b = srv.hello(&gb.access_token);
+    let conv = match call(
+        &mut b,
+        Body::ListConversations(v1::ListConversations::default()),
+    ) {
+        Body::ConversationList(l) => {
+            assert_eq!(l.conversations.len(), 1);
+            l.conversations[0].conversation_id
+        }
+        other => panic!("{other:?}"),
+    };
+    let history = whole_history(&mut b, conv);
+    assert_eq!(
+        history.len(),
+        TOTAL as usize,
+        "each message stored exactly once"
+    );
+    for (k, m) in history.iter().enumerate() {
+        assert_eq!(m.seq, k as u64 + 1, "seqs are contiguous");
+        let i = u32::from_be_bytes(m.client_msg_id[..4].try_into().unwrap());
+        assert_eq!(m.body, format!("message {i}").into_bytes());
+        assert_eq!(
+            acked[&i].0, m.seq,
+            "message {i} stored at its acknowledged seq"
+        );
     }
 }
