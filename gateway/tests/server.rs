@@ -1306,3 +1306,201 @@ fn sigkill_mid_stream_loses_nothing_acknowledged() {
         );
     }
 }
+
+/// One device in the multi-device test: its token, its connection when
+/// online, and the seqs it has received, in arrival order.
+struct Device {
+    token: String,
+    conn: Option<Client>,
+    seqs: Vec<u64>,
+}
+
+impl Device {
+    fn record(&mut self, m: &v1::Message) {
+        if !self.seqs.contains(&m.seq) {
+            self.seqs.push(m.seq);
+        }
+    }
+
+    /// Connects (if offline) and syncs from its last seq, recording what
+    /// the Sync returns; acknowledges delivery when `ack` is set.
+    fn online(&mut self, srv: &Server, conv: u64, ack: bool) {
+        if self.conn.is_none() {
+            self.conn = Some(srv.hello(&self.token));
+        }
+        let last = self.seqs.iter().copied().max().unwrap_or(0);
+        let c = self.conn.as_mut().unwrap();
+        let id = c.next_id;
+        c.next_id += 1;
+        let mut last_seq = std::collections::BTreeMap::new();
+        if conv != 0 {
+            last_seq.insert(conv, last);
+        }
+        c.send(id, Body::Sync(v1::Sync { last_seq }));
+        let (_, before) = recv_until(c, |f| {
+            f.request_id == id && matches!(f.body, Some(Body::SyncDone(_)))
+        });
+        let mut got = Vec::new();
+        for f in before {
+            if let Some(Body::Deliver(d)) = f.body {
+                got.push(d.message.unwrap());
+            }
+        }
+        for m in &got {
+            self.record(m);
+        }
+        if let (true, Some(top)) = (ack, self.seqs.iter().copied().max()) {
+            let c = self.conn.as_mut().unwrap();
+            let done = call(
+                c,
+                Body::DeliveryAck(v1::DeliveryAck {
+                    conversation_id: conv,
+                    up_to_seq: top,
+                }),
+            );
+            assert!(matches!(done, Body::Done(_)), "{done:?}");
+        }
+    }
+
+    /// Waits for the Deliver of `seq`.
+    fn expect_deliver(&mut self, seq: u64) {
+        let c = self.conn.as_mut().unwrap();
+        let (f, _) = recv_until(
+            c,
+            |f| matches!(&f.body, Some(Body::Deliver(d)) if d.message.as_ref().is_some_and(|m| m.seq == seq)),
+        );
+        let Some(Body::Deliver(d)) = f.body else {
+            unreachable!()
+        };
+        self.record(&d.message.unwrap());
+    }
+}
+
+/// Signs in a second device of an existing user by password.
+fn second_device(srv: &Server, ident: Option<v1::Identifier>) -> v1::SessionGranted {
+    let mut c = srv.hello("");
+    match c.request(Body::Login(v1::Login {
+        identifier: ident,
+        credential: Some(v1::login::Credential::Password(
+            "correct horse battery".into(),
+        )),
+        device: Some(v1::DeviceInfo {
+            name: "second".into(),
+            platform: "linux".into(),
+        }),
+    })) {
+        Body::SessionGranted(g) => g,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Two users with two devices each. The sender's first device sends one
+/// message in each of the eight online/offline combinations of the other
+/// three devices. Online recipients get it pushed; the sender gets a
+/// DELIVERED receipt as soon as one recipient device acknowledges (at once,
+/// or when an offline recipient comes back and syncs); offline devices get
+/// everything by Sync. At the end every device holds every message exactly
+/// once, in order, and a READ receipt reaches both of the sender's devices.
+#[test]
+fn two_users_two_devices_every_online_offline_combination() {
+    let srv = Server::start("auto", "");
+    let mut users = Vec::new();
+    for who in ["ana@example.org", "ben@example.org"] {
+        let mut c = srv.hello("");
+        let g = register(&srv, &mut c, email(who), who);
+        let set = c.request(Body::SetPassword(v1::SetPassword {
+            new_password: "correct horse battery".into(),
+        }));
+        assert!(matches!(set, Body::Done(_)), "{set:?}");
+        let g2 = second_device(&srv, email(who));
+        assert_ne!(g.device_id, g2.device_id);
+        users.push((g, g2));
+    }
+    let (ga1, ga2) = users.remove(0);
+    let (gb1, gb2) = users.remove(0);
+    let dev = |g: &v1::SessionGranted| Device {
+        token: g.access_token.clone(),
+        conn: None,
+        seqs: Vec::new(),
+    };
+    let mut a1 = dev(&ga1);
+    let (mut a2, mut b1, mut b2) = (dev(&ga2), dev(&gb1), dev(&gb2));
+    a1.conn = Some(srv.hello(&a1.token));
+    let mut conv = 0;
+    for combo in 0u8..8 {
+        let (a2_on, b1_on, b2_on) = (combo & 1 != 0, combo & 2 != 0, combo & 4 != 0);
+        for (d, on) in [(&mut a2, a2_on), (&mut b1, b1_on), (&mut b2, b2_on)] {
+            if on {
+                d.online(&srv, conv, false);
+            } else {
+                d.conn = None;
+            }
+        }
+        let c = a1.conn.as_mut().unwrap();
+        let ack = match call(c, text(100 + combo, gb1.user_id, &format!("combo {combo}"))) {
+            Body::SendAck(a) => a,
+            other => panic!("combo {combo}: {other:?}"),
+        };
+        conv = ack.conversation_id;
+        let seq = ack.seq;
+        assert_eq!(seq, u64::from(combo) + 1, "combo {combo}");
+        a1.seqs.push(seq);
+        for (d, on) in [(&mut a2, a2_on), (&mut b1, b1_on), (&mut b2, b2_on)] {
+            if on {
+                d.expect_deliver(seq);
+            }
+        }
+        // The first recipient device to acknowledge triggers DELIVERED; if
+        // both are offline, the first one back does (after its Sync).
+        let acker = if b1_on {
+            &mut b1
+        } else if b2_on {
+            &mut b2
+        } else {
+            &mut b1
+        };
+        acker.online(&srv, conv, true);
+        for (d, on) in [(&mut a1, true), (&mut a2, a2_on)] {
+            if on {
+                let c = d.conn.as_mut().unwrap();
+                let (r, _) = recv_until(c, |f| {
+                    receipt(f).is_some_and(|r| {
+                        r.kind == v1::ReceiptKind::Delivered as i32 && r.up_to_seq >= seq
+                    })
+                });
+                assert_eq!(
+                    receipt(&r).unwrap().by_user_id,
+                    gb1.user_id,
+                    "combo {combo}"
+                );
+            }
+        }
+        if !b1_on && !b2_on {
+            b1.conn = None;
+        }
+    }
+    // Everyone comes back and syncs; B reads everything.
+    for d in [&mut a2, &mut b1, &mut b2] {
+        d.online(&srv, conv, false);
+    }
+    let want: Vec<u64> = (1..=8).collect();
+    for (name, d) in [("a1", &a1), ("a2", &a2), ("b1", &b1), ("b2", &b2)] {
+        assert_eq!(d.seqs, want, "{name} holds every message once, in order");
+    }
+    let c = b1.conn.as_mut().unwrap();
+    let done = call(
+        c,
+        Body::ReadCursor(v1::ReadCursor {
+            conversation_id: conv,
+            up_to_seq: 8,
+        }),
+    );
+    assert!(matches!(done, Body::Done(_)), "{done:?}");
+    for d in [&mut a1, &mut a2] {
+        let c = d.conn.as_mut().unwrap();
+        let (r, _) = recv_until(c, |f| {
+            receipt(f).is_some_and(|r| r.kind == v1::ReceiptKind::Read as i32 && r.up_to_seq == 8)
+        });
+        assert_eq!(receipt(&r).unwrap().by_user_id, gb1.user_id);
+    }
+}
