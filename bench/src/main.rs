@@ -23,6 +23,7 @@ mod net;
 mod rate;
 mod report;
 mod storm;
+mod tls_memory;
 mod workers;
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,8 @@ enum Command {
     Storm(storm::StormArgs),
     /// Summarise bench/compare.sh runs: compare.json, a table and SVG plots.
     CompareReport(compare::CompareArgs),
+    /// Memory one idle, handshaken rustls ServerConnection keeps (in memory, no sockets).
+    TlsMemory(tls_memory::TlsMemoryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,5 +70,6 @@ fn main() -> anyhow::Result<()> {
         Command::Messages(args) => messages::run(&args),
         Command::Storm(args) => storm::run(&args),
         Command::CompareReport(args) => compare::run(&args),
+        Command::TlsMemory(args) => tls_memory::run(&args),
     }
 }
