@@ -249,6 +249,12 @@ async fn register_one(
     let ident = Some(v1::Identifier {
         kind: Some(v1::identifier::Kind::Email(email.to_owned())),
     });
+    // Forget codes from earlier runs: only a code logged after this request counts.
+    {
+        let mut log = otp.borrow_mut();
+        log.refresh()?;
+        log.codes.remove(email);
+    }
     match c
         .request(Body::RequestOtp(v1::RequestOtp {
             identifier: ident.clone(),

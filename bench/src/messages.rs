@@ -386,7 +386,7 @@ pub(crate) fn read_body(b: &[u8]) -> Option<(u64, u64, u8)> {
 #[derive(Debug)]
 pub(crate) struct Rec {
     pub(crate) epoch: Instant,
-    pub(crate) warmup_ns: u64,
+    pub(crate) warmup_ns: std::cell::Cell<u64>,
     pub(crate) counts: RefCell<Counts>,
     pub(crate) ack: RefCell<Histogram<u64>>,
     pub(crate) deliver: RefCell<Histogram<u64>>,
@@ -401,7 +401,7 @@ impl Rec {
     pub(crate) fn new(epoch: Instant, warmup_ns: u64) -> Self {
         Self {
             epoch,
-            warmup_ns,
+            warmup_ns: std::cell::Cell::new(warmup_ns),
             counts: RefCell::default(),
             ack: RefCell::new(report::histogram()),
             deliver: RefCell::new(report::histogram()),
@@ -418,7 +418,7 @@ impl Rec {
     }
 
     pub(crate) fn record(&self, h: &RefCell<Histogram<u64>>, sched_ns: u64, now_ns: u64) {
-        if sched_ns >= self.warmup_ns {
+        if sched_ns >= self.warmup_ns.get() {
             h.borrow_mut()
                 .saturating_record(now_ns.saturating_sub(sched_ns) / 1000);
         }
@@ -563,11 +563,8 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                     tick_ns: args.tick_us * 1000,
                 };
                 // The recorder's warm-up boundary, now that the start is known.
-                let rec = Rc::new(Rec::new(epoch, start_ns + args.warmup_secs * 1_000_000_000));
-                {
-                    let mut c = rec.counts.borrow_mut();
-                    c.connected_pairs = conns.len() as u64;
-                }
+                rec.warmup_ns
+                    .set(start_ns + args.warmup_secs * 1_000_000_000);
                 let mut tasks = Vec::new();
                 for (gi, pc) in conns {
                     let eps = plan.eps(gi, args.pairs);
