@@ -792,7 +792,11 @@ fn on_starling_frames(
             }
             Some(Body::Deliver(d)) => {
                 let msg = d.message.context("Deliver without a message")?;
-                let (sched, k, _dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
+                let (sched, k, dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
+                if usize::from(dir) == m {
+                    // A copy of our own message (mirrored to the sender's devices).
+                    continue;
+                }
                 if eps[m].mark(k) {
                     rec.record(&rec.deliver, sched, now);
                     eps[m].delivered += 1;

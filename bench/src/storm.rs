@@ -821,8 +821,13 @@ fn on_frames(ms: &mut [Member; 2], m: usize, plan: &Plan, st: &Storm) -> anyhow:
             }
             Some(Body::Deliver(d)) => {
                 let msg = d.message.context("Deliver without a message")?;
-                let (sched, k, _) = read_body(&msg.body).context("Deliver of a foreign body")?;
+                let (sched, k, dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
                 let me = &mut ms[m];
+                if usize::from(dir) == m {
+                    // Our own message (a Sync streams the whole conversation).
+                    me.last_seq = me.last_seq.max(msg.seq);
+                    continue;
+                }
                 me.conv = Some(msg.conversation_id);
                 me.last_seq = me.last_seq.max(msg.seq);
                 me.ack_upto = Some(me.last_seq);
