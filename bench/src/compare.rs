@@ -227,6 +227,23 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
     s
 }
 
+/// A round tick step (1, 2 or 5 × 10^k) giving about five ticks up to `max`.
+fn nice_step(max: f64) -> f64 {
+    let raw = (max / 5.0).max(1e-9);
+    let mag = 10f64.powf(raw.log10().floor());
+    let r = raw / mag;
+    let m = if r <= 1.0 {
+        1.0
+    } else if r <= 2.0 {
+        2.0
+    } else if r <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
 const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];
@@ -245,7 +262,8 @@ fn write_svg(
         .filter(|s| s.error.is_none())
         .filter_map(|s| y_of(s).map(|y| (s.rate_offered, y)))
         .collect();
-    let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let xstep = nice_step(pts.iter().map(|p| p.0).fold(1.0, f64::max));
+    let xmax = (pts.iter().map(|p| p.0).fold(1.0, f64::max) / xstep).ceil() * xstep;
     let (ymin, ymax) = if log_y {
         let lo = pts.iter().map(|p| p.1).fold(f64::MAX, f64::min).max(0.01);
         let hi = pts.iter().map(|p| p.1).fold(0.0, f64::max).max(lo * 10.0);
@@ -283,8 +301,9 @@ fn write_svg(
         h - b,
         h - b
     );
-    for i in 0..=5 {
-        let x = xmax * f64::from(i) / 5.0;
+    let xticks = (xmax / xstep).round() as u32;
+    for i in 0..=xticks {
+        let x = xstep * f64::from(i);
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}</text>"#,
@@ -297,7 +316,10 @@ fn write_svg(
         let (a, z) = (ymin.log10() as i32, ymax.log10() as i32);
         (a..=z).map(|e| 10f64.powi(e)).collect()
     } else {
-        (0..=5).map(|i| ymax * f64::from(i) / 5.0).collect()
+        let step = nice_step(ymax);
+        (0..=(ymax / step).round() as u32)
+            .map(|i| step * f64::from(i))
+            .collect()
     };
     for y in yticks {
         let _ = writeln!(
