@@ -28,6 +28,7 @@ fn send_frame() -> v1::Frame {
             body: Bytes::from(vec![b'x'; 100]),
             media: None,
             reply_to_seq: 0,
+            first_attempt: false,
         })),
     }
 }

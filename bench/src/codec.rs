@@ -62,6 +62,7 @@ pub(crate) fn send_frame(body_bytes: usize) -> v1::Frame {
             body: Bytes::from(vec![b'x'; body_bytes]),
             media: None,
             reply_to_seq: 0,
+            first_attempt: false,
         })),
     }
 }

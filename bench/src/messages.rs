@@ -746,6 +746,8 @@ fn due_starling(
                 body: bytes::Bytes::copy_from_slice(body),
                 media: None,
                 reply_to_seq: 0,
+                // Sent once, never resent.
+                first_attempt: true,
             }),
         )?;
         rec.record(&rec.lag, sched, now);

@@ -654,12 +654,12 @@ async fn storm_pair(
                 if member.unacked.len() >= inflight_max {
                     break;
                 }
-                let k = if let Some(k) = member.retry.pop_front() {
+                let (k, first_attempt) = if let Some(k) = member.retry.pop_front() {
                     if member.acked[k as usize] {
                         continue;
                     }
                     retried += 1;
-                    k
+                    (k, false)
                 } else {
                     if member.next_k >= member.n {
                         break;
@@ -669,7 +669,7 @@ async fn storm_pair(
                         break;
                     }
                     member.next_k += 1;
-                    member.next_k - 1
+                    (member.next_k - 1, true)
                 };
                 let sched = sched_of(k);
                 write_body(&mut body, sched, k, m as u8, plan.body_bytes);
@@ -688,6 +688,7 @@ async fn storm_pair(
                         body: bytes::Bytes::copy_from_slice(&body),
                         media: None,
                         reply_to_seq: 0,
+                        first_attempt,
                     }),
                 )?;
                 member.unacked.insert(k, sched);

@@ -390,6 +390,7 @@ impl Client {
             internal_rx,
             epoch: 0,
             in_flight: HashSet::new(),
+            fresh: HashSet::new(),
             retries: HashMap::new(),
             waiters: HashMap::new(),
             sync_done: None,
@@ -707,6 +708,10 @@ struct Driver {
     epoch: u64,
     /// Outbox entries with a Send outstanding on the current connection.
     in_flight: HashSet<ClientMsgId>,
+    /// Outbox entries queued by this process and never written to a connection: their first
+    /// Send says `first_attempt` (the server then skips its durable dedup lookup). Entries
+    /// reloaded from disk are never here, so after a restart every resend is a plain retry.
+    fresh: HashSet<ClientMsgId>,
     /// Per-message retry backoff after transient refusals.
     retries: HashMap<ClientMsgId, Backoff>,
     /// Callers of `Client::send` waiting for the outcome of their message.
@@ -939,6 +944,7 @@ impl Driver {
             return false;
         }
         self.waiters.insert(id, reply);
+        self.fresh.insert(id);
         true
     }
 
@@ -949,7 +955,10 @@ impl Driver {
         let Some(entry) = self.outbox.find(&id) else {
             return;
         };
-        let body = Body::Send(entry.to_send());
+        let mut send = entry.to_send();
+        // Marked before the bytes leave: if this write is lost, the resend is a retry.
+        send.first_attempt = self.fresh.remove(&id);
+        let body = Body::Send(send);
         self.in_flight.insert(id);
         let conn = conn.clone();
         let tx = self.internal_tx.clone();

@@ -240,7 +240,8 @@ pub struct OutboxEntry {
 }
 
 impl OutboxEntry {
-    /// The `Send` frame body for this entry (the same for every attempt).
+    /// The `Send` frame body for this entry (the same for every attempt; `first_attempt` is
+    /// false — only the driver knows whether an earlier copy was ever written).
     #[must_use]
     pub fn to_send(&self) -> v1::Send {
         v1::Send {
@@ -250,6 +251,7 @@ impl OutboxEntry {
             body: self.body.clone().into(),
             media: None,
             reply_to_seq: 0,
+            first_attempt: false,
         }
     }
 }

@@ -250,6 +250,7 @@ fn sample(kind: FrameKind) -> Body {
             body: Bytes::from_static("hello, starling 👋".as_bytes()),
             media: None,
             reply_to_seq: 41,
+            first_attempt: true,
         }),
         FrameKind::SendAck => Body::SendAck(v1::SendAck {
             client_msg_id: Bytes::from_static(&[0x11; 16]),
@@ -684,10 +685,11 @@ fn arb_body() -> impl Strategy<Value = Body> {
             any::<u64>(),
             ".{0,20}",
             arb_bytes(500),
-            any::<u64>()
+            any::<u64>(),
+            any::<bool>()
         )
             .prop_map(
-                |(client_msg_id, user, content_type, body, reply_to_seq)| Body::Send(v1::Send {
+                |(client_msg_id, user, content_type, body, reply_to_seq, first_attempt)| Body::Send(v1::Send {
                     client_msg_id,
                     to: Some(v1::Recipient {
                         target: Some(v1::recipient::Target::UserId(user)),
@@ -696,6 +698,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                     body,
                     media: None,
                     reply_to_seq,
+                    first_attempt,
                 })
             ),
         arb_message().prop_map(|m| Body::Deliver(v1::Deliver { message: Some(m) })),

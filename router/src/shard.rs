@@ -153,6 +153,9 @@ struct SendCmd {
     content_type: String,
     body: Bytes,
     reply_to_seq: u64,
+    /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
+    /// dedup lookup (in-memory copies are still checked).
+    first_attempt: bool,
     now_ms: u64,
 }
 
@@ -1240,6 +1243,7 @@ where
             content_type: s.content_type,
             body: s.body,
             reply_to_seq: s.reply_to_seq,
+            first_attempt: s.first_attempt,
             now_ms: self.now_ms,
         };
         self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
@@ -1316,6 +1320,9 @@ where
         }
         let known = match c.recent_ids.get(&cmd.cmid) {
             Some(&(seq, ts)) => Some((seq, ts)),
+            // The device promises no earlier copy exists beyond the in-memory ones above: a
+            // first attempt costs no index read (the index is the slow, cache-missing part).
+            None if cmd.first_attempt => None,
             None => match index
                 .dedup(conv_id(cmd.conv), cmd.cmid)
                 .map_err(|e| Refusal::storage("dedup", &e))?

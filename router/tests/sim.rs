@@ -309,6 +309,8 @@ struct Outgoing {
     cmid: [u8; 16],
     to: v1::recipient::Target,
     body: Bytes,
+    /// A Send carrying it was handed to a connection (later ones are not first attempts).
+    written: bool,
 }
 
 struct Device {
@@ -511,6 +513,18 @@ impl World {
     }
 
     fn send_out(&mut self, d: usize, o: &Outgoing) {
+        // Like the SDK: only the very first write of a message says `first_attempt`; a frame
+        // the network duplicates is still caught by the sequencer's in-memory dedup.
+        let mut first_attempt = false;
+        if self.devices[d].conn.is_some()
+            && let Some(out) = self.devices[d]
+                .outbox
+                .iter_mut()
+                .find(|x| x.cmid == o.cmid)
+        {
+            first_attempt = !out.written;
+            out.written = true;
+        }
         self.send_frame(
             d,
             Body::Send(v1::Send {
@@ -520,6 +534,7 @@ impl World {
                 body: o.body.clone(),
                 media: None,
                 reply_to_seq: 0,
+                first_attempt,
             }),
         );
     }
@@ -545,7 +560,12 @@ impl World {
             v1::recipient::Target::UserId(peer)
         };
         let body = Bytes::from(format!("m{:?}", &cmid[..]).into_bytes());
-        let o = Outgoing { cmid, to, body };
+        let o = Outgoing {
+            cmid,
+            to,
+            body,
+            written: false,
+        };
         self.devices[d].outbox.push(o.clone());
         self.send_out(d, &o);
     }
@@ -1213,6 +1233,7 @@ impl Harness {
                 body: Bytes::copy_from_slice(body.as_bytes()),
                 media: None,
                 reply_to_seq: 0,
+                first_attempt: false,
             }),
         )
     }
@@ -1710,6 +1731,7 @@ fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
                     body: Bytes::from_static(b"durable"),
                     media: None,
                     reply_to_seq: 0,
+                    first_attempt: false,
                 })),
             },
             1,

@@ -16,6 +16,9 @@ use crate::types::{ClientMsgId, ConvId, Entry, Lsn, Seq};
 /// Most entries one range read returns (callers page with `before`/`after`).
 pub const READ_ENTRIES_MAX: usize = 1000;
 
+/// Memtable size of the entries keyspace (the dedup keyspace gets half).
+const MEMTABLE_BYTES: u64 = 8 << 20;
+
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_VALUE: &[u8] = b"starling-index-1";
 const APPLIED_KEY: &[u8] = b"applied_lsn";
@@ -116,8 +119,15 @@ impl FjallIndex {
             .cache_size(cache_bytes)
             .worker_threads(1)
             .open()?;
-        let entries = db.keyspace("entries", KeyspaceCreateOptions::default)?;
-        let dedup = db.keyspace("dedup", KeyspaceCreateOptions::default)?;
+        // Small memtables: every insert and point read walks the memtable's skiplist, and at
+        // fjall's default 64 MiB that walk is a chain of cache misses (it was most of the
+        // applier thread's time). Sealed memtables become sorted tables with bloom filters.
+        let entries = db.keyspace("entries", || {
+            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+        })?;
+        let dedup = db.keyspace("dedup", || {
+            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES / 2)
+        })?;
         let state = db.keyspace("state", KeyspaceCreateOptions::default)?;
         if fresh {
             state.insert(FORMAT_KEY, FORMAT_VALUE)?;
