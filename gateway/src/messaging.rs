@@ -156,13 +156,14 @@ impl ShardRouter {
     pub fn new(parts: RouterParts) -> std::io::Result<Self> {
         let index = parts.store.index().clone();
         let bell = parts.links.bell().clone();
-        let router = RouterShard::new(
+        let mut router = RouterShard::new(
             ShardConfig::default(),
             parts.links,
             parts.store,
             index,
             parts.meta.clone(),
         );
+        router.set_cursor_offload(cursor_writer(parts.efd.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
             router: RefCell::new(router),
@@ -280,6 +281,26 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
         })
         .await;
     }
+}
+
+/// A thread that makes the router's cursor batches durable (a redb commit with fsync), so the
+/// shard thread never waits on the disk for them; each finished job rings the shard's doorbell.
+/// It exits when the router (the only sender) is dropped.
+fn cursor_writer(efd: EventFd) -> std::io::Result<starling_router::Offload> {
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    std::thread::Builder::new()
+        .name("starling-cursors".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+                efd.notify();
+            }
+        })?;
+    Ok(Box::new(move |job| {
+        if tx.send(job).is_err() {
+            tracing::error!("the cursor writer thread is gone");
+        }
+    }))
 }
 
 /// The router's id for a gateway connection.

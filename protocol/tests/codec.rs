@@ -689,17 +689,19 @@ fn arb_body() -> impl Strategy<Value = Body> {
             any::<bool>()
         )
             .prop_map(
-                |(client_msg_id, user, content_type, body, reply_to_seq, first_attempt)| Body::Send(v1::Send {
-                    client_msg_id,
-                    to: Some(v1::Recipient {
-                        target: Some(v1::recipient::Target::UserId(user)),
-                    }),
-                    content_type,
-                    body,
-                    media: None,
-                    reply_to_seq,
-                    first_attempt,
-                })
+                |(client_msg_id, user, content_type, body, reply_to_seq, first_attempt)| Body::Send(
+                    v1::Send {
+                        client_msg_id,
+                        to: Some(v1::Recipient {
+                            target: Some(v1::recipient::Target::UserId(user)),
+                        }),
+                        content_type,
+                        body,
+                        media: None,
+                        reply_to_seq,
+                        first_attempt,
+                    }
+                )
             ),
         arb_message().prop_map(|m| Body::Deliver(v1::Deliver { message: Some(m) })),
         proptest::collection::btree_map(any::<u64>(), any::<u64>(), 0..20)

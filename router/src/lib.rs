@@ -79,5 +79,6 @@ mod shard;
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, RouterShard, ShardConfig, ShardMsg, ShardStats, Transmit,
+    CloseRequest, ConnId, ConnRef, Offload, RouterShard, ShardConfig, ShardMsg, ShardStats,
+    Transmit,
 };

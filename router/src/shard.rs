@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -336,12 +336,6 @@ struct ConvState {
     announced_read: HashMap<UserId, u64>,
 }
 
-impl ConvState {
-    fn delivered_max(&self, user: UserId) -> u64 {
-        self.delivered.get(&user).copied().unwrap_or(0)
-    }
-}
-
 struct Waiter {
     origin: ConnRef,
     request_id: u64,
@@ -437,6 +431,10 @@ pub struct RouterShard<L, I, M> {
     cursor_due_ms: Option<u64>,
     /// Cursor requests to answer with `Done` after the next successful flush.
     cursor_waiters: Vec<(ConnRef, u64)>,
+    /// Writes cursor batches off this thread (see [`RouterShard::set_cursor_offload`]).
+    cursor_writer: Option<CursorWriter>,
+    /// The cursor batch being written by `cursor_writer`.
+    cursor_flight: Option<CursorFlight>,
 
     // session directory slice
     conns: HashMap<ConnId, Conn>,
@@ -462,6 +460,43 @@ impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
             .field("inflight", &self.inflight.len())
             .field("failed", &self.failed)
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs a job on some other thread; the job wakes the shard when it is done.
+pub type Offload = Box<dyn Fn(Box<dyn FnOnce() + Send>)>;
+
+/// Starts one durable cursor write; the slot receives its outcome.
+type CursorWriter = Box<dyn Fn(Vec<DeliveryCursor>, Vec<ReadCursor>, Arc<Mutex<Option<bool>>>)>;
+
+/// A cursor batch being made durable off the shard thread.
+struct CursorFlight {
+    outcome: Arc<Mutex<Option<bool>>>,
+    delivery: Vec<DeliveryCursor>,
+    read: Vec<ReadCursor>,
+    waiters: Vec<(ConnRef, u64)>,
+}
+
+impl<L, I, M> RouterShard<L, I, M>
+where
+    M: CursorStore + Send + Sync + 'static,
+{
+    /// Makes cursor batches durable on another thread instead of this one: `offload` runs each
+    /// write job, which must wake the shard (as the log's wake callback does) after it ran, so
+    /// that [`RouterShard::handle_log_progress`] or [`RouterShard::handle_tick`] picks up the
+    /// outcome. Without it cursor writes are synchronous (the simulation's default).
+    pub fn set_cursor_offload(&mut self, offload: Offload) {
+        let meta = self.meta.clone();
+        self.cursor_writer = Some(Box::new(move |dc, rc, outcome| {
+            let meta = meta.clone();
+            offload(Box::new(move || {
+                let ok = (dc.is_empty() || meta.advance_delivery(&dc).is_ok())
+                    && (rc.is_empty() || meta.advance_read(&rc).is_ok());
+                *outcome
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ok);
+            }));
+        }));
     }
 }
 
@@ -507,6 +542,8 @@ where
             dirty_read: HashSet::new(),
             cursor_due_ms: None,
             cursor_waiters: Vec::new(),
+            cursor_writer: None,
+            cursor_flight: None,
             conns: HashMap::new(),
             behind: HashSet::new(),
             users: HashMap::new(),
@@ -732,6 +769,7 @@ where
                 }
             }
         }
+        self.poll_cursor_flight();
         self.prune_recent();
         self.drive();
     }
@@ -740,6 +778,7 @@ where
     /// at [`RouterShard::poll_timeout`] (or more often).
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.poll_cursor_flight();
         if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
             self.flush_cursors();
         }
@@ -1566,15 +1605,22 @@ where
     }
 
     /// Writes every changed cursor in one durable batch per kind, then announces receipts (only
-    /// durable cursors are ever announced, so a receipt is never taken back by a crash).
+    /// durable cursors are ever announced, so a receipt is never taken back by a crash). With a
+    /// cursor offload the write runs on another thread and completes in
+    /// [`RouterShard::poll_cursor_flight`]; one batch is in flight at a time.
     fn flush_cursors(&mut self) {
+        if self.cursor_flight.is_some() {
+            // The next batch goes when this one lands (`poll_cursor_flight` reschedules).
+            self.cursor_due_ms = None;
+            return;
+        }
         if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() {
             self.cursor_due_ms = None;
             self.answer_cursor_waiters();
             return;
         }
         let mut dc = Vec::new();
-        for &(conv, user, device) in &self.dirty_delivery {
+        for (conv, user, device) in std::mem::take(&mut self.dirty_delivery) {
             if let Some(c) = self.convs.get(&conv)
                 && let Some(&s) = c.delivery.get(&(user, device))
             {
@@ -1587,7 +1633,7 @@ where
             }
         }
         let mut rc = Vec::new();
-        for &(conv, user) in &self.dirty_read {
+        for (conv, user) in std::mem::take(&mut self.dirty_read) {
             if let Some(c) = self.convs.get(&conv)
                 && let Some(&s) = c.read.get(&user)
             {
@@ -1598,29 +1644,84 @@ where
                 });
             }
         }
+        let waiters = std::mem::take(&mut self.cursor_waiters);
+        self.cursor_due_ms = None;
+        if let Some(write) = &self.cursor_writer {
+            let outcome = Arc::new(Mutex::new(None));
+            write(dc.clone(), rc.clone(), outcome.clone());
+            self.cursor_flight = Some(CursorFlight {
+                outcome,
+                delivery: dc,
+                read: rc,
+                waiters,
+            });
+            return;
+        }
         let ok = (dc.is_empty() || self.meta.advance_delivery(&dc).is_ok())
             && (rc.is_empty() || self.meta.advance_read(&rc).is_ok());
+        self.cursors_written(ok, dc, rc, waiters);
+    }
+
+    /// Completes the offloaded cursor write if it has finished.
+    fn poll_cursor_flight(&mut self) {
+        let done = self.cursor_flight.as_ref().and_then(|f| {
+            *f.outcome
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
+        let Some(ok) = done else {
+            return;
+        };
+        let Some(f) = self.cursor_flight.take() else {
+            return;
+        };
+        self.cursors_written(ok, f.delivery, f.read, f.waiters);
+        if !self.dirty_delivery.is_empty()
+            || !self.dirty_read.is_empty()
+            || !self.cursor_waiters.is_empty()
+        {
+            // Updates that arrived meanwhile: give them their own batch soon.
+            let due = self.now_ms + self.cfg.cursor_flush_ms;
+            self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
+        }
+    }
+
+    /// A cursor batch was written (`ok`) or not: announce receipts for what is now durable, or
+    /// put the batch back to be retried (cursors are monotonic and idempotent).
+    fn cursors_written(
+        &mut self,
+        ok: bool,
+        dc: Vec<DeliveryCursor>,
+        rc: Vec<ReadCursor>,
+        waiters: Vec<(ConnRef, u64)>,
+    ) {
         if !ok {
-            // Cursors are monotonic and idempotent: retry the whole set later.
+            for c in dc {
+                self.dirty_delivery
+                    .insert((c.conv.0 as u64, c.user, c.device));
+            }
+            for c in rc {
+                self.dirty_read.insert((c.conv.0 as u64, c.user));
+            }
+            self.cursor_waiters.extend(waiters);
             self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
             return;
         }
         self.stats.cursor_flushes += 1;
-        self.cursor_due_ms = None;
-        self.answer_cursor_waiters();
+        for (origin, rid) in waiters {
+            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
+        }
+        // Announce only values that were written: in-memory cursors may already be ahead.
+        let mut delivered: BTreeMap<(u64, UserId), u64> = BTreeMap::new();
+        for c in &dc {
+            let d = delivered.entry((c.conv.0 as u64, c.user)).or_default();
+            *d = (*d).max(c.seq.0);
+        }
         let mut items = Vec::new();
-        let mut users: Vec<(u64, UserId)> = self
-            .dirty_delivery
-            .drain()
-            .map(|(c, u, _)| (c, u))
-            .collect();
-        users.sort_unstable();
-        users.dedup();
-        for (conv, user) in users {
+        for ((conv, user), d) in delivered {
             let Some(c) = self.convs.get_mut(&conv) else {
                 continue;
             };
-            let d = c.delivered_max(user);
             let prev = c.announced_delivered.entry(user).or_default();
             if d > *prev {
                 *prev = d;
@@ -1631,13 +1732,15 @@ where
                 });
             }
         }
-        let mut reads: Vec<(u64, UserId)> = self.dirty_read.drain().collect();
+        let mut reads: Vec<(u64, UserId, u64)> = rc
+            .iter()
+            .map(|c| (c.conv.0 as u64, c.user, c.seq.0))
+            .collect();
         reads.sort_unstable();
-        for (conv, user) in reads {
+        for (conv, user, r) in reads {
             let Some(c) = self.convs.get_mut(&conv) else {
                 continue;
             };
-            let r = c.read.get(&user).copied().unwrap_or(0);
             let prev = c.announced_read.entry(user).or_default();
             if r > *prev {
                 *prev = r;

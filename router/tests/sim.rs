@@ -17,9 +17,11 @@
 //! A failure prints the seed that reproduces it.
 #![allow(clippy::disallowed_methods)] // the seed base may come from the clock
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -269,8 +271,14 @@ impl Doorbell for NoBell {
 
 type Shard = RouterShard<SimLog, SimIndex, MemMeta>;
 
+/// Cursor writes handed off the shard thread, run whenever the world decides.
+type Jobs = Rc<RefCell<VecDeque<Box<dyn FnOnce() + Send>>>>;
+
 struct Node {
     shards: Vec<Shard>,
+    /// Some: the shards write cursors through an offload (the gateway's way); a crash drops
+    /// the jobs not yet run.
+    jobs: Option<Jobs>,
 }
 
 fn cfg() -> ShardConfig {
@@ -286,6 +294,11 @@ fn cfg() -> ShardConfig {
 
 impl Node {
     fn start(disks: &[Arc<Mutex<Disk>>], meta: &Arc<MemMeta>) -> Node {
+        Self::start_with(disks, meta, false)
+    }
+
+    fn start_with(disks: &[Arc<Mutex<Disk>>], meta: &Arc<MemMeta>, offload: bool) -> Node {
+        let jobs: Option<Jobs> = offload.then(Jobs::default);
         let bells: Vec<_> = disks.iter().map(|_| Bell::new(NoBell)).collect();
         let links = grid(64, &bells);
         let shards = links
@@ -294,10 +307,15 @@ impl Node {
             .map(|(l, d)| {
                 let log = SimLog::recover(d.clone());
                 let index = log.index.clone();
-                RouterShard::new(cfg(), l, log, index, meta.clone())
+                let mut shard = RouterShard::new(cfg(), l, log, index, meta.clone());
+                if let Some(jobs) = &jobs {
+                    let jobs = jobs.clone();
+                    shard.set_cursor_offload(Box::new(move |job| jobs.borrow_mut().push_back(job)));
+                }
+                shard
             })
             .collect();
-        Node { shards }
+        Node { shards, jobs }
     }
 }
 
@@ -354,6 +372,8 @@ fn encoded_len(f: &v1::Frame) -> u64 {
 struct World {
     rng: Rng,
     now: u64,
+    /// Cursor writes go through an offload (see `Node::start_with`).
+    offload: bool,
     meta: Arc<MemMeta>,
     disks: Vec<Arc<Mutex<Disk>>>,
     node: Node,
@@ -412,7 +432,9 @@ impl World {
         let disks: Vec<_> = (0..shards)
             .map(|_| Arc::new(Mutex::new(Disk::default())))
             .collect();
-        let node = Node::start(&disks, &meta);
+        // Odd seeds write cursors through an offload, even seeds synchronously.
+        let offload = seed % 2 == 1;
+        let node = Node::start_with(&disks, &meta, offload);
         let mut devices = Vec::new();
         for &u in &users {
             for d in 1..=1 + rng.below(2) as u32 {
@@ -436,6 +458,7 @@ impl World {
         World {
             rng,
             now: 1_000,
+            offload,
             meta,
             disks,
             node,
@@ -517,10 +540,7 @@ impl World {
         // the network duplicates is still caught by the sequencer's in-memory dedup.
         let mut first_attempt = false;
         if self.devices[d].conn.is_some()
-            && let Some(out) = self.devices[d]
-                .outbox
-                .iter_mut()
-                .find(|x| x.cmid == o.cmid)
+            && let Some(out) = self.devices[d].outbox.iter_mut().find(|x| x.cmid == o.cmid)
         {
             first_attempt = !out.written;
             out.written = true;
@@ -591,6 +611,15 @@ impl World {
                 let k = self.rng.below(4) as usize;
                 self.node.shards[s].log_mut().apply_index(k);
             }
+            if let Some(jobs) = &self.node.jobs
+                && self.rng.chance(400)
+            {
+                // The cursor writer thread finishes a commit.
+                let job = jobs.borrow_mut().pop_front();
+                if let Some(job) = job {
+                    job();
+                }
+            }
             self.node.shards[s].handle_tick(self.now);
             while let Some(t) = self.node.shards[s].poll_transmit() {
                 if let Some(d) = self
@@ -623,12 +652,18 @@ impl World {
             self.devices[d].downlink.clear();
             self.devices[d].syncing = false;
         }
-        let old = std::mem::replace(&mut self.node, Node { shards: Vec::new() });
+        let old = std::mem::replace(
+            &mut self.node,
+            Node {
+                shards: Vec::new(),
+                jobs: None,
+            },
+        );
         for shard in old.shards {
             let log = shard_into_log(shard);
             log.crash(&mut self.rng);
         }
-        self.node = Node::start(&self.disks, &self.meta);
+        self.node = Node::start_with(&self.disks, &self.meta, self.offload);
         // Recovery check: nothing acknowledged is lost; seqs are contiguous; limbo records that
         // did survive are now durable.
         let mut recovered = BTreeMap::new();
@@ -994,6 +1029,12 @@ impl World {
                         );
                     }
                     self.node.shards[s].log_mut().apply_index(2);
+                }
+                if let Some(jobs) = &self.node.jobs {
+                    let pending: Vec<_> = jobs.borrow_mut().drain(..).collect();
+                    for job in pending {
+                        job();
+                    }
                 }
                 self.server_step();
                 for d in 0..self.devices.len() {
