@@ -1435,6 +1435,13 @@ where
 
     fn batch_durable(&mut self, first: Lsn, b: InFlight) {
         let mut items = Vec::new();
+        // Who sent each new entry (its SendAck goes there, its Deliver does not).
+        let origins: HashMap<(u64, u64), ConnRef> = b
+            .waiters
+            .iter()
+            .filter(|w| !w.duplicate)
+            .map(|w| ((w.conv, w.seq), w.origin))
+            .collect();
         for (i, e) in b.entries.into_iter().enumerate() {
             let lsn = Lsn(first.0 + i as u64);
             let conv = e.conv.0 as u64;
@@ -1449,17 +1456,10 @@ where
             c.recent.push_back((lsn, e.clone()));
             self.recent_order.push_back((lsn, conv));
             if let Some(msg) = entry_to_message(conv, &e) {
-                let origin = b
-                    .waiters
-                    .iter()
-                    .find(|w| w.conv == conv && w.seq == e.seq.0 && !w.duplicate)
-                    .map_or(
-                        ConnRef {
-                            shard: usize::MAX,
-                            conn: ConnId(u64::MAX),
-                        },
-                        |w| w.origin,
-                    );
+                let origin = origins.get(&(conv, e.seq.0)).copied().unwrap_or(ConnRef {
+                    shard: usize::MAX,
+                    conn: ConnId(u64::MAX),
+                });
                 items.push(FanoutItem::Message {
                     msg,
                     members: c.members.clone(),
