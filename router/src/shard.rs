@@ -369,12 +369,42 @@ struct Conn {
     queued_bytes: u64,
     /// Over budget: pushes turn into hints until the device syncs.
     behind: bool,
+    /// State only a connection that is behind or has a Sync/list outstanding needs, boxed so an
+    /// idle connection's directory entry stays a few dozen bytes (it is per connection, and
+    /// idle connections are most of them).
+    more: Option<Box<ConnMore>>,
+}
+
+#[derive(Default)]
+struct ConnMore {
     /// Latest seq per conversation not pushed while behind.
     hints: BTreeMap<u64, u64>,
     /// When it went behind (for `slow_consumer_close_ms`); `None` once a close was requested.
     behind_since_ms: Option<u64>,
     syncs: HashMap<u64, SyncGather>,
     lists: HashMap<u64, ListGather>,
+}
+
+impl Conn {
+    fn more(&mut self) -> &mut ConnMore {
+        self.more.get_or_insert_with(Box::default)
+    }
+
+    fn behind_since_ms(&self) -> Option<u64> {
+        self.more.as_ref().and_then(|m| m.behind_since_ms)
+    }
+
+    /// Frees the boxed state once nothing in it is in use.
+    fn tidy(&mut self) {
+        if self.more.as_ref().is_some_and(|m| {
+            m.hints.is_empty()
+                && m.behind_since_ms.is_none()
+                && m.syncs.is_empty()
+                && m.lists.is_empty()
+        }) {
+            self.more = None;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -616,13 +646,14 @@ where
                 device,
                 queued_bytes: 0,
                 behind: false,
-                hints: BTreeMap::new(),
-                behind_since_ms: None,
-                syncs: HashMap::new(),
-                lists: HashMap::new(),
+                more: None,
             },
         );
-        self.users.entry(user).or_default().push(conn);
+        // Most users have one device online: no spare capacity per entry.
+        self.users
+            .entry(user)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(conn);
     }
 
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
@@ -793,10 +824,10 @@ where
             if let Some(c) = self.conns.get_mut(&id)
                 && c.behind
                 && c.queued_bytes > budget
-                && c.behind_since_ms
+                && c.behind_since_ms()
                     .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
             {
-                c.behind_since_ms = None;
+                c.more().behind_since_ms = None;
                 self.behind.remove(&id);
                 self.closes.push_back(CloseRequest {
                     conn: id,
@@ -841,7 +872,7 @@ where
         let close = self
             .behind
             .iter()
-            .filter_map(|id| self.conns.get(id)?.behind_since_ms)
+            .filter_map(|id| self.conns.get(id)?.behind_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
         [self.cursor_due_ms, busy, close]
@@ -938,7 +969,7 @@ where
         c.queued_bytes += f.encoded_len() as u64 + 5;
         if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
             c.behind = true;
-            c.behind_since_ms = Some(self.now_ms);
+            c.more().behind_since_ms = Some(self.now_ms);
             self.behind.insert(conn);
         }
         self.transmits.push_back(Transmit { conn, frame: f });
@@ -949,10 +980,12 @@ where
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.hints.is_empty() || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
+        let no_hints = c.more.as_ref().is_none_or(|m| m.hints.is_empty());
+        if no_hints || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
             return;
         }
-        let hints = std::mem::take(&mut c.hints);
+        let hints = std::mem::take(&mut c.more().hints);
+        c.tidy();
         for (conv, seq) in hints {
             self.stats.hints += 1;
             let f = frame(
@@ -1510,7 +1543,7 @@ where
                             if self.emit(conn, f, true) {
                                 self.stats.pushed += 1;
                             } else if let Some(c) = self.conns.get_mut(&conn) {
-                                let h = c.hints.entry(msg.conversation_id).or_default();
+                                let h = c.more().hints.entry(msg.conversation_id).or_default();
                                 *h = (*h).max(msg.seq);
                             }
                         }
@@ -1794,8 +1827,11 @@ where
         };
         // The device catches up now: pushes resume, hints are void.
         c.behind = false;
-        c.hints.clear();
-        c.behind_since_ms = None;
+        if let Some(m) = &mut c.more {
+            m.hints.clear();
+            m.behind_since_ms = None;
+        }
+        c.tidy();
         self.behind.remove(&origin.conn);
         if per_owner.is_empty() {
             self.emit(
@@ -1805,7 +1841,7 @@ where
             );
             return Ok(());
         }
-        c.syncs.insert(
+        c.more().syncs.insert(
             rid,
             SyncGather {
                 remaining: per_owner.len(),
@@ -1883,7 +1919,7 @@ where
         let Some(c) = self.conns.get_mut(&p.to) else {
             return;
         };
-        let done = match c.syncs.get_mut(&p.request_id) {
+        let done = match c.more.as_mut().and_then(|m| m.syncs.get_mut(&p.request_id)) {
             Some(g) => {
                 g.remaining = g.remaining.saturating_sub(1);
                 g.truncated.extend(p.truncated);
@@ -1897,10 +1933,11 @@ where
             self.emit(p.to, f, false);
         }
         if done
-            && let Some(g) = self
-                .conns
-                .get_mut(&p.to)
-                .and_then(|c| c.syncs.remove(&p.request_id))
+            && let Some(g) = self.conns.get_mut(&p.to).and_then(|c| {
+                let g = c.more.as_mut()?.syncs.remove(&p.request_id);
+                c.tidy();
+                g
+            })
         {
             let f = frame(
                 p.request_id,
@@ -2000,7 +2037,7 @@ where
             );
             return Ok(());
         }
-        c.lists.insert(
+        c.more().lists.insert(
             rid,
             ListGather {
                 remaining: per_owner.len(),
@@ -2088,7 +2125,7 @@ where
         let Some(c) = self.conns.get_mut(&p.to) else {
             return;
         };
-        let Some(g) = c.lists.get_mut(&p.request_id) else {
+        let Some(g) = c.more.as_mut().and_then(|m| m.lists.get_mut(&p.request_id)) else {
             return;
         };
         g.summaries.extend(p.summaries);
@@ -2096,9 +2133,10 @@ where
         if g.remaining > 0 {
             return;
         }
-        let Some(mut g) = c.lists.remove(&p.request_id) else {
+        let Some(mut g) = c.more.as_mut().and_then(|m| m.lists.remove(&p.request_id)) else {
             return;
         };
+        c.tidy();
         let ts =
             |s: &v1::ConversationSummary| s.last_message.as_ref().map_or(0, |m| m.server_ts_ms);
         g.summaries.sort_by(|a, b| {
