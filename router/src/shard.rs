@@ -120,6 +120,7 @@ impl fmt::Debug for ShardMsg {
             Inner::History(_) => "History",
             Inner::List(_) => "List",
             Inner::ListPart(_) => "ListPart",
+            Inner::BlockChanged { .. } => "BlockChanged",
         };
         f.debug_tuple("ShardMsg").field(&kind).finish()
     }
@@ -141,6 +142,13 @@ enum Inner {
     History(HistoryCmd),
     List(ListCmd),
     ListPart(ListPart),
+    /// A Block/Unblock between the members of direct conversation `conv` was committed: the
+    /// owner forgets its cached block state, then answers `Done` to the request.
+    BlockChanged {
+        conv: u64,
+        origin: ConnRef,
+        request_id: u64,
+    },
 }
 
 struct SendCmd {
@@ -314,6 +322,9 @@ struct ConvState {
     members: Arc<[UserId]>,
     /// For a direct conversation: the two users (equal for a note to self).
     pair: Option<(UserId, UserId)>,
+    /// For a direct conversation: (first blocks second, second blocks first) of `pair`, read
+    /// from metadata on first use and forgotten on `Inner::BlockChanged`.
+    blocks: Option<(bool, bool)>,
     title: String,
     /// The seq the next accepted message gets.
     next_seq: u64,
@@ -735,12 +746,8 @@ where
                 }
             }
             Some(Body::ListConversations(l)) => self.on_list(origin, rid, user, &l),
-            Some(Body::Block(b)) => self.on_block(rid, user, b.user_id, true).map(|()| {
-                self.emit(conn, frame(rid, Body::Done(v1::Done {})), false);
-            }),
-            Some(Body::Unblock(b)) => self.on_block(rid, user, b.user_id, false).map(|()| {
-                self.emit(conn, frame(rid, Body::Done(v1::Done {})), false);
-            }),
+            Some(Body::Block(b)) => self.on_block(origin, rid, user, b.user_id, true),
+            Some(Body::Unblock(b)) => self.on_block(origin, rid, user, b.user_id, false),
             _ => Err(Refusal(
                 ErrorCode::UnexpectedFrame,
                 "not a messaging frame".into(),
@@ -943,6 +950,16 @@ where
             Inner::History(h) => self.on_history(h),
             Inner::List(l) => self.on_list_cmd(l),
             Inner::ListPart(p) => self.on_list_part(p),
+            Inner::BlockChanged {
+                conv,
+                origin,
+                request_id,
+            } => {
+                if let Some(c) = self.convs.get_mut(&conv) {
+                    c.blocks = None;
+                }
+                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
+            }
         }
     }
 
@@ -1123,6 +1140,7 @@ where
             let mut st = ConvState {
                 members,
                 pair,
+                blocks: None,
                 title,
                 next_seq: last + 1,
                 durable_seq: last,
@@ -1355,14 +1373,24 @@ where
         let open_max = self.cfg.open_entries_max;
         let now = self.now_ms.max(cmd.now_ms);
         let c = self.member_conv(cmd.conv, cmd.user)?;
-        if let Some((a, b)) = c.pair {
-            let peer = if a == cmd.user { b } else { a };
-            if peer != cmd.user
-                && meta
-                    .get::<Block>(&block_key(peer, cmd.user))
-                    .map_err(|e| Refusal::storage("block lookup", &e))?
-                    .is_some()
-            {
+        if let Some((a, b)) = c.pair
+            && a != b
+        {
+            let (a_blocks_b, b_blocks_a) = match c.blocks {
+                Some(bl) => bl,
+                None => {
+                    let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
+                        Ok(meta
+                            .get::<Block>(&block_key(who, whom))
+                            .map_err(|e| Refusal::storage("block lookup", &e))?
+                            .is_some())
+                    };
+                    let bl = (has(a, b)?, has(b, a)?);
+                    c.blocks = Some(bl);
+                    bl
+                }
+            };
+            if (cmd.user == a && b_blocks_a) || (cmd.user == b && a_blocks_b) {
                 return Err(Refusal(
                     ErrorCode::Blocked,
                     "the recipient has blocked you".into(),
@@ -2161,9 +2189,13 @@ where
         self.emit(p.to, f, false);
     }
 
+    /// Commits the Block/Unblock, then has the owner of the pair's direct conversation (if there
+    /// is one) drop its cached block state before `Done` goes out: once the blocker sees `Done`,
+    /// no later send from the blocked user is accepted.
     fn on_block(
         &mut self,
-        _rid: u64,
+        origin: ConnRef,
+        rid: u64,
         user: UserId,
         other: u64,
         block: bool,
@@ -2187,6 +2219,34 @@ where
         self.meta
             .commit(&b)
             .map_err(|e| Refusal::storage("block", &e))?;
+        let (low, high) = if user.0 <= other {
+            (user, UserId(other))
+        } else {
+            (UserId(other), user)
+        };
+        let conv = match self.direct_cache.get(&(low, high)) {
+            Some(&c) => Some(c),
+            None => {
+                let mut k = keys::user(low);
+                k.extend_from_slice(&high.0.to_be_bytes());
+                self.meta
+                    .get::<DirectPair>(&k)
+                    .map_err(|e| Refusal::storage("direct lookup", &e))?
+                    .map(|p| p.conv.0 as u64)
+            }
+        };
+        match conv {
+            Some(conv) => self.send_to(
+                owner_shard(conv, self.shards),
+                Inner::BlockChanged {
+                    conv,
+                    origin,
+                    request_id: rid,
+                },
+            ),
+            // No conversation yet: one created later reads the block from metadata.
+            None => self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]),
+        }
         Ok(())
     }
 }
