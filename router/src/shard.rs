@@ -36,6 +36,12 @@ pub struct ShardConfig {
     pub slow_consumer_close_ms: u64,
     /// Most messages per conversation one `Sync` returns.
     pub sync_messages_max: usize,
+    /// Most bytes of messages one `Sync` returns over all conversations (the rest is reported
+    /// in `SyncDone.truncated`): a reply must fit the gateway's per-connection outbound limit.
+    pub sync_bytes_max: usize,
+    /// Most bytes of messages in one `HistoryPage` (it is one frame, so it must stay under the
+    /// frame limit; a page always holds at least one message).
+    pub page_bytes_max: usize,
     /// Default and most messages of one `HistoryPage`.
     pub history_limit_default: usize,
     /// Cap of `GetHistory.limit`.
@@ -61,6 +67,8 @@ impl Default for ShardConfig {
             conn_outbound_bytes_max: 256 * 1024,
             slow_consumer_close_ms: 30_000,
             sync_messages_max: 500,
+            sync_bytes_max: 256 * 1024,
+            page_bytes_max: 48 * 1024,
             history_limit_default: 50,
             history_limit_max: 200,
             list_limit_default: 50,
@@ -134,7 +142,10 @@ const _: fn() = || {
 
 enum Inner {
     Send(Box<SendCmd>),
-    Reply { to: ConnId, frames: Vec<v1::Frame> },
+    Reply {
+        to: ConnId,
+        frames: Vec<v1::Frame>,
+    },
     Fanout(Arc<Vec<FanoutItem>>),
     Cursor(CursorCmd),
     Sync(SyncCmd),
@@ -203,6 +214,8 @@ struct SyncCmd {
     request_id: u64,
     user: UserId,
     convs: Vec<(u64, u64)>,
+    /// This owner's share of `sync_bytes_max`.
+    bytes_max: usize,
 }
 
 struct SyncPart {
@@ -1876,6 +1889,7 @@ where
                 ..SyncGather::default()
             },
         );
+        let bytes_max = self.cfg.sync_bytes_max / per_owner.len().max(1);
         for (owner, convs) in per_owner {
             self.send_to(
                 owner,
@@ -1884,6 +1898,7 @@ where
                     request_id: rid,
                     user,
                     convs,
+                    bytes_max,
                 }),
             );
         }
@@ -1901,27 +1916,42 @@ where
             messages: 0,
             receipts: 0,
         };
+        let mut bytes = 0usize;
         for (conv, last) in cmd.convs {
-            let Ok(entries) = self.read_after(conv, last, max + 1) else {
-                continue;
+            // Over the byte budget: say what is there instead of reading it.
+            let entries = if bytes >= cmd.bytes_max {
+                Vec::new()
+            } else {
+                let Ok(entries) = self.read_after(conv, last, max + 1) else {
+                    continue;
+                };
+                entries
             };
             let Ok(c) = self.member_conv(conv, cmd.user) else {
                 continue;
             };
-            if entries.len() > max {
+            let mut truncated = entries.len() > max
+                || (entries.is_empty() && bytes >= cmd.bytes_max && c.durable_seq > last);
+            for e in entries.iter().take(max) {
+                if bytes >= cmd.bytes_max {
+                    truncated = true;
+                    break;
+                }
+                if let Some(m) = entry_to_message(conv, e) {
+                    let f = frame(
+                        cmd.request_id,
+                        Body::Deliver(v1::Deliver { message: Some(m) }),
+                    );
+                    bytes += f.encoded_len();
+                    part.frames.push(f);
+                    part.messages += 1;
+                }
+            }
+            if truncated {
                 part.truncated.push(v1::MessagesAvailable {
                     conversation_id: conv,
                     up_to_seq: c.durable_seq,
                 });
-            }
-            for e in entries.iter().take(max) {
-                if let Some(m) = entry_to_message(conv, e) {
-                    part.frames.push(frame(
-                        cmd.request_id,
-                        Body::Deliver(v1::Deliver { message: Some(m) }),
-                    ));
-                    part.messages += 1;
-                }
             }
             let mut rs = Vec::new();
             for (&u, &d) in &c.announced_delivered {
@@ -2019,14 +2049,38 @@ where
                 (v, more)
             }
         };
-        let messages = entries
+        let mut messages: Vec<v1::Message> = entries
             .drain(..)
             .filter_map(|e| entry_to_message(conv, &e))
             .collect();
+        // One frame: keep it under `page_bytes_max`, dropping from the far end of the anchor
+        // (the newest for AfterSeq, the oldest otherwise); the client pages on with `has_more`.
+        let after = matches!(h.req.anchor, Some(v1::get_history::Anchor::AfterSeq(_)));
+        let (mut bytes, mut keep) = (0usize, 0usize);
+        let sizes: Vec<usize> = if after {
+            messages.iter().map(|m| m.encoded_len() + 8).collect()
+        } else {
+            messages.iter().rev().map(|m| m.encoded_len() + 8).collect()
+        };
+        for sz in sizes {
+            if keep > 0 && bytes + sz > self.cfg.page_bytes_max {
+                break;
+            }
+            bytes += sz;
+            keep += 1;
+        }
+        let trimmed = keep < messages.len();
+        if trimmed {
+            if after {
+                messages.truncate(keep);
+            } else {
+                messages.drain(..messages.len() - keep);
+            }
+        }
         Ok(v1::HistoryPage {
             conversation_id: conv,
             messages,
-            has_more,
+            has_more: has_more || trimmed,
         })
     }
 

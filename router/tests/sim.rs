@@ -25,6 +25,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_router::ids::{GROUP_BIT, conv_id};
 use starling_router::ring::{Bell, Doorbell};
@@ -1806,4 +1807,83 @@ fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
         ),
         (first.conversation_id, 1, true, first.server_ts_ms)
     );
+}
+
+#[test]
+fn sync_and_history_replies_stay_under_their_byte_budgets() {
+    let mut h = Harness::new(2, &[1, 2]);
+    h.open(10, 1, 1);
+    let big = "x".repeat(20 * 1024);
+    let mut conv = 0;
+    for n in 1..=30 {
+        let rid = h.msg(10, n, Target::UserId(2), &big);
+        h.run();
+        conv = ack(&h.take(10), rid).unwrap().conversation_id;
+    }
+    // History: one frame, so at most `page_bytes_max` (48 KiB) of messages, and has_more.
+    h.open(20, 2, 1);
+    h.take(20);
+    use v1::get_history::Anchor;
+    for (anchor, want) in [
+        (None, vec![29, 30]),
+        (Some(Anchor::AfterSeq(0)), vec![1, 2]),
+        (Some(Anchor::BeforeSeq(10)), vec![8, 9]),
+    ] {
+        let rid = h.send(
+            20,
+            Body::GetHistory(v1::GetHistory {
+                conversation_id: conv,
+                anchor,
+                limit: 50,
+            }),
+        );
+        h.run();
+        let page = h
+            .take(20)
+            .into_iter()
+            .find(|f| f.request_id == rid)
+            .and_then(|f| f.body);
+        let Some(Body::HistoryPage(p)) = page else {
+            panic!("{page:?}")
+        };
+        assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), want);
+        assert!(p.has_more);
+    }
+    // Sync: at most `sync_bytes_max` (256 KiB) of messages, the rest named in `truncated`;
+    // syncing again from where it stopped gets the rest, each message once.
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let last = got.last().copied().unwrap_or(0);
+        let rid = h.send(
+            20,
+            Body::Sync(v1::Sync {
+                last_seq: [(conv, last)].into_iter().collect(),
+            }),
+        );
+        h.run();
+        let frames = h.take(20);
+        let mut bytes = 0;
+        for f in frames.iter().filter(|f| f.request_id == rid) {
+            if let Some(Body::Deliver(d)) = &f.body {
+                bytes += f.encoded_len();
+                got.push(d.message.as_ref().unwrap().seq);
+            }
+        }
+        assert!(
+            bytes <= 256 * 1024 + 21 * 1024,
+            "sync reply of {bytes} bytes"
+        );
+        let done = frames
+            .iter()
+            .find_map(|f| match &f.body {
+                Some(Body::SyncDone(d)) if f.request_id == rid => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap();
+        if done.truncated.is_empty() {
+            break;
+        }
+        assert_eq!(done.truncated[0].up_to_seq, 30);
+    }
+    assert_eq!(got, (1..=30).collect::<Vec<_>>());
 }
