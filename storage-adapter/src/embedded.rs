@@ -102,6 +102,7 @@ impl EmbeddedShard {
         })?;
         let index = Arc::new(FjallIndex::open(
             &dir.join("index"),
+            &dir.join("log"),
             opts.index_cache_bytes,
         )?);
         let index_rebuilt = index.rebuilt();
@@ -112,10 +113,10 @@ impl EmbeddedShard {
         let log = SegmentedLog::open_with(
             &dir.join("log"),
             opts.log,
-            |rec| {
+            |rec, pos| {
                 if replay_err.is_none() && rec.last_lsn() > applied {
                     replayed += 1;
-                    if let Err(e) = index.apply(&[*rec]) {
+                    if let Err(e) = index.apply(&[(*rec, pos)]) {
                         replay_err = Some(e);
                     }
                 }
@@ -130,9 +131,9 @@ impl EmbeddedShard {
         if index_was_ahead {
             index.clear()?;
             let mut err = None;
-            log.scan(Lsn(1), |rec| {
+            log.scan_at(Lsn(1), |rec, pos| {
                 replayed += 1;
-                err = index.apply(&[*rec]).err();
+                err = index.apply(&[(*rec, pos)]).err();
                 err.is_none()
             })?;
             if let Some(e) = err {
@@ -250,7 +251,7 @@ fn apply_loop(
         }
         let views: Result<Vec<_>, _> = recs
             .iter()
-            .map(|r| format::decode_record(&r.bytes))
+            .map(|r| format::decode_record(&r.bytes).map(|v| (v, r.pos)))
             .collect();
         let res = match views {
             Ok(v) => index.apply(&v),

@@ -1,16 +1,23 @@
-//! The per-shard message index (fjall): `conv‖seq → entry` and `conv‖client_msg_id → seq`, plus
-//! the log lsn it has applied. It is a read model: written without forced sync, rebuilt from the
-//! log when missing, damaged or behind. The log stays the only source of truth.
+//! The per-shard message index (fjall): `conv‖seq → where the entry is in the log` and
+//! `conv‖client_msg_id → seq`, plus the log lsn it has applied. It is a read model: written
+//! without forced sync, rebuilt from the log when missing, damaged or behind. The log stays the
+//! only source of truth, and also holds the entries themselves: the index keeps a 24-byte
+//! pointer (segment, offset, length, CRC32C of the entry's bytes) instead of a copy, so fjall's
+//! journal, flushes and compactions move keys and pointers, not message bodies (they were half
+//! the server's CPU at peak). A read `pread`s the entry from its segment and checks its CRC.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::fs;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use crate::error::StorageError;
 use crate::format::{self, RecordView};
+use crate::log::{RecordPos, segment_path};
 use crate::types::{ClientMsgId, ConvId, Entry, Lsn, Seq};
 
 /// Most entries one range read returns (callers page with `before`/`after`).
@@ -20,7 +27,13 @@ pub const READ_ENTRIES_MAX: usize = 1000;
 const MEMTABLE_BYTES: u64 = 8 << 20;
 
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT_VALUE: &[u8] = b"starling-index-1";
+const FORMAT_VALUE: &[u8] = b"starling-index-2";
+
+/// Bytes of an entry pointer: segment base lsn, file offset (u64 each), length, CRC32C (u32).
+const POINTER_BYTES: usize = 24;
+
+/// Segment files kept open for reads (beyond it the cache starts over).
+const OPEN_SEGMENTS_MAX: usize = 64;
 const APPLIED_KEY: &[u8] = b"applied_lsn";
 
 fn entry_key(conv: ConvId, seq: Seq) -> [u8; 24] {
@@ -43,6 +56,33 @@ fn u64_be(b: &[u8], table: &'static str) -> Result<u64, StorageError> {
         reason: "not 8 bytes".into(),
     })?;
     Ok(u64::from_be_bytes(a))
+}
+
+fn encode_pointer(segment: Lsn, offset: u64, entry: &[u8]) -> [u8; POINTER_BYTES] {
+    let mut p = [0u8; POINTER_BYTES];
+    p[..8].copy_from_slice(&segment.0.to_be_bytes());
+    p[8..16].copy_from_slice(&offset.to_be_bytes());
+    p[16..20].copy_from_slice(&(entry.len() as u32).to_be_bytes());
+    p[20..].copy_from_slice(&crc32c::crc32c(entry).to_be_bytes());
+    p
+}
+
+/// (segment, offset, len, crc) of a stored pointer.
+fn decode_pointer(v: &[u8]) -> Result<(Lsn, u64, usize, u32), StorageError> {
+    let bad = || StorageError::Decode {
+        table: "entries",
+        reason: format!("pointer of {} bytes", v.len()),
+    };
+    if v.len() != POINTER_BYTES {
+        return Err(bad());
+    }
+    let u32_at = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    Ok((
+        Lsn(u64_be(&v[..8], "entries")?),
+        u64_be(&v[8..16], "entries")?,
+        u32_at(16) as usize,
+        u32_at(20),
+    ))
 }
 
 fn decode_value(v: &[u8]) -> Result<Entry, StorageError> {
@@ -69,6 +109,9 @@ struct Applied {
 /// The fjall-backed message index of one shard.
 pub struct FjallIndex {
     path: PathBuf,
+    /// The log whose entries the pointers name.
+    log_dir: PathBuf,
+    segments: Mutex<HashMap<Lsn, Arc<File>>>,
     db: Database,
     entries: Keyspace,
     dedup: Keyspace,
@@ -90,8 +133,8 @@ impl fmt::Debug for FjallIndex {
 impl FjallIndex {
     /// Opens the index in `path`. If it cannot be opened or is not ours, it is deleted and
     /// recreated empty (`rebuilt()` then says so, and the caller replays the whole log).
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<FjallIndex, StorageError> {
-        match Self::try_open(path, cache_bytes) {
+    pub fn open(path: &Path, log_dir: &Path, cache_bytes: u64) -> Result<FjallIndex, StorageError> {
+        match Self::try_open(path, log_dir, cache_bytes) {
             Ok(Some(ix)) => Ok(ix),
             Ok(None) | Err(_) => {
                 if path.exists() {
@@ -101,11 +144,12 @@ impl FjallIndex {
                         source,
                     })?;
                 }
-                let mut ix =
-                    Self::try_open(path, cache_bytes)?.ok_or_else(|| StorageError::Decode {
+                let mut ix = Self::try_open(path, log_dir, cache_bytes)?.ok_or_else(|| {
+                    StorageError::Decode {
                         table: "state",
                         reason: "fresh index has no format marker".into(),
-                    })?;
+                    }
+                })?;
                 ix.rebuilt = true;
                 Ok(ix)
             }
@@ -113,7 +157,11 @@ impl FjallIndex {
     }
 
     /// `Ok(None)`: opened, but not a valid index of this format.
-    fn try_open(path: &Path, cache_bytes: u64) -> Result<Option<FjallIndex>, StorageError> {
+    fn try_open(
+        path: &Path,
+        log_dir: &Path,
+        cache_bytes: u64,
+    ) -> Result<Option<FjallIndex>, StorageError> {
         let fresh = !path.exists();
         let db = Database::builder(path)
             .cache_size(cache_bytes)
@@ -140,12 +188,14 @@ impl FjallIndex {
             None => Lsn::ZERO,
         };
         // Read the newest entry back: a damaged table usually shows here, at open, not later.
-        if let Some(g) = entries.last_key_value() {
-            let (_, v) = g.into_inner()?;
-            decode_value(&v)?;
-        }
-        Ok(Some(FjallIndex {
+        let newest = match entries.last_key_value() {
+            Some(g) => Some(g.into_inner()?.1),
+            None => None,
+        };
+        let ix = FjallIndex {
             path: path.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            segments: Mutex::new(HashMap::new()),
             db,
             entries,
             dedup,
@@ -155,7 +205,53 @@ impl FjallIndex {
                 cond: Condvar::new(),
             },
             rebuilt: fresh,
-        }))
+        };
+        if let Some(v) = newest {
+            ix.load(&v)?;
+        }
+        Ok(Some(ix))
+    }
+
+    /// Reads the entry a stored pointer names from its log segment, checking its CRC.
+    fn load(&self, v: &[u8]) -> Result<Entry, StorageError> {
+        let (segment, offset, len, crc) = decode_pointer(v)?;
+        let file = self.segment(segment)?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|source| StorageError::Fs {
+                op: "read entry",
+                path: segment_path(&self.log_dir, segment),
+                source,
+            })?;
+        let computed = crc32c::crc32c(&buf);
+        if computed != crc {
+            return Err(StorageError::Decode {
+                table: "entries",
+                reason: format!(
+                    "entry at {}:{offset} fails its checksum (stored {crc:08x}, computed {computed:08x})",
+                    segment_path(&self.log_dir, segment).display()
+                ),
+            });
+        }
+        decode_value(&buf)
+    }
+
+    fn segment(&self, base: Lsn) -> Result<Arc<File>, StorageError> {
+        let mut open = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = open.get(&base) {
+            return Ok(f.clone());
+        }
+        let path = segment_path(&self.log_dir, base);
+        let f = Arc::new(File::open(&path).map_err(|source| StorageError::Fs {
+            op: "open segment",
+            path,
+            source,
+        })?);
+        if open.len() >= OPEN_SEGMENTS_MAX {
+            open.clear();
+        }
+        open.insert(base, f.clone());
+        Ok(f)
     }
 
     /// Whether this index was created empty at open (fresh or replaced after damage).
@@ -174,22 +270,30 @@ impl FjallIndex {
 
     /// Applies durable records in one atomic index write, advancing `applied_lsn`. Records at or
     /// below `applied_lsn` are skipped, so replay is idempotent.
-    pub(crate) fn apply(&self, records: &[RecordView<'_>]) -> Result<(), StorageError> {
+    pub(crate) fn apply(
+        &self,
+        records: &[(RecordView<'_>, RecordPos)],
+    ) -> Result<(), StorageError> {
         let applied = self.applied_lsn();
         let mut batch = self.db.batch();
         let mut last = applied;
-        for r in records {
+        for (r, pos) in records {
             if r.last_lsn() <= applied {
                 continue;
             }
             let mut rest = r.payload;
+            let mut offset = pos.offset + format::RECORD_HEADER_BYTES as u64;
             for _ in 0..r.count {
                 let (e, used) = format::decode_entry(rest).map_err(|e| StorageError::Decode {
                     table: "log record",
                     reason: e.to_string(),
                 })?;
                 if e.seq != Seq::NONE {
-                    batch.insert(&self.entries, entry_key(e.conv, e.seq), &rest[..used]);
+                    batch.insert(
+                        &self.entries,
+                        entry_key(e.conv, e.seq),
+                        encode_pointer(pos.segment, offset, &rest[..used]),
+                    );
                     if !e.client_msg_id.is_none() {
                         batch.insert(
                             &self.dedup,
@@ -199,6 +303,7 @@ impl FjallIndex {
                     }
                 }
                 rest = &rest[used..];
+                offset += used as u64;
             }
             last = r.last_lsn();
         }
@@ -265,13 +370,14 @@ impl FjallIndex {
     }
 
     fn collect(
+        &self,
         iter: impl Iterator<Item = fjall::Guard>,
         limit: usize,
     ) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
         for g in iter.take(limit.min(READ_ENTRIES_MAX)) {
             let (_, v) = g.into_inner()?;
-            out.push(decode_value(&v)?);
+            out.push(self.load(&v)?);
         }
         Ok(out)
     }
@@ -279,14 +385,14 @@ impl FjallIndex {
 
 impl crate::traits::MessageIndex for FjallIndex {
     fn latest(&self, conv: ConvId, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        let mut v = Self::collect(self.entries.prefix(conv.0.to_be_bytes()).rev(), limit)?;
+        let mut v = self.collect(self.entries.prefix(conv.0.to_be_bytes()).rev(), limit)?;
         v.reverse();
         Ok(v)
     }
 
     fn before(&self, conv: ConvId, seq: Seq, limit: usize) -> Result<Vec<Entry>, StorageError> {
         let range = entry_key(conv, Seq(0))..entry_key(conv, seq);
-        let mut v = Self::collect(self.entries.range(range).rev(), limit)?;
+        let mut v = self.collect(self.entries.range(range).rev(), limit)?;
         v.reverse();
         Ok(v)
     }
@@ -296,12 +402,12 @@ impl crate::traits::MessageIndex for FjallIndex {
             return Ok(Vec::new());
         }
         let range = entry_key(conv, Seq(seq.0 + 1))..=entry_key(conv, Seq(u64::MAX));
-        Self::collect(self.entries.range(range), limit)
+        self.collect(self.entries.range(range), limit)
     }
 
     fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>, StorageError> {
         match self.entries.get(entry_key(conv, seq))? {
-            Some(v) => Ok(Some(decode_value(&v)?)),
+            Some(v) => Ok(Some(self.load(&v)?)),
             None => Ok(None),
         }
     }

@@ -1456,3 +1456,38 @@ fn fixtures_v1_are_read_and_the_writer_still_produces_them() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// The index points into the log instead of copying entries: a read checks the entry's CRC, so
+/// bytes changed under it are an error naming the segment, never a wrong message.
+#[test]
+fn index_reads_entries_from_the_log_and_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 16)).unwrap();
+    let e = entry(7, 1, cmid(70, 1), 300);
+    let lsn = shard
+        .append::<SyncData>(std::slice::from_ref(&e))
+        .unwrap()
+        .wait()
+        .unwrap()
+        .last_lsn();
+    shard.index().wait_applied(lsn).unwrap();
+    let ix = shard.index().clone();
+    assert_eq!(ix.entry(ConvId(7), Seq(1)).unwrap(), Some(e.clone()));
+    assert_eq!(ix.after(ConvId(7), Seq(0), 10).unwrap(), vec![e.clone()]);
+    assert_eq!(ix.dedup(ConvId(7), cmid(70, 1)).unwrap(), Some(Seq(1)));
+    // Flip one byte of the body in the segment file.
+    let seg = walk(&dir.path().join("log"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let mut data = fs::read(&seg).unwrap();
+    let at = data
+        .windows(e.body.len())
+        .position(|w| w == &e.body[..])
+        .expect("the body is in the segment");
+    data[at + 10] ^= 0x40;
+    fs::write(&seg, &data).unwrap();
+    let err = ix.entry(ConvId(7), Seq(1)).unwrap_err().to_string();
+    assert!(err.contains("checksum") && err.contains(".seg"), "{err}");
+    assert!(ix.after(ConvId(7), Seq(0), 10).is_err());
+}

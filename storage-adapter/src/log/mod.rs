@@ -84,7 +84,21 @@ impl fmt::Debug for LogOptions {
 #[derive(Debug)]
 pub(crate) struct DurableRecord {
     pub(crate) bytes: Vec<u8>,
+    /// Where the record sits in the log (the index points there).
+    pub(crate) pos: RecordPos,
     marks: Arc<Watermarks>,
+}
+
+/// Where a record starts: its segment (by base lsn) and its byte offset in that file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordPos {
+    pub(crate) segment: Lsn,
+    pub(crate) offset: u64,
+}
+
+/// The file of the segment starting at `base` in the log directory `dir`.
+pub(crate) fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
+    dir.join(segment_name(base))
 }
 
 impl Drop for DurableRecord {
@@ -100,6 +114,8 @@ struct Request {
     bytes: Vec<u8>,
     last_lsn: Lsn,
     sync: bool,
+    /// Set when the writer places it in a segment.
+    pos: RecordPos,
 }
 
 /// One shard's durable log. Owned by the shard thread (appends take `&mut self`).
@@ -127,7 +143,7 @@ impl fmt::Debug for SegmentedLog {
 impl SegmentedLog {
     /// Opens (creating if needed) the log in `dir`, recovering it first (see `recovery`).
     pub fn open(dir: &Path, opts: LogOptions) -> Result<SegmentedLog, LogError> {
-        Self::open_with(dir, opts, |_| {}, None)
+        Self::open_with(dir, opts, |_, _| {}, None)
     }
 
     /// Opens the log; `visit` sees every recovered record; durable records are sent to `sink`
@@ -136,7 +152,7 @@ impl SegmentedLog {
     pub(crate) fn open_with(
         dir: &Path,
         opts: LogOptions,
-        visit: impl FnMut(&format::RecordView<'_>),
+        visit: impl FnMut(&format::RecordView<'_>, RecordPos),
         sink: Option<mpsc::SyncSender<DurableRecord>>,
     ) -> Result<SegmentedLog, LogError> {
         if opts.segment_bytes < (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1024) as u64 {
@@ -256,6 +272,10 @@ impl SegmentedLog {
                 bytes,
                 last_lsn: last,
                 sync,
+                pos: RecordPos {
+                    segment: Lsn::ZERO,
+                    offset: 0,
+                },
             })
             .is_err()
         {
@@ -303,7 +323,16 @@ impl SegmentedLog {
     pub fn scan(
         &self,
         from: Lsn,
-        visit: impl FnMut(&format::RecordView<'_>) -> bool,
+        mut visit: impl FnMut(&format::RecordView<'_>) -> bool,
+    ) -> Result<(), LogError> {
+        self.scan_at(from, |v, _| visit(v))
+    }
+
+    /// [`SegmentedLog::scan`], also telling where each record is.
+    pub(crate) fn scan_at(
+        &self,
+        from: Lsn,
+        visit: impl FnMut(&format::RecordView<'_>, RecordPos) -> bool,
     ) -> Result<(), LogError> {
         let until = self.durable_lsn()?;
         scan_dir(&self.dir, from, until, visit)
@@ -324,7 +353,7 @@ pub(crate) fn scan_dir(
     dir: &Path,
     from: Lsn,
     until: Lsn,
-    mut visit: impl FnMut(&format::RecordView<'_>) -> bool,
+    mut visit: impl FnMut(&format::RecordView<'_>, RecordPos) -> bool,
 ) -> Result<(), LogError> {
     let segs = recovery::list_segments(dir)?;
     for (i, seg) in segs.iter().enumerate() {
@@ -340,7 +369,11 @@ pub(crate) fn scan_dir(
             if view.first_lsn > until {
                 return Ok(());
             }
-            if view.last_lsn() >= from && !visit(&view) {
+            let at = RecordPos {
+                segment: seg.base,
+                offset: pos as u64,
+            };
+            if view.last_lsn() >= from && !visit(&view, at) {
                 return Ok(());
             }
             pos += view.total_bytes();
@@ -464,7 +497,7 @@ impl Writer {
                 }
             }
             let sync = group.iter().any(|r| r.sync);
-            match self.commit(&group, sync) {
+            match self.commit(&mut group, sync) {
                 Ok(()) => {
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
                     self.marks.advance(last, sync.then_some(last));
@@ -482,6 +515,7 @@ impl Writer {
                         for r in self.unsynced.drain(..) {
                             self.to_index.push_back(DurableRecord {
                                 bytes: r.bytes,
+                                pos: r.pos,
                                 marks: self.marks.clone(),
                             });
                         }
@@ -551,7 +585,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, group: &[Request], sync: bool) -> Result<(), LogError> {
+    fn commit(&mut self, group: &mut [Request], sync: bool) -> Result<(), LogError> {
         self.buf.clear();
         for r in group {
             let len = r.bytes.len() as u64;
@@ -577,6 +611,12 @@ impl Writer {
             {
                 self.buf
                     .extend_from_slice(&format::encode_segment_header(c.base));
+            }
+            if let Some(c) = &self.cur {
+                r.pos = RecordPos {
+                    segment: c.base,
+                    offset: c.pos + self.buf.len() as u64,
+                };
             }
             self.buf.extend_from_slice(&r.bytes);
         }

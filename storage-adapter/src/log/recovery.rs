@@ -138,7 +138,7 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 /// Scans and repairs the log in `dir`; `visit` sees every valid record in lsn order.
 pub(crate) fn recover(
     dir: &Path,
-    mut visit: impl FnMut(&format::RecordView<'_>),
+    mut visit: impl FnMut(&format::RecordView<'_>, super::RecordPos),
 ) -> Result<Recovered, LogError> {
     let spare = dir.join(SPARE_NAME);
     if spare.exists() {
@@ -195,7 +195,13 @@ pub(crate) fn recover(
             let res = format::decode_record(&data[pos..]);
             match res {
                 Ok(view) if view.first_lsn == want => {
-                    visit(&view);
+                    visit(
+                        &view,
+                        super::RecordPos {
+                            segment: seg.base,
+                            offset: pos as u64,
+                        },
+                    );
                     report.records += 1;
                     report.last_lsn = view.last_lsn();
                     expected = Some(Lsn(view.last_lsn().0 + 1));
