@@ -14,12 +14,13 @@ use bytes::BytesMut;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_protocol::{FrameDecoder, FrameEncoder, PROTOCOL_VERSION};
 
-use crate::accounts::{Accounts, ApiError, Granted, Principal};
+use crate::accounts::{Access, Accounts, ApiError, Granted, Principal};
 use crate::clock;
 use crate::messaging::{Router, router_conn};
 use crate::metrics;
 use crate::runtime::{self, Ready};
 use crate::shard::{ConnCtl, Kill, Shard};
+use crate::tokencache::TokenKey;
 use crate::wheel::ConnId;
 
 /// The byte transport under the frames.
@@ -247,8 +248,12 @@ impl Conn {
             }
             if closing {
                 self.transport.close_notify();
-                self.ctl
-                    .set_deadline(clock::mono_ms() + 2000, Kill::CloseTimeout);
+                self.shard.set_deadline(
+                    self.id,
+                    &self.ctl,
+                    clock::mono_ms() + 2000,
+                    Kill::CloseTimeout,
+                );
             }
             let routed = self.queue_outbound();
             if self.flush(closing).await.is_err() || closing {
@@ -293,11 +298,20 @@ impl Conn {
             Kill::Revoked => self.goodbye(k.code(), "session revoked", 0),
             Kill::Shutdown => self.goodbye(k.code(), "server shutting down", 1000),
             Kill::Router(code) => self.goodbye(code, "closed by the router", 0),
+            Kill::TokenExpired => self.goodbye(
+                k.code(),
+                "access token expired: refresh it and reconnect",
+                0,
+            ),
             Kill::CloseTimeout => {}
         }
         self.transport.close_notify();
-        self.ctl
-            .set_deadline(clock::mono_ms() + 2000, Kill::CloseTimeout);
+        self.shard.set_deadline(
+            self.id,
+            &self.ctl,
+            clock::mono_ms() + 2000,
+            Kill::CloseTimeout,
+        );
     }
 
     /// Reads what is available and handles every whole frame.
@@ -475,23 +489,31 @@ impl Conn {
         self.shard.shared.accounts.clone()
     }
 
-    async fn authenticated(&mut self, p: Principal) {
+    /// Marks the connection authenticated as `p` by an access token that
+    /// expires at `expires_at_ms` (unix) and registers it with the router.
+    /// `mirrored`: the user is known to be in the node's metadata already.
+    async fn authenticated(&mut self, p: Principal, expires_at_ms: u64, mirrored: bool) {
         self.principal = Some(p);
         self.ctl.session_id.set(p.session_id);
+        let left_ms = expires_at_ms.saturating_sub(clock::unix_ms());
+        self.shard
+            .set_token_expiry(self.id, &self.ctl, clock::mono_ms() + left_ms.max(1));
         let Some(r) = self.shard.router.clone() else {
             return;
         };
-        // The router resolves recipients in the node's metadata: make sure this
-        // user is there before it can be written to.
-        let (meta, accounts) = (r.meta.clone(), self.accounts());
-        if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
-            .await
-            .is_none()
-        {
-            tracing::error!(
-                user = p.user_id,
-                "mirroring the user into metadata panicked"
-            );
+        if !mirrored {
+            // The router resolves recipients in the node's metadata: make
+            // sure this user is there before it can be written to.
+            let (meta, accounts) = (r.meta.clone(), self.accounts());
+            if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
+                .await
+                .is_none()
+            {
+                tracing::error!(
+                    user = p.user_id,
+                    "mirroring the user into metadata panicked"
+                );
+            }
         }
         let id = router_conn(self.id);
         r.with(|rs, now| {
@@ -506,6 +528,43 @@ impl Conn {
             );
         });
         self.router_open = true;
+    }
+
+    /// Checks an access token: the shard's cache first; else the signature
+    /// on this thread and the session (plus the user's metadata mirror) in
+    /// one blocking-pool call. Returns who it names and its expiry (unix ms).
+    async fn check_token(&self, token: String) -> Result<Access, ApiError> {
+        let now = clock::unix_ms();
+        let key = TokenKey::of(&token);
+        let epoch = self.shard.revocation_epoch();
+        let cached = if self.shard.token_cache_current() {
+            self.shard.token_cache.borrow_mut().get(&key, now)
+        } else {
+            None
+        };
+        if let Some(a) = cached {
+            metrics::inc(&self.shard.metrics().token_cache_hits);
+            return Ok(a);
+        }
+        let access = self.shard.shared.accounts.verify_access(&token, now)?;
+        drop(token);
+        let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+        self.call(move |acc, _| {
+            let p = acc.check_session(&access)?;
+            if let Some(meta) = meta {
+                // The router resolves recipients in the node's metadata.
+                crate::messaging::ensure_user(&meta, acc, p);
+            }
+            Ok(())
+        })
+        .await?;
+        if self.shard.revocation_epoch() == epoch {
+            self.shard
+                .token_cache
+                .borrow_mut()
+                .insert(key, access, clock::unix_ms());
+        }
+        Ok(access)
     }
 
     /// Runs `f` on the blocking pool.
@@ -538,13 +597,10 @@ impl Conn {
             Body::Ping(p) => self.send(rid, Body::Pong(v1::Pong { nonce: p.nonce })),
             Body::Pong(_) => {}
             Body::Authenticate(a) => {
-                let token = a.access_token;
-                match self
-                    .call(move |acc, now| acc.authenticate(&token, now))
-                    .await
-                {
-                    Ok(p) => {
-                        self.authenticated(p).await;
+                match self.check_token(a.access_token).await {
+                    Ok(a) => {
+                        self.authenticated(a.principal, a.expires_at_ms, true)
+                            .await;
                         self.send(rid, Body::Done(v1::Done {}));
                     }
                     Err(e) => self.api_error(rid, e),
@@ -604,7 +660,8 @@ impl Conn {
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
         match r {
             Ok(g) => {
-                self.authenticated(g.principal).await;
+                self.authenticated(g.principal, g.frame.access_expires_at_ms, false)
+                    .await;
                 self.send(rid, Body::SessionGranted(g.frame));
             }
             Err(e) => self.api_error(rid, e),
@@ -630,12 +687,8 @@ impl Conn {
         }
         let mut authenticated = None;
         if !h.access_token.is_empty() {
-            let token = h.access_token;
-            match self
-                .call(move |acc, now| acc.authenticate(&token, now))
-                .await
-            {
-                Ok(p) => authenticated = Some(p),
+            match self.check_token(h.access_token).await {
+                Ok(a) => authenticated = Some(a),
                 Err(e) => {
                     // Stay before Hello: the client may refresh and retry.
                     self.api_error(rid, e);
@@ -660,13 +713,13 @@ impl Conn {
                 sync_messages_max: 1000,
             }),
             server_time_ms: clock::unix_ms(),
-            authenticated: authenticated.map(Principal::to_wire),
+            authenticated: authenticated.map(|a| a.principal.to_wire()),
         };
         let idle = u64::from(limits.idle_timeout_ms);
         self.welcomed = true;
         self.ctl.set_deadline(clock::mono_ms() + idle, Kill::Idle);
-        if let Some(p) = authenticated {
-            self.authenticated(p).await;
+        if let Some(a) = authenticated {
+            self.authenticated(a.principal, a.expires_at_ms, true).await;
         }
         self.send(rid, Body::Welcome(welcome));
         None
@@ -680,6 +733,7 @@ impl Conn {
                 match self.call(move |acc, _| acc.logout(p, sid)).await {
                     Ok(revoked) => {
                         self.send(rid, Body::Done(v1::Done {}));
+                        self.shard.forget_sessions(&[revoked]);
                         shared.revoke_sessions(&[revoked]);
                     }
                     Err(e) => self.api_error(rid, e),
@@ -713,6 +767,7 @@ impl Conn {
                 {
                     Ok(revoked) => {
                         self.send(rid, Body::Done(v1::Done {}));
+                        self.shard.forget_sessions(&revoked);
                         shared.revoke_sessions(&revoked);
                     }
                     Err(e) => self.api_error(rid, e),

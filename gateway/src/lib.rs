@@ -76,4 +76,5 @@ pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod tls;
+pub mod tokencache;
 pub mod wheel;

@@ -143,6 +143,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics,
         tls,
         controls: senders.clone(),
+        revocation_epoch: std::sync::atomic::AtomicU64::new(0),
     });
     let pool = BlockingPool::new(cfg.accounts.blocking_threads);
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);

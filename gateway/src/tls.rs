@@ -124,7 +124,15 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
         .with_single_cert(certs, key)
         .context("server certificate and key do not match")?;
     cfg.alpn_protocols = vec![b"starling/1".to_vec()];
-    // Session tickets are not needed for long-lived connections.
-    cfg.send_tls13_tickets = 0;
+    // Stateless TLS 1.3 session tickets (ring's ticketer: AEAD keys rotated
+    // every 6 h, nothing stored per session): a reconnecting mobile client
+    // resumes with a PSK, skipping the certificate signature and its own
+    // chain verification. One ticket per connection is enough: each
+    // connection hands out the ticket for the next. The stateful session
+    // cache is not needed for tickets.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| anyhow::anyhow!("ticketer: {e}"))?;
+    cfg.send_tls13_tickets = 1;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
