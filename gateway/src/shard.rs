@@ -197,14 +197,13 @@ pub struct Shard {
     accept_wakers: RefCell<Vec<Waker>>,
     /// Ciphertext read scratch (per shard, not per connection).
     pub read_scratch: RefCell<Vec<u8>>,
-    /// Plaintext scratch (per shard).
-    pub plain_scratch: RefCell<Vec<u8>>,
     /// The shard's messaging core, if messaging is enabled.
     pub router: Option<Rc<ShardRouter>>,
 }
 
-/// Read scratch size: one maximal TLS record plus overhead.
-pub const READ_SCRATCH_BYTES: usize = 18 * 1024;
+/// Read scratch size: a kept partial TLS record plus a read of at least a
+/// whole record (it grows if a partial handshake message is longer).
+pub const READ_SCRATCH_BYTES: usize = 2 * crate::conn::TLS_RECORD_BYTES_MAX;
 
 impl Shard {
     /// A new shard.
@@ -223,7 +222,6 @@ impl Shard {
             shutting_down: Cell::new(false),
             accept_wakers: RefCell::new(Vec::new()),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
-            plain_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             router,
         }
     }
