@@ -1102,3 +1102,151 @@ fn is_server_only(body: &Body) -> bool {
             | Body::KeyBundles(_)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> (
+        tempfile::TempDir,
+        Arc<rustls::ServerConfig>,
+        Arc<rustls::ClientConfig>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let m = crate::tls::ensure_dev_material(dir.path()).unwrap();
+        let server = crate::tls::server_config(&m).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(&m.ca_pem).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (dir, server, Arc::new(client))
+    }
+
+    /// The server side as the gateway drives it, fed `chunk` bytes at a time.
+    struct Side {
+        tls: Tls,
+        got: Vec<u8>,
+        closed: bool,
+    }
+
+    impl Side {
+        fn feed(&mut self, mut bytes: &[u8], chunk: usize) -> Result<Vec<u8>, rustls::Error> {
+            let mut wire = Vec::new();
+            while !bytes.is_empty() {
+                let n = chunk.min(bytes.len());
+                let mut buf = self.tls.partial_in().to_vec();
+                buf.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                let got = &mut self.got;
+                if self.tls.feed(&mut buf, &mut wire, |p| got.extend_from_slice(p))? == Fed::PeerClosed {
+                    self.closed = true;
+                }
+            }
+            Ok(wire)
+        }
+    }
+
+    fn client_out(c: &mut rustls::ClientConnection) -> Vec<u8> {
+        let mut v = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut v).unwrap();
+        }
+        v
+    }
+
+    /// Gives `bytes` to the client; returns the plaintext they carried.
+    fn client_in(c: &mut rustls::ClientConnection, mut bytes: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        while !bytes.is_empty() {
+            c.read_tls(&mut bytes).unwrap();
+            c.process_new_packets().unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&buf[..n]);
+            }
+        }
+        plain
+    }
+
+    fn pair(chunk: usize) -> (Side, rustls::ClientConnection, tempfile::TempDir) {
+        let (dir, scfg, ccfg) = configs();
+        let mut s = Side {
+            tls: Tls::new(scfg).unwrap(),
+            got: Vec::new(),
+            closed: false,
+        };
+        let mut c = rustls::ClientConnection::new(ccfg, "localhost".try_into().unwrap()).unwrap();
+        for _ in 0..8 {
+            if !c.is_handshaking() && !s.tls.is_handshaking() {
+                break;
+            }
+            let to_server = client_out(&mut c);
+            let to_client = s.feed(&to_server, chunk).unwrap();
+            client_in(&mut c, &to_client);
+        }
+        assert!(!s.tls.is_handshaking() && !c.is_handshaking());
+        (s, c, dir)
+    }
+
+    #[test]
+    fn tls_byte_at_a_time_and_large_messages() {
+        for chunk in [1, 7, 1000, usize::MAX] {
+            let (mut s, mut c, _dir) = pair(chunk);
+            // 100 KiB each way: several records, split anywhere.
+            let msg: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+            c.set_buffer_limit(None);
+            c.writer().write_all(&msg).unwrap();
+            let to_server = client_out(&mut c);
+            let wire = s.feed(&to_server, chunk).unwrap();
+            assert!(wire.is_empty());
+            assert_eq!(s.got, msg, "chunk {chunk}");
+            // An idle connection keeps no partial record.
+            assert!(s.tls.partial_in().is_empty());
+            let mut wire = Vec::new();
+            assert!(s.tls.encrypt(&msg, &mut wire));
+            assert_eq!(client_in(&mut c, &wire), msg);
+            // close_notify from the client ends the stream.
+            c.send_close_notify();
+            let to_server = client_out(&mut c);
+            s.feed(&to_server, chunk).unwrap();
+            assert!(s.closed);
+        }
+    }
+
+    #[test]
+    fn tls_garbage_gets_an_alert_and_an_error() {
+        let (_dir, scfg, _) = configs();
+        let mut t = Tls::new(scfg).unwrap();
+        let mut wire = Vec::new();
+        let mut junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert!(t.feed(&mut junk, &mut wire, |_| {}).is_err());
+        // An alert record (content type 21).
+        assert_eq!(wire.first(), Some(&21), "{wire:?}");
+        // Application data cannot be sent before the handshake.
+        let (_dir2, scfg, _) = configs();
+        let mut t = Tls::new(scfg).unwrap();
+        assert!(!t.encrypt(b"x", &mut Vec::new()));
+    }
+
+    /// The connection task's future is what compio boxes per connection.
+    #[test]
+    fn connection_future_stays_small() {
+        fn future_size<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = future_size(run as fn(_, _, _, _) -> _);
+        let conn = std::mem::size_of::<Conn>();
+        eprintln!("run future: {size} B, Conn: {conn} B, Tls: {} B", std::mem::size_of::<Tls>());
+        assert!(size <= 512, "connection future is {size} B");
+    }
+}
