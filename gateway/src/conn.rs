@@ -413,15 +413,17 @@ impl Conn {
             return Ok(());
         };
         loop {
-            if self.wire.is_empty() {
-                if self.out.is_empty() {
-                    break;
-                }
+            // Frames are encrypted behind the records already waiting (e.g. a
+            // session ticket before Welcome), so that one write carries both.
+            while !self.out.is_empty() && self.wire.len() < TLS_ENCRYPT_CHUNK_BYTES {
                 let take = self.out.len().min(TLS_ENCRYPT_CHUNK_BYTES);
                 if !tls.encrypt(&self.out[..take], &mut self.wire) {
                     return Err(io::Error::other("TLS cannot send"));
                 }
                 self.out.advance(take);
+            }
+            if self.wire.is_empty() {
+                break;
             }
             let n = (&*s).write(&self.wire)?;
             metrics::add(&m.bytes_out, n);
