@@ -591,9 +591,11 @@ impl Conn {
         loop {
             match self.decoder.poll_frame() {
                 Ok(None) if eof => {
-                    // close_notify: answer what came before it, then close.
+                    // close_notify: answer what came before it, then close
+                    // (with nothing to answer, at once: no write to a peer
+                    // that is gone).
                     return Some(match self.on_eof() {
-                        Stop::Now => Stop::Flush,
+                        Stop::Now if self.wants_write() => Stop::Flush,
                         stop => stop,
                     });
                 }
