@@ -7,7 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -428,6 +428,16 @@ impl Shard {
     }
 }
 
+/// accept4(2) with SOCK_NONBLOCK: the socket comes out non-blocking (one
+/// syscall instead of two) and with TCP_NODELAY inherited from the listener.
+fn accept_nonblocking(l: &TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (s, addr) = socket2::SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("accepted a non-IP socket"))?;
+    Ok((s.into(), addr))
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) {
     loop {
         let accepted = poll_fn(|cx| {
@@ -435,7 +445,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) 
                 return Poll::Ready(None);
             }
             loop {
-                match listener.get().accept() {
+                match accept_nonblocking(listener.get()) {
                     Ok(s) => return Poll::Ready(Some(Ok(s))),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         match listener.poll_readable(cx) {
@@ -464,10 +474,6 @@ async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) 
                     drop(stream);
                     continue;
                 }
-                if stream.set_nonblocking(true).is_err() {
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
                 runtime::spawn(crate::conn::run(shard.clone(), stream, peer, tls));
             }
             Some(Err(e)) => {
