@@ -862,16 +862,13 @@ impl Conn {
             ),
             Body::Ping(p) => self.send(rid, Body::Pong(v1::Pong { nonce: p.nonce })),
             Body::Pong(_) => {}
-            Body::Authenticate(a) => {
-                match self.check_token(a.access_token).await {
-                    Ok(a) => {
-                        self.authenticated(a.principal, a.expires_at_ms, true)
-                            .await;
-                        self.send(rid, Body::Done(v1::Done {}));
-                    }
-                    Err(e) => self.api_error(rid, e),
+            Body::Authenticate(a) => match self.check_token(a.access_token).await {
+                Ok(a) => {
+                    self.authenticated(a.principal, a.expires_at_ms, true).await;
+                    self.send(rid, Body::Done(v1::Done {}));
                 }
-            }
+                Err(e) => self.api_error(rid, e),
+            },
             Body::RequestOtp(req) => {
                 let ip = self.peer.ip();
                 match self
@@ -1149,7 +1146,11 @@ mod tests {
                 buf.extend_from_slice(&bytes[..n]);
                 bytes = &bytes[n..];
                 let got = &mut self.got;
-                if self.tls.feed(&mut buf, &mut wire, |p| got.extend_from_slice(p))? == Fed::PeerClosed {
+                if self
+                    .tls
+                    .feed(&mut buf, &mut wire, |p| got.extend_from_slice(p))?
+                    == Fed::PeerClosed
+                {
                     self.closed = true;
                 }
             }
@@ -1250,7 +1251,10 @@ mod tests {
         }
         let size = future_size(run as fn(_, _, _, _) -> _);
         let conn = std::mem::size_of::<Conn>();
-        eprintln!("run future: {size} B, Conn: {conn} B, Tls: {} B", std::mem::size_of::<Tls>());
+        eprintln!(
+            "run future: {size} B, Conn: {conn} B, Tls: {} B",
+            std::mem::size_of::<Tls>()
+        );
         assert!(size <= 512, "connection future is {size} B");
     }
 }

@@ -145,8 +145,8 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
     // chain verification. One ticket per connection is enough: each
     // connection hands out the ticket for the next. The stateful session
     // cache is not needed for tickets.
-    cfg.ticketer = rustls::crypto::ring::Ticketer::new()
-        .map_err(|e| anyhow::anyhow!("ticketer: {e}"))?;
+    cfg.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| anyhow::anyhow!("ticketer: {e}"))?;
     cfg.send_tls13_tickets = 1;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
