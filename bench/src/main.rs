@@ -54,7 +54,7 @@ enum Command {
     Storm(storm::StormArgs),
     /// Summarise bench/compare.sh runs: compare.json, a table and SVG plots.
     CompareReport(compare::CompareArgs),
-    /// Memory one idle, handshaken rustls ServerConnection keeps (in memory, no sockets).
+    /// Memory one idle, handshaken gateway TLS connection keeps (`conn::Tls`; in memory, no sockets).
     TlsMemory(tls_memory::TlsMemoryArgs),
 }
 

@@ -67,6 +67,8 @@ pub struct LimitsConfig {
     pub timer_tick_ms: u64,
     /// On shutdown, how long connections get to drain.
     pub shutdown_drain_ms: u64,
+    /// Verified access tokens cached per shard (0: no cache).
+    pub token_cache_entries: usize,
 }
 
 impl Default for LimitsConfig {
@@ -82,6 +84,7 @@ impl Default for LimitsConfig {
             hello_timeout_ms: 10_000,
             timer_tick_ms: 100,
             shutdown_drain_ms: 5_000,
+            token_cache_entries: 16_384,
         }
     }
 }

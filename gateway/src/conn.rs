@@ -1,7 +1,16 @@
-//! One connection's task: TLS (rustls driven directly from per-shard
+//! One connection's task: TLS (rustls's unbuffered API driven from per-shard
 //! scratch buffers), the frame codec, the Hello/auth state machine, limits
 //! and orderly close. Readiness-then-read: while idle the task holds no read
-//! buffer; it waits on the socket's readiness or a kill from the shard.
+//! buffer and no write buffer; it waits on the socket's readiness or a kill
+//! from the shard.
+//!
+//! Per-connection memory while idle: the task's state ([`Conn`]), rustls's
+//! record-layer keys and state machine ([`Tls`]), and three empty,
+//! unallocated buffers: `out` (encoded frames not yet written or
+//! encrypted), `wire` (ciphertext the socket did not take) and
+//! `Tls::partial_in` (the tail of a read that did not make a whole TLS
+//! record). Each is allocated only while it holds bytes and freed when it
+//! drains.
 
 use std::future::poll_fn;
 use std::io::{self, Read as _, Write as _};
@@ -10,26 +19,246 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::BytesMut;
+use bytes::{Buf as _, BytesMut};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_protocol::{FrameDecoder, FrameEncoder, PROTOCOL_VERSION};
 
-use crate::accounts::{Accounts, ApiError, Granted, Principal};
+use crate::accounts::{Access, Accounts, ApiError, Granted, Principal};
 use crate::clock;
 use crate::messaging::{Router, router_conn};
 use crate::metrics;
 use crate::runtime::{self, Ready};
 use crate::shard::{ConnCtl, Kill, Shard};
+use crate::tokencache::TokenKey;
 use crate::wheel::ConnId;
 
-/// The byte transport under the frames.
-enum Transport {
-    Tls(Box<rustls::ServerConnection>),
-    /// `dangerous_plaintext_listen`: loopback benchmarks only.
-    Plain {
-        out: Vec<u8>,
-    },
+/// TLS 1.3 bytes added per record: 5 header + 1 inner content type + 16 tag.
+const TLS_RECORD_OVERHEAD: usize = 22;
+/// Largest TLS plaintext fragment.
+const TLS_FRAGMENT_BYTES: usize = 16 * 1024;
+/// Most plaintext encrypted in one go (bounds the ciphertext allocation per
+/// write burst).
+const TLS_ENCRYPT_CHUNK_BYTES: usize = 4 * TLS_FRAGMENT_BYTES;
+/// Largest TLS 1.3 ciphertext record (header + 2^14 + 256).
+pub const TLS_RECORD_BYTES_MAX: usize = 5 + TLS_FRAGMENT_BYTES + 256;
+
+/// One connection's TLS: rustls's unbuffered server connection (handshake
+/// state, record-layer keys, sequence numbers) and a partial-record tail.
+/// Ciphertext is read into the shard's scratch buffer and decrypted there;
+/// outgoing records go straight into the connection's `wire` buffer.
+pub struct Tls {
+    conn: UnbufferedServerConnection,
+    /// The tail of the last read that did not make a whole record (rustls
+    /// wants it in front of the next bytes). Unallocated when empty.
+    partial_in: Vec<u8>,
 }
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("handshaking", &self.is_handshaking())
+            .field("partial_in", &self.partial_in.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What feeding ciphertext to rustls found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fed {
+    /// The connection goes on.
+    Open,
+    /// The peer sent close_notify.
+    PeerClosed,
+}
+
+impl Tls {
+    /// A server connection for `cfg`.
+    pub fn new(cfg: Arc<rustls::ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            conn: UnbufferedServerConnection::new(cfg)?,
+            partial_in: Vec::new(),
+        })
+    }
+
+    /// Still in the handshake.
+    #[must_use]
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// The handshake resumed a session from a ticket.
+    #[must_use]
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    /// Bytes of a partial record kept from the last read.
+    #[must_use]
+    pub fn partial_in(&self) -> &[u8] {
+        &self.partial_in
+    }
+
+    /// Processes `incoming` (the kept partial record followed by newly read
+    /// bytes; decrypted in place), hands the plaintext to `app`, appends
+    /// rustls's own records (handshake flights, tickets, alerts) to `wire`,
+    /// and keeps an incomplete trailing record for the next call. On an
+    /// error the alert rustls prepared is appended to `wire`.
+    pub fn feed(
+        &mut self,
+        incoming: &mut [u8],
+        wire: &mut Vec<u8>,
+        mut app: impl FnMut(&[u8]),
+    ) -> Result<Fed, rustls::Error> {
+        let mut used = 0;
+        let fed = loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut incoming[used..]);
+            let step = match state {
+                Ok(ConnectionState::ReadTraffic(mut r)) => {
+                    let mut step = Ok(None);
+                    while let Some(rec) = r.next_record() {
+                        match rec {
+                            Ok(rec) => app(rec.payload),
+                            Err(e) => {
+                                step = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    step
+                }
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    encode(&mut e, wire);
+                    Ok(None)
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    // Sent when the caller flushes `wire`.
+                    t.done();
+                    Ok(None)
+                }
+                Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => {
+                    Ok(Some(Fed::Open))
+                }
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                    Ok(Some(Fed::PeerClosed))
+                }
+                // Early data is not enabled; nothing else is expected.
+                Ok(_) => Err(rustls::Error::General("unexpected TLS state".into())),
+                Err(e) => Err(e),
+            };
+            used += discard;
+            match step {
+                Ok(None) => {}
+                Ok(Some(fed)) => break fed,
+                Err(e) => {
+                    self.take_alert(wire);
+                    return Err(e);
+                }
+            }
+        };
+        self.partial_in = if fed == Fed::Open && used < incoming.len() {
+            incoming[used..].to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(fed)
+    }
+
+    /// After an error: appends the alert rustls queued to `wire`.
+    fn take_alert(&mut self, wire: &mut Vec<u8>) {
+        for _ in 0..4 {
+            match self.conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, wire),
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// Encrypts `plain` into records appended to `wire`. False if the
+    /// connection cannot send application data (handshaking, closed, keys
+    /// exhausted).
+    pub fn encrypt(&mut self, plain: &[u8], wire: &mut Vec<u8>) -> bool {
+        let records = plain.len().div_ceil(TLS_FRAGMENT_BYTES).max(1);
+        let estimate = plain.len() + records * TLS_RECORD_OVERHEAD;
+        self.write_records(wire, estimate, |w, out| w.encrypt(plain, out))
+    }
+
+    /// Appends a close_notify alert to `wire` (if the handshake finished).
+    pub fn close_notify(&mut self, wire: &mut Vec<u8>) {
+        self.write_records(wire, 64, |w, out| w.queue_close_notify(out));
+    }
+
+    fn write_records(
+        &mut self,
+        wire: &mut Vec<u8>,
+        estimate: usize,
+        mut op: impl FnMut(
+            &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
+            &mut [u8],
+        ) -> Result<usize, EncryptError>,
+    ) -> bool {
+        for _ in 0..8 {
+            match self.conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, wire),
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                Ok(ConnectionState::WriteTraffic(mut w)) => {
+                    let start = wire.len();
+                    let mut need = estimate;
+                    loop {
+                        wire.resize(start + need, 0);
+                        match op(&mut w, &mut wire[start..]) {
+                            Ok(n) => {
+                                wire.truncate(start + n);
+                                return true;
+                            }
+                            Err(EncryptError::InsufficientSize(s)) if s.required_size > need => {
+                                need = s.required_size;
+                            }
+                            Err(_) => {
+                                wire.truncate(start);
+                                return false;
+                            }
+                        }
+                    }
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+}
+
+/// Appends one chunk rustls wants sent to `wire`.
+fn encode<D>(e: &mut EncodeTlsData<'_, D>, wire: &mut Vec<u8>) {
+    let need = match e.encode(&mut []) {
+        Err(EncodeError::InsufficientSize(s)) => s.required_size,
+        Ok(_) | Err(_) => return,
+    };
+    let start = wire.len();
+    wire.resize(start + need, 0);
+    match e.encode(&mut wire[start..]) {
+        Ok(n) => wire.truncate(start + n),
+        Err(_) => wire.truncate(start),
+    }
+}
+
+/// What one read produced.
+enum Got {
+    /// Nothing to read after all.
+    Nothing,
+    /// Bytes for the decoder.
+    Data,
+    /// Bytes, then the peer's close_notify.
+    DataThenClose,
+}
+
+/// The least room a read gets in the shard's scratch buffer.
+const READ_BYTES_MIN: usize = TLS_RECORD_BYTES_MAX;
 
 /// Why the task stops reading.
 #[derive(Debug)]
@@ -40,119 +269,34 @@ enum Stop {
     Now,
 }
 
-impl Transport {
-    fn is_handshaking(&self) -> bool {
-        match self {
-            Transport::Tls(t) => t.is_handshaking(),
-            Transport::Plain { .. } => false,
-        }
-    }
-
-    fn wants_write(&self) -> bool {
-        match self {
-            Transport::Tls(t) => t.wants_write(),
-            Transport::Plain { out } => !out.is_empty(),
-        }
-    }
-
-    fn write_to(&mut self, s: &TcpStream) -> io::Result<usize> {
-        match self {
-            Transport::Tls(t) => t.write_tls(&mut &*s),
-            Transport::Plain { out } => {
-                let n = (&*s).write(out)?;
-                out.drain(..n);
-                Ok(n)
-            }
-        }
-    }
-
-    fn queue(&mut self, bytes: &[u8], limit: usize) -> bool {
-        match self {
-            Transport::Tls(t) => t.writer().write_all(bytes).is_ok(),
-            Transport::Plain { out } => {
-                if out.len() + bytes.len() > limit {
-                    return false;
-                }
-                out.extend_from_slice(bytes);
-                true
-            }
-        }
-    }
-
-    fn close_notify(&mut self) {
-        if let Transport::Tls(t) = self {
-            t.send_close_notify();
-        }
-    }
-}
-
 struct Conn {
     id: ConnId,
     /// Registered with the shard's router (authenticated).
     router_open: bool,
+    welcomed: bool,
+    handshake_done: bool,
     shard: Rc<Shard>,
     ctl: Rc<ConnCtl>,
     io: Ready<TcpStream>,
-    peer: SocketAddr,
-    transport: Transport,
+    /// `None`: `dangerous_plaintext_listen` (loopback benchmarks only).
+    tls: Option<Box<Tls>>,
     decoder: FrameDecoder,
     encoder: FrameEncoder,
-    out_scratch: BytesMut,
-    welcomed: bool,
+    /// Encoded frames not yet written (plain) or encrypted (TLS).
+    out: BytesMut,
+    /// TLS records not yet taken by the socket.
+    wire: Vec<u8>,
     principal: Option<Principal>,
-    handshake_done: bool,
+    peer: SocketAddr,
 }
 
 /// Runs a freshly accepted connection to completion.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: bool) {
-    let limits = shard.shared.cfg.limits.clone();
-    let now = clock::mono_ms();
-    let first_deadline = now
-        + if tls {
-            limits.handshake_timeout_ms
-        } else {
-            limits.hello_timeout_ms
-        };
-    let (id, ctl) = shard.register(first_deadline);
-    let transport = if tls {
-        match rustls::ServerConnection::new(shard.shared.tls.clone()) {
-            Ok(mut c) => {
-                c.set_buffer_limit(Some(limits.outbound_bytes_max));
-                Transport::Tls(Box::new(c))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "tls session setup failed");
-                shard.unregister(id);
-                return;
-            }
-        }
-    } else {
-        Transport::Plain { out: Vec::new() }
-    };
-    let io = match Ready::new(stream) {
-        Ok(io) => io,
-        Err(e) => {
-            tracing::warn!(error = %e, "registering socket failed");
-            shard.unregister(id);
-            return;
-        }
-    };
-    let mut conn = Conn {
-        id,
-        router_open: false,
-        handshake_done: !tls,
-        shard: shard.clone(),
-        ctl,
-        io,
-        peer,
-        transport,
-        decoder: FrameDecoder::new(limits.frame_bytes_max),
-        encoder: FrameEncoder::default(),
-        out_scratch: BytesMut::new(),
-        welcomed: false,
-        principal: None,
+    let Some(mut conn) = Conn::new(&shard, stream, peer, tls) else {
+        return;
     };
     conn.drive().await;
+    let id = conn.id;
     if conn.router_open
         && let Some(r) = &shard.router
     {
@@ -170,6 +314,55 @@ enum Wake {
 }
 
 impl Conn {
+    /// Registers the connection with the shard (first deadline: the
+    /// handshake's, or Hello's on a plain listener).
+    fn new(shard: &Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: bool) -> Option<Self> {
+        let limits = &shard.shared.cfg.limits;
+        let first_deadline = clock::mono_ms()
+            + if tls {
+                limits.handshake_timeout_ms
+            } else {
+                limits.hello_timeout_ms
+            };
+        let (id, ctl) = shard.register(first_deadline);
+        let tls = if tls {
+            match Tls::new(shard.shared.tls.clone()) {
+                Ok(t) => Some(Box::new(t)),
+                Err(e) => {
+                    tracing::error!(error = %e, "tls session setup failed");
+                    shard.unregister(id);
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let io = match Ready::new(stream) {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(error = %e, "registering socket failed");
+                shard.unregister(id);
+                return None;
+            }
+        };
+        Some(Conn {
+            id,
+            router_open: false,
+            handshake_done: tls.is_none(),
+            welcomed: false,
+            shard: shard.clone(),
+            ctl,
+            io,
+            tls,
+            decoder: FrameDecoder::new(limits.frame_bytes_max),
+            encoder: FrameEncoder::default(),
+            out: BytesMut::new(),
+            wire: Vec::new(),
+            principal: None,
+            peer,
+        })
+    }
+
     async fn wait(&self, write: bool) -> Wake {
         poll_fn(|cx| {
             if let Some(k) = self.ctl.poll_kill(cx.waker()) {
@@ -200,11 +393,56 @@ impl Conn {
         .await
     }
 
+    /// True while bytes wait for the socket.
+    fn wants_write(&self) -> bool {
+        !self.out.is_empty() || !self.wire.is_empty()
+    }
+
+    /// Writes what it can without waiting. Err: give up on the connection.
+    /// Buffers that drain are freed (an idle connection holds none).
+    fn write_some(&mut self) -> io::Result<()> {
+        let s = self.io.get();
+        let m = self.shard.metrics();
+        let Some(tls) = &mut self.tls else {
+            while !self.out.is_empty() {
+                let n = (&*s).write(&self.out)?;
+                metrics::add(&m.bytes_out, n);
+                self.out.advance(n);
+            }
+            self.out = BytesMut::new();
+            return Ok(());
+        };
+        loop {
+            // Frames are encrypted behind the records already waiting (e.g. a
+            // session ticket before Welcome), so that one write carries both.
+            while !self.out.is_empty() && self.wire.len() < TLS_ENCRYPT_CHUNK_BYTES {
+                let take = self.out.len().min(TLS_ENCRYPT_CHUNK_BYTES);
+                if !tls.encrypt(&self.out[..take], &mut self.wire) {
+                    return Err(io::Error::other("TLS cannot send"));
+                }
+                self.out.advance(take);
+            }
+            if self.wire.is_empty() {
+                break;
+            }
+            let n = (&*s).write(&self.wire)?;
+            metrics::add(&m.bytes_out, n);
+            if n == self.wire.len() {
+                self.wire.clear();
+            } else {
+                self.wire.drain(..n);
+            }
+        }
+        self.out = BytesMut::new();
+        self.wire = Vec::new();
+        Ok(())
+    }
+
     /// Writes everything queued. Err: give up on the connection.
     async fn flush(&mut self, closing: bool) -> Result<(), ()> {
-        while self.transport.wants_write() {
-            match self.transport.write_to(self.io.get()) {
-                Ok(n) => metrics::add(&self.shard.metrics().bytes_out, n),
+        while self.wants_write() {
+            match self.write_some() {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.wait(true).await {
                     Wake::Ready | Wake::Outbound => {}
                     Wake::Failed => return Err(()),
@@ -235,7 +473,10 @@ impl Conn {
                 Wake::Outbound => false,
             };
             let stop = if readable {
-                self.read_and_handle().await
+                // Boxed: request handling (blocking-pool calls and their
+                // futures) needs far more state than waiting, and the task's
+                // future is sized for its largest await point.
+                Box::pin(self.read_and_handle()).await
             } else {
                 None
             };
@@ -246,9 +487,13 @@ impl Conn {
                 return;
             }
             if closing {
-                self.transport.close_notify();
-                self.ctl
-                    .set_deadline(clock::mono_ms() + 2000, Kill::CloseTimeout);
+                self.close_notify();
+                self.shard.set_deadline(
+                    self.id,
+                    &self.ctl,
+                    clock::mono_ms() + 2000,
+                    Kill::CloseTimeout,
+                );
             }
             let routed = self.queue_outbound();
             if self.flush(closing).await.is_err() || closing {
@@ -260,6 +505,19 @@ impl Conn {
                 let id = router_conn(self.id);
                 r.with(|rs, now| rs.handle_conn_flushed(id, routed, now));
             }
+        }
+    }
+
+    /// Queues TLS close_notify after whatever is queued.
+    fn close_notify(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            if !self.out.is_empty() {
+                let out = std::mem::take(&mut self.out);
+                if !tls.encrypt(&out, &mut self.wire) {
+                    return;
+                }
+            }
+            tls.close_notify(&mut self.wire);
         }
     }
 
@@ -293,37 +551,38 @@ impl Conn {
             Kill::Revoked => self.goodbye(k.code(), "session revoked", 0),
             Kill::Shutdown => self.goodbye(k.code(), "server shutting down", 1000),
             Kill::Router(code) => self.goodbye(code, "closed by the router", 0),
+            Kill::TokenExpired => self.goodbye(
+                k.code(),
+                "access token expired: refresh it and reconnect",
+                0,
+            ),
             Kill::CloseTimeout => {}
         }
-        self.transport.close_notify();
-        self.ctl
-            .set_deadline(clock::mono_ms() + 2000, Kill::CloseTimeout);
+        self.close_notify();
+        self.shard.set_deadline(
+            self.id,
+            &self.ctl,
+            clock::mono_ms() + 2000,
+            Kill::CloseTimeout,
+        );
     }
 
     /// Reads what is available and handles every whole frame.
     async fn read_and_handle(&mut self) -> Option<Stop> {
-        let shard = self.shard.clone();
+        let eof = match self.read_some() {
+            Ok(Got::Nothing) => return None,
+            Ok(Got::Data) => false,
+            Ok(Got::DataThenClose) => true,
+            Err(stop) => return Some(stop),
+        };
+        if !self.handshake_done
+            && let Some(tls) = &self.tls
+            && !tls.is_handshaking()
         {
-            let mut scratch = shard.read_scratch.borrow_mut();
-            let res = self.io.get().read(&mut scratch);
-            match res {
-                Ok(0) => {
-                    drop(scratch);
-                    return Some(self.on_eof());
-                }
-                Ok(n) => {
-                    metrics::add(&self.shard.metrics().bytes_in, n);
-                    if let Err(stop) = self.ingest(&scratch[..n]) {
-                        return Some(stop);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
-                Err(_) => return Some(Stop::Now),
-            }
-        }
-        if !self.handshake_done && !self.transport.is_handshaking() {
             self.handshake_done = true;
+            if tls.resumed() {
+                metrics::inc(&self.shard.metrics().tls_resumptions);
+            }
             let hello_by = clock::mono_ms() + self.shard.shared.cfg.limits.hello_timeout_ms;
             self.ctl.set_deadline(hello_by, Kill::Deadline);
         }
@@ -331,6 +590,15 @@ impl Conn {
         let mut requests = 0u32;
         loop {
             match self.decoder.poll_frame() {
+                Ok(None) if eof => {
+                    // close_notify: answer what came before it, then close
+                    // (with nothing to answer, at once: no write to a peer
+                    // that is gone).
+                    return Some(match self.on_eof() {
+                        Stop::Now if self.wants_write() => Stop::Flush,
+                        stop => stop,
+                    });
+                }
                 Ok(None) => return None,
                 Ok(Some(frame)) => {
                     metrics::inc(&self.shard.metrics().frames_in);
@@ -365,39 +633,50 @@ impl Conn {
         }
     }
 
-    /// Feeds received bytes through TLS into the decoder.
-    fn ingest(&mut self, mut data: &[u8]) -> Result<(), Stop> {
-        match &mut self.transport {
-            Transport::Plain { .. } => {
-                self.decoder.handle_bytes(data);
-                Ok(())
+    /// One read into the shard's scratch buffer (after the kept partial TLS
+    /// record), through TLS (decrypted in place), into the frame decoder.
+    fn read_some(&mut self) -> Result<Got, Stop> {
+        let shard = self.shard.clone();
+        let mut scratch = shard.read_scratch.borrow_mut();
+        let pre = self.tls.as_ref().map_or(0, |t| t.partial_in().len());
+        if scratch.len() < pre + READ_BYTES_MIN {
+            scratch.resize(pre + READ_BYTES_MIN, 0);
+        }
+        if let Some(t) = &self.tls {
+            scratch[..pre].copy_from_slice(t.partial_in());
+        }
+        let n = match self.io.get().read(&mut scratch[pre..]) {
+            Ok(0) => {
+                drop(scratch);
+                return Err(self.on_eof());
             }
-            Transport::Tls(tls) => {
-                let mut plain = self.shard.plain_scratch.borrow_mut();
-                while !data.is_empty() {
-                    match tls.read_tls(&mut data) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => return Err(Stop::Now),
-                    }
-                    if let Err(e) = tls.process_new_packets() {
-                        tracing::debug!(peer = %self.peer, error = %e, "tls error");
-                        if tls.is_handshaking() {
-                            metrics::inc(&self.shard.metrics().handshake_failures);
-                        }
-                        // rustls queued an alert; send it and close.
-                        return Err(Stop::Flush);
-                    }
-                    loop {
-                        match tls.reader().read(&mut plain) {
-                            Ok(0) => break,
-                            Ok(n) => self.decoder.handle_bytes(&plain[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(_) => return Err(Stop::Now),
-                        }
-                    }
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return Ok(Got::Nothing);
+            }
+            Err(_) => return Err(Stop::Now),
+        };
+        metrics::add(&shard.metrics().bytes_in, n);
+        let Some(tls) = &mut self.tls else {
+            self.decoder.handle_bytes(&scratch[..n]);
+            return Ok(Got::Data);
+        };
+        let decoder = &mut self.decoder;
+        match tls.feed(&mut scratch[..pre + n], &mut self.wire, |p| {
+            decoder.handle_bytes(p);
+        }) {
+            Ok(Fed::Open) => Ok(Got::Data),
+            Ok(Fed::PeerClosed) => Ok(Got::DataThenClose),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "tls error");
+                if tls.is_handshaking() {
+                    metrics::inc(&shard.metrics().handshake_failures);
                 }
-                Ok(())
+                // Send the alert rustls prepared, then close.
+                Err(Stop::Flush)
             }
         }
     }
@@ -422,20 +701,21 @@ impl Conn {
 
     /// Encodes and queues one frame; returns its encoded size (0 if not sent).
     fn send_frame(&mut self, frame: &v1::Frame) -> usize {
-        self.out_scratch.clear();
-        if let Err(e) = self.encoder.encode(frame, &mut self.out_scratch) {
+        let before = self.out.len();
+        if let Err(e) = self.encoder.encode(frame, &mut self.out) {
+            self.out.truncate(before);
             tracing::error!(error = %e, "response too large for the peer");
             return 0;
         }
         let limit = self.shard.shared.cfg.limits.outbound_bytes_max;
-        if self.transport.queue(&self.out_scratch, limit) {
-            metrics::inc(&self.shard.metrics().frames_out);
-            self.out_scratch.len()
-        } else {
+        if self.out.len() + self.wire.len() > limit {
             // Over the outbound budget: the peer is not reading.
+            self.out.truncate(before);
             self.ctl.kill(Kill::CloseTimeout);
-            0
+            return 0;
         }
+        metrics::inc(&self.shard.metrics().frames_out);
+        self.out.len() - before
     }
 
     fn error(&mut self, request_id: u64, code: ErrorCode, message: &str) {
@@ -475,23 +755,31 @@ impl Conn {
         self.shard.shared.accounts.clone()
     }
 
-    async fn authenticated(&mut self, p: Principal) {
+    /// Marks the connection authenticated as `p` by an access token that
+    /// expires at `expires_at_ms` (unix) and registers it with the router.
+    /// `mirrored`: the user is known to be in the node's metadata already.
+    async fn authenticated(&mut self, p: Principal, expires_at_ms: u64, mirrored: bool) {
         self.principal = Some(p);
         self.ctl.session_id.set(p.session_id);
+        let left_ms = expires_at_ms.saturating_sub(clock::unix_ms());
+        self.shard
+            .set_token_expiry(self.id, &self.ctl, clock::mono_ms() + left_ms.max(1));
         let Some(r) = self.shard.router.clone() else {
             return;
         };
-        // The router resolves recipients in the node's metadata: make sure this
-        // user is there before it can be written to.
-        let (meta, accounts) = (r.meta.clone(), self.accounts());
-        if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
-            .await
-            .is_none()
-        {
-            tracing::error!(
-                user = p.user_id,
-                "mirroring the user into metadata panicked"
-            );
+        if !mirrored {
+            // The router resolves recipients in the node's metadata: make
+            // sure this user is there before it can be written to.
+            let (meta, accounts) = (r.meta.clone(), self.accounts());
+            if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
+                .await
+                .is_none()
+            {
+                tracing::error!(
+                    user = p.user_id,
+                    "mirroring the user into metadata panicked"
+                );
+            }
         }
         let id = router_conn(self.id);
         r.with(|rs, now| {
@@ -506,6 +794,43 @@ impl Conn {
             );
         });
         self.router_open = true;
+    }
+
+    /// Checks an access token: the shard's cache first; else the signature
+    /// on this thread and the session (plus the user's metadata mirror) in
+    /// one blocking-pool call. Returns who it names and its expiry (unix ms).
+    async fn check_token(&self, token: String) -> Result<Access, ApiError> {
+        let now = clock::unix_ms();
+        let key = TokenKey::of(&token);
+        let epoch = self.shard.revocation_epoch();
+        let cached = if self.shard.token_cache_current() {
+            self.shard.token_cache.borrow_mut().get(&key, now)
+        } else {
+            None
+        };
+        if let Some(a) = cached {
+            metrics::inc(&self.shard.metrics().token_cache_hits);
+            return Ok(a);
+        }
+        let access = self.shard.shared.accounts.verify_access(&token, now)?;
+        drop(token);
+        let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+        self.call(move |acc, _| {
+            let p = acc.check_session(&access)?;
+            if let Some(meta) = meta {
+                // The router resolves recipients in the node's metadata.
+                crate::messaging::ensure_user(&meta, acc, p);
+            }
+            Ok(())
+        })
+        .await?;
+        if self.shard.revocation_epoch() == epoch {
+            self.shard
+                .token_cache
+                .borrow_mut()
+                .insert(key, access, clock::unix_ms());
+        }
+        Ok(access)
     }
 
     /// Runs `f` on the blocking pool.
@@ -537,19 +862,13 @@ impl Conn {
             ),
             Body::Ping(p) => self.send(rid, Body::Pong(v1::Pong { nonce: p.nonce })),
             Body::Pong(_) => {}
-            Body::Authenticate(a) => {
-                let token = a.access_token;
-                match self
-                    .call(move |acc, now| acc.authenticate(&token, now))
-                    .await
-                {
-                    Ok(p) => {
-                        self.authenticated(p).await;
-                        self.send(rid, Body::Done(v1::Done {}));
-                    }
-                    Err(e) => self.api_error(rid, e),
+            Body::Authenticate(a) => match self.check_token(a.access_token).await {
+                Ok(a) => {
+                    self.authenticated(a.principal, a.expires_at_ms, true).await;
+                    self.send(rid, Body::Done(v1::Done {}));
                 }
-            }
+                Err(e) => self.api_error(rid, e),
+            },
             Body::RequestOtp(req) => {
                 let ip = self.peer.ip();
                 match self
@@ -604,7 +923,8 @@ impl Conn {
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
         match r {
             Ok(g) => {
-                self.authenticated(g.principal).await;
+                self.authenticated(g.principal, g.frame.access_expires_at_ms, false)
+                    .await;
                 self.send(rid, Body::SessionGranted(g.frame));
             }
             Err(e) => self.api_error(rid, e),
@@ -630,12 +950,8 @@ impl Conn {
         }
         let mut authenticated = None;
         if !h.access_token.is_empty() {
-            let token = h.access_token;
-            match self
-                .call(move |acc, now| acc.authenticate(&token, now))
-                .await
-            {
-                Ok(p) => authenticated = Some(p),
+            match self.check_token(h.access_token).await {
+                Ok(a) => authenticated = Some(a),
                 Err(e) => {
                     // Stay before Hello: the client may refresh and retry.
                     self.api_error(rid, e);
@@ -660,13 +976,13 @@ impl Conn {
                 sync_messages_max: 1000,
             }),
             server_time_ms: clock::unix_ms(),
-            authenticated: authenticated.map(Principal::to_wire),
+            authenticated: authenticated.map(|a| a.principal.to_wire()),
         };
         let idle = u64::from(limits.idle_timeout_ms);
         self.welcomed = true;
         self.ctl.set_deadline(clock::mono_ms() + idle, Kill::Idle);
-        if let Some(p) = authenticated {
-            self.authenticated(p).await;
+        if let Some(a) = authenticated {
+            self.authenticated(a.principal, a.expires_at_ms, true).await;
         }
         self.send(rid, Body::Welcome(welcome));
         None
@@ -680,6 +996,7 @@ impl Conn {
                 match self.call(move |acc, _| acc.logout(p, sid)).await {
                     Ok(revoked) => {
                         self.send(rid, Body::Done(v1::Done {}));
+                        self.shard.forget_sessions(&[revoked]);
                         shared.revoke_sessions(&[revoked]);
                     }
                     Err(e) => self.api_error(rid, e),
@@ -713,6 +1030,7 @@ impl Conn {
                 {
                     Ok(revoked) => {
                         self.send(rid, Body::Done(v1::Done {}));
+                        self.shard.forget_sessions(&revoked);
                         shared.revoke_sessions(&revoked);
                     }
                     Err(e) => self.api_error(rid, e),
@@ -784,4 +1102,159 @@ fn is_server_only(body: &Body) -> bool {
             | Body::PrekeyCount(_)
             | Body::KeyBundles(_)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> (
+        tempfile::TempDir,
+        Arc<rustls::ServerConfig>,
+        Arc<rustls::ClientConfig>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let m = crate::tls::ensure_dev_material(dir.path()).unwrap();
+        let server = crate::tls::server_config(&m).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(&m.ca_pem).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (dir, server, Arc::new(client))
+    }
+
+    /// The server side as the gateway drives it, fed `chunk` bytes at a time.
+    struct Side {
+        tls: Tls,
+        got: Vec<u8>,
+        closed: bool,
+    }
+
+    impl Side {
+        fn feed(&mut self, mut bytes: &[u8], chunk: usize) -> Result<Vec<u8>, rustls::Error> {
+            let mut wire = Vec::new();
+            while !bytes.is_empty() {
+                let n = chunk.min(bytes.len());
+                let mut buf = self.tls.partial_in().to_vec();
+                buf.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                let got = &mut self.got;
+                if self
+                    .tls
+                    .feed(&mut buf, &mut wire, |p| got.extend_from_slice(p))?
+                    == Fed::PeerClosed
+                {
+                    self.closed = true;
+                }
+            }
+            Ok(wire)
+        }
+    }
+
+    fn client_out(c: &mut rustls::ClientConnection) -> Vec<u8> {
+        let mut v = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut v).unwrap();
+        }
+        v
+    }
+
+    /// Gives `bytes` to the client; returns the plaintext they carried.
+    fn client_in(c: &mut rustls::ClientConnection, mut bytes: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        while !bytes.is_empty() {
+            c.read_tls(&mut bytes).unwrap();
+            c.process_new_packets().unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&buf[..n]);
+            }
+        }
+        plain
+    }
+
+    fn pair(chunk: usize) -> (Side, rustls::ClientConnection, tempfile::TempDir) {
+        let (dir, scfg, ccfg) = configs();
+        let mut s = Side {
+            tls: Tls::new(scfg).unwrap(),
+            got: Vec::new(),
+            closed: false,
+        };
+        let mut c = rustls::ClientConnection::new(ccfg, "localhost".try_into().unwrap()).unwrap();
+        for _ in 0..8 {
+            if !c.is_handshaking() && !s.tls.is_handshaking() {
+                break;
+            }
+            let to_server = client_out(&mut c);
+            let to_client = s.feed(&to_server, chunk).unwrap();
+            client_in(&mut c, &to_client);
+        }
+        assert!(!s.tls.is_handshaking() && !c.is_handshaking());
+        (s, c, dir)
+    }
+
+    #[test]
+    fn tls_byte_at_a_time_and_large_messages() {
+        for chunk in [1, 7, 1000, usize::MAX] {
+            let (mut s, mut c, _dir) = pair(chunk);
+            // 100 KiB each way: several records, split anywhere.
+            let msg: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+            c.set_buffer_limit(None);
+            c.writer().write_all(&msg).unwrap();
+            let to_server = client_out(&mut c);
+            let wire = s.feed(&to_server, chunk).unwrap();
+            assert!(wire.is_empty());
+            assert_eq!(s.got, msg, "chunk {chunk}");
+            // An idle connection keeps no partial record.
+            assert!(s.tls.partial_in().is_empty());
+            let mut wire = Vec::new();
+            assert!(s.tls.encrypt(&msg, &mut wire));
+            assert_eq!(client_in(&mut c, &wire), msg);
+            // close_notify from the client ends the stream.
+            c.send_close_notify();
+            let to_server = client_out(&mut c);
+            s.feed(&to_server, chunk).unwrap();
+            assert!(s.closed);
+        }
+    }
+
+    #[test]
+    fn tls_garbage_gets_an_alert_and_an_error() {
+        let (_dir, scfg, _) = configs();
+        let mut t = Tls::new(scfg).unwrap();
+        let mut wire = Vec::new();
+        let mut junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert!(t.feed(&mut junk, &mut wire, |_| {}).is_err());
+        // An alert record (content type 21).
+        assert_eq!(wire.first(), Some(&21), "{wire:?}");
+        // Application data cannot be sent before the handshake.
+        let (_dir2, scfg, _) = configs();
+        let mut t = Tls::new(scfg).unwrap();
+        assert!(!t.encrypt(b"x", &mut Vec::new()));
+    }
+
+    /// The connection task's future is what compio boxes per connection.
+    #[test]
+    fn connection_future_stays_small() {
+        fn future_size<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = future_size(run as fn(_, _, _, _) -> _);
+        let conn = std::mem::size_of::<Conn>();
+        eprintln!(
+            "run future: {size} B, Conn: {conn} B, Tls: {} B",
+            std::mem::size_of::<Tls>()
+        );
+        assert!(size <= 512, "connection future is {size} B");
+    }
 }

@@ -36,6 +36,12 @@ pub struct ShardMetrics {
     pub deadline_timeouts: AtomicU64,
     /// Connections closed for bad frames.
     pub protocol_errors: AtomicU64,
+    /// Access tokens accepted from the shard's cache (no verify, no store read).
+    pub token_cache_hits: AtomicU64,
+    /// Authenticated connections closed because their access token expired.
+    pub token_expiries: AtomicU64,
+    /// TLS handshakes that resumed a session from a ticket.
+    pub tls_resumptions: AtomicU64,
 }
 
 /// Authentication failure reasons counted separately.
@@ -102,7 +108,7 @@ impl Metrics {
         gauge(&mut s, "starling_connections", "Open connections.", &|m| {
             m.connections.load(Ordering::Relaxed)
         });
-        let counters: [Counter; 10] = [
+        let counters: [Counter; 13] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -140,6 +146,21 @@ impl Metrics {
                 "starling_protocol_errors_total",
                 "Connections closed for bad frames.",
                 |m| &m.protocol_errors,
+            ),
+            (
+                "starling_token_cache_hits_total",
+                "Access tokens accepted from the shard's verified-token cache.",
+                |m| &m.token_cache_hits,
+            ),
+            (
+                "starling_token_expiries_total",
+                "Authenticated connections closed at their access token's expiry.",
+                |m| &m.token_expiries,
+            ),
+            (
+                "starling_tls_resumptions_total",
+                "TLS handshakes resumed from a session ticket.",
+                |m| &m.tls_resumptions,
             ),
         ];
         for (name, help, f) in counters {

@@ -7,9 +7,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::task::{Poll, Waker};
 
@@ -21,13 +22,19 @@ use crate::config::Config;
 use crate::messaging::ShardRouter;
 use crate::metrics::{self, Metrics, ShardMetrics};
 use crate::runtime::{self, Ready};
+use crate::tokencache::TokenCache;
 use crate::wheel::{ConnId, TimerWheel};
 
 /// Messages between shards (and from the signal thread).
 #[derive(Debug)]
 pub enum Control {
-    /// Close the connections of these sessions.
-    RevokeSessions(Vec<u64>),
+    /// Close the connections of these sessions (and forget their tokens).
+    RevokeSessions {
+        /// The revoked sessions.
+        sessions: Vec<u64>,
+        /// [`Shared::revocation_epoch`] after this revocation.
+        epoch: u64,
+    },
     /// Stop accepting, say Goodbye, drain, stop.
     Shutdown,
 }
@@ -45,6 +52,9 @@ pub struct Shared {
     pub tls: Arc<rustls::ServerConfig>,
     /// One control sender per shard.
     pub controls: Vec<mpsc::Sender<Control>>,
+    /// Counts revocations. A shard trusts its token cache only while it has
+    /// processed every revocation counted here (see [`Shard::token_cache_current`]).
+    pub revocation_epoch: AtomicU64,
 }
 
 impl Shared {
@@ -53,8 +63,12 @@ impl Shared {
         if sessions.is_empty() {
             return;
         }
+        let epoch = self.revocation_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         for c in &self.controls {
-            let _ = c.send(Control::RevokeSessions(sessions.to_vec()));
+            let _ = c.send(Control::RevokeSessions {
+                sessions: sessions.to_vec(),
+                epoch,
+            });
         }
     }
 }
@@ -74,6 +88,8 @@ pub enum Kill {
     CloseTimeout,
     /// The router asked for the close (e.g. `SLOW_CONSUMER`).
     Router(ErrorCode),
+    /// The access token that authenticated the connection expired.
+    TokenExpired,
 }
 
 impl Kill {
@@ -86,6 +102,7 @@ impl Kill {
             Kill::Revoked => ErrorCode::SessionRevoked,
             Kill::Shutdown => ErrorCode::ShuttingDown,
             Kill::Router(code) => code,
+            Kill::TokenExpired => ErrorCode::TokenExpired,
         }
     }
 }
@@ -97,6 +114,12 @@ pub struct ConnCtl {
     pub deadline_ms: Cell<u64>,
     /// What the deadline is for: `Kill::Deadline` or `Kill::Idle`.
     pub deadline_kind: Cell<Option<Kill>>,
+    /// Monotonic ms at which the access token that authenticated the
+    /// connection expires (0: not authenticated by a token).
+    token_expires_ms: Cell<u64>,
+    /// The due time of the connection's live wheel entry (older entries
+    /// with another due time are stale).
+    filed_ms: Cell<u64>,
     /// Set by the shard; taken by the task.
     kill: Cell<Option<Kill>>,
     waker: RefCell<Option<Waker>>,
@@ -164,19 +187,23 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCtl>>>,
     wheel: RefCell<TimerWheel>,
+    /// Verified access tokens (see [`crate::tokencache`]).
+    pub token_cache: RefCell<TokenCache>,
+    /// The last [`Shared::revocation_epoch`] this shard applied.
+    seen_revocation_epoch: Cell<u64>,
+    last_sweep_ms: Cell<u64>,
     next_id: Cell<u64>,
     shutting_down: Cell<bool>,
     accept_wakers: RefCell<Vec<Waker>>,
     /// Ciphertext read scratch (per shard, not per connection).
     pub read_scratch: RefCell<Vec<u8>>,
-    /// Plaintext scratch (per shard).
-    pub plain_scratch: RefCell<Vec<u8>>,
     /// The shard's messaging core, if messaging is enabled.
     pub router: Option<Rc<ShardRouter>>,
 }
 
-/// Read scratch size: one maximal TLS record plus overhead.
-pub const READ_SCRATCH_BYTES: usize = 18 * 1024;
+/// Read scratch size: a kept partial TLS record plus a read of at least a
+/// whole record (it grows if a partial handshake message is longer).
+pub const READ_SCRATCH_BYTES: usize = 2 * crate::conn::TLS_RECORD_BYTES_MAX;
 
 impl Shard {
     /// A new shard.
@@ -186,13 +213,15 @@ impl Shard {
         Self {
             index,
             wheel: RefCell::new(TimerWheel::new(tick, 1024, clock::mono_ms())),
+            token_cache: RefCell::new(TokenCache::new(shared.cfg.limits.token_cache_entries)),
+            seen_revocation_epoch: Cell::new(0),
+            last_sweep_ms: Cell::new(0),
             shared,
             conns: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
             shutting_down: Cell::new(false),
             accept_wakers: RefCell::new(Vec::new()),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
-            plain_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             router,
         }
     }
@@ -229,12 +258,58 @@ impl Shard {
         self.next_id.set(id.0 + 1);
         let ctl = Rc::new(ConnCtl::default());
         ctl.set_deadline(deadline_ms, Kill::Deadline);
+        ctl.filed_ms.set(deadline_ms);
         self.conns.borrow_mut().insert(id, ctl.clone());
         self.wheel.borrow_mut().schedule(id, deadline_ms);
         self.metrics()
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (id, ctl)
+    }
+
+    /// Sets a connection's deadline; if it is earlier than the connection's
+    /// wheel entry, files a new entry (the old one goes stale).
+    pub fn set_deadline(&self, id: ConnId, ctl: &ConnCtl, deadline_ms: u64, kind: Kill) {
+        ctl.set_deadline(deadline_ms, kind);
+        self.file_by(id, ctl, deadline_ms);
+    }
+
+    /// Closes the connection with `Kill::TokenExpired` at `expires_ms`
+    /// (monotonic; 0: never), replacing any earlier token expiry.
+    pub fn set_token_expiry(&self, id: ConnId, ctl: &ConnCtl, expires_ms: u64) {
+        ctl.token_expires_ms.set(expires_ms);
+        if expires_ms != 0 {
+            self.file_by(id, ctl, expires_ms);
+        }
+    }
+
+    fn file_by(&self, id: ConnId, ctl: &ConnCtl, due_ms: u64) {
+        if due_ms < ctl.filed_ms.get() {
+            ctl.filed_ms.set(due_ms);
+            self.wheel.borrow_mut().schedule(id, due_ms);
+        }
+    }
+
+    /// Forgets revoked sessions' tokens at once (the revocation reaches
+    /// every shard's cache through its control queue as well).
+    pub fn forget_sessions(&self, session_ids: &[u64]) {
+        self.token_cache.borrow_mut().forget_sessions(session_ids);
+    }
+
+    /// True when this shard has applied every revocation so far, so its
+    /// token cache can be trusted. Between a revocation and the next timer
+    /// tick (when the control queue is drained) it is false, and tokens are
+    /// checked in full against the store.
+    #[must_use]
+    pub fn token_cache_current(&self) -> bool {
+        self.seen_revocation_epoch.get() == self.shared.revocation_epoch.load(Ordering::Acquire)
+    }
+
+    /// The revocation epoch now (a token check records it before reading
+    /// the store and fills the cache only if it has not moved).
+    #[must_use]
+    pub fn revocation_epoch(&self) -> u64 {
+        self.shared.revocation_epoch.load(Ordering::Acquire)
     }
 
     /// Forgets a connection (its wheel entry is dropped when it comes up).
@@ -248,25 +323,51 @@ impl Shard {
 
     fn tick(&self, now_ms: u64) {
         let conns = self.conns.borrow();
-        self.wheel.borrow_mut().advance(now_ms, |id| {
+        let m = self.metrics();
+        self.wheel.borrow_mut().advance(now_ms, |id, filed_ms| {
             let ctl = conns.get(&id)?;
-            let deadline = ctl.deadline_ms.get();
-            if deadline > now_ms {
-                return Some(deadline);
+            if ctl.filed_ms.get() != filed_ms {
+                // Superseded by an earlier entry for the same connection.
+                return None;
             }
-            let kind = ctl.deadline_kind.get().unwrap_or(Kill::Deadline);
-            ctl.kill(kind);
-            // Keep an entry: a connection that ignores its kill (it is in a
-            // blocking-pool call) is looked at again, with a close timeout.
-            let close_by = now_ms + 2000;
-            ctl.set_deadline(close_by, Kill::CloseTimeout);
-            Some(close_by)
+            let token_exp = ctl.token_expires_ms.get();
+            let deadline = ctl.deadline_ms.get();
+            let kind = if token_exp != 0 && token_exp <= now_ms {
+                ctl.token_expires_ms.set(0);
+                metrics::inc(&m.token_expiries);
+                Some(Kill::TokenExpired)
+            } else if deadline <= now_ms {
+                Some(ctl.deadline_kind.get().unwrap_or(Kill::Deadline))
+            } else {
+                None
+            };
+            let next = match kind {
+                Some(kind) => {
+                    ctl.kill(kind);
+                    // Keep an entry: a connection that ignores its kill (it
+                    // is in a blocking-pool call) is looked at again, with a
+                    // close timeout.
+                    let close_by = now_ms + 2000;
+                    ctl.set_deadline(close_by, Kill::CloseTimeout);
+                    close_by
+                }
+                None if token_exp != 0 => deadline.min(token_exp),
+                None => deadline,
+            };
+            ctl.filed_ms.set(next);
+            Some(next)
         });
     }
 
     fn control(&self, msg: Control) {
         match msg {
-            Control::RevokeSessions(ids) => {
+            Control::RevokeSessions {
+                sessions: ids,
+                epoch,
+            } => {
+                self.forget_sessions(&ids);
+                self.seen_revocation_epoch
+                    .set(self.seen_revocation_epoch.get().max(epoch));
                 for ctl in self.conns.borrow().values() {
                     let sid = ctl.session_id.get();
                     if sid != 0 && ids.contains(&sid) {
@@ -311,6 +412,11 @@ impl Shard {
                 self.control(msg);
             }
             self.tick(now);
+            let unix_now = clock::unix_ms();
+            if unix_now >= self.last_sweep_ms.get() + 1000 {
+                self.last_sweep_ms.set(unix_now);
+                self.token_cache.borrow_mut().sweep(unix_now);
+            }
             if self.shutting_down.get() {
                 let until =
                     *drain_until.get_or_insert(now + self.shared.cfg.limits.shutdown_drain_ms);
@@ -322,6 +428,16 @@ impl Shard {
     }
 }
 
+/// accept4(2) with SOCK_NONBLOCK: the socket comes out non-blocking (one
+/// syscall instead of two) and with TCP_NODELAY inherited from the listener.
+fn accept_nonblocking(l: &TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (s, addr) = socket2::SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("accepted a non-IP socket"))?;
+    Ok((s.into(), addr))
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) {
     loop {
         let accepted = poll_fn(|cx| {
@@ -329,7 +445,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) 
                 return Poll::Ready(None);
             }
             loop {
-                match listener.get().accept() {
+                match accept_nonblocking(listener.get()) {
                     Ok(s) => return Poll::Ready(Some(Ok(s))),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         match listener.poll_readable(cx) {
@@ -358,10 +474,6 @@ async fn accept_loop(shard: Rc<Shard>, listener: Ready<TcpListener>, tls: bool) 
                     drop(stream);
                     continue;
                 }
-                if stream.set_nonblocking(true).is_err() {
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
                 runtime::spawn(crate::conn::run(shard.clone(), stream, peer, tls));
             }
             Some(Err(e)) => {

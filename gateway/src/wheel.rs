@@ -1,8 +1,12 @@
 //! One hashed timer wheel per shard for every connection deadline
-//! (handshake, Hello, idle/heartbeat). There is no timer per connection:
-//! each connection has exactly one entry, and moving a deadline later only
-//! writes the connection's own `deadline_ms`; when the stale entry comes up
-//! it is re-filed at the new deadline (lazy re-scheduling).
+//! (handshake, Hello, idle/heartbeat, access-token expiry). There is no
+//! timer per connection: each connection has one live entry, and moving a
+//! deadline later only writes the connection's own `deadline_ms`; when the
+//! entry comes up it is re-filed at the new deadline (lazy re-scheduling).
+//! Moving a deadline earlier files a second entry and records its due time
+//! in the connection; the older entry is recognised as stale by its due
+//! time when it comes up and dropped. Entries due in a later round of the
+//! wheel are re-filed by the wheel itself.
 
 /// A connection's identity on its shard (never reused while the shard runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -12,7 +16,8 @@ pub struct ConnId(pub u64);
 #[derive(Debug)]
 pub struct TimerWheel {
     tick_ms: u64,
-    slots: Vec<Vec<ConnId>>,
+    /// Each entry: the connection and the time it was filed for.
+    slots: Vec<Vec<(ConnId, u64)>>,
     /// The next tick to process (ticks before it are done).
     next_tick: u64,
 }
@@ -34,14 +39,15 @@ impl TimerWheel {
         // Never into a slot already processed this round.
         let tick = (deadline_ms.div_ceil(self.tick_ms)).max(self.next_tick);
         let slot = usize::try_from(tick % self.slots.len() as u64).unwrap_or(0);
-        self.slots[slot].push(id);
+        self.slots[slot].push((id, deadline_ms));
     }
 
-    /// Processes every tick up to `now_ms`, calling `due(id)` for each entry
-    /// that comes up. `due` returns the connection's current deadline if it
-    /// is still open and its deadline is later than `now_ms` (the entry is
-    /// re-filed), or `None` (expired and handled, or gone).
-    pub fn advance(&mut self, now_ms: u64, mut due: impl FnMut(ConnId) -> Option<u64>) {
+    /// Processes every tick up to `now_ms`, calling `due(id, filed_ms)` for
+    /// each entry that comes up (`filed_ms <= now_ms`: the time it was filed
+    /// for). `due` returns the time to re-file the entry at (the connection
+    /// is open and has a later deadline), or `None` (expired and handled,
+    /// stale, or gone).
+    pub fn advance(&mut self, now_ms: u64, mut due: impl FnMut(ConnId, u64) -> Option<u64>) {
         let now_tick = now_ms / self.tick_ms;
         // Bounded: at most one full round per call.
         let last = now_tick.min(self.next_tick + self.slots.len() as u64 - 1);
@@ -49,8 +55,11 @@ impl TimerWheel {
         while self.next_tick <= last {
             let slot = usize::try_from(self.next_tick % self.slots.len() as u64).unwrap_or(0);
             let entries = std::mem::take(&mut self.slots[slot]);
-            for id in entries {
-                if let Some(deadline) = due(id) {
+            for (id, filed_ms) in entries {
+                if filed_ms > now_ms {
+                    // Filed for a later round of the wheel.
+                    refile.push((id, filed_ms));
+                } else if let Some(deadline) = due(id, filed_ms) {
                     refile.push((id, deadline));
                 }
             }
@@ -96,7 +105,7 @@ mod tests {
                    now: u64,
                    deadlines: &mut HashMap<ConnId, u64>,
                    fired: &mut Vec<(ConnId, u64)>| {
-            w.advance(now, |id| {
+            w.advance(now, |id, _| {
                 let d = *deadlines.get(&id)?;
                 if d > now {
                     Some(d)
@@ -129,7 +138,7 @@ mod tests {
             w.schedule(ConnId(i), i * 3);
         }
         let mut n = 0;
-        w.advance(10_000, |_| {
+        w.advance(10_000, |_, _| {
             n += 1;
             None
         });

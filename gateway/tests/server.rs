@@ -23,6 +23,17 @@ fn now() -> Instant {
     Instant::now()
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests compare token expiry with the wall clock"
+)]
+fn unix_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(d.as_millis()).unwrap()
+}
+
 struct Server {
     child: KillOnDrop,
     dir: tempfile::TempDir,
@@ -587,6 +598,72 @@ fn expired_tokens_and_otp_guessing() {
     // And a new code cannot be requested at once.
     let e = c.request(Body::RequestOtp(v1::RequestOtp { identifier: id }));
     assert_eq!(err_code(&e), ErrorCode::RateLimited);
+}
+
+/// A live connection is closed when the access token that authenticated it
+/// expires: Goodbye{TOKEN_EXPIRED}, then close; the client refreshes and
+/// reconnects. The same token, cached by the shard, is refused afterwards.
+#[test]
+fn expired_access_token_closes_live_connections() {
+    for driver in DRIVERS {
+        let srv = Server::start(
+            driver,
+            "[accounts]\naccess_token_ttl_ms = 2000\n[limits]\ntimer_tick_ms = 20\n",
+        );
+        let mut a = srv.hello("");
+        let g = register(&srv, &mut a, email("tess@example.org"), "tess@example.org");
+        // Authenticated by Hello{token} (twice: the second is a cache hit),
+        // by Authenticate, and by VerifyOtp (`a`).
+        let mut b = srv.hello(&g.access_token);
+        let mut c = srv.hello(&g.access_token);
+        let mut d = srv.hello("");
+        assert!(matches!(
+            d.request(Body::Authenticate(v1::Authenticate {
+                access_token: g.access_token.clone()
+            })),
+            Body::Done(_)
+        ));
+        assert!(matches!(
+            b.request(Body::Ping(v1::Ping { nonce: 7 })),
+            Body::Pong(_)
+        ));
+        let left_ms = g.access_expires_at_ms.saturating_sub(unix_ms());
+        let t0 = now();
+        for conn in [&mut a, &mut b, &mut c, &mut d] {
+            let f = conn.recv().expect("goodbye");
+            assert!(
+                matches!(f.body, Some(Body::Goodbye(ref g)) if g.code == ErrorCode::TokenExpired as i32),
+                "{driver}: {f:?}"
+            );
+            conn.expect_closed();
+        }
+        let waited = t0.elapsed();
+        // Closed at the expiry (token expiry has 1 s resolution), not later.
+        assert!(
+            waited <= Duration::from_millis(left_ms + 1500),
+            "{driver}: closed {waited:?} after a token with {left_ms} ms left"
+        );
+        let e = srv.connect().request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: g.access_token.clone(),
+            ..Default::default()
+        }));
+        assert_eq!(err_code(&e), ErrorCode::TokenExpired, "{driver}");
+        // Refresh and reconnect.
+        let mut r = srv.hello("");
+        let Body::SessionGranted(g2) = r.request(Body::Refresh(v1::Refresh {
+            refresh_token: g.refresh_token.clone(),
+        })) else {
+            panic!("{driver}: refresh failed")
+        };
+        let mut again = srv.hello(&g2.access_token);
+        assert!(matches!(
+            again.request(Body::Ping(v1::Ping { nonce: 8 })),
+            Body::Pong(_)
+        ));
+        let m = srv.metrics();
+        assert!(m.contains("starling_token_expiries_total"), "{m}");
+    }
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The accounts front door: one-time codes, sign-in, sessions and tokens,
 //! profile, devices and contact discovery. Every method here is blocking
-//! (store writes, Argon2id) and runs on the bounded blocking pool, never on
-//! a shard thread. Rate limits are in memory, per process.
+//! (store reads and writes, Argon2id) and runs on the bounded blocking pool,
+//! never on a shard thread — except [`Accounts::verify_access`], which is
+//! pure CPU (an Ed25519 verify) and runs on the shard. Rate limits are in
+//! memory, per process.
 
 pub mod sender;
 pub mod store;
@@ -73,6 +75,15 @@ impl Principal {
             session_id: self.session_id,
         }
     }
+}
+
+/// A verified access token: who it names and when it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Who the token names (its session still has to be checked).
+    pub principal: Principal,
+    /// Unix ms at which the token stops being valid.
+    pub expires_at_ms: u64,
 }
 
 /// A granted session plus the principal it authenticates.
@@ -571,8 +582,15 @@ impl Accounts {
         }
     }
 
-    /// Checks an access token and its session.
+    /// Checks an access token and its session (blocking: reads the store).
     pub fn authenticate(&self, token: &str, now_ms: u64) -> ApiResult<Principal> {
+        let access = self.verify_access(token, now_ms)?;
+        self.check_session(&access)
+    }
+
+    /// Checks an access token's signature, algorithm, key id, issuer and
+    /// expiry. Pure CPU, no store access: shard threads call it directly.
+    pub fn verify_access(&self, token: &str, now_ms: u64) -> ApiResult<Access> {
         let claims = self.keys.verify(token, now_ms).map_err(|e| match e {
             TokenError::Expired => self.fail(
                 "token_expired",
@@ -589,15 +607,22 @@ impl Accounts {
                 ApiError::new(ErrorCode::TokenInvalid, "bad subject"),
             )
         })?;
-        let session = self.store.session_get(claims.sid)?;
-        match session {
-            Some(s) if !s.revoked && s.user_id == user_id && s.device_id == claims.dev => {
-                Ok(Principal {
-                    user_id,
-                    device_id: claims.dev,
-                    session_id: claims.sid,
-                })
-            }
+        Ok(Access {
+            principal: Principal {
+                user_id,
+                device_id: claims.dev,
+                session_id: claims.sid,
+            },
+            expires_at_ms: claims.exp.saturating_mul(1000),
+        })
+    }
+
+    /// Checks that a verified token's session exists, is not revoked and
+    /// belongs to its user and device. Blocking (a store read).
+    pub fn check_session(&self, access: &Access) -> ApiResult<Principal> {
+        let p = access.principal;
+        match self.store.session_get(p.session_id)? {
+            Some(s) if !s.revoked && s.user_id == p.user_id && s.device_id == p.device_id => Ok(p),
             _ => Err(self.fail(
                 "session_revoked",
                 ApiError::new(ErrorCode::SessionRevoked, "session revoked"),
