@@ -116,7 +116,6 @@ pub fn open(
                 wake: Some(Arc::new(move || wake_fd.notify())),
                 ..LogOptions::default()
             },
-            applier_start: Some(Arc::new(|| lower_priority(0))),
             ..ShardOptions::default()
         };
         let dir = data_dir.join("shards").join(i.to_string());
@@ -129,48 +128,7 @@ pub fn open(
             efd,
         });
     }
-    lower_background_priority();
     Ok((meta, parts))
-}
-
-/// Nice value of the threads that maintain the message index (a read model).
-const BACKGROUND_NICE: libc::c_int = 10;
-
-/// Puts the index threads (our applier, fjall's flush/compaction workers) at a lower CPU
-/// priority than the shard threads and the log's I/O thread. They are off the acknowledgement
-/// path and bounded by backpressure (a lagging index makes `append` return `Busy`), so when
-/// cores are short the kernel should run the shards first and let the index catch up in the
-/// gaps. The applier lowers itself at start (`ShardOptions::applier_start`); fjall's workers,
-/// started inside `EmbeddedShard::open`, are found by name. Linux only (per-thread nice);
-/// elsewhere, or on error, nothing changes.
-fn lower_background_priority() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for t in tasks.flatten() {
-        let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) else {
-            continue;
-        };
-        if !comm.starts_with("fjall:") {
-            continue;
-        }
-        if let Some(tid) = t
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<libc::id_t>().ok())
-        {
-            lower_priority(tid);
-        }
-    }
-}
-
-/// Sets thread `tid` (0: the calling thread) to [`BACKGROUND_NICE`].
-fn lower_priority(tid: libc::id_t) {
-    // Safety: setpriority(2) on one of this process's own threads; no memory is passed.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) };
-    if rc != 0 {
-        tracing::debug!(tid, error = %std::io::Error::last_os_error(), "cannot lower thread priority");
-    }
 }
 
 /// A shard's router and the wake-up state of its driver task.

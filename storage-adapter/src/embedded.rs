@@ -29,9 +29,6 @@ pub struct ShardOptions {
     /// Test hook run by the applier before each index write (e.g. to stall it). `None` in
     /// production.
     pub apply_hook: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// Run once on the applier thread when it starts, e.g. to lower its CPU priority (the
-    /// process owner decides scheduling; this crate stays free of OS policy).
-    pub applier_start: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for ShardOptions {
@@ -42,7 +39,6 @@ impl Default for ShardOptions {
             apply_records_max: 256,
             apply_queue_records_max: 4096,
             apply_hook: None,
-            applier_start: None,
         }
     }
 }
@@ -55,7 +51,6 @@ impl fmt::Debug for ShardOptions {
             .field("apply_records_max", &self.apply_records_max)
             .field("apply_queue_records_max", &self.apply_queue_records_max)
             .field("apply_hook", &self.apply_hook.is_some())
-            .field("applier_start", &self.applier_start.is_some())
             .finish()
     }
 }
@@ -144,15 +139,9 @@ impl EmbeddedShard {
         let ix = index.clone();
         let records_max = opts.apply_records_max.max(1);
         let hook = opts.apply_hook.clone();
-        let start = opts.applier_start.clone();
         let applier = std::thread::Builder::new()
             .name("starling-index-apply".into())
-            .spawn(move || {
-                if let Some(f) = start {
-                    f();
-                }
-                apply_loop(&ix, &rx, records_max, hook.as_deref());
-            })
+            .spawn(move || apply_loop(&ix, &rx, records_max, hook.as_deref()))
             .map_err(|source| StorageError::Fs {
                 op: "spawn",
                 path: dir.to_path_buf(),
