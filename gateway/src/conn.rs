@@ -973,7 +973,11 @@ impl Conn {
                 inflight_requests_max: limits.inflight_requests_max,
                 heartbeat_ms: limits.heartbeat_ms,
                 idle_timeout_ms: limits.idle_timeout_ms,
-                sync_messages_max: 1000,
+                // What the router returns at most per conversation and Sync.
+                sync_messages_max: u32::try_from(
+                    starling_router::ShardConfig::default().sync_messages_max,
+                )
+                .unwrap_or(u32::MAX),
             }),
             server_time_ms: clock::unix_ms(),
             authenticated: authenticated.map(|a| a.principal.to_wire()),
