@@ -487,13 +487,7 @@ impl Conn {
                 return;
             }
             if closing {
-                self.close_notify();
-                self.shard.set_deadline(
-                    self.id,
-                    &self.ctl,
-                    clock::mono_ms() + 2000,
-                    Kill::CloseTimeout,
-                );
+                self.start_closing();
             }
             let routed = self.queue_outbound();
             if self.flush(closing).await.is_err() || closing {
@@ -558,6 +552,11 @@ impl Conn {
             ),
             Kill::CloseTimeout => {}
         }
+        self.start_closing();
+    }
+
+    /// Queues close_notify and gives the peer 2 s to take what is queued.
+    fn start_closing(&mut self) {
         self.close_notify();
         self.shard.set_deadline(
             self.id,

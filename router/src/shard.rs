@@ -318,6 +318,13 @@ impl Refusal {
     }
 }
 
+/// Metadata key of the `DirectPair` of users `low < high`.
+fn direct_pair_key(low: UserId, high: UserId) -> Vec<u8> {
+    let mut k = keys::user(low);
+    k.extend_from_slice(&high.0.to_be_bytes());
+    k
+}
+
 fn block_key(user: UserId, blocked: UserId) -> Vec<u8> {
     let mut k = keys::user(user);
     k.extend_from_slice(&blocked.0.to_be_bytes());
@@ -1067,11 +1074,7 @@ where
             return Ok(*c);
         }
         let meta = &*self.meta;
-        let pair_key = {
-            let mut k = keys::user(low);
-            k.extend_from_slice(&high.0.to_be_bytes());
-            k
-        };
+        let pair_key = direct_pair_key(low, high);
         let conv = 'found: {
             if let Some(p) = meta
                 .get::<DirectPair>(&pair_key)
@@ -2280,14 +2283,11 @@ where
         };
         let conv = match self.direct_cache.get(&(low, high)) {
             Some(&c) => Some(c),
-            None => {
-                let mut k = keys::user(low);
-                k.extend_from_slice(&high.0.to_be_bytes());
-                self.meta
-                    .get::<DirectPair>(&k)
-                    .map_err(|e| Refusal::storage("direct lookup", &e))?
-                    .map(|p| p.conv.0 as u64)
-            }
+            None => self
+                .meta
+                .get::<DirectPair>(&direct_pair_key(low, high))
+                .map_err(|e| Refusal::storage("direct lookup", &e))?
+                .map(|p| p.conv.0 as u64),
         };
         match conv {
             Some(conv) => self.send_to(
