@@ -37,7 +37,7 @@ pub(crate) struct LogArgs {
     /// Segment size in MiB (preallocated).
     #[arg(long, default_value_t = 64)]
     segment_mib: u64,
-    /// Also maintain the fjall index and measure per-conversation range reads through it.
+    /// Also maintain the index and measure per-conversation range reads through it.
     #[arg(long)]
     index: bool,
     /// Poll a completion this many times before sleeping on it (0 = sleep at once). A shard

@@ -16,7 +16,7 @@ use std::task::{Poll, Waker};
 use anyhow::Context as _;
 use starling_router::ring::{Bell, Doorbell};
 use starling_router::{ConnId as RouterConnId, RouterShard, ShardConfig, ShardLinks, ShardMsg};
-use starling_storage::{EmbeddedMeta, EmbeddedShard, FjallIndex, LogOptions, ShardOptions};
+use starling_storage::{DenseIndex, EmbeddedMeta, EmbeddedShard, LogOptions, ShardOptions};
 
 use crate::clock;
 use crate::runtime::{self, Ready};
@@ -24,7 +24,7 @@ use crate::shard::{Kill, Shard};
 use crate::wheel::ConnId;
 
 /// One shard's messaging core over the embedded backend.
-pub type Router = RouterShard<EmbeddedShard, FjallIndex, EmbeddedMeta>;
+pub type Router = RouterShard<EmbeddedShard, DenseIndex, EmbeddedMeta>;
 
 /// A non-blocking eventfd: written by other threads (ring producers, the
 /// log's I/O thread), read by the shard's driver task.
@@ -119,8 +119,19 @@ pub fn open(
             ..ShardOptions::default()
         };
         let dir = data_dir.join("shards").join(i.to_string());
+        let opened = crate::clock::mono_ms();
         let store = EmbeddedShard::open(&dir, opts)
             .with_context(|| format!("cannot open shard storage {}", dir.display()))?;
+        let r = store.open_report();
+        tracing::info!(
+            shard = i,
+            log_last_lsn = r.log.last_lsn.0,
+            index_entries = store.index().len(),
+            index_from_snapshot = !r.index_rebuilt,
+            replayed_records = r.replayed_records,
+            ms = crate::clock::mono_ms().saturating_sub(opened),
+            "shard storage opened"
+        );
         parts.push(RouterParts {
             store,
             links,

@@ -1737,8 +1737,8 @@ fn a_slow_consumer_gets_hints_not_messages_and_never_slows_others() {
 
 #[test]
 fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
-    use starling_storage::{EmbeddedMeta, EmbeddedShard, FjallIndex, ShardOptions};
-    type Real = RouterShard<EmbeddedShard, FjallIndex, EmbeddedMeta>;
+    use starling_storage::{DenseIndex, EmbeddedMeta, EmbeddedShard, ShardOptions};
+    type Real = RouterShard<EmbeddedShard, DenseIndex, EmbeddedMeta>;
     let dir = tempfile::tempdir().unwrap();
     let meta = Arc::new(EmbeddedMeta::open(&dir.path().join("meta.redb")).unwrap());
     let mut b = MetaBatch::default();

@@ -1,5 +1,6 @@
 //! The embedded backend for one sequencer shard: the segmented log (source of truth) plus the
-//! fjall index kept up to date by an applier thread and replayed from the log on open.
+//! in-memory index kept up to date by an applier thread, snapshotted at clean close and caught up
+//! from the log on open.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crate::error::{LogError, StorageError};
 use crate::format;
-use crate::index::FjallIndex;
+use crate::index::DenseIndex;
 use crate::log::{Completion, DurableRecord, LogOptions, RecoveryReport, SegmentedLog};
 use crate::traits::DurableLog;
 use crate::types::{Entry, Level, Lsn};
@@ -18,8 +19,6 @@ use crate::types::{Entry, Level, Lsn};
 pub struct ShardOptions {
     /// The log's options.
     pub log: LogOptions,
-    /// Block cache of the index, bytes.
-    pub index_cache_bytes: u64,
     /// Most durable records the applier folds into one index write.
     pub apply_records_max: usize,
     /// Most durable records queued for the index applier. Together with
@@ -35,7 +34,6 @@ impl Default for ShardOptions {
     fn default() -> Self {
         ShardOptions {
             log: LogOptions::default(),
-            index_cache_bytes: 32 * 1024 * 1024,
             apply_records_max: 256,
             apply_queue_records_max: 4096,
             apply_hook: None,
@@ -47,7 +45,6 @@ impl fmt::Debug for ShardOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShardOptions")
             .field("log", &self.log)
-            .field("index_cache_bytes", &self.index_cache_bytes)
             .field("apply_records_max", &self.apply_records_max)
             .field("apply_queue_records_max", &self.apply_queue_records_max)
             .field("apply_hook", &self.apply_hook.is_some())
@@ -60,7 +57,7 @@ impl fmt::Debug for ShardOptions {
 pub struct ShardOpenReport {
     /// The log's recovery.
     pub log: RecoveryReport,
-    /// The index was missing or damaged and was rebuilt from the whole log.
+    /// The index had no valid snapshot and was rebuilt from the whole log.
     pub index_rebuilt: bool,
     /// The index was ahead of the log (a replaced log directory) and was rebuilt.
     pub index_was_ahead: bool,
@@ -68,10 +65,10 @@ pub struct ShardOpenReport {
     pub replayed_records: u64,
 }
 
-/// One shard's embedded store: `dir/log/` (segments) and `dir/index/` (fjall).
+/// One shard's embedded store: `dir/log/` (segments) and `dir/index/` (the index's snapshot).
 pub struct EmbeddedShard {
     log: Option<SegmentedLog>,
-    index: Arc<FjallIndex>,
+    index: Arc<DenseIndex>,
     applier: Option<JoinHandle<()>>,
     report: ShardOpenReport,
     dir: PathBuf,
@@ -95,11 +92,7 @@ impl EmbeddedShard {
             path: dir.to_path_buf(),
             source,
         })?;
-        let index = Arc::new(FjallIndex::open(
-            &dir.join("index"),
-            &dir.join("log"),
-            opts.index_cache_bytes,
-        )?);
+        let index = Arc::new(DenseIndex::open(&dir.join("index"), &dir.join("log"))?);
         let index_rebuilt = index.rebuilt();
         let applied = index.applied_lsn();
         let mut replayed = 0u64;
@@ -168,7 +161,7 @@ impl EmbeddedShard {
     }
 
     /// The index, shareable with reader threads.
-    pub fn index(&self) -> &Arc<FjallIndex> {
+    pub fn index(&self) -> &Arc<DenseIndex> {
         &self.index
     }
 
@@ -217,11 +210,16 @@ impl Drop for EmbeddedShard {
         if let Some(t) = self.applier.take() {
             let _ = t.join();
         }
+        // Everything durable is applied now: save the index so the next open replays only what
+        // comes after. A failed save costs that open a longer replay, nothing else.
+        if !self.index.failed() {
+            let _ = self.index.save_snapshot();
+        }
     }
 }
 
 fn apply_loop(
-    index: &FjallIndex,
+    index: &DenseIndex,
     rx: &mpsc::Receiver<DurableRecord>,
     records_max: usize,
     hook: Option<&(dyn Fn() + Send + Sync)>,

@@ -108,9 +108,6 @@ pub enum StorageError {
     /// The log failed.
     #[error(transparent)]
     Log(#[from] LogError),
-    /// The index engine (fjall) failed.
-    #[error("index engine: {0}")]
-    Index(#[from] fjall::Error),
     /// The metadata engine (redb) failed.
     #[error("metadata engine: {0}")]
     Metadata(#[from] redb::Error),

@@ -167,6 +167,24 @@ pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) {
 
 /// Decodes one entry from the front of `b`; returns it and the bytes it took.
 pub fn decode_entry(b: &[u8]) -> Result<(Entry, usize), FormatError> {
+    let (conv, seq, client_msg_id, total) = entry_keys(b)?;
+    let entry = Entry {
+        kind: EntryKind(b[0]),
+        content_type: u16_at(b, 2),
+        sender_device: DeviceId(u32_at(b, 4)),
+        conv,
+        seq,
+        client_msg_id,
+        sender: UserId(u64_at(b, 48)),
+        ts_ms: TimestampMs(u64_at(b, 56)),
+        body: b[ENTRY_HEADER_BYTES..total].to_vec(),
+    };
+    Ok((entry, total))
+}
+
+/// The index keys of the entry at the front of `b` (conv, seq, client_msg_id) and the bytes it
+/// takes, without copying its body: what the index needs from every entry it applies.
+pub fn entry_keys(b: &[u8]) -> Result<(ConvId, Seq, ClientMsgId, usize), FormatError> {
     if b.len() < ENTRY_HEADER_BYTES {
         return Err(FormatError::Truncated {
             need: ENTRY_HEADER_BYTES,
@@ -191,18 +209,12 @@ pub fn decode_entry(b: &[u8]) -> Result<(Entry, usize), FormatError> {
     }
     let mut cmid = [0u8; 16];
     cmid.copy_from_slice(&b[32..48]);
-    let entry = Entry {
-        kind: EntryKind(b[0]),
-        content_type: u16_at(b, 2),
-        sender_device: DeviceId(u32_at(b, 4)),
-        conv: ConvId(u128_at(b, 8)),
-        seq: Seq(u64_at(b, 24)),
-        client_msg_id: ClientMsgId(cmid),
-        sender: UserId(u64_at(b, 48)),
-        ts_ms: TimestampMs(u64_at(b, 56)),
-        body: b[ENTRY_HEADER_BYTES..total].to_vec(),
-    };
-    Ok((entry, total))
+    Ok((
+        ConvId(u128_at(b, 8)),
+        Seq(u64_at(b, 24)),
+        ClientMsgId(cmid),
+        total,
+    ))
 }
 
 /// Appends one record holding `entries` (lsns `first_lsn..`) to `out`.

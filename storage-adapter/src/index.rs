@@ -1,19 +1,31 @@
-//! The per-shard message index (fjall): `conv‖seq → where the entry is in the log` and
-//! `conv‖client_msg_id → seq`, plus the log lsn it has applied. It is a read model: written
-//! without forced sync, rebuilt from the log when missing, damaged or behind. The log stays the
-//! only source of truth, and also holds the entries themselves: the index keeps a 24-byte
-//! pointer (segment, offset, length, CRC32C of the entry's bytes) instead of a copy, so fjall's
-//! journal, flushes and compactions move keys and pointers, not message bodies (they were half
-//! the server's CPU at peak). A read `pread`s the entry from its segment and checks its CRC.
+//! The per-shard message index: for every conversation, where each seq's entry is in the log,
+//! and for every `(conv, client_msg_id)` the seq it was given. It is a read model: the log stays
+//! the only source of truth and also holds the entries themselves; the index is rebuilt from the
+//! log whenever it is missing, damaged or behind.
+//!
+//! Seqs are dense per conversation, so the index needs no search structure: a conversation is a
+//! vector of 16-byte pointers (segment, offset, length, CRC32C of the entry's bytes) indexed by
+//! `seq - first_seq`, and applying an entry is a push. Dedup is one hash map from a 64-bit
+//! fingerprint of `(conv, client_msg_id)` to the seq; a hit is confirmed by reading the entry
+//! and comparing its id, and the (astronomically rare) fingerprint collisions go to a second map
+//! keyed by the full pair. Both live in memory (~35 bytes per indexed entry); reads `pread` the
+//! entry from its segment and check its CRC, so a wrong pointer is an error, never a wrong
+//! message.
+//!
+//! Persistence is a snapshot file (`<dir>/snapshot`, CRC-checked) written at clean close: open
+//! loads it and replays the log from its `applied_lsn` on. With no valid snapshot (first start,
+//! crash before any clean close, damage) the whole log is replayed. This replaced a fjall LSM
+//! index whose per-key skiplist inserts, flushes and compactions cost about a third of the
+//! server's CPU at peak (docs/design/log.md).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 
 use crate::error::StorageError;
 use crate::format::{self, RecordView};
@@ -23,79 +35,183 @@ use crate::types::{ClientMsgId, ConvId, Entry, Lsn, Seq};
 /// Most entries one range read returns (callers page with `before`/`after`).
 pub const READ_ENTRIES_MAX: usize = 1000;
 
-/// Memtable size of the entries keyspace (the dedup keyspace gets half).
-const MEMTABLE_BYTES: u64 = 64 << 20;
-
-const FORMAT_KEY: &[u8] = b"format";
-const FORMAT_VALUE: &[u8] = b"starling-index-2";
-
-/// Bytes of an entry pointer: segment base lsn, file offset (u64 each), length, CRC32C (u32).
-const POINTER_BYTES: usize = 24;
-
 /// Segment files kept open for reads (beyond it the cache starts over).
 const OPEN_SEGMENTS_MAX: usize = 64;
-const APPLIED_KEY: &[u8] = b"applied_lsn";
 
-fn entry_key(conv: ConvId, seq: Seq) -> [u8; 24] {
-    let mut k = [0u8; 24];
-    k[..16].copy_from_slice(&conv.0.to_be_bytes());
-    k[16..].copy_from_slice(&seq.0.to_be_bytes());
-    k
+const SNAPSHOT_FILE: &str = "snapshot";
+const SNAPSHOT_MAGIC: &[u8; 16] = b"starling-index-3";
+
+/// Where one entry is in the log. `len == 0` marks a hole (a seq never written).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Ptr {
+    /// Index into [`State::segs`].
+    seg: u32,
+    /// Byte offset of the entry in its segment file.
+    off: u32,
+    /// Bytes of the encoded entry.
+    len: u32,
+    /// CRC32C of those bytes.
+    crc: u32,
 }
 
-fn dedup_key(conv: ConvId, id: ClientMsgId) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[..16].copy_from_slice(&conv.0.to_be_bytes());
-    k[16..].copy_from_slice(&id.0);
-    k
-}
-
-fn u64_be(b: &[u8], table: &'static str) -> Result<u64, StorageError> {
-    let a: [u8; 8] = b.try_into().map_err(|_| StorageError::Decode {
-        table,
-        reason: "not 8 bytes".into(),
-    })?;
-    Ok(u64::from_be_bytes(a))
-}
-
-fn encode_pointer(segment: Lsn, offset: u64, entry: &[u8]) -> [u8; POINTER_BYTES] {
-    let mut p = [0u8; POINTER_BYTES];
-    p[..8].copy_from_slice(&segment.0.to_be_bytes());
-    p[8..16].copy_from_slice(&offset.to_be_bytes());
-    p[16..20].copy_from_slice(&(entry.len() as u32).to_be_bytes());
-    p[20..].copy_from_slice(&crc32c::crc32c(entry).to_be_bytes());
-    p
-}
-
-/// (segment, offset, len, crc) of a stored pointer.
-fn decode_pointer(v: &[u8]) -> Result<(Lsn, u64, usize, u32), StorageError> {
-    let bad = || StorageError::Decode {
-        table: "entries",
-        reason: format!("pointer of {} bytes", v.len()),
-    };
-    if v.len() != POINTER_BYTES {
-        return Err(bad());
+impl Ptr {
+    fn is_hole(self) -> bool {
+        self.len == 0
     }
-    let u32_at = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
-    Ok((
-        Lsn(u64_be(&v[..8], "entries")?),
-        u64_be(&v[8..16], "entries")?,
-        u32_at(16) as usize,
-        u32_at(20),
-    ))
 }
 
-fn decode_value(v: &[u8]) -> Result<Entry, StorageError> {
-    match format::decode_entry(v) {
-        Ok((e, used)) if used == v.len() => Ok(e),
-        Ok(_) => Err(StorageError::Decode {
-            table: "entries",
-            reason: "trailing bytes".into(),
-        }),
-        Err(e) => Err(StorageError::Decode {
-            table: "entries",
-            reason: e.to_string(),
-        }),
+/// One conversation: `ptrs[i]` is the entry with seq `first + i`.
+#[derive(Debug, Default)]
+struct ConvIx {
+    first: u64,
+    ptrs: Vec<Ptr>,
+}
+
+impl ConvIx {
+    /// Seq after the last one indexed.
+    fn end(&self) -> u64 {
+        self.first + self.ptrs.len() as u64
+    }
+
+    fn get(&self, seq: u64) -> Option<Ptr> {
+        let i = seq.checked_sub(self.first)?;
+        self.ptrs.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// Sets the pointer of `seq`, filling any gap with holes (seqs are dense in practice; a gap
+    /// or an older seq only comes from a log the router did not write).
+    fn set(&mut self, seq: u64, p: Ptr) {
+        if self.ptrs.is_empty() {
+            self.first = seq;
+        }
+        if seq < self.first {
+            let grow = (self.first - seq) as usize;
+            self.ptrs
+                .splice(0..0, std::iter::repeat_n(Ptr::default(), grow));
+            self.first = seq;
+        }
+        let i = (seq - self.first) as usize;
+        if i >= self.ptrs.len() {
+            self.ptrs.resize(i, Ptr::default());
+            self.ptrs.push(p);
+        } else {
+            self.ptrs[i] = p;
+        }
+    }
+}
+
+/// A hasher for keys that are already well mixed (fingerprints, derived conversation ids).
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            self.0 = mix64(self.0 ^ u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = mix64(self.0 ^ n);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = mix64(mix64(self.0 ^ n as u64) ^ (n >> 64) as u64);
+    }
+}
+
+type Mix = BuildHasherDefault<MixHasher>;
+
+/// splitmix64's finalizer.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The dedup fingerprint of `(conv, id)`.
+fn fingerprint(conv: ConvId, id: ClientMsgId) -> u64 {
+    let w = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let mut h = mix64(conv.0 as u64 ^ 0x5354_4152_4c49_4e47);
+    h = mix64(h ^ (conv.0 >> 64) as u64);
+    h = mix64(h ^ w(&id.0[..8]));
+    mix64(h ^ w(&id.0[8..]))
+}
+
+/// Everything the index knows, behind one lock.
+#[derive(Debug, Default)]
+struct State {
+    /// Base lsns of the segments pointers name, ascending.
+    segs: Vec<Lsn>,
+    convs: HashMap<ConvId, ConvIx, Mix>,
+    /// Fingerprint of `(conv, client_msg_id)` → seq.
+    dedup: HashMap<u64, u64, Mix>,
+    /// Pairs whose fingerprint was already taken by another pair.
+    dedup_more: HashMap<(ConvId, ClientMsgId), u64>,
+    entries: u64,
+}
+
+impl State {
+    fn seg_index(&mut self, base: Lsn) -> Result<u32, StorageError> {
+        match self.segs.last() {
+            Some(&last) if last == base => Ok((self.segs.len() - 1) as u32),
+            Some(&last) if last > base => match self.segs.binary_search(&base) {
+                Ok(i) => Ok(i as u32),
+                Err(_) => Err(StorageError::Decode {
+                    table: "index",
+                    reason: format!("segment {} applied out of order", base.0),
+                }),
+            },
+            _ => {
+                self.segs.push(base);
+                u32::try_from(self.segs.len() - 1).map_err(|_| StorageError::Decode {
+                    table: "index",
+                    reason: "more than 2^32 segments".into(),
+                })
+            }
+        }
+    }
+
+    fn insert(&mut self, conv: ConvId, seq: Seq, id: ClientMsgId, p: Ptr) {
+        let c = self.convs.entry(conv).or_default();
+        let fresh = c.get(seq.0).is_none_or(Ptr::is_hole);
+        c.set(seq.0, p);
+        if fresh {
+            self.entries += 1;
+        }
+        if !id.is_none() {
+            let fp = fingerprint(conv, id);
+            match self.dedup.get(&fp) {
+                None => {
+                    self.dedup.insert(fp, seq.0);
+                }
+                Some(&s) if s == seq.0 => {}
+                Some(_) => {
+                    self.dedup_more.insert((conv, id), seq.0);
+                }
+            }
+        }
+    }
+
+    /// The pointers of `conv` with seqs in `from..to`, oldest first, holes skipped.
+    fn range(&self, conv: ConvId, from: u64, to: u64) -> Vec<(Lsn, Ptr)> {
+        let Some(c) = self.convs.get(&conv) else {
+            return Vec::new();
+        };
+        let lo = from.max(c.first);
+        let hi = to.min(c.end());
+        if lo >= hi {
+            return Vec::new();
+        }
+        let (lo, hi) = ((lo - c.first) as usize, (hi - c.first) as usize);
+        c.ptrs[lo..hi]
+            .iter()
+            .filter(|p| !p.is_hole())
+            .map(|p| (self.segs[p.seg as usize], *p))
+            .collect()
     }
 }
 
@@ -106,177 +222,112 @@ struct Applied {
     cond: Condvar,
 }
 
-/// The fjall-backed message index of one shard.
-pub struct FjallIndex {
-    path: PathBuf,
+/// The in-memory, snapshot-persisted message index of one shard.
+pub struct DenseIndex {
+    dir: PathBuf,
     /// The log whose entries the pointers name.
     log_dir: PathBuf,
-    segments: Mutex<HashMap<Lsn, Arc<File>>>,
-    db: Database,
-    entries: Keyspace,
-    dedup: Keyspace,
-    state: Keyspace,
+    files: Mutex<HashMap<Lsn, Arc<File>>>,
+    state: RwLock<State>,
     applied: Applied,
     rebuilt: bool,
 }
 
-impl fmt::Debug for FjallIndex {
+impl fmt::Debug for DenseIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FjallIndex")
-            .field("path", &self.path)
+        f.debug_struct("DenseIndex")
+            .field("dir", &self.dir)
             .field("applied", &self.applied)
             .field("rebuilt", &self.rebuilt)
             .finish_non_exhaustive()
     }
 }
 
-impl FjallIndex {
-    /// Opens the index in `path`. If it cannot be opened or is not ours, it is deleted and
-    /// recreated empty (`rebuilt()` then says so, and the caller replays the whole log).
-    pub fn open(path: &Path, log_dir: &Path, cache_bytes: u64) -> Result<FjallIndex, StorageError> {
-        match Self::try_open(path, log_dir, cache_bytes) {
-            Ok(Some(ix)) => Ok(ix),
-            Ok(None) | Err(_) => {
-                if path.exists() {
-                    fs::remove_dir_all(path).map_err(|source| StorageError::Fs {
-                        op: "remove damaged index",
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
-                }
-                let mut ix = Self::try_open(path, log_dir, cache_bytes)?.ok_or_else(|| {
-                    StorageError::Decode {
-                        table: "state",
-                        reason: "fresh index has no format marker".into(),
-                    }
-                })?;
-                ix.rebuilt = true;
-                Ok(ix)
+impl DenseIndex {
+    /// Opens the index kept in `dir`, loading its snapshot. With no valid snapshot it starts
+    /// empty and `rebuilt()` says so: the caller replays the whole log.
+    pub fn open(dir: &Path, log_dir: &Path) -> Result<DenseIndex, StorageError> {
+        let fs_err = |op| {
+            move |source| StorageError::Fs {
+                op,
+                path: dir.to_path_buf(),
+                source,
             }
-        }
-    }
-
-    /// `Ok(None)`: opened, but not a valid index of this format.
-    fn try_open(
-        path: &Path,
-        log_dir: &Path,
-        cache_bytes: u64,
-    ) -> Result<Option<FjallIndex>, StorageError> {
-        let fresh = !path.exists();
-        let db = Database::builder(path)
-            .cache_size(cache_bytes)
-            .worker_threads(1)
-            .open()?;
-        // Memtable size, measured (starling-bench messages at 110–120k msg/s offered, one
-        // shard): 2 MiB → 98k delivered (flush/compaction 34% of the server), 8 MiB → 98k,
-        // 32 MiB → 106k, 64 MiB → 108k. Small memtables make each skiplist insert cheaper but
-        // the flushes and compactions of many small tables cost more than they save.
-        let entries = db.keyspace("entries", || {
-            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-        })?;
-        let dedup = db.keyspace("dedup", || {
-            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES / 2)
-        })?;
-        let state = db.keyspace("state", KeyspaceCreateOptions::default)?;
-        if fresh {
-            state.insert(FORMAT_KEY, FORMAT_VALUE)?;
-        }
-        if state.get(FORMAT_KEY)?.as_deref() != Some(FORMAT_VALUE) {
-            return Ok(None);
-        }
-        let applied = match state.get(APPLIED_KEY)? {
-            Some(v) => Lsn(u64_be(&v, "state")?),
-            None => Lsn::ZERO,
         };
-        // Read the newest entry back: a damaged table usually shows here, at open, not later.
-        let newest = match entries.last_key_value() {
-            Some(g) => Some(g.into_inner()?.1),
-            None => None,
+        let loaded = load_snapshot(&dir.join(SNAPSHOT_FILE));
+        if loaded.is_none() && dir.exists() {
+            // Whatever is there (a damaged snapshot, an older index format) is not ours to keep.
+            fs::remove_dir_all(dir).map_err(fs_err("remove unusable index"))?;
+        }
+        fs::create_dir_all(dir).map_err(fs_err("create index dir"))?;
+        let (state, applied, rebuilt) = match loaded {
+            Some((state, applied)) => (state, applied, false),
+            None => (State::default(), Lsn::ZERO, true),
         };
-        let ix = FjallIndex {
-            path: path.to_path_buf(),
+        Ok(DenseIndex {
+            dir: dir.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
-            segments: Mutex::new(HashMap::new()),
-            db,
-            entries,
-            dedup,
-            state,
+            files: Mutex::new(HashMap::new()),
+            state: RwLock::new(state),
             applied: Applied {
                 lsn: Mutex::new((applied, None)),
                 cond: Condvar::new(),
             },
-            rebuilt: fresh,
-        };
-        if let Some(v) = newest {
-            ix.load(&v)?;
-        }
-        Ok(Some(ix))
+            rebuilt,
+        })
     }
 
-    /// Reads the entry a stored pointer names from its log segment, checking its CRC.
-    fn load(&self, v: &[u8]) -> Result<Entry, StorageError> {
-        let (segment, offset, len, crc) = decode_pointer(v)?;
-        let file = self.segment(segment)?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|source| StorageError::Fs {
-                op: "read entry",
-                path: segment_path(&self.log_dir, segment),
-                source,
-            })?;
-        let computed = crc32c::crc32c(&buf);
-        if computed != crc {
-            return Err(StorageError::Decode {
-                table: "entries",
-                reason: format!(
-                    "entry at {}:{offset} fails its checksum (stored {crc:08x}, computed {computed:08x})",
-                    segment_path(&self.log_dir, segment).display()
-                ),
-            });
-        }
-        decode_value(&buf)
-    }
-
-    fn segment(&self, base: Lsn) -> Result<Arc<File>, StorageError> {
-        let mut open = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(f) = open.get(&base) {
-            return Ok(f.clone());
-        }
-        let path = segment_path(&self.log_dir, base);
-        let f = Arc::new(File::open(&path).map_err(|source| StorageError::Fs {
-            op: "open segment",
-            path,
-            source,
-        })?);
-        if open.len() >= OPEN_SEGMENTS_MAX {
-            open.clear();
-        }
-        open.insert(base, f.clone());
-        Ok(f)
-    }
-
-    /// Whether this index was created empty at open (fresh or replaced after damage).
+    /// Whether this index started empty at open (no snapshot, or a damaged one).
     pub fn rebuilt(&self) -> bool {
         self.rebuilt
     }
 
-    /// Deletes every entry (used when the index is ahead of the log it must mirror).
+    /// Entries indexed.
+    pub fn len(&self) -> u64 {
+        self.read().entries
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets every entry (used when the index is ahead of the log it must mirror).
     pub(crate) fn clear(&self) -> Result<(), StorageError> {
-        self.entries.clear()?;
-        self.dedup.clear()?;
-        self.state.remove(APPLIED_KEY)?;
+        *self.write() = State::default();
+        let snap = self.dir.join(SNAPSHOT_FILE);
+        match fs::remove_file(&snap) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StorageError::Fs {
+                    op: "remove index snapshot",
+                    path: snap,
+                    source,
+                });
+            }
+        }
         self.set_applied(Lsn::ZERO);
         Ok(())
     }
 
-    /// Applies durable records in one atomic index write, advancing `applied_lsn`. Records at or
-    /// below `applied_lsn` are skipped, so replay is idempotent.
+    /// Applies durable records, advancing `applied_lsn`. Records at or below `applied_lsn` are
+    /// skipped, so replay is idempotent. Readers see a batch whole or not at all.
     pub(crate) fn apply(
         &self,
         records: &[(RecordView<'_>, RecordPos)],
     ) -> Result<(), StorageError> {
         let applied = self.applied_lsn();
-        let mut batch = self.db.batch();
+        // Parse outside the lock.
+        let mut parsed = Vec::new();
         let mut last = applied;
         for (r, pos) in records {
             if r.last_lsn() <= applied {
@@ -285,23 +336,23 @@ impl FjallIndex {
             let mut rest = r.payload;
             let mut offset = pos.offset + format::RECORD_HEADER_BYTES as u64;
             for _ in 0..r.count {
-                let (e, used) = format::decode_entry(rest).map_err(|e| StorageError::Decode {
-                    table: "log record",
-                    reason: e.to_string(),
-                })?;
-                if e.seq != Seq::NONE {
-                    batch.insert(
-                        &self.entries,
-                        entry_key(e.conv, e.seq),
-                        encode_pointer(pos.segment, offset, &rest[..used]),
-                    );
-                    if !e.client_msg_id.is_none() {
-                        batch.insert(
-                            &self.dedup,
-                            dedup_key(e.conv, e.client_msg_id),
-                            e.seq.0.to_be_bytes(),
-                        );
-                    }
+                let (conv, seq, id, used) =
+                    format::entry_keys(rest).map_err(|e| StorageError::Decode {
+                        table: "log record",
+                        reason: e.to_string(),
+                    })?;
+                if seq != Seq::NONE {
+                    let off = u32::try_from(offset).map_err(|_| StorageError::Decode {
+                        table: "index",
+                        reason: format!("entry offset {offset} beyond 4 GiB in its segment"),
+                    })?;
+                    let p = Ptr {
+                        seg: 0,
+                        off,
+                        len: used as u32,
+                        crc: crc32c::crc32c(&rest[..used]),
+                    };
+                    parsed.push((pos.segment, conv, seq, id, p));
                 }
                 rest = &rest[used..];
                 offset += used as u64;
@@ -311,9 +362,37 @@ impl FjallIndex {
         if last == applied {
             return Ok(());
         }
-        batch.insert(&self.state, APPLIED_KEY, last.0.to_be_bytes());
-        batch.commit()?;
+        {
+            let mut st = self.write();
+            for (segment, conv, seq, id, mut p) in parsed {
+                p.seg = st.seg_index(segment)?;
+                st.insert(conv, seq, id, p);
+            }
+        }
         self.set_applied(last);
+        Ok(())
+    }
+
+    /// Writes the snapshot (temporary file, fsync, rename, fsync of the directory). Called at
+    /// clean close, when nothing applies concurrently.
+    pub(crate) fn save_snapshot(&self) -> Result<(), StorageError> {
+        let applied = self.applied_lsn();
+        let buf = encode_snapshot(&self.read(), applied);
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let tmp = self.dir.join("snapshot.tmp");
+        let fs_err = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StorageError::Fs { op, path, source }
+        };
+        let mut f = File::create(&tmp).map_err(fs_err("create index snapshot", &tmp))?;
+        f.write_all(&buf)
+            .map_err(fs_err("write index snapshot", &tmp))?;
+        f.sync_all().map_err(fs_err("sync index snapshot", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(fs_err("rename index snapshot", &path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fs_err("sync index dir", &self.dir))?;
         Ok(())
     }
 
@@ -337,6 +416,16 @@ impl FjallIndex {
         g.1 = Some(why);
         drop(g);
         self.applied.cond.notify_all();
+    }
+
+    /// Whether the applier stopped on an error (reopening rebuilds the index).
+    pub fn failed(&self) -> bool {
+        self.applied
+            .lsn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .is_some()
     }
 
     /// The highest log lsn whose entries are visible to reads.
@@ -370,67 +459,354 @@ impl FjallIndex {
         }
     }
 
-    fn collect(
-        &self,
-        iter: impl Iterator<Item = fjall::Guard>,
-        limit: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
-        let mut out = Vec::new();
-        for g in iter.take(limit.min(READ_ENTRIES_MAX)) {
-            let (_, v) = g.into_inner()?;
-            out.push(self.load(&v)?);
+    /// Reads the entries the pointers name from their segments, checking each CRC.
+    fn load(&self, ptrs: &[(Lsn, Ptr)]) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::with_capacity(ptrs.len());
+        let mut buf = Vec::new();
+        let mut file: Option<(Lsn, Arc<File>)> = None;
+        for &(segment, p) in ptrs {
+            let f = match &file {
+                Some((base, f)) if *base == segment => f.clone(),
+                _ => {
+                    let f = self.segment(segment)?;
+                    file = Some((segment, f.clone()));
+                    f
+                }
+            };
+            buf.resize(p.len as usize, 0);
+            f.read_exact_at(&mut buf, u64::from(p.off))
+                .map_err(|source| StorageError::Fs {
+                    op: "read entry",
+                    path: segment_path(&self.log_dir, segment),
+                    source,
+                })?;
+            let computed = crc32c::crc32c(&buf);
+            if computed != p.crc {
+                return Err(StorageError::Decode {
+                    table: "entries",
+                    reason: format!(
+                        "entry at {}:{} fails its checksum (stored {:08x}, computed {computed:08x})",
+                        segment_path(&self.log_dir, segment).display(),
+                        p.off,
+                        p.crc
+                    ),
+                });
+            }
+            out.push(decode_value(&buf)?);
         }
         Ok(out)
     }
+
+    fn segment(&self, base: Lsn) -> Result<Arc<File>, StorageError> {
+        let mut open = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = open.get(&base) {
+            return Ok(f.clone());
+        }
+        let path = segment_path(&self.log_dir, base);
+        let f = Arc::new(File::open(&path).map_err(|source| StorageError::Fs {
+            op: "open segment",
+            path,
+            source,
+        })?);
+        if open.len() >= OPEN_SEGMENTS_MAX {
+            open.clear();
+        }
+        open.insert(base, f.clone());
+        Ok(f)
+    }
 }
 
-impl crate::traits::MessageIndex for FjallIndex {
+fn decode_value(v: &[u8]) -> Result<Entry, StorageError> {
+    match format::decode_entry(v) {
+        Ok((e, used)) if used == v.len() => Ok(e),
+        Ok(_) => Err(StorageError::Decode {
+            table: "entries",
+            reason: "trailing bytes".into(),
+        }),
+        Err(e) => Err(StorageError::Decode {
+            table: "entries",
+            reason: e.to_string(),
+        }),
+    }
+}
+
+// Snapshot: magic ‖ applied_lsn ‖ segs ‖ convs ‖ dedup ‖ dedup_more ‖ crc32c(all before), all
+// integers little-endian, every list prefixed by its u64 length.
+fn encode_snapshot(st: &State, applied: Lsn) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + st.entries as usize * 40);
+    b.extend_from_slice(SNAPSHOT_MAGIC);
+    b.extend_from_slice(&applied.0.to_le_bytes());
+    b.extend_from_slice(&(st.segs.len() as u64).to_le_bytes());
+    for s in &st.segs {
+        b.extend_from_slice(&s.0.to_le_bytes());
+    }
+    b.extend_from_slice(&(st.convs.len() as u64).to_le_bytes());
+    for (conv, c) in &st.convs {
+        b.extend_from_slice(&conv.0.to_le_bytes());
+        b.extend_from_slice(&c.first.to_le_bytes());
+        b.extend_from_slice(&(c.ptrs.len() as u64).to_le_bytes());
+        for p in &c.ptrs {
+            for v in [p.seg, p.off, p.len, p.crc] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    b.extend_from_slice(&(st.dedup.len() as u64).to_le_bytes());
+    for (fp, seq) in &st.dedup {
+        b.extend_from_slice(&fp.to_le_bytes());
+        b.extend_from_slice(&seq.to_le_bytes());
+    }
+    b.extend_from_slice(&(st.dedup_more.len() as u64).to_le_bytes());
+    for ((conv, id), seq) in &st.dedup_more {
+        b.extend_from_slice(&conv.0.to_le_bytes());
+        b.extend_from_slice(&id.0);
+        b.extend_from_slice(&seq.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A cursor over snapshot bytes; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (h, t) = self.0.split_at_checked(N)?;
+        self.0 = t;
+        h.try_into().ok()
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn u128(&mut self) -> Option<u128> {
+        self.take().map(u128::from_le_bytes)
+    }
+    /// A list length, refused if the rest could not hold that many items of `item` bytes.
+    fn len(&mut self, item: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n.checked_mul(item)? <= self.0.len()).then_some(n)
+    }
+}
+
+/// The snapshot's state and applied lsn, or `None` if it is missing or not valid.
+fn load_snapshot(path: &Path) -> Option<(State, Lsn)> {
+    let bytes = fs::read(path).ok()?;
+    let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let mut r = Reader(body);
+    if &r.take::<16>()? != SNAPSHOT_MAGIC {
+        return None;
+    }
+    let applied = Lsn(r.u64()?);
+    let mut st = State::default();
+    for _ in 0..r.len(8)? {
+        st.segs.push(Lsn(r.u64()?));
+    }
+    let convs = r.len(32)?;
+    st.convs.reserve(convs);
+    for _ in 0..convs {
+        let conv = ConvId(r.u128()?);
+        let first = r.u64()?;
+        let n = r.len(16)?;
+        let mut ptrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let p = Ptr {
+                seg: r.u32()?,
+                off: r.u32()?,
+                len: r.u32()?,
+                crc: r.u32()?,
+            };
+            if !p.is_hole() {
+                if p.seg as usize >= st.segs.len() {
+                    return None;
+                }
+                st.entries += 1;
+            }
+            ptrs.push(p);
+        }
+        st.convs.insert(conv, ConvIx { first, ptrs });
+    }
+    let n = r.len(16)?;
+    st.dedup.reserve(n);
+    for _ in 0..n {
+        let fp = r.u64()?;
+        st.dedup.insert(fp, r.u64()?);
+    }
+    for _ in 0..r.len(40)? {
+        let conv = ConvId(r.u128()?);
+        let id = ClientMsgId(r.take::<16>()?);
+        st.dedup_more.insert((conv, id), r.u64()?);
+    }
+    r.0.is_empty().then_some((st, applied))
+}
+
+impl crate::traits::MessageIndex for DenseIndex {
     fn latest(&self, conv: ConvId, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        let mut v = self.collect(self.entries.prefix(conv.0.to_be_bytes()).rev(), limit)?;
-        v.reverse();
-        Ok(v)
+        self.before(conv, Seq(u64::MAX), limit)
     }
 
     fn before(&self, conv: ConvId, seq: Seq, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        let range = entry_key(conv, Seq(0))..entry_key(conv, seq);
-        let mut v = self.collect(self.entries.range(range).rev(), limit)?;
-        v.reverse();
-        Ok(v)
+        let limit = limit.min(READ_ENTRIES_MAX);
+        let ptrs = {
+            let st = self.read();
+            let Some(c) = st.convs.get(&conv) else {
+                return Ok(Vec::new());
+            };
+            // Walk back from seq - 1 until `limit` non-holes are found.
+            let hi = seq.0.min(c.end());
+            let mut lo = hi;
+            let mut found = 0;
+            while lo > c.first && found < limit {
+                lo -= 1;
+                if c.get(lo).is_some_and(|p| !p.is_hole()) {
+                    found += 1;
+                }
+            }
+            st.range(conv, lo, hi)
+        };
+        self.load(&ptrs)
     }
 
     fn after(&self, conv: ConvId, seq: Seq, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        if seq.0 == u64::MAX {
+        let limit = limit.min(READ_ENTRIES_MAX);
+        let Some(from) = seq.0.checked_add(1) else {
             return Ok(Vec::new());
-        }
-        let range = entry_key(conv, Seq(seq.0 + 1))..=entry_key(conv, Seq(u64::MAX));
-        self.collect(self.entries.range(range), limit)
+        };
+        let ptrs = {
+            let st = self.read();
+            let Some(c) = st.convs.get(&conv) else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::with_capacity(limit.min(c.ptrs.len()));
+            let mut s = from.max(c.first);
+            while s < c.end() && out.len() < limit {
+                if let Some(p) = c.get(s).filter(|p| !p.is_hole()) {
+                    out.push((st.segs[p.seg as usize], p));
+                }
+                s += 1;
+            }
+            out
+        };
+        self.load(&ptrs)
     }
 
     fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>, StorageError> {
-        match self.entries.get(entry_key(conv, seq))? {
-            Some(v) => Ok(Some(self.load(&v)?)),
-            None => Ok(None),
-        }
+        let ptrs = self.read().range(conv, seq.0, seq.0.saturating_add(1));
+        Ok(self.load(&ptrs)?.pop())
     }
 
     fn last_seq(&self, conv: ConvId) -> Result<Seq, StorageError> {
-        match self.entries.prefix(conv.0.to_be_bytes()).next_back() {
-            Some(g) => {
-                let k = g.key()?;
-                Ok(Seq(u64_be(k.get(16..).unwrap_or(&[]), "entries")?))
-            }
-            None => Ok(Seq::NONE),
-        }
+        Ok(match self.read().convs.get(&conv) {
+            Some(c) if !c.ptrs.is_empty() => Seq(c.end() - 1),
+            _ => Seq::NONE,
+        })
     }
 
     fn dedup(&self, conv: ConvId, id: ClientMsgId) -> Result<Option<Seq>, StorageError> {
-        match self.dedup.get(dedup_key(conv, id))? {
-            Some(v) => Ok(Some(Seq(u64_be(&v, "dedup")?))),
-            None => Ok(None),
-        }
+        let candidate = {
+            let st = self.read();
+            if let Some(&s) = st.dedup_more.get(&(conv, id)) {
+                return Ok(Some(Seq(s)));
+            }
+            match st.dedup.get(&fingerprint(conv, id)) {
+                Some(&s) => s,
+                None => return Ok(None),
+            }
+        };
+        // Confirm: the fingerprint may belong to another (conv, id).
+        Ok(self
+            .entry(conv, Seq(candidate))?
+            .filter(|e| e.client_msg_id == id)
+            .map(|e| e.seq))
     }
 
     fn indexed_lsn(&self) -> Lsn {
         self.applied_lsn()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: u32) -> Ptr {
+        Ptr {
+            seg: 0,
+            off: n,
+            len: 1,
+            crc: n,
+        }
+    }
+
+    #[test]
+    fn conversation_vectors_take_any_seq_order_and_mark_gaps_as_holes() {
+        let mut c = ConvIx::default();
+        c.set(5, p(5));
+        c.set(6, p(6));
+        c.set(9, p(9));
+        c.set(3, p(3));
+        assert_eq!(c.first, 3);
+        assert_eq!(c.end(), 10);
+        assert_eq!(c.get(3), Some(p(3)));
+        assert!(c.get(4).unwrap().is_hole());
+        assert!(c.get(7).unwrap().is_hole());
+        assert_eq!(c.get(9), Some(p(9)));
+        assert_eq!(c.get(10), None);
+        assert_eq!(c.get(2), None);
+        c.set(6, p(60));
+        assert_eq!(c.get(6), Some(p(60)));
+    }
+
+    #[test]
+    fn fingerprint_collisions_go_to_the_full_key_map() {
+        let mut st = State::default();
+        let conv = ConvId(1);
+        let a = ClientMsgId([1; 16]);
+        let b = ClientMsgId([2; 16]);
+        st.insert(conv, Seq(1), a, p(1));
+        // Simulate a collision: b's fingerprint already names a's seq.
+        st.dedup.insert(fingerprint(conv, b), 1);
+        st.insert(conv, Seq(2), b, p(2));
+        assert_eq!(st.dedup_more.get(&(conv, b)), Some(&2));
+        assert_eq!(st.entries, 2);
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_refuse_any_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let mut st = State {
+            segs: vec![Lsn(1), Lsn(500)],
+            ..State::default()
+        };
+        st.insert(ConvId(7), Seq(1), ClientMsgId([7; 16]), p(1));
+        st.insert(ConvId(7), Seq(3), ClientMsgId([8; 16]), p(3));
+        st.insert(ConvId(u128::MAX), Seq(1), ClientMsgId::NONE, p(4));
+        st.dedup_more.insert((ConvId(7), ClientMsgId([9; 16])), 3);
+        let bytes = encode_snapshot(&st, Lsn(42));
+        fs::write(&path, &bytes).unwrap();
+        let (got, applied) = load_snapshot(&path).unwrap();
+        assert_eq!(applied, Lsn(42));
+        assert_eq!(got.segs, st.segs);
+        assert_eq!(got.entries, 3);
+        assert_eq!(got.convs[&ConvId(7)].ptrs, st.convs[&ConvId(7)].ptrs);
+        assert_eq!(got.dedup, st.dedup);
+        assert_eq!(got.dedup_more, st.dedup_more);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            fs::write(&path, &bad).unwrap();
+            assert!(load_snapshot(&path).is_none(), "flipped byte {i} accepted");
+        }
+        for n in [0, 3, 4, 20, bytes.len() - 1] {
+            fs::write(&path, &bytes[..n]).unwrap();
+            assert!(load_snapshot(&path).is_none(), "truncated to {n} accepted");
+        }
     }
 }

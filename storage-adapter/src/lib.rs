@@ -22,7 +22,7 @@ pub mod types;
 
 pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
 pub use error::{LogError, StorageError};
-pub use index::FjallIndex;
+pub use index::DenseIndex;
 pub use log::{Appended, Completion, CompletionSource, LogOptions, RecoveryReport, SegmentedLog};
 pub use mem::MemMeta;
 pub use meta::{EmbeddedMeta, MetaBatch, MetadataStore, Record};
