@@ -28,7 +28,8 @@
 //!   no in-flight I/O buffer.
 //! - **TLS** ([`conn::Tls`]): rustls's unbuffered API
 //!   (`UnbufferedServerConnection`) driven by hand, TLS 1.3 only, `ring`
-//!   provider. Ciphertext is read into the shard's scratch buffer (after a
+//!   provider except for X25519, which aws-lc computes ([`kx`]: about half
+//!   ring's cost, and it was the largest item of a full handshake). Ciphertext is read into the shard's scratch buffer (after a
 //!   kept partial record, if any) and decrypted in place; records go out
 //!   from a per-connection buffer that is allocated only while the socket
 //!   has not taken them. An idle connection keeps rustls's keys and state
@@ -90,6 +91,7 @@ pub mod accounts;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod kx;
 pub mod messaging;
 pub mod metrics;
 pub mod runtime;
