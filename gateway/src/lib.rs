@@ -25,7 +25,9 @@
 //!   reads into a per-shard scratch buffer, feeds rustls, and moves the
 //!   plaintext into the frame decoder, whose buffer is released again when
 //!   it holds no partial frame. An idle connection owns no read buffer and
-//!   no in-flight I/O buffer.
+//!   no in-flight I/O buffer. Listeners set TCP_DEFER_ACCEPT (the client
+//!   speaks first), so `accept` returns a connection whose ClientHello is
+//!   already there and its first read skips the readiness wait.
 //! - **TLS** ([`conn::Tls`]): rustls's unbuffered API
 //!   (`UnbufferedServerConnection`) driven by hand, TLS 1.3 only, `ring`
 //!   provider except for X25519, which aws-lc computes ([`kx`]: about half
