@@ -461,8 +461,20 @@ impl Conn {
     }
 
     async fn drive(&mut self) {
+        // The listener defers accept until the client's first bytes are
+        // there (TCP_DEFER_ACCEPT), so the first read needs no readiness
+        // wait (an io_uring poll or epoll round trip per connection). If
+        // nothing is there after all, the read says WouldBlock and the loop
+        // waits as usual.
+        let mut first = true;
         loop {
-            let readable = match self.wait(false).await {
+            let wake = if first {
+                first = false;
+                Wake::Ready
+            } else {
+                self.wait(false).await
+            };
+            let readable = match wake {
                 Wake::Failed => return,
                 Wake::Kill(k) => {
                     self.on_kill(k);

@@ -25,10 +25,13 @@
 //!   reads into a per-shard scratch buffer, feeds rustls, and moves the
 //!   plaintext into the frame decoder, whose buffer is released again when
 //!   it holds no partial frame. An idle connection owns no read buffer and
-//!   no in-flight I/O buffer.
+//!   no in-flight I/O buffer. Listeners set TCP_DEFER_ACCEPT (the client
+//!   speaks first), so `accept` returns a connection whose ClientHello is
+//!   already there and its first read skips the readiness wait.
 //! - **TLS** ([`conn::Tls`]): rustls's unbuffered API
 //!   (`UnbufferedServerConnection`) driven by hand, TLS 1.3 only, `ring`
-//!   provider. Ciphertext is read into the shard's scratch buffer (after a
+//!   provider except for X25519, which aws-lc computes ([`kx`]: about half
+//!   ring's cost, and it was the largest item of a full handshake). Ciphertext is read into the shard's scratch buffer (after a
 //!   kept partial record, if any) and decrypted in place; records go out
 //!   from a per-connection buffer that is allocated only while the socket
 //!   has not taken them. An idle connection keeps rustls's keys and state
@@ -90,6 +93,7 @@ pub mod accounts;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod kx;
 pub mod messaging;
 pub mod metrics;
 pub mod runtime;

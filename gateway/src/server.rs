@@ -26,9 +26,45 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // Accepted sockets inherit TCP_NODELAY from the listener (Linux), which
     // saves a setsockopt per connection.
     s.set_tcp_nodelay(true)?;
+    set_defer_accept(&s, DEFER_ACCEPT_SECS)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
+}
+
+/// How long the kernel holds a connection that has sent nothing before
+/// handing it to `accept` anyway (then the handshake or Hello deadline
+/// applies as usual).
+pub const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// TCP_DEFER_ACCEPT: the client speaks first on both listeners (ClientHello,
+/// or Hello on the plaintext one), so the kernel completes `accept` only once
+/// the connection's first bytes have arrived. The shard is then woken once
+/// per new connection (not once for the TCP handshake and again for the
+/// ClientHello), and the connection's first read needs no readiness wait
+/// (see `conn::Conn::drive`). A client that connects and stays silent is
+/// kept by the kernel (no file descriptor, no task) for
+/// [`DEFER_ACCEPT_SECS`], then accepted and cut by the handshake deadline.
+fn set_defer_accept(s: &socket2::Socket, secs: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+        .map_err(std::io::Error::other)?;
+    // Safety: setsockopt(2) on a socket we own, with a pointer to a live
+    // c_int and its exact size; the kernel only reads `len` bytes from it.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Binds `n` listeners on `addr`; port 0 is resolved by the first.

