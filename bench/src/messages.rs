@@ -87,10 +87,11 @@ pub(crate) struct MessagesArgs {
     /// Starling: also send ReadCursor with every DeliveryAck.
     #[arg(long)]
     pub(crate) read_cursor: bool,
-    /// Send quantum in µs: a pair wakes at most once per tick and sends all
-    /// that is due in one write per connection (more batching, fewer
-    /// syscalls; latency still counts from each message's scheduled time).
-    #[arg(long, default_value_t = 1000)]
+    /// Send quantum in µs: wake-ups are rounded up to a multiple of it, so a
+    /// pair wakes at most once per tick and sends all that is due in one write
+    /// per connection (more batching, fewer syscalls, more send lag; latency
+    /// still counts from each message's scheduled time).
+    #[arg(long, default_value_t = 100)]
     pub(crate) tick_us: u64,
     /// The server's pid, to measure its CPU.
     #[arg(long)]
