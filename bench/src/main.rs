@@ -23,6 +23,7 @@ mod net;
 mod rate;
 mod report;
 mod storm;
+mod timer;
 mod tls_memory;
 mod workers;
 

@@ -19,9 +19,11 @@
 //! end-to-end receipt.
 //!
 //! One task per pair owns both sockets; everything due is encoded into one
-//! buffer per socket and written with one syscall. Every message carries
-//! its scheduled time, its index and its direction, so the receiver checks
-//! that each message arrives exactly once.
+//! buffer per socket and written with one syscall. Pairs sleep on the
+//! worker's `timerfd`-based [`Timer`] (µs precision; tokio's timer has 1 ms
+//! granularity), with wake-ups rounded up to `--tick-us`. Every message
+//! carries its scheduled time, its index and its direction, so the receiver
+//! checks that each message arrives exactly once.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -43,6 +45,7 @@ use crate::clock::{self, Stopwatch};
 use crate::mqtt::{self, Packet};
 use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
 use crate::report::{self, HistData, Machine, Summary};
+use crate::timer::Timer;
 use crate::workers::{self, WorkerArgs, Workers};
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -84,10 +87,11 @@ pub(crate) struct MessagesArgs {
     /// Starling: also send ReadCursor with every DeliveryAck.
     #[arg(long)]
     pub(crate) read_cursor: bool,
-    /// Send quantum in µs: a pair wakes at most once per tick and sends all
-    /// that is due in one write per connection (more batching, fewer
-    /// syscalls; latency still counts from each message's scheduled time).
-    #[arg(long, default_value_t = 1000)]
+    /// Send quantum in µs: wake-ups are rounded up to a multiple of it, so a
+    /// pair wakes at most once per tick and sends all that is due in one write
+    /// per connection (more batching, fewer syscalls, more send lag; latency
+    /// still counts from each message's scheduled time).
+    #[arg(long, default_value_t = 100)]
     pub(crate) tick_us: u64,
     /// The server's pid, to measure its CPU.
     #[arg(long)]
@@ -565,18 +569,21 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                 // The recorder's warm-up boundary, now that the start is known.
                 rec.warmup_ns
                     .set(start_ns + args.warmup_secs * 1_000_000_000);
+                // One precise timer for every pair of this worker, on the
+                // same clock as `rec` (ns since `rec.epoch`).
+                let timer = Timer::start(rec.epoch).context("creating the timerfd")?;
                 let mut tasks = Vec::new();
                 for (gi, pc) in conns {
                     let eps = plan.eps(gi, args.pairs);
                     rec.counts.borrow_mut().scheduled += 2 * plan.per_member;
-                    let rec = rec.clone();
+                    let (rec, timer) = (rec.clone(), timer.clone());
                     tasks.push(tokio::task::spawn_local(async move {
                         let r = match pc {
                             PairConns::Starling(c, users, inflight_max) => {
-                                starling_pair(c, users, inflight_max, eps, plan, &rec).await
+                                starling_pair(c, users, inflight_max, eps, plan, &rec, &timer).await
                             }
                             PairConns::Mqtt(c, topics) => {
-                                mqtt_pair(c, topics, eps, plan, &rec).await
+                                mqtt_pair(c, topics, eps, plan, &rec, &timer).await
                             }
                         };
                         if let Err(e) = r {
@@ -609,10 +616,10 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                         errors: rec.errors.borrow().clone(),
                     },
                 );
+                Ok::<(), anyhow::Error>(())
             })
-            .await;
-    })?;
-    Ok(())
+            .await
+    })?
 }
 
 /// The two connections of a pair.
@@ -876,6 +883,7 @@ async fn starling_pair(
     mut eps: [Ep; 2],
     plan: Plan,
     rec: &Rec,
+    timer: &Timer,
 ) -> anyhow::Result<()> {
     let inflight_max = if plan.inflight == 0 {
         server_inflight
@@ -925,7 +933,6 @@ async fn starling_pair(
             return Ok(());
         }
         let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
-        let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("server closed the connection"); }
@@ -935,7 +942,7 @@ async fn starling_pair(
                 if n? == 0 { bail!("server closed the connection"); }
                 on_starling_frames(c1, 1, &mut eps, &plan, rec)?;
             }
-            () = tokio::time::sleep_until(deadline) => {}
+            () = timer.sleep_until_ns(wake) => {}
         }
     }
 }
@@ -1075,6 +1082,7 @@ async fn mqtt_pair(
     mut eps: [Ep; 2],
     plan: Plan,
     rec: &Rec,
+    timer: &Timer,
 ) -> anyhow::Result<()> {
     let inflight_max = if plan.inflight == 0 {
         64
@@ -1114,7 +1122,6 @@ async fn mqtt_pair(
             return Ok(());
         }
         let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
-        let deadline = tokio::time::Instant::from_std(rec.epoch + Duration::from_nanos(wake));
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("broker closed the connection"); }
@@ -1124,7 +1131,7 @@ async fn mqtt_pair(
                 if n? == 0 { bail!("broker closed the connection"); }
                 on_mqtt_packets(c1, 1, &mut eps, rec)?;
             }
-            () = tokio::time::sleep_until(deadline) => {}
+            () = timer.sleep_until_ns(wake) => {}
         }
     }
 }
