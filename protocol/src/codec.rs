@@ -244,6 +244,15 @@ impl FrameEncoder {
     }
 }
 
+/// The bytes `frame` takes on the wire: its length prefix plus its encoding. Exactly what
+/// [`FrameEncoder::encode`] appends, so byte budgets kept with it (the router's per-connection
+/// outbound accounting) balance with what the transport reports written.
+#[must_use]
+pub fn framed_len(frame: &Frame) -> usize {
+    let len = frame.encoded_len();
+    prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +271,29 @@ mod tests {
             FrameEncoder::default().encode(f, &mut out).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn framed_len_is_what_encode_appends() {
+        // Lengths around the varint prefix's 1→2 and 2→3 byte steps.
+        for body_len in [
+            0usize, 1, 100, 120, 125, 126, 127, 128, 200, 16_370, 16_400, 60_000,
+        ] {
+            let f = Frame {
+                request_id: 7,
+                body: Some(Body::Error(v1::Error {
+                    message: "x".repeat(body_len),
+                    ..Default::default()
+                })),
+            };
+            let mut out = BytesMut::new();
+            let n = FrameEncoder::default().encode(&f, &mut out).unwrap();
+            assert_eq!(
+                (n, out.len()),
+                (framed_len(&f), framed_len(&f)),
+                "{body_len}"
+            );
+        }
     }
 
     /// Feeds `input` in one piece and returns every poll result until the

@@ -648,6 +648,12 @@ where
         &mut self.log
     }
 
+    /// Bytes of `conn`'s frames emitted but not yet reported written (`handle_conn_flushed`).
+    #[must_use]
+    pub fn conn_queued_bytes(&self, conn: ConnId) -> Option<u64> {
+        self.conns.get(&conn).map(|c| c.queued_bytes)
+    }
+
     /// Whether any item waits for room in a full ring: the gateway should stop reading from its
     /// sockets until this clears (rings are never grown).
     pub fn is_backpressured(&self) -> bool {
@@ -1009,7 +1015,9 @@ where
         if push && c.behind {
             return false;
         }
-        c.queued_bytes += f.encoded_len() as u64 + 5;
+        // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
+        // overestimate would leak, and a connection would end up "behind" for good.
+        c.queued_bytes += starling_protocol::framed_len(&f) as u64;
         if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
             c.behind = true;
             c.more().behind_since_ms = Some(self.now_ms);
