@@ -119,6 +119,12 @@ pub(crate) struct Counts {
     pub(crate) receipts: u64,
     pub(crate) errors: u64,
     pub(crate) finished_pairs: u64,
+    /// Starling: `MessagesAvailable` hints received (the server stopped pushing to a connection
+    /// over its outbound budget) and the Syncs sent to catch up.
+    #[serde(default)]
+    pub(crate) hints: u64,
+    #[serde(default)]
+    pub(crate) syncs: u64,
 }
 
 impl Counts {
@@ -132,6 +138,8 @@ impl Counts {
         self.receipts += o.receipts;
         self.errors += o.errors;
         self.finished_pairs += o.finished_pairs;
+        self.hints += o.hints;
+        self.syncs += o.syncs;
     }
 }
 
@@ -207,6 +215,12 @@ fn print_outcome(args: &MessagesArgs, out: &Outcome) {
         "messages          scheduled {} sent {} acked {} delivered {} missing {} duplicates {} receipts {} errors {}",
         c.scheduled, c.sent, c.acked, c.delivered, out.missing, c.duplicates, c.receipts, c.errors
     );
+    if c.hints > 0 {
+        println!(
+            "slow consumer     {} MessagesAvailable hints, {} Syncs (deliveries fetched by Sync count, late)",
+            c.hints, c.syncs
+        );
+    }
     println!("rate achieved     {:.0} msg/s delivered", out.rate_achieved);
     if let Some(s) = out.server_cpu_cores {
         println!("server CPU        {s:.2} cores");
@@ -454,6 +468,10 @@ pub(crate) struct Ep {
     awaiting_receipt: VecDeque<(u64, u64)>,
     /// Starling: highest seq delivered here, and its conversation.
     ack_upto: Option<(u64, u64)>,
+    /// Starling: highest seq seen on this connection (the Sync position).
+    max_seq: u64,
+    /// Starling: a Sync is outstanding.
+    syncing: bool,
     /// MQTT: packet id → scheduled ns.
     pid_sched: Vec<u64>,
     next_pid: u16,
@@ -471,6 +489,8 @@ impl Ep {
             delivered: 0,
             awaiting_receipt: VecDeque::new(),
             ack_upto: None,
+            max_seq: 0,
+            syncing: false,
             pid_sched: Vec::new(),
             next_pid: 0,
         }
@@ -801,6 +821,7 @@ fn on_starling_frames(
             }
             Some(Body::Deliver(d)) => {
                 let msg = d.message.context("Deliver without a message")?;
+                eps[m].max_seq = eps[m].max_seq.max(msg.seq);
                 let (sched, k, dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
                 if usize::from(dir) == m {
                     // A copy of our own message (mirrored to the sender's devices).
@@ -835,6 +856,20 @@ fn on_starling_frames(
                         n += 1;
                     }
                     rec.counts.borrow_mut().receipts += n;
+                }
+            }
+            Some(Body::MessagesAvailable(h)) => {
+                // This connection went over its outbound budget: the server pushes nothing more
+                // until we catch up by Sync (as the SDK does).
+                rec.counts.borrow_mut().hints += 1;
+                if !eps[m].syncing {
+                    request_sync(c, &mut eps[m], h.conversation_id, rec)?;
+                }
+            }
+            Some(Body::SyncDone(done)) => {
+                eps[m].syncing = false;
+                if let Some(t) = done.truncated.first() {
+                    request_sync(c, &mut eps[m], t.conversation_id, rec)?;
                 }
             }
             Some(Body::Ping(p)) => c.push(0, Body::Pong(v1::Pong { nonce: p.nonce }))?,
@@ -873,6 +908,20 @@ fn on_starling_frames(
             )?;
         }
     }
+    Ok(())
+}
+
+/// Asks for everything in `conv` after the highest seq this connection has seen.
+fn request_sync(c: &mut StarlingConn, ep: &mut Ep, conv: u64, rec: &Rec) -> anyhow::Result<()> {
+    let rid = c.rid();
+    c.push(
+        rid,
+        Body::Sync(v1::Sync {
+            last_seq: std::iter::once((conv, ep.max_seq)).collect(),
+        }),
+    )?;
+    ep.syncing = true;
+    rec.counts.borrow_mut().syncs += 1;
     Ok(())
 }
 
