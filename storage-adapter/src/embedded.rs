@@ -1,52 +1,33 @@
 //! The embedded backend for one sequencer shard: the segmented log (source of truth) plus the
-//! in-memory index kept up to date by an applier thread, snapshotted at clean close and caught up
-//! from the log on open.
+//! in-memory index, applied by the log's I/O thread right after each group commit's fdatasync
+//! (after the commit's completions fired), snapshotted at clean close and caught up from the log
+//! on open.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use crate::error::{LogError, StorageError};
 use crate::format;
 use crate::index::DenseIndex;
-use crate::log::{Completion, DurableRecord, LogOptions, RecoveryReport, SegmentedLog};
+use crate::log::{Completion, DurableRecord, LogOptions, ReadModel, RecoveryReport, SegmentedLog};
 use crate::traits::DurableLog;
 use crate::types::{Entry, Level, Lsn};
 
 /// Options of an [`EmbeddedShard`].
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ShardOptions {
     /// The log's options.
     pub log: LogOptions,
-    /// Most durable records the applier folds into one index write.
-    pub apply_records_max: usize,
-    /// Most durable records queued for the index applier. Together with
-    /// `log.inflight_bytes_max` (records count as in flight until indexed) this bounds the memory
-    /// a lagging index can hold; beyond it `append` returns [`LogError::Busy`].
-    pub apply_queue_records_max: usize,
-    /// Test hook run by the applier before each index write (e.g. to stall it). `None` in
-    /// production.
+    /// Test hook run on the log's I/O thread before each index write (e.g. to stall it). `None`
+    /// in production.
     pub apply_hook: Option<Arc<dyn Fn() + Send + Sync>>,
-}
-
-impl Default for ShardOptions {
-    fn default() -> Self {
-        ShardOptions {
-            log: LogOptions::default(),
-            apply_records_max: 256,
-            apply_queue_records_max: 4096,
-            apply_hook: None,
-        }
-    }
 }
 
 impl fmt::Debug for ShardOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShardOptions")
             .field("log", &self.log)
-            .field("apply_records_max", &self.apply_records_max)
-            .field("apply_queue_records_max", &self.apply_queue_records_max)
             .field("apply_hook", &self.apply_hook.is_some())
             .finish()
     }
@@ -69,7 +50,6 @@ pub struct ShardOpenReport {
 pub struct EmbeddedShard {
     log: Option<SegmentedLog>,
     index: Arc<DenseIndex>,
-    applier: Option<JoinHandle<()>>,
     report: ShardOpenReport,
     dir: PathBuf,
 }
@@ -97,7 +77,6 @@ impl EmbeddedShard {
         let applied = index.applied_lsn();
         let mut replayed = 0u64;
         let mut replay_err = None;
-        let (tx, rx) = mpsc::sync_channel::<DurableRecord>(opts.apply_queue_records_max.max(1));
         let log = SegmentedLog::open_with(
             &dir.join("log"),
             opts.log,
@@ -109,7 +88,7 @@ impl EmbeddedShard {
                     }
                 }
             },
-            Some(tx),
+            Some(read_model(index.clone(), opts.apply_hook.clone())),
         )?;
         if let Some(e) = replay_err {
             return Err(e);
@@ -129,17 +108,6 @@ impl EmbeddedShard {
             }
         }
         debug_assert_eq!(index.applied_lsn(), last);
-        let ix = index.clone();
-        let records_max = opts.apply_records_max.max(1);
-        let hook = opts.apply_hook.clone();
-        let applier = std::thread::Builder::new()
-            .name("starling-index-apply".into())
-            .spawn(move || apply_loop(&ix, &rx, records_max, hook.as_deref()))
-            .map_err(|source| StorageError::Fs {
-                op: "spawn",
-                path: dir.to_path_buf(),
-                source,
-            })?;
         let report = ShardOpenReport {
             log: log.recovery().clone(),
             index_rebuilt,
@@ -149,7 +117,6 @@ impl EmbeddedShard {
         Ok(EmbeddedShard {
             log: Some(log),
             index,
-            applier: Some(applier),
             report,
             dir: dir.to_path_buf(),
         })
@@ -205,11 +172,8 @@ impl DurableLog for SegmentedLog {
 
 impl Drop for EmbeddedShard {
     fn drop(&mut self) {
-        // Stop the log first: its I/O thread drops the applier's sender, ending the applier.
+        // Stop the log first: its I/O thread applies what became durable, then exits.
         self.log = None;
-        if let Some(t) = self.applier.take() {
-            let _ = t.join();
-        }
         // Everything durable is applied now: save the index so the next open replays only what
         // comes after. A failed save costs that open a longer replay, nothing else.
         if !self.index.failed() {
@@ -218,22 +182,16 @@ impl Drop for EmbeddedShard {
     }
 }
 
-fn apply_loop(
-    index: &DenseIndex,
-    rx: &mpsc::Receiver<DurableRecord>,
-    records_max: usize,
-    hook: Option<&(dyn Fn() + Send + Sync)>,
-) {
-    let mut recs = Vec::with_capacity(records_max);
-    while let Ok(first) = rx.recv() {
-        recs.push(first);
-        while recs.len() < records_max {
-            match rx.try_recv() {
-                Ok(r) => recs.push(r),
-                Err(_) => break,
-            }
+/// The index's side of the log: applies each group commit's durable records on the log's I/O
+/// thread. After a failure it only drops records (releasing their in-flight bytes): the log goes
+/// on, readers see the failure through `wait_applied`, and reopening rebuilds the index from the
+/// log.
+fn read_model(index: Arc<DenseIndex>, hook: Option<Arc<dyn Fn() + Send + Sync>>) -> ReadModel {
+    Box::new(move |recs: Vec<DurableRecord>| {
+        if index.failed() {
+            return;
         }
-        if let Some(h) = hook {
+        if let Some(h) = &hook {
             h();
         }
         let views: Result<Vec<_>, _> = recs
@@ -247,14 +205,9 @@ fn apply_loop(
                 reason: e.to_string(),
             }),
         };
-        // Dropping the records releases their bytes from the log's in-flight count.
-        recs.clear();
         if let Err(e) = res {
             index.set_failed(e.to_string());
-            // Keep draining (and so releasing) records: the log goes on; readers see the failure
-            // through `wait_applied`, and reopening rebuilds the index from the log.
-            while rx.recv().is_ok() {}
-            return;
         }
-    }
+        // Dropping `recs` releases their bytes from the log's in-flight count.
+    })
 }

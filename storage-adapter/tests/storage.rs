@@ -745,10 +745,11 @@ fn index_reads_latest_before_after_and_dedup_survive_restart() {
 
 #[test]
 fn a_stalled_index_applier_is_backpressure_on_append_not_memory() {
-    // The applier waits on `gate` before every index write; while the test holds it, durable
-    // records pile up for the index. Their bytes stay in flight, so `append` must turn to Busy
-    // (never block, never queue unboundedly), acknowledgements must keep flowing for what was
-    // accepted, and service must resume once the index catches up.
+    // The index is applied on the log's I/O thread after each commit's completions fired; the
+    // apply waits on `gate` while the test holds it. The commit being applied is acknowledged
+    // anyway; later appends queue behind the stalled thread, their bytes stay in flight, so
+    // `append` must turn to Busy (never block, never queue unboundedly), and service must resume
+    // once the index catches up.
     let gate = Arc::new(Mutex::new(()));
     let held = gate.lock().unwrap();
     let g = gate.clone();
@@ -759,17 +760,21 @@ fn a_stalled_index_applier_is_backpressure_on_append_not_memory() {
             inflight_bytes_max: 16 * 1024,
             ..LogOptions::default()
         },
-        apply_queue_records_max: 8,
         apply_hook: Some(Arc::new(move || drop(g.lock().unwrap()))),
-        ..ShardOptions::default()
     };
     let mut shard = EmbeddedShard::open(dir.path(), opts).unwrap();
-    let mut accepted = 0u64;
+    shard
+        .append::<SyncData>(&[entry(1, 1, cmid(7, 0), 1000)])
+        .unwrap()
+        .wait()
+        .expect("acknowledged before the index applies it");
+    let mut accepted = 1u64;
+    let mut pending = Vec::new();
     let busy = loop {
         let e = entry(1, accepted + 1, cmid(7, accepted), 1000);
         match shard.append::<SyncData>(&[e]) {
             Ok(c) => {
-                c.wait().expect("durable even while the index lags");
+                pending.push(c);
                 accepted += 1;
             }
             Err(err) => break err,
@@ -780,6 +785,9 @@ fn a_stalled_index_applier_is_backpressure_on_append_not_memory() {
     assert!(shard.log().unwrap().inflight_bytes() <= 16 * 1024 + 2048);
     assert!(shard.index().applied_lsn() < Lsn(accepted));
     drop(held);
+    for c in pending {
+        c.wait().expect("durable once the index moves again");
+    }
     shard.index().wait_applied(Lsn(accepted)).unwrap();
     // Released bytes are visible once the applier dropped the records it applied.
     let mut tries = 0;

@@ -11,7 +11,6 @@ mod completion;
 mod fault;
 mod recovery;
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -76,11 +75,14 @@ impl fmt::Debug for LogOptions {
     }
 }
 
+/// Receives each group commit's durable records on the log's I/O thread (see
+/// [`SegmentedLog::open_with`]).
+pub(crate) type ReadModel = Box<dyn FnMut(Vec<DurableRecord>) + Send>;
+
 /// A record that is durable, handed to whoever maintains a read model (the index).
 ///
-/// Its bytes stay counted in the log's in-flight bytes until the record is dropped (applied, or
-/// discarded by a stopped applier): a lagging read model is backpressure on `append`
-/// ([`LogError::Busy`]), never unbounded memory.
+/// Its bytes stay counted in the log's in-flight bytes until the record is dropped (applied):
+/// a slow read model is backpressure on `append` ([`LogError::Busy`]), never unbounded memory.
 #[derive(Debug)]
 pub(crate) struct DurableRecord {
     pub(crate) bytes: Vec<u8>,
@@ -146,14 +148,15 @@ impl SegmentedLog {
         Self::open_with(dir, opts, |_, _| {}, None)
     }
 
-    /// Opens the log; `visit` sees every recovered record; durable records are sent to `sink`
-    /// (a bounded channel: while it is full the I/O thread waits, and the bytes of records not yet
-    /// dropped by the sink's reader count as in flight, so `append` reports [`LogError::Busy`]).
+    /// Opens the log; `visit` sees every recovered record; after each group commit's fdatasync
+    /// (and after the completions and the wake callback have fired) the I/O thread hands the
+    /// commit's records to `read_model`, inline: a slow read model delays the next commit, which
+    /// is backpressure on `append` ([`LogError::Busy`] once the in-flight bytes run out).
     pub(crate) fn open_with(
         dir: &Path,
         opts: LogOptions,
         visit: impl FnMut(&format::RecordView<'_>, RecordPos),
-        sink: Option<mpsc::SyncSender<DurableRecord>>,
+        read_model: Option<ReadModel>,
     ) -> Result<SegmentedLog, LogError> {
         if opts.segment_bytes < (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1024) as u64 {
             return Err(LogError::InvalidBatch("segment_bytes too small"));
@@ -169,7 +172,7 @@ impl SegmentedLog {
                     .len();
                 if len < opts.segment_bytes {
                     // Preallocate the rest now, so appends never grow the file.
-                    zero_fill(&file, &path, len, opts.segment_bytes)?;
+                    zero_fill(&file, &path, len, opts.segment_bytes, false)?;
                     file.sync_all()
                         .map_err(|e| LogError::io("fsync", &path, e))?;
                 }
@@ -197,9 +200,8 @@ impl SegmentedLog {
             spare_req,
             spare_res,
             marks: marks.clone(),
-            sink,
+            read_model,
             unsynced: Vec::new(),
-            to_index: VecDeque::new(),
             buf: Vec::with_capacity(opts.group_bytes_max + RECORD_PAYLOAD_BYTES_MAX.min(1 << 20)),
         };
         if writer.cur.is_none() {
@@ -382,14 +384,25 @@ pub(crate) fn scan_dir(
     Ok(())
 }
 
-fn zero_fill(file: &File, path: &Path, from: u64, to: u64) -> Result<(), LogError> {
-    const CHUNK: usize = 1 << 20;
-    let zeros = vec![0u8; CHUNK];
+/// Bytes of zeroes written (and, when paced, made durable) per step of [`zero_fill`].
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes zeroes over `from..to`. `paced`: make each chunk durable before writing the next, so
+/// the disk never holds more than one chunk of zeroes ahead of the live segment's commits. The
+/// spare maker runs beside a busy log: one `fsync` of a whole 64 MiB segment of zeroes queued
+/// tens of milliseconds of writes in front of every commit's fdatasync (a 30 ms stall at every
+/// segment switch, measured with `strace -T`; docs/design/log.md).
+fn zero_fill(file: &File, path: &Path, from: u64, to: u64, paced: bool) -> Result<(), LogError> {
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
     let mut at = from;
     while at < to {
-        let n = CHUNK.min((to - at) as usize);
+        let n = ZERO_CHUNK_BYTES.min((to - at) as usize);
         file.write_all_at(&zeros[..n], at)
             .map_err(|e| LogError::io("preallocate", path, e))?;
+        if paced {
+            file.sync_data()
+                .map_err(|e| LogError::io("fsync", path, e))?;
+        }
         at += n as u64;
     }
     Ok(())
@@ -417,7 +430,7 @@ fn make_spare(
         .truncate(true)
         .open(&path)
         .map_err(|e| LogError::io("create", &path, e))?;
-    zero_fill(&file, &path, 0, segment_bytes)?;
+    zero_fill(&file, &path, 0, segment_bytes, true)?;
     file.sync_all()
         .map_err(|e| LogError::io("fsync", &path, e))?;
     Ok(file)
@@ -471,15 +484,10 @@ struct Writer {
     spare_req: mpsc::Sender<()>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
     marks: Arc<Watermarks>,
-    sink: Option<mpsc::SyncSender<DurableRecord>>,
+    read_model: Option<ReadModel>,
     unsynced: Vec<Request>,
-    /// Durable records the read model's bounded queue could not take yet.
-    to_index: VecDeque<DurableRecord>,
     buf: Vec<u8>,
 }
-
-/// How often the I/O thread offers records to a read model whose queue was full.
-const INDEX_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Request>) {
@@ -500,26 +508,31 @@ impl Writer {
             match self.commit(&mut group, sync) {
                 Ok(()) => {
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
+                    // Completions and the wake callback first: acknowledgements do not wait
+                    // for the read model.
                     self.marks.advance(last, sync.then_some(last));
-                    if self.sink.is_none() {
+                    let Some(apply) = self.read_model.as_mut() else {
                         self.marks
                             .inflight_bytes
                             .fetch_sub(bytes as u64, Ordering::AcqRel);
                         group.clear();
                         continue;
-                    }
+                    };
                     // With a read model attached, a record's bytes stay in flight until the
-                    // read model has dropped it (see `DurableRecord`).
+                    // read model has dropped it (see `DurableRecord`). It sees only what is
+                    // durable.
                     self.unsynced.append(&mut group);
                     if sync {
-                        for r in self.unsynced.drain(..) {
-                            self.to_index.push_back(DurableRecord {
+                        let recs = self
+                            .unsynced
+                            .drain(..)
+                            .map(|r| DurableRecord {
                                 bytes: r.bytes,
                                 pos: r.pos,
                                 marks: self.marks.clone(),
-                            });
-                        }
-                        self.drain_to_index();
+                            })
+                            .collect();
+                        apply(recs);
                     }
                 }
                 Err(e) => {
@@ -530,36 +543,23 @@ impl Writer {
                 }
             }
         }
-        // Channel closed (log dropped): make buffered tail durable on a clean shutdown, and hand
-        // the read model what it has not seen yet (it is still running; blocking is fine now).
-        if let Some(c) = &self.cur {
-            let _ = c.file.sync_data();
-        }
-        if let Some(s) = &self.sink {
-            for r in self.to_index.drain(..) {
-                let _ = s.send(r);
-            }
-        }
-    }
-
-    /// Hands queued durable records to the read model without ever blocking: what its bounded
-    /// queue cannot take now stays here (still counted as in flight) and is retried.
-    fn drain_to_index(&mut self) {
-        let Some(s) = &self.sink else {
-            self.to_index.clear();
-            return;
-        };
-        while let Some(r) = self.to_index.pop_front() {
-            match s.try_send(r) {
-                Ok(()) => {}
-                Err(mpsc::TrySendError::Full(r)) => {
-                    self.to_index.push_front(r);
-                    return;
-                }
-                // A gone applier is noticed by its owner; dropping releases the bytes and the
-                // log goes on.
-                Err(mpsc::TrySendError::Disconnected(_)) => {}
-            }
+        // Channel closed (log dropped): make the buffered tail durable on a clean shutdown, and
+        // hand the read model what became durable.
+        if let Some(c) = &self.cur
+            && c.file.sync_data().is_ok()
+            && let Some(apply) = self.read_model.as_mut()
+            && !self.unsynced.is_empty()
+        {
+            let recs = self
+                .unsynced
+                .drain(..)
+                .map(|r| DurableRecord {
+                    bytes: r.bytes,
+                    pos: r.pos,
+                    marks: self.marks.clone(),
+                })
+                .collect();
+            apply(recs);
         }
     }
 
@@ -571,18 +571,7 @@ impl Writer {
                 Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
             }
         }
-        loop {
-            self.drain_to_index();
-            if self.to_index.is_empty() {
-                return rx.recv();
-            }
-            // The read model is behind: keep offering it records while waiting for appends.
-            match rx.recv_timeout(INDEX_RETRY) {
-                Ok(r) => return Ok(r),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(mpsc::RecvError),
-            }
-        }
+        rx.recv()
     }
 
     fn commit(&mut self, group: &mut [Request], sync: bool) -> Result<(), LogError> {
