@@ -93,6 +93,12 @@ pub(crate) struct MessagesArgs {
     /// still counts from each message's scheduled time).
     #[arg(long, default_value_t = 100)]
     pub(crate) tick_us: u64,
+    /// Starling: hold a connection's (cumulative) DeliveryAck up to this long, so that it rides
+    /// in the same write as the connection's next Send instead of costing a write (and a
+    /// server wake-up) of its own. Receipts are unaffected beyond this delay: the server makes
+    /// cursors durable in batches every 20 ms anyway. 0: write every DeliveryAck at once.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) ack_delay_us: u64,
     /// The server's pid, to measure its CPU.
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
@@ -472,6 +478,10 @@ pub(crate) struct Ep {
     max_seq: u64,
     /// Starling: a Sync is outstanding.
     syncing: bool,
+    /// Starling: since when a queued DeliveryAck waits for a write (ns), if one does.
+    ack_held_since: Option<u64>,
+    /// Starling: a queued frame must be written at once (Send, Sync, Pong).
+    urgent: bool,
     /// MQTT: packet id → scheduled ns.
     pid_sched: Vec<u64>,
     next_pid: u16,
@@ -491,6 +501,8 @@ impl Ep {
             ack_upto: None,
             max_seq: 0,
             syncing: false,
+            ack_held_since: None,
+            urgent: false,
             pid_sched: Vec::new(),
             next_pid: 0,
         }
@@ -498,6 +510,21 @@ impl Ep {
 
     fn sched_ns(&self, start_ns: u64, k: u64) -> u64 {
         start_ns + self.offset_ns + k * self.interval_ns
+    }
+
+    /// Whether this connection's queued frames go out now: anything urgent, or a DeliveryAck
+    /// held long enough (or the run is draining: nothing more will carry it).
+    fn must_write(&self, now: u64, plan: &Plan) -> bool {
+        self.urgent
+            || self.next_k >= self.n
+            || self
+                .ack_held_since
+                .is_some_and(|t| now >= t.saturating_add(plan.ack_delay_ns))
+    }
+
+    fn written(&mut self) {
+        self.urgent = false;
+        self.ack_held_since = None;
     }
 
     /// Marks message `k` from the peer; false if it was already seen.
@@ -523,6 +550,7 @@ pub(crate) struct Plan {
     pub(crate) inflight: usize,
     pub(crate) read_cursor: bool,
     pub(crate) tick_ns: u64,
+    pub(crate) ack_delay_ns: u64,
 }
 
 impl Plan {
@@ -585,6 +613,7 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                     inflight: args.inflight,
                     read_cursor: args.read_cursor,
                     tick_ns: args.tick_us * 1000,
+                    ack_delay_ns: args.ack_delay_us * 1000,
                 };
                 // The recorder's warm-up boundary, now that the start is known.
                 rec.warmup_ns
@@ -783,6 +812,9 @@ fn due_starling(
         sent += 1;
     }
     rec.counts.borrow_mut().sent += sent;
+    if sent > 0 {
+        ep.urgent = true;
+    }
     Ok(())
 }
 
@@ -872,7 +904,10 @@ fn on_starling_frames(
                     request_sync(c, &mut eps[m], t.conversation_id, rec)?;
                 }
             }
-            Some(Body::Ping(p)) => c.push(0, Body::Pong(v1::Pong { nonce: p.nonce }))?,
+            Some(Body::Ping(p)) => {
+                c.push(0, Body::Pong(v1::Pong { nonce: p.nonce }))?;
+                eps[m].urgent = true;
+            }
             Some(Body::Error(e)) => {
                 if e.code == v1::ErrorCode::Unavailable as i32 {
                     *rec.fatal.borrow_mut() = Some(describe_error(&e));
@@ -889,8 +924,10 @@ fn on_starling_frames(
             _ => {}
         }
     }
-    // One cumulative DeliveryAck per read batch.
+    // One cumulative DeliveryAck per read batch (written with the next Send, or when held for
+    // `ack_delay_ns`).
     if let Some((conv, seq)) = eps[m].ack_upto.take() {
+        eps[m].ack_held_since.get_or_insert(now);
         c.push(
             0,
             Body::DeliveryAck(v1::DeliveryAck {
@@ -921,6 +958,7 @@ fn request_sync(c: &mut StarlingConn, ep: &mut Ep, conv: u64, rec: &Rec) -> anyh
         }),
     )?;
     ep.syncing = true;
+    ep.urgent = true;
     rec.counts.borrow_mut().syncs += 1;
     Ok(())
 }
@@ -966,11 +1004,14 @@ async fn starling_pair(
             rec,
             &mut body,
         )?;
-        if c0.pending_write() > 0 {
+        let now = rec.now_ns();
+        if c0.pending_write() > 0 && eps[0].must_write(now, &plan) {
             c0.flush().await?;
+            eps[0].written();
         }
-        if c1.pending_write() > 0 {
+        if c1.pending_write() > 0 && eps[1].must_write(now, &plan) {
             c1.flush().await?;
+            eps[1].written();
         }
         if pair_done(&eps) {
             // Wait briefly for the last receipts.
@@ -981,7 +1022,13 @@ async fn starling_pair(
         if rec.now_ns() > plan.drain_ns || workers::stop_requested() {
             return Ok(());
         }
-        let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
+        let held = eps
+            .iter()
+            .filter_map(|e| e.ack_held_since)
+            .map(|t| t + plan.ack_delay_ns)
+            .min();
+        let next = next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns);
+        let wake = plan.quantize(held.map_or(next, |h| h.min(next)));
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("server closed the connection"); }
@@ -1084,6 +1131,9 @@ fn due_mqtt(
         sent += 1;
     }
     rec.counts.borrow_mut().sent += sent;
+    if sent > 0 {
+        ep.urgent = true;
+    }
 }
 
 fn on_mqtt_packets(c: &mut MqttConn, m: usize, eps: &mut [Ep; 2], rec: &Rec) -> anyhow::Result<()> {
@@ -1114,7 +1164,9 @@ fn on_mqtt_packets(c: &mut MqttConn, m: usize, eps: &mut [Ep; 2], rec: &Rec) -> 
                     rec.counts.borrow_mut().duplicates += 1;
                 }
                 if qos == 1 {
+                    // Held like Starling's DeliveryAck (`--ack-delay-us`): like with like.
                     mqtt::puback(&mut c.wbuf, packet_id);
+                    eps[m].ack_held_since.get_or_insert(now);
                 }
             }
             _ => {}
@@ -1161,16 +1213,31 @@ async fn mqtt_pair(
             rec,
             &mut body,
         );
-        if !c0.wbuf.is_empty() {
+        let now = rec.now_ns();
+        if !c0.wbuf.is_empty() && eps[0].must_write(now, &plan) {
             c0.flush().await?;
+            eps[0].written();
         }
-        if !c1.wbuf.is_empty() {
+        if !c1.wbuf.is_empty() && eps[1].must_write(now, &plan) {
             c1.flush().await?;
+            eps[1].written();
         }
         if pair_done(&eps) || rec.now_ns() > plan.drain_ns || workers::stop_requested() {
+            // Acknowledge what was received (the broker would otherwise resend it).
+            for (c, e) in [(&mut *c0, &eps[0]), (&mut *c1, &eps[1])] {
+                if !c.wbuf.is_empty() && e.ack_held_since.is_some() {
+                    c.flush().await?;
+                }
+            }
             return Ok(());
         }
-        let wake = plan.quantize(next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns));
+        let held = eps
+            .iter()
+            .filter_map(|e| e.ack_held_since)
+            .map(|t| t + plan.ack_delay_ns)
+            .min();
+        let next = next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns);
+        let wake = plan.quantize(held.map_or(next, |h| h.min(next)));
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("broker closed the connection"); }
