@@ -5,8 +5,9 @@
 //!
 //! Seqs are dense per conversation, so the index needs no search structure: a conversation is a
 //! vector of 16-byte pointers (segment, offset, length, CRC32C of the entry's bytes) indexed by
-//! `seq - first_seq`, and applying an entry is a push. Dedup is one hash map from a 64-bit
-//! fingerprint of `(conv, client_msg_id)` to the seq; a hit is confirmed by reading the entry
+//! `seq - first_seq`, and applying an entry is a push. Dedup is a hash map (in 256 tables, so a
+//! growth never rehashes everything at once) from a 64-bit fingerprint of `(conv, client_msg_id)`
+//! to the seq; a hit is confirmed by reading the entry
 //! and comparing its id, and the (astronomically rare) fingerprint collisions go to a second map
 //! keyed by the full pair. Both live in memory (~35 bytes per indexed entry); reads `pread` the
 //! entry from its segment and check its CRC, so a wrong pointer is an error, never a wrong
@@ -17,6 +18,9 @@
 //! crash before any clean close, damage) the whole log is replayed. This replaced a fjall LSM
 //! index whose per-key skiplist inserts, flushes and compactions cost about a third of the
 //! server's CPU at peak (docs/design/log.md).
+//!
+//! Entries are applied on the log's I/O thread right after each group commit (see
+//! `embedded.rs`); readers on the shard thread take the read lock.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -461,7 +465,7 @@ impl DenseIndex {
         self.applied.cond.notify_all();
     }
 
-    /// Whether the applier stopped on an error (reopening rebuilds the index).
+    /// Whether applying stopped on an error (reopening rebuilds the index).
     pub fn failed(&self) -> bool {
         self.applied
             .lsn
