@@ -825,6 +825,18 @@ fn next_due(eps: &[Ep; 2], plan: &Plan, inflight_max: usize) -> Option<u64> {
         .min()
 }
 
+/// When a pair's task must wake next: its next scheduled send or the end of an
+/// acknowledgement's hold, whichever is first, on the tick grid.
+fn next_wake(eps: &[Ep; 2], plan: &Plan, inflight_max: usize) -> u64 {
+    let next = next_due(eps, plan, inflight_max).unwrap_or(plan.drain_ns);
+    let held = eps
+        .iter()
+        .filter_map(|e| e.ack_held_since)
+        .map(|t| t + plan.ack_delay_ns)
+        .min();
+    plan.quantize(held.map_or(next, |h| h.min(next)))
+}
+
 fn pair_done(eps: &[Ep; 2]) -> bool {
     eps.iter().all(|e| e.next_k == e.n && e.inflight == 0) && eps.iter().all(|e| e.delivered >= e.n)
 }
@@ -1022,13 +1034,7 @@ async fn starling_pair(
         if rec.now_ns() > plan.drain_ns || workers::stop_requested() {
             return Ok(());
         }
-        let held = eps
-            .iter()
-            .filter_map(|e| e.ack_held_since)
-            .map(|t| t + plan.ack_delay_ns)
-            .min();
-        let next = next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns);
-        let wake = plan.quantize(held.map_or(next, |h| h.min(next)));
+        let wake = next_wake(&eps, &plan, inflight_max);
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("server closed the connection"); }
@@ -1231,13 +1237,7 @@ async fn mqtt_pair(
             }
             return Ok(());
         }
-        let held = eps
-            .iter()
-            .filter_map(|e| e.ack_held_since)
-            .map(|t| t + plan.ack_delay_ns)
-            .min();
-        let next = next_due(&eps, &plan, inflight_max).unwrap_or(plan.drain_ns);
-        let wake = plan.quantize(held.map_or(next, |h| h.min(next)));
+        let wake = next_wake(&eps, &plan, inflight_max);
         tokio::select! {
             n = c0.read_some() => {
                 if n? == 0 { bail!("broker closed the connection"); }

@@ -511,28 +511,19 @@ impl Writer {
                     // Completions and the wake callback first: acknowledgements do not wait
                     // for the read model.
                     self.marks.advance(last, sync.then_some(last));
-                    let Some(apply) = self.read_model.as_mut() else {
+                    if self.read_model.is_none() {
                         self.marks
                             .inflight_bytes
                             .fetch_sub(bytes as u64, Ordering::AcqRel);
                         group.clear();
                         continue;
-                    };
+                    }
                     // With a read model attached, a record's bytes stay in flight until the
                     // read model has dropped it (see `DurableRecord`). It sees only what is
                     // durable.
                     self.unsynced.append(&mut group);
                     if sync {
-                        let recs = self
-                            .unsynced
-                            .drain(..)
-                            .map(|r| DurableRecord {
-                                bytes: r.bytes,
-                                pos: r.pos,
-                                marks: self.marks.clone(),
-                            })
-                            .collect();
-                        apply(recs);
+                        self.apply_durable();
                     }
                 }
                 Err(e) => {
@@ -547,20 +538,30 @@ impl Writer {
         // hand the read model what became durable.
         if let Some(c) = &self.cur
             && c.file.sync_data().is_ok()
-            && let Some(apply) = self.read_model.as_mut()
-            && !self.unsynced.is_empty()
         {
-            let recs = self
-                .unsynced
-                .drain(..)
-                .map(|r| DurableRecord {
-                    bytes: r.bytes,
-                    pos: r.pos,
-                    marks: self.marks.clone(),
-                })
-                .collect();
-            apply(recs);
+            self.apply_durable();
         }
+    }
+
+    /// Hands the records written so far (now durable) to the read model, if there is one.
+    fn apply_durable(&mut self) {
+        let Some(apply) = self.read_model.as_mut() else {
+            return;
+        };
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let marks = &self.marks;
+        let recs = self
+            .unsynced
+            .drain(..)
+            .map(|r| DurableRecord {
+                bytes: r.bytes,
+                pos: r.pos,
+                marks: marks.clone(),
+            })
+            .collect();
+        apply(recs);
     }
 
     fn next_request(&mut self, rx: &mpsc::Receiver<Request>) -> Result<Request, mpsc::RecvError> {
