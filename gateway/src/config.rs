@@ -138,6 +138,24 @@ impl Default for AccountsConfig {
     }
 }
 
+/// The embedded storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// A shard's group commit starts no sooner than this many µs after its previous one
+    /// ended, so that the batches arriving meanwhile share its write and `fdatasync`
+    /// (docs/design/log.md, "Commit interval"). 0: commit as soon as anything is queued.
+    pub commit_interval_min_us: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            commit_interval_min_us: 300,
+        }
+    }
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -160,6 +178,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Account settings.
     pub accounts: AccountsConfig,
+    /// Embedded storage settings.
+    pub storage: StorageConfig,
 }
 
 impl Default for Config {
@@ -174,6 +194,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             limits: LimitsConfig::default(),
             accounts: AccountsConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -284,6 +305,12 @@ impl Config {
                 return bad(key, "must be at least limits.timer_tick_ms");
             }
         }
+        if self.storage.commit_interval_min_us > 10_000 {
+            return bad(
+                "storage.commit_interval_min_us",
+                "at most 10000 (every acknowledgement may wait this long)",
+            );
+        }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
             return bad("accounts.otp_attempts_max", "must be between 1 and 20");
         }
@@ -335,6 +362,11 @@ mod tests {
         assert!(Config::from_toml("lisen = \"x\"").is_err());
         let mut c = Config::default();
         c.limits.timer_tick_ms = 0;
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("[storage]\ncommit_interval_min_us = 0\n").unwrap();
+        assert_eq!(c.storage.commit_interval_min_us, 0);
+        c.validate().unwrap();
+        let c = Config::from_toml("[storage]\ncommit_interval_min_us = 20000\n").unwrap();
         assert!(c.validate().is_err());
     }
 }

@@ -97,6 +97,7 @@ pub struct RouterParts {
 pub fn open(
     data_dir: &Path,
     shards: usize,
+    storage: &crate::config::StorageConfig,
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
     let meta =
         Arc::new(EmbeddedMeta::open(&data_dir.join("meta.redb")).context("cannot open meta.redb")?);
@@ -114,6 +115,9 @@ pub fn open(
         let opts = ShardOptions {
             log: LogOptions {
                 wake: Some(Arc::new(move || wake_fd.notify())),
+                commit_interval_min: std::time::Duration::from_micros(u64::from(
+                    storage.commit_interval_min_us,
+                )),
                 ..LogOptions::default()
             },
             ..ShardOptions::default()

@@ -147,7 +147,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     )?);
     say(&format!("access token key id: {}", accounts.token_kid()));
 
-    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n)?;
+    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n, &cfg.storage)?;
     let mut router_parts: Vec<Option<_>> = router_parts.into_iter().map(Some).collect();
 
     let (tls_addr, mut tls_listeners) = bind_group(cfg.listen, n)?;

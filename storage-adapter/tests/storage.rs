@@ -463,6 +463,47 @@ fn faulty(segment_bytes: u64, f: &Arc<Faults>) -> LogOptions {
     }
 }
 
+/// Appends five single-entry batches 20 ms apart, each acknowledged, and returns how many
+/// `fdatasync`s they took.
+fn syncs_for_spaced_batches(interval: Duration) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Arc::new(Faults::default());
+    let opts = LogOptions {
+        commit_interval_min: interval,
+        ..faulty(1 << 20, &f)
+    };
+    let mut log = SegmentedLog::open(dir.path(), opts).unwrap();
+    log.append::<SyncData>(&[entry(1, 1, cmid(9, 1), 50)])
+        .and_then(|c| c.wait())
+        .unwrap();
+    let before = f.syncs.load(Ordering::SeqCst);
+    let mut pending = Vec::new();
+    for seq in 2..=6 {
+        std::thread::sleep(Duration::from_millis(20));
+        pending.push(
+            log.append::<SyncData>(&[entry(1, seq, cmid(9, seq), 50)])
+                .unwrap(),
+        );
+    }
+    let mut last = Lsn(0);
+    for c in pending {
+        last = c.wait().unwrap().last_lsn();
+    }
+    assert_eq!(last, Lsn(6));
+    drop(log);
+    let reopened = SegmentedLog::open(dir.path(), small_opts(1 << 20)).unwrap();
+    assert_eq!(reopened.durable_lsn().unwrap(), Lsn(6));
+    f.syncs.load(Ordering::SeqCst) - before
+}
+
+/// `commit_interval_min`: batches that arrive within the interval after a commit wait and share
+/// the next commit's write and fdatasync; with no interval each gets its own commit.
+#[test]
+fn commit_interval_gathers_batches_into_one_fdatasync() {
+    assert_eq!(syncs_for_spaced_batches(Duration::from_secs(1)), 1);
+    assert!(syncs_for_spaced_batches(Duration::ZERO) >= 2);
+}
+
 /// Appends batches one by one until one fails; returns (acknowledged entries, the error).
 fn append_until_error(log: &mut SegmentedLog, limit: u64) -> (Vec<Entry>, LogError) {
     let mut acked = Vec::new();

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
@@ -47,6 +48,14 @@ pub struct LogOptions {
     /// machines a sleeping vCPU can take milliseconds to wake; a short poll keeps a busy shard's
     /// commits at disk speed. 0 = always sleep.
     pub idle_polls: u32,
+    /// A group commit starts no sooner than this after the previous one ended, so that the
+    /// batches arriving meanwhile share its write and `fdatasync` (PostgreSQL's `commit_delay`,
+    /// MySQL's `binlog_group_commit_sync_delay`). Every commit costs a write, an `fdatasync` and
+    /// the sleeps and wake-ups around them whatever its size; at moderate load, committing as
+    /// soon as anything is queued makes many tiny commits (measured: ~6 messages per commit at
+    /// 20k msg/s). A busy log, whose commits take longer than this, never waits.
+    /// `Duration::ZERO`: commit as soon as anything is queued.
+    pub commit_interval_min: Duration,
 }
 
 impl Default for LogOptions {
@@ -58,6 +67,7 @@ impl Default for LogOptions {
             fault_hook: None,
             wake: None,
             idle_polls: 0,
+            commit_interval_min: Duration::ZERO,
         }
     }
 }
@@ -71,6 +81,7 @@ impl fmt::Debug for LogOptions {
             .field("fault_hook", &self.fault_hook)
             .field("wake", &self.wake.is_some())
             .field("idle_polls", &self.idle_polls)
+            .field("commit_interval_min", &self.commit_interval_min)
             .finish()
     }
 }
@@ -196,6 +207,7 @@ impl SegmentedLog {
             group_bytes_max: opts.group_bytes_max,
             segment_bytes: opts.segment_bytes,
             idle_polls: opts.idle_polls,
+            commit_interval_min: opts.commit_interval_min,
             cur,
             spare_req,
             spare_res,
@@ -480,6 +492,7 @@ struct Writer {
     group_bytes_max: usize,
     segment_bytes: u64,
     idle_polls: u32,
+    commit_interval_min: Duration,
     cur: Option<Cur>,
     spare_req: mpsc::Sender<()>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
@@ -492,7 +505,15 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Request>) {
         let mut group = Vec::new();
+        let mut last_commit_end: Option<Instant> = None;
         while let Ok(first) = self.next_request(rx) {
+            // Let the batches arriving just after a commit join the next one.
+            if let Some(wait) = last_commit_end
+                .and_then(|t| self.commit_interval_min.checked_sub(t.elapsed()))
+                .filter(|w| !w.is_zero())
+            {
+                std::thread::sleep(wait);
+            }
             let mut bytes = first.bytes.len();
             group.push(first);
             while bytes < self.group_bytes_max {
@@ -505,7 +526,9 @@ impl Writer {
                 }
             }
             let sync = group.iter().any(|r| r.sync);
-            match self.commit(&mut group, sync) {
+            let committed = self.commit(&mut group, sync);
+            last_commit_end = Some(io_clock());
+            match committed {
                 Ok(()) => {
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
                     // Completions and the wake callback first: acknowledgements do not wait
@@ -692,6 +715,13 @@ impl Writer {
         });
         Ok(())
     }
+}
+
+/// The I/O thread's monotonic clock: it paces group commits (`commit_interval_min`). Nothing
+/// else in this crate reads a clock; callers pass time in.
+#[allow(clippy::disallowed_methods)]
+fn io_clock() -> Instant {
+    Instant::now()
 }
 
 fn record_count(bytes: &[u8]) -> u32 {
