@@ -40,6 +40,7 @@ impl DriverKind {
 #[derive(Debug)]
 pub struct ShardRuntime {
     inner: compio::runtime::Runtime,
+    deferred: bool,
 }
 
 /// The blocking pool shared by all shards (bounded thread count).
@@ -59,13 +60,53 @@ impl BlockingPool {
 impl ShardRuntime {
     /// Builds a runtime with the chosen driver, pinned to `cpu` if given.
     /// `Auto` falls back to epoll when io_uring is unavailable.
+    ///
+    /// An io_uring ring is set up with `SINGLE_ISSUER | DEFER_TASKRUN |
+    /// TASKRUN_FLAG` (Linux 6.1+; without them on older kernels): its
+    /// completions are processed when the shard asks for them instead of
+    /// interrupting it with an IPI as each arrives. Only the shard thread
+    /// that builds the runtime ever submits to it (the blocking pool wakes
+    /// it through an eventfd). `TASKRUN_FLAG` is not optional: it is how the
+    /// ring tells compio's non-waiting submits that deferred completions are
+    /// pending. Without it, `slow_consumer_with_large_bodies_catches_up_by_sync`
+    /// hung in 2 of 3 runs (a Sync reply to a full socket never resumed).
+    ///
+    /// On this machine this cut the server's CPU by 10–16% at 20k–50k
+    /// msg/s and the load generator's by 12–18% (its `sendto`s no longer pay
+    /// for an IPI to the server's CPU), and the p50 SendAck at 50k from
+    /// ~3 ms to ~1 ms (BENCHMARKS.md, "Session 5").
+    ///
+    /// Must be called on the thread that will run it.
     pub fn build(
         choice: DriverChoice,
         cpu: Option<usize>,
         pool: &BlockingPool,
     ) -> io::Result<Self> {
+        if choice != DriverChoice::Epoll
+            && let Ok(rt) = Self::build_with(choice, cpu, pool, true)
+            && rt.driver() == DriverKind::IoUring
+        {
+            return Ok(rt);
+        }
+        // epoll asked for, or the kernel refused the flags (compio's `Auto`
+        // then fell back to epoll): io_uring without them, or epoll.
+        Self::build_with(choice, cpu, pool, false)
+    }
+
+    fn build_with(
+        choice: DriverChoice,
+        cpu: Option<usize>,
+        pool: &BlockingPool,
+        deferred: bool,
+    ) -> io::Result<Self> {
         let mut proactor = ProactorBuilder::new();
         proactor.reuse_thread_pool(pool.0.clone());
+        if deferred {
+            proactor
+                .single_issuer(true)
+                .defer_taskrun(true)
+                .taskrun_flag(true);
+        }
         match choice {
             DriverChoice::Auto => {}
             DriverChoice::IoUring => {
@@ -80,9 +121,16 @@ impl ShardRuntime {
         if let Some(cpu) = cpu {
             builder.thread_affinity(std::iter::once(cpu).collect());
         }
-        Ok(Self {
-            inner: builder.build()?,
-        })
+        let inner = builder.build()?;
+        let deferred = deferred && inner.driver_type() == DriverType::IoUring;
+        Ok(Self { inner, deferred })
+    }
+
+    /// Whether io_uring task work is deferred to the shard's own waits
+    /// (`DEFER_TASKRUN`).
+    #[must_use]
+    pub fn deferred_taskrun(&self) -> bool {
+        self.deferred
     }
 
     /// The driver in use.

@@ -209,6 +209,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     }
                 };
                 let kind = rt.driver();
+                tracing::info!(
+                    shard = i,
+                    driver = kind.name(),
+                    defer_taskrun = rt.deferred_taskrun(),
+                    "shard runtime"
+                );
                 rt.block_on(async move {
                     // Built inside the runtime: its eventfd registers with this driver.
                     let router = match crate::messaging::ShardRouter::new(parts) {
