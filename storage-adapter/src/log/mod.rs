@@ -508,10 +508,10 @@ impl Writer {
         let mut last_commit_end: Option<Instant> = None;
         while let Ok(first) = self.next_request(rx) {
             // Let the batches arriving just after a commit join the next one.
-            if let Some(wait) = last_commit_end
-                .and_then(|t| self.commit_interval_min.checked_sub(t.elapsed()))
-                .filter(|w| !w.is_zero())
-            {
+            if let Some(wait) = last_commit_end.and_then(|t| {
+                self.commit_interval_min
+                    .checked_sub(io_clock().saturating_duration_since(t))
+            }) {
                 std::thread::sleep(wait);
             }
             let mut bytes = first.bytes.len();
@@ -527,7 +527,8 @@ impl Writer {
             }
             let sync = group.iter().any(|r| r.sync);
             let committed = self.commit(&mut group, sync);
-            last_commit_end = Some(io_clock());
+            // No interval, no clock reads.
+            last_commit_end = (!self.commit_interval_min.is_zero()).then(io_clock);
             match committed {
                 Ok(()) => {
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
