@@ -324,10 +324,10 @@ pub fn decode_record(b: &[u8]) -> Result<RecordView<'_>, FormatError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(seq: u64, body: &[u8]) -> Entry {
+    pub(crate) fn entry(seq: u64, body: &[u8]) -> Entry {
         Entry {
             kind: EntryKind::MESSAGE,
             conv: ConvId(7 << 64 | 9),

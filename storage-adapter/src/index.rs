@@ -169,8 +169,9 @@ impl FpMap {
         self.table(*fp).get(fp)
     }
 
-    fn insert(&mut self, fp: u64, seq: u64) {
-        self.0[(fp >> 56) as usize].insert(fp, seq);
+    /// Sets `fp`'s seq; returns the seq it replaced.
+    fn insert(&mut self, fp: u64, seq: u64) -> Option<u64> {
+        self.0[(fp >> 56) as usize].insert(fp, seq)
     }
 
     fn len(&self) -> usize {
@@ -641,7 +642,11 @@ impl Reader<'_> {
 
 /// The snapshot's state and applied lsn, or `None` if it is missing or not valid.
 fn load_snapshot(path: &Path) -> Option<(State, Lsn)> {
-    let bytes = fs::read(path).ok()?;
+    decode_snapshot(&fs::read(path).ok()?)
+}
+
+/// Decodes snapshot bytes; `None` unless every byte is accounted for and consistent.
+fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return None;
@@ -661,6 +666,8 @@ fn load_snapshot(path: &Path) -> Option<(State, Lsn)> {
         let conv = ConvId(r.u128()?);
         let first = r.u64()?;
         let n = r.len(16)?;
+        // Seqs first..first+n must exist (a damaged count would overflow `ConvIx::end`).
+        first.checked_add(n as u64)?;
         let mut ptrs = Vec::with_capacity(n);
         for _ in 0..n {
             let p = Ptr {
@@ -677,20 +684,93 @@ fn load_snapshot(path: &Path) -> Option<(State, Lsn)> {
             }
             ptrs.push(p);
         }
-        st.convs.insert(conv, ConvIx { first, ptrs });
+        // A key written twice is damage, not data: keeping either copy would drop the other.
+        if st.convs.insert(conv, ConvIx { first, ptrs }).is_some() {
+            return None;
+        }
     }
     let n = r.len(16)?;
     st.dedup.reserve(n);
     for _ in 0..n {
         let fp = r.u64()?;
-        st.dedup.insert(fp, r.u64()?);
+        if st.dedup.insert(fp, r.u64()?).is_some() {
+            return None;
+        }
     }
     for _ in 0..r.len(40)? {
         let conv = ConvId(r.u128()?);
         let id = ClientMsgId(r.take::<16>()?);
-        st.dedup_more.insert((conv, id), r.u64()?);
+        if st.dedup_more.insert((conv, id), r.u64()?).is_some() {
+            return None;
+        }
     }
     r.0.is_empty().then_some((st, applied))
+}
+
+/// For `crate::fuzzing::index_snapshot`: decodes `data` (an odd first byte seals the rest with
+/// the magic and a valid checksum first), then does with every loaded conversation what open
+/// and the first appends do, and checks a re-encoding decodes again.
+pub(crate) fn fuzz_snapshot(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut b = rest.to_vec();
+    if mode & 1 == 1 {
+        b = SNAPSHOT_MAGIC.to_vec();
+        b.extend_from_slice(rest);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+    }
+    let Some((mut st, applied)) = decode_snapshot(&b) else {
+        return;
+    };
+    let again = encode_snapshot(&st, applied);
+    let (st2, applied2) = decode_snapshot(&again).expect("a re-encoded snapshot decodes");
+    assert_eq!(applied2, applied);
+    assert_eq!(st2.segs, st.segs);
+    assert_eq!(st2.entries, st.entries);
+    assert_eq!(st2.convs.len(), st.convs.len());
+    let convs: Vec<ConvId> = st.convs.keys().copied().collect();
+    for conv in convs {
+        let (first, end) = {
+            let c = &st.convs[&conv];
+            (c.first, c.end())
+        };
+        let _ = st.range(conv, first, end);
+        let _ = st.range(conv, 0, u64::MAX);
+        if !st.segs.is_empty() && end < u64::MAX {
+            let p = Ptr {
+                seg: 0,
+                off: 0,
+                len: 1,
+                crc: 0,
+            };
+            st.insert(conv, Seq(end), ClientMsgId([1; 16]), p);
+        }
+    }
+}
+
+/// A small valid snapshot (two conversations, a hole, a collision entry), sealed for
+/// `crate::fuzzing::index_snapshot` with mode byte 0.
+#[cfg(test)]
+pub(crate) fn sample_snapshot() -> Vec<u8> {
+    let mut st = State {
+        segs: vec![Lsn(1), Lsn(500)],
+        ..State::default()
+    };
+    let p = |n| Ptr {
+        seg: 1,
+        off: n,
+        len: 1,
+        crc: n,
+    };
+    st.insert(ConvId(7), Seq(1), ClientMsgId([7; 16]), p(1));
+    st.insert(ConvId(7), Seq(3), ClientMsgId([8; 16]), p(3));
+    st.insert(ConvId(9), Seq(1), ClientMsgId::NONE, p(4));
+    st.dedup_more.insert((ConvId(7), ClientMsgId([9; 16])), 3);
+    let mut out = vec![0u8];
+    out.extend_from_slice(&encode_snapshot(&st, Lsn(42)));
+    out
 }
 
 impl crate::traits::MessageIndex for DenseIndex {
@@ -822,6 +902,49 @@ mod tests {
         st.insert(conv, Seq(2), b, p(2));
         assert_eq!(st.dedup_more.get(&(conv, b)), Some(&2));
         assert_eq!(st.entries, 2);
+    }
+
+    #[test]
+    fn a_snapshot_is_refused_if_a_conversation_would_run_past_the_last_seq() {
+        // A checksummed but impossible snapshot: seqs first..first+len do not fit in u64.
+        let mut st = State {
+            segs: vec![Lsn(1)],
+            ..State::default()
+        };
+        st.convs.insert(
+            ConvId(1),
+            ConvIx {
+                first: u64::MAX,
+                ptrs: vec![p(1)],
+            },
+        );
+        assert!(decode_snapshot(&encode_snapshot(&st, Lsn(1))).is_none());
+        st.convs.get_mut(&ConvId(1)).unwrap().first = u64::MAX - 1;
+        assert!(decode_snapshot(&encode_snapshot(&st, Lsn(1))).is_some());
+    }
+
+    #[test]
+    fn a_snapshot_naming_a_conversation_twice_is_refused() {
+        // Found by the index_snapshot fuzz target: the second copy replaced the first, and the
+        // entry count still counted both.
+        let mut st = State {
+            segs: vec![Lsn(1)],
+            ..State::default()
+        };
+        st.insert(ConvId(5), Seq(1), ClientMsgId([1; 16]), p(1));
+        let one = encode_snapshot(&st, Lsn(9));
+        assert!(decode_snapshot(&one).is_some());
+        // Splice the conversation in twice: convs count 1 → 2, its bytes repeated.
+        let body = &one[..one.len() - 4];
+        let convs_at = 16 + 8 + 8 + 8; // magic, applied, segs len, one seg
+        let conv_bytes = 16 + 8 + 8 + 16; // id, first, ptrs len, one ptr
+        let mut two = body[..convs_at].to_vec();
+        two.extend_from_slice(&2u64.to_le_bytes());
+        two.extend_from_slice(&body[convs_at + 8..convs_at + 8 + conv_bytes]);
+        two.extend_from_slice(&body[convs_at + 8..]);
+        let crc = crc32c::crc32c(&two);
+        two.extend_from_slice(&crc.to_le_bytes());
+        assert!(decode_snapshot(&two).is_none());
     }
 
     #[test]

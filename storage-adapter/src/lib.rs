@@ -13,6 +13,10 @@
 pub mod embedded;
 pub mod error;
 pub mod format;
+/// Property checks shared by the cargo-fuzz targets in `fuzz/` and the corpus replay test.
+/// Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod log;
 pub mod mem;

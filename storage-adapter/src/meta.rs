@@ -80,6 +80,18 @@ impl<'a> Reader<'a> {
     pub fn u8(&mut self) -> Result<u8, StorageError> {
         Ok(self.take(1)?[0])
     }
+    /// A 0/1 byte; any other value is damage, not `true` (found by the `meta_record` fuzz
+    /// target: a damaged "has a password" tag read as "no password").
+    pub fn bool(&mut self) -> Result<bool, StorageError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(StorageError::Decode {
+                table: self.table,
+                reason: format!("flag byte {v} is neither 0 nor 1"),
+            }),
+        }
+    }
     /// A little-endian u32.
     pub fn u32(&mut self) -> Result<u32, StorageError> {
         let mut a = [0; 4];
@@ -188,6 +200,110 @@ pub mod keys {
     }
 }
 
+/// One encoded sample of every record type, in the order `crate::fuzzing::meta_record` numbers
+/// the tables.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub(crate) fn sample_records() -> Vec<Vec<u8>> {
+        let t = TimestampMs(1_700_000_000_000);
+        let (u, d, g) = (UserId(42), DeviceId(3), ConvId(0xC0FFEE << 64 | 7));
+        vec![
+            encode(&User {
+                id: u,
+                phone_e164: "+15551234567".into(),
+                display_name: "Ada".into(),
+                password_hash: Some("$argon2id$v=19$x".into()),
+                created_ms: t,
+            }),
+            encode(&PhoneIndex {
+                phone_e164: "+15551234567".into(),
+                user: u,
+            }),
+            encode(&Device {
+                user: u,
+                device: d,
+                name: "phone".into(),
+                platform: "android".into(),
+                identity_key: vec![5; 32],
+                created_ms: t,
+                last_seen_ms: t,
+            }),
+            encode(&Session {
+                id: [1; 16],
+                user: u,
+                device: d,
+                refresh_token_hash: [2; 32],
+                created_ms: t,
+                expires_ms: t,
+                revoked: true,
+            }),
+            encode(&OtpRecord {
+                phone_e164: "+15551234567".into(),
+                code_hmac: [3; 32],
+                expires_ms: t,
+                attempts: 2,
+                created_ms: t,
+            }),
+            encode(&Group {
+                id: g,
+                name: "climbers".into(),
+                created_by: u,
+                created_ms: t,
+                epoch: 4,
+            }),
+            encode(&Member {
+                group: g,
+                user: u,
+                role: Role::Admin,
+                joined_ms: t,
+            }),
+            encode(&MemberOf { user: u, group: g }),
+            encode(&ContactIndex {
+                phone_hmac: [4; 32],
+                user: u,
+            }),
+            encode(&SignedPrekey {
+                user: u,
+                device: d,
+                id: 9,
+                public_key: vec![6; 32],
+                signature: vec![7; 64],
+            }),
+            encode(&OneTimePrekey {
+                user: u,
+                device: d,
+                id: 10,
+                public_key: vec![8; 32],
+            }),
+            encode(&PushToken {
+                user: u,
+                device: d,
+                provider: "fcm".into(),
+                token: b"tok".to_vec(),
+                updated_ms: t,
+            }),
+            encode(&Block {
+                user: u,
+                blocked: UserId(43),
+                created_ms: t,
+            }),
+            encode(&DirectPair {
+                low: u,
+                high: UserId(43),
+                conv: g,
+            }),
+            encode(&DirectConv {
+                conv: g,
+                low: u,
+                high: UserId(43),
+                created_ms: t,
+            }),
+        ]
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // records
 
@@ -222,7 +338,7 @@ record!(User, "users", key(s) { keys::user(s.id) },
         match &s.password_hash { Some(h) => { w.u8(1).bytes(h.as_bytes()); } None => { w.u8(0); } }
         w.u64(s.created_ms.0); },
     dec(r) { Ok(User { id: UserId(r.u64()?), phone_e164: r.string()?, display_name: r.string()?,
-        password_hash: if r.u8()? == 1 { Some(r.string()?) } else { None }, created_ms: TimestampMs(r.u64()?) }) });
+        password_hash: if r.bool()? { Some(r.string()?) } else { None }, created_ms: TimestampMs(r.u64()?) }) });
 
 /// Phone → user (unique). Key: the phone string.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,7 +398,7 @@ record!(Session, "sessions", key(s) { s.id.to_vec() },
     enc(s, w) { w.0.extend_from_slice(&s.id); w.u64(s.user.0).u32(s.device.0); w.0.extend_from_slice(&s.refresh_token_hash);
         w.u64(s.created_ms.0).u64(s.expires_ms.0).u8(u8::from(s.revoked)); },
     dec(r) { Ok(Session { id: r.arr16()?, user: UserId(r.u64()?), device: DeviceId(r.u32()?), refresh_token_hash: r.arr32()?,
-        created_ms: TimestampMs(r.u64()?), expires_ms: TimestampMs(r.u64()?), revoked: r.u8()? != 0 }) });
+        created_ms: TimestampMs(r.u64()?), expires_ms: TimestampMs(r.u64()?), revoked: r.bool()? }) });
 
 /// A pending one-time password. Key: phone. The code is stored as an HMAC only.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -787,5 +903,42 @@ impl CursorStore for EmbeddedMeta {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_bytes_other_than_zero_or_one_are_refused() {
+        let user = User {
+            id: UserId(1),
+            phone_e164: "+15550000000".into(),
+            display_name: "A".into(),
+            password_hash: None,
+            created_ms: TimestampMs(5),
+        };
+        let mut b = encode(&user);
+        assert_eq!(decode::<User>(&b).unwrap(), user);
+        let tag = b.len() - 9; // the password tag, then created_ms
+        b[tag] = 2;
+        assert!(matches!(
+            decode::<User>(&b),
+            Err(StorageError::Decode { table: "users", .. })
+        ));
+
+        let session = Session {
+            id: [1; 16],
+            user: UserId(1),
+            device: DeviceId(1),
+            refresh_token_hash: [2; 32],
+            created_ms: TimestampMs(1),
+            expires_ms: TimestampMs(2),
+            revoked: false,
+        };
+        let mut b = encode(&session);
+        *b.last_mut().unwrap() = 7;
+        assert!(decode::<Session>(&b).is_err());
     }
 }
