@@ -109,6 +109,15 @@ pub(crate) struct RecordPos {
     pub(crate) offset: u64,
 }
 
+/// Recovery alone (no writer, no I/O thread) on the log in `dir`: for
+/// `crate::fuzzing::log_recovery`. `visit` sees every record kept, with its offset.
+pub(crate) fn recover_only(
+    dir: &Path,
+    mut visit: impl FnMut(&format::RecordView<'_>, u64),
+) -> Result<RecoveryReport, LogError> {
+    recovery::recover(dir, |v, pos| visit(v, pos.offset)).map(|r| r.report)
+}
+
 /// The file of the segment starting at `base` in the log directory `dir`.
 pub(crate) fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
     dir.join(segment_name(base))
