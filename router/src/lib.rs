@@ -68,6 +68,10 @@
 pub mod ring;
 mod sync;
 
+/// The property the `message_envelope` fuzz target in `fuzz/` checks. Not a stable API.
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(not(loom))]
 pub mod grid;
 #[cfg(not(loom))]

@@ -296,6 +296,37 @@ fn entry_to_message(conv: u64, e: &Entry) -> Option<v1::Message> {
     })
 }
 
+/// For `crate::fuzzing::message_envelope`: `body` as a stored message entry's body through the
+/// envelope decoder, which must not panic; whatever it accepts re-encodes to the same bytes.
+pub(crate) fn fuzz_envelope(body: &[u8]) -> bool {
+    let e = Entry {
+        kind: EntryKind::MESSAGE,
+        conv: starling_storage::ConvId(9),
+        seq: Seq(1),
+        client_msg_id: ClientMsgId([1; 16]),
+        sender: UserId(7),
+        sender_device: DeviceId(1),
+        ts_ms: TimestampMs(1),
+        content_type: ENVELOPE_V1,
+        body: body.to_vec(),
+    };
+    let Some(m) = entry_to_message(9, &e) else {
+        return false;
+    };
+    assert_eq!(
+        encode_envelope(&m.content_type, m.reply_to_seq, &m.body),
+        body,
+        "an accepted envelope re-encodes to other bytes"
+    );
+    true
+}
+
+/// A stored message body as the router writes it.
+#[cfg(test)]
+pub(crate) fn sample_envelope() -> Vec<u8> {
+    encode_envelope("text/plain", 3, b"hello")
+}
+
 fn frame(request_id: u64, body: Body) -> v1::Frame {
     v1::Frame {
         request_id,
