@@ -1556,14 +1556,16 @@ where
     }
 
     fn batch_durable(&mut self, first: Lsn, b: InFlight) {
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(b.entries.len());
         // Who sent each new entry (its SendAck goes there, its Deliver does not).
-        let origins: HashMap<(u64, u64), ConnRef> = b
-            .waiters
-            .iter()
-            .filter(|w| !w.duplicate)
-            .map(|w| ((w.conv, w.seq), w.origin))
-            .collect();
+        let mut origins: HashMap<(u64, u64), ConnRef> =
+            HashMap::with_capacity_and_hasher(b.waiters.len(), Default::default());
+        origins.extend(
+            b.waiters
+                .iter()
+                .filter(|w| !w.duplicate)
+                .map(|w| ((w.conv, w.seq), w.origin)),
+        );
         for (i, e) in b.entries.into_iter().enumerate() {
             let lsn = Lsn(first.0 + i as u64);
             let conv = e.conv.0 as u64;

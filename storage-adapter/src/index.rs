@@ -64,11 +64,87 @@ impl Ptr {
     }
 }
 
+/// Pointers per chunk of [`Ptrs`]: 64 KiB.
+const PTR_CHUNK: usize = 4096;
+
+/// One conversation's pointers in chunks of [`PTR_CHUNK`]. Appending moves at most one chunk:
+/// a single `Vec` copies the whole conversation when it doubles, which at a few hundred
+/// thousand messages is milliseconds on the log's I/O thread, with the index lock held and no
+/// commit completing (measured as 3 ms runs of that thread with `perf sched timehist`;
+/// BENCHMARKS.md, session 7). A conversation of at most one chunk costs no more than a `Vec`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ptrs {
+    /// Entries `0..PTR_CHUNK` (all of them while the conversation is small).
+    head: Vec<Ptr>,
+    /// The following chunks; every chunk but the last is full.
+    rest: Vec<Vec<Ptr>>,
+}
+
+impl Ptrs {
+    fn len(&self) -> usize {
+        match self.rest.last() {
+            None => self.head.len(),
+            Some(last) => PTR_CHUNK * self.rest.len() + last.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_empty()
+    }
+
+    fn chunk(&self, k: usize) -> Option<&Vec<Ptr>> {
+        if k == 0 {
+            Some(&self.head)
+        } else {
+            self.rest.get(k - 1)
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<Ptr> {
+        self.chunk(i / PTR_CHUNK)?.get(i % PTR_CHUNK).copied()
+    }
+
+    fn set(&mut self, i: usize, p: Ptr) {
+        let (k, j) = (i / PTR_CHUNK, i % PTR_CHUNK);
+        let c = if k == 0 {
+            &mut self.head
+        } else {
+            &mut self.rest[k - 1]
+        };
+        c[j] = p;
+    }
+
+    fn push(&mut self, p: Ptr) {
+        if self.head.len() < PTR_CHUNK {
+            self.head.push(p);
+            return;
+        }
+        match self.rest.last_mut() {
+            Some(c) if c.len() < PTR_CHUNK => c.push(p),
+            _ => {
+                let mut c = Vec::with_capacity(PTR_CHUNK);
+                c.push(p);
+                self.rest.push(c);
+            }
+        }
+    }
+
+    /// The pointers in order.
+    fn iter(&self) -> impl Iterator<Item = Ptr> + '_ {
+        self.head.iter().chain(self.rest.iter().flatten()).copied()
+    }
+
+    /// The pointers `lo..hi` in order (`hi <= len`).
+    fn range(&self, lo: usize, hi: usize) -> impl Iterator<Item = Ptr> + '_ {
+        (lo..hi).filter_map(|i| self.get(i))
+    }
+}
+
 /// One conversation: `ptrs[i]` is the entry with seq `first + i`.
 #[derive(Debug, Default)]
 struct ConvIx {
     first: u64,
-    ptrs: Vec<Ptr>,
+    ptrs: Ptrs,
 }
 
 impl ConvIx {
@@ -79,27 +155,34 @@ impl ConvIx {
 
     fn get(&self, seq: u64) -> Option<Ptr> {
         let i = seq.checked_sub(self.first)?;
-        self.ptrs.get(usize::try_from(i).ok()?).copied()
+        self.ptrs.get(usize::try_from(i).ok()?)
     }
 
     /// Sets the pointer of `seq`, filling any gap with holes (seqs are dense in practice; a gap
-    /// or an older seq only comes from a log the router did not write).
+    /// or an older seq only comes from a log the router did not write, so rebuilding the
+    /// chunks for an older seq is rare).
     fn set(&mut self, seq: u64, p: Ptr) {
         if self.ptrs.is_empty() {
             self.first = seq;
         }
         if seq < self.first {
             let grow = (self.first - seq) as usize;
-            self.ptrs
-                .splice(0..0, std::iter::repeat_n(Ptr::default(), grow));
+            let mut ptrs = Ptrs::default();
+            for q in std::iter::repeat_n(Ptr::default(), grow).chain(self.ptrs.iter()) {
+                ptrs.push(q);
+            }
+            self.ptrs = ptrs;
             self.first = seq;
         }
         let i = (seq - self.first) as usize;
-        if i >= self.ptrs.len() {
-            self.ptrs.resize(i, Ptr::default());
-            self.ptrs.push(p);
+        let len = self.ptrs.len();
+        if i < len {
+            self.ptrs.set(i, p);
         } else {
-            self.ptrs[i] = p;
+            for _ in len..i {
+                self.ptrs.push(Ptr::default());
+            }
+            self.ptrs.push(p);
         }
     }
 }
@@ -255,10 +338,10 @@ impl State {
             return Vec::new();
         }
         let (lo, hi) = ((lo - c.first) as usize, (hi - c.first) as usize);
-        c.ptrs[lo..hi]
-            .iter()
+        c.ptrs
+            .range(lo, hi)
             .filter(|p| !p.is_hole())
-            .map(|p| (self.segs[p.seg as usize], *p))
+            .map(|p| (self.segs[p.seg as usize], p))
             .collect()
     }
 }
@@ -593,7 +676,7 @@ fn encode_snapshot(st: &State, applied: Lsn) -> Vec<u8> {
         b.extend_from_slice(&conv.0.to_le_bytes());
         b.extend_from_slice(&c.first.to_le_bytes());
         b.extend_from_slice(&(c.ptrs.len() as u64).to_le_bytes());
-        for p in &c.ptrs {
+        for p in c.ptrs.iter() {
             for v in [p.seg, p.off, p.len, p.crc] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
@@ -668,7 +751,7 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
         let n = r.len(16)?;
         // Seqs first..first+n must exist (a damaged count would overflow `ConvIx::end`).
         first.checked_add(n as u64)?;
-        let mut ptrs = Vec::with_capacity(n);
+        let mut ptrs = Ptrs::default();
         for _ in 0..n {
             let p = Ptr {
                 seg: r.u32()?,
@@ -891,6 +974,45 @@ mod tests {
     }
 
     #[test]
+    fn conversation_vectors_span_chunks() {
+        let n = 2 * PTR_CHUNK as u64 + 7;
+        let mut c = ConvIx::default();
+        for seq in 10..10 + n {
+            c.set(seq, p(seq as u32));
+        }
+        assert_eq!(c.end(), 10 + n);
+        assert_eq!(c.ptrs.len(), n as usize);
+        assert_eq!(c.ptrs.rest.len(), 2);
+        assert!(c.ptrs.rest.iter().all(|k| k.capacity() == PTR_CHUNK));
+        for seq in [10, 10 + PTR_CHUNK as u64 - 1, 10 + PTR_CHUNK as u64, 9 + n] {
+            assert_eq!(c.get(seq), Some(p(seq as u32)));
+        }
+        assert_eq!(c.get(10 + n), None);
+        let lo = PTR_CHUNK - 2;
+        let got: Vec<Ptr> = c.ptrs.range(lo, lo + 4).collect();
+        let want: Vec<Ptr> = (lo..lo + 4).map(|i| p(10 + i as u32)).collect();
+        assert_eq!(got, want);
+        assert!(c.ptrs.iter().eq((10..10 + n).map(|s| p(s as u32))));
+        // A gap across a chunk boundary fills with holes; an older seq rebuilds in order.
+        c.set(10 + n + PTR_CHUNK as u64, p(1));
+        assert!(c.get(10 + n).unwrap().is_hole());
+        assert_eq!(c.get(10 + n + PTR_CHUNK as u64), Some(p(1)));
+        c.set(3, p(3));
+        assert_eq!((c.first, c.get(3), c.get(10)), (3, Some(p(3)), Some(p(10))));
+        assert!(c.get(4).unwrap().is_hole());
+        assert_eq!(c.end(), 11 + n + PTR_CHUNK as u64);
+        assert_eq!(c.get(9 + n), Some(p((9 + n) as u32)));
+        // Snapshots carry chunked conversations whole.
+        let mut st = State {
+            segs: vec![Lsn(1)],
+            ..State::default()
+        };
+        st.convs.insert(ConvId(7), c);
+        let got = decode_snapshot(&encode_snapshot(&st, Lsn(1))).expect("decodes");
+        assert_eq!(got.0.convs[&ConvId(7)].ptrs, st.convs[&ConvId(7)].ptrs);
+    }
+
+    #[test]
     fn fingerprint_collisions_go_to_the_full_key_map() {
         let mut st = State::default();
         let conv = ConvId(1);
@@ -915,7 +1037,10 @@ mod tests {
             ConvId(1),
             ConvIx {
                 first: u64::MAX,
-                ptrs: vec![p(1)],
+                ptrs: Ptrs {
+                    head: vec![p(1)],
+                    rest: Vec::new(),
+                },
             },
         );
         assert!(decode_snapshot(&encode_snapshot(&st, Lsn(1))).is_none());
