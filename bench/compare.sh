@@ -9,7 +9,7 @@
 # the defaults. Needs: mosquitto (apt-get install -y mosquitto), taskset.
 #
 # Knobs (environment): RATES, PAIRS, DURATION, BODY, TICK_US, TRANSPORTS ("plain tls"),
-# SYSTEMS ("starling mosquitto"), BOUND_MS, SERVER_CPU, LOADGEN_CPU,
+# SYSTEMS ("starling mosquitto"), BOUND_MS, NOISE_SECS, SERVER_CPU, LOADGEN_CPU,
 # OUT, STARLING, BENCH, SKIP_BUILD=1.
 set -euo pipefail
 
@@ -22,6 +22,7 @@ BODY=${BODY:-100}
 TRANSPORTS=${TRANSPORTS:-"plain tls"}
 SYSTEMS=${SYSTEMS:-"starling mosquitto"}
 BOUND_MS=${BOUND_MS:-50}
+NOISE_SECS=${NOISE_SECS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 OUT=${OUT:-$ROOT/bench/results}
@@ -103,6 +104,15 @@ EOF
   fi
 fi
 
+# --- The machine's own stalls on the two cores, servers idle (5 s; a reader of a
+# p99 needs to know how often the machine took a core away by itself).
+NOISE_ARGS=()
+if command -v python3 >/dev/null; then
+  echo "== machine noise: $NOISE_SECS s per CPU (bench/scripts/hiccups.py)"
+  python3 "$ROOT/bench/scripts/hiccups.py" --json "$TMP/noise.json" "$NOISE_SECS" "$SERVER_CPU" "$LOADGEN_CPU" \
+    && NOISE_ARGS=(--noise "$TMP/noise.json")
+fi
+
 run() { # system transport target pid rate
   local system=$1 transport=$2 target=$3 pid=$4 rate=$5
   echo "== $system $transport: $rate msg/s"
@@ -135,5 +145,5 @@ done
 
 mkdir -p "$OUT/runs"
 cp "$RUNS"/*.json "$OUT/runs/"
-"$BENCH" compare-report --runs "$RUNS" --out "$OUT" --bound-ms "$BOUND_MS"
+"$BENCH" compare-report --runs "$RUNS" --out "$OUT" --bound-ms "$BOUND_MS" "${NOISE_ARGS[@]}"
 echo "== load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

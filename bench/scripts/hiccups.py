@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long this machine takes cores away from a program that never blocks.
 
-    python3 bench/scripts/hiccups.py [SECONDS] [CPU ...]
+    python3 bench/scripts/hiccups.py [--json FILE] [SECONDS] [CPU ...]
 
 One process per CPU (default: every CPU this process may use), pinned there,
 reads the monotonic clock in a tight loop and counts every gap between two reads
@@ -11,8 +11,12 @@ otherwise idle machine: it measures the noise floor under any latency figure
 taken here (a 4 ms gap on the server's core is a 4 ms stall for every message
 in flight, and a queue that needs time to drain afterwards). It spins, so it
 uses each CPU it watches for the whole run; never run it beside a benchmark.
+`bench/compare.sh` runs it for 5 s before its ladder and records the result in
+compare.json (`machine_noise`) and under its table.
 """
 
+import argparse
+import json
 import os
 import sys
 import time
@@ -45,17 +49,39 @@ def watch(args):
 
 
 def main():
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
-    cpus = [int(c) for c in sys.argv[2:]] or sorted(os.sched_getaffinity(0))
+    ap = argparse.ArgumentParser(description="Gaps in a spinning process's view of the clock, per CPU.")
+    ap.add_argument("seconds", nargs="?", type=float, default=20.0)
+    ap.add_argument("cpus", nargs="*", type=int)
+    ap.add_argument("--json", help="also write the numbers here")
+    a = ap.parse_args()
+    seconds = a.seconds
+    cpus = a.cpus or sorted(os.sched_getaffinity(0))
     with Pool(len(cpus)) as pool:
-        results = pool.map(watch, [(c, seconds) for c in cpus])
+        results = sorted(pool.map(watch, [(c, seconds) for c in cpus]))
     ms = [b / 1000 for b in BUCKETS_US]
     heads = [f"{a:g}-{b:g} ms" for a, b in zip(ms, ms[1:])] + [f">{ms[-1]:g} ms"]
     print(f"{seconds:g} s per CPU; gaps between two clock reads, by length:")
     print("cpu  " + "  ".join(f"{h:>8}" for h in heads) + "   longest    lost")
-    for cpu, counts, lost, longest in sorted(results):
+    for cpu, counts, lost, longest in results:
         row = "  ".join(f"{n:>8}" for n in counts)
         print(f"{cpu:<4} {row}  {longest / 1e6:6.2f} ms  {100 * lost / (seconds * 1e9):5.2f}%")
+    if a.json:
+        out = {
+            "tool": "bench/scripts/hiccups.py",
+            "seconds_per_cpu": seconds,
+            "cpus": [
+                {
+                    "cpu": cpu,
+                    "gaps": dict(zip(heads, counts)),
+                    "gaps_over_1ms": sum(n for b, n in zip(BUCKETS_US, counts) if b >= 1000),
+                    "longest_ms": round(longest / 1e6, 3),
+                    "lost_percent": round(100 * lost / (seconds * 1e9), 3),
+                }
+                for cpu, counts, lost, longest in results
+            ],
+        }
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ pub(crate) struct CompareArgs {
     /// at least 95% of the offered rate was delivered, and nothing was lost.
     #[arg(long, default_value_t = 50.0)]
     bound_ms: f64,
+    /// `bench/scripts/hiccups.py --json` output taken before the ladder: how
+    /// much the machine itself stalled the server's and load generator's
+    /// cores, copied into compare.json and under the table.
+    #[arg(long)]
+    noise: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,6 +155,15 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let noise: Option<Value> = match &args.noise {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
+        ),
+        None => None,
+    };
     std::fs::create_dir_all(&args.out)?;
     report::write_json(
         &args.out.join("compare.json"),
@@ -157,11 +171,15 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             "bound_ms": args.bound_ms,
             "sustained_means": "p99 delivery <= bound_ms, >= 95% of offered delivered, none missing, no errors",
             "machine": machine,
+            "machine_noise": noise,
             "params_of_first_run": params,
             "systems": systems,
         }),
     )?;
-    let md = table(&systems, args.bound_ms);
+    let mut md = table(&systems, args.bound_ms);
+    if let Some(n) = &noise {
+        md.push_str(&noise_line(n));
+    }
     print!("{md}");
     std::fs::write(args.out.join("compare.md"), &md)?;
     write_svg(
@@ -179,6 +197,30 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
         false,
     )?;
     Ok(())
+}
+
+/// One line on how much the machine stalled each watched core before the ladder.
+fn noise_line(n: &Value) -> String {
+    let secs = f(n, &["seconds_per_cpu"]).unwrap_or(0.0);
+    let cpus: Vec<String> = n["cpus"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            format!(
+                "CPU {}: {} gaps over 1 ms, longest {:.2} ms, {:.2}% of the time lost",
+                u(c, &["cpu"]),
+                u(c, &["gaps_over_1ms"]),
+                f(c, &["longest_ms"]).unwrap_or(0.0),
+                f(c, &["lost_percent"]).unwrap_or(0.0),
+            )
+        })
+        .collect();
+    format!(
+        "\nThe machine's own stalls before the ladder (`bench/scripts/hiccups.py`, {secs} s per CPU, servers idle): {}.\n",
+        cpus.join("; ")
+    )
 }
 
 fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
@@ -370,4 +412,66 @@ fn write_svg(
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_file(rate: f64, p99_us: u64) -> Value {
+        serde_json::json!({
+            "params": {"pairs": 2},
+            "machine": {"cpus": 2},
+            "outcome": {
+                "rate_offered": rate,
+                "rate_achieved": rate,
+                "missing": 0,
+                "errors": [],
+                "counts": {"delivered": 1000},
+                "ack_us": {"p50_us": 500, "p99_us": p99_us, "p999_us": p99_us},
+                "deliver_us": {"p50_us": 500, "p99_us": p99_us, "p999_us": p99_us},
+                "server_cpu_cores": 0.5,
+                "loadgen_cpu_cores": 0.3,
+            },
+        })
+    }
+
+    #[test]
+    fn the_report_judges_each_step_and_carries_the_machine_noise() {
+        let dir = std::env::temp_dir().join(format!("sb-compare-{}", std::process::id()));
+        let runs = dir.join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        for (rate, p99) in [(10_000.0, 2_000), (20_000.0, 80_000)] {
+            let path = runs.join(format!("starling-plain-{rate}.json"));
+            std::fs::write(path, run_file(rate, p99).to_string()).unwrap();
+        }
+        let noise = dir.join("noise.json");
+        std::fs::write(
+            &noise,
+            r#"{"seconds_per_cpu": 5, "cpus": [{"cpu": 0, "gaps_over_1ms": 3, "longest_ms": 2.5, "lost_percent": 0.4}]}"#,
+        )
+        .unwrap();
+        let out = dir.join("out");
+        run(&CompareArgs {
+            runs,
+            out: out.clone(),
+            bound_ms: 50.0,
+            noise: Some(noise),
+        })
+        .unwrap();
+        let j: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap())
+                .unwrap();
+        let sys = &j["systems"]["starling-plain"];
+        assert_eq!(sys["max_sustained_rate"], 10_000.0);
+        assert_eq!(sys["steps"][1]["sustained"], false);
+        assert_eq!(j["machine_noise"]["cpus"][0]["longest_ms"], 2.5);
+        let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+        assert!(
+            md.contains("CPU 0: 3 gaps over 1 ms, longest 2.50 ms, 0.40% of the time lost"),
+            "{md}"
+        );
+        assert!(out.join("latency.svg").exists() && out.join("throughput.svg").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
