@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -228,33 +228,71 @@ fn fingerprint(conv: ConvId, id: ClientMsgId) -> u64 {
     mix64(h ^ w(&id.0[8..]))
 }
 
-/// The dedup map (fingerprint → seq), split by the fingerprint's top byte into 256 tables.
+/// A hash map split into 256 tables by a mix of the key.
 ///
-/// One table of every message's fingerprint rehashes all of it when it grows: ~100 ms at a few
-/// million messages, during which the index's lock is held and, since the index is applied on
-/// the log's I/O thread, no commit completes (seen as 100–300 ms p99 spikes in
-/// `bench/compare.sh`). Split, each growth moves 1/256 of the entries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FpMap(Vec<HashMap<u64, u64, Mix>>);
+/// One table of every key rehashes all of it when it grows, on the log's I/O thread with the
+/// index's write lock held, so no commit of the shard completes meanwhile. For the dedup map
+/// (a key per message) that was ~100 ms at a few million messages (100–300 ms p99 spikes in
+/// `bench/compare.sh`); for the conversation map (a key per conversation) a rehash of 1.8
+/// million conversations took 0.8 s in a `std` map on this machine (BENCHMARKS.md, session 7).
+/// Split, each growth moves 1/256 of the entries.
+#[derive(Debug, Clone)]
+struct SplitMap<K, V>(Vec<HashMap<K, V, Mix>>);
 
-impl Default for FpMap {
-    fn default() -> Self {
-        FpMap((0..256).map(|_| HashMap::default()).collect())
+impl<K: SplitKey, V: PartialEq> PartialEq for SplitMap<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
     }
 }
 
-impl FpMap {
-    fn table(&self, fp: u64) -> &HashMap<u64, u64, Mix> {
-        &self.0[(fp >> 56) as usize]
+impl<K: SplitKey, V: Eq> Eq for SplitMap<K, V> {}
+
+/// Picks a key's table: the top byte of a mix of the key, independent of the hash the
+/// table itself uses.
+trait SplitKey: Hash + Eq {
+    fn table(&self) -> usize;
+}
+
+/// Fingerprints are already mixed.
+impl SplitKey for u64 {
+    fn table(&self) -> usize {
+        (*self >> 56) as usize
+    }
+}
+
+/// Conversation ids need not be mixed (1:1 ids are derived from the two user ids).
+impl SplitKey for ConvId {
+    fn table(&self) -> usize {
+        (mix64(mix64(self.0 as u64) ^ (self.0 >> 64) as u64 ^ 0x636f_6e76) >> 56) as usize
+    }
+}
+
+impl<K, V> Default for SplitMap<K, V> {
+    fn default() -> Self {
+        SplitMap((0..256).map(|_| HashMap::default()).collect())
+    }
+}
+
+impl<K: SplitKey, V> SplitMap<K, V> {
+    fn get(&self, k: &K) -> Option<&V> {
+        self.0[k.table()].get(k)
     }
 
-    fn get(&self, fp: &u64) -> Option<&u64> {
-        self.table(*fp).get(fp)
+    #[cfg(test)]
+    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.0[k.table()].get_mut(k)
     }
 
-    /// Sets `fp`'s seq; returns the seq it replaced.
-    fn insert(&mut self, fp: u64, seq: u64) -> Option<u64> {
-        self.0[(fp >> 56) as usize].insert(fp, seq)
+    /// Sets `k`'s value; returns the value it replaced.
+    fn insert(&mut self, k: K, v: V) -> Option<V> {
+        self.0[k.table()].insert(k, v)
+    }
+
+    fn get_or_default(&mut self, k: K) -> &mut V
+    where
+        V: Default,
+    {
+        self.0[k.table()].entry(k).or_default()
     }
 
     fn len(&self) -> usize {
@@ -267,8 +305,19 @@ impl FpMap {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&u64, &u64)> {
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.0.iter().flat_map(|t| t.iter())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(k, _)| k)
+    }
+}
+
+impl<K: SplitKey, V> std::ops::Index<&K> for SplitMap<K, V> {
+    type Output = V;
+    fn index(&self, k: &K) -> &V {
+        &self.0[k.table()][k]
     }
 }
 
@@ -277,9 +326,9 @@ impl FpMap {
 struct State {
     /// Base lsns of the segments pointers name, ascending.
     segs: Vec<Lsn>,
-    convs: HashMap<ConvId, ConvIx, Mix>,
+    convs: SplitMap<ConvId, ConvIx>,
     /// Fingerprint of `(conv, client_msg_id)` → seq.
-    dedup: FpMap,
+    dedup: SplitMap<u64, u64>,
     /// Pairs whose fingerprint was already taken by another pair.
     dedup_more: HashMap<(ConvId, ClientMsgId), u64>,
     entries: u64,
@@ -307,7 +356,7 @@ impl State {
     }
 
     fn insert(&mut self, conv: ConvId, seq: Seq, id: ClientMsgId, p: Ptr) {
-        let c = self.convs.entry(conv).or_default();
+        let c = self.convs.get_or_default(conv);
         let fresh = c.get(seq.0).is_none_or(Ptr::is_hole);
         c.set(seq.0, p);
         if fresh {
@@ -672,7 +721,7 @@ fn encode_snapshot(st: &State, applied: Lsn) -> Vec<u8> {
         b.extend_from_slice(&s.0.to_le_bytes());
     }
     b.extend_from_slice(&(st.convs.len() as u64).to_le_bytes());
-    for (conv, c) in &st.convs {
+    for (conv, c) in st.convs.iter() {
         b.extend_from_slice(&conv.0.to_le_bytes());
         b.extend_from_slice(&c.first.to_le_bytes());
         b.extend_from_slice(&(c.ptrs.len() as u64).to_le_bytes());
@@ -1010,6 +1059,28 @@ mod tests {
         st.convs.insert(ConvId(7), c);
         let got = decode_snapshot(&encode_snapshot(&st, Lsn(1))).expect("decodes");
         assert_eq!(got.0.convs[&ConvId(7)].ptrs, st.convs[&ConvId(7)].ptrs);
+    }
+
+    #[test]
+    fn split_maps_spread_unmixed_conversation_ids_over_their_tables() {
+        // Ids with structure only in their high or low half (derived 1:1 ids look like this).
+        for ids in [
+            (0..4096u128).collect::<Vec<_>>(),
+            (0..4096u128).map(|i| i << 64).collect(),
+            (0..4096u128).map(|i| (i << 64) | (i + 1)).collect(),
+        ] {
+            let mut m: SplitMap<ConvId, u64> = SplitMap::default();
+            for (n, id) in ids.iter().enumerate() {
+                m.insert(ConvId(*id), n as u64);
+            }
+            assert_eq!(m.len(), 4096);
+            assert!(m.0.iter().all(|t| t.len() < 48), "one table holds too many");
+            assert!(
+                ids.iter()
+                    .enumerate()
+                    .all(|(n, id)| m[&ConvId(*id)] == n as u64)
+            );
+        }
     }
 
     #[test]
