@@ -518,7 +518,9 @@ pub struct RouterShard<L, I, M> {
     now_ms: u64,
 
     // sequencer
-    convs: HashMap<u64, ConvState>,
+    /// Boxed: growing the map rehashes 16-byte entries, not whole conversation states (~0.4 KB
+    /// each), which at a million conversations would stall the shard for most of a second.
+    convs: HashMap<u64, Box<ConvState>>,
     open: OpenBatch,
     inflight: VecDeque<InFlight>,
     /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
@@ -1235,10 +1237,11 @@ where
             }
             st.announced_delivered = st.delivered.clone();
             st.announced_read = st.read.clone();
-            self.convs.insert(conv, st);
+            self.convs.insert(conv, Box::new(st));
         }
         self.convs
             .get_mut(&conv)
+            .map(|c| &mut **c)
             .ok_or_else(|| Refusal(ErrorCode::Internal, "conversation state vanished".into()))
     }
 
