@@ -18,7 +18,6 @@ compare.json (`machine_noise`) and under its table.
 import argparse
 import json
 import os
-import sys
 import time
 from multiprocessing import Pool
 

@@ -155,15 +155,15 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let noise: Option<Value> = match &args.noise {
-        Some(p) => Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("parsing {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let noise: Option<Value> = args
+        .noise
+        .as_deref()
+        .map(|p| {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        })
+        .transpose()?;
     std::fs::create_dir_all(&args.out)?;
     report::write_json(
         &args.out.join("compare.json"),

@@ -70,9 +70,10 @@ const PTR_CHUNK: usize = 4096;
 /// One conversation's pointers in chunks of [`PTR_CHUNK`]. Appending moves at most one chunk:
 /// a single `Vec` copies the whole conversation when it doubles, which at a few hundred
 /// thousand messages is milliseconds on the log's I/O thread, with the index lock held and no
-/// commit completing (measured as 3 ms runs of that thread with `perf sched timehist`;
-/// BENCHMARKS.md, session 7). A conversation of at most one chunk costs no more than a `Vec`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// commit completing (that thread ran up to 7–10 ms at a time at 100k msg/s on two
+/// conversations, 2–3 ms chunked; BENCHMARKS.md, session 7). A conversation of at most one
+/// chunk costs no more than a `Vec`.
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Ptrs {
     /// Entries `0..PTR_CHUNK` (all of them while the conversation is small).
     head: Vec<Ptr>,
@@ -233,8 +234,9 @@ fn fingerprint(conv: ConvId, id: ClientMsgId) -> u64 {
 /// One table of every key rehashes all of it when it grows, on the log's I/O thread with the
 /// index's write lock held, so no commit of the shard completes meanwhile. For the dedup map
 /// (a key per message) that was ~100 ms at a few million messages (100–300 ms p99 spikes in
-/// `bench/compare.sh`); for the conversation map (a key per conversation) a rehash of 1.8
-/// million conversations took 0.8 s in a `std` map on this machine (BENCHMARKS.md, session 7).
+/// `bench/compare.sh`); for the conversation map (a key per conversation) growing past 1.8
+/// million conversations took 240–683 ms as one map, 1.2–3.1 ms split (BENCHMARKS.md,
+/// session 7).
 /// Split, each growth moves 1/256 of the entries.
 #[derive(Debug, Clone)]
 struct SplitMap<K, V>(Vec<HashMap<K, V, Mix>>);
