@@ -24,9 +24,26 @@ pub fn unix_ms() -> u64 {
     reason = "the gateway's single monotonic clock read; callers pass the value down"
 )]
 pub fn mono_ms() -> u64 {
+    u64::try_from(Instant::now().duration_since(start()).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Monotonic microseconds since the process started, for latency histograms.
+#[must_use]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the gateway's single monotonic clock read; callers pass the value down"
+)]
+pub fn mono_us() -> u64 {
+    u64::try_from(Instant::now().duration_since(start()).as_micros()).unwrap_or(u64::MAX)
+}
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the origin of the gateway's monotonic clock"
+)]
+fn start() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(Instant::now().duration_since(start).as_millis()).unwrap_or(u64::MAX)
+    *START.get_or_init(Instant::now)
 }
 
 /// `ms` as a [`Duration`].

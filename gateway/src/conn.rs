@@ -12,6 +12,7 @@
 //! record). Each is allocated only while it holds bytes and freed when it
 //! drains.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -288,7 +289,14 @@ struct Conn {
     wire: Vec<u8>,
     principal: Option<Principal>,
     peer: SocketAddr,
+    /// Sends awaiting their SendAck: (request id, µs clock of the read that brought them), for
+    /// the shard's `send_ack` latency histogram. Bounded by [`SEND_TIMES_MAX`].
+    send_times: VecDeque<(u64, u64)>,
 }
+
+/// At most this many Sends are timed per connection (the in-flight limit bounds an honest
+/// client; a request id that is never answered must not grow the queue).
+const SEND_TIMES_MAX: usize = 1024;
 
 /// Runs a freshly accepted connection to completion.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: bool) {
@@ -360,6 +368,7 @@ impl Conn {
             wire: Vec::new(),
             principal: None,
             peer,
+            send_times: VecDeque::new(),
         })
     }
 
@@ -599,6 +608,8 @@ impl Conn {
         }
         let inflight_max = self.shard.shared.cfg.limits.inflight_requests_max;
         let mut requests = 0u32;
+        // One clock read per read, and only if it brought a Send.
+        let mut read_us = None;
         loop {
             match self.decoder.poll_frame() {
                 Ok(None) if eof => {
@@ -627,6 +638,13 @@ impl Conn {
                             );
                             continue;
                         }
+                    }
+                    if frame.request_id != 0 && matches!(frame.body, Some(Body::Send(_))) {
+                        let t = *read_us.get_or_insert_with(clock::mono_us);
+                        if self.send_times.len() == SEND_TIMES_MAX {
+                            self.send_times.pop_front();
+                        }
+                        self.send_times.push_back((frame.request_id, t));
                     }
                     if let Some(stop) = self.on_frame(frame).await {
                         return Some(stop);
@@ -726,7 +744,37 @@ impl Conn {
             return 0;
         }
         metrics::inc(&self.shard.metrics().frames_out);
+        if !self.send_times.is_empty()
+            && matches!(frame.body, Some(Body::SendAck(_) | Body::Error(_)))
+        {
+            self.answered_send(frame);
+        }
         self.out.len() - before
+    }
+
+    /// A SendAck (or a Send's Error) is queued: records how long its Send spent in the server.
+    fn answered_send(&mut self, frame: &v1::Frame) {
+        // Answers come in send order but for refusals, so the front is nearly always it.
+        let Some(i) = self
+            .send_times
+            .iter()
+            .position(|&(rid, _)| rid == frame.request_id)
+        else {
+            return;
+        };
+        let Some((_, read_us)) = self.send_times.remove(i) else {
+            return;
+        };
+        if matches!(frame.body, Some(Body::SendAck(_))) {
+            self.shard
+                .metrics()
+                .send_ack
+                .record_us(clock::mono_us().saturating_sub(read_us));
+        }
+        if self.send_times.is_empty() && self.send_times.capacity() > 64 {
+            // Keep an idle connection small.
+            self.send_times = VecDeque::new();
+        }
     }
 
     fn error(&mut self, request_id: u64, code: ErrorCode, message: &str) {

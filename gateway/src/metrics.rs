@@ -7,9 +7,15 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use starling_storage::stats::{BUCKET_BOUNDS_US, LatencyHistogram, LogStats};
 
 /// A counter's name, help text and field.
 type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> &AtomicU64);
+
+/// A log counter's name, help text and field.
+type LogCounter = (&'static str, &'static str, fn(&LogStats) -> &AtomicU64);
 
 /// One shard's counters.
 #[derive(Debug, Default)]
@@ -42,6 +48,9 @@ pub struct ShardMetrics {
     pub token_expiries: AtomicU64,
     /// TLS handshakes that resumed a session from a ticket.
     pub tls_resumptions: AtomicU64,
+    /// From the read that brought a Send to the queueing of its SendAck (after the log made
+    /// it durable): the server's part of the sender's wait.
+    pub send_ack: LatencyHistogram,
 }
 
 /// Authentication failure reasons counted separately.
@@ -63,6 +72,8 @@ pub struct Metrics {
     /// Per shard, indexed by shard number.
     pub shards: Vec<ShardMetrics>,
     auth_failures: Vec<AtomicU64>,
+    /// Per shard, its log's I/O statistics (empty without messaging storage).
+    logs: Vec<Arc<LogStats>>,
 }
 
 /// Adds 1.
@@ -76,10 +87,11 @@ pub fn add(c: &AtomicU64, n: usize) {
 }
 
 impl Metrics {
-    /// Counters for `shards` shards.
+    /// Counters for `shards` shards, and their logs' statistics (indexed by shard).
     #[must_use]
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, logs: Vec<Arc<LogStats>>) -> Self {
         Self {
+            logs,
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             auth_failures: AUTH_FAILURE_REASONS
                 .iter()
@@ -173,6 +185,45 @@ impl Metrics {
                 );
             }
         }
+        histogram(
+            &mut s,
+            "starling_send_ack_seconds",
+            "From the read that brought a Send to the queueing of its SendAck (durable).",
+            self.shards.iter().map(|m| &m.send_ack),
+        );
+        let log_counters: [LogCounter; 3] = [
+            (
+                "starling_log_syncs_total",
+                "Group commits of the message log that ended in an fdatasync.",
+                |l| &l.syncs,
+            ),
+            (
+                "starling_log_records_total",
+                "Records (append batches) written to the message log.",
+                |l| &l.records,
+            ),
+            (
+                "starling_log_bytes_total",
+                "Record bytes written to the message log.",
+                |l| &l.bytes,
+            ),
+        ];
+        for (name, help, f) in log_counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (i, l) in self.logs.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "{name}{{shard=\"{i}\"}} {}",
+                    f(l).load(Ordering::Relaxed)
+                );
+            }
+        }
+        histogram(
+            &mut s,
+            "starling_log_commit_seconds",
+            "Write plus fdatasync of one group commit of the message log.",
+            self.logs.iter().map(|l| &l.commit),
+        );
         let name = "starling_auth_failures_total";
         let _ = writeln!(
             s,
@@ -186,6 +237,31 @@ impl Metrics {
             );
         }
         s
+    }
+}
+
+/// Writes one Prometheus histogram (seconds) with a series per shard.
+fn histogram<'a>(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    per_shard: impl Iterator<Item = &'a LatencyHistogram>,
+) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (i, h) in per_shard.enumerate() {
+        let snap = h.snapshot();
+        for (bound, n) in BUCKET_BOUNDS_US.iter().zip(&snap.cumulative) {
+            let le = Duration::from_micros(*bound).as_secs_f64();
+            let _ = writeln!(s, "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "{name}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {}",
+            snap.cumulative.last().copied().unwrap_or(0)
+        );
+        let sum = Duration::from_micros(snap.sum_us).as_secs_f64();
+        let _ = writeln!(s, "{name}_sum{{shard=\"{i}\"}} {sum}");
+        let _ = writeln!(s, "{name}_count{{shard=\"{i}\"}} {}", snap.count);
     }
 }
 

@@ -139,7 +139,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&material)?;
 
     let n = cfg.shard_count();
-    let metrics = Arc::new(Metrics::new(n));
+    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n, &cfg.storage)?;
+    let log_stats = router_parts
+        .iter()
+        .filter_map(|p| p.store.log().ok().map(|l| l.stats().clone()))
+        .collect();
+    let metrics = Arc::new(Metrics::new(n, log_stats));
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
         cfg.accounts.clone(),
@@ -147,7 +152,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     )?);
     say(&format!("access token key id: {}", accounts.token_kid()));
 
-    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n, &cfg.storage)?;
     let mut router_parts: Vec<Option<_>> = router_parts.into_iter().map(Some).collect();
 
     let (tls_addr, mut tls_listeners) = bind_group(cfg.listen, n)?;

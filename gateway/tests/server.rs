@@ -1628,6 +1628,34 @@ fn messaging_end_to_end() {
             }
             other => panic!("{driver}: {other:?}"),
         }
+
+        // The metrics saw the four SendAcks and the log's group commits.
+        assert_eq!(metric_sum(&srv, "starling_send_ack_seconds_count"), 4);
+        assert!(
+            metric_sum(&srv, "starling_log_syncs_total") >= 3,
+            "{driver}"
+        );
+        assert!(
+            metric_sum(&srv, "starling_log_records_total") >= 3,
+            "{driver}"
+        );
+        assert!(metric_sum(&srv, "starling_log_commit_seconds_count") >= 3);
+        let m = srv.metrics();
+        for name in ["starling_send_ack_seconds", "starling_log_commit_seconds"] {
+            let counts: Vec<i64> = m
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}_bucket{{shard=\"0\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect();
+            assert_eq!(counts.len(), 16, "{driver}: {m}");
+            assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{driver}: {m}");
+            let total = m
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}_count{{shard=\"0\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok());
+            assert_eq!(counts.last().copied(), total, "{driver}: {m}");
+            assert!(m.contains(&format!("# TYPE {name} histogram")), "{m}");
+        }
     }
 }
 

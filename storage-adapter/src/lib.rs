@@ -2,7 +2,8 @@
 //!
 //! **Owns:** the storage traits every backend implements (durable log,
 //! message index, cursors, metadata) and their backends: the embedded default
-//! (a project-owned segmented log, an index and a metadata store).
+//! (a project-owned segmented log, an index and a metadata store), and the
+//! statistics the log keeps for the metrics endpoint (`stats`).
 //!
 //! **Is not:** a protocol or connection layer. It stores opaque entries and
 //! records.
@@ -21,6 +22,7 @@ pub mod index;
 pub mod log;
 pub mod mem;
 pub mod meta;
+pub mod stats;
 pub mod traits;
 pub mod types;
 

@@ -26,6 +26,7 @@ pub use recovery::RecoveryReport;
 
 use crate::error::LogError;
 use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};
+use crate::stats::LogStats;
 use crate::types::{Durability, Entry, Level, Lsn};
 use completion::Watermarks;
 use recovery::{SPARE_NAME, segment_name};
@@ -148,6 +149,7 @@ pub struct SegmentedLog {
     inflight_bytes_max: u64,
     tx: Option<mpsc::Sender<Request>>,
     marks: Arc<Watermarks>,
+    stats: Arc<LogStats>,
     io_thread: Option<JoinHandle<()>>,
     report: RecoveryReport,
 }
@@ -207,6 +209,7 @@ impl SegmentedLog {
             None => None,
         };
         let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
+        let stats = Arc::new(LogStats::default());
         let (tx, rx) = mpsc::channel();
         let (spare_req, spare_res) =
             spawn_spare_maker(dir, opts.segment_bytes, opts.fault_hook.clone())?;
@@ -221,6 +224,7 @@ impl SegmentedLog {
             spare_req,
             spare_res,
             marks: marks.clone(),
+            stats: stats.clone(),
             read_model,
             unsynced: Vec::new(),
             buf: Vec::with_capacity(opts.group_bytes_max + RECORD_PAYLOAD_BYTES_MAX.min(1 << 20)),
@@ -240,6 +244,7 @@ impl SegmentedLog {
             inflight_bytes_max: opts.inflight_bytes_max,
             tx: Some(tx),
             marks,
+            stats,
             io_thread: Some(io_thread),
             report: rec.report,
         })
@@ -324,6 +329,11 @@ impl SegmentedLog {
     /// The highest lsn handed to the OS (durable against a process crash, not a power failure).
     pub fn written_lsn(&self) -> Lsn {
         self.marks.written()
+    }
+
+    /// What the I/O thread has done so far (for the metrics endpoint).
+    pub fn stats(&self) -> &Arc<LogStats> {
+        &self.stats
     }
 
     /// Bytes submitted but not yet completed.
@@ -506,6 +516,7 @@ struct Writer {
     spare_req: mpsc::Sender<()>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
     marks: Arc<Watermarks>,
+    stats: Arc<LogStats>,
     read_model: Option<ReadModel>,
     unsynced: Vec<Request>,
     buf: Vec<u8>,
@@ -535,11 +546,20 @@ impl Writer {
                 }
             }
             let sync = group.iter().any(|r| r.sync);
+            let started = io_clock();
             let committed = self.commit(&mut group, sync);
-            // No interval, no clock reads.
-            last_commit_end = (!self.commit_interval_min.is_zero()).then(io_clock);
+            let ended = io_clock();
+            last_commit_end = (!self.commit_interval_min.is_zero()).then_some(ended);
             match committed {
                 Ok(()) => {
+                    if sync {
+                        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        self.stats.commit.record(ended - started);
+                    }
+                    self.stats
+                        .records
+                        .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     let last = group.last().map_or(Lsn::ZERO, |r| r.last_lsn);
                     // Completions and the wake callback first: acknowledgements do not wait
                     // for the read model.
