@@ -292,6 +292,36 @@ struct Conn {
     /// Sends awaiting their SendAck: (request id, µs clock of the read that brought them), for
     /// the shard's `send_ack` latency histogram. Bounded by [`SEND_TIMES_MAX`].
     send_times: VecDeque<(u64, u64)>,
+    /// Clock readings shared by every frame of one read, or of one batch of output.
+    clock: PhaseClock,
+}
+
+/// Clock readings taken at most once per phase (a read and the frames it brought, or the
+/// output queued after it) instead of once per frame: at tens of thousands of frames a second
+/// the reads showed in profiles (~2% of the shard at 80k msg/s, 50 pairs).
+#[derive(Debug, Default)]
+struct PhaseClock {
+    mono_us: Option<u64>,
+    unix_ms: Option<u64>,
+}
+
+impl PhaseClock {
+    /// Starts a phase: the next reading is fresh.
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    fn mono_us(&mut self) -> u64 {
+        *self.mono_us.get_or_insert_with(clock::mono_us)
+    }
+
+    fn mono_ms(&mut self) -> u64 {
+        self.mono_us() / 1000
+    }
+
+    fn unix_ms(&mut self) -> u64 {
+        *self.unix_ms.get_or_insert_with(clock::unix_ms)
+    }
 }
 
 /// At most this many Sends are timed per connection (the in-flight limit bounds an honest
@@ -369,6 +399,7 @@ impl Conn {
             principal: None,
             peer,
             send_times: VecDeque::new(),
+            clock: PhaseClock::default(),
         })
     }
 
@@ -518,7 +549,8 @@ impl Conn {
                 && let Some(r) = &self.shard.router
             {
                 let id = router_conn(self.id);
-                r.with(|rs, now| rs.handle_conn_flushed(id, routed, now));
+                let now = self.clock.unix_ms();
+                r.with_at(now, |rs, now| rs.handle_conn_flushed(id, routed, now));
             }
         }
     }
@@ -539,6 +571,7 @@ impl Conn {
     /// Encodes the router's frames for this connection into the transport;
     /// returns the bytes queued.
     fn queue_outbound(&mut self) -> u64 {
+        self.clock.reset();
         let mut bytes = 0u64;
         for frame in self.ctl.take_outbound() {
             bytes += self.send_frame(&frame) as u64;
@@ -608,8 +641,7 @@ impl Conn {
         }
         let inflight_max = self.shard.shared.cfg.limits.inflight_requests_max;
         let mut requests = 0u32;
-        // One clock read per read, and only if it brought a Send.
-        let mut read_us = None;
+        self.clock.reset();
         loop {
             match self.decoder.poll_frame() {
                 Ok(None) if eof => {
@@ -626,7 +658,8 @@ impl Conn {
                     metrics::inc(&self.shard.metrics().frames_in);
                     if self.welcomed {
                         let idle = u64::from(self.shard.shared.cfg.limits.idle_timeout_ms);
-                        self.ctl.set_deadline(clock::mono_ms() + idle, Kill::Idle);
+                        let now = self.clock.mono_ms();
+                        self.ctl.set_deadline(now + idle, Kill::Idle);
                     }
                     if frame.request_id != 0 {
                         requests += 1;
@@ -640,7 +673,7 @@ impl Conn {
                         }
                     }
                     if frame.request_id != 0 && matches!(frame.body, Some(Body::Send(_))) {
-                        let t = *read_us.get_or_insert_with(clock::mono_us);
+                        let t = self.clock.mono_us();
                         if self.send_times.len() == SEND_TIMES_MAX {
                             self.send_times.pop_front();
                         }
@@ -769,7 +802,7 @@ impl Conn {
             self.shard
                 .metrics()
                 .send_ack
-                .record_us(clock::mono_us().saturating_sub(read_us));
+                .record_us(self.clock.mono_us().saturating_sub(read_us));
         }
         if self.send_times.is_empty() && self.send_times.capacity() > 64 {
             // Keep an idle connection small.
@@ -1117,7 +1150,8 @@ impl Conn {
                             body: Some(other),
                         },
                     );
-                    r.with(|rs, now| rs.handle_frame(id, frame, now));
+                    let now = self.clock.unix_ms();
+                    r.with_at(now, |rs, now| rs.handle_frame(id, frame, now));
                 }
             }
             other => {

@@ -195,7 +195,12 @@ impl ShardRouter {
     /// Runs `f` on the router (never across an await), then wakes the
     /// driver so that the router's output is delivered.
     pub fn with<T>(&self, f: impl FnOnce(&mut Router, u64) -> T) -> T {
-        let out = f(&mut self.router.borrow_mut(), clock::unix_ms());
+        self.with_at(clock::unix_ms(), f)
+    }
+
+    /// [`ShardRouter::with`] at a time the caller has read (once for many frames).
+    pub fn with_at<T>(&self, now_ms: u64, f: impl FnOnce(&mut Router, u64) -> T) -> T {
+        let out = f(&mut self.router.borrow_mut(), now_ms);
         self.kick();
         out
     }
