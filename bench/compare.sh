@@ -30,6 +30,7 @@ STARLING=${STARLING:-$ROOT/target/release/starling}
 BENCH=${BENCH:-$ROOT/target/release/starling-bench}
 S_TLS=127.0.0.1:17443
 S_PLAIN=127.0.0.1:17444
+S_METRICS=127.0.0.1:17464
 M_PLAIN=127.0.0.1:11883
 M_TLS=127.0.0.1:18883
 
@@ -59,7 +60,7 @@ otp_resend_ms = 0
 access_token_ttl_ms = 86400000
 EOF
 taskset -c "$SERVER_CPU" "$STARLING" serve --config "$TMP/starling.toml" --data-dir "$TMP/data" \
-  --listen "$S_TLS" --dangerous-plaintext-listen "$S_PLAIN" --metrics-listen off --shards 1 \
+  --listen "$S_TLS" --dangerous-plaintext-listen "$S_PLAIN" --metrics-listen "$S_METRICS" --shards 1 \
   > "$TMP/starling.log" 2>&1 &
 SPID=$!
 PIDS+=("$SPID")
@@ -115,8 +116,10 @@ fi
 
 run() { # system transport target pid rate
   local system=$1 transport=$2 target=$3 pid=$4 rate=$5
+  local own=()
+  [[ $system == starling ]] && own=(--server-metrics "$S_METRICS")
   echo "== $system $transport: $rate msg/s"
-  taskset -c "$LOADGEN_CPU" "$BENCH" messages --target "$target" --ca "$CA" \
+  taskset -c "$LOADGEN_CPU" "$BENCH" messages --target "$target" --ca "$CA" "${own[@]}" \
     --accounts "$TMP/accounts.json" --pairs "$PAIRS" --rate "$rate" --duration-secs "$DURATION" \
     --drain-secs 3 --body-bytes "$BODY" --tick-us "$TICK_US" --server-pid "$pid" \
     --json "$RUNS/$system-$transport-$rate.json" 2>/dev/null | sed -n '/^target/,$p'

@@ -46,6 +46,11 @@ struct Step {
     deliver_p999_us: u64,
     missing: u64,
     server_cpu_cores: Option<f64>,
+    /// Starling's own SendAck p99 over the run (upper bound of its histogram bucket, µs), when
+    /// the run scraped its metrics; `None` also when it lies beyond the last finite bucket.
+    server_ack_p99_le_us: Option<u64>,
+    /// Whether the run has the server's own histogram at all.
+    server_ack_measured: bool,
     loadgen_cpu_cores: f64,
     loadgen_saturated: bool,
     loadavg_1m_end: f64,
@@ -125,6 +130,8 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             deliver_p999_us: u(o, &["deliver_us", "p999_us"]),
             missing,
             server_cpu_cores: f(o, &["server_cpu_cores"]),
+            server_ack_p99_le_us: o["server_ack"]["p99_le_us"].as_u64(),
+            server_ack_measured: o["server_ack"].is_object(),
             loadgen_cpu_cores: f(o, &["loadgen_cpu_cores"]).unwrap_or(0.0),
             loadgen_saturated: o["loadgen_saturated"].as_bool().unwrap_or(false),
             loadavg_1m_end: f(o, &["loadavg_1m_end"]).unwrap_or(0.0),
@@ -227,9 +234,9 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| system | offered/s | delivered/s | ack p50 / p99 / p99.9 ms | delivery p50 / p99 / p99.9 ms | server CPU | loadgen CPU | within {bound_ms} ms |"
+        "| system | offered/s | delivered/s | ack p50 / p99 / p99.9 ms | delivery p50 / p99 / p99.9 ms | server's own ack p99 ms | server CPU | loadgen CPU | within {bound_ms} ms |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
     let ms = |us: u64| us as f64 / 1000.0;
     for (name, sys) in systems {
         for st in &sys.steps {
@@ -242,7 +249,7 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {name} | {:.0} | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {:.2} | {note} |",
+                "| {name} | {:.0} | {:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {:.2} | {note} |",
                 st.rate_offered,
                 st.rate_achieved,
                 ms(st.ack_p50_us),
@@ -251,6 +258,11 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
                 ms(st.deliver_p50_us),
                 ms(st.deliver_p99_us),
                 ms(st.deliver_p999_us),
+                if st.server_ack_measured {
+                    crate::scrape::show_ms(st.server_ack_p99_le_us)
+                } else {
+                    "-".to_owned()
+                },
                 st.server_cpu_cores
                     .map_or("-".to_owned(), |c| format!("{c:.2}")),
                 st.loadgen_cpu_cores,
@@ -431,6 +443,7 @@ mod tests {
                 "ack_us": {"p50_us": 500, "p99_us": p99_us, "p999_us": p99_us},
                 "deliver_us": {"p50_us": 500, "p99_us": p99_us, "p999_us": p99_us},
                 "server_cpu_cores": 0.5,
+                "server_ack": {"count": 1000, "p50_le_us": 250, "p99_le_us": 1500},
                 "loadgen_cpu_cores": 0.3,
             },
         })
@@ -471,6 +484,8 @@ mod tests {
             md.contains("CPU 0: 3 gaps over 1 ms, longest 2.50 ms, 0.40% of the time lost"),
             "{md}"
         );
+        assert!(md.contains("| 0.50 / 2.00 / 2.00 | ≤ 1.5 | 0.50 |"), "{md}");
+        assert_eq!(sys["steps"][0]["server_ack_p99_le_us"], 1500);
         assert!(out.join("latency.svg").exists() && out.join("throughput.svg").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

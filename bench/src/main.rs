@@ -22,6 +22,7 @@ mod mqtt;
 mod net;
 mod rate;
 mod report;
+mod scrape;
 mod storm;
 mod timer;
 mod tls_memory;

@@ -45,6 +45,7 @@ use crate::clock::{self, Stopwatch};
 use crate::mqtt::{self, Packet};
 use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
 use crate::report::{self, HistData, Machine, Summary};
+use crate::scrape::{self, ServerAck};
 use crate::timer::Timer;
 use crate::workers::{self, WorkerArgs, Workers};
 
@@ -102,6 +103,10 @@ pub(crate) struct MessagesArgs {
     /// The server's pid, to measure its CPU.
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
+    /// Starling's metrics endpoint (HOST:PORT): its own SendAck latency histogram is read
+    /// before and after the run and reported beside the load generator's numbers.
+    #[arg(long)]
+    pub(crate) server_metrics: Option<String>,
     /// Source addresses to spread connections over.
     #[arg(long, default_value_t = 200)]
     pub(crate) sources: u32,
@@ -176,6 +181,8 @@ pub(crate) struct Outcome {
     pub(crate) receipt_us: Summary,
     pub(crate) send_lag_us: Summary,
     pub(crate) server_cpu_cores: Option<f64>,
+    /// The server's SendAck latency over the run, from its metrics (`--server-metrics`).
+    pub(crate) server_ack: Option<ServerAck>,
     pub(crate) loadgen_cpu_cores: f64,
     pub(crate) loadgen_saturated: bool,
     pub(crate) loadavg_1m_end: f64,
@@ -231,6 +238,16 @@ fn print_outcome(args: &MessagesArgs, out: &Outcome) {
     if let Some(s) = out.server_cpu_cores {
         println!("server CPU        {s:.2} cores");
     }
+    if let Some(a) = &out.server_ack {
+        println!(
+            "server SendAck    {} acks; p50 {} p90 {} p99 {} p99.9 {} ms (the server's own histogram: read of the Send to its SendAck queued)",
+            a.count,
+            scrape::show_ms(a.p50_le_us),
+            scrape::show_ms(a.p90_le_us),
+            scrape::show_ms(a.p99_le_us),
+            scrape::show_ms(a.p999_le_us)
+        );
+    }
     println!(
         "load gen CPU      {:.2} cores{}",
         out.loadgen_cpu_cores,
@@ -281,6 +298,15 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         a.need(2 * args.pairs as usize, &args.accounts)?;
     }
     let procs = args.w.procs.max(1) as usize;
+    let scrape_metrics = || {
+        args.server_metrics.as_deref().and_then(|a| {
+            scrape::fetch(a)
+                .map_err(|e| eprintln!("warning: no server SendAck histogram: {e:#}"))
+                .ok()
+        })
+    };
+    let mut metrics_start = None;
+    let mut metrics_end = None;
     let mut ws = Workers::spawn(args.w.procs)?;
     let sw = Stopwatch::start();
     let mut cpu_start = None;
@@ -307,6 +333,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
             t.add(p);
         }
         if cpu_start.is_none() && t.connected_pairs == args.pairs {
+            metrics_start = scrape_metrics();
             cpu_start = Some((
                 args.server_pid.and_then(report::cpu_secs),
                 sw.elapsed_secs(),
@@ -315,6 +342,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         if cpu_end.is_none()
             && (t.finished_pairs == args.pairs || results.iter().any(Option::is_some))
         {
+            metrics_end = scrape_metrics();
             cpu_end = Some((
                 args.server_pid.and_then(report::cpu_secs),
                 sw.elapsed_secs(),
@@ -379,6 +407,9 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         receipt_us: Summary::of(&rec),
         send_lag_us: Summary::of(&lag),
         server_cpu_cores,
+        server_ack: metrics_start
+            .zip(metrics_end)
+            .map(|(a, b)| scrape::delta(&a, &b)),
         loadgen_cpu_cores,
         loadgen_saturated: loadgen_cpu_cores > 0.85 * f64::from(args.w.procs.max(1)),
         loadavg_1m_end: report::loadavg(),
