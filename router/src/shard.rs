@@ -62,7 +62,16 @@ pub struct ShardConfig {
     pub cursor_flush_max: usize,
     /// Unread counts stop at this value.
     pub unread_count_max: usize,
+    /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
+    /// has not been used for this long and nothing of it is in flight; it is loaded again from
+    /// the index and the metadata on next use. Bounds the shard's memory by its active
+    /// conversations instead of every conversation it ever served.
+    pub conv_idle_evict_ms: u64,
 }
+
+/// Most conversation states one [`RouterShard::handle_tick`] examines for eviction, so that a
+/// sweep never holds the shard thread for long (the rest wait for the next tick).
+const EVICT_SCAN_MAX: usize = 1024;
 
 impl Default for ShardConfig {
     fn default() -> Self {
@@ -82,6 +91,7 @@ impl Default for ShardConfig {
             cursor_flush_ms: 20,
             cursor_flush_max: 1024,
             unread_count_max: 999,
+            conv_idle_evict_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -402,6 +412,8 @@ struct ConvState {
     /// Per user: the delivered / read seq last made durable and announced.
     announced_delivered: HashMap<UserId, u64>,
     announced_read: HashMap<UserId, u64>,
+    /// `now_ms` of the last use (for eviction).
+    touched_ms: u64,
 }
 
 struct Waiter {
@@ -503,6 +515,8 @@ pub struct ShardStats {
     pub hints: u64,
     /// Cursor flushes (durable batches of cursor updates).
     pub cursor_flushes: u64,
+    /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
+    pub convs_evicted: u64,
 }
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
@@ -521,6 +535,8 @@ pub struct RouterShard<L, I, M> {
     /// Boxed: growing the map rehashes 16-byte entries, not whole conversation states (~0.4 KB
     /// each), which at a million conversations would stall the shard for most of a second.
     convs: HashMap<u64, Box<ConvState>>,
+    /// Every loaded conversation once, oldest check first: (conv, `touched_ms` when queued).
+    idle_queue: VecDeque<(u64, u64)>,
     open: OpenBatch,
     inflight: VecDeque<InFlight>,
     /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
@@ -636,6 +652,7 @@ where
                 waiters: Vec::new(),
             },
             inflight: VecDeque::new(),
+            idle_queue: VecDeque::new(),
             recent_order: VecDeque::new(),
             failed: None,
             dirty_delivery: HashSet::default(),
@@ -886,6 +903,7 @@ where
             self.flush_cursors();
         }
         self.prune_recent();
+        self.evict_idle();
         let conns: Vec<ConnId> = self.behind.iter().copied().collect();
         let (budget, close_ms) = (
             self.cfg.conn_outbound_bytes_max,
@@ -947,7 +965,11 @@ where
             .filter_map(|id| self.conns.get(id)?.behind_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
-        [self.cursor_due_ms, busy, close]
+        let evict = self.idle_queue.front().map(|&(_, t)| {
+            t.saturating_add(self.cfg.conv_idle_evict_ms)
+                .max(self.now_ms + 1)
+        });
+        [self.cursor_due_ms, busy, close, evict]
             .into_iter()
             .flatten()
             .min()
@@ -1215,6 +1237,7 @@ where
                 read: HashMap::default(),
                 announced_delivered: HashMap::default(),
                 announced_read: HashMap::default(),
+                touched_ms: self.now_ms,
             };
             for c in self
                 .meta
@@ -1238,11 +1261,61 @@ where
             st.announced_delivered = st.delivered.clone();
             st.announced_read = st.read.clone();
             self.convs.insert(conv, Box::new(st));
+            self.idle_queue.push_back((conv, self.now_ms));
         }
+        let now = self.now_ms;
         self.convs
             .get_mut(&conv)
-            .map(|c| &mut **c)
+            .map(|c| {
+                c.touched_ms = now;
+                &mut **c
+            })
             .ok_or_else(|| Refusal(ErrorCode::Internal, "conversation state vanished".into()))
+    }
+
+    /// Drops the states of conversations idle for `conv_idle_evict_ms` whose every message is
+    /// durable and indexed and whose every cursor is durable and announced: exactly what
+    /// [`RouterShard::conv`] would load again. At most [`EVICT_SCAN_MAX`] per call.
+    fn evict_idle(&mut self) {
+        if self.cursor_flight.is_some() || self.failed.is_some() {
+            // A cursor batch in the air may be put back on failure: try again next tick.
+            return;
+        }
+        let idle_ms = self.cfg.conv_idle_evict_ms;
+        for _ in 0..EVICT_SCAN_MAX {
+            let Some(&(conv, queued)) = self.idle_queue.front() else {
+                return;
+            };
+            if queued.saturating_add(idle_ms) > self.now_ms {
+                return;
+            }
+            self.idle_queue.pop_front();
+            let Some(c) = self.convs.get(&conv) else {
+                continue;
+            };
+            if c.touched_ms > queued {
+                // Used since: look again one idle period from now (keeps the queue in order).
+                self.idle_queue.push_back((conv, self.now_ms));
+            } else if self.evictable(conv, c) {
+                self.convs.remove(&conv);
+                self.stats.convs_evicted += 1;
+            } else {
+                self.idle_queue.push_back((conv, self.now_ms));
+            }
+        }
+    }
+
+    fn evictable(&self, conv: u64, c: &ConvState) -> bool {
+        c.pending.is_empty()
+            && c.recent.is_empty()
+            && c.next_seq == c.durable_seq + 1
+            && c.announced_delivered == c.delivered
+            && c.announced_read == c.read
+            && !c
+                .delivery
+                .keys()
+                .any(|&(u, d)| self.dirty_delivery.contains(&(conv, u, d)))
+            && !c.read.keys().any(|&u| self.dirty_read.contains(&(conv, u)))
     }
 
     fn member_conv(&mut self, conv: u64, user: UserId) -> Result<&mut ConvState, Refusal> {

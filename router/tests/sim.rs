@@ -289,6 +289,9 @@ fn cfg() -> ShardConfig {
         slow_consumer_close_ms: 150,
         sync_messages_max: 6,
         cursor_flush_ms: 3,
+        // Evict idle conversation states almost at once, so that every scenario and seed
+        // reloads them from the index and the metadata again and again.
+        conv_idle_evict_ms: 5,
         ..ShardConfig::default()
     }
 }
@@ -398,6 +401,7 @@ struct World {
     restarts: u64,
     hints: u64,
     duplicates: u64,
+    evicted: u64,
     closes: u64,
 }
 
@@ -480,6 +484,7 @@ impl World {
             restarts: 0,
             hints: 0,
             duplicates: 0,
+            evicted: 0,
             closes: 0,
         }
     }
@@ -1000,6 +1005,7 @@ impl World {
             let st = s.stats();
             self.hints += st.hints;
             self.duplicates += st.duplicates;
+            self.evicted += st.convs_evicted;
         }
     }
 
@@ -1109,6 +1115,7 @@ struct Totals {
     restarts: u64,
     hints: u64,
     duplicates: u64,
+    evicted: u64,
     slow_closes: u64,
 }
 
@@ -1124,6 +1131,7 @@ fn run_seed(seed: u64, steps: usize) -> Totals {
         hints: w.hints,
         duplicates: w.duplicates,
         slow_closes: w.closes,
+        evicted: w.evicted,
     }
 }
 
@@ -1155,6 +1163,7 @@ fn simulation() {
                 total.hints += t.hints;
                 total.duplicates += t.duplicates;
                 total.slow_closes += t.slow_closes;
+                total.evicted += t.evicted;
             }
             Err(e) => {
                 eprintln!("simulation failed; replay with STARLING_SIM_SEED={seed}");
@@ -1168,7 +1177,11 @@ fn simulation() {
         seeds as f64 / secs
     );
     assert!(
-        total.acked > seeds * 5 && total.restarts > 0 && total.hints > 0 && total.duplicates > 0
+        total.acked > seeds * 5
+            && total.restarts > 0
+            && total.hints > 0
+            && total.duplicates > 0
+            && total.evicted > 0
     );
 }
 
@@ -1669,6 +1682,115 @@ fn receipts_follow_durable_cursors_and_reach_the_senders_devices() {
         other => panic!("{other:?}"),
     }
     assert!(out.iter().all(|f| f.request_id == sync));
+}
+
+#[test]
+fn an_idle_conversation_is_evicted_and_comes_back_whole() {
+    let mut h = Harness::new(2, &[1, 2]);
+    h.open(10, 1, 1);
+    h.open(21, 2, 1);
+    let mut conv = 0;
+    for n in 1..=3 {
+        let rid = h.msg(10, n, Target::UserId(2), &format!("m{n}"));
+        h.run();
+        conv = ack(&h.take(10), rid).unwrap().conversation_id;
+    }
+    assert_eq!(seqs(&h.take(21)), vec![1, 2, 3]);
+    h.send(
+        21,
+        Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: 2,
+        }),
+    );
+    h.send(
+        21,
+        Body::ReadCursor(v1::ReadCursor {
+            conversation_id: conv,
+            up_to_seq: 1,
+        }),
+    );
+    h.run();
+    h.take(10);
+    h.take(21);
+    let evicted =
+        |h: &Harness| -> u64 { h.node.shards.iter().map(|s| s.stats().convs_evicted).sum() };
+    // Idle for 100 ms (the test configuration evicts after 5).
+    h.run();
+    let before = evicted(&h);
+    assert!(before >= 1, "the idle conversation was not evicted");
+    // A retry of the first message is answered from the index with its first seq.
+    let rid = h.msg(10, 1, Target::UserId(2), "m1");
+    h.run();
+    let a = ack(&h.take(10), rid).unwrap();
+    assert_eq!((a.seq, a.duplicate), (1, true));
+    assert!(h.take(21).is_empty(), "a retry is not delivered again");
+    // Evicted again; a new message continues the sequence.
+    h.run();
+    assert!(evicted(&h) > before);
+    let rid = h.msg(10, 4, Target::UserId(2), "m4");
+    h.run();
+    assert_eq!(
+        ack(&h.take(10), rid).map(|a| (a.seq, a.duplicate)),
+        Some((4, false))
+    );
+    assert_eq!(seqs(&h.take(21)), vec![4]);
+    // The cursors came back too: a delivery ack at the old cursor announces nothing, the next
+    // one announces exactly the new value; the list shows the read cursor.
+    h.run();
+    h.send(
+        21,
+        Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: 2,
+        }),
+    );
+    h.run();
+    let receipts = |frames: Vec<v1::Frame>| -> Vec<(i32, u64)> {
+        frames
+            .into_iter()
+            .filter_map(|f| match f.body {
+                Some(Body::Receipt(r)) => Some((r.kind, r.up_to_seq)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(receipts(h.take(10)), vec![]);
+    h.send(
+        21,
+        Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: 4,
+        }),
+    );
+    h.run();
+    assert_eq!(
+        receipts(h.take(10)),
+        vec![(v1::ReceiptKind::Delivered as i32, 4)]
+    );
+    let list = h.send(
+        21,
+        Body::ListConversations(v1::ListConversations::default()),
+    );
+    h.run();
+    let Some(Body::ConversationList(l)) = h
+        .take(21)
+        .into_iter()
+        .find(|f| f.request_id == list)
+        .and_then(|f| f.body)
+    else {
+        panic!("no list");
+    };
+    let c = &l.conversations[0];
+    assert_eq!(
+        (
+            c.conversation_id,
+            c.read_up_to_seq,
+            c.unread_count,
+            c.last_seq
+        ),
+        (conv, 1, 3, 4)
+    );
 }
 
 #[test]
