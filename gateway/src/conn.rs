@@ -541,9 +541,6 @@ impl Conn {
             };
             // Idle connections keep no read buffer.
             self.decoder.release_buffer();
-            if let Some(r) = &self.shard.router {
-                r.pump_if_durable(&self.shard);
-            }
             let closing = matches!(stop, Some(Stop::Flush));
             if matches!(stop, Some(Stop::Now)) {
                 return;

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Poll, Waker};
 
 use anyhow::Context as _;
@@ -91,8 +90,6 @@ pub struct RouterParts {
     pub meta: Arc<EmbeddedMeta>,
     /// Rung by the bell and the log.
     pub efd: EventFd,
-    /// Set by the log's I/O thread when a group commit completed.
-    pub log_progress: Arc<AtomicBool>,
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
@@ -115,14 +112,9 @@ pub fn open(
     let mut parts = Vec::new();
     for (i, (links, efd)) in links.into_iter().zip(efds).enumerate() {
         let wake_fd = efd.clone();
-        let log_progress = Arc::new(AtomicBool::new(false));
-        let progressed = log_progress.clone();
         let opts = ShardOptions {
             log: LogOptions {
-                wake: Some(Arc::new(move || {
-                    progressed.store(true, Ordering::Release);
-                    wake_fd.notify();
-                })),
+                wake: Some(Arc::new(move || wake_fd.notify())),
                 commit_interval_min: std::time::Duration::from_micros(u64::from(
                     storage.commit_interval_min_us,
                 )),
@@ -149,7 +141,6 @@ pub fn open(
             links,
             meta: meta.clone(),
             efd,
-            log_progress,
         });
     }
     Ok((meta, parts))
@@ -165,8 +156,6 @@ pub struct ShardRouter {
     waker: RefCell<Option<Waker>>,
     /// Connection tasks that stopped reading while a ring was full.
     paused: RefCell<Vec<Waker>>,
-    /// Set by the log when a group commit completed (see [`ShardRouter::pump_if_durable`]).
-    log_progress: Arc<AtomicBool>,
     /// The node's metadata (for mirroring users).
     pub meta: Arc<EmbeddedMeta>,
 }
@@ -199,7 +188,6 @@ impl ShardRouter {
             kicked: Cell::new(false),
             waker: RefCell::new(None),
             paused: RefCell::new(Vec::new()),
-            log_progress: parts.log_progress,
             meta: parts.meta,
         })
     }
@@ -215,21 +203,6 @@ impl ShardRouter {
         let out = f(&mut self.router.borrow_mut(), now_ms);
         self.kick();
         out
-    }
-
-    /// If the log completed a group commit since the last look, hands its acknowledgements
-    /// and deliveries to the connections now. Connection tasks call it between reads: the
-    /// driver task would do the same, but only after every connection task woken before it
-    /// has run (up to a millisecond behind at 100k msg/s).
-    pub fn pump_if_durable(&self, shard: &Shard) {
-        if !self.log_progress.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let mut rs = self.router.borrow_mut();
-        rs.handle_log_progress(clock::unix_ms());
-        while let Some(t) = rs.poll_transmit() {
-            shard.push_outbound(ConnId(t.conn.0), t.frame);
-        }
     }
 
     /// Wakes the driver task.
