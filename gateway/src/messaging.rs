@@ -255,6 +255,10 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
                     "router shard failed: restart the server"
                 );
             }
+            shard
+                .metrics()
+                .router
+                .mirror(&rs.stats(), rs.loaded_conversations());
             let timeout = rs.poll_timeout();
             if rs.is_backpressured() {
                 // Ring space frees without a wake-up here: look again soon.

@@ -51,6 +51,38 @@ pub struct ShardMetrics {
     /// From the read that brought a Send to the queueing of its SendAck (after the log made
     /// it durable): the server's part of the sender's wait.
     pub send_ack: LatencyHistogram,
+    /// Copied from the shard's router after each of its turns (it lives on the shard thread).
+    pub router: RouterMetrics,
+}
+
+/// The router's counters, mirrored for the metrics thread.
+#[derive(Debug, Default)]
+pub struct RouterMetrics {
+    /// Messages acknowledged durable.
+    pub messages_acked: AtomicU64,
+    /// Sends answered from dedup (retries).
+    pub duplicates: AtomicU64,
+    /// Deliver frames pushed to connections.
+    pub pushed: AtomicU64,
+    /// MessagesAvailable hints sent to slow consumers.
+    pub hints: AtomicU64,
+    /// Idle conversation states dropped from memory.
+    pub convs_evicted: AtomicU64,
+    /// Conversation states in memory (gauge).
+    pub convs_loaded: AtomicU64,
+}
+
+impl RouterMetrics {
+    /// Mirrors the router's counters (relaxed stores: the metrics thread only reads).
+    pub fn mirror(&self, s: &starling_router::ShardStats, loaded: usize) {
+        self.messages_acked
+            .store(s.messages_acked, Ordering::Relaxed);
+        self.duplicates.store(s.duplicates, Ordering::Relaxed);
+        self.pushed.store(s.pushed, Ordering::Relaxed);
+        self.hints.store(s.hints, Ordering::Relaxed);
+        self.convs_evicted.store(s.convs_evicted, Ordering::Relaxed);
+        self.convs_loaded.store(loaded as u64, Ordering::Relaxed);
+    }
 }
 
 /// Authentication failure reasons counted separately.
@@ -120,7 +152,13 @@ impl Metrics {
         gauge(&mut s, "starling_connections", "Open connections.", &|m| {
             m.connections.load(Ordering::Relaxed)
         });
-        let counters: [Counter; 13] = [
+        gauge(
+            &mut s,
+            "starling_conversations_loaded",
+            "Conversation states in the router's memory.",
+            &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        );
+        let counters: [Counter; 18] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -173,6 +211,31 @@ impl Metrics {
                 "starling_tls_resumptions_total",
                 "TLS handshakes resumed from a session ticket.",
                 |m| &m.tls_resumptions,
+            ),
+            (
+                "starling_messages_acked_total",
+                "Messages made durable and acknowledged.",
+                |m| &m.router.messages_acked,
+            ),
+            (
+                "starling_send_duplicates_total",
+                "Sends answered from dedup (retries of an acknowledged message).",
+                |m| &m.router.duplicates,
+            ),
+            (
+                "starling_delivers_pushed_total",
+                "Deliver frames pushed to online devices (not counting Sync).",
+                |m| &m.router.pushed,
+            ),
+            (
+                "starling_slow_consumer_hints_total",
+                "MessagesAvailable hints sent instead of pushes to devices over their budget.",
+                |m| &m.router.hints,
+            ),
+            (
+                "starling_conversations_evicted_total",
+                "Idle conversation states dropped from memory.",
+                |m| &m.router.convs_evicted,
             ),
         ];
         for (name, help, f) in counters {

@@ -1631,6 +1631,25 @@ fn messaging_end_to_end() {
 
         // The metrics saw the four SendAcks and the log's group commits.
         assert_eq!(metric_sum(&srv, "starling_send_ack_seconds_count"), 4);
+        assert_eq!(
+            metric_sum(&srv, "starling_messages_acked_total"),
+            3,
+            "{driver}"
+        );
+        assert_eq!(
+            metric_sum(&srv, "starling_send_duplicates_total"),
+            1,
+            "{driver}"
+        );
+        assert!(
+            metric_sum(&srv, "starling_delivers_pushed_total") >= 1,
+            "{driver}"
+        );
+        assert_eq!(
+            metric_sum(&srv, "starling_conversations_loaded"),
+            1,
+            "{driver}"
+        );
         assert!(
             metric_sum(&srv, "starling_log_syncs_total") >= 3,
             "{driver}"

@@ -683,6 +683,11 @@ where
         self.failed.as_deref()
     }
 
+    /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).
+    pub fn loaded_conversations(&self) -> usize {
+        self.convs.len()
+    }
+
     /// Counters.
     pub fn stats(&self) -> ShardStats {
         self.stats
