@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use starling_storage::stats::{BUCKET_BOUNDS_US, LatencyHistogram, LogStats};
 
-/// A counter's name, help text and field.
-type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> &AtomicU64);
-
-/// A log counter's name, help text and field.
-type LogCounter = (&'static str, &'static str, fn(&LogStats) -> &AtomicU64);
+/// A counter's name, help text and field of a shard's `T`.
+type Counter<T> = (&'static str, &'static str, fn(&T) -> &AtomicU64);
 
 /// One shard's counters.
 #[derive(Debug, Default)]
@@ -158,7 +155,7 @@ impl Metrics {
             "Conversation states in the router's memory.",
             &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         );
-        let counters: [Counter; 18] = [
+        let counters: [Counter<ShardMetrics>; 18] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -238,23 +235,14 @@ impl Metrics {
                 |m| &m.router.convs_evicted,
             ),
         ];
-        for (name, help, f) in counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (i, m) in self.shards.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "{name}{{shard=\"{i}\"}} {}",
-                    f(m).load(Ordering::Relaxed)
-                );
-            }
-        }
+        per_shard_counters(&mut s, self.shards.iter(), &counters);
         histogram(
             &mut s,
             "starling_send_ack_seconds",
             "From the read that brought a Send to the queueing of its SendAck (durable).",
             self.shards.iter().map(|m| &m.send_ack),
         );
-        let log_counters: [LogCounter; 3] = [
+        let log_counters: [Counter<LogStats>; 3] = [
             (
                 "starling_log_syncs_total",
                 "Group commits of the message log that ended in an fdatasync.",
@@ -271,16 +259,7 @@ impl Metrics {
                 |l| &l.bytes,
             ),
         ];
-        for (name, help, f) in log_counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (i, l) in self.logs.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "{name}{{shard=\"{i}\"}} {}",
-                    f(l).load(Ordering::Relaxed)
-                );
-            }
-        }
+        per_shard_counters(&mut s, self.logs.iter().map(|l| &**l), &log_counters);
         histogram(
             &mut s,
             "starling_log_commit_seconds",
@@ -300,6 +279,24 @@ impl Metrics {
             );
         }
         s
+    }
+}
+
+/// Writes Prometheus counters with a series per shard: (name, help, field of a shard's `T`).
+fn per_shard_counters<'a, T: 'a>(
+    s: &mut String,
+    shards: impl Iterator<Item = &'a T> + Clone,
+    counters: &[Counter<T>],
+) {
+    for (name, help, f) in counters {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (i, m) in shards.clone().enumerate() {
+            let _ = writeln!(
+                s,
+                "{name}{{shard=\"{i}\"}} {}",
+                f(m).load(Ordering::Relaxed)
+            );
+        }
     }
 }
 
