@@ -140,10 +140,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let n = cfg.shard_count();
     let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n, &cfg.storage)?;
+    // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()
-        .filter_map(|p| p.store.log().ok().map(|l| l.stats().clone()))
-        .collect();
+        .map(|p| p.store.log().map(|l| l.stats().clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("a shard's log closed while opening")?;
     let metrics = Arc::new(Metrics::new(n, log_stats));
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,

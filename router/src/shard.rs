@@ -1298,13 +1298,12 @@ where
             let Some(c) = self.convs.get(&conv) else {
                 continue;
             };
-            if c.touched_ms > queued {
-                // Used since: look again one idle period from now (keeps the queue in order).
-                self.idle_queue.push_back((conv, self.now_ms));
-            } else if self.evictable(conv, c) {
+            if c.touched_ms <= queued && self.evictable(conv, c) {
                 self.convs.remove(&conv);
                 self.stats.convs_evicted += 1;
             } else {
+                // Used since, or something still in flight: look again one idle period from
+                // now (keeps the queue in order).
                 self.idle_queue.push_back((conv, self.now_ms));
             }
         }
