@@ -8,7 +8,7 @@
 # and the raw per-run reports in bench/results/runs/. Takes ~5-8 minutes with
 # the defaults. Needs: mosquitto (apt-get install -y mosquitto), taskset.
 #
-# Knobs (environment): RATES, PAIRS, DURATION, BODY, TICK_US, TRANSPORTS ("plain tls"),
+# Knobs (environment): RATES, PAIRS, INFLIGHT, DURATION, BODY, TICK_US, TRANSPORTS ("plain tls"),
 # SYSTEMS ("starling mosquitto"), BOUND_MS, NOISE_SECS, SERVER_CPU, LOADGEN_CPU,
 # OUT, STARLING, BENCH, SKIP_BUILD=1.
 set -euo pipefail
@@ -16,6 +16,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RATES=${RATES:-"2000 5000 10000 20000 30000 40000 60000"}
 PAIRS=${PAIRS:-50}
+# Unacknowledged sends per connection, the same for both systems: Starling is configured to
+# allow it (limits.inflight_requests_max, default 64) and the load generator keeps at most this
+# many PUBLISHes unacknowledged on MQTT. A step whose sends waited for it is marked window-bound.
+INFLIGHT=${INFLIGHT:-64}
 TICK_US=${TICK_US:-100}
 DURATION=${DURATION:-6}
 BODY=${BODY:-100}
@@ -58,6 +62,9 @@ otp_requests_per_ip_per_hour = 1000000
 otp_requests_per_identifier_per_hour = 1000
 otp_resend_ms = 0
 access_token_ttl_ms = 86400000
+
+[limits]
+inflight_requests_max = $INFLIGHT
 EOF
 taskset -c "$SERVER_CPU" "$STARLING" serve --config "$TMP/starling.toml" --data-dir "$TMP/data" \
   --listen "$S_TLS" --dangerous-plaintext-listen "$S_PLAIN" --metrics-listen "$S_METRICS" --shards 1 \
@@ -121,7 +128,7 @@ run() { # system transport target pid rate
   echo "== $system $transport: $rate msg/s"
   taskset -c "$LOADGEN_CPU" "$BENCH" messages --target "$target" --ca "$CA" "${own[@]}" \
     --accounts "$TMP/accounts.json" --pairs "$PAIRS" --rate "$rate" --duration-secs "$DURATION" \
-    --drain-secs 3 --body-bytes "$BODY" --tick-us "$TICK_US" --server-pid "$pid" \
+    --drain-secs 3 --body-bytes "$BODY" --tick-us "$TICK_US" --inflight "$INFLIGHT" --server-pid "$pid" \
     --json "$RUNS/$system-$transport-$rate.json" 2>/dev/null | sed -n '/^target/,$p'
 }
 

@@ -53,6 +53,9 @@ struct Step {
     server_ack_measured: bool,
     loadgen_cpu_cores: f64,
     loadgen_saturated: bool,
+    /// At least 1% of the sends waited for the in-flight window (the load generator's
+    /// `window_bound`): the latencies include waiting for acknowledgements.
+    window_bound: bool,
     loadavg_1m_end: f64,
     sustained: bool,
     error: Option<String>,
@@ -134,6 +137,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             server_ack_measured: o["server_ack"].is_object(),
             loadgen_cpu_cores: f(o, &["loadgen_cpu_cores"]).unwrap_or(0.0),
             loadgen_saturated: o["loadgen_saturated"].as_bool().unwrap_or(false),
+            window_bound: o["window_bound"].as_bool().unwrap_or(false),
             loadavg_1m_end: f(o, &["loadavg_1m_end"]).unwrap_or(0.0),
             sustained,
             error,
@@ -240,12 +244,23 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     for (name, sys) in systems {
         for st in &sys.steps {
-            let note = match (&st.error, st.sustained, st.loadgen_saturated) {
-                (Some(e), _, _) => format!("error: {}", e.chars().take(80).collect::<String>()),
-                (None, true, false) => "yes".to_owned(),
-                (None, true, true) => "yes (loadgen saturated)".to_owned(),
-                (None, false, true) => "no (loadgen saturated)".to_owned(),
-                (None, false, false) => "no".to_owned(),
+            let note = if let Some(e) = &st.error {
+                format!("error: {}", e.chars().take(80).collect::<String>())
+            } else {
+                let marks: Vec<&str> = [
+                    (st.loadgen_saturated, "loadgen saturated"),
+                    (st.window_bound, "window-bound"),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, m)| *m)
+                .collect();
+                let verdict = if st.sustained { "yes" } else { "no" };
+                if marks.is_empty() {
+                    verdict.to_owned()
+                } else {
+                    format!("{verdict} ({})", marks.join(", "))
+                }
             };
             let _ = writeln!(
                 s,
@@ -456,7 +471,10 @@ mod tests {
         std::fs::create_dir_all(&runs).unwrap();
         for (rate, p99) in [(10_000.0, 2_000), (20_000.0, 80_000)] {
             let path = runs.join(format!("starling-plain-{rate}.json"));
-            std::fs::write(path, run_file(rate, p99).to_string()).unwrap();
+            let mut run = run_file(rate, p99);
+            // The slow step's sends waited for the in-flight window.
+            run["outcome"]["window_bound"] = Value::Bool(p99 > 50_000);
+            std::fs::write(path, run.to_string()).unwrap();
         }
         let noise = dir.join("noise.json");
         std::fs::write(
@@ -486,6 +504,9 @@ mod tests {
         );
         assert!(md.contains("| 0.50 / 2.00 / 2.00 | ≤ 1.5 | 0.50 |"), "{md}");
         assert_eq!(sys["steps"][0]["server_ack_p99_le_us"], 1500);
+        assert_eq!(sys["steps"][1]["window_bound"], true);
+        assert!(md.contains("| 0.30 | no (window-bound) |"), "{md}");
+        assert!(md.contains("| 0.30 | yes |"), "{md}");
         assert!(out.join("latency.svg").exists() && out.join("throughput.svg").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

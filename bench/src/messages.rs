@@ -136,6 +136,10 @@ pub(crate) struct Counts {
     pub(crate) hints: u64,
     #[serde(default)]
     pub(crate) syncs: u64,
+    /// Sends that were due while the connection's in-flight window was full: they waited for
+    /// an acknowledgement, so their latency includes that wait (see [`Ep::window_full_at`]).
+    #[serde(default)]
+    pub(crate) window_waits: u64,
 }
 
 impl Counts {
@@ -151,6 +155,7 @@ impl Counts {
         self.finished_pairs += o.finished_pairs;
         self.hints += o.hints;
         self.syncs += o.syncs;
+        self.window_waits += o.window_waits;
     }
 }
 
@@ -185,6 +190,9 @@ pub(crate) struct Outcome {
     pub(crate) server_ack: Option<ServerAck>,
     pub(crate) loadgen_cpu_cores: f64,
     pub(crate) loadgen_saturated: bool,
+    /// At least 1% of the sends waited for the in-flight window: the latencies include waiting
+    /// for acknowledgements, and the offered rate was not what the connections carried.
+    pub(crate) window_bound: bool,
     pub(crate) loadavg_1m_end: f64,
     pub(crate) errors: Vec<String>,
 }
@@ -257,6 +265,18 @@ fn print_outcome(args: &MessagesArgs, out: &Outcome) {
             ""
         }
     );
+    if c.window_waits > 0 {
+        println!(
+            "in-flight window  {} sends ({:.2}%) waited for an acknowledgement{}",
+            c.window_waits,
+            100.0 * c.window_waits as f64 / c.sent.max(1) as f64,
+            if out.window_bound {
+                "  [WINDOW-BOUND: the latencies include that wait; try a larger --inflight]"
+            } else {
+                ""
+            }
+        );
+    }
     let ack = if out.system == "mqtt" {
         "publish -> PUBACK"
     } else {
@@ -394,6 +414,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         _ => (None, sw.elapsed_secs()),
     };
     let loadgen_cpu_cores = lg_cpu / wall.max(1e-3);
+    let window_bound = window_bound(&counts);
     Ok(Outcome {
         system: if target.is_mqtt() { "mqtt" } else { "starling" },
         target: args.target.clone(),
@@ -412,9 +433,15 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
             .map(|(a, b)| scrape::delta(&a, &b)),
         loadgen_cpu_cores,
         loadgen_saturated: loadgen_cpu_cores > 0.85 * f64::from(args.w.procs.max(1)),
+        window_bound,
         loadavg_1m_end: report::loadavg(),
         errors: errors.into_iter().take(20).collect(),
     })
+}
+
+/// Whether enough sends waited for the in-flight window (1%) that the p99s include that wait.
+fn window_bound(c: &Counts) -> bool {
+    c.window_waits * 100 >= c.sent.max(1)
 }
 
 /// Scheduled time (ns since the worker's epoch), index, direction.
@@ -498,6 +525,9 @@ pub(crate) struct Ep {
     n: u64,
     next_k: u64,
     inflight: usize,
+    /// The last time (ns) a due send found the in-flight window full. A send scheduled at or
+    /// before it waited for the window.
+    window_full_at: Option<u64>,
     /// Messages from the peer seen (bitmap over the peer's k).
     seen: Vec<u64>,
     delivered: u64,
@@ -526,6 +556,7 @@ impl Ep {
             n,
             next_k: 0,
             inflight: 0,
+            window_full_at: None,
             seen: vec![0; n.div_ceil(64) as usize],
             delivered: 0,
             awaiting_receipt: VecDeque::new(),
@@ -541,6 +572,35 @@ impl Ep {
 
     fn sched_ns(&self, start_ns: u64, k: u64) -> u64 {
         start_ns + self.offset_ns + k * self.interval_ns
+    }
+
+    /// After the sends due at `now`: notes whether the next one is due but held back by the
+    /// in-flight window, and returns how many of the `sent` just written (the first scheduled
+    /// at `first_sched`) had waited for it.
+    fn note_window(
+        &mut self,
+        start_ns: u64,
+        now: u64,
+        inflight_max: usize,
+        first_sched: Option<u64>,
+        sent: u64,
+    ) -> u64 {
+        // Sends are in schedule order: those scheduled at or before the last time the window
+        // was seen full are the ones that waited.
+        let waited = match (first_sched, self.window_full_at) {
+            (Some(f), Some(full)) if f <= full && sent > 0 => {
+                let last = full.min(self.sched_ns(start_ns, self.next_k - 1));
+                ((last - f) / self.interval_ns.max(1) + 1).min(sent)
+            }
+            _ => 0,
+        };
+        if self.next_k < self.n
+            && self.inflight >= inflight_max
+            && self.sched_ns(start_ns, self.next_k) <= now
+        {
+            self.window_full_at = Some(now);
+        }
+        waited
     }
 
     /// Whether this connection's queued frames go out now: anything urgent, or a DeliveryAck
@@ -812,6 +872,7 @@ fn due_starling(
 ) -> anyhow::Result<()> {
     let now = rec.now_ns();
     let mut sent = 0;
+    let first_sched = (ep.next_k < ep.n).then(|| ep.sched_ns(plan.start_ns, ep.next_k));
     while ep.next_k < ep.n && ep.inflight < inflight_max {
         let sched = ep.sched_ns(plan.start_ns, ep.next_k);
         if sched > now {
@@ -842,7 +903,11 @@ fn due_starling(
         ep.inflight += 1;
         sent += 1;
     }
-    rec.counts.borrow_mut().sent += sent;
+    let waited = ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent);
+    let mut counts = rec.counts.borrow_mut();
+    counts.sent += sent;
+    counts.window_waits += waited;
+    drop(counts);
     if sent > 0 {
         ep.urgent = true;
     }
@@ -1153,6 +1218,7 @@ fn due_mqtt(
     if ep.pid_sched.is_empty() {
         ep.pid_sched = vec![0; 65536];
     }
+    let first_sched = (ep.next_k < ep.n).then(|| ep.sched_ns(plan.start_ns, ep.next_k));
     while ep.next_k < ep.n && ep.inflight < inflight_max {
         let sched = ep.sched_ns(plan.start_ns, ep.next_k);
         if sched > now {
@@ -1167,7 +1233,11 @@ fn due_mqtt(
         ep.inflight += 1;
         sent += 1;
     }
-    rec.counts.borrow_mut().sent += sent;
+    let waited = ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent);
+    let mut counts = rec.counts.borrow_mut();
+    counts.sent += sent;
+    counts.window_waits += waited;
+    drop(counts);
     if sent > 0 {
         ep.urgent = true;
     }
@@ -1280,5 +1350,46 @@ async fn mqtt_pair(
             }
             () = timer.sleep_until_ns(wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends every due message the window allows, as `due_*` do, and returns (sent, waited).
+    fn send_due(ep: &mut Ep, now: u64, window: usize) -> (u64, u64) {
+        let first = (ep.next_k < ep.n).then(|| ep.sched_ns(0, ep.next_k));
+        let mut sent = 0;
+        while ep.next_k < ep.n && ep.inflight < window && ep.sched_ns(0, ep.next_k) <= now {
+            ep.next_k += 1;
+            ep.inflight += 1;
+            sent += 1;
+        }
+        (sent, ep.note_window(0, now, window, first, sent))
+    }
+
+    #[test]
+    fn only_sends_that_were_due_while_the_window_was_full_count_as_waiting() {
+        // One message every 100 ns, a window of 2.
+        let mut ep = Ep::new(0, 100, 10);
+        assert_eq!(send_due(&mut ep, 0, 2), (1, 0));
+        assert_eq!(send_due(&mut ep, 100, 2), (1, 0));
+        // Messages 2 and 3 are due at 350 but the window is full.
+        assert_eq!(send_due(&mut ep, 350, 2), (0, 0));
+        assert_eq!(ep.window_full_at, Some(350));
+        // Both acknowledgements arrive at 380: 2 and 3 go out, both had waited.
+        ep.inflight = 0;
+        assert_eq!(send_due(&mut ep, 380, 2), (2, 2));
+        // At 420 the window is full again but message 4 (due at 400) was not due when it
+        // filled up at 350: it waited too, as seen at 420; message 5 (due 500) was not due.
+        assert_eq!(send_due(&mut ep, 420, 2), (0, 0));
+        ep.inflight = 0;
+        assert_eq!(send_due(&mut ep, 600, 2), (2, 1));
+        // Message 6 was due at 600, when the window was full again: it waited; 7 and 8,
+        // due with room in a larger window, did not.
+        ep.inflight = 0;
+        assert_eq!(send_due(&mut ep, 800, 8), (3, 1));
+        assert_eq!(send_due(&mut ep, 900, 8), (1, 0));
     }
 }
