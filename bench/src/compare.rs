@@ -234,6 +234,10 @@ fn noise_line(n: &Value) -> String {
     )
 }
 
+/// The share of its one core over which a server counts as saturated (the load generator's
+/// threshold too).
+const SATURATED_CORES: f64 = 0.85;
+
 fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -247,7 +251,11 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
             let note = if let Some(e) = &st.error {
                 format!("error: {}", e.chars().take(80).collect::<String>())
             } else {
+                // compare.sh pins each server to one core: over 85% of it is saturation, and
+                // then a full window is the server's queue, not the window's limit.
+                let server_saturated = st.server_cpu_cores.is_some_and(|c| c > SATURATED_CORES);
                 let marks: Vec<&str> = [
+                    (server_saturated, "server saturated"),
                     (st.loadgen_saturated, "loadgen saturated"),
                     (st.window_bound, "window-bound"),
                 ]
@@ -474,6 +482,9 @@ mod tests {
             let mut run = run_file(rate, p99);
             // The slow step's sends waited for the in-flight window.
             run["outcome"]["window_bound"] = Value::Bool(p99 > 50_000);
+            if p99 > 50_000 {
+                run["outcome"]["server_cpu_cores"] = serde_json::json!(0.9);
+            }
             std::fs::write(path, run.to_string()).unwrap();
         }
         let noise = dir.join("noise.json");
@@ -505,7 +516,10 @@ mod tests {
         assert!(md.contains("| 0.50 / 2.00 / 2.00 | ≤ 1.5 | 0.50 |"), "{md}");
         assert_eq!(sys["steps"][0]["server_ack_p99_le_us"], 1500);
         assert_eq!(sys["steps"][1]["window_bound"], true);
-        assert!(md.contains("| 0.30 | no (window-bound) |"), "{md}");
+        assert!(
+            md.contains("| 0.90 | 0.30 | no (server saturated, window-bound) |"),
+            "{md}"
+        );
         assert!(md.contains("| 0.30 | yes |"), "{md}");
         assert!(out.join("latency.svg").exists() && out.join("throughput.svg").exists());
         std::fs::remove_dir_all(&dir).unwrap();
