@@ -61,6 +61,11 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the server does by default: a first touch of a transparent huge page zeroes 2 MiB inside
+    // one page fault (1–5 ms here), which would show up as the load generator's own latency.
+    if let Err(e) = starling_gateway::server::set_transparent_huge_pages(false) {
+        eprintln!("warning: transparent huge pages stay on: {e}");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Codec(args) => codec::run(&args),

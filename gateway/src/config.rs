@@ -180,6 +180,12 @@ pub struct Config {
     pub accounts: AccountsConfig,
     /// Embedded storage settings.
     pub storage: StorageConfig,
+    /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
+    /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
+    /// spends 1–5 ms zeroing it inside the page fault, where this kernel does not preempt it:
+    /// the log's I/O thread did that on the shard's core while SendAcks waited
+    /// (BENCHMARKS.md, "Session 9"). Off, the same memory is zeroed 4 KiB per fault.
+    pub transparent_huge_pages: bool,
 }
 
 impl Default for Config {
@@ -195,6 +201,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             accounts: AccountsConfig::default(),
             storage: StorageConfig::default(),
+            transparent_huge_pages: false,
         }
     }
 }
@@ -363,6 +370,9 @@ mod tests {
         let mut c = Config::default();
         c.limits.timer_tick_ms = 0;
         assert!(c.validate().is_err());
+        assert!(!Config::default().transparent_huge_pages);
+        let c = Config::from_toml("transparent_huge_pages = true\n").unwrap();
+        assert!(c.transparent_huge_pages);
         let c = Config::from_toml("[storage]\ncommit_interval_min_us = 0\n").unwrap();
         assert_eq!(c.storage.commit_interval_min_us, 0);
         c.validate().unwrap();

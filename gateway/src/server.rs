@@ -84,6 +84,30 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+/// Sets whether this process's memory may be backed by transparent huge pages
+/// (`Config::transparent_huge_pages`). It applies to every later page fault of the process,
+/// including regions the allocator already asked huge pages for.
+///
+/// # Errors
+/// The kernel refused (`prctl`).
+pub fn set_transparent_huge_pages(allowed: bool) -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and touches no memory of ours.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_THP_DISABLE,
+            libc::c_ulong::from(!allowed),
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Blocks SIGINT/SIGTERM in this thread (and the threads it spawns later),
 /// so they can be taken synchronously with `sigwait`.
 fn block_signals() -> anyhow::Result<libc::sigset_t> {
@@ -110,6 +134,8 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 /// Runs the server until SIGTERM/SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    set_transparent_huge_pages(cfg.transparent_huge_pages)
+        .context("cannot set the transparent huge page mode (prctl)")?;
     let sigset = block_signals()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
@@ -270,4 +296,40 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     say("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_transparent_huge_pages;
+
+    fn thp_disabled() -> bool {
+        // SAFETY: PR_GET_THP_DISABLE reads a flag of this process.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_GET_THP_DISABLE,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        assert!(
+            r >= 0,
+            "PR_GET_THP_DISABLE: {}",
+            std::io::Error::last_os_error()
+        );
+        r == 1
+    }
+
+    #[test]
+    fn the_transparent_huge_page_mode_reaches_the_kernel() {
+        set_transparent_huge_pages(false).unwrap();
+        assert!(thp_disabled());
+        set_transparent_huge_pages(true).unwrap();
+        assert!(!thp_disabled());
+        // What `serve` sets by default.
+        set_transparent_huge_pages(crate::config::Config::default().transparent_huge_pages)
+            .unwrap();
+        assert!(thp_disabled());
+    }
 }

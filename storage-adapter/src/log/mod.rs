@@ -415,26 +415,36 @@ pub(crate) fn scan_dir(
     Ok(())
 }
 
-/// Bytes of zeroes written (and, when paced, made durable) per step of [`zero_fill`].
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of zeroes made durable per step of a paced [`zero_fill`].
+const ZERO_SYNC_BYTES: u64 = 1 << 20;
 
-/// Writes zeroes over `from..to`. `paced`: make each chunk durable before writing the next, so
-/// the disk never holds more than one chunk of zeroes ahead of the live segment's commits. The
-/// spare maker runs beside a busy log: one `fsync` of a whole 64 MiB segment of zeroes queued
-/// tens of milliseconds of writes in front of every commit's fdatasync (a 30 ms stall at every
-/// segment switch, measured with `strace -T`; docs/design/log.md).
+/// Bytes of zeroes per `pwrite`. The kernel here is built without preemption
+/// (`CONFIG_PREEMPT_NONE`): a thread inside a `pwrite` keeps its core until the call returns, and
+/// a 1 MiB write of zeroes into the page cache ran for up to 4.9 ms on the shard's core while the
+/// shard and the log's I/O thread waited (`perf sched timehist`, BENCHMARKS.md "Session 9").
+/// 64 KiB calls return to user space, where the scheduler can switch, 16 times as often.
+const ZERO_WRITE_BYTES: usize = 64 << 10;
+
+/// Writes zeroes over `from..to`. `paced`: make each [`ZERO_SYNC_BYTES`] durable before writing
+/// the next, so the disk never holds more than that much zeroes ahead of the live segment's
+/// commits. The spare maker runs beside a busy log: one `fsync` of a whole 64 MiB segment of
+/// zeroes queued tens of milliseconds of writes in front of every commit's fdatasync (a 30 ms
+/// stall at every segment switch, measured with `strace -T`; docs/design/log.md).
 fn zero_fill(file: &File, path: &Path, from: u64, to: u64, paced: bool) -> Result<(), LogError> {
-    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let zeros = vec![0u8; ZERO_WRITE_BYTES];
     let mut at = from;
+    let mut unsynced = 0u64;
     while at < to {
-        let n = ZERO_CHUNK_BYTES.min((to - at) as usize);
+        let n = ZERO_WRITE_BYTES.min((to - at) as usize);
         file.write_all_at(&zeros[..n], at)
             .map_err(|e| LogError::io("preallocate", path, e))?;
-        if paced {
+        at += n as u64;
+        unsynced += n as u64;
+        if paced && (unsynced >= ZERO_SYNC_BYTES || at >= to) {
             file.sync_data()
                 .map_err(|e| LogError::io("fsync", path, e))?;
+            unsynced = 0;
         }
-        at += n as u64;
     }
     Ok(())
 }
