@@ -146,12 +146,18 @@ pub struct StorageConfig {
     /// ended, so that the batches arriving meanwhile share its write and `fdatasync`
     /// (docs/design/log.md, "Commit interval"). 0: commit as soon as anything is queued.
     pub commit_interval_min_us: u32,
+    /// CPUs for the storage threads (each shard's log writer and spare-segment maker; the
+    /// cursor writer starts on its shard's CPU). Unset: the CPUs the process may run on that
+    /// no shard is pinned to, if there are any, else wherever the shards run. `[]`: never
+    /// pinned (`gateway/src/cpus.rs`).
+    pub io_cpus: Option<Vec<usize>>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             commit_interval_min_us: 300,
+            io_cpus: None,
         }
     }
 }
@@ -297,6 +303,14 @@ impl Config {
         if l.timer_tick_ms == 0 || l.timer_tick_ms > 1000 {
             return bad("limits.timer_tick_ms", "must be between 1 and 1000");
         }
+        if let Some(cpus) = &self.storage.io_cpus
+            && cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize)
+        {
+            return bad(
+                "storage.io_cpus",
+                "CPU numbers must be below 1024 (CPU_SETSIZE)",
+            );
+        }
         if u64::from(l.heartbeat_ms) >= u64::from(l.idle_timeout_ms) {
             return bad(
                 "limits.idle_timeout_ms",
@@ -371,6 +385,11 @@ mod tests {
         c.limits.timer_tick_ms = 0;
         assert!(c.validate().is_err());
         assert!(!Config::default().transparent_huge_pages);
+        assert_eq!(Config::default().storage.io_cpus, None);
+        let c = Config::from_toml("[storage]\nio_cpus = [1]\n").unwrap();
+        assert_eq!(c.storage.io_cpus, Some(vec![1]));
+        let c = Config::from_toml("[storage]\nio_cpus = [4096]\n").unwrap();
+        assert!(c.validate().is_err());
         let c = Config::from_toml("transparent_huge_pages = true\n").unwrap();
         assert!(c.transparent_huge_pages);
         let c = Config::from_toml("[storage]\ncommit_interval_min_us = 0\n").unwrap();

@@ -93,6 +93,7 @@ pub mod accounts;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod cpus;
 pub mod kx;
 pub mod messaging;
 pub mod metrics;

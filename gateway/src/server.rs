@@ -165,7 +165,21 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&material)?;
 
     let n = cfg.shard_count();
-    let (_meta, router_parts) = crate::messaging::open(&cfg.data_dir, n, &cfg.storage)?;
+    let allowed = crate::cpus::allowed().context("cannot read the process's CPU affinity")?;
+    let placement = crate::cpus::place(&allowed, n, cfg.storage.io_cpus.as_deref());
+    // The storage threads are spawned while opening the shards' stores: they inherit this
+    // thread's affinity, which goes back to every allowed CPU afterwards.
+    if !placement.io.is_empty() {
+        crate::cpus::pin_current_thread(&placement.io).with_context(|| {
+            format!("cannot run the storage threads on CPUs {:?}", placement.io)
+        })?;
+        say(&format!("storage threads on CPUs {:?}", placement.io));
+    }
+    let opened = crate::messaging::open(&cfg.data_dir, n, &cfg.storage);
+    if !placement.io.is_empty() {
+        crate::cpus::pin_current_thread(&allowed).context("cannot restore the CPU affinity")?;
+    }
+    let (_meta, router_parts) = opened?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()
@@ -217,7 +231,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         revocation_epoch: std::sync::atomic::AtomicU64::new(0),
     });
     let pool = BlockingPool::new(cfg.accounts.blocking_threads);
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::new();
     for (i, rx) in receivers.into_iter().enumerate().rev() {
@@ -229,11 +242,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let pool = pool.clone();
         let ready = ready_tx.clone();
         let driver = cfg.driver;
+        let cpu = placement.shards.get(i).copied();
         let parts = router_parts[i].take().context("router parts")?;
         let t = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || {
-                let rt = match ShardRuntime::build(driver, Some(i % cpus), &pool) {
+                let rt = match ShardRuntime::build(driver, cpu, &pool) {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready.send(Err(format!("shard {i}: cannot start runtime: {e}")));
