@@ -146,8 +146,7 @@ pub struct StorageConfig {
     /// ended, so that the batches arriving meanwhile share its write and `fdatasync`
     /// (docs/design/log.md, "Commit interval"). 0: commit as soon as anything is queued.
     pub commit_interval_min_us: u32,
-    /// CPUs for the storage threads (each shard's log writer and spare-segment maker; the
-    /// cursor writer starts on its shard's CPU). Unset: the CPUs the process may run on that
+    /// CPUs for each shard's log writer thread. Unset: the CPUs the process may run on that
     /// no shard is pinned to, if there are any, else wherever the shards run. `[]`: never
     /// pinned (`gateway/src/cpus.rs`).
     pub io_cpus: Option<Vec<usize>>,

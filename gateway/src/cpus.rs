@@ -1,11 +1,11 @@
 //! Which CPUs the shards and the storage I/O threads run on.
 //!
 //! Each shard thread is pinned to one CPU of the set the process may run on (its affinity mask,
-//! e.g. from `taskset`), in order. The storage threads (each shard's log writer and
-//! spare-segment maker; the cursor writer starts on its shard's CPU) wake for every group
-//! commit; on a shard's core each wake-up preempts the shard, and the shard waits behind them.
-//! When the process has CPUs left over after the shards, those threads go there by default
-//! (`storage.io_cpus`).
+//! e.g. from `taskset`), in order. Each log's writer thread wakes for every group commit; on a
+//! shard's core each wake-up preempts the shard, and the shard waits behind it. When the process
+//! has CPUs left over after the shards, the writers go there by default (`storage.io_cpus`).
+//! The spare-segment makers then run at the lowest priority wherever they may (without CPUs to
+//! spare, at normal priority beside the shards); the cursor writer starts on its shard's CPU.
 //!
 //! Measured on the 2-core VM (BENCHMARKS.md, "Session 9"): one shard on CPU 0 with its log
 //! writer on CPU 1 beside the load generator, and a 100 µs commit interval, gave a SendAck p99
@@ -58,17 +58,33 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
     }
 }
 
+/// Gives the calling thread the lowest priority (nice 19): for background work (the log's
+/// spare-segment maker) that must yield to anything else on its CPU.
+///
+/// # Errors
+/// `setpriority` failed.
+pub fn lowest_priority() -> io::Result<()> {
+    // SAFETY: on Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value; no
+    // memory is passed.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Where the shards and the storage threads go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// `shards[i]`: the CPU shard `i` is pinned to.
     pub shards: Vec<usize>,
-    /// The CPUs the storage threads may run on; empty: wherever the process may run
+    /// The CPUs the log writer threads may run on; empty: wherever the process may run
     /// (beside the shards).
     pub io: Vec<usize>,
 }
 
-/// Shard `i` goes to `allowed[i % allowed.len()]`. The storage threads go to `io` if given
+/// Shard `i` goes to `allowed[i % allowed.len()]`. The log writers go to `io` if given
 /// (an empty list: not pinned), otherwise to the allowed CPUs no shard got, if any.
 #[must_use]
 pub fn place(allowed: &[usize], shards: usize, io: Option<&[usize]>) -> Placement {
@@ -118,6 +134,18 @@ mod tests {
         // An explicit list wins, and an empty one means "not pinned".
         assert_eq!(place(&[0, 1, 2, 3], 1, Some(&[3])).io, vec![3]);
         assert!(place(&[0, 1, 2, 3], 1, Some(&[])).io.is_empty());
+    }
+
+    #[test]
+    fn background_threads_get_nice_19() {
+        let nice = std::thread::spawn(|| {
+            lowest_priority().unwrap();
+            // SAFETY: reads the calling thread's nice value.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice, 19);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::task::{Poll, Waker};
 use anyhow::Context as _;
 use starling_router::ring::{Bell, Doorbell};
 use starling_router::{ConnId as RouterConnId, RouterShard, ShardConfig, ShardLinks, ShardMsg};
-use starling_storage::{DenseIndex, EmbeddedMeta, EmbeddedShard, LogOptions, ShardOptions};
+use starling_storage::{
+    DenseIndex, EmbeddedMeta, EmbeddedShard, LogOptions, LogThread, ShardOptions,
+};
 
 use crate::clock;
 use crate::runtime::{self, Ready};
@@ -93,12 +95,29 @@ pub struct RouterParts {
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
-/// and builds the grid. Blocking; call before serving.
+/// and builds the grid. Blocking; call before serving. If `io_cpus` is not
+/// empty (`crate::cpus`), each log's writer thread runs there and its
+/// spare-segment maker at the lowest priority wherever the caller may run.
 pub fn open(
     data_dir: &Path,
     shards: usize,
     storage: &crate::config::StorageConfig,
+    io_cpus: &[usize],
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
+    let io: Arc<[usize]> = io_cpus.into();
+    let thread_start: starling_storage::ThreadStart = Arc::new(move |t| {
+        let placed = match t {
+            // No CPU to spare: everything shares the shards' CPUs, as it always did. (At nice
+            // 19 beside a saturated shard the spare maker would fall behind the writer, which
+            // then waits for it at the next segment.)
+            _ if io.is_empty() => Ok(()),
+            LogThread::Writer => crate::cpus::pin_current_thread(&io),
+            LogThread::Spare => crate::cpus::lowest_priority(),
+        };
+        if let Err(e) = placed {
+            tracing::warn!(thread = ?t, error = %e, "cannot place a storage thread");
+        }
+    });
     let meta =
         Arc::new(EmbeddedMeta::open(&data_dir.join("meta.redb")).context("cannot open meta.redb")?);
     let mut efds = Vec::new();
@@ -118,6 +137,7 @@ pub fn open(
                 commit_interval_min: std::time::Duration::from_micros(u64::from(
                     storage.commit_interval_min_us,
                 )),
+                thread_start: Some(thread_start.clone()),
                 ..LogOptions::default()
             },
             ..ShardOptions::default()

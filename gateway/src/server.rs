@@ -167,19 +167,17 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let n = cfg.shard_count();
     let allowed = crate::cpus::allowed().context("cannot read the process's CPU affinity")?;
     let placement = crate::cpus::place(&allowed, n, cfg.storage.io_cpus.as_deref());
-    // The storage threads are spawned while opening the shards' stores: they inherit this
-    // thread's affinity, which goes back to every allowed CPU afterwards.
     if !placement.io.is_empty() {
-        crate::cpus::pin_current_thread(&placement.io).with_context(|| {
-            format!("cannot run the storage threads on CPUs {:?}", placement.io)
-        })?;
-        say(&format!("storage threads on CPUs {:?}", placement.io));
+        // Refuse to start rather than warn from each log's thread later.
+        let io = placement.io.clone();
+        std::thread::spawn(move || crate::cpus::pin_current_thread(&io))
+            .join()
+            .map_err(|_| anyhow::anyhow!("CPU placement check panicked"))?
+            .with_context(|| format!("cannot run the log writers on CPUs {:?}", placement.io))?;
+        say(&format!("log writers on CPUs {:?}", placement.io));
     }
-    let opened = crate::messaging::open(&cfg.data_dir, n, &cfg.storage);
-    if !placement.io.is_empty() {
-        crate::cpus::pin_current_thread(&allowed).context("cannot restore the CPU affinity")?;
-    }
-    let (_meta, router_parts) = opened?;
+    let (_meta, router_parts) =
+        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io)?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()

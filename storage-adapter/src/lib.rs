@@ -29,7 +29,10 @@ pub mod types;
 pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
 pub use error::{LogError, StorageError};
 pub use index::DenseIndex;
-pub use log::{Appended, Completion, CompletionSource, LogOptions, RecoveryReport, SegmentedLog};
+pub use log::{
+    Appended, Completion, CompletionSource, LogOptions, LogThread, RecoveryReport, SegmentedLog,
+    ThreadStart,
+};
 pub use mem::MemMeta;
 pub use meta::{EmbeddedMeta, MetaBatch, MetadataStore, Record};
 pub use traits::{CursorStore, DeliveryCursor, DurableLog, MessageIndex, ReadCursor};

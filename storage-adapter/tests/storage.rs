@@ -188,6 +188,43 @@ fn append_reopen_read_round_trip_across_segments() {
 }
 
 #[test]
+fn each_log_thread_runs_the_start_hook_first_and_says_which_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    type Seen = Vec<(starling_storage::LogThread, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s2 = seen.clone();
+    let opts = LogOptions {
+        thread_start: Some(Arc::new(move |t| {
+            let name = std::thread::current().name().map(str::to_owned);
+            s2.lock().unwrap().push((t, name));
+        })),
+        ..small_opts(1 << 20)
+    };
+    let mut log = SegmentedLog::open(dir.path(), opts).unwrap();
+    // A durable append means the writer thread has started (and run its hook first).
+    log.append::<SyncData>(&[entry(9, 1, cmid(1, 1), 10)])
+        .unwrap()
+        .wait()
+        .unwrap();
+    drop(log);
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|(t, _)| format!("{t:?}"));
+    assert_eq!(
+        seen,
+        vec![
+            (
+                starling_storage::LogThread::Spare,
+                Some("starling-log-spare".to_owned())
+            ),
+            (
+                starling_storage::LogThread::Writer,
+                Some("starling-log-io".to_owned())
+            ),
+        ]
+    );
+}
+
+#[test]
 fn completion_is_a_future_any_executor_can_poll() {
     use std::future::Future;
     use std::task::{Context, Poll, Wake, Waker};

@@ -57,6 +57,21 @@ pub struct LogOptions {
     /// 20k msg/s). A busy log, whose commits take longer than this, never waits.
     /// `Duration::ZERO`: commit as soon as anything is queued.
     pub commit_interval_min: Duration,
+    /// Runs first on each thread the log starts, told which one it is: where the embedder
+    /// places them (CPU, priority). This crate does not touch scheduling itself.
+    pub thread_start: Option<ThreadStart>,
+}
+
+/// See [`LogOptions::thread_start`].
+pub type ThreadStart = Arc<dyn Fn(LogThread) + Send + Sync>;
+
+/// The threads a [`SegmentedLog`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogThread {
+    /// Writes and syncs every group commit; each shard's acknowledgements wait for it.
+    Writer,
+    /// Zero-fills the next segment in the background.
+    Spare,
 }
 
 impl Default for LogOptions {
@@ -69,6 +84,7 @@ impl Default for LogOptions {
             wake: None,
             idle_polls: 0,
             commit_interval_min: Duration::ZERO,
+            thread_start: None,
         }
     }
 }
@@ -83,6 +99,7 @@ impl fmt::Debug for LogOptions {
             .field("wake", &self.wake.is_some())
             .field("idle_polls", &self.idle_polls)
             .field("commit_interval_min", &self.commit_interval_min)
+            .field("thread_start", &self.thread_start.is_some())
             .finish()
     }
 }
@@ -211,8 +228,12 @@ impl SegmentedLog {
         let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
         let stats = Arc::new(LogStats::default());
         let (tx, rx) = mpsc::channel();
-        let (spare_req, spare_res) =
-            spawn_spare_maker(dir, opts.segment_bytes, opts.fault_hook.clone())?;
+        let (spare_req, spare_res) = spawn_spare_maker(
+            dir,
+            opts.segment_bytes,
+            opts.fault_hook.clone(),
+            opts.thread_start.clone(),
+        )?;
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             hook: opts.fault_hook.clone(),
@@ -233,9 +254,15 @@ impl SegmentedLog {
             // Install the first segment now, so the first append does not wait for it.
             writer.roll(next_lsn)?;
         }
+        let start = opts.thread_start.clone();
         let io_thread = std::thread::Builder::new()
             .name("starling-log-io".into())
-            .spawn(move || writer.run(&rx))
+            .spawn(move || {
+                if let Some(f) = start {
+                    f(LogThread::Writer);
+                }
+                writer.run(&rx);
+            })
             .map_err(|e| LogError::io("spawn", dir, e))?;
         Ok(SegmentedLog {
             dir: dir.to_path_buf(),
@@ -485,6 +512,7 @@ fn spawn_spare_maker(
     dir: &Path,
     segment_bytes: u64,
     hook: Option<Arc<dyn FaultHook>>,
+    start: Option<ThreadStart>,
 ) -> Result<SpareChannels, LogError> {
     let (req_tx, req_rx) = mpsc::channel::<()>();
     let (res_tx, res_rx) = mpsc::channel();
@@ -492,6 +520,9 @@ fn spawn_spare_maker(
     std::thread::Builder::new()
         .name("starling-log-spare".into())
         .spawn(move || {
+            if let Some(f) = start {
+                f(LogThread::Spare);
+            }
             while req_rx.recv().is_ok() {
                 if res_tx
                     .send(make_spare(&d, segment_bytes, hook.as_deref()))
