@@ -7,9 +7,10 @@
 //! The spare-segment makers then run at the lowest priority wherever they may (without CPUs to
 //! spare, at normal priority beside the shards); the cursor writer starts on its shard's CPU.
 //!
-//! Measured on the 2-core VM (BENCHMARKS.md, "Session 9"): one shard on CPU 0 with its log
-//! writer on CPU 1 beside the load generator, and a 100 µs commit interval, gave a SendAck p99
-//! of 1.3–1.9 ms at 100k msg/s, against 3–8 ms with the writer on the shard's CPU.
+//! Measured on the 2-core VM (BENCHMARKS.md, "Session 9"), 2 pairs at 100k msg/s with a 100 µs
+//! commit interval: with the shard on CPU 0 and its log writer on CPU 1 (beside the load
+//! generator), the SendAck p99 was 1.7–4 ms across 11 runs. With everything on CPU 0, interleaved
+//! with the last five of them, it was 32–58 ms.
 
 use std::io;
 
