@@ -234,10 +234,6 @@ fn noise_line(n: &Value) -> String {
     )
 }
 
-/// The share of its one core over which a server counts as saturated (the load generator's
-/// threshold too).
-const SATURATED_CORES: f64 = 0.85;
-
 fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -253,7 +249,9 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
             } else {
                 // compare.sh pins each server to one core: over 85% of it is saturation, and
                 // then a full window is the server's queue, not the window's limit.
-                let server_saturated = st.server_cpu_cores.is_some_and(|c| c > SATURATED_CORES);
+                let server_saturated = st
+                    .server_cpu_cores
+                    .is_some_and(|c| c > crate::report::SATURATED_SHARE);
                 let marks: Vec<&str> = [
                     (server_saturated, "server saturated"),
                     (st.loadgen_saturated, "loadgen saturated"),

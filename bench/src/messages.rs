@@ -432,7 +432,8 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
             .zip(metrics_end)
             .map(|(a, b)| scrape::delta(&a, &b)),
         loadgen_cpu_cores,
-        loadgen_saturated: loadgen_cpu_cores > 0.85 * f64::from(args.w.procs.max(1)),
+        loadgen_saturated: loadgen_cpu_cores
+            > report::SATURATED_SHARE * f64::from(args.w.procs.max(1)),
         window_bound,
         loadavg_1m_end: report::loadavg(),
         errors: errors.into_iter().take(20).collect(),
@@ -504,6 +505,13 @@ impl Rec {
             h.borrow_mut()
                 .saturating_record(now_ns.saturating_sub(sched_ns) / 1000);
         }
+    }
+
+    /// `sent` sends written, `waited` of them after waiting for the in-flight window.
+    fn count_sends(&self, sent: u64, waited: u64) {
+        let mut c = self.counts.borrow_mut();
+        c.sent += sent;
+        c.window_waits += waited;
     }
 
     pub(crate) fn error(&self, e: &anyhow::Error) {
@@ -903,11 +911,10 @@ fn due_starling(
         ep.inflight += 1;
         sent += 1;
     }
-    let waited = ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent);
-    let mut counts = rec.counts.borrow_mut();
-    counts.sent += sent;
-    counts.window_waits += waited;
-    drop(counts);
+    rec.count_sends(
+        sent,
+        ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent),
+    );
     if sent > 0 {
         ep.urgent = true;
     }
@@ -1233,11 +1240,10 @@ fn due_mqtt(
         ep.inflight += 1;
         sent += 1;
     }
-    let waited = ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent);
-    let mut counts = rec.counts.borrow_mut();
-    counts.sent += sent;
-    counts.window_waits += waited;
-    drop(counts);
+    rec.count_sends(
+        sent,
+        ep.note_window(plan.start_ns, now, inflight_max, first_sched, sent),
+    );
     if sent > 0 {
         ep.urgent = true;
     }

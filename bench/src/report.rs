@@ -9,6 +9,10 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+/// The share of a core over which a process counts as saturated: the load generator's own
+/// (per process) and, in `compare-report`, the server's (pinned to one core).
+pub(crate) const SATURATED_SHARE: f64 = 0.85;
+
 /// Latencies are recorded in microseconds, 1 µs .. 1 h, 3 significant digits.
 pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
