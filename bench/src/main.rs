@@ -24,6 +24,7 @@ mod rate;
 mod report;
 mod scrape;
 mod storm;
+mod timeline;
 mod timer;
 mod tls_memory;
 mod workers;

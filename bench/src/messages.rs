@@ -46,6 +46,7 @@ use crate::mqtt::{self, Packet};
 use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
 use crate::report::{self, HistData, Machine, Summary};
 use crate::scrape::{self, ServerAck};
+use crate::timeline::{Timeline, TimelineSummary};
 use crate::timer::Timer;
 use crate::workers::{self, WorkerArgs, Workers};
 
@@ -113,6 +114,14 @@ pub(crate) struct MessagesArgs {
     /// Write the full report here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Write where in the run the slow acknowledgements fell: a CSV with one line per 10 ms of
+    /// scheduled send time (acks, acks over --slow-ack-us, the slowest, the worst send lag).
+    #[arg(long)]
+    pub(crate) timeline: Option<PathBuf>,
+    /// An acknowledgement later than this after its scheduled send counts as slow in the
+    /// timeline and its summary (default: issue 5's SendAck bound).
+    #[arg(long, default_value_t = 1500)]
+    pub(crate) slow_ack_us: u64,
     #[command(flatten)]
     #[serde(skip)]
     pub(crate) w: WorkerArgs,
@@ -166,6 +175,8 @@ struct WorkerResult {
     deliver: HistData,
     receipt: HistData,
     send_lag: HistData,
+    #[serde(default)]
+    timeline: Timeline,
     cpu_secs: f64,
     /// Seconds from the scheduled start to the last delivery.
     last_delivery_secs: f64,
@@ -185,6 +196,8 @@ pub(crate) struct Outcome {
     pub(crate) deliver_us: Summary,
     pub(crate) receipt_us: Summary,
     pub(crate) send_lag_us: Summary,
+    /// Whether the slow acknowledgements were spread over the run or packed into episodes.
+    pub(crate) ack_timeline: TimelineSummary,
     pub(crate) server_cpu_cores: Option<f64>,
     /// The server's SendAck latency over the run, from its metrics (`--server-metrics`).
     pub(crate) server_ack: Option<ServerAck>,
@@ -293,6 +306,20 @@ fn print_outcome(args: &MessagesArgs, out: &Outcome) {
     }
     rows.push(("send lag (loadgen)", &out.send_lag_us));
     report::print_latency_table(&rows);
+    let t = &out.ack_timeline;
+    if t.slow_acks > 0 {
+        println!(
+            "slow acks         {} of {} ({:.2}%) over {} µs, in {} of {} 10-ms slots; the worst 1% of slots hold {:.0}% of them (worst at {} ms after the warm-up)",
+            t.slow_acks,
+            t.acks,
+            100.0 * t.slow_acks as f64 / t.acks.max(1) as f64,
+            t.bound_us,
+            t.slow_slots,
+            t.slots,
+            100.0 * t.share_in_worst_1pct,
+            t.worst_slot_ms.unwrap_or(0)
+        );
+    }
     for e in out.errors.iter().take(5) {
         println!("error: {e}");
     }
@@ -394,6 +421,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         report::histogram(),
     );
     let mut counts = Counts::default();
+    let mut timeline = Timeline::new(args.slow_ack_us);
     let mut errors = Vec::new();
     let mut lg_cpu = 0.0;
     let mut last_delivery: f64 = 0.0;
@@ -402,6 +430,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         r.deliver.merge_into(&mut del);
         r.receipt.merge_into(&mut rec);
         r.send_lag.merge_into(&mut lag);
+        timeline.merge(&r.timeline);
         counts.add(&r.counts);
         errors.extend(r.errors.iter().cloned());
         lg_cpu += r.cpu_secs;
@@ -415,6 +444,11 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
     };
     let loadgen_cpu_cores = lg_cpu / wall.max(1e-3);
     let window_bound = window_bound(&counts);
+    if let Some(p) = &args.timeline {
+        timeline
+            .write_csv(p)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     Ok(Outcome {
         system: if target.is_mqtt() { "mqtt" } else { "starling" },
         target: args.target.clone(),
@@ -427,6 +461,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
         deliver_us: Summary::of(&del),
         receipt_us: Summary::of(&rec),
         send_lag_us: Summary::of(&lag),
+        ack_timeline: timeline.summary(),
         server_cpu_cores,
         server_ack: metrics_start
             .zip(metrics_end)
@@ -478,6 +513,8 @@ pub(crate) struct Rec {
     pub(crate) errors: RefCell<Vec<String>>,
     pub(crate) last_delivery_ns: RefCell<u64>,
     pub(crate) fatal: RefCell<Option<String>>,
+    /// Per 10 ms from the warm-up's end: acknowledgements and send lag (see [`Timeline`]).
+    pub(crate) timeline: RefCell<Timeline>,
 }
 
 impl Rec {
@@ -493,6 +530,7 @@ impl Rec {
             errors: RefCell::default(),
             last_delivery_ns: RefCell::new(0),
             fatal: RefCell::default(),
+            timeline: RefCell::new(Timeline::new(u64::MAX)),
         }
     }
 
@@ -504,6 +542,29 @@ impl Rec {
         if sched_ns >= self.warmup_ns.get() {
             h.borrow_mut()
                 .saturating_record(now_ns.saturating_sub(sched_ns) / 1000);
+        }
+    }
+
+    /// An acknowledgement (SendAck, PUBACK) of the send scheduled at `sched_ns`: into the ack
+    /// histogram and the timeline.
+    pub(crate) fn record_ack(&self, sched_ns: u64, now_ns: u64) {
+        self.record(&self.ack, sched_ns, now_ns);
+        let warm = self.warmup_ns.get();
+        if sched_ns >= warm {
+            self.timeline
+                .borrow_mut()
+                .ack(sched_ns - warm, now_ns.saturating_sub(sched_ns) / 1000);
+        }
+    }
+
+    /// A send scheduled at `sched_ns` was written at `now_ns`.
+    pub(crate) fn record_lag(&self, sched_ns: u64, now_ns: u64) {
+        self.record(&self.lag, sched_ns, now_ns);
+        let warm = self.warmup_ns.get();
+        if sched_ns >= warm {
+            self.timeline
+                .borrow_mut()
+                .lag(sched_ns - warm, now_ns.saturating_sub(sched_ns) / 1000);
         }
     }
 
@@ -717,6 +778,10 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                 // The recorder's warm-up boundary, now that the start is known.
                 rec.warmup_ns
                     .set(start_ns + args.warmup_secs * 1_000_000_000);
+                let mut timeline = Timeline::new(args.slow_ack_us);
+                timeline.start_monotonic_ns =
+                    clock::monotonic_ns_of(rec.epoch) + rec.warmup_ns.get();
+                *rec.timeline.borrow_mut() = timeline;
                 // One precise timer for every pair of this worker, on the
                 // same clock as `rec` (ns since `rec.epoch`).
                 let timer = Timer::start(rec.epoch).context("creating the timerfd")?;
@@ -759,6 +824,7 @@ fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
                         deliver: h(&rec.deliver),
                         receipt: h(&rec.receipt),
                         send_lag: h(&rec.lag),
+                        timeline: rec.timeline.borrow().clone(),
                         cpu_secs: report::own_cpu_secs() - cpu0,
                         last_delivery_secs: last.saturating_sub(start_ns) as f64 / 1e9,
                         errors: rec.errors.borrow().clone(),
@@ -906,7 +972,7 @@ fn due_starling(
                 first_attempt: true,
             }),
         )?;
-        rec.record(&rec.lag, sched, now);
+        rec.record_lag(sched, now);
         ep.next_k += 1;
         ep.inflight += 1;
         sent += 1;
@@ -962,7 +1028,7 @@ fn on_starling_frames(
                     .and_then(|b| b.try_into().ok())
                     .map(u64::from_le_bytes)
                     .context("SendAck with a foreign client_msg_id")?;
-                rec.record(&rec.ack, sched, now);
+                rec.record_ack(sched, now);
                 eps[m].inflight = eps[m].inflight.saturating_sub(1);
                 rec.counts.borrow_mut().acked += 1;
             }
@@ -1235,7 +1301,7 @@ fn due_mqtt(
         ep.next_pid = ep.next_pid.checked_add(1).unwrap_or(1);
         ep.pid_sched[usize::from(ep.next_pid)] = sched;
         mqtt::publish_qos1(&mut c.wbuf, ep.next_pid, peer_topic, body);
-        rec.record(&rec.lag, sched, now);
+        rec.record_lag(sched, now);
         ep.next_k += 1;
         ep.inflight += 1;
         sent += 1;
@@ -1256,7 +1322,7 @@ fn on_mqtt_packets(c: &mut MqttConn, m: usize, eps: &mut [Ep; 2], rec: &Rec) -> 
         match p {
             Packet::PubAck { packet_id } => {
                 let sched = eps[m].pid_sched[usize::from(packet_id)];
-                rec.record(&rec.ack, sched, now);
+                rec.record_ack(sched, now);
                 eps[m].inflight = eps[m].inflight.saturating_sub(1);
                 rec.counts.borrow_mut().acked += 1;
             }
