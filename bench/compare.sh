@@ -9,8 +9,10 @@
 # the defaults. Needs: mosquitto (apt-get install -y mosquitto), taskset.
 #
 # Knobs (environment): RATES, PAIRS, INFLIGHT, DURATION, BODY, TICK_US, TRANSPORTS ("plain tls"),
-# SYSTEMS ("starling mosquitto"), BOUND_MS, NOISE_SECS, SERVER_CPU, LOADGEN_CPU,
-# OUT, STARLING, BENCH, SKIP_BUILD=1.
+# SYSTEMS ("starling mosquitto"), BOUND_MS (the p99 bound of the table's yes/no column, 50),
+# BOUNDS_MS (comma-separated p99 bounds at which each system's highest sustained rate is found
+# and Starling's is divided by Mosquitto's, "1,2,5,10,25,50"), NOISE_SECS, SERVER_CPU,
+# LOADGEN_CPU, OUT, STARLING, BENCH, SKIP_BUILD=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -155,5 +157,6 @@ done
 
 mkdir -p "$OUT/runs"
 cp "$RUNS"/*.json "$OUT/runs/"
-"$BENCH" compare-report --runs "$RUNS" --out "$OUT" --bound-ms "$BOUND_MS" "${NOISE_ARGS[@]}"
+"$BENCH" compare-report --runs "$RUNS" --out "$OUT" --bound-ms "$BOUND_MS" \
+  --bounds-ms "${BOUNDS_MS:-1,2,5,10,25,50}" "${NOISE_ARGS[@]}"
 echo "== load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

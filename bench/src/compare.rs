@@ -27,6 +27,11 @@ pub(crate) struct CompareArgs {
     /// at least 95% of the offered rate was delivered, and nothing was lost.
     #[arg(long, default_value_t = 50.0)]
     bound_ms: f64,
+    /// The p99 bounds (ms) at which to find each system's highest sustained
+    /// rate (same rule as `--bound-ms`) and compare Starling with Mosquitto at
+    /// an equal bound: `max_rate_within` and `ratios` in compare.json.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 2.0, 5.0, 10.0, 25.0, 50.0])]
+    bounds_ms: Vec<f64>,
     /// `bench/scripts/hiccups.py --json` output taken before the ladder: how
     /// much the machine itself stalled the server's and load generator's
     /// cores, copied into compare.json and under the table.
@@ -45,6 +50,9 @@ struct Step {
     deliver_p99_us: u64,
     deliver_p999_us: u64,
     missing: u64,
+    /// Messages delivered; only for judging the step, not written out.
+    #[serde(skip)]
+    delivered: u64,
     server_cpu_cores: Option<f64>,
     /// Starling's own SendAck p99 over the run (upper bound of its histogram bucket, µs), when
     /// the run scraped its metrics; `None` also when it lies beyond the last finite bucket.
@@ -65,6 +73,88 @@ struct Step {
 struct System {
     steps: Vec<Step>,
     max_sustained_rate: Option<f64>,
+    /// For each of `--bounds-ms`: the highest offered rate sustained within it.
+    max_rate_within: Vec<MaxRate>,
+}
+
+/// The highest offered rate whose step was sustained with delivery p99 within
+/// `bound_ms`, and that step's delivery p99; both `None` when no step was.
+#[derive(Debug, Clone, Serialize)]
+struct MaxRate {
+    bound_ms: f64,
+    rate: Option<f64>,
+    deliver_p99_us: Option<u64>,
+}
+
+/// Starling's and Mosquitto's highest sustained rates over one transport at
+/// one p99 bound; `ratio` is Starling's over Mosquitto's, `None` unless both
+/// sustained some rate.
+#[derive(Debug, Serialize)]
+struct Ratio {
+    transport: String,
+    bound_ms: f64,
+    starling_rate: Option<f64>,
+    mosquitto_rate: Option<f64>,
+    ratio: Option<f64>,
+}
+
+/// A step is sustained within `bound_ms` if it had no error, delivered
+/// something and lost nothing, delivered at least 95% of the offered rate, and
+/// its delivery p99 is within the bound.
+fn sustained_within(st: &Step, bound_ms: f64) -> bool {
+    st.error.is_none()
+        && st.delivered > 0
+        && st.missing == 0
+        && st.rate_achieved >= 0.95 * st.rate_offered
+        && (st.deliver_p99_us as f64) <= bound_ms * 1000.0
+}
+
+fn max_rate_within(steps: &[Step], bound_ms: f64) -> MaxRate {
+    let best = steps
+        .iter()
+        .filter(|s| sustained_within(s, bound_ms))
+        .max_by(|a, b| a.rate_offered.total_cmp(&b.rate_offered));
+    MaxRate {
+        bound_ms,
+        rate: best.map(|s| s.rate_offered),
+        deliver_p99_us: best.map(|s| s.deliver_p99_us),
+    }
+}
+
+/// For each transport both Starling and Mosquitto ran over (systems are named
+/// `SYSTEM-TRANSPORT`), and each bound: their highest sustained rates and ratio.
+fn ratios(systems: &BTreeMap<String, System>, bounds_ms: &[f64]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for (name, starling) in systems {
+        let Some(transport) = name.strip_prefix("starling-") else {
+            continue;
+        };
+        let Some(mosquitto) = systems.get(&format!("mosquitto-{transport}")) else {
+            continue;
+        };
+        let rate_at = |sys: &System, bound: f64| {
+            sys.max_rate_within
+                .iter()
+                .find(|m| m.bound_ms == bound)
+                .and_then(|m| m.rate)
+        };
+        for &bound_ms in bounds_ms {
+            let starling_rate = rate_at(starling, bound_ms);
+            let mosquitto_rate = rate_at(mosquitto, bound_ms);
+            let ratio = match (starling_rate, mosquitto_rate) {
+                (Some(s), Some(m)) if m > 0.0 => Some(s / m),
+                _ => None,
+            };
+            out.push(Ratio {
+                transport: transport.to_owned(),
+                bound_ms,
+                starling_rate,
+                mosquitto_rate,
+                ratio,
+            });
+        }
+    }
+    out
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {
@@ -117,12 +207,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
         let missing = u(o, &["missing"]);
         let deliver_p99 = u(o, &["deliver_us", "p99_us"]);
         let delivered = u(o, &["counts", "delivered"]);
-        let sustained = error.is_none()
-            && delivered > 0
-            && missing == 0
-            && achieved >= 0.95 * offered
-            && (deliver_p99 as f64) <= args.bound_ms * 1000.0;
-        systems.entry(system.to_owned()).or_default().push(Step {
+        let mut step = Step {
             rate_offered: offered,
             rate_achieved: achieved,
             ack_p50_us: u(o, &["ack_us", "p50_us"]),
@@ -132,6 +217,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             deliver_p99_us: deliver_p99,
             deliver_p999_us: u(o, &["deliver_us", "p999_us"]),
             missing,
+            delivered,
             server_cpu_cores: f(o, &["server_cpu_cores"]),
             server_ack_p99_le_us: o["server_ack"]["p99_le_us"].as_u64(),
             server_ack_measured: o["server_ack"].is_object(),
@@ -139,15 +225,24 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             loadgen_saturated: o["loadgen_saturated"].as_bool().unwrap_or(false),
             window_bound: o["window_bound"].as_bool().unwrap_or(false),
             loadavg_1m_end: f(o, &["loadavg_1m_end"]).unwrap_or(0.0),
-            sustained,
+            sustained: false,
             error,
-        });
+        };
+        step.sustained = sustained_within(&step, args.bound_ms);
+        systems.entry(system.to_owned()).or_default().push(step);
     }
     anyhow::ensure!(
         !systems.is_empty(),
         "no run files in {}",
         args.runs.display()
     );
+    let mut bounds_ms = args.bounds_ms.clone();
+    anyhow::ensure!(
+        bounds_ms.iter().all(|b| b.is_finite() && *b >= 0.0),
+        "--bounds-ms takes non-negative milliseconds, got {bounds_ms:?}"
+    );
+    bounds_ms.sort_by(f64::total_cmp);
+    bounds_ms.dedup();
     let systems: BTreeMap<String, System> = systems
         .into_iter()
         .map(|(k, mut steps)| {
@@ -157,15 +252,21 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
                 .filter(|s| s.sustained)
                 .map(|s| s.rate_offered)
                 .reduce(f64::max);
+            let max_rate_within = bounds_ms
+                .iter()
+                .map(|&b| max_rate_within(&steps, b))
+                .collect();
             (
                 k,
                 System {
                     steps,
                     max_sustained_rate,
+                    max_rate_within,
                 },
             )
         })
         .collect();
+    let ratios = ratios(&systems, &bounds_ms);
     let noise: Option<Value> = args
         .noise
         .as_deref()
@@ -185,9 +286,13 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             "machine_noise": noise,
             "params_of_first_run": params,
             "systems": systems,
+            "bounds_ms": bounds_ms,
+            "ratio_means": "per transport and p99 bound: Starling's highest sustained offered rate over Mosquitto's",
+            "ratios": ratios,
         }),
     )?;
     let mut md = table(&systems, args.bound_ms);
+    md.push_str(&ratio_table(&ratios, &bounds_ms));
     if let Some(n) = &noise {
         md.push_str(&noise_line(n));
     }
@@ -298,6 +403,68 @@ fn table(systems: &BTreeMap<String, System>, bound_ms: f64) -> String {
             sys.max_sustained_rate
                 .map_or("none".to_owned(), |r| format!("{r:.0} msg/s"))
         );
+    }
+    s
+}
+
+/// `1234567.0` as `1,234,567`.
+fn thousands(r: f64) -> String {
+    let digits = format!("{:.0}", r.abs());
+    let mut s = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            s.push(',');
+        }
+        s.push(c);
+    }
+    if r < 0.0 { format!("-{s}") } else { s }
+}
+
+/// Rows are the bounds, and each transport both systems ran over has a
+/// Starling, a Mosquitto and a ratio column. Empty when there is no such transport.
+fn ratio_table(ratios: &[Ratio], bounds_ms: &[f64]) -> String {
+    let mut transports: Vec<&str> = Vec::new();
+    for r in ratios {
+        if !transports.contains(&r.transport.as_str()) {
+            transports.push(&r.transport);
+        }
+    }
+    if transports.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nHighest offered rate each system sustained with delivery p99 within the bound (≥ 95% delivered, none missing); the ratio compares the two at an equal latency bound.\n"
+    );
+    let mut header = "| p99 bound |".to_owned();
+    let mut rule = "|---|".to_owned();
+    for t in &transports {
+        let _ = write!(header, " Starling {t} | Mosquitto {t} | ratio {t} |");
+        rule.push_str("---:|---:|---:|");
+    }
+    let _ = writeln!(s, "{header}");
+    let _ = writeln!(s, "{rule}");
+    let rate = |r: Option<f64>| r.map_or("none".to_owned(), thousands);
+    for &bound in bounds_ms {
+        let mut row = format!("| {bound} ms |");
+        for t in &transports {
+            let r = ratios
+                .iter()
+                .find(|r| r.transport == *t && r.bound_ms == bound);
+            let (st, mq, ratio) = r.map_or((None, None, None), |r| {
+                (r.starling_rate, r.mosquitto_rate, r.ratio)
+            });
+            let ratio = ratio.map_or("-".to_owned(), |x| {
+                if x >= 1.0 {
+                    format!("{x:.1}×")
+                } else {
+                    format!("{x:.2}×")
+                }
+            });
+            let _ = write!(row, " {} | {} | {ratio} |", rate(st), rate(mq));
+        }
+        let _ = writeln!(s, "{row}");
     }
     s
 }
@@ -496,6 +663,7 @@ mod tests {
             runs,
             out: out.clone(),
             bound_ms: 50.0,
+            bounds_ms: vec![50.0],
             noise: Some(noise),
         })
         .unwrap();
@@ -521,5 +689,99 @@ mod tests {
         assert!(md.contains("| 0.30 | yes |"), "{md}");
         assert!(out.join("latency.svg").exists() && out.join("throughput.svg").exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_report_compares_the_systems_at_equal_p99_bounds() {
+        let dir = std::env::temp_dir().join(format!("sb-compare-ratio-{}", std::process::id()));
+        let runs = dir.join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        // (system, offered rate, delivery p99 µs, missing)
+        let steps: [(&str, f64, u64, u64); 7] = [
+            ("starling-plain", 10_000.0, 2_000, 0),
+            ("starling-plain", 20_000.0, 8_000, 0),
+            // Fast, but it lost messages: sustained within no bound.
+            ("starling-plain", 30_000.0, 5_000, 10),
+            ("starling-plain", 40_000.0, 80_000, 0),
+            ("mosquitto-plain", 10_000.0, 4_000, 0),
+            ("mosquitto-plain", 20_000.0, 60_000, 0),
+            // Starling over TLS has no Mosquitto to compare with.
+            ("starling-tls", 10_000.0, 3_000, 0),
+        ];
+        for (system, rate, p99, missing) in steps {
+            let mut run = run_file(rate, p99);
+            run["outcome"]["missing"] = serde_json::json!(missing);
+            let path = runs.join(format!("{system}-{rate}.json"));
+            std::fs::write(path, run.to_string()).unwrap();
+        }
+        let out = dir.join("out");
+        run(&CompareArgs {
+            runs,
+            out: out.clone(),
+            bound_ms: 50.0,
+            bounds_ms: vec![50.0, 2.0, 10.0],
+            noise: None,
+        })
+        .unwrap();
+        let j: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap())
+                .unwrap();
+        let st = &j["systems"]["starling-plain"];
+        let mq = &j["systems"]["mosquitto-plain"];
+        // The --bound-ms verdicts are as before.
+        assert_eq!(st["max_sustained_rate"], 20_000.0);
+        assert_eq!(mq["max_sustained_rate"], 10_000.0);
+        // The bounds come out sorted.
+        assert_eq!(
+            st["max_rate_within"],
+            serde_json::json!([
+                {"bound_ms": 2.0, "rate": 10_000.0, "deliver_p99_us": 2_000},
+                {"bound_ms": 10.0, "rate": 20_000.0, "deliver_p99_us": 8_000},
+                {"bound_ms": 50.0, "rate": 20_000.0, "deliver_p99_us": 8_000},
+            ])
+        );
+        assert_eq!(
+            mq["max_rate_within"][0],
+            serde_json::json!({"bound_ms": 2.0, "rate": null, "deliver_p99_us": null})
+        );
+        assert_eq!(mq["max_rate_within"][1]["rate"], 10_000.0);
+        assert_eq!(mq["max_rate_within"][1]["deliver_p99_us"], 4_000);
+        // Only plain has both systems.
+        assert_eq!(
+            j["ratios"],
+            serde_json::json!([
+                {"transport": "plain", "bound_ms": 2.0, "starling_rate": 10_000.0,
+                 "mosquitto_rate": null, "ratio": null},
+                {"transport": "plain", "bound_ms": 10.0, "starling_rate": 20_000.0,
+                 "mosquitto_rate": 10_000.0, "ratio": 2.0},
+                {"transport": "plain", "bound_ms": 50.0, "starling_rate": 20_000.0,
+                 "mosquitto_rate": 10_000.0, "ratio": 2.0},
+            ])
+        );
+        let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+        assert!(
+            md.contains("- starling-plain: highest rate sustained within 50 ms p99: 20000 msg/s"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Highest offered rate each system sustained with delivery p99 within the bound (≥ 95% delivered, none missing); the ratio compares the two at an equal latency bound."),
+            "{md}"
+        );
+        assert!(
+            md.contains("| p99 bound | Starling plain | Mosquitto plain | ratio plain |"),
+            "{md}"
+        );
+        assert!(md.contains("| 2 ms | 10,000 | none | - |"), "{md}");
+        assert!(md.contains("| 10 ms | 20,000 | 10,000 | 2.0× |"), "{md}");
+        assert!(!md.contains("Starling tls"), "{md}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(40_000.0), "40,000");
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
     }
 }
