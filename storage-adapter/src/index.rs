@@ -297,6 +297,12 @@ impl<K: SplitKey, V> SplitMap<K, V> {
         self.0[k.table()].entry(k).or_default()
     }
 
+    /// `k`'s entry: one probe for a look-up that may insert (the dedup map's keys are random,
+    /// so every probe of its tables is a cache miss; a `get` and then an `insert` paid two).
+    fn entry(&mut self, k: K) -> std::collections::hash_map::Entry<'_, K, V> {
+        self.0[k.table()].entry(k)
+    }
+
     fn len(&self) -> usize {
         self.0.iter().map(HashMap::len).sum()
     }
@@ -365,13 +371,13 @@ impl State {
             self.entries += 1;
         }
         if !id.is_none() {
-            let fp = fingerprint(conv, id);
-            match self.dedup.get(&fp) {
-                None => {
-                    self.dedup.insert(fp, seq.0);
+            use std::collections::hash_map::Entry;
+            match self.dedup.entry(fingerprint(conv, id)) {
+                Entry::Vacant(v) => {
+                    v.insert(seq.0);
                 }
-                Some(&s) if s == seq.0 => {}
-                Some(_) => {
+                Entry::Occupied(o) if *o.get() == seq.0 => {}
+                Entry::Occupied(_) => {
                     self.dedup_more.insert((conv, id), seq.0);
                 }
             }
@@ -509,7 +515,7 @@ impl DenseIndex {
     ) -> Result<(), StorageError> {
         let applied = self.applied_lsn();
         // Parse outside the lock.
-        let mut parsed = Vec::new();
+        let mut parsed = Vec::with_capacity(records.iter().map(|(r, _)| r.count as usize).sum());
         let mut last = applied;
         for (r, pos) in records {
             if r.last_lsn() <= applied {
