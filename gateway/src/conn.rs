@@ -26,7 +26,8 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
 };
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_protocol::{FrameDecoder, FrameEncoder, PROTOCOL_VERSION};
+use starling_protocol::{FrameDecoder, FrameEncoder, FrameKind, PROTOCOL_VERSION};
+use starling_router::Transmit;
 
 use crate::accounts::{Access, Accounts, ApiError, Granted, Principal};
 use crate::clock;
@@ -575,13 +576,13 @@ impl Conn {
         }
     }
 
-    /// Encodes the router's frames for this connection into the transport;
+    /// Queues the router's frames (encoded by it) for this connection into the transport;
     /// returns the bytes queued.
     fn queue_outbound(&mut self) -> u64 {
         self.clock.reset();
         let mut bytes = 0u64;
-        for frame in self.ctl.take_outbound() {
-            bytes += self.send_frame(&frame) as u64;
+        for t in self.ctl.take_outbound() {
+            bytes += self.send_encoded(&t) as u64;
         }
         bytes
     }
@@ -776,6 +777,34 @@ impl Conn {
             tracing::error!(error = %e, "response too large for the peer");
             return 0;
         }
+        self.queued(
+            before,
+            frame.request_id,
+            frame.body.as_ref().map(Body::kind),
+        )
+    }
+
+    /// Queues one frame the router encoded; returns its size (0 if not sent).
+    fn send_encoded(&mut self, t: &Transmit) -> usize {
+        // The router does not know the peer's frame limit: it is checked here, as the encoder
+        // checks it for the gateway's own frames.
+        let max = u64::from(self.encoder.frame_bytes_max());
+        if starling_protocol::framed_payload_len(&t.bytes).is_none_or(|len| len > max) {
+            tracing::error!(
+                bytes = t.bytes.len(),
+                max,
+                "router frame too large for the peer"
+            );
+            return 0;
+        }
+        let before = self.out.len();
+        self.out.extend_from_slice(&t.bytes);
+        self.queued(before, t.request_id, t.kind)
+    }
+
+    /// A frame was appended to `out` from `before` on: enforces the outbound budget (undoing
+    /// the append beyond it), counts it and, for the answer to a Send, times the Send.
+    fn queued(&mut self, before: usize, request_id: u64, kind: Option<FrameKind>) -> usize {
         let limit = self.shard.shared.cfg.limits.outbound_bytes_max;
         if self.out.len() + self.wire.len() > limit {
             // Over the outbound budget: the peer is not reading.
@@ -785,27 +814,28 @@ impl Conn {
         }
         metrics::inc(&self.shard.metrics().frames_out);
         if !self.send_times.is_empty()
-            && matches!(frame.body, Some(Body::SendAck(_) | Body::Error(_)))
+            && matches!(kind, Some(FrameKind::SendAck | FrameKind::Error))
         {
-            self.answered_send(frame);
+            self.answered_send(request_id, kind == Some(FrameKind::SendAck));
         }
         self.out.len() - before
     }
 
-    /// A SendAck (or a Send's Error) is queued: records how long its Send spent in the server.
-    fn answered_send(&mut self, frame: &v1::Frame) {
+    /// A SendAck (`acked`) or a Send's Error is queued: records how long its Send spent in the
+    /// server.
+    fn answered_send(&mut self, request_id: u64, acked: bool) {
         // Answers come in send order but for refusals, so the front is nearly always it.
         let Some(i) = self
             .send_times
             .iter()
-            .position(|&(rid, _)| rid == frame.request_id)
+            .position(|&(rid, _)| rid == request_id)
         else {
             return;
         };
         let Some((_, read_us)) = self.send_times.remove(i) else {
             return;
         };
-        if matches!(frame.body, Some(Body::SendAck(_))) {
+        if acked {
             self.shard
                 .metrics()
                 .send_ack

@@ -68,7 +68,9 @@
 //!   (`<data>/meta.redb`). One eventfd per shard is rung by the ring grid's
 //!   bell and by the log's wake callback; a driver task waits on it, on
 //!   `poll_timeout` and on kicks from connection tasks, and moves
-//!   `poll_transmit`/`poll_close` into the connections' outbound queues.
+//!   `poll_transmit`/`poll_close` into the connections' outbound queues
+//!   (router frames arrive encoded; a connection copies them into its output,
+//!   checking the peer's frame limit and timing the answers to Sends).
 //!   Connection tasks call `handle_frame` for the router's frames and report
 //!   written bytes with `handle_conn_flushed`. Users are mirrored from the
 //!   accounts store into the metadata store when they authenticate.

@@ -261,7 +261,7 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
                 rs.handle_tick(now);
             }
             while let Some(t) = rs.poll_transmit() {
-                shard.push_outbound(ConnId(t.conn.0), t.frame);
+                shard.push_outbound(ConnId(t.conn.0), t);
             }
             while let Some(c) = rs.poll_close() {
                 tracing::info!(conn = c.conn.0, code = ?c.code, message = %c.message, "router closes connection");

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::task::{Poll, Waker};
 
-use starling_protocol::v1::{self, ErrorCode};
+use starling_protocol::v1::ErrorCode;
+use starling_router::Transmit;
 
 use crate::accounts::Accounts;
 use crate::clock;
@@ -125,8 +126,8 @@ pub struct ConnCtl {
     waker: RefCell<Option<Waker>>,
     /// The authenticated session (0: none).
     pub session_id: Cell<u64>,
-    /// Frames from the router waiting to be encoded and written.
-    outbound: RefCell<VecDeque<v1::Frame>>,
+    /// Frames from the router (encoded by it) waiting to be written.
+    outbound: RefCell<VecDeque<Transmit>>,
 }
 
 impl ConnCtl {
@@ -141,7 +142,7 @@ impl ConnCtl {
     }
 
     /// Queues a frame from the router and wakes the task.
-    pub fn push_outbound(&self, frame: v1::Frame) {
+    pub fn push_outbound(&self, frame: Transmit) {
         self.outbound.borrow_mut().push_back(frame);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -155,7 +156,7 @@ impl ConnCtl {
     }
 
     /// Takes the router frames that wait.
-    pub fn take_outbound(&self) -> VecDeque<v1::Frame> {
+    pub fn take_outbound(&self) -> VecDeque<Transmit> {
         std::mem::take(&mut *self.outbound.borrow_mut())
     }
 
@@ -227,7 +228,7 @@ impl Shard {
     }
 
     /// Queues a router frame for connection `id` (dropped if it is gone).
-    pub fn push_outbound(&self, id: ConnId, frame: v1::Frame) {
+    pub fn push_outbound(&self, id: ConnId, frame: Transmit) {
         if let Some(ctl) = self.conns.borrow().get(&id) {
             ctl.push_outbound(frame);
         }

@@ -253,10 +253,35 @@ pub fn framed_len(frame: &Frame) -> usize {
     prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// The payload length of one whole encoded frame (what [`FrameEncoder::encode`] appended):
+/// its length prefix, checked against the bytes that follow it. `None` unless `framed` is
+/// exactly one prefix and that many bytes.
+#[must_use]
+pub fn framed_payload_len(framed: &[u8]) -> Option<u64> {
+    let mut rest = framed;
+    let len = prost::encoding::decode_varint(&mut rest).ok()?;
+    (rest.len() as u64 == len).then_some(len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::v1::{self, frame::Body};
+
+    #[test]
+    fn framed_payload_len_reads_what_the_encoder_wrote() {
+        let mut buf = BytesMut::new();
+        let f = ping(7, 9);
+        let n = FrameEncoder::default().encode(&f, &mut buf).unwrap();
+        assert_eq!(n, framed_len(&f));
+        assert_eq!(framed_payload_len(&buf), Some(f.encoded_len() as u64));
+        assert_eq!(framed_payload_len(&buf[..buf.len() - 1]), None);
+        let mut longer = buf.to_vec();
+        longer.push(0);
+        assert_eq!(framed_payload_len(&longer), None);
+        assert_eq!(framed_payload_len(&[]), None);
+        assert_eq!(framed_payload_len(&[0xff; 11]), None);
+    }
 
     fn ping(request_id: u64, nonce: u64) -> Frame {
         Frame {

@@ -37,8 +37,10 @@
 //! Outputs (`#[must_use] poll_*`; each first calls [`RouterShard::flush`],
 //! which submits the open batch to the log and pushes queued items into the
 //! rings, so a burst of inputs becomes one log batch and one ring publish):
-//! [`RouterShard::poll_transmit`] (a frame, with its `request_id`, for one of
-//! this shard's connections), [`RouterShard::poll_close`] (close a
+//! [`RouterShard::poll_transmit`] (a frame for one of this shard's
+//! connections, encoded once by the router as it goes on the wire, with its
+//! `request_id` and kind; a `Deliver` for several devices shares one buffer;
+//! the gateway checks the peer's frame limit), [`RouterShard::poll_close`] (close a
 //! connection, e.g. `SLOW_CONSUMER`), [`RouterShard::poll_timeout`] (when to
 //! tick). Messages to other shards go straight into the rings the shard owns;
 //! [`RouterShard::is_backpressured`] says a ring is full (stop reading

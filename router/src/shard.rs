@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message as _;
+use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
 use starling_storage::{
@@ -109,14 +110,34 @@ pub struct ConnRef {
     pub conn: ConnId,
 }
 
-/// A frame for the gateway to write to one of this shard's connections.
+/// A frame for the gateway to write to one of this shard's connections, already encoded as it
+/// goes on the wire (length prefix and protobuf). The router encodes each frame once, where it
+/// is made: a `Deliver` pushed to several devices is one shared buffer, and the frame's size,
+/// which the outbound budget is charged with, is exactly `bytes.len()`.
 #[derive(Debug)]
 pub struct Transmit {
     /// The connection.
     pub conn: ConnId,
-    /// The frame (responses carry the request's `request_id`; pushes carry 0).
-    pub frame: v1::Frame,
+    /// The encoded frame. Not checked against the peer's frame limit: the gateway does that.
+    pub bytes: Bytes,
+    /// The frame's `request_id` (responses carry the request's; pushes carry 0).
+    pub request_id: u64,
+    /// What the frame is (`None`: it has no body, which the router never emits).
+    pub kind: Option<FrameKind>,
 }
+
+impl Transmit {
+    /// The frame, decoded again (for tests and diagnostics; the gateway writes `bytes`).
+    #[must_use]
+    pub fn frame(&self) -> Option<v1::Frame> {
+        let mut d = starling_protocol::FrameDecoder::new(u32::MAX);
+        d.handle_bytes(&self.bytes);
+        d.poll_frame().ok().flatten()
+    }
+}
+
+/// Encoded frames are cut from buffers of this size (one allocation per buffer, not per frame).
+const ENCODE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The router asks the gateway to close a connection (after sending it `Goodbye`).
 #[derive(Debug)]
@@ -185,6 +206,8 @@ struct SendCmd {
     device: DeviceId,
     conv: u64,
     cmid: ClientMsgId,
+    /// `cmid` as the frame carried it (answers and pushes share it instead of copying).
+    cmid_bytes: Bytes,
     content_type: String,
     body: Bytes,
     reply_to_seq: u64,
@@ -337,6 +360,20 @@ pub(crate) fn sample_envelope() -> Vec<u8> {
     encode_envelope("text/plain", 3, b"hello")
 }
 
+/// Appends `f` as it goes on the wire to `buf` and splits it off; `buf` is refilled in
+/// [`ENCODE_CHUNK_BYTES`] allocations, which the frames cut from them share.
+fn encode_frame(buf: &mut BytesMut, f: &v1::Frame) -> Bytes {
+    use prost::Message as _;
+    let len = f.encoded_len();
+    let need = prost::encoding::encoded_len_varint(len as u64) + len;
+    if buf.capacity() - buf.len() < need {
+        *buf = BytesMut::with_capacity(need.max(ENCODE_CHUNK_BYTES));
+    }
+    prost::encoding::encode_varint(len as u64, buf);
+    f.encode_raw(buf);
+    buf.split().freeze()
+}
+
 fn frame(request_id: u64, body: Body) -> v1::Frame {
     v1::Frame {
         request_id,
@@ -422,13 +459,18 @@ struct Waiter {
     conv: u64,
     seq: u64,
     ts: u64,
-    cmid: ClientMsgId,
+    /// The `client_msg_id` as the frame carried it.
+    cmid_bytes: Bytes,
     duplicate: bool,
 }
 
 struct OpenBatch {
     no: u64,
     entries: Vec<Entry>,
+    /// For each of `entries`: the message as its recipients get it (built from the Send, not
+    /// decoded back from the entry's envelope; debug builds check the two agree) and the
+    /// connection that sent it (its SendAck goes there, its Deliver does not).
+    fresh: Vec<(v1::Message, ConnRef)>,
     waiters: Vec<Waiter>,
 }
 
@@ -436,6 +478,7 @@ struct InFlight {
     no: u64,
     completion: Completion<SyncData>,
     entries: Vec<Entry>,
+    fresh: Vec<(v1::Message, ConnRef)>,
     waiters: Vec<Waiter>,
 }
 
@@ -563,6 +606,8 @@ pub struct RouterShard<L, I, M> {
     local: VecDeque<Inner>,
     outbox: Vec<VecDeque<ShardMsg>>,
     transmits: VecDeque<Transmit>,
+    /// Where frames are encoded (see [`Transmit`]).
+    encode_buf: BytesMut,
     closes: VecDeque<CloseRequest>,
     stats: ShardStats,
 }
@@ -649,6 +694,7 @@ where
             open: OpenBatch {
                 no: 0,
                 entries: Vec::new(),
+                fresh: Vec::new(),
                 waiters: Vec::new(),
             },
             inflight: VecDeque::new(),
@@ -667,6 +713,7 @@ where
             direct_cache: HashMap::default(),
             local: VecDeque::new(),
             transmits: VecDeque::new(),
+            encode_buf: BytesMut::new(),
             closes: VecDeque::new(),
             stats: ShardStats::default(),
         }
@@ -1069,6 +1116,29 @@ where
     /// connection to hints once it is exhausted; responses are always queued (the client asked
     /// for them and its in-flight request limit bounds them).
     fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
+        match self.conns.get(&conn) {
+            Some(c) if !(push && c.behind) => {}
+            _ => return false,
+        }
+        let kind = f.body.as_ref().map(Body::kind);
+        let bytes = self.encode(&f);
+        self.emit_encoded(conn, bytes, f.request_id, kind, push)
+    }
+
+    /// Encodes `f` as it goes on the wire.
+    fn encode(&mut self, f: &v1::Frame) -> Bytes {
+        encode_frame(&mut self.encode_buf, f)
+    }
+
+    /// [`RouterShard::emit`] of a frame encoded already (shared by every device it goes to).
+    fn emit_encoded(
+        &mut self,
+        conn: ConnId,
+        bytes: Bytes,
+        request_id: u64,
+        kind: Option<FrameKind>,
+        push: bool,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
@@ -1077,13 +1147,18 @@ where
         }
         // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
         // overestimate would leak, and a connection would end up "behind" for good.
-        c.queued_bytes += starling_protocol::framed_len(&f) as u64;
+        c.queued_bytes += bytes.len() as u64;
         if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
             c.behind = true;
             c.more().behind_since_ms = Some(self.now_ms);
             self.behind.insert(conn);
         }
-        self.transmits.push_back(Transmit { conn, frame: f });
+        self.transmits.push_back(Transmit {
+            conn,
+            bytes,
+            request_id,
+            kind,
+        });
         true
     }
 
@@ -1118,6 +1193,7 @@ where
         }
         waiters.append(&mut self.open.waiters);
         self.open.entries.clear();
+        self.open.fresh.clear();
         for w in waiters {
             let f = error_frame(
                 w.request_id,
@@ -1471,6 +1547,7 @@ where
             device,
             conv,
             cmid: ClientMsgId(cmid),
+            cmid_bytes: s.client_msg_id,
             content_type: s.content_type,
             body: s.body,
             reply_to_seq: s.reply_to_seq,
@@ -1482,8 +1559,9 @@ where
     }
 
     fn on_send_cmd(&mut self, cmd: SendCmd) {
-        if let Err(Refusal(code, msg)) = self.sequence(&cmd) {
-            self.reply(cmd.origin, vec![error_frame(cmd.request_id, code, msg)]);
+        let (origin, request_id) = (cmd.origin, cmd.request_id);
+        if let Err(Refusal(code, msg)) = self.sequence(cmd) {
+            self.reply(origin, vec![error_frame(request_id, code, msg)]);
         }
     }
 
@@ -1491,7 +1569,7 @@ where
         frame(
             w.request_id,
             Body::SendAck(v1::SendAck {
-                client_msg_id: Bytes::copy_from_slice(&w.cmid.0),
+                client_msg_id: w.cmid_bytes.clone(),
                 conversation_id: w.conv,
                 seq: w.seq,
                 server_ts_ms: w.ts,
@@ -1500,7 +1578,7 @@ where
         )
     }
 
-    fn sequence(&mut self, cmd: &SendCmd) -> Result<(), Refusal> {
+    fn sequence(&mut self, cmd: SendCmd) -> Result<(), Refusal> {
         if self.failed.is_some() {
             return Err(Refusal(
                 ErrorCode::StorageFailure,
@@ -1544,7 +1622,7 @@ where
             conv: cmd.conv,
             seq: 0,
             ts: 0,
-            cmid: cmd.cmid,
+            cmid_bytes: cmd.cmid_bytes.clone(),
             duplicate: true,
         };
         // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
@@ -1609,6 +1687,21 @@ where
             content_type: ENVELOPE_V1,
             body: encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body),
         });
+        self.open.fresh.push((
+            v1::Message {
+                conversation_id: cmd.conv,
+                seq,
+                sender_user_id: cmd.user.0,
+                sender_device_id: cmd.device.0,
+                client_msg_id: cmd.cmid_bytes,
+                server_ts_ms: now,
+                content_type: cmd.content_type,
+                body: cmd.body,
+                media: None,
+                reply_to_seq: cmd.reply_to_seq,
+            },
+            cmd.origin,
+        ));
         self.open.waiters.push(waiter);
         Ok(())
     }
@@ -1621,11 +1714,13 @@ where
             Ok(completion) => {
                 let no = self.open.no;
                 let entries = std::mem::take(&mut self.open.entries);
+                let fresh = std::mem::take(&mut self.open.fresh);
                 let waiters = std::mem::take(&mut self.open.waiters);
                 self.inflight.push_back(InFlight {
                     no,
                     completion,
                     entries,
+                    fresh,
                     waiters,
                 });
                 self.open.no += 1;
@@ -1636,47 +1731,40 @@ where
     }
 
     fn batch_durable(&mut self, first: Lsn, b: InFlight) {
+        debug_assert_eq!(b.entries.len(), b.fresh.len());
         let mut items = Vec::with_capacity(b.entries.len());
-        // Who sent each new entry (its SendAck goes there, its Deliver does not).
-        let mut origins: HashMap<(u64, u64), ConnRef> =
-            HashMap::with_capacity_and_hasher(b.waiters.len(), Default::default());
-        origins.extend(
-            b.waiters
-                .iter()
-                .filter(|w| !w.duplicate)
-                .map(|w| ((w.conv, w.seq), w.origin)),
-        );
-        for (i, e) in b.entries.into_iter().enumerate() {
+        for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
             let lsn = Lsn(first.0 + i as u64);
             let conv = e.conv.0 as u64;
             let Some(c) = self.convs.get_mut(&conv) else {
                 continue;
             };
             debug_assert_eq!(e.seq.0, c.durable_seq + 1, "seqs become durable in order");
+            // What a Sync or a history page will read back from the log is what is pushed now.
+            debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.durable_seq = e.seq.0;
             c.pending.remove(&e.client_msg_id);
             c.recent_ids.insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
-            let e = Arc::new(e);
-            c.recent.push_back((lsn, e.clone()));
+            c.recent.push_back((lsn, Arc::new(e)));
             self.recent_order.push_back((lsn, conv));
-            if let Some(msg) = entry_to_message(conv, &e) {
-                let origin = origins.get(&(conv, e.seq.0)).copied().unwrap_or(ConnRef {
-                    shard: usize::MAX,
-                    conn: ConnId(u64::MAX),
-                });
-                items.push(FanoutItem::Message {
-                    msg,
-                    members: c.members.clone(),
-                    origin,
-                });
-            }
+            items.push(FanoutItem::Message {
+                msg,
+                members: c.members.clone(),
+                origin,
+            });
         }
         for w in b.waiters {
             if !w.duplicate {
                 self.stats.messages_acked += 1;
             }
             let f = Self::ack_frame(&w);
-            self.reply(w.origin, vec![f]);
+            if w.origin.shard == self.shard && self.local.is_empty() {
+                // Nothing queued ahead of it here: no need for a trip through the local queue
+                // (and its one-frame Vec per acknowledgement).
+                self.emit(w.origin.conn, f, false);
+            } else {
+                self.reply(w.origin, vec![f]);
+            }
         }
         self.broadcast(items);
     }
@@ -1699,6 +1787,8 @@ where
                     members,
                     origin,
                 } => {
+                    // Encoded once, for the first device it goes to; the others share it.
+                    let mut encoded: Option<Bytes> = None;
                     for u in members.iter() {
                         // By index: `emit` needs `&mut self`, and cloning the list allocated
                         // once per member per message.
@@ -1709,13 +1799,21 @@ where
                             if origin.shard == self.shard && origin.conn == conn {
                                 continue;
                             }
-                            let f = frame(
-                                0,
-                                Body::Deliver(v1::Deliver {
-                                    message: Some(msg.clone()),
-                                }),
-                            );
-                            if self.emit(conn, f, true) {
+                            let bytes = match &encoded {
+                                Some(b) => b.clone(),
+                                None => {
+                                    let f = frame(
+                                        0,
+                                        Body::Deliver(v1::Deliver {
+                                            message: Some(msg.clone()),
+                                        }),
+                                    );
+                                    let b = self.encode(&f);
+                                    encoded = Some(b.clone());
+                                    b
+                                }
+                            };
+                            if self.emit_encoded(conn, bytes, 0, Some(FrameKind::Deliver), true) {
                                 self.stats.pushed += 1;
                             } else if let Some(c) = self.conns.get_mut(&conn) {
                                 let h = c.more().hints.entry(msg.conversation_id).or_default();
@@ -1725,14 +1823,22 @@ where
                     }
                 }
                 FanoutItem::Receipt { receipt, to } => {
+                    let mut encoded: Option<Bytes> = None;
                     for u in to {
                         for i in 0.. {
                             let Some(&conn) = self.users.get(u).and_then(|c| c.get(i)) else {
                                 break;
                             };
                             // A device that is behind learns receipts from its next Sync.
-                            let f = frame(0, Body::Receipt(*receipt));
-                            self.emit(conn, f, true);
+                            let bytes = match &encoded {
+                                Some(b) => b.clone(),
+                                None => {
+                                    let b = self.encode(&frame(0, Body::Receipt(*receipt)));
+                                    encoded = Some(b.clone());
+                                    b
+                                }
+                            };
+                            self.emit_encoded(conn, bytes, 0, Some(FrameKind::Receipt), true);
                         }
                     }
                 }

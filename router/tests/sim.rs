@@ -637,7 +637,9 @@ impl World {
                     .iter()
                     .position(|d| d.conn == Some((s, t.conn)))
                 {
-                    self.devices[d].downlink.push_back(t.frame);
+                    self.devices[d]
+                        .downlink
+                        .push_back(t.frame().expect("the router's frames decode"));
                 }
             }
             while let Some(c) = self.node.shards[s].poll_close() {
@@ -1312,9 +1314,10 @@ impl Harness {
                 shard.handle_tick(self.now);
                 while let Some(t) = shard.poll_transmit() {
                     if !self.stalled.contains(&t.conn.0) {
-                        shard.handle_conn_flushed(t.conn, encoded_len(&t.frame), self.now);
+                        shard.handle_conn_flushed(t.conn, t.bytes.len() as u64, self.now);
                     }
-                    self.out.entry(t.conn.0).or_default().push(t.frame);
+                    let f = t.frame().expect("the router's frames decode");
+                    self.out.entry(t.conn.0).or_default().push(f);
                 }
             }
         }
@@ -1946,7 +1949,7 @@ fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
         );
         for _ in 0..10_000 {
             if let Some(t) = shard.poll_transmit() {
-                match t.frame.body {
+                match t.frame().expect("the router's frames decode").body {
                     Some(Body::SendAck(a)) => return a,
                     other => panic!("{other:?}"),
                 }
