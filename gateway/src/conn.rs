@@ -612,6 +612,12 @@ impl Conn {
                 "access token expired: refresh it and reconnect",
                 0,
             ),
+            Kill::FrameTooLarge => self.goodbye(
+                k.code(),
+                "a frame for this connection exceeds the frame_bytes_max it asked for in Hello; \
+                 reconnect with a larger limit",
+                0,
+            ),
             Kill::CloseTimeout => {}
         }
         self.start_closing();
@@ -774,7 +780,8 @@ impl Conn {
         let before = self.out.len();
         if let Err(e) = self.encoder.encode(frame, &mut self.out) {
             self.out.truncate(before);
-            tracing::error!(error = %e, "response too large for the peer");
+            tracing::warn!(error = %e, "frame too large for the peer's limit; closing");
+            self.ctl.kill(Kill::FrameTooLarge);
             return 0;
         }
         self.queued(
@@ -787,14 +794,18 @@ impl Conn {
     /// Queues one frame the router encoded; returns its size (0 if not sent).
     fn send_encoded(&mut self, t: &Transmit) -> usize {
         // The router does not know the peer's frame limit: it is checked here, as the encoder
-        // checks it for the gateway's own frames.
+        // checks it for the gateway's own frames. A frame that does not fit is not dropped
+        // (the peer would wait forever for an answer, or miss a message until its next sync):
+        // the connection is closed with FRAME_TOO_LARGE, and what was not sent stays durable
+        // for the device's next sync.
         let max = u64::from(self.encoder.frame_bytes_max());
         if starling_protocol::framed_payload_len(&t.bytes).is_none_or(|len| len > max) {
-            tracing::error!(
+            tracing::warn!(
                 bytes = t.bytes.len(),
                 max,
-                "router frame too large for the peer"
+                "router frame too large for the peer's limit; closing"
             );
+            self.ctl.kill(Kill::FrameTooLarge);
             return 0;
         }
         let before = self.out.len();

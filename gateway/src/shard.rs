@@ -91,6 +91,9 @@ pub enum Kill {
     Router(ErrorCode),
     /// The access token that authenticated the connection expired.
     TokenExpired,
+    /// A frame for the peer (an answer or a push) is larger than the frame limit the peer
+    /// negotiated in Hello; it could neither be sent nor silently dropped.
+    FrameTooLarge,
 }
 
 impl Kill {
@@ -104,6 +107,7 @@ impl Kill {
             Kill::Shutdown => ErrorCode::ShuttingDown,
             Kill::Router(code) => code,
             Kill::TokenExpired => ErrorCode::TokenExpired,
+            Kill::FrameTooLarge => ErrorCode::FrameTooLarge,
         }
     }
 }

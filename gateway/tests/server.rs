@@ -2076,6 +2076,68 @@ fn two_users_two_devices_every_online_offline_combination() {
 }
 
 /// The body of message `i` of stream `tag`: names both, padded to `len`.
+/// A device that asked in Hello for the smallest frame limit (1 KiB) and is then sent a
+/// message that does not fit: the server neither sends the frame nor drops it silently (the
+/// device would miss it, or wait forever for an answer); it says Goodbye{FRAME_TOO_LARGE} and
+/// closes that connection only. The message stays acknowledged and durable: a connection
+/// with a larger limit gets it, and the sender's connection is untouched.
+#[test]
+fn a_frame_over_the_peers_limit_closes_only_that_connection() {
+    for driver in DRIVERS {
+        let srv = Server::start(driver, "");
+        let mut a = srv.hello("");
+        let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
+        let mut b = srv.hello("");
+        let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+        drop(b);
+        let mut small = srv.connect();
+        let w = small.request(Body::Hello(v1::Hello {
+            protocol_version: 1,
+            access_token: gb.access_token.clone(),
+            frame_bytes_max: 1,
+            ..Default::default()
+        }));
+        assert!(matches!(w, Body::Welcome(_)), "{driver}: {w:?}");
+
+        // A small message fits: pushed as usual.
+        exchange(&mut a, &mut small, gb.user_id, 7, 0);
+        // A 2 KiB one does not: acknowledged to the sender all the same...
+        let ack = match call(&mut a, sized_msg(7, 1, gb.user_id, 2048)) {
+            Body::SendAck(ack) => ack,
+            other => panic!("{driver}: {other:?}"),
+        };
+        assert_eq!(ack.seq, 2, "{driver}");
+        // ...and the small connection is told why and closed.
+        let (bye, _) = recv_until(&mut small, |f| matches!(f.body, Some(Body::Goodbye(_))));
+        let Some(Body::Goodbye(bye)) = bye.body else {
+            unreachable!()
+        };
+        assert_eq!(
+            bye.code,
+            ErrorCode::FrameTooLarge as i32,
+            "{driver}: {bye:?}"
+        );
+        assert!(bye.message.contains("frame_bytes_max"), "{driver}: {bye:?}");
+        small.expect_closed();
+
+        // The sender's connection is unaffected.
+        assert!(matches!(
+            a.request(Body::Ping(v1::Ping { nonce: 3 })),
+            Body::Pong(v1::Pong { nonce: 3 })
+        ));
+        // The recipient, reconnected with the default limit, has both messages.
+        let mut b = srv.hello(&gb.access_token);
+        let got = whole_history(&mut b, ack.conversation_id);
+        let bodies: Vec<_> = got.iter().map(|m| (m.seq, m.body.to_vec())).collect();
+        assert_eq!(
+            bodies,
+            vec![(1, sized_body(7, 0, 100)), (2, sized_body(7, 1, 2048))],
+            "{driver}"
+        );
+        assert_eq!(got[0].sender_user_id, ga.user_id);
+    }
+}
+
 fn sized_body(tag: u8, i: u32, len: usize) -> Vec<u8> {
     let mut b = format!("stream {tag} message {i} ").into_bytes();
     b.resize(len.max(b.len()), b'.');
