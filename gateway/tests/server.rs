@@ -1488,14 +1488,20 @@ fn receipt(f: &v1::Frame) -> Option<&v1::Receipt> {
     }
 }
 
+/// Ana and Ben, registered by email, each on a connection of their own.
+fn ana_and_ben(srv: &Server) -> (Client, v1::SessionGranted, Client, v1::SessionGranted) {
+    let mut a = srv.hello("");
+    let ga = register(srv, &mut a, email("ana@example.org"), "ana@example.org");
+    let mut b = srv.hello("");
+    let gb = register(srv, &mut b, email("ben@example.org"), "ben@example.org");
+    (a, ga, b, gb)
+}
+
 #[test]
 fn messaging_end_to_end() {
     for driver in DRIVERS {
         let srv = Server::start(driver, "");
-        let mut a = srv.hello("");
-        let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
-        let mut b = srv.hello("");
-        let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+        let (mut a, ga, mut b, gb) = ana_and_ben(&srv);
         let (ua, ub) = (ga.user_id, gb.user_id);
 
         // A → B: acked with seq 1, pushed to B.
@@ -1784,10 +1790,7 @@ fn sigkill_mid_stream_loses_nothing_acknowledged() {
         .map_or(7, |d| d.subsec_nanos());
     println!("kill timing seed {seed}");
     let mut srv = Server::start("auto", "");
-    let mut a = srv.hello("");
-    let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
-    let mut b = srv.hello("");
-    let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    let (mut a, ga, b, gb) = ana_and_ben(&srv);
     drop(b);
     // More than the server can take in the longest delay below, so every
     // kill lands in the middle of the stream.
@@ -2085,10 +2088,7 @@ fn two_users_two_devices_every_online_offline_combination() {
 fn a_frame_over_the_peers_limit_closes_only_that_connection() {
     for driver in DRIVERS {
         let srv = Server::start(driver, "");
-        let mut a = srv.hello("");
-        let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
-        let mut b = srv.hello("");
-        let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+        let (mut a, ga, b, gb) = ana_and_ben(&srv);
         drop(b);
         let mut small = srv.connect();
         let w = small.request(Body::Hello(v1::Hello {
