@@ -16,6 +16,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/bench-config.sh
+. "$ROOT/bench/scripts/bench-config.sh"
 RATES=${RATES:-"2000 5000 10000 20000 30000 40000 60000"}
 PAIRS=${PAIRS:-50}
 # Unacknowledged sends per connection, the same for both systems: Starling is configured to
@@ -58,16 +60,7 @@ trap cleanup EXIT
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u)"
 
 # --- Starling: one shard pinned to SERVER_CPU, fsync'd log, raised OTP limits for registration.
-cat > "$TMP/starling.toml" <<EOF
-[accounts]
-otp_requests_per_ip_per_hour = 1000000
-otp_requests_per_identifier_per_hour = 1000
-otp_resend_ms = 0
-access_token_ttl_ms = 86400000
-
-[limits]
-inflight_requests_max = $INFLIGHT
-EOF
+bench_server_config "$INFLIGHT" > "$TMP/starling.toml"
 taskset -c "$SERVER_CPU" "$STARLING" serve --config "$TMP/starling.toml" --data-dir "$TMP/data" \
   --listen "$S_TLS" --dangerous-plaintext-listen "$S_PLAIN" --metrics-listen "$S_METRICS" --shards 1 \
   > "$TMP/starling.log" 2>&1 &

@@ -22,6 +22,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=bench-config.sh
+. "$ROOT/bench/scripts/bench-config.sh"
 RUNS=${RUNS:-5}
 RATES=${RATES:-100000}
 PAIRS=${PAIRS:-2}
@@ -48,17 +50,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$TMP/starling.toml" <<EOF
-[accounts]
-otp_requests_per_ip_per_hour = 1000000
-otp_requests_per_identifier_per_hour = 1000
-otp_resend_ms = 0
-access_token_ttl_ms = 86400000
-
-[limits]
-inflight_requests_max = $INFLIGHT
-$(printf '%b' "${EXTRA_TOML:-}")
-EOF
+bench_server_config "$INFLIGHT" "${EXTRA_TOML:-}" > "$TMP/starling.toml"
 taskset -c "$SERVER_CPUS" "$STARLING" serve --config "$TMP/starling.toml" --data-dir "$TMP/data" \
   --listen 127.0.0.1:27443 --dangerous-plaintext-listen 127.0.0.1:27444 \
   --metrics-listen 127.0.0.1:27445 --shards 1 > "$TMP/starling.log" 2>&1 &

@@ -548,23 +548,30 @@ impl Rec {
     /// An acknowledgement (SendAck, PUBACK) of the send scheduled at `sched_ns`: into the ack
     /// histogram and the timeline.
     pub(crate) fn record_ack(&self, sched_ns: u64, now_ns: u64) {
-        self.record(&self.ack, sched_ns, now_ns);
-        let warm = self.warmup_ns.get();
-        if sched_ns >= warm {
-            self.timeline
-                .borrow_mut()
-                .ack(sched_ns - warm, now_ns.saturating_sub(sched_ns) / 1000);
-        }
+        self.record_timed(&self.ack, Timeline::ack, sched_ns, now_ns);
     }
 
     /// A send scheduled at `sched_ns` was written at `now_ns`.
     pub(crate) fn record_lag(&self, sched_ns: u64, now_ns: u64) {
-        self.record(&self.lag, sched_ns, now_ns);
+        self.record_timed(&self.lag, Timeline::lag, sched_ns, now_ns);
+    }
+
+    /// [`Rec::record`], and `mark` in the timeline (offset from the warm-up's end, µs late).
+    fn record_timed(
+        &self,
+        h: &RefCell<Histogram<u64>>,
+        mark: fn(&mut Timeline, u64, u64),
+        sched_ns: u64,
+        now_ns: u64,
+    ) {
+        self.record(h, sched_ns, now_ns);
         let warm = self.warmup_ns.get();
         if sched_ns >= warm {
-            self.timeline
-                .borrow_mut()
-                .lag(sched_ns - warm, now_ns.saturating_sub(sched_ns) / 1000);
+            mark(
+                &mut self.timeline.borrow_mut(),
+                sched_ns - warm,
+                now_ns.saturating_sub(sched_ns) / 1000,
+            );
         }
     }
 

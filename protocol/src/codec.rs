@@ -236,12 +236,21 @@ impl FrameEncoder {
                 max: self.frame_bytes_max,
             });
         }
-        let prefix_bytes = prost::encoding::encoded_len_varint(len as u64);
-        dst.reserve(prefix_bytes + len);
-        prost::encoding::encode_varint(len as u64, dst);
-        frame.encode_raw(dst);
-        Ok(prefix_bytes + len)
+        dst.reserve(prost::encoding::encoded_len_varint(len as u64) + len);
+        Ok(put_framed(frame, len, dst))
     }
+}
+
+/// Appends `frame` as it goes on the wire, its length prefix and then its encoding, where `len`
+/// is `frame.encoded_len()` (callers have it already); returns the bytes appended. No limit is
+/// checked: [`FrameEncoder::encode`] checks the peer's first, and the router, which does not
+/// know the peer, leaves that check to the gateway.
+pub fn put_framed(frame: &Frame, len: usize, dst: &mut BytesMut) -> usize {
+    debug_assert_eq!(len, frame.encoded_len());
+    let before = dst.len();
+    prost::encoding::encode_varint(len as u64, dst);
+    frame.encode_raw(dst);
+    dst.len() - before
 }
 
 /// The bytes `frame` takes on the wire: its length prefix plus its encoding. Exactly what

@@ -42,7 +42,7 @@ mod codec;
 mod error;
 pub mod limits;
 
-pub use codec::{FrameDecoder, FrameEncoder, framed_len, framed_payload_len};
+pub use codec::{FrameDecoder, FrameEncoder, framed_len, framed_payload_len, put_framed};
 pub use error::{DecodeError, EncodeError};
 
 /// The generated `starling.v1` types.

@@ -363,14 +363,12 @@ pub(crate) fn sample_envelope() -> Vec<u8> {
 /// Appends `f` as it goes on the wire to `buf` and splits it off; `buf` is refilled in
 /// [`ENCODE_CHUNK_BYTES`] allocations, which the frames cut from them share.
 fn encode_frame(buf: &mut BytesMut, f: &v1::Frame) -> Bytes {
-    use prost::Message as _;
     let len = f.encoded_len();
     let need = prost::encoding::encoded_len_varint(len as u64) + len;
     if buf.capacity() - buf.len() < need {
         *buf = BytesMut::with_capacity(need.max(ENCODE_CHUNK_BYTES));
     }
-    prost::encoding::encode_varint(len as u64, buf);
-    f.encode_raw(buf);
+    starling_protocol::put_framed(f, len, buf);
     buf.split().freeze()
 }
 
@@ -1116,13 +1114,36 @@ where
     /// connection to hints once it is exhausted; responses are always queued (the client asked
     /// for them and its in-flight request limit bounds them).
     fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
-        match self.conns.get(&conn) {
-            Some(c) if !(push && c.behind) => {}
-            _ => return false,
+        if !self.takes(conn, push) {
+            return false;
         }
         let kind = f.body.as_ref().map(Body::kind);
         let bytes = self.encode(&f);
         self.emit_encoded(conn, bytes, f.request_id, kind, push)
+    }
+
+    /// Whether `conn` is here and, for a push, not behind (checked before encoding anything).
+    fn takes(&self, conn: ConnId, push: bool) -> bool {
+        self.conns.get(&conn).is_some_and(|c| !(push && c.behind))
+    }
+
+    /// Pushes one frame to several connections, encoding it (`make`) only for the first that
+    /// takes it; `cached` carries the encoding from one connection to the next.
+    fn push_shared(
+        &mut self,
+        conn: ConnId,
+        cached: &mut Option<Bytes>,
+        kind: FrameKind,
+        make: impl FnOnce() -> v1::Frame,
+    ) -> bool {
+        if !self.takes(conn, true) {
+            return false;
+        }
+        let bytes = match cached {
+            Some(b) => b.clone(),
+            None => cached.insert(self.encode(&make())).clone(),
+        };
+        self.emit_encoded(conn, bytes, 0, Some(kind), true)
     }
 
     /// Encodes `f` as it goes on the wire.
@@ -1130,7 +1151,9 @@ where
         encode_frame(&mut self.encode_buf, f)
     }
 
-    /// [`RouterShard::emit`] of a frame encoded already (shared by every device it goes to).
+    /// [`RouterShard::emit`] of a frame encoded already, for a connection that [`takes`] it.
+    ///
+    /// [`takes`]: RouterShard::takes
     fn emit_encoded(
         &mut self,
         conn: ConnId,
@@ -1142,9 +1165,7 @@ where
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
-        if push && c.behind {
-            return false;
-        }
+        debug_assert!(!(push && c.behind), "callers check `takes` before encoding");
         // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
         // overestimate would leak, and a connection would end up "behind" for good.
         c.queued_bytes += bytes.len() as u64;
@@ -1787,7 +1808,7 @@ where
                     members,
                     origin,
                 } => {
-                    // Encoded once, for the first device it goes to; the others share it.
+                    // Encoded once, for the first device that takes it; the others share it.
                     let mut encoded: Option<Bytes> = None;
                     for u in members.iter() {
                         // By index: `emit` needs `&mut self`, and cloning the list allocated
@@ -1799,21 +1820,15 @@ where
                             if origin.shard == self.shard && origin.conn == conn {
                                 continue;
                             }
-                            let bytes = match &encoded {
-                                Some(b) => b.clone(),
-                                None => {
-                                    let f = frame(
-                                        0,
-                                        Body::Deliver(v1::Deliver {
-                                            message: Some(msg.clone()),
-                                        }),
-                                    );
-                                    let b = self.encode(&f);
-                                    encoded = Some(b.clone());
-                                    b
-                                }
+                            let deliver = || {
+                                frame(
+                                    0,
+                                    Body::Deliver(v1::Deliver {
+                                        message: Some(msg.clone()),
+                                    }),
+                                )
                             };
-                            if self.emit_encoded(conn, bytes, 0, Some(FrameKind::Deliver), true) {
+                            if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
                                 self.stats.pushed += 1;
                             } else if let Some(c) = self.conns.get_mut(&conn) {
                                 let h = c.more().hints.entry(msg.conversation_id).or_default();
@@ -1830,15 +1845,9 @@ where
                                 break;
                             };
                             // A device that is behind learns receipts from its next Sync.
-                            let bytes = match &encoded {
-                                Some(b) => b.clone(),
-                                None => {
-                                    let b = self.encode(&frame(0, Body::Receipt(*receipt)));
-                                    encoded = Some(b.clone());
-                                    b
-                                }
-                            };
-                            self.emit_encoded(conn, bytes, 0, Some(FrameKind::Receipt), true);
+                            self.push_shared(conn, &mut encoded, FrameKind::Receipt, || {
+                                frame(0, Body::Receipt(*receipt))
+                            });
                         }
                     }
                 }
