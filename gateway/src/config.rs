@@ -150,6 +150,10 @@ pub struct StorageConfig {
     /// no shard is pinned to, if there are any, else wherever the shards run. `[]`: never
     /// pinned (`gateway/src/cpus.rs`).
     pub io_cpus: Option<Vec<usize>>,
+    /// Sealed log segments (64 MiB each) a shard leaves in the page cache; older ones are
+    /// released so their memory is reused for the next segment (docs/design/log.md, "Page
+    /// cache"). Reads of released segments go to the disk. A large number: never released.
+    pub cached_sealed_segments: u32,
 }
 
 impl Default for StorageConfig {
@@ -157,6 +161,7 @@ impl Default for StorageConfig {
         Self {
             commit_interval_min_us: 300,
             io_cpus: None,
+            cached_sealed_segments: 2,
         }
     }
 }
@@ -396,5 +401,9 @@ mod tests {
         c.validate().unwrap();
         let c = Config::from_toml("[storage]\ncommit_interval_min_us = 20000\n").unwrap();
         assert!(c.validate().is_err());
+        assert_eq!(Config::default().storage.cached_sealed_segments, 2);
+        let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
+        assert_eq!(c.storage.cached_sealed_segments, 0);
+        c.validate().unwrap();
     }
 }

@@ -138,6 +138,8 @@ pub fn open(
                     storage.commit_interval_min_us,
                 )),
                 thread_start: Some(thread_start.clone()),
+                cached_sealed_segments: usize::try_from(storage.cached_sealed_segments)
+                    .unwrap_or(usize::MAX),
                 ..LogOptions::default()
             },
             ..ShardOptions::default()

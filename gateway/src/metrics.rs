@@ -266,6 +266,13 @@ impl Metrics {
             "Write plus fdatasync of one group commit of the message log.",
             self.logs.iter().map(|l| &l.commit),
         );
+        histogram(
+            &mut s,
+            "starling_log_segment_switch_seconds",
+            "One switch of the message log to its next segment: the wait for the preallocated \
+             spare, its rename and the directory fsync (no commit completes meanwhile).",
+            self.logs.iter().map(|l| &l.segment_switch),
+        );
         let name = "starling_auth_failures_total";
         let _ = writeln!(
             s,

@@ -1665,8 +1665,14 @@ fn messaging_end_to_end() {
             "{driver}"
         );
         assert!(metric_sum(&srv, "starling_log_commit_seconds_count") >= 3);
+        // Every shard's log switched to its first segment at open.
+        assert!(metric_sum(&srv, "starling_log_segment_switch_seconds_count") >= 1);
         let m = srv.metrics();
-        for name in ["starling_send_ack_seconds", "starling_log_commit_seconds"] {
+        for name in [
+            "starling_send_ack_seconds",
+            "starling_log_commit_seconds",
+            "starling_log_segment_switch_seconds",
+        ] {
             let counts: Vec<i64> = m
                 .lines()
                 .filter(|l| l.starts_with(&format!("{name}_bucket{{shard=\"0\"")))

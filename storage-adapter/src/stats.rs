@@ -93,6 +93,10 @@ pub struct LogStats {
     pub bytes: AtomicU64,
     /// Write plus `fdatasync` of one group commit.
     pub commit: LatencyHistogram,
+    /// One segment switch: waiting for the spare segment, its rename into place and the
+    /// directory `fsync`. No commit of the shard completes meanwhile; a spare maker that falls
+    /// behind the writer shows here.
+    pub segment_switch: LatencyHistogram,
 }
 
 #[cfg(test)]

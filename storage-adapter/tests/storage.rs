@@ -463,6 +463,10 @@ struct Faults {
     writes: AtomicU64,
     syncs: AtomicU64,
     log: Mutex<Vec<String>>,
+    /// Refuse every page-cache release while set (the release is advice; nothing may break).
+    fail_release: AtomicU64,
+    /// Segments whose page cache the log released, in order.
+    released: Mutex<Vec<PathBuf>>,
 }
 
 impl FaultHook for Faults {
@@ -489,6 +493,11 @@ impl FaultHook for Faults {
             IoOp::Preallocate { .. } => (self.disk_full.load(Ordering::SeqCst) != 0)
                 .then(|| Fault::Fail(io::Error::from_raw_os_error(28))),
             IoOp::Install { .. } => None,
+            IoOp::ReleaseCache { path } => {
+                self.released.lock().unwrap().push(path.to_path_buf());
+                (self.fail_release.load(Ordering::SeqCst) != 0)
+                    .then(|| Fault::Fail(io::Error::from_raw_os_error(22)))
+            }
         }
     }
 }
@@ -1547,6 +1556,50 @@ fn fixtures_v1_are_read_and_the_writer_still_produces_them() {
 
 /// The index points into the log instead of copying entries: a read checks the entry's CRC, so
 /// bytes changed under it are an error naming the segment, never a wrong message.
+#[test]
+fn sealed_segments_beyond_the_cached_count_are_released_oldest_first_and_stay_readable() {
+    for fail in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Faults::default());
+        f.fail_release.store(u64::from(fail), Ordering::SeqCst);
+        let opts = ShardOptions {
+            log: LogOptions {
+                cached_sealed_segments: 1,
+                ..faulty(1 << 16, &f)
+            },
+            ..ShardOptions::default()
+        };
+        let mut shard = EmbeddedShard::open(dir.path(), opts).unwrap();
+        let written = fill(&mut shard, 60, 10, 500);
+        let last = shard.log().unwrap().durable_lsn().unwrap();
+        shard.index().wait_applied(last).unwrap();
+        let segs = segments(&dir.path().join("log"));
+        assert!(segs.len() >= 5, "the fill spans several segments: {segs:?}");
+        // Sealed: all but the live (last) one; the newest sealed one stays cached.
+        let expect = &segs[..segs.len() - 2];
+        // The spare maker releases just before it makes the next spare: wait for it (bounded).
+        for _ in 0..1000 {
+            if f.released.lock().unwrap().len() >= expect.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            &f.released.lock().unwrap()[..],
+            expect,
+            "fail_release = {fail}"
+        );
+        // Released or not, every entry reads back whole and checked, from the index and the log.
+        let mut by_index = index_dump(&shard, &[1, 2, 3]);
+        by_index.sort_by_key(|e| (e.conv, e.seq));
+        let mut want = written.clone();
+        want.sort_by_key(|e| (e.conv, e.seq));
+        assert_eq!(by_index, want);
+        drop(shard);
+        assert_eq!(read_log(&dir.path().join("log"), 1 << 16).unwrap(), written);
+    }
+}
+
 #[test]
 fn index_reads_entries_from_the_log_and_checks_them() {
     let dir = tempfile::tempdir().unwrap();

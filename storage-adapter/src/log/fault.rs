@@ -34,6 +34,11 @@ pub enum IoOp<'a> {
         /// The new segment's path.
         path: &'a Path,
     },
+    /// Drop a sealed segment's pages from the page cache (advice: a fault leaves them cached).
+    ReleaseCache {
+        /// The sealed segment.
+        path: &'a Path,
+    },
 }
 
 /// What the hook wants to happen instead of the operation.

@@ -11,6 +11,7 @@ mod completion;
 mod fault;
 mod recovery;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -60,6 +61,15 @@ pub struct LogOptions {
     /// Runs first on each thread the log starts, told which one it is: where the embedder
     /// places them (CPU, priority). This crate does not touch scheduling itself.
     pub thread_start: Option<ThreadStart>,
+    /// Sealed segments whose pages the log leaves in the page cache. When one more is sealed,
+    /// the oldest of them is released (`POSIX_FADV_DONTNEED`; all its pages are clean, as a
+    /// sealed segment is synced) by the spare maker just before it zero-fills the next spare,
+    /// so the spare is written into memory the kernel has just freed instead of pages nobody
+    /// has touched yet. On this project's VM a first touch of a guest page costs a host-side
+    /// fault: making spares into fresh memory was ~14% of a saturated server's CPU
+    /// (BENCHMARKS.md, "Session 11"). Reads of released segments (old history) go to the disk.
+    /// `usize::MAX`: never release.
+    pub cached_sealed_segments: usize,
 }
 
 /// See [`LogOptions::thread_start`].
@@ -85,6 +95,7 @@ impl Default for LogOptions {
             idle_polls: 0,
             commit_interval_min: Duration::ZERO,
             thread_start: None,
+            cached_sealed_segments: 2,
         }
     }
 }
@@ -100,6 +111,7 @@ impl fmt::Debug for LogOptions {
             .field("idle_polls", &self.idle_polls)
             .field("commit_interval_min", &self.commit_interval_min)
             .field("thread_start", &self.thread_start.is_some())
+            .field("cached_sealed_segments", &self.cached_sealed_segments)
             .finish()
     }
 }
@@ -242,6 +254,8 @@ impl SegmentedLog {
             idle_polls: opts.idle_polls,
             commit_interval_min: opts.commit_interval_min,
             cur,
+            sealed: VecDeque::new(),
+            cached_sealed_segments: opts.cached_sealed_segments,
             spare_req,
             spare_res,
             marks: marks.clone(),
@@ -504,17 +518,37 @@ fn make_spare(
     Ok(file)
 }
 
-type SpareChannels = (mpsc::Sender<()>, mpsc::Receiver<Result<File, LogError>>);
+/// Drops the page cache of a sealed segment (see [`LogOptions::cached_sealed_segments`]). Advice
+/// only: a failure (which a regular file opened by this log cannot produce, and which the fault
+/// hook can inject) leaves the pages cached and costs nothing else, so it is ignored.
+fn release_cache(file: &File, path: &Path, hook: Option<&dyn FaultHook>) {
+    if let Some(h) = hook
+        && h.before(&IoOp::ReleaseCache { path }).is_some()
+    {
+        return;
+    }
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
+}
+
+/// What the writer asks of the spare maker: release a sealed segment's pages (if any), then
+/// make the next spare.
+type SpareRequest = Option<(File, PathBuf)>;
+
+type SpareChannels = (
+    mpsc::Sender<SpareRequest>,
+    mpsc::Receiver<Result<File, LogError>>,
+);
 
 /// A helper thread that keeps one zero-filled, synced spare segment ready, so a segment switch
-/// costs a rename and a directory fsync instead of writing a whole segment of zeroes.
+/// costs a rename and a directory fsync instead of writing a whole segment of zeroes. It also
+/// releases the page cache of sealed segments, first, so the spare reuses that memory.
 fn spawn_spare_maker(
     dir: &Path,
     segment_bytes: u64,
     hook: Option<Arc<dyn FaultHook>>,
     start: Option<ThreadStart>,
 ) -> Result<SpareChannels, LogError> {
-    let (req_tx, req_rx) = mpsc::channel::<()>();
+    let (req_tx, req_rx) = mpsc::channel::<SpareRequest>();
     let (res_tx, res_rx) = mpsc::channel();
     let d = dir.to_path_buf();
     std::thread::Builder::new()
@@ -523,7 +557,10 @@ fn spawn_spare_maker(
             if let Some(f) = start {
                 f(LogThread::Spare);
             }
-            while req_rx.recv().is_ok() {
+            while let Ok(release) = req_rx.recv() {
+                if let Some((file, path)) = release {
+                    release_cache(&file, &path, hook.as_deref());
+                }
                 if res_tx
                     .send(make_spare(&d, segment_bytes, hook.as_deref()))
                     .is_err()
@@ -533,7 +570,7 @@ fn spawn_spare_maker(
             }
         })
         .map_err(|e| LogError::io("spawn", dir, e))?;
-    req_tx.send(()).map_err(|_| LogError::Closed)?;
+    req_tx.send(None).map_err(|_| LogError::Closed)?;
     Ok((req_tx, res_rx))
 }
 
@@ -554,7 +591,11 @@ struct Writer {
     idle_polls: u32,
     commit_interval_min: Duration,
     cur: Option<Cur>,
-    spare_req: mpsc::Sender<()>,
+    /// Sealed segments still in the page cache, oldest first (at most
+    /// [`LogOptions::cached_sealed_segments`] after each roll).
+    sealed: VecDeque<(File, PathBuf)>,
+    cached_sealed_segments: usize,
+    spare_req: mpsc::Sender<SpareRequest>,
     spare_res: mpsc::Receiver<Result<File, LogError>>,
     marks: Arc<Watermarks>,
     stats: Arc<LogStats>,
@@ -685,6 +726,7 @@ impl Writer {
                 self.flush_buf()?;
                 if let Some(old) = self.cur.take() {
                     self.sync(&old)?; // seal: everything in a sealed segment is durable
+                    self.sealed.push_back((old.file, old.path));
                 }
                 let first_lsn = Lsn(r.last_lsn.0 + 1 - u64::from(record_count(&r.bytes)));
                 self.roll(first_lsn)?;
@@ -760,6 +802,7 @@ impl Writer {
 
     /// Installs the spare as the segment starting at `base` and asks for the next spare.
     fn roll(&mut self, base: Lsn) -> Result<(), LogError> {
+        let started = io_clock();
         let file = match self.spare_res.recv() {
             Ok(r) => r?,
             Err(_) => make_spare(&self.dir, self.segment_bytes, self.hook.as_deref())?,
@@ -776,7 +819,12 @@ impl Writer {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| LogError::io("fsync_dir", &self.dir, e))?;
-        let _ = self.spare_req.send(());
+        let release = if self.sealed.len() > self.cached_sealed_segments {
+            self.sealed.pop_front()
+        } else {
+            None
+        };
+        let _ = self.spare_req.send(release);
         self.cur = Some(Cur {
             file,
             path,
@@ -784,6 +832,7 @@ impl Writer {
             pos: 0,
             capacity: self.segment_bytes,
         });
+        self.stats.segment_switch.record(started.elapsed());
         Ok(())
     }
 }
