@@ -65,10 +65,10 @@ pub struct LogOptions {
     /// the oldest of them is released (`POSIX_FADV_DONTNEED`; all its pages are clean, as a
     /// sealed segment is synced) by the spare maker just before it zero-fills the next spare,
     /// so the spare is written into memory the kernel has just freed instead of pages nobody
-    /// has touched yet. On this project's VM a first touch of a guest page costs a host-side
-    /// fault: making spares into fresh memory was ~14% of a saturated server's CPU
-    /// (BENCHMARKS.md, "Session 11"). Reads of released segments (old history) go to the disk.
-    /// `usize::MAX`: never release.
+    /// has touched yet, and the log's share of the page cache stays bounded. (On this
+    /// project's VM a first touch of a guest page can cost a host-side fault: making spares was
+    /// ~14% of a 200k msg/s server's CPU in session 10, ~2% in session 11; BENCHMARKS.md.)
+    /// Reads of released segments (old history) go to the disk. `usize::MAX`: never release.
     pub cached_sealed_segments: usize,
 }
 
