@@ -92,12 +92,16 @@ pub struct RouterParts {
     pub meta: Arc<EmbeddedMeta>,
     /// Rung by the bell and the log.
     pub efd: EventFd,
+    /// Where the shard's storage threads run (its log writer, its cursor writer); empty: not
+    /// pinned, beside the shards.
+    pub io_cpus: Arc<[usize]>,
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
 /// and builds the grid. Blocking; call before serving. If `io_cpus` is not
-/// empty (`crate::cpus`), each log's writer thread runs there and its
-/// spare-segment maker at the lowest priority wherever the caller may run.
+/// empty (`crate::cpus`), each log's writer thread (and each router's cursor
+/// writer) runs there and its spare-segment maker at the lowest priority
+/// wherever the caller may run.
 pub fn open(
     data_dir: &Path,
     shards: usize,
@@ -105,6 +109,7 @@ pub fn open(
     io_cpus: &[usize],
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
     let io: Arc<[usize]> = io_cpus.into();
+    let io_for_parts = io.clone();
     let thread_start: starling_storage::ThreadStart = Arc::new(move |t| {
         let placed = match t {
             // No CPU to spare: everything shares the shards' CPUs, as it always did. (At nice
@@ -163,6 +168,7 @@ pub fn open(
             links,
             meta: meta.clone(),
             efd,
+            io_cpus: io_for_parts.clone(),
         });
     }
     Ok((meta, parts))
@@ -200,7 +206,7 @@ impl ShardRouter {
             index,
             parts.meta.clone(),
         );
-        router.set_cursor_offload(cursor_writer(parts.efd.clone())?);
+        router.set_cursor_offload(cursor_writer(parts.efd.clone(), parts.io_cpus.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
             router: RefCell::new(router),
@@ -331,12 +337,19 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
 
 /// A thread that makes the router's cursor batches durable (a redb commit with fsync), so the
 /// shard thread never waits on the disk for them; each finished job rings the shard's doorbell.
-/// It exits when the router (the only sender) is dropped.
-fn cursor_writer(efd: EventFd) -> std::io::Result<starling_router::Offload> {
+/// It runs on `io_cpus` (the log writers' CPUs) if there are any: started from the shard thread,
+/// it would otherwise inherit the shard's CPU. It exits when the router (the only sender) is
+/// dropped.
+fn cursor_writer(efd: EventFd, io_cpus: Arc<[usize]>) -> std::io::Result<starling_router::Offload> {
     let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
     std::thread::Builder::new()
         .name("starling-cursors".into())
         .spawn(move || {
+            if !io_cpus.is_empty()
+                && let Err(e) = crate::cpus::pin_current_thread(&io_cpus)
+            {
+                tracing::warn!(error = %e, "cannot place the cursor writer thread");
+            }
             for job in rx {
                 job();
                 efd.notify();

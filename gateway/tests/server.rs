@@ -2386,3 +2386,60 @@ fn slow_consumer(driver: &str, total: u32, body: usize) {
         hint.map(|h| h.up_to_seq)
     );
 }
+
+/// The CPUs a thread may run on, as the kernel lists them (`Cpus_allowed_list`).
+fn allowed_cpus(status: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+}
+
+#[test]
+fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
+    // The first CPU this test may use: the server is told to put its storage threads there.
+    let mine = std::fs::read_to_string("/proc/self/status").unwrap();
+    let first: usize = allowed_cpus(&mine)
+        .unwrap()
+        .split([',', '-'])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let srv = Server::start("auto", &format!("[storage]\nio_cpus = [{first}]\n"));
+    let task_dir = format!("/proc/{}/task", srv.child.0.id());
+    // (thread name, its allowed CPUs) for the storage threads (the kernel keeps 15 bytes of a
+    // name: "starling-cursors" reads "starling-cursor"); both kinds start before `ready`,
+    // but give the cursor writers a moment in case they are still being placed.
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen.clear();
+        for t in std::fs::read_dir(&task_dir).unwrap().flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim().to_string();
+            if comm == "starling-log-io" || comm == "starling-cursor" {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                seen.push((comm, allowed_cpus(&status).unwrap_or_default()));
+            }
+        }
+        let cursors = seen.iter().filter(|(c, _)| c == "starling-cursor").count();
+        if cursors == 2 && seen.iter().all(|(_, cpus)| *cpus == first.to_string()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    seen.sort();
+    let want: Vec<(String, String)> = [
+        "starling-cursor",
+        "starling-cursor",
+        "starling-log-io",
+        "starling-log-io",
+    ]
+    .iter()
+    .map(|c| (c.to_string(), first.to_string()))
+    .collect();
+    assert_eq!(
+        seen, want,
+        "two shards: a log writer and a cursor writer each, all on CPU {first}"
+    );
+}
