@@ -95,7 +95,8 @@ pub struct LogStats {
     pub commit: LatencyHistogram,
     /// One segment switch: waiting for the spare segment, its rename into place and the
     /// directory `fsync`. No commit of the shard completes meanwhile; a spare maker that falls
-    /// behind the writer shows here.
+    /// behind the writer shows here. The first switch, at open, waits for the first spare to be
+    /// made (tens of milliseconds), before anything is served.
     pub segment_switch: LatencyHistogram,
 }
 

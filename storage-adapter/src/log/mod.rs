@@ -837,8 +837,9 @@ impl Writer {
     }
 }
 
-/// The I/O thread's monotonic clock: it paces group commits (`commit_interval_min`). Nothing
-/// else in this crate reads a clock; callers pass time in.
+/// The log writer's monotonic clock: it paces group commits (`commit_interval_min`) and times
+/// segment switches ([`LogStats::segment_switch`]; the first switch runs on the thread that
+/// opens the log). Nothing else in this crate reads a clock; callers pass time in.
 #[allow(clippy::disallowed_methods)]
 fn io_clock() -> Instant {
     Instant::now()
