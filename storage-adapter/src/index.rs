@@ -1,17 +1,22 @@
 //! The per-shard message index: for every conversation, where each seq's entry is in the log,
-//! and for every `(conv, client_msg_id)` the seq it was given. It is a read model: the log stays
-//! the only source of truth and also holds the entries themselves; the index is rebuilt from the
-//! log whenever it is missing, damaged or behind.
+//! and which seqs may carry a given `client_msg_id`. It is a read model: the log stays the only
+//! source of truth and also holds the entries themselves; the index is rebuilt from the log
+//! whenever it is missing, damaged or behind.
 //!
 //! Seqs are dense per conversation, so the index needs no search structure: a conversation is a
-//! vector of 16-byte pointers (segment, offset, length, CRC32C of the entry's bytes) indexed by
-//! `seq - first_seq`, and applying an entry is a push. Dedup is a hash map (in 4,096 tables of staggered sizes, so a
-//! growth never rehashes more than ~1/4096 of it at once) from a 64-bit fingerprint of `(conv, client_msg_id)`
-//! to the seq; a hit is confirmed by reading the entry
-//! and comparing its id, and the (astronomically rare) fingerprint collisions go to a second map
-//! keyed by the full pair. Both live in memory (~35 bytes per indexed entry); reads `pread` the
-//! entry from its segment and check its CRC, so a wrong pointer is an error, never a wrong
-//! message.
+//! vector of 20-byte pointers (segment, offset, length, CRC32C of the entry's bytes, a 32-bit tag
+//! of its `client_msg_id`) indexed by `seq - first_seq`, and applying an entry is a push. Dedup
+//! needs no map either: every full chunk of 4,096 pointers gets a sorted table of its tags, and a
+//! lookup walks the conversation's chunks newest first (a retry is nearly always of a recent
+//! send). Every candidate is confirmed by reading the entry and comparing its id, so a tag that
+//! two ids share costs a read, never a wrong answer. The tags are keyed by a random per-index
+//! key, so nobody can choose ids that share one. All of it lives in memory (~28 bytes per
+//! indexed entry); reads `pread` the entry from its segment and check its CRC, so a wrong pointer
+//! is an error, never a wrong message.
+//!
+//! Dedup was a hash map from a fingerprint of `(conv, client_msg_id)` to the seq. Its keys are
+//! random, so every insert missed the cache and the TLB twice: 9% of the server's samples at
+//! 150k msg/s (BENCHMARKS.md, session 12). A tag is written beside the pointer it belongs to.
 //!
 //! Persistence is a snapshot file (`<dir>/snapshot`, CRC-checked) written at clean close: open
 //! loads it and replays the log from its `applied_lsn` on. With no valid snapshot (first start,
@@ -43,7 +48,7 @@ pub const READ_ENTRIES_MAX: usize = 1000;
 const OPEN_SEGMENTS_MAX: usize = 64;
 
 const SNAPSHOT_FILE: &str = "snapshot";
-const SNAPSHOT_MAGIC: &[u8; 16] = b"starling-index-3";
+const SNAPSHOT_MAGIC: &[u8; 16] = b"starling-index-4";
 
 /// Where one entry is in the log. `len == 0` marks a hole (a seq never written).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,6 +61,8 @@ struct Ptr {
     len: u32,
     /// CRC32C of those bytes.
     crc: u32,
+    /// The tag of the entry's `client_msg_id` ([`id_tag`]); 0 for none and for holes.
+    id: u32,
 }
 
 impl Ptr {
@@ -64,7 +71,7 @@ impl Ptr {
     }
 }
 
-/// Pointers per chunk of [`Ptrs`]: 64 KiB.
+/// Pointers per chunk of [`Ptrs`]: 80 KiB.
 const PTR_CHUNK: usize = 4096;
 
 /// One conversation's pointers in chunks of [`PTR_CHUNK`]. Appending moves at most one chunk:
@@ -73,12 +80,30 @@ const PTR_CHUNK: usize = 4096;
 /// commit completing (that thread ran up to 7–10 ms at a time at 100k msg/s on two
 /// conversations, 2–3 ms chunked; BENCHMARKS.md, session 7). A conversation of at most one
 /// chunk costs no more than a `Vec`.
+///
+/// Every full chunk also has a tag table: `(tag << 32) | position` of each of its pointers with
+/// an id, sorted, so finding a tag in it is a binary search. The last chunk, while it fills, is
+/// scanned instead.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Ptrs {
     /// Entries `0..PTR_CHUNK` (all of them while the conversation is small).
     head: Vec<Ptr>,
     /// The following chunks; every chunk but the last is full.
     rest: Vec<Vec<Ptr>>,
+    /// `tags[k]` is full chunk `k`'s tag table; one per full chunk.
+    tags: Vec<Box<[u64]>>,
+}
+
+/// The sorted tag table of a full chunk.
+fn tag_table(chunk: &[Ptr]) -> Box<[u64]> {
+    let mut t: Vec<u64> = chunk
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.id != 0 && !p.is_hole())
+        .map(|(j, p)| (u64::from(p.id) << 32) | j as u64)
+        .collect();
+    t.sort_unstable();
+    t.into_boxed_slice()
 }
 
 impl Ptrs {
@@ -113,21 +138,54 @@ impl Ptrs {
             &mut self.rest[k - 1]
         };
         c[j] = p;
+        if k < self.tags.len() {
+            // Rewriting a full chunk: only with a log the router did not write.
+            self.tags[k] = tag_table(c);
+        }
     }
 
     fn push(&mut self, p: Ptr) {
-        if self.head.len() < PTR_CHUNK {
-            self.head.push(p);
-            return;
-        }
-        match self.rest.last_mut() {
-            Some(c) if c.len() < PTR_CHUNK => c.push(p),
-            _ => {
-                let mut c = Vec::with_capacity(PTR_CHUNK);
-                c.push(p);
-                self.rest.push(c);
+        let c = if self.head.len() < PTR_CHUNK {
+            &mut self.head
+        } else {
+            match self.rest.last() {
+                Some(c) if c.len() < PTR_CHUNK => {}
+                _ => self.rest.push(Vec::with_capacity(PTR_CHUNK)),
             }
+            let last = self.rest.len() - 1;
+            &mut self.rest[last]
+        };
+        c.push(p);
+        if c.len() == PTR_CHUNK {
+            let t = tag_table(c);
+            self.tags.push(t);
         }
+    }
+
+    /// Positions (within the conversation) in chunk `k` whose pointer carries `tag`, newest
+    /// first.
+    fn with_tag(&self, k: usize, tag: u32) -> Vec<usize> {
+        let base = k * PTR_CHUNK;
+        let mut out: Vec<usize> = match self.tags.get(k) {
+            Some(t) => {
+                let key = u64::from(tag) << 32;
+                let lo = t.partition_point(|&x| x < key);
+                t[lo..]
+                    .iter()
+                    .take_while(|&&x| x >> 32 == u64::from(tag))
+                    .map(|&x| base + (x & 0xffff_ffff) as usize)
+                    .collect()
+            }
+            None => self.chunk(k).map_or_else(Vec::new, |c| {
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.id == tag && !p.is_hole())
+                    .map(|(j, _)| base + j)
+                    .collect()
+            }),
+        };
+        out.reverse();
+        out
     }
 
     /// The pointers in order.
@@ -220,20 +278,27 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The dedup fingerprint of `(conv, id)`.
-fn fingerprint(conv: ConvId, id: ClientMsgId) -> u64 {
+/// The tag of `id` under the index's `key`: a keyed 32-bit mix, never 0 (0 marks "no id").
+fn id_tag(key: u64, id: ClientMsgId) -> u32 {
+    if id.is_none() {
+        return 0;
+    }
     let w = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-    let mut h = mix64(conv.0 as u64 ^ 0x5354_4152_4c49_4e47);
-    h = mix64(h ^ (conv.0 >> 64) as u64);
-    h = mix64(h ^ w(&id.0[..8]));
-    mix64(h ^ w(&id.0[8..]))
+    let h = mix64(mix64(key ^ w(&id.0[..8])) ^ w(&id.0[8..]) ^ key.rotate_left(29));
+    ((h >> 32) as u32).max(1)
+}
+
+/// A fresh, unpredictable tag key (std seeds `RandomState` from the OS's randomness).
+fn random_tag_key() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x7461_6773_u64)
 }
 
 /// A hash map split into [`SPLIT_TABLES`] tables by a mix of the key, the tables given
 /// unequal shares of the keys so that they grow one after another.
 ///
 /// One table of every key rehashes all of it when it grows, on the log's I/O thread with the
-/// index's write lock held, so no commit of the shard completes meanwhile. For the dedup map
+/// index's write lock held, so no commit of the shard completes meanwhile. For the old dedup map
 /// (a key per message) that was ~100 ms at a few million messages (100–300 ms p99 spikes in
 /// `bench/compare.sh`); for the conversation map (a key per conversation) growing past 1.8
 /// million conversations took 240–683 ms as one map, 1.2–3.1 ms split (BENCHMARKS.md,
@@ -327,12 +392,6 @@ impl<K: SplitKey, V> SplitMap<K, V> {
         self.0[k.table()].entry(k).or_default()
     }
 
-    /// `k`'s entry: one probe for a look-up that may insert (the dedup map's keys are random,
-    /// so every probe of its tables is a cache miss; a `get` and then an `insert` paid two).
-    fn entry(&mut self, k: K) -> std::collections::hash_map::Entry<'_, K, V> {
-        self.0[k.table()].entry(k)
-    }
-
     fn len(&self) -> usize {
         self.0.iter().map(HashMap::len).sum()
     }
@@ -365,14 +424,21 @@ struct State {
     /// Base lsns of the segments pointers name, ascending.
     segs: Vec<Lsn>,
     convs: SplitMap<ConvId, ConvIx>,
-    /// Fingerprint of `(conv, client_msg_id)` → seq.
-    dedup: SplitMap<u64, u64>,
-    /// Pairs whose fingerprint was already taken by another pair.
-    dedup_more: HashMap<(ConvId, ClientMsgId), u64>,
+    /// The key of every pointer's id tag ([`id_tag`]); chosen at random when the index starts
+    /// empty, kept in the snapshot.
+    tag_key: u64,
     entries: u64,
 }
 
 impl State {
+    /// An empty index with a fresh tag key.
+    fn fresh() -> State {
+        State {
+            tag_key: random_tag_key(),
+            ..State::default()
+        }
+    }
+
     fn seg_index(&mut self, base: Lsn) -> Result<u32, StorageError> {
         match self.segs.last() {
             Some(&last) if last == base => Ok((self.segs.len() - 1) as u32),
@@ -393,24 +459,45 @@ impl State {
         }
     }
 
-    fn insert(&mut self, conv: ConvId, seq: Seq, id: ClientMsgId, p: Ptr) {
+    fn insert(&mut self, conv: ConvId, seq: Seq, id: ClientMsgId, mut p: Ptr) {
+        p.id = id_tag(self.tag_key, id);
         let c = self.convs.get_or_default(conv);
         let fresh = c.get(seq.0).is_none_or(Ptr::is_hole);
         c.set(seq.0, p);
         if fresh {
             self.entries += 1;
         }
-        if !id.is_none() {
-            use std::collections::hash_map::Entry;
-            match self.dedup.entry(fingerprint(conv, id)) {
-                Entry::Vacant(v) => {
-                    v.insert(seq.0);
-                }
-                Entry::Occupied(o) if *o.get() == seq.0 => {}
-                Entry::Occupied(_) => {
-                    self.dedup_more.insert((conv, id), seq.0);
-                }
+    }
+
+    /// The seqs of `conv` below `below` whose pointers carry `id`'s tag, from the newest chunk
+    /// that has any, newest first, and the first seq of that chunk (where to go on if none of
+    /// them is `id`). `None` once no seq below `below` is left.
+    fn dedup_candidates(
+        &self,
+        conv: ConvId,
+        id: ClientMsgId,
+        below: u64,
+    ) -> Option<(Vec<u64>, u64)> {
+        let tag = id_tag(self.tag_key, id);
+        let c = self.convs.get(&conv)?;
+        let hi = below.min(c.end());
+        if tag == 0 || hi <= c.first {
+            return None;
+        }
+        let mut k = ((hi - 1 - c.first) / PTR_CHUNK as u64) as usize;
+        loop {
+            let chunk_first = c.first + (k * PTR_CHUNK) as u64;
+            let found: Vec<u64> = c
+                .ptrs
+                .with_tag(k, tag)
+                .into_iter()
+                .map(|i| c.first + i as u64)
+                .filter(|&seq| seq < hi)
+                .collect();
+            if !found.is_empty() || k == 0 {
+                return Some((found, chunk_first));
             }
+            k -= 1;
         }
     }
 
@@ -480,7 +567,7 @@ impl DenseIndex {
         fs::create_dir_all(dir).map_err(fs_err("create index dir"))?;
         let (state, applied, rebuilt) = match loaded {
             Some((state, applied)) => (state, applied, false),
-            None => (State::default(), Lsn::ZERO, true),
+            None => (State::fresh(), Lsn::ZERO, true),
         };
         Ok(DenseIndex {
             dir: dir.to_path_buf(),
@@ -520,7 +607,7 @@ impl DenseIndex {
 
     /// Forgets every entry (used when the index is ahead of the log it must mirror).
     pub(crate) fn clear(&self) -> Result<(), StorageError> {
-        *self.write() = State::default();
+        *self.write() = State::fresh();
         let snap = self.dir.join(SNAPSHOT_FILE);
         match fs::remove_file(&snap) {
             Ok(()) => {}
@@ -569,6 +656,7 @@ impl DenseIndex {
                         off,
                         len: used as u32,
                         crc: crc32c::crc32c(&rest[..used]),
+                        id: 0,
                     };
                     parsed.push((pos.segment, conv, seq, id, p));
                 }
@@ -748,12 +836,13 @@ fn decode_value(v: &[u8]) -> Result<Entry, StorageError> {
     }
 }
 
-// Snapshot: magic ‖ applied_lsn ‖ segs ‖ convs ‖ dedup ‖ dedup_more ‖ crc32c(all before), all
-// integers little-endian, every list prefixed by its u64 length.
+// Snapshot: magic ‖ applied_lsn ‖ tag_key ‖ segs ‖ convs ‖ crc32c(all before), all integers
+// little-endian, every list prefixed by its u64 length. The tag tables are rebuilt at load.
 fn encode_snapshot(st: &State, applied: Lsn) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + st.entries as usize * 40);
+    let mut b = Vec::with_capacity(64 + st.entries as usize * 20);
     b.extend_from_slice(SNAPSHOT_MAGIC);
     b.extend_from_slice(&applied.0.to_le_bytes());
+    b.extend_from_slice(&st.tag_key.to_le_bytes());
     b.extend_from_slice(&(st.segs.len() as u64).to_le_bytes());
     for s in &st.segs {
         b.extend_from_slice(&s.0.to_le_bytes());
@@ -764,21 +853,10 @@ fn encode_snapshot(st: &State, applied: Lsn) -> Vec<u8> {
         b.extend_from_slice(&c.first.to_le_bytes());
         b.extend_from_slice(&(c.ptrs.len() as u64).to_le_bytes());
         for p in c.ptrs.iter() {
-            for v in [p.seg, p.off, p.len, p.crc] {
+            for v in [p.seg, p.off, p.len, p.crc, p.id] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
         }
-    }
-    b.extend_from_slice(&(st.dedup.len() as u64).to_le_bytes());
-    for (fp, seq) in st.dedup.iter() {
-        b.extend_from_slice(&fp.to_le_bytes());
-        b.extend_from_slice(&seq.to_le_bytes());
-    }
-    b.extend_from_slice(&(st.dedup_more.len() as u64).to_le_bytes());
-    for ((conv, id), seq) in &st.dedup_more {
-        b.extend_from_slice(&conv.0.to_le_bytes());
-        b.extend_from_slice(&id.0);
-        b.extend_from_slice(&seq.to_le_bytes());
     }
     let crc = crc32c::crc32c(&b);
     b.extend_from_slice(&crc.to_le_bytes());
@@ -826,7 +904,10 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
         return None;
     }
     let applied = Lsn(r.u64()?);
-    let mut st = State::default();
+    let mut st = State {
+        tag_key: r.u64()?,
+        ..State::default()
+    };
     for _ in 0..r.len(8)? {
         st.segs.push(Lsn(r.u64()?));
     }
@@ -835,7 +916,7 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
     for _ in 0..convs {
         let conv = ConvId(r.u128()?);
         let first = r.u64()?;
-        let n = r.len(16)?;
+        let n = r.len(20)?;
         // Seqs first..first+n must exist (a damaged count would overflow `ConvIx::end`).
         first.checked_add(n as u64)?;
         let mut ptrs = Ptrs::default();
@@ -845,6 +926,7 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
                 off: r.u32()?,
                 len: r.u32()?,
                 crc: r.u32()?,
+                id: r.u32()?,
             };
             if !p.is_hole() {
                 if p.seg as usize >= st.segs.len() {
@@ -856,21 +938,6 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(State, Lsn)> {
         }
         // A key written twice is damage, not data: keeping either copy would drop the other.
         if st.convs.insert(conv, ConvIx { first, ptrs }).is_some() {
-            return None;
-        }
-    }
-    let n = r.len(16)?;
-    st.dedup.reserve(n);
-    for _ in 0..n {
-        let fp = r.u64()?;
-        if st.dedup.insert(fp, r.u64()?).is_some() {
-            return None;
-        }
-    }
-    for _ in 0..r.len(40)? {
-        let conv = ConvId(r.u128()?);
-        let id = ClientMsgId(r.take::<16>()?);
-        if st.dedup_more.insert((conv, id), r.u64()?).is_some() {
             return None;
         }
     }
@@ -914,13 +981,15 @@ pub(crate) fn fuzz_snapshot(data: &[u8]) {
                 off: 0,
                 len: 1,
                 crc: 0,
+                id: 0,
             };
             st.insert(conv, Seq(end), ClientMsgId([1; 16]), p);
+            let _ = st.dedup_candidates(conv, ClientMsgId([1; 16]), u64::MAX);
         }
     }
 }
 
-/// A small valid snapshot (two conversations, a hole, a collision entry), sealed for
+/// A small valid snapshot (two conversations, a hole, an entry without an id), sealed for
 /// `crate::fuzzing::index_snapshot` with mode byte 0.
 #[cfg(test)]
 pub(crate) fn sample_snapshot() -> Vec<u8> {
@@ -933,11 +1002,11 @@ pub(crate) fn sample_snapshot() -> Vec<u8> {
         off: n,
         len: 1,
         crc: n,
+        id: 0,
     };
     st.insert(ConvId(7), Seq(1), ClientMsgId([7; 16]), p(1));
     st.insert(ConvId(7), Seq(3), ClientMsgId([8; 16]), p(3));
     st.insert(ConvId(9), Seq(1), ClientMsgId::NONE, p(4));
-    st.dedup_more.insert((ConvId(7), ClientMsgId([9; 16])), 3);
     let mut out = vec![0u8];
     out.extend_from_slice(&encode_snapshot(&st, Lsn(42)));
     out
@@ -1006,21 +1075,22 @@ impl crate::traits::MessageIndex for DenseIndex {
     }
 
     fn dedup(&self, conv: ConvId, id: ClientMsgId) -> Result<Option<Seq>, StorageError> {
-        let candidate = {
-            let st = self.read();
-            if let Some(&s) = st.dedup_more.get(&(conv, id)) {
-                return Ok(Some(Seq(s)));
+        let mut below = u64::MAX;
+        loop {
+            // Candidates one chunk at a time, newest first, each confirmed outside the lock: a
+            // tag another id shares costs a read, and a retry of a recent send stops early.
+            let Some((candidates, next)) = self.read().dedup_candidates(conv, id, below) else {
+                return Ok(None);
+            };
+            for seq in candidates {
+                if let Some(e) = self.entry(conv, Seq(seq))?
+                    && e.client_msg_id == id
+                {
+                    return Ok(Some(e.seq));
+                }
             }
-            match st.dedup.get(&fingerprint(conv, id)) {
-                Some(&s) => s,
-                None => return Ok(None),
-            }
-        };
-        // Confirm: the fingerprint may belong to another (conv, id).
-        Ok(self
-            .entry(conv, Seq(candidate))?
-            .filter(|e| e.client_msg_id == id)
-            .map(|e| e.seq))
+            below = next;
+        }
     }
 
     fn indexed_lsn(&self) -> Lsn {
@@ -1038,6 +1108,7 @@ mod tests {
             off: n,
             len: 1,
             crc: n,
+            id: 0,
         }
     }
 
@@ -1152,8 +1223,9 @@ mod tests {
         assert!(want > 1.7, "{want}");
     }
 
-    /// How the dedup map's growth is spread over time: inserts `STARLING_SPLIT_N` (default 20
-    /// million) random fingerprints in windows of 2,000 (10 ms of a 200k msg/s shard) and prints
+    /// How a split map's growth is spread over time (measured for the old dedup map; the
+    /// conversation map is split the same way): inserts `STARLING_SPLIT_N` (default 20
+    /// million) random keys in windows of 2,000 (10 ms of a 200k msg/s shard) and prints
     /// the slowest windows. A measurement, not a check:
     /// `cargo test --release -p starling-storage --lib split_map_growth -- --ignored --nocapture`.
     #[test]
@@ -1189,18 +1261,140 @@ mod tests {
         );
     }
 
+    /// What a dedup lookup of an id never sent costs (the walk over every chunk) in a conversation
+    /// of `STARLING_DEDUP_N` (default 1 million) entries, and what applying them cost. A
+    /// measurement, not a check:
+    /// `cargo test --release -p starling-storage --lib dedup_walk_cost -- --ignored --nocapture`.
     #[test]
-    fn fingerprint_collisions_go_to_the_full_key_map() {
-        let mut st = State::default();
-        let conv = ConvId(1);
-        let a = ClientMsgId([1; 16]);
-        let b = ClientMsgId([2; 16]);
-        st.insert(conv, Seq(1), a, p(1));
-        // Simulate a collision: b's fingerprint already names a's seq.
-        st.dedup.insert(fingerprint(conv, b), 1);
-        st.insert(conv, Seq(2), b, p(2));
-        assert_eq!(st.dedup_more.get(&(conv, b)), Some(&2));
-        assert_eq!(st.entries, 2);
+    #[ignore = "a measurement; run it in release"]
+    fn dedup_walk_cost() {
+        #[allow(clippy::disallowed_methods)]
+        let now = std::time::Instant::now;
+        let n: u64 = std::env::var("STARLING_DEDUP_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let mut st = State::fresh();
+        let t = now();
+        for seq in 1..=n {
+            st.insert(ConvId(1), Seq(seq), id(mix64(seq)), p(seq as u32));
+        }
+        let insert = t.elapsed();
+        let lookups = 200u64;
+        let t = now();
+        let mut found = 0;
+        for k in 0..lookups {
+            let (c, _) = st
+                .dedup_candidates(ConvId(1), id(mix64(n + 1 + k)), u64::MAX)
+                .unwrap();
+            found += c.len();
+        }
+        let walk = t.elapsed() / lookups as u32;
+        let t = now();
+        for k in 0..lookups {
+            let seq = n - k;
+            let (c, _) = st
+                .dedup_candidates(ConvId(1), id(mix64(seq)), u64::MAX)
+                .unwrap();
+            assert!(c.contains(&seq));
+        }
+        let recent = t.elapsed() / lookups as u32;
+        println!(
+            "{n} entries: {:.0} ns per insert; absent id {walk:?} per lookup ({found} false candidates in {lookups}); a recent id {recent:?}",
+            insert.as_nanos() as f64 / n as f64
+        );
+    }
+
+    fn id(n: u64) -> ClientMsgId {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        b[8..].copy_from_slice(&(!n).to_le_bytes());
+        ClientMsgId(b)
+    }
+
+    /// Every id is found in its seq's chunk, full chunks by their tag tables and the last by a
+    /// scan, and `below` walks on to older chunks.
+    #[test]
+    fn id_tags_find_every_entry_across_chunks_newest_chunk_first() {
+        let mut st = State::fresh();
+        let conv = ConvId(3);
+        let n = 3 * PTR_CHUNK as u64 + 10;
+        for seq in 1..=n {
+            st.insert(conv, Seq(seq), id(seq), p(seq as u32));
+        }
+        st.insert(conv, Seq(n + 1), ClientMsgId::NONE, p(0));
+        let c = &st.convs[&conv];
+        assert_eq!(c.ptrs.tags.len(), 3, "one tag table per full chunk");
+        assert!(c.ptrs.tags.iter().all(|t| t.len() == PTR_CHUNK));
+        for seq in (1..=n)
+            .step_by(97)
+            .chain([1, PTR_CHUNK as u64, PTR_CHUNK as u64 + 1, n])
+        {
+            let (found, chunk_first) = st.dedup_candidates(conv, id(seq), u64::MAX).unwrap();
+            assert!(found.contains(&seq), "seq {seq}: {found:?}");
+            assert_eq!(
+                chunk_first,
+                1 + (seq - 1) / PTR_CHUNK as u64 * PTR_CHUNK as u64
+            );
+        }
+        // An id nobody sent: one call walks every chunk (none has the tag), then none is left.
+        assert_eq!(
+            st.dedup_candidates(conv, id(n + 100), u64::MAX),
+            Some((Vec::new(), 1))
+        );
+        assert_eq!(st.dedup_candidates(conv, id(n + 100), 1), None);
+        // Below a chunk's first seq, the walk starts at the chunk before it.
+        let (found, first) = st
+            .dedup_candidates(conv, id(5), 1 + PTR_CHUNK as u64)
+            .unwrap();
+        assert_eq!((found, first), (vec![5], 1));
+        assert_eq!(
+            st.dedup_candidates(conv, id(PTR_CHUNK as u64 + 5), 1 + PTR_CHUNK as u64),
+            Some((Vec::new(), 1))
+        );
+        assert_eq!(st.dedup_candidates(conv, ClientMsgId::NONE, u64::MAX), None);
+        assert_eq!(st.dedup_candidates(ConvId(4), id(1), u64::MAX), None);
+    }
+
+    /// Ids whose tags are equal are all candidates, newest first, in a full chunk and in the
+    /// filling one; rewriting a pointer in a full chunk rebuilds that chunk's table.
+    #[test]
+    fn ids_that_share_a_tag_are_all_candidates_newest_first() {
+        let mut c = ConvIx::default();
+        let tagged = |n: u32, tag: u32| Ptr { id: tag, ..p(n) };
+        for seq in 1..=PTR_CHUNK as u64 + 3 {
+            let tag = if seq % 1000 == 7 {
+                42
+            } else {
+                1000 + seq as u32
+            };
+            c.set(seq, tagged(seq as u32, tag));
+        }
+        c.set(PTR_CHUNK as u64 + 2, tagged(9, 42));
+        let st = State {
+            convs: {
+                let mut m = SplitMap::default();
+                m.insert(ConvId(1), c);
+                m
+            },
+            ..State::default()
+        };
+        // Find tag 42 directly: the chunks hold seqs 1..=4096 and 4097..=4099.
+        let c = &st.convs[&ConvId(1)];
+        assert_eq!(c.ptrs.with_tag(1, 42), vec![PTR_CHUNK + 1]);
+        assert_eq!(c.ptrs.with_tag(0, 42), vec![4006, 3006, 2006, 1006, 6]);
+        assert!(c.ptrs.with_tag(0, 43).is_empty());
+        let mut c = ConvIx {
+            first: c.first,
+            ptrs: Ptrs::default(),
+        };
+        for q in st.convs[&ConvId(1)].ptrs.iter() {
+            c.ptrs.push(q);
+        }
+        c.set(2, tagged(2, 42));
+        assert_eq!(c.ptrs.with_tag(0, 42), vec![4006, 3006, 2006, 1006, 6, 1]);
+        c.set(7, p(7));
+        assert_eq!(c.ptrs.with_tag(0, 42), vec![4006, 3006, 2006, 1006, 1]);
     }
 
     #[test]
@@ -1217,6 +1411,7 @@ mod tests {
                 ptrs: Ptrs {
                     head: vec![p(1)],
                     rest: Vec::new(),
+                    tags: Vec::new(),
                 },
             },
         );
@@ -1238,8 +1433,8 @@ mod tests {
         assert!(decode_snapshot(&one).is_some());
         // Splice the conversation in twice: convs count 1 → 2, its bytes repeated.
         let body = &one[..one.len() - 4];
-        let convs_at = 16 + 8 + 8 + 8; // magic, applied, segs len, one seg
-        let conv_bytes = 16 + 8 + 8 + 16; // id, first, ptrs len, one ptr
+        let convs_at = 16 + 8 + 8 + 8 + 8; // magic, applied, tag key, segs len, one seg
+        let conv_bytes = 16 + 8 + 8 + 20; // id, first, ptrs len, one ptr
         let mut two = body[..convs_at].to_vec();
         two.extend_from_slice(&2u64.to_le_bytes());
         two.extend_from_slice(&body[convs_at + 8..convs_at + 8 + conv_bytes]);
@@ -1260,7 +1455,7 @@ mod tests {
         st.insert(ConvId(7), Seq(1), ClientMsgId([7; 16]), p(1));
         st.insert(ConvId(7), Seq(3), ClientMsgId([8; 16]), p(3));
         st.insert(ConvId(u128::MAX), Seq(1), ClientMsgId::NONE, p(4));
-        st.dedup_more.insert((ConvId(7), ClientMsgId([9; 16])), 3);
+        st.tag_key = 0x1234_5678_9abc_def0;
         let bytes = encode_snapshot(&st, Lsn(42));
         fs::write(&path, &bytes).unwrap();
         let (got, applied) = load_snapshot(&path).unwrap();
@@ -1268,8 +1463,7 @@ mod tests {
         assert_eq!(got.segs, st.segs);
         assert_eq!(got.entries, 3);
         assert_eq!(got.convs[&ConvId(7)].ptrs, st.convs[&ConvId(7)].ptrs);
-        assert_eq!(got.dedup, st.dedup);
-        assert_eq!(got.dedup_more, st.dedup_more);
+        assert_eq!(got.tag_key, st.tag_key);
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 1;

@@ -830,6 +830,43 @@ fn index_reads_latest_before_after_and_dedup_survive_restart() {
     assert_eq!(ix.dedup(ConvId(1), cmid(123, 456)).unwrap(), None);
 }
 
+/// Conversations of several 4,096-entry chunks: every id is found, whether its chunk is full
+/// (a tag table) or filling (a scan), after a clean restart (tags from the snapshot) and after a
+/// rebuild (a fresh tag key); ids never sent are not.
+#[test]
+fn dedup_finds_every_id_in_conversations_of_many_chunks_across_restart_and_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let mut shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 20)).unwrap();
+        let w = fill(&mut shard, 270, 100, 8);
+        shard.index().wait_applied(Lsn(27_000)).unwrap();
+        w
+    };
+    let check = |shard: &EmbeddedShard| {
+        let ix = shard.index();
+        assert_eq!(ix.len(), 27_000);
+        for e in &written {
+            assert_eq!(ix.dedup(e.conv, e.client_msg_id).unwrap(), Some(e.seq));
+        }
+        for n in [27_000, 27_001, u64::MAX] {
+            for c in 1..=3 {
+                assert_eq!(ix.dedup(ConvId(c), cmid(7, n)).unwrap(), None);
+            }
+        }
+        // An id of conversation 1 asked of conversation 2.
+        assert_eq!(ix.dedup(ConvId(2), written[0].client_msg_id).unwrap(), None);
+    };
+    {
+        let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 20)).unwrap();
+        assert!(!shard.open_report().index_rebuilt);
+        check(&shard);
+    }
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let shard = EmbeddedShard::open(dir.path(), shard_opts(1 << 20)).unwrap();
+    assert!(shard.open_report().index_rebuilt);
+    check(&shard);
+}
+
 #[test]
 fn a_stalled_index_applier_is_backpressure_on_append_not_memory() {
     // The index is applied on the log's I/O thread after each commit's completions fired; the
