@@ -253,6 +253,39 @@ pub fn put_framed(frame: &Frame, len: usize, dst: &mut BytesMut) -> usize {
     dst.len() - before
 }
 
+/// The `Frame` field number of `Deliver` (`frame::Body::Deliver`).
+const DELIVER_FIELD: u32 = 52;
+
+/// The payload length of a `Frame { request_id: 0, body: Deliver { message } }`.
+fn deliver_payload_len(message: &crate::v1::Message) -> usize {
+    let deliver = prost::encoding::message::encoded_len(1, message);
+    prost::encoding::key_len(DELIVER_FIELD)
+        + prost::encoding::encoded_len_varint(deliver as u64)
+        + deliver
+}
+
+/// The bytes [`put_deliver_framed`] appends for `message`.
+#[must_use]
+pub fn deliver_framed_len(message: &crate::v1::Message) -> usize {
+    let len = deliver_payload_len(message);
+    prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// Appends the push `Frame { request_id: 0, body: Deliver { message } }` as [`put_framed`] would,
+/// byte for byte, from a borrowed message: the router pushes every message it makes durable, and
+/// building the owned frame cloned the message (its byte fields and its `content_type` string)
+/// once per push. Returns the bytes appended.
+pub fn put_deliver_framed(message: &crate::v1::Message, dst: &mut BytesMut) -> usize {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let before = dst.len();
+    let deliver = prost::encoding::message::encoded_len(1, message);
+    encode_varint(deliver_payload_len(message) as u64, dst);
+    encode_key(DELIVER_FIELD, WireType::LengthDelimited, dst);
+    encode_varint(deliver as u64, dst);
+    prost::encoding::message::encode(1, message, dst);
+    dst.len() - before
+}
+
 /// The bytes `frame` takes on the wire: its length prefix plus its encoding. Exactly what
 /// [`FrameEncoder::encode`] appends, so byte budgets kept with it (the router's per-connection
 /// outbound accounting) balance with what the transport reports written.
@@ -290,6 +323,51 @@ mod tests {
         assert_eq!(framed_payload_len(&longer), None);
         assert_eq!(framed_payload_len(&[]), None);
         assert_eq!(framed_payload_len(&[0xff; 11]), None);
+    }
+
+    #[test]
+    fn deliver_frames_from_a_borrowed_message_are_the_owned_frames_bytes() {
+        let small = v1::Message {
+            conversation_id: 1,
+            seq: 1,
+            ..v1::Message::default()
+        };
+        let full = v1::Message {
+            conversation_id: u64::MAX,
+            seq: 1 << 40,
+            sender_user_id: 77,
+            sender_device_id: 3,
+            client_msg_id: bytes::Bytes::from_static(&[9; 16]),
+            server_ts_ms: 1_700_000_000_000,
+            content_type: "text/plain".into(),
+            body: bytes::Bytes::from(vec![0xab; 300]),
+            media: None,
+            reply_to_seq: 5,
+        };
+        // Bodies around the one- and two-byte length prefixes of the message, the Deliver and
+        // the frame.
+        let sizes = [
+            0, 1, 100, 105, 110, 115, 120, 125, 127, 128, 200, 16_300, 16_400, 70_000,
+        ];
+        let bodies = sizes.map(|n| v1::Message {
+            body: bytes::Bytes::from(vec![1; n]),
+            ..full.clone()
+        });
+        for m in [small, v1::Message::default(), full].iter().chain(&bodies) {
+            let owned = Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(v1::Deliver {
+                    message: Some(m.clone()),
+                })),
+            };
+            let mut want = BytesMut::new();
+            let n = put_framed(&owned, owned.encoded_len(), &mut want);
+            let mut got = BytesMut::from(&b"x"[..]);
+            assert_eq!(put_deliver_framed(m, &mut got), n);
+            assert_eq!(&got[1..], &want[..]);
+            assert_eq!(deliver_framed_len(m), n);
+            assert_eq!(deliver_framed_len(m), framed_len(&owned));
+        }
     }
 
     fn ping(request_id: u64, nonce: u64) -> Frame {

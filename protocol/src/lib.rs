@@ -42,7 +42,10 @@ mod codec;
 mod error;
 pub mod limits;
 
-pub use codec::{FrameDecoder, FrameEncoder, framed_len, framed_payload_len, put_framed};
+pub use codec::{
+    FrameDecoder, FrameEncoder, deliver_framed_len, framed_len, framed_payload_len,
+    put_deliver_framed, put_framed,
+};
 pub use error::{DecodeError, EncodeError};
 
 /// The generated `starling.v1` types.

@@ -365,10 +365,17 @@ pub(crate) fn sample_envelope() -> Vec<u8> {
 fn encode_frame(buf: &mut BytesMut, f: &v1::Frame) -> Bytes {
     let len = f.encoded_len();
     let need = prost::encoding::encoded_len_varint(len as u64) + len;
+    encode_into(buf, need, |b| starling_protocol::put_framed(f, len, b))
+}
+
+/// Appends `need` bytes with `put` to the encode chunk `buf` (a fresh chunk if it has no room)
+/// and splits them off.
+fn encode_into(buf: &mut BytesMut, need: usize, put: impl FnOnce(&mut BytesMut) -> usize) -> Bytes {
     if buf.capacity() - buf.len() < need {
         *buf = BytesMut::with_capacity(need.max(ENCODE_CHUNK_BYTES));
     }
-    starling_protocol::put_framed(f, len, buf);
+    let n = put(buf);
+    debug_assert_eq!(n, need);
     buf.split().freeze()
 }
 
@@ -1127,21 +1134,21 @@ where
         self.conns.get(&conn).is_some_and(|c| !(push && c.behind))
     }
 
-    /// Pushes one frame to several connections, encoding it (`make`) only for the first that
+    /// Pushes one frame to several connections, encoding it (`encode`) only for the first that
     /// takes it; `cached` carries the encoding from one connection to the next.
     fn push_shared(
         &mut self,
         conn: ConnId,
         cached: &mut Option<Bytes>,
         kind: FrameKind,
-        make: impl FnOnce() -> v1::Frame,
+        encode: impl FnOnce(&mut Self) -> Bytes,
     ) -> bool {
         if !self.takes(conn, true) {
             return false;
         }
         let bytes = match cached {
             Some(b) => b.clone(),
-            None => cached.insert(self.encode(&make())).clone(),
+            None => cached.insert(encode(self)).clone(),
         };
         self.emit_encoded(conn, bytes, 0, Some(kind), true)
     }
@@ -1586,11 +1593,11 @@ where
         }
     }
 
-    fn ack_frame(w: &Waiter) -> v1::Frame {
+    fn ack_frame(w: Waiter) -> v1::Frame {
         frame(
             w.request_id,
             Body::SendAck(v1::SendAck {
-                client_msg_id: w.cmid_bytes.clone(),
+                client_msg_id: w.cmid_bytes,
                 conversation_id: w.conv,
                 seq: w.seq,
                 server_ts_ms: w.ts,
@@ -1681,7 +1688,7 @@ where
             waiter.seq = seq;
             waiter.ts = ts;
             self.stats.duplicates += 1;
-            let f = Self::ack_frame(&waiter);
+            let f = Self::ack_frame(waiter);
             self.reply(cmd.origin, vec![f]);
             return Ok(());
         }
@@ -1778,13 +1785,14 @@ where
             if !w.duplicate {
                 self.stats.messages_acked += 1;
             }
-            let f = Self::ack_frame(&w);
-            if w.origin.shard == self.shard && self.local.is_empty() {
+            let origin = w.origin;
+            let f = Self::ack_frame(w);
+            if origin.shard == self.shard && self.local.is_empty() {
                 // Nothing queued ahead of it here: no need for a trip through the local queue
                 // (and its one-frame Vec per acknowledgement).
-                self.emit(w.origin.conn, f, false);
+                self.emit(origin.conn, f, false);
             } else {
-                self.reply(w.origin, vec![f]);
+                self.reply(origin, vec![f]);
             }
         }
         self.broadcast(items);
@@ -1820,13 +1828,13 @@ where
                             if origin.shard == self.shard && origin.conn == conn {
                                 continue;
                             }
-                            let deliver = || {
-                                frame(
-                                    0,
-                                    Body::Deliver(v1::Deliver {
-                                        message: Some(msg.clone()),
-                                    }),
-                                )
+                            // Encoded from the borrowed message: an owned Deliver frame
+                            // would clone it.
+                            let deliver = |s: &mut Self| {
+                                let need = starling_protocol::deliver_framed_len(msg);
+                                encode_into(&mut s.encode_buf, need, |b| {
+                                    starling_protocol::put_deliver_framed(msg, b)
+                                })
                             };
                             if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
                                 self.stats.pushed += 1;
@@ -1845,8 +1853,8 @@ where
                                 break;
                             };
                             // A device that is behind learns receipts from its next Sync.
-                            self.push_shared(conn, &mut encoded, FrameKind::Receipt, || {
-                                frame(0, Body::Receipt(*receipt))
+                            self.push_shared(conn, &mut encoded, FrameKind::Receipt, |s| {
+                                s.encode(&frame(0, Body::Receipt(*receipt)))
                             });
                         }
                     }
