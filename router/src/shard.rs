@@ -379,6 +379,12 @@ fn encode_into(buf: &mut BytesMut, need: usize, put: impl FnOnce(&mut BytesMut) 
     buf.split().freeze()
 }
 
+/// `v`'s items, leaving it empty with room for as many.
+fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
+    let n = v.len();
+    std::mem::replace(v, Vec::with_capacity(n))
+}
+
 fn frame(request_id: u64, body: Body) -> v1::Frame {
     v1::Frame {
         request_id,
@@ -1741,9 +1747,11 @@ where
         match self.log.append::<SyncData>(&self.open.entries) {
             Ok(completion) => {
                 let no = self.open.no;
-                let entries = std::mem::take(&mut self.open.entries);
-                let fresh = std::mem::take(&mut self.open.fresh);
-                let waiters = std::mem::take(&mut self.open.waiters);
+                // The next batch starts with this one's capacity: grown from empty, each batch
+                // reallocated (and copied) its vectors ~log2(n) times.
+                let entries = take_sized(&mut self.open.entries);
+                let fresh = take_sized(&mut self.open.fresh);
+                let waiters = take_sized(&mut self.open.waiters);
                 self.inflight.push_back(InFlight {
                     no,
                     completion,
