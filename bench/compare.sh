@@ -5,7 +5,7 @@
 # certificate). Server(s) pinned to one core, the load generator to another.
 #
 # Writes bench/results/{compare.json,compare.md,latency.svg,throughput.svg}
-# and the raw per-run reports in bench/results/runs/. Takes ~7 minutes with
+# and the raw per-run reports in bench/results/runs/. Takes ~5.5 minutes with
 # the defaults. Needs: mosquitto (apt-get install -y mosquitto), taskset.
 #
 # Knobs (environment): STARLING_RATES and MOSQUITTO_RATES (each system's ladder of offered
