@@ -10,7 +10,7 @@
 //! lookup walks the conversation's chunks newest first (a retry is nearly always of a recent
 //! send). Every candidate is confirmed by reading the entry and comparing its id, so a tag that
 //! two ids share costs a read, never a wrong answer. The tags are keyed by a random per-index
-//! key, so nobody can choose ids that share one. All of it lives in memory (~28 bytes per
+//! key that never leaves the server, so a client cannot pick ids that share one. All of it lives in memory (~28 bytes per
 //! indexed entry); reads `pread` the entry from its segment and check its CRC, so a wrong pointer
 //! is an error, never a wrong message.
 //!
