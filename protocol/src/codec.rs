@@ -256,33 +256,47 @@ pub fn put_framed(frame: &Frame, len: usize, dst: &mut BytesMut) -> usize {
 /// The `Frame` field number of `Deliver` (`frame::Body::Deliver`).
 const DELIVER_FIELD: u32 = 52;
 
-/// The payload length of a `Frame { request_id: 0, body: Deliver { message } }`.
-fn deliver_payload_len(message: &crate::v1::Message) -> usize {
-    let deliver = prost::encoding::message::encoded_len(1, message);
-    prost::encoding::key_len(DELIVER_FIELD)
-        + prost::encoding::encoded_len_varint(deliver as u64)
-        + deliver
+/// The `Deliver` field number of its `Message` (`Deliver::message`).
+const DELIVER_MESSAGE_FIELD: u32 = 1;
+
+/// `(payload, deliver)`: the payload length of a `Frame { request_id: 0, body: Deliver { message }
+/// }` whose message encodes in `message_len` bytes, and the length of its `Deliver`.
+fn deliver_lens(message_len: usize) -> (usize, usize) {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let deliver =
+        key_len(DELIVER_MESSAGE_FIELD) + encoded_len_varint(message_len as u64) + message_len;
+    let payload = key_len(DELIVER_FIELD) + encoded_len_varint(deliver as u64) + deliver;
+    (payload, deliver)
 }
 
-/// The bytes [`put_deliver_framed`] appends for `message`.
+/// The bytes [`put_deliver_framed`] appends for a message whose `encoded_len()` is
+/// `message_len`.
 #[must_use]
-pub fn deliver_framed_len(message: &crate::v1::Message) -> usize {
-    let len = deliver_payload_len(message);
-    prost::encoding::encoded_len_varint(len as u64) + len
+pub fn deliver_framed_len(message_len: usize) -> usize {
+    let (payload, _) = deliver_lens(message_len);
+    prost::encoding::encoded_len_varint(payload as u64) + payload
 }
 
 /// Appends the push `Frame { request_id: 0, body: Deliver { message } }` as [`put_framed`] would,
 /// byte for byte, from a borrowed message: the router pushes every message it makes durable, and
 /// building the owned frame cloned the message (its byte fields and its `content_type` string)
-/// once per push. Returns the bytes appended.
-pub fn put_deliver_framed(message: &crate::v1::Message, dst: &mut BytesMut) -> usize {
+/// once per push. `message_len` is `message.encoded_len()` (the caller needed it already for
+/// [`deliver_framed_len`]). Returns the bytes appended.
+pub fn put_deliver_framed(
+    message: &crate::v1::Message,
+    message_len: usize,
+    dst: &mut BytesMut,
+) -> usize {
     use prost::encoding::{WireType, encode_key, encode_varint};
+    debug_assert_eq!(message_len, message.encoded_len());
     let before = dst.len();
-    let deliver = prost::encoding::message::encoded_len(1, message);
-    encode_varint(deliver_payload_len(message) as u64, dst);
+    let (payload, deliver) = deliver_lens(message_len);
+    encode_varint(payload as u64, dst);
     encode_key(DELIVER_FIELD, WireType::LengthDelimited, dst);
     encode_varint(deliver as u64, dst);
-    prost::encoding::message::encode(1, message, dst);
+    encode_key(DELIVER_MESSAGE_FIELD, WireType::LengthDelimited, dst);
+    encode_varint(message_len as u64, dst);
+    message.encode_raw(dst);
     dst.len() - before
 }
 
@@ -363,10 +377,10 @@ mod tests {
             let mut want = BytesMut::new();
             let n = put_framed(&owned, owned.encoded_len(), &mut want);
             let mut got = BytesMut::from(&b"x"[..]);
-            assert_eq!(put_deliver_framed(m, &mut got), n);
+            assert_eq!(put_deliver_framed(m, m.encoded_len(), &mut got), n);
             assert_eq!(&got[1..], &want[..]);
-            assert_eq!(deliver_framed_len(m), n);
-            assert_eq!(deliver_framed_len(m), framed_len(&owned));
+            assert_eq!(deliver_framed_len(m.encoded_len()), n);
+            assert_eq!(deliver_framed_len(m.encoded_len()), framed_len(&owned));
         }
     }
 

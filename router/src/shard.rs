@@ -1839,9 +1839,10 @@ where
                             // Encoded from the borrowed message: an owned Deliver frame
                             // would clone it.
                             let deliver = |s: &mut Self| {
-                                let need = starling_protocol::deliver_framed_len(msg);
+                                let len = msg.encoded_len();
+                                let need = starling_protocol::deliver_framed_len(len);
                                 encode_into(&mut s.encode_buf, need, |b| {
-                                    starling_protocol::put_deliver_framed(msg, b)
+                                    starling_protocol::put_deliver_framed(msg, len, b)
                                 })
                             };
                             if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
