@@ -95,11 +95,13 @@ pub(crate) struct MessagesArgs {
     /// still counts from each message's scheduled time).
     #[arg(long, default_value_t = 100)]
     pub(crate) tick_us: u64,
-    /// Starling: hold a connection's (cumulative) DeliveryAck up to this long, so that it rides
-    /// in the same write as the connection's next Send instead of costing a write (and a
-    /// server wake-up) of its own. Receipts are unaffected beyond this delay: the server makes
-    /// cursors durable in batches every 20 ms anyway. 0: write every DeliveryAck at once.
-    #[arg(long, default_value_t = 1000)]
+    /// Hold a connection's acknowledgement of what it received (Starling: one cumulative
+    /// DeliveryAck; MQTT: its PUBACKs) up to this long, so that it rides in the same write as
+    /// the connection's next send instead of costing a segment (and a server wake-up) of its
+    /// own. The default covers the gap between one connection's sends at 100 pairs and 50k
+    /// msg/s (4 ms; BENCHMARKS.md, session 14). Receipts are late by at most this (the server
+    /// makes cursors durable in batches every 20 ms anyway). 0: write every ack at once.
+    #[arg(long, default_value_t = 5000)]
     pub(crate) ack_delay_us: u64,
     /// The server's pid, to measure its CPU.
     #[arg(long)]
@@ -615,7 +617,11 @@ pub(crate) struct Ep {
     max_seq: u64,
     /// Starling: a Sync is outstanding.
     syncing: bool,
-    /// Starling: since when a queued DeliveryAck waits for a write (ns), if one does.
+    /// Starling: the cumulative DeliveryAck (conversation, seq) not yet queued: it is encoded
+    /// once, just before the connection's next write, however many read batches it covers.
+    ack_unsent: Option<(u64, u64)>,
+    /// Since when an acknowledgement (Starling's DeliveryAck, MQTT's PUBACK) waits for a write
+    /// (ns), if one does.
     ack_held_since: Option<u64>,
     /// Starling: a queued frame must be written at once (Send, Sync, Pong).
     urgent: bool,
@@ -637,6 +643,7 @@ impl Ep {
             delivered: 0,
             awaiting_receipt: VecDeque::new(),
             ack_upto: None,
+            ack_unsent: None,
             max_seq: 0,
             syncing: false,
             ack_held_since: None,
@@ -1112,26 +1119,38 @@ fn on_starling_frames(
             _ => {}
         }
     }
-    // One cumulative DeliveryAck per read batch (written with the next Send, or when held for
-    // `ack_delay_ns`).
+    // The cumulative DeliveryAck waits for the connection's next write (a Send's, or its own
+    // once held for `ack_delay_ns`); later batches only move its position.
     if let Some((conv, seq)) = eps[m].ack_upto.take() {
+        if eps[m].ack_unsent.is_some_and(|(c, _)| c != conv) {
+            push_held_ack(c, &mut eps[m], plan)?;
+        }
+        eps[m].ack_unsent = Some((conv, seq));
         eps[m].ack_held_since.get_or_insert(now);
+    }
+    Ok(())
+}
+
+/// Queues the held cumulative DeliveryAck (and ReadCursor, with `--read-cursor`), if any.
+fn push_held_ack(c: &mut StarlingConn, ep: &mut Ep, plan: &Plan) -> anyhow::Result<()> {
+    let Some((conv, seq)) = ep.ack_unsent.take() else {
+        return Ok(());
+    };
+    c.push(
+        0,
+        Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: seq,
+        }),
+    )?;
+    if plan.read_cursor {
         c.push(
             0,
-            Body::DeliveryAck(v1::DeliveryAck {
+            Body::ReadCursor(v1::ReadCursor {
                 conversation_id: conv,
                 up_to_seq: seq,
             }),
         )?;
-        if plan.read_cursor {
-            c.push(
-                0,
-                Body::ReadCursor(v1::ReadCursor {
-                    conversation_id: conv,
-                    up_to_seq: seq,
-                }),
-            )?;
-        }
     }
     Ok(())
 }
@@ -1193,13 +1212,13 @@ async fn starling_pair(
             &mut body,
         )?;
         let now = rec.now_ns();
-        if c0.pending_write() > 0 && eps[0].must_write(now, &plan) {
-            c0.flush().await?;
-            eps[0].written();
-        }
-        if c1.pending_write() > 0 && eps[1].must_write(now, &plan) {
-            c1.flush().await?;
-            eps[1].written();
+        let [e0, e1] = &mut eps;
+        for (c, e) in [(&mut *c0, e0), (&mut *c1, e1)] {
+            if (c.pending_write() > 0 || e.ack_unsent.is_some()) && e.must_write(now, &plan) {
+                push_held_ack(c, e, &plan)?;
+                c.flush().await?;
+                e.written();
+            }
         }
         if pair_done(&eps) {
             // Wait briefly for the last receipts.
@@ -1470,5 +1489,56 @@ mod tests {
         ep.inflight = 0;
         assert_eq!(send_due(&mut ep, 800, 8), (3, 1));
         assert_eq!(send_due(&mut ep, 900, 8), (1, 0));
+    }
+
+    #[test]
+    fn a_held_ack_waits_for_the_next_send_or_its_delay_whichever_is_first() {
+        let plan = Plan {
+            start_ns: 0,
+            drain_ns: 1_000_000_000,
+            interval_ns: 4_000_000,
+            per_member: 100,
+            body_bytes: 100,
+            inflight: 64,
+            read_cursor: false,
+            tick_ns: 100_000,
+            ack_delay_ns: 5_000_000,
+        };
+        // Member 0 sends every 4 ms from 0, member 1 from 2 ms; both have sent their first.
+        let mut eps = [
+            Ep::new(0, 4_000_000, 100),
+            Ep::new(2_000_000, 4_000_000, 100),
+        ];
+        for e in &mut eps {
+            e.next_k = 1;
+        }
+        // Member 0 received a Deliver at 0.5 ms and another at 1.5 ms: one held position.
+        eps[0].ack_unsent = Some((7, 1));
+        eps[0].ack_held_since = Some(500_000);
+        eps[0].ack_unsent = Some((7, 2));
+        assert!(
+            !eps[0].must_write(1_500_000, &plan),
+            "held: no send due, delay not over"
+        );
+        // The pair's task wakes next for member 0's send at 4 ms: before the hold ends at
+        // 5.5 ms and before member 1's send at 6 ms.
+        assert_eq!(next_wake(&eps, &plan, 64), 4_000_000);
+        // Member 0's next send (due at 4 ms) makes the write urgent: the ack rides with it.
+        eps[0].urgent = true;
+        assert!(eps[0].must_write(4_000_000, &plan));
+        eps[0].written();
+        assert_eq!(eps[0].ack_held_since, None);
+        // With no send due for long, the hold ends by itself at 0.5 + 5 ms.
+        eps[0].ack_unsent = Some((7, 3));
+        eps[0].ack_held_since = Some(500_000);
+        eps[0].next_k = 100;
+        eps[0].n = 200;
+        eps[1].next_k = 100;
+        eps[1].n = 200;
+        eps[0].interval_ns = 100_000_000;
+        eps[1].interval_ns = 100_000_000;
+        assert!(!eps[0].must_write(5_400_000, &plan));
+        assert!(eps[0].must_write(5_500_000, &plan));
+        assert_eq!(next_wake(&eps, &plan, 64), 5_500_000);
     }
 }
