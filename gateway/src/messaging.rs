@@ -135,10 +135,12 @@ pub fn open(
     let links = starling_router::grid::<ShardMsg>(4096, &bells);
     let mut parts = Vec::new();
     for (i, (links, efd)) in links.into_iter().zip(efds).enumerate() {
-        let wake_fd = efd.clone();
+        // The log wakes the driver through the shard's bell, like the rings do: its eventfd is
+        // written only while the driver is parked.
+        let bell = links.bell().clone();
         let opts = ShardOptions {
             log: LogOptions {
-                wake: Some(Arc::new(move || wake_fd.notify())),
+                wake: Some(Arc::new(move || bell.notify())),
                 commit_interval_min: std::time::Duration::from_micros(u64::from(
                     storage.commit_interval_min_us,
                 )),
@@ -206,7 +208,7 @@ impl ShardRouter {
             index,
             parts.meta.clone(),
         );
-        router.set_cursor_offload(cursor_writer(parts.efd.clone(), parts.io_cpus.clone())?);
+        router.set_cursor_offload(cursor_writer(bell.clone(), parts.io_cpus.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
             router: RefCell::new(router),
@@ -316,9 +318,9 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
                 return Poll::Ready(());
             }
             *r.waker.borrow_mut() = Some(cx.waker().clone());
-            if r.efd_handle.drain() {
-                return Poll::Ready(());
-            }
+            // No eventfd read before waiting: every producer (rings, log, cursor writer) goes
+            // through the bell, which rang it only if it saw this park. A count left from a ring
+            // that raced a kick makes the poll below ready at once.
             match r.efd.poll_readable(cx) {
                 Poll::Ready(_) => {
                     r.efd_handle.drain();
@@ -336,11 +338,14 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
 }
 
 /// A thread that makes the router's cursor batches durable (a redb commit with fsync), so the
-/// shard thread never waits on the disk for them; each finished job rings the shard's doorbell.
+/// shard thread never waits on the disk for them; each finished job notifies the shard's bell.
 /// It runs on `io_cpus` (the log writers' CPUs) if there are any: started from the shard thread,
 /// it would otherwise inherit the shard's CPU. It exits when the router (the only sender) is
 /// dropped.
-fn cursor_writer(efd: EventFd, io_cpus: Arc<[usize]>) -> std::io::Result<starling_router::Offload> {
+fn cursor_writer(
+    bell: Arc<Bell>,
+    io_cpus: Arc<[usize]>,
+) -> std::io::Result<starling_router::Offload> {
     let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
     std::thread::Builder::new()
         .name("starling-cursors".into())
@@ -352,7 +357,7 @@ fn cursor_writer(efd: EventFd, io_cpus: Arc<[usize]>) -> std::io::Result<starlin
             }
             for job in rx {
                 job();
-                efd.notify();
+                bell.notify();
             }
         })?;
     Ok(Box::new(move |job| {

@@ -14,7 +14,10 @@
 //!   ring, then [`Bell::try_park`] (`RUNNING` → `SLEEPING`, compare-exchange)
 //!   and waits on its doorbell only if that succeeded;
 //! - a producer, after publishing, swaps in `NOTIFIED` and rings the
-//!   doorbell if it replaced `SLEEPING`.
+//!   doorbell if it replaced `SLEEPING`. Producers that are not rings (the
+//!   log's durability progress, offloaded jobs) do the same through
+//!   [`Bell::notify`], so the doorbell is the consumer's only wake-up source
+//!   and it never reads it before sleeping.
 //!
 //! If a publish lands after the consumer drained, either its swap sees
 //! `SLEEPING` (and rings) or the consumer's compare-exchange sees `NOTIFIED`
@@ -90,6 +93,15 @@ impl Bell {
         self.state
             .compare_exchange(RUNNING, SLEEPING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// For a producer that is not a ring (the log's durability progress, a finished offloaded
+    /// job): wakes the consumer if it is parked, and otherwise makes its next
+    /// [`try_park`](Self::try_park) fail so that it looks again. Publish what the consumer is to
+    /// see before calling. The doorbell rings only when the consumer was asleep, so a busy
+    /// consumer costs its producers no system call and itself no empty eventfd read.
+    pub fn notify(&self) {
+        self.wake();
     }
 
     /// Called by a producer after it published (or closed a ring).
@@ -371,6 +383,27 @@ mod tests {
         assert!(!c.is_finished());
         assert_eq!(c.pop().as_deref(), Some("a"));
         assert!(c.is_finished());
+    }
+
+    #[test]
+    fn notify_rings_a_parked_consumer_once_and_makes_a_running_one_look_again() {
+        let rings = Arc::new(Count::default());
+        let bell = Bell::new(rings.clone());
+        // Running: no ring, but the next park fails so the consumer drains again.
+        bell.begin_drain();
+        bell.notify();
+        assert_eq!(rings.0.load(Ordering::SeqCst), 0);
+        assert!(!bell.try_park());
+        // Parked: the first notify rings, the ones after it until the next drain do not.
+        bell.begin_drain();
+        assert!(bell.try_park());
+        bell.notify();
+        bell.notify();
+        assert_eq!(rings.0.load(Ordering::SeqCst), 1);
+        bell.begin_drain();
+        assert!(bell.try_park());
+        bell.notify();
+        assert_eq!(rings.0.load(Ordering::SeqCst), 2);
     }
 
     #[test]
