@@ -65,8 +65,9 @@
 //! - **Messaging** ([`messaging`]): each shard thread owns one
 //!   `starling_router::RouterShard` over its `EmbeddedShard`
 //!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`
-//!   (`<data>/meta.redb`). One eventfd per shard is rung by the ring grid's
-//!   bell and by the log's wake callback; a driver task waits on it, on
+//!   (`<data>/meta.redb`). One eventfd per shard is rung only by the shard's
+//!   bell, which the rings, the log's wake callback and the cursor writer
+//!   notify (it rings only while the driver is parked); a driver task waits on it, on
 //!   `poll_timeout` and on kicks from connection tasks, and moves
 //!   `poll_transmit`/`poll_close` into the connections' outbound queues
 //!   (router frames arrive encoded; a connection copies them into its output,

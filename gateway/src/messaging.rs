@@ -140,7 +140,9 @@ pub fn open(
         let bell = links.bell().clone();
         let opts = ShardOptions {
             log: LogOptions {
-                wake: Some(Arc::new(move || bell.notify())),
+                wake: Some(Arc::new(move || {
+                    bell.notify();
+                })),
                 commit_interval_min: std::time::Duration::from_micros(u64::from(
                     storage.commit_interval_min_us,
                 )),

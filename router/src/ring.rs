@@ -14,10 +14,10 @@
 //!   ring, then [`Bell::try_park`] (`RUNNING` → `SLEEPING`, compare-exchange)
 //!   and waits on its doorbell only if that succeeded;
 //! - a producer, after publishing, swaps in `NOTIFIED` and rings the
-//!   doorbell if it replaced `SLEEPING`. Producers that are not rings (the
-//!   log's durability progress, offloaded jobs) do the same through
-//!   [`Bell::notify`], so the doorbell is the consumer's only wake-up source
-//!   and it never reads it before sleeping.
+//!   doorbell if it replaced `SLEEPING` ([`Bell::notify`]). Producers that
+//!   are not rings (the log's durability progress, offloaded jobs) call it
+//!   too, so the doorbell is the consumer's only wake-up source and it never
+//!   reads it before sleeping.
 //!
 //! If a publish lands after the consumer drained, either its swap sees
 //! `SLEEPING` (and rings) or the consumer's compare-exchange sees `NOTIFIED`
@@ -95,17 +95,13 @@ impl Bell {
             .is_ok()
     }
 
-    /// For a producer that is not a ring (the log's durability progress, a finished offloaded
-    /// job): wakes the consumer if it is parked, and otherwise makes its next
-    /// [`try_park`](Self::try_park) fail so that it looks again. Publish what the consumer is to
-    /// see before calling. The doorbell rings only when the consumer was asleep, so a busy
-    /// consumer costs its producers no system call and itself no empty eventfd read.
-    pub fn notify(&self) {
-        self.wake();
-    }
-
-    /// Called by a producer after it published (or closed a ring).
-    fn wake(&self) -> bool {
+    /// Called by a producer after it published (a ring's batch or close, the log's durability
+    /// progress, a finished offloaded job): wakes the consumer if it is parked, and otherwise
+    /// makes its next [`try_park`](Self::try_park) fail so that it looks again. Publish what the
+    /// consumer is to see before calling. The doorbell rings only when the consumer was asleep,
+    /// so a busy consumer costs its producers no system call and itself no empty eventfd read.
+    /// Returns whether it rang.
+    pub fn notify(&self) -> bool {
         if self.state.swap(NOTIFIED, Ordering::AcqRel) == SLEEPING {
             self.doorbell.ring();
             true
@@ -269,7 +265,7 @@ impl<T> Producer<T> {
         // Release: the slots written by `push` happen-before a pop that
         // sees this tail (directly, or through the bell's swap).
         self.ring.tail.store(self.tail, Ordering::Release);
-        self.ring.bell.wake()
+        self.ring.bell.notify()
     }
 
     /// True once the consumer has been dropped.
@@ -284,7 +280,7 @@ impl<T> Drop for Producer<T> {
         self.publish();
         self.ring.closed.store(true, Ordering::Release);
         // A parked consumer must learn that this ring closed.
-        self.ring.bell.wake();
+        self.ring.bell.notify();
     }
 }
 
