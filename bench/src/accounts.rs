@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use starling_protocol::v1::{self, frame::Body};
 
 use crate::clock::Stopwatch;
-use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
+use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_for};
 use crate::report;
 
 /// One registered account.
@@ -141,15 +141,7 @@ pub(crate) fn run(args: &RegisterArgs) -> anyhow::Result<()> {
         !target.is_mqtt(),
         "register talks to Starling (tls:// or plain://)"
     );
-    let tls = if target.is_tls() {
-        let ca = args
-            .ca
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join("tls/ca.pem"));
-        Some(tls_config(&ca, false)?)
-    } else {
-        None
-    };
+    let tls = tls_for(&target, args.ca.as_deref(), Some(&args.data_dir), false)?;
     let mut file = if args.out.exists() {
         AccountsFile::load(&args.out).unwrap_or_default()
     } else {

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -20,9 +20,9 @@ use tokio::sync::Notify;
 
 use crate::accounts::AccountsFile;
 use crate::clock::{self, Stopwatch};
-use crate::net::{StarlingConn, Stream, Target, source_addr, tls_config};
+use crate::net::{StarlingConn, Stream, Target, source_addr, tls_for};
 use crate::report::{self, HistData, Machine, SockStat, Summary};
-use crate::workers::{self, WorkerArgs, Workers};
+use crate::workers::{self, Tally, WorkerArgs, Workers};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub(crate) struct ConnectionsArgs {
@@ -113,8 +113,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     let sw = Stopwatch::start();
     let mut ws = Workers::spawn(args.w.procs)?;
     let procs = args.w.procs as usize;
-    let mut prog = vec![Progress::default(); procs];
-    let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
+    let mut tally: Tally<Progress, WorkerResult> = Tally::new(procs);
     let mut open_secs = None;
     let mut sampled: Option<(Option<u64>, SockStat, Option<f64>, Stopwatch)> = None;
     let mut slab1 = None;
@@ -122,18 +121,10 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     let hold = Duration::from_secs(args.hold_secs);
     loop {
         if let Some(m) = ws.recv(Duration::from_millis(200))? {
-            match m.kind.as_str() {
-                "progress" => prog[m.worker] = m.parse()?,
-                "result" => {
-                    let r: WorkerResult = m.parse()?;
-                    prog[m.worker] = r.progress.clone();
-                    results[m.worker] = Some(r);
-                }
-                _ => {}
-            }
+            tally.apply(&m, |r| &r.progress)?;
         }
-        let t: Progress = sum(&prog);
-        let all_holding = prog.iter().all(|p| p.holding);
+        let t: Progress = sum(&tally.progress);
+        let all_holding = tally.progress.iter().all(|p| p.holding);
         if all_holding && open_secs.is_none() {
             open_secs = Some(sw.elapsed_secs());
         }
@@ -173,13 +164,13 @@ pub(crate) fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
             t.pongs,
             if sampled.is_some() { " [holding]" } else { "" }
         ));
-        if results.iter().all(Option::is_some) {
+        if tally.all_done() {
             break;
         }
     }
     report::progress_done();
     ws.wait()?;
-    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let results: Vec<WorkerResult> = tally.into_results();
     let mut connect = report::histogram();
     for r in &results {
         r.connect_us.merge_into(&mut connect);
@@ -301,16 +292,7 @@ impl Shared {
 fn worker(args: &ConnectionsArgs) -> anyhow::Result<()> {
     workers::watch_stdin();
     let target = Target::parse(&args.target)?;
-    let tls = if target.is_tls() {
-        let ca = args
-            .ca
-            .clone()
-            .or_else(|| args.data_dir.as_ref().map(|d| d.join("tls/ca.pem")))
-            .context("TLS needs --ca or --data-dir")?;
-        Some(tls_config(&ca, false)?)
-    } else {
-        None
-    };
+    let tls = tls_for(&target, args.ca.as_deref(), args.data_dir.as_deref(), false)?;
     let accounts = AccountsFile::load(&args.accounts)?;
     let tokens: Rc<Vec<String>> = Rc::new(
         accounts

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::accounts::AccountsFile;
 use crate::clock::Stopwatch;
-use crate::net::{StarlingConn, Stream, Target, source_addr, tls_config};
+use crate::net::{StarlingConn, Stream, Target, source_addr, tls_for};
 use crate::rate::{self, WorkerState};
 use crate::report::{self, Machine};
 use crate::workers::{self, WorkerArgs};
@@ -131,12 +131,13 @@ fn worker(args: &HandshakesArgs) -> anyhow::Result<()> {
         matches!(target, Target::StarlingTls(_)),
         "handshakes needs a tls:// target"
     );
-    let ca = args
-        .ca
-        .clone()
-        .or_else(|| args.data_dir.as_ref().map(|d| d.join("tls/ca.pem")))
-        .context("TLS needs --ca or --data-dir")?;
-    let tls = tls_config(&ca, args.resume)?;
+    let tls = tls_for(
+        &target,
+        args.ca.as_deref(),
+        args.data_dir.as_deref(),
+        args.resume,
+    )?
+    .context("handshakes needs a tls:// target")?;
     let tokens: Vec<String> = match &args.accounts {
         Some(p) => AccountsFile::load(p)?
             .accounts

@@ -43,12 +43,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::accounts::{Account, AccountsFile};
 use crate::clock::{self, Stopwatch};
 use crate::mqtt::{self, Packet};
-use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
+use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_for};
 use crate::report::{self, HistData, Machine, Summary};
 use crate::scrape::{self, ServerAck};
 use crate::timeline::{Timeline, TimelineSummary};
 use crate::timer::Timer;
-use crate::workers::{self, WorkerArgs, Workers};
+use crate::workers::{self, Tally, WorkerArgs, Workers};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub(crate) struct MessagesArgs {
@@ -360,25 +360,16 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
     let sw = Stopwatch::start();
     let mut cpu_start = None;
     let mut cpu_end = None;
-    let mut prog = vec![Counts::default(); procs];
-    let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
+    let mut tally: Tally<Counts, WorkerResult> = Tally::new(procs);
     let mut last = (0.0, 0u64);
     let mut rate = 0.0;
     let cap = Duration::from_secs(args.duration_secs + args.drain_secs + 180);
     loop {
         if let Some(m) = ws.recv(Duration::from_millis(200))? {
-            match m.kind.as_str() {
-                "progress" => prog[m.worker] = m.parse()?,
-                "result" => {
-                    let r: WorkerResult = m.parse()?;
-                    prog[m.worker] = r.counts.clone();
-                    results[m.worker] = Some(r);
-                }
-                _ => {}
-            }
+            tally.apply(&m, |r| &r.counts)?;
         }
         let mut t = Counts::default();
-        for p in &prog {
+        for p in &tally.progress {
             t.add(p);
         }
         if cpu_start.is_none() && t.connected_pairs == args.pairs {
@@ -388,9 +379,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
                 sw.elapsed_secs(),
             ));
         }
-        if cpu_end.is_none()
-            && (t.finished_pairs == args.pairs || results.iter().any(Option::is_some))
-        {
+        if cpu_end.is_none() && (t.finished_pairs == args.pairs || tally.any_done()) {
             metrics_end = scrape_metrics();
             cpu_end = Some((
                 args.server_pid.and_then(report::cpu_secs),
@@ -406,7 +395,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
             "messages: {now:.0}s pairs {}/{} sent {} acked {} delivered {} ({rate:.0}/s) receipts {} errors {}",
             t.connected_pairs, args.pairs, t.sent, t.acked, t.delivered, t.receipts, t.errors
         ));
-        if results.iter().all(Option::is_some) {
+        if tally.all_done() {
             break;
         }
         if sw.elapsed() > cap {
@@ -415,7 +404,7 @@ pub(crate) fn run_parent(args: &MessagesArgs) -> anyhow::Result<Outcome> {
     }
     report::progress_done();
     ws.wait()?;
-    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let results: Vec<WorkerResult> = tally.into_results();
     let (mut ack, mut del, mut rec, mut lag) = (
         report::histogram(),
         report::histogram(),
@@ -747,16 +736,7 @@ impl Plan {
 fn worker(args: &MessagesArgs) -> anyhow::Result<()> {
     workers::watch_stdin();
     let target = Target::parse(&args.target)?;
-    let tls = if target.is_tls() {
-        let ca = args
-            .ca
-            .clone()
-            .or_else(|| args.data_dir.as_ref().map(|d| d.join("tls/ca.pem")))
-            .context("TLS needs --ca or --data-dir")?;
-        Some(tls_config(&ca, false)?)
-    } else {
-        None
-    };
+    let tls = tls_for(&target, args.ca.as_deref(), args.data_dir.as_deref(), false)?;
     let accounts: Rc<Vec<Account>> = Rc::new(if target.is_mqtt() {
         Vec::new()
     } else {

@@ -81,6 +81,26 @@ pub(crate) fn source_addr(index: u64, count: u32, dst: SocketAddr) -> Option<Soc
     Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)), 0))
 }
 
+/// The TLS client configuration a subcommand uses for `target`: `None` for a plaintext target;
+/// for a TLS one, the CA in `ca` or else the development CA the server wrote into
+/// `DATA_DIR/tls/ca.pem` (`resume` as in [`tls_config`]).
+pub(crate) fn tls_for(
+    target: &Target,
+    ca: Option<&Path>,
+    data_dir: Option<&Path>,
+    resume: bool,
+) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !target.is_tls() {
+        return Ok(None);
+    }
+    let ca = match (ca, data_dir) {
+        (Some(ca), _) => ca.to_path_buf(),
+        (None, Some(d)) => d.join("tls/ca.pem"),
+        (None, None) => bail!("TLS needs --ca or --data-dir"),
+    };
+    tls_config(&ca, resume).map(Some)
+}
+
 /// TLS 1.3 client configuration trusting the CA in `ca_pem`. `resume`
 /// keeps rustls's in-memory session cache (tickets are used if the server
 /// sends any); otherwise every handshake is a full one.
@@ -356,4 +376,30 @@ pub(crate) fn describe_error(e: &v1::Error) -> String {
         |c| c.as_str_name().to_owned(),
     );
     format!("{name}: {}", e.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_for_is_none_for_plaintext_and_names_the_missing_ca() {
+        let plain = Target::parse("plain://127.0.0.1:7000").unwrap();
+        assert!(tls_for(&plain, None, None, false).unwrap().is_none());
+        let mqtt = Target::parse("mqtt://127.0.0.1:1883").unwrap();
+        assert!(tls_for(&mqtt, None, None, false).unwrap().is_none());
+
+        let tls = Target::parse("tls://127.0.0.1:7443").unwrap();
+        let e = tls_for(&tls, None, None, false).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("TLS needs --ca or --data-dir"),
+            "{e:#}"
+        );
+        // Without --ca, the CA is looked for in the data directory, and that path is named.
+        let e = tls_for(&tls, None, Some(Path::new("/nonexistent-dir")), false).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("/nonexistent-dir/tls/ca.pem"),
+            "{e:#}"
+        );
+    }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Stopwatch;
 use crate::report::{self, HistData, Summary};
-use crate::workers::{self, WorkerArgs, Workers};
+use crate::workers::{self, Tally, WorkerArgs, Workers};
 
 /// Counters a worker reports.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -113,29 +113,19 @@ pub(crate) fn run_parent(
     let mut ws = Workers::spawn(w.procs)?;
     let sw = Stopwatch::start();
     let cpu0 = server_pid.and_then(report::cpu_secs);
-    let mut prog = vec![Counts::default(); procs];
-    let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
+    let mut tally: Tally<Counts, WorkerResult> = Tally::new(procs);
     let mut last = (0.0, 0u64);
     let mut rate = 0.0;
     let mut server_cpu_end = None;
     loop {
-        if let Some(m) = ws.recv(Duration::from_millis(200))? {
-            match m.kind.as_str() {
-                "progress" => prog[m.worker] = m.parse()?,
-                "result" => {
-                    let r: WorkerResult = m.parse()?;
-                    if server_cpu_end.is_none() {
-                        server_cpu_end =
-                            Some((server_pid.and_then(report::cpu_secs), sw.elapsed_secs()));
-                    }
-                    prog[m.worker] = r.counts.clone();
-                    results[m.worker] = Some(r);
-                }
-                _ => {}
-            }
+        if let Some(m) = ws.recv(Duration::from_millis(200))?
+            && tally.apply(&m, |r| &r.counts)?
+            && server_cpu_end.is_none()
+        {
+            server_cpu_end = Some((server_pid.and_then(report::cpu_secs), sw.elapsed_secs()));
         }
-        let ops: u64 = prog.iter().map(|p| p.ops).sum();
-        let errs: u64 = prog.iter().map(|p| p.errors).sum();
+        let ops: u64 = tally.progress.iter().map(|p| p.ops).sum();
+        let errs: u64 = tally.progress.iter().map(|p| p.errors).sum();
         let t = sw.elapsed_secs();
         if t - last.0 >= 1.0 {
             rate = (ops - last.1) as f64 / (t - last.0);
@@ -145,7 +135,7 @@ pub(crate) fn run_parent(
             "{label}: {t:.0}/{}s  {ops} done  {rate:.0}/s  errors {errs}",
             duration.as_secs()
         ));
-        if results.iter().all(Option::is_some) {
+        if tally.all_done() {
             break;
         }
         if sw.elapsed() > duration + Duration::from_secs(60) {
@@ -154,7 +144,7 @@ pub(crate) fn run_parent(
     }
     report::progress_done();
     ws.wait()?;
-    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let results: Vec<WorkerResult> = tally.into_results();
     let mut hist = report::histogram();
     let mut counts = Counts::default();
     let mut errors = Vec::new();

@@ -39,9 +39,9 @@ use tokio::sync::Notify;
 use crate::accounts::{Account, AccountsFile};
 use crate::clock::{self, Stopwatch};
 use crate::messages::{PairConns, Rec, connect_pair, read_body, write_body};
-use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_config};
+use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_for};
 use crate::report::{self, HistData, Machine, Summary};
-use crate::workers::{self, WorkerArgs, Workers};
+use crate::workers::{self, Tally, WorkerArgs, Workers};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub(crate) struct StormArgs {
@@ -165,26 +165,17 @@ pub(crate) fn run(args: &StormArgs) -> anyhow::Result<()> {
     let procs = args.w.procs.max(1) as usize;
     let mut ws = Workers::spawn(args.w.procs)?;
     let sw = Stopwatch::start();
-    let mut prog = vec![Counts::default(); procs];
-    let mut results: Vec<Option<WorkerResult>> = (0..procs).map(|_| None).collect();
+    let mut tally: Tally<Counts, WorkerResult> = Tally::new(procs);
     let mut connected_at = None;
     let mut dropped_at = None;
     let mut all_resynced_secs = None;
     let cap = Duration::from_secs(args.before_secs + args.after_secs + args.drain_secs + 300);
     loop {
         if let Some(m) = ws.recv(Duration::from_millis(50))? {
-            match m.kind.as_str() {
-                "progress" => prog[m.worker] = m.parse()?,
-                "result" => {
-                    let r: WorkerResult = m.parse()?;
-                    prog[m.worker] = r.counts.clone();
-                    results[m.worker] = Some(r);
-                }
-                _ => {}
-            }
+            tally.apply(&m, |r| &r.counts)?;
         }
         let mut t = Counts::default();
-        for p in &prog {
+        for p in &tally.progress {
             t.add(p);
         }
         if connected_at.is_none() && t.connected_clients == args.clients {
@@ -215,7 +206,7 @@ pub(crate) fn run(args: &StormArgs) -> anyhow::Result<()> {
             t.delivered,
             t.errors
         ));
-        if results.iter().all(Option::is_some) {
+        if tally.all_done() {
             break;
         }
         if sw.elapsed() > cap {
@@ -224,7 +215,7 @@ pub(crate) fn run(args: &StormArgs) -> anyhow::Result<()> {
     }
     report::progress_done();
     ws.wait()?;
-    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let results: Vec<WorkerResult> = tally.into_results();
     let (mut resync, mut attempts, mut ack, mut del) = (
         report::histogram(),
         report::histogram(),
@@ -453,16 +444,7 @@ struct Plan {
 fn worker(args: &StormArgs) -> anyhow::Result<()> {
     workers::watch_stdin();
     let target = Target::parse(&args.target)?;
-    let tls = if target.is_tls() {
-        let ca = args
-            .ca
-            .clone()
-            .or_else(|| args.data_dir.as_ref().map(|d| d.join("tls/ca.pem")))
-            .context("TLS needs --ca or --data-dir")?;
-        Some(tls_config(&ca, false)?)
-    } else {
-        None
-    };
+    let tls = tls_for(&target, args.ca.as_deref(), args.data_dir.as_deref(), false)?;
     let accounts: Vec<Account> = AccountsFile::load(&args.accounts)?.accounts;
     let pairs = args.clients / 2;
     let (count, first) = args.w.share(pairs);

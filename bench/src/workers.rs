@@ -174,6 +174,64 @@ impl Workers {
     }
 }
 
+/// The parent's view of its workers: each one's latest progress line and, once it has
+/// finished, its result (which carries its final progress too).
+#[derive(Debug)]
+pub(crate) struct Tally<P, R> {
+    pub(crate) progress: Vec<P>,
+    pub(crate) results: Vec<Option<R>>,
+}
+
+impl<P: DeserializeOwned + Clone + Default, R: DeserializeOwned> Tally<P, R> {
+    pub(crate) fn new(procs: usize) -> Self {
+        Self {
+            progress: vec![P::default(); procs],
+            results: (0..procs).map(|_| None).collect(),
+        }
+    }
+
+    /// Applies one worker line: a `progress` line replaces that worker's progress, a `result`
+    /// line records its result and its final progress (`progress_of`). Returns whether the line
+    /// was a result; other kinds are ignored.
+    pub(crate) fn apply(
+        &mut self,
+        m: &Msg,
+        progress_of: impl Fn(&R) -> &P,
+    ) -> anyhow::Result<bool> {
+        let slot = m.worker;
+        anyhow::ensure!(
+            slot < self.progress.len(),
+            "a line from unknown worker {slot}"
+        );
+        match m.kind.as_str() {
+            "progress" => self.progress[slot] = m.parse()?,
+            "result" => {
+                let r: R = m.parse()?;
+                self.progress[slot] = progress_of(&r).clone();
+                self.results[slot] = Some(r);
+                return Ok(true);
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Whether every worker has sent its result.
+    pub(crate) fn all_done(&self) -> bool {
+        self.results.iter().all(Option::is_some)
+    }
+
+    /// Whether at least one worker has sent its result.
+    pub(crate) fn any_done(&self) -> bool {
+        self.results.iter().any(Option::is_some)
+    }
+
+    /// The results that arrived, in worker order.
+    pub(crate) fn into_results(self) -> Vec<R> {
+        self.results.into_iter().flatten().collect()
+    }
+}
+
 /// Worker side: prints one `@@` line.
 pub(crate) fn emit(kind: &str, value: &impl Serialize) {
     #[derive(Serialize)]
@@ -223,4 +281,84 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output
         .build()
         .context("starting the runtime")?;
     Ok(rt.block_on(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Clone, PartialEq, serde::Deserialize)]
+    struct P {
+        n: u64,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct R {
+        p: P,
+        note: String,
+    }
+
+    fn of(r: &R) -> &P {
+        &r.p
+    }
+
+    fn line(worker: usize, kind: &str, value: serde_json::Value) -> Msg {
+        Msg {
+            worker,
+            kind: kind.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn tally_keeps_the_latest_progress_and_each_result() {
+        let mut t: Tally<P, R> = Tally::new(2);
+        assert!(
+            !t.apply(&line(0, "progress", serde_json::json!({"n": 3})), of)
+                .unwrap()
+        );
+        assert!(
+            !t.apply(&line(1, "progress", serde_json::json!({"n": 4})), of)
+                .unwrap()
+        );
+        assert!(
+            !t.apply(&line(0, "progress", serde_json::json!({"n": 5})), of)
+                .unwrap()
+        );
+        assert!(
+            !t.apply(&line(1, "hello", serde_json::json!(null)), of)
+                .unwrap()
+        );
+        assert_eq!(t.progress, vec![P { n: 5 }, P { n: 4 }]);
+        assert!(!t.any_done());
+
+        let r = serde_json::json!({"p": {"n": 9}, "note": "one"});
+        assert!(t.apply(&line(1, "result", r), of).unwrap());
+        assert_eq!(t.progress, vec![P { n: 5 }, P { n: 9 }]);
+        assert!(t.any_done() && !t.all_done());
+
+        let r = serde_json::json!({"p": {"n": 6}, "note": "zero"});
+        assert!(t.apply(&line(0, "result", r), of).unwrap());
+        assert!(t.all_done());
+        let notes: Vec<String> = t.into_results().into_iter().map(|r| r.note).collect();
+        assert_eq!(notes, ["zero", "one"]);
+    }
+
+    #[test]
+    fn tally_rejects_bad_lines_with_the_worker_named() {
+        let mut t: Tally<P, R> = Tally::new(1);
+        let e = t
+            .apply(&line(0, "progress", serde_json::json!({"n": "x"})), of)
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("worker 0 sent a bad progress line"),
+            "{e:#}"
+        );
+        let e = t
+            .apply(&line(3, "progress", serde_json::json!({"n": 1})), of)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("unknown worker 3"), "{e:#}");
+        assert_eq!(t.progress, vec![P { n: 0 }]);
+        assert!(!t.any_done());
+    }
 }
