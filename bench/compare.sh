@@ -20,10 +20,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/bench-config.sh
 . "$ROOT/bench/scripts/bench-config.sh"
 # Each system's ladder: fine steps around where it tops out on this machine (2 pairs, window
-# 1,024), so the highest rate within a bound is exact to a step (BENCHMARKS.md, session 11: steps
-# of 20k around Mosquitto's ceiling had overstated the ratio). Both ladders go past where each
-# system saturated in session 12 (Mosquitto at 55-60k, Starling past 300k), so neither is
-# credited with the top of its ladder. RATES, if given, is both ladders.
+# 1,024), so the highest rate within a bound is exact to a step (steps of 20k around Mosquitto's
+# ceiling had overstated the ratio: docs/design/performance-decisions.md). Both ladders go past
+# where each system saturated on 2026-12-03 (Mosquitto at 55-60k, Starling past 300k), so neither
+# is credited with the top of its ladder. RATES, if given, is both ladders.
 STARLING_RATES=${STARLING_RATES:-${RATES:-"50000 100000 150000 200000 225000 250000 275000 300000 325000 350000"}}
 MOSQUITTO_RATES=${MOSQUITTO_RATES:-${RATES:-"10000 20000 25000 30000 35000 40000 45000 50000 55000 60000 65000 70000"}}
 PAIRS=${PAIRS:-2}

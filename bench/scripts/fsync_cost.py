@@ -6,7 +6,8 @@
 MODE is `buffered` (pwrite + fdatasync), `odirect` (O_DIRECT pwrite + fdatasync) or
 `odirect-dsync` (O_DIRECT pwritev2 with RWF_DSYNC). Writes OPS (default 3000) sequential
 blocks of BYTES into a 64 MiB zero-filled file in DIR (removed afterwards) and prints ops/s,
-CPU µs per op and voluntary context switches per op. Used for BENCHMARKS.md, session 5.
+CPU µs per op and voluntary context switches per op. Its result decided the log's commit
+interval (docs/design/performance-decisions.md, "Commit interval").
 """
 import mmap
 import os

@@ -12,8 +12,9 @@ one frame per segment.
 
 Prints, for each end, the system (kernel) CPU per segment it sent or
 received and per frame, taken from getrusage. The user time is Python's and
-is not part of the answer. Used for BENCHMARKS.md, session 6: the floor of
-what loopback TCP costs a message on this VM.
+is not part of the answer. It measures the floor of what loopback TCP costs a
+message on this machine (docs/design/performance-decisions.md, "Why 5× Mosquitto
+at 100 and 1,000 pairs does not fit this machine").
 """
 import os
 import resource

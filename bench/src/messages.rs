@@ -99,8 +99,8 @@ pub(crate) struct MessagesArgs {
     /// DeliveryAck; MQTT: its PUBACKs) up to this long, so that it rides in the same write as
     /// the connection's next send instead of costing a segment (and a server wake-up) of its
     /// own. The default covers the gap between one connection's sends at 100 pairs and 50k
-    /// msg/s (4 ms; BENCHMARKS.md, session 14). Receipts are late by at most this (the server
-    /// makes cursors durable in batches every 20 ms anyway). 0: write every ack at once.
+    /// msg/s (4 ms). Receipts are late by at most this (the server makes cursors durable in
+    /// batches every 20 ms anyway). 0: write every ack at once.
     #[arg(long, default_value_t = 5000)]
     pub(crate) ack_delay_us: u64,
     /// The server's pid, to measure its CPU.

@@ -192,9 +192,9 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
     /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
-    /// spends 1–5 ms zeroing it inside the page fault, where this kernel does not preempt it:
-    /// the log's I/O thread did that on the shard's core while SendAcks waited
-    /// (BENCHMARKS.md, "Session 9"). Off, the same memory is zeroed 4 KiB per fault.
+    /// spends milliseconds zeroing it inside the page fault, which a kernel without preemption
+    /// does not interrupt, while SendAcks wait (docs/design/performance-decisions.md, "No
+    /// transparent huge pages by default"). Off, the same memory is zeroed 4 KiB per fault.
     pub transparent_huge_pages: bool,
 }
 

@@ -299,7 +299,7 @@ struct Conn {
 
 /// Clock readings taken at most once per phase (a read and the frames it brought, or the
 /// output queued after it) instead of once per frame: at tens of thousands of frames a second
-/// the reads showed in profiles (~2% of the shard at 80k msg/s, 50 pairs).
+/// the reads showed in profiles (docs/design/performance-decisions.md).
 /// 0 = not read yet in this phase (16 bytes, not 32: the connection future is kept small).
 #[derive(Debug, Default)]
 struct PhaseClock {

@@ -5,12 +5,10 @@
 //! shard's core each wake-up preempts the shard, and the shard waits behind it. When the process
 //! has CPUs left over after the shards, the writers go there by default (`storage.io_cpus`).
 //! The spare-segment makers then run at the lowest priority wherever they may (without CPUs to
-//! spare, at normal priority beside the shards); the cursor writer starts on its shard's CPU.
-//!
-//! Measured on the 2-core VM (BENCHMARKS.md, "Session 9"), 2 pairs at 100k msg/s with a 100 µs
-//! commit interval: with the shard on CPU 0 and its log writer on CPU 1 (beside the load
-//! generator), the SendAck p99 was 1.7–4 ms across 11 runs. With everything on CPU 0, interleaved
-//! with the last five of them, it was 32–58 ms.
+//! spare, at normal priority beside the shards), and each router's cursor writer goes where the
+//! log writers go. Moving the log writer off the shard's core cut the SendAck p99 by an order of
+//! magnitude (docs/design/performance-decisions.md, "The log writer on a CPU the shards leave
+//! over").
 
 use std::io;
 

@@ -1,12 +1,12 @@
 //! The server's X25519 key exchange, backed by aws-lc-rs instead of ring.
 //!
 //! A full TLS 1.3 handshake costs the server one X25519 key generation and
-//! one agreement. With ring they were ~29% of the server's CPU per
-//! handshake + login; aws-lc's X25519 (s2n-bignum's assembly) does the pair
-//! in ~40–45 µs here against ring's ~75–80 µs (BENCHMARKS.md, issue 4,
-//! `hs-perf`). Everything else in the provider (the other groups, the
-//! cipher suites, the certificate signature, the ticketer, the RNG rustls
-//! uses) stays ring's.
+//! one agreement, the largest item of a handshake + login with ring;
+//! aws-lc's X25519 (s2n-bignum's assembly) does the pair in about half the
+//! time (docs/design/performance-decisions.md, "X25519 from aws-lc-rs").
+//! Everything else in the provider (the other groups, the cipher suites,
+//! the certificate signature, the ticketer, the RNG rustls uses) stays
+//! ring's.
 //!
 //! Same security as ring's group: a fresh ephemeral key per handshake, the
 //! peer's share must be 32 bytes, and an all-zero shared secret (a

@@ -35,7 +35,7 @@
 //!   kept partial record, if any) and decrypted in place; records go out
 //!   from a per-connection buffer that is allocated only while the socket
 //!   has not taken them. An idle connection keeps rustls's keys and state
-//!   machine only (~3.6 KiB measured with `starling-bench tls-memory`).
+//!   machine only (under 4 KiB, `starling-bench tls-memory`; BENCHMARKS.md).
 //!   Encoded frames plus unsent records are capped at `outbound_bytes_max`
 //!   (over it: slow consumer, close). The server prefers
 //!   TLS_AES_128_GCM_SHA256 (SHA-256 runs on SHA-NI; SHA-384 does not) and

@@ -68,13 +68,9 @@ impl ShardRuntime {
     /// that builds the runtime ever submits to it (the blocking pool wakes
     /// it through an eventfd). `TASKRUN_FLAG` is not optional: it is how the
     /// ring tells compio's non-waiting submits that deferred completions are
-    /// pending. Without it, `slow_consumer_with_large_bodies_catches_up_by_sync`
-    /// hung in 2 of 3 runs (a Sync reply to a full socket never resumed).
-    ///
-    /// On this machine this cut the server's CPU by 10–16% at 20k–50k
-    /// msg/s and the load generator's by 12–18% (its `sendto`s no longer pay
-    /// for an IPI to the server's CPU), and the p50 SendAck at 50k from
-    /// ~3 ms to ~1 ms (BENCHMARKS.md, "Session 5").
+    /// pending; without it a Sync reply to a full socket could wait forever.
+    /// Fewer interrupts save both the server's and the load generator's CPU
+    /// (docs/design/performance-decisions.md, "io_uring rings").
     ///
     /// Must be called on the thread that will run it.
     pub fn build(

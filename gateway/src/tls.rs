@@ -121,8 +121,8 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
     // The server picks the suite: AES-128-GCM with SHA-256 first. The
     // handshake's transcript hash and key schedule (a few dozen HMACs) then
     // run on SHA-256, which has CPU instructions (SHA-NI), where ring's
-    // SHA-384 does not: in a handshake + login profile SHA-384 was ~10% of
-    // the server's CPU. All three TLS 1.3 suites stay enabled.
+    // SHA-384 does not (docs/design/performance-decisions.md,
+    // "TLS_AES_128_GCM_SHA256 first"). All three TLS 1.3 suites stay enabled.
     let mut provider = rustls::crypto::ring::default_provider();
     {
         use rustls::crypto::ring::cipher_suite as cs;
@@ -132,9 +132,9 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
             cs::TLS13_AES_256_GCM_SHA384,
         ];
     }
-    // X25519 (every client's first key share) from aws-lc: ~1.8x faster
-    // than ring's, which was ~29% of the server's CPU per full handshake.
-    // P-256 and P-384 stay ring's.
+    // X25519 (every client's first key share) from aws-lc, about twice as
+    // fast as ring's (docs/design/performance-decisions.md). P-256 and P-384
+    // stay ring's.
     provider.kx_groups = vec![
         crate::kx::X25519,
         rustls::crypto::ring::kx_group::SECP256R1,

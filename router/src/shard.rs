@@ -20,8 +20,8 @@ use crate::grid::ShardLinks;
 use crate::ids::{self, conv_id, is_group, owner_shard};
 
 /// std's maps with foldhash (seeded per process) instead of SipHash: the router hashes several
-/// keys per message (conversation, client_msg_id, users, connections) and SipHash alone was ~4%
-/// of the shard thread at 100k msg/s.
+/// keys per message (conversation, client_msg_id, users, connections), and SipHash showed in
+/// profiles (docs/design/performance-decisions.md).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 

@@ -15,8 +15,9 @@
 //! is an error, never a wrong message.
 //!
 //! Dedup was a hash map from a fingerprint of `(conv, client_msg_id)` to the seq. Its keys are
-//! random, so every insert missed the cache and the TLB twice: 9% of the server's samples at
-//! 150k msg/s (BENCHMARKS.md, session 12). A tag is written beside the pointer it belongs to.
+//! random, so every insert missed the cache and the TLB twice; a tag is written beside the
+//! pointer it belongs to, sequentially (docs/design/performance-decisions.md, "Dedup by a tag
+//! beside each pointer").
 //!
 //! Persistence is a snapshot file (`<dir>/snapshot`, CRC-checked) written at clean close: open
 //! loads it and replays the log from its `applied_lsn` on. With no valid snapshot (first start,
@@ -77,9 +78,8 @@ const PTR_CHUNK: usize = 4096;
 /// One conversation's pointers in chunks of [`PTR_CHUNK`]. Appending moves at most one chunk:
 /// a single `Vec` copies the whole conversation when it doubles, which at a few hundred
 /// thousand messages is milliseconds on the log's I/O thread, with the index lock held and no
-/// commit completing (that thread ran up to 7–10 ms at a time at 100k msg/s on two
-/// conversations, 2–3 ms chunked; BENCHMARKS.md, session 7). A conversation of at most one
-/// chunk costs no more than a `Vec`.
+/// commit completing (docs/design/performance-decisions.md, "A conversation's pointers in
+/// chunks"). A conversation of at most one chunk costs no more than a `Vec`.
 ///
 /// Every full chunk also has a tag table: `(tag << 32) | position` of each of its pointers with
 /// an id, sorted, so finding a tag in it is a binary search. The last chunk, while it fills, is
@@ -298,19 +298,15 @@ fn random_tag_key() -> u64 {
 /// unequal shares of the keys so that they grow one after another.
 ///
 /// One table of every key rehashes all of it when it grows, on the log's I/O thread with the
-/// index's write lock held, so no commit of the shard completes meanwhile. For the old dedup map
-/// (a key per message) that was ~100 ms at a few million messages (100–300 ms p99 spikes in
-/// `bench/compare.sh`); for the conversation map (a key per conversation) growing past 1.8
-/// million conversations took 240–683 ms as one map, 1.2–3.1 ms split (BENCHMARKS.md,
-/// session 7).
+/// index's write lock held, so no commit of the shard completes meanwhile: up to hundreds
+/// of milliseconds once it holds millions of keys.
 ///
 /// Split into tables of equal shares, every table reached its growth point within a fraction of
-/// a percent of the others (their loads differ by ~√n), so all of them rehashed in one burst:
-/// `split_map_growth` measured 1.85 s of rehashing packed around 14.7 million keys, in 2,000-key
-/// windows of up to 50 ms (BENCHMARKS.md, session 10). Table `i` now gets a share proportional
-/// to 2^(i / SPLIT_TABLES), so the tables' loads are spread over a factor of two and their growth
-/// points over each doubling of the total: each growth moves about 1/4096 of the entries, and they come
-/// one at a time.
+/// a percent of the others (their loads differ by ~√n), so all of them rehashed in one burst
+/// (`split_map_growth` measures it; docs/design/performance-decisions.md, "Split maps"). Table
+/// `i` gets a share proportional to 2^(i / SPLIT_TABLES), so the tables' loads are spread over a
+/// factor of two and their growth points over each doubling of the total: each growth moves
+/// about 1/4096 of the entries, and they come one at a time.
 #[derive(Debug, Clone)]
 struct SplitMap<K, V>(Vec<HashMap<K, V, Mix>>);
 

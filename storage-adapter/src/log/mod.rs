@@ -54,8 +54,8 @@ pub struct LogOptions {
     /// batches arriving meanwhile share its write and `fdatasync` (PostgreSQL's `commit_delay`,
     /// MySQL's `binlog_group_commit_sync_delay`). Every commit costs a write, an `fdatasync` and
     /// the sleeps and wake-ups around them whatever its size; at moderate load, committing as
-    /// soon as anything is queued makes many tiny commits (measured: ~6 messages per commit at
-    /// 20k msg/s). A busy log, whose commits take longer than this, never waits.
+    /// soon as anything is queued makes many tiny commits (docs/design/performance-decisions.md,
+    /// "Commit interval"). A busy log, whose commits take longer than this, never waits.
     /// `Duration::ZERO`: commit as soon as anything is queued.
     pub commit_interval_min: Duration,
     /// Runs first on each thread the log starts, told which one it is: where the embedder
@@ -65,10 +65,10 @@ pub struct LogOptions {
     /// the oldest of them is released (`POSIX_FADV_DONTNEED`; all its pages are clean, as a
     /// sealed segment is synced) by the spare maker just before it zero-fills the next spare,
     /// so the spare is written into memory the kernel has just freed instead of pages nobody
-    /// has touched yet, and the log's share of the page cache stays bounded. (On this
-    /// project's VM a first touch of a guest page can cost a host-side fault: making spares was
-    /// ~14% of a 200k msg/s server's CPU in session 10, ~2% in session 11; BENCHMARKS.md.)
-    /// Reads of released segments (old history) go to the disk. `usize::MAX`: never release.
+    /// has touched yet (on a VM a first touch of a guest page can cost a host-side fault), and
+    /// the log's share of the page cache stays bounded (docs/design/performance-decisions.md,
+    /// "Sealed segments leave the page cache"). Reads of released segments (old history) go to
+    /// the disk. `usize::MAX`: never release.
     pub cached_sealed_segments: usize,
 }
 
@@ -459,18 +459,18 @@ pub(crate) fn scan_dir(
 /// Bytes of zeroes made durable per step of a paced [`zero_fill`].
 const ZERO_SYNC_BYTES: u64 = 1 << 20;
 
-/// Bytes of zeroes per `pwrite`. The kernel here is built without preemption
-/// (`CONFIG_PREEMPT_NONE`): a thread inside a `pwrite` keeps its core until the call returns, and
-/// a 1 MiB write of zeroes into the page cache ran for up to 4.9 ms on the shard's core while the
-/// shard and the log's I/O thread waited (`perf sched timehist`, BENCHMARKS.md "Session 9").
-/// 64 KiB calls return to user space, where the scheduler can switch, 16 times as often.
+/// Bytes of zeroes per `pwrite`. In a kernel built without preemption (`CONFIG_PREEMPT_NONE`) a
+/// thread inside a `pwrite` keeps its core until the call returns, and a 1 MiB write of zeroes
+/// into the page cache held the shard's core for milliseconds. 64 KiB calls return to user
+/// space, where the scheduler can switch, 16 times as often (docs/design/performance-decisions.md,
+/// "The spare segment").
 const ZERO_WRITE_BYTES: usize = 64 << 10;
 
 /// Writes zeroes over `from..to`. `paced`: make each [`ZERO_SYNC_BYTES`] durable before writing
 /// the next, so the disk never holds more than that much zeroes ahead of the live segment's
 /// commits. The spare maker runs beside a busy log: one `fsync` of a whole 64 MiB segment of
-/// zeroes queued tens of milliseconds of writes in front of every commit's fdatasync (a 30 ms
-/// stall at every segment switch, measured with `strace -T`; docs/design/log.md).
+/// zeroes queued tens of milliseconds of writes in front of every commit's fdatasync
+/// (docs/design/performance-decisions.md, "The spare segment").
 fn zero_fill(file: &File, path: &Path, from: u64, to: u64, paced: bool) -> Result<(), LogError> {
     let zeros = vec![0u8; ZERO_WRITE_BYTES];
     let mut at = from;
