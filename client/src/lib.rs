@@ -6,6 +6,10 @@
 //! first write in this process says `Send.first_attempt`), the cursor store,
 //! sync and gap detection; and the `starling-cli` binary built on it.
 //!
+//! **Is not:** part of the server, nor the load generator's client:
+//! `starling-bench` speaks the protocol through its own lean connection and
+//! takes only [`Backoff`] from here (for its reconnect storms).
+//!
 //! **Must not touch:** server internals. It speaks only the published
 //! protocol (`starling-protocol`), like any other client would.
 //!
@@ -13,8 +17,8 @@
 //!
 //! - [`Connection`] — one TCP/TLS connection: Hello/Welcome, requests
 //!   correlated by `request_id`, pushes on their own queue ([`Pushes`]),
-//!   Ping heartbeats and frame limits from `Welcome.limits`. The benchmark
-//!   uses this directly (with [`Transport::DangerousPlaintext`] on loopback).
+//!   Ping heartbeats and frame limits from `Welcome.limits`;
+//!   [`Transport::DangerousPlaintext`] for loopback only.
 //! - [`Client`] — a session from a [`Profile`] directory: automatic
 //!   Hello-with-token and refresh, reconnect with full-jitter [`Backoff`],
 //!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection

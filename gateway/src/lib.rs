@@ -4,15 +4,22 @@
 //! runtime per core, listeners (SO_REUSEPORT), TLS termination, the
 //! connection lifecycle (deadlines, heartbeats on a per-shard timer wheel,
 //! idle timeouts), write coalescing and backpressure, the metrics endpoint
-//! and configuration. Until the router and the storage crate's metadata
-//! store exist, it also hosts the accounts front door ([`accounts`]) behind
-//! a narrow store trait.
+//! and configuration; the glue that opens each shard's storage at start-up
+//! and drives its `starling_router::RouterShard` ([`messaging`]); and, for
+//! now, the accounts front door ([`accounts`]: one-time codes, sign-in,
+//! sessions and tokens, devices, contact discovery) with its own store,
+//! `<data>/accounts.redb` behind the narrow [`accounts::store::AccountStore`]
+//! trait. The account logic is meant to move to the router and its records to
+//! the storage crate's metadata store, whose schema already has them.
 //!
 //! **Is not:** chat state. Who is in which group, which `seq` a conversation
 //! is at, who may read what: all of that is the router's.
 //!
-//! **Must not touch:** conversation state or storage directly; frames are
-//! decoded by `starling-protocol` and handed to `starling-router`.
+//! **Must not touch:** conversation state or the messages in storage: it opens
+//! the storage and hands it to the router, and its one write to the metadata
+//! store is the mirror of a user who authenticates. Frames are decoded by
+//! `starling-protocol`; the messaging ones are handed to `starling-router`,
+//! whose answers arrive already encoded.
 //!
 //! ## Design choices
 //!

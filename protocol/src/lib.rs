@@ -2,8 +2,10 @@
 //!
 //! **Owns:** the wire protocol: the schema (`proto/starling.proto`, package
 //! `starling.v1`), the Rust types generated from it ([`v1`]), the frame codec
-//! ([`FrameDecoder`], [`FrameEncoder`]), the protocol limits ([`limits`]) and
-//! the mapping from codec errors to wire error codes.
+//! ([`FrameDecoder`], [`FrameEncoder`], and the writers the router encodes its
+//! outbound frames with: [`put_framed`], [`put_deliver_framed`],
+//! [`framed_len`]), the protocol limits ([`limits`]) and the mapping from
+//! codec errors to wire error codes.
 //!
 //! **Is not:** I/O. This crate is sans-IO and deterministic, in the manner of
 //! quinn-proto: bytes in, frames out; the caller owns sockets, buffers and

@@ -1,14 +1,22 @@
 //! # starling-storage
 //!
-//! **Owns:** the storage traits every backend implements (durable log,
-//! message index, cursors, metadata) and their backends: the embedded default
-//! (a project-owned segmented log, an index and a metadata store), and the
-//! statistics the log keeps for the metrics endpoint (`stats`).
+//! **Owns:** the storage traits every backend implements ([`traits`]: durable
+//! log, message index, cursors; [`meta`]: metadata) and the one backend there
+//! is, the embedded one: per sequencer shard a segmented, group-committed log
+//! ([`log`], [`format`](mod@format)) with its resident index ([`DenseIndex`]), together an
+//! [`EmbeddedShard`]; per node a redb metadata and cursor store
+//! ([`EmbeddedMeta`]). Also an in-memory metadata store with the same
+//! semantics for tests and the router's simulator ([`MemMeta`]), and the
+//! statistics the log keeps for the metrics endpoint ([`stats`]). On-disk
+//! format and recovery rules: `docs/design/log.md`.
 //!
 //! **Is not:** a protocol or connection layer. It stores opaque entries and
-//! records.
+//! records; what a message or a receipt means is the router's.
 //!
-//! **Must not touch:** frames, sockets, connections or the runtime.
+//! **Must not touch:** frames, sockets, connections or the runtime. It starts
+//! its own threads (the log's writer and spare-segment maker) but leaves where
+//! they run to the embedder (`LogOptions::thread_start`), and reads no clock
+//! but the log writer's (`io_clock`: commit pacing and segment-switch timing).
 #![forbid(unsafe_code)]
 
 pub mod embedded;
