@@ -6,8 +6,11 @@
 //! by hash, a contiguous `seq` per conversation, `client_msg_id` dedup that
 //! survives restarts, batching into the shard's durable log, `SendAck` only
 //! once the batch is durable), fan-out, receipts and cursors, sync, history,
-//! the conversation list and blocking — and later presence, typing, groups and
-//! accounts.
+//! the conversation list and blocking. Group conversations are read from the
+//! metadata (members, fan-out, sync and receipts treat them like direct ones);
+//! nothing here creates or changes a group yet, and presence, typing and the
+//! account logic (in the gateway, `starling-gateway`'s `accounts`) are not
+//! here either.
 //!
 //! **Is not:** I/O. It never touches a socket, a file descriptor or the wall
 //! clock; the gateway feeds it decoded frames and `now_ms`, and storage is
@@ -15,8 +18,12 @@
 //! `MessageIndex`, `MetadataStore`, `CursorStore`), so the embedded backend and
 //! the simulator's faulty in-memory disk plug in alike.
 //!
-//! **Must not touch:** sockets, TLS, the runtime (`compio`), frame bytes,
-//! eventfds (the gateway owns the doorbells behind [`ring::Doorbell`]).
+//! **Must not touch:** sockets, TLS, the runtime (`compio`), eventfds (the
+//! gateway owns the doorbells behind [`ring::Doorbell`]), or transport bytes:
+//! it never reads a socket's bytes or decodes frames from them. It does encode
+//! its own outbound frames, once each, as they go on the wire ([`Transmit`]),
+//! so that one `Deliver` buffer serves every device it goes to and a
+//! connection's outbound budget is charged exactly what the gateway writes.
 //!
 //! ## The API: one [`RouterShard`] per shard (sans-IO)
 //!
@@ -48,17 +55,20 @@
 //!
 //! ## How the gateway drives it
 //!
-//! One thread per shard: loop { `bell.begin_drain()`; read sockets →
-//! `handle_frame`; `handle_rings`; if the log's eventfd fired →
-//! `handle_log_progress`; timers → `handle_tick`; drain `poll_transmit` into
-//! the sockets (report writes with `handle_conn_flushed`) and `poll_close`;
-//! `bell.try_park()` then wait on sockets + doorbell eventfd + log eventfd +
-//! `poll_timeout` }. Build the grid once with [`grid()`] and one [`ring::Bell`]
-//! per shard whose [`ring::Doorbell`] writes that shard's eventfd; set the
-//! log's `LogOptions::wake` to write the same (or another) eventfd.
-//! Metadata writes (first message between two users, Block, cursor flushes)
-//! currently run inline on the shard thread: rare or batched, but they fsync;
-//! moving them to the blocking pool is listed in `docs/design/messaging.md`.
+//! One driver task per shard thread: loop { `bell.begin_drain()`;
+//! `handle_rings`; `handle_log_progress`; `handle_tick` once `poll_timeout`
+//! is due; move `poll_transmit` into the connections' output and act on
+//! `poll_close`; `bell.try_park()`, then wait for the shard's eventfd, the
+//! timeout or a kick from a connection task }. The shard's connection tasks
+//! call `handle_frame` for the frames the router [`handles`](RouterShard::handles)
+//! and report written bytes with `handle_conn_flushed`. Build the grid once
+//! with [`grid()`] and one [`ring::Bell`] per shard whose [`ring::Doorbell`]
+//! writes that shard's eventfd; the log's `LogOptions::wake` and the cursor
+//! offload's jobs ([`RouterShard::set_cursor_offload`]) notify the same bell.
+//! Metadata writes for the first message between two users and for Block run
+//! inline on the shard thread (rare, but they fsync); cursor flushes go to the
+//! offload when one is set, as the gateway does. Moving the rest off the shard
+//! thread is listed in `docs/design/messaging.md`.
 //!
 //! Design, invariants and budget: `docs/design/messaging.md`. Unsafe code is
 //! denied except in [`ring`], whose one safety argument is written at its top
