@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/scripts/latency-runs.sh — issue 5's latency measurement, repeated: one Starling server
+# bench/scripts/latency-runs.sh — the Send → SendAck latency measurement (BENCHMARKS.md, "Send →
+# SendAck latency"; target p99 ≤ 1.5 ms at 100k msg/s), repeated: one Starling server
 # (one shard, fsync on every batch), one `starling-bench messages` run after another at each
 # rate, with the machine's own stalls measured before every run, and one summary line per run.
 #
