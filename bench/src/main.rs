@@ -16,6 +16,7 @@ mod compare;
 mod connections;
 mod handshakes;
 mod heartbeats;
+mod index_cost;
 mod log;
 mod messages;
 mod mqtt;
@@ -59,6 +60,8 @@ enum Command {
     CompareReport(compare::CompareArgs),
     /// Memory one idle, handshaken gateway TLS connection keeps (`conn::Tls`; in memory, no sockets).
     TlsMemory(tls_memory::TlsMemoryArgs),
+    /// What the embedded index's internals cost (split-map growth, dedup lookups); no server.
+    IndexCost(index_cost::IndexCostArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,5 +82,6 @@ fn main() -> anyhow::Result<()> {
         Command::Storm(args) => storm::run(&args),
         Command::CompareReport(args) => compare::run(&args),
         Command::TlsMemory(args) => tls_memory::run(&args),
+        Command::IndexCost(args) => index_cost::run(&args),
     }
 }

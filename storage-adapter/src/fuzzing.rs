@@ -376,16 +376,22 @@ mod tests {
         index_snapshot(&crate::index::sample_snapshot());
     }
 
-    /// Writes the seed files of `fuzz/corpus/` from today's encoders. Run by hand after a format
-    /// change: `cargo test -p starling-storage write_fuzz_seeds -- --ignored`.
+    /// The committed seed files of `fuzz/corpus/` are what today's encoders write, so the fuzz
+    /// targets start from valid data of the current formats. After a deliberate format change,
+    /// `STARLING_BLESS=1 cargo test -p starling-storage fuzz_seeds` rewrites them.
     #[test]
-    #[ignore = "writes fuzz/corpus; run by hand"]
-    fn write_fuzz_seeds() {
+    fn fuzz_seeds_match_the_encoders() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        let put = |target: &str, name: &str, bytes: &[u8]| {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(name), bytes).unwrap();
+        let bless = std::env::var_os("STARLING_BLESS").is_some();
+        let mut stale = Vec::new();
+        let mut put = |target: &str, name: &str, bytes: &[u8]| {
+            let path = root.join(target).join(name);
+            if bless {
+                std::fs::create_dir_all(root.join(target)).unwrap();
+                std::fs::write(&path, bytes).unwrap();
+            } else if std::fs::read(&path).ok().as_deref() != Some(bytes) {
+                stale.push(path.display().to_string());
+            }
         };
         let mut rec = Vec::new();
         format::encode_record(Lsn(5), &[entry(1, b"hi"), entry(2, b"")], &mut rec);
@@ -418,6 +424,10 @@ mod tests {
             "index_snapshot",
             "seed-two-convs",
             &crate::index::sample_snapshot(),
+        );
+        assert!(
+            stale.is_empty(),
+            "fuzz seeds differ from the encoders (STARLING_BLESS=1 rewrites them): {stale:?}"
         );
     }
 }

@@ -303,7 +303,7 @@ fn random_tag_key() -> u64 {
 ///
 /// Split into tables of equal shares, every table reached its growth point within a fraction of
 /// a percent of the others (their loads differ by ~√n), so all of them rehashed in one burst
-/// (`split_map_growth` measures it; docs/design/performance-decisions.md, "Split maps"). Table
+/// (`starling-bench index-cost --what split-growth` measures it; docs/design/performance-decisions.md, "Split maps"). Table
 /// `i` gets a share proportional to 2^(i / SPLIT_TABLES), so the tables' loads are spread over a
 /// factor of two and their growth points over each doubling of the total: each growth moves
 /// about 1/4096 of the entries, and they come one at a time.
@@ -1094,6 +1094,132 @@ impl crate::traits::MessageIndex for DenseIndex {
     }
 }
 
+/// Measurements of the index's internals, for `starling-bench index-cost`. Not a stable API.
+/// The caller supplies the clock (`now_ns`: a monotonic reading in nanoseconds), so this crate
+/// still reads none.
+#[doc(hidden)]
+pub mod measure {
+    use super::{ClientMsgId, ConvId, Ptr, Seq, SplitMap, State, mix64};
+
+    /// What [`split_map_growth`] saw.
+    #[derive(Debug, Clone)]
+    pub struct SplitGrowth {
+        /// Keys inserted.
+        pub inserts: u64,
+        /// Nanoseconds for all of them.
+        pub total_ns: u64,
+        /// Windows of [`SPLIT_WINDOW_KEYS`] inserts.
+        pub windows: usize,
+        /// Windows that took more than 1 ms, and the nanoseconds spent in them.
+        pub windows_over_1ms: usize,
+        /// Nanoseconds spent in the windows over 1 ms.
+        pub over_1ms_ns: u64,
+        /// The ten slowest windows: (nanoseconds, keys inserted at its end), slowest first.
+        pub slowest: Vec<(u64, u64)>,
+    }
+
+    /// Inserts per timed window: 10 ms of a shard at 200k msg/s.
+    pub const SPLIT_WINDOW_KEYS: u64 = 2000;
+
+    /// How a split map's growth is spread over time: inserts `n` random keys in windows of
+    /// [`SPLIT_WINDOW_KEYS`] and times each window (docs/design/performance-decisions.md,
+    /// "Split maps").
+    pub fn split_map_growth(n: u64, now_ns: &dyn Fn() -> u64) -> SplitGrowth {
+        let mut m: SplitMap<u64, u64> = SplitMap::default();
+        let mut windows = Vec::new();
+        let mut k = 0u64;
+        let start = now_ns();
+        while k < n {
+            let t = now_ns();
+            for _ in 0..SPLIT_WINDOW_KEYS {
+                k += 1;
+                m.insert(mix64(k), k);
+            }
+            windows.push((now_ns().saturating_sub(t), k));
+        }
+        let total_ns = now_ns().saturating_sub(start);
+        let over: Vec<u64> = windows
+            .iter()
+            .map(|w| w.0)
+            .filter(|&ns| ns > 1_000_000)
+            .collect();
+        let count = windows.len();
+        windows.sort_unstable_by(|a, b| b.cmp(a));
+        windows.truncate(10);
+        SplitGrowth {
+            inserts: k,
+            total_ns,
+            windows: count,
+            windows_over_1ms: over.len(),
+            over_1ms_ns: over.iter().sum(),
+            slowest: windows,
+        }
+    }
+
+    /// What [`dedup_walk`] saw.
+    #[derive(Debug, Clone)]
+    pub struct DedupWalk {
+        /// Entries in the one conversation.
+        pub entries: u64,
+        /// Nanoseconds per applied entry.
+        pub insert_ns: f64,
+        /// Nanoseconds per lookup of an id never sent (the walk over every chunk).
+        pub absent_ns: u64,
+        /// Candidates those lookups had to confirm (tag collisions).
+        pub false_candidates: usize,
+        /// Nanoseconds per lookup of a recent id.
+        pub recent_ns: u64,
+    }
+
+    fn id(n: u64) -> ClientMsgId {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        b[8..].copy_from_slice(&(!n).to_le_bytes());
+        ClientMsgId(b)
+    }
+
+    /// What a dedup lookup costs in one conversation of `n` entries: of an id never sent (the
+    /// walk over every chunk) and of a recent one; and what applying the entries cost.
+    pub fn dedup_walk(n: u64, now_ns: &dyn Fn() -> u64) -> DedupWalk {
+        let n = n.max(200);
+        let mut st = State::fresh();
+        let conv = ConvId(1);
+        let t = now_ns();
+        for seq in 1..=n {
+            let p = Ptr {
+                seg: 0,
+                off: seq as u32,
+                len: 1,
+                crc: seq as u32,
+                id: 0,
+            };
+            st.insert(conv, Seq(seq), id(mix64(seq)), p);
+        }
+        let insert_ns = now_ns().saturating_sub(t) as f64 / n as f64;
+        let lookups = 200u64;
+        let t = now_ns();
+        let mut false_candidates = 0;
+        for k in 0..lookups {
+            false_candidates += st
+                .dedup_candidates(conv, id(mix64(n + 1 + k)), u64::MAX)
+                .map_or(0, |(c, _)| c.len());
+        }
+        let absent_ns = now_ns().saturating_sub(t) / lookups;
+        let t = now_ns();
+        for k in 0..lookups {
+            let _ = st.dedup_candidates(conv, id(mix64(n - k)), u64::MAX);
+        }
+        let recent_ns = now_ns().saturating_sub(t) / lookups;
+        DedupWalk {
+            entries: n,
+            insert_ns,
+            absent_ns,
+            false_candidates,
+            recent_ns,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1192,7 +1318,7 @@ mod tests {
     /// twice the first's, and random keys land in the tables in those proportions (so the tables'
     /// loads, and with them their growth points, are spread over a factor of two; with equal
     /// shares every table of a large map grew within the same ~0.5% of inserts, and
-    /// `split_map_growth` measures what that cost).
+    /// `measure::split_map_growth` measures what that cost).
     #[test]
     fn split_tables_get_staggered_shares() {
         let total: f64 = (0..SPLIT_TABLES).map(split_share).sum();
@@ -1217,88 +1343,6 @@ mod tests {
         let got = count(hi) / count(lo);
         assert!((got / want - 1.0).abs() < 0.03, "got {got}, want {want}");
         assert!(want > 1.7, "{want}");
-    }
-
-    /// How a split map's growth is spread over time (measured for the old dedup map; the
-    /// conversation map is split the same way): inserts `STARLING_SPLIT_N` (default 20
-    /// million) random keys in windows of 2,000 (10 ms of a 200k msg/s shard) and prints
-    /// the slowest windows. A measurement, not a check:
-    /// `cargo test --release -p starling-storage --lib split_map_growth -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement; run it in release"]
-    fn split_map_growth() {
-        #[allow(clippy::disallowed_methods)]
-        let now = std::time::Instant::now;
-        let n: u64 = std::env::var("STARLING_SPLIT_N")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_000_000);
-        let mut m: SplitMap<u64, u64> = SplitMap::default();
-        let mut windows = Vec::new();
-        let mut k = 0u64;
-        let start = now();
-        while k < n {
-            let t = now();
-            for _ in 0..2000 {
-                k += 1;
-                m.insert(mix64(k), k);
-            }
-            windows.push((t.elapsed().as_micros(), k));
-        }
-        let total = start.elapsed();
-        let over_1ms = windows.iter().filter(|w| w.0 > 1000).count();
-        let over_ms: u128 = windows.iter().filter(|w| w.0 > 1000).map(|w| w.0).sum();
-        windows.sort_unstable_by(|a, b| b.cmp(a));
-        println!(
-            "{n} inserts in {total:?}; {over_1ms} of {} windows over 1 ms ({} ms in them); slowest (us, at): {:?}",
-            windows.len(),
-            over_ms / 1000,
-            &windows[..10]
-        );
-    }
-
-    /// What a dedup lookup of an id never sent costs (the walk over every chunk) in a conversation
-    /// of `STARLING_DEDUP_N` (default 1 million) entries, and what applying them cost. A
-    /// measurement, not a check:
-    /// `cargo test --release -p starling-storage --lib dedup_walk_cost -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement; run it in release"]
-    fn dedup_walk_cost() {
-        #[allow(clippy::disallowed_methods)]
-        let now = std::time::Instant::now;
-        let n: u64 = std::env::var("STARLING_DEDUP_N")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1_000_000);
-        let mut st = State::fresh();
-        let t = now();
-        for seq in 1..=n {
-            st.insert(ConvId(1), Seq(seq), id(mix64(seq)), p(seq as u32));
-        }
-        let insert = t.elapsed();
-        let lookups = 200u64;
-        let t = now();
-        let mut found = 0;
-        for k in 0..lookups {
-            let (c, _) = st
-                .dedup_candidates(ConvId(1), id(mix64(n + 1 + k)), u64::MAX)
-                .unwrap();
-            found += c.len();
-        }
-        let walk = t.elapsed() / lookups as u32;
-        let t = now();
-        for k in 0..lookups {
-            let seq = n - k;
-            let (c, _) = st
-                .dedup_candidates(ConvId(1), id(mix64(seq)), u64::MAX)
-                .unwrap();
-            assert!(c.contains(&seq));
-        }
-        let recent = t.elapsed() / lookups as u32;
-        println!(
-            "{n} entries: {:.0} ns per insert; absent id {walk:?} per lookup ({found} false candidates in {lookups}); a recent id {recent:?}",
-            insert.as_nanos() as f64 / n as f64
-        );
     }
 
     fn id(n: u64) -> ClientMsgId {
