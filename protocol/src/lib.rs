@@ -2,8 +2,9 @@
 //!
 //! **Owns:** the wire protocol: the schema (`proto/starling.proto`, package
 //! `starling.v1`), the Rust types generated from it ([`v1`]), the frame codec
-//! ([`FrameDecoder`], [`FrameEncoder`]), the protocol limits ([`limits`]) and
-//! the mapping from codec errors to wire error codes.
+//! ([`FrameDecoder`], [`FrameEncoder`]), the protocol limits ([`limits`]), the
+//! registry of optional feature names ([`features`]) and the mapping from
+//! codec errors to wire error codes.
 //!
 //! **Is not:** I/O. This crate is sans-IO and deterministic, in the manner of
 //! quinn-proto: bytes in, frames out; the caller owns sockets, buffers and
@@ -40,6 +41,7 @@
 
 mod codec;
 mod error;
+pub mod features;
 pub mod limits;
 
 pub use codec::{
