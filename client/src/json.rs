@@ -158,11 +158,13 @@ pub fn event(e: &Event) -> Value {
             user_id,
             device_id,
             server_version,
+            features,
         } => json!({
             "type": "connected",
             "user_id": user_id,
             "device_id": device_id,
             "server_version": server_version,
+            "features": features,
         }),
         Event::Disconnected { reason, retry_in } => json!({
             "type": "disconnected",
@@ -276,6 +278,7 @@ mod tests {
                 user_id: 1,
                 device_id: 1,
                 server_version: "starling 0.1.0".into(),
+                features: vec!["messaging".into()],
             },
             Event::Disconnected {
                 reason: "x".into(),
