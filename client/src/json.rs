@@ -358,7 +358,7 @@ mod tests {
     fn errors_carry_code_and_queued_id() {
         let server = ServerError {
             code_num: 501,
-            message: "Send: not implemented yet".into(),
+            message: "the account store is unavailable".into(),
             retry_after_ms: 0,
         };
         let e = ClientError::StillQueued {
@@ -370,7 +370,7 @@ mod tests {
         assert_eq!(v["code"], "UNAVAILABLE");
         assert_eq!(v["code_num"], 501);
         assert_eq!(v["queued_client_msg_id"], "02".repeat(16));
-        assert!(v["message"].as_str().unwrap().contains("not implemented"));
+        assert!(v["message"].as_str().unwrap().contains("unavailable"));
         let v = error(&ClientError::NotLoggedIn("/p".into()));
         assert_eq!(v["code"], "CLIENT");
     }
