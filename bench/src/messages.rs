@@ -1031,7 +1031,7 @@ fn on_starling_frames(
                 eps[m].max_seq = eps[m].max_seq.max(msg.seq);
                 let (sched, k, dir) = read_body(&msg.body).context("Deliver of a foreign body")?;
                 if usize::from(dir) == m {
-                    // A copy of our own message (mirrored to the sender's devices).
+                    // A copy of our own message (the sender's other devices get it as Deliver).
                     continue;
                 }
                 if eps[m].mark(k) {

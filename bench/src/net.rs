@@ -359,7 +359,12 @@ impl StarlingConn {
         match self.request(body).await? {
             Body::Welcome(w) => {
                 if token.is_some() && w.authenticated.is_none() {
-                    bail!("Welcome without authentication although a token was sent");
+                    // The server refused the token: the Welcome says why.
+                    let why = w
+                        .auth_error
+                        .as_ref()
+                        .map_or_else(|| "no reason given".to_owned(), describe_error);
+                    bail!("the access token was refused: {why}");
                 }
                 Ok(w)
             }

@@ -97,6 +97,8 @@ pub enum Event {
         device_id: u32,
         /// The server's software version.
         server_version: String,
+        /// The optional features the server offers (`Welcome.features`).
+        features: Vec<String>,
     },
     /// The connection was lost; the next attempt is in `retry_in`.
     Disconnected {
@@ -502,6 +504,13 @@ impl Client {
         self.send(to, "text/plain", text.as_bytes().to_vec()).await
     }
 
+    /// The optional features the server offers (`Welcome.features` of the
+    /// current connection; names in `starling_protocol::features`). Requests
+    /// of other features are answered `NOT_SUPPORTED`.
+    pub async fn server_features(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self.connection().await?.features())
+    }
+
     /// The caller's own profile.
     pub async fn me(&self) -> Result<v1::Profile, ClientError> {
         match self.request(Body::GetMe(v1::GetMe {})).await? {
@@ -800,29 +809,19 @@ impl Driver {
         }
     }
 
-    /// Connects, authenticates (refreshing the token when needed).
+    /// Connects and authenticates: Hello with the access token unless it is
+    /// about to expire; if the server refused it (`Welcome.auth_error`) or it
+    /// was not sent, Refresh on the same connection, whose `SessionGranted`
+    /// authenticates it (no second Hello). A refused refresh ends the
+    /// session.
     async fn connect(&mut self) -> Result<(Connection, Pushes, v1::Welcome), ClientError> {
         let (conn, pushes) = Connection::connect(&self.cfg.connect).await?;
-        if self.creds.access_expires_at_ms > unix_ms() + TOKEN_MARGIN_MS {
-            match conn.hello(Some(&self.creds.access_token)).await {
-                Ok(w) if w.authenticated.is_some() => return Ok((conn, pushes, w)),
-                Ok(w) => {
-                    self.refresh(&conn).await?;
-                    return Ok((conn, pushes, w));
-                }
-                Err(ClientError::Server(e))
-                    if matches!(
-                        e.code(),
-                        ErrorCode::TokenExpired
-                            | ErrorCode::TokenInvalid
-                            | ErrorCode::Unauthenticated
-                            | ErrorCode::SessionRevoked
-                    ) => {}
-                Err(e) => return Err(e),
-            }
+        let token = (self.creds.access_expires_at_ms > unix_ms() + TOKEN_MARGIN_MS)
+            .then(|| self.creds.access_token.clone());
+        let w = conn.hello(token.as_deref()).await?;
+        if w.authenticated.is_none() {
+            self.refresh(&conn).await?;
         }
-        let w = conn.hello(None).await?;
-        self.refresh(&conn).await?;
         Ok((conn, pushes, w))
     }
 
@@ -855,6 +854,7 @@ impl Driver {
             user_id: self.creds.user_id,
             device_id: self.creds.device_id,
             server_version: welcome.server_version.clone(),
+            features: welcome.features.clone(),
         })
         .await;
         let queued: Vec<ClientMsgId> = self
@@ -1050,8 +1050,8 @@ impl Driver {
                 }
             }
             Body::SendAck(ack) => {
-                // Mirrored from another of our devices, or an answer that
-                // lost its request: either way that seq exists.
+                // An answer that lost its request (our other devices get our
+                // messages as Deliver): either way that seq exists.
                 if let Some(id) = ClientMsgId::from_bytes(&ack.client_msg_id)
                     && self.outbox.find(&id).is_some()
                 {

@@ -292,9 +292,13 @@ impl Connection {
     }
 
     /// Sends Hello (with an access token to authenticate at once) and waits
-    /// for Welcome, whose limits then apply to this connection. On an
-    /// `Error` (an expired token, say) the connection stays open and Hello
-    /// may be sent again.
+    /// for Welcome, whose limits then apply to this connection. A token the
+    /// server refuses does not fail Hello: the Welcome then has no
+    /// `authenticated` and says why in `auth_error`, and the connection is
+    /// open and unauthenticated (send `Refresh`, whose `SessionGranted`
+    /// authenticates it, or `Authenticate`). An `Error` answer (a protocol
+    /// version the server does not speak) leaves the connection waiting for
+    /// its Hello.
     pub async fn hello(&self, access_token: Option<&str>) -> Result<v1::Welcome, ClientError> {
         let hello = v1::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -333,6 +337,26 @@ impl Connection {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The optional features the server offers on this connection
+    /// (`Welcome.features`; names in `starling_protocol::features`). Empty
+    /// before Welcome.
+    #[must_use]
+    pub fn features(&self) -> Vec<String> {
+        self.welcome().map(|w| w.features).unwrap_or_default()
+    }
+
+    /// Whether the server offers `feature` (e.g. `"groups"`). A request of a
+    /// feature it does not offer is answered `NOT_SUPPORTED`.
+    #[must_use]
+    pub fn supports(&self, feature: &str) -> bool {
+        self.shared
+            .welcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|w| w.features.iter().any(|f| f == feature))
     }
 
     /// Sends a request and waits for its answer. An `Error` answer becomes
@@ -389,8 +413,10 @@ impl Connection {
         })
     }
 
-    /// Sends a frame that expects no answer (`DeliveryAck`, `ReadCursor`,
-    /// `Typing`), with `request_id` 0.
+    /// Sends a one-way frame (`DeliveryAck`, `ReadCursor`, `Typing`), with
+    /// `request_id` 0: nothing answers it unless it fails. Every other frame
+    /// is a request and goes through [`request`](Self::request) (the server
+    /// refuses a request with `request_id` 0).
     pub async fn send_oneway(&self, body: Body) -> Result<(), ClientError> {
         self.transmit(0, body).await
     }

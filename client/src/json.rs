@@ -158,11 +158,13 @@ pub fn event(e: &Event) -> Value {
             user_id,
             device_id,
             server_version,
+            features,
         } => json!({
             "type": "connected",
             "user_id": user_id,
             "device_id": device_id,
             "server_version": server_version,
+            "features": features,
         }),
         Event::Disconnected { reason, retry_in } => json!({
             "type": "disconnected",
@@ -276,6 +278,7 @@ mod tests {
                 user_id: 1,
                 device_id: 1,
                 server_version: "starling 0.1.0".into(),
+                features: vec!["messaging".into()],
             },
             Event::Disconnected {
                 reason: "x".into(),
@@ -355,7 +358,7 @@ mod tests {
     fn errors_carry_code_and_queued_id() {
         let server = ServerError {
             code_num: 501,
-            message: "Send: not implemented yet".into(),
+            message: "the account store is unavailable".into(),
             retry_after_ms: 0,
         };
         let e = ClientError::StillQueued {
@@ -367,7 +370,7 @@ mod tests {
         assert_eq!(v["code"], "UNAVAILABLE");
         assert_eq!(v["code_num"], 501);
         assert_eq!(v["queued_client_msg_id"], "02".repeat(16));
-        assert!(v["message"].as_str().unwrap().contains("not implemented"));
+        assert!(v["message"].as_str().unwrap().contains("unavailable"));
         let v = error(&ClientError::NotLoggedIn("/p".into()));
         assert_eq!(v["code"], "CLIENT");
     }

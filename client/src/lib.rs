@@ -15,12 +15,14 @@
 //!
 //! ## Layers
 //!
-//! - [`Connection`] — one TCP/TLS connection: Hello/Welcome, requests
+//! - [`Connection`] — one TCP/TLS connection: Hello/Welcome (limits, the
+//!   optional features the server offers), requests
 //!   correlated by `request_id`, pushes on their own queue ([`Pushes`]),
 //!   Ping heartbeats and frame limits from `Welcome.limits`;
 //!   [`Transport::DangerousPlaintext`] for loopback only.
 //! - [`Client`] — a session from a [`Profile`] directory: automatic
-//!   Hello-with-token and refresh, reconnect with full-jitter [`Backoff`],
+//!   Hello-with-token and, when the server refuses the token
+//!   (`Welcome.auth_error`), Refresh on the same connection; reconnect with full-jitter [`Backoff`],
 //!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection
 //!   ([`Reorder`]) and an ordered, deduplicated [`Events`] stream.
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.

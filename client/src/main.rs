@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use starling_client::{
-    Client, ClientConfig, ClientError, ConnectOptions, Event, Events, HistoryAnchor, Identifier,
-    LoginCredential, Profile, Target, TlsTrust, Transport, json as sj, v1,
+    Client, ClientConfig, ClientError, ConnectOptions, Connection, Event, Events, HistoryAnchor,
+    Identifier, LoginCredential, Profile, Target, TlsTrust, Transport, json as sj, v1,
 };
 
 /// Starling command-line client.
@@ -82,6 +82,8 @@ impl IdArgs {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Show the server's version, limits and optional features (no sign-in needed).
+    ServerInfo,
     /// Ask for a one-time code (dev server: appended to <data>/otp.log).
     RequestOtp(IdArgs),
     /// Verify a one-time code: registers the user if new, signs this device in.
@@ -288,6 +290,24 @@ fn human(v: &Value) -> String {
             s("user_id"),
             s("device_id")
         ),
+        "server" => format!(
+            "{} (protocol {}), features: {}; limits: frames {} B, bodies {} B, {} requests in flight, ping every {} ms, idle timeout {} ms",
+            s("server_version"),
+            s("protocol_version"),
+            v["features"]
+                .as_array()
+                .map(|f| f
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            s("frame_bytes_max"),
+            s("body_bytes_max"),
+            s("inflight_requests_max"),
+            s("heartbeat_ms"),
+            s("idle_timeout_ms")
+        ),
         "disconnected" => format!(
             "disconnected: {} (retry in {} ms)",
             s("reason"),
@@ -386,6 +406,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     }
     let g = globals(&cli)?;
     match cli.cmd {
+        Cmd::ServerInfo => {
+            let (conn, _pushes, w) = Connection::connect_hello(&g.connect, None).await?;
+            conn.close();
+            out.print(&server_info(&w));
+        }
         Cmd::RequestOtp(id) => {
             let sent = Client::request_otp(&g.connect, &id.identifier()).await?;
             out.print(&json!({
@@ -540,6 +565,23 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Cmd::Outbox { .. } => {}
     }
     Ok(())
+}
+
+/// What `server-info` prints: the Welcome of an unauthenticated connection.
+fn server_info(w: &v1::Welcome) -> Value {
+    let l = w.limits.unwrap_or_default();
+    json!({
+        "type": "server",
+        "server_version": w.server_version,
+        "protocol_version": w.protocol_version,
+        "features": w.features,
+        "frame_bytes_max": l.frame_bytes_max,
+        "body_bytes_max": l.body_bytes_max,
+        "inflight_requests_max": l.inflight_requests_max,
+        "heartbeat_ms": l.heartbeat_ms,
+        "idle_timeout_ms": l.idle_timeout_ms,
+        "sync_messages_max": l.sync_messages_max,
+    })
 }
 
 fn outbox(out: &Out, profile: &Profile, clear: bool) -> Result<(), ClientError> {

@@ -166,6 +166,20 @@ fn cli_account_flow_and_messaging() {
     };
     let phone = "+15550100001";
 
+    // What the server offers, before signing in.
+    let (ok, out) = cli.run(&["server-info"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["type"], "server");
+    assert!(
+        out[0]["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "messaging"),
+        "{out:?}"
+    );
+    assert!(out[0]["inflight_requests_max"].as_u64().unwrap() > 0);
+
     let (ok, out) = cli.run(&["request-otp", "--phone", phone]);
     assert!(ok, "{out:?}");
     assert_eq!(out[0]["type"], "otp_sent");
@@ -364,5 +378,53 @@ async fn sdk_refreshes_an_expired_token_and_reconnects_after_a_restart() {
         }
     }
     assert_eq!(client.me().await.unwrap().display_name, "Bo");
+    client.shutdown().await;
+}
+
+/// A token the server refuses in Hello (here a malformed one the client still believes
+/// valid): the server welcomes the connection with `auth_error`, and the SDK refreshes on that
+/// same connection instead of failing or saying Hello again.
+#[tokio::test]
+async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&bin, &tmp.path().join("data"), "127.0.0.1:0");
+    let connect = ConnectOptions::new(
+        server.addr.to_string(),
+        Transport::Tls(TlsTrust::CaFile(server.ca())),
+    );
+    let profile = Profile::open(tmp.path().join("profile")).unwrap();
+    let phone = Identifier::Phone("+15550100003".to_owned());
+    Client::request_otp(&connect, &phone).await.unwrap();
+    let device = v1::DeviceInfo {
+        name: "test".into(),
+        platform: "linux".into(),
+    };
+    let code = server.otp("+15550100003");
+    let granted = Client::verify_otp(&connect, &profile, &phone, &code, "Cy", device)
+        .await
+        .unwrap();
+    let mut creds = profile.credentials().unwrap().unwrap();
+    creds.access_token = "not.a.token".to_owned();
+    profile.save_credentials(&creds).unwrap();
+
+    let mut cfg = ClientConfig::new(connect, profile.dir());
+    cfg.receive_messages = false;
+    let (client, mut events) = Client::start(cfg).unwrap();
+    match next(&mut events).await {
+        Event::Connected {
+            user_id, features, ..
+        } => {
+            assert_eq!(user_id, granted.user_id);
+            assert!(features.iter().any(|f| f == "messaging"), "{features:?}");
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    assert_eq!(client.me().await.unwrap().user_id, granted.user_id);
+    let refreshed = profile.credentials().unwrap().unwrap();
+    assert_ne!(refreshed.access_token, "not.a.token");
+    assert_ne!(refreshed.refresh_token, creds.refresh_token);
+    let features = client.server_features().await.unwrap();
+    assert!(!features.iter().any(|f| f == "groups"), "{features:?}");
     client.shutdown().await;
 }

@@ -51,13 +51,26 @@ pub struct LimitsConfig {
     pub connections_per_shard_max: usize,
     /// Largest frame accepted from a client, in bytes.
     pub frame_bytes_max: u32,
-    /// Most requests one connection may have outstanding.
+    /// Most requests the server holds for one connection: read and not yet
+    /// answered (a Sync until its SyncDone). More are refused with
+    /// TOO_MANY_IN_FLIGHT (advertised in Welcome).
     pub inflight_requests_max: u32,
-    /// Most bytes queued for one connection before it is a slow consumer.
+    /// Most bytes the gateway buffers for one connection beyond what its socket
+    /// holds; more closes it as a slow consumer.
     pub outbound_bytes_max: usize,
+    /// A connection's backlog (bytes of answers and pushes queued for it that
+    /// its socket has not taken) above which it is "behind": pushes stop and it
+    /// gets `MessagesAvailable` once the backlog is down to half of this
+    /// (protocol/README.md, "Flow control").
+    pub push_backlog_bytes_max: u64,
+    /// A connection whose backlog stays above `push_backlog_bytes_max` this
+    /// long, or whose socket takes nothing for this long while bytes wait, is
+    /// closed with Goodbye{SLOW_CONSUMER}.
+    pub slow_consumer_close_ms: u64,
     /// How often clients should ping (advertised in Welcome).
     pub heartbeat_ms: u32,
-    /// A connection silent for this long is closed.
+    /// A connection from which no frame arrived for this long is closed
+    /// (Goodbye{HEARTBEAT_TIMEOUT}).
     pub idle_timeout_ms: u32,
     /// The TLS handshake must finish within this long of accept.
     pub handshake_timeout_ms: u64,
@@ -78,6 +91,8 @@ impl Default for LimitsConfig {
             frame_bytes_max: starling_protocol::limits::FRAME_BYTES_MAX_DEFAULT,
             inflight_requests_max: 64,
             outbound_bytes_max: 1024 * 1024,
+            push_backlog_bytes_max: 256 * 1024,
+            slow_consumer_close_ms: 30_000,
             heartbeat_ms: 30_000,
             idle_timeout_ms: 90_000,
             handshake_timeout_ms: 10_000,
@@ -295,8 +310,20 @@ impl Config {
         {
             return bad("limits.frame_bytes_max", "must be between 1024 and 1048576");
         }
-        if l.inflight_requests_max == 0 {
-            return bad("limits.inflight_requests_max", "must be at least 1");
+        if l.inflight_requests_max == 0 || l.inflight_requests_max > 4096 {
+            return bad("limits.inflight_requests_max", "must be between 1 and 4096");
+        }
+        if l.push_backlog_bytes_max < u64::from(l.frame_bytes_max) {
+            return bad(
+                "limits.push_backlog_bytes_max",
+                "must hold at least one maximal frame",
+            );
+        }
+        if l.slow_consumer_close_ms < l.timer_tick_ms {
+            return bad(
+                "limits.slow_consumer_close_ms",
+                "must be at least limits.timer_tick_ms",
+            );
         }
         if l.outbound_bytes_max < l.frame_bytes_max as usize * 2 {
             return bad(

@@ -12,7 +12,6 @@
 //! record). Each is allocated only while it holds bytes and freed when it
 //! drains.
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -290,9 +289,6 @@ struct Conn {
     wire: Vec<u8>,
     principal: Option<Principal>,
     peer: SocketAddr,
-    /// Sends awaiting their SendAck: (request id, µs clock of the read that brought them), for
-    /// the shard's `send_ack` latency histogram. Bounded by [`SEND_TIMES_MAX`].
-    send_times: VecDeque<(u64, u64)>,
     /// Clock readings shared by every frame of one read, or of one batch of output.
     clock: PhaseClock,
 }
@@ -331,10 +327,6 @@ impl PhaseClock {
         self.unix_ms
     }
 }
-
-/// At most this many Sends are timed per connection (the in-flight limit bounds an honest
-/// client; a request id that is never answered must not grow the queue).
-const SEND_TIMES_MAX: usize = 1024;
 
 /// Runs a freshly accepted connection to completion.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: bool) {
@@ -406,7 +398,6 @@ impl Conn {
             wire: Vec::new(),
             principal: None,
             peer,
-            send_times: VecDeque::new(),
             clock: PhaseClock::default(),
         })
     }
@@ -486,25 +477,36 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes everything queued. Err: give up on the connection.
+    /// Writes everything queued. Err: give up on the connection. While the socket takes
+    /// nothing, the shard's slow-consumer deadline runs (`limits.slow_consumer_close_ms`,
+    /// restarted whenever the socket takes some bytes).
     async fn flush(&mut self, closing: bool) -> Result<(), ()> {
         while self.wants_write() {
             match self.write_some() {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.wait(true).await {
-                    Wake::Ready | Wake::Outbound => {}
-                    Wake::Failed => return Err(()),
-                    Wake::Kill(k) => {
-                        if closing || k == Kill::CloseTimeout {
-                            return Err(());
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.shard.write_stalled(
+                        self.id,
+                        &self.ctl,
+                        self.out.len() + self.wire.len(),
+                        self.shard.shared.cfg.limits.slow_consumer_close_ms,
+                    );
+                    match self.wait(true).await {
+                        Wake::Ready | Wake::Outbound => {}
+                        Wake::Failed => return Err(()),
+                        Wake::Kill(k) => {
+                            if closing || k == Kill::CloseTimeout {
+                                return Err(());
+                            }
+                            self.on_kill(k);
+                            return Box::pin(self.flush(true)).await;
                         }
-                        self.on_kill(k);
-                        return Box::pin(self.flush(true)).await;
                     }
-                },
+                }
                 Err(_) => return Err(()),
             }
         }
+        self.ctl.clear_write_deadline();
         Ok(())
     }
 
@@ -606,12 +608,33 @@ impl Conn {
             }
             Kill::Revoked => self.goodbye(k.code(), "session revoked", 0),
             Kill::Shutdown => self.goodbye(k.code(), "server shutting down", 1000),
-            Kill::Router(code) => self.goodbye(code, "closed by the router", 0),
+            Kill::Router(code) => {
+                if code == ErrorCode::SlowConsumer {
+                    metrics::inc(&m.slow_consumer_closes);
+                    self.goodbye(
+                        code,
+                        "slow consumer: the backlog of frames for this connection stayed over \
+                         its limit; reconnect and Sync",
+                        0,
+                    );
+                } else {
+                    self.goodbye(code, "closed by the router", 0);
+                }
+            }
             Kill::TokenExpired => self.goodbye(
                 k.code(),
                 "access token expired: refresh it and reconnect",
                 0,
             ),
+            Kill::SlowConsumer => {
+                metrics::inc(&m.slow_consumer_closes);
+                self.goodbye(
+                    k.code(),
+                    "slow consumer: the connection did not read what the server sent it; \
+                     reconnect and Sync",
+                    0,
+                );
+            }
             Kill::FrameTooLarge => self.goodbye(
                 k.code(),
                 "a frame for this connection exceeds the frame_bytes_max it asked for in Hello; \
@@ -653,8 +676,6 @@ impl Conn {
             let hello_by = clock::mono_ms() + self.shard.shared.cfg.limits.hello_timeout_ms;
             self.ctl.set_deadline(hello_by, Kill::Deadline);
         }
-        let inflight_max = self.shard.shared.cfg.limits.inflight_requests_max;
-        let mut requests = 0u32;
         self.clock.reset();
         loop {
             match self.decoder.poll_frame() {
@@ -670,42 +691,34 @@ impl Conn {
                 Ok(None) => return None,
                 Ok(Some(frame)) => {
                     metrics::inc(&self.shard.metrics().frames_in);
-                    if self.welcomed {
-                        let idle = u64::from(self.shard.shared.cfg.limits.idle_timeout_ms);
-                        let now = self.clock.mono_ms();
-                        self.ctl.set_deadline(now + idle, Kill::Idle);
-                    }
-                    if frame.request_id != 0 {
-                        requests += 1;
-                        if requests > inflight_max {
-                            self.error(
-                                frame.request_id,
-                                ErrorCode::TooManyInFlight,
-                                "too many requests outstanding",
-                            );
-                            continue;
-                        }
-                    }
-                    if frame.request_id != 0 && matches!(frame.body, Some(Body::Send(_))) {
-                        let t = self.clock.mono_us();
-                        if self.send_times.len() == SEND_TIMES_MAX {
-                            self.send_times.pop_front();
-                        }
-                        self.send_times.push_back((frame.request_id, t));
-                    }
+                    self.heard();
                     if let Some(stop) = self.on_frame(frame).await {
                         return Some(stop);
                     }
                 }
                 Err(e) => {
+                    if !e.is_fatal() {
+                        // A frame of a kind this server does not know is a frame all the same.
+                        self.heard();
+                    }
                     let code = ErrorCode::from(&e);
-                    self.error(e.request_id(), code, &e.to_string());
+                    self.refuse(e.request_id(), code, &e.to_string());
                     if e.is_fatal() {
                         metrics::inc(&self.shard.metrics().protocol_errors);
                         return Some(Stop::Flush);
                     }
                 }
             }
+        }
+    }
+
+    /// A frame arrived: after Welcome, the idle deadline (`limits.idle_timeout_ms`) starts
+    /// again. Any frame counts, not only Ping.
+    fn heard(&mut self) {
+        if self.welcomed {
+            let idle = u64::from(self.shard.shared.cfg.limits.idle_timeout_ms);
+            let now = self.clock.mono_ms();
+            self.ctl.set_deadline(now + idle, Kill::Idle);
         }
     }
 
@@ -767,16 +780,18 @@ impl Conn {
         Stop::Now
     }
 
+    /// Queues an answer (or a push, with request id 0).
     fn send(&mut self, request_id: u64, body: Body) {
         let frame = v1::Frame {
             request_id,
             body: Some(body),
         };
-        self.send_frame(&frame);
+        self.send_frame(&frame, true);
     }
 
-    /// Encodes and queues one frame; returns its encoded size (0 if not sent).
-    fn send_frame(&mut self, frame: &v1::Frame) -> usize {
+    /// Encodes and queues one frame; returns its encoded size (0 if not sent). `settles`: it
+    /// answers a request admitted into the in-flight count.
+    fn send_frame(&mut self, frame: &v1::Frame, settles: bool) -> usize {
         let before = self.out.len();
         if let Err(e) = self.encoder.encode(frame, &mut self.out) {
             self.out.truncate(before);
@@ -788,7 +803,22 @@ impl Conn {
             before,
             frame.request_id,
             frame.body.as_ref().map(Body::kind),
+            settles,
         )
+    }
+
+    /// Answers a frame that was never admitted into the in-flight count (refused before it
+    /// was carried out) with an Error.
+    fn refuse(&mut self, request_id: u64, code: ErrorCode, message: &str) {
+        let frame = v1::Frame {
+            request_id,
+            body: Some(Body::Error(v1::Error {
+                code: code as i32,
+                message: message.to_owned(),
+                retry_after_ms: 0,
+            })),
+        };
+        self.send_frame(&frame, false);
     }
 
     /// Queues one frame the router encoded; returns its size (0 if not sent).
@@ -810,52 +840,56 @@ impl Conn {
         }
         let before = self.out.len();
         self.out.extend_from_slice(&t.bytes);
-        self.queued(before, t.request_id, t.kind)
+        // Settled when the router queued it for this connection (`Shard::push_outbound`).
+        self.queued(before, t.request_id, t.kind, false)
     }
 
     /// A frame was appended to `out` from `before` on: enforces the outbound budget (undoing
-    /// the append beyond it), counts it and, for the answer to a Send, times the Send.
-    fn queued(&mut self, before: usize, request_id: u64, kind: Option<FrameKind>) -> usize {
+    /// the append beyond it), counts it and, if it is the gateway's final answer to a request
+    /// (`settles`), ends that request's turn in the in-flight count.
+    fn queued(
+        &mut self,
+        before: usize,
+        request_id: u64,
+        kind: Option<FrameKind>,
+        settles: bool,
+    ) -> usize {
         let limit = self.shard.shared.cfg.limits.outbound_bytes_max;
         if self.out.len() + self.wire.len() > limit {
             // Over the outbound budget: the peer is not reading.
             self.out.truncate(before);
-            self.ctl.kill(Kill::CloseTimeout);
+            self.ctl.kill(Kill::SlowConsumer);
             return 0;
         }
         metrics::inc(&self.shard.metrics().frames_out);
-        if !self.send_times.is_empty()
-            && matches!(kind, Some(FrameKind::SendAck | FrameKind::Error))
-        {
-            self.answered_send(request_id, kind == Some(FrameKind::SendAck));
+        if settles {
+            self.ctl.settle(request_id, kind);
         }
         self.out.len() - before
     }
 
-    /// A SendAck (`acked`) or a Send's Error is queued: records how long its Send spent in the
-    /// server.
-    fn answered_send(&mut self, request_id: u64, acked: bool) {
-        // Answers come in send order but for refusals, so the front is nearly always it.
-        let Some(i) = self
-            .send_times
-            .iter()
-            .position(|&(rid, _)| rid == request_id)
-        else {
-            return;
-        };
-        let Some((_, read_us)) = self.send_times.remove(i) else {
-            return;
-        };
-        if acked {
-            self.shard
-                .metrics()
-                .send_ack
-                .record_us(self.clock.mono_us().saturating_sub(read_us));
+    /// Admits request `rid` (just read) into the in-flight count, or refuses it with
+    /// TOO_MANY_IN_FLIGHT when the connection already holds `limits.inflight_requests_max`.
+    fn admit(&mut self, rid: u64, is_send: bool) -> bool {
+        let max = self.shard.shared.cfg.limits.inflight_requests_max as usize;
+        if self.ctl.inflight() >= max {
+            self.refuse(
+                rid,
+                ErrorCode::TooManyInFlight,
+                &format!(
+                    "{max} requests are in flight on this connection (limits.inflight_requests_max); \
+                     this one was not carried out: send it again after an answer"
+                ),
+            );
+            return false;
         }
-        if self.send_times.is_empty() {
-            // An idle connection owns no buffer (one small allocation per burst of sends).
-            self.send_times = VecDeque::new();
-        }
+        let read_us = if is_send {
+            self.clock.mono_us().max(1)
+        } else {
+            0
+        };
+        self.ctl.admit(rid, read_us);
+        true
     }
 
     fn error(&mut self, request_id: u64, code: ErrorCode, message: &str) {
@@ -985,12 +1019,40 @@ impl Conn {
             .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))
     }
 
+    /// Checks a frame's place in the protocol (first frame, request id, in-flight limit),
+    /// then carries it out.
     async fn on_frame(&mut self, frame: v1::Frame) -> Option<Stop> {
         let rid = frame.request_id;
         let Some(body) = frame.body else {
-            self.error(rid, ErrorCode::UnknownFrameType, "frame has no body");
+            self.refuse(rid, ErrorCode::UnknownFrameType, "frame has no body");
             return None;
         };
+        if !self.welcomed && !matches!(body, Body::Hello(_)) {
+            self.refuse(
+                rid,
+                ErrorCode::UnexpectedFrame,
+                "the first frame must be Hello",
+            );
+            return Some(Stop::Flush);
+        }
+        if is_server_only(&body) {
+            self.refuse(rid, ErrorCode::UnexpectedFrame, "server-to-client frame");
+            return None;
+        }
+        if rid == 0 {
+            if !is_one_way(&body) {
+                let name = body.kind().name();
+                self.refuse(
+                    0,
+                    ErrorCode::InvalidArgument,
+                    &format!("{name} is a request: it needs a non-zero request_id"),
+                );
+                return None;
+            }
+        } else if !matches!(body, Body::Pong(_)) && !self.admit(rid, matches!(body, Body::Send(_)))
+        {
+            return None;
+        }
         if !self.welcomed {
             return self.on_hello(rid, body).await;
         }
@@ -1043,7 +1105,7 @@ impl Conn {
             }
             other => {
                 let Some(p) = self.principal else {
-                    return self.unauthenticated_or_unsupported(rid, other);
+                    return self.unauthenticated_or_unsupported(rid, &other);
                 };
                 self.on_authenticated(rid, p, other).await;
             }
@@ -1051,13 +1113,30 @@ impl Conn {
         None
     }
 
-    fn unauthenticated_or_unsupported(&mut self, rid: u64, body: Body) -> Option<Stop> {
-        if is_server_only(&body) {
-            self.error(rid, ErrorCode::UnexpectedFrame, "server-to-client frame");
-        } else {
-            self.error(rid, ErrorCode::Unauthenticated, "authenticate first");
+    fn unauthenticated_or_unsupported(&mut self, rid: u64, body: &Body) -> Option<Stop> {
+        match self.unsupported(body) {
+            Some(feature) => self.not_supported(rid, body, feature),
+            None => self.error(rid, ErrorCode::Unauthenticated, "authenticate first"),
         }
         None
+    }
+
+    /// The feature `body` needs if this server does not offer it.
+    fn unsupported(&self, body: &Body) -> Option<&'static str> {
+        let feature = starling_protocol::features::of(body.kind())?;
+        (!self.shard.features().contains(&feature)).then_some(feature)
+    }
+
+    fn not_supported(&mut self, rid: u64, body: &Body, feature: &str) {
+        let name = body.kind().name();
+        self.error(
+            rid,
+            ErrorCode::NotSupported,
+            &format!(
+                "{name} needs the feature \"{feature}\", which this server does not offer \
+                 (see Welcome.features); do not retry it here"
+            ),
+        );
     }
 
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
@@ -1071,13 +1150,9 @@ impl Conn {
         }
     }
 
+    /// The first frame (the caller checked that it is Hello).
     async fn on_hello(&mut self, rid: u64, body: Body) -> Option<Stop> {
         let Body::Hello(h) = body else {
-            self.error(
-                rid,
-                ErrorCode::UnexpectedFrame,
-                "the first frame must be Hello",
-            );
             return Some(Stop::Flush);
         };
         if h.protocol_version != PROTOCOL_VERSION {
@@ -1088,14 +1163,18 @@ impl Conn {
             );
             return Some(Stop::Flush);
         }
-        let mut authenticated = None;
+        let (mut authenticated, mut auth_error) = (None, None);
         if !h.access_token.is_empty() {
             match self.check_token(h.access_token).await {
                 Ok(a) => authenticated = Some(a),
+                // Welcomed all the same, unauthenticated: the client refreshes or sends
+                // Authenticate on this connection.
                 Err(e) => {
-                    // Stay before Hello: the client may refresh and retry.
-                    self.api_error(rid, e);
-                    return None;
+                    auth_error = Some(v1::Error {
+                        code: e.code as i32,
+                        message: e.message,
+                        retry_after_ms: e.retry_after_ms,
+                    });
                 }
             }
         }
@@ -1121,6 +1200,13 @@ impl Conn {
             }),
             server_time_ms: clock::unix_ms(),
             authenticated: authenticated.map(|a| a.principal.to_wire()),
+            auth_error,
+            features: self
+                .shard
+                .features()
+                .iter()
+                .map(|&f| f.to_owned())
+                .collect(),
         };
         let idle = u64::from(limits.idle_timeout_ms);
         self.welcomed = true;
@@ -1186,9 +1272,6 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
-            other if is_server_only(&other) => {
-                self.error(rid, ErrorCode::UnexpectedFrame, "server-to-client frame");
-            }
             other if Router::handles(&other) && self.router_open => {
                 if let Some(r) = &self.shard.router {
                     let (id, frame) = (
@@ -1203,18 +1286,24 @@ impl Conn {
                 }
             }
             other => {
-                let name = other.kind().name();
-                self.send(
-                    rid,
-                    Body::Error(v1::Error {
-                        code: ErrorCode::Unavailable as i32,
-                        message: format!("{name}: not implemented yet"),
-                        retry_after_ms: 0,
-                    }),
-                );
+                let feature = starling_protocol::features::of(other.kind()).unwrap_or("none");
+                self.not_supported(rid, &other, feature);
             }
         }
     }
+}
+
+/// Frames a client may send with request id 0: they want no answer (Ping is answered all
+/// the same, with the Pong carrying the Ping's request id).
+fn is_one_way(body: &Body) -> bool {
+    matches!(
+        body,
+        Body::DeliveryAck(_)
+            | Body::ReadCursor(_)
+            | Body::Typing(_)
+            | Body::Ping(_)
+            | Body::Pong(_)
+    )
 }
 
 /// Frames only the server sends.

@@ -44,7 +44,9 @@
 //!   has not taken them. An idle connection keeps rustls's keys and state
 //!   machine only (under 4 KiB, `starling-bench tls-memory`; BENCHMARKS.md).
 //!   Encoded frames plus unsent records are capped at `outbound_bytes_max`
-//!   (over it: slow consumer, close). The server prefers
+//!   (over it: slow consumer, close), and a connection whose socket takes
+//!   nothing for `slow_consumer_close_ms` while bytes wait is closed the same
+//!   way (`Goodbye{SLOW_CONSUMER}`). The server prefers
 //!   TLS_AES_128_GCM_SHA256 (SHA-256 runs on SHA-NI; SHA-384 does not) and
 //!   issues one stateless session ticket per connection (ring's ticketer)
 //!   so reconnecting clients resume. A dev CA and server certificate are
@@ -67,8 +69,13 @@
 //!   reads and transactions, Argon2id, webhooks) runs on one bounded blocking pool
 //!   shared by all shards, so shard threads never block on disk or CPU-heavy
 //!   hashing. While a connection waits for its answer it is not read (TCP
-//!   pushes back). At most `inflight_requests_max` requests are accepted
-//!   from one read; more get `TOO_MANY_IN_FLIGHT`.
+//!   pushes back). A request counts from its read until its final answer is
+//!   queued for the connection (router answers settle it as the router
+//!   queues them; a Sync at its SyncDone); one that arrives while
+//!   `inflight_requests_max` are held gets `TOO_MANY_IN_FLIGHT` and is not
+//!   carried out. A request with request id 0 is refused, and a request of a
+//!   feature the server does not offer (`Welcome.features`) gets
+//!   `NOT_SUPPORTED`.
 //! - **Messaging** ([`messaging`]): each shard thread owns one
 //!   `starling_router::RouterShard` over its `EmbeddedShard`
 //!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`

@@ -199,17 +199,16 @@ impl std::fmt::Debug for ShardRouter {
 }
 
 impl ShardRouter {
-    /// Builds the router on the shard thread.
-    pub fn new(parts: RouterParts) -> std::io::Result<Self> {
+    /// Builds the router on the shard thread, with the slow-consumer limits of `limits`.
+    pub fn new(parts: RouterParts, limits: &crate::config::LimitsConfig) -> std::io::Result<Self> {
         let index = parts.store.index().clone();
         let bell = parts.links.bell().clone();
-        let mut router = RouterShard::new(
-            ShardConfig::default(),
-            parts.links,
-            parts.store,
-            index,
-            parts.meta.clone(),
-        );
+        let cfg = ShardConfig {
+            conn_outbound_bytes_max: limits.push_backlog_bytes_max,
+            slow_consumer_close_ms: limits.slow_consumer_close_ms,
+            ..ShardConfig::default()
+        };
+        let mut router = RouterShard::new(cfg, parts.links, parts.store, index, parts.meta.clone());
         router.set_cursor_offload(cursor_writer(bell.clone(), parts.io_cpus.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
@@ -272,8 +271,9 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
             if rs.poll_timeout().is_some_and(|t| t <= now) {
                 rs.handle_tick(now);
             }
+            let now_us = clock::mono_us();
             while let Some(t) = rs.poll_transmit() {
-                shard.push_outbound(ConnId(t.conn.0), t);
+                shard.push_outbound(ConnId(t.conn.0), t, now_us);
             }
             while let Some(c) = rs.poll_close() {
                 tracing::info!(conn = c.conn.0, code = ?c.code, message = %c.message, "router closes connection");

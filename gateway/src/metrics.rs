@@ -37,6 +37,8 @@ pub struct ShardMetrics {
     pub heartbeat_timeouts: AtomicU64,
     /// Connections closed for a missed handshake/Hello deadline.
     pub deadline_timeouts: AtomicU64,
+    /// Connections closed as slow consumers (Goodbye{SLOW_CONSUMER}).
+    pub slow_consumer_closes: AtomicU64,
     /// Connections closed for bad frames.
     pub protocol_errors: AtomicU64,
     /// Access tokens accepted from the shard's cache (no verify, no store read).
@@ -155,7 +157,7 @@ impl Metrics {
             "Conversation states in the router's memory.",
             &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         );
-        let counters: [Counter<ShardMetrics>; 18] = [
+        let counters: [Counter<ShardMetrics>; 19] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -188,6 +190,11 @@ impl Metrics {
                 "starling_deadline_timeouts_total",
                 "Connections closed for a missed handshake or Hello deadline.",
                 |m| &m.deadline_timeouts,
+            ),
+            (
+                "starling_slow_consumer_closes_total",
+                "Connections closed because they did not read what was sent to them.",
+                |m| &m.slow_consumer_closes,
             ),
             (
                 "starling_protocol_errors_total",

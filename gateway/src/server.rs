@@ -261,7 +261,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 );
                 rt.block_on(async move {
                     // Built inside the runtime: its eventfd registers with this driver.
-                    let router = match crate::messaging::ShardRouter::new(parts) {
+                    let router = match crate::messaging::ShardRouter::new(parts, &shared.cfg.limits)
+                    {
                         Ok(r) => Rc::new(r),
                         Err(e) => {
                             let _ = ready.send(Err(format!("shard {i}: cannot start router: {e}")));

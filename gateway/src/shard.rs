@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::task::{Poll, Waker};
 
+use starling_protocol::FrameKind;
 use starling_protocol::v1::ErrorCode;
 use starling_router::Transmit;
 
@@ -94,6 +95,9 @@ pub enum Kill {
     /// A frame for the peer (an answer or a push) is larger than the frame limit the peer
     /// negotiated in Hello; it could neither be sent nor silently dropped.
     FrameTooLarge,
+    /// The peer does not read: its socket took nothing for `limits.slow_consumer_close_ms`
+    /// while bytes waited, or more than `limits.outbound_bytes_max` waited.
+    SlowConsumer,
 }
 
 impl Kill {
@@ -108,6 +112,7 @@ impl Kill {
             Kill::Router(code) => code,
             Kill::TokenExpired => ErrorCode::TokenExpired,
             Kill::FrameTooLarge => ErrorCode::FrameTooLarge,
+            Kill::SlowConsumer => ErrorCode::SlowConsumer,
         }
     }
 }
@@ -122,6 +127,15 @@ pub struct ConnCtl {
     /// Monotonic ms at which the access token that authenticated the
     /// connection expires (0: not authenticated by a token).
     token_expires_ms: Cell<u64>,
+    /// Monotonic ms at which a connection whose socket takes nothing is closed as a slow
+    /// consumer (0: no write is stalled).
+    write_deadline_ms: Cell<u64>,
+    /// Bytes that waited for the socket when the stalled-write deadline was last set (0:
+    /// not set); fewer waiting at the next stall means the socket took some.
+    write_stalled_with: Cell<usize>,
+    /// Requests read and not yet answered, which the in-flight limit counts: (request id, µs
+    /// clock of the read that brought it if it is a Send, else 0). Unallocated when empty.
+    requests: RefCell<VecDeque<(u64, u64)>>,
     /// The due time of the connection's live wheel entry (older entries
     /// with another due time are stale).
     filed_ms: Cell<u64>,
@@ -181,6 +195,45 @@ impl ConnCtl {
         self.deadline_ms.set(deadline_ms);
         self.deadline_kind.set(Some(kind));
     }
+
+    /// Clears the stalled-write deadline (the socket took everything).
+    pub fn clear_write_deadline(&self) {
+        self.write_deadline_ms.set(0);
+        self.write_stalled_with.set(0);
+    }
+
+    /// Requests held (read, not yet answered).
+    #[must_use]
+    pub fn inflight(&self) -> usize {
+        self.requests.borrow().len()
+    }
+
+    /// Request `request_id` was read: it counts until its final answer is queued.
+    /// `send_read_us`: the µs clock of the read, for a Send (0 otherwise).
+    pub fn admit(&self, request_id: u64, send_read_us: u64) {
+        self.requests
+            .borrow_mut()
+            .push_back((request_id, send_read_us));
+    }
+
+    /// A frame is queued for the connection. If it is a request's final answer (a frame with
+    /// its request id other than Deliver and Receipt, which are parts of a Sync's answer;
+    /// SyncDone ends it), that request no longer counts as in flight. Returns the read time
+    /// of a Send answered by this SendAck.
+    pub fn settle(&self, request_id: u64, kind: Option<FrameKind>) -> Option<u64> {
+        if request_id == 0 || matches!(kind, Some(FrameKind::Deliver | FrameKind::Receipt)) {
+            return None;
+        }
+        let mut requests = self.requests.borrow_mut();
+        // Answers come nearly in request order, so the front is nearly always it.
+        let i = requests.iter().position(|&(rid, _)| rid == request_id)?;
+        let (_, read_us) = requests.remove(i)?;
+        if requests.is_empty() {
+            // An idle connection owns no buffer (one small allocation per burst of requests).
+            *requests = VecDeque::new();
+        }
+        (kind == Some(FrameKind::SendAck) && read_us != 0).then_some(read_us)
+    }
 }
 
 /// One shard's state; lives on its thread only.
@@ -231,9 +284,15 @@ impl Shard {
         }
     }
 
-    /// Queues a router frame for connection `id` (dropped if it is gone).
-    pub fn push_outbound(&self, id: ConnId, frame: Transmit) {
+    /// Queues a router frame for connection `id` (dropped if it is gone); a final answer
+    /// settles its request (`now_us`: the monotonic µs clock, for the SendAck latency).
+    pub fn push_outbound(&self, id: ConnId, frame: Transmit, now_us: u64) {
         if let Some(ctl) = self.conns.borrow().get(&id) {
+            if let Some(read_us) = ctl.settle(frame.request_id, frame.kind) {
+                self.metrics()
+                    .send_ack
+                    .record_us(now_us.saturating_sub(read_us));
+            }
             ctl.push_outbound(frame);
         }
     }
@@ -242,6 +301,27 @@ impl Shard {
     pub fn kill_conn(&self, id: ConnId, why: Kill) {
         if let Some(ctl) = self.conns.borrow().get(&id) {
             ctl.kill(why);
+        }
+    }
+
+    /// The optional features this server offers (`Welcome.features`; the registry is
+    /// `starling_protocol::features`).
+    #[must_use]
+    pub fn features(&self) -> &'static [&'static str] {
+        use starling_protocol::features::{
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, HISTORY, MESSAGING, PASSWORD_LOGIN,
+        };
+        if self.router.is_some() {
+            &[
+                MESSAGING,
+                HISTORY,
+                CONVERSATION_LIST,
+                BLOCK,
+                PASSWORD_LOGIN,
+                CONTACT_DISCOVERY,
+            ]
+        } else {
+            &[PASSWORD_LOGIN, CONTACT_DISCOVERY]
         }
     }
 
@@ -285,6 +365,19 @@ impl Shard {
         ctl.token_expires_ms.set(expires_ms);
         if expires_ms != 0 {
             self.file_by(id, ctl, expires_ms);
+        }
+    }
+
+    /// A write to connection `id` would block with `waiting` bytes unwritten. The first
+    /// time, and whenever fewer bytes wait than at the last stall (the socket took some),
+    /// the connection gets `close_ms` more before it is closed with `Kill::SlowConsumer`.
+    pub fn write_stalled(&self, id: ConnId, ctl: &ConnCtl, waiting: usize, close_ms: u64) {
+        let before = ctl.write_stalled_with.get();
+        if before == 0 || waiting < before {
+            ctl.write_stalled_with.set(waiting.max(1));
+            let due = clock::mono_ms() + close_ms;
+            ctl.write_deadline_ms.set(due);
+            self.file_by(id, ctl, due);
         }
     }
 
@@ -336,11 +429,15 @@ impl Shard {
                 return None;
             }
             let token_exp = ctl.token_expires_ms.get();
+            let write_dl = ctl.write_deadline_ms.get();
             let deadline = ctl.deadline_ms.get();
             let kind = if token_exp != 0 && token_exp <= now_ms {
                 ctl.token_expires_ms.set(0);
                 metrics::inc(&m.token_expiries);
                 Some(Kill::TokenExpired)
+            } else if write_dl != 0 && write_dl <= now_ms {
+                ctl.write_deadline_ms.set(0);
+                Some(Kill::SlowConsumer)
             } else if deadline <= now_ms {
                 Some(ctl.deadline_kind.get().unwrap_or(Kill::Deadline))
             } else {
@@ -356,8 +453,10 @@ impl Shard {
                     ctl.set_deadline(close_by, Kill::CloseTimeout);
                     close_by
                 }
-                None if token_exp != 0 => deadline.min(token_exp),
-                None => deadline,
+                None => [token_exp, write_dl]
+                    .into_iter()
+                    .filter(|&t| t != 0)
+                    .fold(deadline, u64::min),
             };
             ctl.filed_ms.set(next);
             Some(next)

@@ -301,6 +301,19 @@ fn err_code(b: &Body) -> ErrorCode {
     }
 }
 
+/// The code of `Welcome.auth_error` in the answer to a Hello whose token was refused (the
+/// connection is welcomed, not authenticated).
+fn auth_error(b: &Body) -> ErrorCode {
+    match b {
+        Body::Welcome(v1::Welcome {
+            authenticated: None,
+            auth_error: Some(e),
+            ..
+        }) => ErrorCode::try_from(e.code).unwrap(),
+        other => panic!("expected Welcome with auth_error, got {other:?}"),
+    }
+}
+
 fn email(e: &str) -> Option<v1::Identifier> {
     Some(v1::Identifier {
         kind: Some(v1::identifier::Kind::Email(e.into())),
@@ -411,10 +424,10 @@ fn accounts_over_the_protocol() {
             })),
             Body::Done(_)
         ));
-        // Features not built yet answer UNAVAILABLE and keep the connection
+        // Features this server does not offer answer NOT_SUPPORTED and keep the connection
         // (messaging is wired to the router now; groups are not).
         let e = a.request(Body::CreateGroup(v1::CreateGroup::default()));
-        assert_eq!(err_code(&e), ErrorCode::Unavailable);
+        assert_eq!(err_code(&e), ErrorCode::NotSupported);
 
         // Password login from a second device.
         let mut b = srv.hello("");
@@ -481,15 +494,15 @@ fn accounts_over_the_protocol() {
                 access_token: bad.into(),
                 ..Default::default()
             }));
-            assert_eq!(err_code(&e), ErrorCode::TokenInvalid);
-            // Still usable: Hello without a token works.
-            assert!(matches!(
-                x.request(Body::Hello(v1::Hello {
+            assert_eq!(auth_error(&e), ErrorCode::TokenInvalid);
+            // Welcomed all the same: a second Hello is refused, Authenticate works.
+            assert_eq!(
+                err_code(&x.request(Body::Hello(v1::Hello {
                     protocol_version: 1,
                     ..Default::default()
-                })),
-                Body::Welcome(_)
-            ));
+                }))),
+                ErrorCode::UnexpectedFrame
+            );
             assert_eq!(
                 err_code(&x.request(Body::Authenticate(v1::Authenticate {
                     access_token: bad.into()
@@ -524,7 +537,7 @@ fn accounts_over_the_protocol() {
             access_token: g3.access_token.clone(),
             ..Default::default()
         }));
-        assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+        assert_eq!(auth_error(&e), ErrorCode::SessionRevoked);
 
         // Logout closes the session's connections and invalidates its token.
         let mut other_conn = srv.hello(&g.access_token);
@@ -546,7 +559,7 @@ fn accounts_over_the_protocol() {
             access_token: g.access_token.clone(),
             ..Default::default()
         }));
-        assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+        assert_eq!(auth_error(&e), ErrorCode::SessionRevoked);
         let m = srv.metrics();
         assert!(
             m.contains("starling_auth_failures_total{reason=\"refresh_token_reused\"} 1"),
@@ -566,7 +579,7 @@ fn expired_tokens_and_otp_guessing() {
         access_token: g.access_token,
         ..Default::default()
     }));
-    assert_eq!(err_code(&e), ErrorCode::TokenExpired);
+    assert_eq!(auth_error(&e), ErrorCode::TokenExpired);
 
     // Guessing: 5 wrong codes burn the code; then even the right one fails.
     let mut c = srv.hello("");
@@ -648,7 +661,7 @@ fn expired_access_token_closes_live_connections() {
             access_token: g.access_token.clone(),
             ..Default::default()
         }));
-        assert_eq!(err_code(&e), ErrorCode::TokenExpired, "{driver}");
+        assert_eq!(auth_error(&e), ErrorCode::TokenExpired, "{driver}");
         // Refresh and reconnect.
         let mut r = srv.hello("");
         let Body::SessionGranted(g2) = r.request(Body::Refresh(v1::Refresh {
@@ -1439,7 +1452,7 @@ fn webhook_otp_login_and_remove_device() {
         access_token: g2.access_token,
         ..Default::default()
     }));
-    assert_eq!(err_code(&e), ErrorCode::SessionRevoked);
+    assert_eq!(auth_error(&e), ErrorCode::SessionRevoked);
     assert_eq!(
         err_code(&a.request(Body::RemoveDevice(v1::RemoveDevice { device_id: 99 }))),
         ErrorCode::NotFound
@@ -2443,3 +2456,6 @@ fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
         "two shards: a log writer and a cursor writer each, all on CPU {first}"
     );
 }
+
+#[path = "server/spec.rs"]
+mod spec;

@@ -4,7 +4,8 @@
 //! `starling.v1`), the Rust types generated from it ([`v1`]), the frame codec
 //! ([`FrameDecoder`], [`FrameEncoder`], and the writers the router encodes its
 //! outbound frames with: [`put_framed`], [`put_deliver_framed`],
-//! [`framed_len`]), the protocol limits ([`limits`]) and the mapping from
+//! [`framed_len`]), the protocol limits ([`limits`]), the registry of optional
+//! feature names ([`features`]) and the mapping from
 //! codec errors to wire error codes.
 //!
 //! **Is not:** I/O. This crate is sans-IO and deterministic, in the manner of
@@ -42,6 +43,7 @@
 
 mod codec;
 mod error;
+pub mod features;
 pub mod limits;
 
 pub use codec::{

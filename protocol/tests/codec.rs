@@ -120,6 +120,13 @@ fn sample(kind: FrameKind) -> Body {
                 device_id: 1,
                 session_id: 555,
             }),
+            auth_error: None,
+            features: vec![
+                "messaging".into(),
+                "history".into(),
+                "conversation_list".into(),
+                "block".into(),
+            ],
         }),
         FrameKind::Ping => Body::Ping(v1::Ping { nonce: 12_345 }),
         FrameKind::Pong => Body::Pong(v1::Pong { nonce: 12_345 }),
@@ -524,19 +531,133 @@ fn to_json(desc: &MessageDescriptor, frame_bytes: &[u8]) -> String {
     json
 }
 
+/// Vectors beyond one per frame kind: (file stem, frame).
+fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
+    vec![(
+        // Hello carried a token that was refused: welcomed, not authenticated.
+        "welcome_auth_error",
+        v1::Frame {
+            request_id: 1,
+            body: Some(Body::Welcome(v1::Welcome {
+                protocol_version: 1,
+                server_version: "starling 0.1.0".into(),
+                limits: Some(v1::Limits {
+                    frame_bytes_max: 65_536,
+                    body_bytes_max: 61_440,
+                    inflight_requests_max: 64,
+                    heartbeat_ms: 30_000,
+                    idle_timeout_ms: 90_000,
+                    sync_messages_max: 500,
+                }),
+                server_time_ms: 1_790_000_000_000,
+                authenticated: None,
+                auth_error: Some(v1::Error {
+                    code: v1::ErrorCode::TokenExpired as i32,
+                    message: "access token expired".into(),
+                    retry_after_ms: 0,
+                }),
+                features: starling_protocol::features::ALL[..6]
+                    .iter()
+                    .map(|&f| f.to_owned())
+                    .collect(),
+            })),
+        },
+    )]
+}
+
+/// The sample Sync as a standard encoder writes it: every map entry with both
+/// its key and its value, the zero value included (prost omits it).
+fn sync_explicit_zero_wire() -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let frame = sample_frame(FrameKind::Sync);
+    let Some(Body::Sync(sync)) = &frame.body else {
+        unreachable!()
+    };
+    let mut entries = Vec::new();
+    for (&k, &v) in &sync.last_seq {
+        let len = 2 + encoded_len_varint(k) + encoded_len_varint(v);
+        encode_key(1, WireType::LengthDelimited, &mut entries);
+        encode_varint(len as u64, &mut entries);
+        encode_key(1, WireType::Varint, &mut entries);
+        encode_varint(k, &mut entries);
+        encode_key(2, WireType::Varint, &mut entries);
+        encode_varint(v, &mut entries);
+    }
+    let mut payload = Vec::new();
+    encode_key(1, WireType::Varint, &mut payload);
+    encode_varint(frame.request_id, &mut payload);
+    encode_key(
+        FrameKind::Sync.field_number(),
+        WireType::LengthDelimited,
+        &mut payload,
+    );
+    encode_varint(entries.len() as u64, &mut payload);
+    payload.extend_from_slice(&entries);
+    let mut wire = Vec::new();
+    encode_varint(payload.len() as u64, &mut wire);
+    wire.extend_from_slice(&payload);
+    wire
+}
+
+/// A map entry with an explicit zero value decodes like one without it; its
+/// JSON is the omitted form's. Not compared byte for byte with `sync.hex`
+/// (README: maps are compared by decoding).
+#[test]
+fn a_zero_map_value_written_explicitly_decodes_the_same() {
+    let bless = std::env::var_os("STARLING_BLESS").is_some();
+    let dir = vectors_dir();
+    let (hex_path, json_path) = (
+        dir.join("sync_explicit_zero.hex"),
+        dir.join("sync_explicit_zero.json"),
+    );
+    let wire = sync_explicit_zero_wire();
+    // A one-byte length prefix.
+    assert!(wire[0] < 0x80 && usize::from(wire[0]) == wire.len() - 1);
+    let desc = frame_descriptor();
+    if bless {
+        std::fs::write(&hex_path, format!("{}\n", hex::encode(&wire))).unwrap();
+        std::fs::write(&json_path, to_json(&desc, &wire[1..])).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&hex_path).unwrap();
+    let bytes = hex::decode(committed.trim()).unwrap();
+    assert_eq!(bytes, wire, "{} is stale", hex_path.display());
+    let omitted = hex::decode(
+        std::fs::read_to_string(dir.join("sync.hex"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    assert_ne!(bytes, omitted, "the explicit form differs in bytes");
+    let frame = sample_frame(FrameKind::Sync);
+    assert_eq!(decode_all(&[&bytes]), vec![frame]);
+    assert_eq!(
+        to_json(&desc, &bytes[1..]),
+        std::fs::read_to_string(&json_path).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&json_path).unwrap(),
+        std::fs::read_to_string(dir.join("sync.json")).unwrap()
+    );
+}
+
 #[test]
 fn golden_vectors() {
     let bless = std::env::var_os("STARLING_BLESS").is_some();
     let desc = frame_descriptor();
     let dir = vectors_dir();
-    for &kind in FrameKind::ALL {
-        let frame = sample_frame(kind);
+    let vectors = FrameKind::ALL
+        .iter()
+        .map(|&kind| (kind.name(), sample_frame(kind)))
+        .chain(extra_vectors());
+    for (name, frame) in vectors {
+        let kind = name;
         let wire = encode(&frame);
         let hex_text = format!("{}\n", hex::encode(&wire));
         let prefix_len = prost::encoding::encoded_len_varint(frame.encoded_len() as u64);
         let json = to_json(&desc, &wire[prefix_len..]);
-        let hex_path = dir.join(format!("{}.hex", kind.name()));
-        let json_path = dir.join(format!("{}.json", kind.name()));
+        let hex_path = dir.join(format!("{name}.hex"));
+        let json_path = dir.join(format!("{name}.json"));
         if bless {
             std::fs::write(&hex_path, &hex_text).unwrap();
             std::fs::write(&json_path, &json).unwrap();
@@ -563,7 +684,9 @@ fn golden_vectors() {
 
 #[test]
 fn every_vector_file_has_a_frame_kind() {
-    let names: Vec<&str> = FrameKind::ALL.iter().map(|k| k.name()).collect();
+    let mut names: Vec<&str> = FrameKind::ALL.iter().map(|k| k.name()).collect();
+    names.extend(extra_vectors().iter().map(|(name, _)| *name));
+    names.push("sync_explicit_zero");
     for entry in std::fs::read_dir(vectors_dir()).unwrap() {
         let path = entry.unwrap().path();
         let (Some(stem), Some(ext)) = (path.file_stem(), path.extension()) else {

@@ -35,10 +35,11 @@ pub struct ShardConfig {
     /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
     /// sends are refused with `OVERLOADED`.
     pub open_entries_max: usize,
-    /// Bytes a connection may have queued (emitted, not yet reported written) before pushes to
-    /// it turn into `MessagesAvailable` hints.
+    /// A connection's backlog budget: bytes it may have queued (emitted, not yet reported
+    /// written) before it is behind, i.e. pushes to it turn into `MessagesAvailable` hints,
+    /// which it gets once its backlog is down to half of this (then pushes resume).
     pub conn_outbound_bytes_max: u64,
-    /// A connection that stays over its outbound budget this long (it reads nothing) is
+    /// A connection whose backlog stays over its budget this long (it reads too little) is
     /// closed with `SLOW_CONSUMER`; it syncs after reconnecting.
     pub slow_consumer_close_ms: u64,
     /// Most messages per conversation one `Sync` returns.
@@ -501,7 +502,8 @@ struct Conn {
     device: DeviceId,
     /// Bytes emitted and not yet reported written by the gateway.
     queued_bytes: u64,
-    /// Over budget: pushes turn into hints until the device syncs.
+    /// Behind: a push found the backlog over budget. Pushes turn into hints until the backlog
+    /// is down to half the budget (or the device syncs).
     behind: bool,
     /// State only a connection that is behind or has a Sync/list outstanding needs, boxed so an
     /// idle connection's directory entry stays a few dozen bytes (it is per connection, and
@@ -513,8 +515,11 @@ struct Conn {
 struct ConnMore {
     /// Latest seq per conversation not pushed while behind.
     hints: BTreeMap<u64, u64>,
-    /// When it went behind (for `slow_consumer_close_ms`); `None` once a close was requested.
-    behind_since_ms: Option<u64>,
+    /// Since when the backlog has been over budget without a break (for
+    /// `slow_consumer_close_ms`); `None` while it is within the budget.
+    over_since_ms: Option<u64>,
+    /// A close was requested (the connection is left alone until it is gone).
+    closing: bool,
     syncs: HashMap<u64, SyncGather>,
     lists: HashMap<u64, ListGather>,
 }
@@ -524,15 +529,24 @@ impl Conn {
         self.more.get_or_insert_with(Box::default)
     }
 
-    fn behind_since_ms(&self) -> Option<u64> {
-        self.more.as_ref().and_then(|m| m.behind_since_ms)
+    fn over_since_ms(&self) -> Option<u64> {
+        self.more
+            .as_ref()
+            .filter(|m| !m.closing)
+            .and_then(|m| m.over_since_ms)
+    }
+
+    /// Whether the tick needs to look at this connection (hints to emit or a close clock).
+    fn watched(&self) -> bool {
+        self.behind || self.over_since_ms().is_some()
     }
 
     /// Frees the boxed state once nothing in it is in use.
     fn tidy(&mut self) {
         if self.more.as_ref().is_some_and(|m| {
             m.hints.is_empty()
-                && m.behind_since_ms.is_none()
+                && m.over_since_ms.is_none()
+                && !m.closing
                 && m.syncs.is_empty()
                 && m.lists.is_empty()
         }) {
@@ -608,8 +622,9 @@ pub struct RouterShard<L, I, M> {
 
     // session directory slice
     conns: HashMap<ConnId, Conn>,
-    /// Connections over their outbound budget (pushes turned into hints).
-    behind: HashSet<ConnId>,
+    /// Connections behind (pushes turned into hints) or over their backlog budget (the close
+    /// clock runs): the tick looks at them.
+    watched: HashSet<ConnId>,
     users: HashMap<UserId, Vec<ConnId>>,
     direct_cache: HashMap<(UserId, UserId), u64>,
 
@@ -719,7 +734,7 @@ where
             cursor_writer: None,
             cursor_flight: None,
             conns: HashMap::default(),
-            behind: HashSet::default(),
+            watched: HashSet::default(),
             users: HashMap::default(),
             direct_cache: HashMap::default(),
             local: VecDeque::new(),
@@ -815,7 +830,7 @@ where
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
         self.now_ms = now_ms;
-        self.behind.remove(&conn);
+        self.watched.remove(&conn);
         if let Some(c) = self.conns.remove(&conn)
             && let Some(list) = self.users.get_mut(&c.user)
         {
@@ -829,8 +844,15 @@ where
     /// The gateway wrote `bytes` of this connection's frames to its socket.
     pub fn handle_conn_flushed(&mut self, conn: ConnId, bytes: u64, now_ms: u64) {
         self.now_ms = now_ms;
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        if c.queued_bytes <= self.cfg.conn_outbound_bytes_max
+            && let Some(m) = &mut c.more
+        {
+            // Within the budget again: the close clock stops.
+            m.over_since_ms = None;
         }
         self.emit_hints(conn);
     }
@@ -967,26 +989,33 @@ where
         }
         self.prune_recent();
         self.evict_idle();
-        let conns: Vec<ConnId> = self.behind.iter().copied().collect();
+        let conns: Vec<ConnId> = self.watched.iter().copied().collect();
         let (budget, close_ms) = (
             self.cfg.conn_outbound_bytes_max,
             self.cfg.slow_consumer_close_ms,
         );
         for id in conns {
             self.emit_hints(id);
-            if let Some(c) = self.conns.get_mut(&id)
-                && c.behind
-                && c.queued_bytes > budget
-                && c.behind_since_ms()
+            let Some(c) = self.conns.get_mut(&id) else {
+                self.watched.remove(&id);
+                continue;
+            };
+            if c.queued_bytes > budget
+                && c.over_since_ms()
                     .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
             {
-                c.more().behind_since_ms = None;
-                self.behind.remove(&id);
+                c.more().closing = true;
                 self.closes.push_back(CloseRequest {
                     conn: id,
                     code: ErrorCode::SlowConsumer,
-                    message: format!("{} bytes unread for {close_ms} ms", c.queued_bytes),
+                    message: format!(
+                        "{} bytes unread, over {budget} for {close_ms} ms",
+                        c.queued_bytes
+                    ),
                 });
+            }
+            if !c.watched() {
+                self.watched.remove(&id);
             }
         }
         self.drive();
@@ -1023,9 +1052,9 @@ where
         self.flush();
         let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
         let close = self
-            .behind
+            .watched
             .iter()
-            .filter_map(|id| self.conns.get(id)?.behind_since_ms())
+            .filter_map(|id| self.conns.get(id)?.over_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
         let evict = self.idle_queue.front().map(|&(_, t)| {
@@ -1182,10 +1211,19 @@ where
         // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
         // overestimate would leak, and a connection would end up "behind" for good.
         c.queued_bytes += bytes.len() as u64;
-        if push && !c.behind && c.queued_bytes > self.cfg.conn_outbound_bytes_max {
-            c.behind = true;
-            c.more().behind_since_ms = Some(self.now_ms);
-            self.behind.insert(conn);
+        if c.queued_bytes > self.cfg.conn_outbound_bytes_max {
+            // Answers count towards the backlog as pushes do, but only a push makes the
+            // connection behind (answers are bounded by the in-flight request limit).
+            if push {
+                c.behind = true;
+            }
+            let m = c.more();
+            if m.over_since_ms.is_none() && !m.closing {
+                m.over_since_ms = Some(self.now_ms);
+            }
+            if c.watched() {
+                self.watched.insert(conn);
+            }
         }
         self.transmits.push_back(Transmit {
             conn,
@@ -1196,16 +1234,25 @@ where
         true
     }
 
+    /// A connection that is behind and whose backlog is down to half its budget is no longer
+    /// behind: it gets one `MessagesAvailable` per conversation it missed pushes of, and pushes
+    /// resume.
     fn emit_hints(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let no_hints = c.more.as_ref().is_none_or(|m| m.hints.is_empty());
-        if no_hints || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
+        if !c.behind || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
             return;
         }
-        let hints = std::mem::take(&mut c.more().hints);
+        c.behind = false;
+        let hints = c.more.as_mut().map(|m| std::mem::take(&mut m.hints));
         c.tidy();
+        if !c.watched() {
+            self.watched.remove(&conn);
+        }
+        let Some(hints) = hints else {
+            return;
+        };
         for (conv, seq) in hints {
             self.stats.hints += 1;
             let f = frame(
@@ -2134,14 +2181,16 @@ where
         let Some(c) = self.conns.get_mut(&origin.conn) else {
             return Ok(());
         };
-        // The device catches up now: pushes resume, hints are void.
+        // The device catches up now: pushes resume, hints are void (the backlog's close clock
+        // runs on: a Sync does not make the socket read faster).
         c.behind = false;
         if let Some(m) = &mut c.more {
             m.hints.clear();
-            m.behind_since_ms = None;
         }
         c.tidy();
-        self.behind.remove(&origin.conn);
+        if !c.watched() {
+            self.watched.remove(&origin.conn);
+        }
         if per_owner.is_empty() {
             self.emit(
                 origin.conn,

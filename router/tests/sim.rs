@@ -1904,6 +1904,64 @@ fn a_slow_consumer_gets_hints_not_messages_and_never_slows_others() {
     assert_eq!(seqs(&h.take(21)), vec![41]);
 }
 
+/// "Behind" ends when the backlog is down to half the budget: after its MessagesAvailable the
+/// connection gets live pushes again without a Sync, and nothing of it stays due in the
+/// shard's timer (a drained connection that never synced used to keep the close deadline in
+/// the past, so the shard ticked without pause).
+#[test]
+fn a_drained_connection_gets_pushes_again_without_a_sync() {
+    let mut h = Harness::new(2, &[1, 2]);
+    h.open(10, 1, 1);
+    h.open(21, 2, 1);
+    h.stalled.insert(21);
+    // All at once, so that the stall is shorter than the slow-consumer close time (150 ms).
+    let rids: Vec<u64> = (1..=40)
+        .map(|n| {
+            h.msg(
+                10,
+                n,
+                Target::UserId(2),
+                "a fairly long message body to fill the budget",
+            )
+        })
+        .collect();
+    h.run();
+    let acks = h.take(10);
+    let conv = ack(&acks, rids[0]).unwrap().conversation_id;
+    assert!(rids.iter().all(|&rid| ack(&acks, rid).is_some()));
+    let slow = h.take(21);
+    let pushed = seqs(&slow);
+    assert!(pushed.len() < 40, "the budget ran out");
+    h.stalled.clear();
+    let shard = h.conns[&21];
+    for f in &slow {
+        h.node.shards[shard].handle_conn_flushed(ConnId(21), encoded_len(f), h.now);
+    }
+    h.run();
+    let hints: Vec<_> = h
+        .take(21)
+        .into_iter()
+        .filter_map(|f| match f.body {
+            Some(Body::MessagesAvailable(m)) => Some((m.conversation_id, m.up_to_seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hints, vec![(conv, 40)]);
+    // No Sync: the next message is pushed live.
+    h.msg(10, 41, Target::UserId(2), "live again");
+    h.run();
+    assert_eq!(seqs(&h.take(21)), vec![41]);
+    // Long past the slow-consumer close time, nothing about the connection is due.
+    h.now += 10_000;
+    let now = h.now;
+    for s in &mut h.node.shards {
+        s.handle_tick(now);
+        assert!(s.poll_close().is_none());
+        let next = s.poll_timeout();
+        assert!(next.is_none_or(|t| t > now), "due at {next:?}, now {now}");
+    }
+}
+
 #[test]
 fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
     use starling_storage::{DenseIndex, EmbeddedMeta, EmbeddedShard, ShardOptions};
