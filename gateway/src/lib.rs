@@ -41,7 +41,11 @@
 //!   TLS_AES_128_GCM_SHA256 (SHA-256 runs on SHA-NI; SHA-384 does not) and
 //!   issues one stateless session ticket per connection (ring's ticketer)
 //!   so reconnecting clients resume. A dev CA and server certificate are
-//!   generated on first start.
+//!   generated on first start, as a set that appears whole or not at all; a
+//!   start that finds a set partly written refuses, naming the file.
+//! - **Small files in the data dir** ([`fsutil`]): TLS material and
+//!   secrets are written with [`fsutil::write_atomic`] (temp file, fsync,
+//!   rename, fsync the directory), so a crash never leaves one empty.
 //! - **Deadlines** ([`wheel`]): one hashed timer wheel per shard; each
 //!   connection has one live entry and one `deadline_ms` cell. Handshake and
 //!   Hello deadlines are absolute (a byte a second does not extend them);
@@ -97,6 +101,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod cpus;
+pub mod fsutil;
 pub mod kx;
 pub mod messaging;
 pub mod metrics;

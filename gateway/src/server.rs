@@ -137,7 +137,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     set_transparent_huge_pages(cfg.transparent_huge_pages)
         .context("cannot set the transparent huge page mode (prctl)")?;
     let sigset = block_signals()?;
-    std::fs::create_dir_all(&cfg.data_dir)
+    crate::fsutil::create_dir_durable(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     say(&format!("starling {} starting", env!("CARGO_PKG_VERSION")));
     say(&format!("data dir: {}", cfg.data_dir.display()));
