@@ -103,6 +103,7 @@ pub mod conn;
 pub mod cpus;
 pub mod fsutil;
 pub mod kx;
+pub mod layout;
 pub mod messaging;
 pub mod metrics;
 pub mod runtime;

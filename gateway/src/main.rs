@@ -35,7 +35,8 @@ struct ServeArgs {
     /// TLS listen address [default: 127.0.0.1:7443].
     #[arg(long, env = "STARLING_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Number of shards (0: one per core) [default: 0].
+    /// Number of shards (0: the data dir's recorded count, or one per core for a new data dir)
+    /// [default: 0]. An existing data dir's count cannot change.
     #[arg(long, env = "STARLING_SHARDS")]
     shards: Option<usize>,
     /// Metrics listen address, or "off" [default: 127.0.0.1:9464].

@@ -141,6 +141,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     say(&format!("starling {} starting", env!("CARGO_PKG_VERSION")));
     say(&format!("data dir: {}", cfg.data_dir.display()));
+    // Before anything in the data dir is opened: a start with another shard count than the
+    // data's is refused here, with the data untouched.
+    let layout = crate::layout::resolve(&cfg.data_dir, cfg.shards, cfg.shard_count())?;
+    let n = layout.shards;
+    say(&format!(
+        "layout: {n} shards ({})",
+        match layout.origin {
+            crate::layout::Origin::Recorded => "recorded in the data dir",
+            crate::layout::Origin::Inferred => "inferred from shards/ and recorded",
+            crate::layout::Origin::New => "new data dir, recorded",
+        }
+    ));
 
     let material = crate::tls::ensure_dev_material(&cfg.data_dir)?;
     if material.generated {
@@ -164,7 +176,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     say(&format!("  CA SHA-256 fingerprint: {}", material.ca_sha256));
     let tls = crate::tls::server_config(&material)?;
 
-    let n = cfg.shard_count();
     let allowed = crate::cpus::allowed().context("cannot read the process's CPU affinity")?;
     let placement = crate::cpus::place(&allowed, n, cfg.storage.io_cpus.as_deref());
     if !placement.io.is_empty() {
