@@ -133,6 +133,18 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), FsError> {
     }
 }
 
+/// Checks that `dir` takes a durable write: writes, fsyncs and removes a 4 KiB file in it. A
+/// full or read-only filesystem fails here, at start-up, rather than at the first message.
+///
+/// # Errors
+/// The probe could not be written, synced or removed.
+pub fn probe_writable(dir: &Path) -> Result<(), FsError> {
+    let probe = dir.join(".starling-write-probe");
+    write_atomic(&probe, &[0u8; 4096], 0o600)?;
+    std::fs::remove_file(&probe).map_err(|e| FsError::new("remove", &probe, e))?;
+    fsync_dir(dir)
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -223,6 +235,15 @@ mod tests {
         let got = std::fs::read(&p).unwrap();
         assert!(bodies.contains(&got));
         assert_eq!(names(dir.path()), ["f"]);
+    }
+
+    #[test]
+    fn the_write_probe_leaves_nothing_behind_and_names_a_missing_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        probe_writable(dir.path()).unwrap();
+        assert!(names(dir.path()).is_empty());
+        let e = probe_writable(&dir.path().join("gone")).unwrap_err();
+        assert_eq!(e.io().kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -82,9 +82,15 @@
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by
-//!   `sigwait` on the main thread; shards stop accepting, send
-//!   `Goodbye{SHUTTING_DOWN}`, drain for up to `shutdown_drain_ms`, and the
-//!   process exits 0.
+//!   `sigwait` on a signal thread, which tells the main thread; shards stop
+//!   accepting, send `Goodbye{SHUTTING_DOWN}`, drain for up to
+//!   `shutdown_drain_ms`, and the process exits 0.
+//! - **Storage faults** ([`health`]): the first failure of a shard's log or
+//!   index, `meta.redb` or `accounts.redb` marks the process unhealthy
+//!   (`/healthz`, `/readyz`), stops reading connections, and tells the main
+//!   thread; shards give pending answers a short grace, send
+//!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
+//!   74 for a supervisor to restart it. Never retry-and-acknowledge.
 //! - **Accounts** ([`accounts`]): OTP codes stored as HMAC-SHA256 with a
 //!   server secret, 6 digits, TTL and attempt limits, rate-limited per
 //!   identifier and per IP; EdDSA JWT access tokens (alg pinned, `kid`,
@@ -102,6 +108,7 @@ pub mod config;
 pub mod conn;
 pub mod cpus;
 pub mod fsutil;
+pub mod health;
 pub mod kx;
 pub mod layout;
 pub mod messaging;

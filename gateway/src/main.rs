@@ -9,8 +9,18 @@ use starling_gateway::config::{Config, DriverChoice, LogFormat};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Exit status: 0 after SIGTERM/SIGINT and a drain; 1 when start-up fails
+/// (a bad data dir, a refused layout, a filesystem that does not take a
+/// durable write, ...); 2 for a configuration error; 74 after a storage
+/// fault while serving (a supervisor should restart the server).
 #[derive(Debug, Parser)]
-#[command(name = "starling", version, about = "Starling chat server")]
+#[command(
+    name = "starling",
+    version,
+    about = "Starling chat server",
+    after_help = "Exit status: 0 after SIGTERM/SIGINT; 1 start-up failed; 2 configuration \
+                  error; 74 a storage fault while serving (restart the server)."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,6 +127,10 @@ fn main() -> std::process::ExitCode {
             init_logs(cfg.log_format);
             match starling_gateway::server::serve(cfg) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) if e.is::<starling_gateway::server::StorageFaultExit>() => {
+                    eprintln!("starling: {e}");
+                    std::process::ExitCode::from(starling_gateway::health::EXIT_STORAGE_FAULT)
+                }
                 Err(e) => {
                     eprintln!("starling: {e:#}");
                     std::process::ExitCode::from(1)

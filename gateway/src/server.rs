@@ -1,6 +1,8 @@
-//! Start-up and shutdown: validate config, prepare the data directory and
-//! TLS material, bind one SO_REUSEPORT listener per shard, start the shard
-//! threads and the metrics thread, then wait for SIGTERM/SIGINT.
+//! Start-up and shutdown: validate config, check the data directory (its
+//! layout, that it takes a durable write) and the TLS material, bind one
+//! SO_REUSEPORT listener per shard, start the shard threads and the metrics
+//! thread, then wait for SIGTERM/SIGINT (drain, return `Ok`) or a storage
+//! fault (drain briefly, return [`StorageFaultExit`]; see [`crate::health`]).
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -11,6 +13,7 @@ use anyhow::Context as _;
 
 use crate::accounts::Accounts;
 use crate::config::Config;
+use crate::health::{Health, Stop};
 use crate::metrics::Metrics;
 use crate::runtime::{BlockingPool, ShardRuntime};
 use crate::shard::{Control, Shard, Shared};
@@ -131,7 +134,11 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     if rc == 0 { sig } else { libc::SIGTERM }
 }
 
-/// Runs the server until SIGTERM/SIGINT, then drains and returns.
+/// Runs the server until SIGTERM/SIGINT, then drains and returns; or until a storage fault,
+/// then drains briefly and returns [`StorageFaultExit`].
+///
+/// # Errors
+/// Start-up failed, or a storage fault stopped the server.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     set_transparent_huge_pages(cfg.transparent_huge_pages)
@@ -153,6 +160,37 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             crate::layout::Origin::New => "new data dir, recorded",
         }
     ));
+
+    // A full or read-only filesystem fails the start here, with its reason.
+    let mut probed = vec![cfg.data_dir.clone()];
+    probed.extend(
+        (0..n)
+            .map(|i| cfg.data_dir.join("shards").join(i.to_string()))
+            .filter(|d| d.is_dir()),
+    );
+    for dir in &probed {
+        crate::fsutil::probe_writable(dir).with_context(|| {
+            format!(
+                "storage fault at start-up: {} does not take a durable write",
+                dir.display()
+            )
+        })?;
+    }
+    let health = Arc::new(Health::new(n));
+    crate::health::install(health.clone());
+    // The main thread waits for a signal (taken by a thread of its own) or a fault.
+    let (stop_tx, stop_rx) = mpsc::channel();
+    health.set_stop(stop_tx.clone());
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                if stop_tx.send(Stop::Signal(wait_signal(&sigset))).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
 
     let material = crate::tls::ensure_dev_material(&cfg.data_dir)?;
     if material.generated {
@@ -188,7 +226,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
     let (_meta, router_parts) =
-        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io)?;
+        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io, &health)?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()
@@ -216,9 +254,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen for metrics on {a}"))?;
             let addr = l.local_addr()?;
             let m = metrics.clone();
+            let h = health.clone();
             std::thread::Builder::new()
                 .name("metrics".into())
-                .spawn(move || crate::metrics::serve(l, m))?;
+                .spawn(move || crate::metrics::serve(l, &m, &h))?;
             Some(addr)
         }
         None => None,
@@ -238,9 +277,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tls,
         controls: senders.clone(),
         revocation_epoch: std::sync::atomic::AtomicU64::new(0),
+        health: health.clone(),
     });
     let pool = BlockingPool::new(cfg.accounts.blocking_threads);
     let (ready_tx, ready_rx) = mpsc::channel();
+    // Each shard thread holds a sender until it ends: the receiver sees them all gone.
+    let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut threads = Vec::new();
     for (i, rx) in receivers.into_iter().enumerate().rev() {
         let mut listeners = vec![(tls_listeners.pop().context("listener count")?, true)];
@@ -253,6 +295,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let driver = cfg.driver;
         let cpu = placement.shards.get(i).copied();
         let parts = router_parts[i].take().context("router parts")?;
+        let done = done_tx.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || {
@@ -283,14 +326,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     let shard = Rc::new(Shard::new(i, shared, Some(router)));
                     shard.run(listeners, rx).await;
                 });
+                drop(done);
             })?;
         threads.push(t);
     }
     drop(ready_tx);
+    drop(done_tx);
     let mut driver = None;
     for _ in 0..n {
         match ready_rx.recv() {
-            Ok(Ok(d)) => driver = Some(d),
+            Ok(Ok(d)) => {
+                driver = Some(d);
+                health.shard_up();
+            }
             Ok(Err(e)) => anyhow::bail!(e),
             Err(_) => anyhow::bail!("a shard thread died during start-up"),
         }
@@ -306,20 +354,47 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = metrics_addr {
         say(&format!("metrics: http://{a}/metrics"));
     }
+    health.serving();
     say("ready");
     tracing::info!(%tls_addr, shards = n, driver, "starling ready");
 
-    let sig = wait_signal(&sigset);
-    tracing::info!(signal = sig, "shutting down: draining connections");
-    for s in &senders {
-        let _ = s.send(Control::Shutdown);
+    match stop_rx.recv() {
+        Ok(Stop::Signal(sig)) => {
+            tracing::info!(signal = sig, "shutting down: draining connections");
+            health.draining();
+            for s in &senders {
+                let _ = s.send(Control::Shutdown);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            say("stopped");
+            Ok(())
+        }
+        Ok(Stop::Fault(reason)) => {
+            for s in &senders {
+                let _ = s.send(Control::Fault);
+            }
+            // The shards drain for at most the grace and `shutdown_drain_ms`; a thread that
+            // is stuck on the failed disk (a log writer in fsync) does not hold the exit.
+            let wait = crate::clock::ms(
+                crate::health::FAULT_ANSWER_GRACE_MS
+                    + cfg.limits.shutdown_drain_ms
+                    + 2 * cfg.limits.timer_tick_ms
+                    + 1_000,
+            );
+            let _ = done_rx.recv_timeout(wait);
+            Err(StorageFaultExit(reason).into())
+        }
+        Err(_) => anyhow::bail!("the signal thread is gone"),
     }
-    for t in threads {
-        let _ = t.join();
-    }
-    say("stopped");
-    Ok(())
 }
+
+/// `serve` stopped because of a storage fault (see [`crate::health`]): the binary exits with
+/// [`crate::health::EXIT_STORAGE_FAULT`].
+#[derive(Debug, thiserror::Error)]
+#[error("storage fault: {0}; exiting so that a supervisor restarts the server")]
+pub struct StorageFaultExit(pub String);
 
 #[cfg(test)]
 mod tests {
