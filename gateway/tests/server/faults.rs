@@ -1047,3 +1047,76 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
     drop(srv);
     drop(mount);
 }
+
+/// A fault met by a metadata store rather than the log (the first message of a conversation
+/// writes its membership to `meta.redb`; a one-time code is stored in `accounts.redb`): the
+/// request is answered `STORAGE_FAILURE`, and the server stops with status 74 naming the
+/// store, as for the log — instead of failing every later metadata write until a manual
+/// restart. (Read-only, so that the store's write fails whatever room its file has.)
+#[test]
+fn a_metadata_store_fault_stops_the_server_too() {
+    let root = tempfile::tempdir().unwrap();
+    let mount = Mount::ext4(root.path(), 320);
+    let log = root.path().join("stderr-1.log");
+    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let mut a = srv.hello("");
+    let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
+    let mut b = srv.hello("");
+    let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    let mut a = srv.hello(&ga.access_token);
+    let watcher = watch_health(srv.metrics_addr);
+    mount.force_read_only();
+    let e = call(&mut a, fat_send(0, gb.user_id, 16, true));
+    let Body::Error(e) = e else {
+        panic!("the first message of a conversation on a read-only disk: {e:?}")
+    };
+    assert_eq!(e.code, ErrorCode::StorageFailure as i32, "{e:?}");
+    let seen = watcher.join().unwrap().expect("a 503 before the exit");
+    assert!(
+        seen.healthz.1.starts_with("storage fault: meta.redb: "),
+        "{seen:?}"
+    );
+    assert!(seen.metrics.contains("starling_ready 0\n"), "{seen:?}");
+    assert!(
+        seen.metrics
+            .contains("starling_storage_failed{shard=\"0\"} 0\n"),
+        "{seen:?}"
+    );
+    let mut srv = srv;
+    let st = wait_exit(&mut srv);
+    assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
+    let line = last_line(&log);
+    assert!(
+        line.starts_with("starling: storage fault: meta.redb: "),
+        "{line}"
+    );
+    assert!(line.contains("Read-only file system"), "{line}");
+
+    // Writable again: the message was not stored; its retry is. Then a one-time code cannot
+    // be stored.
+    mount.remount_ext4();
+    let Server { dir, .. } = srv;
+    let log = dir.path().join("stderr-2.log");
+    let (srv, _) = launch_logging_to(dir, &["--shards", "1"], false, Some(&log));
+    let mut a = srv.hello(&ga.access_token);
+    let Body::SendAck(ack) = call(&mut a, fat_send(0, gb.user_id, 16, false)) else {
+        panic!("the retry after the restart")
+    };
+    assert_eq!((ack.seq, ack.duplicate), (1, false));
+    let mut c = srv.hello("");
+    mount.force_read_only();
+    let e = c.request(Body::RequestOtp(v1::RequestOtp {
+        identifier: email("cy@example.org"),
+    }));
+    assert_eq!(super::err_code(&e), ErrorCode::StorageFailure, "{e:?}");
+    let mut srv = srv;
+    let st = wait_exit(&mut srv);
+    assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
+    let line = last_line(&log);
+    assert!(
+        line.starts_with("starling: storage fault: accounts.redb: "),
+        "{line}"
+    );
+    drop(srv);
+    drop(mount);
+}
