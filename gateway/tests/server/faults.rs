@@ -398,7 +398,7 @@ fn run(tool: &str, args: &[&str]) {
 struct Mount {
     point: PathBuf,
     /// The ext4 image's directory (removed after the unmount).
-    _image: Option<tempfile::TempDir>,
+    image: Option<tempfile::TempDir>,
 }
 
 impl Mount {
@@ -411,10 +411,7 @@ impl Mount {
             "mount",
             &["-t", "tmpfs", "-o", &size, "tmpfs", point.to_str().unwrap()],
         );
-        Mount {
-            point,
-            _image: None,
-        }
+        Mount { point, image: None }
     }
 
     /// An ext4 filesystem on a loop device, mounted `errors=remount-ro`: on an error the
@@ -433,14 +430,14 @@ impl Mount {
         std::fs::create_dir(&point).unwrap();
         let m = Mount {
             point,
-            _image: Some(image),
+            image: Some(image),
         };
         m.mount_ext4();
         m
     }
 
-    fn image(&self) -> PathBuf {
-        self._image.as_ref().unwrap().path().join("fs.img")
+    fn image_file(&self) -> PathBuf {
+        self.image.as_ref().unwrap().path().join("fs.img")
     }
 
     fn mount_ext4(&self) {
@@ -449,7 +446,7 @@ impl Mount {
             &[
                 "-o",
                 "loop,errors=remount-ro",
-                self.image().to_str().unwrap(),
+                self.image_file().to_str().unwrap(),
                 self.point.to_str().unwrap(),
             ],
         );
