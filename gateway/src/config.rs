@@ -193,7 +193,11 @@ pub struct Config {
     pub dangerous_plaintext_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` listener (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
-    /// Number of shards (0: one per core).
+    /// Number of shards (0: automatic). A data directory records its shard count when it is
+    /// first used (`<data>/layout.toml`, see `crate::layout`): conversations are spread over the
+    /// shards by it, so it cannot change afterwards. With 0, a new data directory gets one shard
+    /// per core and an existing one keeps its recorded count (also on a machine with another
+    /// number of cores); an explicit count must equal the recorded one, or the start is refused.
     pub shards: usize,
     /// I/O driver.
     pub driver: DriverChoice,
@@ -278,7 +282,8 @@ impl Config {
         toml::from_str(text)
     }
 
-    /// The number of shards to run (resolves `0`).
+    /// The number of shards `shards` asks for on this machine (`0`: one per core). The count a
+    /// start runs with is the data directory's (`crate::layout::resolve`).
     #[must_use]
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 {

@@ -527,6 +527,10 @@ impl Conn {
             let readable = match wake {
                 Wake::Failed => return,
                 Wake::Kill(k) => {
+                    if matches!(k, Kill::Shutdown | Kill::StorageFault) {
+                        // Answers the router already queued go out before the Goodbye.
+                        self.queue_outbound();
+                    }
                     self.on_kill(k);
                     let _ = self.flush(true).await;
                     return;
@@ -608,6 +612,12 @@ impl Conn {
             }
             Kill::Revoked => self.goodbye(k.code(), "session revoked", 0),
             Kill::Shutdown => self.goodbye(k.code(), "server shutting down", 1000),
+            Kill::StorageFault => self.goodbye(
+                k.code(),
+                "storage failed; the server restarts. A Send without a SendAck: retry it with \
+                 the same client_msg_id and first_attempt = false after reconnecting",
+                crate::health::FAULT_RECONNECT_AFTER_MS,
+            ),
             Kill::Router(code) => {
                 if code == ErrorCode::SlowConsumer {
                     metrics::inc(&m.slow_consumer_closes);

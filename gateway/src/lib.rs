@@ -50,7 +50,11 @@
 //!   TLS_AES_128_GCM_SHA256 (SHA-256 runs on SHA-NI; SHA-384 does not) and
 //!   issues one stateless session ticket per connection (ring's ticketer)
 //!   so reconnecting clients resume. A dev CA and server certificate are
-//!   generated on first start.
+//!   generated on first start, as a set that appears whole or not at all; a
+//!   start that finds a set partly written refuses, naming the file.
+//! - **Small files in the data dir** ([`fsutil`]): TLS material and
+//!   secrets are written with [`fsutil::write_atomic`] (temp file, fsync,
+//!   rename, fsync the directory), so a crash never leaves one empty.
 //! - **Deadlines** ([`wheel`]): one hashed timer wheel per shard; each
 //!   connection has one live entry and one `deadline_ms` cell. Handshake and
 //!   Hello deadlines are absolute (a byte a second does not extend them);
@@ -92,9 +96,15 @@
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by
-//!   `sigwait` on the main thread; shards stop accepting, send
-//!   `Goodbye{SHUTTING_DOWN}`, drain for up to `shutdown_drain_ms`, and the
-//!   process exits 0.
+//!   `sigwait` on a signal thread, which tells the main thread; shards stop
+//!   accepting, send `Goodbye{SHUTTING_DOWN}`, drain for up to
+//!   `shutdown_drain_ms`, and the process exits 0.
+//! - **Storage faults** ([`health`]): the first failure of a shard's log or
+//!   index, `meta.redb` or `accounts.redb` marks the process unhealthy
+//!   (`/healthz`, `/readyz`), stops reading connections, and tells the main
+//!   thread; shards give pending answers a short grace, send
+//!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
+//!   74 for a supervisor to restart it. Never retry-and-acknowledge.
 //! - **Accounts** ([`accounts`]): OTP codes stored as HMAC-SHA256 with a
 //!   server secret, 6 digits, TTL and attempt limits, rate-limited per
 //!   identifier and per IP; EdDSA JWT access tokens (alg pinned, `kid`,
@@ -111,7 +121,10 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod cpus;
+pub mod fsutil;
+pub mod health;
 pub mod kx;
+pub mod layout;
 pub mod messaging;
 pub mod metrics;
 pub mod runtime;

@@ -9,8 +9,18 @@ use starling_gateway::config::{Config, DriverChoice, LogFormat};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Exit status: 0 after SIGTERM/SIGINT and a drain; 1 when start-up fails
+/// (a bad data dir, a refused layout, a filesystem that does not take a
+/// durable write, ...); 2 for a configuration error; 74 after a storage
+/// fault while serving (a supervisor should restart the server).
 #[derive(Debug, Parser)]
-#[command(name = "starling", version, about = "Starling chat server")]
+#[command(
+    name = "starling",
+    version,
+    about = "Starling chat server",
+    after_help = "Exit status: 0 after SIGTERM/SIGINT; 1 start-up failed; 2 configuration \
+                  error; 74 a storage fault while serving (restart the server)."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,7 +45,8 @@ struct ServeArgs {
     /// TLS listen address [default: 127.0.0.1:7443].
     #[arg(long, env = "STARLING_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Number of shards (0: one per core) [default: 0].
+    /// Number of shards (0: the data dir's recorded count, or one per core for a new data dir)
+    /// [default: 0]. An existing data dir's count cannot change.
     #[arg(long, env = "STARLING_SHARDS")]
     shards: Option<usize>,
     /// Metrics listen address, or "off" [default: 127.0.0.1:9464].
@@ -116,6 +127,10 @@ fn main() -> std::process::ExitCode {
             init_logs(cfg.log_format);
             match starling_gateway::server::serve(cfg) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) if e.is::<starling_gateway::server::StorageFaultExit>() => {
+                    eprintln!("starling: {e}");
+                    std::process::ExitCode::from(starling_gateway::health::EXIT_STORAGE_FAULT)
+                }
                 Err(e) => {
                     eprintln!("starling: {e:#}");
                     std::process::ExitCode::from(1)

@@ -21,6 +21,7 @@ use starling_storage::{
 };
 
 use crate::clock;
+use crate::health::Health;
 use crate::runtime::{self, Ready};
 use crate::shard::{Kill, Shard};
 use crate::wheel::ConnId;
@@ -95,18 +96,22 @@ pub struct RouterParts {
     /// Where the shard's storage threads run (its log writer, its cursor writer); empty: not
     /// pinned, beside the shards.
     pub io_cpus: Arc<[usize]>,
+    /// Where a failure of the shard's log or index is reported.
+    pub health: Arc<Health>,
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
 /// and builds the grid. Blocking; call before serving. If `io_cpus` is not
 /// empty (`crate::cpus`), each log's writer thread (and each router's cursor
 /// writer) runs there and its spare-segment maker at the lowest priority
-/// wherever the caller may run.
+/// wherever the caller may run. A fault of the metadata store is reported to
+/// `health`.
 pub fn open(
     data_dir: &Path,
     shards: usize,
     storage: &crate::config::StorageConfig,
     io_cpus: &[usize],
+    health: &Arc<Health>,
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
     let io: Arc<[usize]> = io_cpus.into();
     let io_for_parts = io.clone();
@@ -125,6 +130,8 @@ pub fn open(
     });
     let meta =
         Arc::new(EmbeddedMeta::open(&data_dir.join("meta.redb")).context("cannot open meta.redb")?);
+    let h = health.clone();
+    meta.set_fault_hook(Box::new(move |e| h.fault(None, &format!("meta.redb: {e}"))));
     let mut efds = Vec::new();
     let mut bells = Vec::new();
     for _ in 0..shards {
@@ -173,6 +180,7 @@ pub fn open(
             meta: meta.clone(),
             efd,
             io_cpus: io_for_parts.clone(),
+            health: health.clone(),
         });
     }
     Ok((meta, parts))
@@ -190,6 +198,7 @@ pub struct ShardRouter {
     paused: RefCell<Vec<Waker>>,
     /// The node's metadata (for mirroring users).
     pub meta: Arc<EmbeddedMeta>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for ShardRouter {
@@ -220,6 +229,7 @@ impl ShardRouter {
             waker: RefCell::new(None),
             paused: RefCell::new(Vec::new()),
             meta: parts.meta,
+            health: parts.health,
         })
     }
 
@@ -244,9 +254,14 @@ impl ShardRouter {
         }
     }
 
-    /// Whether the router wants the sockets left unread (a ring to another
-    /// shard is full). If so, `waker` is woken once it clears.
+    /// Whether the sockets are to be left unread: a ring to another shard is
+    /// full (then `waker` is woken once it clears), or a storage fault stops
+    /// the server (then the connection waits for its `Goodbye`; see
+    /// [`crate::health`]).
     pub fn pause_reading(&self, waker: &Waker) -> bool {
+        if self.health.faulted() {
+            return true;
+        }
         if !self.router.borrow().is_backpressured() {
             return false;
         }
@@ -281,10 +296,19 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
             }
             if !failed && let Some(f) = rs.failure() {
                 failed = true;
-                tracing::error!(
-                    shard = shard.index,
-                    failure = f,
-                    "router shard failed: restart the server"
+                r.health
+                    .fault(Some(shard.index), &format!("shard {}: {f}", shard.index));
+            }
+            // The index is applied on the log's thread; an uncontended lock per turn.
+            if !failed && rs.log().index().failed() {
+                failed = true;
+                r.health.fault(
+                    Some(shard.index),
+                    &format!(
+                        "shard {}: its message index stopped applying the log (a restart \
+                         rebuilds it)",
+                        shard.index
+                    ),
                 );
             }
             shard

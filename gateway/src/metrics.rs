@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use starling_storage::stats::{BUCKET_BOUNDS_US, LatencyHistogram, LogStats};
 
+use crate::health::Health;
+
 /// A counter's name, help text and field of a shard's `T`.
 type Counter<T> = (&'static str, &'static str, fn(&T) -> &AtomicU64);
 
@@ -339,26 +341,63 @@ fn histogram<'a>(
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the process exits (a plain
-/// thread: scrapes are rare and tiny).
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Serves `GET /metrics` (with the health gauges), `GET /healthz` and
+/// `GET /readyz` on `listener` until the process exits (a plain thread:
+/// scrapes and probes are rare and tiny). The probes answer `200` with `ok`,
+/// or `503` with the reason on one line (see [`crate::health`]).
+pub fn serve(listener: TcpListener, metrics: &Metrics, health: &Health) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(crate::clock::ms(2000)));
         let _ = stream.set_write_timeout(Some(crate::clock::ms(2000)));
+        // The request line, whatever segments it came in (up to 1 KiB of head).
         let mut req = [0u8; 1024];
-        let n = stream.read(&mut req).unwrap_or(0);
+        let mut n = 0;
+        while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut req[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
         let head = &req[..n];
-        let (status, body) =
-            if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
-            };
+        let probe = |r: Result<(), String>| match r {
+            Ok(()) => ("200 OK", "ok\n".to_owned()),
+            Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+        };
+        let (status, body) = if path_is(head, b"/metrics") {
+            ("200 OK", metrics.render() + &health.render())
+        } else if path_is(head, b"/healthz") {
+            probe(health.liveness())
+        } else if path_is(head, b"/readyz") {
+            probe(health.readiness())
+        } else {
+            ("404 Not Found", "not found\n".to_owned())
+        };
         let _ = write!(
             stream,
             "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
+    }
+}
+
+/// Whether the request head is `GET <path>` (with or without a query).
+fn path_is(head: &[u8], path: &[u8]) -> bool {
+    head.strip_prefix(b"GET ")
+        .and_then(|rest| rest.strip_prefix(path))
+        .is_some_and(|rest| rest.starts_with(b" ") || rest.starts_with(b"?"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_is;
+
+    #[test]
+    fn paths_match_exactly_with_or_without_a_query() {
+        assert!(path_is(b"GET /readyz HTTP/1.1\r\n", b"/readyz"));
+        assert!(path_is(b"GET /metrics?x=1 HTTP/1.1\r\n", b"/metrics"));
+        assert!(!path_is(b"GET /readyzz HTTP/1.1\r\n", b"/readyz"));
+        assert!(!path_is(b"POST /readyz HTTP/1.1\r\n", b"/readyz"));
+        assert!(!path_is(b"GET /ready", b"/readyz"));
     }
 }

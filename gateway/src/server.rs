@@ -1,6 +1,8 @@
-//! Start-up and shutdown: validate config, prepare the data directory and
-//! TLS material, bind one SO_REUSEPORT listener per shard, start the shard
-//! threads and the metrics thread, then wait for SIGTERM/SIGINT.
+//! Start-up and shutdown: validate config, check the data directory (its
+//! layout, that it takes a durable write) and the TLS material, bind one
+//! SO_REUSEPORT listener per shard, start the shard threads and the metrics
+//! thread, then wait for SIGTERM/SIGINT (drain, return `Ok`) or a storage
+//! fault (drain briefly, return [`StorageFaultExit`]; see [`crate::health`]).
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -11,6 +13,7 @@ use anyhow::Context as _;
 
 use crate::accounts::Accounts;
 use crate::config::Config;
+use crate::health::{Health, Stop};
 use crate::metrics::Metrics;
 use crate::runtime::{BlockingPool, ShardRuntime};
 use crate::shard::{Control, Shard, Shared};
@@ -131,16 +134,63 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     if rc == 0 { sig } else { libc::SIGTERM }
 }
 
-/// Runs the server until SIGTERM/SIGINT, then drains and returns.
+/// Runs the server until SIGTERM/SIGINT, then drains and returns; or until a storage fault,
+/// then drains briefly and returns [`StorageFaultExit`].
+///
+/// # Errors
+/// Start-up failed, or a storage fault stopped the server.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     set_transparent_huge_pages(cfg.transparent_huge_pages)
         .context("cannot set the transparent huge page mode (prctl)")?;
     let sigset = block_signals()?;
-    std::fs::create_dir_all(&cfg.data_dir)
+    crate::fsutil::create_dir_durable(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     say(&format!("starling {} starting", env!("CARGO_PKG_VERSION")));
     say(&format!("data dir: {}", cfg.data_dir.display()));
+    // Before anything in the data dir is opened: a start with another shard count than the
+    // data's is refused here, with the data untouched.
+    let layout = crate::layout::resolve(&cfg.data_dir, cfg.shards, cfg.shard_count())?;
+    let n = layout.shards;
+    say(&format!(
+        "layout: {n} shards ({})",
+        match layout.origin {
+            crate::layout::Origin::Recorded => "recorded in the data dir",
+            crate::layout::Origin::Inferred => "inferred from shards/ and recorded",
+            crate::layout::Origin::New => "new data dir, recorded",
+        }
+    ));
+
+    // A full or read-only filesystem fails the start here, with its reason.
+    let mut probed = vec![cfg.data_dir.clone()];
+    probed.extend(
+        (0..n)
+            .map(|i| cfg.data_dir.join("shards").join(i.to_string()))
+            .filter(|d| d.is_dir()),
+    );
+    for dir in &probed {
+        crate::fsutil::probe_writable(dir).with_context(|| {
+            format!(
+                "storage fault at start-up: {} does not take a durable write",
+                dir.display()
+            )
+        })?;
+    }
+    let health = Arc::new(Health::new(n));
+    crate::health::install(health.clone());
+    // The main thread waits for a signal (taken by a thread of its own) or a fault.
+    let (stop_tx, stop_rx) = mpsc::channel();
+    health.set_stop(stop_tx.clone());
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                if stop_tx.send(Stop::Signal(wait_signal(&sigset))).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
 
     let material = crate::tls::ensure_dev_material(&cfg.data_dir)?;
     if material.generated {
@@ -164,7 +214,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     say(&format!("  CA SHA-256 fingerprint: {}", material.ca_sha256));
     let tls = crate::tls::server_config(&material)?;
 
-    let n = cfg.shard_count();
     let allowed = crate::cpus::allowed().context("cannot read the process's CPU affinity")?;
     let placement = crate::cpus::place(&allowed, n, cfg.storage.io_cpus.as_deref());
     if !placement.io.is_empty() {
@@ -177,7 +226,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
     let (_meta, router_parts) =
-        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io)?;
+        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io, &health)?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()
@@ -205,9 +254,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen for metrics on {a}"))?;
             let addr = l.local_addr()?;
             let m = metrics.clone();
+            let h = health.clone();
             std::thread::Builder::new()
                 .name("metrics".into())
-                .spawn(move || crate::metrics::serve(l, m))?;
+                .spawn(move || crate::metrics::serve(l, &m, &h))?;
             Some(addr)
         }
         None => None,
@@ -227,9 +277,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tls,
         controls: senders.clone(),
         revocation_epoch: std::sync::atomic::AtomicU64::new(0),
+        health: health.clone(),
     });
     let pool = BlockingPool::new(cfg.accounts.blocking_threads);
     let (ready_tx, ready_rx) = mpsc::channel();
+    // Each shard thread holds a sender until it ends: the receiver sees them all gone.
+    let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut threads = Vec::new();
     for (i, rx) in receivers.into_iter().enumerate().rev() {
         let mut listeners = vec![(tls_listeners.pop().context("listener count")?, true)];
@@ -242,6 +295,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let driver = cfg.driver;
         let cpu = placement.shards.get(i).copied();
         let parts = router_parts[i].take().context("router parts")?;
+        let done = done_tx.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || {
@@ -273,14 +327,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     let shard = Rc::new(Shard::new(i, shared, Some(router)));
                     shard.run(listeners, rx).await;
                 });
+                drop(done);
             })?;
         threads.push(t);
     }
     drop(ready_tx);
+    drop(done_tx);
     let mut driver = None;
     for _ in 0..n {
         match ready_rx.recv() {
-            Ok(Ok(d)) => driver = Some(d),
+            Ok(Ok(d)) => {
+                driver = Some(d);
+                health.shard_up();
+            }
             Ok(Err(e)) => anyhow::bail!(e),
             Err(_) => anyhow::bail!("a shard thread died during start-up"),
         }
@@ -296,20 +355,47 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = metrics_addr {
         say(&format!("metrics: http://{a}/metrics"));
     }
+    health.serving();
     say("ready");
     tracing::info!(%tls_addr, shards = n, driver, "starling ready");
 
-    let sig = wait_signal(&sigset);
-    tracing::info!(signal = sig, "shutting down: draining connections");
-    for s in &senders {
-        let _ = s.send(Control::Shutdown);
+    match stop_rx.recv() {
+        Ok(Stop::Signal(sig)) => {
+            tracing::info!(signal = sig, "shutting down: draining connections");
+            health.draining();
+            for s in &senders {
+                let _ = s.send(Control::Shutdown);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            say("stopped");
+            Ok(())
+        }
+        Ok(Stop::Fault(reason)) => {
+            for s in &senders {
+                let _ = s.send(Control::Fault);
+            }
+            // The shards drain for at most the grace and `shutdown_drain_ms`; a thread that
+            // is stuck on the failed disk (a log writer in fsync) does not hold the exit.
+            let wait = crate::clock::ms(
+                crate::health::FAULT_ANSWER_GRACE_MS
+                    + cfg.limits.shutdown_drain_ms
+                    + 2 * cfg.limits.timer_tick_ms
+                    + 1_000,
+            );
+            let _ = done_rx.recv_timeout(wait);
+            Err(StorageFaultExit(reason).into())
+        }
+        Err(_) => anyhow::bail!("the signal thread is gone"),
     }
-    for t in threads {
-        let _ = t.join();
-    }
-    say("stopped");
-    Ok(())
 }
+
+/// `serve` stopped because of a storage fault (see [`crate::health`]): the binary exits with
+/// [`crate::health::EXIT_STORAGE_FAULT`].
+#[derive(Debug, thiserror::Error)]
+#[error("storage fault: {0}; exiting so that a supervisor restarts the server")]
+pub struct StorageFaultExit(pub String);
 
 #[cfg(test)]
 mod tests {

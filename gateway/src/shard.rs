@@ -39,6 +39,10 @@ pub enum Control {
     },
     /// Stop accepting, say Goodbye, drain, stop.
     Shutdown,
+    /// A storage fault (see [`crate::health`]): stop accepting, let the answers on their way
+    /// arrive for [`crate::health::FAULT_ANSWER_GRACE_MS`], say `Goodbye{STORAGE_FAILURE}`,
+    /// drain, stop.
+    Fault,
 }
 
 /// State shared by all shards (read-only after start, or internally synced).
@@ -57,6 +61,8 @@ pub struct Shared {
     /// Counts revocations. A shard trusts its token cache only while it has
     /// processed every revocation counted here (see [`Shard::token_cache_current`]).
     pub revocation_epoch: AtomicU64,
+    /// Whether the process serves; where storage faults are reported.
+    pub health: Arc<crate::health::Health>,
 }
 
 impl Shared {
@@ -92,6 +98,8 @@ pub enum Kill {
     Router(ErrorCode),
     /// The access token that authenticated the connection expired.
     TokenExpired,
+    /// A storage fault stops the server (see [`crate::health`]).
+    StorageFault,
     /// A frame for the peer (an answer or a push) is larger than the frame limit the peer
     /// negotiated in Hello; it could neither be sent nor silently dropped.
     FrameTooLarge,
@@ -113,6 +121,7 @@ impl Kill {
             Kill::TokenExpired => ErrorCode::TokenExpired,
             Kill::FrameTooLarge => ErrorCode::FrameTooLarge,
             Kill::SlowConsumer => ErrorCode::SlowConsumer,
+            Kill::StorageFault => ErrorCode::StorageFailure,
         }
     }
 }
@@ -252,6 +261,10 @@ pub struct Shard {
     last_sweep_ms: Cell<u64>,
     next_id: Cell<u64>,
     shutting_down: Cell<bool>,
+    /// After a fault: when (monotonic ms) the connections get their Goodbye; 0: not pending.
+    fault_goodbye_ms: Cell<u64>,
+    /// Once shutting down: when (monotonic ms) the drain ends, whatever is left.
+    drain_until_ms: Cell<u64>,
     accept_wakers: RefCell<Vec<Waker>>,
     /// Ciphertext read scratch (per shard, not per connection).
     pub read_scratch: RefCell<Vec<u8>>,
@@ -278,6 +291,8 @@ impl Shard {
             conns: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
             shutting_down: Cell::new(false),
+            fault_goodbye_ms: Cell::new(0),
+            drain_until_ms: Cell::new(0),
             accept_wakers: RefCell::new(Vec::new()),
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             router,
@@ -463,7 +478,26 @@ impl Shard {
         });
     }
 
-    fn control(&self, msg: Control) {
+    /// Stops accepting and sets the end of the drain, `drain_ms` from now; false if already
+    /// shutting down.
+    fn stop_accepting(&self, now_ms: u64, drain_ms: u64) -> bool {
+        if self.shutting_down.replace(true) {
+            return false;
+        }
+        self.drain_until_ms.set(now_ms + drain_ms);
+        for w in self.accept_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+        true
+    }
+
+    fn kill_all(&self, why: Kill) {
+        for ctl in self.conns.borrow().values() {
+            ctl.kill(why);
+        }
+    }
+
+    fn control(&self, msg: Control, now_ms: u64) {
         match msg {
             Control::RevokeSessions {
                 sessions: ids,
@@ -480,13 +514,16 @@ impl Shard {
                 }
             }
             Control::Shutdown => {
-                if !self.shutting_down.replace(true) {
-                    for w in self.accept_wakers.borrow_mut().drain(..) {
-                        w.wake();
-                    }
-                    for ctl in self.conns.borrow().values() {
-                        ctl.kill(Kill::Shutdown);
-                    }
+                if self.stop_accepting(now_ms, self.shared.cfg.limits.shutdown_drain_ms) {
+                    self.kill_all(Kill::Shutdown);
+                }
+            }
+            Control::Fault => {
+                let grace = crate::health::FAULT_ANSWER_GRACE_MS;
+                if self.stop_accepting(now_ms, grace + self.shared.cfg.limits.shutdown_drain_ms) {
+                    // Connections stopped reading at the fault (`Health::faulted`); the
+                    // answers already on their way get the grace to arrive first.
+                    self.fault_goodbye_ms.set(now_ms + grace);
                 }
             }
         }
@@ -508,12 +545,16 @@ impl Shard {
             }
         }
         let tick = self.shared.cfg.limits.timer_tick_ms;
-        let mut drain_until = None;
         loop {
             runtime::sleep_ms(tick).await;
             let now = clock::mono_ms();
             while let Ok(msg) = controls.try_recv() {
-                self.control(msg);
+                self.control(msg, now);
+            }
+            let goodbye = self.fault_goodbye_ms.get();
+            if goodbye != 0 && now >= goodbye {
+                self.fault_goodbye_ms.set(0);
+                self.kill_all(Kill::StorageFault);
             }
             self.tick(now);
             let unix_now = clock::unix_ms();
@@ -521,12 +562,11 @@ impl Shard {
                 self.last_sweep_ms.set(unix_now);
                 self.token_cache.borrow_mut().sweep(unix_now);
             }
-            if self.shutting_down.get() {
-                let until =
-                    *drain_until.get_or_insert(now + self.shared.cfg.limits.shutdown_drain_ms);
-                if self.conns.borrow().is_empty() || now >= until {
-                    break;
-                }
+            if self.shutting_down.get()
+                && ((self.conns.borrow().is_empty() && self.fault_goodbye_ms.get() == 0)
+                    || now >= self.drain_until_ms.get())
+            {
+                break;
             }
         }
     }

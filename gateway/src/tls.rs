@@ -25,18 +25,35 @@ pub struct TlsMaterial {
     pub generated: bool,
 }
 
-/// Loads the TLS material from `<data>/tls/`, generating it if absent.
+/// The files of the development TLS set, in the order they are checked.
+const SET: [&str; 3] = ["ca.pem", "server.pem", "server.key"];
+
+/// Loads the TLS material from `<data>/tls/`, generating it if none of its
+/// files exists.
+///
+/// A new set is generated in `<data>/tls.new/` (each file written with
+/// [`crate::fsutil::write_atomic`]) and that directory is renamed to
+/// `<data>/tls`, so a crash leaves either no set or a whole one. A set that
+/// is partly there (a file missing, empty or not PEM) is refused with an
+/// error naming the file: generating a new CA over one that clients may
+/// already trust would break them silently.
+///
+/// # Errors
+/// The set is incomplete or damaged, or it could not be written.
 pub fn ensure_dev_material(data_dir: &Path) -> anyhow::Result<TlsMaterial> {
     let dir = data_dir.join("tls");
     let ca_pem = dir.join("ca.pem");
     let server_pem = dir.join("server.pem");
     let server_key = dir.join("server.key");
-    let mut generated = false;
-    if !server_pem.exists() || !server_key.exists() || !ca_pem.exists() {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        generate(&ca_pem, &server_pem, &server_key)?;
-        generated = true;
+    let present = SET
+        .iter()
+        .filter(|f| dir.join(f).symlink_metadata().is_ok())
+        .count();
+    let generated = present == 0;
+    if generated {
+        generate_set(data_dir, &dir)?;
     }
+    check_set(&dir)?;
     let ca_der = CertificateDer::from_pem_file(&ca_pem)
         .with_context(|| format!("reading {}", ca_pem.display()))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, &ca_der);
@@ -55,7 +72,78 @@ pub fn ensure_dev_material(data_dir: &Path) -> anyhow::Result<TlsMaterial> {
     })
 }
 
-fn generate(ca_pem: &Path, server_pem: &Path, server_key: &Path) -> anyhow::Result<()> {
+/// Refuses a set with a file missing, empty or not parseable, naming it.
+fn check_set(dir: &Path) -> anyhow::Result<()> {
+    for name in SET {
+        let path = dir.join(name);
+        let problem = match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is missing".to_owned()),
+            Err(e) => Some(format!("cannot be read ({e})")),
+            Ok(m) if m.len() == 0 => Some("is empty".to_owned()),
+            Ok(_) => {
+                let parsed = if name == "server.key" {
+                    PrivateKeyDer::from_pem_file(&path).map(|_| ())
+                } else {
+                    CertificateDer::from_pem_file(&path).map(|_| ())
+                };
+                parsed.err().map(|e| format!("is not valid PEM ({e})"))
+            }
+        };
+        if let Some(problem) = problem {
+            anyhow::bail!(
+                "the TLS material in {dir} is incomplete: {path} {problem}. Refusing to generate a \
+                 new development CA over one that clients may already trust. Restore the file from \
+                 a backup, or delete ca.pem, server.pem and server.key in {dir} to generate a new \
+                 CA (clients must then be given the new ca.pem)",
+                dir = dir.display(),
+                path = path.display(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Generates a set in `<data>/tls.new/` and publishes it as `dir` with one
+/// rename (over an empty `dir`, if one exists).
+fn generate_set(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    use crate::fsutil::{fsync_dir, write_atomic};
+    let staging = data_dir.join("tls.new");
+    // Left by a start that crashed while generating: never published.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let (ca, cert, key) = generate()?;
+    write_atomic(&staging.join("server.key"), key.as_bytes(), 0o600)?;
+    write_atomic(&staging.join("server.pem"), cert.as_bytes(), 0o644)?;
+    write_atomic(&staging.join("ca.pem"), ca.as_bytes(), 0o644)?;
+    match std::fs::rename(&staging, dir) {
+        Ok(()) => {}
+        // `dir` holds other files (none of the set): move the files one by
+        // one, the CA last, so a CA is never there without its server pair.
+        Err(e) if dir.is_dir() => {
+            tracing::debug!(error = %e, "{} is not empty; moving the files", dir.display());
+            for name in ["server.key", "server.pem", "ca.pem"] {
+                std::fs::rename(staging.join(name), dir.join(name))
+                    .with_context(|| format!("moving {name} into {}", dir.display()))?;
+                fsync_dir(dir)?;
+            }
+            std::fs::remove_dir(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()));
+        }
+    }
+    fsync_dir(data_dir)?;
+    Ok(())
+}
+
+/// A new CA and a server certificate signed by it, as PEM: (CA certificate,
+/// server certificate, server key).
+fn generate() -> anyhow::Result<(String, String, String)> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -87,27 +175,7 @@ fn generate(ca_pem: &Path, server_pem: &Path, server_key: &Path) -> anyhow::Resu
     let cert = params
         .signed_by(&key, &issuer)
         .context("signing the server certificate")?;
-
-    write_private(server_key, key.serialize_pem().as_bytes())?;
-    std::fs::write(server_pem, cert.pem())?;
-    std::fs::write(ca_pem, ca_cert.pem())?;
-    Ok(())
-}
-
-/// Writes a file readable by the owner only.
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
 }
 
 /// The rustls server configuration (TLS 1.3 only).
@@ -159,4 +227,79 @@ pub fn server_config(m: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig
     cfg.send_tls13_tickets = 1;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_a_whole_set_once_and_loads_it_afterwards() {
+        let data = tempfile::tempdir().unwrap();
+        let first = ensure_dev_material(data.path()).unwrap();
+        assert!(first.generated);
+        assert!(!data.path().join("tls.new").exists());
+        let second = ensure_dev_material(data.path()).unwrap();
+        assert!(!second.generated);
+        assert_eq!(first.ca_sha256, second.ca_sha256);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&second.server_key)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        server_config(&second).unwrap();
+    }
+
+    #[test]
+    fn a_partial_set_is_refused_naming_the_file() {
+        for (name, damage) in [
+            ("ca.pem", "empty"),
+            ("server.pem", "missing"),
+            ("server.key", "missing"),
+            ("server.key", "garbage"),
+        ] {
+            let data = tempfile::tempdir().unwrap();
+            let m = ensure_dev_material(data.path()).unwrap();
+            let path = data.path().join("tls").join(name);
+            match damage {
+                "empty" => std::fs::write(&path, b"").unwrap(),
+                "missing" => std::fs::remove_file(&path).unwrap(),
+                _ => std::fs::write(&path, b"not pem").unwrap(),
+            }
+            let e = format!("{:#}", ensure_dev_material(data.path()).unwrap_err());
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains("Refusing to generate"), "{e}");
+            // Nothing was regenerated: the CA is the one clients trust.
+            if name != "ca.pem" {
+                let ca = CertificateDer::from_pem_file(&m.ca_pem).unwrap();
+                let d = ring::digest::digest(&ring::digest::SHA256, &ca);
+                assert_eq!(hex::encode_upper(d.as_ref()), m.ca_sha256.replace(':', ""));
+            }
+        }
+    }
+
+    #[test]
+    fn a_leftover_staging_dir_and_an_existing_tls_dir_are_handled() {
+        // A crashed generation left tls.new/; tls/ exists and holds an
+        // unrelated file but none of the set.
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("tls.new")).unwrap();
+        std::fs::write(data.path().join("tls.new/ca.pem"), b"half").unwrap();
+        std::fs::create_dir(data.path().join("tls")).unwrap();
+        std::fs::write(data.path().join("tls/README"), b"mine").unwrap();
+        let m = ensure_dev_material(data.path()).unwrap();
+        assert!(m.generated);
+        assert!(!data.path().join("tls.new").exists());
+        assert_eq!(
+            std::fs::read(data.path().join("tls/README")).unwrap(),
+            b"mine"
+        );
+        assert!(!ensure_dev_material(data.path()).unwrap().generated);
+
+        // An empty tls/ (created by a start that crashed before writing).
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("tls")).unwrap();
+        assert!(ensure_dev_material(data.path()).unwrap().generated);
+    }
 }

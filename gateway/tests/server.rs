@@ -2459,3 +2459,5 @@ fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
 
 #[path = "server/spec.rs"]
 mod spec;
+#[path = "server/faults.rs"]
+mod faults;

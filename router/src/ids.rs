@@ -29,6 +29,12 @@ pub fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The identity and version of [`owner_shard`], recorded in each data directory with its shard
+/// count. A server refuses a data directory recorded with another mapping: its conversations
+/// would be looked for on the wrong shards. Any change to `owner_shard`'s results needs a new
+/// name here (and a way to move existing data).
+pub const OWNER_SHARD_MAPPING: &str = "mix64-mod/1";
+
 /// The shard that sequences `conv` among `shards` shards.
 pub fn owner_shard(conv: u64, shards: usize) -> usize {
     debug_assert!(shards > 0);
@@ -62,5 +68,18 @@ mod tests {
         }
         assert!(per_shard.iter().all(|&n| n > 150), "{per_shard:?}");
         assert!(is_group(GROUP_BIT | 5));
+    }
+
+    /// `OWNER_SHARD_MAPPING` names these results: if this test has to change, so does the name.
+    #[test]
+    fn owner_shard_is_the_recorded_mapping() {
+        assert_eq!(OWNER_SHARD_MAPPING, "mix64-mod/1");
+        let got: Vec<usize> = [1u64, 2, 3, 1000, u64::MAX, GROUP_BIT | 7]
+            .iter()
+            .map(|&c| owner_shard(c, 7))
+            .collect();
+        assert_eq!(got, [6, 1, 4, 0, 0, 1]);
+        assert_eq!(mix64(1), 0x5692_161d_100b_05e5);
+        assert_eq!(owner_shard(5, 1), 0);
     }
 }

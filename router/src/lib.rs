@@ -95,6 +95,6 @@ mod shard;
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, Offload, RouterShard, ShardConfig, ShardMsg, ShardStats,
-    Transmit,
+    CloseRequest, ConnId, ConnRef, Offload, RouterShard, STORAGE_NOT_STORED,
+    STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats, Transmit,
 };

@@ -393,6 +393,19 @@ fn frame(request_id: u64, body: Body) -> v1::Frame {
     }
 }
 
+/// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
+pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
+     durable: the outcome is unknown. Retry with the same client_msg_id and first_attempt = false \
+     after reconnecting: the answer is the original SendAck (duplicate = true) if it was stored, \
+     or a new SendAck if it was not";
+/// `STORAGE_FAILURE` for a Send still waiting for the log when it failed.
+pub const STORAGE_NOT_STORED: &str = "storage failed before this message was written: it was \
+     not stored. Retry with the same client_msg_id after reconnecting";
+/// `STORAGE_FAILURE` for a Send that reached a shard whose log had already failed.
+pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
+     restarting): the message was not stored. Retry with the same client_msg_id after \
+     reconnecting";
+
 fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> v1::Frame {
     frame(
         request_id,
@@ -750,8 +763,8 @@ where
         self.shard
     }
 
-    /// Why this shard stopped sequencing (its log failed), if it did. The gateway should then
-    /// restart the shard: drop it, reopen the log (recovery) and build a new one.
+    /// Why this shard stopped sequencing (its log failed), if it did. Nothing is sequenced
+    /// after it; the gateway stops the process, and its restart recovers the log.
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
     }
@@ -1266,22 +1279,31 @@ where
         }
     }
 
+    /// The log failed: answer every waiting Send with the truth, then sequence nothing more.
+    ///
+    /// A batch handed to the log (in flight) may be on disk after a restart even though its
+    /// write or fsync failed (part of a group can be written and synced before the step that
+    /// failed, and a failed fsync says nothing about what reached the disk), so its senders
+    /// hear that the outcome is unknown; a retry with the same `client_msg_id` and
+    /// `first_attempt = false` resolves it. The open batch was never handed to the log: its
+    /// messages are certainly not stored.
     fn fail(&mut self, e: &LogError) {
         let why = format!("log failed: {e}");
-        let mut waiters = Vec::new();
+        let mut unknown = Vec::new();
         for b in self.inflight.drain(..) {
-            waiters.extend(b.waiters);
+            unknown.extend(b.waiters);
         }
-        waiters.append(&mut self.open.waiters);
+        let absent = std::mem::take(&mut self.open.waiters);
         self.open.entries.clear();
         self.open.fresh.clear();
-        for w in waiters {
-            let f = error_frame(
-                w.request_id,
-                ErrorCode::StorageFailure,
-                "the message could not be made durable; it was not accepted",
-            );
-            self.reply(w.origin, vec![f]);
+        for (waiters, message) in [
+            (unknown, STORAGE_OUTCOME_UNKNOWN),
+            (absent, STORAGE_NOT_STORED),
+        ] {
+            for w in waiters {
+                let f = error_frame(w.request_id, ErrorCode::StorageFailure, message);
+                self.reply(w.origin, vec![f]);
+            }
         }
         // Seqs handed out to failed entries are void; nothing is sequenced until restart.
         for c in self.convs.values_mut() {
@@ -1663,7 +1685,7 @@ where
         if self.failed.is_some() {
             return Err(Refusal(
                 ErrorCode::StorageFailure,
-                "this sequencer shard's log failed; retry after it restarts".into(),
+                STORAGE_SHARD_FAILED.into(),
             ));
         }
         let index = self.index.clone();

@@ -29,7 +29,10 @@ use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_router::ids::{GROUP_BIT, conv_id};
 use starling_router::ring::{Bell, Doorbell};
-use starling_router::{ConnId, RouterShard, ShardConfig, grid};
+use starling_router::{
+    ConnId, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
+    ShardConfig, grid,
+};
 use starling_storage::format::{decode_record, encode_record};
 use starling_storage::meta::{Group, Member, Role, User, keys};
 use starling_storage::{
@@ -346,6 +349,8 @@ struct Device {
     store: BTreeMap<u64, BTreeMap<u64, ([u8; 16], Bytes)>>,
     acked_delivery: BTreeMap<u64, u64>,
     next_rid: u64,
+    /// request id → client_msg_id of the Sends written on the current connection.
+    sends: HashMap<u64, [u8; 16]>,
     sent: u64,
     syncing: bool,
 }
@@ -396,6 +401,10 @@ struct World {
     acked: BTreeMap<(u64, u64), [u8; 16]>,
     /// cmid → (conv, seq), as observed by any device.
     seq_of: HashMap<[u8; 16], (u64, u64)>,
+    /// Sends answered "not stored" since the last restart (and not durable before): the next
+    /// recovery must not find them.
+    said_not_stored: Vec<[u8; 16]>,
+    not_stored_checked: u64,
     cursors_seen: BTreeMap<(u64, u64, u32), u64>,
     convs: BTreeSet<u64>,
     restarts: u64,
@@ -457,6 +466,7 @@ impl World {
                     store: BTreeMap::new(),
                     acked_delivery: BTreeMap::new(),
                     next_rid: 1,
+                    sends: HashMap::new(),
                     sent: 0,
                     syncing: false,
                 });
@@ -479,6 +489,8 @@ impl World {
             durable: BTreeMap::new(),
             acked: BTreeMap::new(),
             seq_of: HashMap::new(),
+            said_not_stored: Vec::new(),
+            not_stored_checked: 0,
             cursors_seen: BTreeMap::new(),
             convs,
             restarts: 0,
@@ -542,6 +554,7 @@ impl World {
             self.node.shards[shard].handle_conn_closed(conn, self.now);
         }
         self.devices[d].downlink.clear();
+        self.devices[d].sends.clear();
         self.devices[d].syncing = false;
     }
 
@@ -555,6 +568,8 @@ impl World {
             first_attempt = !out.written;
             out.written = true;
         }
+        let rid = self.devices[d].next_rid;
+        self.devices[d].sends.insert(rid, o.cmid);
         self.send_frame(
             d,
             Body::Send(v1::Send {
@@ -615,7 +630,19 @@ impl World {
                     let m = starling_like_body(&e);
                     self.durable.insert((conv, e.seq.0), (e.client_msg_id.0, m));
                 }
-                self.node.shards[s].handle_log_progress(self.now);
+                // Half the time the router hears of a failure later (the log's wake-up is
+                // asynchronous), and traffic goes on meanwhile: Sends sequenced then wait in
+                // the open batch, which was never handed to the log.
+                if fail && self.rng.chance(500) {
+                    for d in 0..self.devices.len() {
+                        if self.rng.chance(500) {
+                            self.connect(d);
+                            self.new_message(d);
+                        }
+                    }
+                } else {
+                    self.node.shards[s].handle_log_progress(self.now);
+                }
             }
             if self.rng.chance(500) {
                 let k = self.rng.below(4) as usize;
@@ -662,6 +689,7 @@ impl World {
         for d in 0..self.devices.len() {
             self.devices[d].conn = None;
             self.devices[d].downlink.clear();
+            self.devices[d].sends.clear();
             self.devices[d].syncing = false;
         }
         let old = std::mem::replace(
@@ -687,6 +715,13 @@ impl World {
                     (e.client_msg_id.0, starling_like_body(e)),
                 );
             }
+        }
+        for cmid in std::mem::take(&mut self.said_not_stored) {
+            self.not_stored_checked += 1;
+            assert!(
+                recovered.values().all(|(c, _)| *c != cmid),
+                "a Send answered \"not stored\" was stored"
+            );
         }
         for ((conv, seq), cmid) in &self.acked {
             let got = recovered.get(&(*conv, *seq)).map(|x| x.0);
@@ -807,6 +842,7 @@ impl World {
     }
 
     fn client_frame(&mut self, d: usize, f: v1::Frame) {
+        let cmid_of_request = self.devices[d].sends.remove(&f.request_id);
         match f.body {
             Some(Body::Deliver(v1::Deliver { message: Some(m) })) => {
                 let cmid: [u8; 16] = m.client_msg_id.as_ref().try_into().unwrap();
@@ -837,6 +873,12 @@ impl World {
                     "unexpected error {code:?}: {}",
                     e.message
                 );
+                if e.message == STORAGE_NOT_STORED
+                    && let Some(cmid) = cmid_of_request
+                    && !self.durable.values().any(|(c, _)| *c == cmid)
+                {
+                    self.said_not_stored.push(cmid);
+                }
                 // The outbox keeps the message; it is retried under the same client_msg_id.
             }
             Some(Body::MessagesAvailable(m)) => {
@@ -1014,6 +1056,9 @@ impl World {
     /// Faults off; everyone reconnects, retries and syncs until nothing moves.
     fn settle(&mut self) {
         self.faults = false;
+        for s in &mut self.node.shards {
+            s.handle_log_progress(self.now);
+        }
         if self.node.shards.iter().any(|s| s.failure().is_some()) {
             self.crash();
         }
@@ -1119,6 +1164,8 @@ struct Totals {
     duplicates: u64,
     evicted: u64,
     slow_closes: u64,
+    /// Sends answered "not stored" whose absence a recovery checked.
+    said_not_stored: u64,
 }
 
 fn run_seed(seed: u64, steps: usize) -> Totals {
@@ -1134,6 +1181,7 @@ fn run_seed(seed: u64, steps: usize) -> Totals {
         duplicates: w.duplicates,
         slow_closes: w.closes,
         evicted: w.evicted,
+        said_not_stored: w.not_stored_checked,
     }
 }
 
@@ -1166,6 +1214,7 @@ fn simulation() {
                 total.duplicates += t.duplicates;
                 total.slow_closes += t.slow_closes;
                 total.evicted += t.evicted;
+                total.said_not_stored += t.said_not_stored;
             }
             Err(e) => {
                 eprintln!("simulation failed; replay with STARLING_SIM_SEED={seed}");
@@ -1184,6 +1233,7 @@ fn simulation() {
             && total.hints > 0
             && total.duplicates > 0
             && total.evicted > 0
+            && total.said_not_stored > 0
     );
 }
 
@@ -1434,43 +1484,20 @@ fn a_blocked_sender_is_refused_until_unblocked() {
     assert_eq!(ack(&h.take(10), again).map(|a| a.seq), Some(3));
 }
 
-#[test]
-fn a_failed_fsync_answers_storage_failure_and_a_retry_after_restart_keeps_one_seq() {
-    let mut h = Harness::new(1, &[1, 2]);
-    h.open(10, 1, 1);
-    let ok = h.msg(10, 1, Target::UserId(2), "one");
-    h.run();
-    let conv = ack(&h.take(10), ok).unwrap().conversation_id;
-    h.fail_next_sync = true;
-    let lost = h.msg(10, 2, Target::UserId(2), "two");
-    h.run();
-    let out = h.take(10);
-    assert_eq!(
-        error_code(out.iter().find(|f| f.request_id == lost).unwrap()),
-        Some(ErrorCode::StorageFailure)
-    );
-    assert!(h.node.shards[0].failure().is_some());
-    let refused = h.msg(10, 3, Target::UserId(2), "three");
-    h.run();
-    assert_eq!(
-        error_code(h.take(10).iter().find(|f| f.request_id == refused).unwrap()),
-        Some(ErrorCode::StorageFailure)
-    );
-    // Restart: the unsynced record may or may not have reached the disk; either way the retry
-    // gets exactly one seq (2), and seq 1 is intact.
-    let disks: Vec<_> = h.node.shards.iter().map(|s| s.log().disk.clone()).collect();
-    let mut rng = Rng(3);
-    for s in std::mem::take(&mut h.node.shards) {
-        shard_into_log(s).crash(&mut rng);
+/// The message of the `STORAGE_FAILURE` answering request `rid`.
+fn storage_failure(frames: &[v1::Frame], rid: u64) -> String {
+    match frames
+        .iter()
+        .find(|f| f.request_id == rid)
+        .and_then(|f| f.body.clone())
+    {
+        Some(Body::Error(e)) if e.code == ErrorCode::StorageFailure as i32 => e.message,
+        other => panic!("request {rid}: expected STORAGE_FAILURE, got {other:?}"),
     }
-    h.node = Node::start(&disks, &h.meta);
-    h.open(11, 1, 1);
-    h.conns.insert(10, 0);
-    h.node.shards[0].handle_conn_opened(ConnId(10), UserId(1), DeviceId(1), h.now);
-    let retry = h.msg(10, 2, Target::UserId(2), "two");
-    h.run();
-    let a = ack(&h.take(10), retry).unwrap();
-    assert_eq!((a.conversation_id, a.seq), (conv, 2));
+}
+
+/// Every message of `conv` as (seq, body), read by connection 11.
+fn history_of(h: &mut Harness, conv: u64) -> Vec<(u64, Vec<u8>)> {
     let page = h.send(
         11,
         Body::GetHistory(v1::GetHistory {
@@ -1488,8 +1515,73 @@ fn a_failed_fsync_answers_storage_failure_and_a_retry_after_restart_keeps_one_se
     else {
         panic!("no history page: {out:?}");
     };
-    let bodies: Vec<&[u8]> = p.messages.iter().map(|m| m.body.as_ref()).collect();
-    assert_eq!(bodies, vec![&b"one"[..], &b"two"[..]]);
+    p.messages
+        .iter()
+        .map(|m| (m.seq, m.body.to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_failed_fsync_tells_each_sender_the_truth_and_retries_after_restart_resolve_it() {
+    let mut outcomes = BTreeSet::new();
+    for seed in 0..16 {
+        let mut h = Harness::new(1, &[1, 2]);
+        h.open(10, 1, 1);
+        let ok = h.msg(10, 1, Target::UserId(2), "one");
+        h.run();
+        let conv = ack(&h.take(10), ok).unwrap().conversation_id;
+        // "two" is handed to the log and its fdatasync fails; "three" is sequenced before the
+        // router hears of it, so it is still in the open batch; "four" comes after.
+        let in_flight = h.msg(10, 2, Target::UserId(2), "two");
+        h.node.shards[0].flush();
+        let _ = h.node.shards[0].log_mut().sim_sync(true);
+        let open = h.msg(10, 3, Target::UserId(2), "three");
+        h.run();
+        let out = h.take(10);
+        assert_eq!(storage_failure(&out, in_flight), STORAGE_OUTCOME_UNKNOWN);
+        assert_eq!(storage_failure(&out, open), STORAGE_NOT_STORED);
+        assert!(h.node.shards[0].failure().is_some());
+        let refused = h.msg(10, 4, Target::UserId(2), "four");
+        h.run();
+        assert_eq!(storage_failure(&h.take(10), refused), STORAGE_SHARD_FAILED);
+
+        // Restart: the in-flight record may or may not have reached the disk (the seed
+        // decides); what was said not to be stored is not; the retries (same client_msg_ids,
+        // first_attempt = false) resolve every message to exactly one seq.
+        let disks: Vec<_> = h.node.shards.iter().map(|s| s.log().disk.clone()).collect();
+        let mut rng = Rng(seed);
+        for s in std::mem::take(&mut h.node.shards) {
+            shard_into_log(s).crash(&mut rng);
+        }
+        h.node = Node::start(&disks, &h.meta);
+        h.conns.clear();
+        h.open(10, 1, 1);
+        h.open(11, 1, 1);
+        let before = history_of(&mut h, conv);
+        assert_eq!(before[0], (1, b"one".to_vec()));
+        assert!(
+            before.iter().all(|(_, b)| b != b"three" && b != b"four"),
+            "a message said not to be stored is: {before:?}"
+        );
+        outcomes.insert(before.len());
+        let mut acks = Vec::new();
+        for (n, body) in [(2, "two"), (3, "three"), (4, "four")] {
+            let rid = h.msg(10, n, Target::UserId(2), body);
+            h.run();
+            acks.push(ack(&h.take(10), rid).unwrap());
+        }
+        assert_eq!(acks[0].seq, 2);
+        assert_eq!(acks[0].duplicate, before.len() == 2, "seed {seed}");
+        assert_eq!((acks[1].seq, acks[2].seq), (3, 4));
+        assert!(!acks[1].duplicate && !acks[2].duplicate);
+        let after: Vec<Vec<u8>> = history_of(&mut h, conv)
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        assert_eq!(after, [&b"one"[..], b"two", b"three", b"four"]);
+    }
+    // Both outcomes of the in-flight message happened across the crash seeds.
+    assert_eq!(outcomes, BTreeSet::from([1, 2]), "{outcomes:?}");
 }
 
 #[test]

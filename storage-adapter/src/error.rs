@@ -92,6 +92,13 @@ impl LogError {
         }
     }
 
+    /// Whether the disk failed (a write, fsync, create or rename, a full disk, a damaged
+    /// record, a vanished I/O thread), as opposed to a refusal of the caller's request
+    /// ([`LogError::Busy`], [`LogError::InvalidBatch`]) that leaves the log usable.
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, LogError::Busy { .. } | LogError::InvalidBatch(_))
+    }
+
     /// Whether this error means the disk is full.
     pub fn is_no_space(&self) -> bool {
         match self {
@@ -142,6 +149,33 @@ pub enum StorageError {
     /// backend's connection, or a fault injected into a test backend). Nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+}
+
+impl StorageError {
+    /// Whether the store under this error failed (its disk: I/O, a full or read-only
+    /// filesystem, damage the engine found; or a stopped index), so that it cannot be trusted
+    /// again until it is reopened — rather than refusing one request for a reason of the
+    /// request's own ([`StorageError::Conflict`], a record that does not decode, a value too
+    /// large, a missing table).
+    pub fn is_fault(&self) -> bool {
+        match self {
+            StorageError::Log(e) => e.is_fault(),
+            StorageError::Metadata(e) => matches!(
+                e,
+                redb::Error::Io(_)
+                    | redb::Error::PreviousIo
+                    | redb::Error::Corrupted(_)
+                    | redb::Error::DatabaseClosed
+                    | redb::Error::TransactionPoisoned
+                    | redb::Error::Backend(_)
+                    | redb::Error::LockPoisoned(_)
+            ),
+            StorageError::Fs { .. } | StorageError::IndexStopped(_) => true,
+            StorageError::Decode { .. }
+            | StorageError::Conflict { .. }
+            | StorageError::Unavailable(_) => false,
+        }
+    }
 }
 
 macro_rules! redb_from {

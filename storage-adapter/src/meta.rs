@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -678,14 +679,26 @@ fn table(name: &'static str) -> TableDefinition<'static, &'static [u8], &'static
     TableDefinition::new(name)
 }
 
+/// Told the first time the store fails for a reason of the disk (see [`EmbeddedMeta::fault`]).
+pub type FaultHook = Box<dyn Fn(&StorageError) + Send + Sync>;
+
 /// The embedded metadata store (one redb file per node).
+///
+/// After an I/O error redb latches it: every later operation fails (`PreviousIo`) until the
+/// database is reopened. The store remembers the first such failure ([`EmbeddedMeta::fault`])
+/// and tells the hook set with [`EmbeddedMeta::set_fault_hook`], so that the embedder can stop
+/// serving instead of failing every request that touches metadata.
 pub struct EmbeddedMeta {
     db: Database,
+    fault: OnceLock<String>,
+    fault_hook: OnceLock<FaultHook>,
 }
 
 impl fmt::Debug for EmbeddedMeta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EmbeddedMeta").finish_non_exhaustive()
+        f.debug_struct("EmbeddedMeta")
+            .field("fault", &self.fault.get())
+            .finish_non_exhaustive()
     }
 }
 
@@ -694,7 +707,34 @@ impl EmbeddedMeta {
     pub fn open(path: &Path) -> Result<EmbeddedMeta, StorageError> {
         Ok(EmbeddedMeta {
             db: Database::create(path)?,
+            fault: OnceLock::new(),
+            fault_hook: OnceLock::new(),
         })
+    }
+
+    /// The first failure of the disk under this store ([`StorageError::is_fault`]), if one
+    /// happened: the store must be reopened (the process restarted) to be used again.
+    pub fn fault(&self) -> Option<&str> {
+        self.fault.get().map(String::as_str)
+    }
+
+    /// Calls `hook` (once, on the thread that met it) at the store's first fault. Only the first
+    /// hook set is kept.
+    pub fn set_fault_hook(&self, hook: FaultHook) {
+        let _ = self.fault_hook.set(hook);
+    }
+
+    /// Runs one operation, noting a fault of the disk.
+    fn watch<T>(&self, op: impl FnOnce() -> Result<T, StorageError>) -> Result<T, StorageError> {
+        let r = op();
+        if let Err(e) = &r
+            && e.is_fault()
+            && self.fault.set(e.to_string()).is_ok()
+            && let Some(hook) = self.fault_hook.get()
+        {
+            hook(e);
+        }
+        r
     }
 
     fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {
@@ -713,91 +753,99 @@ fn map_table_err(e: redb::TableError) -> Result<(), StorageError> {
 
 impl MetadataStore for EmbeddedMeta {
     fn get<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StorageError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(table(R::TABLE)) {
-            Ok(t) => t,
-            Err(e) => return map_table_err(e).map(|()| None),
-        };
-        match t.get(key)? {
-            Some(v) => Ok(Some(decode(v.value())?)),
-            None => Ok(None),
-        }
+        self.watch(|| {
+            let tx = self.db.begin_read()?;
+            let t = match tx.open_table(table(R::TABLE)) {
+                Ok(t) => t,
+                Err(e) => return map_table_err(e).map(|()| None),
+            };
+            match t.get(key)? {
+                Some(v) => Ok(Some(decode(v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn scan<R: Record>(&self, prefix: &[u8], limit: usize) -> Result<Vec<R>, StorageError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(table(R::TABLE)) {
-            Ok(t) => t,
-            Err(e) => return map_table_err(e).map(|()| Vec::new()),
-        };
-        let mut out = Vec::new();
-        for item in t.range(prefix..)? {
-            let (k, v) = item?;
-            if !k.value().starts_with(prefix) || out.len() >= limit.min(SCAN_RECORDS_MAX) {
-                break;
+        self.watch(|| {
+            let tx = self.db.begin_read()?;
+            let t = match tx.open_table(table(R::TABLE)) {
+                Ok(t) => t,
+                Err(e) => return map_table_err(e).map(|()| Vec::new()),
+            };
+            let mut out = Vec::new();
+            for item in t.range(prefix..)? {
+                let (k, v) = item?;
+                if !k.value().starts_with(prefix) || out.len() >= limit.min(SCAN_RECORDS_MAX) {
+                    break;
+                }
+                out.push(decode(v.value())?);
             }
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn commit(&self, batch: &MetaBatch) -> Result<(), StorageError> {
-        let tx = self.write_txn()?;
-        for op in &batch.ops {
-            match op {
-                Op::Put {
-                    table: name,
-                    key,
-                    value,
-                } => {
-                    tx.open_table(table(name))?
-                        .insert(key.as_slice(), value.as_slice())?;
-                }
-                Op::Delete { table: name, key } => {
-                    tx.open_table(table(name))?.remove(key.as_slice())?;
-                }
-                Op::Expect {
-                    table: name,
-                    key,
-                    value,
-                } => {
-                    let t = tx.open_table(table(name))?;
-                    let cur = t.get(key.as_slice())?.map(|g| g.value().to_vec());
-                    if cur != *value {
-                        drop(t);
-                        tx.abort()?;
-                        return Err(StorageError::Conflict { table: name });
+        self.watch(|| {
+            let tx = self.write_txn()?;
+            for op in &batch.ops {
+                match op {
+                    Op::Put {
+                        table: name,
+                        key,
+                        value,
+                    } => {
+                        tx.open_table(table(name))?
+                            .insert(key.as_slice(), value.as_slice())?;
+                    }
+                    Op::Delete { table: name, key } => {
+                        tx.open_table(table(name))?.remove(key.as_slice())?;
+                    }
+                    Op::Expect {
+                        table: name,
+                        key,
+                        value,
+                    } => {
+                        let t = tx.open_table(table(name))?;
+                        let cur = t.get(key.as_slice())?.map(|g| g.value().to_vec());
+                        if cur != *value {
+                            drop(t);
+                            tx.abort()?;
+                            return Err(StorageError::Conflict { table: name });
+                        }
                     }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn pop_first<R: Record>(&self, prefix: &[u8]) -> Result<Option<R>, StorageError> {
-        let tx = self.write_txn()?;
-        let found = {
-            let mut t = tx.open_table(table(R::TABLE))?;
-            let first = match t.range(prefix..)?.next() {
-                Some(item) => {
-                    let (k, v) = item?;
-                    k.value()
-                        .starts_with(prefix)
-                        .then(|| (k.value().to_vec(), v.value().to_vec()))
+        self.watch(|| {
+            let tx = self.write_txn()?;
+            let found = {
+                let mut t = tx.open_table(table(R::TABLE))?;
+                let first = match t.range(prefix..)?.next() {
+                    Some(item) => {
+                        let (k, v) = item?;
+                        k.value()
+                            .starts_with(prefix)
+                            .then(|| (k.value().to_vec(), v.value().to_vec()))
+                    }
+                    None => None,
+                };
+                match first {
+                    Some((k, v)) => {
+                        t.remove(k.as_slice())?;
+                        Some(decode::<R>(&v)?)
+                    }
+                    None => None,
                 }
-                None => None,
             };
-            match first {
-                Some((k, v)) => {
-                    t.remove(k.as_slice())?;
-                    Some(decode::<R>(&v)?)
-                }
-                None => None,
-            }
-        };
-        tx.commit()?;
-        Ok(found)
+            tx.commit()?;
+            Ok(found)
+        })
     }
 }
 
@@ -818,35 +866,39 @@ fn read_key(conv: ConvId, user: UserId) -> [u8; 24] {
 
 impl CursorStore for EmbeddedMeta {
     fn advance_delivery(&self, cursors: &[DeliveryCursor]) -> Result<(), StorageError> {
-        let tx = self.write_txn()?;
-        {
-            let mut t = tx.open_table(DELIVERY)?;
-            for c in cursors {
-                let k = delivery_key(c.conv, c.user, c.device);
-                let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
-                if c.seq.0 > cur {
-                    t.insert(k.as_slice(), c.seq.0)?;
+        self.watch(|| {
+            let tx = self.write_txn()?;
+            {
+                let mut t = tx.open_table(DELIVERY)?;
+                for c in cursors {
+                    let k = delivery_key(c.conv, c.user, c.device);
+                    let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
+                    if c.seq.0 > cur {
+                        t.insert(k.as_slice(), c.seq.0)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn advance_read(&self, cursors: &[ReadCursor]) -> Result<(), StorageError> {
-        let tx = self.write_txn()?;
-        {
-            let mut t = tx.open_table(READ)?;
-            for c in cursors {
-                let k = read_key(c.conv, c.user);
-                let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
-                if c.seq.0 > cur {
-                    t.insert(k.as_slice(), c.seq.0)?;
+        self.watch(|| {
+            let tx = self.write_txn()?;
+            {
+                let mut t = tx.open_table(READ)?;
+                for c in cursors {
+                    let k = read_key(c.conv, c.user);
+                    let cur = t.get(k.as_slice())?.map_or(0, |g| g.value());
+                    if c.seq.0 > cur {
+                        t.insert(k.as_slice(), c.seq.0)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn delivery_cursor(
@@ -855,60 +907,158 @@ impl CursorStore for EmbeddedMeta {
         user: UserId,
         device: DeviceId,
     ) -> Result<Seq, StorageError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(DELIVERY) {
-            Ok(t) => t,
-            Err(e) => return map_table_err(e).map(|()| Seq::NONE),
-        };
-        Ok(Seq(t
-            .get(delivery_key(conv, user, device).as_slice())?
-            .map_or(0, |g| g.value())))
+        self.watch(|| {
+            let tx = self.db.begin_read()?;
+            let t = match tx.open_table(DELIVERY) {
+                Ok(t) => t,
+                Err(e) => return map_table_err(e).map(|()| Seq::NONE),
+            };
+            Ok(Seq(t
+                .get(delivery_key(conv, user, device).as_slice())?
+                .map_or(0, |g| g.value())))
+        })
     }
 
     fn read_cursor(&self, conv: ConvId, user: UserId) -> Result<Seq, StorageError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(READ) {
-            Ok(t) => t,
-            Err(e) => return map_table_err(e).map(|()| Seq::NONE),
-        };
-        Ok(Seq(t
-            .get(read_key(conv, user).as_slice())?
-            .map_or(0, |g| g.value())))
+        self.watch(|| {
+            let tx = self.db.begin_read()?;
+            let t = match tx.open_table(READ) {
+                Ok(t) => t,
+                Err(e) => return map_table_err(e).map(|()| Seq::NONE),
+            };
+            Ok(Seq(t
+                .get(read_key(conv, user).as_slice())?
+                .map_or(0, |g| g.value())))
+        })
     }
 
     fn delivery_cursors(&self, conv: ConvId) -> Result<Vec<DeliveryCursor>, StorageError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(DELIVERY) {
-            Ok(t) => t,
-            Err(e) => return map_table_err(e).map(|()| Vec::new()),
-        };
-        let prefix = conv.0.to_be_bytes();
-        let mut out = Vec::new();
-        for item in t.range(prefix.as_slice()..)? {
-            let (k, v) = item?;
-            let k = k.value();
-            if !k.starts_with(&prefix) || out.len() >= SCAN_RECORDS_MAX {
-                break;
+        self.watch(|| {
+            let tx = self.db.begin_read()?;
+            let t = match tx.open_table(DELIVERY) {
+                Ok(t) => t,
+                Err(e) => return map_table_err(e).map(|()| Vec::new()),
+            };
+            let prefix = conv.0.to_be_bytes();
+            let mut out = Vec::new();
+            for item in t.range(prefix.as_slice()..)? {
+                let (k, v) = item?;
+                let k = k.value();
+                if !k.starts_with(&prefix) || out.len() >= SCAN_RECORDS_MAX {
+                    break;
+                }
+                let mut r = Reader::new(&k[16..], "delivery_cursors");
+                let mut be8 = [0u8; 8];
+                be8.copy_from_slice(r.take(8)?);
+                let mut be4 = [0u8; 4];
+                be4.copy_from_slice(r.take(4)?);
+                out.push(DeliveryCursor {
+                    conv,
+                    user: UserId(u64::from_be_bytes(be8)),
+                    device: DeviceId(u32::from_be_bytes(be4)),
+                    seq: Seq(v.value()),
+                });
             }
-            let mut r = Reader::new(&k[16..], "delivery_cursors");
-            let mut be8 = [0u8; 8];
-            be8.copy_from_slice(r.take(8)?);
-            let mut be4 = [0u8; 4];
-            be4.copy_from_slice(r.take(4)?);
-            out.push(DeliveryCursor {
-                conv,
-                user: UserId(u64::from_be_bytes(be8)),
-                device: DeviceId(u32::from_be_bytes(be4)),
-                seq: Seq(v.value()),
-            });
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// redb's in-memory backend whose writes and syncs fail once `fail` is set, as on a full
+    /// or read-only disk.
+    #[derive(Debug)]
+    struct FailingBackend {
+        inner: redb::backends::InMemoryBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FailingBackend {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FailingBackend {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn the_first_disk_failure_is_latched_and_reported_once() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let db = Database::builder()
+            .create_with_backend(FailingBackend {
+                inner: redb::backends::InMemoryBackend::new(),
+                fail: fail.clone(),
+            })
+            .unwrap();
+        let meta = EmbeddedMeta {
+            db,
+            fault: OnceLock::new(),
+            fault_hook: OnceLock::new(),
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        meta.set_fault_hook(Box::new(move |e| {
+            assert!(e.is_fault());
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        let user = |id| User {
+            id: UserId(id),
+            phone_e164: String::new(),
+            display_name: "A".into(),
+            password_hash: None,
+            created_ms: TimestampMs(1),
+        };
+        meta.commit(MetaBatch::default().put(&user(1))).unwrap();
+        // A request's own problem is not a fault of the store.
+        let e = meta
+            .commit(MetaBatch::default().expect::<User>(&keys::user(UserId(1)), None))
+            .unwrap_err();
+        assert!(matches!(e, StorageError::Conflict { .. }) && !e.is_fault());
+        assert_eq!(meta.fault(), None);
+
+        fail.store(true, Ordering::SeqCst);
+        let e = meta.commit(MetaBatch::default().put(&user(2))).unwrap_err();
+        assert!(e.is_fault(), "{e}");
+        assert_eq!(meta.fault(), Some(e.to_string().as_str()));
+        // Later failures (redb latches the error) keep the first reason and the hook quiet.
+        fail.store(false, Ordering::SeqCst);
+        let _ = meta.commit(MetaBatch::default().put(&user(3)));
+        let _ = meta.advance_read(&[ReadCursor {
+            conv: ConvId(1),
+            user: UserId(1),
+            seq: Seq(1),
+        }]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(meta.fault(), Some(e.to_string().as_str()));
+    }
 
     #[test]
     fn flag_bytes_other_than_zero_or_one_are_refused() {

@@ -208,7 +208,7 @@ fn load_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
         let s: [u8; 32] = ring::rand::generate(&rng)
             .map_err(|_| anyhow::anyhow!("no randomness"))?
             .expose();
-        crate::tls::write_private(path, &s)?;
+        crate::fsutil::write_atomic(path, &s, 0o600)?;
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     bytes

@@ -19,6 +19,11 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
+                let e = starling_storage::StorageError::from(e);
+                if e.is_fault() {
+                    // The disk failed: redb refuses everything until reopened.
+                    crate::health::report_fault(&format!("accounts.redb: {e}"));
+                }
                 StoreError(e.to_string())
             }
         }
@@ -29,9 +34,14 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
+    redb::CommitError
 );
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
 
 /// A user.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -73,13 +73,13 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     /// Loads the signing key from `dir`, generating it on first start.
     pub fn load_or_generate(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        crate::fsutil::create_dir_durable(dir)?;
         let path = dir.join("access-token-ed25519.pk8");
         if !path.exists() {
             let rng = ring::rand::SystemRandom::new();
             let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
                 .map_err(|_| anyhow::anyhow!("generating the token signing key"))?;
-            crate::tls::write_private(&path, pkcs8.as_ref())?;
+            crate::fsutil::write_atomic(&path, pkcs8.as_ref(), 0o600)?;
         }
         let pkcs8 = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_pkcs8(&pkcs8).with_context(|| format!("loading {}", path.display()))
