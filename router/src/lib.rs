@@ -79,12 +79,17 @@ pub mod grid;
 #[cfg(not(loom))]
 pub mod ids;
 #[cfg(not(loom))]
+mod limits;
+#[cfg(not(loom))]
+mod metawriter;
+#[cfg(not(loom))]
 mod shard;
 
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
+pub use metawriter::Offload;
+#[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, Offload, RouterShard, ShardConfig, ShardMsg, ShardStats,
-    Transmit,
+    CloseRequest, ConnId, ConnRef, RouterShard, ShardConfig, ShardMsg, ShardStats, Transmit,
 };
