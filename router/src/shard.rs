@@ -1074,10 +1074,16 @@ where
             .filter_map(|id| self.conns.get(id)?.behind_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
-        let evict = self.idle_queue.front().map(|&(_, t)| {
-            t.saturating_add(self.cfg.conv_idle_evict_ms)
-                .max(self.now_ms + 1)
-        });
+        // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
+        // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
+        // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
+        let evict = if self.cursor_in_flight || self.failed.is_some() {
+            None
+        } else {
+            self.idle_queue
+                .front()
+                .map(|&(_, t)| t.saturating_add(self.cfg.conv_idle_evict_ms))
+        };
         [self.cursor_due_ms, busy, close, evict]
             .into_iter()
             .flatten()
