@@ -5,7 +5,7 @@
 //! shard's core each wake-up preempts the shard, and the shard waits behind it. When the process
 //! has CPUs left over after the shards, the writers go there by default (`storage.io_cpus`).
 //! The spare-segment makers then run at the lowest priority wherever they may (without CPUs to
-//! spare, at normal priority beside the shards); the cursor writer starts on its shard's CPU.
+//! spare, at normal priority beside the shards); the metadata writer starts on its shard's CPU.
 //!
 //! Measured on the 2-core VM (BENCHMARKS.md, "Session 9"), 2 pairs at 100k msg/s with a 100 µs
 //! commit interval: with the shard on CPU 0 and its log writer on CPU 1 (beside the load
