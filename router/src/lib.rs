@@ -56,9 +56,13 @@
 //! `poll_timeout` }. Build the grid once with [`grid()`] and one [`ring::Bell`]
 //! per shard whose [`ring::Doorbell`] writes that shard's eventfd; set the
 //! log's `LogOptions::wake` to write the same (or another) eventfd.
-//! Metadata writes (first message between two users, Block, cursor flushes)
-//! currently run inline on the shard thread: rare or batched, but they fsync;
-//! moving them to the blocking pool is listed in `docs/design/messaging.md`.
+//! Every metadata write (cursor batches, Block/Unblock, the first message
+//! between two users creating their conversation) is a job for the shard's
+//! metadata writer (`metawriter`): give [`RouterShard::set_meta_offload`] an
+//! [`Offload`] that runs the jobs in order on another thread and notifies the
+//! shard's bell after each; without one they run inline (the simulation).
+//! Per-user limits live in `limits` (Block/Unblock's token bucket, at the
+//! user's [`ids::home_shard`]).
 //!
 //! Design, invariants and budget: `docs/design/messaging.md`. Unsafe code is
 //! denied except in [`ring`], whose one safety argument is written at its top
