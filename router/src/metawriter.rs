@@ -259,15 +259,19 @@ fn block_job<M: MetadataStore>(
 ) -> Outcome {
     let what = if block { "Block" } else { "Unblock" };
     let lookup = |e: StorageError| Refusal::storage("block lookup", &e);
-    if meta
-        .get::<User>(&keys::user(target))
-        .map_err(lookup)?
-        .is_none()
+    let key = block_key(user, target);
+    let blocked = meta.get::<Block>(&key).map_err(lookup)?.is_some();
+    // An existing block can always be undone (even one of an id that names nobody, written
+    // before targets were checked); anything else needs a real target.
+    if !(blocked && !block)
+        && meta
+            .get::<User>(&keys::user(target))
+            .map_err(lookup)?
+            .is_none()
     {
         return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
     }
-    let key = block_key(user, target);
-    let changed = meta.get::<Block>(&key).map_err(lookup)?.is_some() != block;
+    let changed = blocked != block;
     if changed {
         let count = match st.block_counts.get(&user) {
             Some(&n) => n,
@@ -520,6 +524,39 @@ mod tests {
         assert!(one(block(1, 4, true)).is_ok());
         // Another user has a count of their own.
         assert!(one(block(2, 1, true)).is_ok());
+    }
+
+    #[test]
+    fn a_block_of_an_id_that_names_nobody_can_still_be_undone() {
+        let meta = meta_with_users(&[1]);
+        // Written before targets were checked.
+        let mut b = MetaBatch::default();
+        b.put(&Block {
+            user: UserId(1),
+            blocked: UserId(404),
+            created_ms: TimestampMs(1),
+        });
+        meta.commit(&b).unwrap();
+        let mut w: MetaWriter<()> = MetaWriter::new(10);
+        let mut one = |job| {
+            w.submit(&*meta, job, ());
+            w.poll().unwrap().1
+        };
+        assert_eq!(
+            one(block(1, 404, true)).map_err(|r| r.0),
+            Err(ErrorCode::NotFound)
+        );
+        assert_eq!(
+            one(block(1, 404, false)),
+            Ok(Written::Block {
+                changed: true,
+                conv: None
+            })
+        );
+        assert_eq!(
+            one(block(1, 404, false)).map_err(|r| r.0),
+            Err(ErrorCode::NotFound)
+        );
     }
 
     #[test]
