@@ -263,7 +263,8 @@ fn block_job<M: MetadataStore>(
     let blocked = meta.get::<Block>(&key).map_err(lookup)?.is_some();
     // An existing block can always be undone (even one of an id that names nobody, written
     // before targets were checked); anything else needs a real target.
-    if !(blocked && !block)
+    let undoing = blocked && !block;
+    if !undoing
         && meta
             .get::<User>(&keys::user(target))
             .map_err(lookup)?
