@@ -1,17 +1,24 @@
 //! Deterministic simulation of router + sequencer + storage in one thread (DESIGN.md "Testing";
 //! TigerBeetle's VOPR in spirit): simulated clock, seeded lossy network, a faulty in-memory disk
 //! (writes buffered until sync, sync failures that poison the log, crashes that drop unsynced
-//! data and tear the last record), and simulated clients that behave like the SDK (outbox retried
-//! under the same client_msg_id until SendAck, per-conversation stores ordered by seq, cumulative
-//! DeliveryAck, Sync on reconnect and on MessagesAvailable).
+//! data and tear the last record), a metadata store that fails every write for a while, a
+//! metadata writer that runs its jobs whenever the world decides (odd seeds), and simulated
+//! clients that behave like the SDK (outbox retried under the same client_msg_id until SendAck,
+//! per-conversation stores ordered by seq, cumulative DeliveryAck, Sync on reconnect and on
+//! MessagesAvailable) and now and then block or unblock each other.
 //!
 //! Invariants, checked after every step (and after every recovery):
 //! - a SendAck or Deliver is only ever issued for a message the disk has synced;
 //! - no acknowledged message is lost by a crash; recovered seqs are contiguous from 1;
 //! - one seq per client_msg_id, one message per (conversation, seq), as seen by every device;
 //! - durable cursors never move backwards; receipts never run ahead of durable cursors;
-//! - at the end (faults off, everyone reconnects and syncs): every device holds every message of
-//!   each of its conversations exactly once, in order, and every send was acknowledged.
+//! - every Send, DeliveryAck, ReadCursor, Block and Unblock gets exactly one answer per copy the
+//!   network delivered (while its connection lives), and a failed write answers with an Error;
+//! - once a blocker got Done for a Block, no Send the blocked user makes afterwards (until an
+//!   Unblock is sent) is accepted;
+//! - at the end (faults off, everyone unblocks, reconnects and syncs): every device holds every
+//!   message of each of its conversations exactly once, in order, and every send was
+//!   acknowledged.
 //!
 //! `STARLING_SIM_SEEDS=N` runs N seeds (default 2500); `STARLING_SIM_SEED=S` replays one seed.
 //! A failure prints the seed that reproduces it.
@@ -272,12 +279,12 @@ impl Doorbell for NoBell {
 
 type Shard = RouterShard<SimLog, SimIndex, MemMeta>;
 
-/// Cursor writes handed off the shard thread, run whenever the world decides.
+/// Metadata writes handed off the shard thread, run whenever the world decides.
 type Jobs = Rc<RefCell<VecDeque<Box<dyn FnOnce() + Send>>>>;
 
 struct Node {
     shards: Vec<Shard>,
-    /// Some: the shards write cursors through an offload (the gateway's way); a crash drops
+    /// Some: the shards write metadata through an offload (the gateway's way); a crash drops
     /// the jobs not yet run.
     jobs: Option<Jobs>,
 }
@@ -411,7 +418,7 @@ fn encoded_len(f: &v1::Frame) -> u64 {
 struct World {
     rng: Rng,
     now: u64,
-    /// Cursor writes go through an offload (see `Node::start_with`).
+    /// Metadata writes go through an offload (see `Node::start_with`).
     offload: bool,
     meta: Arc<MemMeta>,
     disks: Vec<Arc<Mutex<Disk>>>,
@@ -491,7 +498,7 @@ impl World {
         let disks: Vec<_> = (0..shards)
             .map(|_| Arc::new(Mutex::new(Disk::default())))
             .collect();
-        // Odd seeds write cursors through an offload, even seeds synchronously.
+        // Odd seeds write metadata through an offload, even seeds synchronously.
         let offload = seed % 2 == 1;
         let node = Node::start_with(&disks, &meta, offload);
         let mut devices = Vec::new();
@@ -817,7 +824,7 @@ impl World {
             if let Some(jobs) = &self.node.jobs
                 && self.rng.chance(400)
             {
-                // The cursor writer thread finishes a commit.
+                // The metadata writer thread finishes a job.
                 let job = jobs.borrow_mut().pop_front();
                 if let Some(job) = job {
                     job();
