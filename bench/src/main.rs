@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod accounts;
+mod block_flood;
 mod clock;
 mod codec;
 mod compare;
@@ -56,6 +57,8 @@ enum Command {
     Messages(messages::MessagesArgs),
     /// Reconnect storm: K clients drop at once, reconnect with backoff, resync.
     Storm(storm::StormArgs),
+    /// Send→SendAck of message pairs with and without one client flooding Block/Unblock.
+    BlockFlood(block_flood::BlockFloodArgs),
     /// Summarise bench/compare.sh runs: compare.json, a table and SVG plots.
     CompareReport(compare::CompareArgs),
     /// Memory one idle, handshaken gateway TLS connection keeps (`conn::Tls`; in memory, no sockets).
@@ -80,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Handshakes(args) => handshakes::run(&args),
         Command::Messages(args) => messages::run(&args),
         Command::Storm(args) => storm::run(&args),
+        Command::BlockFlood(args) => block_flood::run(&args),
         Command::CompareReport(args) => compare::run(&args),
         Command::TlsMemory(args) => tls_memory::run(&args),
         Command::IndexCost(args) => index_cost::run(&args),

@@ -955,7 +955,7 @@ impl Conn {
             // The router resolves recipients in the node's metadata: make
             // sure this user is there before it can be written to.
             let (meta, accounts) = (r.meta.clone(), self.accounts());
-            if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p))
+            if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p, true))
                 .await
                 .is_none()
             {
@@ -1003,7 +1003,7 @@ impl Conn {
             let p = acc.check_session(&access)?;
             if let Some(meta) = meta {
                 // The router resolves recipients in the node's metadata.
-                crate::messaging::ensure_user(&meta, acc, p);
+                crate::messaging::ensure_user(&meta, acc, p, false);
             }
             Ok(())
         })
@@ -1253,7 +1253,13 @@ impl Conn {
                 Err(e) => self.api_error(rid, e),
             },
             Body::UpdateProfile(req) => {
-                match self.call(move |acc, _| acc.update_profile(p, &req)).await {
+                // The new name reaches the metadata mirror (conversation titles) before the
+                // Profile answers.
+                let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+                let update = move |acc: &Accounts, _| {
+                    crate::messaging::update_profile(meta.as_deref(), acc, p, &req)
+                };
+                match self.call(update).await {
                     Ok(prof) => self.send(rid, Body::Profile(prof)),
                     Err(e) => self.api_error(rid, e),
                 }

@@ -5,10 +5,10 @@
 //! shard's core each wake-up preempts the shard, and the shard waits behind it. When the process
 //! has CPUs left over after the shards, the writers go there by default (`storage.io_cpus`).
 //! The spare-segment makers then run at the lowest priority wherever they may (without CPUs to
-//! spare, at normal priority beside the shards), and each router's cursor writer goes where the
-//! log writers go. Moving the log writer off the shard's core cut the SendAck p99 by an order of
-//! magnitude (docs/design/performance-decisions.md, "The log writer on a CPU the shards leave
-//! over").
+//! spare, at normal priority beside the shards), and each router's metadata writer goes where
+//! the log writers go. Moving the log writer off the shard's core cut the SendAck p99 by an
+//! order of magnitude (docs/design/performance-decisions.md, "The log writer on a CPU the shards
+//! leave over").
 
 use std::io;
 

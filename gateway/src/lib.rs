@@ -84,15 +84,19 @@
 //!   `starling_router::RouterShard` over its `EmbeddedShard`
 //!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`
 //!   (`<data>/meta.redb`). One eventfd per shard is rung only by the shard's
-//!   bell, which the rings, the log's wake callback and the cursor writer
+//!   bell, which the rings, the log's wake callback and the metadata writer
 //!   notify (it rings only while the driver is parked); a driver task waits on it, on
 //!   `poll_timeout` and on kicks from connection tasks, and moves
 //!   `poll_transmit`/`poll_close` into the connections' outbound queues
 //!   (router frames arrive encoded; a connection copies them into its output,
 //!   checking the peer's frame limit and timing the answers to Sends).
 //!   Connection tasks call `handle_frame` for the router's frames and report
-//!   written bytes with `handle_conn_flushed`. Users are mirrored from the
-//!   accounts store into the metadata store when they authenticate.
+//!   written bytes with `handle_conn_flushed`. The router's metadata writes
+//!   (cursor batches, Block/Unblock, new direct conversations) run on one
+//!   `starling-meta` thread per shard, in order. Users are mirrored from the
+//!   accounts store into the metadata store when they authenticate, and a
+//!   display name changed by `UpdateProfile` is mirrored before the request
+//!   is answered (the router titles direct conversations from the mirror).
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by

@@ -93,16 +93,18 @@ pub struct RouterParts {
     pub meta: Arc<EmbeddedMeta>,
     /// Rung by the bell and the log.
     pub efd: EventFd,
-    /// Where the shard's storage threads run (its log writer, its cursor writer); empty: not
+    /// Where the shard's storage threads run (its log writer, its metadata writer); empty: not
     /// pinned, beside the shards.
     pub io_cpus: Arc<[usize]>,
     /// Where a failure of the shard's log or index is reported.
     pub health: Arc<Health>,
+    /// The router's limits (`[router]` in the config).
+    pub cfg: ShardConfig,
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
 /// and builds the grid. Blocking; call before serving. If `io_cpus` is not
-/// empty (`crate::cpus`), each log's writer thread (and each router's cursor
+/// empty (`crate::cpus`), each log's writer thread (and each router's metadata
 /// writer) runs there and its spare-segment maker at the lowest priority
 /// wherever the caller may run. A fault of the metadata store is reported to
 /// `health`.
@@ -110,6 +112,7 @@ pub fn open(
     data_dir: &Path,
     shards: usize,
     storage: &crate::config::StorageConfig,
+    router: &crate::config::RouterConfig,
     io_cpus: &[usize],
     health: &Arc<Health>,
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
@@ -181,6 +184,7 @@ pub fn open(
             efd,
             io_cpus: io_for_parts.clone(),
             health: health.clone(),
+            cfg: router.shard_config(),
         });
     }
     Ok((meta, parts))
@@ -215,10 +219,10 @@ impl ShardRouter {
         let cfg = ShardConfig {
             conn_outbound_bytes_max: limits.push_backlog_bytes_max,
             slow_consumer_close_ms: limits.slow_consumer_close_ms,
-            ..ShardConfig::default()
+            ..parts.cfg
         };
         let mut router = RouterShard::new(cfg, parts.links, parts.store, index, parts.meta.clone());
-        router.set_cursor_offload(cursor_writer(bell.clone(), parts.io_cpus.clone())?);
+        router.set_meta_offload(meta_writer(bell.clone(), parts.io_cpus.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
             router: RefCell::new(router),
@@ -344,7 +348,7 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
                 return Poll::Ready(());
             }
             *r.waker.borrow_mut() = Some(cx.waker().clone());
-            // No eventfd read before waiting: every producer (rings, log, cursor writer) goes
+            // No eventfd read before waiting: every producer (rings, log, metadata writer) goes
             // through the bell, which rang it only if it saw this park. A count left from a ring
             // that raced a kick makes the poll below ready at once.
             match r.efd.poll_readable(cx) {
@@ -363,32 +367,38 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
     }
 }
 
-/// A thread that makes the router's cursor batches durable (a redb commit with fsync), so the
-/// shard thread never waits on the disk for them; each finished job notifies the shard's bell.
-/// It runs on `io_cpus` (the log writers' CPUs) if there are any: started from the shard thread,
-/// it would otherwise inherit the shard's CPU. It exits when the router (the only sender) is
-/// dropped.
-fn cursor_writer(
+/// The thread that runs the router's metadata writes (cursor batches, Block/Unblock, new
+/// direct conversations: each a redb commit with fsync), one at a time in the order the router
+/// handed them over, so the shard thread never waits on the disk for them; each finished job
+/// notifies the shard's bell. It runs on `io_cpus` (the log writers' CPUs) if there are any:
+/// started from the shard thread, it would otherwise inherit the shard's CPU. It exits when the
+/// router (the only sender) is dropped. The queue needs no bound of its own: the router bounds
+/// the jobs it hands over (`ShardConfig::meta_jobs_max`, one cursor batch at a time).
+fn meta_writer(
     bell: Arc<Bell>,
     io_cpus: Arc<[usize]>,
 ) -> std::io::Result<starling_router::Offload> {
     let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let writer_bell = bell.clone();
     std::thread::Builder::new()
-        .name("starling-cursors".into())
+        .name("starling-meta".into())
         .spawn(move || {
             if !io_cpus.is_empty()
                 && let Err(e) = crate::cpus::pin_current_thread(&io_cpus)
             {
-                tracing::warn!(error = %e, "cannot place the cursor writer thread");
+                tracing::warn!(error = %e, "cannot place the metadata writer thread");
             }
             for job in rx {
                 job();
-                bell.notify();
+                writer_bell.notify();
             }
         })?;
     Ok(Box::new(move |job| {
-        if tx.send(job).is_err() {
-            tracing::error!("the cursor writer thread is gone");
+        if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            tracing::error!("the metadata writer thread is gone");
+            // Dropped unrun, the job records a failure for its requests; wake the shard for it.
+            drop(job);
+            bell.notify();
         }
     }))
 }
@@ -399,33 +409,56 @@ pub fn router_conn(id: ConnId) -> RouterConnId {
     RouterConnId(id.0)
 }
 
+/// Held while a display name goes into the accounts store and then into the metadata mirror,
+/// so that the mirror ends with the name the accounts store ends with when two devices of a
+/// user rename at once (or a login reconciles the mirror meanwhile). Profile changes are rare.
+static PROFILE_MIRROR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn profile_lock() -> std::sync::MutexGuard<'static, ()> {
+    PROFILE_MIRROR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Puts `p`'s user into the node's metadata if it is not there yet (the
-/// router looks recipients up there; accounts live in `accounts.redb`).
-/// Blocking: run on the blocking pool.
+/// router looks recipients up there and titles direct conversations with
+/// their display name; accounts live in `accounts.redb`). With `reconcile`
+/// (a login or refresh: rare), a mirror whose name or phone differs from the
+/// account's is brought up to date too. Blocking: run on the blocking pool.
 pub fn ensure_user(
     meta: &EmbeddedMeta,
     accounts: &crate::accounts::Accounts,
     p: crate::accounts::Principal,
+    reconcile: bool,
 ) {
     use starling_storage::meta::{User, keys};
     use starling_storage::{MetaBatch, MetadataStore as _, TimestampMs, UserId};
     let key = keys::user(UserId(p.user_id));
-    match meta.get::<User>(&key) {
-        Ok(Some(_)) => return,
-        Ok(None) => {}
+    let _guard = reconcile.then(profile_lock);
+    let existing = match meta.get::<User>(&key) {
+        Ok(Some(_)) if !reconcile => return,
+        Ok(u) => u,
         Err(e) => {
             tracing::warn!(user = p.user_id, error = %e, "user lookup in metadata failed");
             return;
         }
+    };
+    let Ok(prof) = accounts.get_me(p) else {
+        return;
+    };
+    if let Some(u) = &existing {
+        if u.display_name == prof.display_name && u.phone_e164 == prof.phone {
+            return;
+        }
+        if let Err(e) = mirror_profile(meta, p.user_id, &prof) {
+            tracing::warn!(user = p.user_id, error = %e, "updating the user's metadata mirror");
+        }
+        return;
     }
-    let (phone, name) = accounts
-        .get_me(p)
-        .map(|prof| (prof.phone, prof.display_name))
-        .unwrap_or_default();
     let user = User {
         id: UserId(p.user_id),
-        phone_e164: phone,
-        display_name: name,
+        phone_e164: prof.phone,
+        display_name: prof.display_name,
         password_hash: None,
         created_ms: TimestampMs(clock::unix_ms()),
     };
@@ -435,6 +468,60 @@ pub fn ensure_user(
         // A concurrent login of the same user wrote it first: fine.
         tracing::debug!(user = p.user_id, error = %e, "mirroring user into metadata");
     }
+}
+
+/// Writes `prof`'s display name and phone into user `user_id`'s metadata mirror (durably;
+/// nothing if they are there already).
+fn mirror_profile(
+    meta: &EmbeddedMeta,
+    user_id: u64,
+    prof: &starling_protocol::v1::Profile,
+) -> Result<(), starling_storage::StorageError> {
+    use starling_storage::meta::{User, keys};
+    use starling_storage::{MetaBatch, MetadataStore as _, TimestampMs, UserId};
+    let key = keys::user(UserId(user_id));
+    let mut user = meta.get::<User>(&key)?.unwrap_or_else(|| User {
+        id: UserId(user_id),
+        phone_e164: String::new(),
+        display_name: String::new(),
+        password_hash: None,
+        created_ms: TimestampMs(clock::unix_ms()),
+    });
+    if user.display_name == prof.display_name && user.phone_e164 == prof.phone {
+        return Ok(());
+    }
+    user.display_name.clone_from(&prof.display_name);
+    user.phone_e164.clone_from(&prof.phone);
+    let mut b = MetaBatch::default();
+    b.put(&user);
+    meta.commit(&b)
+}
+
+/// UpdateProfile: the accounts store, then the user's metadata mirror, both durable before it
+/// returns, so that once the client has its `Profile` every conversation list shows the new
+/// name. Blocking: run on the blocking pool.
+///
+/// # Errors
+/// The accounts store refused or failed; or the mirror could not be written (the profile is
+/// saved; sending UpdateProfile again writes the mirror).
+pub fn update_profile(
+    meta: Option<&EmbeddedMeta>,
+    accounts: &crate::accounts::Accounts,
+    p: crate::accounts::Principal,
+    req: &starling_protocol::v1::UpdateProfile,
+) -> Result<starling_protocol::v1::Profile, crate::accounts::ApiError> {
+    let _guard = profile_lock();
+    let prof = accounts.update_profile(p, req)?;
+    if let Some(meta) = meta
+        && let Err(e) = mirror_profile(meta, p.user_id, &prof)
+    {
+        tracing::warn!(user = p.user_id, error = %e, "mirroring the profile into metadata");
+        return Err(crate::accounts::ApiError::new(
+            starling_protocol::v1::ErrorCode::StorageFailure,
+            "the profile was saved but not yet shown to other users; send UpdateProfile again",
+        ));
+    }
+    Ok(prof)
 }
 
 /// Lets the runtime's other ready tasks run once.

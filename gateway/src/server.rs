@@ -226,7 +226,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
     let (_meta, router_parts) =
-        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &placement.io, &health)?;
+        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &cfg.router, &placement.io, &health)?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()

@@ -2409,7 +2409,7 @@ fn allowed_cpus(status: &str) -> Option<String> {
 }
 
 #[test]
-fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
+fn storage_io_cpus_place_every_log_writer_and_metadata_writer() {
     // The first CPU this test may use: the server is told to put its storage threads there.
     let mine = std::fs::read_to_string("/proc/self/status").unwrap();
     let first: usize = allowed_cpus(&mine)
@@ -2421,39 +2421,38 @@ fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
         .unwrap();
     let srv = Server::start("auto", &format!("[storage]\nio_cpus = [{first}]\n"));
     let task_dir = format!("/proc/{}/task", srv.child.0.id());
-    // (thread name, its allowed CPUs) for the storage threads (the kernel keeps 15 bytes of a
-    // name: "starling-cursors" reads "starling-cursor"); both kinds start before `ready`,
-    // but give the cursor writers a moment in case they are still being placed.
+    // (thread name, its allowed CPUs) for the storage threads; both kinds start before `ready`,
+    // but give the metadata writers a moment in case they are still being placed.
     let mut seen = Vec::new();
     for _ in 0..50 {
         seen.clear();
         for t in std::fs::read_dir(&task_dir).unwrap().flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
             let comm = comm.trim().to_string();
-            if comm == "starling-log-io" || comm == "starling-cursor" {
+            if comm == "starling-log-io" || comm == "starling-meta" {
                 let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
                 seen.push((comm, allowed_cpus(&status).unwrap_or_default()));
             }
         }
-        let cursors = seen.iter().filter(|(c, _)| c == "starling-cursor").count();
-        if cursors == 2 && seen.iter().all(|(_, cpus)| *cpus == first.to_string()) {
+        let writers = seen.iter().filter(|(c, _)| c == "starling-meta").count();
+        if writers == 2 && seen.iter().all(|(_, cpus)| *cpus == first.to_string()) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     seen.sort();
     let want: Vec<(String, String)> = [
-        "starling-cursor",
-        "starling-cursor",
         "starling-log-io",
         "starling-log-io",
+        "starling-meta",
+        "starling-meta",
     ]
     .iter()
     .map(|c| (c.to_string(), first.to_string()))
     .collect();
     assert_eq!(
         seen, want,
-        "two shards: a log writer and a cursor writer each, all on CPU {first}"
+        "two shards: a log writer and a metadata writer each, all on CPU {first}"
     );
 }
 
@@ -2461,3 +2460,9 @@ fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
 mod spec;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/blocks.rs"]
+mod blocks;
+#[path = "server/cursors.rs"]
+mod cursors;
+#[path = "server/titles.rs"]
+mod titles;

@@ -41,6 +41,14 @@ pub fn owner_shard(conv: u64, shards: usize) -> usize {
     (mix64(conv) % shards.max(1) as u64) as usize
 }
 
+/// The home shard of `user` among `shards` shards: where every Block/Unblock of the user is
+/// rate-limited, counted and written, so that one metadata writer orders them and one token
+/// bucket limits them whichever shards the user's devices are connected to.
+pub fn home_shard(user: u64, shards: usize) -> usize {
+    debug_assert!(shards > 0);
+    (mix64(user ^ 0x484F_4D45_5348_5244) % shards.max(1) as u64) as usize
+}
+
 /// The `attempt`-th candidate id for the direct conversation of users `a` and `b` (order does
 /// not matter): never 0, top bit clear.
 pub fn direct_candidate(a: u64, b: u64, attempt: u32) -> u64 {
@@ -67,6 +75,11 @@ mod tests {
             }
         }
         assert!(per_shard.iter().all(|&n| n > 150), "{per_shard:?}");
+        let mut homes = [0u32; 4];
+        for u in 1..1000u64 {
+            homes[home_shard(u, 4)] += 1;
+        }
+        assert!(homes.iter().all(|&n| n > 200), "{homes:?}");
         assert!(is_group(GROUP_BIT | 5));
     }
 

@@ -63,12 +63,15 @@
 //! call `handle_frame` for the frames the router [`handles`](RouterShard::handles)
 //! and report written bytes with `handle_conn_flushed`. Build the grid once
 //! with [`grid()`] and one [`ring::Bell`] per shard whose [`ring::Doorbell`]
-//! writes that shard's eventfd; the log's `LogOptions::wake` and the cursor
-//! offload's jobs ([`RouterShard::set_cursor_offload`]) notify the same bell.
-//! Metadata writes for the first message between two users and for Block run
-//! inline on the shard thread (rare, but they fsync); cursor flushes go to the
-//! offload when one is set, as the gateway does. Moving the rest off the shard
-//! thread is listed in `docs/design/messaging.md`.
+//! writes that shard's eventfd; the log's `LogOptions::wake` notifies the
+//! same bell.
+//! Every metadata write (cursor batches, Block/Unblock, the first message
+//! between two users creating their conversation) is a job for the shard's
+//! metadata writer (`metawriter`): give [`RouterShard::set_meta_offload`] an
+//! [`Offload`] that runs the jobs in order on another thread and notifies the
+//! shard's bell after each; without one they run inline (the simulation).
+//! Per-user limits live in `limits` (Block/Unblock's token bucket, at the
+//! user's [`ids::home_shard`]).
 //!
 //! Design, invariants and budget: `docs/design/messaging.md`. Unsafe code is
 //! denied except in [`ring`], whose one safety argument is written at its top
@@ -89,12 +92,18 @@ pub mod grid;
 #[cfg(not(loom))]
 pub mod ids;
 #[cfg(not(loom))]
+mod limits;
+#[cfg(not(loom))]
+mod metawriter;
+#[cfg(not(loom))]
 mod shard;
 
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
+pub use metawriter::Offload;
+#[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, Offload, RouterShard, STORAGE_NOT_STORED,
-    STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats, Transmit,
+    CloseRequest, ConnId, ConnRef, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN,
+    STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats, Transmit,
 };

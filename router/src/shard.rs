@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
@@ -12,12 +12,14 @@ use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
 use starling_storage::{
     ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
-    LogError, Lsn, MessageIndex, MetaBatch, MetadataStore, ReadCursor, Seq, StorageError, SyncData,
+    LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, StorageError, SyncData,
     TimestampMs, UserId,
 };
 
 use crate::grid::ShardLinks;
-use crate::ids::{self, conv_id, is_group, owner_shard};
+use crate::ids::{conv_id, home_shard, is_group, owner_shard};
+use crate::limits::RateLimiter;
+use crate::metawriter::{self, Job, MetaWriter, Offload, Outcome, Written, block_key, ordered};
 
 /// std's maps with foldhash (seeded per process) instead of SipHash: the router hashes several
 /// keys per message (conversation, client_msg_id, users, connections), and SipHash showed in
@@ -69,6 +71,21 @@ pub struct ShardConfig {
     /// the index and the metadata on next use. Bounds the shard's memory by its active
     /// conversations instead of every conversation it ever served.
     pub conv_idle_evict_ms: u64,
+    /// Most users one user may block (at most `starling_storage::meta::SCAN_RECORDS_MAX`, so
+    /// that one metadata scan counts them); a Block beyond it is refused with
+    /// `PERMISSION_DENIED`.
+    pub blocks_max: usize,
+    /// Block/Unblock requests one user may make per second, sustained (a token bucket at the
+    /// user's home shard; beyond it `RATE_LIMITED` with `retry_after_ms`).
+    pub block_requests_per_s: u32,
+    /// ... and at once (the bucket's size).
+    pub block_requests_burst: u32,
+    /// Most Sends one shard holds while the direct conversation they need is being created
+    /// (each holds its body until then); beyond it `OVERLOADED` with `retry_after_ms`.
+    pub parked_sends_max: usize,
+    /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
+    /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
+    pub meta_jobs_max: usize,
 }
 
 /// Most conversation states one [`RouterShard::handle_tick`] examines for eviction, so that a
@@ -94,9 +111,18 @@ impl Default for ShardConfig {
             cursor_flush_max: 1024,
             unread_count_max: 999,
             conv_idle_evict_ms: 10 * 60 * 1000,
+            blocks_max: 10_000,
+            block_requests_per_s: 10,
+            block_requests_burst: 20,
+            parked_sends_max: 1024,
+            meta_jobs_max: 4096,
         }
     }
 }
+
+/// `retry_after_ms` of the `OVERLOADED` that refuses a request the metadata writer has no room
+/// for: about as long as a few metadata commits take.
+const META_RETRY_AFTER_MS: u32 = 50;
 
 /// A connection, named by the gateway; unique within its shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,6 +192,7 @@ impl fmt::Debug for ShardMsg {
             Inner::History(_) => "History",
             Inner::List(_) => "List",
             Inner::ListPart(_) => "ListPart",
+            Inner::Block(_) => "Block",
             Inner::BlockChanged { .. } => "BlockChanged",
         };
         f.debug_tuple("ShardMsg").field(&kind).finish()
@@ -191,6 +218,9 @@ enum Inner {
     History(HistoryCmd),
     List(ListCmd),
     ListPart(ListPart),
+    /// A Block/Unblock, for the requesting user's home shard (which rate-limits, orders and
+    /// writes it).
+    Block(BlockCmd),
     /// A Block/Unblock between the members of direct conversation `conv` was committed: the
     /// owner forgets its cached block state, then answers `Done` to the request.
     BlockChanged {
@@ -285,6 +315,28 @@ struct ListPart {
     to: ConnId,
     request_id: u64,
     summaries: Vec<v1::ConversationSummary>,
+}
+
+struct BlockCmd {
+    origin: ConnRef,
+    request_id: u64,
+    user: UserId,
+    target: UserId,
+    block: bool,
+}
+
+/// What the shard does with a metadata job's outcome (see [`metawriter`]).
+enum MetaTag {
+    /// A cursor batch: announce receipts and answer `waiters`, or put it back.
+    Cursors {
+        delivery: Vec<DeliveryCursor>,
+        read: Vec<ReadCursor>,
+        waiters: Vec<(ConnRef, u64)>,
+    },
+    /// A Block/Unblock: answer it (through the conversation's owner if there is one).
+    Block { origin: ConnRef, request_id: u64 },
+    /// A direct conversation for the parked Sends of this pair.
+    Direct { pair: (UserId, UserId) },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,27 +469,31 @@ fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> 
     )
 }
 
+/// An `Error` frame that tells the client when to try again.
+fn retry_frame(
+    request_id: u64,
+    code: ErrorCode,
+    message: String,
+    retry_after_ms: u32,
+) -> v1::Frame {
+    frame(
+        request_id,
+        Body::Error(v1::Error {
+            code: code as i32,
+            message,
+            retry_after_ms,
+        }),
+    )
+}
+
 /// A refusal: the code and message of the `Error` frame that answers the request.
-#[derive(Debug)]
-struct Refusal(ErrorCode, String);
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refusal(pub(crate) ErrorCode, pub(crate) String);
 
 impl Refusal {
-    fn storage(what: &str, e: &StorageError) -> Refusal {
+    pub(crate) fn storage(what: &str, e: &StorageError) -> Refusal {
         Refusal(ErrorCode::StorageFailure, format!("{what}: {e}"))
     }
-}
-
-/// Metadata key of the `DirectPair` of users `low < high`.
-fn direct_pair_key(low: UserId, high: UserId) -> Vec<u8> {
-    let mut k = keys::user(low);
-    k.extend_from_slice(&high.0.to_be_bytes());
-    k
-}
-
-fn block_key(user: UserId, blocked: UserId) -> Vec<u8> {
-    let mut k = keys::user(user);
-    k.extend_from_slice(&blocked.0.to_be_bytes());
-    k
 }
 
 fn member_of_prefix(user: UserId) -> Vec<u8> {
@@ -626,12 +682,19 @@ pub struct RouterShard<L, I, M> {
     dirty_delivery: HashSet<(u64, UserId, DeviceId)>,
     dirty_read: HashSet<(u64, UserId)>,
     cursor_due_ms: Option<u64>,
-    /// Cursor requests to answer with `Done` after the next successful flush.
+    /// Cursor requests to answer (`Done`, or `Error` if it fails) with the next cursor batch.
     cursor_waiters: Vec<(ConnRef, u64)>,
-    /// Writes cursor batches off this thread (see [`RouterShard::set_cursor_offload`]).
-    cursor_writer: Option<CursorWriter>,
-    /// The cursor batch being written by `cursor_writer`.
-    cursor_flight: Option<CursorFlight>,
+    /// A cursor batch is with the metadata writer (one at a time).
+    cursor_in_flight: bool,
+    /// Every metadata write (cursor batches, Block/Unblock, direct conversations) goes through
+    /// it, off this thread once [`RouterShard::set_meta_offload`] was called.
+    writer: MetaWriter<MetaTag>,
+    /// Block/Unblock budgets of the users whose home shard this is.
+    block_limiter: RateLimiter,
+    /// Sends waiting for their pair's direct conversation to be created, in arrival order.
+    parked: HashMap<(UserId, UserId), Vec<SendCmd>>,
+    /// Sends in `parked` (bounded by `parked_sends_max`).
+    parked_sends: usize,
 
     // session directory slice
     conns: HashMap<ConnId, Conn>,
@@ -663,44 +726,21 @@ impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
     }
 }
 
-/// Runs a job on some other thread; the job wakes the shard when it is done.
-pub type Offload = Box<dyn Fn(Box<dyn FnOnce() + Send>)>;
-
-/// Starts one durable cursor write; the slot receives its outcome.
-type CursorWriter = Box<dyn Fn(Vec<DeliveryCursor>, Vec<ReadCursor>, Arc<Mutex<Option<bool>>>)>;
-
-/// A cursor batch being made durable off the shard thread.
-struct CursorFlight {
-    outcome: Arc<Mutex<Option<bool>>>,
-    delivery: Vec<DeliveryCursor>,
-    read: Vec<ReadCursor>,
-    waiters: Vec<(ConnRef, u64)>,
-}
-
 impl<L, I, M> RouterShard<L, I, M>
 where
-    M: CursorStore + Send + Sync + 'static,
+    M: MetadataStore + CursorStore + Send + Sync + 'static,
 {
-    /// Makes cursor batches durable on another thread instead of this one: `offload` runs each
-    /// write job, which must wake the shard (as the log's wake callback does) after it ran, so
-    /// that [`RouterShard::handle_log_progress`] or [`RouterShard::handle_tick`] picks up the
-    /// outcome. Without it cursor writes are synchronous (the simulation's default).
-    pub fn set_cursor_offload(&mut self, offload: Offload) {
-        let meta = self.meta.clone();
-        self.cursor_writer = Some(Box::new(move |dc, rc, outcome| {
-            let meta = meta.clone();
-            offload(Box::new(move || {
-                let ok = (dc.is_empty() || meta.advance_delivery(&dc).is_ok())
-                    && (rc.is_empty() || meta.advance_read(&rc).is_ok());
-                *outcome
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ok);
-            }));
-        }));
+    /// Makes every metadata write (cursor batches, Block/Unblock, the creation of a direct
+    /// conversation; each a commit with an fsync) on another thread instead of this one:
+    /// `offload` runs each write job, in order, and must wake the shard (as the log's wake
+    /// callback does) after each, so that [`RouterShard::handle_log_progress`] or
+    /// [`RouterShard::handle_tick`] picks up the outcome. Without it writes run inline (the
+    /// simulation's default). See the `metawriter` module.
+    pub fn set_meta_offload(&mut self, offload: Offload) {
+        self.writer.set_offload(self.meta.clone(), offload);
     }
 }
 
-const DIRECT_PROBES_MAX: u32 = 8;
 const DIRECT_CACHE_MAX: usize = 100_000;
 
 impl<L, I, M> RouterShard<L, I, M>
@@ -719,6 +759,8 @@ where
         meta: Arc<M>,
     ) -> Self {
         let shards = links.shards();
+        let writer = MetaWriter::new(cfg.blocks_max);
+        let block_limiter = RateLimiter::new(cfg.block_requests_per_s, cfg.block_requests_burst);
         RouterShard {
             shard: links.shard(),
             shards,
@@ -744,8 +786,11 @@ where
             dirty_read: HashSet::default(),
             cursor_due_ms: None,
             cursor_waiters: Vec::new(),
-            cursor_writer: None,
-            cursor_flight: None,
+            cursor_in_flight: false,
+            writer,
+            block_limiter,
+            parked: HashMap::default(),
+            parked_sends: 0,
             conns: HashMap::default(),
             watched: HashSet::default(),
             users: HashMap::default(),
@@ -965,7 +1010,8 @@ where
     }
 
     /// The log reported progress (its wake callback fired): acknowledge what became durable, or
-    /// fail everything pending if the log failed.
+    /// fail everything pending if the log failed. Also takes the outcomes of finished metadata
+    /// writes (the metadata writer wakes the shard the same way).
     pub fn handle_log_progress(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         while let Some(front) = self.inflight.front() {
@@ -987,7 +1033,7 @@ where
                 }
             }
         }
-        self.poll_cursor_flight();
+        self.poll_meta();
         self.prune_recent();
         self.drive();
     }
@@ -996,7 +1042,7 @@ where
     /// at [`RouterShard::poll_timeout`] (or more often).
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
-        self.poll_cursor_flight();
+        self.poll_meta();
         if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
             self.flush_cursors();
         }
@@ -1070,10 +1116,16 @@ where
             .filter_map(|id| self.conns.get(id)?.over_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
-        let evict = self.idle_queue.front().map(|&(_, t)| {
-            t.saturating_add(self.cfg.conv_idle_evict_ms)
-                .max(self.now_ms + 1)
-        });
+        // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
+        // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
+        // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
+        let evict = if self.cursor_in_flight || self.failed.is_some() {
+            None
+        } else {
+            self.idle_queue
+                .front()
+                .map(|&(_, t)| t.saturating_add(self.cfg.conv_idle_evict_ms))
+        };
         [self.cursor_due_ms, busy, close, evict]
             .into_iter()
             .flatten()
@@ -1091,6 +1143,7 @@ where
         if self.dirty_delivery.len() + self.dirty_read.len() >= self.cfg.cursor_flush_max {
             self.flush_cursors();
         }
+        self.poll_meta();
         self.drive_local();
         self.flush_outbox();
     }
@@ -1142,6 +1195,7 @@ where
             Inner::History(h) => self.on_history(h),
             Inner::List(l) => self.on_list_cmd(l),
             Inner::ListPart(p) => self.on_list_part(p),
+            Inner::Block(b) => self.on_block_cmd(b),
             Inner::BlockChanged {
                 conv,
                 origin,
@@ -1315,84 +1369,107 @@ where
     // -----------------------------------------------------------------------------------------
     // conversations
 
-    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<u64, Refusal> {
+    /// The direct conversation of `me` and `peer`, if it exists (cached, or found in the
+    /// metadata); `None` if it has to be created first (by the metadata writer, see
+    /// [`RouterShard::park`]) or is being created.
+    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<Option<u64>, Refusal> {
         if peer.0 == 0 {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
                 "recipient user_id is 0".into(),
             ));
         }
-        let (low, high) = if me <= peer { (me, peer) } else { (peer, me) };
-        if let Some(c) = self.direct_cache.get(&(low, high)) {
-            return Ok(*c);
+        let pair = ordered(me, peer);
+        if let Some(&c) = self.direct_cache.get(&pair) {
+            return Ok(Some(c));
+        }
+        if self.parked.contains_key(&pair) {
+            return Ok(None);
         }
         let meta = &*self.meta;
-        let pair_key = direct_pair_key(low, high);
-        let conv = 'found: {
-            if let Some(p) = meta
-                .get::<DirectPair>(&pair_key)
-                .map_err(|e| Refusal::storage("direct lookup", &e))?
-            {
-                break 'found p.conv.0 as u64;
-            }
-            if meta
-                .get::<User>(&keys::user(peer))
-                .map_err(|e| Refusal::storage("user lookup", &e))?
-                .is_none()
-            {
-                return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
-            }
-            for attempt in 0..DIRECT_PROBES_MAX {
-                let id = ids::direct_candidate(low.0, high.0, attempt);
-                let pair = DirectPair {
-                    low,
-                    high,
-                    conv: conv_id(id),
-                };
-                let dc = DirectConv {
-                    conv: conv_id(id),
-                    low,
-                    high,
-                    created_ms: TimestampMs(self.now_ms),
-                };
-                let mut b = MetaBatch::default();
-                b.expect::<DirectPair>(&pair_key, None)
-                    .expect::<DirectConv>(&conv_id(id).0.to_be_bytes(), None)
-                    .put(&pair)
-                    .put(&dc);
-                for u in [low, high] {
-                    b.add_member(&Member {
-                        group: conv_id(id),
-                        user: u,
-                        role: starling_storage::meta::Role::Member,
-                        joined_ms: TimestampMs(self.now_ms),
-                    });
-                }
-                match meta.commit(&b) {
-                    Ok(()) => break 'found id,
-                    Err(StorageError::Conflict { .. }) => {
-                        // Either another shard created this pair just now (use its id), or the
-                        // candidate id belongs to another pair (probe the next one).
-                        if let Some(p) = meta
-                            .get::<DirectPair>(&pair_key)
-                            .map_err(|e| Refusal::storage("direct lookup", &e))?
-                        {
-                            break 'found p.conv.0 as u64;
-                        }
-                    }
-                    Err(e) => return Err(Refusal::storage("direct create", &e)),
-                }
-            }
-            return Err(Refusal(
-                ErrorCode::Internal,
-                "could not allocate a conversation id".into(),
-            ));
-        };
+        if let Some(p) = meta
+            .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
+            .map_err(|e| Refusal::storage("direct lookup", &e))?
+        {
+            let conv = p.conv.0 as u64;
+            self.cache_direct(pair, conv);
+            return Ok(Some(conv));
+        }
+        if meta
+            .get::<User>(&keys::user(peer))
+            .map_err(|e| Refusal::storage("user lookup", &e))?
+            .is_none()
+        {
+            return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
+        }
+        Ok(None)
+    }
+
+    fn cache_direct(&mut self, pair: (UserId, UserId), conv: u64) {
         if self.direct_cache.len() >= DIRECT_CACHE_MAX {
             self.direct_cache.clear();
         }
-        self.direct_cache.insert((low, high), conv);
-        Ok(conv)
+        self.direct_cache.insert(pair, conv);
+    }
+
+    /// Holds `cmd`, a Send between the users of `pair`, until their direct conversation exists
+    /// durably; the first Send of a pair starts its creation on the metadata writer. The Sends
+    /// go on to the conversation's owner, in the order they came, when the writer's outcome
+    /// arrives ([`RouterShard::direct_created`]); the shard serves everything else meanwhile.
+    fn park(&mut self, pair: (UserId, UserId), cmd: SendCmd) {
+        let creating = self.parked.contains_key(&pair);
+        if self.parked_sends >= self.cfg.parked_sends_max
+            || (!creating && self.writer.queued() >= self.cfg.meta_jobs_max)
+        {
+            let f = retry_frame(
+                cmd.request_id,
+                ErrorCode::Overloaded,
+                "too many new conversations are being created; the message was not accepted, \
+                 send it again"
+                    .into(),
+                META_RETRY_AFTER_MS,
+            );
+            self.reply(cmd.origin, vec![f]);
+            return;
+        }
+        self.parked.entry(pair).or_default().push(cmd);
+        self.parked_sends += 1;
+        if !creating {
+            let job = Job::CreateDirect {
+                low: pair.0,
+                high: pair.1,
+                now_ms: self.now_ms,
+            };
+            self.writer
+                .submit(&*self.meta, job, MetaTag::Direct { pair });
+        }
+    }
+
+    /// The metadata writer created (or found) the direct conversation of `pair`, or failed to:
+    /// the Sends parked for it go on to its owner, or are answered with the failure.
+    fn direct_created(&mut self, pair: (UserId, UserId), outcome: Outcome) {
+        let sends = self.parked.remove(&pair).unwrap_or_default();
+        self.parked_sends -= sends.len();
+        match outcome {
+            Ok(Written::Direct { conv }) => {
+                self.cache_direct(pair, conv);
+                let owner = owner_shard(conv, self.shards);
+                for mut cmd in sends {
+                    cmd.conv = conv;
+                    self.send_to(owner, Inner::Send(Box::new(cmd)));
+                }
+            }
+            other => {
+                let Refusal(code, msg) = match other {
+                    Err(r) => r,
+                    Ok(w) => unexpected_outcome(&w),
+                };
+                for cmd in sends {
+                    let f = error_frame(cmd.request_id, code, msg.clone());
+                    self.reply(cmd.origin, vec![f]);
+                }
+            }
+        }
     }
 
     /// The owner-side state of `conv`, loaded on first use.
@@ -1461,7 +1538,7 @@ where
     /// durable and indexed and whose every cursor is durable and announced: exactly what
     /// [`RouterShard::conv`] would load again. At most [`EVICT_SCAN_MAX`] per call.
     fn evict_idle(&mut self) {
-        if self.cursor_flight.is_some() || self.failed.is_some() {
+        if self.cursor_in_flight || self.failed.is_some() {
             // A cursor batch in the air may be put back on failure: try again next tick.
             return;
         }
@@ -1634,8 +1711,13 @@ where
             ));
         }
         let conv = match s.to.and_then(|t| t.target) {
-            Some(v1::recipient::Target::UserId(peer)) => self.resolve_direct(user, UserId(peer))?,
-            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => c,
+            Some(v1::recipient::Target::UserId(peer)) => {
+                match self.resolve_direct(user, UserId(peer))? {
+                    Some(conv) => Ok(conv),
+                    None => Err(ordered(user, UserId(peer))),
+                }
+            }
+            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(c),
             _ => {
                 return Err(Refusal(
                     ErrorCode::InvalidArgument,
@@ -1643,12 +1725,12 @@ where
                 ));
             }
         };
-        let cmd = SendCmd {
+        let mut cmd = SendCmd {
             origin,
             request_id: rid,
             user,
             device,
-            conv,
+            conv: 0,
             cmid: ClientMsgId(cmid),
             cmid_bytes: s.client_msg_id,
             content_type: s.content_type,
@@ -1657,7 +1739,14 @@ where
             first_attempt: s.first_attempt,
             now_ms: self.now_ms,
         };
-        self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
+        match conv {
+            Ok(conv) => {
+                cmd.conv = conv;
+                self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
+            }
+            // The pair's first message: its conversation is created first, off this thread.
+            Err(pair) => self.park(pair, cmd),
+        }
         Ok(())
     }
 
@@ -2015,13 +2104,13 @@ where
         }
     }
 
-    /// Writes every changed cursor in one durable batch per kind, then announces receipts (only
-    /// durable cursors are ever announced, so a receipt is never taken back by a crash). With a
-    /// cursor offload the write runs on another thread and completes in
-    /// [`RouterShard::poll_cursor_flight`]; one batch is in flight at a time.
+    /// Writes every changed cursor in one durable batch per kind (a job for the metadata
+    /// writer), then announces receipts (only durable cursors are ever announced, so a receipt is
+    /// never taken back by a crash) in [`RouterShard::cursors_written`]. One batch is in flight
+    /// at a time.
     fn flush_cursors(&mut self) {
-        if self.cursor_flight.is_some() {
-            // The next batch goes when this one lands (`poll_cursor_flight` reschedules).
+        if self.cursor_in_flight {
+            // The next batch goes when this one lands (`cursors_written` reschedules).
             self.cursor_due_ms = None;
             return;
         }
@@ -2057,56 +2146,63 @@ where
         }
         let waiters = std::mem::take(&mut self.cursor_waiters);
         self.cursor_due_ms = None;
-        if let Some(write) = &self.cursor_writer {
-            let outcome = Arc::new(Mutex::new(None));
-            write(dc.clone(), rc.clone(), outcome.clone());
-            self.cursor_flight = Some(CursorFlight {
-                outcome,
-                delivery: dc,
-                read: rc,
-                waiters,
-            });
-            return;
-        }
-        let ok = (dc.is_empty() || self.meta.advance_delivery(&dc).is_ok())
-            && (rc.is_empty() || self.meta.advance_read(&rc).is_ok());
-        self.cursors_written(ok, dc, rc, waiters);
+        self.cursor_in_flight = true;
+        let job = Job::Cursors {
+            delivery: dc.clone(),
+            read: rc.clone(),
+        };
+        let tag = MetaTag::Cursors {
+            delivery: dc,
+            read: rc,
+            waiters,
+        };
+        self.writer.submit(&*self.meta, job, tag);
     }
 
-    /// Completes the offloaded cursor write if it has finished.
-    fn poll_cursor_flight(&mut self) {
-        let done = self.cursor_flight.as_ref().and_then(|f| {
-            *f.outcome
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        });
-        let Some(ok) = done else {
-            return;
-        };
-        let Some(f) = self.cursor_flight.take() else {
-            return;
-        };
-        self.cursors_written(ok, f.delivery, f.read, f.waiters);
-        if !self.dirty_delivery.is_empty()
-            || !self.dirty_read.is_empty()
-            || !self.cursor_waiters.is_empty()
-        {
-            // Updates that arrived meanwhile: give them their own batch soon.
-            let due = self.now_ms + self.cfg.cursor_flush_ms;
-            self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
+    /// Takes the outcomes of finished metadata writes, in the order they were submitted.
+    fn poll_meta(&mut self) {
+        while let Some((tag, outcome)) = self.writer.poll() {
+            match tag {
+                MetaTag::Cursors {
+                    delivery,
+                    read,
+                    waiters,
+                } => {
+                    self.cursor_in_flight = false;
+                    let outcome = outcome.and_then(|w| match w {
+                        Written::Cursors => Ok(()),
+                        w => Err(unexpected_outcome(&w)),
+                    });
+                    self.cursors_written(outcome, delivery, read, waiters);
+                    if !self.dirty_delivery.is_empty()
+                        || !self.dirty_read.is_empty()
+                        || !self.cursor_waiters.is_empty()
+                    {
+                        // Updates that arrived meanwhile: give them their own batch soon.
+                        let due = self.now_ms + self.cfg.cursor_flush_ms;
+                        self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
+                    }
+                }
+                MetaTag::Block { origin, request_id } => {
+                    self.block_written(origin, request_id, outcome);
+                }
+                MetaTag::Direct { pair } => self.direct_created(pair, outcome),
+            }
         }
     }
 
-    /// A cursor batch was written (`ok`) or not: announce receipts for what is now durable, or
-    /// put the batch back to be retried (cursors are monotonic and idempotent).
+    /// A cursor batch was written or not: announce receipts for what is now durable, or put the
+    /// batch back to be retried (cursors are monotonic and idempotent). Either way every request
+    /// that waited for the batch gets its one answer: `Done`, or the `Error` saying its cursor
+    /// was not recorded (the client may send it again; the server also keeps retrying it).
     fn cursors_written(
         &mut self,
-        ok: bool,
+        outcome: Result<(), Refusal>,
         dc: Vec<DeliveryCursor>,
         rc: Vec<ReadCursor>,
         waiters: Vec<(ConnRef, u64)>,
     ) {
-        if !ok {
+        if let Err(Refusal(code, msg)) = outcome {
             for c in dc {
                 self.dirty_delivery
                     .insert((c.conv.0 as u64, c.user, c.device));
@@ -2114,7 +2210,9 @@ where
             for c in rc {
                 self.dirty_read.insert((c.conv.0 as u64, c.user));
             }
-            self.cursor_waiters.extend(waiters);
+            for (origin, rid) in waiters {
+                self.reply(origin, vec![error_frame(rid, code, msg.clone())]);
+            }
             self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
             return;
         }
@@ -2582,9 +2680,9 @@ where
         self.emit(p.to, f, false);
     }
 
-    /// Commits the Block/Unblock, then has the owner of the pair's direct conversation (if there
-    /// is one) drop its cached block state before `Done` goes out: once the blocker sees `Done`,
-    /// no later send from the blocked user is accepted.
+    /// Sends the Block/Unblock to `user`'s home shard ([`home_shard`]): every Block/Unblock of
+    /// a user is rate-limited, counted and written there, by one metadata writer, so they take
+    /// effect in the order the user sent them whichever shards their devices are on.
     fn on_block(
         &mut self,
         origin: ConnRef,
@@ -2593,52 +2691,105 @@ where
         other: u64,
         block: bool,
     ) -> Result<(), Refusal> {
-        if other == 0 || other == user.0 {
+        if other == 0 {
+            return Err(Refusal(ErrorCode::InvalidArgument, "user_id is 0".into()));
+        }
+        if other == user.0 {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
-                "cannot block yourself or user 0".into(),
+                "you cannot block or unblock yourself".into(),
             ));
         }
-        let mut b = MetaBatch::default();
-        if block {
-            b.put(&Block {
-                user,
-                blocked: UserId(other),
-                created_ms: TimestampMs(self.now_ms),
-            });
+        let cmd = BlockCmd {
+            origin,
+            request_id: rid,
+            user,
+            target: UserId(other),
+            block,
+        };
+        self.send_to(home_shard(user.0, self.shards), Inner::Block(cmd));
+        Ok(())
+    }
+
+    /// At the user's home shard: takes a token of the user's Block/Unblock budget and hands the
+    /// write to the metadata writer (which checks that the target exists, that a Block stays
+    /// within `blocks_max`, and writes nothing if the request is in effect already).
+    fn on_block_cmd(&mut self, b: BlockCmd) {
+        debug_assert_eq!(home_shard(b.user.0, self.shards), self.shard);
+        let refusal = if let Err(retry_ms) = self.block_limiter.take(b.user, self.now_ms) {
+            Some(retry_frame(
+                b.request_id,
+                ErrorCode::RateLimited,
+                format!(
+                    "too many Block/Unblock requests: at most {} per second",
+                    self.cfg.block_requests_per_s
+                ),
+                u32::try_from(retry_ms).unwrap_or(u32::MAX),
+            ))
+        } else if self.writer.queued() >= self.cfg.meta_jobs_max {
+            Some(retry_frame(
+                b.request_id,
+                ErrorCode::Overloaded,
+                "too many metadata writes are waiting; nothing was recorded".into(),
+                META_RETRY_AFTER_MS,
+            ))
         } else {
-            b.delete::<Block>(&block_key(user, UserId(other)));
+            None
+        };
+        if let Some(f) = refusal {
+            self.reply(b.origin, vec![f]);
+            return;
         }
-        self.meta
-            .commit(&b)
-            .map_err(|e| Refusal::storage("block", &e))?;
-        let (low, high) = if user.0 <= other {
-            (user, UserId(other))
-        } else {
-            (UserId(other), user)
+        let job = Job::Block {
+            user: b.user,
+            target: b.target,
+            block: b.block,
+            now_ms: self.now_ms,
         };
-        let conv = match self.direct_cache.get(&(low, high)) {
-            Some(&c) => Some(c),
-            None => self
-                .meta
-                .get::<DirectPair>(&direct_pair_key(low, high))
-                .map_err(|e| Refusal::storage("direct lookup", &e))?
-                .map(|p| p.conv.0 as u64),
+        let tag = MetaTag::Block {
+            origin: b.origin,
+            request_id: b.request_id,
         };
-        match conv {
-            Some(conv) => self.send_to(
+        self.writer.submit(&*self.meta, job, tag);
+    }
+
+    /// The Block/Unblock is durable (or was in effect already), or failed. If the pair has a
+    /// direct conversation, its owner drops its cached block state before `Done` goes out: once
+    /// the blocker sees `Done`, no later send from the blocked user is accepted.
+    fn block_written(&mut self, origin: ConnRef, request_id: u64, outcome: Outcome) {
+        match outcome {
+            Ok(Written::Block {
+                conv: Some(conv), ..
+            }) => self.send_to(
                 owner_shard(conv, self.shards),
                 Inner::BlockChanged {
                     conv,
                     origin,
-                    request_id: rid,
+                    request_id,
                 },
             ),
             // No conversation yet: one created later reads the block from metadata.
-            None => self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]),
+            Ok(Written::Block { conv: None, .. }) => {
+                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
+            }
+            other => {
+                let Refusal(code, msg) = match other {
+                    Err(r) => r,
+                    Ok(w) => unexpected_outcome(&w),
+                };
+                self.reply(origin, vec![error_frame(request_id, code, msg)]);
+            }
         }
-        Ok(())
     }
+}
+
+/// A metadata job answered with the outcome of another kind of job: a bug.
+fn unexpected_outcome(w: &Written) -> Refusal {
+    debug_assert!(false, "unexpected metadata outcome {w:?}");
+    Refusal(
+        ErrorCode::Internal,
+        format!("unexpected metadata outcome {w:?}"),
+    )
 }
 
 fn receipt(conv: u64, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
@@ -2682,3 +2833,7 @@ fn load_members<M: MetadataStore>(meta: &M, conv: u64) -> Result<Members, Refusa
         Ok((members.into(), Some((d.low, d.high)), String::new()))
     }
 }
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;

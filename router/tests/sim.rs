@@ -1,17 +1,24 @@
 //! Deterministic simulation of router + sequencer + storage in one thread (DESIGN.md "Testing";
 //! TigerBeetle's VOPR in spirit): simulated clock, seeded lossy network, a faulty in-memory disk
 //! (writes buffered until sync, sync failures that poison the log, crashes that drop unsynced
-//! data and tear the last record), and simulated clients that behave like the SDK (outbox retried
-//! under the same client_msg_id until SendAck, per-conversation stores ordered by seq, cumulative
-//! DeliveryAck, Sync on reconnect and on MessagesAvailable).
+//! data and tear the last record), a metadata store that fails every write for a while, a
+//! metadata writer that runs its jobs whenever the world decides (odd seeds), and simulated
+//! clients that behave like the SDK (outbox retried under the same client_msg_id until SendAck,
+//! per-conversation stores ordered by seq, cumulative DeliveryAck, Sync on reconnect and on
+//! MessagesAvailable) and now and then block or unblock each other.
 //!
 //! Invariants, checked after every step (and after every recovery):
 //! - a SendAck or Deliver is only ever issued for a message the disk has synced;
 //! - no acknowledged message is lost by a crash; recovered seqs are contiguous from 1;
 //! - one seq per client_msg_id, one message per (conversation, seq), as seen by every device;
 //! - durable cursors never move backwards; receipts never run ahead of durable cursors;
-//! - at the end (faults off, everyone reconnects and syncs): every device holds every message of
-//!   each of its conversations exactly once, in order, and every send was acknowledged.
+//! - every Send, DeliveryAck, ReadCursor, Block and Unblock gets exactly one answer per copy the
+//!   network delivered (while its connection lives), and a failed write answers with an Error;
+//! - once a blocker got Done for a Block, no Send the blocked user makes afterwards (until an
+//!   Unblock is sent) is accepted;
+//! - at the end (faults off, everyone unblocks, reconnects and syncs): every device holds every
+//!   message of each of its conversations exactly once, in order, and every send was
+//!   acknowledged.
 //!
 //! `STARLING_SIM_SEEDS=N` runs N seeds (default 2500); `STARLING_SIM_SEED=S` replays one seed.
 //! A failure prints the seed that reproduces it.
@@ -27,14 +34,14 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_router::ids::{GROUP_BIT, conv_id};
+use starling_router::ids::{GROUP_BIT, conv_id, is_group};
 use starling_router::ring::{Bell, Doorbell};
 use starling_router::{
     ConnId, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
     ShardConfig, grid,
 };
 use starling_storage::format::{decode_record, encode_record};
-use starling_storage::meta::{Group, Member, Role, User, keys};
+use starling_storage::meta::{Block, DirectConv, Group, Member, Role, User, keys};
 use starling_storage::{
     ClientMsgId, Completion, CompletionSource, ConvId, CursorStore, DeviceId, DurableLog, Entry,
     Level, LogError, Lsn, MemMeta, MessageIndex, MetaBatch, MetadataStore, Seq, StorageError,
@@ -275,12 +282,12 @@ impl Doorbell for NoBell {
 
 type Shard = RouterShard<SimLog, SimIndex, MemMeta>;
 
-/// Cursor writes handed off the shard thread, run whenever the world decides.
+/// Metadata writes handed off the shard thread, run whenever the world decides.
 type Jobs = Rc<RefCell<VecDeque<Box<dyn FnOnce() + Send>>>>;
 
 struct Node {
     shards: Vec<Shard>,
-    /// Some: the shards write cursors through an offload (the gateway's way); a crash drops
+    /// Some: the shards write metadata through an offload (the gateway's way); a crash drops
     /// the jobs not yet run.
     jobs: Option<Jobs>,
 }
@@ -295,6 +302,9 @@ fn cfg() -> ShardConfig {
         // Evict idle conversation states almost at once, so that every scenario and seed
         // reloads them from the index and the metadata again and again.
         conv_idle_evict_ms: 5,
+        // Small enough that a burst of blocks meets the limit now and then.
+        block_requests_per_s: 50,
+        block_requests_burst: 2,
         ..ShardConfig::default()
     }
 }
@@ -305,6 +315,15 @@ impl Node {
     }
 
     fn start_with(disks: &[Arc<Mutex<Disk>>], meta: &Arc<MemMeta>, offload: bool) -> Node {
+        Self::start_cfg(disks, meta, offload, &cfg())
+    }
+
+    fn start_cfg(
+        disks: &[Arc<Mutex<Disk>>],
+        meta: &Arc<MemMeta>,
+        offload: bool,
+        cfg: &ShardConfig,
+    ) -> Node {
         let jobs: Option<Jobs> = offload.then(Jobs::default);
         let bells: Vec<_> = disks.iter().map(|_| Bell::new(NoBell)).collect();
         let links = grid(64, &bells);
@@ -314,10 +333,10 @@ impl Node {
             .map(|(l, d)| {
                 let log = SimLog::recover(d.clone());
                 let index = log.index.clone();
-                let mut shard = RouterShard::new(cfg(), l, log, index, meta.clone());
+                let mut shard = RouterShard::new(cfg.clone(), l, log, index, meta.clone());
                 if let Some(jobs) = &jobs {
                     let jobs = jobs.clone();
-                    shard.set_cursor_offload(Box::new(move |job| jobs.borrow_mut().push_back(job)));
+                    shard.set_meta_offload(Box::new(move |job| jobs.borrow_mut().push_back(job)));
                 }
                 shard
             })
@@ -353,6 +372,25 @@ struct Device {
     sends: HashMap<u64, [u8; 16]>,
     sent: u64,
     syncing: bool,
+    /// Requests that must get exactly one answer each (per copy the network delivered), by
+    /// request id; forgotten when the connection breaks (its answers are lost with it).
+    pending: HashMap<u64, Pending>,
+}
+
+/// A request waiting for its answer.
+struct Pending {
+    req: Req,
+    /// The world's event count when it was sent.
+    sent_at: u64,
+    /// Answers still due (2 if the network duplicated the frame).
+    answers: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Req {
+    Send,
+    Cursor,
+    Block { peer: u64, block: bool },
 }
 
 impl Device {
@@ -385,7 +423,7 @@ fn encoded_len(f: &v1::Frame) -> u64 {
 struct World {
     rng: Rng,
     now: u64,
-    /// Cursor writes go through an offload (see `Node::start_with`).
+    /// Metadata writes go through an offload (see `Node::start_with`).
     offload: bool,
     meta: Arc<MemMeta>,
     disks: Vec<Arc<Mutex<Disk>>>,
@@ -412,6 +450,25 @@ struct World {
     duplicates: u64,
     evicted: u64,
     closes: u64,
+    /// Metadata writes fail until this (simulated) time.
+    meta_fail_until: u64,
+    /// Orders the client-side events the block invariant compares.
+    events: u64,
+    /// (blocker, blocked) → the event at which the blocker got `Done` for a Block that no
+    /// Unblock sent since undoes: from then on no new Send of the blocked user to the blocker
+    /// may be accepted.
+    block_done: HashMap<(u64, u64), u64>,
+    /// Users one of whose Block/Unblock requests was lost with its connection: it may still
+    /// take effect at any time, so the block invariant is not checked for them any more.
+    /// (Each user blocks and unblocks from its first device, one request at a time, so that
+    /// their order of effect is the order they were sent in; requests from several devices or
+    /// connections of one user are not ordered with each other.)
+    blocks_in_doubt: BTreeSet<u64>,
+    /// (blocker, blocked) → the event of the latest Unblock sent.
+    unblock_sent: HashMap<(u64, u64), u64>,
+    /// Cursor and Block requests answered with an Error (storage faults, limits).
+    req_errors: u64,
+    blocks_done: u64,
 }
 
 impl World {
@@ -450,7 +507,7 @@ impl World {
         let disks: Vec<_> = (0..shards)
             .map(|_| Arc::new(Mutex::new(Disk::default())))
             .collect();
-        // Odd seeds write cursors through an offload, even seeds synchronously.
+        // Odd seeds write metadata through an offload, even seeds synchronously.
         let offload = seed % 2 == 1;
         let node = Node::start_with(&disks, &meta, offload);
         let mut devices = Vec::new();
@@ -469,6 +526,7 @@ impl World {
                     sends: HashMap::new(),
                     sent: 0,
                     syncing: false,
+                    pending: HashMap::new(),
                 });
             }
         }
@@ -498,7 +556,19 @@ impl World {
             duplicates: 0,
             evicted: 0,
             closes: 0,
+            meta_fail_until: 0,
+            events: 0,
+            block_done: HashMap::new(),
+            blocks_in_doubt: BTreeSet::new(),
+            unblock_sent: HashMap::new(),
+            req_errors: 0,
+            blocks_done: 0,
         }
+    }
+
+    fn event(&mut self) -> u64 {
+        self.events += 1;
+        self.events
     }
 
     fn send_frame(&mut self, d: usize, body: Body) {
@@ -517,9 +587,125 @@ impl World {
             return;
         }
         let dup = self.faults && self.rng.chance(20);
+        let req = match &f.body {
+            Some(Body::Send(_)) => Some(Req::Send),
+            Some(Body::DeliveryAck(_) | Body::ReadCursor(_)) => Some(Req::Cursor),
+            Some(Body::Block(b)) => Some(Req::Block {
+                peer: b.user_id,
+                block: true,
+            }),
+            Some(Body::Unblock(b)) => Some(Req::Block {
+                peer: b.user_id,
+                block: false,
+            }),
+            _ => None,
+        };
+        if let Some(req) = req {
+            let sent_at = self.event();
+            let pending = Pending {
+                req,
+                sent_at,
+                answers: 1 + u32::from(dup),
+            };
+            self.devices[d].pending.insert(rid, pending);
+            if let Req::Block { peer, block: false } = req {
+                // From now on the blocked user's sends may pass again.
+                let pair = (self.devices[d].user, peer);
+                self.block_done.remove(&pair);
+                self.unblock_sent.insert(pair, sent_at);
+            }
+        }
         self.node.shards[shard].handle_frame(conn, f.clone(), self.now);
         if dup {
             self.node.shards[shard].handle_frame(conn, f, self.now);
+        }
+    }
+
+    /// A frame the server wrote to device `d`, before the network reorders or duplicates it:
+    /// every tracked request gets exactly one answer per copy sent, and the answers keep the
+    /// block invariant.
+    fn answered(&mut self, d: usize, f: &v1::Frame) {
+        let rid = f.request_id;
+        let answer = matches!(
+            f.body,
+            Some(Body::Done(_) | Body::SendAck(_) | Body::Error(_))
+        );
+        if rid == 0 || !answer {
+            return;
+        }
+        let user = self.devices[d].user;
+        let Some(p) = self.devices[d].pending.get_mut(&rid) else {
+            assert!(
+                !matches!(f.body, Some(Body::Done(_) | Body::SendAck(_))),
+                "device {user}: request {rid} answered twice (or never asked): {f:?}"
+            );
+            return; // an Error answering a Sync, history or list request
+        };
+        p.answers -= 1;
+        let (req, sent_at) = (p.req, p.sent_at);
+        if p.answers == 0 {
+            self.devices[d].pending.remove(&rid);
+        }
+        match (req, &f.body) {
+            (Req::Send, Some(Body::SendAck(a))) => {
+                if a.duplicate || is_group(a.conversation_id) {
+                    return;
+                }
+                let dc = self
+                    .meta
+                    .get::<DirectConv>(&conv_id(a.conversation_id).0.to_be_bytes())
+                    .unwrap()
+                    .expect("an acknowledged direct conversation exists");
+                let peer = if dc.low.0 == user {
+                    dc.high.0
+                } else {
+                    dc.low.0
+                };
+                if let Some(&done) = self.block_done.get(&(peer, user))
+                    && !self.blocks_in_doubt.contains(&peer)
+                {
+                    assert!(
+                        sent_at < done,
+                        "user {user}'s Send (event {sent_at}) was accepted after {peer} saw Done \
+                         for blocking them (event {done})"
+                    );
+                }
+            }
+            (Req::Send, _) => {}
+            (Req::Cursor, Some(Body::Done(_))) => {}
+            (Req::Block { peer, block }, Some(Body::Done(_))) => {
+                self.blocks_done += 1;
+                let pair = (user, peer);
+                let undone = self.unblock_sent.get(&pair).is_some_and(|&u| u > sent_at);
+                if block && !undone {
+                    let now = self.event();
+                    self.block_done.entry(pair).or_insert(now);
+                }
+            }
+            (Req::Cursor | Req::Block { .. }, Some(Body::Error(e))) => {
+                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+                assert!(
+                    matches!(
+                        code,
+                        ErrorCode::StorageFailure | ErrorCode::RateLimited | ErrorCode::Overloaded
+                    ),
+                    "unexpected error {code:?} for {req:?}: {}",
+                    e.message
+                );
+                if code == ErrorCode::StorageFailure {
+                    assert!(
+                        e.message.contains("not recorded")
+                            || e.message.contains("could not be made durable"),
+                        "{}",
+                        e.message
+                    );
+                }
+                if code == ErrorCode::RateLimited {
+                    assert!(e.retry_after_ms > 0);
+                }
+                self.req_errors += 1;
+            }
+            (req, body) => panic!("{req:?} answered with {body:?}"),
         }
     }
 
@@ -553,9 +739,23 @@ impl World {
         if let Some((shard, conn)) = self.devices[d].conn.take() {
             self.node.shards[shard].handle_conn_closed(conn, self.now);
         }
+        self.lose_pending(d);
         self.devices[d].downlink.clear();
         self.devices[d].sends.clear();
         self.devices[d].syncing = false;
+    }
+
+    /// The connection of device `d` is gone, and the answers to its requests with it.
+    fn lose_pending(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        if dev
+            .pending
+            .values()
+            .any(|p| matches!(p.req, Req::Block { .. }))
+        {
+            self.blocks_in_doubt.insert(dev.user);
+        }
+        dev.pending.clear();
     }
 
     fn send_out(&mut self, d: usize, o: &Outgoing) {
@@ -651,7 +851,7 @@ impl World {
             if let Some(jobs) = &self.node.jobs
                 && self.rng.chance(400)
             {
-                // The cursor writer thread finishes a commit.
+                // The metadata writer thread finishes a job.
                 let job = jobs.borrow_mut().pop_front();
                 if let Some(job) = job {
                     job();
@@ -687,6 +887,7 @@ impl World {
         self.restarts += 1;
         self.add_stats();
         for d in 0..self.devices.len() {
+            self.lose_pending(d);
             self.devices[d].conn = None;
             self.devices[d].downlink.clear();
             self.devices[d].sends.clear();
@@ -760,6 +961,7 @@ impl World {
             match self.devices[d].downlink.pop_front() {
                 Some(f) => {
                     bytes += encoded_len(&f);
+                    self.answered(d, &f);
                     frames.push(f);
                 }
                 None => break,
@@ -868,7 +1070,11 @@ impl World {
                 assert!(
                     matches!(
                         code,
-                        ErrorCode::StorageFailure | ErrorCode::Overloaded | ErrorCode::Unavailable
+                        ErrorCode::StorageFailure
+                            | ErrorCode::Overloaded
+                            | ErrorCode::Unavailable
+                            | ErrorCode::Blocked
+                            | ErrorCode::RateLimited
                     ),
                     "unexpected error {code:?}: {}",
                     e.message
@@ -879,7 +1085,9 @@ impl World {
                 {
                     self.said_not_stored.push(cmid);
                 }
-                // The outbox keeps the message; it is retried under the same client_msg_id.
+                // The outbox keeps the message; it is retried under the same client_msg_id (a
+                // blocked one too: settle unblocks everyone). Cursor and Block answers were
+                // checked in `answered`.
             }
             Some(Body::MessagesAvailable(m)) => {
                 if m.up_to_seq > self.devices[d].contiguous(m.conversation_id)
@@ -974,6 +1182,12 @@ impl World {
 
     fn step(&mut self) {
         self.now += 1;
+        if self.faults && self.rng.chance(8) {
+            // The metadata store fails every write for a while (a full or failing disk).
+            self.meta_fail_until = self.now + 1 + self.rng.below(25);
+        }
+        self.meta
+            .set_fail_writes(self.faults && self.now < self.meta_fail_until);
         let d = self.rng.below(self.devices.len() as u64) as usize;
         match self.rng.below(100) {
             0..=9 => self.connect(d),
@@ -1009,6 +1223,7 @@ impl World {
                 }
             }
             68 => self.send_frame(d, Body::ListConversations(v1::ListConversations::default())),
+            69..=70 if self.faults => self.random_block(d),
             33..=64 => {
                 if !self.devices[d].slow || self.rng.chance(100) {
                     let k = 1 + self.rng.below(6) as usize;
@@ -1025,9 +1240,13 @@ impl World {
     }
 
     fn converged(&self) -> bool {
-        self.devices
-            .iter()
-            .all(|d| d.outbox.is_empty() && d.downlink.is_empty() && d.conn.is_some())
+        self.blocks().is_empty()
+            && self.devices.iter().all(|d| {
+                d.outbox.is_empty()
+                    && d.downlink.is_empty()
+                    && d.conn.is_some()
+                    && d.pending.is_empty()
+            })
             && self.node.shards.iter().all(|s| s.log().unsynced.is_empty())
             && self.devices.iter().all(|d| {
                 self.durable.keys().all(|(conv, seq)| {
@@ -1035,6 +1254,69 @@ impl World {
                         || d.store.get(conv).is_some_and(|m| m.contains_key(seq))
                 })
             })
+    }
+
+    /// Device `d`'s user blocks or unblocks another user, from their first device, once their
+    /// last such request was answered.
+    fn random_block(&mut self, d: usize) {
+        let user = self.devices[d].user;
+        let Some(d) = self.devices.iter().position(|x| x.user == user) else {
+            return;
+        };
+        if self.devices[d]
+            .pending
+            .values()
+            .any(|p| matches!(p.req, Req::Block { .. }))
+        {
+            return;
+        }
+        let others: Vec<u64> = self.users.iter().copied().filter(|u| *u != user).collect();
+        let peer = others[self.rng.below(others.len() as u64) as usize];
+        let body = if self.rng.chance(500) {
+            Body::Block(v1::Block { user_id: peer })
+        } else {
+            Body::Unblock(v1::Unblock { user_id: peer })
+        };
+        self.send_frame(d, body);
+    }
+
+    /// (blocker, blocked) of every block in the metadata.
+    fn blocks(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for &u in &self.users {
+            for b in self
+                .meta
+                .scan::<Block>(&keys::user(UserId(u)), 100)
+                .unwrap()
+            {
+                out.push((b.user.0, b.blocked.0));
+            }
+        }
+        out
+    }
+
+    /// Every blocker unblocks whom they block (once per pair until answered).
+    fn unblock_all(&mut self) {
+        for (blocker, peer) in self.blocks() {
+            // One request of a user at a time, as in `random_block`.
+            let asked = self.devices.iter().any(|dev| {
+                dev.user == blocker
+                    && dev
+                        .pending
+                        .values()
+                        .any(|p| matches!(p.req, Req::Block { .. }))
+            });
+            if asked {
+                continue;
+            }
+            if let Some(d) = self
+                .devices
+                .iter()
+                .position(|dev| dev.user == blocker && dev.conn.is_some())
+            {
+                self.send_frame(d, Body::Unblock(v1::Unblock { user_id: peer }));
+            }
+        }
     }
 
     fn is_member(&self, conv: u64, user: u64) -> bool {
@@ -1056,6 +1338,7 @@ impl World {
     /// Faults off; everyone reconnects, retries and syncs until nothing moves.
     fn settle(&mut self) {
         self.faults = false;
+        self.meta.set_fail_writes(false);
         for s in &mut self.node.shards {
             s.handle_log_progress(self.now);
         }
@@ -1063,6 +1346,7 @@ impl World {
             self.crash();
         }
         for round in 0..40 {
+            self.unblock_all();
             for d in 0..self.devices.len() {
                 if self.devices[d].conn.is_none() {
                     self.connect(d);
@@ -1166,6 +1450,10 @@ struct Totals {
     slow_closes: u64,
     /// Sends answered "not stored" whose absence a recovery checked.
     said_not_stored: u64,
+    /// Cursor and Block requests answered with an Error (injected metadata faults, limits).
+    req_errors: u64,
+    /// Block/Unblock requests answered `Done`.
+    blocks_done: u64,
 }
 
 fn run_seed(seed: u64, steps: usize) -> Totals {
@@ -1182,6 +1470,8 @@ fn run_seed(seed: u64, steps: usize) -> Totals {
         slow_closes: w.closes,
         evicted: w.evicted,
         said_not_stored: w.not_stored_checked,
+        req_errors: w.req_errors,
+        blocks_done: w.blocks_done,
     }
 }
 
@@ -1215,6 +1505,8 @@ fn simulation() {
                 total.slow_closes += t.slow_closes;
                 total.evicted += t.evicted;
                 total.said_not_stored += t.said_not_stored;
+                total.req_errors += t.req_errors;
+                total.blocks_done += t.blocks_done;
             }
             Err(e) => {
                 eprintln!("simulation failed; replay with STARLING_SIM_SEED={seed}");
@@ -1234,6 +1526,8 @@ fn simulation() {
             && total.duplicates > 0
             && total.evicted > 0
             && total.said_not_stored > 0
+            && total.req_errors > 0
+            && total.blocks_done > 0
     );
 }
 
@@ -1255,6 +1549,11 @@ struct Harness {
 
 impl Harness {
     fn new(shards: usize, users: &[u64]) -> Harness {
+        Harness::with(shards, users, false, &cfg())
+    }
+
+    /// `offload`: metadata writes wait in `node.jobs` until [`Harness::run_jobs`] runs them.
+    fn with(shards: usize, users: &[u64], offload: bool, cfg: &ShardConfig) -> Harness {
         let meta = Arc::new(MemMeta::new());
         let mut b = MetaBatch::default();
         for &u in users {
@@ -1270,7 +1569,7 @@ impl Harness {
         let disks: Vec<_> = (0..shards)
             .map(|_| Arc::new(Mutex::new(Disk::default())))
             .collect();
-        let node = Node::start(&disks, &meta);
+        let node = Node::start_cfg(&disks, &meta, offload, cfg);
         Harness {
             meta,
             node,
@@ -1375,6 +1674,27 @@ impl Harness {
 
     fn take(&mut self, conn: u64) -> Vec<v1::Frame> {
         self.out.remove(&conn).unwrap_or_default()
+    }
+
+    /// The metadata writer runs every job handed to it so far, in order.
+    fn run_jobs(&mut self) -> usize {
+        let jobs: Vec<_> = match &self.node.jobs {
+            Some(j) => j.borrow_mut().drain(..).collect(),
+            None => Vec::new(),
+        };
+        let n = jobs.len();
+        for job in jobs {
+            job();
+        }
+        n
+    }
+
+    /// The answer to request `rid` among `frames`.
+    fn answer(frames: &[v1::Frame], rid: u64) -> Option<&Body> {
+        let mut it = frames.iter().filter(|f| f.request_id == rid);
+        let first = it.next()?;
+        assert!(it.next().is_none(), "request {rid} answered twice");
+        first.body.as_ref()
     }
 }
 
@@ -2205,4 +2525,306 @@ fn sync_and_history_replies_stay_under_their_byte_budgets() {
         assert_eq!(done.truncated[0].up_to_seq, 30);
     }
     assert_eq!(got, (1..=30).collect::<Vec<_>>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios: metadata writes off the shard thread, Block limits, cursor answers
+
+fn error_of(b: Option<&Body>) -> &v1::Error {
+    match b {
+        Some(Body::Error(e)) => e,
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+fn is_done(b: Option<&Body>) -> bool {
+    matches!(b, Some(Body::Done(_)))
+}
+
+#[test]
+fn cursor_requests_get_one_answer_while_the_metadata_store_fails() {
+    let mut h = Harness::new(1, &[1, 2]);
+    h.open(10, 1, 1);
+    h.open(21, 2, 1);
+    let rid = h.msg(10, 1, Target::UserId(2), "hi");
+    h.run();
+    let conv = ack(&h.take(10), rid).unwrap().conversation_id;
+    h.take(21);
+    let delivery_ack = |seq| {
+        Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: seq,
+        })
+    };
+    let read_cursor = |seq| {
+        Body::ReadCursor(v1::ReadCursor {
+            conversation_id: conv,
+            up_to_seq: seq,
+        })
+    };
+    // The metadata store fails every write, and keeps failing through many flush attempts.
+    h.meta.set_fail_writes(true);
+    let delivered = h.send(21, delivery_ack(1));
+    let read = h.send(21, read_cursor(1));
+    h.run();
+    h.run();
+    let out = h.take(21);
+    for rid in [delivered, read] {
+        let e = error_of(Harness::answer(&out, rid));
+        assert_eq!(e.code, ErrorCode::StorageFailure as i32);
+        assert!(
+            e.message.contains("not recorded") && e.message.contains("sent again"),
+            "{}",
+            e.message
+        );
+    }
+    assert!(
+        h.take(10)
+            .iter()
+            .all(|f| !matches!(f.body, Some(Body::Receipt(_)))),
+        "no receipt for a cursor that is not durable"
+    );
+    // The shard's log fails too: cursor requests are still answered, once.
+    h.fail_next_sync = true;
+    let lost = h.msg(10, 2, Target::UserId(2), "two");
+    h.run();
+    assert!(h.node.shards[0].failure().is_some());
+    assert_eq!(
+        error_of(Harness::answer(&h.take(10), lost)).code,
+        ErrorCode::StorageFailure as i32
+    );
+    let again = h.send(21, read_cursor(1));
+    h.run();
+    assert_eq!(
+        error_of(Harness::answer(&h.take(21), again)).code,
+        ErrorCode::StorageFailure as i32
+    );
+    // The store recovers: the cursors the shard kept retrying become durable, the receipts go
+    // out, and a request sent again is answered Done.
+    h.meta.set_fail_writes(false);
+    let retry = h.send(21, read_cursor(1));
+    h.run();
+    assert!(is_done(Harness::answer(&h.take(21), retry)));
+    let receipts: Vec<(i32, u64)> = h
+        .take(10)
+        .into_iter()
+        .filter_map(|f| match f.body {
+            Some(Body::Receipt(r)) => Some((r.kind, r.up_to_seq)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        receipts.contains(&(v1::ReceiptKind::Read as i32, 1)),
+        "{receipts:?}"
+    );
+    assert!(
+        receipts.contains(&(v1::ReceiptKind::Delivered as i32, 1)),
+        "{receipts:?}"
+    );
+    assert_eq!(
+        h.meta.read_cursor(conv_id(conv), UserId(2)).unwrap(),
+        Seq(1)
+    );
+}
+
+#[test]
+fn block_targets_are_checked_and_blocks_are_rate_limited_counted_and_idempotent() {
+    let cfg = ShardConfig {
+        blocks_max: 2,
+        block_requests_per_s: 1,
+        block_requests_burst: 8,
+        ..cfg()
+    };
+    let mut h = Harness::with(2, &[1, 2, 3, 4], false, &cfg);
+    h.open(10, 1, 1);
+    h.open(11, 1, 2); // the same user's other device, on the other shard
+    let block = |user_id| Body::Block(v1::Block { user_id });
+    let unblock = |user_id| Body::Unblock(v1::Unblock { user_id });
+    let ask = |h: &mut Harness, conn: u64, body: Body| -> Body {
+        let rid = h.send(conn, body);
+        h.run();
+        let out = h.take(conn);
+        Harness::answer(&out, rid).cloned().expect("an answer")
+    };
+    let code = |b: &Body| ErrorCode::try_from(error_of(Some(b)).code).unwrap();
+    assert_eq!(code(&ask(&mut h, 10, block(77))), ErrorCode::NotFound);
+    assert_eq!(code(&ask(&mut h, 10, block(1))), ErrorCode::InvalidArgument);
+    assert_eq!(
+        code(&ask(&mut h, 10, unblock(1))),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(code(&ask(&mut h, 10, block(0))), ErrorCode::InvalidArgument);
+    let writes = h.meta.writes();
+    assert!(matches!(ask(&mut h, 10, block(2)), Body::Done(_)));
+    assert_eq!(h.meta.writes(), writes + 1);
+    // Again, from the other device: in effect already, answered Done, nothing written.
+    assert!(matches!(ask(&mut h, 11, block(2)), Body::Done(_)));
+    assert_eq!(h.meta.writes(), writes + 1);
+    assert!(matches!(ask(&mut h, 10, block(3)), Body::Done(_)));
+    // A third block is over `blocks_max` (2).
+    let over = ask(&mut h, 10, block(4));
+    assert_eq!(code(&over), ErrorCode::PermissionDenied);
+    assert!(
+        error_of(Some(&over))
+            .message
+            .contains("unblock someone first")
+    );
+    // Unblocking makes room; unblocking someone not blocked writes nothing.
+    assert!(matches!(ask(&mut h, 10, unblock(3)), Body::Done(_)));
+    let writes = h.meta.writes();
+    assert!(matches!(ask(&mut h, 11, unblock(3)), Body::Done(_)));
+    assert_eq!(h.meta.writes(), writes);
+    // 8 at once, then 1 a second: 7 spent, some refilled meanwhile. A burst of ten: what is
+    // left of the budget passes, the rest are told when to come back.
+    let rids: Vec<u64> = (0..10).map(|_| h.send(10, block(4))).collect();
+    h.run();
+    let out = h.take(10);
+    let passed = rids
+        .iter()
+        .take_while(|&&rid| is_done(Harness::answer(&out, rid)))
+        .count();
+    assert!((1..10).contains(&passed), "{passed}");
+    for &rid in &rids[passed..] {
+        let e = error_of(Harness::answer(&out, rid));
+        assert_eq!(e.code, ErrorCode::RateLimited as i32);
+        assert!(
+            (1..=1000).contains(&e.retry_after_ms),
+            "{}",
+            e.retry_after_ms
+        );
+    }
+    h.now += 2_000;
+    assert_eq!(
+        code(&ask(&mut h, 11, block(3))),
+        ErrorCode::PermissionDenied
+    );
+    let mut blocked: Vec<u64> = h
+        .meta
+        .scan::<starling_storage::meta::Block>(&keys::user(UserId(1)), 10)
+        .unwrap()
+        .iter()
+        .map(|b| b.blocked.0)
+        .collect();
+    blocked.sort_unstable();
+    assert_eq!(blocked, vec![2, 4]);
+}
+
+#[test]
+fn the_first_send_of_a_pair_waits_for_its_conversation_and_nothing_else_does() {
+    let cfg = ShardConfig {
+        parked_sends_max: 3,
+        ..cfg()
+    };
+    let mut h = Harness::with(2, &[1, 2, 3, 4, 5], true, &cfg);
+    h.open(10, 1, 1);
+    h.open(30, 3, 1);
+    let first = h.msg(10, 1, Target::UserId(2), "hi");
+    h.run();
+    assert!(
+        Harness::answer(&h.take(10), first).is_none(),
+        "waits for the conversation"
+    );
+    assert_eq!(h.run_jobs(), 1);
+    h.run();
+    assert_eq!(ack(&h.take(10), first).map(|a| a.seq), Some(1));
+    // Two first messages to user 3 wait for their new conversation; a message in the existing
+    // conversation goes through meanwhile.
+    let a = h.msg(10, 2, Target::UserId(3), "a");
+    let b = h.msg(10, 3, Target::UserId(3), "b");
+    let other = h.msg(10, 4, Target::UserId(2), "meanwhile");
+    let c = h.msg(10, 5, Target::UserId(4), "c");
+    // A fourth parked Send is over `parked_sends_max` (3): refused at once, with a retry time.
+    let d = h.msg(10, 6, Target::UserId(5), "d");
+    h.run();
+    let out = h.take(10);
+    assert_eq!(ack(&out, other).map(|a| a.seq), Some(2));
+    for rid in [a, b, c] {
+        assert!(Harness::answer(&out, rid).is_none());
+    }
+    let e = error_of(Harness::answer(&out, d));
+    assert_eq!(e.code, ErrorCode::Overloaded as i32);
+    assert!(e.retry_after_ms > 0);
+    assert_eq!(h.run_jobs(), 2, "one creation per pair, not per Send");
+    h.run();
+    let out = h.take(10);
+    let (ack_a, ack_b) = (ack(&out, a).unwrap(), ack(&out, b).unwrap());
+    assert_eq!(
+        (ack_a.seq, ack_b.seq),
+        (1, 2),
+        "in the order they were sent"
+    );
+    assert_eq!(ack_a.conversation_id, ack_b.conversation_id);
+    assert_eq!(ack(&out, c).map(|a| a.seq), Some(1));
+    assert_eq!(seqs(&h.take(30)), vec![1, 2]);
+    // A creation that fails answers every Send that waited for it.
+    h.meta.set_fail_writes(true);
+    let e1 = h.msg(10, 7, Target::UserId(5), "e");
+    let e2 = h.msg(10, 8, Target::UserId(5), "f");
+    h.run();
+    h.run_jobs();
+    h.run();
+    let out = h.take(10);
+    for rid in [e1, e2] {
+        let e = error_of(Harness::answer(&out, rid));
+        assert_eq!(e.code, ErrorCode::StorageFailure as i32);
+        assert!(e.message.contains("not accepted"), "{}", e.message);
+    }
+    h.meta.set_fail_writes(false);
+    let retry = h.msg(10, 7, Target::UserId(5), "e");
+    h.run();
+    h.run_jobs();
+    h.run();
+    assert_eq!(ack(&h.take(10), retry).map(|a| a.seq), Some(1));
+}
+
+#[test]
+fn block_and_unblock_from_one_connection_take_effect_in_order() {
+    let cfg = ShardConfig {
+        block_requests_burst: 20,
+        ..cfg()
+    };
+    let mut h = Harness::with(3, &[1, 2], true, &cfg);
+    h.open(10, 1, 1);
+    h.open(21, 2, 1);
+    let hi = h.msg(10, 1, Target::UserId(2), "hi");
+    h.run();
+    h.run_jobs();
+    h.run();
+    assert!(ack(&h.take(10), hi).is_some());
+    // Five requests in a row; none is durable yet.
+    let rids: Vec<u64> = [true, false, true, false, true]
+        .into_iter()
+        .map(|block| {
+            let user_id = 1;
+            h.send(
+                21,
+                if block {
+                    Body::Block(v1::Block { user_id })
+                } else {
+                    Body::Unblock(v1::Unblock { user_id })
+                },
+            )
+        })
+        .collect();
+    h.run();
+    let early = h.take(21);
+    assert!(
+        rids.iter().all(|&r| Harness::answer(&early, r).is_none()),
+        "{early:?}"
+    );
+    // Meanwhile a Send may race the Blocks: none of them is acknowledged yet.
+    let racing = h.msg(10, 2, Target::UserId(2), "racing");
+    h.run();
+    assert_eq!(ack(&h.take(10), racing).map(|a| a.seq), Some(2));
+    h.run_jobs();
+    h.run();
+    let out = h.take(21);
+    assert!(rids.iter().all(|&r| is_done(Harness::answer(&out, r))));
+    // The last one, a Block, is what holds.
+    let refused = h.msg(10, 3, Target::UserId(2), "after");
+    h.run();
+    assert_eq!(
+        error_code(h.take(10).iter().find(|f| f.request_id == refused).unwrap()),
+        Some(ErrorCode::Blocked)
+    );
 }

@@ -1,0 +1,64 @@
+//! The title of a direct conversation is the peer's current display name: UpdateProfile's new
+//! name reaches the conversation list before its `Profile` answer, whether the conversation's
+//! state is in the router's memory or was evicted, and across a restart.
+
+use super::*;
+
+fn rename(c: &mut Client, name: &str) {
+    match call(
+        c,
+        Body::UpdateProfile(v1::UpdateProfile {
+            display_name: Some(name.into()),
+            ..Default::default()
+        }),
+    ) {
+        Body::Profile(p) => assert_eq!(p.display_name, name),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The title of `conv` in `c`'s conversation list.
+fn title(c: &mut Client, conv: u64) -> String {
+    match call(c, Body::ListConversations(v1::ListConversations::default())) {
+        Body::ConversationList(l) => l
+            .conversations
+            .iter()
+            .find(|s| s.conversation_id == conv)
+            .map(|s| s.title.clone())
+            .unwrap_or_else(|| panic!("{conv} not in {l:?}")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_renamed_peer_shows_under_the_new_name_in_the_conversation_list() {
+    // Idle conversation states leave the router's memory after 200 ms.
+    let srv = Server::start("auto", "[router]\nconv_idle_evict_ms = 200\n");
+    let (mut a, ga, mut b, gb) = ana_and_ben(&srv);
+    let conv = match call(&mut a, text(1, gb.user_id, "hi ben")) {
+        Body::SendAck(ack) => ack.conversation_id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(title(&mut a, conv), "Ana", "both registered as Ana");
+
+    // The conversation's state is in memory (just used): the new name shows at once.
+    rename(&mut b, "Benjamin");
+    assert_eq!(title(&mut a, conv), "Benjamin");
+    assert_eq!(title(&mut b, conv), "Ana", "Ben's own list shows Ana");
+
+    // Evicted (nothing used it for a while): loaded again, with the current name.
+    let deadline = now() + Duration::from_secs(20);
+    while metric_sum(&srv, "starling_conversations_evicted_total") < 1 {
+        assert!(now() < deadline, "the idle conversation was never evicted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rename(&mut b, "Ben B.");
+    assert_eq!(title(&mut a, conv), "Ben B.");
+
+    // The mirror was durable before the Profile answer: a SIGKILL right after keeps it.
+    rename(&mut b, "Benny");
+    drop((a, b));
+    let srv = srv.kill9_and_restart("auto");
+    let mut a = srv.hello(&ga.access_token);
+    assert_eq!(title(&mut a, conv), "Benny");
+}
