@@ -225,8 +225,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot run the log writers on CPUs {:?}", placement.io))?;
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
-    let (_meta, router_parts) =
-        crate::messaging::open(&cfg.data_dir, n, &cfg.storage, &cfg.router, &placement.io, &health)?;
+    let (_meta, router_parts) = crate::messaging::open(
+        &cfg.data_dir,
+        n,
+        &cfg.storage,
+        &cfg.router,
+        &placement.io,
+        &health,
+    )?;
     // One per shard, in shard order (the metrics label them by position).
     let log_stats = router_parts
         .iter()
