@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
+use starling_storage::format;
 use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
 use starling_storage::{
     ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
@@ -37,6 +38,14 @@ pub struct ShardConfig {
     /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
     /// sends are refused with `OVERLOADED`.
     pub open_entries_max: usize,
+    /// An open batch of at least this many bytes (as the log stores its entries) is submitted
+    /// at once, like a full one.
+    pub batch_bytes_max: usize,
+    /// Most bytes waiting in the open batch while the log pushes back; beyond it sends are
+    /// refused with `OVERLOADED`. One batch is one log record, so this is at most the record
+    /// payload limit (`starling_storage::format::RECORD_PAYLOAD_BYTES_MAX`; larger values are
+    /// clamped): large bodies fill a batch long before `open_entries_max` entries do.
+    pub open_bytes_max: usize,
     /// A connection's backlog budget: bytes it may have queued (emitted, not yet reported
     /// written) before it is behind, i.e. pushes to it turn into `MessagesAvailable` hints,
     /// which it gets once its backlog is down to half of this (then pushes resume).
@@ -98,6 +107,8 @@ impl Default for ShardConfig {
             body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT as usize,
             batch_entries_max: 512,
             open_entries_max: 8192,
+            batch_bytes_max: 1024 * 1024,
+            open_bytes_max: 8 * 1024 * 1024,
             conn_outbound_bytes_max: 256 * 1024,
             slow_consumer_close_ms: 30_000,
             sync_messages_max: 500,
@@ -548,6 +559,8 @@ struct Waiter {
 struct OpenBatch {
     no: u64,
     entries: Vec<Entry>,
+    /// What `entries` take in the log record (`format::entry_bytes` of each).
+    bytes: usize,
     /// For each of `entries`: the message as its recipients get it (built from the Send, not
     /// decoded back from the entry's envelope; debug builds check the two agree) and the
     /// connection that sent it (its SendAck goes there, its Deliver does not).
@@ -775,6 +788,7 @@ where
             open: OpenBatch {
                 no: 0,
                 entries: Vec::new(),
+                bytes: 0,
                 fresh: Vec::new(),
                 waiters: Vec::new(),
             },
@@ -1137,7 +1151,9 @@ where
 
     fn drive(&mut self) {
         self.drive_local();
-        if self.open.entries.len() >= self.cfg.batch_entries_max {
+        if self.open.entries.len() >= self.cfg.batch_entries_max
+            || self.open.bytes >= self.cfg.batch_bytes_max
+        {
             self.submit_open();
         }
         if self.dirty_delivery.len() + self.dirty_read.len() >= self.cfg.cursor_flush_max {
@@ -1350,6 +1366,7 @@ where
         let absent = std::mem::take(&mut self.open.waiters);
         self.open.entries.clear();
         self.open.fresh.clear();
+        self.open.bytes = 0;
         for (waiters, message) in [
             (unknown, STORAGE_OUTCOME_UNKNOWN),
             (absent, STORAGE_NOT_STORED),
@@ -1782,6 +1799,11 @@ where
         let open_no = self.open.no;
         let open_len = self.open.entries.len();
         let open_max = self.cfg.open_entries_max;
+        let open_bytes = self.open.bytes;
+        let open_bytes_max = self
+            .cfg
+            .open_bytes_max
+            .min(format::RECORD_PAYLOAD_BYTES_MAX);
         let now = self.now_ms.max(cmd.now_ms);
         let c = self.member_conv(cmd.conv, cmd.user)?;
         if let Some((a, b)) = c.pair
@@ -1856,7 +1878,9 @@ where
             self.reply(cmd.origin, vec![f]);
             return Ok(());
         }
-        if open_len >= open_max {
+        let body = encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body);
+        let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
+        if open_len >= open_max || open_bytes + entry_bytes > open_bytes_max {
             return Err(Refusal(
                 ErrorCode::Overloaded,
                 "the sequencer is behind its log; retry shortly".into(),
@@ -1877,8 +1901,9 @@ where
             sender_device: cmd.device,
             ts_ms: TimestampMs(now),
             content_type: ENVELOPE_V1,
-            body: encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body),
+            body,
         });
+        self.open.bytes += entry_bytes;
         self.open.fresh.push((
             v1::Message {
                 conversation_id: cmd.conv,
@@ -1910,6 +1935,7 @@ where
                 let entries = take_sized(&mut self.open.entries);
                 let fresh = take_sized(&mut self.open.fresh);
                 let waiters = take_sized(&mut self.open.waiters);
+                self.open.bytes = 0;
                 self.inflight.push_back(InFlight {
                     no,
                     completion,

@@ -200,3 +200,59 @@ fn idle_conversations_are_evicted_when_ticked_only_at_poll_timeout() {
     // With nothing loaded, nothing is due.
     assert_eq!(s.poll_timeout(), None);
 }
+
+/// Large bodies fill a batch long before `batch_entries_max` entries do: the open batch is
+/// submitted once it holds `batch_bytes_max` and never grows past `open_bytes_max` (a batch is one
+/// log record, which has a size limit; a batch over it once failed the shard's log). Sends over
+/// the cap are refused with OVERLOADED, and everything accepted is acknowledged.
+#[test]
+fn large_bodies_never_make_a_batch_larger_than_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShardConfig {
+        batch_bytes_max: 256 * 1024,
+        open_bytes_max: 512 * 1024,
+        ..ShardConfig::default()
+    };
+    let (mut s, _meta) = shard(dir.path(), cfg);
+    let mut now = 1_000;
+    // 40 sends of 60 KiB in one burst (2.4 MB: more than the test log's 1 MiB segments hold in
+    // one record), before the driver runs.
+    for rid in 1..=40u64 {
+        let f = v1::Frame {
+            request_id: rid,
+            body: Some(Body::Send(v1::Send {
+                client_msg_id: Bytes::from(vec![rid as u8; 16]),
+                to: Some(v1::Recipient {
+                    target: Some(v1::recipient::Target::ConversationId(GROUP)),
+                }),
+                content_type: "application/octet-stream".into(),
+                body: Bytes::from(vec![rid as u8; 60 * 1024]),
+                ..v1::Send::default()
+            })),
+        };
+        s.handle_frame(ConnId(1), f, now);
+    }
+    let mut acked = std::collections::BTreeMap::new();
+    let mut overloaded = 0;
+    let out = drive_until(&mut s, &mut now, |c, f| {
+        c == ConnId(1) && f.request_id != 0 && {
+            match &f.body {
+                Some(Body::SendAck(a)) => {
+                    acked.insert(f.request_id, a.seq);
+                }
+                Some(Body::Error(e)) => {
+                    assert_eq!(e.code, ErrorCode::Overloaded as i32, "{e:?}");
+                    overloaded += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+            acked.len() + overloaded == 40
+        }
+    });
+    assert!(s.failure().is_none(), "{:?}", s.failure());
+    assert!(!out.is_empty());
+    assert!(acked.len() >= 8, "{acked:?}");
+    // Seqs are contiguous from 1 in the order the accepted sends arrived.
+    let seqs: Vec<u64> = acked.values().copied().collect();
+    assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
+}
