@@ -1186,6 +1186,15 @@ where
                     Ok(()) => pushed = true,
                     Err(m) => {
                         q.push_front(m);
+                        // The ring is full: what waits here may reach its owner after a resend
+                        // from another connection (the device gave up on this one) was
+                        // sequenced and left the owner's memory. A Send in a ring is drained
+                        // before that can happen; one held here cannot count on it.
+                        for ShardMsg(m) in q.iter_mut() {
+                            if let Inner::Send(cmd) = m {
+                                cmd.first_attempt = false;
+                            }
+                        }
                         break;
                     }
                 }
@@ -1473,6 +1482,10 @@ where
                 let owner = owner_shard(conv, self.shards);
                 for mut cmd in sends {
                     cmd.conv = conv;
+                    // Held back while the conversation was created, this copy may now reach
+                    // the owner after a resend of the same message from another connection was
+                    // sequenced: its `first_attempt` promise no longer holds here.
+                    cmd.first_attempt = false;
                     self.send_to(owner, Inner::Send(Box::new(cmd)));
                 }
             }
