@@ -57,11 +57,14 @@
 //!   call. Revocations bump a shared epoch; a shard trusts its cache only
 //!   once it has applied every revocation.
 //! - **Requests are handled in order per connection**; account work (store
-//!   reads and transactions, Argon2id, webhooks) runs on one bounded blocking pool
-//!   shared by all shards, so shard threads never block on disk or CPU-heavy
-//!   hashing. While a connection waits for its answer it is not read (TCP
-//!   pushes back). At most `inflight_requests_max` requests are accepted
-//!   from one read; more get `TOO_MANY_IN_FLIGHT`.
+//!   reads and transactions, webhooks) runs on one bounded blocking pool
+//!   shared by all shards, and Argon2id password hashing on a small pool of
+//!   its own at a low priority ([`runtime::CpuPool`], behind the admission
+//!   limits of [`accounts::limits`]), so shard threads never block on disk or
+//!   CPU-heavy hashing, and a flood of password logins cannot take the
+//!   threads that check tokens. While a connection waits for its answer it
+//!   is not read (TCP pushes back). At most `inflight_requests_max` requests
+//!   are accepted from one read; more get `TOO_MANY_IN_FLIGHT`.
 //! - **Messaging** ([`messaging`]): each shard thread owns one
 //!   `starling_router::RouterShard` over its `EmbeddedShard`
 //!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`
@@ -81,13 +84,17 @@
 //!   `sigwait` on the main thread; shards stop accepting, send
 //!   `Goodbye{SHUTTING_DOWN}`, drain for up to `shutdown_drain_ms`, and the
 //!   process exits 0.
-//! - **Accounts** ([`accounts`]): OTP codes stored as HMAC-SHA256 with a
-//!   server secret, 6 digits, TTL and attempt limits, rate-limited per
-//!   identifier and per IP; EdDSA JWT access tokens (alg pinned, `kid`,
+//! - **Accounts** ([`accounts`]): identifiers and account text parsed by
+//!   explicit rules ([`accounts::ident`]); OTP codes stored as HMAC-SHA256
+//!   with a server secret, 6 digits, TTL and attempt limits, rate-limited per
+//!   identifier and per IP (durably: the windows are rows of the account
+//!   store); EdDSA JWT access tokens (alg pinned, `kid`,
 //!   session checked against the store on a shard's first use of the token,
 //!   then cached until expiry or revocation); opaque refresh tokens stored
 //!   as SHA-256 and rotated on use (reuse revokes the session and closes its
-//!   connections); Argon2id passwords; contact discovery compares
+//!   connections); Argon2id passwords, admitted under per-identifier,
+//!   per-IP and global limits and hashed on the hashing pool, unknown
+//!   accounts costing the same one hash as known ones; contact discovery compares
 //!   HMAC(pepper, SHA-256(E.164)) and never stores uploaded lists.
 //!   The store is [`accounts::store::AccountStore`] with a redb
 //!   implementation in `<data>/accounts.redb`.
