@@ -2443,3 +2443,6 @@ fn storage_io_cpus_place_every_log_writer_and_cursor_writer() {
         "two shards: a log writer and a cursor writer each, all on CPU {first}"
     );
 }
+
+#[path = "server/accounts_abuse.rs"]
+mod accounts_abuse;
