@@ -95,7 +95,8 @@ impl Default for LimitsConfig {
 /// which limit and a `retry_after_ms` saying when a retry can pass it. "Per
 /// IP" means per IPv4 address, or per IPv6 /64. The one-time-code budgets and
 /// the failed-password budget are written to `<data>/accounts.redb` when
-/// they change, so a restart does not reset them; the others are in memory.
+/// they change (the latter from an identifier's second failure on), so a
+/// restart does not reset them; the others are in memory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountsConfig {
@@ -140,8 +141,9 @@ pub struct AccountsConfig {
     pub password_checks_inflight_per_ip_max: u32,
     /// Password checks per client IP per minute.
     pub password_checks_per_ip_per_minute: u32,
-    /// Failed password logins per identifier per hour (durable; counted
-    /// whether or not the identifier has an account).
+    /// Failed password logins per identifier per hour (counted whether or
+    /// not the identifier has an account; durable from an identifier's
+    /// second failure on, so a restart forgets at most one).
     pub password_failures_per_identifier_per_hour: u32,
     /// Rate-limit windows kept (each IP or identifier counting toward a
     /// limit has one); beyond it, the ones that end soonest are dropped.

@@ -8,10 +8,16 @@
 //!   until the window ends, and the refusal says when that is. The windows
 //!   that must survive a restart (one-time codes per IP and per identifier,
 //!   failed password logins per identifier) are *durable*: the caller writes
-//!   the rows [`Limits::durable_rows`] returns to the account store whenever
-//!   one of them changes, and [`Limits::load`] reads them back at start-up.
-//!   The map is bounded by `entries_max`: expired windows are dropped first,
-//!   then the oldest (the ones that end soonest).
+//!   the rows [`Limits::durable_rows`] returns to the account store when one
+//!   of them changes, and [`Limits::load`] reads them back at start-up. The
+//!   one-time-code windows are written with every code (in the transaction
+//!   that stores the code, so they cost no write of their own). A
+//!   failed-login window is written from its second failure on
+//!   ([`Limits::failure_rows`]): a single failure is what a flood of logins
+//!   for ever-new identifiers (credential stuffing) produces, and it then
+//!   costs the store nothing; a restart forgets at most one failure per
+//!   identifier. The map is bounded by `entries_max`: expired windows are
+//!   dropped first, then the oldest (the ones that end soonest).
 //! - **Password admission** ([`Limits::admit_password`]): in front of the
 //!   hashing pool, in this order: failed logins per identifier, password
 //!   checks in progress per IP, checks per IP per minute, checks admitted
@@ -259,6 +265,9 @@ pub struct LimitsConfig {
 
 const MINUTE_MS: u64 = 60 * 1000;
 
+/// A failed-login window is written to the store once it counts this many.
+pub const FAILURES_DURABLE_FROM: u32 = 2;
+
 /// Key prefixes of the durable windows (they name the table rows).
 const OTP_IP: &str = "otp-ip:";
 const OTP_IDENT: &str = "otp-ident:";
@@ -409,6 +418,17 @@ impl Limits {
             .filter_map(|k| s.durable.get(k).map(|w| (k.clone(), w)))
             .collect();
         (rows, s.durable.take_dropped())
+    }
+
+    /// What to write after a failed login charged to `failure_key`: its
+    /// window once it holds [`FAILURES_DURABLE_FROM`] failures or more (and
+    /// the keys dropped since the last write); `None` while there is nothing
+    /// worth a write.
+    pub fn failure_rows(&self, failure_key: &str) -> Option<(Vec<WindowRow>, Vec<String>)> {
+        let mut s = self.lock();
+        let w = s.durable.get(failure_key)?;
+        (w.count >= FAILURES_DURABLE_FROM)
+            .then(|| (vec![(failure_key.to_owned(), w)], s.durable.take_dropped()))
     }
 
     /// A one-time code is about to be sent to `ident` (a store key) for a
@@ -819,8 +839,19 @@ mod tests {
         // One succeeded: it is not a failure, and another check is admitted.
         l.password_ok(tickets[0].failure_key().unwrap(), 6000);
         let t = l.admit_password(ip(7), Some(id), 6000).unwrap();
-        let (rows, _) = l.durable_rows(&[t.failure_key().unwrap().to_owned()]);
+        let (rows, _) = l.failure_rows(t.failure_key().unwrap()).unwrap();
         assert_eq!(rows[0].1.count, 5);
+        // A first failure is not worth a write; a second is.
+        let one = l
+            .admit_password(ip(9), Some("email:once@x.org"), 6000)
+            .unwrap();
+        assert!(l.failure_rows(one.failure_key().unwrap()).is_none());
+        drop(one);
+        let two = l
+            .admit_password(ip(9), Some("email:once@x.org"), 7000)
+            .unwrap();
+        let (rows, _) = l.failure_rows(two.failure_key().unwrap()).unwrap();
+        assert_eq!(rows[0].1.count, FAILURES_DURABLE_FROM);
         // Other identifiers are not affected.
         drop(tickets);
         assert!(

@@ -17,7 +17,8 @@
 //!
 //! Rate limits: the one-time-code budgets (per IP and per identifier) and
 //! the failed-password budget per identifier are durable (written to the
-//! store with the change that counts, read back at start-up); per-code guess
+//! store with the change that counts — a failed-password window from its
+//! second failure on — and read back at start-up); per-code guess
 //! counts live in the pending code's store record; the short per-IP password
 //! windows, the global password rate and contact discovery are in memory.
 
@@ -607,12 +608,16 @@ impl Accounts {
             }
             return self.grant(user_id, login.device.as_ref(), false, now_ms);
         }
-        if let Some(k) = login.failure_key {
-            let (rows, deletes) = self.limits.durable_rows(&[k]);
-            if let Err(e) = self.store.windows_write(&rows, &deletes) {
-                // Counted in memory all the same; only a restart would forget it.
-                tracing::warn!(error = %e, "writing a failed-login count");
-            }
+        // Unknown or known identifier alike: whether this writes depends only
+        // on the identifier's failure count.
+        if let Some((rows, deletes)) = login
+            .failure_key
+            .as_deref()
+            .and_then(|k| self.limits.failure_rows(k))
+            && let Err(e) = self.store.windows_write(&rows, &deletes)
+        {
+            // Counted in memory all the same; only a restart would forget it.
+            tracing::warn!(error = %e, "writing a failed-login count");
         }
         Err(self.fail(
             "invalid_credentials",
@@ -1108,8 +1113,9 @@ mod tests {
                 .user_id,
             g.principal.user_id
         );
-        // Failures are counted per identifier, known or not, and durably:
-        // ana has 2 (the success took its own back), nobody has 1.
+        // Failures are counted per identifier, known or not, and durably
+        // from the second on: ana has 2 (the success took its own back);
+        // nobody's single failure was not written.
         drop(acc);
         let acc = open(dir.path(), c);
         password_login(&acc, "ana@x.org", "x", ip(5), t0).unwrap_err();
@@ -1122,10 +1128,11 @@ mod tests {
             )
         );
         assert!(e.retry_after_ms > 3_000_000);
-        password_login(&acc, "nobody@x.org", "x", ip(7), t0).unwrap_err();
-        let e = password_login(&acc, "nobody@x.org", "x", ip(8), t0).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidCredentials);
-        let e = password_login(&acc, "nobody@x.org", "x", ip(9), t0).unwrap_err();
+        for n in 7..10 {
+            let e = password_login(&acc, "nobody@x.org", "x", ip(n), t0).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidCredentials);
+        }
+        let e = password_login(&acc, "nobody@x.org", "x", ip(10), t0).unwrap_err();
         assert_eq!(e.code, ErrorCode::RateLimited);
     }
 
