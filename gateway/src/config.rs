@@ -30,6 +30,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The scheduling priority of a pool of background threads, relative to the
+/// shards (which run at the process's own priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThreadPriority {
+    /// The shards' priority.
+    Normal,
+    /// Nice 19: a small share of a CPU the shards also want.
+    Low,
+    /// `SCHED_IDLE`: only CPU time nothing else wants; a waking shard
+    /// preempts it at once.
+    Idle,
+}
+
 /// Where one-time codes go.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -127,9 +141,10 @@ pub struct AccountsConfig {
     /// Threads that hash passwords (Argon2id for Login by password and
     /// SetPassword). Nothing else runs on them, and nothing else hashes.
     pub password_hash_threads: usize,
-    /// The hashing threads' nice value: 0 runs them at the shards' priority,
-    /// 19 makes them yield the CPU to anything else (the shards first).
-    pub password_hash_nice: i32,
+    /// The hashing threads' priority: `idle` (`SCHED_IDLE`: they get only
+    /// CPU time the shards and everything else leave), `low` (nice 19) or
+    /// `normal` (the shards' own).
+    pub password_hash_priority: ThreadPriority,
     /// Password checks admitted but not finished (waiting for a hashing
     /// thread, or hashing); more are refused at once, without a hash.
     pub password_queue_max: u32,
@@ -167,7 +182,7 @@ impl Default for AccountsConfig {
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
             password_hash_threads: 1,
-            password_hash_nice: 19,
+            password_hash_priority: ThreadPriority::Idle,
             password_queue_max: 16,
             password_checks_per_sec: 20,
             password_checks_burst: 20,
@@ -396,9 +411,6 @@ impl Config {
         if a.password_hash_threads == 0 || a.password_hash_threads > 64 {
             return bad("accounts.password_hash_threads", "must be between 1 and 64");
         }
-        if !(0..=19).contains(&a.password_hash_nice) {
-            return bad("accounts.password_hash_nice", "must be between 0 and 19");
-        }
         for (key, v) in [
             ("accounts.password_queue_max", a.password_queue_max),
             (
@@ -488,22 +500,25 @@ mod tests {
     #[test]
     fn password_limits_are_checked() {
         let c = Config::from_toml(
-            "[accounts]\npassword_hash_threads = 2\npassword_hash_nice = 0\npassword_queue_max = 4\n",
+            "[accounts]\npassword_hash_threads = 2\npassword_hash_priority = \"low\"\npassword_queue_max = 4\n",
         )
         .unwrap();
         assert_eq!(
             (
                 c.accounts.password_hash_threads,
-                c.accounts.password_hash_nice,
+                c.accounts.password_hash_priority,
                 c.accounts.password_queue_max
             ),
-            (2, 0, 4)
+            (2, ThreadPriority::Low, 4)
         );
         c.validate().unwrap();
+        assert_eq!(
+            Config::default().accounts.password_hash_priority,
+            ThreadPriority::Idle
+        );
+        assert!(Config::from_toml("[accounts]\npassword_hash_priority = \"high\"\n").is_err());
         for bad in [
             "password_hash_threads = 0",
-            "password_hash_nice = 20",
-            "password_hash_nice = -1",
             "password_queue_max = 0",
             "password_checks_per_sec = 0",
             "password_checks_burst = 0",

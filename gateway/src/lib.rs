@@ -59,7 +59,8 @@
 //! - **Requests are handled in order per connection**; account work (store
 //!   reads and transactions, webhooks) runs on one bounded blocking pool
 //!   shared by all shards, and Argon2id password hashing on a small pool of
-//!   its own at a low priority ([`runtime::CpuPool`], behind the admission
+//!   its own at a low priority (`SCHED_IDLE` by default: a waking shard
+//!   preempts it at once; [`runtime::CpuPool`], behind the admission
 //!   limits of [`accounts::limits`]), so shard threads never block on disk or
 //!   CPU-heavy hashing, and a flood of password logins cannot take the
 //!   threads that check tokens. While a connection waits for its answer it

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 
 use compio::driver::{AsyncifyPool, DriverType, ProactorBuilder};
 
-use crate::config::DriverChoice;
+use crate::config::{DriverChoice, ThreadPriority};
 
 /// The driver a shard actually got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +198,7 @@ impl<T: AsFd + 'static> Ready<T> {
 /// A small pool of dedicated threads for CPU-heavy work (Argon2id password
 /// hashing), separate from the [`BlockingPool`] and from the shards: a flood
 /// of such work occupies only these threads, which run at a lower priority
-/// (a higher nice value) than the shards, and waits in a bounded queue.
+/// than the shards ([`ThreadPriority`]), and waits in a bounded queue.
 ///
 /// A job is submitted from a shard with [`CpuPool::run`] and its result
 /// awaited there ([`CpuJob`]); the pool thread that finishes it wakes the
@@ -215,13 +215,17 @@ pub struct CpuPool {
 pub struct PoolFull;
 
 impl CpuPool {
-    /// Starts `threads` threads named `name-N` at nice `nice` (0 = the
-    /// shards' priority, 19 = the lowest), with room for `queue_max` jobs
-    /// waiting.
+    /// Starts `threads` threads named `name-N` at `priority`, with room for
+    /// `queue_max` jobs waiting.
     ///
     /// # Errors
     /// A thread could not be started, or its priority set.
-    pub fn new(name: &str, threads: usize, queue_max: usize, nice: i32) -> io::Result<Self> {
+    pub fn new(
+        name: &str,
+        threads: usize,
+        queue_max: usize,
+        priority: ThreadPriority,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(queue_max);
         let rx = Arc::new(Mutex::new(rx));
         let (started_tx, started_rx) = mpsc::channel();
@@ -231,7 +235,7 @@ impl CpuPool {
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
-                    let _ = started.send(set_nice(nice));
+                    let _ = started.send(set_priority(priority));
                     drop(started);
                     loop {
                         // The lock is held only while waiting for the next job.
@@ -340,14 +344,21 @@ impl<T> Drop for CpuJob<T> {
     }
 }
 
-/// Sets the calling thread's nice value (Linux: per thread).
-fn set_nice(nice: i32) -> io::Result<()> {
-    if nice == 0 {
-        return Ok(());
-    }
-    // SAFETY: on Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value; no
-    // memory is passed.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+/// Sets the calling thread's priority (Linux: both calls act on the calling
+/// thread only).
+fn set_priority(priority: ThreadPriority) -> io::Result<()> {
+    let r = match priority {
+        ThreadPriority::Normal => return Ok(()),
+        // SAFETY: PRIO_PROCESS with who = 0 sets the calling thread's nice value; no memory
+        // is passed.
+        ThreadPriority::Low => unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) },
+        ThreadPriority::Idle => {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` is a live sched_param the kernel
+            // only reads.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) }
+        }
+    };
     if r == 0 {
         Ok(())
     } else {
@@ -384,27 +395,40 @@ mod tests {
         panic!("job did not finish");
     }
 
-    fn thread_nice() -> i32 {
-        // SAFETY: reads the calling thread's nice value.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    /// The calling thread's (nice value, scheduling policy).
+    fn thread_priority() -> (i32, i32) {
+        // SAFETY: both read the calling thread's own scheduling settings.
+        unsafe {
+            (
+                libc::getpriority(libc::PRIO_PROCESS, 0),
+                libc::sched_getscheduler(0),
+            )
+        }
     }
 
     #[test]
     fn jobs_run_on_low_priority_threads_and_wake_their_waiter() {
-        let pool = CpuPool::new("test-cpu", 1, 4, 7).unwrap();
-        let job = pool
-            .run(|| {
-                (
-                    std::thread::current().name().map(str::to_owned),
-                    thread_nice(),
-                )
-            })
-            .unwrap();
-        let (Some((name, nice)), _) = wait(job) else {
-            panic!("job failed")
+        let on_pool = |priority| {
+            let pool = CpuPool::new("test-cpu", 1, 4, priority).unwrap();
+            let job = pool
+                .run(|| {
+                    (
+                        std::thread::current().name().map(str::to_owned),
+                        thread_priority(),
+                    )
+                })
+                .unwrap();
+            let (Some(seen), _) = wait(job) else {
+                panic!("job failed")
+            };
+            seen
         };
+        let (name, (_, policy)) = on_pool(ThreadPriority::Idle);
         assert_eq!(name.as_deref(), Some("test-cpu-0"));
-        assert_eq!(nice, 7);
+        assert_eq!(policy, libc::SCHED_IDLE);
+        assert_eq!(on_pool(ThreadPriority::Low).1, (19, libc::SCHED_OTHER));
+        assert_eq!(on_pool(ThreadPriority::Normal).1, thread_priority());
+        let pool = CpuPool::new("test-cpu", 1, 4, ThreadPriority::Idle).unwrap();
         // A panicking job answers None and the thread lives on.
         assert_eq!(wait(pool.run(|| -> u8 { panic!("boom") }).unwrap()).0, None);
         assert_eq!(wait(pool.run(|| 5).unwrap()).0, Some(5));
@@ -412,7 +436,7 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_and_abandoned_jobs_are_skipped() {
-        let pool = CpuPool::new("test-cpu", 1, 2, 0).unwrap();
+        let pool = CpuPool::new("test-cpu", 1, 2, ThreadPriority::Normal).unwrap();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let ran = Arc::new(AtomicUsize::new(0));
         // One job holds the only thread until told to go on.

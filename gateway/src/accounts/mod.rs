@@ -266,7 +266,7 @@ impl Accounts {
             "starling-hash",
             cfg.password_hash_threads,
             cfg.password_queue_max as usize,
-            cfg.password_hash_nice,
+            cfg.password_hash_priority,
         )
         .context("starting the password hashing threads")?;
         Ok(Self {
