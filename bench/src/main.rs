@@ -17,6 +17,7 @@ mod connections;
 mod handshakes;
 mod heartbeats;
 mod log;
+mod login_flood;
 mod messages;
 mod mqtt;
 mod net;
@@ -59,6 +60,8 @@ enum Command {
     CompareReport(compare::CompareArgs),
     /// Memory one idle, handshaken gateway TLS connection keeps (`conn::Tls`; in memory, no sockets).
     TlsMemory(tls_memory::TlsMemoryArgs),
+    /// What a flood of password logins costs signed-in users' Sends and new connections' Hellos.
+    LoginFlood(login_flood::LoginFloodArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,5 +82,6 @@ fn main() -> anyhow::Result<()> {
         Command::Storm(args) => storm::run(&args),
         Command::CompareReport(args) => compare::run(&args),
         Command::TlsMemory(args) => tls_memory::run(&args),
+        Command::LoginFlood(args) => login_flood::run(&args),
     }
 }
