@@ -39,8 +39,8 @@ pub enum ThreadPriority {
     Normal,
     /// Nice 19: a small share of a CPU the shards also want.
     Low,
-    /// `SCHED_IDLE`: only CPU time nothing else wants; a waking shard
-    /// preempts it at once.
+    /// `SCHED_IDLE`: the scheduler's lowest weight (about 0.3% of a CPU
+    /// others want); a waking shard preempts it at once.
     Idle,
 }
 
@@ -141,9 +141,10 @@ pub struct AccountsConfig {
     /// Threads that hash passwords (Argon2id for Login by password and
     /// SetPassword). Nothing else runs on them, and nothing else hashes.
     pub password_hash_threads: usize,
-    /// The hashing threads' priority: `idle` (`SCHED_IDLE`: they get only
-    /// CPU time the shards and everything else leave), `low` (nice 19) or
-    /// `normal` (the shards' own).
+    /// The hashing threads' priority: `idle` (`SCHED_IDLE`: they run on CPU
+    /// time the shards leave, and a waking shard preempts them at once),
+    /// `low` (nice 19) or `normal` (the shards' own). Measured in
+    /// BENCHMARKS.md, "Login flood".
     pub password_hash_priority: ThreadPriority,
     /// Password checks admitted but not finished (waiting for a hashing
     /// thread, or hashing); more are refused at once, without a hash.
