@@ -339,7 +339,8 @@ impl AccountStore for RedbAccountStore {
             && prev.expires_at_ms > now_ms
             && prev.sent_at_ms.saturating_add(resend_ms) > now_ms
         {
-            // Dropped without a commit: nothing written.
+            // Nothing written.
+            tx.abort()?;
             return Ok(OtpIssue::TooSoon(
                 prev.sent_at_ms.saturating_add(resend_ms) - now_ms,
             ));
@@ -357,25 +358,29 @@ impl AccountStore for RedbAccountStore {
         now_ms: u64,
         matches: &dyn Fn(&OtpRec) -> bool,
     ) -> Result<OtpOutcome, StoreError> {
-        self.write(|tx| {
-            let Some(mut rec) = get_json::<_, OtpRec>(tx, OTPS, ident)? else {
-                return Ok(OtpOutcome::Expired);
-            };
-            if rec.expires_at_ms <= now_ms {
-                tx.open_table(OTPS)?.remove(ident)?;
-                return Ok(OtpOutcome::Expired);
-            }
-            if rec.attempts_left == 0 {
-                return Ok(OtpOutcome::Exhausted);
-            }
-            if matches(&rec) {
-                tx.open_table(OTPS)?.remove(ident)?;
-                return Ok(OtpOutcome::Accepted);
-            }
+        let tx = self.db.begin_write()?;
+        let Some(mut rec) = get_json::<_, OtpRec>(&tx, OTPS, ident)? else {
+            // Nothing changes: aborted, not committed (no fsync), so guesses at
+            // identifiers without a code cost a read.
+            tx.abort()?;
+            return Ok(OtpOutcome::Expired);
+        };
+        let outcome = if rec.expires_at_ms <= now_ms {
+            tx.open_table(OTPS)?.remove(ident)?;
+            OtpOutcome::Expired
+        } else if rec.attempts_left == 0 {
+            tx.abort()?;
+            return Ok(OtpOutcome::Exhausted);
+        } else if matches(&rec) {
+            tx.open_table(OTPS)?.remove(ident)?;
+            OtpOutcome::Accepted
+        } else {
             rec.attempts_left -= 1;
-            put_json(tx, OTPS, ident, &rec)?;
-            Ok(OtpOutcome::Wrong(rec.attempts_left))
-        })
+            put_json(&tx, OTPS, ident, &rec)?;
+            OtpOutcome::Wrong(rec.attempts_left)
+        };
+        tx.commit()?;
+        Ok(outcome)
     }
 
     fn user_by_ident(&self, ident: &str) -> Result<Option<u64>, StoreError> {
