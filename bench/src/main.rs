@@ -19,6 +19,7 @@ mod handshakes;
 mod heartbeats;
 mod index_cost;
 mod log;
+mod login_flood;
 mod messages;
 mod mqtt;
 mod net;
@@ -65,6 +66,8 @@ enum Command {
     TlsMemory(tls_memory::TlsMemoryArgs),
     /// What the embedded index's internals cost (split-map growth, dedup lookups); no server.
     IndexCost(index_cost::IndexCostArgs),
+    /// What a flood of password logins costs signed-in users' Sends and new connections' Hellos.
+    LoginFlood(login_flood::LoginFloodArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,5 +90,6 @@ fn main() -> anyhow::Result<()> {
         Command::CompareReport(args) => compare::run(&args),
         Command::TlsMemory(args) => tls_memory::run(&args),
         Command::IndexCost(args) => index_cost::run(&args),
+        Command::LoginFlood(args) => login_flood::run(&args),
     }
 }

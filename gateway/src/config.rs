@@ -30,6 +30,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The scheduling priority of a pool of background threads, relative to the
+/// shards (which run at the process's own priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThreadPriority {
+    /// The shards' priority.
+    Normal,
+    /// Nice 19: a small share of a CPU the shards also want.
+    Low,
+    /// `SCHED_IDLE`: the scheduler's lowest weight (about 0.3% of a CPU
+    /// others want); a waking shard preempts it at once.
+    Idle,
+}
+
 /// Where one-time codes go.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -105,18 +119,26 @@ impl Default for LimitsConfig {
 }
 
 /// Accounts, tokens and abuse limits.
+///
+/// Every refusal of a limit below is `RATE_LIMITED` with a message saying
+/// which limit and a `retry_after_ms` saying when a retry can pass it. "Per
+/// IP" means per IPv4 address, or per IPv6 /64. The one-time-code budgets and
+/// the failed-password budget are written to `<data>/accounts.redb` when
+/// they change (the latter from an identifier's second failure on), so a
+/// restart does not reset them; the others are in memory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountsConfig {
     /// A one-time code is valid this long.
     pub otp_ttl_ms: u64,
-    /// Wrong guesses allowed per code.
+    /// Guesses allowed per code (VerifyOtp, or Login with the code), the
+    /// right one included: the last wrong one burns the code.
     pub otp_attempts_max: u32,
     /// Minimum time between two codes for one identifier.
     pub otp_resend_ms: u64,
-    /// Codes requested per identifier per hour.
+    /// Codes sent per identifier per hour (durable).
     pub otp_requests_per_identifier_per_hour: u32,
-    /// Codes requested per client IP per hour.
+    /// Codes sent per client IP per hour (durable).
     pub otp_requests_per_ip_per_hour: u32,
     /// Access token lifetime.
     pub access_token_ttl_ms: u64,
@@ -124,12 +146,39 @@ pub struct AccountsConfig {
     pub refresh_token_ttl_ms: u64,
     /// DiscoverContacts requests per user per hour.
     pub discover_requests_per_hour: u32,
-    /// Threads for blocking work (password hashing, store writes, webhooks).
+    /// Threads for blocking work (store reads and writes, webhooks). Password
+    /// hashing has threads of its own (`password_hash_threads`).
     pub blocking_threads: usize,
     /// Argon2id memory cost in KiB.
     pub argon2_memory_kib: u32,
     /// Argon2id iterations.
     pub argon2_iterations: u32,
+    /// Threads that hash passwords (Argon2id for Login by password and
+    /// SetPassword). Nothing else runs on them, and nothing else hashes.
+    pub password_hash_threads: usize,
+    /// The hashing threads' priority: `idle` (`SCHED_IDLE`: they run on CPU
+    /// time the shards leave, and a waking shard preempts them at once),
+    /// `low` (nice 19) or `normal` (the shards' own). Measured in
+    /// BENCHMARKS.md, "Login flood".
+    pub password_hash_priority: ThreadPriority,
+    /// Password checks admitted but not finished (waiting for a hashing
+    /// thread, or hashing); more are refused at once, without a hash.
+    pub password_queue_max: u32,
+    /// Password checks admitted per second over all clients (a token bucket)...
+    pub password_checks_per_sec: u32,
+    /// ... of which this many may come at once after a quiet spell.
+    pub password_checks_burst: u32,
+    /// Password checks in progress at once per client IP.
+    pub password_checks_inflight_per_ip_max: u32,
+    /// Password checks per client IP per minute.
+    pub password_checks_per_ip_per_minute: u32,
+    /// Failed password logins per identifier per hour (counted whether or
+    /// not the identifier has an account; durable from an identifier's
+    /// second failure on, so a restart forgets at most one).
+    pub password_failures_per_identifier_per_hour: u32,
+    /// Rate-limit windows kept (each IP or identifier counting toward a
+    /// limit has one); beyond it, the ones that end soonest are dropped.
+    pub rate_windows_max: usize,
     /// Where codes are delivered.
     pub otp_sender: OtpSenderConfig,
 }
@@ -148,6 +197,15 @@ impl Default for AccountsConfig {
             blocking_threads: 4,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
+            password_hash_threads: 1,
+            password_hash_priority: ThreadPriority::Idle,
+            password_queue_max: 16,
+            password_checks_per_sec: 20,
+            password_checks_burst: 20,
+            password_checks_inflight_per_ip_max: 2,
+            password_checks_per_ip_per_minute: 30,
+            password_failures_per_identifier_per_hour: 20,
+            rate_windows_max: 100_000,
             otp_sender: OtpSenderConfig::Dev,
         }
     }
@@ -434,6 +492,39 @@ impl Config {
         if a.blocking_threads == 0 || a.blocking_threads > 64 {
             return bad("accounts.blocking_threads", "must be between 1 and 64");
         }
+        if a.password_hash_threads == 0 || a.password_hash_threads > 64 {
+            return bad("accounts.password_hash_threads", "must be between 1 and 64");
+        }
+        for (key, v) in [
+            ("accounts.password_queue_max", a.password_queue_max),
+            (
+                "accounts.password_checks_per_sec",
+                a.password_checks_per_sec,
+            ),
+            ("accounts.password_checks_burst", a.password_checks_burst),
+            (
+                "accounts.password_checks_inflight_per_ip_max",
+                a.password_checks_inflight_per_ip_max,
+            ),
+            (
+                "accounts.password_checks_per_ip_per_minute",
+                a.password_checks_per_ip_per_minute,
+            ),
+            (
+                "accounts.password_failures_per_identifier_per_hour",
+                a.password_failures_per_identifier_per_hour,
+            ),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if a.password_queue_max > 100_000 {
+            return bad("accounts.password_queue_max", "at most 100000");
+        }
+        if a.rate_windows_max < 1000 {
+            return bad("accounts.rate_windows_max", "must be at least 1000");
+        }
         if a.argon2_memory_kib < 8 || a.argon2_iterations == 0 {
             return bad(
                 "accounts.argon2_memory_kib",
@@ -546,5 +637,42 @@ mod tests {
             assert!(Config::from_toml(bad).unwrap().validate().is_err(), "{bad}");
         }
         assert!(Config::from_toml("[router]\nblock_max = 3\n").is_err());
+    }
+
+    #[test]
+    fn password_limits_are_checked() {
+        let c = Config::from_toml(
+            "[accounts]\npassword_hash_threads = 2\npassword_hash_priority = \"low\"\npassword_queue_max = 4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.accounts.password_hash_threads,
+                c.accounts.password_hash_priority,
+                c.accounts.password_queue_max
+            ),
+            (2, ThreadPriority::Low, 4)
+        );
+        c.validate().unwrap();
+        assert_eq!(
+            Config::default().accounts.password_hash_priority,
+            ThreadPriority::Idle
+        );
+        assert!(Config::from_toml("[accounts]\npassword_hash_priority = \"high\"\n").is_err());
+        for bad in [
+            "password_hash_threads = 0",
+            "password_queue_max = 0",
+            "password_checks_per_sec = 0",
+            "password_checks_burst = 0",
+            "password_checks_inflight_per_ip_max = 0",
+            "password_checks_per_ip_per_minute = 0",
+            "password_failures_per_identifier_per_hour = 0",
+            "rate_windows_max = 10",
+        ] {
+            let c = Config::from_toml(&format!("[accounts]\n{bad}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(e.contains(&format!("accounts.{key}")), "{bad}: {e}");
+        }
     }
 }

@@ -1017,6 +1017,26 @@ impl Conn {
         Ok(access)
     }
 
+    /// Login by password: admitted (or refused) here on the shard without a
+    /// hash or a store access, hashed on the hashing pool, answered after the
+    /// store work on the blocking pool.
+    async fn password_login(&self, req: v1::Login) -> Result<Granted, ApiError> {
+        let accounts = self.accounts();
+        let login = accounts.admit_password_login(req, self.peer.ip(), clock::unix_ms())?;
+        let checked = accounts.check_password_login(login).await?;
+        self.call(move |acc, now| acc.finish_password_login(checked, now))
+            .await
+    }
+
+    /// SetPassword: admitted here, hashed on the hashing pool, stored on the
+    /// blocking pool.
+    async fn set_password(&self, p: Principal, req: v1::SetPassword) -> Result<(), ApiError> {
+        let accounts = self.accounts();
+        let new = accounts.admit_set_password(req, self.peer.ip(), clock::unix_ms())?;
+        let phc = accounts.hash_new_password(new).await?;
+        self.call(move |acc, _| acc.store_password(p, phc)).await
+    }
+
     /// Runs `f` on the blocking pool.
     async fn call<T: Send + 'static>(
         &self,
@@ -1096,7 +1116,11 @@ impl Conn {
                 self.granted(rid, r).await;
             }
             Body::Login(req) => {
-                let r = self.call(move |acc, now| acc.login(&req, now)).await;
+                let r = if matches!(req.credential, Some(v1::login::Credential::Password(_))) {
+                    self.password_login(req).await
+                } else {
+                    self.call(move |acc, now| acc.login_otp(&req, now)).await
+                };
                 self.granted(rid, r).await;
             }
             Body::Refresh(req) => {
@@ -1242,12 +1266,10 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
-            Body::SetPassword(req) => {
-                match self.call(move |acc, _| acc.set_password(p, &req)).await {
-                    Ok(()) => self.send(rid, Body::Done(v1::Done {})),
-                    Err(e) => self.api_error(rid, e),
-                }
-            }
+            Body::SetPassword(req) => match self.set_password(p, req).await {
+                Ok(()) => self.send(rid, Body::Done(v1::Done {})),
+                Err(e) => self.api_error(rid, e),
+            },
             Body::GetMe(_) => match self.call(move |acc, _| acc.get_me(p)).await {
                 Ok(prof) => self.send(rid, Body::Profile(prof)),
                 Err(e) => self.api_error(rid, e),

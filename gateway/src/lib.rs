@@ -70,12 +70,16 @@
 //!   call. Revocations bump a shared epoch; a shard trusts its cache only
 //!   once it has applied every revocation.
 //! - **Requests are handled in order per connection**; account work (store
-//!   reads and transactions, Argon2id, webhooks) runs on one bounded blocking pool
-//!   shared by all shards, so shard threads never block on disk or CPU-heavy
-//!   hashing. While a connection waits for its answer it is not read (TCP
-//!   pushes back). A request counts from its read until its final answer is
-//!   queued for the connection (router answers settle it as the router
-//!   queues them; a Sync at its SyncDone); one that arrives while
+//!   reads and transactions, webhooks) runs on one bounded blocking pool
+//!   shared by all shards, and Argon2id password hashing on a small pool of
+//!   its own at a low priority (`SCHED_IDLE` by default: a waking shard
+//!   preempts it at once; [`runtime::CpuPool`], behind the admission
+//!   limits of [`accounts::limits`]), so shard threads never block on disk or
+//!   CPU-heavy hashing, and a flood of password logins cannot take the
+//!   threads that check tokens. While a connection waits for its answer it
+//!   is not read (TCP pushes back). A request counts from its read until its
+//!   final answer is queued for the connection (router answers settle it as
+//!   the router queues them; a Sync at its SyncDone); one that arrives while
 //!   `inflight_requests_max` are held gets `TOO_MANY_IN_FLIGHT` and is not
 //!   carried out. A request with request id 0 is refused, and a request of a
 //!   feature the server does not offer (`Welcome.features`) gets
@@ -109,13 +113,17 @@
 //!   thread; shards give pending answers a short grace, send
 //!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
 //!   74 for a supervisor to restart it. Never retry-and-acknowledge.
-//! - **Accounts** ([`accounts`]): OTP codes stored as HMAC-SHA256 with a
-//!   server secret, 6 digits, TTL and attempt limits, rate-limited per
-//!   identifier and per IP; EdDSA JWT access tokens (alg pinned, `kid`,
+//! - **Accounts** ([`accounts`]): identifiers and account text parsed by
+//!   explicit rules ([`accounts::ident`]); OTP codes stored as HMAC-SHA256
+//!   with a server secret, 6 digits, TTL and attempt limits, rate-limited per
+//!   identifier and per IP (durably: the windows are rows of the account
+//!   store); EdDSA JWT access tokens (alg pinned, `kid`,
 //!   session checked against the store on a shard's first use of the token,
 //!   then cached until expiry or revocation); opaque refresh tokens stored
 //!   as SHA-256 and rotated on use (reuse revokes the session and closes its
-//!   connections); Argon2id passwords; contact discovery compares
+//!   connections); Argon2id passwords, admitted under per-identifier,
+//!   per-IP and global limits and hashed on the hashing pool, unknown
+//!   accounts costing the same one hash as known ones; contact discovery compares
 //!   HMAC(pepper, SHA-256(E.164)) and never stores uploaded lists.
 //!   The store is [`accounts::store::AccountStore`] with a redb
 //!   implementation in `<data>/accounts.redb`.

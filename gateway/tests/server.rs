@@ -2475,6 +2475,8 @@ fn storage_io_cpus_place_every_log_writer_and_metadata_writer() {
     );
 }
 
+#[path = "server/accounts_abuse.rs"]
+mod accounts_abuse;
 #[path = "server/blocks.rs"]
 mod blocks;
 #[path = "server/cursors.rs"]

@@ -102,12 +102,7 @@ fn due_mqtt(
     }
 }
 
-fn on_mqtt_packets(
-    c: &mut MqttConn,
-    m: usize,
-    eps: &mut [Ep; 2],
-    rec: &Rec,
-) -> anyhow::Result<()> {
+fn on_mqtt_packets(c: &mut MqttConn, m: usize, eps: &mut [Ep; 2], rec: &Rec) -> anyhow::Result<()> {
     let now = rec.now_ns();
     let mut consumed = 0;
     while let Some((p, n)) = mqtt::parse(&c.rbuf[consumed..])? {

@@ -1,26 +1,54 @@
 //! The accounts front door: one-time codes, sign-in, sessions and tokens,
-//! profile, devices and contact discovery. Every method here is blocking
-//! (store reads and writes, Argon2id) and runs on the bounded blocking pool,
-//! never on a shard thread — except [`Accounts::verify_access`], which is
-//! pure CPU (an Ed25519 verify) and runs on the shard. Rate limits are in
-//! memory, per process.
+//! profile, devices and contact discovery.
+//!
+//! Where the work runs: store reads and writes (and webhooks) on the bounded
+//! blocking pool; Argon2id password hashing on a small hashing pool of its
+//! own, at a lower priority ([`crate::runtime::CpuPool`]); on the shard only
+//! what is pure and cheap: [`Accounts::verify_access`] (an Ed25519 verify),
+//! input parsing ([`ident`]) and admission decisions ([`limits`]), so that a
+//! refused request costs neither a pool hop nor a hash.
+//!
+//! A password login goes: [`Accounts::admit_password_login`] on the shard
+//! (parse, then the limits in [`limits`]), [`Accounts::check_password_login`]
+//! on the hashing pool (the identifier's hash, then one Argon2id verify —
+//! against a dummy when there is no account or no password, see
+//! [`password`]), [`Accounts::finish_password_login`] on the blocking pool
+//! (a session, or a durable failure count).
+//!
+//! Rate limits: the one-time-code budgets (per IP and per identifier) and
+//! the failed-password budget per identifier are durable (written to the
+//! store with the change that counts — a failed-password window from its
+//! second failure on — and read back at start-up); per-code guess
+//! counts live in the pending code's store record; the short per-IP password
+//! windows, the global password rate and contact discovery are in memory.
 
+pub mod ident;
+pub mod limits;
+pub mod password;
 pub mod sender;
 pub mod store;
 pub mod tokens;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use starling_protocol::v1::{self, ErrorCode};
 
 use crate::config::{AccountsConfig, OtpSenderConfig};
 use crate::metrics::Metrics;
+use crate::runtime::CpuPool;
+use ident::{
+    ABOUT_CHARS_MAX, DEVICE_NAME_CHARS_MAX, DISPLAY_NAME_CHARS_MAX, Ident, IdentKind, InputError,
+    PLATFORM_CHARS_MAX, check_text,
+};
+use limits::{HashTicket, Limits, LimitsConfig, Refused};
+use password::{PASSWORD_CHARS_MAX, PASSWORD_CHARS_MIN, Passwords};
 use sender::OtpSender;
-use store::{AccountStore, DeviceRec, OtpOutcome, OtpRec, RotateOutcome, SessionRec, UserRec};
+use store::{
+    AccountStore, DeviceRec, OtpIssue, OtpOutcome, OtpRec, RotateOutcome, SessionRec, UserRec,
+};
 use tokens::{TokenError, TokenKeys};
 
 /// A request failed: what to put in the Error frame.
@@ -49,6 +77,30 @@ impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
         tracing::error!(error = %e, "account store failure");
         ApiError::new(ErrorCode::StorageFailure, "account store unavailable")
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        ApiError::new(ErrorCode::InvalidArgument, e.to_string())
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
+        ApiError {
+            code: ErrorCode::RateLimited,
+            message: e.reason.to_owned(),
+            // At least 1: a RATE_LIMITED always says to wait.
+            retry_after_ms: u32::try_from(e.retry_after_ms.max(1)).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl From<password::HashError> for ApiError {
+    fn from(e: password::HashError) -> Self {
+        tracing::error!(error = %e, "password hashing failed");
+        ApiError::new(ErrorCode::Internal, "password hashing failed")
     }
 }
 
@@ -95,86 +147,43 @@ pub struct Granted {
     pub frame: v1::SessionGranted,
 }
 
-/// Fixed-window counters keyed by string.
-#[derive(Debug, Default)]
-struct RateLimiter {
-    windows: Mutex<HashMap<String, (u64, u32)>>,
-}
-
-impl RateLimiter {
-    /// Counts one event for `key`; refuses past `limit` per `window_ms`.
-    fn check(&self, key: &str, limit: u32, window_ms: u64, now_ms: u64) -> ApiResult<()> {
-        let mut w = self
-            .windows
-            .lock()
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "rate limiter poisoned"))?;
-        if w.len() > 100_000 {
-            w.retain(|_, (start, _)| start.saturating_add(window_ms) > now_ms);
-        }
-        let e = w.entry(key.to_owned()).or_insert((now_ms, 0));
-        if e.0.saturating_add(window_ms) <= now_ms {
-            *e = (now_ms, 0);
-        }
-        if e.1 >= limit {
-            let retry = e.0.saturating_add(window_ms).saturating_sub(now_ms);
-            return Err(ApiError {
-                code: ErrorCode::RateLimited,
-                message: format!(
-                    "too many requests for {}",
-                    key.split(':').next().unwrap_or("")
-                ),
-                retry_after_ms: u32::try_from(retry).unwrap_or(u32::MAX),
-            });
-        }
-        e.1 += 1;
-        Ok(())
-    }
-}
-
 const HOUR_MS: u64 = 3600 * 1000;
 
-/// A normalised identifier.
-#[derive(Debug, Clone)]
-struct Ident {
-    /// `phone:+1...` or `email:a@b`.
-    key: String,
-    /// The bare value.
-    value: String,
-    is_phone: bool,
+/// A password login admitted to the hashing pool
+/// ([`Accounts::admit_password_login`]).
+#[derive(Debug)]
+pub struct PasswordLogin {
+    ident: Ident,
+    password: String,
+    device: Option<v1::DeviceInfo>,
+    ticket: HashTicket,
 }
 
-fn parse_ident(id: Option<&v1::Identifier>) -> ApiResult<Ident> {
-    let bad = |m: &str| ApiError::new(ErrorCode::InvalidArgument, m);
-    match id.and_then(|i| i.kind.as_ref()) {
-        Some(v1::identifier::Kind::Phone(p)) => {
-            let digits = p
-                .strip_prefix('+')
-                .ok_or_else(|| bad("phone must be E.164 (+digits)"))?;
-            if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad("phone must be E.164 (+ and 8 to 15 digits)"));
-            }
-            Ok(Ident {
-                key: format!("phone:{p}"),
-                value: p.clone(),
-                is_phone: true,
-            })
-        }
-        Some(v1::identifier::Kind::Email(e)) => {
-            let e = e.trim().to_ascii_lowercase();
-            let ok = e.len() <= 254
-                && e.split_once('@')
-                    .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
-            if !ok {
-                return Err(bad("invalid e-mail address"));
-            }
-            Ok(Ident {
-                key: format!("email:{e}"),
-                value: e,
-                is_phone: false,
-            })
-        }
-        None => Err(bad("identifier is required")),
+/// A password login after its hash ([`Accounts::check_password_login`]).
+#[derive(Debug)]
+pub struct CheckedLogin {
+    /// The user, if the password matched.
+    user_id: Option<u64>,
+    device: Option<v1::DeviceInfo>,
+    /// The identifier's failed-login window this attempt was charged to.
+    failure_key: Option<String>,
+}
+
+/// A new password admitted to the hashing pool
+/// ([`Accounts::admit_set_password`]).
+#[derive(Debug)]
+pub struct NewPassword {
+    password: String,
+    ticket: HashTicket,
+}
+
+/// Checks the free text of a device description.
+fn check_device(d: Option<&v1::DeviceInfo>) -> Result<(), InputError> {
+    if let Some(d) = d {
+        check_text("device.name", &d.name, DEVICE_NAME_CHARS_MAX)?;
+        check_text("device.platform", &d.platform, PLATFORM_CHARS_MAX)?;
     }
+    Ok(())
 }
 
 /// The accounts service (shared by all shards).
@@ -186,7 +195,10 @@ pub struct Accounts {
     otp_key: ring::hmac::Key,
     pepper: ring::hmac::Key,
     sender: Box<dyn OtpSender>,
-    limiter: RateLimiter,
+    limits: Arc<Limits>,
+    passwords: Passwords,
+    /// Where passwords are hashed (and nothing else).
+    hashers: CpuPool,
     rng: ring::rand::SystemRandom,
     metrics: Arc<Metrics>,
 }
@@ -235,6 +247,28 @@ impl Accounts {
                 Box::new(sender::WebhookSender::new(url).map_err(anyhow::Error::msg)?)
             }
         };
+        // Making the dummy hash is also the first measure of a hash's time.
+        let started_us = crate::clock::mono_us();
+        let passwords = Passwords::new(cfg.argon2_memory_kib, cfg.argon2_iterations)?;
+        let hash_ms = crate::clock::mono_us().saturating_sub(started_us) / 1000;
+        let limits = Arc::new(Limits::new(limits_config(&cfg), hash_ms));
+        let now_ms = crate::clock::unix_ms();
+        let stale = limits.load(
+            store
+                .windows_load()
+                .context("reading the rate-limit windows")?,
+            now_ms,
+        );
+        store
+            .windows_write(&[], &stale)
+            .context("pruning the rate-limit windows")?;
+        let hashers = CpuPool::new(
+            "starling-hash",
+            cfg.password_hash_threads,
+            cfg.password_queue_max as usize,
+            cfg.password_hash_priority,
+        )
+        .context("starting the password hashing threads")?;
         Ok(Self {
             cfg,
             store: Box::new(store),
@@ -242,7 +276,9 @@ impl Accounts {
             otp_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &otp_secret),
             pepper: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &pepper),
             sender,
-            limiter: RateLimiter::default(),
+            limits,
+            passwords,
+            hashers,
             rng: ring::rand::SystemRandom::new(),
             metrics,
         })
@@ -260,7 +296,7 @@ impl Accounts {
     }
 
     fn otp_mac(&self, ident: &Ident, code: &str) -> ring::hmac::Tag {
-        ring::hmac::sign(&self.otp_key, format!("{}\n{code}", ident.key).as_bytes())
+        ring::hmac::sign(&self.otp_key, format!("{}\n{code}", ident.key()).as_bytes())
     }
 
     fn phone_key(&self, e164: &str) -> Vec<u8> {
@@ -272,45 +308,20 @@ impl Accounts {
         ring::hmac::sign(&self.pepper, sha256).as_ref().to_vec()
     }
 
-    /// RequestOtp.
+    /// RequestOtp: the IP's and the identifier's hourly budgets (durable),
+    /// then the resend interval, then a new code replaces any earlier one.
     pub fn request_otp(
         &self,
         req: &v1::RequestOtp,
         ip: IpAddr,
         now_ms: u64,
     ) -> ApiResult<v1::OtpSent> {
-        let ident = parse_ident(req.identifier.as_ref())?;
+        let ident = Ident::parse(req.identifier.as_ref())?;
         let c = &self.cfg;
-        self.limiter
-            .check(
-                &format!("ip:{ip}"),
-                c.otp_requests_per_ip_per_hour,
-                HOUR_MS,
-                now_ms,
-            )
-            .map_err(|e| self.fail("rate_limited", e))?;
-        if let Some(prev) = self.store.otp_get(&ident.key)?
-            && prev.sent_at_ms + c.otp_resend_ms > now_ms
-            && prev.expires_at_ms > now_ms
-        {
-            let wait = prev.sent_at_ms + c.otp_resend_ms - now_ms;
-            return Err(self.fail(
-                "rate_limited",
-                ApiError {
-                    code: ErrorCode::RateLimited,
-                    message: "a code was sent recently".into(),
-                    retry_after_ms: u32::try_from(wait).unwrap_or(u32::MAX),
-                },
-            ));
-        }
-        self.limiter
-            .check(
-                &format!("ident:{}", ident.key),
-                c.otp_requests_per_identifier_per_hour,
-                HOUR_MS,
-                now_ms,
-            )
-            .map_err(|e| self.fail("rate_limited", e))?;
+        let charge = self
+            .limits
+            .charge_otp(ip, ident.key(), now_ms)
+            .map_err(|e| self.fail("rate_limited", e.into()))?;
         // Uniform 6 digits: rejection-sample a u32.
         let code = loop {
             let n = u32::from_le_bytes(random_bytes::<4>(&self.rng)?);
@@ -324,8 +335,30 @@ impl Accounts {
             attempts_left: c.otp_attempts_max,
             sent_at_ms: now_ms,
         };
-        self.store.otp_put(&ident.key, &rec)?;
-        self.sender.send(&ident.value, &code).map_err(|e| {
+        // The budgets' new counts are written with the code, in one transaction.
+        let windows = || self.limits.durable_rows(charge.keys());
+        match self
+            .store
+            .otp_issue(ident.key(), &rec, c.otp_resend_ms, now_ms, &windows)
+        {
+            Ok(OtpIssue::Issued) => {}
+            Ok(OtpIssue::TooSoon(wait_ms)) => {
+                self.limits.refund_otp(&charge, now_ms);
+                return Err(self.fail(
+                    "rate_limited",
+                    Refused {
+                        reason: "a code was sent recently",
+                        retry_after_ms: wait_ms,
+                    }
+                    .into(),
+                ));
+            }
+            Err(e) => {
+                self.limits.refund_otp(&charge, now_ms);
+                return Err(e.into());
+            }
+        }
+        self.sender.send(ident.value(), &code).map_err(|e| {
             tracing::warn!(error = %e, "otp delivery failed");
             ApiError::new(ErrorCode::Unavailable, "could not deliver the code")
         })?;
@@ -336,16 +369,17 @@ impl Accounts {
         })
     }
 
+    /// Checks a guess at `ident`'s pending code. Every guess spends one of
+    /// the code's attempts, a malformed one too; the guess that spends the
+    /// last one is answered OTP_ATTEMPTS_EXCEEDED if wrong, and so is every
+    /// later guess at that code, right or wrong.
     fn check_otp(&self, ident: &Ident, code: &str, now_ms: u64) -> ApiResult<()> {
         let code = code.trim();
-        if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
-            // Still spends an attempt: malformed guesses are guesses.
-        }
-        let outcome = self.store.otp_consume(&ident.key, now_ms, &|rec| {
+        let outcome = self.store.otp_consume(ident.key(), now_ms, &|rec| {
             hex::decode(&rec.mac).is_ok_and(|mac| {
                 ring::hmac::verify(
                     &self.otp_key,
-                    format!("{}\n{code}", ident.key).as_bytes(),
+                    format!("{}\n{code}", ident.key()).as_bytes(),
                     &mac,
                 )
                 .is_ok()
@@ -364,7 +398,10 @@ impl Accounts {
                 "otp_invalid",
                 ApiError::new(
                     ErrorCode::OtpInvalid,
-                    format!("wrong code, {left} attempts left"),
+                    format!(
+                        "wrong code, {left} {} left",
+                        if left == 1 { "attempt" } else { "attempts" }
+                    ),
                 ),
             )),
             OtpOutcome::Expired => Err(self.fail(
@@ -382,11 +419,12 @@ impl Accounts {
         now_ms: u64,
     ) -> ApiResult<Granted> {
         let d = device.cloned().unwrap_or_default();
+        // Checked before anything was spent on the request (check_device).
         let device_id = self.store.device_create(
             user_id,
             &DeviceRec {
-                name: truncate(&d.name, 100),
-                platform: truncate(&d.platform, 32),
+                name: d.name,
+                platform: d.platform,
                 created_at_ms: now_ms,
                 last_seen_ms: now_ms,
             },
@@ -450,73 +488,161 @@ impl Accounts {
 
     /// VerifyOtp: registers the user if new; always a new device and session.
     pub fn verify_otp(&self, req: &v1::VerifyOtp, now_ms: u64) -> ApiResult<Granted> {
-        let ident = parse_ident(req.identifier.as_ref())?;
+        let ident = Ident::parse(req.identifier.as_ref())?;
+        // Bad text is refused before the guess is spent.
+        let name = req.display_name.trim();
+        check_text("display_name", name, DISPLAY_NAME_CHARS_MAX)?;
+        check_device(req.device.as_ref())?;
         self.check_otp(&ident, &req.code, now_ms)?;
-        let name = truncate(req.display_name.trim(), 100);
+        let is_phone = ident.kind() == IdentKind::Phone;
         let rec = UserRec {
-            display_name: name,
-            phone: ident.is_phone.then(|| ident.value.clone()),
-            email: (!ident.is_phone).then(|| ident.value.clone()),
+            display_name: name.to_owned(),
+            phone: is_phone.then(|| ident.value().to_owned()),
+            email: (!is_phone).then(|| ident.value().to_owned()),
             created_at_ms: now_ms,
             next_device_id: 1,
             ..UserRec::default()
         };
-        let phone_key = ident.is_phone.then(|| self.phone_key(&ident.value));
+        let phone_key = is_phone.then(|| self.phone_key(ident.value()));
         let (user_id, created) = self
             .store
-            .user_create(&ident.key, &rec, phone_key.as_deref())?;
+            .user_create(ident.key(), &rec, phone_key.as_deref())?;
         self.grant(user_id, req.device.as_ref(), created, now_ms)
     }
 
-    /// Login by OTP or password.
-    pub fn login(&self, req: &v1::Login, now_ms: u64) -> ApiResult<Granted> {
-        let ident = parse_ident(req.identifier.as_ref())?;
-        let bad_credentials = || {
-            self.fail(
-                "invalid_credentials",
-                ApiError::new(
-                    ErrorCode::InvalidCredentials,
-                    "wrong identifier or password",
-                ),
+    /// Login with a one-time code (a password login goes through
+    /// [`Accounts::admit_password_login`]).
+    pub fn login_otp(&self, req: &v1::Login, now_ms: u64) -> ApiResult<Granted> {
+        let ident = Ident::parse(req.identifier.as_ref())?;
+        check_device(req.device.as_ref())?;
+        let Some(v1::login::Credential::OtpCode(code)) = &req.credential else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "credential is required",
+            ));
+        };
+        self.check_otp(&ident, code, now_ms)?;
+        let user_id = self.store.user_by_ident(ident.key())?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such user; use VerifyOtp to register",
             )
-        };
-        let user_id = match &req.credential {
-            Some(v1::login::Credential::OtpCode(code)) => {
-                self.check_otp(&ident, code, now_ms)?;
-                self.store.user_by_ident(&ident.key)?.ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::NotFound,
-                        "no such user; use VerifyOtp to register",
-                    )
-                })?
-            }
-            Some(v1::login::Credential::Password(pw)) => {
-                self.limiter
-                    .check(&format!("login:{}", ident.key), 20, HOUR_MS, now_ms)
-                    .map_err(|e| self.fail("rate_limited", e))?;
-                let Some(uid) = self.store.user_by_ident(&ident.key)? else {
-                    // Spend the same effort as a real check (no user oracle by timing).
-                    let _ = self.hash_password("dummy-password-for-timing");
-                    return Err(bad_credentials());
-                };
-                let user = self.store.user_get(uid)?.ok_or_else(bad_credentials)?;
-                let Some(hash) = user.password_hash else {
-                    let _ = self.hash_password("dummy-password-for-timing");
-                    return Err(bad_credentials());
-                };
-                if !verify_password(pw, &hash) {
-                    return Err(bad_credentials());
-                }
-                uid
-            }
-            None => {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    "credential is required",
-                ));
-            }
-        };
+        })?;
         self.grant(user_id, req.device.as_ref(), false, now_ms)
+    }
+
+    /// A password login, first step (on the shard: no store access, no
+    /// hash): parses it and admits it to the hashing pool, or refuses it
+    /// with RATE_LIMITED. The decision does not depend on whether the
+    /// identifier has an account.
+    pub fn admit_password_login(
+        &self,
+        req: v1::Login,
+        ip: IpAddr,
+        now_ms: u64,
+    ) -> ApiResult<PasswordLogin> {
+        let ident = Ident::parse(req.identifier.as_ref())?;
+        check_device(req.device.as_ref())?;
+        let Some(v1::login::Credential::Password(password)) = req.credential else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "credential is required",
+            ));
+        };
+        let ticket = self
+            .limits
+            .admit_password(ip, Some(ident.key()), now_ms)
+            .map_err(|e| self.fail("rate_limited", e.into()))?;
+        Ok(PasswordLogin {
+            ident,
+            password,
+            device: req.device,
+            ticket,
+        })
+    }
+
+    /// A password login, second step: on the hashing pool, the identifier's
+    /// password hash, then exactly one Argon2id verify (against the dummy
+    /// when there is no account or no password).
+    pub async fn check_password_login(
+        self: &Arc<Self>,
+        login: PasswordLogin,
+    ) -> ApiResult<CheckedLogin> {
+        let acc = self.clone();
+        self.on_hashers(move || acc.check_password_blocking(login))
+            .await?
+    }
+
+    fn check_password_blocking(&self, login: PasswordLogin) -> ApiResult<CheckedLogin> {
+        let PasswordLogin {
+            ident,
+            password,
+            device,
+            ticket,
+        } = login;
+        let (user_id, phc) = match self.store.user_by_ident(ident.key())? {
+            Some(uid) => (
+                Some(uid),
+                self.store.user_get(uid)?.and_then(|u| u.password_hash),
+            ),
+            None => (None, None),
+        };
+        let started_us = crate::clock::mono_us();
+        let matched = self.passwords.verify(&password, phc.as_deref());
+        ticket.hashed_in_ms(crate::clock::mono_us().saturating_sub(started_us) / 1000);
+        Ok(CheckedLogin {
+            user_id: user_id.filter(|_| matched),
+            device,
+            failure_key: ticket.failure_key().map(str::to_owned),
+        })
+    }
+
+    /// A password login, last step (store writes): a session, or the
+    /// failure counted durably and INVALID_CREDENTIALS — the same answer
+    /// whether the identifier is unknown, has no password or the password is
+    /// wrong.
+    pub fn finish_password_login(&self, login: CheckedLogin, now_ms: u64) -> ApiResult<Granted> {
+        if let Some(user_id) = login.user_id {
+            if let Some(k) = &login.failure_key {
+                self.limits.password_ok(k, now_ms);
+            }
+            return self.grant(user_id, login.device.as_ref(), false, now_ms);
+        }
+        // Unknown or known identifier alike: whether this writes depends only
+        // on the identifier's failure count.
+        if let Some((rows, deletes)) = login
+            .failure_key
+            .as_deref()
+            .and_then(|k| self.limits.failure_rows(k))
+            && let Err(e) = self.store.windows_write(&rows, &deletes)
+        {
+            // Counted in memory all the same; only a restart would forget it.
+            tracing::warn!(error = %e, "writing a failed-login count");
+        }
+        Err(self.fail(
+            "invalid_credentials",
+            ApiError::new(
+                ErrorCode::InvalidCredentials,
+                "wrong identifier or password",
+            ),
+        ))
+    }
+
+    /// Runs `f` on the hashing pool.
+    async fn on_hashers<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> ApiResult<T> {
+        // Admission keeps the pool's queue from filling; if it is full anyway,
+        // the answer is the same as the admission's.
+        let job = self.hashers.run(f).map_err(|_| {
+            ApiError::from(Refused {
+                reason: "the server is checking too many passwords",
+                retry_after_ms: 1000,
+            })
+        })?;
+        job.await
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "internal error"))
     }
 
     /// Refresh: rotates the refresh token; reuse revokes the session.
@@ -661,21 +787,12 @@ impl Accounts {
     pub fn update_profile(&self, p: Principal, req: &v1::UpdateProfile) -> ApiResult<v1::Profile> {
         let mut u = self.user(p)?;
         if let Some(n) = &req.display_name {
-            if n.chars().count() > 100 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    "display_name: at most 100 characters",
-                ));
-            }
-            u.display_name = n.trim().to_owned();
+            let n = n.trim();
+            check_text("display_name", n, DISPLAY_NAME_CHARS_MAX)?;
+            n.clone_into(&mut u.display_name);
         }
         if let Some(a) = &req.about {
-            if a.chars().count() > 500 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    "about: at most 500 characters",
-                ));
-            }
+            check_text("about", a, ABOUT_CHARS_MAX)?;
             a.clone_into(&mut u.about);
         }
         self.store.user_put(p.user_id, &u)?;
@@ -720,14 +837,9 @@ impl Accounts {
                 "at most 1000 hashes per request",
             ));
         }
-        self.limiter
-            .check(
-                &format!("discover:{}", p.user_id),
-                self.cfg.discover_requests_per_hour,
-                HOUR_MS,
-                now_ms,
-            )
-            .map_err(|e| self.fail("rate_limited", e))?;
+        self.limits
+            .charge_discover(p.user_id, now_ms)
+            .map_err(|e| self.fail("rate_limited", e.into()))?;
         let mut matches = Vec::new();
         for h in &req.phone_sha256 {
             if h.len() != 32 {
@@ -754,44 +866,52 @@ impl Accounts {
         Ok(v1::ContactMatches { matches })
     }
 
-    /// SetPassword (Argon2id).
-    pub fn set_password(&self, p: Principal, req: &v1::SetPassword) -> ApiResult<()> {
+    /// SetPassword, first step (on the shard): checks the password's length
+    /// and admits its hash to the hashing pool, or refuses it.
+    pub fn admit_set_password(
+        &self,
+        req: v1::SetPassword,
+        ip: IpAddr,
+        now_ms: u64,
+    ) -> ApiResult<NewPassword> {
         let n = req.new_password.chars().count();
-        if !(8..=256).contains(&n) {
+        if !(PASSWORD_CHARS_MIN..=PASSWORD_CHARS_MAX).contains(&n) {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
-                "password: 8 to 256 characters",
+                format!("password: {PASSWORD_CHARS_MIN} to {PASSWORD_CHARS_MAX} characters"),
             ));
         }
-        let hash = self.hash_password(&req.new_password)?;
+        let ticket = self
+            .limits
+            .admit_password(ip, None, now_ms)
+            .map_err(|e| self.fail("rate_limited", e.into()))?;
+        Ok(NewPassword {
+            password: req.new_password,
+            ticket,
+        })
+    }
+
+    /// SetPassword, second step: the Argon2id hash, on the hashing pool.
+    pub async fn hash_new_password(self: &Arc<Self>, new: NewPassword) -> ApiResult<String> {
+        let acc = self.clone();
+        self.on_hashers(move || {
+            let started_us = crate::clock::mono_us();
+            let phc = acc.passwords.hash(&new.password);
+            new.ticket
+                .hashed_in_ms(crate::clock::mono_us().saturating_sub(started_us) / 1000);
+            phc
+        })
+        .await?
+        .map_err(ApiError::from)
+    }
+
+    /// SetPassword, last step (a store write).
+    pub fn store_password(&self, p: Principal, phc: String) -> ApiResult<()> {
         let mut u = self.user(p)?;
-        u.password_hash = Some(hash);
+        u.password_hash = Some(phc);
         self.store.user_put(p.user_id, &u)?;
         Ok(())
     }
-
-    fn hash_password(&self, pw: &str) -> ApiResult<String> {
-        use argon2::PasswordHasher as _;
-        let params = argon2::Params::new(
-            self.cfg.argon2_memory_kib,
-            self.cfg.argon2_iterations,
-            1,
-            None,
-        )
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("argon2 params: {e}")))?;
-        let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let salt = random_bytes::<16>(&self.rng)?;
-        a.hash_password_with_salt(pw.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("argon2: {e}")))
-    }
-}
-
-fn verify_password(pw: &str, phc: &str) -> bool {
-    use argon2::PasswordVerifier as _;
-    argon2::Argon2::default()
-        .verify_password(pw.as_bytes(), phc)
-        .is_ok()
 }
 
 fn own_profile(user_id: u64, u: &UserRec) -> v1::Profile {
@@ -807,39 +927,281 @@ fn own_profile(user_id: u64, u: &UserRec) -> v1::Profile {
     }
 }
 
-fn truncate(s: &str, max_chars: usize) -> String {
-    s.chars().take(max_chars).collect()
+fn limits_config(c: &AccountsConfig) -> LimitsConfig {
+    LimitsConfig {
+        otp_per_ip: c.otp_requests_per_ip_per_hour,
+        otp_per_identifier: c.otp_requests_per_identifier_per_hour,
+        otp_window_ms: HOUR_MS,
+        password_failures_per_identifier: c.password_failures_per_identifier_per_hour,
+        password_failure_window_ms: HOUR_MS,
+        password_per_ip_per_minute: c.password_checks_per_ip_per_minute,
+        password_inflight_per_ip: c.password_checks_inflight_per_ip_max,
+        password_queue_max: c.password_queue_max,
+        password_per_sec: c.password_checks_per_sec,
+        password_burst: c.password_checks_burst,
+        hash_threads: u32::try_from(c.password_hash_threads).unwrap_or(u32::MAX),
+        discover_per_user: c.discover_requests_per_hour,
+        discover_window_ms: HOUR_MS,
+        windows_max: c.rate_windows_max,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::net::Ipv4Addr;
+    use std::task::{Context, Poll, Wake, Waker};
 
-    #[test]
-    fn identifiers_are_normalised() {
-        let phone = |p: &str| v1::Identifier {
-            kind: Some(v1::identifier::Kind::Phone(p.into())),
-        };
-        assert!(parse_ident(Some(&phone("+14155550100"))).is_ok());
-        assert!(parse_ident(Some(&phone("14155550100"))).is_err());
-        assert!(parse_ident(Some(&phone("+1415x550100"))).is_err());
-        let email = v1::Identifier {
-            kind: Some(v1::identifier::Kind::Email(" Ana@Example.org ".into())),
-        };
-        assert_eq!(
-            parse_ident(Some(&email)).unwrap().key,
-            "email:ana@example.org"
-        );
-        assert!(parse_ident(None).is_err());
+    /// Runs a future to completion on this thread (the hashing pool wakes it).
+    fn block_on<F: Future>(f: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(10));
+        }
+    }
+
+    fn cfg() -> AccountsConfig {
+        AccountsConfig {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            otp_requests_per_ip_per_hour: 2,
+            ..AccountsConfig::default()
+        }
+    }
+
+    fn open(dir: &Path, cfg: AccountsConfig) -> Arc<Accounts> {
+        Arc::new(Accounts::open(dir, cfg, Arc::new(Metrics::new(1, Vec::new()))).unwrap())
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    fn email(e: &str) -> Option<v1::Identifier> {
+        Some(v1::Identifier {
+            kind: Some(v1::identifier::Kind::Email(e.into())),
+        })
+    }
+
+    fn request(acc: &Accounts, e: &str, from: IpAddr, now_ms: u64) -> ApiResult<v1::OtpSent> {
+        acc.request_otp(
+            &v1::RequestOtp {
+                identifier: email(e),
+            },
+            from,
+            now_ms,
+        )
+    }
+
+    fn code_for(dir: &Path, e: &str) -> String {
+        let log = std::fs::read_to_string(dir.join("otp.log")).unwrap();
+        let line = log.lines().rev().find(|l| l.starts_with(&format!("{e} ")));
+        line.unwrap().rsplit(' ').next().unwrap().to_owned()
+    }
+
+    fn password_login(
+        acc: &Arc<Accounts>,
+        e: &str,
+        pw: &str,
+        from: IpAddr,
+        now_ms: u64,
+    ) -> ApiResult<Granted> {
+        let login = acc.admit_password_login(
+            v1::Login {
+                identifier: email(e),
+                credential: Some(v1::login::Credential::Password(pw.into())),
+                device: None,
+            },
+            from,
+            now_ms,
+        )?;
+        let checked = block_on(acc.check_password_login(login))?;
+        acc.finish_password_login(checked, now_ms)
     }
 
     #[test]
-    fn rate_limiter_windows() {
-        let r = RateLimiter::default();
-        assert!(r.check("k", 2, 1000, 0).is_ok());
-        assert!(r.check("k", 2, 1000, 10).is_ok());
-        let e = r.check("k", 2, 1000, 20).unwrap_err();
-        assert_eq!((e.code, e.retry_after_ms), (ErrorCode::RateLimited, 980));
-        assert!(r.check("k", 2, 1000, 1000).is_ok());
+    fn otp_budgets_survive_a_reopen() {
+        // Windows are stored with wall-clock times: ones that ended are
+        // pruned at start-up, so the test runs at the real time.
+        let t0 = crate::clock::unix_ms();
+        let dir = tempfile::tempdir().unwrap();
+        let acc = open(dir.path(), cfg());
+        request(&acc, "a@x.org", ip(1), t0).unwrap();
+        request(&acc, "b@x.org", ip(1), t0 + 1000).unwrap();
+        let e = request(&acc, "c@x.org", ip(1), t0 + 2000).unwrap_err();
+        assert_eq!(
+            (e.code, e.retry_after_ms),
+            (ErrorCode::RateLimited, 3_600_000 - 2000)
+        );
+        // Too soon for the same identifier: refused, and the IP's budget
+        // is not charged for it (ip(2) has 2 codes left after it).
+        let e = request(&acc, "a@x.org", ip(2), t0 + 3000).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str(), e.retry_after_ms),
+            (ErrorCode::RateLimited, "a code was sent recently", 27_000)
+        );
+        drop(acc);
+        let acc = open(dir.path(), cfg());
+        // The window is the one that started before the restart.
+        let e = request(&acc, "c@x.org", ip(1), t0 + 10_000).unwrap_err();
+        assert_eq!(
+            (e.code, e.retry_after_ms),
+            (ErrorCode::RateLimited, 3_600_000 - 10_000)
+        );
+        request(&acc, "d@x.org", ip(2), t0 + 10_000).unwrap();
+        request(&acc, "e@x.org", ip(2), t0 + 10_000).unwrap();
+        assert!(request(&acc, "f@x.org", ip(2), t0 + 10_000).is_err());
+        // And it ends when it would have.
+        request(&acc, "c@x.org", ip(1), t0 + 3_600_000).unwrap();
+    }
+
+    #[test]
+    fn unknown_accounts_and_wrong_passwords_fail_alike() {
+        let t0 = crate::clock::unix_ms();
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.password_failures_per_identifier_per_hour = 3;
+        let acc = open(dir.path(), c.clone());
+        request(&acc, "ana@x.org", ip(1), t0).unwrap();
+        let g = acc
+            .verify_otp(
+                &v1::VerifyOtp {
+                    identifier: email("ana@x.org"),
+                    code: code_for(dir.path(), "ana@x.org"),
+                    device: None,
+                    display_name: "Ana".into(),
+                },
+                t0,
+            )
+            .unwrap();
+        // No password yet, a wrong one, no account: one answer.
+        let no_password =
+            password_login(&acc, "ana@x.org", "correct horse", ip(1), t0).unwrap_err();
+        let new = acc
+            .admit_set_password(
+                v1::SetPassword {
+                    new_password: "correct horse".into(),
+                },
+                ip(1),
+                t0,
+            )
+            .unwrap();
+        let phc = block_on(acc.hash_new_password(new)).unwrap();
+        acc.store_password(g.principal, phc).unwrap();
+        let wrong = password_login(&acc, "ana@x.org", "wrong horse", ip(2), t0).unwrap_err();
+        let unknown = password_login(&acc, "nobody@x.org", "correct horse", ip(3), t0).unwrap_err();
+        for e in [&no_password, &wrong, &unknown] {
+            assert_eq!(e, &no_password);
+            assert_eq!(e.code, ErrorCode::InvalidCredentials);
+        }
+        assert_eq!(
+            password_login(&acc, "ana@x.org", "correct horse", ip(4), t0)
+                .unwrap()
+                .principal
+                .user_id,
+            g.principal.user_id
+        );
+        // Failures are counted per identifier, known or not, and durably
+        // from the second on: ana has 2 (the success took its own back);
+        // nobody's single failure was not written.
+        drop(acc);
+        let acc = open(dir.path(), c);
+        password_login(&acc, "ana@x.org", "x", ip(5), t0).unwrap_err();
+        let e = password_login(&acc, "ana@x.org", "correct horse", ip(6), t0).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                ErrorCode::RateLimited,
+                "too many failed password logins for this identifier"
+            )
+        );
+        assert!(e.retry_after_ms > 3_000_000);
+        for n in 7..10 {
+            let e = password_login(&acc, "nobody@x.org", "x", ip(n), t0).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidCredentials);
+        }
+        let e = password_login(&acc, "nobody@x.org", "x", ip(10), t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+    }
+
+    #[test]
+    fn bad_text_is_refused_before_the_code_is_spent() {
+        let t0 = crate::clock::unix_ms();
+        let dir = tempfile::tempdir().unwrap();
+        let acc = open(dir.path(), cfg());
+        request(&acc, "ana@x.org", ip(1), t0).unwrap();
+        let code = code_for(dir.path(), "ana@x.org");
+        let verify = |name: &str, device: &str| {
+            acc.verify_otp(
+                &v1::VerifyOtp {
+                    identifier: email("ana@x.org"),
+                    code: code.clone(),
+                    device: Some(v1::DeviceInfo {
+                        name: device.into(),
+                        platform: "linux".into(),
+                    }),
+                    display_name: name.into(),
+                },
+                t0,
+            )
+        };
+        let long = "p".repeat(101);
+        for (name, device) in [
+            ("Ana\nroot", "phone"),
+            ("Ana\u{1b}[2J", "phone"),
+            (long.as_str(), "phone"),
+            ("Ana", "phone\r"),
+            ("Ana", long.as_str()),
+        ] {
+            let e = verify(name, device).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{name:?} {device:?}");
+        }
+        // Five refused, five attempts allowed: had one been spent, the right
+        // code would now be refused.
+        let g = verify(" Ana ", "phone").unwrap();
+        assert_eq!(acc.get_me(g.principal).unwrap().display_name, "Ana");
+        let e = acc
+            .update_profile(
+                g.principal,
+                &v1::UpdateProfile {
+                    about: Some("line one\nline two".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                ErrorCode::InvalidArgument,
+                "about: control characters and line breaks are not allowed"
+            )
+        );
+    }
+
+    #[test]
+    fn the_forged_line_identifier_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = open(dir.path(), cfg());
+        let e = request(
+            &acc,
+            "x\n+1999 000000@rel.test",
+            ip(1),
+            crate::clock::unix_ms(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(!dir.path().join("otp.log").exists());
     }
 }

@@ -1,6 +1,31 @@
-//! One-time-code delivery, pluggable: the dev sender writes codes to
-//! `<data>/otp.log` (and the log); the webhook sender POSTs JSON to an HTTP
+//! One-time-code delivery, pluggable: the dev sender appends codes to
+//! `<data>/otp.log` (and logs them); the webhook sender POSTs JSON to an HTTP
 //! endpoint (an SMS/e-mail gateway). Both run on the blocking pool.
+//!
+//! # `otp.log`
+//!
+//! The development sender's file, for operators and test scripts (never
+//! written with the webhook sender). One line per code sent, appended:
+//!
+//! ```text
+//! <identifier> SP <code> LF
+//! ```
+//!
+//! - `<identifier>` is the identifier as the server stored it: an E.164
+//!   phone number (`+14155550100`) or a lower-cased e-mail address
+//!   (`ana@example.org`). Identifiers are validated before a code is sent
+//!   (`accounts::ident`): they hold no whitespace and no control characters,
+//!   so a line has exactly one space and the identifier is everything before
+//!   it.
+//! - `<code>` is 6 ASCII digits.
+//! - The newest line for an identifier holds its current code (a new code
+//!   replaces the previous one).
+//!
+//! Each line is written with one `write(2)` on a file opened with
+//! `O_APPEND`, then `fdatasync`ed before the client is told `OtpSent`, so
+//! concurrent senders never interleave within a line, and a code a client
+//! was told about is in the file after a crash. (When the file is created,
+//! its directory is fsynced too.)
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -13,7 +38,8 @@ pub trait OtpSender: Send + Sync + std::fmt::Debug {
     fn send(&self, identifier: &str, code: &str) -> Result<(), String>;
 }
 
-/// Development sender: appends `<identifier> <code>` lines to a file.
+/// Development sender: appends `<identifier> <code>` lines to a file (the
+/// module docs give the format).
 #[derive(Debug)]
 pub struct DevFileSender {
     path: PathBuf,
@@ -31,18 +57,47 @@ impl DevFileSender {
     }
 }
 
+/// One `otp.log` line, or `None` if the fields could break the format
+/// (validation upstream makes that a bug, refused here all the same).
+fn otp_line(identifier: &str, code: &str) -> Option<String> {
+    let one_field =
+        |s: &str| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    (one_field(identifier) && code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| format!("{identifier} {code}\n"))
+}
+
 impl OtpSender for DevFileSender {
     fn send(&self, identifier: &str, code: &str) -> Result<(), String> {
+        let line = otp_line(identifier, code)
+            .ok_or_else(|| "refusing to write a malformed otp.log line".to_owned())?;
         let _guard = self
             .lock
             .lock()
             .map_err(|_| "otp log lock poisoned".to_owned())?;
+        let created = !self.path.exists();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        writeln!(f, "{identifier} {code}").map_err(|e| e.to_string())?;
+        // One write per line: O_APPEND places it whole at the end.
+        let n = f
+            .write(line.as_bytes())
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if n != line.len() {
+            return Err(format!(
+                "{}: short write ({n} of {} bytes)",
+                self.path.display(),
+                line.len()
+            ));
+        }
+        // The line is durable before the client hears OtpSent (and the file's directory entry,
+        // when this write created it).
+        f.sync_data()
+            .map_err(|e| format!("fsync {}: {e}", self.path.display()))?;
+        if created && let Some(dir) = self.path.parent() {
+            crate::fsutil::fsync_dir(dir).map_err(|e| e.to_string())?;
+        }
         tracing::info!(identifier, code, "dev otp sender: one-time code");
         Ok(())
     }
@@ -125,6 +180,30 @@ impl OtpSender for WebhookSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dev_sender_appends_one_line_per_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otp.log");
+        let s = DevFileSender::new(path.clone());
+        s.send("+14155550100", "012345").unwrap();
+        s.send("ana@example.org", "999999").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "+14155550100 012345\nana@example.org 999999\n"
+        );
+        // Fields that would break a line are refused, and nothing is written.
+        for (ident, code) in [
+            ("x\n+1999 000000@rel.test", "123456"),
+            ("a b@example.org", "123456"),
+            ("", "123456"),
+            ("ana@example.org", "12345"),
+            ("ana@example.org", "12345\n"),
+        ] {
+            assert!(s.send(ident, code).is_err(), "{ident:?} {code:?}");
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+    }
 
     #[test]
     fn urls() {

@@ -7,8 +7,12 @@
 
 use std::path::Path;
 
-use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{
+    ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
+
+use super::limits::{Window, WindowRow};
 
 /// A failure of the store (whose fault: ours / the disk's).
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +103,24 @@ pub struct OtpRec {
     pub mac: String,
     /// Expiry.
     pub expires_at_ms: u64,
-    /// Wrong guesses left.
+    /// Guesses left (each VerifyOtp or Login with a code spends one).
     pub attempts_left: u32,
     /// When it was sent.
     pub sent_at_ms: u64,
 }
+
+/// What storing a new code did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtpIssue {
+    /// Stored (replacing any earlier code for the identifier).
+    Issued,
+    /// Not stored: a live code was sent less than the resend interval ago;
+    /// a new one can be requested in this many ms.
+    TooSoon(u64),
+}
+
+/// The durable rate-limit windows to write: rows to put, keys to delete.
+pub type WindowWrites = (Vec<WindowRow>, Vec<String>);
 
 /// What checking a code did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,12 +160,21 @@ pub struct SessionRecView {
 }
 
 /// Account state. Every method is one atomic, durable transaction; all are
-/// blocking and run on the blocking pool, never on a shard thread.
+/// blocking and run on the blocking pool (or, for the password lookups of a
+/// login, the hashing pool), never on a shard thread.
 pub trait AccountStore: Send + Sync + std::fmt::Debug {
-    /// Stores (replaces) the pending code for `ident`.
-    fn otp_put(&self, ident: &str, rec: &OtpRec) -> Result<(), StoreError>;
-    /// The pending code for `ident`.
-    fn otp_get(&self, ident: &str) -> Result<Option<OtpRec>, StoreError>;
+    /// Stores `rec` as the pending code for `ident` unless a live code was
+    /// sent less than `resend_ms` before `now_ms`. With it, in the same
+    /// transaction, writes the rate-limit windows `windows` returns (called
+    /// only once the code is certain to be stored).
+    fn otp_issue(
+        &self,
+        ident: &str,
+        rec: &OtpRec,
+        resend_ms: u64,
+        now_ms: u64,
+        windows: &dyn Fn() -> WindowWrites,
+    ) -> Result<OtpIssue, StoreError>;
     /// Checks a guess atomically: consumes the code when `matches` says so,
     /// otherwise spends one attempt.
     fn otp_consume(
@@ -192,6 +218,10 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug {
         new_expires_at_ms: u64,
         now_ms: u64,
     ) -> Result<RotateOutcome, StoreError>;
+    /// Every durable rate-limit window.
+    fn windows_load(&self) -> Result<Vec<WindowRow>, StoreError>;
+    /// Puts and deletes durable rate-limit windows.
+    fn windows_write(&self, rows: &[WindowRow], deletes: &[String]) -> Result<(), StoreError>;
 }
 
 const OTPS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("otps");
@@ -203,6 +233,27 @@ const SESSIONS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("sessions
 /// refresh SHA-256 hex → (session id, still current).
 const REFRESH: TableDefinition<'_, &str, (u64, bool)> = TableDefinition::new("refresh_tokens");
 const COUNTERS: TableDefinition<'_, &str, u64> = TableDefinition::new("counters");
+/// Rate-limit window key → (start ms, window ms, count). Bounded: the
+/// limiter keeps at most `accounts.rate_windows_max` and deletes the rows it
+/// drops; ended windows are deleted at start-up.
+const WINDOWS: TableDefinition<'_, &str, (u64, u64, u32)> = TableDefinition::new("rate_windows");
+
+fn put_windows(
+    tx: &redb::WriteTransaction,
+    (rows, deletes): (&[WindowRow], &[String]),
+) -> Result<(), StoreError> {
+    if rows.is_empty() && deletes.is_empty() {
+        return Ok(());
+    }
+    let mut t = tx.open_table(WINDOWS)?;
+    for k in deletes {
+        t.remove(k.as_str())?;
+    }
+    for (k, w) in rows {
+        t.insert(k.as_str(), (w.start_ms, w.window_ms, w.count))?;
+    }
+    Ok(())
+}
 
 /// The redb-backed store in `<data>/accounts.redb`.
 #[derive(Debug)]
@@ -255,6 +306,7 @@ impl RedbAccountStore {
         tx.open_table(SESSIONS)?;
         tx.open_table(REFRESH)?;
         tx.open_table(COUNTERS)?;
+        tx.open_table(WINDOWS)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -284,12 +336,30 @@ impl RedbAccountStore {
 }
 
 impl AccountStore for RedbAccountStore {
-    fn otp_put(&self, ident: &str, rec: &OtpRec) -> Result<(), StoreError> {
-        self.write(|tx| put_json(tx, OTPS, ident, rec))
-    }
-
-    fn otp_get(&self, ident: &str) -> Result<Option<OtpRec>, StoreError> {
-        self.read(OTPS, ident)
+    fn otp_issue(
+        &self,
+        ident: &str,
+        rec: &OtpRec,
+        resend_ms: u64,
+        now_ms: u64,
+        windows: &dyn Fn() -> WindowWrites,
+    ) -> Result<OtpIssue, StoreError> {
+        let tx = self.db.begin_write()?;
+        if let Some(prev) = get_json::<_, OtpRec>(&tx, OTPS, ident)?
+            && prev.expires_at_ms > now_ms
+            && prev.sent_at_ms.saturating_add(resend_ms) > now_ms
+        {
+            // Nothing written.
+            tx.abort()?;
+            return Ok(OtpIssue::TooSoon(
+                prev.sent_at_ms.saturating_add(resend_ms) - now_ms,
+            ));
+        }
+        put_json(&tx, OTPS, ident, rec)?;
+        let (rows, deletes) = windows();
+        put_windows(&tx, (&rows, &deletes))?;
+        tx.commit()?;
+        Ok(OtpIssue::Issued)
     }
 
     fn otp_consume(
@@ -298,25 +368,29 @@ impl AccountStore for RedbAccountStore {
         now_ms: u64,
         matches: &dyn Fn(&OtpRec) -> bool,
     ) -> Result<OtpOutcome, StoreError> {
-        self.write(|tx| {
-            let Some(mut rec) = get_json::<_, OtpRec>(tx, OTPS, ident)? else {
-                return Ok(OtpOutcome::Expired);
-            };
-            if rec.expires_at_ms <= now_ms {
-                tx.open_table(OTPS)?.remove(ident)?;
-                return Ok(OtpOutcome::Expired);
-            }
-            if rec.attempts_left == 0 {
-                return Ok(OtpOutcome::Exhausted);
-            }
-            if matches(&rec) {
-                tx.open_table(OTPS)?.remove(ident)?;
-                return Ok(OtpOutcome::Accepted);
-            }
+        let tx = self.db.begin_write()?;
+        let Some(mut rec) = get_json::<_, OtpRec>(&tx, OTPS, ident)? else {
+            // Nothing changes: aborted, not committed (no fsync), so guesses at
+            // identifiers without a code cost a read.
+            tx.abort()?;
+            return Ok(OtpOutcome::Expired);
+        };
+        let outcome = if rec.expires_at_ms <= now_ms {
+            tx.open_table(OTPS)?.remove(ident)?;
+            OtpOutcome::Expired
+        } else if rec.attempts_left == 0 {
+            tx.abort()?;
+            return Ok(OtpOutcome::Exhausted);
+        } else if matches(&rec) {
+            tx.open_table(OTPS)?.remove(ident)?;
+            OtpOutcome::Accepted
+        } else {
             rec.attempts_left -= 1;
-            put_json(tx, OTPS, ident, &rec)?;
-            Ok(OtpOutcome::Wrong(rec.attempts_left))
-        })
+            put_json(&tx, OTPS, ident, &rec)?;
+            OtpOutcome::Wrong(rec.attempts_left)
+        };
+        tx.commit()?;
+        Ok(outcome)
     }
 
     fn user_by_ident(&self, ident: &str) -> Result<Option<u64>, StoreError> {
@@ -478,5 +552,113 @@ impl AccountStore for RedbAccountStore {
                 }),
             ))
         })
+    }
+
+    fn windows_load(&self) -> Result<Vec<WindowRow>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(WINDOWS)?;
+        let mut out = Vec::with_capacity(usize::try_from(t.len()?).unwrap_or(0));
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (start_ms, window_ms, count) = v.value();
+            out.push((
+                k.value().to_owned(),
+                Window {
+                    start_ms,
+                    window_ms,
+                    count,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn windows_write(&self, rows: &[WindowRow], deletes: &[String]) -> Result<(), StoreError> {
+        if rows.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| put_windows(tx, (rows, deletes)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(sent_at_ms: u64) -> OtpRec {
+        OtpRec {
+            mac: "00".into(),
+            expires_at_ms: sent_at_ms + 300_000,
+            attempts_left: 5,
+            sent_at_ms,
+        }
+    }
+
+    fn window(start_ms: u64, count: u32) -> Window {
+        Window {
+            start_ms,
+            window_ms: 3_600_000,
+            count,
+        }
+    }
+
+    #[test]
+    fn a_code_and_its_rate_limit_windows_are_written_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.redb");
+        let store = RedbAccountStore::open(&path).unwrap();
+        let rows = || {
+            (
+                vec![
+                    ("otp-ip:10.0.0.1".to_owned(), window(1000, 1)),
+                    ("otp-ident:email:a@x.org".to_owned(), window(1000, 1)),
+                ],
+                Vec::new(),
+            )
+        };
+        assert_eq!(
+            store
+                .otp_issue("email:a@x.org", &rec(1000), 30_000, 1000, &rows)
+                .unwrap(),
+            OtpIssue::Issued
+        );
+        // Within the resend interval: refused, and the windows are not asked for.
+        let never = || -> WindowWrites { panic!("windows written for a refused code") };
+        assert_eq!(
+            store
+                .otp_issue("email:a@x.org", &rec(21_000), 30_000, 21_000, &never)
+                .unwrap(),
+            OtpIssue::TooSoon(10_000)
+        );
+        // After it: stored again, and a window is replaced while another is deleted.
+        let more = || {
+            (
+                vec![("otp-ip:10.0.0.1".to_owned(), window(1000, 2))],
+                vec!["otp-ident:email:a@x.org".to_owned()],
+            )
+        };
+        assert_eq!(
+            store
+                .otp_issue("email:a@x.org", &rec(31_000), 30_000, 31_000, &more)
+                .unwrap(),
+            OtpIssue::Issued
+        );
+        drop(store);
+        // Durable: a reopened store has them.
+        let store = RedbAccountStore::open(&path).unwrap();
+        assert_eq!(
+            store.windows_load().unwrap(),
+            vec![("otp-ip:10.0.0.1".to_owned(), window(1000, 2))]
+        );
+        store
+            .windows_write(
+                &[("password-failures:email:a@x.org".to_owned(), window(5, 3))],
+                &["otp-ip:10.0.0.1".to_owned()],
+            )
+            .unwrap();
+        assert_eq!(
+            store.windows_load().unwrap(),
+            vec![("password-failures:email:a@x.org".to_owned(), window(5, 3))]
+        );
     }
 }
