@@ -5,47 +5,13 @@
 
 use super::*;
 
-/// A tmpfs of `size`, unmounted (lazily: the server may still hold files) on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("run mount(8)");
-        assert!(
-            st.success(),
-            "mounting a {size} tmpfs at {} failed: this test fills a real filesystem and needs root",
-            dir.display()
-        );
-        Tmpfs(dir)
-    }
-
-    /// Writes a file until the filesystem is full.
-    fn fill(&self) {
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        for chunk in [1 << 20, 64 << 10, 4 << 10, 512] {
-            let buf = vec![7u8; chunk];
-            while f.write_all(&buf).is_ok() {}
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn cursor_requests_are_answered_once_when_the_disk_is_full() {
-    // Room for the two shards' preallocated log segments (4 x 64 MiB) and a little more.
-    let fs = Tmpfs::mount("320m");
-    let srv = Server::start_in(tempfile::tempdir_in(&fs.0).unwrap(), "auto", "");
+    // The data dir on a tmpfs with room for the two shards' preallocated log segments
+    // (4 x 64 MiB) and a little more. Declared before the server: unmounted after it stops.
+    let root = tempfile::tempdir().unwrap();
+    let fs = super::faults::Mount::tmpfs(root.path(), 320 << 20);
+    let srv = Server::start_in(root, "auto", "");
     let (mut a, _ga, mut b, gb) = ana_and_ben(&srv);
     let conv = match call(&mut a, text(1, gb.user_id, "hello")) {
         Body::SendAck(ack) => ack.conversation_id,
@@ -113,7 +79,7 @@ fn cursor_requests_are_answered_once_when_the_disk_is_full() {
     assert_eq!(status.code(), Some(74), "{status:?}");
 
     // Room again: the restarted server records the same requests sent again.
-    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    fs.resize(400 << 20);
     let toml = std::fs::read_to_string(dir.path().join("starling.toml")).unwrap();
     let srv = Server::start_in(dir, "auto", &toml);
     let mut b = srv.hello(&gb.access_token);

@@ -395,7 +395,7 @@ fn run(tool: &str, args: &[&str]) {
 
 /// A filesystem mounted at `<root>/data` for one test: unmounted when dropped, also when the
 /// test panics (drop the servers using it first: declare the mount before them).
-struct Mount {
+pub(super) struct Mount {
     point: PathBuf,
     /// The ext4 image's directory (removed after the unmount).
     image: Option<tempfile::TempDir>,
@@ -403,7 +403,7 @@ struct Mount {
 
 impl Mount {
     /// A tmpfs of `bytes` (filling it is a full disk).
-    fn tmpfs(root: &Path, bytes: u64) -> Mount {
+    pub(super) fn tmpfs(root: &Path, bytes: u64) -> Mount {
         let point = root.join("data");
         std::fs::create_dir(&point).unwrap();
         let size = format!("size={bytes}");
@@ -466,13 +466,13 @@ impl Mount {
     }
 
     /// Changes a tmpfs's size (to the bytes in use: the disk is full).
-    fn resize(&self, bytes: u64) {
+    pub(super) fn resize(&self, bytes: u64) {
         let size = format!("remount,size={bytes}");
         run("mount", &["-o", &size, self.point.to_str().unwrap()]);
     }
 
     /// Fills the tmpfs: its size becomes what is in use.
-    fn fill(&self) {
+    pub(super) fn fill(&self) {
         for _ in 0..20 {
             let used = self.used_bytes();
             let size = format!("remount,size={used}");
