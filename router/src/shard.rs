@@ -18,7 +18,7 @@ use starling_storage::{
 };
 
 use crate::grid::ShardLinks;
-use crate::ids::{conv_id, home_shard, is_group, owner_shard};
+use crate::ids::{ConvId, home_shard, owner_shard};
 use crate::limits::RateLimiter;
 use crate::metawriter::{self, Job, MetaWriter, Offload, Outcome, Written, block_key, ordered};
 
@@ -235,7 +235,7 @@ enum Inner {
     /// A Block/Unblock between the members of direct conversation `conv` was committed: the
     /// owner forgets its cached block state, then answers `Done` to the request.
     BlockChanged {
-        conv: u64,
+        conv: ConvId,
         origin: ConnRef,
         request_id: u64,
     },
@@ -246,7 +246,9 @@ struct SendCmd {
     request_id: u64,
     user: UserId,
     device: DeviceId,
-    conv: u64,
+    /// The conversation (for a Send parked while its direct conversation is created: set once
+    /// it exists).
+    conv: ConvId,
     cmid: ClientMsgId,
     /// `cmid` as the frame carried it (answers and pushes share it instead of copying).
     cmid_bytes: Bytes,
@@ -286,7 +288,7 @@ struct CursorCmd {
     kind: CursorKind,
     user: UserId,
     device: DeviceId,
-    conv: u64,
+    conv: ConvId,
     seq: u64,
 }
 
@@ -294,7 +296,7 @@ struct SyncCmd {
     origin: ConnRef,
     request_id: u64,
     user: UserId,
-    convs: Vec<(u64, u64)>,
+    convs: Vec<(ConvId, u64)>,
     /// This owner's share of `sync_bytes_max`.
     bytes_max: usize,
 }
@@ -312,6 +314,7 @@ struct HistoryCmd {
     origin: ConnRef,
     request_id: u64,
     user: UserId,
+    conv: ConvId,
     req: v1::GetHistory,
 }
 
@@ -319,7 +322,7 @@ struct ListCmd {
     origin: ConnRef,
     request_id: u64,
     user: UserId,
-    convs: Vec<u64>,
+    convs: Vec<ConvId>,
 }
 
 struct ListPart {
@@ -370,7 +373,7 @@ fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]) -> Vec<u8
 
 /// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
 /// damaged (never panics on stored bytes).
-fn entry_to_message(conv: u64, e: &Entry) -> Option<v1::Message> {
+fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
     if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
         return None;
     }
@@ -380,7 +383,7 @@ fn entry_to_message(conv: u64, e: &Entry) -> Option<v1::Message> {
     let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
     let body = b.get(10 + n..)?;
     Some(v1::Message {
-        conversation_id: conv,
+        conversation_id: conv.0,
         seq: e.seq.0,
         sender_user_id: e.sender.0,
         sender_device_id: e.sender_device.0,
@@ -407,7 +410,7 @@ pub(crate) fn fuzz_envelope(body: &[u8]) -> bool {
         content_type: ENVELOPE_V1,
         body: body.to_vec(),
     };
-    let Some(m) = entry_to_message(9, &e) else {
+    let Some(m) = entry_to_message(ConvId(9), &e) else {
         return false;
     };
     assert_eq!(
@@ -548,7 +551,7 @@ struct ConvState {
 struct Waiter {
     origin: ConnRef,
     request_id: u64,
-    conv: u64,
+    conv: ConvId,
     seq: u64,
     ts: u64,
     /// The `client_msg_id` as the frame carried it.
@@ -596,7 +599,7 @@ struct Conn {
 #[derive(Default)]
 struct ConnMore {
     /// Latest seq per conversation not pushed while behind.
-    hints: BTreeMap<u64, u64>,
+    hints: BTreeMap<ConvId, u64>,
     /// Since when the backlog has been over budget without a break (for
     /// `slow_consumer_close_ms`); `None` while it is within the budget.
     over_since_ms: Option<u64>,
@@ -684,16 +687,16 @@ pub struct RouterShard<L, I, M> {
     // sequencer
     /// Boxed: growing the map rehashes 16-byte entries, not whole conversation states (~0.4 KB
     /// each), which at a million conversations would stall the shard for most of a second.
-    convs: HashMap<u64, Box<ConvState>>,
+    convs: HashMap<ConvId, Box<ConvState>>,
     /// Every loaded conversation once, oldest check first: (conv, `touched_ms` when queued).
-    idle_queue: VecDeque<(u64, u64)>,
+    idle_queue: VecDeque<(ConvId, u64)>,
     open: OpenBatch,
     inflight: VecDeque<InFlight>,
     /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
-    recent_order: VecDeque<(Lsn, u64)>,
+    recent_order: VecDeque<(Lsn, ConvId)>,
     failed: Option<String>,
-    dirty_delivery: HashSet<(u64, UserId, DeviceId)>,
-    dirty_read: HashSet<(u64, UserId)>,
+    dirty_delivery: HashSet<(ConvId, UserId, DeviceId)>,
+    dirty_read: HashSet<(ConvId, UserId)>,
     cursor_due_ms: Option<u64>,
     /// Cursor requests to answer (`Done`, or `Error` if it fails) with the next cursor batch.
     cursor_waiters: Vec<(ConnRef, u64)>,
@@ -715,7 +718,7 @@ pub struct RouterShard<L, I, M> {
     /// clock runs): the tick looks at them.
     watched: HashSet<ConnId>,
     users: HashMap<UserId, Vec<ConnId>>,
-    direct_cache: HashMap<(UserId, UserId), u64>,
+    direct_cache: HashMap<(UserId, UserId), ConvId>,
 
     // outputs
     local: VecDeque<Inner>,
@@ -861,7 +864,7 @@ where
     }
 
     /// Forget cached membership of `conv` (call after the group API changed it).
-    pub fn invalidate_members(&mut self, conv: u64) {
+    pub fn invalidate_members(&mut self, conv: ConvId) {
         if let Some(c) = self.convs.get_mut(&conv)
             && let Ok((members, _, title)) = load_members(&*self.meta, conv)
         {
@@ -964,26 +967,26 @@ where
                 r.up_to_seq,
             ),
             Some(Body::Sync(s)) => self.on_sync(origin, rid, user, s),
-            Some(Body::GetHistory(h)) => {
-                if h.conversation_id == 0 {
-                    Err(Refusal(
-                        ErrorCode::InvalidArgument,
-                        "conversation_id is 0".into(),
-                    ))
-                } else {
-                    let to = owner_shard(h.conversation_id, self.shards);
+            Some(Body::GetHistory(h)) => match ConvId::from_wire(h.conversation_id) {
+                None => Err(Refusal(
+                    ErrorCode::InvalidArgument,
+                    "conversation_id is 0".into(),
+                )),
+                Some(conv) => {
+                    let to = owner_shard(conv, self.shards);
                     self.send_to(
                         to,
                         Inner::History(HistoryCmd {
                             origin,
                             request_id: rid,
                             user,
+                            conv,
                             req: h,
                         }),
                     );
                     Ok(())
                 }
-            }
+            },
             Some(Body::ListConversations(l)) => self.on_list(origin, rid, user, &l),
             Some(Body::Block(b)) => self.on_block(origin, rid, user, b.user_id, true),
             Some(Body::Unblock(b)) => self.on_block(origin, rid, user, b.user_id, false),
@@ -1350,7 +1353,7 @@ where
             let f = frame(
                 0,
                 Body::MessagesAvailable(v1::MessagesAvailable {
-                    conversation_id: conv,
+                    conversation_id: conv.0,
                     up_to_seq: seq,
                 }),
             );
@@ -1398,7 +1401,7 @@ where
     /// The direct conversation of `me` and `peer`, if it exists (cached, or found in the
     /// metadata); `None` if it has to be created first (by the metadata writer, see
     /// [`RouterShard::park`]) or is being created.
-    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<Option<u64>, Refusal> {
+    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<Option<ConvId>, Refusal> {
         if peer.0 == 0 {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
@@ -1417,7 +1420,7 @@ where
             .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
             .map_err(|e| Refusal::storage("direct lookup", &e))?
         {
-            let conv = p.conv.0 as u64;
+            let conv = ConvId::from_storage(p.conv);
             self.cache_direct(pair, conv);
             return Ok(Some(conv));
         }
@@ -1431,7 +1434,7 @@ where
         Ok(None)
     }
 
-    fn cache_direct(&mut self, pair: (UserId, UserId), conv: u64) {
+    fn cache_direct(&mut self, pair: (UserId, UserId), conv: ConvId) {
         if self.direct_cache.len() >= DIRECT_CACHE_MAX {
             self.direct_cache.clear();
         }
@@ -1503,11 +1506,11 @@ where
     }
 
     /// The owner-side state of `conv`, loaded on first use.
-    fn conv(&mut self, conv: u64) -> Result<&mut ConvState, Refusal> {
+    fn conv(&mut self, conv: ConvId) -> Result<&mut ConvState, Refusal> {
         debug_assert_eq!(owner_shard(conv, self.shards), self.shard);
         if !self.convs.contains_key(&conv) {
             let (members, pair, title) = load_members(&*self.meta, conv)?;
-            let cid = conv_id(conv);
+            let cid = conv.storage();
             let last = self
                 .index
                 .last_seq(cid)
@@ -1595,7 +1598,7 @@ where
         }
     }
 
-    fn evictable(&self, conv: u64, c: &ConvState) -> bool {
+    fn evictable(&self, conv: ConvId, c: &ConvState) -> bool {
         c.pending.is_empty()
             && c.recent.is_empty()
             && c.next_seq == c.durable_seq + 1
@@ -1608,7 +1611,7 @@ where
             && !c.read.keys().any(|&u| self.dirty_read.contains(&(conv, u)))
     }
 
-    fn member_conv(&mut self, conv: u64, user: UserId) -> Result<&mut ConvState, Refusal> {
+    fn member_conv(&mut self, conv: ConvId, user: UserId) -> Result<&mut ConvState, Refusal> {
         let c = self.conv(conv)?;
         if !c.members.contains(&user) {
             return Err(Refusal(
@@ -1622,14 +1625,14 @@ where
     /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
     fn read_after(
         &mut self,
-        conv: u64,
+        conv: ConvId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
         let index = self.index.clone();
         let c = self.conv(conv)?;
         let mut out: Vec<Arc<Entry>> = index
-            .after(conv_id(conv), Seq(after), limit)
+            .after(conv.storage(), Seq(after), limit)
             .map_err(|e| Refusal::storage("index", &e))?
             .into_iter()
             .filter(|e| e.seq.0 <= c.durable_seq)
@@ -1651,7 +1654,7 @@ where
     /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
     fn read_before(
         &mut self,
-        conv: u64,
+        conv: ConvId,
         before: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
@@ -1671,7 +1674,7 @@ where
         }
         if newest.len() < limit && next > 1 {
             let older = index
-                .before(conv_id(conv), Seq(next), limit - newest.len())
+                .before(conv.storage(), Seq(next), limit - newest.len())
                 .map_err(|e| Refusal::storage("index", &e))?;
             for e in older.into_iter().rev() {
                 newest.push(Arc::new(e));
@@ -1747,7 +1750,7 @@ where
                     None => Err(ordered(user, UserId(peer))),
                 }
             }
-            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(c),
+            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(ConvId(c)),
             _ => {
                 return Err(Refusal(
                     ErrorCode::InvalidArgument,
@@ -1760,7 +1763,7 @@ where
             request_id: rid,
             user,
             device,
-            conv: 0,
+            conv: ConvId(0), // set below, or once a parked Send's conversation exists
             cmid: ClientMsgId(cmid),
             cmid_bytes: s.client_msg_id,
             content_type: s.content_type,
@@ -1792,7 +1795,7 @@ where
             w.request_id,
             Body::SendAck(v1::SendAck {
                 client_msg_id: w.cmid_bytes,
-                conversation_id: w.conv,
+                conversation_id: w.conv.0,
                 seq: w.seq,
                 server_ts_ms: w.ts,
                 duplicate: w.duplicate,
@@ -1870,12 +1873,12 @@ where
             // first attempt costs no index read (the index is the slow, cache-missing part).
             None if cmd.first_attempt => None,
             None => match index
-                .dedup(conv_id(cmd.conv), cmd.cmid)
+                .dedup(cmd.conv.storage(), cmd.cmid)
                 .map_err(|e| Refusal::storage("dedup", &e))?
             {
                 Some(seq) => {
                     let ts = index
-                        .entry(conv_id(cmd.conv), seq)
+                        .entry(cmd.conv.storage(), seq)
                         .map_err(|e| Refusal::storage("index", &e))?
                         .map_or(0, |e| e.ts_ms.0);
                     Some((seq.0, ts))
@@ -1907,7 +1910,7 @@ where
         waiter.duplicate = false;
         self.open.entries.push(Entry {
             kind: EntryKind::MESSAGE,
-            conv: conv_id(cmd.conv),
+            conv: cmd.conv.storage(),
             seq: Seq(seq),
             client_msg_id: cmd.cmid,
             sender: cmd.user,
@@ -1919,7 +1922,7 @@ where
         self.open.bytes += entry_bytes;
         self.open.fresh.push((
             v1::Message {
-                conversation_id: cmd.conv,
+                conversation_id: cmd.conv.0,
                 seq,
                 sender_user_id: cmd.user.0,
                 sender_device_id: cmd.device.0,
@@ -1968,7 +1971,7 @@ where
         let mut items = Vec::with_capacity(b.entries.len());
         for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
             let lsn = Lsn(first.0 + i as u64);
-            let conv = e.conv.0 as u64;
+            let conv = ConvId::from_storage(e.conv);
             let Some(c) = self.convs.get_mut(&conv) else {
                 continue;
             };
@@ -2045,7 +2048,11 @@ where
                             if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
                                 self.stats.pushed += 1;
                             } else if let Some(c) = self.conns.get_mut(&conn) {
-                                let h = c.more().hints.entry(msg.conversation_id).or_default();
+                                let h = c
+                                    .more()
+                                    .hints
+                                    .entry(ConvId(msg.conversation_id))
+                                    .or_default();
                                 *h = (*h).max(msg.seq);
                             }
                         }
@@ -2083,12 +2090,12 @@ where
         conv: u64,
         seq: u64,
     ) -> Result<(), Refusal> {
-        if conv == 0 {
+        let Some(conv) = ConvId::from_wire(conv) else {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
                 "conversation_id is 0".into(),
             ));
-        }
+        };
         let reply = (rid != 0).then_some((origin, rid));
         let cmd = CursorCmd {
             reply,
@@ -2164,7 +2171,7 @@ where
                 && let Some(&s) = c.delivery.get(&(user, device))
             {
                 dc.push(DeliveryCursor {
-                    conv: conv_id(conv),
+                    conv: conv.storage(),
                     user,
                     device,
                     seq: Seq(s),
@@ -2177,7 +2184,7 @@ where
                 && let Some(&s) = c.read.get(&user)
             {
                 rc.push(ReadCursor {
-                    conv: conv_id(conv),
+                    conv: conv.storage(),
                     user,
                     seq: Seq(s),
                 });
@@ -2244,10 +2251,11 @@ where
         if let Err(Refusal(code, msg)) = outcome {
             for c in dc {
                 self.dirty_delivery
-                    .insert((c.conv.0 as u64, c.user, c.device));
+                    .insert((ConvId::from_storage(c.conv), c.user, c.device));
             }
             for c in rc {
-                self.dirty_read.insert((c.conv.0 as u64, c.user));
+                self.dirty_read
+                    .insert((ConvId::from_storage(c.conv), c.user));
             }
             for (origin, rid) in waiters {
                 self.reply(origin, vec![error_frame(rid, code, msg.clone())]);
@@ -2260,9 +2268,11 @@ where
             self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
         }
         // Announce only values that were written: in-memory cursors may already be ahead.
-        let mut delivered: BTreeMap<(u64, UserId), u64> = BTreeMap::new();
+        let mut delivered: BTreeMap<(ConvId, UserId), u64> = BTreeMap::new();
         for c in &dc {
-            let d = delivered.entry((c.conv.0 as u64, c.user)).or_default();
+            let d = delivered
+                .entry((ConvId::from_storage(c.conv), c.user))
+                .or_default();
             *d = (*d).max(c.seq.0);
         }
         let mut items = Vec::new();
@@ -2280,9 +2290,9 @@ where
                 });
             }
         }
-        let mut reads: Vec<(u64, UserId, u64)> = rc
+        let mut reads: Vec<(ConvId, UserId, u64)> = rc
             .iter()
-            .map(|c| (c.conv.0 as u64, c.user, c.seq.0))
+            .map(|c| (ConvId::from_storage(c.conv), c.user, c.seq.0))
             .collect();
         reads.sort_unstable();
         for (conv, user, r) in reads {
@@ -2311,13 +2321,13 @@ where
     // -----------------------------------------------------------------------------------------
     // sync, history, conversation list
 
-    fn conversations_of(&self, user: UserId) -> Result<Vec<u64>, Refusal> {
+    fn conversations_of(&self, user: UserId) -> Result<Vec<ConvId>, Refusal> {
         Ok(self
             .meta
             .scan::<MemberOf>(&member_of_prefix(user), usize::MAX)
             .map_err(|e| Refusal::storage("membership", &e))?
             .into_iter()
-            .map(|m| m.group.0 as u64)
+            .map(|m| ConvId::from_storage(m.group))
             .collect())
     }
 
@@ -2329,9 +2339,9 @@ where
         s: v1::Sync,
     ) -> Result<(), Refusal> {
         let convs = self.conversations_of(user)?;
-        let mut per_owner: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut per_owner: BTreeMap<usize, Vec<(ConvId, u64)>> = BTreeMap::new();
         for conv in convs {
-            let last = s.last_seq.get(&conv).copied().unwrap_or(0);
+            let last = s.last_seq.get(&conv.0).copied().unwrap_or(0);
             per_owner
                 .entry(owner_shard(conv, self.shards))
                 .or_default()
@@ -2425,7 +2435,7 @@ where
             }
             if truncated {
                 part.truncated.push(v1::MessagesAvailable {
-                    conversation_id: conv,
+                    conversation_id: conv.0,
                     up_to_seq: c.durable_seq,
                 });
             }
@@ -2495,7 +2505,7 @@ where
     }
 
     fn history_page(&mut self, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal> {
-        let conv = h.req.conversation_id;
+        let conv = h.conv;
         let limit = match h.req.limit as usize {
             0 => self.cfg.history_limit_default,
             n => n.min(self.cfg.history_limit_max),
@@ -2554,7 +2564,7 @@ where
             }
         }
         Ok(v1::HistoryPage {
-            conversation_id: conv,
+            conversation_id: conv.0,
             messages,
             has_more: has_more || trimmed,
         })
@@ -2577,7 +2587,7 @@ where
             n => n.min(self.cfg.list_limit_max),
         };
         let convs = self.conversations_of(user)?;
-        let mut per_owner: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        let mut per_owner: BTreeMap<usize, Vec<ConvId>> = BTreeMap::new();
         for conv in convs {
             per_owner
                 .entry(owner_shard(conv, self.shards))
@@ -2635,7 +2645,7 @@ where
         );
     }
 
-    fn summary(&mut self, conv: u64, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
+    fn summary(&mut self, conv: ConvId, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
         let unread_max = self.cfg.unread_count_max;
         let last = self.read_before(conv, u64::MAX, 1)?;
         let c = self.member_conv(conv, user)?;
@@ -2665,7 +2675,7 @@ where
             title
         };
         Ok(v1::ConversationSummary {
-            conversation_id: conv,
+            conversation_id: conv.0,
             kind: kind as i32,
             peer_user_id: peer,
             title,
@@ -2831,9 +2841,9 @@ fn unexpected_outcome(w: &Written) -> Refusal {
     )
 }
 
-fn receipt(conv: u64, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
+fn receipt(conv: ConvId, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
     v1::Receipt {
-        conversation_id: conv,
+        conversation_id: conv.0,
         up_to_seq: up_to,
         kind: kind as i32,
         by_user_id: by.0,
@@ -2843,10 +2853,9 @@ fn receipt(conv: u64, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -
 
 type Members = (Arc<[UserId]>, Option<(UserId, UserId)>, String);
 
-fn load_members<M: MetadataStore>(meta: &M, conv: u64) -> Result<Members, Refusal> {
-    let cid = conv_id(conv);
-    let key = cid.0.to_be_bytes();
-    if is_group(conv) {
+fn load_members<M: MetadataStore>(meta: &M, conv: ConvId) -> Result<Members, Refusal> {
+    let key = conv.storage().0.to_be_bytes();
+    if conv.is_group() {
         let g = meta
             .get::<Group>(&key)
             .map_err(|e| Refusal::storage("group", &e))?;
