@@ -1,4 +1,4 @@
-//! Conversation ids and shard ownership (see `docs/design/messaging.md`, "Conversation ids").
+//! Conversation and connection ids, and shard ownership (see `docs/design/messaging.md`, "Conversation ids").
 //!
 //! A conversation is named by a [`ConvId`]: the wire's `uint64`. Storage's
 //! `starling_storage::ConvId` is a `u128` holding the same value ([`ConvId::storage`]); the router
@@ -37,6 +37,19 @@ impl ConvId {
     pub fn from_storage(id: StoredConvId) -> ConvId {
         ConvId(id.0 as u64)
     }
+}
+
+/// A connection, named by the gateway; unique within its shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A connection anywhere in the node: its shard and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The shard that owns the connection.
+    pub shard: usize,
+    /// The connection.
+    pub conn: ConnId,
 }
 
 /// splitmix64's finalizer: a cheap, well-mixing bijection on u64.

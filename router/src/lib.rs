@@ -90,6 +90,8 @@ pub mod fuzzing;
 #[cfg(not(loom))]
 pub mod grid;
 #[cfg(not(loom))]
+mod hash;
+#[cfg(not(loom))]
 pub mod ids;
 #[cfg(not(loom))]
 mod limits;
@@ -101,9 +103,11 @@ mod shard;
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
+pub use ids::{ConnId, ConnRef};
+#[cfg(not(loom))]
 pub use metawriter::Offload;
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN,
-    STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats, Transmit,
+    CloseRequest, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
+    ShardConfig, ShardMsg, ShardStats, Transmit,
 };

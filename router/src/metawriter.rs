@@ -24,10 +24,9 @@ use starling_storage::{
     UserId,
 };
 
+use crate::hash::HashMap;
 use crate::ids::{self, ConvId};
-use crate::shard::Refusal;
-
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::shard::frames::Refusal;
 
 /// Runs a job on some other thread; the job wakes the shard when it is done.
 pub type Offload = Box<dyn Fn(Box<dyn FnOnce() + Send>)>;

@@ -13,20 +13,28 @@ use starling_storage::format;
 use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
 use starling_storage::{
     ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
-    LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, StorageError, SyncData,
-    TimestampMs, UserId,
+    LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, SyncData, TimestampMs, UserId,
 };
 
 use crate::grid::ShardLinks;
-use crate::ids::{ConvId, home_shard, owner_shard};
+use crate::hash::{HashMap, HashSet};
+use crate::ids::{ConnId, ConnRef, ConvId, home_shard, owner_shard};
 use crate::limits::RateLimiter;
 use crate::metawriter::{self, Job, MetaWriter, Offload, Outcome, Written, block_key, ordered};
 
-/// std's maps with foldhash (seeded per process) instead of SipHash: the router hashes several
-/// keys per message (conversation, client_msg_id, users, connections), and SipHash showed in
-/// profiles (docs/design/performance-decisions.md).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+mod directory;
+mod envelope;
+pub(crate) mod frames;
+mod gather;
+
+use directory::Directory;
+pub(crate) use envelope::fuzz_envelope;
+#[cfg(test)]
+pub(crate) use envelope::sample_envelope;
+use envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
+pub use frames::{CloseRequest, Transmit};
+use frames::{Refusal, encode_frame, encode_into, error_frame, frame, retry_frame};
+use gather::{ListGather, SyncGather};
 
 /// Limits and sizes of one shard, fixed at start-up.
 #[derive(Clone, Debug)]
@@ -134,59 +142,6 @@ impl Default for ShardConfig {
 /// `retry_after_ms` of the `OVERLOADED` that refuses a request the metadata writer has no room
 /// for: about as long as a few metadata commits take.
 const META_RETRY_AFTER_MS: u32 = 50;
-
-/// A connection, named by the gateway; unique within its shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-/// A connection anywhere in the node: its shard and its id there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnRef {
-    /// The shard that owns the connection.
-    pub shard: usize,
-    /// The connection.
-    pub conn: ConnId,
-}
-
-/// A frame for the gateway to write to one of this shard's connections, already encoded as it
-/// goes on the wire (length prefix and protobuf). The router encodes each frame once, where it
-/// is made: a `Deliver` pushed to several devices is one shared buffer, and the frame's size,
-/// which the outbound budget is charged with, is exactly `bytes.len()`.
-#[derive(Debug)]
-pub struct Transmit {
-    /// The connection.
-    pub conn: ConnId,
-    /// The encoded frame. Not checked against the peer's frame limit: the gateway does that.
-    pub bytes: Bytes,
-    /// The frame's `request_id` (responses carry the request's; pushes carry 0).
-    pub request_id: u64,
-    /// What the frame is (`None`: it has no body, which the router never emits).
-    pub kind: Option<FrameKind>,
-}
-
-impl Transmit {
-    /// The frame, decoded again (for tests and diagnostics; the gateway writes `bytes`).
-    #[must_use]
-    pub fn frame(&self) -> Option<v1::Frame> {
-        let mut d = starling_protocol::FrameDecoder::new(u32::MAX);
-        d.handle_bytes(&self.bytes);
-        d.poll_frame().ok().flatten()
-    }
-}
-
-/// Encoded frames are cut from buffers of this size (one allocation per buffer, not per frame).
-const ENCODE_CHUNK_BYTES: usize = 64 * 1024;
-
-/// The router asks the gateway to close a connection (after sending it `Goodbye`).
-#[derive(Debug)]
-pub struct CloseRequest {
-    /// The connection.
-    pub conn: ConnId,
-    /// Why.
-    pub code: ErrorCode,
-    /// Detail for the Goodbye and logs.
-    pub message: String,
-}
 
 /// A message between shards, carried by the grid's rings. Opaque to the gateway.
 pub struct ShardMsg(Inner);
@@ -353,110 +308,10 @@ enum MetaTag {
     Direct { pair: (UserId, UserId) },
 }
 
-// ---------------------------------------------------------------------------------------------
-// the message envelope stored in an entry body
-
-/// `Entry.content_type` of entries whose body is the router's envelope, version 1:
-/// `u16 LE content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`.
-const ENVELOPE_V1: u16 = 1;
-
-fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]) -> Vec<u8> {
-    let ct = content_type.as_bytes();
-    let ct = &ct[..ct.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(2 + ct.len() + 8 + body.len());
-    out.extend_from_slice(&(ct.len() as u16).to_le_bytes());
-    out.extend_from_slice(ct);
-    out.extend_from_slice(&reply_to_seq.to_le_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
-/// damaged (never panics on stored bytes).
-fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
-    if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
-        return None;
-    }
-    let b = &e.body;
-    let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
-    let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
-    let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
-    let body = b.get(10 + n..)?;
-    Some(v1::Message {
-        conversation_id: conv.0,
-        seq: e.seq.0,
-        sender_user_id: e.sender.0,
-        sender_device_id: e.sender_device.0,
-        client_msg_id: Bytes::copy_from_slice(&e.client_msg_id.0),
-        server_ts_ms: e.ts_ms.0,
-        content_type: ct.to_owned(),
-        body: Bytes::copy_from_slice(body),
-        media: None,
-        reply_to_seq: reply,
-    })
-}
-
-/// For `crate::fuzzing::message_envelope`: `body` as a stored message entry's body through the
-/// envelope decoder, which must not panic; whatever it accepts re-encodes to the same bytes.
-pub(crate) fn fuzz_envelope(body: &[u8]) -> bool {
-    let e = Entry {
-        kind: EntryKind::MESSAGE,
-        conv: starling_storage::ConvId(9),
-        seq: Seq(1),
-        client_msg_id: ClientMsgId([1; 16]),
-        sender: UserId(7),
-        sender_device: DeviceId(1),
-        ts_ms: TimestampMs(1),
-        content_type: ENVELOPE_V1,
-        body: body.to_vec(),
-    };
-    let Some(m) = entry_to_message(ConvId(9), &e) else {
-        return false;
-    };
-    assert_eq!(
-        encode_envelope(&m.content_type, m.reply_to_seq, &m.body),
-        body,
-        "an accepted envelope re-encodes to other bytes"
-    );
-    true
-}
-
-/// A stored message body as the router writes it.
-#[cfg(test)]
-pub(crate) fn sample_envelope() -> Vec<u8> {
-    encode_envelope("text/plain", 3, b"hello")
-}
-
-/// Appends `f` as it goes on the wire to `buf` and splits it off; `buf` is refilled in
-/// [`ENCODE_CHUNK_BYTES`] allocations, which the frames cut from them share.
-fn encode_frame(buf: &mut BytesMut, f: &v1::Frame) -> Bytes {
-    let len = f.encoded_len();
-    let need = prost::encoding::encoded_len_varint(len as u64) + len;
-    encode_into(buf, need, |b| starling_protocol::put_framed(f, len, b))
-}
-
-/// Appends `need` bytes with `put` to the encode chunk `buf` (a fresh chunk if it has no room)
-/// and splits them off.
-fn encode_into(buf: &mut BytesMut, need: usize, put: impl FnOnce(&mut BytesMut) -> usize) -> Bytes {
-    if buf.capacity() - buf.len() < need {
-        *buf = BytesMut::with_capacity(need.max(ENCODE_CHUNK_BYTES));
-    }
-    let n = put(buf);
-    debug_assert_eq!(n, need);
-    buf.split().freeze()
-}
-
 /// `v`'s items, leaving it empty with room for as many.
 fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
     let n = v.len();
     std::mem::replace(v, Vec::with_capacity(n))
-}
-
-fn frame(request_id: u64, body: Body) -> v1::Frame {
-    v1::Frame {
-        request_id,
-        body: Some(body),
-    }
 }
 
 /// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
@@ -471,44 +326,6 @@ pub const STORAGE_NOT_STORED: &str = "storage failed before this message was wri
 pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
      restarting): the message was not stored. Retry with the same client_msg_id after \
      reconnecting";
-
-fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> v1::Frame {
-    frame(
-        request_id,
-        Body::Error(v1::Error {
-            code: code as i32,
-            message: message.into(),
-            retry_after_ms: 0,
-        }),
-    )
-}
-
-/// An `Error` frame that tells the client when to try again.
-fn retry_frame(
-    request_id: u64,
-    code: ErrorCode,
-    message: String,
-    retry_after_ms: u32,
-) -> v1::Frame {
-    frame(
-        request_id,
-        Body::Error(v1::Error {
-            code: code as i32,
-            message,
-            retry_after_ms,
-        }),
-    )
-}
-
-/// A refusal: the code and message of the `Error` frame that answers the request.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Refusal(pub(crate) ErrorCode, pub(crate) String);
-
-impl Refusal {
-    pub(crate) fn storage(what: &str, e: &StorageError) -> Refusal {
-        Refusal(ErrorCode::StorageFailure, format!("{what}: {e}"))
-    }
-}
 
 fn member_of_prefix(user: UserId) -> Vec<u8> {
     keys::user(user)
@@ -579,82 +396,6 @@ struct InFlight {
     waiters: Vec<Waiter>,
 }
 
-// ---------------------------------------------------------------------------------------------
-// per-connection state at the connection's shard
-
-struct Conn {
-    user: UserId,
-    device: DeviceId,
-    /// Bytes emitted and not yet reported written by the gateway.
-    queued_bytes: u64,
-    /// Behind: a push found the backlog over budget. Pushes turn into hints until the backlog
-    /// is down to half the budget (or the device syncs).
-    behind: bool,
-    /// State only a connection that is behind or has a Sync/list outstanding needs, boxed so an
-    /// idle connection's directory entry stays a few dozen bytes (it is per connection, and
-    /// idle connections are most of them).
-    more: Option<Box<ConnMore>>,
-}
-
-#[derive(Default)]
-struct ConnMore {
-    /// Latest seq per conversation not pushed while behind.
-    hints: BTreeMap<ConvId, u64>,
-    /// Since when the backlog has been over budget without a break (for
-    /// `slow_consumer_close_ms`); `None` while it is within the budget.
-    over_since_ms: Option<u64>,
-    /// A close was requested (the connection is left alone until it is gone).
-    closing: bool,
-    syncs: HashMap<u64, SyncGather>,
-    lists: HashMap<u64, ListGather>,
-}
-
-impl Conn {
-    fn more(&mut self) -> &mut ConnMore {
-        self.more.get_or_insert_with(Box::default)
-    }
-
-    fn over_since_ms(&self) -> Option<u64> {
-        self.more
-            .as_ref()
-            .filter(|m| !m.closing)
-            .and_then(|m| m.over_since_ms)
-    }
-
-    /// Whether the tick needs to look at this connection (hints to emit or a close clock).
-    fn watched(&self) -> bool {
-        self.behind || self.over_since_ms().is_some()
-    }
-
-    /// Frees the boxed state once nothing in it is in use.
-    fn tidy(&mut self) {
-        if self.more.as_ref().is_some_and(|m| {
-            m.hints.is_empty()
-                && m.over_since_ms.is_none()
-                && !m.closing
-                && m.syncs.is_empty()
-                && m.lists.is_empty()
-        }) {
-            self.more = None;
-        }
-    }
-}
-
-#[derive(Default)]
-struct SyncGather {
-    remaining: usize,
-    truncated: Vec<v1::MessagesAvailable>,
-    messages: u32,
-    receipts: u32,
-}
-
-struct ListGather {
-    remaining: usize,
-    limit: usize,
-    offset: usize,
-    summaries: Vec<v1::ConversationSummary>,
-}
-
 /// Counters for tests, metrics and the simulator.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -712,12 +453,8 @@ pub struct RouterShard<L, I, M> {
     /// Sends in `parked` (bounded by `parked_sends_max`).
     parked_sends: usize,
 
-    // session directory slice
-    conns: HashMap<ConnId, Conn>,
-    /// Connections behind (pushes turned into hints) or over their backlog budget (the close
-    /// clock runs): the tick looks at them.
-    watched: HashSet<ConnId>,
-    users: HashMap<UserId, Vec<ConnId>>,
+    /// This shard's slice of the session directory.
+    dir: Directory,
     direct_cache: HashMap<(UserId, UserId), ConvId>,
 
     // outputs
@@ -735,7 +472,7 @@ impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
         f.debug_struct("RouterShard")
             .field("shard", &self.shard)
             .field("convs", &self.convs.len())
-            .field("conns", &self.conns.len())
+            .field("conns", &self.dir.conns.len())
             .field("inflight", &self.inflight.len())
             .field("failed", &self.failed)
             .finish_non_exhaustive()
@@ -808,9 +545,7 @@ where
             block_limiter,
             parked: HashMap::default(),
             parked_sends: 0,
-            conns: HashMap::default(),
-            watched: HashSet::default(),
-            users: HashMap::default(),
+            dir: Directory::default(),
             direct_cache: HashMap::default(),
             local: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -854,7 +589,7 @@ where
     /// Bytes of `conn`'s frames emitted but not yet reported written (`handle_conn_flushed`).
     #[must_use]
     pub fn conn_queued_bytes(&self, conn: ConnId) -> Option<u64> {
-        self.conns.get(&conn).map(|c| c.queued_bytes)
+        self.dir.conns.get(&conn).map(|c| c.queued_bytes)
     }
 
     /// Whether any item waits for room in a full ring: the gateway should stop reading from its
@@ -885,41 +620,19 @@ where
         now_ms: u64,
     ) {
         self.now_ms = now_ms;
-        self.conns.insert(
-            conn,
-            Conn {
-                user,
-                device,
-                queued_bytes: 0,
-                behind: false,
-                more: None,
-            },
-        );
-        // Most users have one device online: no spare capacity per entry.
-        self.users
-            .entry(user)
-            .or_insert_with(|| Vec::with_capacity(1))
-            .push(conn);
+        self.dir.open(conn, user, device);
     }
 
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
         self.now_ms = now_ms;
-        self.watched.remove(&conn);
-        if let Some(c) = self.conns.remove(&conn)
-            && let Some(list) = self.users.get_mut(&c.user)
-        {
-            list.retain(|x| *x != conn);
-            if list.is_empty() {
-                self.users.remove(&c.user);
-            }
-        }
+        self.dir.close(conn);
     }
 
     /// The gateway wrote `bytes` of this connection's frames to its socket.
     pub fn handle_conn_flushed(&mut self, conn: ConnId, bytes: u64, now_ms: u64) {
         self.now_ms = now_ms;
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.dir.conns.get_mut(&conn) else {
             return;
         };
         c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
@@ -937,7 +650,7 @@ where
     /// are answered with `UNEXPECTED_FRAME`.
     pub fn handle_frame(&mut self, conn: ConnId, f: v1::Frame, now_ms: u64) {
         self.now_ms = now_ms;
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.dir.conns.get(&conn) else {
             return;
         };
         let (user, device) = (c.user, c.device);
@@ -1065,15 +778,15 @@ where
         }
         self.prune_recent();
         self.evict_idle();
-        let conns: Vec<ConnId> = self.watched.iter().copied().collect();
+        let conns: Vec<ConnId> = self.dir.watched.iter().copied().collect();
         let (budget, close_ms) = (
             self.cfg.conn_outbound_bytes_max,
             self.cfg.slow_consumer_close_ms,
         );
         for id in conns {
             self.emit_hints(id);
-            let Some(c) = self.conns.get_mut(&id) else {
-                self.watched.remove(&id);
+            let Some(c) = self.dir.conns.get_mut(&id) else {
+                self.dir.watched.remove(&id);
                 continue;
             };
             if c.queued_bytes > budget
@@ -1091,7 +804,7 @@ where
                 });
             }
             if !c.watched() {
-                self.watched.remove(&id);
+                self.dir.watched.remove(&id);
             }
         }
         self.drive();
@@ -1128,9 +841,10 @@ where
         self.flush();
         let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
         let close = self
+            .dir
             .watched
             .iter()
-            .filter_map(|id| self.conns.get(id)?.over_since_ms())
+            .filter_map(|id| self.dir.conns.get(id)?.over_since_ms())
             .min()
             .map(|t| t + self.cfg.slow_consumer_close_ms);
         // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
@@ -1261,7 +975,10 @@ where
 
     /// Whether `conn` is here and, for a push, not behind (checked before encoding anything).
     fn takes(&self, conn: ConnId, push: bool) -> bool {
-        self.conns.get(&conn).is_some_and(|c| !(push && c.behind))
+        self.dir
+            .conns
+            .get(&conn)
+            .is_some_and(|c| !(push && c.behind))
     }
 
     /// Pushes one frame to several connections, encoding it (`encode`) only for the first that
@@ -1299,7 +1016,7 @@ where
         kind: Option<FrameKind>,
         push: bool,
     ) -> bool {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.dir.conns.get_mut(&conn) else {
             return false;
         };
         debug_assert!(!(push && c.behind), "callers check `takes` before encoding");
@@ -1317,7 +1034,7 @@ where
                 m.over_since_ms = Some(self.now_ms);
             }
             if c.watched() {
-                self.watched.insert(conn);
+                self.dir.watched.insert(conn);
             }
         }
         self.transmits.push_back(Transmit {
@@ -1333,7 +1050,7 @@ where
     /// behind: it gets one `MessagesAvailable` per conversation it missed pushes of, and pushes
     /// resume.
     fn emit_hints(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.dir.conns.get_mut(&conn) else {
             return;
         };
         if !c.behind || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
@@ -1343,7 +1060,7 @@ where
         let hints = c.more.as_mut().map(|m| std::mem::take(&mut m.hints));
         c.tidy();
         if !c.watched() {
-            self.watched.remove(&conn);
+            self.dir.watched.remove(&conn);
         }
         let Some(hints) = hints else {
             return;
@@ -2030,7 +1747,7 @@ where
                         // By index: `emit` needs `&mut self`, and cloning the list allocated
                         // once per member per message.
                         for i in 0.. {
-                            let Some(&conn) = self.users.get(u).and_then(|c| c.get(i)) else {
+                            let Some(conn) = self.dir.user_conn(u, i) else {
                                 break;
                             };
                             if origin.shard == self.shard && origin.conn == conn {
@@ -2047,7 +1764,7 @@ where
                             };
                             if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
                                 self.stats.pushed += 1;
-                            } else if let Some(c) = self.conns.get_mut(&conn) {
+                            } else if let Some(c) = self.dir.conns.get_mut(&conn) {
                                 let h = c
                                     .more()
                                     .hints
@@ -2062,7 +1779,7 @@ where
                     let mut encoded: Option<Bytes> = None;
                     for u in to {
                         for i in 0.. {
-                            let Some(&conn) = self.users.get(u).and_then(|c| c.get(i)) else {
+                            let Some(conn) = self.dir.user_conn(u, i) else {
                                 break;
                             };
                             // A device that is behind learns receipts from its next Sync.
@@ -2347,7 +2064,7 @@ where
                 .or_default()
                 .push((conv, last));
         }
-        let Some(c) = self.conns.get_mut(&origin.conn) else {
+        let Some(c) = self.dir.conns.get_mut(&origin.conn) else {
             return Ok(());
         };
         // The device catches up now: pushes resume, hints are void (the backlog's close clock
@@ -2358,7 +2075,7 @@ where
         }
         c.tidy();
         if !c.watched() {
-            self.watched.remove(&origin.conn);
+            self.dir.watched.remove(&origin.conn);
         }
         if per_owner.is_empty() {
             self.emit(
@@ -2368,13 +2085,7 @@ where
             );
             return Ok(());
         }
-        c.more().syncs.insert(
-            rid,
-            SyncGather {
-                remaining: per_owner.len(),
-                ..SyncGather::default()
-            },
-        );
+        c.more().syncs.insert(rid, SyncGather::new(per_owner.len()));
         let bytes_max = self.cfg.sync_bytes_max / per_owner.len().max(1);
         for (owner, convs) in per_owner {
             self.send_to(
@@ -2460,37 +2171,24 @@ where
     }
 
     fn on_sync_part(&mut self, p: SyncPart) {
-        let Some(c) = self.conns.get_mut(&p.to) else {
+        let Some(c) = self.dir.conns.get_mut(&p.to) else {
             return;
         };
         let done = match c.more.as_mut().and_then(|m| m.syncs.get_mut(&p.request_id)) {
-            Some(g) => {
-                g.remaining = g.remaining.saturating_sub(1);
-                g.truncated.extend(p.truncated);
-                g.messages += p.messages;
-                g.receipts += p.receipts;
-                g.remaining == 0
-            }
+            Some(g) => g.add(p.truncated, p.messages, p.receipts),
             None => return,
         };
         for f in p.frames {
             self.emit(p.to, f, false);
         }
         if done
-            && let Some(g) = self.conns.get_mut(&p.to).and_then(|c| {
+            && let Some(g) = self.dir.conns.get_mut(&p.to).and_then(|c| {
                 let g = c.more.as_mut()?.syncs.remove(&p.request_id);
                 c.tidy();
                 g
             })
         {
-            let f = frame(
-                p.request_id,
-                Body::SyncDone(v1::SyncDone {
-                    truncated: g.truncated,
-                    messages: g.messages,
-                    receipts: g.receipts,
-                }),
-            );
+            let f = frame(p.request_id, Body::SyncDone(g.done()));
             self.emit(p.to, f, false);
         }
     }
@@ -2594,7 +2292,7 @@ where
                 .or_default()
                 .push(conv);
         }
-        let Some(c) = self.conns.get_mut(&origin.conn) else {
+        let Some(c) = self.dir.conns.get_mut(&origin.conn) else {
             return Ok(());
         };
         if per_owner.is_empty() {
@@ -2605,15 +2303,9 @@ where
             );
             return Ok(());
         }
-        c.more().lists.insert(
-            rid,
-            ListGather {
-                remaining: per_owner.len(),
-                limit,
-                offset,
-                summaries: Vec::new(),
-            },
-        );
+        c.more()
+            .lists
+            .insert(rid, ListGather::new(per_owner.len(), limit, offset));
         for (owner, convs) in per_owner {
             self.send_to(
                 owner,
@@ -2690,42 +2382,20 @@ where
     }
 
     fn on_list_part(&mut self, p: ListPart) {
-        let Some(c) = self.conns.get_mut(&p.to) else {
+        let Some(c) = self.dir.conns.get_mut(&p.to) else {
             return;
         };
         let Some(g) = c.more.as_mut().and_then(|m| m.lists.get_mut(&p.request_id)) else {
             return;
         };
-        g.summaries.extend(p.summaries);
-        g.remaining = g.remaining.saturating_sub(1);
-        if g.remaining > 0 {
+        if !g.add(p.summaries) {
             return;
         }
-        let Some(mut g) = c.more.as_mut().and_then(|m| m.lists.remove(&p.request_id)) else {
+        let Some(g) = c.more.as_mut().and_then(|m| m.lists.remove(&p.request_id)) else {
             return;
         };
         c.tidy();
-        let ts =
-            |s: &v1::ConversationSummary| s.last_message.as_ref().map_or(0, |m| m.server_ts_ms);
-        g.summaries.sort_by(|a, b| {
-            ts(b)
-                .cmp(&ts(a))
-                .then(b.conversation_id.cmp(&a.conversation_id))
-        });
-        let end = (g.offset + g.limit).min(g.summaries.len());
-        let next_cursor = if end < g.summaries.len() {
-            Bytes::copy_from_slice(&(end as u32).to_be_bytes())
-        } else {
-            Bytes::new()
-        };
-        let page: Vec<_> = g.summaries.drain(g.offset.min(end)..end).collect();
-        let f = frame(
-            p.request_id,
-            Body::ConversationList(v1::ConversationList {
-                conversations: page,
-                next_cursor,
-            }),
-        );
+        let f = frame(p.request_id, Body::ConversationList(g.page()));
         self.emit(p.to, f, false);
     }
 
