@@ -10,7 +10,7 @@ use prost::Message as _;
 use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::format;
-use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
+use starling_storage::meta::{Block, DirectPair, User, keys};
 use starling_storage::{
     ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
     LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, SyncData, TimestampMs, UserId,
@@ -18,16 +18,22 @@ use starling_storage::{
 
 use crate::grid::ShardLinks;
 use crate::hash::{HashMap, HashSet};
-use crate::ids::{ConnId, ConnRef, ConvId, home_shard, owner_shard};
+use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::limits::RateLimiter;
-use crate::metawriter::{self, Job, MetaWriter, Offload, Outcome, Written, block_key, ordered};
+use crate::metawriter::{self, Job, Offload, Outcome, Written, block_key, ordered};
 
+mod config;
+mod convs;
 mod directory;
 mod envelope;
 pub(crate) mod frames;
 mod gather;
+mod mail;
+mod outbound;
+mod shared;
 
-use directory::Directory;
+pub use config::ShardConfig;
+use convs::{ConvState, conversations_of};
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
@@ -35,278 +41,14 @@ use envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, encode_frame, encode_into, error_frame, frame, retry_frame};
 use gather::{ListGather, SyncGather};
-
-/// Limits and sizes of one shard, fixed at start-up.
-#[derive(Clone, Debug)]
-pub struct ShardConfig {
-    /// Largest message body accepted in `Send`, bytes.
-    pub body_bytes_max: usize,
-    /// Most entries in one log batch; a full open batch is submitted at once.
-    pub batch_entries_max: usize,
-    /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
-    /// sends are refused with `OVERLOADED`.
-    pub open_entries_max: usize,
-    /// An open batch of at least this many bytes (as the log stores its entries) is submitted
-    /// at once, like a full one.
-    pub batch_bytes_max: usize,
-    /// Most bytes waiting in the open batch while the log pushes back; beyond it sends are
-    /// refused with `OVERLOADED`. One batch is one log record, so this is at most the record
-    /// payload limit (`starling_storage::format::RECORD_PAYLOAD_BYTES_MAX`; larger values are
-    /// clamped): large bodies fill a batch long before `open_entries_max` entries do.
-    pub open_bytes_max: usize,
-    /// A connection's backlog budget: bytes it may have queued (emitted, not yet reported
-    /// written) before it is behind, i.e. pushes to it turn into `MessagesAvailable` hints,
-    /// which it gets once its backlog is down to half of this (then pushes resume).
-    pub conn_outbound_bytes_max: u64,
-    /// A connection whose backlog stays over its budget this long (it reads too little) is
-    /// closed with `SLOW_CONSUMER`; it syncs after reconnecting.
-    pub slow_consumer_close_ms: u64,
-    /// Most messages per conversation one `Sync` returns.
-    pub sync_messages_max: usize,
-    /// Most bytes of messages one `Sync` returns over all conversations (the rest is reported
-    /// in `SyncDone.truncated`): a reply must fit the gateway's per-connection outbound limit.
-    pub sync_bytes_max: usize,
-    /// Most bytes of messages in one `HistoryPage` (it is one frame, so it must stay under the
-    /// frame limit; a page always holds at least one message).
-    pub page_bytes_max: usize,
-    /// Default and most messages of one `HistoryPage`.
-    pub history_limit_default: usize,
-    /// Cap of `GetHistory.limit`.
-    pub history_limit_max: usize,
-    /// Default and cap of `ListConversations.limit`.
-    pub list_limit_default: usize,
-    /// Cap of `ListConversations.limit`.
-    pub list_limit_max: usize,
-    /// Cursor updates are written (one durable batch) at most this long after they arrive.
-    pub cursor_flush_ms: u64,
-    /// ... or as soon as this many are waiting.
-    pub cursor_flush_max: usize,
-    /// Unread counts stop at this value.
-    pub unread_count_max: usize,
-    /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
-    /// has not been used for this long and nothing of it is in flight; it is loaded again from
-    /// the index and the metadata on next use. Bounds the shard's memory by its active
-    /// conversations instead of every conversation it ever served.
-    pub conv_idle_evict_ms: u64,
-    /// Most users one user may block (at most `starling_storage::meta::SCAN_RECORDS_MAX`, so
-    /// that one metadata scan counts them); a Block beyond it is refused with
-    /// `PERMISSION_DENIED`.
-    pub blocks_max: usize,
-    /// Block/Unblock requests one user may make per second, sustained (a token bucket at the
-    /// user's home shard; beyond it `RATE_LIMITED` with `retry_after_ms`).
-    pub block_requests_per_s: u32,
-    /// ... and at once (the bucket's size).
-    pub block_requests_burst: u32,
-    /// Most Sends one shard holds while the direct conversation they need is being created
-    /// (each holds its body until then); beyond it `OVERLOADED` with `retry_after_ms`.
-    pub parked_sends_max: usize,
-    /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
-    /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
-    pub meta_jobs_max: usize,
-}
-
-/// Most conversation states one [`RouterShard::handle_tick`] examines for eviction, so that a
-/// sweep never holds the shard thread for long (the rest wait for the next tick).
-const EVICT_SCAN_MAX: usize = 1024;
-
-impl Default for ShardConfig {
-    fn default() -> Self {
-        ShardConfig {
-            body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT as usize,
-            batch_entries_max: 512,
-            open_entries_max: 8192,
-            batch_bytes_max: 1024 * 1024,
-            open_bytes_max: 8 * 1024 * 1024,
-            conn_outbound_bytes_max: 256 * 1024,
-            slow_consumer_close_ms: 30_000,
-            sync_messages_max: 500,
-            sync_bytes_max: 256 * 1024,
-            page_bytes_max: 48 * 1024,
-            history_limit_default: 50,
-            history_limit_max: 200,
-            list_limit_default: 50,
-            list_limit_max: 200,
-            cursor_flush_ms: 20,
-            cursor_flush_max: 1024,
-            unread_count_max: 999,
-            conv_idle_evict_ms: 10 * 60 * 1000,
-            blocks_max: 10_000,
-            block_requests_per_s: 10,
-            block_requests_burst: 20,
-            parked_sends_max: 1024,
-            meta_jobs_max: 4096,
-        }
-    }
-}
-
-/// `retry_after_ms` of the `OVERLOADED` that refuses a request the metadata writer has no room
-/// for: about as long as a few metadata commits take.
-const META_RETRY_AFTER_MS: u32 = 50;
-
-/// A message between shards, carried by the grid's rings. Opaque to the gateway.
-pub struct ShardMsg(Inner);
-
-impl fmt::Debug for ShardMsg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.0 {
-            Inner::Send(_) => "Send",
-            Inner::Reply { .. } => "Reply",
-            Inner::Fanout(_) => "Fanout",
-            Inner::Cursor(_) => "Cursor",
-            Inner::Sync(_) => "Sync",
-            Inner::SyncPart(_) => "SyncPart",
-            Inner::History(_) => "History",
-            Inner::List(_) => "List",
-            Inner::ListPart(_) => "ListPart",
-            Inner::Block(_) => "Block",
-            Inner::BlockChanged { .. } => "BlockChanged",
-        };
-        f.debug_tuple("ShardMsg").field(&kind).finish()
-    }
-}
-
-// Shards run on their own threads: what crosses a ring must be `Send`.
-const _: fn() = || {
-    fn send<T: Send>() {}
-    send::<ShardMsg>();
+pub use mail::ShardMsg;
+use mail::{
+    BlockCmd, CursorCmd, CursorKind, FanoutItem, HistoryCmd, Inner, ListCmd, ListPart, SendCmd,
+    SyncCmd, SyncPart,
 };
-
-enum Inner {
-    Send(Box<SendCmd>),
-    Reply {
-        to: ConnId,
-        frames: Vec<v1::Frame>,
-    },
-    Fanout(Arc<Vec<FanoutItem>>),
-    Cursor(CursorCmd),
-    Sync(SyncCmd),
-    SyncPart(SyncPart),
-    History(HistoryCmd),
-    List(ListCmd),
-    ListPart(ListPart),
-    /// A Block/Unblock, for the requesting user's home shard (which rate-limits, orders and
-    /// writes it).
-    Block(BlockCmd),
-    /// A Block/Unblock between the members of direct conversation `conv` was committed: the
-    /// owner forgets its cached block state, then answers `Done` to the request.
-    BlockChanged {
-        conv: ConvId,
-        origin: ConnRef,
-        request_id: u64,
-    },
-}
-
-struct SendCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    device: DeviceId,
-    /// The conversation (for a Send parked while its direct conversation is created: set once
-    /// it exists).
-    conv: ConvId,
-    cmid: ClientMsgId,
-    /// `cmid` as the frame carried it (answers and pushes share it instead of copying).
-    cmid_bytes: Bytes,
-    content_type: String,
-    body: Bytes,
-    reply_to_seq: u64,
-    /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
-    /// dedup lookup (in-memory copies are still checked).
-    first_attempt: bool,
-    now_ms: u64,
-}
-
-enum FanoutItem {
-    /// A durable message for every online device of `members`, except `origin` (which got the
-    /// SendAck).
-    Message {
-        msg: v1::Message,
-        members: Arc<[UserId]>,
-        origin: ConnRef,
-    },
-    /// A receipt for every online device of `to`.
-    Receipt {
-        receipt: v1::Receipt,
-        to: Vec<UserId>,
-    },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum CursorKind {
-    Delivered,
-    Read,
-}
-
-struct CursorCmd {
-    /// Where to send `Done` once durable (request_id != 0), if anywhere.
-    reply: Option<(ConnRef, u64)>,
-    kind: CursorKind,
-    user: UserId,
-    device: DeviceId,
-    conv: ConvId,
-    seq: u64,
-}
-
-struct SyncCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    convs: Vec<(ConvId, u64)>,
-    /// This owner's share of `sync_bytes_max`.
-    bytes_max: usize,
-}
-
-struct SyncPart {
-    to: ConnId,
-    request_id: u64,
-    frames: Vec<v1::Frame>,
-    truncated: Vec<v1::MessagesAvailable>,
-    messages: u32,
-    receipts: u32,
-}
-
-struct HistoryCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    conv: ConvId,
-    req: v1::GetHistory,
-}
-
-struct ListCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    convs: Vec<ConvId>,
-}
-
-struct ListPart {
-    to: ConnId,
-    request_id: u64,
-    summaries: Vec<v1::ConversationSummary>,
-}
-
-struct BlockCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    target: UserId,
-    block: bool,
-}
-
-/// What the shard does with a metadata job's outcome (see [`metawriter`]).
-enum MetaTag {
-    /// A cursor batch: announce receipts and answer `waiters`, or put it back.
-    Cursors {
-        delivery: Vec<DeliveryCursor>,
-        read: Vec<ReadCursor>,
-        waiters: Vec<(ConnRef, u64)>,
-    },
-    /// A Block/Unblock: answer it (through the conversation's owner if there is one).
-    Block { origin: ConnRef, request_id: u64 },
-    /// A direct conversation for the parked Sends of this pair.
-    Direct { pair: (UserId, UserId) },
-}
+use outbound::Outbound;
+pub use shared::ShardStats;
+use shared::{META_RETRY_AFTER_MS, MetaTag, Shared};
 
 /// `v`'s items, leaving it empty with room for as many.
 fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
@@ -326,44 +68,6 @@ pub const STORAGE_NOT_STORED: &str = "storage failed before this message was wri
 pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
      restarting): the message was not stored. Retry with the same client_msg_id after \
      reconnecting";
-
-fn member_of_prefix(user: UserId) -> Vec<u8> {
-    keys::user(user)
-}
-
-// ---------------------------------------------------------------------------------------------
-// per-conversation state at its owner shard
-
-struct ConvState {
-    members: Arc<[UserId]>,
-    /// For a direct conversation: the two users (equal for a note to self).
-    pair: Option<(UserId, UserId)>,
-    /// For a direct conversation: (first blocks second, second blocks first) of `pair`, read
-    /// from metadata on first use and forgotten on `Inner::BlockChanged`.
-    blocks: Option<(bool, bool)>,
-    title: String,
-    /// The seq the next accepted message gets.
-    next_seq: u64,
-    /// Highest durable seq (every seq up to it is durable).
-    durable_seq: u64,
-    /// Durable entries the index may not show yet (pruned once `indexed_lsn` covers them).
-    recent: VecDeque<(Lsn, Arc<Entry>)>,
-    /// client_msg_id → (seq, ts, batch number) of accepted, not yet durable messages.
-    pending: HashMap<ClientMsgId, (u64, u64, u64)>,
-    /// client_msg_id → (seq, ts) of durable entries in `recent`.
-    recent_ids: HashMap<ClientMsgId, (u64, u64)>,
-    /// Delivery cursors (possibly not yet durable).
-    delivery: HashMap<(UserId, DeviceId), u64>,
-    /// Per user: the highest delivery cursor of any of their devices.
-    delivered: HashMap<UserId, u64>,
-    /// Read cursors (possibly not yet durable).
-    read: HashMap<UserId, u64>,
-    /// Per user: the delivered / read seq last made durable and announced.
-    announced_delivered: HashMap<UserId, u64>,
-    announced_read: HashMap<UserId, u64>,
-    /// `now_ms` of the last use (for eviction).
-    touched_ms: u64,
-}
 
 struct Waiter {
     origin: ConnRef,
@@ -396,46 +100,20 @@ struct InFlight {
     waiters: Vec<Waiter>,
 }
 
-/// Counters for tests, metrics and the simulator.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShardStats {
-    /// Messages acknowledged durable.
-    pub messages_acked: u64,
-    /// Sends answered from dedup (retries).
-    pub duplicates: u64,
-    /// Deliver frames pushed (not counting Sync).
-    pub pushed: u64,
-    /// MessagesAvailable hints emitted.
-    pub hints: u64,
-    /// Cursor flushes (durable batches of cursor updates).
-    pub cursor_flushes: u64,
-    /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
-    pub convs_evicted: u64,
-}
-
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
 pub struct RouterShard<L, I, M> {
-    cfg: ShardConfig,
-    shard: usize,
-    shards: usize,
-    links: ShardLinks<ShardMsg>,
+    /// What the concerns share: configuration, clock, storage, conversations, connections,
+    /// mail, metadata writer, counters.
+    sh: Shared<I, M>,
     log: L,
-    index: Arc<I>,
-    meta: Arc<M>,
-    now_ms: u64,
 
     // sequencer
-    /// Boxed: growing the map rehashes 16-byte entries, not whole conversation states (~0.4 KB
-    /// each), which at a million conversations would stall the shard for most of a second.
-    convs: HashMap<ConvId, Box<ConvState>>,
-    /// Every loaded conversation once, oldest check first: (conv, `touched_ms` when queued).
-    idle_queue: VecDeque<(ConvId, u64)>,
     open: OpenBatch,
     inflight: VecDeque<InFlight>,
-    /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
-    recent_order: VecDeque<(Lsn, ConvId)>,
     failed: Option<String>,
+
+    // cursors and receipts
     dirty_delivery: HashSet<(ConvId, UserId, DeviceId)>,
     dirty_read: HashSet<(ConvId, UserId)>,
     cursor_due_ms: Option<u64>,
@@ -443,36 +121,24 @@ pub struct RouterShard<L, I, M> {
     cursor_waiters: Vec<(ConnRef, u64)>,
     /// A cursor batch is with the metadata writer (one at a time).
     cursor_in_flight: bool,
-    /// Every metadata write (cursor batches, Block/Unblock, direct conversations) goes through
-    /// it, off this thread once [`RouterShard::set_meta_offload`] was called.
-    writer: MetaWriter<MetaTag>,
+
     /// Block/Unblock budgets of the users whose home shard this is.
     block_limiter: RateLimiter,
+
+    // direct conversations
     /// Sends waiting for their pair's direct conversation to be created, in arrival order.
     parked: HashMap<(UserId, UserId), Vec<SendCmd>>,
     /// Sends in `parked` (bounded by `parked_sends_max`).
     parked_sends: usize,
-
-    /// This shard's slice of the session directory.
-    dir: Directory,
     direct_cache: HashMap<(UserId, UserId), ConvId>,
-
-    // outputs
-    local: VecDeque<Inner>,
-    outbox: Vec<VecDeque<ShardMsg>>,
-    transmits: VecDeque<Transmit>,
-    /// Where frames are encoded (see [`Transmit`]).
-    encode_buf: BytesMut,
-    closes: VecDeque<CloseRequest>,
-    stats: ShardStats,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterShard")
-            .field("shard", &self.shard)
-            .field("convs", &self.convs.len())
-            .field("conns", &self.dir.conns.len())
+            .field("shard", &self.sh.mail.shard())
+            .field("convs", &self.sh.convs.len())
+            .field("conns", &self.sh.dir.conns.len())
             .field("inflight", &self.inflight.len())
             .field("failed", &self.failed)
             .finish_non_exhaustive()
@@ -490,7 +156,7 @@ where
     /// [`RouterShard::handle_tick`] picks up the outcome. Without it writes run inline (the
     /// simulation's default). See the `metawriter` module.
     pub fn set_meta_offload(&mut self, offload: Offload) {
-        self.writer.set_offload(self.meta.clone(), offload);
+        self.sh.writer.set_offload(self.sh.meta.clone(), offload);
     }
 }
 
@@ -511,20 +177,10 @@ where
         index: Arc<I>,
         meta: Arc<M>,
     ) -> Self {
-        let shards = links.shards();
-        let writer = MetaWriter::new(cfg.blocks_max);
         let block_limiter = RateLimiter::new(cfg.block_requests_per_s, cfg.block_requests_burst);
         RouterShard {
-            shard: links.shard(),
-            shards,
-            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
-            cfg,
-            links,
+            sh: Shared::new(cfg, links, index, meta),
             log,
-            index,
-            meta,
-            now_ms: 0,
-            convs: HashMap::default(),
             open: OpenBatch {
                 no: 0,
                 entries: Vec::new(),
@@ -533,31 +189,22 @@ where
                 waiters: Vec::new(),
             },
             inflight: VecDeque::new(),
-            idle_queue: VecDeque::new(),
-            recent_order: VecDeque::new(),
             failed: None,
             dirty_delivery: HashSet::default(),
             dirty_read: HashSet::default(),
             cursor_due_ms: None,
             cursor_waiters: Vec::new(),
             cursor_in_flight: false,
-            writer,
             block_limiter,
             parked: HashMap::default(),
             parked_sends: 0,
-            dir: Directory::default(),
             direct_cache: HashMap::default(),
-            local: VecDeque::new(),
-            transmits: VecDeque::new(),
-            encode_buf: BytesMut::new(),
-            closes: VecDeque::new(),
-            stats: ShardStats::default(),
         }
     }
 
     /// This shard's index in the grid.
     pub fn shard(&self) -> usize {
-        self.shard
+        self.sh.mail.shard()
     }
 
     /// Why this shard stopped sequencing (its log failed), if it did. Nothing is sequenced
@@ -568,12 +215,12 @@ where
 
     /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).
     pub fn loaded_conversations(&self) -> usize {
-        self.convs.len()
+        self.sh.convs.len()
     }
 
     /// Counters.
     pub fn stats(&self) -> ShardStats {
-        self.stats
+        self.sh.stats
     }
 
     /// The log (for the gateway's statistics, or the simulator's disk).
@@ -589,23 +236,18 @@ where
     /// Bytes of `conn`'s frames emitted but not yet reported written (`handle_conn_flushed`).
     #[must_use]
     pub fn conn_queued_bytes(&self, conn: ConnId) -> Option<u64> {
-        self.dir.conns.get(&conn).map(|c| c.queued_bytes)
+        self.sh.dir.conns.get(&conn).map(|c| c.queued_bytes)
     }
 
     /// Whether any item waits for room in a full ring: the gateway should stop reading from its
     /// sockets until this clears (rings are never grown).
     pub fn is_backpressured(&self) -> bool {
-        self.outbox.iter().any(|q| !q.is_empty())
+        self.sh.mail.is_backpressured()
     }
 
     /// Forget cached membership of `conv` (call after the group API changed it).
     pub fn invalidate_members(&mut self, conv: ConvId) {
-        if let Some(c) = self.convs.get_mut(&conv)
-            && let Ok((members, _, title)) = load_members(&*self.meta, conv)
-        {
-            c.members = members;
-            c.title = title;
-        }
+        self.sh.convs.reload_members(conv, &*self.sh.meta);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -619,44 +261,35 @@ where
         device: DeviceId,
         now_ms: u64,
     ) {
-        self.now_ms = now_ms;
-        self.dir.open(conn, user, device);
+        self.sh.now_ms = now_ms;
+        self.sh.dir.open(conn, user, device);
     }
 
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
-        self.now_ms = now_ms;
-        self.dir.close(conn);
+        self.sh.now_ms = now_ms;
+        self.sh.dir.close(conn);
     }
 
     /// The gateway wrote `bytes` of this connection's frames to its socket.
     pub fn handle_conn_flushed(&mut self, conn: ConnId, bytes: u64, now_ms: u64) {
-        self.now_ms = now_ms;
-        let Some(c) = self.dir.conns.get_mut(&conn) else {
-            return;
-        };
-        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
-        if c.queued_bytes <= self.cfg.conn_outbound_bytes_max
-            && let Some(m) = &mut c.more
-        {
-            // Within the budget again: the close clock stops.
-            m.over_since_ms = None;
-        }
-        self.emit_hints(conn);
+        self.sh.now_ms = now_ms;
+        let sh = &mut self.sh;
+        sh.stats.hints += sh.out.flushed(&mut sh.dir, conn, bytes, now_ms);
     }
 
     /// A decoded client frame from `conn` (authenticated as the user and device it was opened
     /// with). Only the messaging frames are the router's (see [`RouterShard::handles`]); others
     /// are answered with `UNEXPECTED_FRAME`.
     pub fn handle_frame(&mut self, conn: ConnId, f: v1::Frame, now_ms: u64) {
-        self.now_ms = now_ms;
-        let Some(c) = self.dir.conns.get(&conn) else {
+        self.sh.now_ms = now_ms;
+        let Some(c) = self.sh.dir.conns.get(&conn) else {
             return;
         };
         let (user, device) = (c.user, c.device);
         let rid = f.request_id;
         let origin = ConnRef {
-            shard: self.shard,
+            shard: self.sh.mail.shard(),
             conn,
         };
         let res = match f.body {
@@ -686,8 +319,8 @@ where
                     "conversation_id is 0".into(),
                 )),
                 Some(conv) => {
-                    let to = owner_shard(conv, self.shards);
-                    self.send_to(
+                    let to = self.sh.mail.owner(conv);
+                    self.sh.send_to(
                         to,
                         Inner::History(HistoryCmd {
                             origin,
@@ -709,7 +342,7 @@ where
             )),
         };
         if let Err(Refusal(code, msg)) = res {
-            self.emit(conn, error_frame(rid, code, msg), false);
+            self.sh.emit(conn, error_frame(rid, code, msg), false);
         }
         self.drive();
     }
@@ -731,8 +364,8 @@ where
 
     /// Drains the inbound rings (call after this shard's bell / doorbell woke it).
     pub fn handle_rings(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
-        while let Some(ShardMsg(m)) = self.links.pop() {
+        self.sh.now_ms = now_ms;
+        while let Some(m) = self.sh.mail.receive() {
             self.process(m);
             self.drive_local();
         }
@@ -743,7 +376,7 @@ where
     /// fail everything pending if the log failed. Also takes the outcomes of finished metadata
     /// writes (the metadata writer wakes the shard the same way).
     pub fn handle_log_progress(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
+        self.sh.now_ms = now_ms;
         while let Some(front) = self.inflight.front() {
             match front.completion.try_complete() {
                 None => break,
@@ -764,49 +397,22 @@ where
             }
         }
         self.poll_meta();
-        self.prune_recent();
+        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.drive();
     }
 
     /// Timer: submit a batch the log pushed back, write due cursor updates, prune caches. Call
     /// at [`RouterShard::poll_timeout`] (or more often).
     pub fn handle_tick(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
+        self.sh.now_ms = now_ms;
         self.poll_meta();
         if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
             self.flush_cursors();
         }
-        self.prune_recent();
+        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
-        let conns: Vec<ConnId> = self.dir.watched.iter().copied().collect();
-        let (budget, close_ms) = (
-            self.cfg.conn_outbound_bytes_max,
-            self.cfg.slow_consumer_close_ms,
-        );
-        for id in conns {
-            self.emit_hints(id);
-            let Some(c) = self.dir.conns.get_mut(&id) else {
-                self.dir.watched.remove(&id);
-                continue;
-            };
-            if c.queued_bytes > budget
-                && c.over_since_ms()
-                    .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
-            {
-                c.more().closing = true;
-                self.closes.push_back(CloseRequest {
-                    conn: id,
-                    code: ErrorCode::SlowConsumer,
-                    message: format!(
-                        "{} bytes unread, over {budget} for {close_ms} ms",
-                        c.queued_bytes
-                    ),
-                });
-            }
-            if !c.watched() {
-                self.dir.watched.remove(&id);
-            }
-        }
+        let sh = &mut self.sh;
+        sh.stats.hints += sh.out.sweep(&mut sh.dir, now_ms);
         self.drive();
     }
 
@@ -818,44 +424,36 @@ where
     /// becomes one log batch and one ring publish.
     pub fn flush(&mut self) {
         self.submit_open();
-        self.flush_outbox();
+        self.sh.mail.flush();
     }
 
     /// The next frame to write to one of this shard's connections.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.flush();
-        self.transmits.pop_front()
+        self.sh.out.next_transmit()
     }
 
     /// The next connection the router wants closed.
     #[must_use]
     pub fn poll_close(&mut self) -> Option<CloseRequest> {
         self.flush();
-        self.closes.pop_front()
+        self.sh.out.next_close()
     }
 
     /// When to call [`RouterShard::handle_tick`] next (absolute ms), if anything is waiting.
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<u64> {
         self.flush();
-        let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
-        let close = self
-            .dir
-            .watched
-            .iter()
-            .filter_map(|id| self.dir.conns.get(id)?.over_since_ms())
-            .min()
-            .map(|t| t + self.cfg.slow_consumer_close_ms);
+        let busy = (!self.open.entries.is_empty()).then_some(self.sh.now_ms + 1);
+        let close = self.sh.out.close_due_ms(&self.sh.dir);
         // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
         // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
         // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
         let evict = if self.cursor_in_flight || self.failed.is_some() {
             None
         } else {
-            self.idle_queue
-                .front()
-                .map(|&(_, t)| t.saturating_add(self.cfg.conv_idle_evict_ms))
+            self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
         };
         [self.cursor_due_ms, busy, close, evict]
             .into_iter()
@@ -868,57 +466,22 @@ where
 
     fn drive(&mut self) {
         self.drive_local();
-        if self.open.entries.len() >= self.cfg.batch_entries_max
-            || self.open.bytes >= self.cfg.batch_bytes_max
+        if self.open.entries.len() >= self.sh.cfg.batch_entries_max
+            || self.open.bytes >= self.sh.cfg.batch_bytes_max
         {
             self.submit_open();
         }
-        if self.dirty_delivery.len() + self.dirty_read.len() >= self.cfg.cursor_flush_max {
+        if self.dirty_delivery.len() + self.dirty_read.len() >= self.sh.cfg.cursor_flush_max {
             self.flush_cursors();
         }
         self.poll_meta();
         self.drive_local();
-        self.flush_outbox();
+        self.sh.mail.flush();
     }
 
     fn drive_local(&mut self) {
-        while let Some(m) = self.local.pop_front() {
+        while let Some(m) = self.sh.mail.next_local() {
             self.process(m);
-        }
-    }
-
-    fn send_to(&mut self, shard: usize, m: Inner) {
-        if shard == self.shard {
-            self.local.push_back(m);
-        } else if let Some(q) = self.outbox.get_mut(shard) {
-            q.push_back(ShardMsg(m));
-        }
-    }
-
-    fn flush_outbox(&mut self) {
-        let mut pushed = false;
-        for (to, q) in self.outbox.iter_mut().enumerate() {
-            while let Some(m) = q.pop_front() {
-                match self.links.push(to, m) {
-                    Ok(()) => pushed = true,
-                    Err(m) => {
-                        q.push_front(m);
-                        // The ring is full: what waits here may reach its owner after a resend
-                        // from another connection (the device gave up on this one) was
-                        // sequenced and left the owner's memory. A Send in a ring is drained
-                        // before that can happen; one held here cannot count on it.
-                        for ShardMsg(m) in q.iter_mut() {
-                            if let Inner::Send(cmd) = m {
-                                cmd.first_attempt = false;
-                            }
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        if pushed {
-            self.links.publish();
         }
     }
 
@@ -927,7 +490,7 @@ where
             Inner::Send(cmd) => self.on_send_cmd(*cmd),
             Inner::Reply { to, frames } => {
                 for f in frames {
-                    self.emit(to, f, false);
+                    self.sh.emit(to, f, false);
                 }
             }
             Inner::Fanout(items) => self.on_fanout(&items),
@@ -943,138 +506,12 @@ where
                 origin,
                 request_id,
             } => {
-                if let Some(c) = self.convs.get_mut(&conv) {
+                if let Some(c) = self.sh.convs.get_mut(conv) {
                     c.blocks = None;
                 }
-                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
+                self.sh
+                    .reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
             }
-        }
-    }
-
-    fn reply(&mut self, to: ConnRef, frames: Vec<v1::Frame>) {
-        self.send_to(
-            to.shard,
-            Inner::Reply {
-                to: to.conn,
-                frames,
-            },
-        );
-    }
-
-    /// Queues `f` for `conn`. `push` frames count against the outbound budget and switch the
-    /// connection to hints once it is exhausted; responses are always queued (the client asked
-    /// for them and its in-flight request limit bounds them).
-    fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
-        if !self.takes(conn, push) {
-            return false;
-        }
-        let kind = f.body.as_ref().map(Body::kind);
-        let bytes = self.encode(&f);
-        self.emit_encoded(conn, bytes, f.request_id, kind, push)
-    }
-
-    /// Whether `conn` is here and, for a push, not behind (checked before encoding anything).
-    fn takes(&self, conn: ConnId, push: bool) -> bool {
-        self.dir
-            .conns
-            .get(&conn)
-            .is_some_and(|c| !(push && c.behind))
-    }
-
-    /// Pushes one frame to several connections, encoding it (`encode`) only for the first that
-    /// takes it; `cached` carries the encoding from one connection to the next.
-    fn push_shared(
-        &mut self,
-        conn: ConnId,
-        cached: &mut Option<Bytes>,
-        kind: FrameKind,
-        encode: impl FnOnce(&mut Self) -> Bytes,
-    ) -> bool {
-        if !self.takes(conn, true) {
-            return false;
-        }
-        let bytes = match cached {
-            Some(b) => b.clone(),
-            None => cached.insert(encode(self)).clone(),
-        };
-        self.emit_encoded(conn, bytes, 0, Some(kind), true)
-    }
-
-    /// Encodes `f` as it goes on the wire.
-    fn encode(&mut self, f: &v1::Frame) -> Bytes {
-        encode_frame(&mut self.encode_buf, f)
-    }
-
-    /// [`RouterShard::emit`] of a frame encoded already, for a connection that [`takes`] it.
-    ///
-    /// [`takes`]: RouterShard::takes
-    fn emit_encoded(
-        &mut self,
-        conn: ConnId,
-        bytes: Bytes,
-        request_id: u64,
-        kind: Option<FrameKind>,
-        push: bool,
-    ) -> bool {
-        let Some(c) = self.dir.conns.get_mut(&conn) else {
-            return false;
-        };
-        debug_assert!(!(push && c.behind), "callers check `takes` before encoding");
-        // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
-        // overestimate would leak, and a connection would end up "behind" for good.
-        c.queued_bytes += bytes.len() as u64;
-        if c.queued_bytes > self.cfg.conn_outbound_bytes_max {
-            // Answers count towards the backlog as pushes do, but only a push makes the
-            // connection behind (answers are bounded by the in-flight request limit).
-            if push {
-                c.behind = true;
-            }
-            let m = c.more();
-            if m.over_since_ms.is_none() && !m.closing {
-                m.over_since_ms = Some(self.now_ms);
-            }
-            if c.watched() {
-                self.dir.watched.insert(conn);
-            }
-        }
-        self.transmits.push_back(Transmit {
-            conn,
-            bytes,
-            request_id,
-            kind,
-        });
-        true
-    }
-
-    /// A connection that is behind and whose backlog is down to half its budget is no longer
-    /// behind: it gets one `MessagesAvailable` per conversation it missed pushes of, and pushes
-    /// resume.
-    fn emit_hints(&mut self, conn: ConnId) {
-        let Some(c) = self.dir.conns.get_mut(&conn) else {
-            return;
-        };
-        if !c.behind || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
-            return;
-        }
-        c.behind = false;
-        let hints = c.more.as_mut().map(|m| std::mem::take(&mut m.hints));
-        c.tidy();
-        if !c.watched() {
-            self.dir.watched.remove(&conn);
-        }
-        let Some(hints) = hints else {
-            return;
-        };
-        for (conv, seq) in hints {
-            self.stats.hints += 1;
-            let f = frame(
-                0,
-                Body::MessagesAvailable(v1::MessagesAvailable {
-                    conversation_id: conv.0,
-                    up_to_seq: seq,
-                }),
-            );
-            self.emit(conn, f, false);
         }
     }
 
@@ -1102,12 +539,12 @@ where
         ] {
             for w in waiters {
                 let f = error_frame(w.request_id, ErrorCode::StorageFailure, message);
-                self.reply(w.origin, vec![f]);
+                self.sh.reply(w.origin, vec![f]);
             }
         }
         // Seqs handed out to failed entries are void; nothing is sequenced until restart.
-        for c in self.convs.values_mut() {
-            c.pending.clear();
+        for c in self.sh.convs.values_mut() {
+            c.seq.pending.clear();
         }
         self.failed = Some(why);
     }
@@ -1132,7 +569,7 @@ where
         if self.parked.contains_key(&pair) {
             return Ok(None);
         }
-        let meta = &*self.meta;
+        let meta = &*self.sh.meta;
         if let Some(p) = meta
             .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
             .map_err(|e| Refusal::storage("direct lookup", &e))?
@@ -1164,8 +601,8 @@ where
     /// arrives ([`RouterShard::direct_created`]); the shard serves everything else meanwhile.
     fn park(&mut self, pair: (UserId, UserId), cmd: SendCmd) {
         let creating = self.parked.contains_key(&pair);
-        if self.parked_sends >= self.cfg.parked_sends_max
-            || (!creating && self.writer.queued() >= self.cfg.meta_jobs_max)
+        if self.parked_sends >= self.sh.cfg.parked_sends_max
+            || (!creating && self.sh.writer.queued() >= self.sh.cfg.meta_jobs_max)
         {
             let f = retry_frame(
                 cmd.request_id,
@@ -1175,7 +612,7 @@ where
                     .into(),
                 META_RETRY_AFTER_MS,
             );
-            self.reply(cmd.origin, vec![f]);
+            self.sh.reply(cmd.origin, vec![f]);
             return;
         }
         self.parked.entry(pair).or_default().push(cmd);
@@ -1184,10 +621,11 @@ where
             let job = Job::CreateDirect {
                 low: pair.0,
                 high: pair.1,
-                now_ms: self.now_ms,
+                now_ms: self.sh.now_ms,
             };
-            self.writer
-                .submit(&*self.meta, job, MetaTag::Direct { pair });
+            self.sh
+                .writer
+                .submit(&*self.sh.meta, job, MetaTag::Direct { pair });
         }
     }
 
@@ -1199,14 +637,14 @@ where
         match outcome {
             Ok(Written::Direct { conv }) => {
                 self.cache_direct(pair, conv);
-                let owner = owner_shard(conv, self.shards);
+                let owner = self.sh.mail.owner(conv);
                 for mut cmd in sends {
                     cmd.conv = conv;
                     // Held back while the conversation was created, this copy may now reach
                     // the owner after a resend of the same message from another connection was
                     // sequenced: its `first_attempt` promise no longer holds here.
                     cmd.first_attempt = false;
-                    self.send_to(owner, Inner::Send(Box::new(cmd)));
+                    self.sh.send_to(owner, Inner::Send(Box::new(cmd)));
                 }
             }
             other => {
@@ -1216,206 +654,39 @@ where
                 };
                 for cmd in sends {
                     let f = error_frame(cmd.request_id, code, msg.clone());
-                    self.reply(cmd.origin, vec![f]);
+                    self.sh.reply(cmd.origin, vec![f]);
                 }
             }
         }
-    }
-
-    /// The owner-side state of `conv`, loaded on first use.
-    fn conv(&mut self, conv: ConvId) -> Result<&mut ConvState, Refusal> {
-        debug_assert_eq!(owner_shard(conv, self.shards), self.shard);
-        if !self.convs.contains_key(&conv) {
-            let (members, pair, title) = load_members(&*self.meta, conv)?;
-            let cid = conv.storage();
-            let last = self
-                .index
-                .last_seq(cid)
-                .map_err(|e| Refusal::storage("index", &e))?
-                .0;
-            let mut st = ConvState {
-                members,
-                pair,
-                blocks: None,
-                title,
-                next_seq: last + 1,
-                durable_seq: last,
-                recent: VecDeque::new(),
-                pending: HashMap::default(),
-                recent_ids: HashMap::default(),
-                delivery: HashMap::default(),
-                delivered: HashMap::default(),
-                read: HashMap::default(),
-                announced_delivered: HashMap::default(),
-                announced_read: HashMap::default(),
-                touched_ms: self.now_ms,
-            };
-            for c in self
-                .meta
-                .delivery_cursors(cid)
-                .map_err(|e| Refusal::storage("cursors", &e))?
-            {
-                st.delivery.insert((c.user, c.device), c.seq.0);
-                let d = st.delivered.entry(c.user).or_default();
-                *d = (*d).max(c.seq.0);
-            }
-            for u in st.members.iter() {
-                let r = self
-                    .meta
-                    .read_cursor(cid, *u)
-                    .map_err(|e| Refusal::storage("cursors", &e))?
-                    .0;
-                if r > 0 {
-                    st.read.insert(*u, r);
-                }
-            }
-            st.announced_delivered = st.delivered.clone();
-            st.announced_read = st.read.clone();
-            self.convs.insert(conv, Box::new(st));
-            self.idle_queue.push_back((conv, self.now_ms));
-        }
-        let now = self.now_ms;
-        self.convs
-            .get_mut(&conv)
-            .map(|c| {
-                c.touched_ms = now;
-                &mut **c
-            })
-            .ok_or_else(|| Refusal(ErrorCode::Internal, "conversation state vanished".into()))
     }
 
     /// Drops the states of conversations idle for `conv_idle_evict_ms` whose every message is
     /// durable and indexed and whose every cursor is durable and announced: exactly what
-    /// [`RouterShard::conv`] would load again. At most [`EVICT_SCAN_MAX`] per call.
+    /// `Convs::load` would load again.
     fn evict_idle(&mut self) {
         if self.cursor_in_flight || self.failed.is_some() {
             // A cursor batch in the air may be put back on failure: try again next tick.
             return;
         }
-        let idle_ms = self.cfg.conv_idle_evict_ms;
-        for _ in 0..EVICT_SCAN_MAX {
-            let Some(&(conv, queued)) = self.idle_queue.front() else {
-                return;
-            };
-            if queued.saturating_add(idle_ms) > self.now_ms {
-                return;
-            }
-            self.idle_queue.pop_front();
-            let Some(c) = self.convs.get(&conv) else {
-                continue;
-            };
-            if c.touched_ms <= queued && self.evictable(conv, c) {
-                self.convs.remove(&conv);
-                self.stats.convs_evicted += 1;
-            } else {
-                // Used since, or something still in flight: look again one idle period from
-                // now (keeps the queue in order).
-                self.idle_queue.push_back((conv, self.now_ms));
-            }
-        }
-    }
-
-    fn evictable(&self, conv: ConvId, c: &ConvState) -> bool {
-        c.pending.is_empty()
-            && c.recent.is_empty()
-            && c.next_seq == c.durable_seq + 1
-            && c.announced_delivered == c.delivered
-            && c.announced_read == c.read
-            && !c
-                .delivery
-                .keys()
-                .any(|&(u, d)| self.dirty_delivery.contains(&(conv, u, d)))
-            && !c.read.keys().any(|&u| self.dirty_read.contains(&(conv, u)))
-    }
-
-    fn member_conv(&mut self, conv: ConvId, user: UserId) -> Result<&mut ConvState, Refusal> {
-        let c = self.conv(conv)?;
-        if !c.members.contains(&user) {
-            return Err(Refusal(
-                ErrorCode::NotAMember,
-                "not a member of this conversation".into(),
-            ));
-        }
-        Ok(c)
-    }
-
-    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
-    fn read_after(
-        &mut self,
-        conv: ConvId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let index = self.index.clone();
-        let c = self.conv(conv)?;
-        let mut out: Vec<Arc<Entry>> = index
-            .after(conv.storage(), Seq(after), limit)
-            .map_err(|e| Refusal::storage("index", &e))?
-            .into_iter()
-            .filter(|e| e.seq.0 <= c.durable_seq)
-            .map(Arc::new)
-            .collect();
-        let mut last = out.last().map_or(after, |e| e.seq.0);
-        for (_, e) in &c.recent {
-            if out.len() >= limit {
-                break;
-            }
-            if Some(e.seq.0) == last.checked_add(1) {
-                out.push(e.clone());
-                last = e.seq.0;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
-    fn read_before(
-        &mut self,
-        conv: ConvId,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let index = self.index.clone();
-        let c = self.conv(conv)?;
-        let before = before.min(c.durable_seq + 1);
-        let mut newest: Vec<Arc<Entry>> = Vec::new();
-        let mut next = before; // collecting seqs below this, descending
-        for (_, e) in c.recent.iter().rev() {
-            if newest.len() >= limit {
-                break;
-            }
-            if e.seq.0 + 1 == next {
-                newest.push(e.clone());
-                next -= 1;
-            }
-        }
-        if newest.len() < limit && next > 1 {
-            let older = index
-                .before(conv.storage(), Seq(next), limit - newest.len())
-                .map_err(|e| Refusal::storage("index", &e))?;
-            for e in older.into_iter().rev() {
-                newest.push(Arc::new(e));
-            }
-        }
-        newest.reverse();
-        Ok(newest)
-    }
-
-    fn prune_recent(&mut self) {
-        let indexed = self.index.indexed_lsn();
-        while let Some(&(lsn, conv)) = self.recent_order.front() {
-            if lsn > indexed {
-                break;
-            }
-            self.recent_order.pop_front();
-            if let Some(c) = self.convs.get_mut(&conv)
-                && let Some((l, e)) = c.recent.front()
-                && *l <= lsn
-            {
-                c.recent_ids.remove(&e.client_msg_id);
-                c.recent.pop_front();
-            }
-        }
+        let (dirty_delivery, dirty_read) = (&self.dirty_delivery, &self.dirty_read);
+        let evictable = |conv: ConvId, c: &ConvState| {
+            c.seq.settled()
+                && c.cursors.announced()
+                && !c
+                    .cursors
+                    .delivery
+                    .keys()
+                    .any(|&(u, d)| dirty_delivery.contains(&(conv, u, d)))
+                && !c
+                    .cursors
+                    .read
+                    .keys()
+                    .any(|&u| dirty_read.contains(&(conv, u)))
+        };
+        let sh = &mut self.sh;
+        sh.stats.convs_evicted +=
+            sh.convs
+                .evict_idle(sh.now_ms, sh.cfg.conv_idle_evict_ms, evictable);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1444,13 +715,13 @@ where
                 "client_msg_id must not be all zeroes".into(),
             ));
         }
-        if s.body.len() > self.cfg.body_bytes_max {
+        if s.body.len() > self.sh.cfg.body_bytes_max {
             return Err(Refusal(
                 ErrorCode::BodyTooLarge,
                 format!(
                     "body is {} bytes, limit {}",
                     s.body.len(),
-                    self.cfg.body_bytes_max
+                    self.sh.cfg.body_bytes_max
                 ),
             ));
         }
@@ -1487,12 +758,13 @@ where
             body: s.body,
             reply_to_seq: s.reply_to_seq,
             first_attempt: s.first_attempt,
-            now_ms: self.now_ms,
+            now_ms: self.sh.now_ms,
         };
         match conv {
             Ok(conv) => {
                 cmd.conv = conv;
-                self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
+                self.sh
+                    .send_to(self.sh.mail.owner(conv), Inner::Send(Box::new(cmd)));
             }
             // The pair's first message: its conversation is created first, off this thread.
             Err(pair) => self.park(pair, cmd),
@@ -1503,7 +775,8 @@ where
     fn on_send_cmd(&mut self, cmd: SendCmd) {
         let (origin, request_id) = (cmd.origin, cmd.request_id);
         if let Err(Refusal(code, msg)) = self.sequence(cmd) {
-            self.reply(origin, vec![error_frame(request_id, code, msg)]);
+            self.sh
+                .reply(origin, vec![error_frame(request_id, code, msg)]);
         }
     }
 
@@ -1527,18 +800,19 @@ where
                 STORAGE_SHARD_FAILED.into(),
             ));
         }
-        let index = self.index.clone();
-        let meta = self.meta.clone();
+        let index = self.sh.index.clone();
+        let meta = self.sh.meta.clone();
         let open_no = self.open.no;
         let open_len = self.open.entries.len();
-        let open_max = self.cfg.open_entries_max;
+        let open_max = self.sh.cfg.open_entries_max;
         let open_bytes = self.open.bytes;
         let open_bytes_max = self
+            .sh
             .cfg
             .open_bytes_max
             .min(format::RECORD_PAYLOAD_BYTES_MAX);
-        let now = self.now_ms.max(cmd.now_ms);
-        let c = self.member_conv(cmd.conv, cmd.user)?;
+        let now = self.sh.now_ms.max(cmd.now_ms);
+        let c = self.sh.member_conv(cmd.conv, cmd.user)?;
         if let Some((a, b)) = c.pair
             && a != b
         {
@@ -1573,10 +847,10 @@ where
             duplicate: true,
         };
         // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
-        if let Some(&(seq, ts, no)) = c.pending.get(&cmd.cmid) {
+        if let Some(&(seq, ts, no)) = c.seq.pending.get(&cmd.cmid) {
             waiter.seq = seq;
             waiter.ts = ts;
-            self.stats.duplicates += 1;
+            self.sh.stats.duplicates += 1;
             if no == open_no {
                 self.open.waiters.push(waiter);
             } else if let Some(b) = self.inflight.iter_mut().find(|b| b.no == no) {
@@ -1584,7 +858,7 @@ where
             }
             return Ok(());
         }
-        let known = match c.recent_ids.get(&cmd.cmid) {
+        let known = match c.seq.recent_ids.get(&cmd.cmid) {
             Some(&(seq, ts)) => Some((seq, ts)),
             // The device promises no earlier copy exists beyond the in-memory ones above: a
             // first attempt costs no index read (the index is the slow, cache-missing part).
@@ -1606,9 +880,9 @@ where
         if let Some((seq, ts)) = known {
             waiter.seq = seq;
             waiter.ts = ts;
-            self.stats.duplicates += 1;
+            self.sh.stats.duplicates += 1;
             let f = Self::ack_frame(waiter);
-            self.reply(cmd.origin, vec![f]);
+            self.sh.reply(cmd.origin, vec![f]);
             return Ok(());
         }
         let body = encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body);
@@ -1619,9 +893,9 @@ where
                 "the sequencer is behind its log; retry shortly".into(),
             ));
         }
-        let seq = c.next_seq;
-        c.next_seq += 1;
-        c.pending.insert(cmd.cmid, (seq, now, open_no));
+        let seq = c.seq.next_seq;
+        c.seq.next_seq += 1;
+        c.seq.pending.insert(cmd.cmid, (seq, now, open_no));
         waiter.seq = seq;
         waiter.ts = now;
         waiter.duplicate = false;
@@ -1689,51 +963,50 @@ where
         for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
             let lsn = Lsn(first.0 + i as u64);
             let conv = ConvId::from_storage(e.conv);
-            let Some(c) = self.convs.get_mut(&conv) else {
+            let Some(c) = self.sh.convs.get_mut(conv) else {
                 continue;
             };
-            debug_assert_eq!(e.seq.0, c.durable_seq + 1, "seqs become durable in order");
+            debug_assert_eq!(
+                e.seq.0,
+                c.seq.durable_seq + 1,
+                "seqs become durable in order"
+            );
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
-            c.durable_seq = e.seq.0;
-            c.pending.remove(&e.client_msg_id);
-            c.recent_ids.insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
-            c.recent.push_back((lsn, Arc::new(e)));
-            self.recent_order.push_back((lsn, conv));
+            c.seq.durable_seq = e.seq.0;
+            c.seq.pending.remove(&e.client_msg_id);
+            c.seq
+                .recent_ids
+                .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
+            c.seq.recent.push_back((lsn, Arc::new(e)));
+            let members = c.members.clone();
+            self.sh.convs.tail_added(lsn, conv);
             items.push(FanoutItem::Message {
                 msg,
-                members: c.members.clone(),
+                members,
                 origin,
             });
         }
         for w in b.waiters {
             if !w.duplicate {
-                self.stats.messages_acked += 1;
+                self.sh.stats.messages_acked += 1;
             }
             let origin = w.origin;
             let f = Self::ack_frame(w);
-            if origin.shard == self.shard && self.local.is_empty() {
+            if origin.shard == self.sh.mail.shard() && self.sh.mail.local_is_empty() {
                 // Nothing queued ahead of it here: no need for a trip through the local queue
                 // (and its one-frame Vec per acknowledgement).
-                self.emit(origin.conn, f, false);
+                self.sh.emit(origin.conn, f, false);
             } else {
-                self.reply(origin, vec![f]);
+                self.sh.reply(origin, vec![f]);
             }
         }
-        self.broadcast(items);
-    }
-
-    fn broadcast(&mut self, items: Vec<FanoutItem>) {
-        if items.is_empty() {
-            return;
-        }
-        let items = Arc::new(items);
-        for s in 0..self.shards {
-            self.send_to(s, Inner::Fanout(items.clone()));
-        }
+        self.sh.mail.broadcast(items);
     }
 
     fn on_fanout(&mut self, items: &[FanoutItem]) {
+        let sh = &mut self.sh;
+        let (here, now) = (sh.mail.shard(), sh.now_ms);
         for item in items {
             match item {
                 FanoutItem::Message {
@@ -1744,27 +1017,35 @@ where
                     // Encoded once, for the first device that takes it; the others share it.
                     let mut encoded: Option<Bytes> = None;
                     for u in members.iter() {
-                        // By index: `emit` needs `&mut self`, and cloning the list allocated
-                        // once per member per message.
+                        // By index: pushing changes the directory, and cloning the list
+                        // allocated once per member per message.
                         for i in 0.. {
-                            let Some(conn) = self.dir.user_conn(u, i) else {
+                            let Some(conn) = sh.dir.user_conn(u, i) else {
                                 break;
                             };
-                            if origin.shard == self.shard && origin.conn == conn {
+                            if origin.shard == here && origin.conn == conn {
                                 continue;
                             }
                             // Encoded from the borrowed message: an owned Deliver frame
                             // would clone it.
-                            let deliver = |s: &mut Self| {
+                            let deliver = |buf: &mut BytesMut| {
                                 let len = msg.encoded_len();
                                 let need = starling_protocol::deliver_framed_len(len);
-                                encode_into(&mut s.encode_buf, need, |b| {
+                                encode_into(buf, need, |b| {
                                     starling_protocol::put_deliver_framed(msg, len, b)
                                 })
                             };
-                            if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
-                                self.stats.pushed += 1;
-                            } else if let Some(c) = self.dir.conns.get_mut(&conn) {
+                            let kind = FrameKind::Deliver;
+                            if sh.out.push_shared(
+                                &mut sh.dir,
+                                conn,
+                                &mut encoded,
+                                kind,
+                                now,
+                                deliver,
+                            ) {
+                                sh.stats.pushed += 1;
+                            } else if let Some(c) = sh.dir.conns.get_mut(&conn) {
                                 let h = c
                                     .more()
                                     .hints
@@ -1779,13 +1060,15 @@ where
                     let mut encoded: Option<Bytes> = None;
                     for u in to {
                         for i in 0.. {
-                            let Some(conn) = self.dir.user_conn(u, i) else {
+                            let Some(conn) = sh.dir.user_conn(u, i) else {
                                 break;
                             };
                             // A device that is behind learns receipts from its next Sync.
-                            self.push_shared(conn, &mut encoded, FrameKind::Receipt, |s| {
-                                s.encode(&frame(0, Body::Receipt(*receipt)))
-                            });
+                            let kind = FrameKind::Receipt;
+                            sh.out
+                                .push_shared(&mut sh.dir, conn, &mut encoded, kind, now, |buf| {
+                                    encode_frame(buf, &frame(0, Body::Receipt(*receipt)))
+                                });
                         }
                     }
                 }
@@ -1822,27 +1105,32 @@ where
             conv,
             seq,
         };
-        self.send_to(owner_shard(conv, self.shards), Inner::Cursor(cmd));
+        self.sh
+            .send_to(self.sh.mail.owner(conv), Inner::Cursor(cmd));
         Ok(())
     }
 
     fn on_cursor(&mut self, cmd: CursorCmd) {
-        let c = match self.member_conv(cmd.conv, cmd.user) {
+        let c = match self.sh.member_conv(cmd.conv, cmd.user) {
             Ok(c) => c,
             Err(Refusal(code, msg)) => {
                 if let Some((origin, rid)) = cmd.reply {
-                    self.reply(origin, vec![error_frame(rid, code, msg)]);
+                    self.sh.reply(origin, vec![error_frame(rid, code, msg)]);
                 }
                 return;
             }
         };
-        let seq = cmd.seq.min(c.durable_seq);
+        let seq = cmd.seq.min(c.seq.durable_seq);
         let moved = match cmd.kind {
             CursorKind::Delivered => {
-                let v = c.delivery.entry((cmd.user, cmd.device)).or_default();
+                let v = c
+                    .cursors
+                    .delivery
+                    .entry((cmd.user, cmd.device))
+                    .or_default();
                 let moved = seq > *v;
                 *v = (*v).max(seq);
-                let d = c.delivered.entry(cmd.user).or_default();
+                let d = c.cursors.delivered.entry(cmd.user).or_default();
                 *d = (*d).max(seq);
                 if moved {
                     self.dirty_delivery.insert((cmd.conv, cmd.user, cmd.device));
@@ -1850,7 +1138,7 @@ where
                 moved
             }
             CursorKind::Read => {
-                let v = c.read.entry(cmd.user).or_default();
+                let v = c.cursors.read.entry(cmd.user).or_default();
                 let moved = seq > *v;
                 *v = (*v).max(seq);
                 if moved {
@@ -1863,7 +1151,7 @@ where
             self.cursor_waiters.push(w);
         }
         if (moved || cmd.reply.is_some()) && self.cursor_due_ms.is_none() {
-            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
+            self.cursor_due_ms = Some(self.sh.now_ms + self.sh.cfg.cursor_flush_ms);
         }
     }
 
@@ -1884,8 +1172,8 @@ where
         }
         let mut dc = Vec::new();
         for (conv, user, device) in std::mem::take(&mut self.dirty_delivery) {
-            if let Some(c) = self.convs.get(&conv)
-                && let Some(&s) = c.delivery.get(&(user, device))
+            if let Some(c) = self.sh.convs.get(conv)
+                && let Some(&s) = c.cursors.delivery.get(&(user, device))
             {
                 dc.push(DeliveryCursor {
                     conv: conv.storage(),
@@ -1897,8 +1185,8 @@ where
         }
         let mut rc = Vec::new();
         for (conv, user) in std::mem::take(&mut self.dirty_read) {
-            if let Some(c) = self.convs.get(&conv)
-                && let Some(&s) = c.read.get(&user)
+            if let Some(c) = self.sh.convs.get(conv)
+                && let Some(&s) = c.cursors.read.get(&user)
             {
                 rc.push(ReadCursor {
                     conv: conv.storage(),
@@ -1919,12 +1207,12 @@ where
             read: rc,
             waiters,
         };
-        self.writer.submit(&*self.meta, job, tag);
+        self.sh.writer.submit(&*self.sh.meta, job, tag);
     }
 
     /// Takes the outcomes of finished metadata writes, in the order they were submitted.
     fn poll_meta(&mut self) {
-        while let Some((tag, outcome)) = self.writer.poll() {
+        while let Some((tag, outcome)) = self.sh.writer.poll() {
             match tag {
                 MetaTag::Cursors {
                     delivery,
@@ -1942,7 +1230,7 @@ where
                         || !self.cursor_waiters.is_empty()
                     {
                         // Updates that arrived meanwhile: give them their own batch soon.
-                        let due = self.now_ms + self.cfg.cursor_flush_ms;
+                        let due = self.sh.now_ms + self.sh.cfg.cursor_flush_ms;
                         self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
                     }
                 }
@@ -1975,14 +1263,16 @@ where
                     .insert((ConvId::from_storage(c.conv), c.user));
             }
             for (origin, rid) in waiters {
-                self.reply(origin, vec![error_frame(rid, code, msg.clone())]);
+                self.sh
+                    .reply(origin, vec![error_frame(rid, code, msg.clone())]);
             }
-            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
+            self.cursor_due_ms = Some(self.sh.now_ms + self.sh.cfg.cursor_flush_ms);
             return;
         }
-        self.stats.cursor_flushes += 1;
+        self.sh.stats.cursor_flushes += 1;
         for (origin, rid) in waiters {
-            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
+            self.sh
+                .reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
         }
         // Announce only values that were written: in-memory cursors may already be ahead.
         let mut delivered: BTreeMap<(ConvId, UserId), u64> = BTreeMap::new();
@@ -1994,15 +1284,15 @@ where
         }
         let mut items = Vec::new();
         for ((conv, user), d) in delivered {
-            let Some(c) = self.convs.get_mut(&conv) else {
+            let Some(c) = self.sh.convs.get_mut(conv) else {
                 continue;
             };
-            let prev = c.announced_delivered.entry(user).or_default();
+            let prev = c.cursors.announced_delivered.entry(user).or_default();
             if d > *prev {
                 *prev = d;
                 let to = c.members.iter().copied().filter(|u| *u != user).collect();
                 items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, self.now_ms),
+                    receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, self.sh.now_ms),
                     to,
                 });
             }
@@ -2013,40 +1303,31 @@ where
             .collect();
         reads.sort_unstable();
         for (conv, user, r) in reads {
-            let Some(c) = self.convs.get_mut(&conv) else {
+            let Some(c) = self.sh.convs.get_mut(conv) else {
                 continue;
             };
-            let prev = c.announced_read.entry(user).or_default();
+            let prev = c.cursors.announced_read.entry(user).or_default();
             if r > *prev {
                 *prev = r;
                 let to = c.members.to_vec();
                 items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, r, v1::ReceiptKind::Read, user, self.now_ms),
+                    receipt: receipt(conv, r, v1::ReceiptKind::Read, user, self.sh.now_ms),
                     to,
                 });
             }
         }
-        self.broadcast(items);
+        self.sh.mail.broadcast(items);
     }
 
     fn answer_cursor_waiters(&mut self) {
         for (origin, rid) in std::mem::take(&mut self.cursor_waiters) {
-            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
+            self.sh
+                .reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
         }
     }
 
     // -----------------------------------------------------------------------------------------
     // sync, history, conversation list
-
-    fn conversations_of(&self, user: UserId) -> Result<Vec<ConvId>, Refusal> {
-        Ok(self
-            .meta
-            .scan::<MemberOf>(&member_of_prefix(user), usize::MAX)
-            .map_err(|e| Refusal::storage("membership", &e))?
-            .into_iter()
-            .map(|m| ConvId::from_storage(m.group))
-            .collect())
-    }
 
     fn on_sync(
         &mut self,
@@ -2055,40 +1336,34 @@ where
         user: UserId,
         s: v1::Sync,
     ) -> Result<(), Refusal> {
-        let convs = self.conversations_of(user)?;
+        let convs = conversations_of(&*self.sh.meta, user)?;
         let mut per_owner: BTreeMap<usize, Vec<(ConvId, u64)>> = BTreeMap::new();
         for conv in convs {
             let last = s.last_seq.get(&conv.0).copied().unwrap_or(0);
             per_owner
-                .entry(owner_shard(conv, self.shards))
+                .entry(self.sh.mail.owner(conv))
                 .or_default()
                 .push((conv, last));
         }
-        let Some(c) = self.dir.conns.get_mut(&origin.conn) else {
+        if !self.sh.dir.conns.contains_key(&origin.conn) {
             return Ok(());
-        };
-        // The device catches up now: pushes resume, hints are void (the backlog's close clock
-        // runs on: a Sync does not make the socket read faster).
-        c.behind = false;
-        if let Some(m) = &mut c.more {
-            m.hints.clear();
         }
-        c.tidy();
-        if !c.watched() {
-            self.dir.watched.remove(&origin.conn);
-        }
+        // The device catches up now: pushes resume, hints are void.
+        Outbound::caught_up(&mut self.sh.dir, origin.conn);
         if per_owner.is_empty() {
-            self.emit(
+            self.sh.emit(
                 origin.conn,
                 frame(rid, Body::SyncDone(v1::SyncDone::default())),
                 false,
             );
             return Ok(());
         }
-        c.more().syncs.insert(rid, SyncGather::new(per_owner.len()));
-        let bytes_max = self.cfg.sync_bytes_max / per_owner.len().max(1);
+        if let Some(c) = self.sh.dir.conns.get_mut(&origin.conn) {
+            c.more().syncs.insert(rid, SyncGather::new(per_owner.len()));
+        }
+        let bytes_max = self.sh.cfg.sync_bytes_max / per_owner.len().max(1);
         for (owner, convs) in per_owner {
-            self.send_to(
+            self.sh.send_to(
                 owner,
                 Inner::Sync(SyncCmd {
                     origin,
@@ -2103,8 +1378,8 @@ where
     }
 
     fn on_sync_cmd(&mut self, cmd: SyncCmd) {
-        let max = self.cfg.sync_messages_max;
-        let now = self.now_ms;
+        let max = self.sh.cfg.sync_messages_max;
+        let now = self.sh.now_ms;
         let mut part = SyncPart {
             to: cmd.origin.conn,
             request_id: cmd.request_id,
@@ -2119,16 +1394,16 @@ where
             let entries = if bytes >= cmd.bytes_max {
                 Vec::new()
             } else {
-                let Ok(entries) = self.read_after(conv, last, max + 1) else {
+                let Ok(entries) = self.sh.read_after(conv, last, max + 1) else {
                     continue;
                 };
                 entries
             };
-            let Ok(c) = self.member_conv(conv, cmd.user) else {
+            let Ok(c) = self.sh.member_conv(conv, cmd.user) else {
                 continue;
             };
             let mut truncated = entries.len() > max
-                || (entries.is_empty() && bytes >= cmd.bytes_max && c.durable_seq > last);
+                || (entries.is_empty() && bytes >= cmd.bytes_max && c.seq.durable_seq > last);
             for e in entries.iter().take(max) {
                 if bytes >= cmd.bytes_max {
                     truncated = true;
@@ -2147,16 +1422,16 @@ where
             if truncated {
                 part.truncated.push(v1::MessagesAvailable {
                     conversation_id: conv.0,
-                    up_to_seq: c.durable_seq,
+                    up_to_seq: c.seq.durable_seq,
                 });
             }
             let mut rs = Vec::new();
-            for (&u, &d) in &c.announced_delivered {
+            for (&u, &d) in &c.cursors.announced_delivered {
                 if u != cmd.user && d > 0 {
                     rs.push(receipt(conv, d, v1::ReceiptKind::Delivered, u, now));
                 }
             }
-            for (&u, &r) in &c.announced_read {
+            for (&u, &r) in &c.cursors.announced_read {
                 if r > 0 {
                     rs.push(receipt(conv, r, v1::ReceiptKind::Read, u, now));
                 }
@@ -2167,11 +1442,11 @@ where
                 part.receipts += 1;
             }
         }
-        self.send_to(cmd.origin.shard, Inner::SyncPart(part));
+        self.sh.send_to(cmd.origin.shard, Inner::SyncPart(part));
     }
 
     fn on_sync_part(&mut self, p: SyncPart) {
-        let Some(c) = self.dir.conns.get_mut(&p.to) else {
+        let Some(c) = self.sh.dir.conns.get_mut(&p.to) else {
             return;
         };
         let done = match c.more.as_mut().and_then(|m| m.syncs.get_mut(&p.request_id)) {
@@ -2179,17 +1454,17 @@ where
             None => return,
         };
         for f in p.frames {
-            self.emit(p.to, f, false);
+            self.sh.emit(p.to, f, false);
         }
         if done
-            && let Some(g) = self.dir.conns.get_mut(&p.to).and_then(|c| {
+            && let Some(g) = self.sh.dir.conns.get_mut(&p.to).and_then(|c| {
                 let g = c.more.as_mut()?.syncs.remove(&p.request_id);
                 c.tidy();
                 g
             })
         {
             let f = frame(p.request_id, Body::SyncDone(g.done()));
-            self.emit(p.to, f, false);
+            self.sh.emit(p.to, f, false);
         }
     }
 
@@ -2199,25 +1474,25 @@ where
             Ok(page) => frame(h.request_id, Body::HistoryPage(page)),
             Err(Refusal(code, msg)) => error_frame(h.request_id, code, msg),
         };
-        self.reply(h.origin, vec![f]);
+        self.sh.reply(h.origin, vec![f]);
     }
 
     fn history_page(&mut self, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal> {
         let conv = h.conv;
         let limit = match h.req.limit as usize {
-            0 => self.cfg.history_limit_default,
-            n => n.min(self.cfg.history_limit_max),
+            0 => self.sh.cfg.history_limit_default,
+            n => n.min(self.sh.cfg.history_limit_max),
         };
-        self.member_conv(conv, h.user)?;
+        self.sh.member_conv(conv, h.user)?;
         let (mut entries, has_more) = match h.req.anchor {
             Some(v1::get_history::Anchor::AfterSeq(a)) => {
-                let mut v = self.read_after(conv, a, limit + 1)?;
+                let mut v = self.sh.read_after(conv, a, limit + 1)?;
                 let more = v.len() > limit;
                 v.truncate(limit);
                 (v, more)
             }
             Some(v1::get_history::Anchor::BeforeSeq(b)) => {
-                let mut v = self.read_before(conv, b, limit + 1)?;
+                let mut v = self.sh.read_before(conv, b, limit + 1)?;
                 let more = v.len() > limit;
                 if more {
                     v.remove(0);
@@ -2225,7 +1500,7 @@ where
                 (v, more)
             }
             None => {
-                let mut v = self.read_before(conv, u64::MAX, limit + 1)?;
+                let mut v = self.sh.read_before(conv, u64::MAX, limit + 1)?;
                 let more = v.len() > limit;
                 if more {
                     v.remove(0);
@@ -2247,7 +1522,7 @@ where
             messages.iter().rev().map(|m| m.encoded_len() + 8).collect()
         };
         for sz in sizes {
-            if keep > 0 && bytes + sz > self.cfg.page_bytes_max {
+            if keep > 0 && bytes + sz > self.sh.cfg.page_bytes_max {
                 break;
             }
             bytes += sz;
@@ -2281,22 +1556,22 @@ where
             _ => return Err(Refusal(ErrorCode::InvalidArgument, "bad cursor".into())),
         };
         let limit = match l.limit as usize {
-            0 => self.cfg.list_limit_default,
-            n => n.min(self.cfg.list_limit_max),
+            0 => self.sh.cfg.list_limit_default,
+            n => n.min(self.sh.cfg.list_limit_max),
         };
-        let convs = self.conversations_of(user)?;
+        let convs = conversations_of(&*self.sh.meta, user)?;
         let mut per_owner: BTreeMap<usize, Vec<ConvId>> = BTreeMap::new();
         for conv in convs {
             per_owner
-                .entry(owner_shard(conv, self.shards))
+                .entry(self.sh.mail.owner(conv))
                 .or_default()
                 .push(conv);
         }
-        let Some(c) = self.dir.conns.get_mut(&origin.conn) else {
+        let Some(c) = self.sh.dir.conns.get_mut(&origin.conn) else {
             return Ok(());
         };
         if per_owner.is_empty() {
-            self.emit(
+            self.sh.emit(
                 origin.conn,
                 frame(rid, Body::ConversationList(v1::ConversationList::default())),
                 false,
@@ -2307,7 +1582,7 @@ where
             .lists
             .insert(rid, ListGather::new(per_owner.len(), limit, offset));
         for (owner, convs) in per_owner {
-            self.send_to(
+            self.sh.send_to(
                 owner,
                 Inner::List(ListCmd {
                     origin,
@@ -2327,7 +1602,7 @@ where
                 summaries.push(s);
             }
         }
-        self.send_to(
+        self.sh.send_to(
             l.origin.shard,
             Inner::ListPart(ListPart {
                 to: l.origin.conn,
@@ -2338,10 +1613,10 @@ where
     }
 
     fn summary(&mut self, conv: ConvId, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
-        let unread_max = self.cfg.unread_count_max;
-        let last = self.read_before(conv, u64::MAX, 1)?;
-        let c = self.member_conv(conv, user)?;
-        let read = c.read.get(&user).copied().unwrap_or(0);
+        let unread_max = self.sh.cfg.unread_count_max;
+        let last = self.sh.read_before(conv, u64::MAX, 1)?;
+        let c = self.sh.member_conv(conv, user)?;
+        let read = c.cursors.read.get(&user).copied().unwrap_or(0);
         let (kind, peer, title) = match c.pair {
             Some((a, b)) => (
                 v1::ConversationKind::Direct,
@@ -2350,14 +1625,16 @@ where
             ),
             None => (v1::ConversationKind::Group, 0, c.title.clone()),
         };
-        let last_seq = c.durable_seq;
+        let last_seq = c.seq.durable_seq;
         let unread = self
+            .sh
             .read_after(conv, read, unread_max)?
             .iter()
             .filter(|e| e.sender != user)
             .count();
         let title = if kind == v1::ConversationKind::Direct {
-            self.meta
+            self.sh
+                .meta
                 .get::<User>(&keys::user(UserId(peer)))
                 .ok()
                 .flatten()
@@ -2382,7 +1659,7 @@ where
     }
 
     fn on_list_part(&mut self, p: ListPart) {
-        let Some(c) = self.dir.conns.get_mut(&p.to) else {
+        let Some(c) = self.sh.dir.conns.get_mut(&p.to) else {
             return;
         };
         let Some(g) = c.more.as_mut().and_then(|m| m.lists.get_mut(&p.request_id)) else {
@@ -2396,10 +1673,10 @@ where
         };
         c.tidy();
         let f = frame(p.request_id, Body::ConversationList(g.page()));
-        self.emit(p.to, f, false);
+        self.sh.emit(p.to, f, false);
     }
 
-    /// Sends the Block/Unblock to `user`'s home shard ([`home_shard`]): every Block/Unblock of
+    /// Sends the Block/Unblock to `user`'s home shard ([`crate::ids::home_shard`]): every Block/Unblock of
     /// a user is rate-limited, counted and written there, by one metadata writer, so they take
     /// effect in the order the user sent them whichever shards their devices are on.
     fn on_block(
@@ -2426,7 +1703,7 @@ where
             target: UserId(other),
             block,
         };
-        self.send_to(home_shard(user.0, self.shards), Inner::Block(cmd));
+        self.sh.send_to(self.sh.mail.home(user), Inner::Block(cmd));
         Ok(())
     }
 
@@ -2434,18 +1711,18 @@ where
     /// write to the metadata writer (which checks that the target exists, that a Block stays
     /// within `blocks_max`, and writes nothing if the request is in effect already).
     fn on_block_cmd(&mut self, b: BlockCmd) {
-        debug_assert_eq!(home_shard(b.user.0, self.shards), self.shard);
-        let refusal = if let Err(retry_ms) = self.block_limiter.take(b.user, self.now_ms) {
+        debug_assert_eq!(self.sh.mail.home(b.user), self.sh.mail.shard());
+        let refusal = if let Err(retry_ms) = self.block_limiter.take(b.user, self.sh.now_ms) {
             Some(retry_frame(
                 b.request_id,
                 ErrorCode::RateLimited,
                 format!(
                     "too many Block/Unblock requests: at most {} per second",
-                    self.cfg.block_requests_per_s
+                    self.sh.cfg.block_requests_per_s
                 ),
                 u32::try_from(retry_ms).unwrap_or(u32::MAX),
             ))
-        } else if self.writer.queued() >= self.cfg.meta_jobs_max {
+        } else if self.sh.writer.queued() >= self.sh.cfg.meta_jobs_max {
             Some(retry_frame(
                 b.request_id,
                 ErrorCode::Overloaded,
@@ -2456,20 +1733,20 @@ where
             None
         };
         if let Some(f) = refusal {
-            self.reply(b.origin, vec![f]);
+            self.sh.reply(b.origin, vec![f]);
             return;
         }
         let job = Job::Block {
             user: b.user,
             target: b.target,
             block: b.block,
-            now_ms: self.now_ms,
+            now_ms: self.sh.now_ms,
         };
         let tag = MetaTag::Block {
             origin: b.origin,
             request_id: b.request_id,
         };
-        self.writer.submit(&*self.meta, job, tag);
+        self.sh.writer.submit(&*self.sh.meta, job, tag);
     }
 
     /// The Block/Unblock is durable (or was in effect already), or failed. If the pair has a
@@ -2479,8 +1756,8 @@ where
         match outcome {
             Ok(Written::Block {
                 conv: Some(conv), ..
-            }) => self.send_to(
-                owner_shard(conv, self.shards),
+            }) => self.sh.send_to(
+                self.sh.mail.owner(conv),
                 Inner::BlockChanged {
                     conv,
                     origin,
@@ -2489,14 +1766,16 @@ where
             ),
             // No conversation yet: one created later reads the block from metadata.
             Ok(Written::Block { conv: None, .. }) => {
-                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
+                self.sh
+                    .reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
             }
             other => {
                 let Refusal(code, msg) = match other {
                     Err(r) => r,
                     Ok(w) => unexpected_outcome(&w),
                 };
-                self.reply(origin, vec![error_frame(request_id, code, msg)]);
+                self.sh
+                    .reply(origin, vec![error_frame(request_id, code, msg)]);
             }
         }
     }
@@ -2518,37 +1797,6 @@ fn receipt(conv: ConvId, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64
         kind: kind as i32,
         by_user_id: by.0,
         ts_ms: now,
-    }
-}
-
-type Members = (Arc<[UserId]>, Option<(UserId, UserId)>, String);
-
-fn load_members<M: MetadataStore>(meta: &M, conv: ConvId) -> Result<Members, Refusal> {
-    let key = conv.storage().0.to_be_bytes();
-    if conv.is_group() {
-        let g = meta
-            .get::<Group>(&key)
-            .map_err(|e| Refusal::storage("group", &e))?;
-        let Some(g) = g else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let members: Vec<UserId> = meta
-            .scan::<Member>(&key, usize::MAX)
-            .map_err(|e| Refusal::storage("members", &e))?
-            .into_iter()
-            .map(|m| m.user)
-            .collect();
-        Ok((members.into(), None, g.name))
-    } else {
-        let d = meta
-            .get::<DirectConv>(&key)
-            .map_err(|e| Refusal::storage("conversation", &e))?;
-        let Some(d) = d else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let mut members = vec![d.low, d.high];
-        members.dedup();
-        Ok((members.into(), Some((d.low, d.high)), String::new()))
     }
 }
 
