@@ -1,7 +1,7 @@
 //! [`RouterShard`]: one shard's messaging core, sans-IO. See the crate docs for the API and
 //! `docs/design/messaging.md` for the design (message path, receipts, sync, slow consumers).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -9,18 +9,17 @@ use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_storage::format;
-use starling_storage::meta::{Block, DirectPair, User, keys};
+use starling_storage::meta::{DirectPair, User, keys};
 use starling_storage::{
-    ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
-    LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, SyncData, TimestampMs, UserId,
+    ClientMsgId, CursorStore, DeliveryCursor, DeviceId, DurableLog, MessageIndex, MetadataStore,
+    ReadCursor, Seq, UserId,
 };
 
 use crate::grid::ShardLinks;
 use crate::hash::{HashMap, HashSet};
 use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::limits::RateLimiter;
-use crate::metawriter::{self, Job, Offload, Outcome, Written, block_key, ordered};
+use crate::metawriter::{self, Job, Offload, Outcome, Written, ordered};
 
 mod config;
 mod convs;
@@ -30,14 +29,15 @@ pub(crate) mod frames;
 mod gather;
 mod mail;
 mod outbound;
+mod sequencer;
 mod shared;
 
 pub use config::ShardConfig;
 use convs::{ConvState, conversations_of};
+use envelope::entry_to_message;
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
-use envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, encode_frame, encode_into, error_frame, frame, retry_frame};
 use gather::{ListGather, SyncGather};
@@ -47,58 +47,10 @@ use mail::{
     SyncCmd, SyncPart,
 };
 use outbound::Outbound;
+use sequencer::Sequencer;
+pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
 pub use shared::ShardStats;
 use shared::{META_RETRY_AFTER_MS, MetaTag, Shared};
-
-/// `v`'s items, leaving it empty with room for as many.
-fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
-    let n = v.len();
-    std::mem::replace(v, Vec::with_capacity(n))
-}
-
-/// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
-pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
-     durable: the outcome is unknown. Retry with the same client_msg_id and first_attempt = false \
-     after reconnecting: the answer is the original SendAck (duplicate = true) if it was stored, \
-     or a new SendAck if it was not";
-/// `STORAGE_FAILURE` for a Send still waiting for the log when it failed.
-pub const STORAGE_NOT_STORED: &str = "storage failed before this message was written: it was \
-     not stored. Retry with the same client_msg_id after reconnecting";
-/// `STORAGE_FAILURE` for a Send that reached a shard whose log had already failed.
-pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
-     restarting): the message was not stored. Retry with the same client_msg_id after \
-     reconnecting";
-
-struct Waiter {
-    origin: ConnRef,
-    request_id: u64,
-    conv: ConvId,
-    seq: u64,
-    ts: u64,
-    /// The `client_msg_id` as the frame carried it.
-    cmid_bytes: Bytes,
-    duplicate: bool,
-}
-
-struct OpenBatch {
-    no: u64,
-    entries: Vec<Entry>,
-    /// What `entries` take in the log record (`format::entry_bytes` of each).
-    bytes: usize,
-    /// For each of `entries`: the message as its recipients get it (built from the Send, not
-    /// decoded back from the entry's envelope; debug builds check the two agree) and the
-    /// connection that sent it (its SendAck goes there, its Deliver does not).
-    fresh: Vec<(v1::Message, ConnRef)>,
-    waiters: Vec<Waiter>,
-}
-
-struct InFlight {
-    no: u64,
-    completion: Completion<SyncData>,
-    entries: Vec<Entry>,
-    fresh: Vec<(v1::Message, ConnRef)>,
-    waiters: Vec<Waiter>,
-}
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
@@ -106,12 +58,7 @@ pub struct RouterShard<L, I, M> {
     /// What the concerns share: configuration, clock, storage, conversations, connections,
     /// mail, metadata writer, counters.
     sh: Shared<I, M>,
-    log: L,
-
-    // sequencer
-    open: OpenBatch,
-    inflight: VecDeque<InFlight>,
-    failed: Option<String>,
+    sequencer: Sequencer<L>,
 
     // cursors and receipts
     dirty_delivery: HashSet<(ConvId, UserId, DeviceId)>,
@@ -139,8 +86,8 @@ impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
             .field("shard", &self.sh.mail.shard())
             .field("convs", &self.sh.convs.len())
             .field("conns", &self.sh.dir.conns.len())
-            .field("inflight", &self.inflight.len())
-            .field("failed", &self.failed)
+            .field("inflight", &self.sequencer.inflight())
+            .field("failed", &self.sequencer.failure())
             .finish_non_exhaustive()
     }
 }
@@ -180,16 +127,7 @@ where
         let block_limiter = RateLimiter::new(cfg.block_requests_per_s, cfg.block_requests_burst);
         RouterShard {
             sh: Shared::new(cfg, links, index, meta),
-            log,
-            open: OpenBatch {
-                no: 0,
-                entries: Vec::new(),
-                bytes: 0,
-                fresh: Vec::new(),
-                waiters: Vec::new(),
-            },
-            inflight: VecDeque::new(),
-            failed: None,
+            sequencer: Sequencer::new(log),
             dirty_delivery: HashSet::default(),
             dirty_read: HashSet::default(),
             cursor_due_ms: None,
@@ -210,7 +148,7 @@ where
     /// Why this shard stopped sequencing (its log failed), if it did. Nothing is sequenced
     /// after it; the gateway stops the process, and its restart recovers the log.
     pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
+        self.sequencer.failure()
     }
 
     /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).
@@ -225,12 +163,12 @@ where
 
     /// The log (for the gateway's statistics, or the simulator's disk).
     pub fn log(&self) -> &L {
-        &self.log
+        self.sequencer.log()
     }
 
     /// The log, mutably (the simulator drives its fake disk through it).
     pub fn log_mut(&mut self) -> &mut L {
-        &mut self.log
+        self.sequencer.log_mut()
     }
 
     /// Bytes of `conn`'s frames emitted but not yet reported written (`handle_conn_flushed`).
@@ -377,25 +315,7 @@ where
     /// writes (the metadata writer wakes the shard the same way).
     pub fn handle_log_progress(&mut self, now_ms: u64) {
         self.sh.now_ms = now_ms;
-        while let Some(front) = self.inflight.front() {
-            match front.completion.try_complete() {
-                None => break,
-                Some(Ok(appended)) => {
-                    let Some(b) = self.inflight.pop_front() else {
-                        break;
-                    };
-                    debug_assert_eq!(
-                        appended.last_lsn().0 + 1 - appended.first_lsn().0,
-                        b.entries.len() as u64
-                    );
-                    self.batch_durable(appended.first_lsn(), b);
-                }
-                Some(Err(e)) => {
-                    self.fail(&e);
-                    break;
-                }
-            }
-        }
+        self.sequencer.poll_log(&mut self.sh);
         self.poll_meta();
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.drive();
@@ -423,7 +343,7 @@ where
     /// calls it; call it (or any `poll_*`) after a burst of `handle_*` calls, so that the burst
     /// becomes one log batch and one ring publish.
     pub fn flush(&mut self) {
-        self.submit_open();
+        self.sequencer.submit(&mut self.sh);
         self.sh.mail.flush();
     }
 
@@ -445,12 +365,12 @@ where
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<u64> {
         self.flush();
-        let busy = (!self.open.entries.is_empty()).then_some(self.sh.now_ms + 1);
+        let busy = self.sequencer.due_ms(self.sh.now_ms);
         let close = self.sh.out.close_due_ms(&self.sh.dir);
         // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
         // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
         // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
-        let evict = if self.cursor_in_flight || self.failed.is_some() {
+        let evict = if self.cursor_in_flight || self.sequencer.failure().is_some() {
             None
         } else {
             self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
@@ -466,10 +386,8 @@ where
 
     fn drive(&mut self) {
         self.drive_local();
-        if self.open.entries.len() >= self.sh.cfg.batch_entries_max
-            || self.open.bytes >= self.sh.cfg.batch_bytes_max
-        {
-            self.submit_open();
+        if self.sequencer.is_full(&self.sh.cfg) {
+            self.sequencer.submit(&mut self.sh);
         }
         if self.dirty_delivery.len() + self.dirty_read.len() >= self.sh.cfg.cursor_flush_max {
             self.flush_cursors();
@@ -487,7 +405,7 @@ where
 
     fn process(&mut self, m: Inner) {
         match m {
-            Inner::Send(cmd) => self.on_send_cmd(*cmd),
+            Inner::Send(cmd) => self.sequencer.on_send(&mut self.sh, *cmd),
             Inner::Reply { to, frames } => {
                 for f in frames {
                     self.sh.emit(to, f, false);
@@ -513,40 +431,6 @@ where
                     .reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
             }
         }
-    }
-
-    /// The log failed: answer every waiting Send with the truth, then sequence nothing more.
-    ///
-    /// A batch handed to the log (in flight) may be on disk after a restart even though its
-    /// write or fsync failed (part of a group can be written and synced before the step that
-    /// failed, and a failed fsync says nothing about what reached the disk), so its senders
-    /// hear that the outcome is unknown; a retry with the same `client_msg_id` and
-    /// `first_attempt = false` resolves it. The open batch was never handed to the log: its
-    /// messages are certainly not stored.
-    fn fail(&mut self, e: &LogError) {
-        let why = format!("log failed: {e}");
-        let mut unknown = Vec::new();
-        for b in self.inflight.drain(..) {
-            unknown.extend(b.waiters);
-        }
-        let absent = std::mem::take(&mut self.open.waiters);
-        self.open.entries.clear();
-        self.open.fresh.clear();
-        self.open.bytes = 0;
-        for (waiters, message) in [
-            (unknown, STORAGE_OUTCOME_UNKNOWN),
-            (absent, STORAGE_NOT_STORED),
-        ] {
-            for w in waiters {
-                let f = error_frame(w.request_id, ErrorCode::StorageFailure, message);
-                self.sh.reply(w.origin, vec![f]);
-            }
-        }
-        // Seqs handed out to failed entries are void; nothing is sequenced until restart.
-        for c in self.sh.convs.values_mut() {
-            c.seq.pending.clear();
-        }
-        self.failed = Some(why);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -664,7 +548,7 @@ where
     /// durable and indexed and whose every cursor is durable and announced: exactly what
     /// `Convs::load` would load again.
     fn evict_idle(&mut self) {
-        if self.cursor_in_flight || self.failed.is_some() {
+        if self.cursor_in_flight || self.sequencer.failure().is_some() {
             // A cursor batch in the air may be put back on failure: try again next tick.
             return;
         }
@@ -770,238 +654,6 @@ where
             Err(pair) => self.park(pair, cmd),
         }
         Ok(())
-    }
-
-    fn on_send_cmd(&mut self, cmd: SendCmd) {
-        let (origin, request_id) = (cmd.origin, cmd.request_id);
-        if let Err(Refusal(code, msg)) = self.sequence(cmd) {
-            self.sh
-                .reply(origin, vec![error_frame(request_id, code, msg)]);
-        }
-    }
-
-    fn ack_frame(w: Waiter) -> v1::Frame {
-        frame(
-            w.request_id,
-            Body::SendAck(v1::SendAck {
-                client_msg_id: w.cmid_bytes,
-                conversation_id: w.conv.0,
-                seq: w.seq,
-                server_ts_ms: w.ts,
-                duplicate: w.duplicate,
-            }),
-        )
-    }
-
-    fn sequence(&mut self, cmd: SendCmd) -> Result<(), Refusal> {
-        if self.failed.is_some() {
-            return Err(Refusal(
-                ErrorCode::StorageFailure,
-                STORAGE_SHARD_FAILED.into(),
-            ));
-        }
-        let index = self.sh.index.clone();
-        let meta = self.sh.meta.clone();
-        let open_no = self.open.no;
-        let open_len = self.open.entries.len();
-        let open_max = self.sh.cfg.open_entries_max;
-        let open_bytes = self.open.bytes;
-        let open_bytes_max = self
-            .sh
-            .cfg
-            .open_bytes_max
-            .min(format::RECORD_PAYLOAD_BYTES_MAX);
-        let now = self.sh.now_ms.max(cmd.now_ms);
-        let c = self.sh.member_conv(cmd.conv, cmd.user)?;
-        if let Some((a, b)) = c.pair
-            && a != b
-        {
-            let (a_blocks_b, b_blocks_a) = match c.blocks {
-                Some(bl) => bl,
-                None => {
-                    let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
-                        Ok(meta
-                            .get::<Block>(&block_key(who, whom))
-                            .map_err(|e| Refusal::storage("block lookup", &e))?
-                            .is_some())
-                    };
-                    let bl = (has(a, b)?, has(b, a)?);
-                    c.blocks = Some(bl);
-                    bl
-                }
-            };
-            if (cmd.user == a && b_blocks_a) || (cmd.user == b && a_blocks_b) {
-                return Err(Refusal(
-                    ErrorCode::Blocked,
-                    "the recipient has blocked you".into(),
-                ));
-            }
-        }
-        let mut waiter = Waiter {
-            origin: cmd.origin,
-            request_id: cmd.request_id,
-            conv: cmd.conv,
-            seq: 0,
-            ts: 0,
-            cmid_bytes: cmd.cmid_bytes.clone(),
-            duplicate: true,
-        };
-        // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
-        if let Some(&(seq, ts, no)) = c.seq.pending.get(&cmd.cmid) {
-            waiter.seq = seq;
-            waiter.ts = ts;
-            self.sh.stats.duplicates += 1;
-            if no == open_no {
-                self.open.waiters.push(waiter);
-            } else if let Some(b) = self.inflight.iter_mut().find(|b| b.no == no) {
-                b.waiters.push(waiter);
-            }
-            return Ok(());
-        }
-        let known = match c.seq.recent_ids.get(&cmd.cmid) {
-            Some(&(seq, ts)) => Some((seq, ts)),
-            // The device promises no earlier copy exists beyond the in-memory ones above: a
-            // first attempt costs no index read (the index is the slow, cache-missing part).
-            None if cmd.first_attempt => None,
-            None => match index
-                .dedup(cmd.conv.storage(), cmd.cmid)
-                .map_err(|e| Refusal::storage("dedup", &e))?
-            {
-                Some(seq) => {
-                    let ts = index
-                        .entry(cmd.conv.storage(), seq)
-                        .map_err(|e| Refusal::storage("index", &e))?
-                        .map_or(0, |e| e.ts_ms.0);
-                    Some((seq.0, ts))
-                }
-                None => None,
-            },
-        };
-        if let Some((seq, ts)) = known {
-            waiter.seq = seq;
-            waiter.ts = ts;
-            self.sh.stats.duplicates += 1;
-            let f = Self::ack_frame(waiter);
-            self.sh.reply(cmd.origin, vec![f]);
-            return Ok(());
-        }
-        let body = encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body);
-        let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
-        if open_len >= open_max || open_bytes + entry_bytes > open_bytes_max {
-            return Err(Refusal(
-                ErrorCode::Overloaded,
-                "the sequencer is behind its log; retry shortly".into(),
-            ));
-        }
-        let seq = c.seq.next_seq;
-        c.seq.next_seq += 1;
-        c.seq.pending.insert(cmd.cmid, (seq, now, open_no));
-        waiter.seq = seq;
-        waiter.ts = now;
-        waiter.duplicate = false;
-        self.open.entries.push(Entry {
-            kind: EntryKind::MESSAGE,
-            conv: cmd.conv.storage(),
-            seq: Seq(seq),
-            client_msg_id: cmd.cmid,
-            sender: cmd.user,
-            sender_device: cmd.device,
-            ts_ms: TimestampMs(now),
-            content_type: ENVELOPE_V1,
-            body,
-        });
-        self.open.bytes += entry_bytes;
-        self.open.fresh.push((
-            v1::Message {
-                conversation_id: cmd.conv.0,
-                seq,
-                sender_user_id: cmd.user.0,
-                sender_device_id: cmd.device.0,
-                client_msg_id: cmd.cmid_bytes,
-                server_ts_ms: now,
-                content_type: cmd.content_type,
-                body: cmd.body,
-                media: None,
-                reply_to_seq: cmd.reply_to_seq,
-            },
-            cmd.origin,
-        ));
-        self.open.waiters.push(waiter);
-        Ok(())
-    }
-
-    fn submit_open(&mut self) {
-        if self.open.entries.is_empty() || self.failed.is_some() {
-            return;
-        }
-        match self.log.append::<SyncData>(&self.open.entries) {
-            Ok(completion) => {
-                let no = self.open.no;
-                // The next batch starts with this one's capacity: grown from empty, each batch
-                // reallocated (and copied) its vectors ~log2(n) times.
-                let entries = take_sized(&mut self.open.entries);
-                let fresh = take_sized(&mut self.open.fresh);
-                let waiters = take_sized(&mut self.open.waiters);
-                self.open.bytes = 0;
-                self.inflight.push_back(InFlight {
-                    no,
-                    completion,
-                    entries,
-                    fresh,
-                    waiters,
-                });
-                self.open.no += 1;
-            }
-            Err(LogError::Busy { .. }) => {} // retried at the next flush / tick
-            Err(e) => self.fail(&e),
-        }
-    }
-
-    fn batch_durable(&mut self, first: Lsn, b: InFlight) {
-        debug_assert_eq!(b.entries.len(), b.fresh.len());
-        let mut items = Vec::with_capacity(b.entries.len());
-        for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
-            let lsn = Lsn(first.0 + i as u64);
-            let conv = ConvId::from_storage(e.conv);
-            let Some(c) = self.sh.convs.get_mut(conv) else {
-                continue;
-            };
-            debug_assert_eq!(
-                e.seq.0,
-                c.seq.durable_seq + 1,
-                "seqs become durable in order"
-            );
-            // What a Sync or a history page will read back from the log is what is pushed now.
-            debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
-            c.seq.durable_seq = e.seq.0;
-            c.seq.pending.remove(&e.client_msg_id);
-            c.seq
-                .recent_ids
-                .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
-            c.seq.recent.push_back((lsn, Arc::new(e)));
-            let members = c.members.clone();
-            self.sh.convs.tail_added(lsn, conv);
-            items.push(FanoutItem::Message {
-                msg,
-                members,
-                origin,
-            });
-        }
-        for w in b.waiters {
-            if !w.duplicate {
-                self.sh.stats.messages_acked += 1;
-            }
-            let origin = w.origin;
-            let f = Self::ack_frame(w);
-            if origin.shard == self.sh.mail.shard() && self.sh.mail.local_is_empty() {
-                // Nothing queued ahead of it here: no need for a trip through the local queue
-                // (and its one-frame Vec per acknowledgement).
-                self.sh.emit(origin.conn, f, false);
-            } else {
-                self.sh.reply(origin, vec![f]);
-            }
-        }
-        self.sh.mail.broadcast(items);
     }
 
     fn on_fanout(&mut self, items: &[FanoutItem]) {
@@ -1801,5 +1453,6 @@ fn receipt(conv: ConvId, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64
 }
 
 #[cfg(test)]
-#[path = "shard_tests.rs"]
+mod fixture;
+#[cfg(test)]
 mod tests;
