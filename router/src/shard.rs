@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
 use prost::Message as _;
-use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{DirectPair, User, keys};
 use starling_storage::{
@@ -25,6 +23,7 @@ mod config;
 mod convs;
 mod directory;
 mod envelope;
+mod fanout;
 pub(crate) mod frames;
 mod gather;
 mod mail;
@@ -39,7 +38,7 @@ pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub use frames::{CloseRequest, Transmit};
-use frames::{Refusal, encode_frame, encode_into, error_frame, frame, retry_frame};
+use frames::{Refusal, error_frame, frame, retry_frame};
 use gather::{ListGather, SyncGather};
 pub use mail::ShardMsg;
 use mail::{
@@ -411,7 +410,7 @@ where
                     self.sh.emit(to, f, false);
                 }
             }
-            Inner::Fanout(items) => self.on_fanout(&items),
+            Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
             Inner::Cursor(c) => self.on_cursor(c),
             Inner::Sync(s) => self.on_sync_cmd(s),
             Inner::SyncPart(p) => self.on_sync_part(p),
@@ -654,78 +653,6 @@ where
             Err(pair) => self.park(pair, cmd),
         }
         Ok(())
-    }
-
-    fn on_fanout(&mut self, items: &[FanoutItem]) {
-        let sh = &mut self.sh;
-        let (here, now) = (sh.mail.shard(), sh.now_ms);
-        for item in items {
-            match item {
-                FanoutItem::Message {
-                    msg,
-                    members,
-                    origin,
-                } => {
-                    // Encoded once, for the first device that takes it; the others share it.
-                    let mut encoded: Option<Bytes> = None;
-                    for u in members.iter() {
-                        // By index: pushing changes the directory, and cloning the list
-                        // allocated once per member per message.
-                        for i in 0.. {
-                            let Some(conn) = sh.dir.user_conn(u, i) else {
-                                break;
-                            };
-                            if origin.shard == here && origin.conn == conn {
-                                continue;
-                            }
-                            // Encoded from the borrowed message: an owned Deliver frame
-                            // would clone it.
-                            let deliver = |buf: &mut BytesMut| {
-                                let len = msg.encoded_len();
-                                let need = starling_protocol::deliver_framed_len(len);
-                                encode_into(buf, need, |b| {
-                                    starling_protocol::put_deliver_framed(msg, len, b)
-                                })
-                            };
-                            let kind = FrameKind::Deliver;
-                            if sh.out.push_shared(
-                                &mut sh.dir,
-                                conn,
-                                &mut encoded,
-                                kind,
-                                now,
-                                deliver,
-                            ) {
-                                sh.stats.pushed += 1;
-                            } else if let Some(c) = sh.dir.conns.get_mut(&conn) {
-                                let h = c
-                                    .more()
-                                    .hints
-                                    .entry(ConvId(msg.conversation_id))
-                                    .or_default();
-                                *h = (*h).max(msg.seq);
-                            }
-                        }
-                    }
-                }
-                FanoutItem::Receipt { receipt, to } => {
-                    let mut encoded: Option<Bytes> = None;
-                    for u in to {
-                        for i in 0.. {
-                            let Some(conn) = sh.dir.user_conn(u, i) else {
-                                break;
-                            };
-                            // A device that is behind learns receipts from its next Sync.
-                            let kind = FrameKind::Receipt;
-                            sh.out
-                                .push_shared(&mut sh.dir, conn, &mut encoded, kind, now, |buf| {
-                                    encode_frame(buf, &frame(0, Body::Receipt(*receipt)))
-                                });
-                        }
-                    }
-                }
-            }
-        }
     }
 
     // -----------------------------------------------------------------------------------------
