@@ -71,6 +71,15 @@ pub(crate) enum Written {
 /// A job's outcome.
 pub(crate) type Outcome = Result<Written, Refusal>;
 
+/// A metadata job answered with the outcome of another kind of job: a bug.
+pub(crate) fn unexpected_outcome(w: &Written) -> Refusal {
+    debug_assert!(false, "unexpected metadata outcome {w:?}");
+    Refusal(
+        ErrorCode::Internal,
+        format!("unexpected metadata outcome {w:?}"),
+    )
+}
+
 type Slot = Arc<Mutex<Option<Outcome>>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -9,18 +9,18 @@ use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{DirectPair, User, keys};
 use starling_storage::{
-    ClientMsgId, CursorStore, DeliveryCursor, DeviceId, DurableLog, MessageIndex, MetadataStore,
-    ReadCursor, Seq, UserId,
+    ClientMsgId, CursorStore, DeviceId, DurableLog, MessageIndex, MetadataStore, UserId,
 };
 
 use crate::grid::ShardLinks;
-use crate::hash::{HashMap, HashSet};
+use crate::hash::HashMap;
 use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::limits::RateLimiter;
 use crate::metawriter::{self, Job, Offload, Outcome, Written, ordered};
 
 mod config;
 mod convs;
+mod cursors;
 mod directory;
 mod envelope;
 mod fanout;
@@ -33,6 +33,7 @@ mod shared;
 
 pub use config::ShardConfig;
 use convs::{ConvState, conversations_of};
+use cursors::{Cursors, receipt};
 use envelope::entry_to_message;
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
@@ -42,8 +43,7 @@ use frames::{Refusal, error_frame, frame, retry_frame};
 use gather::{ListGather, SyncGather};
 pub use mail::ShardMsg;
 use mail::{
-    BlockCmd, CursorCmd, CursorKind, FanoutItem, HistoryCmd, Inner, ListCmd, ListPart, SendCmd,
-    SyncCmd, SyncPart,
+    BlockCmd, CursorKind, HistoryCmd, Inner, ListCmd, ListPart, SendCmd, SyncCmd, SyncPart,
 };
 use outbound::Outbound;
 use sequencer::Sequencer;
@@ -59,14 +59,7 @@ pub struct RouterShard<L, I, M> {
     sh: Shared<I, M>,
     sequencer: Sequencer<L>,
 
-    // cursors and receipts
-    dirty_delivery: HashSet<(ConvId, UserId, DeviceId)>,
-    dirty_read: HashSet<(ConvId, UserId)>,
-    cursor_due_ms: Option<u64>,
-    /// Cursor requests to answer (`Done`, or `Error` if it fails) with the next cursor batch.
-    cursor_waiters: Vec<(ConnRef, u64)>,
-    /// A cursor batch is with the metadata writer (one at a time).
-    cursor_in_flight: bool,
+    cursors: Cursors,
 
     /// Block/Unblock budgets of the users whose home shard this is.
     block_limiter: RateLimiter,
@@ -127,11 +120,7 @@ where
         RouterShard {
             sh: Shared::new(cfg, links, index, meta),
             sequencer: Sequencer::new(log),
-            dirty_delivery: HashSet::default(),
-            dirty_read: HashSet::default(),
-            cursor_due_ms: None,
-            cursor_waiters: Vec::new(),
-            cursor_in_flight: false,
+            cursors: Cursors::default(),
             block_limiter,
             parked: HashMap::default(),
             parked_sends: 0,
@@ -231,7 +220,8 @@ where
         };
         let res = match f.body {
             Some(Body::Send(s)) => self.on_send(origin, rid, user, device, s),
-            Some(Body::DeliveryAck(a)) => self.route_cursor(
+            Some(Body::DeliveryAck(a)) => Cursors::route(
+                &mut self.sh,
                 origin,
                 rid,
                 CursorKind::Delivered,
@@ -240,7 +230,8 @@ where
                 a.conversation_id,
                 a.up_to_seq,
             ),
-            Some(Body::ReadCursor(r)) => self.route_cursor(
+            Some(Body::ReadCursor(r)) => Cursors::route(
+                &mut self.sh,
                 origin,
                 rid,
                 CursorKind::Read,
@@ -325,8 +316,8 @@ where
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.sh.now_ms = now_ms;
         self.poll_meta();
-        if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
-            self.flush_cursors();
+        if self.cursors.due_ms().is_some_and(|d| d <= now_ms) {
+            self.cursors.flush(&mut self.sh);
         }
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
@@ -369,12 +360,12 @@ where
         // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
         // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
         // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
-        let evict = if self.cursor_in_flight || self.sequencer.failure().is_some() {
+        let evict = if self.cursors.in_flight() || self.sequencer.failure().is_some() {
             None
         } else {
             self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
         };
-        [self.cursor_due_ms, busy, close, evict]
+        [self.cursors.due_ms(), busy, close, evict]
             .into_iter()
             .flatten()
             .min()
@@ -388,8 +379,8 @@ where
         if self.sequencer.is_full(&self.sh.cfg) {
             self.sequencer.submit(&mut self.sh);
         }
-        if self.dirty_delivery.len() + self.dirty_read.len() >= self.sh.cfg.cursor_flush_max {
-            self.flush_cursors();
+        if self.cursors.is_full(self.sh.cfg.cursor_flush_max) {
+            self.cursors.flush(&mut self.sh);
         }
         self.poll_meta();
         self.drive_local();
@@ -411,7 +402,7 @@ where
                 }
             }
             Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
-            Inner::Cursor(c) => self.on_cursor(c),
+            Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
             Inner::Sync(s) => self.on_sync_cmd(s),
             Inner::SyncPart(p) => self.on_sync_part(p),
             Inner::History(h) => self.on_history(h),
@@ -533,7 +524,7 @@ where
             other => {
                 let Refusal(code, msg) = match other {
                     Err(r) => r,
-                    Ok(w) => unexpected_outcome(&w),
+                    Ok(w) => metawriter::unexpected_outcome(&w),
                 };
                 for cmd in sends {
                     let f = error_frame(cmd.request_id, code, msg.clone());
@@ -547,24 +538,13 @@ where
     /// durable and indexed and whose every cursor is durable and announced: exactly what
     /// `Convs::load` would load again.
     fn evict_idle(&mut self) {
-        if self.cursor_in_flight || self.sequencer.failure().is_some() {
+        if self.cursors.in_flight() || self.sequencer.failure().is_some() {
             // A cursor batch in the air may be put back on failure: try again next tick.
             return;
         }
-        let (dirty_delivery, dirty_read) = (&self.dirty_delivery, &self.dirty_read);
+        let cursors = &self.cursors;
         let evictable = |conv: ConvId, c: &ConvState| {
-            c.seq.settled()
-                && c.cursors.announced()
-                && !c
-                    .cursors
-                    .delivery
-                    .keys()
-                    .any(|&(u, d)| dirty_delivery.contains(&(conv, u, d)))
-                && !c
-                    .cursors
-                    .read
-                    .keys()
-                    .any(|&u| dirty_read.contains(&(conv, u)))
+            c.seq.settled() && c.cursors.announced() && cursors.is_clean(conv, &c.cursors)
         };
         let sh = &mut self.sh;
         sh.stats.convs_evicted +=
@@ -655,140 +635,6 @@ where
         Ok(())
     }
 
-    // -----------------------------------------------------------------------------------------
-    // cursors and receipts
-
-    #[allow(clippy::too_many_arguments)]
-    fn route_cursor(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        kind: CursorKind,
-        user: UserId,
-        device: DeviceId,
-        conv: u64,
-        seq: u64,
-    ) -> Result<(), Refusal> {
-        let Some(conv) = ConvId::from_wire(conv) else {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "conversation_id is 0".into(),
-            ));
-        };
-        let reply = (rid != 0).then_some((origin, rid));
-        let cmd = CursorCmd {
-            reply,
-            kind,
-            user,
-            device,
-            conv,
-            seq,
-        };
-        self.sh
-            .send_to(self.sh.mail.owner(conv), Inner::Cursor(cmd));
-        Ok(())
-    }
-
-    fn on_cursor(&mut self, cmd: CursorCmd) {
-        let c = match self.sh.member_conv(cmd.conv, cmd.user) {
-            Ok(c) => c,
-            Err(Refusal(code, msg)) => {
-                if let Some((origin, rid)) = cmd.reply {
-                    self.sh.reply(origin, vec![error_frame(rid, code, msg)]);
-                }
-                return;
-            }
-        };
-        let seq = cmd.seq.min(c.seq.durable_seq);
-        let moved = match cmd.kind {
-            CursorKind::Delivered => {
-                let v = c
-                    .cursors
-                    .delivery
-                    .entry((cmd.user, cmd.device))
-                    .or_default();
-                let moved = seq > *v;
-                *v = (*v).max(seq);
-                let d = c.cursors.delivered.entry(cmd.user).or_default();
-                *d = (*d).max(seq);
-                if moved {
-                    self.dirty_delivery.insert((cmd.conv, cmd.user, cmd.device));
-                }
-                moved
-            }
-            CursorKind::Read => {
-                let v = c.cursors.read.entry(cmd.user).or_default();
-                let moved = seq > *v;
-                *v = (*v).max(seq);
-                if moved {
-                    self.dirty_read.insert((cmd.conv, cmd.user));
-                }
-                moved
-            }
-        };
-        if let Some(w) = cmd.reply {
-            self.cursor_waiters.push(w);
-        }
-        if (moved || cmd.reply.is_some()) && self.cursor_due_ms.is_none() {
-            self.cursor_due_ms = Some(self.sh.now_ms + self.sh.cfg.cursor_flush_ms);
-        }
-    }
-
-    /// Writes every changed cursor in one durable batch per kind (a job for the metadata
-    /// writer), then announces receipts (only durable cursors are ever announced, so a receipt is
-    /// never taken back by a crash) in [`RouterShard::cursors_written`]. One batch is in flight
-    /// at a time.
-    fn flush_cursors(&mut self) {
-        if self.cursor_in_flight {
-            // The next batch goes when this one lands (`cursors_written` reschedules).
-            self.cursor_due_ms = None;
-            return;
-        }
-        if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() {
-            self.cursor_due_ms = None;
-            self.answer_cursor_waiters();
-            return;
-        }
-        let mut dc = Vec::new();
-        for (conv, user, device) in std::mem::take(&mut self.dirty_delivery) {
-            if let Some(c) = self.sh.convs.get(conv)
-                && let Some(&s) = c.cursors.delivery.get(&(user, device))
-            {
-                dc.push(DeliveryCursor {
-                    conv: conv.storage(),
-                    user,
-                    device,
-                    seq: Seq(s),
-                });
-            }
-        }
-        let mut rc = Vec::new();
-        for (conv, user) in std::mem::take(&mut self.dirty_read) {
-            if let Some(c) = self.sh.convs.get(conv)
-                && let Some(&s) = c.cursors.read.get(&user)
-            {
-                rc.push(ReadCursor {
-                    conv: conv.storage(),
-                    user,
-                    seq: Seq(s),
-                });
-            }
-        }
-        let waiters = std::mem::take(&mut self.cursor_waiters);
-        self.cursor_due_ms = None;
-        self.cursor_in_flight = true;
-        let job = Job::Cursors {
-            delivery: dc.clone(),
-            read: rc.clone(),
-        };
-        let tag = MetaTag::Cursors {
-            delivery: dc,
-            read: rc,
-            waiters,
-        };
-        self.sh.writer.submit(&*self.sh.meta, job, tag);
-    }
-
     /// Takes the outcomes of finished metadata writes, in the order they were submitted.
     fn poll_meta(&mut self) {
         while let Some((tag, outcome)) = self.sh.writer.poll() {
@@ -797,111 +643,14 @@ where
                     delivery,
                     read,
                     waiters,
-                } => {
-                    self.cursor_in_flight = false;
-                    let outcome = outcome.and_then(|w| match w {
-                        Written::Cursors => Ok(()),
-                        w => Err(unexpected_outcome(&w)),
-                    });
-                    self.cursors_written(outcome, delivery, read, waiters);
-                    if !self.dirty_delivery.is_empty()
-                        || !self.dirty_read.is_empty()
-                        || !self.cursor_waiters.is_empty()
-                    {
-                        // Updates that arrived meanwhile: give them their own batch soon.
-                        let due = self.sh.now_ms + self.sh.cfg.cursor_flush_ms;
-                        self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
-                    }
-                }
+                } => self
+                    .cursors
+                    .batch_done(&mut self.sh, outcome, delivery, read, waiters),
                 MetaTag::Block { origin, request_id } => {
                     self.block_written(origin, request_id, outcome);
                 }
                 MetaTag::Direct { pair } => self.direct_created(pair, outcome),
             }
-        }
-    }
-
-    /// A cursor batch was written or not: announce receipts for what is now durable, or put the
-    /// batch back to be retried (cursors are monotonic and idempotent). Either way every request
-    /// that waited for the batch gets its one answer: `Done`, or the `Error` saying its cursor
-    /// was not recorded (the client may send it again; the server also keeps retrying it).
-    fn cursors_written(
-        &mut self,
-        outcome: Result<(), Refusal>,
-        dc: Vec<DeliveryCursor>,
-        rc: Vec<ReadCursor>,
-        waiters: Vec<(ConnRef, u64)>,
-    ) {
-        if let Err(Refusal(code, msg)) = outcome {
-            for c in dc {
-                self.dirty_delivery
-                    .insert((ConvId::from_storage(c.conv), c.user, c.device));
-            }
-            for c in rc {
-                self.dirty_read
-                    .insert((ConvId::from_storage(c.conv), c.user));
-            }
-            for (origin, rid) in waiters {
-                self.sh
-                    .reply(origin, vec![error_frame(rid, code, msg.clone())]);
-            }
-            self.cursor_due_ms = Some(self.sh.now_ms + self.sh.cfg.cursor_flush_ms);
-            return;
-        }
-        self.sh.stats.cursor_flushes += 1;
-        for (origin, rid) in waiters {
-            self.sh
-                .reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
-        }
-        // Announce only values that were written: in-memory cursors may already be ahead.
-        let mut delivered: BTreeMap<(ConvId, UserId), u64> = BTreeMap::new();
-        for c in &dc {
-            let d = delivered
-                .entry((ConvId::from_storage(c.conv), c.user))
-                .or_default();
-            *d = (*d).max(c.seq.0);
-        }
-        let mut items = Vec::new();
-        for ((conv, user), d) in delivered {
-            let Some(c) = self.sh.convs.get_mut(conv) else {
-                continue;
-            };
-            let prev = c.cursors.announced_delivered.entry(user).or_default();
-            if d > *prev {
-                *prev = d;
-                let to = c.members.iter().copied().filter(|u| *u != user).collect();
-                items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, self.sh.now_ms),
-                    to,
-                });
-            }
-        }
-        let mut reads: Vec<(ConvId, UserId, u64)> = rc
-            .iter()
-            .map(|c| (ConvId::from_storage(c.conv), c.user, c.seq.0))
-            .collect();
-        reads.sort_unstable();
-        for (conv, user, r) in reads {
-            let Some(c) = self.sh.convs.get_mut(conv) else {
-                continue;
-            };
-            let prev = c.cursors.announced_read.entry(user).or_default();
-            if r > *prev {
-                *prev = r;
-                let to = c.members.to_vec();
-                items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, r, v1::ReceiptKind::Read, user, self.sh.now_ms),
-                    to,
-                });
-            }
-        }
-        self.sh.mail.broadcast(items);
-    }
-
-    fn answer_cursor_waiters(&mut self) {
-        for (origin, rid) in std::mem::take(&mut self.cursor_waiters) {
-            self.sh
-                .reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
         }
     }
 
@@ -1351,31 +1100,12 @@ where
             other => {
                 let Refusal(code, msg) = match other {
                     Err(r) => r,
-                    Ok(w) => unexpected_outcome(&w),
+                    Ok(w) => metawriter::unexpected_outcome(&w),
                 };
                 self.sh
                     .reply(origin, vec![error_frame(request_id, code, msg)]);
             }
         }
-    }
-}
-
-/// A metadata job answered with the outcome of another kind of job: a bug.
-fn unexpected_outcome(w: &Written) -> Refusal {
-    debug_assert!(false, "unexpected metadata outcome {w:?}");
-    Refusal(
-        ErrorCode::Internal,
-        format!("unexpected metadata outcome {w:?}"),
-    )
-}
-
-fn receipt(conv: ConvId, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
-    v1::Receipt {
-        conversation_id: conv.0,
-        up_to_seq: up_to,
-        kind: kind as i32,
-        by_user_id: by.0,
-        ts_ms: now,
     }
 }
 
