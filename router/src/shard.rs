@@ -30,22 +30,20 @@ mod mail;
 mod outbound;
 mod sequencer;
 mod shared;
+mod sync;
 
 pub use config::ShardConfig;
 use convs::{ConvState, conversations_of};
-use cursors::{Cursors, receipt};
+use cursors::Cursors;
 use envelope::entry_to_message;
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame, frame, retry_frame};
-use gather::{ListGather, SyncGather};
+use gather::ListGather;
 pub use mail::ShardMsg;
-use mail::{
-    BlockCmd, CursorKind, HistoryCmd, Inner, ListCmd, ListPart, SendCmd, SyncCmd, SyncPart,
-};
-use outbound::Outbound;
+use mail::{BlockCmd, CursorKind, HistoryCmd, Inner, ListCmd, ListPart, SendCmd};
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
 pub use shared::ShardStats;
@@ -240,7 +238,7 @@ where
                 r.conversation_id,
                 r.up_to_seq,
             ),
-            Some(Body::Sync(s)) => self.on_sync(origin, rid, user, s),
+            Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
             Some(Body::GetHistory(h)) => match ConvId::from_wire(h.conversation_id) {
                 None => Err(Refusal(
                     ErrorCode::InvalidArgument,
@@ -403,8 +401,8 @@ where
             }
             Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
             Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
-            Inner::Sync(s) => self.on_sync_cmd(s),
-            Inner::SyncPart(p) => self.on_sync_part(p),
+            Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
+            Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
             Inner::History(h) => self.on_history(h),
             Inner::List(l) => self.on_list_cmd(l),
             Inner::ListPart(p) => self.on_list_part(p),
@@ -656,145 +654,6 @@ where
 
     // -----------------------------------------------------------------------------------------
     // sync, history, conversation list
-
-    fn on_sync(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        s: v1::Sync,
-    ) -> Result<(), Refusal> {
-        let convs = conversations_of(&*self.sh.meta, user)?;
-        let mut per_owner: BTreeMap<usize, Vec<(ConvId, u64)>> = BTreeMap::new();
-        for conv in convs {
-            let last = s.last_seq.get(&conv.0).copied().unwrap_or(0);
-            per_owner
-                .entry(self.sh.mail.owner(conv))
-                .or_default()
-                .push((conv, last));
-        }
-        if !self.sh.dir.conns.contains_key(&origin.conn) {
-            return Ok(());
-        }
-        // The device catches up now: pushes resume, hints are void.
-        Outbound::caught_up(&mut self.sh.dir, origin.conn);
-        if per_owner.is_empty() {
-            self.sh.emit(
-                origin.conn,
-                frame(rid, Body::SyncDone(v1::SyncDone::default())),
-                false,
-            );
-            return Ok(());
-        }
-        if let Some(c) = self.sh.dir.conns.get_mut(&origin.conn) {
-            c.more().syncs.insert(rid, SyncGather::new(per_owner.len()));
-        }
-        let bytes_max = self.sh.cfg.sync_bytes_max / per_owner.len().max(1);
-        for (owner, convs) in per_owner {
-            self.sh.send_to(
-                owner,
-                Inner::Sync(SyncCmd {
-                    origin,
-                    request_id: rid,
-                    user,
-                    convs,
-                    bytes_max,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    fn on_sync_cmd(&mut self, cmd: SyncCmd) {
-        let max = self.sh.cfg.sync_messages_max;
-        let now = self.sh.now_ms;
-        let mut part = SyncPart {
-            to: cmd.origin.conn,
-            request_id: cmd.request_id,
-            frames: Vec::new(),
-            truncated: Vec::new(),
-            messages: 0,
-            receipts: 0,
-        };
-        let mut bytes = 0usize;
-        for (conv, last) in cmd.convs {
-            // Over the byte budget: say what is there instead of reading it.
-            let entries = if bytes >= cmd.bytes_max {
-                Vec::new()
-            } else {
-                let Ok(entries) = self.sh.read_after(conv, last, max + 1) else {
-                    continue;
-                };
-                entries
-            };
-            let Ok(c) = self.sh.member_conv(conv, cmd.user) else {
-                continue;
-            };
-            let mut truncated = entries.len() > max
-                || (entries.is_empty() && bytes >= cmd.bytes_max && c.seq.durable_seq > last);
-            for e in entries.iter().take(max) {
-                if bytes >= cmd.bytes_max {
-                    truncated = true;
-                    break;
-                }
-                if let Some(m) = entry_to_message(conv, e) {
-                    let f = frame(
-                        cmd.request_id,
-                        Body::Deliver(v1::Deliver { message: Some(m) }),
-                    );
-                    bytes += f.encoded_len();
-                    part.frames.push(f);
-                    part.messages += 1;
-                }
-            }
-            if truncated {
-                part.truncated.push(v1::MessagesAvailable {
-                    conversation_id: conv.0,
-                    up_to_seq: c.seq.durable_seq,
-                });
-            }
-            let mut rs = Vec::new();
-            for (&u, &d) in &c.cursors.announced_delivered {
-                if u != cmd.user && d > 0 {
-                    rs.push(receipt(conv, d, v1::ReceiptKind::Delivered, u, now));
-                }
-            }
-            for (&u, &r) in &c.cursors.announced_read {
-                if r > 0 {
-                    rs.push(receipt(conv, r, v1::ReceiptKind::Read, u, now));
-                }
-            }
-            rs.sort_by_key(|r| (r.by_user_id, r.kind));
-            for r in rs {
-                part.frames.push(frame(cmd.request_id, Body::Receipt(r)));
-                part.receipts += 1;
-            }
-        }
-        self.sh.send_to(cmd.origin.shard, Inner::SyncPart(part));
-    }
-
-    fn on_sync_part(&mut self, p: SyncPart) {
-        let Some(c) = self.sh.dir.conns.get_mut(&p.to) else {
-            return;
-        };
-        let done = match c.more.as_mut().and_then(|m| m.syncs.get_mut(&p.request_id)) {
-            Some(g) => g.add(p.truncated, p.messages, p.receipts),
-            None => return,
-        };
-        for f in p.frames {
-            self.sh.emit(p.to, f, false);
-        }
-        if done
-            && let Some(g) = self.sh.dir.conns.get_mut(&p.to).and_then(|c| {
-                let g = c.more.as_mut()?.syncs.remove(&p.request_id);
-                c.tidy();
-                g
-            })
-        {
-            let f = frame(p.request_id, Body::SyncDone(g.done()));
-            self.sh.emit(p.to, f, false);
-        }
-    }
 
     fn on_history(&mut self, h: HistoryCmd) {
         let res = self.history_page(&h);
