@@ -1,11 +1,9 @@
 //! [`RouterShard`]: one shard's messaging core, sans-IO. See the crate docs for the API and
 //! `docs/design/messaging.md` for the design (message path, receipts, sync, slow consumers).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{DirectPair, User, keys};
 use starling_storage::{
@@ -26,6 +24,8 @@ mod envelope;
 mod fanout;
 pub(crate) mod frames;
 mod gather;
+mod history;
+mod list;
 mod mail;
 mod outbound;
 mod sequencer;
@@ -33,17 +33,15 @@ mod shared;
 mod sync;
 
 pub use config::ShardConfig;
-use convs::{ConvState, conversations_of};
+use convs::ConvState;
 use cursors::Cursors;
-use envelope::entry_to_message;
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame, frame, retry_frame};
-use gather::ListGather;
 pub use mail::ShardMsg;
-use mail::{BlockCmd, CursorKind, HistoryCmd, Inner, ListCmd, ListPart, SendCmd};
+use mail::{BlockCmd, CursorKind, Inner, SendCmd};
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
 pub use shared::ShardStats;
@@ -239,27 +237,8 @@ where
                 r.up_to_seq,
             ),
             Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
-            Some(Body::GetHistory(h)) => match ConvId::from_wire(h.conversation_id) {
-                None => Err(Refusal(
-                    ErrorCode::InvalidArgument,
-                    "conversation_id is 0".into(),
-                )),
-                Some(conv) => {
-                    let to = self.sh.mail.owner(conv);
-                    self.sh.send_to(
-                        to,
-                        Inner::History(HistoryCmd {
-                            origin,
-                            request_id: rid,
-                            user,
-                            conv,
-                            req: h,
-                        }),
-                    );
-                    Ok(())
-                }
-            },
-            Some(Body::ListConversations(l)) => self.on_list(origin, rid, user, &l),
+            Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
+            Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
             Some(Body::Block(b)) => self.on_block(origin, rid, user, b.user_id, true),
             Some(Body::Unblock(b)) => self.on_block(origin, rid, user, b.user_id, false),
             _ => Err(Refusal(
@@ -403,9 +382,9 @@ where
             Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
             Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
             Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
-            Inner::History(h) => self.on_history(h),
-            Inner::List(l) => self.on_list_cmd(l),
-            Inner::ListPart(p) => self.on_list_part(p),
+            Inner::History(h) => history::on_cmd(&mut self.sh, h),
+            Inner::List(l) => list::on_cmd(&mut self.sh, l),
+            Inner::ListPart(p) => list::on_part(&mut self.sh, p),
             Inner::Block(b) => self.on_block_cmd(b),
             Inner::BlockChanged {
                 conv,
@@ -654,214 +633,6 @@ where
 
     // -----------------------------------------------------------------------------------------
     // sync, history, conversation list
-
-    fn on_history(&mut self, h: HistoryCmd) {
-        let res = self.history_page(&h);
-        let f = match res {
-            Ok(page) => frame(h.request_id, Body::HistoryPage(page)),
-            Err(Refusal(code, msg)) => error_frame(h.request_id, code, msg),
-        };
-        self.sh.reply(h.origin, vec![f]);
-    }
-
-    fn history_page(&mut self, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal> {
-        let conv = h.conv;
-        let limit = match h.req.limit as usize {
-            0 => self.sh.cfg.history_limit_default,
-            n => n.min(self.sh.cfg.history_limit_max),
-        };
-        self.sh.member_conv(conv, h.user)?;
-        let (mut entries, has_more) = match h.req.anchor {
-            Some(v1::get_history::Anchor::AfterSeq(a)) => {
-                let mut v = self.sh.read_after(conv, a, limit + 1)?;
-                let more = v.len() > limit;
-                v.truncate(limit);
-                (v, more)
-            }
-            Some(v1::get_history::Anchor::BeforeSeq(b)) => {
-                let mut v = self.sh.read_before(conv, b, limit + 1)?;
-                let more = v.len() > limit;
-                if more {
-                    v.remove(0);
-                }
-                (v, more)
-            }
-            None => {
-                let mut v = self.sh.read_before(conv, u64::MAX, limit + 1)?;
-                let more = v.len() > limit;
-                if more {
-                    v.remove(0);
-                }
-                (v, more)
-            }
-        };
-        let mut messages: Vec<v1::Message> = entries
-            .drain(..)
-            .filter_map(|e| entry_to_message(conv, &e))
-            .collect();
-        // One frame: keep it under `page_bytes_max`, dropping from the far end of the anchor
-        // (the newest for AfterSeq, the oldest otherwise); the client pages on with `has_more`.
-        let after = matches!(h.req.anchor, Some(v1::get_history::Anchor::AfterSeq(_)));
-        let (mut bytes, mut keep) = (0usize, 0usize);
-        let sizes: Vec<usize> = if after {
-            messages.iter().map(|m| m.encoded_len() + 8).collect()
-        } else {
-            messages.iter().rev().map(|m| m.encoded_len() + 8).collect()
-        };
-        for sz in sizes {
-            if keep > 0 && bytes + sz > self.sh.cfg.page_bytes_max {
-                break;
-            }
-            bytes += sz;
-            keep += 1;
-        }
-        let trimmed = keep < messages.len();
-        if trimmed {
-            if after {
-                messages.truncate(keep);
-            } else {
-                messages.drain(..messages.len() - keep);
-            }
-        }
-        Ok(v1::HistoryPage {
-            conversation_id: conv.0,
-            messages,
-            has_more: has_more || trimmed,
-        })
-    }
-
-    fn on_list(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        l: &v1::ListConversations,
-    ) -> Result<(), Refusal> {
-        let offset = match l.cursor.len() {
-            0 => 0,
-            4 => u32::from_be_bytes([l.cursor[0], l.cursor[1], l.cursor[2], l.cursor[3]]) as usize,
-            _ => return Err(Refusal(ErrorCode::InvalidArgument, "bad cursor".into())),
-        };
-        let limit = match l.limit as usize {
-            0 => self.sh.cfg.list_limit_default,
-            n => n.min(self.sh.cfg.list_limit_max),
-        };
-        let convs = conversations_of(&*self.sh.meta, user)?;
-        let mut per_owner: BTreeMap<usize, Vec<ConvId>> = BTreeMap::new();
-        for conv in convs {
-            per_owner
-                .entry(self.sh.mail.owner(conv))
-                .or_default()
-                .push(conv);
-        }
-        let Some(c) = self.sh.dir.conns.get_mut(&origin.conn) else {
-            return Ok(());
-        };
-        if per_owner.is_empty() {
-            self.sh.emit(
-                origin.conn,
-                frame(rid, Body::ConversationList(v1::ConversationList::default())),
-                false,
-            );
-            return Ok(());
-        }
-        c.more()
-            .lists
-            .insert(rid, ListGather::new(per_owner.len(), limit, offset));
-        for (owner, convs) in per_owner {
-            self.sh.send_to(
-                owner,
-                Inner::List(ListCmd {
-                    origin,
-                    request_id: rid,
-                    user,
-                    convs,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    fn on_list_cmd(&mut self, l: ListCmd) {
-        let mut summaries = Vec::new();
-        for conv in l.convs {
-            if let Ok(s) = self.summary(conv, l.user) {
-                summaries.push(s);
-            }
-        }
-        self.sh.send_to(
-            l.origin.shard,
-            Inner::ListPart(ListPart {
-                to: l.origin.conn,
-                request_id: l.request_id,
-                summaries,
-            }),
-        );
-    }
-
-    fn summary(&mut self, conv: ConvId, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
-        let unread_max = self.sh.cfg.unread_count_max;
-        let last = self.sh.read_before(conv, u64::MAX, 1)?;
-        let c = self.sh.member_conv(conv, user)?;
-        let read = c.cursors.read.get(&user).copied().unwrap_or(0);
-        let (kind, peer, title) = match c.pair {
-            Some((a, b)) => (
-                v1::ConversationKind::Direct,
-                if a == user { b.0 } else { a.0 },
-                String::new(),
-            ),
-            None => (v1::ConversationKind::Group, 0, c.title.clone()),
-        };
-        let last_seq = c.seq.durable_seq;
-        let unread = self
-            .sh
-            .read_after(conv, read, unread_max)?
-            .iter()
-            .filter(|e| e.sender != user)
-            .count();
-        let title = if kind == v1::ConversationKind::Direct {
-            self.sh
-                .meta
-                .get::<User>(&keys::user(UserId(peer)))
-                .ok()
-                .flatten()
-                .map(|u| u.display_name)
-                .unwrap_or(title)
-        } else {
-            title
-        };
-        Ok(v1::ConversationSummary {
-            conversation_id: conv.0,
-            kind: kind as i32,
-            peer_user_id: peer,
-            title,
-            last_message: last
-                .first()
-                .and_then(|e| entry_to_message(conv, e))
-                .map(Box::new),
-            last_seq,
-            unread_count: unread as u32,
-            read_up_to_seq: read,
-        })
-    }
-
-    fn on_list_part(&mut self, p: ListPart) {
-        let Some(c) = self.sh.dir.conns.get_mut(&p.to) else {
-            return;
-        };
-        let Some(g) = c.more.as_mut().and_then(|m| m.lists.get_mut(&p.request_id)) else {
-            return;
-        };
-        if !g.add(p.summaries) {
-            return;
-        }
-        let Some(g) = c.more.as_mut().and_then(|m| m.lists.remove(&p.request_id)) else {
-            return;
-        };
-        c.tidy();
-        let f = frame(p.request_id, Body::ConversationList(g.page()));
-        self.sh.emit(p.to, f, false);
-    }
 
     /// Sends the Block/Unblock to `user`'s home shard ([`crate::ids::home_shard`]): every Block/Unblock of
     /// a user is rate-limited, counted and written there, by one metadata writer, so they take
