@@ -5,20 +5,17 @@ use std::fmt;
 use std::sync::Arc;
 
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_storage::meta::{DirectPair, User, keys};
-use starling_storage::{
-    ClientMsgId, CursorStore, DeviceId, DurableLog, MessageIndex, MetadataStore, UserId,
-};
+use starling_storage::{CursorStore, DeviceId, DurableLog, MessageIndex, MetadataStore, UserId};
 
 use crate::grid::ShardLinks;
-use crate::hash::HashMap;
 use crate::ids::{ConnId, ConnRef, ConvId};
-use crate::limits::RateLimiter;
-use crate::metawriter::{self, Job, Offload, Outcome, Written, ordered};
+use crate::metawriter::Offload;
 
+mod blocks;
 mod config;
 mod convs;
 mod cursors;
+mod direct;
 mod directory;
 mod envelope;
 mod fanout;
@@ -28,24 +25,27 @@ mod history;
 mod list;
 mod mail;
 mod outbound;
+mod send;
 mod sequencer;
 mod shared;
 mod sync;
 
+use blocks::Blocks;
 pub use config::ShardConfig;
 use convs::ConvState;
 use cursors::Cursors;
+use direct::Direct;
 pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub use frames::{CloseRequest, Transmit};
-use frames::{Refusal, error_frame, frame, retry_frame};
+use frames::{Refusal, error_frame};
 pub use mail::ShardMsg;
-use mail::{BlockCmd, CursorKind, Inner, SendCmd};
+use mail::{CursorKind, Inner};
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
 pub use shared::ShardStats;
-use shared::{META_RETRY_AFTER_MS, MetaTag, Shared};
+use shared::{MetaTag, Shared};
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
@@ -53,19 +53,14 @@ pub struct RouterShard<L, I, M> {
     /// What the concerns share: configuration, clock, storage, conversations, connections,
     /// mail, metadata writer, counters.
     sh: Shared<I, M>,
+    /// The log and the batches on their way into it.
     sequencer: Sequencer<L>,
-
+    /// Cursors not yet written, and the requests waiting for them.
     cursors: Cursors,
-
+    /// Direct conversations known here, and Sends parked while one is created.
+    direct: Direct,
     /// Block/Unblock budgets of the users whose home shard this is.
-    block_limiter: RateLimiter,
-
-    // direct conversations
-    /// Sends waiting for their pair's direct conversation to be created, in arrival order.
-    parked: HashMap<(UserId, UserId), Vec<SendCmd>>,
-    /// Sends in `parked` (bounded by `parked_sends_max`).
-    parked_sends: usize,
-    direct_cache: HashMap<(UserId, UserId), ConvId>,
+    blocks: Blocks,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
@@ -95,8 +90,6 @@ where
     }
 }
 
-const DIRECT_CACHE_MAX: usize = 100_000;
-
 impl<L, I, M> RouterShard<L, I, M>
 where
     L: DurableLog,
@@ -112,15 +105,12 @@ where
         index: Arc<I>,
         meta: Arc<M>,
     ) -> Self {
-        let block_limiter = RateLimiter::new(cfg.block_requests_per_s, cfg.block_requests_burst);
         RouterShard {
+            blocks: Blocks::new(&cfg),
             sh: Shared::new(cfg, links, index, meta),
             sequencer: Sequencer::new(log),
             cursors: Cursors::default(),
-            block_limiter,
-            parked: HashMap::default(),
-            parked_sends: 0,
-            direct_cache: HashMap::default(),
+            direct: Direct::default(),
         }
     }
 
@@ -215,7 +205,9 @@ where
             conn,
         };
         let res = match f.body {
-            Some(Body::Send(s)) => self.on_send(origin, rid, user, device, s),
+            Some(Body::Send(s)) => {
+                send::request(&mut self.sh, &mut self.direct, origin, rid, user, device, s)
+            }
             Some(Body::DeliveryAck(a)) => Cursors::route(
                 &mut self.sh,
                 origin,
@@ -239,8 +231,12 @@ where
             Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
             Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
             Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
-            Some(Body::Block(b)) => self.on_block(origin, rid, user, b.user_id, true),
-            Some(Body::Unblock(b)) => self.on_block(origin, rid, user, b.user_id, false),
+            Some(Body::Block(b)) => {
+                Blocks::request(&mut self.sh, origin, rid, user, b.user_id, true)
+            }
+            Some(Body::Unblock(b)) => {
+                Blocks::request(&mut self.sh, origin, rid, user, b.user_id, false)
+            }
             _ => Err(Refusal(
                 ErrorCode::UnexpectedFrame,
                 "not a messaging frame".into(),
@@ -385,129 +381,12 @@ where
             Inner::History(h) => history::on_cmd(&mut self.sh, h),
             Inner::List(l) => list::on_cmd(&mut self.sh, l),
             Inner::ListPart(p) => list::on_part(&mut self.sh, p),
-            Inner::Block(b) => self.on_block_cmd(b),
+            Inner::Block(b) => self.blocks.on_cmd(&mut self.sh, b),
             Inner::BlockChanged {
                 conv,
                 origin,
                 request_id,
-            } => {
-                if let Some(c) = self.sh.convs.get_mut(conv) {
-                    c.blocks = None;
-                }
-                self.sh
-                    .reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
-            }
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // conversations
-
-    /// The direct conversation of `me` and `peer`, if it exists (cached, or found in the
-    /// metadata); `None` if it has to be created first (by the metadata writer, see
-    /// [`RouterShard::park`]) or is being created.
-    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<Option<ConvId>, Refusal> {
-        if peer.0 == 0 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "recipient user_id is 0".into(),
-            ));
-        }
-        let pair = ordered(me, peer);
-        if let Some(&c) = self.direct_cache.get(&pair) {
-            return Ok(Some(c));
-        }
-        if self.parked.contains_key(&pair) {
-            return Ok(None);
-        }
-        let meta = &*self.sh.meta;
-        if let Some(p) = meta
-            .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
-            .map_err(|e| Refusal::storage("direct lookup", &e))?
-        {
-            let conv = ConvId::from_storage(p.conv);
-            self.cache_direct(pair, conv);
-            return Ok(Some(conv));
-        }
-        if meta
-            .get::<User>(&keys::user(peer))
-            .map_err(|e| Refusal::storage("user lookup", &e))?
-            .is_none()
-        {
-            return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
-        }
-        Ok(None)
-    }
-
-    fn cache_direct(&mut self, pair: (UserId, UserId), conv: ConvId) {
-        if self.direct_cache.len() >= DIRECT_CACHE_MAX {
-            self.direct_cache.clear();
-        }
-        self.direct_cache.insert(pair, conv);
-    }
-
-    /// Holds `cmd`, a Send between the users of `pair`, until their direct conversation exists
-    /// durably; the first Send of a pair starts its creation on the metadata writer. The Sends
-    /// go on to the conversation's owner, in the order they came, when the writer's outcome
-    /// arrives ([`RouterShard::direct_created`]); the shard serves everything else meanwhile.
-    fn park(&mut self, pair: (UserId, UserId), cmd: SendCmd) {
-        let creating = self.parked.contains_key(&pair);
-        if self.parked_sends >= self.sh.cfg.parked_sends_max
-            || (!creating && self.sh.writer.queued() >= self.sh.cfg.meta_jobs_max)
-        {
-            let f = retry_frame(
-                cmd.request_id,
-                ErrorCode::Overloaded,
-                "too many new conversations are being created; the message was not accepted, \
-                 send it again"
-                    .into(),
-                META_RETRY_AFTER_MS,
-            );
-            self.sh.reply(cmd.origin, vec![f]);
-            return;
-        }
-        self.parked.entry(pair).or_default().push(cmd);
-        self.parked_sends += 1;
-        if !creating {
-            let job = Job::CreateDirect {
-                low: pair.0,
-                high: pair.1,
-                now_ms: self.sh.now_ms,
-            };
-            self.sh
-                .writer
-                .submit(&*self.sh.meta, job, MetaTag::Direct { pair });
-        }
-    }
-
-    /// The metadata writer created (or found) the direct conversation of `pair`, or failed to:
-    /// the Sends parked for it go on to its owner, or are answered with the failure.
-    fn direct_created(&mut self, pair: (UserId, UserId), outcome: Outcome) {
-        let sends = self.parked.remove(&pair).unwrap_or_default();
-        self.parked_sends -= sends.len();
-        match outcome {
-            Ok(Written::Direct { conv }) => {
-                self.cache_direct(pair, conv);
-                let owner = self.sh.mail.owner(conv);
-                for mut cmd in sends {
-                    cmd.conv = conv;
-                    // Held back while the conversation was created, this copy may now reach
-                    // the owner after a resend of the same message from another connection was
-                    // sequenced: its `first_attempt` promise no longer holds here.
-                    cmd.first_attempt = false;
-                    self.sh.send_to(owner, Inner::Send(Box::new(cmd)));
-                }
-            }
-            other => {
-                let Refusal(code, msg) = match other {
-                    Err(r) => r,
-                    Ok(w) => metawriter::unexpected_outcome(&w),
-                };
-                for cmd in sends {
-                    let f = error_frame(cmd.request_id, code, msg.clone());
-                    self.sh.reply(cmd.origin, vec![f]);
-                }
-            }
+            } => Blocks::changed(&mut self.sh, conv, origin, request_id),
         }
     }
 
@@ -529,89 +408,6 @@ where
                 .evict_idle(sh.now_ms, sh.cfg.conv_idle_evict_ms, evictable);
     }
 
-    // -----------------------------------------------------------------------------------------
-    // sending
-
-    fn on_send(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        device: DeviceId,
-        s: v1::Send,
-    ) -> Result<(), Refusal> {
-        let cmid: [u8; 16] = s.client_msg_id.as_ref().try_into().map_err(|_| {
-            Refusal(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "client_msg_id must be 16 bytes, got {}",
-                    s.client_msg_id.len()
-                ),
-            )
-        })?;
-        if cmid == [0; 16] {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "client_msg_id must not be all zeroes".into(),
-            ));
-        }
-        if s.body.len() > self.sh.cfg.body_bytes_max {
-            return Err(Refusal(
-                ErrorCode::BodyTooLarge,
-                format!(
-                    "body is {} bytes, limit {}",
-                    s.body.len(),
-                    self.sh.cfg.body_bytes_max
-                ),
-            ));
-        }
-        if s.content_type.len() > 255 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "content_type longer than 255 bytes".into(),
-            ));
-        }
-        let conv = match s.to.and_then(|t| t.target) {
-            Some(v1::recipient::Target::UserId(peer)) => {
-                match self.resolve_direct(user, UserId(peer))? {
-                    Some(conv) => Ok(conv),
-                    None => Err(ordered(user, UserId(peer))),
-                }
-            }
-            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(ConvId(c)),
-            _ => {
-                return Err(Refusal(
-                    ErrorCode::InvalidArgument,
-                    "Send.to must name a user or a conversation".into(),
-                ));
-            }
-        };
-        let mut cmd = SendCmd {
-            origin,
-            request_id: rid,
-            user,
-            device,
-            conv: ConvId(0), // set below, or once a parked Send's conversation exists
-            cmid: ClientMsgId(cmid),
-            cmid_bytes: s.client_msg_id,
-            content_type: s.content_type,
-            body: s.body,
-            reply_to_seq: s.reply_to_seq,
-            first_attempt: s.first_attempt,
-            now_ms: self.sh.now_ms,
-        };
-        match conv {
-            Ok(conv) => {
-                cmd.conv = conv;
-                self.sh
-                    .send_to(self.sh.mail.owner(conv), Inner::Send(Box::new(cmd)));
-            }
-            // The pair's first message: its conversation is created first, off this thread.
-            Err(pair) => self.park(pair, cmd),
-        }
-        Ok(())
-    }
-
     /// Takes the outcomes of finished metadata writes, in the order they were submitted.
     fn poll_meta(&mut self) {
         while let Some((tag, outcome)) = self.sh.writer.poll() {
@@ -624,116 +420,9 @@ where
                     .cursors
                     .batch_done(&mut self.sh, outcome, delivery, read, waiters),
                 MetaTag::Block { origin, request_id } => {
-                    self.block_written(origin, request_id, outcome);
+                    Blocks::written(&mut self.sh, origin, request_id, outcome);
                 }
-                MetaTag::Direct { pair } => self.direct_created(pair, outcome),
-            }
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // sync, history, conversation list
-
-    /// Sends the Block/Unblock to `user`'s home shard ([`crate::ids::home_shard`]): every Block/Unblock of
-    /// a user is rate-limited, counted and written there, by one metadata writer, so they take
-    /// effect in the order the user sent them whichever shards their devices are on.
-    fn on_block(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        other: u64,
-        block: bool,
-    ) -> Result<(), Refusal> {
-        if other == 0 {
-            return Err(Refusal(ErrorCode::InvalidArgument, "user_id is 0".into()));
-        }
-        if other == user.0 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "you cannot block or unblock yourself".into(),
-            ));
-        }
-        let cmd = BlockCmd {
-            origin,
-            request_id: rid,
-            user,
-            target: UserId(other),
-            block,
-        };
-        self.sh.send_to(self.sh.mail.home(user), Inner::Block(cmd));
-        Ok(())
-    }
-
-    /// At the user's home shard: takes a token of the user's Block/Unblock budget and hands the
-    /// write to the metadata writer (which checks that the target exists, that a Block stays
-    /// within `blocks_max`, and writes nothing if the request is in effect already).
-    fn on_block_cmd(&mut self, b: BlockCmd) {
-        debug_assert_eq!(self.sh.mail.home(b.user), self.sh.mail.shard());
-        let refusal = if let Err(retry_ms) = self.block_limiter.take(b.user, self.sh.now_ms) {
-            Some(retry_frame(
-                b.request_id,
-                ErrorCode::RateLimited,
-                format!(
-                    "too many Block/Unblock requests: at most {} per second",
-                    self.sh.cfg.block_requests_per_s
-                ),
-                u32::try_from(retry_ms).unwrap_or(u32::MAX),
-            ))
-        } else if self.sh.writer.queued() >= self.sh.cfg.meta_jobs_max {
-            Some(retry_frame(
-                b.request_id,
-                ErrorCode::Overloaded,
-                "too many metadata writes are waiting; nothing was recorded".into(),
-                META_RETRY_AFTER_MS,
-            ))
-        } else {
-            None
-        };
-        if let Some(f) = refusal {
-            self.sh.reply(b.origin, vec![f]);
-            return;
-        }
-        let job = Job::Block {
-            user: b.user,
-            target: b.target,
-            block: b.block,
-            now_ms: self.sh.now_ms,
-        };
-        let tag = MetaTag::Block {
-            origin: b.origin,
-            request_id: b.request_id,
-        };
-        self.sh.writer.submit(&*self.sh.meta, job, tag);
-    }
-
-    /// The Block/Unblock is durable (or was in effect already), or failed. If the pair has a
-    /// direct conversation, its owner drops its cached block state before `Done` goes out: once
-    /// the blocker sees `Done`, no later send from the blocked user is accepted.
-    fn block_written(&mut self, origin: ConnRef, request_id: u64, outcome: Outcome) {
-        match outcome {
-            Ok(Written::Block {
-                conv: Some(conv), ..
-            }) => self.sh.send_to(
-                self.sh.mail.owner(conv),
-                Inner::BlockChanged {
-                    conv,
-                    origin,
-                    request_id,
-                },
-            ),
-            // No conversation yet: one created later reads the block from metadata.
-            Ok(Written::Block { conv: None, .. }) => {
-                self.sh
-                    .reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
-            }
-            other => {
-                let Refusal(code, msg) = match other {
-                    Err(r) => r,
-                    Ok(w) => metawriter::unexpected_outcome(&w),
-                };
-                self.sh
-                    .reply(origin, vec![error_frame(request_id, code, msg)]);
+                MetaTag::Direct { pair } => self.direct.created(&mut self.sh, pair, outcome),
             }
         }
     }

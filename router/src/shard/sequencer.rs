@@ -16,19 +16,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::format;
-use starling_storage::meta::Block;
 use starling_storage::{
     Completion, CursorStore, DurableLog, Entry, EntryKind, LogError, Lsn, MessageIndex,
-    MetadataStore, Seq, SyncData, TimestampMs, UserId,
+    MetadataStore, Seq, SyncData, TimestampMs,
 };
 
+use super::blocks;
 use super::config::ShardConfig;
 use super::envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
 use super::frames::{Refusal, error_frame, frame};
 use super::mail::{FanoutItem, SendCmd};
 use super::shared::Shared;
 use crate::ids::{ConnRef, ConvId};
-use crate::metawriter::block_key;
 
 /// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
 pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
@@ -164,30 +163,7 @@ impl<L: DurableLog> Sequencer<L> {
         let open_bytes_max = sh.cfg.open_bytes_max.min(format::RECORD_PAYLOAD_BYTES_MAX);
         let now = sh.now_ms.max(cmd.now_ms);
         let c = sh.member_conv(cmd.conv, cmd.user)?;
-        if let Some((a, b)) = c.pair
-            && a != b
-        {
-            let (a_blocks_b, b_blocks_a) = match c.blocks {
-                Some(bl) => bl,
-                None => {
-                    let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
-                        Ok(meta
-                            .get::<Block>(&block_key(who, whom))
-                            .map_err(|e| Refusal::storage("block lookup", &e))?
-                            .is_some())
-                    };
-                    let bl = (has(a, b)?, has(b, a)?);
-                    c.blocks = Some(bl);
-                    bl
-                }
-            };
-            if (cmd.user == a && b_blocks_a) || (cmd.user == b && a_blocks_b) {
-                return Err(Refusal(
-                    ErrorCode::Blocked,
-                    "the recipient has blocked you".into(),
-                ));
-            }
-        }
+        blocks::check_send(&*meta, c, cmd.user)?;
         let mut waiter = Waiter {
             origin: cmd.origin,
             request_id: cmd.request_id,
