@@ -1,5 +1,7 @@
-//! [`ShardConfig`]: the limits and sizes of one shard, fixed at start-up. The gateway builds it
-//! from the server's configuration file (`[router]`, and the slow-consumer limits of `[limits]`).
+//! [`ShardConfig`]: the limits and sizes of one shard, fixed at start-up. The server sets every
+//! field from its configuration file (`gateway/src/config.rs`: the `[router]` table, and the
+//! slow-consumer limits of `[limits]`), which also checks the relations between them; the
+//! defaults here are the server's defaults.
 
 /// Limits and sizes of one shard, fixed at start-up.
 #[derive(Clone, Debug)]
@@ -9,10 +11,10 @@ pub struct ShardConfig {
     /// Most entries in one log batch; a full open batch is submitted at once.
     pub batch_entries_max: usize,
     /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
-    /// sends are refused with `OVERLOADED`.
+    /// sends are refused with `OVERLOADED` (at least `batch_entries_max`).
     pub open_entries_max: usize,
     /// An open batch of at least this many bytes (as the log stores its entries) is submitted
-    /// at once, like a full one.
+    /// at once, like a full one (at most `open_bytes_max`).
     pub batch_bytes_max: usize,
     /// Most bytes waiting in the open batch while the log pushes back; beyond it sends are
     /// refused with `OVERLOADED`. One batch is one log record, so this is at most the record
@@ -34,11 +36,13 @@ pub struct ShardConfig {
     /// Most bytes of messages in one `HistoryPage` (it is one frame, so it must stay under the
     /// frame limit; a page always holds at least one message).
     pub page_bytes_max: usize,
-    /// Default and most messages of one `HistoryPage`.
+    /// Messages of a `HistoryPage` whose `GetHistory.limit` is 0 (at most
+    /// `history_limit_max`).
     pub history_limit_default: usize,
     /// Cap of `GetHistory.limit`.
     pub history_limit_max: usize,
-    /// Default and cap of `ListConversations.limit`.
+    /// Conversations of a `ConversationList` page whose `ListConversations.limit` is 0 (at most
+    /// `list_limit_max`).
     pub list_limit_default: usize,
     /// Cap of `ListConversations.limit`.
     pub list_limit_max: usize,
