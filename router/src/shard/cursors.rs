@@ -330,7 +330,7 @@ mod tests {
     use starling_protocol::v1::{self, ErrorCode, frame::Body};
 
     use super::super::ShardConfig;
-    use super::super::fixture::{GROUP, answers, drive_until, read_cursor, send, shard};
+    use super::super::fixture::{GROUP, answers, drive_until, read_cursor, sent, shard};
     use crate::ids::ConnId;
 
     fn receipts(out: &[(ConnId, v1::Frame)]) -> Vec<(ConnId, i32, u64, u64)> {
@@ -347,10 +347,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _meta) = shard(dir.path(), ShardConfig::default());
         let mut now = 1_000;
-        send(&mut s, now, 1);
-        drive_until(&mut s, &mut now, |c, f| {
-            c == ConnId(1) && matches!(f.body, Some(Body::SendAck(_)))
-        });
+        sent(&mut s, &mut now, 1..=1);
         // Read up to 5 of a conversation with one message: read up to 1.
         read_cursor(&mut s, now, 7, 5);
         let out = drive_until(&mut s, &mut now, |_, f| f.request_id == 7);
@@ -385,10 +382,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, meta) = shard(dir.path(), ShardConfig::default());
         let mut now = 1_000;
-        send(&mut s, now, 1);
-        drive_until(&mut s, &mut now, |c, f| {
-            c == ConnId(1) && matches!(f.body, Some(Body::SendAck(_)))
-        });
+        sent(&mut s, &mut now, 1..=1);
         meta.set_fail_writes(true);
         read_cursor(&mut s, now, 7, 1);
         let mut out = drive_until(&mut s, &mut now, |_, f| f.request_id == 7);

@@ -163,6 +163,16 @@ where
     s.handle_frame(ConnId(1), send_frame(rid, rid as u8, to, b"hi"), now);
 }
 
+/// User 1 sends "hi" to [`GROUP`] as requests `rids`; returns once the last is answered (its
+/// SendAck goes out once it is durable).
+pub(super) fn sent(s: &mut Shard, now: &mut u64, rids: std::ops::RangeInclusive<u64>) {
+    let last = *rids.end();
+    for rid in rids {
+        send(s, *now, rid);
+    }
+    drive_until(s, now, |c, f| c == ConnId(1) && f.request_id == last);
+}
+
 /// User 2 reads [`GROUP`] up to `seq`, as request `rid`.
 pub(super) fn read_cursor(s: &mut Shard, now: u64, rid: u64, seq: u64) {
     let f = v1::Frame {

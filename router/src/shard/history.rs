@@ -140,7 +140,7 @@ mod tests {
     use starling_storage::{DeviceId, UserId};
 
     use super::super::ShardConfig;
-    use super::super::fixture::{GROUP, Shard, drive_until, send, shard};
+    use super::super::fixture::{GROUP, Shard, drive_until, sent, shard};
     use super::fit;
     use crate::ids::ConnId;
 
@@ -169,10 +169,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _meta) = shard(dir.path(), ShardConfig::default());
         let mut now = 1_000;
-        for rid in 1..=5 {
-            send(&mut s, now, rid);
-        }
-        drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 5);
+        sent(&mut s, &mut now, 1..=5);
         let req = |anchor, limit| v1::GetHistory {
             conversation_id: GROUP.0,
             anchor,

@@ -174,7 +174,7 @@ mod tests {
     use starling_protocol::v1::{self, ErrorCode, frame::Body};
 
     use super::super::ShardConfig;
-    use super::super::fixture::{GROUP, Shard, drive_until, read_cursor, send, shard};
+    use super::super::fixture::{GROUP, Shard, drive_until, read_cursor, sent, shard};
     use super::page_offset;
     use crate::ids::ConnId;
 
@@ -205,10 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _meta) = shard(dir.path(), ShardConfig::default());
         let mut now = 1_000;
-        for rid in 1..=3 {
-            send(&mut s, now, rid);
-        }
-        drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 3);
+        sent(&mut s, &mut now, 1..=3);
         let l = list(&mut s, &mut now, ConnId(2));
         assert!(l.next_cursor.is_empty());
         let [c] = &l.conversations[..] else {

@@ -289,6 +289,12 @@ mod tests {
         )
     }
 
+    /// The fan-out could not push seq `seq` of conversation `conv` to `c`.
+    fn missed(d: &mut Directory, c: ConnId, conv: u64, seq: u64) {
+        let hints = &mut d.conns.get_mut(&c).unwrap().more().hints;
+        hints.insert(ConvId(conv), seq);
+    }
+
     fn written(o: &mut Outbound) -> Vec<Transmit> {
         std::iter::from_fn(|| o.next_transmit()).collect()
     }
@@ -309,12 +315,7 @@ mod tests {
         let queued: u64 = written(&mut o).iter().map(|t| t.bytes.len() as u64).sum();
         assert_eq!(d.conns[&c].queued_bytes, queued);
         // What the fan-out could not push is remembered as a hint.
-        d.conns
-            .get_mut(&c)
-            .unwrap()
-            .more()
-            .hints
-            .insert(ConvId(7), 9);
+        missed(&mut d, c, 7, 9);
         // Within the budget, but not down to half: still behind.
         assert_eq!(o.flushed(&mut d, c, queued - BUDGET, 2), 0);
         assert!(d.conns[&c].behind);
@@ -402,12 +403,7 @@ mod tests {
         let (mut o, mut d) = setup();
         let c = ConnId(1);
         assert!(o.emit(&mut d, c, sized(0, 1200), true, 1));
-        d.conns
-            .get_mut(&c)
-            .unwrap()
-            .more()
-            .hints
-            .insert(ConvId(7), 9);
+        missed(&mut d, c, 7, 9);
         Outbound::caught_up(&mut d, c);
         let conn = &d.conns[&c];
         assert!(!conn.behind);

@@ -145,11 +145,8 @@ where
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
-        let c = self
-            .convs
-            .load(conv, &*self.index, &*self.meta, self.now_ms)?;
-        c.seq.read_after(&*self.index, conv, after, limit)
+        let (c, index) = self.conv_and_index(conv)?;
+        c.seq.read_after(index, conv, after, limit)
     }
 
     /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
@@ -159,10 +156,16 @@ where
         before: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let (c, index) = self.conv_and_index(conv)?;
+        c.seq.read_before(index, conv, before, limit)
+    }
+
+    /// [`Shared::conv`], with the index to read it from.
+    fn conv_and_index(&mut self, conv: ConvId) -> Result<(&ConvState, &I), Refusal> {
         debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
         let c = self
             .convs
             .load(conv, &*self.index, &*self.meta, self.now_ms)?;
-        c.seq.read_before(&*self.index, conv, before, limit)
+        Ok((c, &*self.index))
     }
 }

@@ -176,7 +176,7 @@ mod tests {
     use starling_storage::{DeviceId, UserId};
 
     use super::super::ShardConfig;
-    use super::super::fixture::{GROUP, Shard, drive_until, read_cursor, send, shard};
+    use super::super::fixture::{GROUP, Shard, drive_until, read_cursor, sent, shard};
     use crate::ids::ConnId;
 
     fn sync(s: &mut Shard, now: &mut u64, conn: ConnId, last_seq: &[(u64, u64)]) -> Vec<Body> {
@@ -194,14 +194,6 @@ mod tests {
         .filter(|(c, f)| *c == conn && f.request_id == 50)
         .filter_map(|(_, f)| f.body)
         .collect()
-    }
-
-    fn sent(s: &mut Shard, now: &mut u64, rids: std::ops::RangeInclusive<u64>) {
-        let last = *rids.end();
-        for rid in rids {
-            send(s, *now, rid);
-        }
-        drive_until(s, now, |c, f| c == ConnId(1) && f.request_id == last);
     }
 
     #[test]

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use starling_protocol::v1::frame::Body;
-
-use super::fixture::{drive_until, send, shard};
-use super::{ConnId, ShardConfig};
+use super::ShardConfig;
+use super::fixture::{sent, shard};
 
 #[test]
 fn idle_conversations_are_evicted_when_ticked_only_at_poll_timeout() {
@@ -17,10 +15,7 @@ fn idle_conversations_are_evicted_when_ticked_only_at_poll_timeout() {
     };
     let (mut s, _meta) = shard(dir.path(), cfg);
     let mut now = 1_000;
-    send(&mut s, now, 1);
-    drive_until(&mut s, &mut now, |c, f| {
-        c == ConnId(1) && matches!(f.body, Some(Body::SendAck(_)))
-    });
+    sent(&mut s, &mut now, 1..=1);
     assert_eq!(s.loaded_conversations(), 1);
     // Nothing happens but time: the gateway ticks when poll_timeout says so.
     for _ in 0..2_000 {
