@@ -71,10 +71,10 @@ impl Cursors {
         kind: CursorKind,
         user: UserId,
         device: DeviceId,
-        conv: u64,
+        conversation_id: u64,
         seq: u64,
     ) -> Result<(), Refusal> {
-        let Some(conv) = ConvId::from_wire(conv) else {
+        let Some(conv) = ConvId::from_wire(conversation_id) else {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
                 "conversation_id is 0".into(),

@@ -42,6 +42,8 @@ pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the 
      restarting): the message was not stored. Retry with the same client_msg_id after \
      reconnecting";
 
+/// A Send waiting for its SendAck: until its batch is durable (a retry of a Send still in
+/// flight waits for the original's batch).
 struct Waiter {
     origin: ConnRef,
     request_id: u64,
@@ -53,6 +55,8 @@ struct Waiter {
     duplicate: bool,
 }
 
+/// The batch being filled (number `no`): the entries of the Sends sequenced since the last one
+/// went to the log.
 struct OpenBatch {
     no: u64,
     entries: Vec<Entry>,
@@ -65,6 +69,7 @@ struct OpenBatch {
     waiters: Vec<Waiter>,
 }
 
+/// A batch the log has; `completion` resolves once it is durable, or failed.
 struct InFlight {
     no: u64,
     completion: Completion<SyncData>,
