@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod router;
+
+pub use router::RouterConfig;
+
 /// Which I/O driver the shards use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -239,54 +243,6 @@ impl Default for StorageConfig {
     }
 }
 
-/// The messaging core (`starling_router::ShardConfig`): the limits a client can meet.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RouterConfig {
-    /// Most users one user may block; a Block beyond it is refused with `PERMISSION_DENIED`
-    /// (at most 10000: one metadata scan counts a user's blocks).
-    pub blocks_max: usize,
-    /// Block/Unblock requests one user may make per second, sustained; beyond it
-    /// `RATE_LIMITED` with `retry_after_ms`. Counted per user over all their devices.
-    pub block_requests_per_s: u32,
-    /// ... and at once (a token bucket of this size).
-    pub block_requests_burst: u32,
-    /// Most Sends one shard holds while the direct conversation they start is being created
-    /// (each with its body); beyond it `OVERLOADED` with `retry_after_ms`.
-    pub parked_sends_max: usize,
-    /// A conversation's state leaves memory after this long unused (it is loaded again from the
-    /// index and the metadata on next use).
-    pub conv_idle_evict_ms: u64,
-}
-
-impl Default for RouterConfig {
-    fn default() -> Self {
-        let d = starling_router::ShardConfig::default();
-        Self {
-            blocks_max: d.blocks_max,
-            block_requests_per_s: d.block_requests_per_s,
-            block_requests_burst: d.block_requests_burst,
-            parked_sends_max: d.parked_sends_max,
-            conv_idle_evict_ms: d.conv_idle_evict_ms,
-        }
-    }
-}
-
-impl RouterConfig {
-    /// The router's configuration: these settings over its defaults.
-    #[must_use]
-    pub fn shard_config(&self) -> starling_router::ShardConfig {
-        starling_router::ShardConfig {
-            blocks_max: self.blocks_max,
-            block_requests_per_s: self.block_requests_per_s,
-            block_requests_burst: self.block_requests_burst,
-            parked_sends_max: self.parked_sends_max,
-            conv_idle_evict_ms: self.conv_idle_evict_ms,
-            ..starling_router::ShardConfig::default()
-        }
-    }
-}
-
 /// The whole server configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -400,6 +356,13 @@ impl Config {
         } else {
             self.shards
         }
+    }
+
+    /// The router's configuration for each shard: `[router]`, with the slow-consumer limits of
+    /// `[limits]`. The one place the gateway builds a `starling_router::ShardConfig`.
+    #[must_use]
+    pub fn shard_config(&self) -> starling_router::ShardConfig {
+        self.router.shard_config(&self.limits)
     }
 
     /// Checks every value; the first bad one is reported.
@@ -531,25 +494,7 @@ impl Config {
                 "argon2 costs too low (memory >= 8 KiB, iterations >= 1)",
             );
         }
-        let r = &self.router;
-        if r.blocks_max == 0 || r.blocks_max > starling_storage::meta::SCAN_RECORDS_MAX {
-            return bad(
-                "router.blocks_max",
-                "must be between 1 and 10000 (one metadata scan counts a user's blocks)",
-            );
-        }
-        if r.block_requests_per_s == 0 || r.block_requests_burst == 0 {
-            return bad(
-                "router.block_requests_per_s",
-                "block_requests_per_s and block_requests_burst must be at least 1",
-            );
-        }
-        if r.parked_sends_max == 0 || r.parked_sends_max > 1 << 20 {
-            return bad("router.parked_sends_max", "must be between 1 and 1048576");
-        }
-        if r.conv_idle_evict_ms < 10 {
-            return bad("router.conv_idle_evict_ms", "must be at least 10");
-        }
+        self.router.validate(&self.limits)?;
         if let OtpSenderConfig::Webhook { url } = &a.otp_sender
             && crate::accounts::sender::parse_http_url(url).is_none()
         {
@@ -598,45 +543,6 @@ mod tests {
         let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
         assert_eq!(c.storage.cached_sealed_segments, 0);
         c.validate().unwrap();
-    }
-
-    #[test]
-    fn router_settings_reach_the_router_and_are_checked() {
-        let c = Config::from_toml(
-            "[router]\nblocks_max = 3\nblock_requests_per_s = 2\nblock_requests_burst = 4\n\
-             parked_sends_max = 16\nconv_idle_evict_ms = 500\n",
-        )
-        .unwrap();
-        c.validate().unwrap();
-        let s = c.router.shard_config();
-        assert_eq!(
-            (
-                s.blocks_max,
-                s.block_requests_per_s,
-                s.block_requests_burst,
-                s.parked_sends_max,
-                s.conv_idle_evict_ms
-            ),
-            (3, 2, 4, 16, 500)
-        );
-        // Everything else keeps the router's defaults.
-        let d = starling_router::ShardConfig::default();
-        assert_eq!(s.sync_messages_max, d.sync_messages_max);
-        assert_eq!(
-            Config::default().router.shard_config().blocks_max,
-            d.blocks_max
-        );
-        for bad in [
-            "[router]\nblocks_max = 0\n",
-            "[router]\nblocks_max = 10001\n",
-            "[router]\nblock_requests_per_s = 0\n",
-            "[router]\nblock_requests_burst = 0\n",
-            "[router]\nparked_sends_max = 0\n",
-            "[router]\nconv_idle_evict_ms = 1\n",
-        ] {
-            assert!(Config::from_toml(bad).unwrap().validate().is_err(), "{bad}");
-        }
-        assert!(Config::from_toml("[router]\nblock_max = 3\n").is_err());
     }
 
     #[test]

@@ -1001,7 +1001,7 @@ impl Conn {
                 }
             }
         }
-        let limits = &self.shard.shared.cfg.limits;
+        let (limits, router) = (&self.shard.shared.cfg.limits, &self.shard.shared.cfg.router);
         self.encoder
             .set_frame_bytes_max(starling_protocol::limits::negotiate_frame_bytes_max(
                 h.frame_bytes_max,
@@ -1011,15 +1011,13 @@ impl Conn {
             server_version: format!("starling {}", env!("CARGO_PKG_VERSION")),
             limits: Some(v1::Limits {
                 frame_bytes_max: limits.frame_bytes_max,
-                body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT,
+                // What the router accepts in a Send (`[router]`; validated to fit a frame).
+                body_bytes_max: u32::try_from(router.body_bytes_max).unwrap_or(u32::MAX),
                 inflight_requests_max: limits.inflight_requests_max,
                 heartbeat_ms: limits.heartbeat_ms,
                 idle_timeout_ms: limits.idle_timeout_ms,
                 // What the router returns at most per conversation and Sync.
-                sync_messages_max: u32::try_from(
-                    starling_router::ShardConfig::default().sync_messages_max,
-                )
-                .unwrap_or(u32::MAX),
+                sync_messages_max: u32::try_from(router.sync_messages_max).unwrap_or(u32::MAX),
             }),
             server_time_ms: clock::unix_ms(),
             authenticated: authenticated.map(|a| a.principal.to_wire()),

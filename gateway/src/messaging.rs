@@ -98,7 +98,8 @@ pub struct RouterParts {
     pub io_cpus: Arc<[usize]>,
     /// Where a failure of the shard's log or index is reported.
     pub health: Arc<Health>,
-    /// The router's limits (`[router]` in the config).
+    /// The router's configuration (`Config::shard_config`: `[router]` and the slow-consumer
+    /// limits of `[limits]`).
     pub cfg: ShardConfig,
 }
 
@@ -112,7 +113,7 @@ pub fn open(
     data_dir: &Path,
     shards: usize,
     storage: &crate::config::StorageConfig,
-    router: &crate::config::RouterConfig,
+    router: &ShardConfig,
     io_cpus: &[usize],
     health: &Arc<Health>,
 ) -> anyhow::Result<(Arc<EmbeddedMeta>, Vec<RouterParts>)> {
@@ -184,7 +185,7 @@ pub fn open(
             efd,
             io_cpus: io_for_parts.clone(),
             health: health.clone(),
-            cfg: router.shard_config(),
+            cfg: router.clone(),
         });
     }
     Ok((meta, parts))
@@ -212,16 +213,17 @@ impl std::fmt::Debug for ShardRouter {
 }
 
 impl ShardRouter {
-    /// Builds the router on the shard thread, with the slow-consumer limits of `limits`.
-    pub fn new(parts: RouterParts, limits: &crate::config::LimitsConfig) -> std::io::Result<Self> {
+    /// Builds the router on the shard thread.
+    pub fn new(parts: RouterParts) -> std::io::Result<Self> {
         let index = parts.store.index().clone();
         let bell = parts.links.bell().clone();
-        let cfg = ShardConfig {
-            conn_outbound_bytes_max: limits.push_backlog_bytes_max,
-            slow_consumer_close_ms: limits.slow_consumer_close_ms,
-            ..parts.cfg
-        };
-        let mut router = RouterShard::new(cfg, parts.links, parts.store, index, parts.meta.clone());
+        let mut router = RouterShard::new(
+            parts.cfg,
+            parts.links,
+            parts.store,
+            index,
+            parts.meta.clone(),
+        );
         router.set_meta_offload(meta_writer(bell.clone(), parts.io_cpus.clone())?);
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {

@@ -229,7 +229,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         &cfg.data_dir,
         n,
         &cfg.storage,
-        &cfg.router,
+        &cfg.shard_config(),
         &placement.io,
         &health,
     )?;
@@ -321,8 +321,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 );
                 rt.block_on(async move {
                     // Built inside the runtime: its eventfd registers with this driver.
-                    let router = match crate::messaging::ShardRouter::new(parts, &shared.cfg.limits)
-                    {
+                    let router = match crate::messaging::ShardRouter::new(parts) {
                         Ok(r) => Rc::new(r),
                         Err(e) => {
                             let _ = ready.send(Err(format!("shard {i}: cannot start router: {e}")));

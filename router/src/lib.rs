@@ -25,6 +25,38 @@
 //! so that one `Deliver` buffer serves every device it goes to and a
 //! connection's outbound budget is charged exactly what the gateway writes.
 //!
+//! ## Where things live
+//!
+//! The shard is split by concern, as quinn-proto splits its connection: `shard.rs` is
+//! [`RouterShard`]'s sans-IO surface (`handle_*`, `poll_*`, `flush`, the dispatch of the
+//! messages between shards to the concern that owns them), and each concern has its own module
+//! under `shard/` with its own state and unit tests. A request that crosses shards has one file
+//! for its whole path (ingress shard → owner shard → gather at the ingress).
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`ring`], [`grid`](mod@grid), `sync` | the SPSC rings between shards and their wake-ups; the atomics facade (std's or loom's) |
+//! | [`ids`] | conversation ids ([`ids::ConvId`]), connection ids, which shard owns a conversation or a user |
+//! | `hash` | the router's hash maps (foldhash) |
+//! | `limits` | per-user token buckets (Block/Unblock) |
+//! | `metawriter` | the shard's metadata writer: every metadata write as a job, outcomes in order |
+//! | `shard/config.rs` | [`ShardConfig`] and its defaults |
+//! | `shard/shared.rs` | what the concerns share (configuration, clock, storage, conversations, connections, mail, metadata writer, [`ShardStats`]) |
+//! | `shard/mail.rs` | [`ShardMsg`]: what crosses the rings, one variant per step of a path; sending, the outbox of full rings |
+//! | `shard/convs.rs` | conversation state at its owner: membership, sequencing counters and durable tail, cursors; loading, eviction, reads over index + tail |
+//! | `shard/directory.rs` | the session directory slice: this shard's connections and, per user, theirs |
+//! | `shard/outbound.rs` | frames out to connections and each connection's push budget (behind, hints, slow-consumer close) |
+//! | `shard/frames.rs`, `shard/envelope.rs` | [`Transmit`] and frame encoding, `Error` answers; the stored message envelope |
+//! | `shard/send.rs` | a Send at the ingress shard: checks, direct resolution, on to the owner |
+//! | `shard/direct.rs` | direct conversations by user pair: the cache, parking while one is created |
+//! | `shard/sequencer.rs` | the shard's log: open batch, dedup, batches in flight, durable completion, failure answers |
+//! | `shard/fanout.rs` | pushing durable messages and receipts to this shard's connections of the members |
+//! | `shard/cursors.rs` | delivery and read cursors: ingress → owner → batched write → receipts |
+//! | `shard/sync.rs` | Sync: ingress → owners → gather |
+//! | `shard/history.rs` | GetHistory: ingress → owner |
+//! | `shard/list.rs` | ListConversations: ingress → owners → gather (`shard/gather.rs` holds the gathering state of Sync and list) |
+//! | `shard/blocks.rs` | Block/Unblock: ingress → home shard (rate limit, write) → owner; the owner's check of direct Sends |
+//!
 //! ## The API: one [`RouterShard`] per shard (sans-IO)
 //!
 //! Built with [`RouterShard::new`] from a [`ShardConfig`], the shard's
@@ -90,6 +122,8 @@ pub mod fuzzing;
 #[cfg(not(loom))]
 pub mod grid;
 #[cfg(not(loom))]
+mod hash;
+#[cfg(not(loom))]
 pub mod ids;
 #[cfg(not(loom))]
 mod limits;
@@ -101,9 +135,11 @@ mod shard;
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};
 #[cfg(not(loom))]
+pub use ids::{ConnId, ConnRef};
+#[cfg(not(loom))]
 pub use metawriter::Offload;
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, ConnId, ConnRef, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN,
-    STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats, Transmit,
+    CloseRequest, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
+    ShardConfig, ShardMsg, ShardStats, Transmit,
 };

@@ -10,7 +10,7 @@
 
 use starling_storage::UserId;
 
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::hash::HashMap;
 
 /// A thousandth of a token.
 const MILLI: u64 = 1000;

@@ -24,10 +24,9 @@ use starling_storage::{
     UserId,
 };
 
-use crate::ids::{self, conv_id};
-use crate::shard::Refusal;
-
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::hash::HashMap;
+use crate::ids::{self, ConvId};
+use crate::shard::frames::Refusal;
 
 /// Runs a job on some other thread; the job wakes the shard when it is done.
 pub type Offload = Box<dyn Fn(Box<dyn FnOnce() + Send>)>;
@@ -64,13 +63,22 @@ pub(crate) enum Written {
     /// The Block/Unblock is durable (`changed`: it was written now; else it was already in
     /// effect and nothing was written). `conv`: the pair's direct conversation, if one exists,
     /// whose owner must forget its cached block state before the request is answered.
-    Block { changed: bool, conv: Option<u64> },
+    Block { changed: bool, conv: Option<ConvId> },
     /// The pair's direct conversation exists durably (created now or earlier).
-    Direct { conv: u64 },
+    Direct { conv: ConvId },
 }
 
 /// A job's outcome.
 pub(crate) type Outcome = Result<Written, Refusal>;
+
+/// A metadata job answered with the outcome of another kind of job: a bug.
+pub(crate) fn unexpected_outcome(w: &Written) -> Refusal {
+    debug_assert!(false, "unexpected metadata outcome {w:?}");
+    Refusal(
+        ErrorCode::Internal,
+        format!("unexpected metadata outcome {w:?}"),
+    )
+}
 
 type Slot = Arc<Mutex<Option<Outcome>>>;
 
@@ -324,7 +332,7 @@ fn block_job<M: MetadataStore>(
     let conv = meta
         .get::<DirectPair>(&direct_pair_key(low, high))
         .map_err(|e| Refusal::storage("direct lookup", &e))?
-        .map(|p| p.conv.0 as u64);
+        .map(|p| ConvId::from_storage(p.conv));
     Ok(Written::Block { changed, conv })
 }
 
@@ -333,11 +341,11 @@ fn block_job<M: MetadataStore>(
 /// belongs to another pair (probe the next). See docs/design/messaging.md.
 fn create_direct<M: MetadataStore>(meta: &M, low: UserId, high: UserId, now_ms: u64) -> Outcome {
     let pair_key = direct_pair_key(low, high);
-    let existing = |meta: &M| -> Result<Option<u64>, Refusal> {
+    let existing = |meta: &M| -> Result<Option<ConvId>, Refusal> {
         Ok(meta
             .get::<DirectPair>(&pair_key)
             .map_err(|e| Refusal::storage("direct lookup", &e))?
-            .map(|p| p.conv.0 as u64))
+            .map(|p| ConvId::from_storage(p.conv)))
     };
     if let Some(conv) = existing(meta)? {
         return Ok(Written::Direct { conv });
@@ -346,21 +354,21 @@ fn create_direct<M: MetadataStore>(meta: &M, low: UserId, high: UserId, now_ms: 
         let id = ids::direct_candidate(low.0, high.0, attempt);
         let mut b = MetaBatch::default();
         b.expect::<DirectPair>(&pair_key, None)
-            .expect::<DirectConv>(&conv_id(id).0.to_be_bytes(), None)
+            .expect::<DirectConv>(&id.storage().0.to_be_bytes(), None)
             .put(&DirectPair {
                 low,
                 high,
-                conv: conv_id(id),
+                conv: id.storage(),
             })
             .put(&DirectConv {
-                conv: conv_id(id),
+                conv: id.storage(),
                 low,
                 high,
                 created_ms: TimestampMs(now_ms),
             });
         for u in [low, high] {
             b.add_member(&Member {
-                group: conv_id(id),
+                group: id.storage(),
                 user: u,
                 role: Role::Member,
                 joined_ms: TimestampMs(now_ms),

@@ -1,740 +1,76 @@
 //! [`RouterShard`]: one shard's messaging core, sans-IO. See the crate docs for the API and
 //! `docs/design/messaging.md` for the design (message path, receipts, sync, slow consumers).
 
-use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use prost::Message as _;
-use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_storage::format;
-use starling_storage::meta::{Block, DirectConv, DirectPair, Group, Member, MemberOf, User, keys};
-use starling_storage::{
-    ClientMsgId, Completion, CursorStore, DeliveryCursor, DeviceId, DurableLog, Entry, EntryKind,
-    LogError, Lsn, MessageIndex, MetadataStore, ReadCursor, Seq, StorageError, SyncData,
-    TimestampMs, UserId,
-};
+use starling_storage::{CursorStore, DeviceId, DurableLog, MessageIndex, MetadataStore, UserId};
 
 use crate::grid::ShardLinks;
-use crate::ids::{conv_id, home_shard, is_group, owner_shard};
-use crate::limits::RateLimiter;
-use crate::metawriter::{self, Job, MetaWriter, Offload, Outcome, Written, block_key, ordered};
+use crate::ids::{ConnId, ConnRef, ConvId};
+use crate::metawriter::Offload;
 
-/// std's maps with foldhash (seeded per process) instead of SipHash: the router hashes several
-/// keys per message (conversation, client_msg_id, users, connections), and SipHash showed in
-/// profiles (docs/design/performance-decisions.md).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+mod blocks;
+mod config;
+mod convs;
+mod cursors;
+mod direct;
+mod directory;
+mod envelope;
+mod fanout;
+pub(crate) mod frames;
+mod gather;
+mod history;
+mod list;
+mod mail;
+mod outbound;
+mod send;
+mod sequencer;
+mod shared;
+mod sync;
 
-/// Limits and sizes of one shard, fixed at start-up.
-#[derive(Clone, Debug)]
-pub struct ShardConfig {
-    /// Largest message body accepted in `Send`, bytes.
-    pub body_bytes_max: usize,
-    /// Most entries in one log batch; a full open batch is submitted at once.
-    pub batch_entries_max: usize,
-    /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
-    /// sends are refused with `OVERLOADED`.
-    pub open_entries_max: usize,
-    /// An open batch of at least this many bytes (as the log stores its entries) is submitted
-    /// at once, like a full one.
-    pub batch_bytes_max: usize,
-    /// Most bytes waiting in the open batch while the log pushes back; beyond it sends are
-    /// refused with `OVERLOADED`. One batch is one log record, so this is at most the record
-    /// payload limit (`starling_storage::format::RECORD_PAYLOAD_BYTES_MAX`; larger values are
-    /// clamped): large bodies fill a batch long before `open_entries_max` entries do.
-    pub open_bytes_max: usize,
-    /// A connection's backlog budget: bytes it may have queued (emitted, not yet reported
-    /// written) before it is behind, i.e. pushes to it turn into `MessagesAvailable` hints,
-    /// which it gets once its backlog is down to half of this (then pushes resume).
-    pub conn_outbound_bytes_max: u64,
-    /// A connection whose backlog stays over its budget this long (it reads too little) is
-    /// closed with `SLOW_CONSUMER`; it syncs after reconnecting.
-    pub slow_consumer_close_ms: u64,
-    /// Most messages per conversation one `Sync` returns.
-    pub sync_messages_max: usize,
-    /// Most bytes of messages one `Sync` returns over all conversations (the rest is reported
-    /// in `SyncDone.truncated`): a reply must fit the gateway's per-connection outbound limit.
-    pub sync_bytes_max: usize,
-    /// Most bytes of messages in one `HistoryPage` (it is one frame, so it must stay under the
-    /// frame limit; a page always holds at least one message).
-    pub page_bytes_max: usize,
-    /// Default and most messages of one `HistoryPage`.
-    pub history_limit_default: usize,
-    /// Cap of `GetHistory.limit`.
-    pub history_limit_max: usize,
-    /// Default and cap of `ListConversations.limit`.
-    pub list_limit_default: usize,
-    /// Cap of `ListConversations.limit`.
-    pub list_limit_max: usize,
-    /// Cursor updates are written (one durable batch) at most this long after they arrive.
-    pub cursor_flush_ms: u64,
-    /// ... or as soon as this many are waiting.
-    pub cursor_flush_max: usize,
-    /// Unread counts stop at this value.
-    pub unread_count_max: usize,
-    /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
-    /// has not been used for this long and nothing of it is in flight; it is loaded again from
-    /// the index and the metadata on next use. Bounds the shard's memory by its active
-    /// conversations instead of every conversation it ever served.
-    pub conv_idle_evict_ms: u64,
-    /// Most users one user may block (at most `starling_storage::meta::SCAN_RECORDS_MAX`, so
-    /// that one metadata scan counts them); a Block beyond it is refused with
-    /// `PERMISSION_DENIED`.
-    pub blocks_max: usize,
-    /// Block/Unblock requests one user may make per second, sustained (a token bucket at the
-    /// user's home shard; beyond it `RATE_LIMITED` with `retry_after_ms`).
-    pub block_requests_per_s: u32,
-    /// ... and at once (the bucket's size).
-    pub block_requests_burst: u32,
-    /// Most Sends one shard holds while the direct conversation they need is being created
-    /// (each holds its body until then); beyond it `OVERLOADED` with `retry_after_ms`.
-    pub parked_sends_max: usize,
-    /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
-    /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
-    pub meta_jobs_max: usize,
-}
-
-/// Most conversation states one [`RouterShard::handle_tick`] examines for eviction, so that a
-/// sweep never holds the shard thread for long (the rest wait for the next tick).
-const EVICT_SCAN_MAX: usize = 1024;
-
-impl Default for ShardConfig {
-    fn default() -> Self {
-        ShardConfig {
-            body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT as usize,
-            batch_entries_max: 512,
-            open_entries_max: 8192,
-            batch_bytes_max: 1024 * 1024,
-            open_bytes_max: 8 * 1024 * 1024,
-            conn_outbound_bytes_max: 256 * 1024,
-            slow_consumer_close_ms: 30_000,
-            sync_messages_max: 500,
-            sync_bytes_max: 256 * 1024,
-            page_bytes_max: 48 * 1024,
-            history_limit_default: 50,
-            history_limit_max: 200,
-            list_limit_default: 50,
-            list_limit_max: 200,
-            cursor_flush_ms: 20,
-            cursor_flush_max: 1024,
-            unread_count_max: 999,
-            conv_idle_evict_ms: 10 * 60 * 1000,
-            blocks_max: 10_000,
-            block_requests_per_s: 10,
-            block_requests_burst: 20,
-            parked_sends_max: 1024,
-            meta_jobs_max: 4096,
-        }
-    }
-}
-
-/// `retry_after_ms` of the `OVERLOADED` that refuses a request the metadata writer has no room
-/// for: about as long as a few metadata commits take.
-const META_RETRY_AFTER_MS: u32 = 50;
-
-/// A connection, named by the gateway; unique within its shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-/// A connection anywhere in the node: its shard and its id there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnRef {
-    /// The shard that owns the connection.
-    pub shard: usize,
-    /// The connection.
-    pub conn: ConnId,
-}
-
-/// A frame for the gateway to write to one of this shard's connections, already encoded as it
-/// goes on the wire (length prefix and protobuf). The router encodes each frame once, where it
-/// is made: a `Deliver` pushed to several devices is one shared buffer, and the frame's size,
-/// which the outbound budget is charged with, is exactly `bytes.len()`.
-#[derive(Debug)]
-pub struct Transmit {
-    /// The connection.
-    pub conn: ConnId,
-    /// The encoded frame. Not checked against the peer's frame limit: the gateway does that.
-    pub bytes: Bytes,
-    /// The frame's `request_id` (responses carry the request's; pushes carry 0).
-    pub request_id: u64,
-    /// What the frame is (`None`: it has no body, which the router never emits).
-    pub kind: Option<FrameKind>,
-}
-
-impl Transmit {
-    /// The frame, decoded again (for tests and diagnostics; the gateway writes `bytes`).
-    #[must_use]
-    pub fn frame(&self) -> Option<v1::Frame> {
-        let mut d = starling_protocol::FrameDecoder::new(u32::MAX);
-        d.handle_bytes(&self.bytes);
-        d.poll_frame().ok().flatten()
-    }
-}
-
-/// Encoded frames are cut from buffers of this size (one allocation per buffer, not per frame).
-const ENCODE_CHUNK_BYTES: usize = 64 * 1024;
-
-/// The router asks the gateway to close a connection (after sending it `Goodbye`).
-#[derive(Debug)]
-pub struct CloseRequest {
-    /// The connection.
-    pub conn: ConnId,
-    /// Why.
-    pub code: ErrorCode,
-    /// Detail for the Goodbye and logs.
-    pub message: String,
-}
-
-/// A message between shards, carried by the grid's rings. Opaque to the gateway.
-pub struct ShardMsg(Inner);
-
-impl fmt::Debug for ShardMsg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.0 {
-            Inner::Send(_) => "Send",
-            Inner::Reply { .. } => "Reply",
-            Inner::Fanout(_) => "Fanout",
-            Inner::Cursor(_) => "Cursor",
-            Inner::Sync(_) => "Sync",
-            Inner::SyncPart(_) => "SyncPart",
-            Inner::History(_) => "History",
-            Inner::List(_) => "List",
-            Inner::ListPart(_) => "ListPart",
-            Inner::Block(_) => "Block",
-            Inner::BlockChanged { .. } => "BlockChanged",
-        };
-        f.debug_tuple("ShardMsg").field(&kind).finish()
-    }
-}
-
-// Shards run on their own threads: what crosses a ring must be `Send`.
-const _: fn() = || {
-    fn send<T: Send>() {}
-    send::<ShardMsg>();
-};
-
-enum Inner {
-    Send(Box<SendCmd>),
-    Reply {
-        to: ConnId,
-        frames: Vec<v1::Frame>,
-    },
-    Fanout(Arc<Vec<FanoutItem>>),
-    Cursor(CursorCmd),
-    Sync(SyncCmd),
-    SyncPart(SyncPart),
-    History(HistoryCmd),
-    List(ListCmd),
-    ListPart(ListPart),
-    /// A Block/Unblock, for the requesting user's home shard (which rate-limits, orders and
-    /// writes it).
-    Block(BlockCmd),
-    /// A Block/Unblock between the members of direct conversation `conv` was committed: the
-    /// owner forgets its cached block state, then answers `Done` to the request.
-    BlockChanged {
-        conv: u64,
-        origin: ConnRef,
-        request_id: u64,
-    },
-}
-
-struct SendCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    device: DeviceId,
-    conv: u64,
-    cmid: ClientMsgId,
-    /// `cmid` as the frame carried it (answers and pushes share it instead of copying).
-    cmid_bytes: Bytes,
-    content_type: String,
-    body: Bytes,
-    reply_to_seq: u64,
-    /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
-    /// dedup lookup (in-memory copies are still checked).
-    first_attempt: bool,
-    now_ms: u64,
-}
-
-enum FanoutItem {
-    /// A durable message for every online device of `members`, except `origin` (which got the
-    /// SendAck).
-    Message {
-        msg: v1::Message,
-        members: Arc<[UserId]>,
-        origin: ConnRef,
-    },
-    /// A receipt for every online device of `to`.
-    Receipt {
-        receipt: v1::Receipt,
-        to: Vec<UserId>,
-    },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum CursorKind {
-    Delivered,
-    Read,
-}
-
-struct CursorCmd {
-    /// Where to send `Done` once durable (request_id != 0), if anywhere.
-    reply: Option<(ConnRef, u64)>,
-    kind: CursorKind,
-    user: UserId,
-    device: DeviceId,
-    conv: u64,
-    seq: u64,
-}
-
-struct SyncCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    convs: Vec<(u64, u64)>,
-    /// This owner's share of `sync_bytes_max`.
-    bytes_max: usize,
-}
-
-struct SyncPart {
-    to: ConnId,
-    request_id: u64,
-    frames: Vec<v1::Frame>,
-    truncated: Vec<v1::MessagesAvailable>,
-    messages: u32,
-    receipts: u32,
-}
-
-struct HistoryCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    req: v1::GetHistory,
-}
-
-struct ListCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    convs: Vec<u64>,
-}
-
-struct ListPart {
-    to: ConnId,
-    request_id: u64,
-    summaries: Vec<v1::ConversationSummary>,
-}
-
-struct BlockCmd {
-    origin: ConnRef,
-    request_id: u64,
-    user: UserId,
-    target: UserId,
-    block: bool,
-}
-
-/// What the shard does with a metadata job's outcome (see [`metawriter`]).
-enum MetaTag {
-    /// A cursor batch: announce receipts and answer `waiters`, or put it back.
-    Cursors {
-        delivery: Vec<DeliveryCursor>,
-        read: Vec<ReadCursor>,
-        waiters: Vec<(ConnRef, u64)>,
-    },
-    /// A Block/Unblock: answer it (through the conversation's owner if there is one).
-    Block { origin: ConnRef, request_id: u64 },
-    /// A direct conversation for the parked Sends of this pair.
-    Direct { pair: (UserId, UserId) },
-}
-
-// ---------------------------------------------------------------------------------------------
-// the message envelope stored in an entry body
-
-/// `Entry.content_type` of entries whose body is the router's envelope, version 1:
-/// `u16 LE content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`.
-const ENVELOPE_V1: u16 = 1;
-
-fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]) -> Vec<u8> {
-    let ct = content_type.as_bytes();
-    let ct = &ct[..ct.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(2 + ct.len() + 8 + body.len());
-    out.extend_from_slice(&(ct.len() as u16).to_le_bytes());
-    out.extend_from_slice(ct);
-    out.extend_from_slice(&reply_to_seq.to_le_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
-/// damaged (never panics on stored bytes).
-fn entry_to_message(conv: u64, e: &Entry) -> Option<v1::Message> {
-    if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
-        return None;
-    }
-    let b = &e.body;
-    let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
-    let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
-    let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
-    let body = b.get(10 + n..)?;
-    Some(v1::Message {
-        conversation_id: conv,
-        seq: e.seq.0,
-        sender_user_id: e.sender.0,
-        sender_device_id: e.sender_device.0,
-        client_msg_id: Bytes::copy_from_slice(&e.client_msg_id.0),
-        server_ts_ms: e.ts_ms.0,
-        content_type: ct.to_owned(),
-        body: Bytes::copy_from_slice(body),
-        media: None,
-        reply_to_seq: reply,
-    })
-}
-
-/// For `crate::fuzzing::message_envelope`: `body` as a stored message entry's body through the
-/// envelope decoder, which must not panic; whatever it accepts re-encodes to the same bytes.
-pub(crate) fn fuzz_envelope(body: &[u8]) -> bool {
-    let e = Entry {
-        kind: EntryKind::MESSAGE,
-        conv: starling_storage::ConvId(9),
-        seq: Seq(1),
-        client_msg_id: ClientMsgId([1; 16]),
-        sender: UserId(7),
-        sender_device: DeviceId(1),
-        ts_ms: TimestampMs(1),
-        content_type: ENVELOPE_V1,
-        body: body.to_vec(),
-    };
-    let Some(m) = entry_to_message(9, &e) else {
-        return false;
-    };
-    assert_eq!(
-        encode_envelope(&m.content_type, m.reply_to_seq, &m.body),
-        body,
-        "an accepted envelope re-encodes to other bytes"
-    );
-    true
-}
-
-/// A stored message body as the router writes it.
+use blocks::Blocks;
+pub use config::ShardConfig;
+use convs::ConvState;
+use cursors::Cursors;
+use direct::Direct;
+pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
-pub(crate) fn sample_envelope() -> Vec<u8> {
-    encode_envelope("text/plain", 3, b"hello")
-}
-
-/// Appends `f` as it goes on the wire to `buf` and splits it off; `buf` is refilled in
-/// [`ENCODE_CHUNK_BYTES`] allocations, which the frames cut from them share.
-fn encode_frame(buf: &mut BytesMut, f: &v1::Frame) -> Bytes {
-    let len = f.encoded_len();
-    let need = prost::encoding::encoded_len_varint(len as u64) + len;
-    encode_into(buf, need, |b| starling_protocol::put_framed(f, len, b))
-}
-
-/// Appends `need` bytes with `put` to the encode chunk `buf` (a fresh chunk if it has no room)
-/// and splits them off.
-fn encode_into(buf: &mut BytesMut, need: usize, put: impl FnOnce(&mut BytesMut) -> usize) -> Bytes {
-    if buf.capacity() - buf.len() < need {
-        *buf = BytesMut::with_capacity(need.max(ENCODE_CHUNK_BYTES));
-    }
-    let n = put(buf);
-    debug_assert_eq!(n, need);
-    buf.split().freeze()
-}
-
-/// `v`'s items, leaving it empty with room for as many.
-fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
-    let n = v.len();
-    std::mem::replace(v, Vec::with_capacity(n))
-}
-
-fn frame(request_id: u64, body: Body) -> v1::Frame {
-    v1::Frame {
-        request_id,
-        body: Some(body),
-    }
-}
-
-/// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
-pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
-     durable: the outcome is unknown. Retry with the same client_msg_id and first_attempt = false \
-     after reconnecting: the answer is the original SendAck (duplicate = true) if it was stored, \
-     or a new SendAck if it was not";
-/// `STORAGE_FAILURE` for a Send still waiting for the log when it failed.
-pub const STORAGE_NOT_STORED: &str = "storage failed before this message was written: it was \
-     not stored. Retry with the same client_msg_id after reconnecting";
-/// `STORAGE_FAILURE` for a Send that reached a shard whose log had already failed.
-pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
-     restarting): the message was not stored. Retry with the same client_msg_id after \
-     reconnecting";
-
-fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> v1::Frame {
-    frame(
-        request_id,
-        Body::Error(v1::Error {
-            code: code as i32,
-            message: message.into(),
-            retry_after_ms: 0,
-        }),
-    )
-}
-
-/// An `Error` frame that tells the client when to try again.
-fn retry_frame(
-    request_id: u64,
-    code: ErrorCode,
-    message: String,
-    retry_after_ms: u32,
-) -> v1::Frame {
-    frame(
-        request_id,
-        Body::Error(v1::Error {
-            code: code as i32,
-            message,
-            retry_after_ms,
-        }),
-    )
-}
-
-/// A refusal: the code and message of the `Error` frame that answers the request.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Refusal(pub(crate) ErrorCode, pub(crate) String);
-
-impl Refusal {
-    pub(crate) fn storage(what: &str, e: &StorageError) -> Refusal {
-        Refusal(ErrorCode::StorageFailure, format!("{what}: {e}"))
-    }
-}
-
-fn member_of_prefix(user: UserId) -> Vec<u8> {
-    keys::user(user)
-}
-
-// ---------------------------------------------------------------------------------------------
-// per-conversation state at its owner shard
-
-struct ConvState {
-    members: Arc<[UserId]>,
-    /// For a direct conversation: the two users (equal for a note to self).
-    pair: Option<(UserId, UserId)>,
-    /// For a direct conversation: (first blocks second, second blocks first) of `pair`, read
-    /// from metadata on first use and forgotten on `Inner::BlockChanged`.
-    blocks: Option<(bool, bool)>,
-    title: String,
-    /// The seq the next accepted message gets.
-    next_seq: u64,
-    /// Highest durable seq (every seq up to it is durable).
-    durable_seq: u64,
-    /// Durable entries the index may not show yet (pruned once `indexed_lsn` covers them).
-    recent: VecDeque<(Lsn, Arc<Entry>)>,
-    /// client_msg_id → (seq, ts, batch number) of accepted, not yet durable messages.
-    pending: HashMap<ClientMsgId, (u64, u64, u64)>,
-    /// client_msg_id → (seq, ts) of durable entries in `recent`.
-    recent_ids: HashMap<ClientMsgId, (u64, u64)>,
-    /// Delivery cursors (possibly not yet durable).
-    delivery: HashMap<(UserId, DeviceId), u64>,
-    /// Per user: the highest delivery cursor of any of their devices.
-    delivered: HashMap<UserId, u64>,
-    /// Read cursors (possibly not yet durable).
-    read: HashMap<UserId, u64>,
-    /// Per user: the delivered / read seq last made durable and announced.
-    announced_delivered: HashMap<UserId, u64>,
-    announced_read: HashMap<UserId, u64>,
-    /// `now_ms` of the last use (for eviction).
-    touched_ms: u64,
-}
-
-struct Waiter {
-    origin: ConnRef,
-    request_id: u64,
-    conv: u64,
-    seq: u64,
-    ts: u64,
-    /// The `client_msg_id` as the frame carried it.
-    cmid_bytes: Bytes,
-    duplicate: bool,
-}
-
-struct OpenBatch {
-    no: u64,
-    entries: Vec<Entry>,
-    /// What `entries` take in the log record (`format::entry_bytes` of each).
-    bytes: usize,
-    /// For each of `entries`: the message as its recipients get it (built from the Send, not
-    /// decoded back from the entry's envelope; debug builds check the two agree) and the
-    /// connection that sent it (its SendAck goes there, its Deliver does not).
-    fresh: Vec<(v1::Message, ConnRef)>,
-    waiters: Vec<Waiter>,
-}
-
-struct InFlight {
-    no: u64,
-    completion: Completion<SyncData>,
-    entries: Vec<Entry>,
-    fresh: Vec<(v1::Message, ConnRef)>,
-    waiters: Vec<Waiter>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// per-connection state at the connection's shard
-
-struct Conn {
-    user: UserId,
-    device: DeviceId,
-    /// Bytes emitted and not yet reported written by the gateway.
-    queued_bytes: u64,
-    /// Behind: a push found the backlog over budget. Pushes turn into hints until the backlog
-    /// is down to half the budget (or the device syncs).
-    behind: bool,
-    /// State only a connection that is behind or has a Sync/list outstanding needs, boxed so an
-    /// idle connection's directory entry stays a few dozen bytes (it is per connection, and
-    /// idle connections are most of them).
-    more: Option<Box<ConnMore>>,
-}
-
-#[derive(Default)]
-struct ConnMore {
-    /// Latest seq per conversation not pushed while behind.
-    hints: BTreeMap<u64, u64>,
-    /// Since when the backlog has been over budget without a break (for
-    /// `slow_consumer_close_ms`); `None` while it is within the budget.
-    over_since_ms: Option<u64>,
-    /// A close was requested (the connection is left alone until it is gone).
-    closing: bool,
-    syncs: HashMap<u64, SyncGather>,
-    lists: HashMap<u64, ListGather>,
-}
-
-impl Conn {
-    fn more(&mut self) -> &mut ConnMore {
-        self.more.get_or_insert_with(Box::default)
-    }
-
-    fn over_since_ms(&self) -> Option<u64> {
-        self.more
-            .as_ref()
-            .filter(|m| !m.closing)
-            .and_then(|m| m.over_since_ms)
-    }
-
-    /// Whether the tick needs to look at this connection (hints to emit or a close clock).
-    fn watched(&self) -> bool {
-        self.behind || self.over_since_ms().is_some()
-    }
-
-    /// Frees the boxed state once nothing in it is in use.
-    fn tidy(&mut self) {
-        if self.more.as_ref().is_some_and(|m| {
-            m.hints.is_empty()
-                && m.over_since_ms.is_none()
-                && !m.closing
-                && m.syncs.is_empty()
-                && m.lists.is_empty()
-        }) {
-            self.more = None;
-        }
-    }
-}
-
-#[derive(Default)]
-struct SyncGather {
-    remaining: usize,
-    truncated: Vec<v1::MessagesAvailable>,
-    messages: u32,
-    receipts: u32,
-}
-
-struct ListGather {
-    remaining: usize,
-    limit: usize,
-    offset: usize,
-    summaries: Vec<v1::ConversationSummary>,
-}
-
-/// Counters for tests, metrics and the simulator.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShardStats {
-    /// Messages acknowledged durable.
-    pub messages_acked: u64,
-    /// Sends answered from dedup (retries).
-    pub duplicates: u64,
-    /// Deliver frames pushed (not counting Sync).
-    pub pushed: u64,
-    /// MessagesAvailable hints emitted.
-    pub hints: u64,
-    /// Cursor flushes (durable batches of cursor updates).
-    pub cursor_flushes: u64,
-    /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
-    pub convs_evicted: u64,
-}
+pub(crate) use envelope::sample_envelope;
+pub use frames::{CloseRequest, Transmit};
+use frames::{Refusal, error_frame};
+pub use mail::ShardMsg;
+use mail::{CursorKind, Inner};
+use sequencer::Sequencer;
+pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
+pub use shared::ShardStats;
+use shared::{MetaTag, Shared};
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
 pub struct RouterShard<L, I, M> {
-    cfg: ShardConfig,
-    shard: usize,
-    shards: usize,
-    links: ShardLinks<ShardMsg>,
-    log: L,
-    index: Arc<I>,
-    meta: Arc<M>,
-    now_ms: u64,
-
-    // sequencer
-    /// Boxed: growing the map rehashes 16-byte entries, not whole conversation states (~0.4 KB
-    /// each), which at a million conversations would stall the shard for most of a second.
-    convs: HashMap<u64, Box<ConvState>>,
-    /// Every loaded conversation once, oldest check first: (conv, `touched_ms` when queued).
-    idle_queue: VecDeque<(u64, u64)>,
-    open: OpenBatch,
-    inflight: VecDeque<InFlight>,
-    /// (lsn, conv) of entries in some `ConvState::recent`, in lsn order.
-    recent_order: VecDeque<(Lsn, u64)>,
-    failed: Option<String>,
-    dirty_delivery: HashSet<(u64, UserId, DeviceId)>,
-    dirty_read: HashSet<(u64, UserId)>,
-    cursor_due_ms: Option<u64>,
-    /// Cursor requests to answer (`Done`, or `Error` if it fails) with the next cursor batch.
-    cursor_waiters: Vec<(ConnRef, u64)>,
-    /// A cursor batch is with the metadata writer (one at a time).
-    cursor_in_flight: bool,
-    /// Every metadata write (cursor batches, Block/Unblock, direct conversations) goes through
-    /// it, off this thread once [`RouterShard::set_meta_offload`] was called.
-    writer: MetaWriter<MetaTag>,
+    /// What the concerns share: configuration, clock, storage, conversations, connections,
+    /// mail, metadata writer, counters.
+    sh: Shared<I, M>,
+    /// The log and the batches on their way into it.
+    sequencer: Sequencer<L>,
+    /// Cursors not yet written, and the requests waiting for them.
+    cursors: Cursors,
+    /// Direct conversations known here, and Sends parked while one is created.
+    direct: Direct,
     /// Block/Unblock budgets of the users whose home shard this is.
-    block_limiter: RateLimiter,
-    /// Sends waiting for their pair's direct conversation to be created, in arrival order.
-    parked: HashMap<(UserId, UserId), Vec<SendCmd>>,
-    /// Sends in `parked` (bounded by `parked_sends_max`).
-    parked_sends: usize,
-
-    // session directory slice
-    conns: HashMap<ConnId, Conn>,
-    /// Connections behind (pushes turned into hints) or over their backlog budget (the close
-    /// clock runs): the tick looks at them.
-    watched: HashSet<ConnId>,
-    users: HashMap<UserId, Vec<ConnId>>,
-    direct_cache: HashMap<(UserId, UserId), u64>,
-
-    // outputs
-    local: VecDeque<Inner>,
-    outbox: Vec<VecDeque<ShardMsg>>,
-    transmits: VecDeque<Transmit>,
-    /// Where frames are encoded (see [`Transmit`]).
-    encode_buf: BytesMut,
-    closes: VecDeque<CloseRequest>,
-    stats: ShardStats,
+    blocks: Blocks,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterShard")
-            .field("shard", &self.shard)
-            .field("convs", &self.convs.len())
-            .field("conns", &self.conns.len())
-            .field("inflight", &self.inflight.len())
-            .field("failed", &self.failed)
+            .field("shard", &self.sh.mail.shard())
+            .field("convs", &self.sh.convs.len())
+            .field("conns", &self.sh.dir.conns.len())
+            .field("inflight", &self.sequencer.inflight())
+            .field("failed", &self.sequencer.failure())
             .finish_non_exhaustive()
     }
 }
@@ -750,11 +86,9 @@ where
     /// [`RouterShard::handle_tick`] picks up the outcome. Without it writes run inline (the
     /// simulation's default). See the `metawriter` module.
     pub fn set_meta_offload(&mut self, offload: Offload) {
-        self.writer.set_offload(self.meta.clone(), offload);
+        self.sh.writer.set_offload(self.sh.meta.clone(), offload);
     }
 }
-
-const DIRECT_CACHE_MAX: usize = 100_000;
 
 impl<L, I, M> RouterShard<L, I, M>
 where
@@ -771,103 +105,61 @@ where
         index: Arc<I>,
         meta: Arc<M>,
     ) -> Self {
-        let shards = links.shards();
-        let writer = MetaWriter::new(cfg.blocks_max);
-        let block_limiter = RateLimiter::new(cfg.block_requests_per_s, cfg.block_requests_burst);
         RouterShard {
-            shard: links.shard(),
-            shards,
-            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
-            cfg,
-            links,
-            log,
-            index,
-            meta,
-            now_ms: 0,
-            convs: HashMap::default(),
-            open: OpenBatch {
-                no: 0,
-                entries: Vec::new(),
-                bytes: 0,
-                fresh: Vec::new(),
-                waiters: Vec::new(),
-            },
-            inflight: VecDeque::new(),
-            idle_queue: VecDeque::new(),
-            recent_order: VecDeque::new(),
-            failed: None,
-            dirty_delivery: HashSet::default(),
-            dirty_read: HashSet::default(),
-            cursor_due_ms: None,
-            cursor_waiters: Vec::new(),
-            cursor_in_flight: false,
-            writer,
-            block_limiter,
-            parked: HashMap::default(),
-            parked_sends: 0,
-            conns: HashMap::default(),
-            watched: HashSet::default(),
-            users: HashMap::default(),
-            direct_cache: HashMap::default(),
-            local: VecDeque::new(),
-            transmits: VecDeque::new(),
-            encode_buf: BytesMut::new(),
-            closes: VecDeque::new(),
-            stats: ShardStats::default(),
+            blocks: Blocks::new(&cfg),
+            sh: Shared::new(cfg, links, index, meta),
+            sequencer: Sequencer::new(log),
+            cursors: Cursors::default(),
+            direct: Direct::default(),
         }
     }
 
     /// This shard's index in the grid.
     pub fn shard(&self) -> usize {
-        self.shard
+        self.sh.mail.shard()
     }
 
     /// Why this shard stopped sequencing (its log failed), if it did. Nothing is sequenced
     /// after it; the gateway stops the process, and its restart recovers the log.
     pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
+        self.sequencer.failure()
     }
 
     /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).
     pub fn loaded_conversations(&self) -> usize {
-        self.convs.len()
+        self.sh.convs.len()
     }
 
     /// Counters.
     pub fn stats(&self) -> ShardStats {
-        self.stats
+        self.sh.stats
     }
 
     /// The log (for the gateway's statistics, or the simulator's disk).
     pub fn log(&self) -> &L {
-        &self.log
+        self.sequencer.log()
     }
 
     /// The log, mutably (the simulator drives its fake disk through it).
     pub fn log_mut(&mut self) -> &mut L {
-        &mut self.log
+        self.sequencer.log_mut()
     }
 
     /// Bytes of `conn`'s frames emitted but not yet reported written (`handle_conn_flushed`).
     #[must_use]
     pub fn conn_queued_bytes(&self, conn: ConnId) -> Option<u64> {
-        self.conns.get(&conn).map(|c| c.queued_bytes)
+        self.sh.dir.conns.get(&conn).map(|c| c.queued_bytes)
     }
 
     /// Whether any item waits for room in a full ring: the gateway should stop reading from its
     /// sockets until this clears (rings are never grown).
     pub fn is_backpressured(&self) -> bool {
-        self.outbox.iter().any(|q| !q.is_empty())
+        self.sh.mail.is_backpressured()
     }
 
     /// Forget cached membership of `conv` (call after the group API changed it).
-    pub fn invalidate_members(&mut self, conv: u64) {
-        if let Some(c) = self.convs.get_mut(&conv)
-            && let Ok((members, _, title)) = load_members(&*self.meta, conv)
-        {
-            c.members = members;
-            c.title = title;
-        }
+    pub fn invalidate_members(&mut self, conv: ConvId) {
+        self.sh.convs.reload_members(conv, &*self.sh.meta);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -881,71 +173,43 @@ where
         device: DeviceId,
         now_ms: u64,
     ) {
-        self.now_ms = now_ms;
-        self.conns.insert(
-            conn,
-            Conn {
-                user,
-                device,
-                queued_bytes: 0,
-                behind: false,
-                more: None,
-            },
-        );
-        // Most users have one device online: no spare capacity per entry.
-        self.users
-            .entry(user)
-            .or_insert_with(|| Vec::with_capacity(1))
-            .push(conn);
+        self.sh.now_ms = now_ms;
+        self.sh.dir.open(conn, user, device);
     }
 
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
-        self.now_ms = now_ms;
-        self.watched.remove(&conn);
-        if let Some(c) = self.conns.remove(&conn)
-            && let Some(list) = self.users.get_mut(&c.user)
-        {
-            list.retain(|x| *x != conn);
-            if list.is_empty() {
-                self.users.remove(&c.user);
-            }
-        }
+        self.sh.now_ms = now_ms;
+        self.sh.dir.close(conn);
     }
 
     /// The gateway wrote `bytes` of this connection's frames to its socket.
     pub fn handle_conn_flushed(&mut self, conn: ConnId, bytes: u64, now_ms: u64) {
-        self.now_ms = now_ms;
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
-        if c.queued_bytes <= self.cfg.conn_outbound_bytes_max
-            && let Some(m) = &mut c.more
-        {
-            // Within the budget again: the close clock stops.
-            m.over_since_ms = None;
-        }
-        self.emit_hints(conn);
+        self.sh.now_ms = now_ms;
+        let sh = &mut self.sh;
+        sh.stats.hints += sh.out.flushed(&mut sh.dir, conn, bytes, now_ms);
     }
 
     /// A decoded client frame from `conn` (authenticated as the user and device it was opened
     /// with). Only the messaging frames are the router's (see [`RouterShard::handles`]); others
     /// are answered with `UNEXPECTED_FRAME`.
     pub fn handle_frame(&mut self, conn: ConnId, f: v1::Frame, now_ms: u64) {
-        self.now_ms = now_ms;
-        let Some(c) = self.conns.get(&conn) else {
+        self.sh.now_ms = now_ms;
+        let Some(c) = self.sh.dir.conns.get(&conn) else {
             return;
         };
         let (user, device) = (c.user, c.device);
         let rid = f.request_id;
         let origin = ConnRef {
-            shard: self.shard,
+            shard: self.sh.mail.shard(),
             conn,
         };
         let res = match f.body {
-            Some(Body::Send(s)) => self.on_send(origin, rid, user, device, s),
-            Some(Body::DeliveryAck(a)) => self.route_cursor(
+            Some(Body::Send(s)) => {
+                send::request(&mut self.sh, &mut self.direct, origin, rid, user, device, s)
+            }
+            Some(Body::DeliveryAck(a)) => Cursors::route(
+                &mut self.sh,
                 origin,
                 rid,
                 CursorKind::Delivered,
@@ -954,7 +218,8 @@ where
                 a.conversation_id,
                 a.up_to_seq,
             ),
-            Some(Body::ReadCursor(r)) => self.route_cursor(
+            Some(Body::ReadCursor(r)) => Cursors::route(
+                &mut self.sh,
                 origin,
                 rid,
                 CursorKind::Read,
@@ -963,37 +228,22 @@ where
                 r.conversation_id,
                 r.up_to_seq,
             ),
-            Some(Body::Sync(s)) => self.on_sync(origin, rid, user, s),
-            Some(Body::GetHistory(h)) => {
-                if h.conversation_id == 0 {
-                    Err(Refusal(
-                        ErrorCode::InvalidArgument,
-                        "conversation_id is 0".into(),
-                    ))
-                } else {
-                    let to = owner_shard(h.conversation_id, self.shards);
-                    self.send_to(
-                        to,
-                        Inner::History(HistoryCmd {
-                            origin,
-                            request_id: rid,
-                            user,
-                            req: h,
-                        }),
-                    );
-                    Ok(())
-                }
+            Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
+            Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
+            Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
+            Some(Body::Block(b)) => {
+                Blocks::request(&mut self.sh, origin, rid, user, b.user_id, true)
             }
-            Some(Body::ListConversations(l)) => self.on_list(origin, rid, user, &l),
-            Some(Body::Block(b)) => self.on_block(origin, rid, user, b.user_id, true),
-            Some(Body::Unblock(b)) => self.on_block(origin, rid, user, b.user_id, false),
+            Some(Body::Unblock(b)) => {
+                Blocks::request(&mut self.sh, origin, rid, user, b.user_id, false)
+            }
             _ => Err(Refusal(
                 ErrorCode::UnexpectedFrame,
                 "not a messaging frame".into(),
             )),
         };
         if let Err(Refusal(code, msg)) = res {
-            self.emit(conn, error_frame(rid, code, msg), false);
+            self.sh.emit(conn, error_frame(rid, code, msg), false);
         }
         self.drive();
     }
@@ -1015,8 +265,8 @@ where
 
     /// Drains the inbound rings (call after this shard's bell / doorbell woke it).
     pub fn handle_rings(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
-        while let Some(ShardMsg(m)) = self.links.pop() {
+        self.sh.now_ms = now_ms;
+        while let Some(m) = self.sh.mail.receive() {
             self.process(m);
             self.drive_local();
         }
@@ -1027,70 +277,25 @@ where
     /// fail everything pending if the log failed. Also takes the outcomes of finished metadata
     /// writes (the metadata writer wakes the shard the same way).
     pub fn handle_log_progress(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
-        while let Some(front) = self.inflight.front() {
-            match front.completion.try_complete() {
-                None => break,
-                Some(Ok(appended)) => {
-                    let Some(b) = self.inflight.pop_front() else {
-                        break;
-                    };
-                    debug_assert_eq!(
-                        appended.last_lsn().0 + 1 - appended.first_lsn().0,
-                        b.entries.len() as u64
-                    );
-                    self.batch_durable(appended.first_lsn(), b);
-                }
-                Some(Err(e)) => {
-                    self.fail(&e);
-                    break;
-                }
-            }
-        }
+        self.sh.now_ms = now_ms;
+        self.sequencer.poll_log(&mut self.sh);
         self.poll_meta();
-        self.prune_recent();
+        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.drive();
     }
 
     /// Timer: submit a batch the log pushed back, write due cursor updates, prune caches. Call
     /// at [`RouterShard::poll_timeout`] (or more often).
     pub fn handle_tick(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
+        self.sh.now_ms = now_ms;
         self.poll_meta();
-        if self.cursor_due_ms.is_some_and(|d| d <= now_ms) {
-            self.flush_cursors();
+        if self.cursors.due_ms().is_some_and(|d| d <= now_ms) {
+            self.cursors.flush(&mut self.sh);
         }
-        self.prune_recent();
+        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
-        let conns: Vec<ConnId> = self.watched.iter().copied().collect();
-        let (budget, close_ms) = (
-            self.cfg.conn_outbound_bytes_max,
-            self.cfg.slow_consumer_close_ms,
-        );
-        for id in conns {
-            self.emit_hints(id);
-            let Some(c) = self.conns.get_mut(&id) else {
-                self.watched.remove(&id);
-                continue;
-            };
-            if c.queued_bytes > budget
-                && c.over_since_ms()
-                    .is_some_and(|t| now_ms.saturating_sub(t) >= close_ms)
-            {
-                c.more().closing = true;
-                self.closes.push_back(CloseRequest {
-                    conn: id,
-                    code: ErrorCode::SlowConsumer,
-                    message: format!(
-                        "{} bytes unread, over {budget} for {close_ms} ms",
-                        c.queued_bytes
-                    ),
-                });
-            }
-            if !c.watched() {
-                self.watched.remove(&id);
-            }
-        }
+        let sh = &mut self.sh;
+        sh.stats.hints += sh.out.sweep(&mut sh.dir, now_ms);
         self.drive();
     }
 
@@ -1101,46 +306,39 @@ where
     /// calls it; call it (or any `poll_*`) after a burst of `handle_*` calls, so that the burst
     /// becomes one log batch and one ring publish.
     pub fn flush(&mut self) {
-        self.submit_open();
-        self.flush_outbox();
+        self.sequencer.submit(&mut self.sh);
+        self.sh.mail.flush();
     }
 
     /// The next frame to write to one of this shard's connections.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.flush();
-        self.transmits.pop_front()
+        self.sh.out.next_transmit()
     }
 
     /// The next connection the router wants closed.
     #[must_use]
     pub fn poll_close(&mut self) -> Option<CloseRequest> {
         self.flush();
-        self.closes.pop_front()
+        self.sh.out.next_close()
     }
 
     /// When to call [`RouterShard::handle_tick`] next (absolute ms), if anything is waiting.
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<u64> {
         self.flush();
-        let busy = (!self.open.entries.is_empty()).then_some(self.now_ms + 1);
-        let close = self
-            .watched
-            .iter()
-            .filter_map(|id| self.conns.get(id)?.over_since_ms())
-            .min()
-            .map(|t| t + self.cfg.slow_consumer_close_ms);
+        let busy = self.sequencer.due_ms(self.sh.now_ms);
+        let close = self.sh.out.close_due_ms(&self.sh.dir);
         // Due (at or before `now`) until the sweep has caught up. Not while the sweep cannot
         // run (a cursor batch in the air: its outcome wakes the shard; a failed log: never),
         // so that a caller ticking only at `poll_timeout` neither spins nor waits for ever.
-        let evict = if self.cursor_in_flight || self.failed.is_some() {
+        let evict = if self.cursors.in_flight() || self.sequencer.failure().is_some() {
             None
         } else {
-            self.idle_queue
-                .front()
-                .map(|&(_, t)| t.saturating_add(self.cfg.conv_idle_evict_ms))
+            self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
         };
-        [self.cursor_due_ms, busy, close, evict]
+        [self.cursors.due_ms(), busy, close, evict]
             .into_iter()
             .flatten()
             .min()
@@ -1151,1728 +349,86 @@ where
 
     fn drive(&mut self) {
         self.drive_local();
-        if self.open.entries.len() >= self.cfg.batch_entries_max
-            || self.open.bytes >= self.cfg.batch_bytes_max
-        {
-            self.submit_open();
+        if self.sequencer.is_full(&self.sh.cfg) {
+            self.sequencer.submit(&mut self.sh);
         }
-        if self.dirty_delivery.len() + self.dirty_read.len() >= self.cfg.cursor_flush_max {
-            self.flush_cursors();
+        if self.cursors.is_full(self.sh.cfg.cursor_flush_max) {
+            self.cursors.flush(&mut self.sh);
         }
         self.poll_meta();
         self.drive_local();
-        self.flush_outbox();
+        self.sh.mail.flush();
     }
 
     fn drive_local(&mut self) {
-        while let Some(m) = self.local.pop_front() {
+        while let Some(m) = self.sh.mail.next_local() {
             self.process(m);
-        }
-    }
-
-    fn send_to(&mut self, shard: usize, m: Inner) {
-        if shard == self.shard {
-            self.local.push_back(m);
-        } else if let Some(q) = self.outbox.get_mut(shard) {
-            q.push_back(ShardMsg(m));
-        }
-    }
-
-    fn flush_outbox(&mut self) {
-        let mut pushed = false;
-        for (to, q) in self.outbox.iter_mut().enumerate() {
-            while let Some(m) = q.pop_front() {
-                match self.links.push(to, m) {
-                    Ok(()) => pushed = true,
-                    Err(m) => {
-                        q.push_front(m);
-                        // The ring is full: what waits here may reach its owner after a resend
-                        // from another connection (the device gave up on this one) was
-                        // sequenced and left the owner's memory. A Send in a ring is drained
-                        // before that can happen; one held here cannot count on it.
-                        for ShardMsg(m) in q.iter_mut() {
-                            if let Inner::Send(cmd) = m {
-                                cmd.first_attempt = false;
-                            }
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        if pushed {
-            self.links.publish();
         }
     }
 
     fn process(&mut self, m: Inner) {
         match m {
-            Inner::Send(cmd) => self.on_send_cmd(*cmd),
+            Inner::Send(cmd) => self.sequencer.on_send(&mut self.sh, *cmd),
             Inner::Reply { to, frames } => {
                 for f in frames {
-                    self.emit(to, f, false);
+                    self.sh.emit(to, f, false);
                 }
             }
-            Inner::Fanout(items) => self.on_fanout(&items),
-            Inner::Cursor(c) => self.on_cursor(c),
-            Inner::Sync(s) => self.on_sync_cmd(s),
-            Inner::SyncPart(p) => self.on_sync_part(p),
-            Inner::History(h) => self.on_history(h),
-            Inner::List(l) => self.on_list_cmd(l),
-            Inner::ListPart(p) => self.on_list_part(p),
-            Inner::Block(b) => self.on_block_cmd(b),
+            Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
+            Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
+            Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
+            Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
+            Inner::History(h) => history::on_cmd(&mut self.sh, h),
+            Inner::List(l) => list::on_cmd(&mut self.sh, l),
+            Inner::ListPart(p) => list::on_part(&mut self.sh, p),
+            Inner::Block(b) => self.blocks.on_cmd(&mut self.sh, b),
             Inner::BlockChanged {
                 conv,
                 origin,
                 request_id,
-            } => {
-                if let Some(c) = self.convs.get_mut(&conv) {
-                    c.blocks = None;
-                }
-                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
-            }
+            } => Blocks::changed(&mut self.sh, conv, origin, request_id),
         }
-    }
-
-    fn reply(&mut self, to: ConnRef, frames: Vec<v1::Frame>) {
-        self.send_to(
-            to.shard,
-            Inner::Reply {
-                to: to.conn,
-                frames,
-            },
-        );
-    }
-
-    /// Queues `f` for `conn`. `push` frames count against the outbound budget and switch the
-    /// connection to hints once it is exhausted; responses are always queued (the client asked
-    /// for them and its in-flight request limit bounds them).
-    fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
-        if !self.takes(conn, push) {
-            return false;
-        }
-        let kind = f.body.as_ref().map(Body::kind);
-        let bytes = self.encode(&f);
-        self.emit_encoded(conn, bytes, f.request_id, kind, push)
-    }
-
-    /// Whether `conn` is here and, for a push, not behind (checked before encoding anything).
-    fn takes(&self, conn: ConnId, push: bool) -> bool {
-        self.conns.get(&conn).is_some_and(|c| !(push && c.behind))
-    }
-
-    /// Pushes one frame to several connections, encoding it (`encode`) only for the first that
-    /// takes it; `cached` carries the encoding from one connection to the next.
-    fn push_shared(
-        &mut self,
-        conn: ConnId,
-        cached: &mut Option<Bytes>,
-        kind: FrameKind,
-        encode: impl FnOnce(&mut Self) -> Bytes,
-    ) -> bool {
-        if !self.takes(conn, true) {
-            return false;
-        }
-        let bytes = match cached {
-            Some(b) => b.clone(),
-            None => cached.insert(encode(self)).clone(),
-        };
-        self.emit_encoded(conn, bytes, 0, Some(kind), true)
-    }
-
-    /// Encodes `f` as it goes on the wire.
-    fn encode(&mut self, f: &v1::Frame) -> Bytes {
-        encode_frame(&mut self.encode_buf, f)
-    }
-
-    /// [`RouterShard::emit`] of a frame encoded already, for a connection that [`takes`] it.
-    ///
-    /// [`takes`]: RouterShard::takes
-    fn emit_encoded(
-        &mut self,
-        conn: ConnId,
-        bytes: Bytes,
-        request_id: u64,
-        kind: Option<FrameKind>,
-        push: bool,
-    ) -> bool {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return false;
-        };
-        debug_assert!(!(push && c.behind), "callers check `takes` before encoding");
-        // Exactly what the gateway will report written for it (`handle_conn_flushed`): an
-        // overestimate would leak, and a connection would end up "behind" for good.
-        c.queued_bytes += bytes.len() as u64;
-        if c.queued_bytes > self.cfg.conn_outbound_bytes_max {
-            // Answers count towards the backlog as pushes do, but only a push makes the
-            // connection behind (answers are bounded by the in-flight request limit).
-            if push {
-                c.behind = true;
-            }
-            let m = c.more();
-            if m.over_since_ms.is_none() && !m.closing {
-                m.over_since_ms = Some(self.now_ms);
-            }
-            if c.watched() {
-                self.watched.insert(conn);
-            }
-        }
-        self.transmits.push_back(Transmit {
-            conn,
-            bytes,
-            request_id,
-            kind,
-        });
-        true
-    }
-
-    /// A connection that is behind and whose backlog is down to half its budget is no longer
-    /// behind: it gets one `MessagesAvailable` per conversation it missed pushes of, and pushes
-    /// resume.
-    fn emit_hints(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if !c.behind || c.queued_bytes > self.cfg.conn_outbound_bytes_max / 2 {
-            return;
-        }
-        c.behind = false;
-        let hints = c.more.as_mut().map(|m| std::mem::take(&mut m.hints));
-        c.tidy();
-        if !c.watched() {
-            self.watched.remove(&conn);
-        }
-        let Some(hints) = hints else {
-            return;
-        };
-        for (conv, seq) in hints {
-            self.stats.hints += 1;
-            let f = frame(
-                0,
-                Body::MessagesAvailable(v1::MessagesAvailable {
-                    conversation_id: conv,
-                    up_to_seq: seq,
-                }),
-            );
-            self.emit(conn, f, false);
-        }
-    }
-
-    /// The log failed: answer every waiting Send with the truth, then sequence nothing more.
-    ///
-    /// A batch handed to the log (in flight) may be on disk after a restart even though its
-    /// write or fsync failed (part of a group can be written and synced before the step that
-    /// failed, and a failed fsync says nothing about what reached the disk), so its senders
-    /// hear that the outcome is unknown; a retry with the same `client_msg_id` and
-    /// `first_attempt = false` resolves it. The open batch was never handed to the log: its
-    /// messages are certainly not stored.
-    fn fail(&mut self, e: &LogError) {
-        let why = format!("log failed: {e}");
-        let mut unknown = Vec::new();
-        for b in self.inflight.drain(..) {
-            unknown.extend(b.waiters);
-        }
-        let absent = std::mem::take(&mut self.open.waiters);
-        self.open.entries.clear();
-        self.open.fresh.clear();
-        self.open.bytes = 0;
-        for (waiters, message) in [
-            (unknown, STORAGE_OUTCOME_UNKNOWN),
-            (absent, STORAGE_NOT_STORED),
-        ] {
-            for w in waiters {
-                let f = error_frame(w.request_id, ErrorCode::StorageFailure, message);
-                self.reply(w.origin, vec![f]);
-            }
-        }
-        // Seqs handed out to failed entries are void; nothing is sequenced until restart.
-        for c in self.convs.values_mut() {
-            c.pending.clear();
-        }
-        self.failed = Some(why);
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // conversations
-
-    /// The direct conversation of `me` and `peer`, if it exists (cached, or found in the
-    /// metadata); `None` if it has to be created first (by the metadata writer, see
-    /// [`RouterShard::park`]) or is being created.
-    fn resolve_direct(&mut self, me: UserId, peer: UserId) -> Result<Option<u64>, Refusal> {
-        if peer.0 == 0 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "recipient user_id is 0".into(),
-            ));
-        }
-        let pair = ordered(me, peer);
-        if let Some(&c) = self.direct_cache.get(&pair) {
-            return Ok(Some(c));
-        }
-        if self.parked.contains_key(&pair) {
-            return Ok(None);
-        }
-        let meta = &*self.meta;
-        if let Some(p) = meta
-            .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
-            .map_err(|e| Refusal::storage("direct lookup", &e))?
-        {
-            let conv = p.conv.0 as u64;
-            self.cache_direct(pair, conv);
-            return Ok(Some(conv));
-        }
-        if meta
-            .get::<User>(&keys::user(peer))
-            .map_err(|e| Refusal::storage("user lookup", &e))?
-            .is_none()
-        {
-            return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
-        }
-        Ok(None)
-    }
-
-    fn cache_direct(&mut self, pair: (UserId, UserId), conv: u64) {
-        if self.direct_cache.len() >= DIRECT_CACHE_MAX {
-            self.direct_cache.clear();
-        }
-        self.direct_cache.insert(pair, conv);
-    }
-
-    /// Holds `cmd`, a Send between the users of `pair`, until their direct conversation exists
-    /// durably; the first Send of a pair starts its creation on the metadata writer. The Sends
-    /// go on to the conversation's owner, in the order they came, when the writer's outcome
-    /// arrives ([`RouterShard::direct_created`]); the shard serves everything else meanwhile.
-    fn park(&mut self, pair: (UserId, UserId), cmd: SendCmd) {
-        let creating = self.parked.contains_key(&pair);
-        if self.parked_sends >= self.cfg.parked_sends_max
-            || (!creating && self.writer.queued() >= self.cfg.meta_jobs_max)
-        {
-            let f = retry_frame(
-                cmd.request_id,
-                ErrorCode::Overloaded,
-                "too many new conversations are being created; the message was not accepted, \
-                 send it again"
-                    .into(),
-                META_RETRY_AFTER_MS,
-            );
-            self.reply(cmd.origin, vec![f]);
-            return;
-        }
-        self.parked.entry(pair).or_default().push(cmd);
-        self.parked_sends += 1;
-        if !creating {
-            let job = Job::CreateDirect {
-                low: pair.0,
-                high: pair.1,
-                now_ms: self.now_ms,
-            };
-            self.writer
-                .submit(&*self.meta, job, MetaTag::Direct { pair });
-        }
-    }
-
-    /// The metadata writer created (or found) the direct conversation of `pair`, or failed to:
-    /// the Sends parked for it go on to its owner, or are answered with the failure.
-    fn direct_created(&mut self, pair: (UserId, UserId), outcome: Outcome) {
-        let sends = self.parked.remove(&pair).unwrap_or_default();
-        self.parked_sends -= sends.len();
-        match outcome {
-            Ok(Written::Direct { conv }) => {
-                self.cache_direct(pair, conv);
-                let owner = owner_shard(conv, self.shards);
-                for mut cmd in sends {
-                    cmd.conv = conv;
-                    // Held back while the conversation was created, this copy may now reach
-                    // the owner after a resend of the same message from another connection was
-                    // sequenced: its `first_attempt` promise no longer holds here.
-                    cmd.first_attempt = false;
-                    self.send_to(owner, Inner::Send(Box::new(cmd)));
-                }
-            }
-            other => {
-                let Refusal(code, msg) = match other {
-                    Err(r) => r,
-                    Ok(w) => unexpected_outcome(&w),
-                };
-                for cmd in sends {
-                    let f = error_frame(cmd.request_id, code, msg.clone());
-                    self.reply(cmd.origin, vec![f]);
-                }
-            }
-        }
-    }
-
-    /// The owner-side state of `conv`, loaded on first use.
-    fn conv(&mut self, conv: u64) -> Result<&mut ConvState, Refusal> {
-        debug_assert_eq!(owner_shard(conv, self.shards), self.shard);
-        if !self.convs.contains_key(&conv) {
-            let (members, pair, title) = load_members(&*self.meta, conv)?;
-            let cid = conv_id(conv);
-            let last = self
-                .index
-                .last_seq(cid)
-                .map_err(|e| Refusal::storage("index", &e))?
-                .0;
-            let mut st = ConvState {
-                members,
-                pair,
-                blocks: None,
-                title,
-                next_seq: last + 1,
-                durable_seq: last,
-                recent: VecDeque::new(),
-                pending: HashMap::default(),
-                recent_ids: HashMap::default(),
-                delivery: HashMap::default(),
-                delivered: HashMap::default(),
-                read: HashMap::default(),
-                announced_delivered: HashMap::default(),
-                announced_read: HashMap::default(),
-                touched_ms: self.now_ms,
-            };
-            for c in self
-                .meta
-                .delivery_cursors(cid)
-                .map_err(|e| Refusal::storage("cursors", &e))?
-            {
-                st.delivery.insert((c.user, c.device), c.seq.0);
-                let d = st.delivered.entry(c.user).or_default();
-                *d = (*d).max(c.seq.0);
-            }
-            for u in st.members.iter() {
-                let r = self
-                    .meta
-                    .read_cursor(cid, *u)
-                    .map_err(|e| Refusal::storage("cursors", &e))?
-                    .0;
-                if r > 0 {
-                    st.read.insert(*u, r);
-                }
-            }
-            st.announced_delivered = st.delivered.clone();
-            st.announced_read = st.read.clone();
-            self.convs.insert(conv, Box::new(st));
-            self.idle_queue.push_back((conv, self.now_ms));
-        }
-        let now = self.now_ms;
-        self.convs
-            .get_mut(&conv)
-            .map(|c| {
-                c.touched_ms = now;
-                &mut **c
-            })
-            .ok_or_else(|| Refusal(ErrorCode::Internal, "conversation state vanished".into()))
     }
 
     /// Drops the states of conversations idle for `conv_idle_evict_ms` whose every message is
     /// durable and indexed and whose every cursor is durable and announced: exactly what
-    /// [`RouterShard::conv`] would load again. At most [`EVICT_SCAN_MAX`] per call.
+    /// `Convs::load` would load again.
     fn evict_idle(&mut self) {
-        if self.cursor_in_flight || self.failed.is_some() {
+        if self.cursors.in_flight() || self.sequencer.failure().is_some() {
             // A cursor batch in the air may be put back on failure: try again next tick.
             return;
         }
-        let idle_ms = self.cfg.conv_idle_evict_ms;
-        for _ in 0..EVICT_SCAN_MAX {
-            let Some(&(conv, queued)) = self.idle_queue.front() else {
-                return;
-            };
-            if queued.saturating_add(idle_ms) > self.now_ms {
-                return;
-            }
-            self.idle_queue.pop_front();
-            let Some(c) = self.convs.get(&conv) else {
-                continue;
-            };
-            if c.touched_ms <= queued && self.evictable(conv, c) {
-                self.convs.remove(&conv);
-                self.stats.convs_evicted += 1;
-            } else {
-                // Used since, or something still in flight: look again one idle period from
-                // now (keeps the queue in order).
-                self.idle_queue.push_back((conv, self.now_ms));
-            }
-        }
-    }
-
-    fn evictable(&self, conv: u64, c: &ConvState) -> bool {
-        c.pending.is_empty()
-            && c.recent.is_empty()
-            && c.next_seq == c.durable_seq + 1
-            && c.announced_delivered == c.delivered
-            && c.announced_read == c.read
-            && !c
-                .delivery
-                .keys()
-                .any(|&(u, d)| self.dirty_delivery.contains(&(conv, u, d)))
-            && !c.read.keys().any(|&u| self.dirty_read.contains(&(conv, u)))
-    }
-
-    fn member_conv(&mut self, conv: u64, user: UserId) -> Result<&mut ConvState, Refusal> {
-        let c = self.conv(conv)?;
-        if !c.members.contains(&user) {
-            return Err(Refusal(
-                ErrorCode::NotAMember,
-                "not a member of this conversation".into(),
-            ));
-        }
-        Ok(c)
-    }
-
-    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
-    fn read_after(
-        &mut self,
-        conv: u64,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let index = self.index.clone();
-        let c = self.conv(conv)?;
-        let mut out: Vec<Arc<Entry>> = index
-            .after(conv_id(conv), Seq(after), limit)
-            .map_err(|e| Refusal::storage("index", &e))?
-            .into_iter()
-            .filter(|e| e.seq.0 <= c.durable_seq)
-            .map(Arc::new)
-            .collect();
-        let mut last = out.last().map_or(after, |e| e.seq.0);
-        for (_, e) in &c.recent {
-            if out.len() >= limit {
-                break;
-            }
-            if Some(e.seq.0) == last.checked_add(1) {
-                out.push(e.clone());
-                last = e.seq.0;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
-    fn read_before(
-        &mut self,
-        conv: u64,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let index = self.index.clone();
-        let c = self.conv(conv)?;
-        let before = before.min(c.durable_seq + 1);
-        let mut newest: Vec<Arc<Entry>> = Vec::new();
-        let mut next = before; // collecting seqs below this, descending
-        for (_, e) in c.recent.iter().rev() {
-            if newest.len() >= limit {
-                break;
-            }
-            if e.seq.0 + 1 == next {
-                newest.push(e.clone());
-                next -= 1;
-            }
-        }
-        if newest.len() < limit && next > 1 {
-            let older = index
-                .before(conv_id(conv), Seq(next), limit - newest.len())
-                .map_err(|e| Refusal::storage("index", &e))?;
-            for e in older.into_iter().rev() {
-                newest.push(Arc::new(e));
-            }
-        }
-        newest.reverse();
-        Ok(newest)
-    }
-
-    fn prune_recent(&mut self) {
-        let indexed = self.index.indexed_lsn();
-        while let Some(&(lsn, conv)) = self.recent_order.front() {
-            if lsn > indexed {
-                break;
-            }
-            self.recent_order.pop_front();
-            if let Some(c) = self.convs.get_mut(&conv)
-                && let Some((l, e)) = c.recent.front()
-                && *l <= lsn
-            {
-                c.recent_ids.remove(&e.client_msg_id);
-                c.recent.pop_front();
-            }
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // sending
-
-    fn on_send(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        device: DeviceId,
-        s: v1::Send,
-    ) -> Result<(), Refusal> {
-        let cmid: [u8; 16] = s.client_msg_id.as_ref().try_into().map_err(|_| {
-            Refusal(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "client_msg_id must be 16 bytes, got {}",
-                    s.client_msg_id.len()
-                ),
-            )
-        })?;
-        if cmid == [0; 16] {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "client_msg_id must not be all zeroes".into(),
-            ));
-        }
-        if s.body.len() > self.cfg.body_bytes_max {
-            return Err(Refusal(
-                ErrorCode::BodyTooLarge,
-                format!(
-                    "body is {} bytes, limit {}",
-                    s.body.len(),
-                    self.cfg.body_bytes_max
-                ),
-            ));
-        }
-        if s.content_type.len() > 255 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "content_type longer than 255 bytes".into(),
-            ));
-        }
-        let conv = match s.to.and_then(|t| t.target) {
-            Some(v1::recipient::Target::UserId(peer)) => {
-                match self.resolve_direct(user, UserId(peer))? {
-                    Some(conv) => Ok(conv),
-                    None => Err(ordered(user, UserId(peer))),
-                }
-            }
-            Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(c),
-            _ => {
-                return Err(Refusal(
-                    ErrorCode::InvalidArgument,
-                    "Send.to must name a user or a conversation".into(),
-                ));
-            }
+        let cursors = &self.cursors;
+        let evictable = |conv: ConvId, c: &ConvState| {
+            c.seq.settled() && c.cursors.announced() && cursors.is_clean(conv, &c.cursors)
         };
-        let mut cmd = SendCmd {
-            origin,
-            request_id: rid,
-            user,
-            device,
-            conv: 0,
-            cmid: ClientMsgId(cmid),
-            cmid_bytes: s.client_msg_id,
-            content_type: s.content_type,
-            body: s.body,
-            reply_to_seq: s.reply_to_seq,
-            first_attempt: s.first_attempt,
-            now_ms: self.now_ms,
-        };
-        match conv {
-            Ok(conv) => {
-                cmd.conv = conv;
-                self.send_to(owner_shard(conv, self.shards), Inner::Send(Box::new(cmd)));
-            }
-            // The pair's first message: its conversation is created first, off this thread.
-            Err(pair) => self.park(pair, cmd),
-        }
-        Ok(())
-    }
-
-    fn on_send_cmd(&mut self, cmd: SendCmd) {
-        let (origin, request_id) = (cmd.origin, cmd.request_id);
-        if let Err(Refusal(code, msg)) = self.sequence(cmd) {
-            self.reply(origin, vec![error_frame(request_id, code, msg)]);
-        }
-    }
-
-    fn ack_frame(w: Waiter) -> v1::Frame {
-        frame(
-            w.request_id,
-            Body::SendAck(v1::SendAck {
-                client_msg_id: w.cmid_bytes,
-                conversation_id: w.conv,
-                seq: w.seq,
-                server_ts_ms: w.ts,
-                duplicate: w.duplicate,
-            }),
-        )
-    }
-
-    fn sequence(&mut self, cmd: SendCmd) -> Result<(), Refusal> {
-        if self.failed.is_some() {
-            return Err(Refusal(
-                ErrorCode::StorageFailure,
-                STORAGE_SHARD_FAILED.into(),
-            ));
-        }
-        let index = self.index.clone();
-        let meta = self.meta.clone();
-        let open_no = self.open.no;
-        let open_len = self.open.entries.len();
-        let open_max = self.cfg.open_entries_max;
-        let open_bytes = self.open.bytes;
-        let open_bytes_max = self
-            .cfg
-            .open_bytes_max
-            .min(format::RECORD_PAYLOAD_BYTES_MAX);
-        let now = self.now_ms.max(cmd.now_ms);
-        let c = self.member_conv(cmd.conv, cmd.user)?;
-        if let Some((a, b)) = c.pair
-            && a != b
-        {
-            let (a_blocks_b, b_blocks_a) = match c.blocks {
-                Some(bl) => bl,
-                None => {
-                    let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
-                        Ok(meta
-                            .get::<Block>(&block_key(who, whom))
-                            .map_err(|e| Refusal::storage("block lookup", &e))?
-                            .is_some())
-                    };
-                    let bl = (has(a, b)?, has(b, a)?);
-                    c.blocks = Some(bl);
-                    bl
-                }
-            };
-            if (cmd.user == a && b_blocks_a) || (cmd.user == b && a_blocks_b) {
-                return Err(Refusal(
-                    ErrorCode::Blocked,
-                    "the recipient has blocked you".into(),
-                ));
-            }
-        }
-        let mut waiter = Waiter {
-            origin: cmd.origin,
-            request_id: cmd.request_id,
-            conv: cmd.conv,
-            seq: 0,
-            ts: 0,
-            cmid_bytes: cmd.cmid_bytes.clone(),
-            duplicate: true,
-        };
-        // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
-        if let Some(&(seq, ts, no)) = c.pending.get(&cmd.cmid) {
-            waiter.seq = seq;
-            waiter.ts = ts;
-            self.stats.duplicates += 1;
-            if no == open_no {
-                self.open.waiters.push(waiter);
-            } else if let Some(b) = self.inflight.iter_mut().find(|b| b.no == no) {
-                b.waiters.push(waiter);
-            }
-            return Ok(());
-        }
-        let known = match c.recent_ids.get(&cmd.cmid) {
-            Some(&(seq, ts)) => Some((seq, ts)),
-            // The device promises no earlier copy exists beyond the in-memory ones above: a
-            // first attempt costs no index read (the index is the slow, cache-missing part).
-            None if cmd.first_attempt => None,
-            None => match index
-                .dedup(conv_id(cmd.conv), cmd.cmid)
-                .map_err(|e| Refusal::storage("dedup", &e))?
-            {
-                Some(seq) => {
-                    let ts = index
-                        .entry(conv_id(cmd.conv), seq)
-                        .map_err(|e| Refusal::storage("index", &e))?
-                        .map_or(0, |e| e.ts_ms.0);
-                    Some((seq.0, ts))
-                }
-                None => None,
-            },
-        };
-        if let Some((seq, ts)) = known {
-            waiter.seq = seq;
-            waiter.ts = ts;
-            self.stats.duplicates += 1;
-            let f = Self::ack_frame(waiter);
-            self.reply(cmd.origin, vec![f]);
-            return Ok(());
-        }
-        let body = encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body);
-        let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
-        if open_len >= open_max || open_bytes + entry_bytes > open_bytes_max {
-            return Err(Refusal(
-                ErrorCode::Overloaded,
-                "the sequencer is behind its log; retry shortly".into(),
-            ));
-        }
-        let seq = c.next_seq;
-        c.next_seq += 1;
-        c.pending.insert(cmd.cmid, (seq, now, open_no));
-        waiter.seq = seq;
-        waiter.ts = now;
-        waiter.duplicate = false;
-        self.open.entries.push(Entry {
-            kind: EntryKind::MESSAGE,
-            conv: conv_id(cmd.conv),
-            seq: Seq(seq),
-            client_msg_id: cmd.cmid,
-            sender: cmd.user,
-            sender_device: cmd.device,
-            ts_ms: TimestampMs(now),
-            content_type: ENVELOPE_V1,
-            body,
-        });
-        self.open.bytes += entry_bytes;
-        self.open.fresh.push((
-            v1::Message {
-                conversation_id: cmd.conv,
-                seq,
-                sender_user_id: cmd.user.0,
-                sender_device_id: cmd.device.0,
-                client_msg_id: cmd.cmid_bytes,
-                server_ts_ms: now,
-                content_type: cmd.content_type,
-                body: cmd.body,
-                media: None,
-                reply_to_seq: cmd.reply_to_seq,
-            },
-            cmd.origin,
-        ));
-        self.open.waiters.push(waiter);
-        Ok(())
-    }
-
-    fn submit_open(&mut self) {
-        if self.open.entries.is_empty() || self.failed.is_some() {
-            return;
-        }
-        match self.log.append::<SyncData>(&self.open.entries) {
-            Ok(completion) => {
-                let no = self.open.no;
-                // The next batch starts with this one's capacity: grown from empty, each batch
-                // reallocated (and copied) its vectors ~log2(n) times.
-                let entries = take_sized(&mut self.open.entries);
-                let fresh = take_sized(&mut self.open.fresh);
-                let waiters = take_sized(&mut self.open.waiters);
-                self.open.bytes = 0;
-                self.inflight.push_back(InFlight {
-                    no,
-                    completion,
-                    entries,
-                    fresh,
-                    waiters,
-                });
-                self.open.no += 1;
-            }
-            Err(LogError::Busy { .. }) => {} // retried at the next flush / tick
-            Err(e) => self.fail(&e),
-        }
-    }
-
-    fn batch_durable(&mut self, first: Lsn, b: InFlight) {
-        debug_assert_eq!(b.entries.len(), b.fresh.len());
-        let mut items = Vec::with_capacity(b.entries.len());
-        for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
-            let lsn = Lsn(first.0 + i as u64);
-            let conv = e.conv.0 as u64;
-            let Some(c) = self.convs.get_mut(&conv) else {
-                continue;
-            };
-            debug_assert_eq!(e.seq.0, c.durable_seq + 1, "seqs become durable in order");
-            // What a Sync or a history page will read back from the log is what is pushed now.
-            debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
-            c.durable_seq = e.seq.0;
-            c.pending.remove(&e.client_msg_id);
-            c.recent_ids.insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
-            c.recent.push_back((lsn, Arc::new(e)));
-            self.recent_order.push_back((lsn, conv));
-            items.push(FanoutItem::Message {
-                msg,
-                members: c.members.clone(),
-                origin,
-            });
-        }
-        for w in b.waiters {
-            if !w.duplicate {
-                self.stats.messages_acked += 1;
-            }
-            let origin = w.origin;
-            let f = Self::ack_frame(w);
-            if origin.shard == self.shard && self.local.is_empty() {
-                // Nothing queued ahead of it here: no need for a trip through the local queue
-                // (and its one-frame Vec per acknowledgement).
-                self.emit(origin.conn, f, false);
-            } else {
-                self.reply(origin, vec![f]);
-            }
-        }
-        self.broadcast(items);
-    }
-
-    fn broadcast(&mut self, items: Vec<FanoutItem>) {
-        if items.is_empty() {
-            return;
-        }
-        let items = Arc::new(items);
-        for s in 0..self.shards {
-            self.send_to(s, Inner::Fanout(items.clone()));
-        }
-    }
-
-    fn on_fanout(&mut self, items: &[FanoutItem]) {
-        for item in items {
-            match item {
-                FanoutItem::Message {
-                    msg,
-                    members,
-                    origin,
-                } => {
-                    // Encoded once, for the first device that takes it; the others share it.
-                    let mut encoded: Option<Bytes> = None;
-                    for u in members.iter() {
-                        // By index: `emit` needs `&mut self`, and cloning the list allocated
-                        // once per member per message.
-                        for i in 0.. {
-                            let Some(&conn) = self.users.get(u).and_then(|c| c.get(i)) else {
-                                break;
-                            };
-                            if origin.shard == self.shard && origin.conn == conn {
-                                continue;
-                            }
-                            // Encoded from the borrowed message: an owned Deliver frame
-                            // would clone it.
-                            let deliver = |s: &mut Self| {
-                                let len = msg.encoded_len();
-                                let need = starling_protocol::deliver_framed_len(len);
-                                encode_into(&mut s.encode_buf, need, |b| {
-                                    starling_protocol::put_deliver_framed(msg, len, b)
-                                })
-                            };
-                            if self.push_shared(conn, &mut encoded, FrameKind::Deliver, deliver) {
-                                self.stats.pushed += 1;
-                            } else if let Some(c) = self.conns.get_mut(&conn) {
-                                let h = c.more().hints.entry(msg.conversation_id).or_default();
-                                *h = (*h).max(msg.seq);
-                            }
-                        }
-                    }
-                }
-                FanoutItem::Receipt { receipt, to } => {
-                    let mut encoded: Option<Bytes> = None;
-                    for u in to {
-                        for i in 0.. {
-                            let Some(&conn) = self.users.get(u).and_then(|c| c.get(i)) else {
-                                break;
-                            };
-                            // A device that is behind learns receipts from its next Sync.
-                            self.push_shared(conn, &mut encoded, FrameKind::Receipt, |s| {
-                                s.encode(&frame(0, Body::Receipt(*receipt)))
-                            });
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // cursors and receipts
-
-    #[allow(clippy::too_many_arguments)]
-    fn route_cursor(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        kind: CursorKind,
-        user: UserId,
-        device: DeviceId,
-        conv: u64,
-        seq: u64,
-    ) -> Result<(), Refusal> {
-        if conv == 0 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "conversation_id is 0".into(),
-            ));
-        }
-        let reply = (rid != 0).then_some((origin, rid));
-        let cmd = CursorCmd {
-            reply,
-            kind,
-            user,
-            device,
-            conv,
-            seq,
-        };
-        self.send_to(owner_shard(conv, self.shards), Inner::Cursor(cmd));
-        Ok(())
-    }
-
-    fn on_cursor(&mut self, cmd: CursorCmd) {
-        let c = match self.member_conv(cmd.conv, cmd.user) {
-            Ok(c) => c,
-            Err(Refusal(code, msg)) => {
-                if let Some((origin, rid)) = cmd.reply {
-                    self.reply(origin, vec![error_frame(rid, code, msg)]);
-                }
-                return;
-            }
-        };
-        let seq = cmd.seq.min(c.durable_seq);
-        let moved = match cmd.kind {
-            CursorKind::Delivered => {
-                let v = c.delivery.entry((cmd.user, cmd.device)).or_default();
-                let moved = seq > *v;
-                *v = (*v).max(seq);
-                let d = c.delivered.entry(cmd.user).or_default();
-                *d = (*d).max(seq);
-                if moved {
-                    self.dirty_delivery.insert((cmd.conv, cmd.user, cmd.device));
-                }
-                moved
-            }
-            CursorKind::Read => {
-                let v = c.read.entry(cmd.user).or_default();
-                let moved = seq > *v;
-                *v = (*v).max(seq);
-                if moved {
-                    self.dirty_read.insert((cmd.conv, cmd.user));
-                }
-                moved
-            }
-        };
-        if let Some(w) = cmd.reply {
-            self.cursor_waiters.push(w);
-        }
-        if (moved || cmd.reply.is_some()) && self.cursor_due_ms.is_none() {
-            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
-        }
-    }
-
-    /// Writes every changed cursor in one durable batch per kind (a job for the metadata
-    /// writer), then announces receipts (only durable cursors are ever announced, so a receipt is
-    /// never taken back by a crash) in [`RouterShard::cursors_written`]. One batch is in flight
-    /// at a time.
-    fn flush_cursors(&mut self) {
-        if self.cursor_in_flight {
-            // The next batch goes when this one lands (`cursors_written` reschedules).
-            self.cursor_due_ms = None;
-            return;
-        }
-        if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() {
-            self.cursor_due_ms = None;
-            self.answer_cursor_waiters();
-            return;
-        }
-        let mut dc = Vec::new();
-        for (conv, user, device) in std::mem::take(&mut self.dirty_delivery) {
-            if let Some(c) = self.convs.get(&conv)
-                && let Some(&s) = c.delivery.get(&(user, device))
-            {
-                dc.push(DeliveryCursor {
-                    conv: conv_id(conv),
-                    user,
-                    device,
-                    seq: Seq(s),
-                });
-            }
-        }
-        let mut rc = Vec::new();
-        for (conv, user) in std::mem::take(&mut self.dirty_read) {
-            if let Some(c) = self.convs.get(&conv)
-                && let Some(&s) = c.read.get(&user)
-            {
-                rc.push(ReadCursor {
-                    conv: conv_id(conv),
-                    user,
-                    seq: Seq(s),
-                });
-            }
-        }
-        let waiters = std::mem::take(&mut self.cursor_waiters);
-        self.cursor_due_ms = None;
-        self.cursor_in_flight = true;
-        let job = Job::Cursors {
-            delivery: dc.clone(),
-            read: rc.clone(),
-        };
-        let tag = MetaTag::Cursors {
-            delivery: dc,
-            read: rc,
-            waiters,
-        };
-        self.writer.submit(&*self.meta, job, tag);
+        let sh = &mut self.sh;
+        sh.stats.convs_evicted +=
+            sh.convs
+                .evict_idle(sh.now_ms, sh.cfg.conv_idle_evict_ms, evictable);
     }
 
     /// Takes the outcomes of finished metadata writes, in the order they were submitted.
     fn poll_meta(&mut self) {
-        while let Some((tag, outcome)) = self.writer.poll() {
+        while let Some((tag, outcome)) = self.sh.writer.poll() {
             match tag {
                 MetaTag::Cursors {
                     delivery,
                     read,
                     waiters,
-                } => {
-                    self.cursor_in_flight = false;
-                    let outcome = outcome.and_then(|w| match w {
-                        Written::Cursors => Ok(()),
-                        w => Err(unexpected_outcome(&w)),
-                    });
-                    self.cursors_written(outcome, delivery, read, waiters);
-                    if !self.dirty_delivery.is_empty()
-                        || !self.dirty_read.is_empty()
-                        || !self.cursor_waiters.is_empty()
-                    {
-                        // Updates that arrived meanwhile: give them their own batch soon.
-                        let due = self.now_ms + self.cfg.cursor_flush_ms;
-                        self.cursor_due_ms = Some(self.cursor_due_ms.map_or(due, |d| d.min(due)));
-                    }
-                }
+                } => self
+                    .cursors
+                    .batch_done(&mut self.sh, outcome, delivery, read, waiters),
                 MetaTag::Block { origin, request_id } => {
-                    self.block_written(origin, request_id, outcome);
+                    Blocks::written(&mut self.sh, origin, request_id, outcome);
                 }
-                MetaTag::Direct { pair } => self.direct_created(pair, outcome),
+                MetaTag::Direct { pair } => self.direct.created(&mut self.sh, pair, outcome),
             }
         }
-    }
-
-    /// A cursor batch was written or not: announce receipts for what is now durable, or put the
-    /// batch back to be retried (cursors are monotonic and idempotent). Either way every request
-    /// that waited for the batch gets its one answer: `Done`, or the `Error` saying its cursor
-    /// was not recorded (the client may send it again; the server also keeps retrying it).
-    fn cursors_written(
-        &mut self,
-        outcome: Result<(), Refusal>,
-        dc: Vec<DeliveryCursor>,
-        rc: Vec<ReadCursor>,
-        waiters: Vec<(ConnRef, u64)>,
-    ) {
-        if let Err(Refusal(code, msg)) = outcome {
-            for c in dc {
-                self.dirty_delivery
-                    .insert((c.conv.0 as u64, c.user, c.device));
-            }
-            for c in rc {
-                self.dirty_read.insert((c.conv.0 as u64, c.user));
-            }
-            for (origin, rid) in waiters {
-                self.reply(origin, vec![error_frame(rid, code, msg.clone())]);
-            }
-            self.cursor_due_ms = Some(self.now_ms + self.cfg.cursor_flush_ms);
-            return;
-        }
-        self.stats.cursor_flushes += 1;
-        for (origin, rid) in waiters {
-            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
-        }
-        // Announce only values that were written: in-memory cursors may already be ahead.
-        let mut delivered: BTreeMap<(u64, UserId), u64> = BTreeMap::new();
-        for c in &dc {
-            let d = delivered.entry((c.conv.0 as u64, c.user)).or_default();
-            *d = (*d).max(c.seq.0);
-        }
-        let mut items = Vec::new();
-        for ((conv, user), d) in delivered {
-            let Some(c) = self.convs.get_mut(&conv) else {
-                continue;
-            };
-            let prev = c.announced_delivered.entry(user).or_default();
-            if d > *prev {
-                *prev = d;
-                let to = c.members.iter().copied().filter(|u| *u != user).collect();
-                items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, self.now_ms),
-                    to,
-                });
-            }
-        }
-        let mut reads: Vec<(u64, UserId, u64)> = rc
-            .iter()
-            .map(|c| (c.conv.0 as u64, c.user, c.seq.0))
-            .collect();
-        reads.sort_unstable();
-        for (conv, user, r) in reads {
-            let Some(c) = self.convs.get_mut(&conv) else {
-                continue;
-            };
-            let prev = c.announced_read.entry(user).or_default();
-            if r > *prev {
-                *prev = r;
-                let to = c.members.to_vec();
-                items.push(FanoutItem::Receipt {
-                    receipt: receipt(conv, r, v1::ReceiptKind::Read, user, self.now_ms),
-                    to,
-                });
-            }
-        }
-        self.broadcast(items);
-    }
-
-    fn answer_cursor_waiters(&mut self) {
-        for (origin, rid) in std::mem::take(&mut self.cursor_waiters) {
-            self.reply(origin, vec![frame(rid, Body::Done(v1::Done {}))]);
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // sync, history, conversation list
-
-    fn conversations_of(&self, user: UserId) -> Result<Vec<u64>, Refusal> {
-        Ok(self
-            .meta
-            .scan::<MemberOf>(&member_of_prefix(user), usize::MAX)
-            .map_err(|e| Refusal::storage("membership", &e))?
-            .into_iter()
-            .map(|m| m.group.0 as u64)
-            .collect())
-    }
-
-    fn on_sync(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        s: v1::Sync,
-    ) -> Result<(), Refusal> {
-        let convs = self.conversations_of(user)?;
-        let mut per_owner: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-        for conv in convs {
-            let last = s.last_seq.get(&conv).copied().unwrap_or(0);
-            per_owner
-                .entry(owner_shard(conv, self.shards))
-                .or_default()
-                .push((conv, last));
-        }
-        let Some(c) = self.conns.get_mut(&origin.conn) else {
-            return Ok(());
-        };
-        // The device catches up now: pushes resume, hints are void (the backlog's close clock
-        // runs on: a Sync does not make the socket read faster).
-        c.behind = false;
-        if let Some(m) = &mut c.more {
-            m.hints.clear();
-        }
-        c.tidy();
-        if !c.watched() {
-            self.watched.remove(&origin.conn);
-        }
-        if per_owner.is_empty() {
-            self.emit(
-                origin.conn,
-                frame(rid, Body::SyncDone(v1::SyncDone::default())),
-                false,
-            );
-            return Ok(());
-        }
-        c.more().syncs.insert(
-            rid,
-            SyncGather {
-                remaining: per_owner.len(),
-                ..SyncGather::default()
-            },
-        );
-        let bytes_max = self.cfg.sync_bytes_max / per_owner.len().max(1);
-        for (owner, convs) in per_owner {
-            self.send_to(
-                owner,
-                Inner::Sync(SyncCmd {
-                    origin,
-                    request_id: rid,
-                    user,
-                    convs,
-                    bytes_max,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    fn on_sync_cmd(&mut self, cmd: SyncCmd) {
-        let max = self.cfg.sync_messages_max;
-        let now = self.now_ms;
-        let mut part = SyncPart {
-            to: cmd.origin.conn,
-            request_id: cmd.request_id,
-            frames: Vec::new(),
-            truncated: Vec::new(),
-            messages: 0,
-            receipts: 0,
-        };
-        let mut bytes = 0usize;
-        for (conv, last) in cmd.convs {
-            // Over the byte budget: say what is there instead of reading it.
-            let entries = if bytes >= cmd.bytes_max {
-                Vec::new()
-            } else {
-                let Ok(entries) = self.read_after(conv, last, max + 1) else {
-                    continue;
-                };
-                entries
-            };
-            let Ok(c) = self.member_conv(conv, cmd.user) else {
-                continue;
-            };
-            let mut truncated = entries.len() > max
-                || (entries.is_empty() && bytes >= cmd.bytes_max && c.durable_seq > last);
-            for e in entries.iter().take(max) {
-                if bytes >= cmd.bytes_max {
-                    truncated = true;
-                    break;
-                }
-                if let Some(m) = entry_to_message(conv, e) {
-                    let f = frame(
-                        cmd.request_id,
-                        Body::Deliver(v1::Deliver { message: Some(m) }),
-                    );
-                    bytes += f.encoded_len();
-                    part.frames.push(f);
-                    part.messages += 1;
-                }
-            }
-            if truncated {
-                part.truncated.push(v1::MessagesAvailable {
-                    conversation_id: conv,
-                    up_to_seq: c.durable_seq,
-                });
-            }
-            let mut rs = Vec::new();
-            for (&u, &d) in &c.announced_delivered {
-                if u != cmd.user && d > 0 {
-                    rs.push(receipt(conv, d, v1::ReceiptKind::Delivered, u, now));
-                }
-            }
-            for (&u, &r) in &c.announced_read {
-                if r > 0 {
-                    rs.push(receipt(conv, r, v1::ReceiptKind::Read, u, now));
-                }
-            }
-            rs.sort_by_key(|r| (r.by_user_id, r.kind));
-            for r in rs {
-                part.frames.push(frame(cmd.request_id, Body::Receipt(r)));
-                part.receipts += 1;
-            }
-        }
-        self.send_to(cmd.origin.shard, Inner::SyncPart(part));
-    }
-
-    fn on_sync_part(&mut self, p: SyncPart) {
-        let Some(c) = self.conns.get_mut(&p.to) else {
-            return;
-        };
-        let done = match c.more.as_mut().and_then(|m| m.syncs.get_mut(&p.request_id)) {
-            Some(g) => {
-                g.remaining = g.remaining.saturating_sub(1);
-                g.truncated.extend(p.truncated);
-                g.messages += p.messages;
-                g.receipts += p.receipts;
-                g.remaining == 0
-            }
-            None => return,
-        };
-        for f in p.frames {
-            self.emit(p.to, f, false);
-        }
-        if done
-            && let Some(g) = self.conns.get_mut(&p.to).and_then(|c| {
-                let g = c.more.as_mut()?.syncs.remove(&p.request_id);
-                c.tidy();
-                g
-            })
-        {
-            let f = frame(
-                p.request_id,
-                Body::SyncDone(v1::SyncDone {
-                    truncated: g.truncated,
-                    messages: g.messages,
-                    receipts: g.receipts,
-                }),
-            );
-            self.emit(p.to, f, false);
-        }
-    }
-
-    fn on_history(&mut self, h: HistoryCmd) {
-        let res = self.history_page(&h);
-        let f = match res {
-            Ok(page) => frame(h.request_id, Body::HistoryPage(page)),
-            Err(Refusal(code, msg)) => error_frame(h.request_id, code, msg),
-        };
-        self.reply(h.origin, vec![f]);
-    }
-
-    fn history_page(&mut self, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal> {
-        let conv = h.req.conversation_id;
-        let limit = match h.req.limit as usize {
-            0 => self.cfg.history_limit_default,
-            n => n.min(self.cfg.history_limit_max),
-        };
-        self.member_conv(conv, h.user)?;
-        let (mut entries, has_more) = match h.req.anchor {
-            Some(v1::get_history::Anchor::AfterSeq(a)) => {
-                let mut v = self.read_after(conv, a, limit + 1)?;
-                let more = v.len() > limit;
-                v.truncate(limit);
-                (v, more)
-            }
-            Some(v1::get_history::Anchor::BeforeSeq(b)) => {
-                let mut v = self.read_before(conv, b, limit + 1)?;
-                let more = v.len() > limit;
-                if more {
-                    v.remove(0);
-                }
-                (v, more)
-            }
-            None => {
-                let mut v = self.read_before(conv, u64::MAX, limit + 1)?;
-                let more = v.len() > limit;
-                if more {
-                    v.remove(0);
-                }
-                (v, more)
-            }
-        };
-        let mut messages: Vec<v1::Message> = entries
-            .drain(..)
-            .filter_map(|e| entry_to_message(conv, &e))
-            .collect();
-        // One frame: keep it under `page_bytes_max`, dropping from the far end of the anchor
-        // (the newest for AfterSeq, the oldest otherwise); the client pages on with `has_more`.
-        let after = matches!(h.req.anchor, Some(v1::get_history::Anchor::AfterSeq(_)));
-        let (mut bytes, mut keep) = (0usize, 0usize);
-        let sizes: Vec<usize> = if after {
-            messages.iter().map(|m| m.encoded_len() + 8).collect()
-        } else {
-            messages.iter().rev().map(|m| m.encoded_len() + 8).collect()
-        };
-        for sz in sizes {
-            if keep > 0 && bytes + sz > self.cfg.page_bytes_max {
-                break;
-            }
-            bytes += sz;
-            keep += 1;
-        }
-        let trimmed = keep < messages.len();
-        if trimmed {
-            if after {
-                messages.truncate(keep);
-            } else {
-                messages.drain(..messages.len() - keep);
-            }
-        }
-        Ok(v1::HistoryPage {
-            conversation_id: conv,
-            messages,
-            has_more: has_more || trimmed,
-        })
-    }
-
-    fn on_list(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        l: &v1::ListConversations,
-    ) -> Result<(), Refusal> {
-        let offset = match l.cursor.len() {
-            0 => 0,
-            4 => u32::from_be_bytes([l.cursor[0], l.cursor[1], l.cursor[2], l.cursor[3]]) as usize,
-            _ => return Err(Refusal(ErrorCode::InvalidArgument, "bad cursor".into())),
-        };
-        let limit = match l.limit as usize {
-            0 => self.cfg.list_limit_default,
-            n => n.min(self.cfg.list_limit_max),
-        };
-        let convs = self.conversations_of(user)?;
-        let mut per_owner: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
-        for conv in convs {
-            per_owner
-                .entry(owner_shard(conv, self.shards))
-                .or_default()
-                .push(conv);
-        }
-        let Some(c) = self.conns.get_mut(&origin.conn) else {
-            return Ok(());
-        };
-        if per_owner.is_empty() {
-            self.emit(
-                origin.conn,
-                frame(rid, Body::ConversationList(v1::ConversationList::default())),
-                false,
-            );
-            return Ok(());
-        }
-        c.more().lists.insert(
-            rid,
-            ListGather {
-                remaining: per_owner.len(),
-                limit,
-                offset,
-                summaries: Vec::new(),
-            },
-        );
-        for (owner, convs) in per_owner {
-            self.send_to(
-                owner,
-                Inner::List(ListCmd {
-                    origin,
-                    request_id: rid,
-                    user,
-                    convs,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    fn on_list_cmd(&mut self, l: ListCmd) {
-        let mut summaries = Vec::new();
-        for conv in l.convs {
-            if let Ok(s) = self.summary(conv, l.user) {
-                summaries.push(s);
-            }
-        }
-        self.send_to(
-            l.origin.shard,
-            Inner::ListPart(ListPart {
-                to: l.origin.conn,
-                request_id: l.request_id,
-                summaries,
-            }),
-        );
-    }
-
-    fn summary(&mut self, conv: u64, user: UserId) -> Result<v1::ConversationSummary, Refusal> {
-        let unread_max = self.cfg.unread_count_max;
-        let last = self.read_before(conv, u64::MAX, 1)?;
-        let c = self.member_conv(conv, user)?;
-        let read = c.read.get(&user).copied().unwrap_or(0);
-        let (kind, peer, title) = match c.pair {
-            Some((a, b)) => (
-                v1::ConversationKind::Direct,
-                if a == user { b.0 } else { a.0 },
-                String::new(),
-            ),
-            None => (v1::ConversationKind::Group, 0, c.title.clone()),
-        };
-        let last_seq = c.durable_seq;
-        let unread = self
-            .read_after(conv, read, unread_max)?
-            .iter()
-            .filter(|e| e.sender != user)
-            .count();
-        let title = if kind == v1::ConversationKind::Direct {
-            self.meta
-                .get::<User>(&keys::user(UserId(peer)))
-                .ok()
-                .flatten()
-                .map(|u| u.display_name)
-                .unwrap_or(title)
-        } else {
-            title
-        };
-        Ok(v1::ConversationSummary {
-            conversation_id: conv,
-            kind: kind as i32,
-            peer_user_id: peer,
-            title,
-            last_message: last
-                .first()
-                .and_then(|e| entry_to_message(conv, e))
-                .map(Box::new),
-            last_seq,
-            unread_count: unread as u32,
-            read_up_to_seq: read,
-        })
-    }
-
-    fn on_list_part(&mut self, p: ListPart) {
-        let Some(c) = self.conns.get_mut(&p.to) else {
-            return;
-        };
-        let Some(g) = c.more.as_mut().and_then(|m| m.lists.get_mut(&p.request_id)) else {
-            return;
-        };
-        g.summaries.extend(p.summaries);
-        g.remaining = g.remaining.saturating_sub(1);
-        if g.remaining > 0 {
-            return;
-        }
-        let Some(mut g) = c.more.as_mut().and_then(|m| m.lists.remove(&p.request_id)) else {
-            return;
-        };
-        c.tidy();
-        let ts =
-            |s: &v1::ConversationSummary| s.last_message.as_ref().map_or(0, |m| m.server_ts_ms);
-        g.summaries.sort_by(|a, b| {
-            ts(b)
-                .cmp(&ts(a))
-                .then(b.conversation_id.cmp(&a.conversation_id))
-        });
-        let end = (g.offset + g.limit).min(g.summaries.len());
-        let next_cursor = if end < g.summaries.len() {
-            Bytes::copy_from_slice(&(end as u32).to_be_bytes())
-        } else {
-            Bytes::new()
-        };
-        let page: Vec<_> = g.summaries.drain(g.offset.min(end)..end).collect();
-        let f = frame(
-            p.request_id,
-            Body::ConversationList(v1::ConversationList {
-                conversations: page,
-                next_cursor,
-            }),
-        );
-        self.emit(p.to, f, false);
-    }
-
-    /// Sends the Block/Unblock to `user`'s home shard ([`home_shard`]): every Block/Unblock of
-    /// a user is rate-limited, counted and written there, by one metadata writer, so they take
-    /// effect in the order the user sent them whichever shards their devices are on.
-    fn on_block(
-        &mut self,
-        origin: ConnRef,
-        rid: u64,
-        user: UserId,
-        other: u64,
-        block: bool,
-    ) -> Result<(), Refusal> {
-        if other == 0 {
-            return Err(Refusal(ErrorCode::InvalidArgument, "user_id is 0".into()));
-        }
-        if other == user.0 {
-            return Err(Refusal(
-                ErrorCode::InvalidArgument,
-                "you cannot block or unblock yourself".into(),
-            ));
-        }
-        let cmd = BlockCmd {
-            origin,
-            request_id: rid,
-            user,
-            target: UserId(other),
-            block,
-        };
-        self.send_to(home_shard(user.0, self.shards), Inner::Block(cmd));
-        Ok(())
-    }
-
-    /// At the user's home shard: takes a token of the user's Block/Unblock budget and hands the
-    /// write to the metadata writer (which checks that the target exists, that a Block stays
-    /// within `blocks_max`, and writes nothing if the request is in effect already).
-    fn on_block_cmd(&mut self, b: BlockCmd) {
-        debug_assert_eq!(home_shard(b.user.0, self.shards), self.shard);
-        let refusal = if let Err(retry_ms) = self.block_limiter.take(b.user, self.now_ms) {
-            Some(retry_frame(
-                b.request_id,
-                ErrorCode::RateLimited,
-                format!(
-                    "too many Block/Unblock requests: at most {} per second",
-                    self.cfg.block_requests_per_s
-                ),
-                u32::try_from(retry_ms).unwrap_or(u32::MAX),
-            ))
-        } else if self.writer.queued() >= self.cfg.meta_jobs_max {
-            Some(retry_frame(
-                b.request_id,
-                ErrorCode::Overloaded,
-                "too many metadata writes are waiting; nothing was recorded".into(),
-                META_RETRY_AFTER_MS,
-            ))
-        } else {
-            None
-        };
-        if let Some(f) = refusal {
-            self.reply(b.origin, vec![f]);
-            return;
-        }
-        let job = Job::Block {
-            user: b.user,
-            target: b.target,
-            block: b.block,
-            now_ms: self.now_ms,
-        };
-        let tag = MetaTag::Block {
-            origin: b.origin,
-            request_id: b.request_id,
-        };
-        self.writer.submit(&*self.meta, job, tag);
-    }
-
-    /// The Block/Unblock is durable (or was in effect already), or failed. If the pair has a
-    /// direct conversation, its owner drops its cached block state before `Done` goes out: once
-    /// the blocker sees `Done`, no later send from the blocked user is accepted.
-    fn block_written(&mut self, origin: ConnRef, request_id: u64, outcome: Outcome) {
-        match outcome {
-            Ok(Written::Block {
-                conv: Some(conv), ..
-            }) => self.send_to(
-                owner_shard(conv, self.shards),
-                Inner::BlockChanged {
-                    conv,
-                    origin,
-                    request_id,
-                },
-            ),
-            // No conversation yet: one created later reads the block from metadata.
-            Ok(Written::Block { conv: None, .. }) => {
-                self.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
-            }
-            other => {
-                let Refusal(code, msg) = match other {
-                    Err(r) => r,
-                    Ok(w) => unexpected_outcome(&w),
-                };
-                self.reply(origin, vec![error_frame(request_id, code, msg)]);
-            }
-        }
-    }
-}
-
-/// A metadata job answered with the outcome of another kind of job: a bug.
-fn unexpected_outcome(w: &Written) -> Refusal {
-    debug_assert!(false, "unexpected metadata outcome {w:?}");
-    Refusal(
-        ErrorCode::Internal,
-        format!("unexpected metadata outcome {w:?}"),
-    )
-}
-
-fn receipt(conv: u64, up_to: u64, kind: v1::ReceiptKind, by: UserId, now: u64) -> v1::Receipt {
-    v1::Receipt {
-        conversation_id: conv,
-        up_to_seq: up_to,
-        kind: kind as i32,
-        by_user_id: by.0,
-        ts_ms: now,
-    }
-}
-
-type Members = (Arc<[UserId]>, Option<(UserId, UserId)>, String);
-
-fn load_members<M: MetadataStore>(meta: &M, conv: u64) -> Result<Members, Refusal> {
-    let cid = conv_id(conv);
-    let key = cid.0.to_be_bytes();
-    if is_group(conv) {
-        let g = meta
-            .get::<Group>(&key)
-            .map_err(|e| Refusal::storage("group", &e))?;
-        let Some(g) = g else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let members: Vec<UserId> = meta
-            .scan::<Member>(&key, usize::MAX)
-            .map_err(|e| Refusal::storage("members", &e))?
-            .into_iter()
-            .map(|m| m.user)
-            .collect();
-        Ok((members.into(), None, g.name))
-    } else {
-        let d = meta
-            .get::<DirectConv>(&key)
-            .map_err(|e| Refusal::storage("conversation", &e))?;
-        let Some(d) = d else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let mut members = vec![d.low, d.high];
-        members.dedup();
-        Ok((members.into(), Some((d.low, d.high)), String::new()))
     }
 }
 
 #[cfg(test)]
-#[path = "shard_tests.rs"]
+mod fixture;
+#[cfg(test)]
 mod tests;

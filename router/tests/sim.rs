@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_router::ids::{GROUP_BIT, conv_id, is_group};
+use starling_router::ids::{self, GROUP_BIT};
 use starling_router::ring::{Bell, Doorbell};
 use starling_router::{
     ConnId, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
@@ -489,7 +489,7 @@ impl World {
             });
             if u == 1 || rng.chance(700) {
                 b.add_member(&Member {
-                    group: conv_id(group),
+                    group: ids::ConvId(group).storage(),
                     user: UserId(u),
                     role: Role::Member,
                     joined_ms: TimestampMs(0),
@@ -497,7 +497,7 @@ impl World {
             }
         }
         b.put(&Group {
-            id: conv_id(group),
+            id: ids::ConvId(group).storage(),
             name: "sim".into(),
             created_by: UserId(1),
             created_ms: TimestampMs(0),
@@ -648,12 +648,12 @@ impl World {
         }
         match (req, &f.body) {
             (Req::Send, Some(Body::SendAck(a))) => {
-                if a.duplicate || is_group(a.conversation_id) {
+                if a.duplicate || ids::ConvId(a.conversation_id).is_group() {
                     return;
                 }
                 let dc = self
                     .meta
-                    .get::<DirectConv>(&conv_id(a.conversation_id).0.to_be_bytes())
+                    .get::<DirectConv>(&ids::ConvId(a.conversation_id).storage().0.to_be_bytes())
                     .unwrap()
                     .expect("an acknowledged direct conversation exists");
                 let peer = if dc.low.0 == user {
@@ -1156,7 +1156,11 @@ impl World {
     fn check_cursors(&mut self) {
         for &conv in &self.convs {
             for &u in &self.users {
-                let r = self.meta.read_cursor(conv_id(conv), UserId(u)).unwrap().0;
+                let r = self
+                    .meta
+                    .read_cursor(ids::ConvId(conv).storage(), UserId(u))
+                    .unwrap()
+                    .0;
                 let prev = self
                     .cursors_seen
                     .insert((conv, u, u32::MAX), r)
@@ -1321,7 +1325,7 @@ impl World {
 
     fn is_member(&self, conv: u64, user: u64) -> bool {
         self.meta
-            .get::<Member>(&keys::member(conv_id(conv).0, UserId(user)))
+            .get::<Member>(&keys::member(ids::ConvId(conv).storage().0, UserId(user)))
             .unwrap()
             .is_some()
     }
@@ -1405,7 +1409,7 @@ impl World {
             }
             let members: Vec<u64> = self
                 .meta
-                .scan::<Member>(&conv_id(*conv).0.to_be_bytes(), 100)
+                .scan::<Member>(&ids::ConvId(*conv).storage().0.to_be_bytes(), 100)
                 .unwrap()
                 .iter()
                 .map(|m| m.user.0)
@@ -1586,7 +1590,7 @@ impl Harness {
         let conv = GROUP_BIT | id;
         let mut b = MetaBatch::default();
         b.put(&Group {
-            id: conv_id(conv),
+            id: ids::ConvId(conv).storage(),
             name: format!("group{id}"),
             created_by: UserId(members[0]),
             created_ms: TimestampMs(0),
@@ -1594,7 +1598,7 @@ impl Harness {
         });
         for &u in members {
             b.add_member(&Member {
-                group: conv_id(conv),
+                group: ids::ConvId(conv).storage(),
                 user: UserId(u),
                 role: Role::Member,
                 joined_ms: TimestampMs(0),
@@ -2622,7 +2626,9 @@ fn cursor_requests_get_one_answer_while_the_metadata_store_fails() {
         "{receipts:?}"
     );
     assert_eq!(
-        h.meta.read_cursor(conv_id(conv), UserId(2)).unwrap(),
+        h.meta
+            .read_cursor(ids::ConvId(conv).storage(), UserId(2))
+            .unwrap(),
         Seq(1)
     );
 }

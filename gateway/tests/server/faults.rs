@@ -265,7 +265,7 @@ fn check_histories(a: &mut super::Client, convs: &[Conv]) {
 /// one, and a data dir from before the record has its count inferred.
 #[test]
 fn the_shard_count_of_existing_data_cannot_change() {
-    use starling_router::ids::owner_shard;
+    use starling_router::ids::{ConvId, owner_shard};
     let (mut srv, lines) = launch(tempfile::tempdir().unwrap(), &["--shards", "2"], false);
     assert!(
         lines
@@ -293,12 +293,17 @@ fn the_shard_count_of_existing_data_cannot_change() {
         send_next(&mut a, &mut conv);
         send_next(&mut a, &mut conv);
         convs.push(conv);
-        let on = |s| convs.iter().filter(|c| owner_shard(c.id, 2) == s).count();
+        let on = |s| {
+            convs
+                .iter()
+                .filter(|c| owner_shard(ConvId(c.id), 2) == s)
+                .count()
+        };
         if convs.len() >= 3 && on(0) > 0 && on(1) > 0 {
             break;
         }
     }
-    assert!(convs.iter().any(|c| owner_shard(c.id, 2) == 1));
+    assert!(convs.iter().any(|c| owner_shard(ConvId(c.id), 2) == 1));
     drop(a);
     assert!(srv.sigterm().success());
     let data = srv.dir.path().join("data");

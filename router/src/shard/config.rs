@@ -1,0 +1,105 @@
+//! [`ShardConfig`]: the limits and sizes of one shard, fixed at start-up. The server sets every
+//! field from its configuration file (`gateway/src/config.rs`: the `[router]` table, and the
+//! slow-consumer limits of `[limits]`), which also checks the relations between them; the
+//! defaults here are the server's defaults.
+
+/// Limits and sizes of one shard, fixed at start-up.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Largest message body accepted in `Send`, bytes.
+    pub body_bytes_max: usize,
+    /// Most entries in one log batch; a full open batch is submitted at once.
+    pub batch_entries_max: usize,
+    /// Most entries waiting in the open batch while the log pushes back (`Busy`); beyond it
+    /// sends are refused with `OVERLOADED` (at least `batch_entries_max`).
+    pub open_entries_max: usize,
+    /// An open batch of at least this many bytes (as the log stores its entries) is submitted
+    /// at once, like a full one (at most `open_bytes_max`).
+    pub batch_bytes_max: usize,
+    /// Most bytes waiting in the open batch while the log pushes back; beyond it sends are
+    /// refused with `OVERLOADED`. One batch is one log record, so this is at most the record
+    /// payload limit (`starling_storage::format::RECORD_PAYLOAD_BYTES_MAX`; larger values are
+    /// clamped): large bodies fill a batch long before `open_entries_max` entries do.
+    pub open_bytes_max: usize,
+    /// A connection's backlog budget: bytes it may have queued (emitted, not yet reported
+    /// written) before it is behind, i.e. pushes to it turn into `MessagesAvailable` hints,
+    /// which it gets once its backlog is down to half of this (then pushes resume).
+    pub conn_outbound_bytes_max: u64,
+    /// A connection whose backlog stays over its budget this long (it reads too little) is
+    /// closed with `SLOW_CONSUMER`; it syncs after reconnecting.
+    pub slow_consumer_close_ms: u64,
+    /// Most messages per conversation one `Sync` returns.
+    pub sync_messages_max: usize,
+    /// Most bytes of messages one `Sync` returns over all conversations (the rest is reported
+    /// in `SyncDone.truncated`): a reply must fit the gateway's per-connection outbound limit.
+    pub sync_bytes_max: usize,
+    /// Most bytes of messages in one `HistoryPage` (it is one frame, so it must stay under the
+    /// frame limit; a page always holds at least one message).
+    pub page_bytes_max: usize,
+    /// Messages of a `HistoryPage` whose `GetHistory.limit` is 0 (at most
+    /// `history_limit_max`).
+    pub history_limit_default: usize,
+    /// Cap of `GetHistory.limit`.
+    pub history_limit_max: usize,
+    /// Conversations of a `ConversationList` page whose `ListConversations.limit` is 0 (at most
+    /// `list_limit_max`).
+    pub list_limit_default: usize,
+    /// Cap of `ListConversations.limit`.
+    pub list_limit_max: usize,
+    /// Cursor updates are written (one durable batch) at most this long after they arrive.
+    pub cursor_flush_ms: u64,
+    /// ... or as soon as this many are waiting.
+    pub cursor_flush_max: usize,
+    /// Unread counts stop at this value.
+    pub unread_count_max: usize,
+    /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
+    /// has not been used for this long and nothing of it is in flight; it is loaded again from
+    /// the index and the metadata on next use. Bounds the shard's memory by its active
+    /// conversations instead of every conversation it ever served.
+    pub conv_idle_evict_ms: u64,
+    /// Most users one user may block (at most `starling_storage::meta::SCAN_RECORDS_MAX`, so
+    /// that one metadata scan counts them); a Block beyond it is refused with
+    /// `PERMISSION_DENIED`.
+    pub blocks_max: usize,
+    /// Block/Unblock requests one user may make per second, sustained (a token bucket at the
+    /// user's home shard; beyond it `RATE_LIMITED` with `retry_after_ms`).
+    pub block_requests_per_s: u32,
+    /// ... and at once (the bucket's size).
+    pub block_requests_burst: u32,
+    /// Most Sends one shard holds while the direct conversation they need is being created
+    /// (each holds its body until then); beyond it `OVERLOADED` with `retry_after_ms`.
+    pub parked_sends_max: usize,
+    /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
+    /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
+    pub meta_jobs_max: usize,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            body_bytes_max: starling_protocol::limits::BODY_BYTES_MAX_DEFAULT as usize,
+            batch_entries_max: 512,
+            open_entries_max: 8192,
+            batch_bytes_max: 1024 * 1024,
+            open_bytes_max: 8 * 1024 * 1024,
+            conn_outbound_bytes_max: 256 * 1024,
+            slow_consumer_close_ms: 30_000,
+            sync_messages_max: 500,
+            sync_bytes_max: 256 * 1024,
+            page_bytes_max: 48 * 1024,
+            history_limit_default: 50,
+            history_limit_max: 200,
+            list_limit_default: 50,
+            list_limit_max: 200,
+            cursor_flush_ms: 20,
+            cursor_flush_max: 1024,
+            unread_count_max: 999,
+            conv_idle_evict_ms: 10 * 60 * 1000,
+            blocks_max: 10_000,
+            block_requests_per_s: 10,
+            block_requests_burst: 20,
+            parked_sends_max: 1024,
+            meta_jobs_max: 4096,
+        }
+    }
+}

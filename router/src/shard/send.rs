@@ -1,0 +1,198 @@
+//! `Send` at the ingress shard: the first leg of a message's path (see
+//! `docs/design/messaging.md`, "The path of one message"). The owner's side is the sequencer.
+
+use starling_protocol::v1::{self, ErrorCode};
+use starling_storage::{ClientMsgId, CursorStore, DeviceId, MetadataStore, UserId};
+
+use super::direct::Direct;
+use super::frames::Refusal;
+use super::mail::{Inner, SendCmd};
+use super::shared::Shared;
+use crate::ids::{ConnRef, ConvId};
+use crate::metawriter::ordered;
+
+/// At the ingress shard: checks the Send (`client_msg_id` exactly 16 bytes and not all zero,
+/// body within `body_bytes_max`, content type within 255 bytes, a recipient), resolves a user
+/// recipient to their direct conversation, and sends it on to the conversation's owner; the
+/// first Send of a pair is parked while its conversation is created.
+pub(super) fn request<I, M: MetadataStore + CursorStore>(
+    sh: &mut Shared<I, M>,
+    direct: &mut Direct,
+    origin: ConnRef,
+    rid: u64,
+    user: UserId,
+    device: DeviceId,
+    s: v1::Send,
+) -> Result<(), Refusal> {
+    let cmid: [u8; 16] = s.client_msg_id.as_ref().try_into().map_err(|_| {
+        Refusal(
+            ErrorCode::InvalidArgument,
+            format!(
+                "client_msg_id must be 16 bytes, got {}",
+                s.client_msg_id.len()
+            ),
+        )
+    })?;
+    if cmid == [0; 16] {
+        return Err(Refusal(
+            ErrorCode::InvalidArgument,
+            "client_msg_id must not be all zeroes".into(),
+        ));
+    }
+    if s.body.len() > sh.cfg.body_bytes_max {
+        return Err(Refusal(
+            ErrorCode::BodyTooLarge,
+            format!(
+                "body is {} bytes, limit {}",
+                s.body.len(),
+                sh.cfg.body_bytes_max
+            ),
+        ));
+    }
+    if s.content_type.len() > 255 {
+        return Err(Refusal(
+            ErrorCode::InvalidArgument,
+            "content_type longer than 255 bytes".into(),
+        ));
+    }
+    let conv = match s.to.and_then(|t| t.target) {
+        Some(v1::recipient::Target::UserId(peer)) => {
+            match direct.resolve(sh, user, UserId(peer))? {
+                Some(conv) => Ok(conv),
+                None => Err(ordered(user, UserId(peer))),
+            }
+        }
+        Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(ConvId(c)),
+        _ => {
+            return Err(Refusal(
+                ErrorCode::InvalidArgument,
+                "Send.to must name a user or a conversation".into(),
+            ));
+        }
+    };
+    let mut cmd = SendCmd {
+        origin,
+        request_id: rid,
+        user,
+        device,
+        conv: ConvId(0), // set below, or once a parked Send's conversation exists
+        cmid: ClientMsgId(cmid),
+        cmid_bytes: s.client_msg_id,
+        content_type: s.content_type,
+        body: s.body,
+        reply_to_seq: s.reply_to_seq,
+        first_attempt: s.first_attempt,
+        now_ms: sh.now_ms,
+    };
+    match conv {
+        Ok(conv) => {
+            cmd.conv = conv;
+            let owner = sh.mail.owner(conv);
+            sh.send_to(owner, Inner::Send(Box::new(cmd)));
+        }
+        // The pair's first message: its conversation is created first, off this thread.
+        Err(pair) => direct.park(sh, pair, cmd),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use starling_protocol::v1::recipient::Target;
+    use starling_protocol::v1::{self, ErrorCode, frame::Body};
+
+    use super::super::ShardConfig;
+    use super::super::fixture::{GROUP, answers, send_frame, shard, transmitted};
+    use crate::ids::ConnId;
+
+    /// What makes a good Send bad.
+    type Spoil = fn(&mut v1::Send);
+
+    #[test]
+    fn a_bad_send_is_refused_at_the_ingress_shard_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ShardConfig {
+            body_bytes_max: 4,
+            ..ShardConfig::default()
+        };
+        let (mut s, _meta) = shard(dir.path(), cfg);
+        let invalid = ErrorCode::InvalidArgument;
+        let cases: [(Spoil, ErrorCode, &str); 8] = [
+            (
+                |s| s.client_msg_id = Bytes::from(vec![7; 15]),
+                invalid,
+                "client_msg_id must be 16 bytes, got 15",
+            ),
+            (
+                |s| s.client_msg_id = Bytes::from(vec![0; 16]),
+                invalid,
+                "client_msg_id must not be all zeroes",
+            ),
+            (
+                |s| s.body = Bytes::from_static(b"hello"),
+                ErrorCode::BodyTooLarge,
+                "body is 5 bytes, limit 4",
+            ),
+            (
+                |s| s.content_type = "t".repeat(256),
+                invalid,
+                "content_type longer than 255 bytes",
+            ),
+            (
+                |s| s.to = None,
+                invalid,
+                "Send.to must name a user or a conversation",
+            ),
+            (
+                |s| {
+                    s.to = Some(v1::Recipient {
+                        target: Some(Target::ConversationId(0)),
+                    });
+                },
+                invalid,
+                "Send.to must name a user or a conversation",
+            ),
+            (
+                |s| {
+                    s.to = Some(v1::Recipient {
+                        target: Some(Target::UserId(0)),
+                    });
+                },
+                invalid,
+                "recipient user_id is 0",
+            ),
+            (
+                |s| {
+                    s.to = Some(v1::Recipient {
+                        target: Some(Target::UserId(99)),
+                    });
+                },
+                ErrorCode::NotFound,
+                "no such user",
+            ),
+        ];
+        for (rid, (spoil, code, message)) in (1..).zip(cases) {
+            let mut f = send_frame(rid, 7, Target::ConversationId(GROUP.0), b"hi");
+            if let Some(Body::Send(sd)) = &mut f.body {
+                spoil(sd);
+            }
+            s.handle_frame(ConnId(1), f, 1);
+            let out = transmitted(&mut s);
+            let got = answers(&out, ConnId(1), rid);
+            let [Body::Error(e)] = &got[..] else {
+                panic!("case {rid}: {got:?}")
+            };
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (code as i32, message),
+                "case {rid}"
+            );
+        }
+        // A good one passes (it is answered once durable).
+        let ok = send_frame(99, 9, Target::ConversationId(GROUP.0), b"ok");
+        s.handle_frame(ConnId(1), ok, 1);
+        assert!(answers(&transmitted(&mut s), ConnId(1), 99).is_empty());
+        assert_eq!(s.stats().messages_acked, 0);
+    }
+}

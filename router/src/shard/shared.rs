@@ -1,0 +1,171 @@
+//! What every concern of a shard reaches: its configuration and clock, the node's metadata and
+//! the shard's index, the conversations it owns ([`Convs`]), its connections ([`Directory`]) and
+//! what goes out to them ([`Outbound`]), its mail to the other shards ([`Mail`]), its metadata
+//! writer and its counters. The concerns (sequencer, cursors, sync, ...) keep their own state
+//! and take this by reference, so each depends on what it shares, not on the others.
+
+use std::sync::Arc;
+
+use starling_protocol::v1::{self, ErrorCode};
+use starling_storage::{
+    CursorStore, DeliveryCursor, Entry, MessageIndex, MetadataStore, ReadCursor, UserId,
+};
+
+use super::config::ShardConfig;
+use super::convs::{ConvState, Convs};
+use super::directory::Directory;
+use super::frames::Refusal;
+use super::mail::{Inner, Mail, ShardMsg};
+use super::outbound::Outbound;
+use crate::grid::ShardLinks;
+use crate::ids::{ConnId, ConnRef, ConvId};
+use crate::metawriter::MetaWriter;
+
+/// `retry_after_ms` of the `OVERLOADED` that refuses a request the metadata writer has no room
+/// for: about as long as a few metadata commits take.
+pub(super) const META_RETRY_AFTER_MS: u32 = 50;
+
+/// Counters for tests, metrics and the simulator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Messages acknowledged durable.
+    pub messages_acked: u64,
+    /// Sends answered from dedup (retries).
+    pub duplicates: u64,
+    /// Deliver frames pushed (not counting Sync).
+    pub pushed: u64,
+    /// MessagesAvailable hints emitted.
+    pub hints: u64,
+    /// Cursor flushes (durable batches of cursor updates).
+    pub cursor_flushes: u64,
+    /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
+    pub convs_evicted: u64,
+}
+
+/// What the shard does with a metadata job's outcome (see [`crate::metawriter`]).
+pub(super) enum MetaTag {
+    /// A cursor batch: announce receipts and answer `waiters`, or put it back.
+    Cursors {
+        delivery: Vec<DeliveryCursor>,
+        read: Vec<ReadCursor>,
+        waiters: Vec<(ConnRef, u64)>,
+    },
+    /// A Block/Unblock: answer it (through the conversation's owner if there is one).
+    Block { origin: ConnRef, request_id: u64 },
+    /// A direct conversation for the parked Sends of this pair.
+    Direct { pair: (UserId, UserId) },
+}
+
+/// The state the concerns of one shard share (see the module docs).
+pub(super) struct Shared<I, M> {
+    pub(super) cfg: ShardConfig,
+    /// The time of the input being handled.
+    pub(super) now_ms: u64,
+    pub(super) index: Arc<I>,
+    pub(super) meta: Arc<M>,
+    pub(super) convs: Convs,
+    pub(super) dir: Directory,
+    pub(super) out: Outbound,
+    pub(super) mail: Mail,
+    /// Every metadata write (cursor batches, Block/Unblock, direct conversations) goes through
+    /// it, off this thread once `RouterShard::set_meta_offload` was called.
+    pub(super) writer: MetaWriter<MetaTag>,
+    pub(super) stats: ShardStats,
+}
+
+impl<I, M> Shared<I, M> {
+    pub(super) fn new(
+        cfg: ShardConfig,
+        links: ShardLinks<ShardMsg>,
+        index: Arc<I>,
+        meta: Arc<M>,
+    ) -> Self {
+        Shared {
+            out: Outbound::new(cfg.conn_outbound_bytes_max, cfg.slow_consumer_close_ms),
+            writer: MetaWriter::new(cfg.blocks_max),
+            cfg,
+            now_ms: 0,
+            index,
+            meta,
+            convs: Convs::default(),
+            dir: Directory::default(),
+            mail: Mail::new(links),
+            stats: ShardStats::default(),
+        }
+    }
+
+    /// Queues `f` for this shard's connection `conn` (see [`Outbound::emit`]).
+    pub(super) fn emit(&mut self, conn: ConnId, f: v1::Frame, push: bool) -> bool {
+        self.out.emit(&mut self.dir, conn, f, push, self.now_ms)
+    }
+
+    /// Sends `frames` to connection `to`, on whatever shard it is.
+    pub(super) fn reply(&mut self, to: ConnRef, frames: Vec<v1::Frame>) {
+        self.mail.reply(to, frames);
+    }
+
+    /// Sends `m` to `shard` (this one included).
+    pub(super) fn send_to(&mut self, shard: usize, m: Inner) {
+        self.mail.send_to(shard, m);
+    }
+}
+
+impl<I, M> Shared<I, M>
+where
+    I: MessageIndex,
+    M: MetadataStore + CursorStore,
+{
+    /// The owner-side state of `conv`, loaded on first use.
+    pub(super) fn conv(&mut self, conv: ConvId) -> Result<&mut ConvState, Refusal> {
+        debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
+        self.convs
+            .load(conv, &*self.index, &*self.meta, self.now_ms)
+    }
+
+    /// The state of `conv` if `user` is one of its members.
+    pub(super) fn member_conv(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+    ) -> Result<&mut ConvState, Refusal> {
+        let c = self.conv(conv)?;
+        if !c.members.contains(&user) {
+            return Err(Refusal(
+                ErrorCode::NotAMember,
+                "not a member of this conversation".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
+    pub(super) fn read_after(
+        &mut self,
+        conv: ConvId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let (c, index) = self.conv_and_index(conv)?;
+        c.seq.read_after(index, conv, after, limit)
+    }
+
+    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
+    pub(super) fn read_before(
+        &mut self,
+        conv: ConvId,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let (c, index) = self.conv_and_index(conv)?;
+        c.seq.read_before(index, conv, before, limit)
+    }
+
+    /// [`Shared::conv`], with the index to read it from.
+    fn conv_and_index(&mut self, conv: ConvId) -> Result<(&ConvState, &I), Refusal> {
+        debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
+        let c = self
+            .convs
+            .load(conv, &*self.index, &*self.meta, self.now_ms)?;
+        Ok((c, &*self.index))
+    }
+}
