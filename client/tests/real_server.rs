@@ -55,6 +55,9 @@ struct Server {
 
 impl Server {
     fn start(bin: &Path, data: &Path, listen: &str) -> Server {
+        // The server's stderr goes beside the data dir, so that a start that fails shows why.
+        let err_path = data.with_extension("stderr");
+        let err_file = std::fs::File::create(&err_path).unwrap();
         let mut child = Command::new(bin)
             .args(["serve", "--shards", "1", "--metrics-listen", "off"])
             .arg("--data-dir")
@@ -62,7 +65,7 @@ impl Server {
             .args(["--listen", listen])
             .env("STARLING_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(err_file)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -75,9 +78,12 @@ impl Server {
         });
         let mut addr = None;
         loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("server did not become ready");
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                panic!("server did not become ready; its stderr:\n{err}");
+            };
             if let Some(a) = line.strip_prefix("listening (TLS 1.3): ") {
                 addr = Some(a.parse().unwrap());
             } else if line == "ready" {

@@ -1,6 +1,7 @@
 """The documented flows, against the real `starling` binary."""
 
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -56,6 +57,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # Each data dir preallocates its log segments; leave nothing behind.
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def otp_code(self, identifier):
         """The last code the development server wrote for `identifier` to <data>/otp.log."""
