@@ -51,6 +51,7 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
         body: Bytes::copy_from_slice(body),
         media: None,
         reply_to_seq: reply,
+        group_changed: None,
     })
 }
 

@@ -255,6 +255,7 @@ impl<L: DurableLog> Sequencer<L> {
                 body: cmd.body,
                 media: None,
                 reply_to_seq: cmd.reply_to_seq,
+                group_changed: None,
             },
             cmd.origin,
         ));
