@@ -372,6 +372,7 @@ fn create_direct<M: MetadataStore>(meta: &M, low: UserId, high: UserId, now_ms: 
                 user: u,
                 role: Role::Member,
                 joined_ms: TimestampMs(now_ms),
+                joined_seq: None,
             });
         }
         match meta.commit(&b) {

@@ -522,6 +522,7 @@ mod tests {
                 user: UserId(u),
                 role: Role::Member,
                 joined_ms: TimestampMs(0),
+                joined_seq: None,
             });
         }
         meta.commit(&b).unwrap();
