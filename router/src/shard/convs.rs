@@ -79,7 +79,7 @@ impl ConvState {
         M: MetadataStore + CursorStore,
     {
         let (members, pair, title, group) = if conv.is_group() {
-            let g = GroupConv::load(meta, conv)?
+            let g = GroupConv::load(meta, index, conv)?
                 .ok_or_else(|| Refusal(ErrorCode::NotFound, "no such conversation".into()))?;
             (
                 g.st.in_members(),

@@ -106,27 +106,43 @@ pub(super) struct GroupConv {
 }
 
 impl GroupConv {
-    /// The group `conv` as the metadata has it; `None` if there is none.
-    pub(super) fn load<M: MetadataStore>(
+    /// The group `conv` as the metadata has it, and its log in `index` (complete for `conv`:
+    /// a state leaves memory only once everything of it is indexed); `None` if there is none.
+    /// A change with a marker whose event the log has takes effect now, at the event's seq
+    /// (its settling is left to [`resume`]); one whose event is missing is not in effect until
+    /// [`resume`] sequences it, and nothing after it exists yet.
+    pub(super) fn load<I: MessageIndex, M: MetadataStore>(
         meta: &M,
+        index: &I,
         conv: ConvId,
     ) -> Result<Option<GroupConv>, Refusal> {
-        Ok(GroupState::load(meta, conv)?.map(|st| GroupConv {
-            phase: if st.pending.is_some() {
-                Phase::Resume
-            } else {
-                Phase::Idle
-            },
+        let Some(st) = GroupState::load(meta, conv)? else {
+            return Ok(None);
+        };
+        let mut g = GroupConv {
+            phase: Phase::Idle,
             st,
             waiter: None,
             settle: None,
             queue: VecDeque::new(),
-        }))
+        };
+        if let Some(version) = g.st.pending.as_ref().map(|p| p.version) {
+            match find_event(index, conv, version)? {
+                Some(s) => {
+                    let before = g.st.clone();
+                    g.st.sequenced(s);
+                    g.settle = Some(diff(conv, Some(&before), &mut g.st));
+                    g.phase = Phase::Sequenced(s);
+                }
+                None => g.phase = Phase::Resume,
+            }
+        }
+        Ok(Some(g))
     }
 
-    /// Whether it was loaded with a change whose event may be missing.
+    /// Whether it was loaded with a change to finish (its event to sequence, or to settle).
     pub(super) fn needs_resume(&self) -> bool {
-        self.phase == Phase::Resume
+        matches!(self.phase, Phase::Resume | Phase::Sequenced(_)) && self.waiter.is_none()
     }
 
     /// Whether nothing is in progress or waiting (its state may be dropped from memory).
@@ -598,19 +614,21 @@ where
     I: MessageIndex,
     M: MetadataStore + CursorStore,
 {
-    let fresh = GroupState::load(&*sh.meta, conv);
-    let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
+    let fresh = GroupConv::load(&*sh.meta, &*sh.index, conv);
+    let Some(c) = sh.convs.get_mut(conv) else {
+        return;
+    };
+    let Some(g) = c.group.as_mut() else {
         return;
     };
     match fresh {
-        Ok(Some(st)) => {
-            g.phase = if st.pending.is_some() {
-                Phase::Resume
-            } else {
-                Phase::Idle
-            };
-            g.st = st;
-            if g.phase == Phase::Resume {
+        Ok(Some(mut f)) => {
+            f.queue = std::mem::take(&mut g.queue);
+            let resumes = f.needs_resume();
+            c.members = f.st.in_members();
+            c.title.clone_from(&f.st.name);
+            **g = f;
+            if resumes {
                 sh.convs.resume.push(conv);
                 resume(sh, seq);
             } else {
@@ -764,8 +782,27 @@ fn broken<I, M>(sh: &mut Shared<I, M>, conv: ConvId) {
     }
 }
 
-/// Groups loaded with a marker: each one's event is looked up in the index (by its derived
-/// `client_msg_id`); found, it is settled with that seq; missing, it is sequenced now.
+/// The seq of the event of `conv`'s change to `version` in the log, if it is there (found by
+/// its derived `client_msg_id`, confirmed by reading it).
+fn find_event<I: MessageIndex>(
+    index: &I,
+    conv: ConvId,
+    version: u64,
+) -> Result<Option<u64>, Refusal> {
+    let lookup = |e: starling_storage::StorageError| Refusal::storage("group event lookup", &e);
+    let Some(s) = index
+        .dedup(conv.storage(), event::event_id(version))
+        .map_err(lookup)?
+    else {
+        return Ok(None);
+    };
+    let e = index.entry(conv.storage(), s).map_err(lookup)?;
+    Ok(e.filter(|e| event::version_of(e) == Some(version))
+        .map(|_| s.0))
+}
+
+/// Groups loaded with a change to finish: an event the log had is settled (seqs written,
+/// marker cleared); a missing one is sequenced now.
 pub(super) fn resume<L, I, M>(sh: &mut Shared<I, M>, seq: &mut Sequencer<L>)
 where
     L: DurableLog,
@@ -776,29 +813,10 @@ where
         let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
             continue;
         };
-        let Some(version) = g.st.pending.as_ref().map(|p| p.version) else {
-            continue;
-        };
-        if g.phase != Phase::Resume {
-            continue;
-        }
-        let id = event::event_id(version);
-        let found = match sh.index.dedup(conv.storage(), id) {
-            Ok(Some(s)) => match sh.index.entry(conv.storage(), s) {
-                Ok(Some(e)) if event::version_of(&e) == Some(version) => Ok(Some(s.0)),
-                Ok(_) => Ok(None),
-                Err(e) => Err(e),
-            },
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match found {
-            Ok(Some(s)) => {
-                took_effect(sh, conv, s, Phase::Sequenced(s));
-                events_durable(sh, vec![(conv, s)]);
-            }
-            Ok(None) => sequence_event(sh, seq, conv),
-            Err(_) => broken(sh, conv),
+        match g.phase {
+            Phase::Sequenced(s) => events_durable(sh, vec![(conv, s)]),
+            Phase::Resume => sequence_event(sh, seq, conv),
+            _ => {}
         }
     }
 }
