@@ -203,6 +203,9 @@ fn a_group_of_three_users_with_two_devices_each_through_every_request() {
         Body::Welcome(w) => assert!(w.features.iter().any(|f| f == "groups"), "{w:?}"),
         other => panic!("{other:?}"),
     }
+    // Not authenticated: the group requests need a user.
+    let (code, _) = refused(probe.request(get_info((1 << 63) | 1)));
+    assert_eq!(code, ErrorCode::Unauthenticated);
     let (ga1, ga2) = two_devices(&srv, "ana@example.org");
     let (gb1, gb2) = two_devices(&srv, "ben@example.org");
     let (gc1, gc2) = two_devices(&srv, "cam@example.org");
@@ -241,6 +244,20 @@ fn a_group_of_three_users_with_two_devices_each_through_every_request() {
         assert!(ev.group.unwrap().members.is_empty());
     }
     assert_eq!(info(call(&mut b1, get_info(conv))).version, 1);
+    // Two shards, the devices' connections spread over both: whichever owns the group, some
+    // member connections are on the other one.
+    let owner = starling_router::ids::owner_shard(starling_router::ids::ConvId(conv), 2);
+    let per_shard = |i: usize| {
+        srv.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("starling_connections{{shard=\"{i}\"}} ")))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        per_shard(0) > 0 && per_shard(1) > 0,
+        "connections on one shard only (the group's owner is shard {owner})"
+    );
 
     // A message (seq 2) to the members.
     assert_eq!(sent_seq(call(&mut a1, to_conv(1, conv, "hello group"))), 2);

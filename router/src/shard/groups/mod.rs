@@ -446,42 +446,51 @@ where
 {
     let (conv, now) = (cmd.conv, sh.now_ms);
     let members_max = sh.cfg.group_members_max;
+    let writer_full = sh.writer.queued() >= sh.cfg.meta_jobs_max;
+    let change = match group(sh, conv) {
+        Ok(c) => match c.group.as_ref() {
+            Some(g) => {
+                debug_assert_eq!(g.phase, Phase::Idle);
+                g.st.change(conv, cmd.user, &cmd.op, members_max, now)
+            }
+            None => return,
+        },
+        Err(r) => Err(r),
+    };
+    let mut ch = match change {
+        Err(r) => return refuse(sh, &cmd, r),
+        Ok(None) => {
+            if let Some(g) = sh.convs.get(conv).and_then(|c| c.group.as_ref()) {
+                let f = info_frame(cmd.request_id, g, conv);
+                answer(sh, cmd.origin, cmd.request_id, f);
+            }
+            return;
+        }
+        Ok(Some(ch)) => ch,
+    };
+    // Who is added must exist (checked after the permission: a member learns nothing of
+    // accounts from a request it may not make).
     if let Op::Add(users) = &cmd.op
         && let Err(r) = check_users(&*sh.meta, users)
     {
         return refuse(sh, &cmd, r);
     }
-    let writer_full = sh.writer.queued() >= sh.cfg.meta_jobs_max;
-    let c = match group(sh, conv) {
-        Ok(c) => c,
-        Err(r) => return refuse(sh, &cmd, r),
-    };
-    let Some(g) = c.group.as_mut() else {
+    if writer_full {
+        let f = retry_frame(
+            cmd.request_id,
+            ErrorCode::Overloaded,
+            "the server is writing too many changes; send it again".into(),
+            META_RETRY_AFTER_MS,
+        );
+        return answer(sh, cmd.origin, cmd.request_id, f);
+    }
+    let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
         return;
     };
-    debug_assert_eq!(g.phase, Phase::Idle);
-    match g.st.change(conv, cmd.user, &cmd.op, members_max, now) {
-        Err(r) => refuse(sh, &cmd, r),
-        Ok(None) => {
-            let f = info_frame(cmd.request_id, g, conv);
-            answer(sh, cmd.origin, cmd.request_id, f);
-        }
-        Ok(Some(_)) if writer_full => {
-            let f = retry_frame(
-                cmd.request_id,
-                ErrorCode::Overloaded,
-                "the server is writing too many changes; send it again".into(),
-                META_RETRY_AFTER_MS,
-            );
-            answer(sh, cmd.origin, cmd.request_id, f);
-        }
-        Ok(Some(mut ch)) => {
-            let batch = diff(conv, Some(&g.st), &mut ch.next);
-            g.phase = Phase::Committing;
-            let tag = MetaTag::Group(Box::new(Committing { cmd, next: ch.next }));
-            sh.writer.submit(&*sh.meta, Job::Commit { batch }, tag);
-        }
-    }
+    let batch = diff(conv, Some(&g.st), &mut ch.next);
+    g.phase = Phase::Committing;
+    let tag = MetaTag::Group(Box::new(Committing { cmd, next: ch.next }));
+    sh.writer.submit(&*sh.meta, Job::Commit { batch }, tag);
 }
 
 /// At the owner of a fresh id: a CreateGroup's commit (conditional on the id being free).
