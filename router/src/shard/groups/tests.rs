@@ -299,3 +299,34 @@ fn changes_of_one_group_are_carried_out_one_at_a_time_and_the_excess_is_refused(
     }
     assert_eq!(versions, (2..=66).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_group_id_already_taken_is_drawn_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = super::super::fixture::group_meta();
+    let mut s = open(dir.path(), meta.clone());
+    let mut now = 1_000;
+    // The id this shard draws first at `now` belongs to a group already.
+    let taken = super::Groups::default().draw(0, now);
+    let mut other = super::state::GroupState::create(
+        taken,
+        UserId(2),
+        "first".into(),
+        &[],
+        Vec::new(),
+        16,
+        now,
+    )
+    .unwrap();
+    meta.commit(&super::state::diff(taken, None, &mut other.next))
+        .unwrap();
+    let conv = create(&mut s, &mut now);
+    assert_ne!(conv, taken);
+    assert!(conv.is_group());
+    assert_eq!(
+        group_record(&meta, taken).name,
+        "first",
+        "the taken group is untouched"
+    );
+    assert_eq!(group_record(&meta, conv).name, "g2");
+}
