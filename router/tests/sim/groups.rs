@@ -539,24 +539,28 @@ impl GWorld {
                 .into_iter()
                 .map(|f| (f.user.0, (f.joined_seq, f.left_seq)))
                 .collect();
+            // (A group forgets its earliest removed members beyond group_members_max of them.)
+            let mut forgotten = BTreeSet::new();
             for (u, r) in &ranges {
                 let &(join, left) = r.last().unwrap();
                 if left == u64::MAX {
                     assert_eq!(members.get(u), Some(&join), "{conv}: member {u}");
-                } else {
-                    assert_eq!(
-                        former.get(u),
-                        Some(&(join, left)),
-                        "{conv}: former member {u}"
-                    );
+                } else if let Some(f) = former.get(u) {
+                    assert_eq!(*f, (join, left), "{conv}: former member {u}");
                     assert!(
                         !members.contains_key(u),
                         "{conv}: {u} both member and former"
                     );
+                } else {
+                    forgotten.insert(*u);
                 }
             }
+            assert!(
+                former.len() <= group_cfg().group_members_max,
+                "{conv}: formers unbounded"
+            );
             assert_eq!(
-                members.len() + former.len(),
+                members.len() + former.len() + forgotten.len(),
                 ranges.len(),
                 "{conv}: who is who"
             );
@@ -580,6 +584,9 @@ impl GWorld {
                 let Some(&(join, left)) = ranges.get(&dev.user).and_then(|r| r.last()) else {
                     continue;
                 };
+                if forgotten.contains(&dev.user) {
+                    continue;
+                }
                 let held = dev.store.get(&conv).cloned().unwrap_or_default();
                 for seq in join..=left.min(last) {
                     assert!(
