@@ -131,6 +131,8 @@ mod limits;
 mod metawriter;
 #[cfg(not(loom))]
 mod shard;
+#[cfg(not(loom))]
+pub mod visibility;
 
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};

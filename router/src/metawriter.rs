@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use starling_protocol::v1::ErrorCode;
-use starling_storage::meta::{Block, DirectConv, DirectPair, Member, Role, User, keys};
+use starling_storage::meta::{Block, DirectConv, DirectPair, Member, Presence, Role, User, keys};
 use starling_storage::{
     CursorStore, DeliveryCursor, MetaBatch, MetadataStore, ReadCursor, StorageError, TimestampMs,
     UserId,
@@ -53,6 +53,9 @@ pub(crate) enum Job {
         high: UserId,
         now_ms: u64,
     },
+    /// Record what outlives a user's connections of their presence (written by the user's home
+    /// shard only, so in order).
+    Presence(Presence),
 }
 
 /// What a job wrote.
@@ -66,6 +69,8 @@ pub(crate) enum Written {
     Block { changed: bool, conv: Option<ConvId> },
     /// The pair's direct conversation exists durably (created now or earlier).
     Direct { conv: ConvId },
+    /// The presence record is durable.
+    Presence,
 }
 
 /// A job's outcome.
@@ -254,6 +259,13 @@ fn run<M: MetadataStore + CursorStore>(meta: &M, st: &mut WriterState, job: Job)
             now_ms,
         } => block_job(meta, st, user, target, block, now_ms),
         Job::CreateDirect { low, high, now_ms } => create_direct(meta, low, high, now_ms),
+        Job::Presence(rec) => {
+            let mut b = MetaBatch::default();
+            b.put(&rec);
+            meta.commit(&b)
+                .map_err(|e| Refusal::storage("presence (nothing recorded)", &e))?;
+            Ok(Written::Presence)
+        }
     }
 }
 

@@ -258,7 +258,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 15 {
+    match table % 17 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<PhoneIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -273,7 +273,9 @@ pub fn meta_record(data: &[u8]) {
         11 => meta_round_trip::<PushToken>(b),
         12 => meta_round_trip::<Block>(b),
         13 => meta_round_trip::<DirectPair>(b),
-        _ => meta_round_trip::<DirectConv>(b),
+        14 => meta_round_trip::<DirectConv>(b),
+        15 => meta_round_trip::<Contact>(b),
+        _ => meta_round_trip::<Presence>(b),
     }
 }
 

@@ -72,6 +72,19 @@ pub struct ShardConfig {
     /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
     /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
     pub meta_jobs_max: usize,
+    /// Most users one connection may follow with `SubscribePresence` (`[limits]`); a request
+    /// beyond it is refused with `INVALID_ARGUMENT`.
+    pub presence_subscriptions_max: usize,
+    /// A connection gets at most one `PresenceUpdate` per followed user per this interval (the
+    /// latest state); updates wait at most this long.
+    pub presence_coalesce_ms: u64,
+    /// `Typing` frames one connection may send per second, sustained (`[limits]`; beyond it
+    /// they are dropped, or refused with `RATE_LIMITED` when they carry a request id).
+    pub typing_per_s: u32,
+    /// ... and at once (the bucket's size).
+    pub typing_burst: u32,
+    /// A `TYPING` not repeated within this long becomes a `STOPPED` pushed by the server.
+    pub typing_expiry_ms: u64,
 }
 
 impl Default for ShardConfig {
@@ -100,6 +113,11 @@ impl Default for ShardConfig {
             block_requests_burst: 20,
             parked_sends_max: 1024,
             meta_jobs_max: 4096,
+            presence_subscriptions_max: 2000,
+            presence_coalesce_ms: 200,
+            typing_per_s: 3,
+            typing_burst: 10,
+            typing_expiry_ms: 6000,
         }
     }
 }

@@ -54,6 +54,11 @@ pub(super) enum MetaTag {
     Block { origin: ConnRef, request_id: u64 },
     /// A direct conversation for the parked Sends of this pair.
     Direct { pair: (UserId, UserId) },
+    /// A user's presence record: answer the SetPresence in `reply`, if one waits for it.
+    Presence {
+        user: UserId,
+        reply: Option<(ConnRef, u64)>,
+    },
 }
 
 /// The state the concerns of one shard share (see the module docs).
