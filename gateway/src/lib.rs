@@ -139,6 +139,7 @@ pub mod kx;
 pub mod layout;
 pub mod messaging;
 pub mod metrics;
+pub mod profiles;
 pub mod runtime;
 pub mod server;
 pub mod shard;

@@ -325,6 +325,7 @@ impl Shard {
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
             BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, HISTORY, MESSAGING, PASSWORD_LOGIN,
+            PRESENCE, PROFILES, TYPING,
         };
         if self.router.is_some() {
             &[
@@ -334,6 +335,9 @@ impl Shard {
                 BLOCK,
                 PASSWORD_LOGIN,
                 CONTACT_DISCOVERY,
+                PRESENCE,
+                TYPING,
+                PROFILES,
             ]
         } else {
             &[PASSWORD_LOGIN, CONTACT_DISCOVERY]

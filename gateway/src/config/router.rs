@@ -75,6 +75,12 @@ pub struct RouterConfig {
     /// Most metadata writes (Block/Unblock, the creation of a direct conversation) waiting for a
     /// shard's metadata writer; beyond it such requests are refused with `OVERLOADED`.
     pub meta_jobs_max: usize,
+    /// A connection gets at most one `PresenceUpdate` per followed user per this interval (the
+    /// latest state); an update waits at most this long. Between 1 and 10000.
+    pub presence_coalesce_ms: u64,
+    /// A `TYPING` not repeated within this long becomes a `STOPPED` the server pushes. Between
+    /// 1000 and 60000.
+    pub typing_expiry_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -103,6 +109,8 @@ impl Default for RouterConfig {
             block_requests_burst: d.block_requests_burst,
             parked_sends_max: d.parked_sends_max,
             meta_jobs_max: d.meta_jobs_max,
+            presence_coalesce_ms: d.presence_coalesce_ms,
+            typing_expiry_ms: d.typing_expiry_ms,
         }
     }
 }
@@ -137,6 +145,11 @@ impl RouterConfig {
             block_requests_burst: r.block_requests_burst,
             parked_sends_max: r.parked_sends_max,
             meta_jobs_max: r.meta_jobs_max,
+            presence_subscriptions_max: l.presence_subscriptions_max,
+            presence_coalesce_ms: r.presence_coalesce_ms,
+            typing_per_s: l.typing_per_s,
+            typing_burst: l.typing_burst,
+            typing_expiry_ms: r.typing_expiry_ms,
         }
     }
 
@@ -245,6 +258,12 @@ impl RouterConfig {
         }
         if r.meta_jobs_max > 1 << 20 {
             return bad("router.meta_jobs_max", "must be between 1 and 1048576");
+        }
+        if r.presence_coalesce_ms == 0 || r.presence_coalesce_ms > 10_000 {
+            return bad("router.presence_coalesce_ms", "must be between 1 and 10000");
+        }
+        if !(1000..=60_000).contains(&r.typing_expiry_ms) {
+            return bad("router.typing_expiry_ms", "must be between 1000 and 60000");
         }
         if r.conv_idle_evict_ms < 10 {
             return bad("router.conv_idle_evict_ms", "must be at least 10");
