@@ -326,6 +326,12 @@ fn typing_reaches_the_other_members_online_connections_only_and_expires() {
     let e = limited.expect("never rate-limited");
     assert_eq!(e.code, ErrorCode::RateLimited as i32, "{e:?}");
     assert!(e.retry_after_ms > 0);
+    // Counted (the counters are mirrored after the shard's turn).
+    let deadline = now() + Duration::from_secs(10);
+    while metric_sum(&srv, "starling_typing_dropped_total") < 1 {
+        assert!(now() < deadline, "the refused Typing was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Cleo is not a member; a bad state is refused.
     let e = call(&mut c, typing(conv, true));

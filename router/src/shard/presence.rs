@@ -94,8 +94,6 @@ pub(super) struct Presence {
     dirty_set: HashSet<ConnId>,
     /// When pending updates go out next.
     flush_due_ms: Option<u64>,
-    /// Last seen times not written because the metadata writer was full (counter).
-    pub(super) unwritten: u64,
 }
 
 impl Presence {
@@ -482,7 +480,7 @@ impl Presence {
 
     /// Writes `user`'s record (last seen, hide flag) through the metadata writer; `reply` waits
     /// for it. A last seen time the writer has no room for is not written (it lives on in
-    /// memory until a restart), counted in [`Presence::unwritten`].
+    /// memory until a restart), counted in `ShardStats::presence_unwritten`.
     fn write<I, M: MetadataStore + CursorStore>(
         &mut self,
         sh: &mut Shared<I, M>,
@@ -490,7 +488,7 @@ impl Presence {
         reply: Option<(ConnRef, u64)>,
     ) {
         if reply.is_none() && sh.writer.queued() >= sh.cfg.meta_jobs_max {
-            self.unwritten += 1;
+            sh.stats.presence_unwritten += 1;
             return;
         }
         let h = self.home(sh, user);

@@ -40,6 +40,11 @@ pub struct ShardStats {
     pub cursor_flushes: u64,
     /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
     pub convs_evicted: u64,
+    /// Typing frames dropped or refused over a connection's rate limit.
+    pub typing_dropped: u64,
+    /// Last seen times not written because the metadata writer was full (they live on in
+    /// memory until a restart).
+    pub presence_unwritten: u64,
 }
 
 /// What the shard does with a metadata job's outcome (see [`crate::metawriter`]).

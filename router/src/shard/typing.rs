@@ -31,8 +31,6 @@ pub(super) struct Typing {
     /// The same, in the order they expire (entries whose time `active` no longer holds are
     /// stale and skipped).
     expiry: VecDeque<(u64, ConvId, UserId)>,
-    /// Typing frames dropped over the rate limit (counter).
-    pub(super) dropped: u64,
 }
 
 impl Typing {
@@ -41,7 +39,6 @@ impl Typing {
             limiter: RateLimiter::new(per_s, burst),
             active: HashMap::default(),
             expiry: VecDeque::new(),
-            dropped: 0,
         }
     }
 
@@ -71,7 +68,7 @@ impl Typing {
             ));
         };
         if let Err(retry_ms) = self.limiter.take(origin.conn, sh.now_ms) {
-            self.dropped += 1;
+            sh.stats.typing_dropped += 1;
             if rid != 0 {
                 let f = retry_frame(
                     rid,
