@@ -2485,6 +2485,8 @@ mod cursors;
 mod faults;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/presence.rs"]
+mod presence;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]
