@@ -1223,6 +1223,7 @@ impl Driver {
                 body: entry.body.into(),
                 media: None,
                 reply_to_seq: 0,
+                group_changed: None,
             };
             let released = self.reorder.handle_message(own);
             self.accept(conn, released).await;

@@ -2483,6 +2483,8 @@ mod blocks;
 mod cursors;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/groups.rs"]
+mod groups;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]
