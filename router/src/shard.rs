@@ -162,7 +162,8 @@ where
         self.sh.mail.is_backpressured()
     }
 
-    /// Forget cached membership of `conv` (call after the group API changed it).
+    /// Reads the members of direct conversation `conv` again, if its state is in memory (a
+    /// group's membership changes only through the group requests, which keep it in step).
     pub fn invalidate_members(&mut self, conv: ConvId) {
         self.sh.convs.reload_members(conv, &*self.sh.meta);
     }

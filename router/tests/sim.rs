@@ -2838,3 +2838,6 @@ fn block_and_unblock_from_one_connection_take_effect_in_order() {
         Some(ErrorCode::Blocked)
     );
 }
+
+#[path = "sim/groups.rs"]
+mod groups;

@@ -77,11 +77,12 @@ pub struct RouterConfig {
     pub meta_jobs_max: usize,
     /// Most members of a group; a CreateGroup or AddGroupMembers that would exceed it is
     /// refused with `PERMISSION_DENIED` naming it. A GroupInfo (every member) is one frame, so
-    /// at most `(limits.frame_bytes_max - 5120) / 24`.
+    /// at most `(limits.frame_bytes_max - 1024) / 24` (a group's avatar, at most 4 KiB, comes
+    /// on top).
     pub group_members_max: usize,
     /// Most users one group request names (CreateGroup's members, AddGroupMembers,
     /// RemoveGroupMembers); more is `INVALID_ARGUMENT`. An event naming them is one frame, so
-    /// at most `(limits.frame_bytes_max - 5120) / 11`, and at most `group_members_max`.
+    /// at most `(limits.frame_bytes_max - 1024) / 11`, and at most `group_members_max`.
     pub group_request_users_max: usize,
     /// Most requests waiting for one group's change in progress (a group's changes are carried
     /// out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
@@ -266,11 +267,11 @@ impl RouterConfig {
         if r.conv_idle_evict_ms < 10 {
             return bad("router.conv_idle_evict_ms", "must be at least 10");
         }
-        let frame = (l.frame_bytes_max as usize).saturating_sub(5120);
+        let frame = (l.frame_bytes_max as usize).saturating_sub(1024);
         if r.group_members_max < 2 || r.group_members_max > frame / 24 {
             return bad(
                 "router.group_members_max",
-                "must be at least 2 and at most (limits.frame_bytes_max - 5120) / 24: a \
+                "must be at least 2 and at most (limits.frame_bytes_max - 1024) / 24: a \
                  GroupInfo with every member is one frame",
             );
         }
@@ -281,7 +282,7 @@ impl RouterConfig {
             return bad(
                 "router.group_request_users_max",
                 "must be at least 1, at most group_members_max and at most \
-                 (limits.frame_bytes_max - 5120) / 11: an event naming them is one frame",
+                 (limits.frame_bytes_max - 1024) / 11: an event naming them is one frame",
             );
         }
         if r.group_changes_queued_max == 0 || r.group_changes_queued_max > 1 << 16 {
@@ -474,7 +475,8 @@ mod tests {
         Config::from_toml(
             "[limits]\nframe_bytes_max = 4096\n[router]\nbody_bytes_max = 3072\n\
              batch_bytes_max = 1048576\nopen_bytes_max = 1048576\nopen_entries_max = 512\n\
-             sync_bytes_max = 1048576\npage_bytes_max = 64512\nhistory_limit_default = 200\n",
+             sync_bytes_max = 1048576\npage_bytes_max = 64512\nhistory_limit_default = 200\n\
+             group_members_max = 128\ngroup_request_users_max = 128\n",
         )
         .unwrap()
         .validate()

@@ -2,7 +2,8 @@
 //! offline, through every group request and its refusals; events sequenced in the
 //! conversation like messages, live, by Sync and in history; who sees what after joining or
 //! leaving; the conversation list; only-admins-send; the last admin; the size limits; and a
-//! restart in the middle.
+//! restart in the middle; and SIGKILL among a stream of changes, after which the group and its
+//! events still agree.
 
 use std::collections::BTreeMap;
 
@@ -203,6 +204,9 @@ fn a_group_of_three_users_with_two_devices_each_through_every_request() {
         Body::Welcome(w) => assert!(w.features.iter().any(|f| f == "groups"), "{w:?}"),
         other => panic!("{other:?}"),
     }
+    // Not authenticated: the group requests need a user.
+    let (code, _) = refused(probe.request(get_info((1 << 63) | 1)));
+    assert_eq!(code, ErrorCode::Unauthenticated);
     let (ga1, ga2) = two_devices(&srv, "ana@example.org");
     let (gb1, gb2) = two_devices(&srv, "ben@example.org");
     let (gc1, gc2) = two_devices(&srv, "cam@example.org");
@@ -241,6 +245,20 @@ fn a_group_of_three_users_with_two_devices_each_through_every_request() {
         assert!(ev.group.unwrap().members.is_empty());
     }
     assert_eq!(info(call(&mut b1, get_info(conv))).version, 1);
+    // Two shards, the devices' connections spread over both: whichever owns the group, some
+    // member connections are on the other one.
+    let owner = starling_router::ids::owner_shard(starling_router::ids::ConvId(conv), 2);
+    let per_shard = |i: usize| {
+        srv.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("starling_connections{{shard=\"{i}\"}} ")))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        per_shard(0) > 0 && per_shard(1) > 0,
+        "connections on one shard only (the group's owner is shard {owner})"
+    );
 
     // A message (seq 2) to the members.
     assert_eq!(sent_seq(call(&mut a1, to_conv(1, conv, "hello group"))), 2);
@@ -479,4 +497,91 @@ fn a_group_of_three_users_with_two_devices_each_through_every_request() {
     let m = expect_push(&mut c1, 12);
     assert_eq!(kind(&m), K::MembersAdded);
     assert_eq!(history(&mut c1, conv, None), (vec![12], false));
+}
+
+/// The server is killed with SIGKILL while a stream of membership changes (and messages) is
+/// in flight, three times. After each restart the group's state and its events agree: the
+/// version is the last event's, the events' versions run 1, 2, 3... without a gap or a
+/// repeat, and the members are those the events say. Changes answered before a crash are in.
+#[test]
+fn sigkill_among_group_changes_leaves_membership_and_events_agreeing() {
+    let mut srv = Server::start("auto", "");
+    let (mut a, ga, _b, gb) = ana_and_ben(&srv);
+    let mut c = srv.hello("");
+    let gc = register(&srv, &mut c, email("cam@example.org"), "cam@example.org");
+    drop(c);
+    let (ana, ben, cam) = (ga.user_id, gb.user_id, gc.user_id);
+    let conv = info(call(
+        &mut a,
+        Body::CreateGroup(v1::CreateGroup {
+            name: "Crash".into(),
+            member_user_ids: vec![ben],
+            avatar: None,
+        }),
+    ))
+    .conversation_id;
+    let mut answered_version = 1;
+    for round in 0..3u8 {
+        // 30 requests in one write: cam in, cam out, ..., and a message now and then.
+        let mut ids = Vec::new();
+        for i in 0..30u8 {
+            let body = match i % 3 {
+                0 => add(conv, &[cam]),
+                1 => remove(conv, &[cam]),
+                _ => to_conv(round * 40 + i + 1, conv, "between changes"),
+            };
+            let id = a.next_id;
+            a.next_id += 1;
+            a.send(id, body);
+            ids.push(id);
+        }
+        // Some answers arrive; then the server dies.
+        for _ in 0..3 {
+            if let Some(f) = a.recv()
+                && let Some(Body::GroupInfo(g)) = f.body
+            {
+                answered_version = answered_version.max(g.version);
+            }
+        }
+        drop(a);
+        srv = srv.kill9_and_restart("auto");
+        a = srv.hello(&ga.access_token);
+        let g = info(call(&mut a, get_info(conv)));
+        assert!(g.version >= answered_version, "an answered change was lost");
+        let history = whole_history(&mut a, conv);
+        let mut version = 0;
+        let mut members = std::collections::BTreeSet::new();
+        for (i, m) in history.iter().enumerate() {
+            assert_eq!(m.seq, i as u64 + 1, "seqs are contiguous");
+            let Some(ev) = &m.group_changed else {
+                continue;
+            };
+            let v = ev.group.as_ref().unwrap().version;
+            assert_eq!(v, version + 1, "event versions run 1, 2, 3...");
+            version = v;
+            match v1::GroupChangeKind::try_from(ev.kind).unwrap() {
+                v1::GroupChangeKind::Created | v1::GroupChangeKind::MembersAdded => {
+                    members.extend(ev.user_ids.iter().copied());
+                }
+                v1::GroupChangeKind::MembersRemoved | v1::GroupChangeKind::MemberLeft => {
+                    for u in &ev.user_ids {
+                        members.remove(u);
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            g.version, version,
+            "the group's version is its last event's"
+        );
+        let now: Vec<u64> = g.members.iter().map(|m| m.user_id).collect();
+        assert_eq!(
+            now,
+            members.into_iter().collect::<Vec<_>>(),
+            "members per the events"
+        );
+        assert!(now.contains(&ana) && now.contains(&ben));
+        answered_version = g.version;
+    }
 }

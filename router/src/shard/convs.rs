@@ -79,7 +79,7 @@ impl ConvState {
         M: MetadataStore + CursorStore,
     {
         let (members, pair, title, group) = if conv.is_group() {
-            let g = GroupConv::load(meta, conv)?
+            let g = GroupConv::load(meta, index, conv)?
                 .ok_or_else(|| Refusal(ErrorCode::NotFound, "no such conversation".into()))?;
             (
                 g.st.in_members(),
@@ -115,7 +115,12 @@ impl ConvState {
             let d = cursors.delivered.entry(c.user).or_default();
             *d = (*d).max(c.seq.0);
         }
-        for u in st.members.iter() {
+        // Members, and a group's former members (their unread counts end at their removal).
+        let former = st
+            .group
+            .as_ref()
+            .map(|g| g.st.former.keys().copied().collect::<Vec<_>>());
+        for u in st.members.iter().chain(former.iter().flatten()) {
             let r = meta
                 .read_cursor(cid, *u)
                 .map_err(|e| Refusal::storage("cursors", &e))?

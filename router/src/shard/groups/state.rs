@@ -18,7 +18,7 @@ use starling_protocol::v1::{self, ErrorCode};
 use starling_storage::meta::{
     FormerMember, Group, GroupSettings, Member, MemberOf, PendingEvent, Role, keys,
 };
-use starling_storage::{MetaBatch, MetadataStore, TimestampMs, UserId};
+use starling_storage::{MetaBatch, MetadataStore, Record, TimestampMs, UserId};
 
 use super::super::frames::Refusal;
 use crate::ids::ConvId;
@@ -423,6 +423,7 @@ impl GroupState {
                 for &u in &removed {
                     next.remove(u);
                 }
+                next.forget_formers(members_max);
                 if next.adminless() {
                     return Err(Refusal(
                         ErrorCode::PermissionDenied,
@@ -466,6 +467,7 @@ impl GroupState {
             }
             Op::Leave => {
                 next.remove(by);
+                next.forget_formers(members_max);
                 if next.adminless() {
                     return Err(Refusal(
                         ErrorCode::PermissionDenied,
@@ -516,6 +518,24 @@ impl GroupState {
                     left_seq: 0,
                 },
             );
+        }
+    }
+
+    /// Keeps at most `max` former members: beyond, those removed longest ago lose their read
+    /// access (and the group leaves their conversation list), so that a group's records stay
+    /// bounded however many users pass through it.
+    fn forget_formers(&mut self, max: usize) {
+        while self.former.len() > max {
+            let oldest = self
+                .former
+                .iter()
+                .filter(|(_, f)| f.left_seq > 0)
+                .min_by_key(|(_, f)| f.left_seq)
+                .map(|(u, _)| *u);
+            let Some(u) = oldest else {
+                break;
+            };
+            self.former.remove(&u);
         }
     }
 
@@ -628,6 +648,10 @@ pub(crate) fn diff(conv: ConvId, old: Option<&GroupState>, next: &mut GroupState
     for u in old_former.keys() {
         if !next.former.contains_key(u) {
             b.delete::<FormerMember>(&keys::member(g.0, *u));
+            if !next.members.contains_key(u) {
+                // Forgotten (`forget_formers`): the group leaves its conversations.
+                b.delete::<MemberOf>(&MemberOf { user: *u, group: g }.key());
+            }
         }
     }
     next.stored = Some(record);
@@ -838,6 +862,45 @@ mod tests {
         back.sequenced(12);
         assert_eq!(back.visible(u(2)), Some((12, u64::MAX)));
         assert!(back.former.is_empty());
+    }
+
+    #[test]
+    fn a_group_keeps_a_bounded_number_of_former_members_forgetting_the_earliest_removed() {
+        let meta = MemMeta::new();
+        let mut g = GroupState::create(G, u(1), "g".into(), &[], Vec::new(), MAX, 10)
+            .unwrap()
+            .next;
+        meta.commit(&diff(G, None, &mut g)).unwrap();
+        let mut seq = 1;
+        let settle = |g: &mut GroupState, seq: &mut u64| {
+            let before = g.clone();
+            g.sequenced(*seq);
+            meta.commit(&diff(G, Some(&before), g)).unwrap();
+            *seq += 1;
+        };
+        settle(&mut g, &mut seq);
+        // Users 2..=7 pass through one after the other.
+        for user in 2..=7 {
+            for op in [Op::Add(vec![u(user)]), Op::Remove(vec![u(user)])] {
+                let mut next = g.change(G, u(1), &op, MAX, 20).unwrap().unwrap().next;
+                meta.commit(&diff(G, Some(&g), &mut next)).unwrap();
+                g = next;
+                settle(&mut g, &mut seq);
+            }
+        }
+        assert_eq!(
+            g.former.keys().copied().collect::<Vec<_>>(),
+            [u(4), u(5), u(6), u(7)]
+        );
+        assert_eq!(g.visible(u(2)), None);
+        assert_eq!(GroupState::load(&meta, G).unwrap().unwrap(), g);
+        // The forgotten ones no longer have the group among their conversations.
+        let of = |user| {
+            meta.scan::<MemberOf>(&keys::user(u(user)), 10)
+                .unwrap()
+                .len()
+        };
+        assert_eq!((of(2), of(3), of(4), of(7)), (0, 0, 1, 1));
     }
 
     #[test]

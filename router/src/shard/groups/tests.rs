@@ -235,3 +235,98 @@ impl<L, I: MessageIndex, M> RouterShard<L, I, M> {
         tail.max(self.sh.index.last_seq(conv.storage()).unwrap().0)
     }
 }
+
+#[test]
+fn changes_of_one_group_are_carried_out_one_at_a_time_and_the_excess_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = super::super::fixture::group_meta();
+    let mut s = open(dir.path(), meta.clone());
+    let mut now = 1_000;
+    let conv = create(&mut s, &mut now);
+    settle(&mut s, &meta, conv, &mut now);
+    // From now on metadata jobs wait until the test runs them.
+    type Held = Arc<std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+    let held: Held = Arc::default();
+    let q = held.clone();
+    s.set_meta_offload(Box::new(move |job| q.lock().unwrap().push(job)));
+    let rename = |n: &str| {
+        Body::UpdateGroup(v1::UpdateGroup {
+            conversation_id: conv.0,
+            name: Some(n.into()),
+            ..v1::UpdateGroup::default()
+        })
+    };
+    // group_changes_queued_max is 64 by default: one in progress, 64 waiting, then refused.
+    for rid in 10..10 + 66 {
+        let f = v1::Frame {
+            request_id: rid,
+            body: Some(rename(&format!("n{rid}"))),
+        };
+        s.handle_frame(ConnId(1), f, now);
+    }
+    let out = super::super::fixture::transmitted(&mut s);
+    let refused: Vec<u64> = out
+        .iter()
+        .filter(|(_, f)| matches!(&f.body, Some(Body::Error(e)) if e.code == v1::ErrorCode::Overloaded as i32))
+        .map(|(_, f)| f.request_id)
+        .collect();
+    assert_eq!(refused, [75]);
+    assert_eq!(
+        held.lock().unwrap().len(),
+        1,
+        "one change is committed at a time"
+    );
+    // Run the writer: each change is answered in order, one version after the other.
+    let mut versions = Vec::new();
+    for _ in 0..5_000 {
+        let jobs: Vec<_> = held.lock().unwrap().drain(..).collect();
+        for job in jobs {
+            job();
+        }
+        s.handle_rings(now);
+        s.handle_log_progress(now);
+        for (_, f) in super::super::fixture::transmitted(&mut s) {
+            if let Some(Body::GroupInfo(g)) = f.body {
+                assert_eq!(g.name, format!("n{}", f.request_id));
+                versions.push(g.version);
+            }
+        }
+        if versions.len() == 65 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        now += 1;
+    }
+    assert_eq!(versions, (2..=66).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_group_id_already_taken_is_drawn_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = super::super::fixture::group_meta();
+    let mut s = open(dir.path(), meta.clone());
+    let mut now = 1_000;
+    // The id this shard draws first at `now` belongs to a group already.
+    let taken = super::Groups::default().draw(0, now);
+    let mut other = super::state::GroupState::create(
+        taken,
+        UserId(2),
+        "first".into(),
+        &[],
+        Vec::new(),
+        16,
+        now,
+    )
+    .unwrap();
+    meta.commit(&super::state::diff(taken, None, &mut other.next))
+        .unwrap();
+    let conv = create(&mut s, &mut now);
+    assert_ne!(conv, taken);
+    assert!(conv.is_group());
+    assert_eq!(
+        group_record(&meta, taken).name,
+        "first",
+        "the taken group is untouched"
+    );
+    assert_eq!(group_record(&meta, conv).name, "g2");
+}
