@@ -127,7 +127,8 @@ for i in $(seq "$RUNS"); do
     taskset -c "$LOADGEN_CPU" "$BENCH" fanout "${SYSTEM_ARGS[@]}" --ca "$CA" \
       --accounts "$TMP/accounts.json" --group-size "$GROUP_SIZE" --groups "$NGROUPS" --rate "$rate" \
       --duration-secs "$DURATION" --procs "$PROCS" --json "$json" ${FANOUT_ARGS:-} \
-      > "$OUT/fanout-$NGROUPS-$GROUP_SIZE-$rate-$TRANSPORT-$i.txt" 2>&1 || true
+      > "$OUT/fanout-$NGROUPS-$GROUP_SIZE-$rate-$TRANSPORT-$i.txt" 2> "$TMP/stderr" \
+      || tail -c 4000 "$TMP/stderr" >> "$OUT/fanout-$NGROUPS-$GROUP_SIZE-$rate-$TRANSPORT-$i.txt"
     python3 - "$json" "$rate" "$stalls" << 'PY'
 import json, sys
 path, rate, stalls = sys.argv[1:]
