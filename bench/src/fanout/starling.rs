@@ -138,7 +138,7 @@ async fn send(
                     first_attempt: true,
                 }),
             )?;
-            if sched >= rec.start_ns.get().unwrap_or(0) + plan.warm_k * plan.interval_ns {
+            if next_k >= plan.warm_k {
                 rec.lag
                     .borrow_mut()
                     .saturating_record(now.saturating_sub(sched) / 1000);
@@ -291,9 +291,10 @@ async fn receive(
 /// A receiver's protocol state.
 #[derive(Debug, Default)]
 struct Receiver {
-    /// Highest seq seen in the group's conversation (the Sync position) and that conversation.
+    /// The group's conversation and the highest seq up to which this connection has every
+    /// entry it may see (from the first it got, its join: the DeliveryAck and Sync position).
     conv: u64,
-    max_seq: u64,
+    upto: Option<u64>,
     syncing: bool,
     /// The cumulative DeliveryAck not yet queued, and since when it waits (ns).
     ack_unsent: Option<(u64, u64)>,
@@ -314,12 +315,17 @@ impl Receiver {
                 Some(Body::Deliver(d)) => {
                     let msg = d.message.context("Deliver without a message")?;
                     self.conv = msg.conversation_id;
-                    self.max_seq = self.max_seq.max(msg.seq);
+                    // Live Delivers come in seq order; after a gap the position waits for the
+                    // Sync that fills it.
+                    self.upto = match self.upto {
+                        Some(u) if msg.seq != u + 1 => Some(u),
+                        _ => Some(msg.seq),
+                    };
                     if msg.content_type == CONTENT_TYPE {
                         seen.on_body(&msg.body, plan, rec, now)?;
                     }
-                    if plan.delivery_acks {
-                        self.ack_unsent = Some((msg.conversation_id, self.max_seq));
+                    if let (true, Some(upto)) = (plan.delivery_acks, self.upto) {
+                        self.ack_unsent = Some((msg.conversation_id, upto));
                         self.held_since.get_or_insert(now);
                     }
                 }
@@ -344,9 +350,13 @@ impl Receiver {
         Ok(())
     }
 
-    /// Asks for everything in `conv` after the highest seq seen.
+    /// Asks for everything in `conv` after the contiguous position.
     fn sync(&mut self, c: &mut StarlingConn, conv: u64, rec: &super::Rec) -> anyhow::Result<()> {
-        let from = if conv == self.conv { self.max_seq } else { 0 };
+        let from = if conv == self.conv {
+            self.upto.unwrap_or(0)
+        } else {
+            0
+        };
         let rid = c.rid();
         c.push(
             rid,
