@@ -1,8 +1,9 @@
 //! `starling-bench fanout`: group messages, open loop, and what their fan-out costs.
 //!
-//! `--groups G` groups of `--group-size N` members each, every member its own account and its
-//! own connection (over `--procs` processes and 127.0.0.x source addresses when the count needs
-//! it). Member 0 of each group creates it (CreateGroup with the first `--members-per-request`
+//! `--groups G` groups of `--group-size N` members each, every member its own account (from
+//! `--accounts`; with `--data-dir`, those missing are registered first, as `register` does) and
+//! its own connection (over `--procs` processes and 127.0.0.x source addresses when the count
+//! needs it). Member 0 of each group creates it (CreateGroup with the first `--members-per-request`
 //! members, AddGroupMembers for the rest) and is its only sender; the other N − 1 members only
 //! receive, so each message is N − 1 deliveries. Once every member of every group is connected
 //! and every group exists, the senders send `--rate` group messages per second in total (each
@@ -34,7 +35,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::AccountsFile;
+use crate::accounts::{self, AccountsFile};
 use crate::clock::{self, Stopwatch};
 use crate::net::Target;
 use crate::report::{self, HistData, Machine, Summary};
@@ -61,7 +62,8 @@ pub(crate) struct FanoutArgs {
     /// Starling's data directory (for the default CA path).
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
-    /// Accounts file from `starling-bench register` (one account per member: G × N).
+    /// Accounts file from `starling-bench register` (one account per member: G × N). With
+    /// --data-dir, missing accounts are registered first (the server's OTP limits must allow it).
     #[arg(long, default_value = "bench-accounts.json")]
     pub(crate) accounts: PathBuf,
     /// Members per group (the sender included).
@@ -328,8 +330,18 @@ fn check(args: &FanoutArgs) -> anyhow::Result<()> {
             !t.is_mqtt(),
             "--target is Starling; an MQTT broker goes in --peer"
         );
-        let a = AccountsFile::load(&args.accounts)?;
-        a.need(args.connections() as usize, &args.accounts)?;
+        let need = args.connections() as usize;
+        let have = AccountsFile::load(&args.accounts).map_or(0, |a| a.accounts.len());
+        if let (true, Some(data_dir)) = (have < need, &args.data_dir) {
+            accounts::top_up(
+                &args.target,
+                args.ca.as_deref(),
+                data_dir,
+                need,
+                &args.accounts,
+            )?;
+        }
+        AccountsFile::load(&args.accounts)?.need(need, &args.accounts)?;
     }
     Ok(())
 }

@@ -122,17 +122,7 @@ fn fanout_runs_end_to_end_with_a_group_of_three() {
     let data = server.data.to_str().unwrap();
     let accounts = tmp.path().join("accounts.json");
     let accounts = accounts.to_str().unwrap();
-    bench(&[
-        "register",
-        "--target",
-        &server.target,
-        "--data-dir",
-        data,
-        "--count",
-        "3",
-        "--out",
-        accounts,
-    ]);
+    // No accounts yet: fanout registers the 3 it needs through the server's OTP flow.
     let report = tmp.path().join("fanout.json");
     let pid = server.child.id().to_string();
     bench(&[
@@ -180,6 +170,8 @@ fn fanout_runs_end_to_end_with_a_group_of_three() {
     assert_eq!(o["incomplete_messages"], 0, "{o}");
     assert_eq!(o["deliver_us"]["count"], 20, "{o}");
     assert_eq!(o["last_member_us"]["count"], 10, "{o}");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(accounts).unwrap()).unwrap();
+    assert_eq!(saved["accounts"].as_array().unwrap().len(), 3);
     assert!(o["deliveries_per_s"].as_f64().unwrap() > 0.0, "{o}");
     assert!(o["server_cpu_cores"].as_f64().is_some(), "{o}");
 }
