@@ -135,6 +135,27 @@ impl OtpLog {
     }
 }
 
+/// Registers accounts (as `register` does, with its defaults) until `out` holds `count` with
+/// valid tokens: what a load subcommand given the server's data directory does first.
+pub(crate) fn top_up(
+    target: &str,
+    ca: Option<&Path>,
+    data_dir: &Path,
+    count: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    run(&RegisterArgs {
+        target: target.to_owned(),
+        ca: ca.map(Path::to_path_buf),
+        data_dir: data_dir.to_path_buf(),
+        count,
+        out: out.to_path_buf(),
+        concurrency: 16,
+        prefix: "bench".to_owned(),
+        sources: 200,
+    })
+}
+
 pub(crate) fn run(args: &RegisterArgs) -> anyhow::Result<()> {
     let target = Target::parse(&args.target)?;
     anyhow::ensure!(

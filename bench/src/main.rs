@@ -15,6 +15,7 @@ mod clock;
 mod codec;
 mod compare;
 mod connections;
+mod fanout;
 mod handshakes;
 mod heartbeats;
 mod index_cost;
@@ -57,6 +58,9 @@ enum Command {
     /// Open-loop messaging workload (Starling or MQTT), latency corrected
     /// for coordinated omission.
     Messages(messages::MessagesArgs),
+    /// Group messages to G groups of N online members (and an MQTT peer run): deliveries per
+    /// second, send→delivery to every member and to the last one, open loop.
+    Fanout(fanout::FanoutArgs),
     /// Reconnect storm: K clients drop at once, reconnect with backoff, resync.
     Storm(storm::StormArgs),
     /// Send→SendAck of message pairs with and without one client flooding Block/Unblock.
@@ -88,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         Command::Heartbeats(args) => heartbeats::run(&args),
         Command::Handshakes(args) => handshakes::run(&args),
         Command::Messages(args) => messages::run(&args),
+        Command::Fanout(args) => fanout::run(&args),
         Command::Storm(args) => storm::run(&args),
         Command::BlockFlood(args) => block_flood::run(&args),
         Command::CompareReport(args) => compare::run(&args),

@@ -66,8 +66,14 @@ pub(crate) struct Workers {
 impl Workers {
     /// Starts `procs` copies of this command line with `--worker I`.
     pub(crate) fn spawn(procs: u32) -> anyhow::Result<Self> {
+        Self::spawn_with(procs, &[])
+    }
+
+    /// Starts `procs` copies of this command line with `extra` and `--worker I` added.
+    pub(crate) fn spawn_with(procs: u32, extra: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding our own executable")?;
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let (tx, rx) = channel();
         let mut children = Vec::new();
         let mut stdins = Vec::new();

@@ -1,0 +1,385 @@
+//! The Starling members of `fanout`: member 0 of a group creates it and sends; the others
+//! receive, acknowledge cumulatively (held up to `--ack-delay-us`) and catch up by Sync when
+//! the server hints that they fell behind.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use starling_protocol::v1::{self, frame::Body};
+
+use super::worker::{self, CONTENT_TYPE, Member, Plan, Seen};
+use crate::net::{StarlingConn, Stream, describe_error, source_addr};
+
+/// Connects member `i` (Hello with its account's token), then sends or receives.
+pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
+    let (g, m) = (i / ctx.group_size, i % ctx.group_size);
+    let acc = ctx
+        .accounts
+        .get(i as usize)
+        .context("the accounts file has too few accounts")?;
+    let dst = ctx.target.addr();
+    let s = Stream::connect(
+        dst,
+        source_addr(i, ctx.sources, dst),
+        ctx.tls.as_ref(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let mut c = StarlingConn::new(s);
+    let w = c.hello(Some(&acc.access_token)).await?;
+    let limits = w.limits.unwrap_or_default();
+    let heartbeat_ns =
+        (u64::from(limits.heartbeat_ms) * 1_000_000).clamp(1_000_000_000, ctx.plan.heartbeat_ns);
+    ctx.rec.counts.borrow_mut().connected += 1;
+    if m == 0 {
+        let first = i as usize + 1;
+        let others: Vec<u64> = ctx
+            .accounts
+            .get(first..first + ctx.group_size as usize - 1)
+            .context("the accounts file has too few accounts")?
+            .iter()
+            .map(|a| a.user_id)
+            .collect();
+        let conv = create_group(&mut c, g, &others, ctx.plan.members_per_request).await?;
+        ctx.rec.counts.borrow_mut().groups_created += 1;
+        let window = match ctx.plan.inflight {
+            0 => limits.inflight_requests_max as usize,
+            n => n.min(limits.inflight_requests_max as usize),
+        }
+        .max(1);
+        send(ctx, &mut c, g, conv, window, heartbeat_ns).await
+    } else {
+        receive(ctx, &mut c, g, heartbeat_ns).await
+    }
+}
+
+/// CreateGroup with the first `per_request` members, AddGroupMembers for the rest; the
+/// group's conversation.
+async fn create_group(
+    c: &mut StarlingConn,
+    g: u64,
+    others: &[u64],
+    per_request: usize,
+) -> anyhow::Result<u64> {
+    let (head, tail) = others.split_at(per_request.min(others.len()));
+    let conv = match c
+        .request(Body::CreateGroup(v1::CreateGroup {
+            name: format!("bench {g}"),
+            member_user_ids: head.to_vec(),
+            ..Default::default()
+        }))
+        .await?
+    {
+        Body::GroupInfo(info) => info.conversation_id,
+        Body::Error(e) => bail!("CreateGroup refused: {}", describe_error(&e)),
+        other => bail!("unexpected answer to CreateGroup: {}", other.kind().name()),
+    };
+    for chunk in tail.chunks(per_request) {
+        match c
+            .request(Body::AddGroupMembers(v1::AddGroupMembers {
+                conversation_id: conv,
+                user_ids: chunk.to_vec(),
+            }))
+            .await?
+        {
+            Body::Error(e) => bail!("AddGroupMembers refused: {}", describe_error(&e)),
+            Body::GroupInfo(_) | Body::Done(_) => {}
+            other => bail!(
+                "unexpected answer to AddGroupMembers: {}",
+                other.kind().name()
+            ),
+        }
+    }
+    Ok(conv)
+}
+
+/// The group's sender: `plan.n` messages on the schedule, at most `window` unacknowledged.
+async fn send(
+    ctx: &Member,
+    c: &mut StarlingConn,
+    g: u64,
+    conv: u64,
+    window: usize,
+    heartbeat_ns: u64,
+) -> anyhow::Result<()> {
+    let (plan, rec, timer) = (&ctx.plan, &*ctx.rec, &*ctx.timer);
+    ping_until_start(c, rec, heartbeat_ns).await?;
+    let Some(start) = rec.start_ns.get() else {
+        return Ok(());
+    };
+    let mut body = Vec::with_capacity(plan.body_bytes);
+    let (mut next_k, mut inflight) = (0u64, 0usize);
+    // The highest index that was due while the window was full: sends up to it waited.
+    let mut blocked_upto: Option<u64> = None;
+    loop {
+        let now = rec.now_ns();
+        let mut sent = 0;
+        while next_k < plan.n && inflight < window {
+            let sched = plan.sched_ns(start, g, next_k);
+            if sched > now {
+                break;
+            }
+            worker::write_body(&mut body, rec.mono(sched), g, next_k, plan.body_bytes);
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&sched.to_le_bytes());
+            id[8..].copy_from_slice(&next_k.to_le_bytes());
+            let rid = c.rid();
+            c.push(
+                rid,
+                Body::Send(v1::Send {
+                    client_msg_id: bytes::Bytes::copy_from_slice(&id),
+                    to: Some(v1::Recipient {
+                        target: Some(v1::recipient::Target::ConversationId(conv)),
+                    }),
+                    content_type: CONTENT_TYPE.to_owned(),
+                    body: bytes::Bytes::copy_from_slice(&body),
+                    media: None,
+                    reply_to_seq: 0,
+                    first_attempt: true,
+                }),
+            )?;
+            if next_k >= plan.warm_k {
+                rec.lag
+                    .borrow_mut()
+                    .saturating_record(now.saturating_sub(sched) / 1000);
+            }
+            if blocked_upto.is_some_and(|b| next_k <= b) {
+                rec.counts.borrow_mut().window_waits += 1;
+            }
+            next_k += 1;
+            inflight += 1;
+            sent += 1;
+        }
+        if next_k < plan.n && inflight >= window && plan.sched_ns(start, g, next_k) <= now {
+            let due = (now - plan.sched_ns(start, g, 0)) / plan.interval_ns.max(1);
+            blocked_upto = Some(due.min(plan.n - 1));
+        }
+        if sent > 0 {
+            rec.counts.borrow_mut().sent += sent;
+            c.flush().await?;
+        }
+        if (next_k >= plan.n && inflight == 0) || worker::run_over(rec, plan) {
+            return Ok(());
+        }
+        let wake = if next_k < plan.n && inflight < window {
+            plan.quantize(plan.sched_ns(start, g, next_k))
+        } else {
+            start + plan.run_ns
+        };
+        tokio::select! {
+            n = c.read_some() => {
+                if n? == 0 { bail!("server closed the connection"); }
+                while let Some(f) = c.next_frame()? {
+                    match f.body {
+                        Some(Body::SendAck(a)) => {
+                            let sched = a
+                                .client_msg_id
+                                .get(..8)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_le_bytes)
+                                .context("SendAck with a foreign client_msg_id")?;
+                            let k = a
+                                .client_msg_id
+                                .get(8..16)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_le_bytes)
+                                .unwrap_or(0);
+                            if k >= plan.warm_k {
+                                rec.ack
+                                    .borrow_mut()
+                                    .saturating_record(rec.now_ns().saturating_sub(sched) / 1000);
+                            }
+                            inflight = inflight.saturating_sub(1);
+                            rec.counts.borrow_mut().acked += 1;
+                        }
+                        Some(Body::Receipt(_)) => rec.counts.borrow_mut().receipts += 1,
+                        Some(Body::Error(e)) => bail!("Send refused: {}", describe_error(&e)),
+                        Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
+                        _ => {}
+                    }
+                }
+            }
+            () = timer.sleep_until_ns(wake) => {}
+        }
+    }
+}
+
+/// Before the start: answers nothing, reads and drops what comes (group events), pings.
+async fn ping_until_start(
+    c: &mut StarlingConn,
+    rec: &super::Rec,
+    heartbeat_ns: u64,
+) -> anyhow::Result<()> {
+    let mut last_ping = rec.now_ns();
+    while rec.start_ns.get().is_none() {
+        if crate::workers::stop_requested() {
+            return Ok(());
+        }
+        if rec.now_ns() > last_ping + heartbeat_ns {
+            c.push(0, Body::Ping(v1::Ping { nonce: 1 }))?;
+            c.flush().await?;
+            last_ping = rec.now_ns();
+        }
+        tokio::select! {
+            n = c.read_some() => {
+                if n? == 0 { bail!("server closed the connection"); }
+                while let Some(f) = c.next_frame()? {
+                    match f.body {
+                        Some(Body::Error(e)) => bail!("server error: {}", describe_error(&e)),
+                        Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
+                        _ => {}
+                    }
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A receiving member: from the connection on until it has every message of its group or the
+/// run is over.
+async fn receive(
+    ctx: &Member,
+    c: &mut StarlingConn,
+    g: u64,
+    heartbeat_ns: u64,
+) -> anyhow::Result<()> {
+    let (plan, rec, timer) = (&ctx.plan, &*ctx.rec, &*ctx.timer);
+    let mut seen = Seen::new(g, plan.n);
+    let mut r = Receiver::default();
+    let mut last_write = rec.now_ns();
+    loop {
+        let now = rec.now_ns();
+        let done = rec.start_ns.get().is_some() && seen.complete(plan);
+        let over = done || worker::run_over(rec, plan);
+        if r.ack_unsent.is_some()
+            && (over || r.held_since.is_some_and(|t| now >= t + plan.ack_delay_ns))
+        {
+            r.push_ack(c)?;
+        }
+        if now > last_write + heartbeat_ns {
+            c.push(0, Body::Ping(v1::Ping { nonce: 1 }))?;
+        }
+        if c.pending_write() > 0 {
+            c.flush().await?;
+            last_write = rec.now_ns();
+        }
+        if over {
+            return Ok(());
+        }
+        let mut wake = last_write + heartbeat_ns;
+        if let Some(t) = r.held_since {
+            wake = wake.min(t + plan.ack_delay_ns);
+        }
+        if let Some(s) = rec.start_ns.get() {
+            wake = wake.min(s + plan.run_ns);
+        } else {
+            // Before the start, look at the parent's signal now and then.
+            wake = wake.min(now + 50_000_000);
+        }
+        tokio::select! {
+            n = c.read_some() => {
+                if n? == 0 { bail!("server closed the connection"); }
+                r.on_frames(c, &mut seen, plan, rec)?;
+            }
+            () = timer.sleep_until_ns(plan.quantize(wake)) => {}
+        }
+    }
+}
+
+/// A receiver's protocol state.
+#[derive(Debug, Default)]
+struct Receiver {
+    /// The group's conversation and the highest seq up to which this connection has every
+    /// entry it may see (from the first it got, its join: the DeliveryAck and Sync position).
+    conv: u64,
+    upto: Option<u64>,
+    syncing: bool,
+    /// The cumulative DeliveryAck not yet queued, and since when it waits (ns).
+    ack_unsent: Option<(u64, u64)>,
+    held_since: Option<u64>,
+}
+
+impl Receiver {
+    fn on_frames(
+        &mut self,
+        c: &mut StarlingConn,
+        seen: &mut Seen,
+        plan: &Plan,
+        rec: &super::Rec,
+    ) -> anyhow::Result<()> {
+        let now = rec.now_ns();
+        while let Some(f) = c.next_frame()? {
+            match f.body {
+                Some(Body::Deliver(d)) => {
+                    let msg = d.message.context("Deliver without a message")?;
+                    self.conv = msg.conversation_id;
+                    // Live Delivers come in seq order; after a gap the position waits for the
+                    // Sync that fills it.
+                    self.upto = match self.upto {
+                        Some(u) if msg.seq != u + 1 => Some(u),
+                        _ => Some(msg.seq),
+                    };
+                    if msg.content_type == CONTENT_TYPE {
+                        seen.on_body(&msg.body, plan, rec, now)?;
+                    }
+                    if let (true, Some(upto)) = (plan.delivery_acks, self.upto) {
+                        self.ack_unsent = Some((msg.conversation_id, upto));
+                        self.held_since.get_or_insert(now);
+                    }
+                }
+                Some(Body::MessagesAvailable(h)) => {
+                    rec.counts.borrow_mut().hints += 1;
+                    if !self.syncing {
+                        self.sync(c, h.conversation_id, rec)?;
+                    }
+                }
+                Some(Body::SyncDone(done)) => {
+                    self.syncing = false;
+                    if let Some(t) = done.truncated.first() {
+                        self.sync(c, t.conversation_id, rec)?;
+                    }
+                }
+                Some(Body::Receipt(_)) => rec.counts.borrow_mut().receipts += 1,
+                Some(Body::Error(e)) => bail!("server error: {}", describe_error(&e)),
+                Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for everything in `conv` after the contiguous position.
+    fn sync(&mut self, c: &mut StarlingConn, conv: u64, rec: &super::Rec) -> anyhow::Result<()> {
+        let from = if conv == self.conv {
+            self.upto.unwrap_or(0)
+        } else {
+            0
+        };
+        let rid = c.rid();
+        c.push(
+            rid,
+            Body::Sync(v1::Sync {
+                last_seq: std::iter::once((conv, from)).collect(),
+            }),
+        )?;
+        self.syncing = true;
+        rec.counts.borrow_mut().syncs += 1;
+        Ok(())
+    }
+
+    fn push_ack(&mut self, c: &mut StarlingConn) -> anyhow::Result<()> {
+        if let Some((conv, seq)) = self.ack_unsent.take() {
+            c.push(
+                0,
+                Body::DeliveryAck(v1::DeliveryAck {
+                    conversation_id: conv,
+                    up_to_seq: seq,
+                }),
+            )?;
+        }
+        self.held_since = None;
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+//! `starling-bench` subcommands end to end against the real `starling` binary (built on demand
+//! from this workspace), at a tiny size: they must run, stop by themselves and report what the
+//! server did. Figures are benchmarks' business (BENCHMARKS.md), not these tests'.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// `target/<profile>/starling`, built if needed.
+fn server_binary() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_starling-bench"));
+    let dir = bench.parent().unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "starling-gateway", "--bin", "starling"]);
+    // Without the variables cargo set for this test, so that build scripts (ring's reads
+    // CARGO_PKG_*) see the same environment as a plain build and nothing is rebuilt.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            build.env_remove(key);
+        }
+    }
+    if dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "building the starling server failed");
+    dir.join("starling")
+}
+
+/// A `starling serve --shards 1` on a fresh data directory, killed on drop.
+struct Server {
+    child: Child,
+    data: PathBuf,
+    target: String,
+}
+
+impl Server {
+    fn start(bin: &Path, data: &Path) -> Server {
+        let err_path = data.with_extension("stderr");
+        let err_file = std::fs::File::create(&err_path).unwrap();
+        let mut child = Command::new(bin)
+            .args(["serve", "--shards", "1", "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("STARLING_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(err_file)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        loop {
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                panic!("server did not become ready; its stderr:\n{err}");
+            };
+            if let Some(a) = line.strip_prefix("listening (TLS 1.3): ") {
+                addr = Some(a.trim().to_owned());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        Server {
+            child,
+            data: data.to_owned(),
+            target: format!("tls://{}", addr.unwrap()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `starling-bench ARGS`; panics with its output if it fails.
+fn bench(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_starling-bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "starling-bench {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fanout_runs_end_to_end_with_a_group_of_three() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&bin, &tmp.path().join("data"));
+    let data = server.data.to_str().unwrap();
+    let accounts = tmp.path().join("accounts.json");
+    let accounts = accounts.to_str().unwrap();
+    // No accounts yet: fanout registers the 3 it needs through the server's OTP flow.
+    let report = tmp.path().join("fanout.json");
+    let pid = server.child.id().to_string();
+    bench(&[
+        "fanout",
+        "--target",
+        &server.target,
+        "--data-dir",
+        data,
+        "--accounts",
+        accounts,
+        "--group-size",
+        "3",
+        "--groups",
+        "1",
+        "--rate",
+        "10",
+        "--duration-secs",
+        "1",
+        "--warmup-secs",
+        "0",
+        "--drain-secs",
+        "5",
+        "--server-pid",
+        &pid,
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["subcommand"], "fanout");
+    let outcomes = r["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 1, "no --peer: Starling only");
+    let o = &outcomes[0];
+    assert_eq!(o["system"], "starling");
+    let c = &o["counts"];
+    // One group created with its 3 members online; 10 messages sent and acknowledged, each
+    // delivered once to each of the 2 receivers.
+    assert_eq!(c["connected"], 3, "{o}");
+    assert_eq!(c["groups_created"], 1, "{o}");
+    assert_eq!(c["sent"], 10, "{o}");
+    assert_eq!(c["acked"], 10, "{o}");
+    assert_eq!(c["delivered"], 20, "{o}");
+    assert_eq!(c["duplicates"], 0, "{o}");
+    assert_eq!(c["errors"], 0, "{o}");
+    assert_eq!(o["missing"], 0, "{o}");
+    assert_eq!(o["incomplete_messages"], 0, "{o}");
+    assert_eq!(o["deliver_us"]["count"], 20, "{o}");
+    assert_eq!(o["last_member_us"]["count"], 10, "{o}");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(accounts).unwrap()).unwrap();
+    assert_eq!(saved["accounts"].as_array().unwrap().len(), 3);
+    assert!(o["deliveries_per_s"].as_f64().unwrap() > 0.0, "{o}");
+    assert!(o["server_cpu_cores"].as_f64().is_some(), "{o}");
+}
