@@ -653,15 +653,24 @@ impl Client {
             .collect())
     }
 
-    /// Resolves a user given as a decimal user id or a `+` phone number.
+    /// Resolves a user given as a decimal user id or a `+` phone number. A
+    /// phone number is looked up (contact discovery, which the server
+    /// rate-limits) only the first time: the answer is remembered in the
+    /// profile's `contacts.json`.
     pub async fn resolve_user(&self, who: &str) -> Result<u64, ClientError> {
         if who.starts_with('+') {
-            return self
+            let mut book = self.profile.contacts(self.user_id)?;
+            if let Some(u) = book.get(who) {
+                return Ok(u);
+            }
+            let uid = self
                 .discover_phones(&[who])
                 .await?
                 .first()
                 .map(|(_, u)| *u)
-                .ok_or_else(|| ClientError::InvalidArgument(format!("{who} is not registered")));
+                .ok_or_else(|| ClientError::InvalidArgument(format!("{who} is not registered")))?;
+            book.insert(who, uid)?;
+            return Ok(uid);
         }
         who.parse().map_err(|_| {
             ClientError::InvalidArgument(format!("{who:?} is neither a user id nor a +phone"))

@@ -50,7 +50,9 @@ pub use connection::{ConnectOptions, Connection, Pushes, ResponseStream, Transpo
 pub use error::{ClientError, ServerError};
 pub use ids::ClientMsgId;
 pub use reorder::{FETCH_MESSAGES_MAX, FetchRange, Released, Reorder};
-pub use store::{Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target};
+pub use store::{
+    CONTACTS_MAX, ContactBook, Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target,
+};
 pub use tls::{TlsTrust, fingerprint};
 
 /// The wire types, re-exported for convenience.

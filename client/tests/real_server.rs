@@ -434,3 +434,6 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
     assert!(!features.iter().any(|f| f == "groups"), "{features:?}");
     client.shutdown().await;
 }
+
+#[path = "real_server/contacts.rs"]
+mod contacts;
