@@ -150,6 +150,69 @@ pub fn conversation(c: &v1::ConversationSummary) -> Value {
     })
 }
 
+/// A role's name: `admin`, `member` (or `unknown`).
+#[must_use]
+pub fn role(r: i32) -> &'static str {
+    match v1::GroupRole::try_from(r) {
+        Ok(v1::GroupRole::Admin) => "admin",
+        Ok(v1::GroupRole::Member) => "member",
+        _ => "unknown",
+    }
+}
+
+/// A group's state (`"type": "group"`), members in the server's order.
+#[must_use]
+pub fn group(g: &v1::GroupInfo) -> Value {
+    let members: Vec<Value> = g
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "user_id": m.user_id,
+                "role": role(m.role),
+                "joined_at_ms": m.joined_at_ms,
+            })
+        })
+        .collect();
+    json!({
+        "type": "group",
+        "conversation_id": g.conversation_id,
+        "name": g.name,
+        "version": g.version,
+        "created_by_user_id": g.created_by_user_id,
+        "created_at_ms": g.created_at_ms,
+        "members": members,
+    })
+}
+
+/// A user's presence (`"type": "presence"`): `state` is `online`, `away`
+/// or `offline`; `last_seen_ms` 0 when online, hidden or never.
+#[must_use]
+pub fn presence(p: &v1::PresenceUpdate) -> Value {
+    json!({
+        "type": "presence",
+        "user_id": p.user_id,
+        "state": v1::PresenceState::try_from(p.state)
+            .map_or("PRESENCE_STATE_UNSPECIFIED", |s| s.as_str_name())
+            .trim_start_matches("PRESENCE_STATE_")
+            .to_ascii_lowercase(),
+        "last_seen_ms": p.last_seen_ms,
+    })
+}
+
+/// Another user's public profile (`"type": "profile"`, private fields left
+/// out).
+#[must_use]
+pub fn public_profile(p: &v1::Profile) -> Value {
+    json!({
+        "type": "profile",
+        "user_id": p.user_id,
+        "display_name": p.display_name,
+        "about": p.about,
+        "created_at_ms": p.created_at_ms,
+    })
+}
+
 /// An event of [`crate::Events`].
 #[must_use]
 pub fn event(e: &Event) -> Value {
@@ -199,15 +262,7 @@ pub fn event(e: &Event) -> Value {
             "user_id": t.user_id,
             "typing": t.state == v1::TypingState::Typing as i32,
         }),
-        Event::Presence(p) => json!({
-            "type": "presence",
-            "user_id": p.user_id,
-            "state": v1::PresenceState::try_from(p.state)
-                .map_or("PRESENCE_STATE_UNSPECIFIED", |s| s.as_str_name())
-                .trim_start_matches("PRESENCE_STATE_")
-                .to_ascii_lowercase(),
-            "last_seen_ms": p.last_seen_ms,
-        }),
+        Event::Presence(p) => presence(p),
         Event::GroupChanged(g) => json!({
             "type": "group_changed",
             "conversation_id": g.group.as_ref().map_or(0, |g| g.conversation_id),

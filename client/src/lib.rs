@@ -25,6 +25,10 @@
 //!   (`Welcome.auth_error`), Refresh on the same connection; reconnect with full-jitter [`Backoff`],
 //!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection
 //!   ([`Reorder`]) and an ordered, deduplicated [`Events`] stream.
+//!   Groups (create, info, members, roles, leave, settings), presence
+//!   (subscribe, set; restored on every reconnect), typing and other users'
+//!   profiles are requests on [`Client`]; their pushes arrive as [`Event`]s.
+//! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
 //! **Guarantee to the application:** per conversation, [`Event::Message`]s
@@ -43,6 +47,7 @@ pub mod json;
 mod reorder;
 mod store;
 mod tls;
+mod typing;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{Client, ClientConfig, Event, Events, HistoryAnchor, Identifier, LoginCredential};
@@ -54,6 +59,7 @@ pub use store::{
     CONTACTS_MAX, ContactBook, Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target,
 };
 pub use tls::{TlsTrust, fingerprint};
+pub use typing::TypingNotifier;
 
 /// The wire types, re-exported for convenience.
 pub use starling_protocol::v1;
