@@ -641,3 +641,6 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
