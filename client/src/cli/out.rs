@@ -81,6 +81,26 @@ pub(crate) fn human(v: &Value) -> String {
                 "stopped typing"
             }
         ),
+        "group_changed" => format!(
+            "[conv {} #{}] user {} {}: {}{}",
+            s("conversation_id"),
+            s("seq"),
+            s("by_user_id"),
+            s("kind").replace('_', " "),
+            v["user_ids"]
+                .as_array()
+                .map(|u| u
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            if v.get("role").is_some() {
+                format!(" → {}", s("role"))
+            } else {
+                String::new()
+            }
+        ),
         "presence" => {
             let seen = v["last_seen_ms"].as_u64().unwrap_or(0);
             format!(
