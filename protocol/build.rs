@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // large nested messages live behind a Box. Hot fields stay inline.
         .boxed(".starling.v1.Send.media")
         .boxed(".starling.v1.Message.media")
+        .boxed(".starling.v1.Message.group_changed")
         .boxed(".starling.v1.Profile.avatar")
         .boxed(".starling.v1.UpdateProfile.avatar")
         .boxed(".starling.v1.CreateGroup.avatar")

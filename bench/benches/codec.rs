@@ -48,6 +48,7 @@ fn deliver_frame() -> v1::Frame {
                 body: Bytes::from(vec![b'x'; 100]),
                 media: None,
                 reply_to_seq: 0,
+                group_changed: None,
             }),
         })),
     }

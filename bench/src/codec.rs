@@ -83,6 +83,7 @@ pub(crate) fn deliver_frame(body_bytes: usize) -> v1::Frame {
                 body: Bytes::from(vec![b'x'; body_bytes]),
                 media: None,
                 reply_to_seq: 0,
+                group_changed: None,
             }),
         })),
     }

@@ -134,8 +134,19 @@ pub enum Event {
     Typing(v1::Typing),
     /// A followed user's presence changed.
     Presence(v1::PresenceUpdate),
-    /// A group changed.
-    GroupChanged(v1::GroupChanged),
+    /// A group changed: an entry of the group's conversation (a `Message`
+    /// with `group_changed` set), handed over in seq order with the
+    /// messages, each once, whether it came live, by Sync or by a gap fetch.
+    GroupChanged {
+        /// The group's conversation.
+        conversation_id: u64,
+        /// The entry's seq.
+        seq: u64,
+        /// When the server sequenced it.
+        server_ts_ms: u64,
+        /// What changed, by whom.
+        change: v1::GroupChanged,
+    },
     /// An `Error` not tied to a request of ours (connection-level, or a
     /// failed gap fetch).
     ServerError(ServerError),
@@ -146,6 +157,24 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+}
+
+impl Event {
+    /// The event for a conversation entry: [`Event::GroupChanged`] for a
+    /// group event, [`Event::Message`] otherwise (also for entries of a
+    /// history page).
+    #[must_use]
+    pub fn from_entry(mut m: v1::Message) -> Event {
+        match m.group_changed.take() {
+            Some(change) => Event::GroupChanged {
+                conversation_id: m.conversation_id,
+                seq: m.seq,
+                server_ts_ms: m.server_ts_ms,
+                change: *change,
+            },
+            None => Event::Message(m),
+        }
+    }
 }
 
 /// The application's end of the event stream.

@@ -324,7 +324,7 @@ impl Shard {
     #[must_use]
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, HISTORY, MESSAGING, PASSWORD_LOGIN,
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING, PASSWORD_LOGIN,
         };
         if self.router.is_some() {
             &[
@@ -334,6 +334,7 @@ impl Shard {
                 BLOCK,
                 PASSWORD_LOGIN,
                 CONTACT_DISCOVERY,
+                GROUPS,
             ]
         } else {
             &[PASSWORD_LOGIN, CONTACT_DISCOVERY]

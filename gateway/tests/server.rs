@@ -425,8 +425,8 @@ fn accounts_over_the_protocol() {
             Body::Done(_)
         ));
         // Features this server does not offer answer NOT_SUPPORTED and keep the connection
-        // (messaging is wired to the router now; groups are not).
-        let e = a.request(Body::CreateGroup(v1::CreateGroup::default()));
+        // (messaging and groups are wired to the router now; media is not).
+        let e = a.request(Body::RequestUpload(v1::RequestUpload::default()));
         assert_eq!(err_code(&e), ErrorCode::NotSupported);
 
         // Password login from a second device.
@@ -2485,6 +2485,8 @@ mod cursors;
 mod discovery;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/groups.rs"]
+mod groups;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]

@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 
+import groups
 from vectors import fail
 from wire import Conn, encode_varint, frame_bytes
 
@@ -352,11 +353,12 @@ def main_flows(pb, srv, check):
     check("Block/Unblock", block_unblock)
 
     def not_supported():
-        expect("groups" not in s["features"], "this server offers groups now: pick another")
-        f, _ = s["a"].call("create_group", pb.CreateGroup(name="climbing"))
+        expect("media" not in s["features"], "this server offers media now: pick another")
+        f, _ = s["a"].call("request_upload", pb.RequestUpload(content_type="image/png",
+                                                               size_bytes=10))
         e = expect_error(pb, f, "NOT_SUPPORTED")
         expect(e.retry_after_ms == 0, f"{e}")
-        expect("groups" in e.message and "not implemented" not in e.message, e.message)
+        expect("media" in e.message and "not implemented" not in e.message, e.message)
     check("NOT_SUPPORTED for a feature not in Welcome.features", not_supported)
 
     def inflight_limit():
@@ -396,6 +398,8 @@ def main_flows(pb, srv, check):
         return f"{len(acked)} acked, {refused} refused of {n} in one write (limit {limit})"
     check("in-flight limit: the excess gets TOO_MANY_IN_FLIGHT and is not carried out",
           inflight_limit)
+
+    groups.flows(pb, srv, s, check)
 
     for k in ("a", "a2", "b"):
         if k in s:

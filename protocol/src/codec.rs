@@ -357,6 +357,7 @@ mod tests {
             body: bytes::Bytes::from(vec![0xab; 300]),
             media: None,
             reply_to_seq: 5,
+            group_changed: None,
         };
         // Bodies around the one- and two-byte length prefixes of the message, the Deliver and
         // the frame.

@@ -42,6 +42,32 @@ fn message() -> v1::Message {
         body: Bytes::from_static("hello, starling 👋".as_bytes()),
         media: None,
         reply_to_seq: 41,
+        group_changed: None,
+    }
+}
+
+/// A group event as a conversation entry (Message.group_changed).
+fn group_event() -> v1::Message {
+    let mut group = group_info();
+    group.members.clear();
+    v1::Message {
+        conversation_id: 77,
+        seq: 5,
+        sender_user_id: 1_001,
+        sender_device_id: 0,
+        client_msg_id: Bytes::from_static(b"\xffSTRLGRP\x00\x00\x00\x00\x00\x00\x00\x03"),
+        server_ts_ms: 1_790_000_002_000,
+        content_type: String::new(),
+        body: Bytes::new(),
+        media: None,
+        reply_to_seq: 0,
+        group_changed: Some(Box::new(v1::GroupChanged {
+            group: Some(Box::new(group)),
+            by_user_id: 1_001,
+            kind: v1::GroupChangeKind::MembersAdded as i32,
+            user_ids: vec![1_004],
+            role: 0,
+        })),
     }
 }
 
@@ -78,6 +104,7 @@ fn group_info() -> v1::GroupInfo {
         created_by_user_id: 1_001,
         created_at_ms: 1_790_000_000_000,
         version: 3,
+        only_admins_send: true,
     }
 }
 
@@ -358,10 +385,14 @@ fn sample(kind: FrameKind) -> Body {
             conversation_id: 77,
             name: Some("Climbing 🧗".into()),
             avatar: None,
+            only_admins_send: Some(false),
         }),
         FrameKind::GroupChanged => Body::GroupChanged(v1::GroupChanged {
             group: Some(Box::new(group_info())),
             by_user_id: 1_001,
+            kind: v1::GroupChangeKind::RoleChanged as i32,
+            user_ids: vec![1_002],
+            role: v1::GroupRole::Admin as i32,
         }),
         FrameKind::SubscribePresence => Body::SubscribePresence(v1::SubscribePresence {
             user_ids: vec![1_002, 1_003],
@@ -533,36 +564,48 @@ fn to_json(desc: &MessageDescriptor, frame_bytes: &[u8]) -> String {
 
 /// Vectors beyond one per frame kind: (file stem, frame).
 fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
-    vec![(
-        // Hello carried a token that was refused: welcomed, not authenticated.
-        "welcome_auth_error",
-        v1::Frame {
-            request_id: 1,
-            body: Some(Body::Welcome(v1::Welcome {
-                protocol_version: 1,
-                server_version: "starling 0.1.0".into(),
-                limits: Some(v1::Limits {
-                    frame_bytes_max: 65_536,
-                    body_bytes_max: 61_440,
-                    inflight_requests_max: 64,
-                    heartbeat_ms: 30_000,
-                    idle_timeout_ms: 90_000,
-                    sync_messages_max: 500,
-                }),
-                server_time_ms: 1_790_000_000_000,
-                authenticated: None,
-                auth_error: Some(v1::Error {
-                    code: v1::ErrorCode::TokenExpired as i32,
-                    message: "access token expired".into(),
-                    retry_after_ms: 0,
-                }),
-                features: starling_protocol::features::ALL[..6]
-                    .iter()
-                    .map(|&f| f.to_owned())
-                    .collect(),
-            })),
-        },
-    )]
+    vec![
+        (
+            // A group event, pushed like a message.
+            "deliver_group_changed",
+            v1::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(v1::Deliver {
+                    message: Some(group_event()),
+                })),
+            },
+        ),
+        (
+            // Hello carried a token that was refused: welcomed, not authenticated.
+            "welcome_auth_error",
+            v1::Frame {
+                request_id: 1,
+                body: Some(Body::Welcome(v1::Welcome {
+                    protocol_version: 1,
+                    server_version: "starling 0.1.0".into(),
+                    limits: Some(v1::Limits {
+                        frame_bytes_max: 65_536,
+                        body_bytes_max: 61_440,
+                        inflight_requests_max: 64,
+                        heartbeat_ms: 30_000,
+                        idle_timeout_ms: 90_000,
+                        sync_messages_max: 500,
+                    }),
+                    server_time_ms: 1_790_000_000_000,
+                    authenticated: None,
+                    auth_error: Some(v1::Error {
+                        code: v1::ErrorCode::TokenExpired as i32,
+                        message: "access token expired".into(),
+                        retry_after_ms: 0,
+                    }),
+                    features: starling_protocol::features::ALL[..6]
+                        .iter()
+                        .map(|&f| f.to_owned())
+                        .collect(),
+                })),
+            },
+        ),
+    ]
 }
 
 /// The sample Sync as a standard encoder writes it: every map entry with both
@@ -794,6 +837,7 @@ fn arb_message() -> impl Strategy<Value = v1::Message> {
                     body,
                     media: None,
                     reply_to_seq,
+                    group_changed: None,
                 }
             },
         )

@@ -6,7 +6,8 @@
 //! conversation, set for a group. A direct conversation's id is derived from the user pair
 //! (`direct_candidate`), probing further candidates on the (rare) collision; the pair → id
 //! binding is written once to metadata under compare-and-set, so shards racing to create it
-//! agree. Group ids are allocated by the group API with the top bit set.
+//! agree. Group ids are drawn by CreateGroup with the top bit set and pinned the same way
+//! (`shard/groups/create.rs`).
 
 use starling_storage::ConvId as StoredConvId;
 

@@ -6,11 +6,10 @@
 //! by hash, a contiguous `seq` per conversation, `client_msg_id` dedup that
 //! survives restarts, batching into the shard's durable log, `SendAck` only
 //! once the batch is durable), fan-out, receipts and cursors, sync, history,
-//! the conversation list and blocking. Group conversations are read from the
-//! metadata (members, fan-out, sync and receipts treat them like direct ones);
-//! nothing here creates or changes a group yet, and presence, typing and the
-//! account logic (in the gateway, `starling-gateway`'s `accounts`) are not
-//! here either.
+//! the conversation list, blocking and groups (their requests, and their
+//! changes sequenced as events of the group's conversation). Presence, typing
+//! and the account logic (in the gateway, `starling-gateway`'s `accounts`) are
+//! not here.
 //!
 //! **Is not:** I/O. It never touches a socket, a file descriptor or the wall
 //! clock; the gateway feeds it decoded frames and `now_ms`, and storage is
@@ -56,6 +55,7 @@
 //! | `shard/history.rs` | GetHistory: ingress → owner |
 //! | `shard/list.rs` | ListConversations: ingress → owners → gather (`shard/gather.rs` holds the gathering state of Sync and list) |
 //! | `shard/blocks.rs` | Block/Unblock: ingress → home shard (rate limit, write) → owner; the owner's check of direct Sends |
+//! | `shard/groups/` | the group requests: ingress → owner (one change per group at a time: commit with a pending-event marker, event sequenced, answer once durable, marker cleared; redo or settle on load) → answer; rules and visibility (`state.rs`), the event entry (`event.rs`) |
 //!
 //! ## The API: one [`RouterShard`] per shard (sans-IO)
 //!
@@ -67,7 +67,7 @@
 //! | call | when |
 //! |---|---|
 //! | [`RouterShard::handle_conn_opened`] / [`RouterShard::handle_conn_closed`] | a connection authenticated as (user, device) opened / closed on this shard |
-//! | [`RouterShard::handle_frame`] | a decoded client frame the router [`handles`](RouterShard::handles) (Send, DeliveryAck, ReadCursor, Sync, GetHistory, ListConversations, Block, Unblock) |
+//! | [`RouterShard::handle_frame`] | a decoded client frame the router [`handles`](RouterShard::handles) (Send, DeliveryAck, ReadCursor, Sync, GetHistory, ListConversations, Block, Unblock, and the seven group requests) |
 //! | [`RouterShard::handle_conn_flushed`] | the gateway wrote that many bytes of the connection's frames to its socket |
 //! | [`RouterShard::handle_rings`] | the shard's bell/doorbell rang (other shards published) |
 //! | [`RouterShard::handle_log_progress`] | the log's wake callback fired (a group commit finished or failed) |
@@ -98,7 +98,7 @@
 //! writes that shard's eventfd; the log's `LogOptions::wake` notifies the
 //! same bell.
 //! Every metadata write (cursor batches, Block/Unblock, the first message
-//! between two users creating their conversation) is a job for the shard's
+//! between two users creating their conversation, group changes) is a job for the shard's
 //! metadata writer (`metawriter`): give [`RouterShard::set_meta_offload`] an
 //! [`Offload`] that runs the jobs in order on another thread and notifies the
 //! shard's bell after each; without one they run inline (the simulation).

@@ -53,6 +53,9 @@ pub(crate) enum Job {
         high: UserId,
         now_ms: u64,
     },
+    /// Commit a batch the shard built (a group's change, or the clearing of its marker); its
+    /// compare-and-set conditions failing is an outcome, not an error.
+    Commit { batch: MetaBatch },
 }
 
 /// What a job wrote.
@@ -66,6 +69,9 @@ pub(crate) enum Written {
     Block { changed: bool, conv: Option<ConvId> },
     /// The pair's direct conversation exists durably (created now or earlier).
     Direct { conv: ConvId },
+    /// A `Job::Commit` batch: durable, or (`conflict`) not applied because a record was not
+    /// what it expected.
+    Committed { conflict: bool },
 }
 
 /// A job's outcome.
@@ -254,6 +260,14 @@ fn run<M: MetadataStore + CursorStore>(meta: &M, st: &mut WriterState, job: Job)
             now_ms,
         } => block_job(meta, st, user, target, block, now_ms),
         Job::CreateDirect { low, high, now_ms } => create_direct(meta, low, high, now_ms),
+        Job::Commit { batch } => match meta.commit(&batch) {
+            Ok(()) => Ok(Written::Committed { conflict: false }),
+            Err(StorageError::Conflict { .. }) => Ok(Written::Committed { conflict: true }),
+            Err(e) => Err(Refusal(
+                ErrorCode::StorageFailure,
+                format!("the change could not be made durable ({e}); send it again"),
+            )),
+        },
     }
 }
 
@@ -372,6 +386,7 @@ fn create_direct<M: MetadataStore>(meta: &M, low: UserId, high: UserId, now_ms: 
                 user: u,
                 role: Role::Member,
                 joined_ms: TimestampMs(now_ms),
+                joined_seq: None,
             });
         }
         match meta.commit(&b) {

@@ -21,6 +21,7 @@ mod envelope;
 mod fanout;
 pub(crate) mod frames;
 mod gather;
+mod groups;
 mod history;
 mod list;
 mod mail;
@@ -40,6 +41,7 @@ pub(crate) use envelope::fuzz_envelope;
 pub(crate) use envelope::sample_envelope;
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
+use groups::Groups;
 pub use mail::ShardMsg;
 use mail::{CursorKind, Inner};
 use sequencer::Sequencer;
@@ -61,6 +63,8 @@ pub struct RouterShard<L, I, M> {
     direct: Direct,
     /// Block/Unblock budgets of the users whose home shard this is.
     blocks: Blocks,
+    /// Group ids this shard draws.
+    groups: Groups,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
@@ -111,6 +115,7 @@ where
             sequencer: Sequencer::new(log),
             cursors: Cursors::default(),
             direct: Direct::default(),
+            groups: Groups::default(),
         }
     }
 
@@ -157,7 +162,8 @@ where
         self.sh.mail.is_backpressured()
     }
 
-    /// Forget cached membership of `conv` (call after the group API changed it).
+    /// Reads the members of direct conversation `conv` again, if its state is in memory (a
+    /// group's membership changes only through the group requests, which keep it in step).
     pub fn invalidate_members(&mut self, conv: ConvId) {
         self.sh.convs.reload_members(conv, &*self.sh.meta);
     }
@@ -237,6 +243,9 @@ where
             Some(Body::Unblock(b)) => {
                 Blocks::request(&mut self.sh, origin, rid, user, b.user_id, false)
             }
+            Some(b) if groups::is_request(&b) => {
+                groups::request(&mut self.sh, &mut self.groups, origin, rid, user, b)
+            }
             _ => Err(Refusal(
                 ErrorCode::UnexpectedFrame,
                 "not a messaging frame".into(),
@@ -260,7 +269,7 @@ where
                 | Body::ListConversations(_)
                 | Body::Block(_)
                 | Body::Unblock(_)
-        )
+        ) || groups::is_request(body)
     }
 
     /// Drains the inbound rings (call after this shard's bell / doorbell woke it).
@@ -279,6 +288,7 @@ where
     pub fn handle_log_progress(&mut self, now_ms: u64) {
         self.sh.now_ms = now_ms;
         self.sequencer.poll_log(&mut self.sh);
+        self.poll_events();
         self.poll_meta();
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.drive();
@@ -364,6 +374,15 @@ where
         while let Some(m) = self.sh.mail.next_local() {
             self.process(m);
         }
+        groups::resume(&mut self.sh, &mut self.sequencer);
+    }
+
+    /// Hands the group events the log made durable to the groups concern.
+    fn poll_events(&mut self) {
+        let events = self.sequencer.take_durable_events();
+        if !events.is_empty() {
+            groups::events_durable(&mut self.sh, events);
+        }
     }
 
     fn process(&mut self, m: Inner) {
@@ -387,6 +406,7 @@ where
                 origin,
                 request_id,
             } => Blocks::changed(&mut self.sh, conv, origin, request_id),
+            Inner::Group(cmd) => groups::on_cmd(&mut self.sh, *cmd),
         }
     }
 
@@ -400,7 +420,10 @@ where
         }
         let cursors = &self.cursors;
         let evictable = |conv: ConvId, c: &ConvState| {
-            c.seq.settled() && c.cursors.announced() && cursors.is_clean(conv, &c.cursors)
+            c.seq.settled()
+                && c.cursors.announced()
+                && cursors.is_clean(conv, &c.cursors)
+                && c.group.as_ref().is_none_or(|g| g.is_idle())
         };
         let sh = &mut self.sh;
         sh.stats.convs_evicted +=
@@ -423,6 +446,14 @@ where
                     Blocks::written(&mut self.sh, origin, request_id, outcome);
                 }
                 MetaTag::Direct { pair } => self.direct.created(&mut self.sh, pair, outcome),
+                MetaTag::Group(job) => groups::committed(
+                    &mut self.sh,
+                    &mut self.sequencer,
+                    &mut self.groups,
+                    *job,
+                    outcome,
+                ),
+                MetaTag::GroupSettled { conv } => groups::settled(&mut self.sh, conv, outcome),
             }
         }
     }

@@ -493,6 +493,7 @@ impl World {
                     user: UserId(u),
                     role: Role::Member,
                     joined_ms: TimestampMs(0),
+                    joined_seq: None,
                 });
             }
         }
@@ -502,6 +503,7 @@ impl World {
             created_by: UserId(1),
             created_ms: TimestampMs(0),
             epoch: 0,
+            settings: None,
         });
         meta.commit(&b).unwrap();
         let disks: Vec<_> = (0..shards)
@@ -1595,6 +1597,7 @@ impl Harness {
             created_by: UserId(members[0]),
             created_ms: TimestampMs(0),
             epoch: 0,
+            settings: None,
         });
         for &u in members {
             b.add_member(&Member {
@@ -1602,6 +1605,7 @@ impl Harness {
                 user: UserId(u),
                 role: Role::Member,
                 joined_ms: TimestampMs(0),
+                joined_seq: None,
             });
         }
         self.meta.commit(&b).unwrap();
@@ -2834,3 +2838,6 @@ fn block_and_unblock_from_one_connection_take_effect_in_order() {
         Some(ErrorCode::Blocked)
     );
 }
+
+#[path = "sim/groups.rs"]
+mod groups;

@@ -258,7 +258,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 15 {
+    match table % 18 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<PhoneIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -273,7 +273,11 @@ pub fn meta_record(data: &[u8]) {
         11 => meta_round_trip::<PushToken>(b),
         12 => meta_round_trip::<Block>(b),
         13 => meta_round_trip::<DirectPair>(b),
-        _ => meta_round_trip::<DirectConv>(b),
+        14 => meta_round_trip::<DirectConv>(b),
+        // Version 2 of groups and members, and former members.
+        15 => meta_round_trip::<Group>(b),
+        16 => meta_round_trip::<Member>(b),
+        _ => meta_round_trip::<FormerMember>(b),
     }
 }
 

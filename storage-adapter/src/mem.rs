@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::StorageError;
-use crate::meta::{MetaBatch, MetadataStore, Op, Record, SCAN_RECORDS_MAX, decode};
+use crate::meta::{MetaBatch, MetadataStore, Op, Record, decode};
 use crate::traits::{CursorStore, DeliveryCursor, ReadCursor};
 use crate::types::{ConvId, DeviceId, Seq, UserId};
 
@@ -72,8 +72,7 @@ impl MetadataStore for MemMeta {
         let s = self.lock();
         let mut out = Vec::new();
         for ((t, k), v) in s.tables.range((R::TABLE, prefix.to_vec())..) {
-            if out.len() >= limit.min(SCAN_RECORDS_MAX) || *t != R::TABLE || !k.starts_with(prefix)
-            {
+            if out.len() >= limit || *t != R::TABLE || !k.starts_with(prefix) {
                 break;
             }
             out.push(decode(v)?);
@@ -173,7 +172,6 @@ impl CursorStore for MemMeta {
             .lock()
             .delivery
             .range((conv, UserId(0), DeviceId(0))..=(conv, UserId(u64::MAX), DeviceId(u32::MAX)))
-            .take(SCAN_RECORDS_MAX)
             .map(|(&(conv, user, device), &seq)| DeliveryCursor {
                 conv,
                 user,

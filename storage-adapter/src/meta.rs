@@ -16,7 +16,8 @@ use crate::error::StorageError;
 use crate::traits::{CursorStore, DeliveryCursor, ReadCursor};
 use crate::types::{ConvId, DeviceId, Seq, TimestampMs, UserId};
 
-/// Most records one scan returns.
+/// The most records a setting may make one bounded scan ask for (`router.blocks_max`). Scans
+/// themselves return everything up to the caller's `limit`: no store caps a scan silently.
 pub const SCAN_RECORDS_MAX: usize = 10_000;
 
 // ---------------------------------------------------------------------------------------------
@@ -136,6 +137,20 @@ impl<'a> Reader<'a> {
             reason: "not UTF-8".into(),
         })
     }
+    /// Whether every byte was read (a record's optional newer-version tail is absent).
+    pub fn at_end(&self) -> bool {
+        self.b.is_empty()
+    }
+    /// The version byte of a record's tail: `expected`, or damage.
+    pub fn version(&mut self, expected: u8) -> Result<(), StorageError> {
+        match self.u8()? {
+            v if v == expected => Ok(()),
+            v => Err(StorageError::Decode {
+                table: self.table,
+                reason: format!("unknown record version {v}"),
+            }),
+        }
+    }
     fn finish(&self) -> Result<(), StorageError> {
         if self.b.is_empty() {
             Ok(())
@@ -253,12 +268,14 @@ pub(crate) mod tests_support {
                 created_by: u,
                 created_ms: t,
                 epoch: 4,
+                settings: None,
             }),
             encode(&Member {
                 group: g,
                 user: u,
                 role: Role::Admin,
                 joined_ms: t,
+                joined_seq: None,
             }),
             encode(&MemberOf { user: u, group: g }),
             encode(&ContactIndex {
@@ -300,6 +317,34 @@ pub(crate) mod tests_support {
                 low: u,
                 high: UserId(43),
                 created_ms: t,
+            }),
+            encode(&Group {
+                id: g,
+                name: "climbers".into(),
+                created_by: u,
+                created_ms: t,
+                epoch: 5,
+                settings: Some(GroupSettings {
+                    only_admins_send: true,
+                    avatar: b"media".to_vec(),
+                    pending: Some(PendingEvent {
+                        version: 5,
+                        event: b"event".to_vec(),
+                    }),
+                }),
+            }),
+            encode(&Member {
+                group: g,
+                user: u,
+                role: Role::Member,
+                joined_ms: t,
+                joined_seq: Some(9),
+            }),
+            encode(&FormerMember {
+                group: g,
+                user: u,
+                joined_seq: 3,
+                left_seq: 9,
             }),
         ]
     }
@@ -421,6 +466,10 @@ record!(OtpRecord, "otps", key(s) { s.phone_e164.as_bytes().to_vec() },
         created_ms: TimestampMs(r.u64()?) }) });
 
 /// A group (its conversation id is the group id). Key: group id.
+///
+/// Encoding: version 1 is `id ‖ name ‖ created_by ‖ created_ms ‖ epoch`; version 2 appends
+/// `2u8 ‖ settings` ([`GroupSettings`]). A record decodes to exactly the version it was
+/// written in (`settings` is `None` for version 1), so it re-encodes to the same bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     /// Group id = its conversation id.
@@ -431,14 +480,59 @@ pub struct Group {
     pub created_by: UserId,
     /// Created at.
     pub created_ms: TimestampMs,
-    /// Bumped on every membership change (E2E sender-key rotation, cache invalidation).
+    /// Bumped on every change that has an event (the group's version on the wire).
     pub epoch: u64,
+    /// Version 2's fields; `None` in a version-1 record.
+    pub settings: Option<GroupSettings>,
 }
-record!(Group, "groups", key(s) { s.id.0.to_be_bytes().to_vec() },
-    enc(s, w) { w.u128(s.id.0).bytes(s.name.as_bytes()).u64(s.created_by.0).u64(s.created_ms.0).u64(s.epoch); },
-    dec(r) { Ok(Group { id: ConvId(r.u128()?), name: r.string()?, created_by: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?), epoch: r.u64()? }) });
 
-/// A member's role.
+/// A group's settings and its change in progress (version 2 of [`Group`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Only admins may send.
+    pub only_admins_send: bool,
+    /// The avatar, as the wire's encoded `MediaRef` (empty: none). Opaque here.
+    pub avatar: Vec<u8>,
+    /// A change committed here whose event may not be in the conversation's log yet.
+    pub pending: Option<PendingEvent>,
+}
+
+/// The marker of a group change whose event is not known to be durable: the event's body,
+/// written with the change, so that whoever loads the group can sequence it if the log lacks
+/// it (the event's `client_msg_id` is derived from the group and `version`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// The group's version the change made (the event's identity).
+    pub version: u64,
+    /// The event, as it goes into the log entry's body. Opaque here.
+    pub event: Vec<u8>,
+}
+
+record!(Group, "groups", key(s) { s.id.0.to_be_bytes().to_vec() },
+enc(s, w) {
+    w.u128(s.id.0).bytes(s.name.as_bytes()).u64(s.created_by.0).u64(s.created_ms.0).u64(s.epoch);
+    if let Some(st) = &s.settings {
+        w.u8(2).u8(u8::from(st.only_admins_send)).bytes(&st.avatar);
+        match &st.pending {
+            None => { w.u8(0); }
+            Some(p) => { w.u8(1).u64(p.version).bytes(&p.event); }
+        }
+    }
+},
+dec(r) {
+    let mut g = Group { id: ConvId(r.u128()?), name: r.string()?, created_by: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?), epoch: r.u64()?, settings: None };
+    if !r.at_end() {
+        r.version(2)?;
+        let only_admins_send = r.bool()?;
+        let avatar = r.bytes()?;
+        let pending = if r.bool()? { Some(PendingEvent { version: r.u64()?, event: r.bytes()? }) } else { None };
+        g.settings = Some(GroupSettings { only_admins_send, avatar, pending });
+    }
+    Ok(g)
+});
+
+/// A member's role. The router writes `Member` and `Admin` only and reads `Owner` (which no
+/// release wrote) as `Admin`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// Can send.
@@ -451,6 +545,9 @@ pub enum Role {
 
 /// A group member. Key: group ‖ user. [`MemberOf`] is its reverse index; write both in one batch
 /// (see [`MetaBatch::add_member`]).
+///
+/// Encoding: version 1 is `group ‖ user ‖ role ‖ joined_ms`; version 2 appends
+/// `2u8 ‖ joined_seq`. `joined_seq` is `None` exactly in a version-1 record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     /// Group.
@@ -461,13 +558,43 @@ pub struct Member {
     pub role: Role,
     /// Joined at.
     pub joined_ms: TimestampMs,
+    /// The seq of the event that added them (`Some(0)`: that event is not sequenced yet).
+    pub joined_seq: Option<u64>,
 }
 record!(Member, "members", key(s) { keys::member(s.group.0, s.user) },
-    enc(s, w) { w.u128(s.group.0).u64(s.user.0).u8(match s.role { Role::Member => 0, Role::Admin => 1, Role::Owner => 2 }).u64(s.joined_ms.0); },
-    dec(r) { Ok(Member { group: ConvId(r.u128()?), user: UserId(r.u64()?),
+enc(s, w) {
+    w.u128(s.group.0).u64(s.user.0).u8(match s.role { Role::Member => 0, Role::Admin => 1, Role::Owner => 2 }).u64(s.joined_ms.0);
+    if let Some(seq) = s.joined_seq { w.u8(2).u64(seq); }
+},
+dec(r) {
+    let mut m = Member { group: ConvId(r.u128()?), user: UserId(r.u64()?),
         role: match r.u8()? { 0 => Role::Member, 1 => Role::Admin, 2 => Role::Owner,
             _ => return Err(StorageError::Decode { table: "members", reason: "unknown role".into() }) },
-        joined_ms: TimestampMs(r.u64()?) }) });
+        joined_ms: TimestampMs(r.u64()?), joined_seq: None };
+    if !r.at_end() {
+        r.version(2)?;
+        m.joined_seq = Some(r.u64()?);
+    }
+    Ok(m)
+});
+
+/// A former member of a group: one that left or was removed, and may still read the group's
+/// conversation from `joined_seq` up to `left_seq` (the event of its removal). Key: group ‖
+/// user. Its [`MemberOf`] stays, so the group stays in the user's conversations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormerMember {
+    /// Group.
+    pub group: ConvId,
+    /// The former member.
+    pub user: UserId,
+    /// The seq of the event of its (latest) join.
+    pub joined_seq: u64,
+    /// The seq of the event of its removal (0: that event is not sequenced yet).
+    pub left_seq: u64,
+}
+record!(FormerMember, "former_members", key(s) { keys::member(s.group.0, s.user) },
+    enc(s, w) { w.u128(s.group.0).u64(s.user.0).u64(s.joined_seq).u64(s.left_seq); },
+    dec(r) { Ok(FormerMember { group: ConvId(r.u128()?), user: UserId(r.u64()?), joined_seq: r.u64()?, left_seq: r.u64()? }) });
 
 /// Reverse membership: user → groups. Key: user ‖ group.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -776,7 +903,7 @@ impl MetadataStore for EmbeddedMeta {
             let mut out = Vec::new();
             for item in t.range(prefix..)? {
                 let (k, v) = item?;
-                if !k.value().starts_with(prefix) || out.len() >= limit.min(SCAN_RECORDS_MAX) {
+                if !k.value().starts_with(prefix) || out.len() >= limit {
                     break;
                 }
                 out.push(decode(v.value())?);
@@ -944,7 +1071,7 @@ impl CursorStore for EmbeddedMeta {
             for item in t.range(prefix.as_slice()..)? {
                 let (k, v) = item?;
                 let k = k.value();
-                if !k.starts_with(&prefix) || out.len() >= SCAN_RECORDS_MAX {
+                if !k.starts_with(&prefix) {
                     break;
                 }
                 let mut r = Reader::new(&k[16..], "delivery_cursors");
@@ -1090,5 +1217,70 @@ mod tests {
         let mut b = encode(&session);
         *b.last_mut().unwrap() = 7;
         assert!(decode::<Session>(&b).is_err());
+    }
+
+    #[test]
+    fn group_and_member_records_of_either_version_decode_to_exactly_what_was_written() {
+        let v1 = Member {
+            group: ConvId(7),
+            user: UserId(1),
+            role: Role::Admin,
+            joined_ms: TimestampMs(5),
+            joined_seq: None,
+        };
+        let v2 = Member {
+            joined_seq: Some(4),
+            ..v1.clone()
+        };
+        let (b1, b2) = (encode(&v1), encode(&v2));
+        assert_eq!(b2.len(), b1.len() + 9);
+        assert_eq!(decode::<Member>(&b1).unwrap(), v1);
+        assert_eq!(decode::<Member>(&b2).unwrap(), v2);
+        // An unknown version, or a tail cut short, is damage.
+        let mut bad = b2.clone();
+        bad[b1.len()] = 3;
+        assert!(decode::<Member>(&bad).is_err());
+        assert!(decode::<Member>(&b2[..b2.len() - 1]).is_err());
+
+        let g = Group {
+            id: ConvId(7),
+            name: "g".into(),
+            created_by: UserId(1),
+            created_ms: TimestampMs(1),
+            epoch: 2,
+            settings: Some(GroupSettings {
+                only_admins_send: true,
+                avatar: Vec::new(),
+                pending: None,
+            }),
+        };
+        let b = encode(&g);
+        assert_eq!(decode::<Group>(&b).unwrap(), g);
+        let mut bad = b.clone();
+        *bad.last_mut().unwrap() = 2; // the pending flag
+        assert!(decode::<Group>(&bad).is_err());
+    }
+
+    #[test]
+    fn a_scan_returns_everything_up_to_the_callers_limit() {
+        let meta = crate::MemMeta::new();
+        let mut b = MetaBatch::default();
+        for g in 0..SCAN_RECORDS_MAX as u128 + 5 {
+            b.put(&MemberOf {
+                user: UserId(1),
+                group: ConvId(g),
+            });
+        }
+        meta.commit(&b).unwrap();
+        let all = meta
+            .scan::<MemberOf>(&keys::user(UserId(1)), usize::MAX)
+            .unwrap();
+        assert_eq!(all.len(), SCAN_RECORDS_MAX + 5);
+        assert_eq!(
+            meta.scan::<MemberOf>(&keys::user(UserId(1)), 3)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }

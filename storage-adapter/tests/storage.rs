@@ -1372,6 +1372,7 @@ fn metadata_records_round_trip_durably_with_conditions_and_cursors() {
             user: UserId(1),
             role: Role::Owner,
             joined_ms: TimestampMs(3),
+            joined_seq: None,
         });
         for id in [3, 1, 2] {
             b.put(&OneTimePrekey {

@@ -117,9 +117,7 @@ pub(crate) async fn chat(
                     }
                     Event::Receipt(r) => conv == Some(r.conversation_id),
                     Event::Typing(t) => conv == Some(t.conversation_id),
-                    Event::GroupChanged(g) => {
-                        conv.is_some() && conv == g.group.as_ref().map(|g| g.conversation_id)
-                    }
+                    Event::GroupChanged { conversation_id, .. } => conv == Some(*conversation_id),
                     Event::Sent(_) | Event::Connected { .. } | Event::Presence(_) => false,
                     _ => true,
                 };

@@ -78,14 +78,17 @@ pub(crate) enum GroupCmd {
         #[arg(long)]
         group: String,
     },
-    /// Rename a group (admins only).
+    /// Change a group's name or who may send (admins only).
     Update {
         /// The group: its conversation id (or group:<id>).
         #[arg(long)]
         group: String,
         /// The new name.
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "only_admins_send")]
+        name: Option<String>,
+        /// Whether only admins may send.
+        #[arg(long, value_name = "true|false")]
+        only_admins_send: Option<bool>,
     },
 }
 
@@ -130,10 +133,15 @@ pub(crate) async fn run(out: &Out, client: &Client, cmd: GroupCmd) -> Result<(),
             out.print(&json!({ "type": "left_group", "conversation_id": conv }));
             return Ok(());
         }
-        GroupCmd::Update { group, name } => {
+        GroupCmd::Update {
+            group,
+            name,
+            only_admins_send,
+        } => {
             let update = v1::UpdateGroup {
                 conversation_id: group_id(&group)?,
-                name: Some(name),
+                name,
+                only_admins_send,
                 ..v1::UpdateGroup::default()
             };
             client.update_group(update).await?

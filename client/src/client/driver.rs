@@ -406,7 +406,6 @@ impl Driver {
             }
             Body::Typing(t) => self.emit(Event::Typing(t)).await,
             Body::PresenceUpdate(p) => self.emit(Event::Presence(p)).await,
-            Body::GroupChanged(g) => self.emit(Event::GroupChanged(g)).await,
             _ => {}
         }
     }
@@ -565,6 +564,7 @@ impl Driver {
                 body: entry.body.into(),
                 media: None,
                 reply_to_seq: 0,
+                group_changed: None,
             };
             let released = self.reorder.handle_message(own);
             self.accept(conn, released).await;
@@ -583,7 +583,7 @@ impl Driver {
         let mut acked: Vec<(u64, u64)> = Vec::new();
         for m in released.messages {
             let (conv, seq) = (m.conversation_id, m.seq);
-            self.emit(Event::Message(m)).await;
+            self.emit(Event::from_entry(m)).await;
             self.cursors.advance(conv, seq);
             match acked.iter_mut().find(|(c, _)| *c == conv) {
                 Some(a) => a.1 = seq,

@@ -75,6 +75,18 @@ pub struct RouterConfig {
     /// Most metadata writes (Block/Unblock, the creation of a direct conversation) waiting for a
     /// shard's metadata writer; beyond it such requests are refused with `OVERLOADED`.
     pub meta_jobs_max: usize,
+    /// Most members of a group; a CreateGroup or AddGroupMembers that would exceed it is
+    /// refused with `PERMISSION_DENIED` naming it. A GroupInfo (every member) is one frame, so
+    /// at most `(limits.frame_bytes_max - 1024) / 24` (a group's avatar, at most 4 KiB, comes
+    /// on top).
+    pub group_members_max: usize,
+    /// Most users one group request names (CreateGroup's members, AddGroupMembers,
+    /// RemoveGroupMembers); more is `INVALID_ARGUMENT`. An event naming them is one frame, so
+    /// at most `(limits.frame_bytes_max - 1024) / 11`, and at most `group_members_max`.
+    pub group_request_users_max: usize,
+    /// Most requests waiting for one group's change in progress (a group's changes are carried
+    /// out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
+    pub group_changes_queued_max: usize,
 }
 
 impl Default for RouterConfig {
@@ -103,6 +115,9 @@ impl Default for RouterConfig {
             block_requests_burst: d.block_requests_burst,
             parked_sends_max: d.parked_sends_max,
             meta_jobs_max: d.meta_jobs_max,
+            group_members_max: d.group_members_max,
+            group_request_users_max: d.group_request_users_max,
+            group_changes_queued_max: d.group_changes_queued_max,
         }
     }
 }
@@ -137,6 +152,9 @@ impl RouterConfig {
             block_requests_burst: r.block_requests_burst,
             parked_sends_max: r.parked_sends_max,
             meta_jobs_max: r.meta_jobs_max,
+            group_members_max: r.group_members_max,
+            group_request_users_max: r.group_request_users_max,
+            group_changes_queued_max: r.group_changes_queued_max,
         }
     }
 
@@ -249,6 +267,30 @@ impl RouterConfig {
         if r.conv_idle_evict_ms < 10 {
             return bad("router.conv_idle_evict_ms", "must be at least 10");
         }
+        let frame = (l.frame_bytes_max as usize).saturating_sub(1024);
+        if r.group_members_max < 2 || r.group_members_max > frame / 24 {
+            return bad(
+                "router.group_members_max",
+                "must be at least 2 and at most (limits.frame_bytes_max - 1024) / 24: a \
+                 GroupInfo with every member is one frame",
+            );
+        }
+        if r.group_request_users_max == 0
+            || r.group_request_users_max > r.group_members_max
+            || r.group_request_users_max > frame / 11
+        {
+            return bad(
+                "router.group_request_users_max",
+                "must be at least 1, at most group_members_max and at most \
+                 (limits.frame_bytes_max - 1024) / 11: an event naming them is one frame",
+            );
+        }
+        if r.group_changes_queued_max == 0 || r.group_changes_queued_max > 1 << 16 {
+            return bad(
+                "router.group_changes_queued_max",
+                "must be between 1 and 65536",
+            );
+        }
         Ok(())
     }
 }
@@ -276,7 +318,9 @@ mod tests {
              history_limit_max = 6\nlist_limit_default = 8\nlist_limit_max = 9\n\
              cursor_flush_ms = 11\ncursor_flush_max = 12\nunread_count_max = 13\n\
              conv_idle_evict_ms = 500\nblocks_max = 3\nblock_requests_per_s = 2\n\
-             block_requests_burst = 4\nparked_sends_max = 16\nmeta_jobs_max = 17\n",
+             block_requests_burst = 4\nparked_sends_max = 16\nmeta_jobs_max = 17\n\
+             group_members_max = 19\ngroup_request_users_max = 18\n\
+             group_changes_queued_max = 20\n",
         )
         .unwrap();
         c.validate().unwrap();
@@ -327,6 +371,24 @@ mod tests {
             ),
             (3, 2, 4, 16, 17)
         );
+        assert_eq!(
+            (
+                s.group_members_max,
+                s.group_request_users_max,
+                s.group_changes_queued_max
+            ),
+            (19, 18, 20)
+        );
+        for bad in [
+            "group_members_max = 1",
+            "group_members_max = 100000",
+            "group_request_users_max = 0",
+            "group_members_max = 10\ngroup_request_users_max = 11",
+            "group_changes_queued_max = 0",
+        ] {
+            let c = Config::from_toml(&format!("[router]\n{bad}\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
         assert!(Config::from_toml("[router]\nblock_max = 3\n").is_err());
     }
 
@@ -413,7 +475,8 @@ mod tests {
         Config::from_toml(
             "[limits]\nframe_bytes_max = 4096\n[router]\nbody_bytes_max = 3072\n\
              batch_bytes_max = 1048576\nopen_bytes_max = 1048576\nopen_entries_max = 512\n\
-             sync_bytes_max = 1048576\npage_bytes_max = 64512\nhistory_limit_default = 200\n",
+             sync_bytes_max = 1048576\npage_bytes_max = 64512\nhistory_limit_default = 200\n\
+             group_members_max = 128\ngroup_request_users_max = 128\n",
         )
         .unwrap()
         .validate()

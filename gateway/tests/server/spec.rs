@@ -283,7 +283,8 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "conversation_list",
             "block",
             "password_login",
-            "contact_discovery"
+            "contact_discovery",
+            "groups"
         ]
     );
     for f in &w.features {
@@ -293,7 +294,6 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
         );
     }
     let unsupported = [
-        (Body::CreateGroup(v1::CreateGroup::default()), "groups"),
         (
             Body::SubscribePresence(v1::SubscribePresence::default()),
             "presence",

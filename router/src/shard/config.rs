@@ -72,6 +72,15 @@ pub struct ShardConfig {
     /// Most metadata writes (Block/Unblock, conversation creations) waiting for the shard's
     /// metadata writer; beyond it such requests are refused with `OVERLOADED`.
     pub meta_jobs_max: usize,
+    /// Most members of a group; a CreateGroup or AddGroupMembers that would exceed it is
+    /// refused with `PERMISSION_DENIED` naming it.
+    pub group_members_max: usize,
+    /// Most users one group request names (CreateGroup's members, AddGroupMembers,
+    /// RemoveGroupMembers); more is `INVALID_ARGUMENT`.
+    pub group_request_users_max: usize,
+    /// Most requests waiting for one group's change in progress (changes to a group are
+    /// carried out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
+    pub group_changes_queued_max: usize,
 }
 
 impl Default for ShardConfig {
@@ -100,6 +109,9 @@ impl Default for ShardConfig {
             block_requests_burst: 20,
             parked_sends_max: 1024,
             meta_jobs_max: 4096,
+            group_members_max: 1024,
+            group_request_users_max: 256,
+            group_changes_queued_max: 64,
         }
     }
 }

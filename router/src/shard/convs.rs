@@ -10,12 +10,13 @@ use std::collections::hash_map::Entry as Slot;
 use std::sync::Arc;
 
 use starling_protocol::v1::ErrorCode;
-use starling_storage::meta::{DirectConv, Group, Member, MemberOf, keys};
+use starling_storage::meta::{DirectConv, MemberOf, keys};
 use starling_storage::{
     ClientMsgId, CursorStore, DeviceId, Entry, Lsn, MessageIndex, MetadataStore, Seq, UserId,
 };
 
 use super::frames::Refusal;
+use super::groups::GroupConv;
 use crate::hash::HashMap;
 use crate::ids::ConvId;
 
@@ -32,6 +33,8 @@ pub(super) struct ConvState {
     /// from metadata on first use and forgotten when a Block/Unblock of the pair is committed.
     pub(super) blocks: Option<(bool, bool)>,
     pub(super) title: String,
+    /// For a group: its members, roles, settings and change in progress (`shard/groups`).
+    pub(super) group: Option<Box<GroupConv>>,
     pub(super) seq: ConvSeq,
     pub(super) cursors: ConvCursors,
     /// `now_ms` of the last use (for eviction).
@@ -75,7 +78,19 @@ impl ConvState {
         I: MessageIndex,
         M: MetadataStore + CursorStore,
     {
-        let (members, pair, title) = load_members(meta, conv)?;
+        let (members, pair, title, group) = if conv.is_group() {
+            let g = GroupConv::load(meta, index, conv)?
+                .ok_or_else(|| Refusal(ErrorCode::NotFound, "no such conversation".into()))?;
+            (
+                g.st.in_members(),
+                None,
+                g.st.name.clone(),
+                Some(Box::new(g)),
+            )
+        } else {
+            let (members, pair, title) = load_members(meta, conv)?;
+            (members, pair, title, None)
+        };
         let cid = conv.storage();
         let last = index
             .last_seq(cid)
@@ -86,6 +101,7 @@ impl ConvState {
             pair,
             blocks: None,
             title,
+            group,
             seq: ConvSeq::new(last),
             cursors: ConvCursors::default(),
             touched_ms: now_ms,
@@ -99,7 +115,12 @@ impl ConvState {
             let d = cursors.delivered.entry(c.user).or_default();
             *d = (*d).max(c.seq.0);
         }
-        for u in st.members.iter() {
+        // Members, and a group's former members (their unread counts end at their removal).
+        let former = st
+            .group
+            .as_ref()
+            .map(|g| g.st.former.keys().copied().collect::<Vec<_>>());
+        for u in st.members.iter().chain(former.iter().flatten()) {
             let r = meta
                 .read_cursor(cid, *u)
                 .map_err(|e| Refusal::storage("cursors", &e))?
@@ -111,6 +132,23 @@ impl ConvState {
         cursors.announced_delivered = cursors.delivered.clone();
         cursors.announced_read = cursors.read.clone();
         Ok(st)
+    }
+}
+
+impl ConvState {
+    /// The seqs `user` may read (inclusive): a group's rules (`shard/groups`), or everything
+    /// for a member of a direct conversation. `NOT_A_MEMBER` if none.
+    pub(super) fn visible(&self, user: UserId) -> Result<(u64, u64), Refusal> {
+        let seen = match &self.group {
+            Some(g) => g.st.visible(user),
+            None => self.members.contains(&user).then_some((1, u64::MAX)),
+        };
+        seen.ok_or_else(|| {
+            Refusal(
+                ErrorCode::NotAMember,
+                "not a member of this conversation".into(),
+            )
+        })
     }
 }
 
@@ -211,6 +249,9 @@ pub(super) struct Convs {
     idle_queue: VecDeque<(ConvId, u64)>,
     /// (lsn, conv) of entries in some `ConvSeq::recent`, in lsn order.
     recent_order: VecDeque<(Lsn, ConvId)>,
+    /// Groups loaded with a change whose event may be missing: the groups concern takes them
+    /// (`groups::resume`) before the shard's next input.
+    pub(super) resume: Vec<ConvId>,
 }
 
 impl Convs {
@@ -250,6 +291,9 @@ impl Convs {
             Slot::Occupied(o) => o.into_mut(),
             Slot::Vacant(v) => {
                 let st = ConvState::load(conv, index, meta, now_ms)?;
+                if st.group.as_ref().is_some_and(|g| g.needs_resume()) {
+                    self.resume.push(conv);
+                }
                 self.idle_queue.push_back((conv, now_ms));
                 v.insert(Box::new(st))
             }
@@ -258,9 +302,11 @@ impl Convs {
         Ok(&mut **c)
     }
 
-    /// Reads the members and title of `conv` again, if its state is in memory.
+    /// Reads the members and title of direct conversation `conv` again, if its state is in
+    /// memory (a group's state changes only through the groups concern, `shard/groups`).
     pub(super) fn reload_members<M: MetadataStore>(&mut self, conv: ConvId, meta: &M) {
         if let Some(c) = self.map.get_mut(&conv)
+            && c.group.is_none()
             && let Ok((members, _, title)) = load_members(meta, conv)
         {
             c.members = members;
@@ -332,39 +378,24 @@ impl Convs {
     }
 }
 
-/// Members, the user pair of a direct conversation, and the title of a group.
+/// Members, the user pair and the title of a direct conversation.
 type Members = (Arc<[UserId]>, Option<(UserId, UserId)>, String);
 
 fn load_members<M: MetadataStore>(meta: &M, conv: ConvId) -> Result<Members, Refusal> {
     let key = conv.storage().0.to_be_bytes();
-    if conv.is_group() {
-        let g = meta
-            .get::<Group>(&key)
-            .map_err(|e| Refusal::storage("group", &e))?;
-        let Some(g) = g else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let members: Vec<UserId> = meta
-            .scan::<Member>(&key, usize::MAX)
-            .map_err(|e| Refusal::storage("members", &e))?
-            .into_iter()
-            .map(|m| m.user)
-            .collect();
-        Ok((members.into(), None, g.name))
-    } else {
-        let d = meta
-            .get::<DirectConv>(&key)
-            .map_err(|e| Refusal::storage("conversation", &e))?;
-        let Some(d) = d else {
-            return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
-        };
-        let mut members = vec![d.low, d.high];
-        members.dedup();
-        Ok((members.into(), Some((d.low, d.high)), String::new()))
-    }
+    let d = meta
+        .get::<DirectConv>(&key)
+        .map_err(|e| Refusal::storage("conversation", &e))?;
+    let Some(d) = d else {
+        return Err(Refusal(ErrorCode::NotFound, "no such conversation".into()));
+    };
+    let mut members = vec![d.low, d.high];
+    members.dedup();
+    Ok((members.into(), Some((d.low, d.high)), String::new()))
 }
 
-/// The conversations `user` is a member of (`MemberOf`), direct and group alike.
+/// The conversations `user` is or was a member of (`MemberOf`), direct and group alike (a
+/// former member of a group keeps it: it reads up to its removal).
 pub(super) fn conversations_of<M: MetadataStore>(
     meta: &M,
     user: UserId,
@@ -380,7 +411,7 @@ pub(super) fn conversations_of<M: MetadataStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starling_storage::meta::{Role, User};
+    use starling_storage::meta::{Member, Role, User};
     use starling_storage::{
         DeliveryCursor, EntryKind, MemMeta, MetaBatch, ReadCursor, StorageError, TimestampMs,
     };
@@ -522,6 +553,7 @@ mod tests {
                 user: UserId(u),
                 role: Role::Member,
                 joined_ms: TimestampMs(0),
+                joined_seq: None,
             });
         }
         meta.commit(&b).unwrap();

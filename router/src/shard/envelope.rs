@@ -32,6 +32,9 @@ pub(super) fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]
 /// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
 /// damaged (never panics on stored bytes).
 pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
+    if e.kind == EntryKind::SYSTEM {
+        return super::groups::event::to_message(conv, e);
+    }
     if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
         return None;
     }
@@ -51,6 +54,7 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
         body: Bytes::copy_from_slice(body),
         media: None,
         reply_to_seq: reply,
+        group_changed: None,
     })
 }
 

@@ -39,6 +39,7 @@ pub(super) fn group_meta() -> Arc<MemMeta> {
         created_by: UserId(1),
         created_ms: TimestampMs(0),
         epoch: 0,
+        settings: None,
     });
     for u in [1, 2] {
         b.put(&User {
@@ -53,6 +54,7 @@ pub(super) fn group_meta() -> Arc<MemMeta> {
             user: UserId(u),
             role: Role::Member,
             joined_ms: TimestampMs(0),
+            joined_seq: None,
         });
     }
     meta.commit(&b).expect("an in-memory commit");

@@ -66,16 +66,20 @@ where
         0 => sh.cfg.history_limit_default,
         n => n.min(sh.cfg.history_limit_max),
     };
-    sh.member_conv(conv, h.user)?;
+    // Only the seqs the caller may read: a group member's from its join, a former member's up
+    // to its removal.
+    let (_, (from, to)) = sh.reader_conv(conv, h.user)?;
     let (mut entries, has_more) = match h.req.anchor {
         Some(v1::get_history::Anchor::AfterSeq(a)) => {
-            let mut v = sh.read_after(conv, a, limit + 1)?;
+            let mut v = sh.read_after(conv, a.max(from.saturating_sub(1)), limit + 1)?;
+            v.retain(|e| e.seq.0 <= to);
             let more = v.len() > limit;
             v.truncate(limit);
             (v, more)
         }
         Some(v1::get_history::Anchor::BeforeSeq(b)) => {
-            let mut v = sh.read_before(conv, b, limit + 1)?;
+            let mut v = sh.read_before(conv, b.min(to.saturating_add(1)), limit + 1)?;
+            v.retain(|e| e.seq.0 >= from);
             let more = v.len() > limit;
             if more {
                 v.remove(0);
@@ -83,7 +87,8 @@ where
             (v, more)
         }
         None => {
-            let mut v = sh.read_before(conv, u64::MAX, limit + 1)?;
+            let mut v = sh.read_before(conv, to.saturating_add(1), limit + 1)?;
+            v.retain(|e| e.seq.0 >= from);
             let more = v.len() > limit;
             if more {
                 v.remove(0);

@@ -99,8 +99,12 @@ where
     M: MetadataStore + CursorStore,
 {
     let unread_max = sh.cfg.unread_count_max;
-    let last = sh.read_before(conv, u64::MAX, 1)?;
-    let c = sh.member_conv(conv, user)?;
+    // Only the seqs the user may read: a group member's from its join, a former member's up
+    // to its removal.
+    let (_, (from, to)) = sh.reader_conv(conv, user)?;
+    let mut last = sh.read_before(conv, to.saturating_add(1), 1)?;
+    last.retain(|e| e.seq.0 >= from);
+    let (c, _) = sh.reader_conv(conv, user)?;
     let read = c.cursors.read.get(&user).copied().unwrap_or(0);
     let (kind, peer, title) = match c.pair {
         Some((a, b)) => (
@@ -110,11 +114,11 @@ where
         ),
         None => (v1::ConversationKind::Group, 0, c.title.clone()),
     };
-    let last_seq = c.seq.durable_seq;
+    let last_seq = c.seq.durable_seq.min(to);
     let unread = sh
-        .read_after(conv, read, unread_max)?
+        .read_after(conv, read.max(from.saturating_sub(1)), unread_max)?
         .iter()
-        .filter(|e| e.sender != user)
+        .filter(|e| e.seq.0 <= to && e.sender != user)
         .count();
     let title = if kind == v1::ConversationKind::Direct {
         sh.meta

@@ -32,6 +32,7 @@ impl fmt::Debug for ShardMsg {
             Inner::ListPart(_) => "ListPart",
             Inner::Block(_) => "Block",
             Inner::BlockChanged { .. } => "BlockChanged",
+            Inner::Group(_) => "Group",
         };
         f.debug_tuple("ShardMsg").field(&kind).finish()
     }
@@ -74,6 +75,8 @@ pub(super) enum Inner {
         origin: ConnRef,
         request_id: u64,
     },
+    /// A group request, for the group's owner (`shard/groups`).
+    Group(Box<super::groups::GroupCmd>),
 }
 
 /// A Send, validated at the ingress shard.

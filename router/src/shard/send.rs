@@ -39,6 +39,14 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
             "client_msg_id must not be all zeroes".into(),
         ));
     }
+    if super::groups::event::is_reserved(&cmid) {
+        return Err(Refusal(
+            ErrorCode::InvalidArgument,
+            "client_msg_id must not start with ff 53 54 52 4c 47 52 50 (reserved for group \
+             events)"
+                .into(),
+        ));
+    }
     if s.body.len() > sh.cfg.body_bytes_max {
         return Err(Refusal(
             ErrorCode::BodyTooLarge,
@@ -118,7 +126,7 @@ mod tests {
         };
         let (mut s, _meta) = shard(dir.path(), cfg);
         let invalid = ErrorCode::InvalidArgument;
-        let cases: [(Spoil, ErrorCode, &str); 8] = [
+        let cases: [(Spoil, ErrorCode, &str); 9] = [
             (
                 |s| s.client_msg_id = Bytes::from(vec![7; 15]),
                 invalid,
@@ -128,6 +136,12 @@ mod tests {
                 |s| s.client_msg_id = Bytes::from(vec![0; 16]),
                 invalid,
                 "client_msg_id must not be all zeroes",
+            ),
+            (
+                |s| s.client_msg_id = Bytes::from_static(b"\xffSTRLGRP\0\0\0\0\0\0\0\x01"),
+                invalid,
+                "client_msg_id must not start with ff 53 54 52 4c 47 52 50 (reserved for group \
+                 events)",
             ),
             (
                 |s| s.body = Bytes::from_static(b"hello"),

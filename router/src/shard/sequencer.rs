@@ -25,9 +25,11 @@ use super::blocks;
 use super::config::ShardConfig;
 use super::envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
 use super::frames::{Refusal, error_frame, frame};
+use super::groups;
 use super::mail::{FanoutItem, SendCmd};
 use super::shared::Shared;
-use crate::ids::{ConnRef, ConvId};
+use crate::ids::{ConnId, ConnRef, ConvId};
+use starling_storage::UserId;
 
 /// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
 pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
@@ -63,19 +65,34 @@ struct OpenBatch {
     /// What `entries` take in the log record (`format::entry_bytes` of each).
     bytes: usize,
     /// For each of `entries`: the message as its recipients get it (built from the Send, not
-    /// decoded back from the entry's envelope; debug builds check the two agree) and the
-    /// connection that sent it (its SendAck goes there, its Deliver does not).
-    fresh: Vec<(v1::Message, ConnRef)>,
+    /// decoded back from the entry's envelope; debug builds check the two agree), the
+    /// connection that sent it (its SendAck goes there, its Deliver does not) and who gets it:
+    /// the conversation's members when it got its seq.
+    fresh: Vec<Fresh>,
     waiters: Vec<Waiter>,
+    /// The group events among `entries` (conversation, seq).
+    events: Vec<(ConvId, u64)>,
 }
+
+/// A sequenced entry as fan-out pushes it: the message, the connection that sent it, and the
+/// members at its seq.
+type Fresh = (v1::Message, ConnRef, Arc<[UserId]>);
+
+/// The origin of an entry no connection sent (a group event): it matches no connection, so
+/// every member's devices get the event.
+const NO_ORIGIN: ConnRef = ConnRef {
+    shard: usize::MAX,
+    conn: ConnId(0),
+};
 
 /// A batch the log has; `completion` resolves once it is durable, or failed.
 struct InFlight {
     no: u64,
     completion: Completion<SyncData>,
     entries: Vec<Entry>,
-    fresh: Vec<(v1::Message, ConnRef)>,
+    fresh: Vec<Fresh>,
     waiters: Vec<Waiter>,
+    events: Vec<(ConvId, u64)>,
 }
 
 /// The shard's log and the batches on their way into it.
@@ -85,6 +102,8 @@ pub(super) struct Sequencer<L> {
     inflight: VecDeque<InFlight>,
     /// Why the log failed, once it did.
     failed: Option<String>,
+    /// Group events made durable and not yet taken by the groups concern (conversation, seq).
+    events_durable: Vec<(ConvId, u64)>,
 }
 
 impl<L> Sequencer<L> {
@@ -97,9 +116,11 @@ impl<L> Sequencer<L> {
                 bytes: 0,
                 fresh: Vec::new(),
                 waiters: Vec::new(),
+                events: Vec::new(),
             },
             inflight: VecDeque::new(),
             failed: None,
+            events_durable: Vec::new(),
         }
     }
 
@@ -114,6 +135,11 @@ impl<L> Sequencer<L> {
     /// Why the log failed, if it did.
     pub(super) fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// The group events made durable since the last call (conversation, seq), in seq order.
+    pub(super) fn take_durable_events(&mut self) -> Vec<(ConvId, u64)> {
+        std::mem::take(&mut self.events_durable)
     }
 
     /// Batches the log has and has not made durable yet.
@@ -169,6 +195,7 @@ impl<L: DurableLog> Sequencer<L> {
         let now = sh.now_ms.max(cmd.now_ms);
         let c = sh.member_conv(cmd.conv, cmd.user)?;
         blocks::check_send(&*meta, c, cmd.user)?;
+        groups::check_send(c, cmd.user)?;
         let mut waiter = Waiter {
             origin: cmd.origin,
             request_id: cmd.request_id,
@@ -255,11 +282,56 @@ impl<L: DurableLog> Sequencer<L> {
                 body: cmd.body,
                 media: None,
                 reply_to_seq: cmd.reply_to_seq,
+                group_changed: None,
             },
             cmd.origin,
+            c.members.clone(),
         ));
         self.open.waiters.push(waiter);
         Ok(())
+    }
+
+    /// At the owner: sequences the event of `conv`'s change to `version` by `by` (`body`: the
+    /// encoded event) into the open batch, for `audience`; its durability is reported by
+    /// [`Sequencer::take_durable_events`]. Returns its seq. Refused only when the log has
+    /// failed (an event is never refused for a full batch: one change per group is in flight).
+    pub(super) fn on_event<I, M>(
+        &mut self,
+        sh: &mut Shared<I, M>,
+        conv: ConvId,
+        version: u64,
+        by: UserId,
+        body: Vec<u8>,
+        audience: Arc<[UserId]>,
+    ) -> Result<u64, Refusal>
+    where
+        I: MessageIndex,
+        M: MetadataStore + CursorStore,
+    {
+        if self.failed.is_some() {
+            return Err(Refusal(
+                ErrorCode::StorageFailure,
+                STORAGE_SHARD_FAILED.into(),
+            ));
+        }
+        let now = sh.now_ms;
+        let open_no = self.open.no;
+        let c = sh.conv(conv)?;
+        let seq = c.seq.next_seq;
+        let e = groups::event::entry(conv, seq, version, by, now, body);
+        let Some(msg) = groups::event::to_message(conv, &e) else {
+            return Err(Refusal(
+                ErrorCode::Internal,
+                "a group event that does not decode".into(),
+            ));
+        };
+        c.seq.next_seq += 1;
+        c.seq.pending.insert(e.client_msg_id, (seq, now, open_no));
+        self.open.bytes += format::ENTRY_HEADER_BYTES + e.body.len();
+        self.open.entries.push(e);
+        self.open.fresh.push((msg, NO_ORIGIN, audience));
+        self.open.events.push((conv, seq));
+        Ok(seq)
     }
 
     /// Hands the open batch to the log (unless it is empty or the log failed); a log that pushes
@@ -276,6 +348,7 @@ impl<L: DurableLog> Sequencer<L> {
                 let entries = take_sized(&mut self.open.entries);
                 let fresh = take_sized(&mut self.open.fresh);
                 let waiters = take_sized(&mut self.open.waiters);
+                let events = std::mem::take(&mut self.open.events);
                 self.open.bytes = 0;
                 self.inflight.push_back(InFlight {
                     no,
@@ -283,6 +356,7 @@ impl<L: DurableLog> Sequencer<L> {
                     entries,
                     fresh,
                     waiters,
+                    events,
                 });
                 self.open.no += 1;
             }
@@ -297,9 +371,10 @@ impl<L: DurableLog> Sequencer<L> {
             match front.completion.try_complete() {
                 None => break,
                 Some(Ok(appended)) => {
-                    let Some(b) = self.inflight.pop_front() else {
+                    let Some(mut b) = self.inflight.pop_front() else {
                         break;
                     };
+                    self.events_durable.append(&mut b.events);
                     debug_assert_eq!(
                         appended.last_lsn().0 + 1 - appended.first_lsn().0,
                         b.entries.len() as u64
@@ -319,7 +394,7 @@ impl<L: DurableLog> Sequencer<L> {
     fn durable<I, M>(sh: &mut Shared<I, M>, first: Lsn, b: InFlight) {
         debug_assert_eq!(b.entries.len(), b.fresh.len());
         let mut items = Vec::with_capacity(b.entries.len());
-        for (i, (e, (msg, origin))) in b.entries.into_iter().zip(b.fresh).enumerate() {
+        for (i, (e, (msg, origin, members))) in b.entries.into_iter().zip(b.fresh).enumerate() {
             let lsn = Lsn(first.0 + i as u64);
             let conv = ConvId::from_storage(e.conv);
             let Some(c) = sh.convs.get_mut(conv) else {
@@ -338,7 +413,6 @@ impl<L: DurableLog> Sequencer<L> {
                 .recent_ids
                 .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
             c.seq.recent.push_back((lsn, Arc::new(e)));
-            let members = c.members.clone();
             sh.convs.tail_added(lsn, conv);
             items.push(FanoutItem::Message {
                 msg,
@@ -380,6 +454,7 @@ impl<L: DurableLog> Sequencer<L> {
         let absent = std::mem::take(&mut self.open.waiters);
         self.open.entries.clear();
         self.open.fresh.clear();
+        self.open.events.clear();
         self.open.bytes = 0;
         for (waiters, message) in [
             (unknown, STORAGE_OUTCOME_UNKNOWN),

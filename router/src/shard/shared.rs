@@ -54,6 +54,10 @@ pub(super) enum MetaTag {
     Block { origin: ConnRef, request_id: u64 },
     /// A direct conversation for the parked Sends of this pair.
     Direct { pair: (UserId, UserId) },
+    /// A group change (or creation) and its pending-event marker.
+    Group(Box<super::groups::Committing>),
+    /// A group change's event is durable: the marker is cleared, the seqs written.
+    GroupSettled { conv: ConvId },
 }
 
 /// The state the concerns of one shard share (see the module docs).
@@ -136,6 +140,18 @@ where
             ));
         }
         Ok(c)
+    }
+
+    /// The state of `conv` and the seqs of it `user` may read (inclusive; a former member of a
+    /// group reads up to its removal), or `NOT_A_MEMBER`.
+    pub(super) fn reader_conv(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+    ) -> Result<(&mut ConvState, (u64, u64)), Refusal> {
+        let c = self.conv(conv)?;
+        let range = c.visible(user)?;
+        Ok((c, range))
     }
 
     /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.

@@ -91,20 +91,28 @@ where
     };
     let mut bytes = 0usize;
     for (conv, last) in cmd.convs {
-        // Over the byte budget: say what is there instead of reading it.
-        let entries = if bytes >= cmd.bytes_max {
-            Vec::new()
-        } else {
-            let Ok(entries) = sh.read_after(conv, last, max + 1) else {
-                continue;
-            };
-            entries
-        };
-        let Ok(c) = sh.member_conv(conv, cmd.user) else {
+        // Only the seqs the user may read: a group member's from its join, a former member's
+        // up to its removal.
+        let Ok((_, (from, to))) = sh.reader_conv(conv, cmd.user) else {
             continue;
         };
-        let mut truncated = entries.len() > max
-            || (entries.is_empty() && bytes >= cmd.bytes_max && c.seq.durable_seq > last);
+        let last = last.max(from.saturating_sub(1));
+        // Over the byte budget: say what is there instead of reading it.
+        let entries = if bytes >= cmd.bytes_max || last >= to {
+            Vec::new()
+        } else {
+            let Ok(mut entries) = sh.read_after(conv, last, max + 1) else {
+                continue;
+            };
+            entries.retain(|e| e.seq.0 <= to);
+            entries
+        };
+        let Ok((c, _)) = sh.reader_conv(conv, cmd.user) else {
+            continue;
+        };
+        let end = c.seq.durable_seq.min(to);
+        let mut truncated =
+            entries.len() > max || (entries.is_empty() && bytes >= cmd.bytes_max && end > last);
         for e in entries.iter().take(max) {
             if bytes >= cmd.bytes_max {
                 truncated = true;
@@ -123,8 +131,12 @@ where
         if truncated {
             part.truncated.push(v1::MessagesAvailable {
                 conversation_id: conv.0,
-                up_to_seq: c.seq.durable_seq,
+                up_to_seq: end,
             });
+        }
+        if to != u64::MAX {
+            // A former member: the group's receipts are no longer its business.
+            continue;
         }
         let mut rs = Vec::new();
         for (&u, &d) in &c.cursors.announced_delivered {
