@@ -326,7 +326,8 @@ impl Client {
         let reorder = Reorder::new(
             cursors.all().iter().map(|(c, s)| (*c, *s)),
             cfg.ahead_messages_max,
-        );
+        )
+        .for_user(creds.user_id);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (event_tx, event_rx) = mpsc::channel(cfg.events_max.max(1));
         let (state_tx, state_rx) = watch::channel(ConnState::Connecting { last_error: None });

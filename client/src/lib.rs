@@ -31,8 +31,11 @@
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
-//! **Guarantee to the application:** per conversation, [`Event::Message`]s
-//! arrive in strictly increasing, contiguous seq order, each once per run; a
+//! **Guarantee to the application:** per conversation, the entries
+//! ([`Event::Message`]s and [`Event::GroupChanged`] events) arrive in
+//! strictly increasing, contiguous seq order, each once per run (in a group:
+//! contiguous from the member's join on, the seqs before it being invisible
+//! to it); a
 //! cursor is persisted after its messages were handed over, so after a crash
 //! the messages since the last persisted cursor are delivered again
 //! (at-least-once across crashes, exactly-once within a run).

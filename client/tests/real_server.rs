@@ -437,3 +437,5 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
 
 #[path = "real_server/contacts.rs"]
 mod contacts;
+#[path = "real_server/groups.rs"]
+mod groups;
