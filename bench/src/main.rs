@@ -23,6 +23,7 @@ mod login_flood;
 mod messages;
 mod mqtt;
 mod net;
+mod presence;
 mod rate;
 mod report;
 mod scrape;
@@ -68,6 +69,8 @@ enum Command {
     IndexCost(index_cost::IndexCostArgs),
     /// What a flood of password logins costs signed-in users' Sends and new connections' Hellos.
     LoginFlood(login_flood::LoginFloodArgs),
+    /// Presence: watchers following users who go off and on line; change → update latency.
+    Presence(presence::PresenceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,5 +94,6 @@ fn main() -> anyhow::Result<()> {
         Command::TlsMemory(args) => tls_memory::run(&args),
         Command::IndexCost(args) => index_cost::run(&args),
         Command::LoginFlood(args) => login_flood::run(&args),
+        Command::Presence(args) => presence::run(&args),
     }
 }

@@ -100,6 +100,15 @@ pub struct LimitsConfig {
     pub shutdown_drain_ms: u64,
     /// Verified access tokens cached per shard (0: no cache).
     pub token_cache_entries: usize,
+    /// Most users one connection may follow with SubscribePresence (a request
+    /// that would take it beyond is refused with INVALID_ARGUMENT; one request
+    /// names at most 1,000).
+    pub presence_subscriptions_max: usize,
+    /// Typing frames one connection may send per second, sustained; beyond
+    /// it they are dropped (request_id 0) or refused with RATE_LIMITED.
+    pub typing_per_s: u32,
+    /// ... and at once (a token bucket of this size).
+    pub typing_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -118,6 +127,9 @@ impl Default for LimitsConfig {
             timer_tick_ms: 100,
             shutdown_drain_ms: 5_000,
             token_cache_entries: 16_384,
+            presence_subscriptions_max: 2_000,
+            typing_per_s: 3,
+            typing_burst: 10,
         }
     }
 }
@@ -415,6 +427,18 @@ impl Config {
             return bad(
                 "limits.outbound_bytes_max",
                 "must hold at least two maximal frames",
+            );
+        }
+        if l.presence_subscriptions_max == 0 || l.presence_subscriptions_max > 1 << 20 {
+            return bad(
+                "limits.presence_subscriptions_max",
+                "must be between 1 and 1048576",
+            );
+        }
+        if l.typing_per_s == 0 || l.typing_burst == 0 {
+            return bad(
+                "limits.typing_per_s",
+                "typing_per_s and typing_burst must be at least 1",
             );
         }
         if l.timer_tick_ms == 0 || l.timer_tick_ms > 1000 {

@@ -1092,8 +1092,24 @@ impl Conn {
                 }
             }
             Body::DiscoverContacts(req) => {
-                match self.call(move |acc, now| acc.discover(p, &req, now)).await {
+                // The matches become the caller's contacts (durably) before they are answered.
+                let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+                let discover = move |acc: &Accounts, now| {
+                    crate::profiles::discover(meta.as_deref(), acc, p, &req, now)
+                };
+                match self.call(discover).await {
                     Ok(m) => self.send(rid, Body::ContactMatches(m)),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
+            Body::GetProfiles(req) if self.shard.router.is_some() => {
+                let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+                let get = move |acc: &Accounts, _| match &meta {
+                    Some(meta) => crate::profiles::get_profiles(meta, acc, p, &req),
+                    None => Ok(v1::Profiles::default()),
+                };
+                match self.call(get).await {
+                    Ok(profiles) => self.send(rid, Body::Profiles(profiles)),
                     Err(e) => self.api_error(rid, e),
                 }
             }

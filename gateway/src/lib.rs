@@ -16,8 +16,9 @@
 //! is at, who may read what: all of that is the router's.
 //!
 //! **Must not touch:** conversation state or the messages in storage: it opens
-//! the storage and hands it to the router, and its one write to the metadata
-//! store is the mirror of a user who authenticates. Frames are decoded by
+//! the storage and hands it to the router, and its writes to the metadata
+//! store are the mirror of a user who authenticates and the contacts that
+//! contact discovery found ([`profiles`]). Frames are decoded by
 //! `starling-protocol`; the messaging ones are handed to `starling-router`,
 //! whose answers arrive already encoded.
 //!
@@ -124,7 +125,10 @@
 //!   connections); Argon2id passwords, admitted under per-identifier,
 //!   per-IP and global limits and hashed on the hashing pool, unknown
 //!   accounts costing the same one hash as known ones; contact discovery compares
-//!   HMAC(pepper, SHA-256(E.164)) and never stores uploaded lists.
+//!   HMAC(pepper, SHA-256(E.164)) and never stores uploaded lists; the users
+//!   it finds become the caller's contacts in the metadata store, and
+//!   GetProfiles answers public profiles under the router's visibility rule
+//!   (`starling_router::visibility`), both in [`profiles`].
 //!   The store is [`accounts::store::AccountStore`] with a redb
 //!   implementation in `<data>/accounts.redb`.
 
@@ -139,6 +143,7 @@ pub mod kx;
 pub mod layout;
 pub mod messaging;
 pub mod metrics;
+pub mod profiles;
 pub mod runtime;
 pub mod server;
 pub mod shard;

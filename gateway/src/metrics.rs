@@ -71,6 +71,10 @@ pub struct RouterMetrics {
     pub convs_evicted: AtomicU64,
     /// Conversation states in memory (gauge).
     pub convs_loaded: AtomicU64,
+    /// Typing frames dropped or refused over a connection's rate limit.
+    pub typing_dropped: AtomicU64,
+    /// Last seen times not written (the metadata writer was full).
+    pub presence_unwritten: AtomicU64,
 }
 
 impl RouterMetrics {
@@ -83,6 +87,10 @@ impl RouterMetrics {
         self.hints.store(s.hints, Ordering::Relaxed);
         self.convs_evicted.store(s.convs_evicted, Ordering::Relaxed);
         self.convs_loaded.store(loaded as u64, Ordering::Relaxed);
+        self.typing_dropped
+            .store(s.typing_dropped, Ordering::Relaxed);
+        self.presence_unwritten
+            .store(s.presence_unwritten, Ordering::Relaxed);
     }
 }
 
@@ -159,7 +167,7 @@ impl Metrics {
             "Conversation states in the router's memory.",
             &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         );
-        let counters: [Counter<ShardMetrics>; 19] = [
+        let counters: [Counter<ShardMetrics>; 21] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -242,6 +250,16 @@ impl Metrics {
                 "starling_conversations_evicted_total",
                 "Idle conversation states dropped from memory.",
                 |m| &m.router.convs_evicted,
+            ),
+            (
+                "starling_typing_dropped_total",
+                "Typing frames dropped or refused over a connection's rate limit.",
+                |m| &m.router.typing_dropped,
+            ),
+            (
+                "starling_presence_last_seen_unwritten_total",
+                "Last seen times not written because the metadata writer was full.",
+                |m| &m.router.presence_unwritten,
             ),
         ];
         per_shard_counters(&mut s, self.shards.iter(), &counters);

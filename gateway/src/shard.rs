@@ -324,7 +324,8 @@ impl Shard {
     #[must_use]
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING, PASSWORD_LOGIN,
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING,
+            PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
         };
         if self.router.is_some() {
             &[
@@ -335,6 +336,9 @@ impl Shard {
                 PASSWORD_LOGIN,
                 CONTACT_DISCOVERY,
                 GROUPS,
+                PRESENCE,
+                TYPING,
+                PROFILES,
             ]
         } else {
             &[PASSWORD_LOGIN, CONTACT_DISCOVERY]

@@ -2487,6 +2487,8 @@ mod discovery;
 mod faults;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/presence.rs"]
+mod presence;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]

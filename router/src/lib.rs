@@ -6,10 +6,11 @@
 //! by hash, a contiguous `seq` per conversation, `client_msg_id` dedup that
 //! survives restarts, batching into the shard's durable log, `SendAck` only
 //! once the batch is durable), fan-out, receipts and cursors, sync, history,
-//! the conversation list, blocking and groups (their requests, and their
-//! changes sequenced as events of the group's conversation). Presence, typing
-//! and the account logic (in the gateway, `starling-gateway`'s `accounts`) are
-//! not here.
+//! the conversation list, blocking, groups (their requests, and their
+//! changes sequenced as events of the group's conversation), presence (each
+//! user's at their home shard) and typing, and the rule of whose presence and
+//! profile a user may see ([`visibility`]). The account logic (in the gateway,
+//! `starling-gateway`'s `accounts`) is not here.
 //!
 //! **Is not:** I/O. It never touches a socket, a file descriptor or the wall
 //! clock; the gateway feeds it decoded frames and `now_ms`, and storage is
@@ -37,7 +38,8 @@
 //! | [`ring`], [`grid`](mod@grid), `sync` | the SPSC rings between shards and their wake-ups; the atomics facade (std's or loom's) |
 //! | [`ids`] | conversation ids ([`ids::ConvId`]), connection ids, which shard owns a conversation or a user |
 //! | `hash` | the router's hash maps (foldhash) |
-//! | `limits` | per-user token buckets (Block/Unblock) |
+//! | `limits` | token buckets per user (Block/Unblock) or per connection (Typing) |
+//! | [`visibility`] | whose presence and profile a user may see: self, shared conversations, contacts |
 //! | `metawriter` | the shard's metadata writer: every metadata write as a job, outcomes in order |
 //! | `shard/config.rs` | [`ShardConfig`] and its defaults |
 //! | `shard/shared.rs` | what the concerns share (configuration, clock, storage, conversations, connections, mail, metadata writer, [`ShardStats`]) |
@@ -56,6 +58,8 @@
 //! | `shard/list.rs` | ListConversations: ingress → owners → gather (`shard/gather.rs` holds the gathering state of Sync and list) |
 //! | `shard/blocks.rs` | Block/Unblock: ingress → home shard (rate limit, write) → owner; the owner's check of direct Sends |
 //! | `shard/groups/` | the group requests: ingress → owner (one change per group at a time: commit with a pending-event marker, event sequenced, answer once durable, marker cleared; redo or settle on load) → answer; rules and visibility (`state.rs`), the event entry (`event.rs`) |
+//! | `shard/presence.rs` | presence: connections' opens, closes and SetPresence → the user's home shard (state, followers, last seen and `hide_last_seen` written by the metadata writer) → the followers' shards (coalesced, held back before messages); SubscribePresence: ingress (visibility, limit) → homes → gather |
+//! | `shard/typing.rs` | Typing: ingress (rate limit per connection) → the conversation's owner (membership, expiry into STOPPED) → every shard's connections of the other members (dropped when behind) |
 //!
 //! ## The API: one [`RouterShard`] per shard (sans-IO)
 //!
@@ -67,11 +71,11 @@
 //! | call | when |
 //! |---|---|
 //! | [`RouterShard::handle_conn_opened`] / [`RouterShard::handle_conn_closed`] | a connection authenticated as (user, device) opened / closed on this shard |
-//! | [`RouterShard::handle_frame`] | a decoded client frame the router [`handles`](RouterShard::handles) (Send, DeliveryAck, ReadCursor, Sync, GetHistory, ListConversations, Block, Unblock, and the seven group requests) |
+//! | [`RouterShard::handle_frame`] | a decoded client frame the router [`handles`](RouterShard::handles) (Send, DeliveryAck, ReadCursor, Sync, GetHistory, ListConversations, Block, Unblock, the seven group requests, SubscribePresence, UnsubscribePresence, SetPresence, Typing) |
 //! | [`RouterShard::handle_conn_flushed`] | the gateway wrote that many bytes of the connection's frames to its socket |
 //! | [`RouterShard::handle_rings`] | the shard's bell/doorbell rang (other shards published) |
 //! | [`RouterShard::handle_log_progress`] | the log's wake callback fired (a group commit finished or failed) |
-//! | [`RouterShard::handle_tick`] | at [`RouterShard::poll_timeout`] (cursor flushes, hints, slow-consumer closes) |
+//! | [`RouterShard::handle_tick`] | at [`RouterShard::poll_timeout`] (cursor flushes, hints, slow-consumer closes, coalesced presence updates, typing expiry) |
 //!
 //! Outputs (`#[must_use] poll_*`; each first calls [`RouterShard::flush`],
 //! which submits the open batch to the log and pushes queued items into the
@@ -98,7 +102,8 @@
 //! writes that shard's eventfd; the log's `LogOptions::wake` notifies the
 //! same bell.
 //! Every metadata write (cursor batches, Block/Unblock, the first message
-//! between two users creating their conversation, group changes) is a job for the shard's
+//! between two users creating their conversation, group changes, a user's last
+//! seen time and `hide_last_seen`) is a job for the shard's
 //! metadata writer (`metawriter`): give [`RouterShard::set_meta_offload`] an
 //! [`Offload`] that runs the jobs in order on another thread and notifies the
 //! shard's bell after each; without one they run inline (the simulation).
@@ -131,6 +136,8 @@ mod limits;
 mod metawriter;
 #[cfg(not(loom))]
 mod shard;
+#[cfg(not(loom))]
+pub mod visibility;
 
 #[cfg(not(loom))]
 pub use grid::{ShardLinks, grid};

@@ -15,12 +15,13 @@ use crate::hash::HashMap;
 /// A thousandth of a token.
 const MILLI: u64 = 1000;
 
-/// Per-user token buckets: `burst` requests at once, then `rate_per_s` per second.
+/// Per-user (or per-`K`: the typing limit is per connection) token buckets: `burst` requests at
+/// once, then `rate_per_s` per second.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub(crate) struct RateLimiter<K = UserId> {
     rate_per_s: u64,
     burst_milli: u64,
-    buckets: HashMap<UserId, Bucket>,
+    buckets: HashMap<K, Bucket>,
     /// Prune full buckets when the map grows past this (doubles with what survives a prune), so
     /// pruning costs O(1) per request amortised and needs no timer.
     prune_at: usize,
@@ -37,9 +38,9 @@ struct Bucket {
 /// Buckets kept before the first prune.
 const PRUNE_AT_MIN: usize = 1024;
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
     /// `burst` requests at once, refilled at `rate_per_s` per second (both at least 1).
-    pub(crate) fn new(rate_per_s: u32, burst: u32) -> RateLimiter {
+    pub(crate) fn new(rate_per_s: u32, burst: u32) -> RateLimiter<K> {
         RateLimiter {
             rate_per_s: u64::from(rate_per_s.max(1)),
             burst_milli: u64::from(burst.max(1)) * MILLI,
@@ -50,7 +51,7 @@ impl RateLimiter {
 
     /// Takes one token of `user`'s at `now_ms`, or says in how many milliseconds one will be
     /// there (never 0).
-    pub(crate) fn take(&mut self, user: UserId, now_ms: u64) -> Result<(), u64> {
+    pub(crate) fn take(&mut self, user: K, now_ms: u64) -> Result<(), u64> {
         if self.buckets.len() >= self.prune_at {
             self.prune(now_ms);
         }

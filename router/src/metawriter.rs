@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use starling_protocol::v1::ErrorCode;
-use starling_storage::meta::{Block, DirectConv, DirectPair, Member, Role, User, keys};
+use starling_storage::meta::{Block, DirectConv, DirectPair, Member, Presence, Role, User, keys};
 use starling_storage::{
     CursorStore, DeliveryCursor, MetaBatch, MetadataStore, ReadCursor, StorageError, TimestampMs,
     UserId,
@@ -56,6 +56,9 @@ pub(crate) enum Job {
     /// Commit a batch the shard built (a group's change, or the clearing of its marker); its
     /// compare-and-set conditions failing is an outcome, not an error.
     Commit { batch: MetaBatch },
+    /// Record what outlives a user's connections of their presence (written by the user's home
+    /// shard only, so in order).
+    Presence(Presence),
 }
 
 /// What a job wrote.
@@ -72,6 +75,8 @@ pub(crate) enum Written {
     /// A `Job::Commit` batch: durable, or (`conflict`) not applied because a record was not
     /// what it expected.
     Committed { conflict: bool },
+    /// The presence record is durable.
+    Presence,
 }
 
 /// A job's outcome.
@@ -268,6 +273,13 @@ fn run<M: MetadataStore + CursorStore>(meta: &M, st: &mut WriterState, job: Job)
                 format!("the change could not be made durable ({e}); send it again"),
             )),
         },
+        Job::Presence(rec) => {
+            let mut b = MetaBatch::default();
+            b.put(&rec);
+            meta.commit(&b)
+                .map_err(|e| Refusal::storage("presence (nothing recorded)", &e))?;
+            Ok(Written::Presence)
+        }
     }
 }
 

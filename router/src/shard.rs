@@ -26,10 +26,12 @@ mod history;
 mod list;
 mod mail;
 mod outbound;
+mod presence;
 mod send;
 mod sequencer;
 mod shared;
 mod sync;
+mod typing;
 
 use blocks::Blocks;
 pub use config::ShardConfig;
@@ -44,10 +46,12 @@ use frames::{Refusal, error_frame};
 use groups::Groups;
 pub use mail::ShardMsg;
 use mail::{CursorKind, Inner};
+use presence::Presence;
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
 pub use shared::ShardStats;
 use shared::{MetaTag, Shared};
+use typing::Typing;
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
@@ -65,6 +69,10 @@ pub struct RouterShard<L, I, M> {
     blocks: Blocks,
     /// Group ids this shard draws.
     groups: Groups,
+    /// Presence of the users whose home shard this is, and this shard's connections' follows.
+    presence: Presence,
+    /// Typing: this shard's connections' rate limits, its conversations' typing users.
+    typing: Typing,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
@@ -111,6 +119,8 @@ where
     ) -> Self {
         RouterShard {
             blocks: Blocks::new(&cfg),
+            presence: Presence::default(),
+            typing: Typing::new(cfg.typing_per_s, cfg.typing_burst),
             sh: Shared::new(cfg, links, index, meta),
             sequencer: Sequencer::new(log),
             cursors: Cursors::default(),
@@ -181,12 +191,18 @@ where
     ) {
         self.sh.now_ms = now_ms;
         self.sh.dir.open(conn, user, device);
+        Presence::conn_opened(&mut self.sh, conn, user);
+        self.drive();
     }
 
     /// A connection closed (or the gateway closed it). Everything queued for it is dropped.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now_ms: u64) {
         self.sh.now_ms = now_ms;
+        if let Some(user) = self.sh.dir.conns.get(&conn).map(|c| c.user) {
+            self.presence.conn_closed(&mut self.sh, conn, user);
+        }
         self.sh.dir.close(conn);
+        self.drive();
     }
 
     /// The gateway wrote `bytes` of this connection's frames to its socket.
@@ -246,6 +262,14 @@ where
             Some(b) if groups::is_request(&b) => {
                 groups::request(&mut self.sh, &mut self.groups, origin, rid, user, b)
             }
+            Some(Body::SubscribePresence(s)) => {
+                self.presence.subscribe(&mut self.sh, origin, rid, user, &s)
+            }
+            Some(Body::UnsubscribePresence(u)) => {
+                self.presence.unsubscribe(&mut self.sh, origin, rid, &u)
+            }
+            Some(Body::SetPresence(p)) => Presence::set(&mut self.sh, origin, rid, user, &p),
+            Some(Body::Typing(t)) => self.typing.request(&mut self.sh, origin, rid, user, &t),
             _ => Err(Refusal(
                 ErrorCode::UnexpectedFrame,
                 "not a messaging frame".into(),
@@ -269,6 +293,10 @@ where
                 | Body::ListConversations(_)
                 | Body::Block(_)
                 | Body::Unblock(_)
+                | Body::SubscribePresence(_)
+                | Body::UnsubscribePresence(_)
+                | Body::SetPresence(_)
+                | Body::Typing(_)
         ) || groups::is_request(body)
     }
 
@@ -304,6 +332,8 @@ where
         }
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
+        self.presence.tick(&mut self.sh);
+        self.typing.tick(&mut self.sh);
         let sh = &mut self.sh;
         sh.stats.hints += sh.out.sweep(&mut sh.dir, now_ms);
         self.drive();
@@ -348,10 +378,17 @@ where
         } else {
             self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
         };
-        [self.cursors.due_ms(), busy, close, evict]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.cursors.due_ms(),
+            busy,
+            close,
+            evict,
+            self.presence.due_ms(),
+            self.typing.due_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -407,6 +444,8 @@ where
                 request_id,
             } => Blocks::changed(&mut self.sh, conv, origin, request_id),
             Inner::Group(cmd) => groups::on_cmd(&mut self.sh, *cmd),
+            Inner::Presence(m) => self.presence.on_msg(&mut self.sh, m),
+            Inner::Typing(m) => self.typing.on_msg(&mut self.sh, m),
         }
     }
 
@@ -454,6 +493,9 @@ where
                     outcome,
                 ),
                 MetaTag::GroupSettled { conv } => groups::settled(&mut self.sh, conv, outcome),
+                MetaTag::Presence { user, reply } => {
+                    self.presence.written(&mut self.sh, user, reply, outcome);
+                }
             }
         }
     }

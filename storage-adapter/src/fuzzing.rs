@@ -258,7 +258,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 18 {
+    match table % 20 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<PhoneIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -277,7 +277,9 @@ pub fn meta_record(data: &[u8]) {
         // Version 2 of groups and members, and former members.
         15 => meta_round_trip::<Group>(b),
         16 => meta_round_trip::<Member>(b),
-        _ => meta_round_trip::<FormerMember>(b),
+        17 => meta_round_trip::<FormerMember>(b),
+        18 => meta_round_trip::<Contact>(b),
+        _ => meta_round_trip::<Presence>(b),
     }
 }
 

@@ -346,6 +346,16 @@ pub(crate) mod tests_support {
                 joined_seq: 3,
                 left_seq: 9,
             }),
+            encode(&Contact {
+                user: u,
+                contact: UserId(43),
+                created_ms: t,
+            }),
+            encode(&Presence {
+                user: u,
+                last_seen_ms: t,
+                hide_last_seen: true,
+            }),
         ]
     }
 }
@@ -716,6 +726,37 @@ pub struct DirectConv {
 record!(DirectConv, "direct_convs", key(s) { s.conv.0.to_be_bytes().to_vec() },
     enc(s, w) { w.u128(s.conv.0).u64(s.low.0).u64(s.high.0).u64(s.created_ms.0); },
     dec(r) { Ok(DirectConv { conv: ConvId(r.u128()?), low: UserId(r.u64()?), high: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?) }) });
+
+/// `user` found `contact` through contact discovery: `contact`'s presence and profile are
+/// visible to `user`. Key: user ‖ contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contact {
+    /// Whose contact.
+    pub user: UserId,
+    /// The contact.
+    pub contact: UserId,
+    /// Since.
+    pub created_ms: TimestampMs,
+}
+record!(Contact, "contacts_of", key(s) { let mut k = keys::user(s.user); k.extend_from_slice(&s.contact.0.to_be_bytes()); k },
+    enc(s, w) { w.u64(s.user.0).u64(s.contact.0).u64(s.created_ms.0); },
+    dec(r) { Ok(Contact { user: UserId(r.u64()?), contact: UserId(r.u64()?), created_ms: TimestampMs(r.u64()?) }) });
+
+/// What outlives a user's connections of their presence: when their last connection went, and
+/// whether others may see it. Key: user. Written when the last connection goes and when
+/// `hide_last_seen` changes, never per heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    /// The user.
+    pub user: UserId,
+    /// When their last connection went (0: never seen going).
+    pub last_seen_ms: TimestampMs,
+    /// Others see last_seen_ms = 0.
+    pub hide_last_seen: bool,
+}
+record!(Presence, "presence", key(s) { keys::user(s.user) },
+    enc(s, w) { w.u64(s.user.0).u64(s.last_seen_ms.0).u8(u8::from(s.hide_last_seen)); },
+    dec(r) { Ok(Presence { user: UserId(r.u64()?), last_seen_ms: TimestampMs(r.u64()?), hide_last_seen: r.bool()? }) });
 
 // ---------------------------------------------------------------------------------------------
 // the store

@@ -784,6 +784,18 @@ impl Accounts {
         Ok(own_profile(p.user_id, &self.user(p)?))
     }
 
+    /// The public profile of `user_id` (no phone, e-mail or password flag), if the user exists.
+    pub fn public_profile(&self, user_id: u64) -> ApiResult<Option<v1::Profile>> {
+        Ok(self.store.user_get(user_id)?.map(|u| v1::Profile {
+            user_id,
+            display_name: u.display_name,
+            about: u.about,
+            avatar: None,
+            created_at_ms: u.created_at_ms,
+            ..v1::Profile::default()
+        }))
+    }
+
     /// UpdateProfile.
     pub fn update_profile(&self, p: Principal, req: &v1::UpdateProfile) -> ApiResult<v1::Profile> {
         let mut u = self.user(p)?;

@@ -87,6 +87,12 @@ pub struct RouterConfig {
     /// Most requests waiting for one group's change in progress (a group's changes are carried
     /// out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
     pub group_changes_queued_max: usize,
+    /// A connection gets at most one `PresenceUpdate` per followed user per this interval (the
+    /// latest state); an update waits at most this long. Between 1 and 10000.
+    pub presence_coalesce_ms: u64,
+    /// A `TYPING` not repeated within this long becomes a `STOPPED` the server pushes. Between
+    /// 1000 and 60000.
+    pub typing_expiry_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -118,6 +124,8 @@ impl Default for RouterConfig {
             group_members_max: d.group_members_max,
             group_request_users_max: d.group_request_users_max,
             group_changes_queued_max: d.group_changes_queued_max,
+            presence_coalesce_ms: d.presence_coalesce_ms,
+            typing_expiry_ms: d.typing_expiry_ms,
         }
     }
 }
@@ -155,6 +163,11 @@ impl RouterConfig {
             group_members_max: r.group_members_max,
             group_request_users_max: r.group_request_users_max,
             group_changes_queued_max: r.group_changes_queued_max,
+            presence_subscriptions_max: l.presence_subscriptions_max,
+            presence_coalesce_ms: r.presence_coalesce_ms,
+            typing_per_s: l.typing_per_s,
+            typing_burst: l.typing_burst,
+            typing_expiry_ms: r.typing_expiry_ms,
         }
     }
 
@@ -263,6 +276,12 @@ impl RouterConfig {
         }
         if r.meta_jobs_max > 1 << 20 {
             return bad("router.meta_jobs_max", "must be between 1 and 1048576");
+        }
+        if r.presence_coalesce_ms == 0 || r.presence_coalesce_ms > 10_000 {
+            return bad("router.presence_coalesce_ms", "must be between 1 and 10000");
+        }
+        if !(1000..=60_000).contains(&r.typing_expiry_ms) {
+            return bad("router.typing_expiry_ms", "must be between 1000 and 60000");
         }
         if r.conv_idle_evict_ms < 10 {
             return bad("router.conv_idle_evict_ms", "must be at least 10");

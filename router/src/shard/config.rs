@@ -81,6 +81,19 @@ pub struct ShardConfig {
     /// Most requests waiting for one group's change in progress (changes to a group are
     /// carried out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
     pub group_changes_queued_max: usize,
+    /// Most users one connection may follow with `SubscribePresence` (`[limits]`); a request
+    /// beyond it is refused with `INVALID_ARGUMENT`.
+    pub presence_subscriptions_max: usize,
+    /// A connection gets at most one `PresenceUpdate` per followed user per this interval (the
+    /// latest state); updates wait at most this long.
+    pub presence_coalesce_ms: u64,
+    /// `Typing` frames one connection may send per second, sustained (`[limits]`; beyond it
+    /// they are dropped, or refused with `RATE_LIMITED` when they carry a request id).
+    pub typing_per_s: u32,
+    /// ... and at once (the bucket's size).
+    pub typing_burst: u32,
+    /// A `TYPING` not repeated within this long becomes a `STOPPED` pushed by the server.
+    pub typing_expiry_ms: u64,
 }
 
 impl Default for ShardConfig {
@@ -112,6 +125,11 @@ impl Default for ShardConfig {
             group_members_max: 1024,
             group_request_users_max: 256,
             group_changes_queued_max: 64,
+            presence_subscriptions_max: 2000,
+            presence_coalesce_ms: 200,
+            typing_per_s: 3,
+            typing_burst: 10,
+            typing_expiry_ms: 6000,
         }
     }
 }

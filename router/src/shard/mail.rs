@@ -33,6 +33,8 @@ impl fmt::Debug for ShardMsg {
             Inner::Block(_) => "Block",
             Inner::BlockChanged { .. } => "BlockChanged",
             Inner::Group(_) => "Group",
+            Inner::Presence(_) => "Presence",
+            Inner::Typing(_) => "Typing",
         };
         f.debug_tuple("ShardMsg").field(&kind).finish()
     }
@@ -77,6 +79,12 @@ pub(super) enum Inner {
     },
     /// A group request, for the group's owner (`shard/groups`).
     Group(Box<super::groups::GroupCmd>),
+    /// Presence: a connection's changes for its user's home, follows, and what the homes send
+    /// back (`presence.rs`).
+    Presence(PresenceMsg),
+    /// Typing: a Typing for its conversation's owner, and the owner's push to every shard
+    /// (`typing.rs`).
+    Typing(TypingMsg),
 }
 
 /// A Send, validated at the ingress shard.
@@ -189,6 +197,62 @@ pub(super) struct BlockCmd {
     pub(super) block: bool,
 }
 
+/// Presence between shards.
+pub(super) enum PresenceMsg {
+    /// A connection of `user` opened (to the user's home).
+    Opened { user: UserId, conn: ConnRef },
+    /// A connection of `user` closed (to the user's home).
+    Closed { user: UserId, conn: ConnRef },
+    /// SetPresence from connection `conn` of `user` (to the user's home), answered there.
+    Set {
+        user: UserId,
+        conn: ConnRef,
+        request_id: u64,
+        away: bool,
+        hide_last_seen: bool,
+    },
+    /// Connection `watcher` of `watcher_user` follows `users` (to their home), which answers
+    /// with a [`PresenceMsg::Part`].
+    Watch {
+        watcher: ConnRef,
+        watcher_user: UserId,
+        request_id: u64,
+        users: Vec<UserId>,
+    },
+    /// Connection `watcher` no longer follows `users` (to their home).
+    Unwatch {
+        watcher: ConnRef,
+        users: Vec<UserId>,
+    },
+    /// One home's part of a snapshot (to the follower's shard).
+    Part {
+        to: ConnId,
+        request_id: u64,
+        users: Vec<v1::PresenceUpdate>,
+    },
+    /// Changes, for connections of the receiving shard.
+    Updates(Vec<(ConnId, v1::PresenceUpdate)>),
+}
+
+/// Typing between shards.
+pub(super) enum TypingMsg {
+    /// A Typing from `origin` (to the conversation's owner).
+    Cmd {
+        origin: ConnRef,
+        request_id: u64,
+        user: UserId,
+        conv: ConvId,
+        typing: bool,
+    },
+    /// An indicator for every shard's connections of `members` but `user`'s.
+    Push {
+        conv: ConvId,
+        user: UserId,
+        typing: bool,
+        members: Arc<[UserId]>,
+    },
+}
+
 /// The shard's way to the others (and to itself).
 pub(super) struct Mail {
     shard: usize,
@@ -215,6 +279,11 @@ impl Mail {
     /// This shard's index in the grid.
     pub(super) fn shard(&self) -> usize {
         self.shard
+    }
+
+    /// How many shards there are.
+    pub(super) fn shards(&self) -> usize {
+        self.shards
     }
 
     /// The shard that owns `conv`.

@@ -237,6 +237,15 @@ impl Outbound {
         hints
     }
 
+    /// Whether `conn` has room for a push that may be held back or dropped (presence, typing):
+    /// it is here, not behind, and its backlog is at most half its budget, so such pushes never
+    /// make a connection behind and never delay its messages.
+    pub(super) fn has_headroom(&self, dir: &Directory, conn: ConnId) -> bool {
+        dir.conns
+            .get(&conn)
+            .is_some_and(|c| !c.behind && c.queued_bytes <= self.budget_bytes / 2)
+    }
+
     /// When the first close clock runs out, if one runs.
     pub(super) fn close_due_ms(&self, dir: &Directory) -> Option<u64> {
         dir.watched

@@ -40,6 +40,11 @@ pub struct ShardStats {
     pub cursor_flushes: u64,
     /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
     pub convs_evicted: u64,
+    /// Typing frames dropped or refused over a connection's rate limit.
+    pub typing_dropped: u64,
+    /// Last seen times not written because the metadata writer was full (they live on in
+    /// memory until a restart).
+    pub presence_unwritten: u64,
 }
 
 /// What the shard does with a metadata job's outcome (see [`crate::metawriter`]).
@@ -58,6 +63,11 @@ pub(super) enum MetaTag {
     Group(Box<super::groups::Committing>),
     /// A group change's event is durable: the marker is cleared, the seqs written.
     GroupSettled { conv: ConvId },
+    /// A user's presence record: answer the SetPresence in `reply`, if one waits for it.
+    Presence {
+        user: UserId,
+        reply: Option<(ConnRef, u64)>,
+    },
 }
 
 /// The state the concerns of one shard share (see the module docs).
