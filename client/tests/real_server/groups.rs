@@ -202,6 +202,22 @@ fn cli_group_lifecycle() {
         !out.iter().any(|v| v["text"] == "Saturday at 9?"),
         "history before the latest join is not visible: {out:?}"
     );
+    // Only admins send: Cy (a member) is refused, Ben (admin) is not.
+    let (ok, out) = ben.run(&[
+        "group",
+        "update",
+        "--group",
+        &group,
+        "--only-admins-send",
+        "true",
+    ]);
+    assert!(ok, "{out:?}");
+    assert_eq!(out[0]["only_admins_send"], true);
+    let (ok, out) = cy.run(&["send", "--to", &group, "--text", "may I?"]);
+    assert!(!ok);
+    assert_eq!(code(&out), "PERMISSION_DENIED", "{out:?}");
+    let (ok, out) = ben.run(&["send", "--to", &group, "--text", "announcement"]);
+    assert!(ok, "{out:?}");
 }
 
 /// The SDK: a member's client gets the group's events live, in order with
