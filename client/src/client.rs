@@ -24,6 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
@@ -133,8 +134,19 @@ pub enum Event {
     Typing(v1::Typing),
     /// A followed user's presence changed.
     Presence(v1::PresenceUpdate),
-    /// A group changed.
-    GroupChanged(v1::GroupChanged),
+    /// A group changed: an entry of the group's conversation (a `Message`
+    /// with `group_changed` set), handed over in seq order with the
+    /// messages, each once, whether it came live, by Sync or by a gap fetch.
+    GroupChanged {
+        /// The group's conversation.
+        conversation_id: u64,
+        /// The entry's seq.
+        seq: u64,
+        /// When the server sequenced it.
+        server_ts_ms: u64,
+        /// What changed, by whom.
+        change: v1::GroupChanged,
+    },
     /// An `Error` not tied to a request of ours (connection-level, or a
     /// failed gap fetch).
     ServerError(ServerError),
@@ -145,6 +157,24 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+}
+
+impl Event {
+    /// The event for a conversation entry: [`Event::GroupChanged`] for a
+    /// group event, [`Event::Message`] otherwise (also for entries of a
+    /// history page).
+    #[must_use]
+    pub fn from_entry(mut m: v1::Message) -> Event {
+        match m.group_changed.take() {
+            Some(change) => Event::GroupChanged {
+                conversation_id: m.conversation_id,
+                seq: m.seq,
+                server_ts_ms: m.server_ts_ms,
+                change: *change,
+            },
+            None => Event::Message(m),
+        }
+    }
 }
 
 /// The application's end of the event stream.
@@ -258,6 +288,8 @@ pub struct Client {
     user_id: u64,
     device_id: u32,
     connected_wait: Duration,
+    /// Presence subscriptions and state, restored on every connection.
+    sticky: Arc<Mutex<Sticky>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -270,83 +302,13 @@ impl std::fmt::Debug for Command {
     }
 }
 
-// ------------------------------------------------------------ account flows
+mod account;
+mod driver;
+mod groups;
+mod presence;
 
-impl Client {
-    /// Asks the server to send a one-time code to `identifier`.
-    pub async fn request_otp(
-        connect: &ConnectOptions,
-        identifier: &Identifier,
-    ) -> Result<v1::OtpSent, ClientError> {
-        let (conn, _pushes, _) = Connection::connect_hello(connect, None).await?;
-        let res = conn
-            .request(Body::RequestOtp(v1::RequestOtp {
-                identifier: Some(identifier.to_wire()),
-            }))
-            .await;
-        conn.close();
-        match res? {
-            Body::OtpSent(s) => Ok(s),
-            other => Err(ClientError::unexpected("OtpSent", Some(&other))),
-        }
-    }
-
-    /// Verifies a one-time code (registering the user if new) and stores
-    /// the new session in `profile`.
-    pub async fn verify_otp(
-        connect: &ConnectOptions,
-        profile: &Profile,
-        identifier: &Identifier,
-        code: &str,
-        display_name: &str,
-        device: v1::DeviceInfo,
-    ) -> Result<v1::SessionGranted, ClientError> {
-        let body = Body::VerifyOtp(v1::VerifyOtp {
-            identifier: Some(identifier.to_wire()),
-            code: code.to_owned(),
-            device: Some(device),
-            display_name: display_name.to_owned(),
-        });
-        Self::sign_in(connect, profile, body).await
-    }
-
-    /// Signs in an existing user and stores the new session in `profile`.
-    pub async fn login(
-        connect: &ConnectOptions,
-        profile: &Profile,
-        identifier: &Identifier,
-        credential: LoginCredential,
-        device: v1::DeviceInfo,
-    ) -> Result<v1::SessionGranted, ClientError> {
-        use v1::login::Credential;
-        let body = Body::Login(v1::Login {
-            identifier: Some(identifier.to_wire()),
-            credential: Some(match credential {
-                LoginCredential::OtpCode(c) => Credential::OtpCode(c),
-                LoginCredential::Password(p) => Credential::Password(p),
-            }),
-            device: Some(device),
-        });
-        Self::sign_in(connect, profile, body).await
-    }
-
-    async fn sign_in(
-        connect: &ConnectOptions,
-        profile: &Profile,
-        body: Body,
-    ) -> Result<v1::SessionGranted, ClientError> {
-        let (conn, _pushes, _) = Connection::connect_hello(connect, None).await?;
-        let res = conn.request(body).await;
-        conn.close();
-        match res? {
-            Body::SessionGranted(g) => {
-                profile.save_credentials(&Credentials::from(&g))?;
-                Ok(g)
-            }
-            other => Err(ClientError::unexpected("SessionGranted", Some(&other))),
-        }
-    }
-}
+use driver::Driver;
+use presence::Sticky;
 
 // ------------------------------------------------------------- the session
 
@@ -364,7 +326,8 @@ impl Client {
         let reorder = Reorder::new(
             cursors.all().iter().map(|(c, s)| (*c, *s)),
             cfg.ahead_messages_max,
-        );
+        )
+        .for_user(creds.user_id);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (event_tx, event_rx) = mpsc::channel(cfg.events_max.max(1));
         let (state_tx, state_rx) = watch::channel(ConnState::Connecting { last_error: None });
@@ -376,6 +339,7 @@ impl Client {
             user_id: creds.user_id,
             device_id: creds.device_id,
             connected_wait: cfg.connected_wait,
+            sticky: Arc::new(Mutex::new(Sticky::default())),
         };
         let driver = Driver {
             send_retry: cfg.send_retry,
@@ -396,6 +360,7 @@ impl Client {
             retries: HashMap::new(),
             waiters: HashMap::new(),
             sync_done: None,
+            sticky: client.sticky.clone(),
         };
         tokio::spawn(driver.run());
         Ok((client, Events { rx: event_rx }))
@@ -653,15 +618,24 @@ impl Client {
             .collect())
     }
 
-    /// Resolves a user given as a decimal user id or a `+` phone number.
+    /// Resolves a user given as a decimal user id or a `+` phone number. A
+    /// phone number is looked up (contact discovery, which the server
+    /// rate-limits) only the first time: the answer is remembered in the
+    /// profile's `contacts.json`.
     pub async fn resolve_user(&self, who: &str) -> Result<u64, ClientError> {
         if who.starts_with('+') {
-            return self
+            let mut book = self.profile.contacts(self.user_id)?;
+            if let Some(u) = book.get(who) {
+                return Ok(u);
+            }
+            let uid = self
                 .discover_phones(&[who])
                 .await?
                 .first()
                 .map(|(_, u)| *u)
-                .ok_or_else(|| ClientError::InvalidArgument(format!("{who} is not registered")));
+                .ok_or_else(|| ClientError::InvalidArgument(format!("{who} is not registered")))?;
+            book.insert(who, uid)?;
+            return Ok(uid);
         }
         who.parse().map_err(|_| {
             ClientError::InvalidArgument(format!("{who:?} is neither a user id nor a +phone"))
@@ -698,592 +672,5 @@ impl Client {
     }
 }
 
-// --------------------------------------------------------------- the driver
-
-struct Driver {
-    cfg: ClientConfig,
-    send_retry: BackoffConfig,
-    profile: Profile,
-    creds: Credentials,
-    cursors: CursorStore,
-    outbox: Outbox,
-    reorder: Reorder,
-    events: mpsc::Sender<Event>,
-    state: watch::Sender<ConnState>,
-    cmd_rx: mpsc::Receiver<Command>,
-    internal_tx: mpsc::Sender<Internal>,
-    internal_rx: mpsc::Receiver<Internal>,
-    /// Incremented per connection; results of older connections are stale.
-    epoch: u64,
-    /// Outbox entries with a Send outstanding on the current connection.
-    in_flight: HashSet<ClientMsgId>,
-    /// Outbox entries queued by this process and never written to a connection: their first
-    /// Send says `first_attempt` (the server then skips its durable dedup lookup). Entries
-    /// reloaded from disk are never here, so after a restart every resend is a plain retry.
-    fresh: HashSet<ClientMsgId>,
-    /// Per-message retry backoff after transient refusals.
-    retries: HashMap<ClientMsgId, Backoff>,
-    /// Callers of `Client::send` waiting for the outcome of their message.
-    waiters: HashMap<ClientMsgId, oneshot::Sender<Result<v1::SendAck, ClientError>>>,
-    /// The Sync finished (counts), waiting for gap fetches before `Synced`.
-    sync_done: Option<(u32, u32)>,
-}
-
-impl Driver {
-    async fn run(mut self) {
-        let mut backoff = Backoff::new(self.cfg.backoff);
-        loop {
-            self.epoch += 1;
-            let end = match self.connect().await {
-                Ok((conn, pushes, welcome)) => {
-                    backoff.reset();
-                    let end = self.session(&conn, pushes, &welcome).await;
-                    conn.close();
-                    end
-                }
-                Err(ClientError::SessionLost(reason)) => SessionEnd::SessionLost(reason),
-                Err(e) => SessionEnd::Lost {
-                    reason: e.to_string(),
-                    reconnect_after: Duration::ZERO,
-                },
-            };
-            self.in_flight.clear();
-            self.reorder.handle_disconnect();
-            self.sync_done = None;
-            match end {
-                SessionEnd::Shutdown => {
-                    self.stop("client shut down".to_owned());
-                    return;
-                }
-                SessionEnd::SessionLost(reason) => {
-                    self.emit(Event::LoggedOut {
-                        reason: reason.clone(),
-                    })
-                    .await;
-                    self.stop(reason);
-                    return;
-                }
-                SessionEnd::Lost {
-                    reason,
-                    reconnect_after,
-                } => {
-                    let delay = backoff.next_delay().max(reconnect_after);
-                    self.state.send_replace(ConnState::Connecting {
-                        last_error: Some(reason.clone()),
-                    });
-                    self.emit(Event::Disconnected {
-                        reason,
-                        retry_in: delay,
-                    })
-                    .await;
-                    if !self.wait_offline(delay).await {
-                        self.stop("client shut down".to_owned());
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    fn stop(&mut self, reason: String) {
-        for (_, w) in self.waiters.drain() {
-            let _ = w.send(Err(ClientError::Stopped));
-        }
-        self.state.send_replace(ConnState::Stopped(reason));
-    }
-
-    /// Sleeps `delay` while still queueing sends. False: shut down.
-    async fn wait_offline(&mut self, delay: Duration) -> bool {
-        let until = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => return true,
-                cmd = self.cmd_rx.recv() => match cmd {
-                    None | Some(Command::Shutdown) => return false,
-                    Some(Command::Send { entry, reply }) => {
-                        self.enqueue(entry, reply);
-                    }
-                    Some(Command::Reconnect(_)) => {}
-                },
-            }
-        }
-    }
-
-    /// Connects and authenticates: Hello with the access token unless it is
-    /// about to expire; if the server refused it (`Welcome.auth_error`) or it
-    /// was not sent, Refresh on the same connection, whose `SessionGranted`
-    /// authenticates it (no second Hello). A refused refresh ends the
-    /// session.
-    async fn connect(&mut self) -> Result<(Connection, Pushes, v1::Welcome), ClientError> {
-        let (conn, pushes) = Connection::connect(&self.cfg.connect).await?;
-        let token = (self.creds.access_expires_at_ms > unix_ms() + TOKEN_MARGIN_MS)
-            .then(|| self.creds.access_token.clone());
-        let w = conn.hello(token.as_deref()).await?;
-        if w.authenticated.is_none() {
-            self.refresh(&conn).await?;
-        }
-        Ok((conn, pushes, w))
-    }
-
-    async fn refresh(&mut self, conn: &Connection) -> Result<(), ClientError> {
-        let req = Body::Refresh(v1::Refresh {
-            refresh_token: self.creds.refresh_token.clone(),
-        });
-        match conn.request(req).await {
-            Ok(Body::SessionGranted(g)) => {
-                self.creds = Credentials::from(&g);
-                self.profile.save_credentials(&self.creds)?;
-                Ok(())
-            }
-            Ok(other) => Err(ClientError::unexpected("SessionGranted", Some(&other))),
-            Err(ClientError::Server(e)) if !e.is_transient() => Err(ClientError::SessionLost(
-                format!("token refresh refused: {e}"),
-            )),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn session(
-        &mut self,
-        conn: &Connection,
-        mut pushes: Pushes,
-        welcome: &v1::Welcome,
-    ) -> SessionEnd {
-        self.state.send_replace(ConnState::Up(conn.clone()));
-        self.emit(Event::Connected {
-            user_id: self.creds.user_id,
-            device_id: self.creds.device_id,
-            server_version: welcome.server_version.clone(),
-            features: welcome.features.clone(),
-        })
-        .await;
-        let queued: Vec<ClientMsgId> = self
-            .outbox
-            .entries()
-            .iter()
-            .map(|e| e.client_msg_id)
-            .collect();
-        for id in queued {
-            self.transmit_send(conn, id);
-        }
-        if self.cfg.receive_messages {
-            self.start_sync(conn).await;
-            for range in self.reorder.open_gaps() {
-                self.fetch(conn, range);
-            }
-        }
-        let mut reconnect_after = Duration::ZERO;
-        loop {
-            tokio::select! {
-                push = pushes.recv() => match push {
-                    None => {
-                        return SessionEnd::Lost {
-                            reason: conn.close_reason().unwrap_or_else(|| "connection closed".into()),
-                            reconnect_after,
-                        };
-                    }
-                    Some(frame) => {
-                        if let Some(end) = self.handle_push(conn, frame, &mut reconnect_after).await {
-                            return end;
-                        }
-                    }
-                },
-                cmd = self.cmd_rx.recv() => match cmd {
-                    None | Some(Command::Shutdown) => return SessionEnd::Shutdown,
-                    Some(Command::Send { entry, reply }) => {
-                        let id = entry.client_msg_id;
-                        if self.enqueue(entry, reply) {
-                            self.transmit_send(conn, id);
-                        }
-                    }
-                    Some(Command::Reconnect(reason)) => {
-                        return SessionEnd::Lost { reason, reconnect_after: Duration::ZERO };
-                    }
-                },
-                Some(int) = self.internal_rx.recv() => {
-                    if let Some(end) = self.handle_internal(conn, int).await {
-                        return end;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn start_sync(&mut self, conn: &Connection) {
-        let last_seq = self.cursors.all().iter().map(|(c, s)| (*c, *s)).collect();
-        let Ok(mut stream) = conn.request_stream(Body::Sync(v1::Sync { last_seq })).await else {
-            return; // The connection is closing; the session loop sees it.
-        };
-        let tx = self.internal_tx.clone();
-        let epoch = self.epoch;
-        tokio::spawn(async move {
-            loop {
-                match stream.next().await {
-                    Ok(Some(frame)) => {
-                        if tx.send(Internal::Sync { epoch, frame }).await.is_err() {
-                            return;
-                        }
-                    }
-                    // Closed: the session loop sees the connection end.
-                    Ok(None) | Err(_) => return,
-                }
-            }
-        });
-    }
-
-    /// Puts a new message into the outbox. False if it could not be stored
-    /// (the caller was told).
-    fn enqueue(
-        &mut self,
-        entry: OutboxEntry,
-        reply: oneshot::Sender<Result<v1::SendAck, ClientError>>,
-    ) -> bool {
-        let id = entry.client_msg_id;
-        if let Err(e) = self.outbox.push(entry) {
-            let _ = reply.send(Err(e));
-            return false;
-        }
-        self.waiters.insert(id, reply);
-        self.fresh.insert(id);
-        true
-    }
-
-    fn transmit_send(&mut self, conn: &Connection, id: ClientMsgId) {
-        if self.in_flight.contains(&id) {
-            return;
-        }
-        let Some(entry) = self.outbox.find(&id) else {
-            return;
-        };
-        let mut send = entry.to_send();
-        // Marked before the bytes leave: if this write is lost, the resend is a retry.
-        send.first_attempt = self.fresh.remove(&id);
-        let body = Body::Send(send);
-        self.in_flight.insert(id);
-        let conn = conn.clone();
-        let tx = self.internal_tx.clone();
-        let epoch = self.epoch;
-        tokio::spawn(async move {
-            let result = conn.request(body).await;
-            let _ = tx.send(Internal::SendResult { epoch, id, result }).await;
-        });
-    }
-
-    fn fetch(&mut self, conn: &Connection, range: FetchRange) {
-        let req = Body::GetHistory(v1::GetHistory {
-            conversation_id: range.conversation_id,
-            anchor: Some(v1::get_history::Anchor::AfterSeq(range.after_seq)),
-            limit: range.limit(),
-        });
-        let conn = conn.clone();
-        let tx = self.internal_tx.clone();
-        let epoch = self.epoch;
-        tokio::spawn(async move {
-            let result = conn.request(req).await;
-            let _ = tx
-                .send(Internal::Page {
-                    epoch,
-                    range,
-                    result,
-                })
-                .await;
-        });
-    }
-
-    async fn handle_push(
-        &mut self,
-        conn: &Connection,
-        frame: v1::Frame,
-        reconnect_after: &mut Duration,
-    ) -> Option<SessionEnd> {
-        match frame.body? {
-            Body::Goodbye(g) => {
-                *reconnect_after = Duration::from_millis(g.reconnect_after_ms.into());
-                let e = ServerError {
-                    code_num: g.code,
-                    message: g.message,
-                    retry_after_ms: g.reconnect_after_ms,
-                };
-                if e.is_session_lost() {
-                    return Some(SessionEnd::SessionLost(format!("server said goodbye: {e}")));
-                }
-                None
-            }
-            Body::Error(e) => {
-                let e = ServerError::from(e);
-                if e.code() == ErrorCode::TokenExpired {
-                    return Some(SessionEnd::Lost {
-                        reason: "access token expired".to_owned(),
-                        reconnect_after: Duration::ZERO,
-                    });
-                }
-                if e.is_session_lost() {
-                    return Some(SessionEnd::SessionLost(e.to_string()));
-                }
-                self.emit(Event::ServerError(e)).await;
-                None
-            }
-            body => {
-                self.handle_message_frame(conn, body).await;
-                None
-            }
-        }
-    }
-
-    /// Frames that can come as pushes or inside a Sync.
-    async fn handle_message_frame(&mut self, conn: &Connection, body: Body) {
-        match body {
-            Body::Deliver(d) => {
-                if let (true, Some(m)) = (self.cfg.receive_messages, d.message) {
-                    let released = self.reorder.handle_message(m);
-                    self.accept(conn, released).await;
-                }
-            }
-            Body::Receipt(r) => self.emit(Event::Receipt(r)).await,
-            Body::MessagesAvailable(a) => {
-                if self.cfg.receive_messages
-                    && let Some(range) = self
-                        .reorder
-                        .handle_available(a.conversation_id, a.up_to_seq)
-                {
-                    self.fetch(conn, range);
-                }
-            }
-            Body::SendAck(ack) => {
-                // An answer that lost its request (our other devices get our
-                // messages as Deliver): either way that seq exists.
-                if let Some(id) = ClientMsgId::from_bytes(&ack.client_msg_id)
-                    && self.outbox.find(&id).is_some()
-                {
-                    self.on_ack(conn, id, ack).await;
-                } else if self.cfg.receive_messages
-                    && let Some(range) = self.reorder.handle_available(ack.conversation_id, ack.seq)
-                {
-                    self.fetch(conn, range);
-                }
-            }
-            Body::Typing(t) => self.emit(Event::Typing(t)).await,
-            Body::PresenceUpdate(p) => self.emit(Event::Presence(p)).await,
-            Body::GroupChanged(g) => self.emit(Event::GroupChanged(g)).await,
-            _ => {}
-        }
-    }
-
-    async fn handle_internal(&mut self, conn: &Connection, int: Internal) -> Option<SessionEnd> {
-        match int {
-            Internal::SendResult { epoch, id, result } => {
-                if epoch == self.epoch {
-                    self.in_flight.remove(&id);
-                }
-                return self.on_send_result(conn, epoch, id, result).await;
-            }
-            Internal::RetrySend { epoch, id } => {
-                if epoch == self.epoch {
-                    self.transmit_send(conn, id);
-                }
-            }
-            Internal::Sync { epoch, frame } if epoch == self.epoch => match frame.body {
-                Some(Body::SyncDone(done)) => {
-                    for t in &done.truncated {
-                        if let Some(range) = self
-                            .reorder
-                            .handle_available(t.conversation_id, t.up_to_seq)
-                        {
-                            self.fetch(conn, range);
-                        }
-                    }
-                    self.sync_done = Some((done.messages, done.receipts));
-                    self.maybe_synced().await;
-                }
-                Some(Body::Error(e)) => {
-                    let e = ServerError::from(e);
-                    if e.code() == ErrorCode::TokenExpired {
-                        return Some(SessionEnd::Lost {
-                            reason: "access token expired".to_owned(),
-                            reconnect_after: Duration::ZERO,
-                        });
-                    }
-                    self.emit(Event::SyncFailed(e)).await;
-                }
-                Some(body) => self.handle_message_frame(conn, body).await,
-                None => {}
-            },
-            Internal::Page {
-                epoch,
-                range,
-                result,
-            } if epoch == self.epoch => {
-                match result {
-                    Ok(Body::HistoryPage(p)) => {
-                        let released = self.reorder.handle_page(range.conversation_id, p.messages);
-                        self.accept(conn, released).await;
-                    }
-                    Ok(other) => {
-                        self.reorder.handle_fetch_failed(range.conversation_id);
-                        let e = ClientError::unexpected("HistoryPage", Some(&other));
-                        self.emit(Event::LocalError(e.to_string())).await;
-                    }
-                    Err(ClientError::Server(e)) => {
-                        self.reorder.handle_fetch_failed(range.conversation_id);
-                        self.emit(Event::ServerError(e)).await;
-                    }
-                    Err(_) => self.reorder.handle_fetch_failed(range.conversation_id),
-                }
-                self.maybe_synced().await;
-            }
-            Internal::Sync { .. } | Internal::Page { .. } => {}
-        }
-        None
-    }
-
-    async fn on_send_result(
-        &mut self,
-        conn: &Connection,
-        epoch: u64,
-        id: ClientMsgId,
-        result: Result<Body, ClientError>,
-    ) -> Option<SessionEnd> {
-        let error = match result {
-            Ok(Body::SendAck(ack)) => {
-                self.on_ack(conn, id, ack).await;
-                return None;
-            }
-            Ok(other) => ClientError::unexpected("SendAck", Some(&other)),
-            Err(e) => e,
-        };
-        if error.server().map(ServerError::code) == Some(ErrorCode::TokenExpired) {
-            // Retried after the reconnect; the caller hears "queued".
-            self.tell_waiter(id, Err(still_queued(id, error)));
-            return Some(SessionEnd::Lost {
-                reason: "access token expired".to_owned(),
-                reconnect_after: Duration::ZERO,
-            });
-        }
-        if !error.is_transient() {
-            // Refused for good: retrying the same bytes cannot help.
-            if let Err(e) = self.outbox.remove(&id) {
-                self.emit(Event::LocalError(e.to_string())).await;
-            }
-            self.retries.remove(&id);
-            if let ClientError::Server(e) = &error {
-                self.emit(Event::SendFailed {
-                    client_msg_id: id,
-                    error: e.clone(),
-                })
-                .await;
-            }
-            self.tell_waiter(id, Err(error));
-            return None;
-        }
-        let hint = error.server().map_or(Duration::ZERO, |e| {
-            Duration::from_millis(e.retry_after_ms.into())
-        });
-        self.tell_waiter(id, Err(still_queued(id, error)));
-        if epoch == self.epoch {
-            let cfg = self.send_retry;
-            let delay = self
-                .retries
-                .entry(id)
-                .or_insert_with(|| Backoff::new(cfg))
-                .next_delay()
-                .max(hint);
-            let tx = self.internal_tx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = tx.send(Internal::RetrySend { epoch, id }).await;
-            });
-        }
-        None
-    }
-
-    async fn on_ack(&mut self, conn: &Connection, id: ClientMsgId, ack: v1::SendAck) {
-        self.retries.remove(&id);
-        let entry = match self.outbox.remove(&id) {
-            Ok(entry) => entry,
-            Err(e) => {
-                self.emit(Event::LocalError(e.to_string())).await;
-                None
-            }
-        };
-        self.tell_waiter(id, Ok(ack.clone()));
-        let Some(entry) = entry else {
-            return; // A second ack for the same message.
-        };
-        self.emit(Event::Sent(ack.clone())).await;
-        if self.cfg.receive_messages {
-            // Our own message takes its place in the conversation's order.
-            let own = v1::Message {
-                conversation_id: ack.conversation_id,
-                seq: ack.seq,
-                sender_user_id: self.creds.user_id,
-                sender_device_id: self.creds.device_id,
-                client_msg_id: ack.client_msg_id.clone(),
-                server_ts_ms: ack.server_ts_ms,
-                content_type: entry.content_type,
-                body: entry.body.into(),
-                media: None,
-                reply_to_seq: 0,
-                group_changed: None,
-            };
-            let released = self.reorder.handle_message(own);
-            self.accept(conn, released).await;
-        }
-    }
-
-    fn tell_waiter(&mut self, id: ClientMsgId, result: Result<v1::SendAck, ClientError>) {
-        if let Some(w) = self.waiters.remove(&id) {
-            let _ = w.send(result);
-        }
-    }
-
-    /// Hands released messages to the application, then persists the
-    /// cursors and acknowledges delivery to the server.
-    async fn accept(&mut self, conn: &Connection, released: Released) {
-        let mut acked: Vec<(u64, u64)> = Vec::new();
-        for m in released.messages {
-            let (conv, seq) = (m.conversation_id, m.seq);
-            self.emit(Event::Message(m)).await;
-            self.cursors.advance(conv, seq);
-            match acked.iter_mut().find(|(c, _)| *c == conv) {
-                Some(a) => a.1 = seq,
-                None => acked.push((conv, seq)),
-            }
-        }
-        if !acked.is_empty() {
-            if let Err(e) = self.cursors.save() {
-                self.emit(Event::LocalError(e.to_string())).await;
-            }
-            for (conversation_id, up_to_seq) in acked {
-                let ack = Body::DeliveryAck(v1::DeliveryAck {
-                    conversation_id,
-                    up_to_seq,
-                });
-                let _ = conn.send_oneway(ack).await;
-            }
-        }
-        if let Some(range) = released.fetch {
-            self.fetch(conn, range);
-        }
-    }
-
-    async fn maybe_synced(&mut self) {
-        if self.reorder.fetching() {
-            return;
-        }
-        if let Some((messages, receipts)) = self.sync_done.take() {
-            self.emit(Event::Synced { messages, receipts }).await;
-        }
-    }
-
-    async fn emit(&self, event: Event) {
-        // The application may have dropped its Events: that is allowed.
-        let _ = self.events.send(event).await;
-    }
-}
-
-fn still_queued(client_msg_id: ClientMsgId, cause: ClientError) -> ClientError {
-    ClientError::StillQueued {
-        client_msg_id,
-        cause: Box::new(cause),
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -17,9 +17,13 @@ fn msg_id(bytes: &[u8]) -> Value {
     )
 }
 
-/// A message.
+/// A conversation entry: a message, or a group event (see
+/// [`group_changed`]).
 #[must_use]
 pub fn message(m: &v1::Message) -> Value {
+    if let Some(change) = &m.group_changed {
+        return group_changed(m.conversation_id, m.seq, m.server_ts_ms, change);
+    }
     let mut v = json!({
         "type": "message",
         "conversation_id": m.conversation_id,
@@ -150,6 +154,106 @@ pub fn conversation(c: &v1::ConversationSummary) -> Value {
     })
 }
 
+/// A group event (`"type": "group_changed"`): `kind` is `created`,
+/// `members_added`, `members_removed`, `member_left`, `role_changed` or
+/// `updated`; `user_ids` the users it is about; `role` the new role (for
+/// `role_changed`); `name`, `version` and `only_admins_send` the group's
+/// state after it.
+#[must_use]
+pub fn group_changed(
+    conversation_id: u64,
+    seq: u64,
+    server_ts_ms: u64,
+    change: &v1::GroupChanged,
+) -> Value {
+    let kind = v1::GroupChangeKind::try_from(change.kind)
+        .map_or("GROUP_CHANGE_KIND_UNSPECIFIED", |k| k.as_str_name())
+        .trim_start_matches("GROUP_CHANGE_KIND_")
+        .to_ascii_lowercase();
+    let mut v = json!({
+        "type": "group_changed",
+        "conversation_id": conversation_id,
+        "seq": seq,
+        "server_ts_ms": server_ts_ms,
+        "by_user_id": change.by_user_id,
+        "kind": kind,
+        "user_ids": change.user_ids,
+    });
+    if change.kind == v1::GroupChangeKind::RoleChanged as i32 {
+        v["role"] = json!(role(change.role));
+    }
+    if let Some(g) = &change.group {
+        v["name"] = json!(g.name);
+        v["version"] = json!(g.version);
+        v["only_admins_send"] = json!(g.only_admins_send);
+    }
+    v
+}
+
+/// A role's name: `admin`, `member` (or `unknown`).
+#[must_use]
+pub fn role(r: i32) -> &'static str {
+    match v1::GroupRole::try_from(r) {
+        Ok(v1::GroupRole::Admin) => "admin",
+        Ok(v1::GroupRole::Member) => "member",
+        _ => "unknown",
+    }
+}
+
+/// A group's state (`"type": "group"`), members in the server's order.
+#[must_use]
+pub fn group(g: &v1::GroupInfo) -> Value {
+    let members: Vec<Value> = g
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "user_id": m.user_id,
+                "role": role(m.role),
+                "joined_at_ms": m.joined_at_ms,
+            })
+        })
+        .collect();
+    json!({
+        "type": "group",
+        "conversation_id": g.conversation_id,
+        "name": g.name,
+        "version": g.version,
+        "only_admins_send": g.only_admins_send,
+        "created_by_user_id": g.created_by_user_id,
+        "created_at_ms": g.created_at_ms,
+        "members": members,
+    })
+}
+
+/// A user's presence (`"type": "presence"`): `state` is `online`, `away`
+/// or `offline`; `last_seen_ms` 0 when online, hidden or never.
+#[must_use]
+pub fn presence(p: &v1::PresenceUpdate) -> Value {
+    json!({
+        "type": "presence",
+        "user_id": p.user_id,
+        "state": v1::PresenceState::try_from(p.state)
+            .map_or("PRESENCE_STATE_UNSPECIFIED", |s| s.as_str_name())
+            .trim_start_matches("PRESENCE_STATE_")
+            .to_ascii_lowercase(),
+        "last_seen_ms": p.last_seen_ms,
+    })
+}
+
+/// Another user's public profile (`"type": "profile"`, private fields left
+/// out).
+#[must_use]
+pub fn public_profile(p: &v1::Profile) -> Value {
+    json!({
+        "type": "profile",
+        "user_id": p.user_id,
+        "display_name": p.display_name,
+        "about": p.about,
+        "created_at_ms": p.created_at_ms,
+    })
+}
+
 /// An event of [`crate::Events`].
 #[must_use]
 pub fn event(e: &Event) -> Value {
@@ -199,21 +303,13 @@ pub fn event(e: &Event) -> Value {
             "user_id": t.user_id,
             "typing": t.state == v1::TypingState::Typing as i32,
         }),
-        Event::Presence(p) => json!({
-            "type": "presence",
-            "user_id": p.user_id,
-            "state": v1::PresenceState::try_from(p.state)
-                .map_or("PRESENCE_STATE_UNSPECIFIED", |s| s.as_str_name())
-                .trim_start_matches("PRESENCE_STATE_")
-                .to_ascii_lowercase(),
-            "last_seen_ms": p.last_seen_ms,
-        }),
-        Event::GroupChanged(g) => json!({
-            "type": "group_changed",
-            "conversation_id": g.group.as_ref().map_or(0, |g| g.conversation_id),
-            "by_user_id": g.by_user_id,
-            "version": g.group.as_ref().map_or(0, |g| g.version),
-        }),
+        Event::Presence(p) => presence(p),
+        Event::GroupChanged {
+            conversation_id,
+            seq,
+            server_ts_ms,
+            change,
+        } => group_changed(*conversation_id, *seq, *server_ts_ms, change),
         Event::ServerError(err) => server_error(err),
         Event::LocalError(message) => json!({
             "type": "error",
@@ -307,7 +403,17 @@ mod tests {
                 state: v1::PresenceState::Online as i32,
                 ..v1::PresenceUpdate::default()
             }),
-            Event::GroupChanged(v1::GroupChanged::default()),
+            Event::GroupChanged {
+                conversation_id: 7,
+                seq: 3,
+                server_ts_ms: 1,
+                change: v1::GroupChanged {
+                    kind: v1::GroupChangeKind::RoleChanged.into(),
+                    user_ids: vec![2],
+                    role: v1::GroupRole::Admin.into(),
+                    ..v1::GroupChanged::default()
+                },
+            },
             Event::ServerError(ServerError {
                 code_num: 9999,
                 message: String::new(),

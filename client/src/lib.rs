@@ -25,10 +25,17 @@
 //!   (`Welcome.auth_error`), Refresh on the same connection; reconnect with full-jitter [`Backoff`],
 //!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection
 //!   ([`Reorder`]) and an ordered, deduplicated [`Events`] stream.
+//!   Groups (create, info, members, roles, leave, settings), presence
+//!   (subscribe, set; restored on every reconnect), typing and other users'
+//!   profiles are requests on [`Client`]; their pushes arrive as [`Event`]s.
+//! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
-//! **Guarantee to the application:** per conversation, [`Event::Message`]s
-//! arrive in strictly increasing, contiguous seq order, each once per run; a
+//! **Guarantee to the application:** per conversation, the entries
+//! ([`Event::Message`]s and [`Event::GroupChanged`] events) arrive in
+//! strictly increasing, contiguous seq order, each once per run (in a group:
+//! contiguous from the member's join on, the seqs before it being invisible
+//! to it); a
 //! cursor is persisted after its messages were handed over, so after a crash
 //! the messages since the last persisted cursor are delivered again
 //! (at-least-once across crashes, exactly-once within a run).
@@ -43,6 +50,7 @@ pub mod json;
 mod reorder;
 mod store;
 mod tls;
+mod typing;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{Client, ClientConfig, Event, Events, HistoryAnchor, Identifier, LoginCredential};
@@ -50,8 +58,11 @@ pub use connection::{ConnectOptions, Connection, Pushes, ResponseStream, Transpo
 pub use error::{ClientError, ServerError};
 pub use ids::ClientMsgId;
 pub use reorder::{FETCH_MESSAGES_MAX, FetchRange, Released, Reorder};
-pub use store::{Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target};
+pub use store::{
+    CONTACTS_MAX, ContactBook, Credentials, CursorStore, Outbox, OutboxEntry, Profile, Target,
+};
 pub use tls::{TlsTrust, fingerprint};
+pub use typing::TypingNotifier;
 
 /// The wire types, re-exported for convenience.
 pub use starling_protocol::v1;

@@ -10,11 +10,24 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::{Value, json};
+use serde_json::json;
 use starling_client::{
-    Client, ClientConfig, ClientError, ConnectOptions, Connection, Event, Events, HistoryAnchor,
-    Identifier, LoginCredential, Profile, Target, TlsTrust, Transport, json as sj, v1,
+    Client, ClientConfig, ClientError, ConnectOptions, Connection, Events, Identifier,
+    LoginCredential, Profile, TlsTrust, Transport, json as sj, v1,
 };
+
+mod cli {
+    pub(crate) mod chat;
+    pub(crate) mod groups;
+    pub(crate) mod messaging;
+    pub(crate) mod out;
+    pub(crate) mod presence;
+}
+
+use cli::groups::GroupCmd;
+use cli::messaging::{conversation, history, outbox, send, server_info, sync, watch};
+use cli::out::Out;
+use cli::presence::PresenceCmd;
 
 /// Starling command-line client.
 #[derive(Debug, Parser)]
@@ -124,7 +137,8 @@ enum Cmd {
     Me,
     /// Send a text message.
     Send {
-        /// Recipient: a user id, a +phone, or conv:<conversation id>.
+        /// Recipient: a user id, a +phone, conv:<conversation id> or
+        /// group:<conversation id>.
         #[arg(long)]
         to: String,
         /// The text.
@@ -178,11 +192,24 @@ enum Cmd {
         #[arg(long = "for", value_name = "SECS")]
         for_secs: u64,
     },
-    /// Interactive chat: prints the conversation live, sends each stdin line.
+    /// Interactive chat: prints the conversation live (with who is typing),
+    /// sends each stdin line, and tells the others while you type.
     Chat {
-        /// A user id, a +phone, or conv:<conversation id>.
+        /// A user id, a +phone, conv:<id> or group:<id>.
         #[arg(long)]
         with: String,
+    },
+    /// Manage groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Show, watch or set presence.
+    #[command(subcommand)]
+    Presence(PresenceCmd),
+    /// Show other users' public profiles.
+    Profiles {
+        /// User ids or +phones, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        users: Vec<String>,
     },
     /// Show (or clear) messages waiting in the outbox.
     Outbox {
@@ -191,7 +218,6 @@ enum Cmd {
         clear: bool,
     },
 }
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json_mode = cli.json;
@@ -216,125 +242,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// Prints results in the chosen format.
-struct Out {
-    json: bool,
-}
-
-impl Out {
-    fn print(&self, v: &Value) {
-        if self.json {
-            println!("{v}");
-        } else {
-            println!("{}", human(v));
-        }
-    }
-}
-
-/// One readable line for a JSON result.
-fn human(v: &Value) -> String {
-    let s = |k: &str| match &v[k] {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    match v["type"].as_str().unwrap_or_default() {
-        "message" => {
-            let body = if v.get("text").is_some() {
-                s("text")
-            } else {
-                format!(
-                    "<{} bytes of {}>",
-                    s("body_hex").len() / 2,
-                    s("content_type")
-                )
-            };
-            format!(
-                "[conv {} #{}] user {}: {body}",
-                s("conversation_id"),
-                s("seq"),
-                s("sender_user_id")
-            )
-        }
-        "sent" => format!(
-            "sent: conv {} seq {} (client_msg_id {}{})",
-            s("conversation_id"),
-            s("seq"),
-            s("client_msg_id"),
-            if v["duplicate"] == true {
-                ", duplicate"
-            } else {
-                ""
-            }
-        ),
-        "receipt" => format!(
-            "[conv {}] {} up to #{} by user {}",
-            s("conversation_id"),
-            s("kind"),
-            s("up_to_seq"),
-            s("by_user_id")
-        ),
-        "conversation" => format!(
-            "conv {} ({}) {} peer {} last #{} unread {}",
-            s("conversation_id"),
-            s("kind"),
-            s("title"),
-            s("peer_user_id"),
-            s("last_seq"),
-            s("unread_count")
-        ),
-        "error" => format!("error: {} {}", s("code"), s("message")),
-        "connected" => format!(
-            "connected as user {} device {}",
-            s("user_id"),
-            s("device_id")
-        ),
-        "server" => format!(
-            "{} (protocol {}), features: {}; limits: frames {} B, bodies {} B, {} requests in flight, ping every {} ms, idle timeout {} ms",
-            s("server_version"),
-            s("protocol_version"),
-            v["features"]
-                .as_array()
-                .map(|f| f
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default(),
-            s("frame_bytes_max"),
-            s("body_bytes_max"),
-            s("inflight_requests_max"),
-            s("heartbeat_ms"),
-            s("idle_timeout_ms")
-        ),
-        "disconnected" => format!(
-            "disconnected: {} (retry in {} ms)",
-            s("reason"),
-            s("retry_in_ms")
-        ),
-        "synced" => format!(
-            "synced: {} messages, {} receipts",
-            s("messages"),
-            s("receipts")
-        ),
-        _ => {
-            // Generic: key=value pairs after the type.
-            let mut line = s("type");
-            if let Value::Object(map) = v {
-                for (k, val) in map.iter().filter(|(k, _)| *k != "type") {
-                    let val = match val {
-                        Value::String(x) => x.clone(),
-                        x => x.to_string(),
-                    };
-                    line.push_str(&format!(" {k}={val}"));
-                }
-            }
-            line
-        }
-    }
-}
-
 struct Globals {
     connect: ConnectOptions,
     profile_dir: PathBuf,
@@ -394,7 +301,6 @@ fn start(g: &Globals, receive: bool) -> Result<(Client, Events), ClientError> {
 fn discard(mut events: Events) {
     tokio::spawn(async move { while events.next().await.is_some() {} });
 }
-
 async fn run(cli: Cli) -> Result<(), ClientError> {
     let out = Out { json: cli.json };
     if let Cmd::Outbox { clear } = &cli.cmd {
@@ -558,239 +464,37 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Cmd::Chat { with } => {
             let (client, events) = start(&g, true)?;
-            let res = chat(&out, &client, events, &with, g.timeout).await;
+            let res = cli::chat::chat(&out, &client, events, &with, g.timeout).await;
             client.shutdown().await;
             res?;
+        }
+        Cmd::Group(cmd) => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::groups::run(&out, &client, cmd).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Presence(cmd) => {
+            let (client, events) = start(&g, false)?;
+            let res = cli::presence::run(&out, &client, events, cmd).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Profiles { users } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = async {
+                let ids = cli::messaging::users(&client, &users).await?;
+                client.profiles(&ids).await
+            }
+            .await;
+            client.shutdown().await;
+            for p in &res? {
+                out.print(&sj::public_profile(p));
+            }
         }
         Cmd::Outbox { .. } => {}
     }
     Ok(())
-}
-
-/// What `server-info` prints: the Welcome of an unauthenticated connection.
-fn server_info(w: &v1::Welcome) -> Value {
-    let l = w.limits.unwrap_or_default();
-    json!({
-        "type": "server",
-        "server_version": w.server_version,
-        "protocol_version": w.protocol_version,
-        "features": w.features,
-        "frame_bytes_max": l.frame_bytes_max,
-        "body_bytes_max": l.body_bytes_max,
-        "inflight_requests_max": l.inflight_requests_max,
-        "heartbeat_ms": l.heartbeat_ms,
-        "idle_timeout_ms": l.idle_timeout_ms,
-        "sync_messages_max": l.sync_messages_max,
-    })
-}
-
-fn outbox(out: &Out, profile: &Profile, clear: bool) -> Result<(), ClientError> {
-    let mut ob = profile.outbox()?;
-    if clear {
-        let n = ob.clear()?;
-        out.print(&json!({ "type": "outbox_cleared", "removed": n }));
-        return Ok(());
-    }
-    for e in ob.entries() {
-        let to = match e.to {
-            Target::User(u) => json!({ "user_id": u }),
-            Target::Conversation(c) => json!({ "conversation_id": c }),
-        };
-        out.print(&json!({
-            "type": "queued",
-            "client_msg_id": e.client_msg_id.to_string(),
-            "to": to,
-            "content_type": e.content_type,
-            "bytes": e.body.len(),
-            "queued_at_ms": e.queued_at_ms,
-        }));
-    }
-    Ok(())
-}
-
-/// `conv:N` → conversation N; anything else is a user.
-async fn target(client: &Client, who: &str) -> Result<Target, ClientError> {
-    if let Some(c) = who.strip_prefix("conv:") {
-        return c
-            .parse()
-            .map(Target::Conversation)
-            .map_err(|_| ClientError::InvalidArgument(format!("bad conversation id in {who:?}")));
-    }
-    Ok(Target::User(client.resolve_user(who).await?))
-}
-
-async fn conversation(client: &Client, who: &str) -> Result<u64, ClientError> {
-    match target(client, who).await? {
-        Target::Conversation(c) => Ok(c),
-        Target::User(u) => client.conversation_with(u).await?.ok_or_else(|| {
-            ClientError::InvalidArgument(format!("no conversation with user {u} yet"))
-        }),
-    }
-}
-
-async fn send(
-    client: &Client,
-    to: &str,
-    text: &str,
-    wait: Duration,
-) -> Result<v1::SendAck, ClientError> {
-    let to = target(client, to).await?;
-    tokio::time::timeout(wait, client.send_text(to, text))
-        .await
-        .map_err(|_| ClientError::Timeout {
-            what: "SendAck (the message stays in the outbox and will be retried)",
-            after: wait,
-        })?
-}
-
-async fn history(
-    out: &Out,
-    client: &Client,
-    with: &str,
-    limit: u32,
-    before: Option<u64>,
-) -> Result<(), ClientError> {
-    let conv = conversation(client, with).await?;
-    let anchor = before.map_or(HistoryAnchor::Latest, HistoryAnchor::Before);
-    let page = client.history(conv, anchor, limit).await?;
-    for m in &page.messages {
-        out.print(&sj::message(m));
-    }
-    out.print(
-        &json!({ "type": "history_end", "conversation_id": conv, "has_more": page.has_more }),
-    );
-    Ok(())
-}
-
-/// Prints events until `Synced`; a refused Sync or a lost session is an
-/// error.
-async fn sync(out: &Out, mut events: Events, wait: Duration) -> Result<(), ClientError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut last_disconnect = None;
-    loop {
-        let ev = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .map_err(|_| match last_disconnect.take() {
-                Some(reason) => ClientError::Closed(reason),
-                None => ClientError::Timeout {
-                    what: "end of the sync",
-                    after: wait,
-                },
-            })?;
-        match ev {
-            None => return Err(ClientError::Stopped),
-            Some(Event::SyncFailed(e)) => return Err(ClientError::Server(e)),
-            Some(Event::LoggedOut { reason }) => return Err(ClientError::SessionLost(reason)),
-            Some(ev @ Event::Synced { .. }) => {
-                out.print(&sj::event(&ev));
-                return Ok(());
-            }
-            Some(Event::Disconnected { reason, .. }) => last_disconnect = Some(reason),
-            Some(Event::Connected { .. }) => {}
-            Some(ev) => out.print(&sj::event(&ev)),
-        }
-    }
-}
-
-async fn watch(out: &Out, mut events: Events, for_: Duration) -> Result<(), ClientError> {
-    let deadline = tokio::time::Instant::now() + for_;
-    while let Ok(ev) = tokio::time::timeout_at(deadline, events.next()).await {
-        let Some(ev) = ev else {
-            return Err(ClientError::Stopped);
-        };
-        out.print(&sj::event(&ev));
-        if let Event::LoggedOut { reason } = ev {
-            return Err(ClientError::SessionLost(reason));
-        }
-    }
-    Ok(())
-}
-
-async fn chat(
-    out: &Out,
-    client: &Client,
-    mut events: Events,
-    with: &str,
-    wait: Duration,
-) -> Result<(), ClientError> {
-    let to = target(client, with).await?;
-    let (peer, mut conv) = match to {
-        Target::Conversation(c) => (None, Some(c)),
-        Target::User(u) => (Some(u), client.conversation_with(u).await.ok().flatten()),
-    };
-    // stdin is read on a plain thread (the runtime has no io-std).
-    let (line_tx, mut lines) = tokio::sync::mpsc::channel::<String>(16);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            if line_tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (result_tx, mut results) = tokio::sync::mpsc::channel(16);
-    let mut stdin_open = true;
-    let mut sending = 0usize;
-    loop {
-        tokio::select! {
-            line = lines.recv(), if stdin_open => match line {
-                Some(line) if !line.trim().is_empty() => {
-                    let client = client.clone();
-                    let tx = result_tx.clone();
-                    sending += 1;
-                    tokio::spawn(async move {
-                        let res = tokio::time::timeout(wait, client.send_text(to, &line)).await;
-                        let _ = tx.send(res).await;
-                    });
-                }
-                Some(_) => {}
-                None => stdin_open = false,
-            },
-            Some(res) = results.recv() => {
-                sending -= 1;
-                match res {
-                    Ok(Ok(ack)) => {
-                        conv.get_or_insert(ack.conversation_id);
-                        out.print(&sj::send_ack(&ack));
-                    }
-                    Ok(Err(e)) => print_error(out, &e),
-                    Err(_) => print_error(out, &ClientError::Timeout { what: "SendAck (kept in the outbox)", after: wait }),
-                }
-            }
-            ev = events.next() => {
-                let Some(ev) = ev else { return Err(ClientError::Stopped) };
-                let show = match &ev {
-                    Event::Message(m) => {
-                        if conv.is_none() && peer == Some(m.sender_user_id) {
-                            conv = Some(m.conversation_id);
-                        }
-                        conv == Some(m.conversation_id)
-                    }
-                    Event::Receipt(r) => conv == Some(r.conversation_id),
-                    Event::Typing(t) => conv == Some(t.conversation_id),
-                    Event::Sent(_) | Event::Connected { .. } | Event::Presence(_) => false,
-                    _ => true,
-                };
-                if show {
-                    out.print(&sj::event(&ev));
-                }
-                match ev {
-                    Event::LoggedOut { reason } => return Err(ClientError::SessionLost(reason)),
-                    Event::SyncFailed(e) => return Err(ClientError::Server(e)),
-                    _ => {}
-                }
-            }
-        }
-        if !stdin_open && sending == 0 {
-            return Ok(());
-        }
-    }
-}
-
-fn print_error(out: &Out, e: &ClientError) {
-    if out.json {
-        println!("{}", sj::error(e));
-    } else {
-        eprintln!("error: {e}");
-    }
 }

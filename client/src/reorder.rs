@@ -8,6 +8,12 @@
 //! dropped. When a gap is known and no fetch is in flight, it asks for
 //! `GetHistory{after_seq: cursor}`; when the page arrives, the gap closes
 //! and the buffered messages behind it are released in order.
+//!
+//! In a group, a member sees the conversation from its latest join on (the
+//! `CREATED` or `MEMBERS_ADDED` event naming it): the seqs before that event
+//! are not visible to it, so such an event moves the cursor up to just
+//! below itself (after releasing what was held below it) instead of opening
+//! a gap that no fetch could close.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -64,6 +70,8 @@ struct Conv {
 pub struct Reorder {
     convs: HashMap<u64, Conv>,
     ahead_messages_max: usize,
+    /// The user whose join events move the cursor (0: none).
+    user_id: u64,
 }
 
 impl Reorder {
@@ -87,7 +95,16 @@ impl Reorder {
         Self {
             convs,
             ahead_messages_max: ahead_messages_max.max(1),
+            user_id: 0,
         }
+    }
+
+    /// Group events that add `user_id` (its joins) move the cursor to them:
+    /// what was sequenced before a join is not visible to the member.
+    #[must_use]
+    pub fn for_user(mut self, user_id: u64) -> Self {
+        self.user_id = user_id;
+        self
     }
 
     /// The cursor of a conversation.
@@ -107,8 +124,9 @@ impl Reorder {
         let conversation_id = msg.conversation_id;
         let mut out = Released::default();
         let max = self.ahead_messages_max;
+        let me = self.user_id;
         let conv = self.convs.entry(conversation_id).or_default();
-        conv.insert(msg, max, &mut out.messages);
+        conv.insert(msg, max, me, &mut out.messages);
         out.fetch = conv.next_fetch(conversation_id);
         out
     }
@@ -128,12 +146,13 @@ impl Reorder {
     pub fn handle_page(&mut self, conversation_id: u64, messages: Vec<v1::Message>) -> Released {
         let mut out = Released::default();
         let max = self.ahead_messages_max;
+        let me = self.user_id;
         let conv = self.convs.entry(conversation_id).or_default();
         conv.fetching = false;
         let before = conv.cursor;
         for msg in messages {
             if msg.conversation_id == conversation_id {
-                conv.insert(msg, max, &mut out.messages);
+                conv.insert(msg, max, me, &mut out.messages);
             }
         }
         if conv.cursor > before {
@@ -170,12 +189,29 @@ impl Reorder {
 }
 
 impl Conv {
-    fn insert(&mut self, msg: v1::Message, ahead_max: usize, released: &mut Vec<v1::Message>) {
+    fn insert(
+        &mut self,
+        msg: v1::Message,
+        ahead_max: usize,
+        me: u64,
+        released: &mut Vec<v1::Message>,
+    ) {
         let seq = msg.seq;
         if seq <= self.cursor {
             return; // Duplicate: already released.
         }
         self.known_max = self.known_max.max(seq);
+        if seq > self.cursor + 1 && me != 0 && is_join_of(&msg, me) {
+            // Nothing between the cursor and this join is visible to us but
+            // what is held already (from an earlier membership).
+            let below: Vec<u64> = self.ahead.range(..seq).map(|(s, _)| *s).collect();
+            for s in below {
+                if let Some(m) = self.ahead.remove(&s) {
+                    released.push(m);
+                }
+            }
+            self.cursor = seq - 1;
+        }
         if seq == self.cursor + 1 {
             self.cursor = seq;
             released.push(msg);
@@ -209,9 +245,52 @@ impl Conv {
     }
 }
 
+/// True for a group event that makes `user_id` a member (CREATED or
+/// MEMBERS_ADDED naming it).
+fn is_join_of(msg: &v1::Message, user_id: u64) -> bool {
+    msg.group_changed.as_ref().is_some_and(|g| {
+        (g.kind == v1::GroupChangeKind::Created as i32
+            || g.kind == v1::GroupChangeKind::MembersAdded as i32)
+            && g.user_ids.contains(&user_id)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn join(conv: u64, seq: u64, users: &[u64]) -> v1::Message {
+        v1::Message {
+            conversation_id: conv,
+            seq,
+            group_changed: Some(Box::new(v1::GroupChanged {
+                kind: v1::GroupChangeKind::MembersAdded.into(),
+                user_ids: users.to_vec(),
+                ..v1::GroupChanged::default()
+            })),
+            ..v1::Message::default()
+        }
+    }
+
+    #[test]
+    fn a_join_of_ours_starts_the_conversation_there() {
+        let mut r = Reorder::new([(7, 3)], 100).for_user(42);
+        // Held from an earlier membership, then our removal left a gap.
+        assert_eq!(seqs(&r.handle_message(msg(7, 5))), Vec::<u64>::new());
+        // Someone else's join does not move the cursor.
+        let out = r.handle_message(join(7, 8, &[9]));
+        assert!(out.messages.is_empty());
+        // Ours: what was held below it is released, then the join itself
+        // and what follows; no fetch for the invisible seqs.
+        let out = r.handle_message(join(7, 10, &[42]));
+        assert_eq!(seqs(&out), [5, 8, 10]);
+        assert_eq!(r.cursor(7), 10);
+        let out = r.handle_message(msg(7, 11));
+        assert_eq!((seqs(&out), out.fetch), (vec![11], None));
+        // Without a user, a join is just a message.
+        let mut r = Reorder::new([], 100);
+        assert!(r.handle_message(join(1, 4, &[42])).messages.is_empty());
+    }
 
     fn msg(conv: u64, seq: u64) -> v1::Message {
         v1::Message {

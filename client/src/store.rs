@@ -8,6 +8,8 @@
 //! - `outbox.json` — messages accepted by [`crate::Client::send`] but not yet
 //!   acknowledged, each with its `client_msg_id`; an entry leaves only when
 //!   its `SendAck` (or a permanent rejection) arrives.
+//! - `contacts.json` — `+phone` → user id, as contact discovery resolved
+//!   them, so that a phone number is looked up once, not on every command.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -73,6 +75,11 @@ impl From<&v1::SessionGranted> for Credentials {
 const CREDENTIALS: &str = "credentials.json";
 const CURSORS: &str = "cursors.json";
 const OUTBOX: &str = "outbox.json";
+const CONTACTS: &str = "contacts.json";
+
+/// Phone numbers remembered in `contacts.json`; beyond, the entry that sorts
+/// first is dropped (it is looked up again when needed).
+pub const CONTACTS_MAX: usize = 10_000;
 
 impl Profile {
     /// Opens (creating, mode 0700) a profile directory.
@@ -126,6 +133,74 @@ impl Profile {
     /// Opens the outbox.
     pub fn outbox(&self) -> Result<Outbox, ClientError> {
         Outbox::open(self.dir.join(OUTBOX))
+    }
+
+    /// Opens the phone numbers resolved for `user_id`; those of another
+    /// user (a different account logged in with this profile before) are
+    /// dropped.
+    pub fn contacts(&self, user_id: u64) -> Result<ContactBook, ClientError> {
+        ContactBook::open(self.dir.join(CONTACTS), user_id)
+    }
+}
+
+/// `contacts.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ContactFile {
+    user_id: u64,
+    /// `+phone` (E.164, as typed) → user id.
+    phones: BTreeMap<String, u64>,
+}
+
+/// Phone numbers resolved by contact discovery, persisted (at most
+/// [`CONTACTS_MAX`]). Numbers that matched nobody are not remembered.
+#[derive(Debug)]
+pub struct ContactBook {
+    path: PathBuf,
+    file: ContactFile,
+}
+
+impl ContactBook {
+    fn open(path: PathBuf, user_id: u64) -> Result<Self, ClientError> {
+        let file = match read_json::<ContactFile>(&path)? {
+            Some(f) if f.user_id == user_id => f,
+            _ => ContactFile {
+                user_id,
+                phones: BTreeMap::new(),
+            },
+        };
+        Ok(Self { path, file })
+    }
+
+    /// The user a phone number was resolved to.
+    #[must_use]
+    pub fn get(&self, phone: &str) -> Option<u64> {
+        self.file.phones.get(phone).copied()
+    }
+
+    /// Remembers that `phone` is `user_id` (on disk before it returns).
+    pub fn insert(&mut self, phone: &str, user_id: u64) -> Result<(), ClientError> {
+        if self.get(phone) == Some(user_id) {
+            return Ok(());
+        }
+        if !self.file.phones.contains_key(phone) && self.file.phones.len() >= CONTACTS_MAX {
+            self.file.phones.pop_first();
+        }
+        self.file.phones.insert(phone.to_owned(), user_id);
+        write_json(&self.path, &self.file)
+    }
+
+    /// Forgets a phone number (it is looked up again next time).
+    pub fn remove(&mut self, phone: &str) -> Result<(), ClientError> {
+        if self.file.phones.remove(phone).is_some() {
+            write_json(&self.path, &self.file)?;
+        }
+        Ok(())
+    }
+
+    /// Every remembered number.
+    #[must_use]
+    pub fn all(&self) -> &BTreeMap<String, u64> {
+        &self.file.phones
     }
 }
 
@@ -490,6 +565,31 @@ mod tests {
         profile.clear_credentials().unwrap();
         profile.clear_credentials().unwrap();
         assert_eq!(profile.credentials().unwrap(), None);
+    }
+
+    #[test]
+    fn contacts_persist_per_user_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::open(dir.path()).unwrap();
+        {
+            let mut book = profile.contacts(7).unwrap();
+            assert_eq!(book.get("+15550100001"), None);
+            book.insert("+15550100001", 42).unwrap();
+            book.insert("+15550100002", 43).unwrap();
+            book.remove("+15550100002").unwrap();
+        }
+        let book = profile.contacts(7).unwrap();
+        assert_eq!(book.get("+15550100001"), Some(42));
+        assert_eq!(book.get("+15550100002"), None);
+        // Another user on the same profile starts from scratch.
+        assert!(profile.contacts(8).unwrap().all().is_empty());
+        let mut book = profile.contacts(9).unwrap();
+        for i in 0..CONTACTS_MAX {
+            book.file.phones.insert(format!("+1{i:010}"), 1);
+        }
+        book.insert("+19999999999", 2).unwrap();
+        assert_eq!(book.all().len(), CONTACTS_MAX);
+        assert_eq!(book.get("+19999999999"), Some(2));
     }
 
     #[test]

@@ -434,3 +434,10 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
     assert!(!features.iter().any(|f| f == "media"), "{features:?}");
     client.shutdown().await;
 }
+
+#[path = "real_server/contacts.rs"]
+mod contacts;
+#[path = "real_server/groups.rs"]
+mod groups;
+#[path = "real_server/presence.rs"]
+mod presence;

@@ -160,8 +160,16 @@ pub struct AccountsConfig {
     pub access_token_ttl_ms: u64,
     /// Refresh token lifetime.
     pub refresh_token_ttl_ms: u64,
-    /// DiscoverContacts requests per user per hour.
-    pub discover_requests_per_hour: u32,
+    /// New phone numbers a user may look up with DiscoverContacts per hour
+    /// (a fixed window from the first lookup). Numbers the user already
+    /// looked up in the window cost nothing again; a request that would go
+    /// past the budget is refused whole.
+    pub discover_numbers_per_hour: u32,
+    /// Looked-up numbers remembered over all users (8 bytes each, plus the
+    /// set's overhead). When full, the numbers of the windows that end
+    /// soonest are forgotten (their counts are kept): a forgotten number
+    /// costs its user again. At least `discover_numbers_per_hour`.
+    pub discover_numbers_remembered_max: usize,
     /// Threads for blocking work (store reads and writes, webhooks). Password
     /// hashing has threads of its own (`password_hash_threads`).
     pub blocking_threads: usize,
@@ -209,7 +217,8 @@ impl Default for AccountsConfig {
             otp_requests_per_ip_per_hour: 30,
             access_token_ttl_ms: 15 * 60 * 1000,
             refresh_token_ttl_ms: 30 * 24 * 3600 * 1000,
-            discover_requests_per_hour: 20,
+            discover_numbers_per_hour: 2_000,
+            discover_numbers_remembered_max: 1_000_000,
             blocking_threads: 4,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
@@ -501,6 +510,10 @@ impl Config {
                 "accounts.password_failures_per_identifier_per_hour",
                 a.password_failures_per_identifier_per_hour,
             ),
+            (
+                "accounts.discover_numbers_per_hour",
+                a.discover_numbers_per_hour,
+            ),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1");
@@ -511,6 +524,12 @@ impl Config {
         }
         if a.rate_windows_max < 1000 {
             return bad("accounts.rate_windows_max", "must be at least 1000");
+        }
+        if a.discover_numbers_remembered_max < a.discover_numbers_per_hour as usize {
+            return bad(
+                "accounts.discover_numbers_remembered_max",
+                "must be at least accounts.discover_numbers_per_hour",
+            );
         }
         if a.argon2_memory_kib < 8 || a.argon2_iterations == 0 {
             return bad(
@@ -598,6 +617,8 @@ mod tests {
             "password_checks_per_ip_per_minute = 0",
             "password_failures_per_identifier_per_hour = 0",
             "rate_windows_max = 10",
+            "discover_numbers_per_hour = 0",
+            "discover_numbers_remembered_max = 10",
         ] {
             let c = Config::from_toml(&format!("[accounts]\n{bad}\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();

@@ -2481,6 +2481,8 @@ mod accounts_abuse;
 mod blocks;
 #[path = "server/cursors.rs"]
 mod cursors;
+#[path = "server/discovery.rs"]
+mod discovery;
 #[path = "server/faults.rs"]
 mod faults;
 #[path = "server/groups.rs"]

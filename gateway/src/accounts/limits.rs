@@ -33,6 +33,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::lookups::Lookups;
+
 /// A refusal: why, and when a retry can succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
@@ -255,10 +257,14 @@ pub struct LimitsConfig {
     pub password_burst: u32,
     /// Threads hashing passwords (for the wait estimates).
     pub hash_threads: u32,
-    /// DiscoverContacts requests per user per window.
-    pub discover_per_user: u32,
+    /// New numbers a user may look up with DiscoverContacts per window
+    /// ([`crate::accounts::lookups`]).
+    pub discover_numbers_per_user: u32,
     /// The DiscoverContacts window.
     pub discover_window_ms: u64,
+    /// Numbers remembered over all users (repeats within a window are
+    /// free only while remembered).
+    pub discover_numbers_remembered_max: usize,
     /// Windows kept, durable and in memory each.
     pub windows_max: usize,
 }
@@ -279,6 +285,8 @@ struct State {
     durable: Windows,
     /// In memory only: short windows.
     volatile: Windows,
+    /// Contact discovery's budgets (in memory).
+    lookups: Lookups,
     bucket: TokenBucket,
     /// Password checks admitted and not finished.
     hashing: u32,
@@ -373,6 +381,7 @@ impl Limits {
         let state = State {
             durable: Windows::new(cfg.windows_max),
             volatile: Windows::new(cfg.windows_max),
+            lookups: Lookups::new(cfg.windows_max, cfg.discover_numbers_remembered_max),
             bucket: TokenBucket::new(cfg.password_per_sec, cfg.password_burst),
             hashing: 0,
             hashing_per_ip: HashMap::new(),
@@ -545,22 +554,26 @@ impl Limits {
         self.lock().durable.refund(failure_key, now_ms);
     }
 
-    /// Counts a DiscoverContacts request of `user_id`, or refuses it.
+    /// Charges a DiscoverContacts request of `user_id` for the numbers
+    /// (32-byte hashes) it has not looked up in its current window, or
+    /// refuses the whole request. Returns how many were new.
     ///
     /// # Errors
-    /// The user's budget is spent.
-    pub fn charge_discover(&self, user_id: u64, now_ms: u64) -> Result<(), Refused> {
+    /// The user's budget cannot take the new numbers.
+    pub fn charge_discover<'a>(
+        &self,
+        user_id: u64,
+        hashes: impl IntoIterator<Item = &'a [u8]>,
+        now_ms: u64,
+    ) -> Result<u32, Refused> {
         let c = &self.cfg;
-        let key = format!("discover:{user_id}");
-        let mut s = self.lock();
-        s.volatile.check(
-            &key,
-            c.discover_per_user,
-            "too many contact lookups",
+        self.lock().lookups.charge(
+            user_id,
+            hashes,
+            c.discover_numbers_per_user,
+            c.discover_window_ms,
             now_ms,
-        )?;
-        s.volatile.charge(&key, c.discover_window_ms, now_ms);
-        Ok(())
+        )
     }
 
     /// Password checks admitted and not finished.
@@ -590,8 +603,9 @@ mod tests {
             password_per_sec: 10,
             password_burst: 10,
             hash_threads: 1,
-            discover_per_user: 2,
+            discover_numbers_per_user: 2,
             discover_window_ms: HOUR_MS,
+            discover_numbers_remembered_max: 1000,
             windows_max: 100,
         }
     }
@@ -861,15 +875,21 @@ mod tests {
     }
 
     #[test]
-    fn discover_budget_per_user() {
+    fn discover_budget_per_user_in_new_numbers() {
         let l = Limits::new(cfg(), 10);
-        l.charge_discover(1, 0).unwrap();
-        l.charge_discover(1, 0).unwrap();
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        assert_eq!(l.charge_discover(1, [&a[..], &b[..]], 0), Ok(2));
+        // Asked again: free, however often.
+        for t in 0..50 {
+            assert_eq!(l.charge_discover(1, [&a[..]], t), Ok(0));
+        }
         assert_eq!(
-            l.charge_discover(1, 10).unwrap_err().retry_after_ms,
-            HOUR_MS - 10
+            l.charge_discover(1, [&c[..]], 100)
+                .unwrap_err()
+                .retry_after_ms,
+            HOUR_MS - 100
         );
-        l.charge_discover(2, 10).unwrap();
+        assert_eq!(l.charge_discover(2, [&c[..]], 100), Ok(1));
     }
 
     #[test]

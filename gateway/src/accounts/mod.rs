@@ -24,6 +24,7 @@
 
 pub mod ident;
 pub mod limits;
+pub mod lookups;
 pub mod password;
 pub mod sender;
 pub mod store;
@@ -849,17 +850,17 @@ impl Accounts {
                 "at most 1000 hashes per request",
             ));
         }
+        if req.phone_sha256.iter().any(|h| h.len() != 32) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "each hash must be 32 bytes",
+            ));
+        }
         self.limits
-            .charge_discover(p.user_id, now_ms)
+            .charge_discover(p.user_id, req.phone_sha256.iter().map(|h| &h[..]), now_ms)
             .map_err(|e| self.fail("rate_limited", e.into()))?;
         let mut matches = Vec::new();
         for h in &req.phone_sha256 {
-            if h.len() != 32 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    "each hash must be 32 bytes",
-                ));
-            }
             if let Some(uid) = self.store.user_by_phone_key(&self.phone_key_of_hash(h))?
                 && uid != p.user_id
             {
@@ -952,8 +953,9 @@ fn limits_config(c: &AccountsConfig) -> LimitsConfig {
         password_per_sec: c.password_checks_per_sec,
         password_burst: c.password_checks_burst,
         hash_threads: u32::try_from(c.password_hash_threads).unwrap_or(u32::MAX),
-        discover_per_user: c.discover_requests_per_hour,
+        discover_numbers_per_user: c.discover_numbers_per_hour,
         discover_window_ms: HOUR_MS,
+        discover_numbers_remembered_max: c.discover_numbers_remembered_max,
         windows_max: c.rate_windows_max,
     }
 }

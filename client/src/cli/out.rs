@@ -1,0 +1,192 @@
+//! Printing: one JSON object per line with `--json`, else a readable line.
+
+use serde_json::Value;
+use starling_client::{ClientError, json as sj};
+
+/// Prints results in the chosen format.
+pub(crate) struct Out {
+    pub(crate) json: bool,
+}
+
+impl Out {
+    pub(crate) fn print(&self, v: &Value) {
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{}", human(v));
+        }
+    }
+}
+
+/// One readable line for a JSON result.
+pub(crate) fn human(v: &Value) -> String {
+    let s = |k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    match v["type"].as_str().unwrap_or_default() {
+        "message" => {
+            let body = if v.get("text").is_some() {
+                s("text")
+            } else {
+                format!(
+                    "<{} bytes of {}>",
+                    s("body_hex").len() / 2,
+                    s("content_type")
+                )
+            };
+            format!(
+                "[conv {} #{}] user {}: {body}",
+                s("conversation_id"),
+                s("seq"),
+                s("sender_user_id")
+            )
+        }
+        "sent" => format!(
+            "sent: conv {} seq {} (client_msg_id {}{})",
+            s("conversation_id"),
+            s("seq"),
+            s("client_msg_id"),
+            if v["duplicate"] == true {
+                ", duplicate"
+            } else {
+                ""
+            }
+        ),
+        "receipt" => format!(
+            "[conv {}] {} up to #{} by user {}",
+            s("conversation_id"),
+            s("kind"),
+            s("up_to_seq"),
+            s("by_user_id")
+        ),
+        "conversation" => format!(
+            "conv {} ({}) {} peer {} last #{} unread {}",
+            s("conversation_id"),
+            s("kind"),
+            s("title"),
+            s("peer_user_id"),
+            s("last_seq"),
+            s("unread_count")
+        ),
+        "error" => format!("error: {} {}", s("code"), s("message")),
+        "typing" => format!(
+            "[conv {}] user {} {}",
+            s("conversation_id"),
+            s("user_id"),
+            if v["typing"] == true {
+                "is typing…"
+            } else {
+                "stopped typing"
+            }
+        ),
+        "group_changed" => format!(
+            "[conv {} #{}] user {} {}: {}{}",
+            s("conversation_id"),
+            s("seq"),
+            s("by_user_id"),
+            s("kind").replace('_', " "),
+            v["user_ids"]
+                .as_array()
+                .map(|u| u
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            if v.get("role").is_some() {
+                format!(" → {}", s("role"))
+            } else {
+                String::new()
+            }
+        ),
+        "presence" => {
+            let seen = v["last_seen_ms"].as_u64().unwrap_or(0);
+            format!(
+                "user {}: {}{}",
+                s("user_id"),
+                s("state"),
+                if seen > 0 {
+                    format!(" (last seen {seen} ms since the epoch)")
+                } else {
+                    String::new()
+                }
+            )
+        }
+        "group" => {
+            let members = v["members"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .map(|m| {
+                            format!("{} ({})", m["user_id"], m["role"].as_str().unwrap_or("?"))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            format!(
+                "group {} \"{}\" v{}: {members}",
+                s("conversation_id"),
+                s("name"),
+                s("version")
+            )
+        }
+        "connected" => format!(
+            "connected as user {} device {}",
+            s("user_id"),
+            s("device_id")
+        ),
+        "server" => format!(
+            "{} (protocol {}), features: {}; limits: frames {} B, bodies {} B, {} requests in flight, ping every {} ms, idle timeout {} ms",
+            s("server_version"),
+            s("protocol_version"),
+            v["features"]
+                .as_array()
+                .map(|f| f
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            s("frame_bytes_max"),
+            s("body_bytes_max"),
+            s("inflight_requests_max"),
+            s("heartbeat_ms"),
+            s("idle_timeout_ms")
+        ),
+        "disconnected" => format!(
+            "disconnected: {} (retry in {} ms)",
+            s("reason"),
+            s("retry_in_ms")
+        ),
+        "synced" => format!(
+            "synced: {} messages, {} receipts",
+            s("messages"),
+            s("receipts")
+        ),
+        _ => {
+            // Generic: key=value pairs after the type.
+            let mut line = s("type");
+            if let Value::Object(map) = v {
+                for (k, val) in map.iter().filter(|(k, _)| *k != "type") {
+                    let val = match val {
+                        Value::String(x) => x.clone(),
+                        x => x.to_string(),
+                    };
+                    line.push_str(&format!(" {k}={val}"));
+                }
+            }
+            line
+        }
+    }
+}
+
+pub(crate) fn print_error(out: &Out, e: &ClientError) {
+    if out.json {
+        println!("{}", sj::error(e));
+    } else {
+        eprintln!("error: {e}");
+    }
+}
