@@ -2485,6 +2485,8 @@ mod cursors;
 mod discovery;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/group_receipts.rs"]
+mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
 #[path = "server/presence.rs"]

@@ -50,6 +50,9 @@ pub struct ShardConfig {
     pub cursor_flush_ms: u64,
     /// ... or as soon as this many are waiting.
     pub cursor_flush_max: usize,
+    /// A group's senders get their aggregate receipts (`GroupReceipts`) at most once per this
+    /// interval per group: the first durable cursor change schedules a push this long after.
+    pub group_receipts_coalesce_ms: u64,
     /// Unread counts stop at this value.
     pub unread_count_max: usize,
     /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
@@ -115,6 +118,7 @@ impl Default for ShardConfig {
             list_limit_max: 200,
             cursor_flush_ms: 20,
             cursor_flush_max: 1024,
+            group_receipts_coalesce_ms: 250,
             unread_count_max: 999,
             conv_idle_evict_ms: 10 * 60 * 1000,
             blocks_max: 10_000,

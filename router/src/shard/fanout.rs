@@ -78,6 +78,20 @@ pub(super) fn push<I, M>(sh: &mut Shared<I, M>, items: &[FanoutItem]) {
                     }
                 }
             }
+            FanoutItem::GroupReceipts { receipts, to } => {
+                let mut encoded: Option<Bytes> = None;
+                for i in 0.. {
+                    let Some(conn) = sh.dir.user_conn(to, i) else {
+                        break;
+                    };
+                    // A device that is behind learns the counts from its next Sync.
+                    let kind = FrameKind::GroupReceipts;
+                    sh.out
+                        .push_shared(&mut sh.dir, conn, &mut encoded, kind, now, |buf| {
+                            encode_frame(buf, &frame(0, Body::GroupReceipts(receipts.clone())))
+                        });
+                }
+            }
         }
     }
 }

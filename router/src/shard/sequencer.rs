@@ -408,6 +408,9 @@ impl<L: DurableLog> Sequencer<L> {
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.seq.durable_seq = e.seq.0;
+            if c.group.is_some() && e.kind == EntryKind::MESSAGE {
+                c.cursors.sent.record(e.seq.0, e.sender);
+            }
             c.seq.pending.remove(&e.client_msg_id);
             c.seq
                 .recent_ids

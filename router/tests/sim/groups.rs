@@ -320,7 +320,7 @@ impl GWorld {
                 self.received.insert((user, m.conversation_id, m.seq));
             }
             Some(Body::MessagesAvailable(_)) => self.sync(d),
-            Some(Body::Receipt(_)) => {}
+            Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {}
             body => {
                 if f.request_id == 0 {
                     return;
