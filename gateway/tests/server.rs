@@ -2491,6 +2491,8 @@ mod group_receipts;
 mod groups;
 #[path = "server/presence.rs"]
 mod presence;
+#[path = "server/read_fanout.rs"]
+mod read_fanout;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]

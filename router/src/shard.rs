@@ -28,6 +28,7 @@ mod list;
 mod mail;
 mod outbound;
 mod presence;
+mod read_fanout;
 mod send;
 mod sequencer;
 mod shared;
@@ -333,6 +334,7 @@ where
         self.sh.now_ms = now_ms;
         self.poll_meta();
         self.cursors.tick(&mut self.sh);
+        read_fanout::tick(&mut self.sh);
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
         self.presence.tick(&mut self.sh);
@@ -388,6 +390,7 @@ where
             evict,
             self.presence.due_ms(),
             self.typing.due_ms(),
+            self.sh.available.due_ms(),
         ]
         .into_iter()
         .flatten()

@@ -125,6 +125,13 @@ pub(super) enum FanoutItem {
         receipt: v1::Receipt,
         to: Vec<UserId>,
     },
+    /// A large group has messages up to `up_to_seq`: a `MessagesAvailable` for every online
+    /// device of `members` (fan-out on read).
+    Available {
+        conv: ConvId,
+        up_to_seq: u64,
+        members: Arc<[UserId]>,
+    },
     /// A group's aggregate receipts for every online device of their sender `to`.
     GroupReceipts {
         receipts: v1::GroupReceipts,

@@ -416,7 +416,15 @@ impl<L: DurableLog> Sequencer<L> {
                 .recent_ids
                 .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
             c.seq.recent.push_back((lsn, Arc::new(e)));
+            let on_read = c.group.is_some() && members.len() > sh.cfg.group_push_members_max;
+            let seq = c.seq.durable_seq;
             sh.convs.tail_added(lsn, conv);
+            if on_read {
+                // Fan-out on read: announced, coalesced, to the members (`read_fanout.rs`).
+                let (now, every) = (sh.now_ms, sh.cfg.group_available_ms);
+                sh.available.mark(conv, seq, now, every);
+                continue;
+            }
             items.push(FanoutItem::Message {
                 msg,
                 members,
