@@ -18,7 +18,9 @@
 //! slowest of its N − 1 deliveries); the sender's send → SendAck.
 //!
 //! Receivers acknowledge as a client does: one cumulative DeliveryAck per conversation, held up
-//! to `--ack-delay-us` (`--no-delivery-acks`: none; the server then announces no receipts).
+//! to `--ack-delay-us` (`--no-delivery-acks`: none; the server then announces no receipts). In a
+//! group the server answers cursors with coalesced aggregate `GroupReceipts` to the sender, not
+//! a Receipt per member to every member.
 //!
 //! `--peer mqtt://…` (or `mqtts://`) runs the same workload against an MQTT 3.1.1 broker after
 //! Starling, in the same invocation: per group one publisher connection at QoS 1 to the topic
@@ -163,7 +165,7 @@ pub(crate) struct Counts {
     /// Deliveries of recorded messages (after the warm-up).
     pub(crate) measured_deliveries: u64,
     pub(crate) duplicates: u64,
-    /// Receipt frames received (by senders and receivers).
+    /// Receipt and GroupReceipts frames received (by senders and receivers).
     pub(crate) receipts: u64,
     /// `MessagesAvailable` hints received and the Syncs sent for them.
     pub(crate) hints: u64,

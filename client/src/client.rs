@@ -119,8 +119,13 @@ pub enum Event {
     SyncFailed(ServerError),
     /// A message, in seq order per conversation, each exactly once.
     Message(v1::Message),
-    /// A delivered/read receipt.
+    /// A delivered/read receipt (in a group: only our own read cursor,
+    /// moved by another of our devices).
     Receipt(v1::Receipt),
+    /// In a group: how many members received and read our recent messages
+    /// (coalesced; also once per group after a Sync). Ask
+    /// [`Client::receipts`] for who they are.
+    GroupReceipts(v1::GroupReceipts),
     /// An outbox message was accepted (it is durable on the server).
     Sent(v1::SendAck),
     /// An outbox message was refused for good and removed from the outbox.

@@ -60,6 +60,42 @@ pub fn send_ack(a: &v1::SendAck) -> Value {
     })
 }
 
+/// A group's aggregate receipts for our messages.
+#[must_use]
+pub fn group_receipts(g: &v1::GroupReceipts) -> Value {
+    let messages: Vec<Value> = g
+        .messages
+        .iter()
+        .map(|m| {
+            json!({
+                "seq": m.seq,
+                "delivered": m.delivered,
+                "read": m.read,
+                "recipients": m.recipients,
+            })
+        })
+        .collect();
+    json!({
+        "type": "group_receipts",
+        "conversation_id": g.conversation_id,
+        "messages": messages,
+    })
+}
+
+/// Who received and read one message.
+#[must_use]
+pub fn receipt_detail(d: &v1::ReceiptDetail) -> Value {
+    json!({
+        "type": "receipt_detail",
+        "conversation_id": d.conversation_id,
+        "seq": d.seq,
+        "sender_user_id": d.sender_user_id,
+        "recipients": d.recipients,
+        "delivered_user_ids": d.delivered_user_ids,
+        "read_user_ids": d.read_user_ids,
+    })
+}
+
 /// A receipt.
 #[must_use]
 pub fn receipt(r: &v1::Receipt) -> Value {
@@ -287,6 +323,7 @@ pub fn event(e: &Event) -> Value {
         }
         Event::Message(m) => message(m),
         Event::Receipt(r) => receipt(r),
+        Event::GroupReceipts(g) => group_receipts(g),
         Event::Sent(a) => send_ack(a),
         Event::SendFailed {
             client_msg_id,

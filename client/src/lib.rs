@@ -25,7 +25,8 @@
 //!   (`Welcome.auth_error`), Refresh on the same connection; reconnect with full-jitter [`Backoff`],
 //!   the [`Outbox`], the [`CursorStore`], sync on reconnect, gap detection
 //!   ([`Reorder`]) and an ordered, deduplicated [`Events`] stream.
-//!   Groups (create, info, members, roles, leave, settings), presence
+//!   Groups (create, info, members, roles, leave, settings, receipt detail;
+//!   aggregate receipt counts arrive as [`Event::GroupReceipts`]), presence
 //!   (subscribe, set; restored on every reconnect), typing and other users'
 //!   profiles are requests on [`Client`]; their pushes arrive as [`Event`]s.
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).

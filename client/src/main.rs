@@ -205,6 +205,16 @@ enum Cmd {
     /// Show, watch or set presence.
     #[command(subcommand)]
     Presence(PresenceCmd),
+    /// Show who received and read one message of a group (or any
+    /// conversation).
+    Receipts {
+        /// group:<id>, conv:<id> or the conversation id.
+        #[arg(long)]
+        group: String,
+        /// The message's seq.
+        #[arg(long)]
+        seq: u64,
+    },
     /// Show other users' public profiles.
     Profiles {
         /// User ids or +phones, comma-separated.
@@ -480,6 +490,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let res = cli::presence::run(&out, &client, events, cmd).await;
             client.shutdown().await;
             res?;
+        }
+        Cmd::Receipts { group, seq } => {
+            let conv = cli::groups::group_id(&group)?;
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = client.receipts(conv, seq).await;
+            client.shutdown().await;
+            out.print(&sj::receipt_detail(&res?));
         }
         Cmd::Profiles { users } => {
             let (client, events) = start(&g, false)?;

@@ -441,3 +441,5 @@ mod contacts;
 mod groups;
 #[path = "real_server/presence.rs"]
 mod presence;
+#[path = "real_server/receipts.rs"]
+mod receipts;

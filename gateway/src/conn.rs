@@ -1164,6 +1164,8 @@ fn is_server_only(body: &Body) -> bool {
             | Body::SendAck(_)
             | Body::Deliver(_)
             | Body::Receipt(_)
+            | Body::GroupReceipts(_)
+            | Body::ReceiptDetail(_)
             | Body::MessagesAvailable(_)
             | Body::SyncDone(_)
             | Body::HistoryPage(_)

@@ -226,11 +226,16 @@ impl ConnCtl {
     }
 
     /// A frame is queued for the connection. If it is a request's final answer (a frame with
-    /// its request id other than Deliver and Receipt, which are parts of a Sync's answer;
-    /// SyncDone ends it), that request no longer counts as in flight. Returns the read time
-    /// of a Send answered by this SendAck.
+    /// its request id other than Deliver, Receipt and GroupReceipts, which are parts of a
+    /// Sync's answer; SyncDone ends it), that request no longer counts as in flight. Returns
+    /// the read time of a Send answered by this SendAck.
     pub fn settle(&self, request_id: u64, kind: Option<FrameKind>) -> Option<u64> {
-        if request_id == 0 || matches!(kind, Some(FrameKind::Deliver | FrameKind::Receipt)) {
+        if request_id == 0
+            || matches!(
+                kind,
+                Some(FrameKind::Deliver | FrameKind::Receipt | FrameKind::GroupReceipts)
+            )
+        {
             return None;
         }
         let mut requests = self.requests.borrow_mut();

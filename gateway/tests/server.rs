@@ -1024,12 +1024,16 @@ mod cursors;
 mod discovery;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/group_receipts.rs"]
+mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]
 mod presence;
+#[path = "server/read_fanout.rs"]
+mod read_fanout;
 #[path = "server/router_config.rs"]
 mod router_config;
 #[path = "server/spec.rs"]

@@ -2,6 +2,7 @@
 group request, events delivered as Messages with group_changed (live, by Sync, in history),
 who sees what after joining and leaving, and the refusals."""
 
+import group_receipts
 from vectors import fail
 
 GROUP_BIT = 1 << 63
@@ -90,6 +91,8 @@ def flows(pb, srv, s, check):
         _error(pb, f, "INVALID_ARGUMENT")
     check("groups: GetGroupInfo, Send to the group, the event id prefix is reserved",
           read_and_send)
+
+    group_receipts.flows(pb, s, g["conv"], 2, check)
 
     def refusals():
         a, b, conv = s["a"], s["b"], g["conv"]

@@ -148,7 +148,8 @@ class Conn:
         before = []
         while True:
             f = self.recv()
-            if f.request_id == rid and f.WhichOneof("body") not in ("deliver", "receipt"):
+            if f.request_id == rid and f.WhichOneof("body") not in ("deliver", "receipt",
+                                                                "group_receipts"):
                 return f, before
             before.append(f)
 

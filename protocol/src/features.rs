@@ -18,7 +18,7 @@ pub const BLOCK: &str = "block";
 pub const PASSWORD_LOGIN: &str = "password_login";
 /// DiscoverContacts.
 pub const CONTACT_DISCOVERY: &str = "contact_discovery";
-/// The group requests (and GroupChanged).
+/// The group requests and GetReceipts (and group events, GroupReceipts).
 pub const GROUPS: &str = "groups";
 /// SubscribePresence, UnsubscribePresence, SetPresence (and PresenceUpdate).
 pub const PRESENCE: &str = "presence";
@@ -71,7 +71,8 @@ pub fn of(kind: FrameKind) -> Option<&'static str> {
         | K::RemoveGroupMembers
         | K::SetGroupRole
         | K::LeaveGroup
-        | K::UpdateGroup => GROUPS,
+        | K::UpdateGroup
+        | K::GetReceipts => GROUPS,
         K::SubscribePresence | K::UnsubscribePresence | K::SetPresence => PRESENCE,
         K::Typing => TYPING,
         K::GetProfiles => PROFILES,

@@ -314,6 +314,35 @@ fn sample(kind: FrameKind) -> Body {
             by_user_id: 1_002,
             ts_ms: 1_790_000_000_900,
         }),
+        FrameKind::GroupReceipts => Body::GroupReceipts(v1::GroupReceipts {
+            conversation_id: 9_003,
+            messages: vec![
+                v1::GroupReceiptCount {
+                    seq: 40,
+                    delivered: 998,
+                    read: 700,
+                    recipients: 999,
+                },
+                v1::GroupReceiptCount {
+                    seq: 42,
+                    delivered: 12,
+                    read: 0,
+                    recipients: 999,
+                },
+            ],
+        }),
+        FrameKind::GetReceipts => Body::GetReceipts(v1::GetReceipts {
+            conversation_id: 9_003,
+            seq: 42,
+        }),
+        FrameKind::ReceiptDetail => Body::ReceiptDetail(v1::ReceiptDetail {
+            conversation_id: 9_003,
+            seq: 42,
+            sender_user_id: 1_001,
+            delivered_user_ids: vec![1_002, 1_003, 1_004],
+            read_user_ids: vec![1_003],
+            recipients: 4,
+        }),
         FrameKind::MessagesAvailable => Body::MessagesAvailable(v1::MessagesAvailable {
             conversation_id: 9_001,
             up_to_seq: 1_042,
@@ -500,6 +529,7 @@ fn sample_frame(kind: FrameKind) -> v1::Frame {
             kind,
             FrameKind::Deliver
                 | FrameKind::Receipt
+                | FrameKind::GroupReceipts
                 | FrameKind::MessagesAvailable
                 | FrameKind::PresenceUpdate
                 | FrameKind::Typing

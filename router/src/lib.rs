@@ -53,6 +53,8 @@
 //! | `shard/sequencer.rs` | the shard's log: open batch, dedup, batches in flight, durable completion, failure answers |
 //! | `shard/fanout.rs` | pushing durable messages and receipts to this shard's connections of the members |
 //! | `shard/cursors.rs` | delivery and read cursors: ingress → owner → batched write → receipts |
+//! | `shard/read_fanout.rs` | fan-out on read: large groups' messages announced by coalesced `MessagesAvailable` |
+//! | `shard/group_receipts.rs` | a group's receipts aggregated for its senders (coalesced), `GetReceipts` |
 //! | `shard/sync.rs` | Sync: ingress → owners → gather |
 //! | `shard/history.rs` | GetHistory: ingress → owner |
 //! | `shard/list.rs` | ListConversations: ingress → owners → gather (`shard/gather.rs` holds the gathering state of Sync and list) |

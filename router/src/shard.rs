@@ -21,12 +21,14 @@ mod envelope;
 mod fanout;
 pub(crate) mod frames;
 mod gather;
+mod group_receipts;
 mod groups;
 mod history;
 mod list;
 mod mail;
 mod outbound;
 mod presence;
+mod read_fanout;
 mod send;
 mod sequencer;
 mod shared;
@@ -251,6 +253,9 @@ where
                 r.up_to_seq,
             ),
             Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
+            Some(Body::GetReceipts(r)) => {
+                group_receipts::request(&mut self.sh, origin, rid, user, r)
+            }
             Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
             Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
             Some(Body::Block(b)) => {
@@ -289,6 +294,7 @@ where
                 | Body::DeliveryAck(_)
                 | Body::ReadCursor(_)
                 | Body::Sync(_)
+                | Body::GetReceipts(_)
                 | Body::GetHistory(_)
                 | Body::ListConversations(_)
                 | Body::Block(_)
@@ -327,9 +333,8 @@ where
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.sh.now_ms = now_ms;
         self.poll_meta();
-        if self.cursors.due_ms().is_some_and(|d| d <= now_ms) {
-            self.cursors.flush(&mut self.sh);
-        }
+        self.cursors.tick(&mut self.sh);
+        read_fanout::tick(&mut self.sh);
         self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
         self.evict_idle();
         self.presence.tick(&mut self.sh);
@@ -385,6 +390,7 @@ where
             evict,
             self.presence.due_ms(),
             self.typing.due_ms(),
+            self.sh.available.due_ms(),
         ]
         .into_iter()
         .flatten()
@@ -432,6 +438,7 @@ where
             }
             Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
             Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
+            Inner::Receipts(r) => group_receipts::on_cmd(&mut self.sh, r),
             Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
             Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
             Inner::History(h) => history::on_cmd(&mut self.sh, h),

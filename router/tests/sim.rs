@@ -921,6 +921,43 @@ impl World {
                     "receipt ahead of the durable cursor"
                 );
             }
+            Some(Body::GroupReceipts(g)) => {
+                // Counts only of durable cursors, never more than the recipients.
+                let conv = ConvId(u128::from(g.conversation_id));
+                let me = self.devices[d].user;
+                let reads: Vec<u64> = self
+                    .users
+                    .iter()
+                    .filter(|&&u| u != me)
+                    .map(|&u| self.meta.read_cursor(conv, UserId(u)).unwrap().0)
+                    .collect();
+                let cursors = self.meta.delivery_cursors(conv).unwrap();
+                let delivered: Vec<u64> = self
+                    .users
+                    .iter()
+                    .filter(|&&u| u != me)
+                    .zip(&reads)
+                    .map(|(&u, &r)| {
+                        cursors
+                            .iter()
+                            .filter(|c| c.user.0 == u)
+                            .map(|c| c.seq.0)
+                            .fold(r, u64::max)
+                    })
+                    .collect();
+                for m in g.messages {
+                    let at = |v: &[u64]| v.iter().filter(|&&s| s >= m.seq).count() as u32;
+                    assert!(
+                        m.read <= m.delivered && m.delivered <= m.recipients,
+                        "{m:?}"
+                    );
+                    assert!(
+                        m.delivered <= at(&delivered),
+                        "counts ahead of durable cursors"
+                    );
+                    assert!(m.read <= at(&reads), "counts ahead of durable read cursors");
+                }
+            }
             Some(Body::Done(_)) => {}
             Some(Body::HistoryPage(p)) => {
                 // A page is a contiguous, ascending run of durable messages.

@@ -192,7 +192,9 @@ async fn send(
                             inflight = inflight.saturating_sub(1);
                             rec.counts.borrow_mut().acked += 1;
                         }
-                        Some(Body::Receipt(_)) => rec.counts.borrow_mut().receipts += 1,
+                        Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {
+                            rec.counts.borrow_mut().receipts += 1;
+                        }
                         Some(Body::Error(e)) => bail!("Send refused: {}", describe_error(&e)),
                         Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
                         _ => {}
@@ -341,7 +343,9 @@ impl Receiver {
                         self.sync(c, t.conversation_id, rec)?;
                     }
                 }
-                Some(Body::Receipt(_)) => rec.counts.borrow_mut().receipts += 1,
+                Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {
+                    rec.counts.borrow_mut().receipts += 1;
+                }
                 Some(Body::Error(e)) => bail!("server error: {}", describe_error(&e)),
                 Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
                 _ => {}

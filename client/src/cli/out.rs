@@ -61,6 +61,36 @@ pub(crate) fn human(v: &Value) -> String {
             s("up_to_seq"),
             s("by_user_id")
         ),
+        "group_receipts" => {
+            let per: Vec<String> = v["messages"]
+                .as_array()
+                .map(|ms| {
+                    ms.iter()
+                        .map(|m| {
+                            format!(
+                                "#{} delivered {}/{} read {}/{}",
+                                m["seq"],
+                                m["delivered"],
+                                m["recipients"],
+                                m["read"],
+                                m["recipients"]
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("[conv {}] {}", s("conversation_id"), per.join(", "))
+        }
+        "receipt_detail" => format!(
+            "[conv {}] #{} by user {}: delivered to {} of {} {}, read by {}",
+            s("conversation_id"),
+            s("seq"),
+            s("sender_user_id"),
+            v["delivered_user_ids"].as_array().map_or(0, Vec::len),
+            s("recipients"),
+            v["delivered_user_ids"],
+            v["read_user_ids"]
+        ),
         "conversation" => format!(
             "conv {} ({}) {} peer {} last #{} unread {}",
             s("conversation_id"),

@@ -382,6 +382,7 @@ impl Driver {
                 }
             }
             Body::Receipt(r) => self.emit(Event::Receipt(r)).await,
+            Body::GroupReceipts(g) => self.emit(Event::GroupReceipts(g)).await,
             Body::MessagesAvailable(a) => {
                 if self.cfg.receive_messages
                     && let Some(range) = self

@@ -1,4 +1,4 @@
-//! Group management: the seven group requests. Each is answered once the
+//! Group management: the seven group requests, and receipt detail. Each is answered once the
 //! change (and its event in the group's conversation) is durable; the
 //! events themselves arrive on [`Events`](crate::Events) like messages.
 
@@ -89,6 +89,25 @@ impl Client {
         update: v1::UpdateGroup,
     ) -> Result<v1::GroupInfo, ClientError> {
         self.group_request(Body::UpdateGroup(update)).await
+    }
+
+    /// Who received and read message `seq` of a conversation (members
+    /// who may see it only).
+    pub async fn receipts(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<v1::ReceiptDetail, ClientError> {
+        match self
+            .request(Body::GetReceipts(v1::GetReceipts {
+                conversation_id,
+                seq,
+            }))
+            .await?
+        {
+            Body::ReceiptDetail(d) => Ok(d),
+            other => Err(ClientError::unexpected("ReceiptDetail", Some(&other))),
+        }
     }
 
     async fn group_request(&self, body: Body) -> Result<v1::GroupInfo, ClientError> {

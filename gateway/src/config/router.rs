@@ -56,6 +56,14 @@ pub struct RouterConfig {
     pub cursor_flush_ms: u64,
     /// ... or as soon as this many changed cursors wait.
     pub cursor_flush_max: usize,
+    /// A group with more members than this is fanned out on read: instead of each message, its
+    /// members' online devices get a `MessagesAvailable` and pull with Sync (at least 2).
+    pub group_push_members_max: usize,
+    /// ... at most once per group per this interval (1 to 10000).
+    pub group_available_ms: u64,
+    /// In a group, a sender gets the aggregate delivered/read counts of its recent messages
+    /// (`GroupReceipts`) at most once per this interval per group (1 to 60000).
+    pub group_receipts_coalesce_ms: u64,
     /// Unread counts in `ConversationList` stop at this value.
     pub unread_count_max: usize,
     /// A conversation's state leaves memory after this long unused (it is loaded again from the
@@ -114,6 +122,9 @@ impl Default for RouterConfig {
             list_limit_max: d.list_limit_max,
             cursor_flush_ms: d.cursor_flush_ms,
             cursor_flush_max: d.cursor_flush_max,
+            group_receipts_coalesce_ms: d.group_receipts_coalesce_ms,
+            group_push_members_max: d.group_push_members_max,
+            group_available_ms: d.group_available_ms,
             unread_count_max: d.unread_count_max,
             conv_idle_evict_ms: d.conv_idle_evict_ms,
             blocks_max: d.blocks_max,
@@ -153,6 +164,9 @@ impl RouterConfig {
             list_limit_max: r.list_limit_max,
             cursor_flush_ms: r.cursor_flush_ms,
             cursor_flush_max: r.cursor_flush_max,
+            group_receipts_coalesce_ms: r.group_receipts_coalesce_ms,
+            group_push_members_max: r.group_push_members_max,
+            group_available_ms: r.group_available_ms,
             unread_count_max: r.unread_count_max,
             conv_idle_evict_ms: r.conv_idle_evict_ms,
             blocks_max: r.blocks_max,
@@ -251,6 +265,18 @@ impl RouterConfig {
             return bad(
                 "router.list_limit_default",
                 "must be at most router.list_limit_max",
+            );
+        }
+        if r.group_push_members_max < 2 {
+            return bad("router.group_push_members_max", "must be at least 2");
+        }
+        if r.group_available_ms == 0 || r.group_available_ms > 10_000 {
+            return bad("router.group_available_ms", "must be between 1 and 10000");
+        }
+        if r.group_receipts_coalesce_ms == 0 || r.group_receipts_coalesce_ms > 60_000 {
+            return bad(
+                "router.group_receipts_coalesce_ms",
+                "must be between 1 and 60000",
             );
         }
         if r.cursor_flush_ms == 0 || r.cursor_flush_ms > 10_000 {
@@ -434,6 +460,18 @@ mod tests {
                 "router.conv_idle_evict_ms",
             ),
             ("[router]\ncursor_flush_ms = 0\n", "router.cursor_flush_ms"),
+            (
+                "[router]\ngroup_push_members_max = 1\n",
+                "router.group_push_members_max",
+            ),
+            (
+                "[router]\ngroup_available_ms = 0\n",
+                "router.group_available_ms",
+            ),
+            (
+                "[router]\ngroup_receipts_coalesce_ms = 0\n",
+                "router.group_receipts_coalesce_ms",
+            ),
             (
                 "[router]\nunread_count_max = 0\n",
                 "router.unread_count_max",

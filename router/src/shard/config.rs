@@ -50,6 +50,14 @@ pub struct ShardConfig {
     pub cursor_flush_ms: u64,
     /// ... or as soon as this many are waiting.
     pub cursor_flush_max: usize,
+    /// A group with more members than this is fanned out on read: its members' online devices
+    /// get a coalesced `MessagesAvailable` instead of each message (`read_fanout.rs`).
+    pub group_push_members_max: usize,
+    /// ... at most once per group per this interval.
+    pub group_available_ms: u64,
+    /// A group's senders get their aggregate receipts (`GroupReceipts`) at most once per this
+    /// interval per group: the first durable cursor change schedules a push this long after.
+    pub group_receipts_coalesce_ms: u64,
     /// Unread counts stop at this value.
     pub unread_count_max: usize,
     /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
@@ -115,6 +123,9 @@ impl Default for ShardConfig {
             list_limit_max: 200,
             cursor_flush_ms: 20,
             cursor_flush_max: 1024,
+            group_receipts_coalesce_ms: 250,
+            group_push_members_max: 1024,
+            group_available_ms: 100,
             unread_count_max: 999,
             conv_idle_evict_ms: 10 * 60 * 1000,
             blocks_max: 10_000,

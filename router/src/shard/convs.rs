@@ -16,6 +16,7 @@ use starling_storage::{
 };
 
 use super::frames::Refusal;
+use super::group_receipts::RecentSent;
 use super::groups::GroupConv;
 use crate::hash::HashMap;
 use crate::ids::ConvId;
@@ -68,6 +69,8 @@ pub(super) struct ConvCursors {
     /// Per user: the delivered / read seq last made durable and announced.
     pub(super) announced_delivered: HashMap<UserId, u64>,
     pub(super) announced_read: HashMap<UserId, u64>,
+    /// For a group: its latest messages whose aggregate receipts go to their senders.
+    pub(super) sent: RecentSent,
 }
 
 impl ConvState {

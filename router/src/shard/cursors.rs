@@ -19,6 +19,7 @@ use starling_storage::{
 
 use super::convs::ConvCursors;
 use super::frames::{Refusal, error_frame, frame};
+use super::group_receipts::Pending;
 use super::mail::{CursorCmd, CursorKind, FanoutItem, Inner};
 use super::shared::{MetaTag, Shared};
 use crate::hash::HashSet;
@@ -36,12 +37,30 @@ pub(super) struct Cursors {
     waiters: Vec<(ConnRef, u64)>,
     /// A cursor batch is with the metadata writer (one at a time).
     in_flight: bool,
+    /// Groups whose senders' aggregate receipts are to be pushed (`group_receipts.rs`).
+    groups: Pending,
 }
 
 impl Cursors {
-    /// When the next batch is due, if one is scheduled.
+    /// When the next batch or group receipts push is due, if one is scheduled.
     pub(super) fn due_ms(&self) -> Option<u64> {
-        self.due_ms
+        match (self.due_ms, self.groups.due_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Timer: writes the batch and pushes the group receipts that are due.
+    pub(super) fn tick<I, M>(&mut self, sh: &mut Shared<I, M>)
+    where
+        M: MetadataStore + CursorStore,
+    {
+        if self.due_ms.is_some_and(|d| d <= sh.now_ms) {
+            self.flush(sh);
+        }
+        if self.groups.due_ms().is_some_and(|d| d <= sh.now_ms) {
+            self.groups.push(sh);
+        }
     }
 
     /// Whether a batch is with the metadata writer.
@@ -265,6 +284,7 @@ impl Cursors {
             *d = (*d).max(c.seq.0);
         }
         let mut items = Vec::new();
+        let coalesce_ms = sh.cfg.group_receipts_coalesce_ms;
         for ((conv, user), d) in delivered {
             let Some(c) = sh.convs.get_mut(conv) else {
                 continue;
@@ -272,6 +292,11 @@ impl Cursors {
             let prev = c.cursors.announced_delivered.entry(user).or_default();
             if d > *prev {
                 *prev = d;
+                if c.group.is_some() {
+                    // Counted for the senders, not pushed to every member.
+                    self.groups.mark(conv, sh.now_ms, coalesce_ms);
+                    continue;
+                }
                 let to = c.members.iter().copied().filter(|u| *u != user).collect();
                 items.push(FanoutItem::Receipt {
                     receipt: receipt(conv, d, v1::ReceiptKind::Delivered, user, sh.now_ms),
@@ -291,7 +316,13 @@ impl Cursors {
             let prev = c.cursors.announced_read.entry(user).or_default();
             if r > *prev {
                 *prev = r;
-                let to = c.members.to_vec();
+                let to = if c.group.is_some() {
+                    // The reader's other devices learn it; the senders get counts.
+                    self.groups.mark(conv, sh.now_ms, coalesce_ms);
+                    vec![user]
+                } else {
+                    c.members.to_vec()
+                };
                 items.push(FanoutItem::Receipt {
                     receipt: receipt(conv, r, v1::ReceiptKind::Read, user, sh.now_ms),
                     to,
@@ -353,10 +384,11 @@ mod tests {
         let out = drive_until(&mut s, &mut now, |_, f| f.request_id == 7);
         assert!(matches!(answers(&out, ConnId(2), 7)[..], [Body::Done(_)]));
         let read = v1::ReceiptKind::Read as i32;
-        // Every member's devices hear it, the reader's own too (its other devices sync).
+        // In a group only the reader's own devices hear it (its other devices sync); the
+        // sender gets counts instead.
         let mut got = receipts(&out);
         got.sort_unstable();
-        assert_eq!(got, [(ConnId(1), read, 2, 1), (ConnId(2), read, 2, 1)]);
+        assert_eq!(got, [(ConnId(2), read, 2, 1)]);
         // Backwards: answered, nothing announced.
         read_cursor(&mut s, now, 8, 0);
         let out = drive_until(&mut s, &mut now, |_, f| f.request_id == 8);
@@ -371,10 +403,33 @@ mod tests {
             })),
         };
         s.handle_frame(ConnId(2), ack, now);
-        let out = drive_until(&mut s, &mut now, |_, f| f.request_id == 9);
-        let delivered = v1::ReceiptKind::Delivered as i32;
-        assert_eq!(receipts(&out), [(ConnId(1), delivered, 2, 1)]);
+        let mut out = drive_until(&mut s, &mut now, |_, f| f.request_id == 9);
+        // No member's cursor is pushed to the others in a group.
+        assert!(receipts(&out).is_empty());
         assert_eq!(s.stats().cursor_flushes, 2);
+        // The sender (user 1) gets one coalesced count: 1 of 1 recipient received and read it.
+        let until = now + ShardConfig::default().group_receipts_coalesce_ms + 10;
+        while now < until {
+            now += 5;
+            s.handle_tick(now);
+            while let Some(t) = s.poll_transmit() {
+                out.push((t.conn, t.frame().unwrap()));
+            }
+        }
+        let counts: Vec<_> = out
+            .iter()
+            .filter_map(|(c, f)| match &f.body {
+                Some(Body::GroupReceipts(g)) => Some((*c, g.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(counts[0].0, ConnId(1));
+        let m = &counts[0].1.messages;
+        assert_eq!(
+            (m[0].seq, m[0].delivered, m[0].read, m[0].recipients),
+            (1, 1, 1, 1)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use starling_protocol::FrameKind;
-use starling_protocol::v1::frame::Body;
+use starling_protocol::v1::{self, frame::Body};
 
 use super::frames::{encode_frame, encode_into, frame};
 use super::mail::FanoutItem;
@@ -76,6 +76,51 @@ pub(super) fn push<I, M>(sh: &mut Shared<I, M>, items: &[FanoutItem]) {
                                 encode_frame(buf, &frame(0, Body::Receipt(*receipt)))
                             });
                     }
+                }
+            }
+            FanoutItem::Available {
+                conv,
+                up_to_seq,
+                members,
+            } => {
+                let mut encoded: Option<Bytes> = None;
+                let hint = v1::MessagesAvailable {
+                    conversation_id: conv.0,
+                    up_to_seq: *up_to_seq,
+                };
+                for u in members.iter() {
+                    for i in 0.. {
+                        let Some(conn) = sh.dir.user_conn(u, i) else {
+                            break;
+                        };
+                        let kind = FrameKind::MessagesAvailable;
+                        if sh
+                            .out
+                            .push_shared(&mut sh.dir, conn, &mut encoded, kind, now, |buf| {
+                                encode_frame(buf, &frame(0, Body::MessagesAvailable(hint)))
+                            })
+                        {
+                            sh.stats.hints += 1;
+                        } else if let Some(c) = sh.dir.conns.get_mut(&conn) {
+                            // Behind: the hint waits with the others.
+                            let h = c.more().hints.entry(*conv).or_default();
+                            *h = (*h).max(*up_to_seq);
+                        }
+                    }
+                }
+            }
+            FanoutItem::GroupReceipts { receipts, to } => {
+                let mut encoded: Option<Bytes> = None;
+                for i in 0.. {
+                    let Some(conn) = sh.dir.user_conn(to, i) else {
+                        break;
+                    };
+                    // A device that is behind learns the counts from its next Sync.
+                    let kind = FrameKind::GroupReceipts;
+                    sh.out
+                        .push_shared(&mut sh.dir, conn, &mut encoded, kind, now, |buf| {
+                            encode_frame(buf, &frame(0, Body::GroupReceipts(receipts.clone())))
+                        });
                 }
             }
         }

@@ -25,6 +25,7 @@ impl fmt::Debug for ShardMsg {
             Inner::Reply { .. } => "Reply",
             Inner::Fanout(_) => "Fanout",
             Inner::Cursor(_) => "Cursor",
+            Inner::Receipts(_) => "Receipts",
             Inner::Sync(_) => "Sync",
             Inner::SyncPart(_) => "SyncPart",
             Inner::History(_) => "History",
@@ -57,6 +58,8 @@ pub(super) enum Inner {
     Fanout(Arc<Vec<FanoutItem>>),
     /// A DeliveryAck or ReadCursor, for the conversation's owner.
     Cursor(CursorCmd),
+    /// A GetReceipts, for the conversation's owner (`group_receipts.rs`).
+    Receipts(ReceiptsCmd),
     /// A Sync's conversations that one owner holds.
     Sync(SyncCmd),
     /// An owner's part of a Sync, for the connection that asked.
@@ -122,6 +125,27 @@ pub(super) enum FanoutItem {
         receipt: v1::Receipt,
         to: Vec<UserId>,
     },
+    /// A large group has messages up to `up_to_seq`: a `MessagesAvailable` for every online
+    /// device of `members` (fan-out on read).
+    Available {
+        conv: ConvId,
+        up_to_seq: u64,
+        members: Arc<[UserId]>,
+    },
+    /// A group's aggregate receipts for every online device of their sender `to`.
+    GroupReceipts {
+        receipts: v1::GroupReceipts,
+        to: UserId,
+    },
+}
+
+/// A GetReceipts, validated at the ingress shard.
+pub(super) struct ReceiptsCmd {
+    pub(super) origin: ConnRef,
+    pub(super) request_id: u64,
+    pub(super) user: UserId,
+    pub(super) conv: ConvId,
+    pub(super) seq: u64,
 }
 
 /// Which cursor a [`CursorCmd`] moves.

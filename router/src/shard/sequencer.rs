@@ -408,12 +408,23 @@ impl<L: DurableLog> Sequencer<L> {
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.seq.durable_seq = e.seq.0;
+            if c.group.is_some() && e.kind == EntryKind::MESSAGE {
+                c.cursors.sent.record(e.seq.0, e.sender);
+            }
             c.seq.pending.remove(&e.client_msg_id);
             c.seq
                 .recent_ids
                 .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
             c.seq.recent.push_back((lsn, Arc::new(e)));
+            let on_read = c.group.is_some() && members.len() > sh.cfg.group_push_members_max;
+            let seq = c.seq.durable_seq;
             sh.convs.tail_added(lsn, conv);
+            if on_read {
+                // Fan-out on read: announced, coalesced, to the members (`read_fanout.rs`).
+                let (now, every) = (sh.now_ms, sh.cfg.group_available_ms);
+                sh.available.mark(conv, seq, now, every);
+                continue;
+            }
             items.push(FanoutItem::Message {
                 msg,
                 members,

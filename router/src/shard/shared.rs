@@ -17,6 +17,7 @@ use super::directory::Directory;
 use super::frames::Refusal;
 use super::mail::{Inner, Mail, ShardMsg};
 use super::outbound::Outbound;
+use super::read_fanout::Available;
 use crate::grid::ShardLinks;
 use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::metawriter::MetaWriter;
@@ -84,6 +85,8 @@ pub(super) struct Shared<I, M> {
     /// Every metadata write (cursor batches, Block/Unblock, direct conversations) goes through
     /// it, off this thread once `RouterShard::set_meta_offload` was called.
     pub(super) writer: MetaWriter<MetaTag>,
+    /// Large groups' messages to announce instead of pushing them (`read_fanout.rs`).
+    pub(super) available: Available,
     pub(super) stats: ShardStats,
 }
 
@@ -97,6 +100,7 @@ impl<I, M> Shared<I, M> {
         Shared {
             out: Outbound::new(cfg.conn_outbound_bytes_max, cfg.slow_consumer_close_ms),
             writer: MetaWriter::new(cfg.blocks_max),
+            available: Available::default(),
             cfg,
             now_ms: 0,
             index,

@@ -15,6 +15,7 @@ use super::cursors::receipt;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::SyncGather;
+use super::group_receipts;
 use super::mail::{Inner, SyncCmd, SyncPart};
 use super::outbound::Outbound;
 use super::shared::Shared;
@@ -136,6 +137,27 @@ where
         }
         if to != u64::MAX {
             // A former member: the group's receipts are no longer its business.
+            continue;
+        }
+        if c.group.is_some() {
+            // Linear in what the caller has: its own read cursor and its messages' counts,
+            // not every member's cursors.
+            let r = c
+                .cursors
+                .announced_read
+                .get(&cmd.user)
+                .copied()
+                .unwrap_or(0);
+            if r > 0 {
+                let r = receipt(conv, r, v1::ReceiptKind::Read, cmd.user, now);
+                part.frames.push(frame(cmd.request_id, Body::Receipt(r)));
+                part.receipts += 1;
+            }
+            if let Some(g) = group_receipts::for_sync(conv, c, cmd.user) {
+                part.frames
+                    .push(frame(cmd.request_id, Body::GroupReceipts(g)));
+                part.receipts += 1;
+            }
             continue;
         }
         let mut rs = Vec::new();

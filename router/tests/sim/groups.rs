@@ -16,6 +16,9 @@
 //!   join seqs, former members and their removal seqs are those the events say); and every
 //!   device holds every entry of its user's latest membership of each group.
 //!
+//! Every third seed fans groups of more than 2 members out on read (`group_push_members_max`
+//! 2): their members' devices get `MessagesAvailable` instead of pushes and sync.
+//!
 //! `STARLING_SIM_GROUP_SEEDS=N` runs N seeds (default 1000); `STARLING_SIM_GROUP_SEED=S`
 //! replays one.
 
@@ -58,6 +61,8 @@ struct GWorld {
     rng: Rng,
     now: u64,
     offload: bool,
+    /// Groups over 2 members are fanned out on read.
+    read_fanout: bool,
     meta: Arc<MemMeta>,
     disks: Vec<Arc<Mutex<Disk>>>,
     node: Node,
@@ -72,8 +77,10 @@ struct GWorld {
     refusals: u64,
 }
 
-fn group_cfg() -> ShardConfig {
+fn group_cfg(read_fanout: bool) -> ShardConfig {
     ShardConfig {
+        group_push_members_max: if read_fanout { 2 } else { 1024 },
+        group_available_ms: 15,
         group_members_max: 4,
         group_request_users_max: 3,
         group_changes_queued_max: 4,
@@ -101,7 +108,8 @@ impl GWorld {
         let disks: Vec<_> = (0..shards)
             .map(|_| Arc::new(Mutex::new(Disk::default())))
             .collect();
-        let node = Node::start_cfg(&disks, &meta, offload, &group_cfg());
+        let read_fanout = seed.is_multiple_of(3);
+        let node = Node::start_cfg(&disks, &meta, offload, &group_cfg(read_fanout));
         let devs = (1..=USERS)
             .flat_map(|u| {
                 (1..=2).map(move |device| Dev {
@@ -122,6 +130,7 @@ impl GWorld {
             rng,
             now: 1_000,
             offload,
+            read_fanout,
             meta,
             disks,
             node,
@@ -320,7 +329,7 @@ impl GWorld {
                 self.received.insert((user, m.conversation_id, m.seq));
             }
             Some(Body::MessagesAvailable(_)) => self.sync(d),
-            Some(Body::Receipt(_)) => {}
+            Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {}
             body => {
                 if f.request_id == 0 {
                     return;
@@ -416,7 +425,8 @@ impl GWorld {
         for shard in old.shards {
             shard_into_log(shard).crash(&mut self.rng);
         }
-        self.node = Node::start_cfg(&self.disks, &self.meta, self.offload, &group_cfg());
+        let cfg = group_cfg(self.read_fanout);
+        self.node = Node::start_cfg(&self.disks, &self.meta, self.offload, &cfg);
     }
 
     fn step(&mut self, faults: bool) {
@@ -556,7 +566,7 @@ impl GWorld {
                 }
             }
             assert!(
-                former.len() <= group_cfg().group_members_max,
+                former.len() <= group_cfg(self.read_fanout).group_members_max,
                 "{conv}: formers unbounded"
             );
             assert_eq!(
