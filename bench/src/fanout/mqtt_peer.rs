@@ -103,48 +103,28 @@ async fn publish(ctx: &Member, c: &mut Conn, g: u64) -> anyhow::Result<()> {
     let topic = topic(g);
     let mut pid_k = vec![0u64; 65536];
     let mut body = Vec::with_capacity(plan.body_bytes);
-    let (mut next_k, mut inflight, mut next_pid) = (0u64, 0usize, 0u16);
-    let mut blocked_upto: Option<u64> = None;
+    let mut pacer = worker::Pacer::new(start, g, window);
+    let mut next_pid = 0u16;
     loop {
         let now = rec.now_ns();
         let mut sent = 0;
-        while next_k < plan.n && inflight < window {
-            let sched = plan.sched_ns(start, g, next_k);
-            if sched > now {
-                break;
-            }
+        while let Some(sched) = pacer.due(plan, now) {
+            let next_k = pacer.next_k;
             worker::write_body(&mut body, rec.mono(sched), g, next_k, plan.body_bytes);
             next_pid = next_pid.checked_add(1).unwrap_or(1);
             pid_k[usize::from(next_pid)] = next_k;
             mqtt::publish_qos1(&mut c.wbuf, next_pid, &topic, &body);
-            if next_k >= plan.warm_k {
-                rec.lag
-                    .borrow_mut()
-                    .saturating_record(now.saturating_sub(sched) / 1000);
-            }
-            if blocked_upto.is_some_and(|b| next_k <= b) {
-                rec.counts.borrow_mut().window_waits += 1;
-            }
-            next_k += 1;
-            inflight += 1;
+            pacer.sent(plan, rec, now, sched);
             sent += 1;
         }
-        if next_k < plan.n && inflight >= window && plan.sched_ns(start, g, next_k) <= now {
-            let due = (now - plan.sched_ns(start, g, 0)) / plan.interval_ns.max(1);
-            blocked_upto = Some(due.min(plan.n - 1));
-        }
+        let wake = pacer.after_burst(plan, now);
         if sent > 0 {
             rec.counts.borrow_mut().sent += sent;
             c.flush().await?;
         }
-        if (next_k >= plan.n && inflight == 0) || worker::run_over(rec, plan) {
+        if pacer.done(plan) || worker::run_over(rec, plan) {
             return Ok(());
         }
-        let wake = if next_k < plan.n && inflight < window {
-            plan.quantize(plan.sched_ns(start, g, next_k))
-        } else {
-            start + plan.run_ns
-        };
         tokio::select! {
             r = c.read_some() => {
                 r?;
@@ -158,7 +138,7 @@ async fn publish(ctx: &Member, c: &mut Conn, g: u64) -> anyhow::Result<()> {
                                 .borrow_mut()
                                 .saturating_record(now.saturating_sub(sched) / 1000);
                         }
-                        inflight = inflight.saturating_sub(1);
+                        pacer.acked();
                         rec.counts.borrow_mut().acked += 1;
                     }
                     c.rbuf.advance(n);

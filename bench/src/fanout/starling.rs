@@ -108,17 +108,12 @@ async fn send(
         return Ok(());
     };
     let mut body = Vec::with_capacity(plan.body_bytes);
-    let (mut next_k, mut inflight) = (0u64, 0usize);
-    // The highest index that was due while the window was full: sends up to it waited.
-    let mut blocked_upto: Option<u64> = None;
+    let mut pacer = worker::Pacer::new(start, g, window);
     loop {
         let now = rec.now_ns();
         let mut sent = 0;
-        while next_k < plan.n && inflight < window {
-            let sched = plan.sched_ns(start, g, next_k);
-            if sched > now {
-                break;
-            }
+        while let Some(sched) = pacer.due(plan, now) {
+            let next_k = pacer.next_k;
             worker::write_body(&mut body, rec.mono(sched), g, next_k, plan.body_bytes);
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&sched.to_le_bytes());
@@ -138,34 +133,17 @@ async fn send(
                     first_attempt: true,
                 }),
             )?;
-            if next_k >= plan.warm_k {
-                rec.lag
-                    .borrow_mut()
-                    .saturating_record(now.saturating_sub(sched) / 1000);
-            }
-            if blocked_upto.is_some_and(|b| next_k <= b) {
-                rec.counts.borrow_mut().window_waits += 1;
-            }
-            next_k += 1;
-            inflight += 1;
+            pacer.sent(plan, rec, now, sched);
             sent += 1;
         }
-        if next_k < plan.n && inflight >= window && plan.sched_ns(start, g, next_k) <= now {
-            let due = (now - plan.sched_ns(start, g, 0)) / plan.interval_ns.max(1);
-            blocked_upto = Some(due.min(plan.n - 1));
-        }
+        let wake = pacer.after_burst(plan, now);
         if sent > 0 {
             rec.counts.borrow_mut().sent += sent;
             c.flush().await?;
         }
-        if (next_k >= plan.n && inflight == 0) || worker::run_over(rec, plan) {
+        if pacer.done(plan) || worker::run_over(rec, plan) {
             return Ok(());
         }
-        let wake = if next_k < plan.n && inflight < window {
-            plan.quantize(plan.sched_ns(start, g, next_k))
-        } else {
-            start + plan.run_ns
-        };
         tokio::select! {
             n = c.read_some() => {
                 if n? == 0 { bail!("server closed the connection"); }
@@ -189,7 +167,7 @@ async fn send(
                                     .borrow_mut()
                                     .saturating_record(rec.now_ns().saturating_sub(sched) / 1000);
                             }
-                            inflight = inflight.saturating_sub(1);
+                            pacer.acked();
                             rec.counts.borrow_mut().acked += 1;
                         }
                         Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {

@@ -86,6 +86,83 @@ impl Plan {
     }
 }
 
+/// A group sender's open loop, the same for Starling and the MQTT peer: the next message, how
+/// many are unacknowledged (at most `window`), and which sends waited for the window.
+pub(crate) struct Pacer {
+    pub(crate) next_k: u64,
+    inflight: usize,
+    window: usize,
+    start: u64,
+    g: u64,
+    /// The highest index that was due while the window was full: sends up to it waited.
+    blocked_upto: Option<u64>,
+}
+
+impl Pacer {
+    pub(crate) fn new(start: u64, g: u64, window: usize) -> Self {
+        Self {
+            next_k: 0,
+            inflight: 0,
+            window,
+            start,
+            g,
+            blocked_upto: None,
+        }
+    }
+
+    /// The scheduled time of message `next_k`, if the window has room and it is due at `now`.
+    pub(crate) fn due(&self, plan: &Plan, now: u64) -> Option<u64> {
+        if self.next_k >= plan.n || self.inflight >= self.window {
+            return None;
+        }
+        let sched = plan.sched_ns(self.start, self.g, self.next_k);
+        (sched <= now).then_some(sched)
+    }
+
+    /// Message `next_k`, scheduled at `sched`, went out at `now`: its send lag and whether it
+    /// waited for the window are recorded.
+    pub(crate) fn sent(&mut self, plan: &Plan, rec: &Rec, now: u64, sched: u64) {
+        if self.next_k >= plan.warm_k {
+            rec.lag
+                .borrow_mut()
+                .saturating_record(now.saturating_sub(sched) / 1000);
+        }
+        if self.blocked_upto.is_some_and(|b| self.next_k <= b) {
+            rec.counts.borrow_mut().window_waits += 1;
+        }
+        self.next_k += 1;
+        self.inflight += 1;
+    }
+
+    /// After a burst of sends at `now`: notes what is due while the window is full, and returns
+    /// when to wake next (the next send's slot, or the end of the run).
+    pub(crate) fn after_burst(&mut self, plan: &Plan, now: u64) -> u64 {
+        let more = self.next_k < plan.n;
+        if more
+            && self.inflight >= self.window
+            && plan.sched_ns(self.start, self.g, self.next_k) <= now
+        {
+            let due = (now - plan.sched_ns(self.start, self.g, 0)) / plan.interval_ns.max(1);
+            self.blocked_upto = Some(due.min(plan.n - 1));
+        }
+        if more && self.inflight < self.window {
+            plan.quantize(plan.sched_ns(self.start, self.g, self.next_k))
+        } else {
+            self.start + plan.run_ns
+        }
+    }
+
+    /// Every message sent and acknowledged.
+    pub(crate) fn done(&self, plan: &Plan) -> bool {
+        self.next_k >= plan.n && self.inflight == 0
+    }
+
+    /// One send was acknowledged.
+    pub(crate) fn acked(&mut self) {
+        self.inflight = self.inflight.saturating_sub(1);
+    }
+}
+
 /// What one receiving member saw.
 #[derive(Debug)]
 pub(crate) struct Seen {
