@@ -310,6 +310,20 @@ fn cli_account_flow_and_messaging() {
     assert_eq!(out[0]["new_user"], false);
 }
 
+/// An SDK client of the profile in `profile` on `server`, once its first Sync is done.
+async fn synced_client(server: &Server, profile: &Path) -> (Client, starling_client::Events) {
+    let connect = ConnectOptions::new(
+        server.addr.to_string(),
+        Transport::Tls(TlsTrust::CaFile(server.ca())),
+    );
+    let (c, mut events) = Client::start(ClientConfig::new(connect, profile)).unwrap();
+    loop {
+        if let Event::Synced { .. } = next(&mut events).await {
+            return (c, events);
+        }
+    }
+}
+
 async fn next(events: &mut starling_client::Events) -> Event {
     tokio::time::timeout(Duration::from_secs(20), events.next())
         .await

@@ -234,20 +234,8 @@ async fn sdk_group_events_arrive_live() {
     let (ana, ben) = (cli("ana"), cli("ben"));
     let ana_id = register(&ana, "+15550300011", "Ana");
     let ben_id = register(&ben, "+15550300012", "Ben");
-    let connect = ConnectOptions::new(
-        server.addr.to_string(),
-        Transport::Tls(TlsTrust::CaFile(server.ca())),
-    );
-    let (a, mut a_events) =
-        Client::start(ClientConfig::new(connect.clone(), &ana.profile)).unwrap();
-    let (b, mut b_events) = Client::start(ClientConfig::new(connect, &ben.profile)).unwrap();
-    for events in [&mut a_events, &mut b_events] {
-        loop {
-            if let Event::Synced { .. } = next(events).await {
-                break;
-            }
-        }
-    }
+    let (a, _a_events) = synced_client(&server, &ana.profile).await;
+    let (b, mut b_events) = synced_client(&server, &ben.profile).await;
     let g = a.create_group("Live", &[ben_id]).await.unwrap();
     let gid = g.conversation_id;
     a.send_text(starling_client::Target::Conversation(gid), "hello group")

@@ -17,20 +17,8 @@ async fn sdk_group_receipt_counts_and_detail_and_cli_receipts() {
     let (ana, ben) = (cli("ana"), cli("ben"));
     let ana_id = register(&ana, "+15550300021", "Ana");
     let ben_id = register(&ben, "+15550300022", "Ben");
-    let connect = ConnectOptions::new(
-        server.addr.to_string(),
-        Transport::Tls(TlsTrust::CaFile(server.ca())),
-    );
-    let (a, mut a_events) =
-        Client::start(ClientConfig::new(connect.clone(), &ana.profile)).unwrap();
-    let (b, mut b_events) = Client::start(ClientConfig::new(connect, &ben.profile)).unwrap();
-    for events in [&mut a_events, &mut b_events] {
-        loop {
-            if let Event::Synced { .. } = next(events).await {
-                break;
-            }
-        }
-    }
+    let (a, mut a_events) = synced_client(&server, &ana.profile).await;
+    let (b, mut b_events) = synced_client(&server, &ben.profile).await;
     let gid = a
         .create_group("Counts", &[ben_id])
         .await
