@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -34,7 +34,7 @@ use starling_protocol::v1::{self, ErrorCode, frame::Body};
 
 use crate::accounts::{Account, AccountsFile};
 use crate::clock::{self, Stopwatch};
-use crate::net::{StarlingConn, Stream, Target, describe_error, source_addr, tls_for};
+use crate::net::{StarlingConn, Target, describe_error, source_addr, tls_for};
 use crate::report::{self, Machine, Summary};
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -209,12 +209,16 @@ async fn connect(
     acc: &Account,
 ) -> anyhow::Result<StarlingConn> {
     let src = source_addr(index, sources, target.addr());
-    let stream = Stream::connect(target.addr(), src, tls, Duration::from_secs(10)).await?;
-    let mut c = StarlingConn::new(stream);
-    c.hello(Some(&acc.access_token))
-        .await
-        .with_context(|| format!("authenticating {}", acc.email))?;
-    Ok(c)
+    let timeout = Duration::from_secs(10);
+    StarlingConn::open_authenticated(
+        target.addr(),
+        src,
+        tls,
+        timeout,
+        &acc.access_token,
+        &acc.email,
+    )
+    .await
 }
 
 async fn run_phases(

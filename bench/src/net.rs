@@ -249,6 +249,23 @@ pub(crate) struct StarlingConn {
 const READ_CHUNK: usize = 16 * 1024;
 
 impl StarlingConn {
+    /// A connection to `dst` from `source` (TLS if `tls`), signed in by `Hello` with `token`
+    /// (`who` names the account in an error); the connect and handshake within `timeout`.
+    pub(crate) async fn open_authenticated(
+        dst: SocketAddr,
+        source: Option<SocketAddr>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+        token: &str,
+        who: &str,
+    ) -> anyhow::Result<Self> {
+        let mut c = Self::new(Stream::connect(dst, source, tls, timeout).await?);
+        c.hello(Some(token))
+            .await
+            .with_context(|| format!("authenticating {who}"))?;
+        Ok(c)
+    }
+
     pub(crate) fn new(stream: Stream) -> Self {
         Self {
             stream,

@@ -190,12 +190,16 @@ async fn connect(
     acc: &Account,
 ) -> anyhow::Result<StarlingConn> {
     let src = source_addr(index, sources, target.addr());
-    let stream = Stream::connect(target.addr(), src, tls, Duration::from_secs(30)).await?;
-    let mut c = StarlingConn::new(stream);
-    c.hello(Some(&acc.access_token))
-        .await
-        .with_context(|| format!("authenticating {}", acc.email))?;
-    Ok(c)
+    let timeout = Duration::from_secs(30);
+    StarlingConn::open_authenticated(
+        target.addr(),
+        src,
+        tls,
+        timeout,
+        &acc.access_token,
+        &acc.email,
+    )
+    .await
 }
 
 async fn run_all(
