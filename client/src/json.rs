@@ -91,6 +91,8 @@ pub fn receipt_detail(d: &v1::ReceiptDetail) -> Value {
         "seq": d.seq,
         "sender_user_id": d.sender_user_id,
         "recipients": d.recipients,
+        "delivered": d.delivered,
+        "read": d.read,
         "delivered_user_ids": d.delivered_user_ids,
         "read_user_ids": d.read_user_ids,
     })
@@ -236,7 +238,9 @@ pub fn role(r: i32) -> &'static str {
     }
 }
 
-/// A group's state (`"type": "group"`), members in the server's order.
+/// A group's state (`"type": "group"`), members in the server's order
+/// (`member_count` of them in all: the answer to a change lists the first
+/// page only).
 #[must_use]
 pub fn group(g: &v1::GroupInfo) -> Value {
     let members: Vec<Value> = g
@@ -258,6 +262,7 @@ pub fn group(g: &v1::GroupInfo) -> Value {
         "only_admins_send": g.only_admins_send,
         "created_by_user_id": g.created_by_user_id,
         "created_at_ms": g.created_at_ms,
+        "member_count": g.member_count,
         "members": members,
     })
 }

@@ -49,7 +49,10 @@ fn message() -> v1::Message {
 /// A group event as a conversation entry (Message.group_changed).
 fn group_event() -> v1::Message {
     let mut group = group_info();
+    // An event's group has no member list and no count.
     group.members.clear();
+    group.member_count = 0;
+    group.members_next_after_user_id = 0;
     v1::Message {
         conversation_id: 77,
         seq: 5,
@@ -105,6 +108,8 @@ fn group_info() -> v1::GroupInfo {
         created_at_ms: 1_790_000_000_000,
         version: 3,
         only_admins_send: true,
+        member_count: 5,
+        members_next_after_user_id: 1_002,
     }
 }
 
@@ -334,6 +339,8 @@ fn sample(kind: FrameKind) -> Body {
         FrameKind::GetReceipts => Body::GetReceipts(v1::GetReceipts {
             conversation_id: 9_003,
             seq: 42,
+            after_user_id: 1_001,
+            limit: 3,
         }),
         FrameKind::ReceiptDetail => Body::ReceiptDetail(v1::ReceiptDetail {
             conversation_id: 9_003,
@@ -341,7 +348,10 @@ fn sample(kind: FrameKind) -> Body {
             sender_user_id: 1_001,
             delivered_user_ids: vec![1_002, 1_003, 1_004],
             read_user_ids: vec![1_003],
-            recipients: 4,
+            recipients: 5,
+            delivered: 4,
+            read: 2,
+            next_after_user_id: 1_004,
         }),
         FrameKind::MessagesAvailable => Body::MessagesAvailable(v1::MessagesAvailable {
             conversation_id: 9_001,
@@ -393,6 +403,8 @@ fn sample(kind: FrameKind) -> Body {
         FrameKind::GroupInfo => Body::GroupInfo(group_info()),
         FrameKind::GetGroupInfo => Body::GetGroupInfo(v1::GetGroupInfo {
             conversation_id: 77,
+            members_after_user_id: 1_002,
+            members_limit: 2,
         }),
         FrameKind::AddGroupMembers => Body::AddGroupMembers(v1::AddGroupMembers {
             conversation_id: 77,

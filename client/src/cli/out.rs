@@ -86,7 +86,7 @@ pub(crate) fn human(v: &Value) -> String {
             s("conversation_id"),
             s("seq"),
             s("sender_user_id"),
-            v["delivered_user_ids"].as_array().map_or(0, Vec::len),
+            s("delivered"),
             s("recipients"),
             v["delivered_user_ids"],
             v["read_user_ids"]
@@ -156,8 +156,15 @@ pub(crate) fn human(v: &Value) -> String {
                         .join(", ")
                 })
                 .unwrap_or_default();
+            let listed = v["members"].as_array().map_or(0, Vec::len);
+            let count = v["member_count"].as_u64().unwrap_or(0);
+            let more = if count > listed as u64 {
+                format!(" (the first {listed} of {count})")
+            } else {
+                String::new()
+            };
             format!(
-                "group {} \"{}\" v{}: {members}",
+                "group {} \"{}\" v{}: {members}{more}",
                 s("conversation_id"),
                 s("name"),
                 s("version")

@@ -7,6 +7,10 @@ use starling_protocol::v1::{self, frame::Body};
 use super::Client;
 use crate::error::ClientError;
 
+/// How many times [`Client::group_info`] starts over when the group changes
+/// while its pages are read.
+pub const GROUP_INFO_ATTEMPTS: u32 = 4;
+
 impl Client {
     /// Creates a group named `name` with the caller as its first admin and
     /// `member_user_ids` as members.
@@ -23,10 +27,46 @@ impl Client {
         .await
     }
 
-    /// A group's current state (members only).
+    /// A group's current state with every member (members only): one
+    /// request per page of the server's page size (1,024 members by
+    /// default). When the group changes while its pages are read, the read
+    /// starts over (at most [`GROUP_INFO_ATTEMPTS`] times; the last attempt's
+    /// pages are returned as read). The answer's
+    /// `members_next_after_user_id` is 0.
     pub async fn group_info(&self, conversation_id: u64) -> Result<v1::GroupInfo, ClientError> {
-        self.group_request(Body::GetGroupInfo(v1::GetGroupInfo { conversation_id }))
-            .await
+        let mut attempt = 0;
+        'read: loop {
+            attempt += 1;
+            let mut info = self.group_info_page(conversation_id, 0, 0).await?;
+            while info.members_next_after_user_id != 0 {
+                let after = info.members_next_after_user_id;
+                let page = self.group_info_page(conversation_id, after, 0).await?;
+                if page.version != info.version && attempt < GROUP_INFO_ATTEMPTS {
+                    continue 'read;
+                }
+                info.members.extend(page.members);
+                info.members_next_after_user_id = page.members_next_after_user_id;
+                info.member_count = page.member_count;
+            }
+            return Ok(info);
+        }
+    }
+
+    /// One page of a group's members: those after `after_user_id` (0: from
+    /// the first), at most `limit` (0: the server's page size). More follow
+    /// when the answer's `members_next_after_user_id` is not 0.
+    pub async fn group_info_page(
+        &self,
+        conversation_id: u64,
+        after_user_id: u64,
+        limit: u32,
+    ) -> Result<v1::GroupInfo, ClientError> {
+        self.group_request(Body::GetGroupInfo(v1::GetGroupInfo {
+            conversation_id,
+            members_after_user_id: after_user_id,
+            members_limit: limit,
+        }))
+        .await
     }
 
     /// Adds members (admins only).
@@ -92,16 +132,41 @@ impl Client {
     }
 
     /// Who received and read message `seq` of a conversation (members
-    /// who may see it only).
+    /// who may see it only), every page of it; the counts are those of the
+    /// last page read.
     pub async fn receipts(
         &self,
         conversation_id: u64,
         seq: u64,
     ) -> Result<v1::ReceiptDetail, ClientError> {
+        let mut d = self.receipts_page(conversation_id, seq, 0, 0).await?;
+        while d.next_after_user_id != 0 {
+            let page = self
+                .receipts_page(conversation_id, seq, d.next_after_user_id, 0)
+                .await?;
+            d.delivered_user_ids.extend(page.delivered_user_ids);
+            d.read_user_ids.extend(page.read_user_ids);
+            (d.recipients, d.delivered, d.read) = (page.recipients, page.delivered, page.read);
+            d.next_after_user_id = page.next_after_user_id;
+        }
+        Ok(d)
+    }
+
+    /// One page of [`receipts`](Self::receipts): the recipients after
+    /// `after_user_id`, at most `limit` of them (0: the server's page size).
+    pub async fn receipts_page(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+        after_user_id: u64,
+        limit: u32,
+    ) -> Result<v1::ReceiptDetail, ClientError> {
         match self
             .request(Body::GetReceipts(v1::GetReceipts {
                 conversation_id,
                 seq,
+                after_user_id,
+                limit,
             }))
             .await?
         {

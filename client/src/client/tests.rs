@@ -218,10 +218,79 @@ async fn group_calls_put_their_request_on_the_wire_and_read_the_answer() {
             }),
             Body::LeaveGroup(v1::LeaveGroup { conversation_id: 9 }),
             Body::GetGroupInfo(v1::GetGroupInfo {
-                conversation_id: 404
+                conversation_id: 404,
+                ..v1::GetGroupInfo::default()
             }),
         ]
     );
+    client.shutdown().await;
+}
+
+/// `group_info` and `receipts` walk the pages: the members of every page
+/// once, starting over when the group's version changes between pages.
+#[tokio::test]
+async fn group_info_and_receipts_read_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, client, _events) = start(dir.path()).await;
+    let server = tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        let member = |user_id| v1::GroupMember {
+            user_id,
+            role: v1::GroupRole::Member.into(),
+            joined_at_ms: 5,
+        };
+        let mut asked = Vec::new();
+        // The first read sees version 1, then 2 on its second page: it starts over.
+        for version in [1, 2, 2, 2] {
+            let (id, body) = peer.request().await;
+            let Body::GetGroupInfo(g) = body else {
+                panic!("expected GetGroupInfo, got {body:?}")
+            };
+            asked.push(g.members_after_user_id);
+            let (members, next) = match g.members_after_user_id {
+                0 => (vec![member(1), member(2)], 2),
+                2 => (vec![member(3)], 0),
+                other => panic!("after {other}"),
+            };
+            let info = v1::GroupInfo {
+                conversation_id: 9,
+                members,
+                member_count: 3,
+                members_next_after_user_id: next,
+                version,
+                ..v1::GroupInfo::default()
+            };
+            peer.send(id, Body::GroupInfo(info)).await;
+        }
+        for (after, delivered, next) in [(0, vec![2], 3), (3, vec![4], 0)] {
+            let (id, body) = peer.request().await;
+            let Body::GetReceipts(r) = body else {
+                panic!("expected GetReceipts, got {body:?}")
+            };
+            assert_eq!((r.seq, r.after_user_id), (7, after));
+            let d = v1::ReceiptDetail {
+                conversation_id: 9,
+                seq: 7,
+                sender_user_id: 1,
+                delivered_user_ids: delivered,
+                read_user_ids: vec![],
+                recipients: 3,
+                delivered: 2,
+                read: 0,
+                next_after_user_id: next,
+            };
+            peer.send(id, Body::ReceiptDetail(d)).await;
+        }
+        asked
+    });
+    let info = client.group_info(9).await.unwrap();
+    let ids: Vec<u64> = info.members.iter().map(|m| m.user_id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!((info.version, info.members_next_after_user_id), (2, 0));
+    let d = client.receipts(9, 7).await.unwrap();
+    assert_eq!(d.delivered_user_ids, [2, 4]);
+    assert_eq!((d.delivered, d.next_after_user_id), (2, 0));
+    assert_eq!(server.await.unwrap(), [0, 2, 0, 2]);
     client.shutdown().await;
 }
 

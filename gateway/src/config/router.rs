@@ -5,6 +5,9 @@ use serde::Deserialize;
 
 use super::{ConfigError, LimitsConfig};
 
+/// The largest `router.group_members_max` accepted.
+const GROUP_MEMBERS_MAX: usize = 1_000_000;
+
 /// The messaging core, `starling_router::ShardConfig` (see `docs/design/messaging.md`): every
 /// limit and size of a shard's router but the slow-consumer ones, which the protocol documents
 /// with the connection limits (`limits.push_backlog_bytes_max`,
@@ -84,10 +87,14 @@ pub struct RouterConfig {
     /// shard's metadata writer; beyond it such requests are refused with `OVERLOADED`.
     pub meta_jobs_max: usize,
     /// Most members of a group; a CreateGroup or AddGroupMembers that would exceed it is
-    /// refused with `PERMISSION_DENIED` naming it. A GroupInfo (every member) is one frame, so
-    /// at most `(limits.frame_bytes_max - 1024) / 24` (a group's avatar, at most 4 KiB, comes
-    /// on top).
+    /// refused with `PERMISSION_DENIED` naming it. Between 2 and 1,000,000 (a group's members
+    /// are held in memory at its owner shard, ~100 bytes each). Above
+    /// `group_push_members_max`, messages fan out on read.
     pub group_members_max: usize,
+    /// Most members one `GroupInfo` lists (a page: `GetGroupInfo.members_after_user_id`), and
+    /// most recipients one `ReceiptDetail` page covers. A page is one frame, so at most
+    /// `(limits.frame_bytes_max - 1024) / 24`.
+    pub group_info_members_page: usize,
     /// Most users one group request names (CreateGroup's members, AddGroupMembers,
     /// RemoveGroupMembers); more is `INVALID_ARGUMENT`. An event naming them is one frame, so
     /// at most `(limits.frame_bytes_max - 1024) / 11`, and at most `group_members_max`.
@@ -134,6 +141,7 @@ impl Default for RouterConfig {
             meta_jobs_max: d.meta_jobs_max,
             group_members_max: d.group_members_max,
             group_request_users_max: d.group_request_users_max,
+            group_info_members_page: d.group_info_members_page,
             group_changes_queued_max: d.group_changes_queued_max,
             presence_coalesce_ms: d.presence_coalesce_ms,
             typing_expiry_ms: d.typing_expiry_ms,
@@ -176,6 +184,7 @@ impl RouterConfig {
             meta_jobs_max: r.meta_jobs_max,
             group_members_max: r.group_members_max,
             group_request_users_max: r.group_request_users_max,
+            group_info_members_page: r.group_info_members_page,
             group_changes_queued_max: r.group_changes_queued_max,
             presence_subscriptions_max: l.presence_subscriptions_max,
             presence_coalesce_ms: r.presence_coalesce_ms,
@@ -313,11 +322,17 @@ impl RouterConfig {
             return bad("router.conv_idle_evict_ms", "must be at least 10");
         }
         let frame = (l.frame_bytes_max as usize).saturating_sub(1024);
-        if r.group_members_max < 2 || r.group_members_max > frame / 24 {
+        if !(2..=GROUP_MEMBERS_MAX).contains(&r.group_members_max) {
             return bad(
                 "router.group_members_max",
-                "must be at least 2 and at most (limits.frame_bytes_max - 1024) / 24: a \
-                 GroupInfo with every member is one frame",
+                "must be between 2 and 1000000 (a group's members are held in memory)",
+            );
+        }
+        if r.group_info_members_page == 0 || r.group_info_members_page > frame / 24 {
+            return bad(
+                "router.group_info_members_page",
+                "must be at least 1 and at most (limits.frame_bytes_max - 1024) / 24: a page \
+                 of GroupInfo members is one frame",
             );
         }
         if r.group_request_users_max == 0
@@ -365,7 +380,7 @@ mod tests {
              conv_idle_evict_ms = 500\nblocks_max = 3\nblock_requests_per_s = 2\n\
              block_requests_burst = 4\nparked_sends_max = 16\nmeta_jobs_max = 17\n\
              group_members_max = 19\ngroup_request_users_max = 18\n\
-             group_changes_queued_max = 20\n",
+             group_changes_queued_max = 20\ngroup_info_members_page = 21\n",
         )
         .unwrap();
         c.validate().unwrap();
@@ -420,13 +435,16 @@ mod tests {
             (
                 s.group_members_max,
                 s.group_request_users_max,
-                s.group_changes_queued_max
+                s.group_changes_queued_max,
+                s.group_info_members_page
             ),
-            (19, 18, 20)
+            (19, 18, 20, 21)
         );
         for bad in [
             "group_members_max = 1",
-            "group_members_max = 100000",
+            "group_members_max = 1000001",
+            "group_info_members_page = 0",
+            "group_info_members_page = 2689",
             "group_request_users_max = 0",
             "group_members_max = 10\ngroup_request_users_max = 11",
             "group_changes_queued_max = 0",
@@ -533,7 +551,7 @@ mod tests {
             "[limits]\nframe_bytes_max = 4096\n[router]\nbody_bytes_max = 3072\n\
              batch_bytes_max = 1048576\nopen_bytes_max = 1048576\nopen_entries_max = 512\n\
              sync_bytes_max = 1048576\npage_bytes_max = 64512\nhistory_limit_default = 200\n\
-             group_members_max = 128\ngroup_request_users_max = 128\n",
+             group_info_members_page = 128\ngroup_request_users_max = 128\n",
         )
         .unwrap()
         .validate()

@@ -118,6 +118,7 @@ fn a_group_of_four_sender_gets_coalesced_counts_and_detail_on_request_and_no_mem
             Body::GetReceipts(v1::GetReceipts {
                 conversation_id: conv,
                 seq,
+                ..v1::GetReceipts::default()
             }),
         ) {
             Body::ReceiptDetail(d) => {
@@ -145,6 +146,7 @@ fn a_group_of_four_sender_gets_coalesced_counts_and_detail_on_request_and_no_mem
             Body::GetReceipts(v1::GetReceipts {
                 conversation_id: conv,
                 seq: s,
+                ..v1::GetReceipts::default()
             }),
         ) {
             Body::Error(e) => assert_eq!(e.code, code as i32, "{e:?}"),
@@ -164,6 +166,7 @@ fn a_group_of_four_sender_gets_coalesced_counts_and_detail_on_request_and_no_mem
         Body::GetReceipts(v1::GetReceipts {
             conversation_id: conv,
             seq,
+            ..v1::GetReceipts::default()
         }),
     ) {
         Body::Error(e) => assert_eq!(e.code, ErrorCode::NotAMember as i32, "{e:?}"),
@@ -204,4 +207,137 @@ fn a_group_of_four_sender_gets_coalesced_counts_and_detail_on_request_and_no_mem
         };
         assert_eq!(d.receipts as usize, mine.len() - d.messages as usize);
     }
+}
+
+/// With `router.group_info_members_page = 2`, a group of 5 lists its members, and a message's
+/// receipts, in pages: the counts cover everyone, the lists one page each, and walking
+/// `members_next_after_user_id` / `next_after_user_id` reads each member exactly once.
+#[test]
+fn a_group_larger_than_a_page_is_read_in_pages() {
+    let srv = Server::start(
+        "auto",
+        "[router]\ngroup_info_members_page = 2\ngroup_receipts_coalesce_ms = 50\n",
+    );
+    let mut users = Vec::new();
+    for who in ["fay", "gus", "hal", "ida", "jo"] {
+        let mut c = srv.hello("");
+        let e = format!("{who}@example.org");
+        let g = register(&srv, &mut c, email(&e), &e);
+        users.push((g.user_id, srv.hello(&g.access_token)));
+    }
+    let mut ids: Vec<u64> = users.iter().map(|(u, _)| *u).collect();
+    let first = match call(
+        &mut users[0].1,
+        Body::CreateGroup(v1::CreateGroup {
+            name: "Big wall".into(),
+            member_user_ids: ids[1..].to_vec(),
+            avatar: None,
+        }),
+    ) {
+        Body::GroupInfo(i) => i,
+        other => panic!("expected GroupInfo, got {other:?}"),
+    };
+    let conv = first.conversation_id;
+    ids.sort_unstable();
+    // The answer to the change is the first page; the others follow by GetGroupInfo.
+    assert_eq!((first.members.len(), first.member_count), (2, 5));
+    let mut seen: Vec<u64> = first.members.iter().map(|m| m.user_id).collect();
+    let mut next = first.members_next_after_user_id;
+    assert_eq!(next, seen[1]);
+    while next != 0 {
+        let page = match call(
+            &mut users[3].1,
+            Body::GetGroupInfo(v1::GetGroupInfo {
+                conversation_id: conv,
+                members_after_user_id: next,
+                members_limit: 0,
+            }),
+        ) {
+            Body::GroupInfo(i) => i,
+            other => panic!("expected GroupInfo, got {other:?}"),
+        };
+        assert!(page.members.len() <= 2 && page.member_count == 5, "{page:?}");
+        assert_eq!(page.version, first.version);
+        seen.extend(page.members.iter().map(|m| m.user_id));
+        next = page.members_next_after_user_id;
+    }
+    assert_eq!(seen, ids, "every member once, ascending");
+    // A smaller limit than the page is honoured.
+    match call(
+        &mut users[3].1,
+        Body::GetGroupInfo(v1::GetGroupInfo {
+            conversation_id: conv,
+            members_after_user_id: 0,
+            members_limit: 1,
+        }),
+    ) {
+        Body::GroupInfo(i) => {
+            assert_eq!(i.members.len(), 1);
+            assert_eq!(i.members_next_after_user_id, ids[0]);
+        }
+        other => panic!("expected GroupInfo, got {other:?}"),
+    }
+
+    // A message: two members acknowledge it, one of them reads it.
+    let sender = users[0].0;
+    let seq = match call(&mut users[0].1, send_to(9, conv)) {
+        Body::SendAck(a) => a.seq,
+        other => panic!("expected SendAck, got {other:?}"),
+    };
+    for (i, (_, c)) in users.iter_mut().enumerate().skip(1).take(2) {
+        recv_until(
+            c,
+            |f| matches!(&f.body, Some(Body::Deliver(d)) if d.message.as_ref().is_some_and(|m| m.seq == seq)),
+        );
+        let ack = Body::DeliveryAck(v1::DeliveryAck {
+            conversation_id: conv,
+            up_to_seq: seq,
+        });
+        assert!(matches!(call(c, ack), Body::Done(_)));
+        if i == 1 {
+            let read = Body::ReadCursor(v1::ReadCursor {
+                conversation_id: conv,
+                up_to_seq: seq,
+            });
+            assert!(matches!(call(c, read), Body::Done(_)));
+        }
+    }
+    let (gus, hal) = (users[1].0, users[2].0);
+    // The counts are durable once the sender has heard them.
+    loop {
+        let f = users[0].1.recv().expect("connection closed while waiting");
+        if let Some(g) = counts(&f)
+            && g.messages.iter().any(|m| (m.delivered, m.read) == (2, 1))
+        {
+            break;
+        }
+    }
+    let (mut delivered, mut read, mut after, mut pages) = (Vec::new(), Vec::new(), 0, 0);
+    loop {
+        let d = match call(
+            &mut users[4].1,
+            Body::GetReceipts(v1::GetReceipts {
+                conversation_id: conv,
+                seq,
+                after_user_id: after,
+                limit: 0,
+            }),
+        ) {
+            Body::ReceiptDetail(d) => d,
+            other => panic!("expected ReceiptDetail, got {other:?}"),
+        };
+        pages += 1;
+        assert_eq!((d.sender_user_id, d.recipients, d.delivered, d.read), (sender, 4, 2, 1));
+        delivered.extend(d.delivered_user_ids);
+        read.extend(d.read_user_ids);
+        if d.next_after_user_id == 0 {
+            break;
+        }
+        assert!(d.next_after_user_id > after);
+        after = d.next_after_user_id;
+    }
+    assert_eq!(pages, 2, "4 recipients in pages of 2");
+    let mut want = vec![gus, hal];
+    want.sort_unstable();
+    assert_eq!((delivered, read), (want, vec![gus]));
 }

@@ -180,6 +180,7 @@ fn set_role(conv: u64, user: u64, role: v1::GroupRole) -> Body {
 fn get_info(conv: u64) -> Body {
     Body::GetGroupInfo(v1::GetGroupInfo {
         conversation_id: conv,
+        ..v1::GetGroupInfo::default()
     })
 }
 

@@ -86,6 +86,10 @@ pub struct ShardConfig {
     /// Most users one group request names (CreateGroup's members, AddGroupMembers,
     /// RemoveGroupMembers); more is `INVALID_ARGUMENT`.
     pub group_request_users_max: usize,
+    /// Most members one `GroupInfo` lists, and most recipients one `ReceiptDetail` page
+    /// covers (`GetGroupInfo.members_limit`, `GetReceipts.limit`: 0 or more means this); the
+    /// gateway bounds it so that a page fits in a frame.
+    pub group_info_members_page: usize,
     /// Most requests waiting for one group's change in progress (changes to a group are
     /// carried out one at a time); beyond it `OVERLOADED` with `retry_after_ms`.
     pub group_changes_queued_max: usize,
@@ -135,6 +139,7 @@ impl Default for ShardConfig {
             meta_jobs_max: 4096,
             group_members_max: 1024,
             group_request_users_max: 256,
+            group_info_members_page: 1024,
             group_changes_queued_max: 64,
             presence_subscriptions_max: 2000,
             presence_coalesce_ms: 200,

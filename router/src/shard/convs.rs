@@ -27,6 +27,7 @@ const EVICT_SCAN_MAX: usize = 1024;
 
 /// One conversation's state at its owner shard.
 pub(super) struct ConvState {
+    /// Who gets its messages, in ascending order (looked up by binary search).
     pub(super) members: Arc<[UserId]>,
     /// For a direct conversation: the two users (equal for a note to self).
     pub(super) pair: Option<(UserId, UserId)>,

@@ -125,6 +125,25 @@ impl Directory {
     pub(super) fn user_conn(&self, user: &UserId, i: usize) -> Option<ConnId> {
         self.users.get(user).and_then(|c| c.get(i)).copied()
     }
+
+    /// Which of `members` (ascending) have a connection here, walking whichever is shorter:
+    /// the list, or the users connected here (a 100,000-member group on a shard with a few
+    /// thousand users costs a few thousand lookups, not 100,000).
+    pub(super) fn connected_of(&self, members: &[UserId]) -> Vec<UserId> {
+        if members.len() <= self.users.len() {
+            members
+                .iter()
+                .filter(|u| self.users.contains_key(u))
+                .copied()
+                .collect()
+        } else {
+            self.users
+                .keys()
+                .filter(|u| members.binary_search(u).is_ok())
+                .copied()
+                .collect()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +174,26 @@ mod tests {
         d.close(ConnId(2));
         d.close(ConnId(99));
         assert_eq!(d.conns.len(), 1);
+    }
+
+    #[test]
+    fn connected_members_are_found_from_either_side() {
+        let mut d = Directory::default();
+        for (c, u) in [(1, 3), (2, 5), (3, 5), (4, 9)] {
+            d.open(ConnId(c), UserId(u), DeviceId(1));
+        }
+        let sorted = |m: &[u64]| {
+            let list: Vec<UserId> = m.iter().map(|&u| UserId(u)).collect();
+            let mut v = d.connected_of(&list);
+            v.sort_unstable();
+            v.into_iter().map(|u| u.0).collect::<Vec<_>>()
+        };
+        // Fewer members than users here: the list is walked.
+        assert_eq!(sorted(&[5, 6]), [5]);
+        // More members than users here: the users are walked, the list binary-searched.
+        let many: Vec<u64> = (1..=1000).collect();
+        assert_eq!(sorted(&many), [3, 5, 9]);
+        assert_eq!(sorted(&[1, 2, 4, 6, 7, 8]), Vec::<u64>::new());
     }
 
     #[test]

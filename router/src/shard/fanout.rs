@@ -88,7 +88,7 @@ pub(super) fn push<I, M>(sh: &mut Shared<I, M>, items: &[FanoutItem]) {
                     conversation_id: conv.0,
                     up_to_seq: *up_to_seq,
                 };
-                for u in members.iter() {
+                for u in &sh.dir.connected_of(members) {
                     for i in 0.. {
                         let Some(conn) = sh.dir.user_conn(u, i) else {
                             break;

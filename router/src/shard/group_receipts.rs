@@ -206,12 +206,16 @@ pub(super) fn request<I, M>(
     if req.seq == 0 {
         return Err(Refusal(ErrorCode::InvalidArgument, "seq is 0".into()));
     }
+    let max = sh.cfg.group_info_members_page;
+    let limit = usize::try_from(req.limit).unwrap_or(usize::MAX);
     let cmd = ReceiptsCmd {
         origin,
         request_id,
         user,
         conv,
         seq: req.seq,
+        after: UserId(req.after_user_id),
+        limit: if limit == 0 { max } else { limit.min(max) },
     };
     let owner = sh.mail.owner(conv);
     sh.send_to(owner, Inner::Receipts(cmd));
@@ -275,20 +279,33 @@ where
         sender_user_id: sender.0,
         ..v1::ReceiptDetail::default()
     };
+    // `rs` is in ascending user order (the members list is sorted).
+    let (mut in_page, mut last) = (0usize, None);
     for x in &rs {
         if x.user == sender || cmd.seq < x.from || cmd.seq > x.to {
             continue;
         }
         d.recipients += 1;
-        if x.delivered >= cmd.seq {
+        let (delivered, read) = (x.delivered >= cmd.seq, x.read >= cmd.seq);
+        d.delivered += u32::from(delivered);
+        d.read += u32::from(read);
+        if x.user <= cmd.after {
+            continue;
+        }
+        if in_page == cmd.limit {
+            // More follow the page: it ends at its last recipient.
+            d.next_after_user_id = last.unwrap_or(cmd.after).0;
+            continue;
+        }
+        in_page += 1;
+        last = Some(x.user);
+        if delivered {
             d.delivered_user_ids.push(x.user.0);
         }
-        if x.read >= cmd.seq {
+        if read {
             d.read_user_ids.push(x.user.0);
         }
     }
-    d.delivered_user_ids.sort_unstable();
-    d.read_user_ids.sort_unstable();
     Ok(d)
 }
 

@@ -146,6 +146,10 @@ pub(super) struct ReceiptsCmd {
     pub(super) user: UserId,
     pub(super) conv: ConvId,
     pub(super) seq: u64,
+    /// The page: recipients after this user id ...
+    pub(super) after: UserId,
+    /// ... at most this many.
+    pub(super) limit: usize,
 }
 
 /// Which cursor a [`CursorCmd`] moves.

@@ -26,8 +26,12 @@ where
     let mut ch = match change {
         Err(r) => return refuse(sh, &cmd, r),
         Ok(None) => {
+            let page = match cmd.op {
+                Op::Info(p) => p,
+                _ => Page::first(sh.cfg.group_info_members_page),
+            };
             if let Some(g) = sh.convs.get(conv).and_then(|c| c.group.as_ref()) {
-                let f = info_frame(cmd.request_id, g, conv);
+                let f = info_frame(cmd.request_id, g, conv, page);
                 answer(sh, cmd.origin, cmd.request_id, f);
             }
             return;
@@ -214,6 +218,7 @@ pub(in crate::shard) fn events_durable<I, M>(sh: &mut Shared<I, M>, events: Vec<
 where
     M: MetadataStore + CursorStore,
 {
+    let page = Page::first(sh.cfg.group_info_members_page);
     for (conv, s) in events {
         let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
             continue;
@@ -225,7 +230,7 @@ where
             let f = if w.done {
                 frame(w.request_id, Body::Done(v1::Done {}))
             } else {
-                info_frame(w.request_id, g, conv)
+                info_frame(w.request_id, g, conv, page)
             };
             sh.reply(w.origin, vec![f]);
         }

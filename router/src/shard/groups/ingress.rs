@@ -41,7 +41,14 @@ pub(in crate::shard) fn request<I, M>(
             };
             (conv, op)
         }
-        Body::GetGroupInfo(g) => (group_id(g.conversation_id)?, Op::Info),
+        Body::GetGroupInfo(g) => {
+            let page = Page::asked(
+                g.members_after_user_id,
+                g.members_limit,
+                sh.cfg.group_info_members_page,
+            );
+            (group_id(g.conversation_id)?, Op::Info(page))
+        }
         Body::AddGroupMembers(a) => (
             group_id(a.conversation_id)?,
             Op::Add(users(&a.user_ids, max, "user_ids", false)?),

@@ -56,7 +56,7 @@ pub(super) use create::Groups;
 use create::create;
 pub(super) use ingress::{is_request, request};
 
-use state::{AVATAR_BYTES_MAX, GroupState, Op, check_name, diff};
+use state::{AVATAR_BYTES_MAX, GroupState, Op, Page, check_name, diff};
 
 /// How many ids a CreateGroup tries before giving up (each try is a compare-and-set of an id
 /// no group has; a collision of 63-bit ids is rare, several in a row a bug).
@@ -184,8 +184,9 @@ fn refuse<I, M>(sh: &mut Shared<I, M>, cmd: &GroupCmd, r: Refusal) {
     answer(sh, cmd.origin, cmd.request_id, f);
 }
 
-fn info_frame(rid: u64, g: &GroupConv, conv: ConvId) -> v1::Frame {
-    frame(rid, Body::GroupInfo(g.st.info(conv, true)))
+/// A `GroupInfo` answer with one page of members.
+fn info_frame(rid: u64, g: &GroupConv, conv: ConvId, page: Page) -> v1::Frame {
+    frame(rid, Body::GroupInfo(g.st.info(conv, Some(page))))
 }
 
 /// The users of `list` that have no account: NOT_FOUND naming the first.

@@ -72,7 +72,7 @@ pub(crate) enum Op {
         members: Vec<UserId>,
         avatar: Vec<u8>,
     },
-    Info,
+    Info(Page),
     Add(Vec<UserId>),
     Remove(Vec<UserId>),
     SetRole {
@@ -85,6 +85,32 @@ pub(crate) enum Op {
         avatar: Option<Vec<u8>>,
         only_admins_send: Option<bool>,
     },
+}
+
+/// One page of a group's members: those after `after`, at most `limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Page {
+    pub(crate) after: UserId,
+    pub(crate) limit: usize,
+}
+
+impl Page {
+    /// The first page of `limit` members.
+    pub(crate) fn first(limit: usize) -> Page {
+        Page {
+            after: UserId(0),
+            limit,
+        }
+    }
+
+    /// The page a request asks for: `limit` 0, or more than `max`, is `max`.
+    pub(crate) fn asked(after: u64, limit: u32, max: usize) -> Page {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Page {
+            after: UserId(after),
+            limit: if limit == 0 { max } else { limit.min(max) },
+        }
+    }
 }
 
 /// What a change makes: the state after it, whose `pending` marker holds the event.
@@ -270,12 +296,15 @@ impl GroupState {
         !self.members.is_empty() && self.admins() == 0
     }
 
-    /// The group's state for the wire; `members` only if `with_members`.
-    pub(crate) fn info(&self, conv: ConvId, with_members: bool) -> v1::GroupInfo {
-        let members = if with_members {
-            self.members
-                .iter()
-                .map(|(u, m)| v1::GroupMember {
+    /// The group's state for the wire, with one `page` of its members (none, and no count,
+    /// for an event).
+    pub(crate) fn info(&self, conv: ConvId, page: Option<Page>) -> v1::GroupInfo {
+        let (mut members, mut next) = (Vec::new(), 0);
+        if let Some(p) = page {
+            let after = (std::ops::Bound::Excluded(p.after), std::ops::Bound::Unbounded);
+            let mut range = self.members.range(after);
+            for (u, m) in range.by_ref().take(p.limit) {
+                members.push(v1::GroupMember {
                     user_id: u.0,
                     role: if m.admin {
                         v1::GroupRole::Admin
@@ -283,10 +312,16 @@ impl GroupState {
                         v1::GroupRole::Member
                     } as i32,
                     joined_at_ms: m.joined_ms,
-                })
-                .collect()
+                });
+            }
+            if range.next().is_some() {
+                next = members.last().map_or(p.after.0, |m| m.user_id);
+            }
+        }
+        let member_count = if page.is_some() {
+            u32::try_from(self.members.len()).unwrap_or(u32::MAX)
         } else {
-            Vec::new()
+            0
         };
         v1::GroupInfo {
             conversation_id: conv.0,
@@ -300,6 +335,8 @@ impl GroupState {
             created_at_ms: self.created_ms,
             version: self.version,
             only_admins_send: self.only_admins_send,
+            member_count,
+            members_next_after_user_id: next,
         }
     }
 
@@ -374,7 +411,7 @@ impl GroupState {
                 ErrorCode::AlreadyExists,
                 "the group already exists".into(),
             )),
-            Op::Info => Ok(None),
+            Op::Info(_) => Ok(None),
             Op::Add(users) => {
                 if !me.admin {
                     return Err(admins_only("add members"));
@@ -551,7 +588,7 @@ impl GroupState {
     ) -> Change {
         self.version += 1;
         let event = v1::GroupChanged {
-            group: Some(Box::new(self.info(conv, false))),
+            group: Some(Box::new(self.info(conv, None))),
             by_user_id: by.0,
             kind: kind as i32,
             user_ids: user_ids.iter().map(|u| u.0).collect(),
@@ -686,6 +723,32 @@ mod tests {
     }
 
     #[test]
+    fn info_lists_members_in_pages_with_the_total() {
+        let g = group();
+        let ids = |i: &v1::GroupInfo| i.members.iter().map(|m| m.user_id).collect::<Vec<_>>();
+        let whole = g.info(G, Some(Page::first(3)));
+        assert_eq!((ids(&whole), whole.member_count), (vec![1, 2, 3], 3));
+        assert_eq!(whole.members_next_after_user_id, 0, "the last member is in it");
+        let first = g.info(G, Some(Page::first(2)));
+        assert_eq!(ids(&first), [1, 2]);
+        assert_eq!(first.members_next_after_user_id, 2);
+        let next = g.info(G, Some(Page::asked(2, 2, 1024)));
+        assert_eq!((ids(&next), next.members_next_after_user_id), (vec![3], 0));
+        // After an id that is not a member: from the next one up.
+        let gap = g.info(G, Some(Page::asked(1, 0, 1)));
+        assert_eq!((ids(&gap), gap.members_next_after_user_id), (vec![2], 2));
+        let past = g.info(G, Some(Page::asked(3, 0, 1024)));
+        assert!(past.members.is_empty() && past.members_next_after_user_id == 0);
+        // An event carries neither members nor count.
+        let ev = g.info(G, None);
+        assert!(ev.members.is_empty() && ev.member_count == 0);
+        // A limit of 0 or over the server's page is the server's page.
+        assert_eq!(Page::asked(0, 0, 7).limit, 7);
+        assert_eq!(Page::asked(0, 9, 7).limit, 7);
+        assert_eq!(Page::asked(0, 5, 7).limit, 5);
+    }
+
+    #[test]
     fn who_may_do_what() {
         let g = group();
         let ops = [
@@ -714,13 +777,13 @@ mod tests {
             assert_eq!(code(g.change(G, u(9), op, MAX, 20)), ErrorCode::NotAMember);
         }
         // Anyone may read and leave (but the last admin, see below).
-        assert!(matches!(g.change(G, u(2), &Op::Info, MAX, 20), Ok(None)));
+        assert!(matches!(g.change(G, u(2), &Op::Info(Page::first(10)), MAX, 20), Ok(None)));
         assert!(matches!(
             g.change(G, u(2), &Op::Leave, MAX, 20),
             Ok(Some(_))
         ));
         assert_eq!(
-            code(g.change(G, u(9), &Op::Info, MAX, 20)),
+            code(g.change(G, u(9), &Op::Info(Page::first(10)), MAX, 20)),
             ErrorCode::NotAMember
         );
     }

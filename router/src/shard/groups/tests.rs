@@ -154,6 +154,7 @@ fn a_marker_whose_event_is_in_the_log_is_settled_without_a_second_event() {
         9,
         Body::GetGroupInfo(v1::GetGroupInfo {
             conversation_id: conv.0,
+            ..v1::GetGroupInfo::default()
         }),
     );
     assert!(matches!(b, Body::GroupInfo(_)), "{b:?}");
