@@ -5,8 +5,10 @@
 //! its own connection (over `--procs` processes and 127.0.0.x source addresses when the count
 //! needs it). Member 0 of each group creates it (CreateGroup with the first `--members-per-request`
 //! members, AddGroupMembers for the rest) and is its only sender; the other N − 1 members only
-//! receive, so each message is N − 1 deliveries. Once every member of every group is connected
-//! and every group exists, the senders send `--rate` group messages per second in total (each
+//! receive, so each message is N − 1 deliveries. With `--online M`, only the first M members of
+//! each group (the sender included) connect; the others are members without a connection, and
+//! each message is M − 1 deliveries. Once every connecting member is connected and every group
+//! exists, the senders send `--rate` group messages per second in total (each
 //! group `rate / G`, phases spread evenly), for `--duration-secs`.
 //!
 //! As in `messages`, every message's send time is fixed before the run (open loop) and carried
@@ -71,6 +73,11 @@ pub(crate) struct FanoutArgs {
     /// Members per group (the sender included).
     #[arg(long, default_value_t = 100)]
     pub(crate) group_size: u64,
+    /// Members per group that connect (the sender included; 0: all of them). The others are
+    /// members without a connection: a large group's cost to the server with only some of it
+    /// online, as a 100,000-member group always is.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) online: u64,
     /// Groups.
     #[arg(long, default_value_t = 1)]
     pub(crate) groups: u64,
@@ -142,8 +149,21 @@ impl FanoutArgs {
         (self.warmup_secs as f64 * self.rate / self.groups.max(1) as f64).ceil() as u64
     }
 
-    /// Every connection: G × N.
+    /// Members of each group with a connection (the sender included).
+    pub(crate) fn online(&self) -> u64 {
+        match self.online {
+            0 => self.group_size,
+            n => n.min(self.group_size),
+        }
+    }
+
+    /// Every connection: G × online members.
     pub(crate) fn connections(&self) -> u64 {
+        self.groups * self.online()
+    }
+
+    /// Every account: G × N.
+    pub(crate) fn accounts(&self) -> u64 {
         self.groups * self.group_size
     }
 }
@@ -222,6 +242,8 @@ pub(crate) struct Outcome {
     pub(crate) system: &'static str,
     pub(crate) target: String,
     pub(crate) group_size: u64,
+    /// Members per group with a connection (the sender included).
+    pub(crate) online: u64,
     pub(crate) groups: u64,
     /// Group messages per second offered, and the deliveries per second that makes.
     pub(crate) rate_offered: f64,
@@ -230,7 +252,7 @@ pub(crate) struct Outcome {
     /// the last recorded delivery (at least the recorded schedule's length).
     pub(crate) deliveries_per_s: f64,
     pub(crate) counts: Counts,
-    /// Deliveries owed to online members (N − 1 per message sent) that never came.
+    /// Deliveries owed to online members (online − 1 per message sent) that never came.
     pub(crate) missing: u64,
     /// Recorded messages that did not reach every receiver (left out of `last_member_us`).
     pub(crate) incomplete_messages: u64,
@@ -296,6 +318,10 @@ fn check(args: &FanoutArgs) -> anyhow::Result<()> {
         "--group-size must be at least 2, --groups at least 1 and --rate above 0"
     );
     anyhow::ensure!(
+        args.online() >= 2,
+        "--online must be 0 (all) or at least 2: the sender and a receiver"
+    );
+    anyhow::ensure!(
         args.body_bytes >= worker::BODY_HEADER,
         "--body-bytes must be at least {}",
         worker::BODY_HEADER
@@ -332,7 +358,7 @@ fn check(args: &FanoutArgs) -> anyhow::Result<()> {
             !t.is_mqtt(),
             "--target is Starling; an MQTT broker goes in --peer"
         );
-        let need = args.connections() as usize;
+        let need = args.accounts() as usize;
         let have = AccountsFile::load(&args.accounts).map_or(0, |a| a.accounts.len());
         if let (true, Some(data_dir)) = (have < need, &args.data_dir) {
             accounts::top_up(
@@ -492,7 +518,7 @@ fn merge(
         }
     }
     let (last_member, incomplete) =
-        last_member(&slowest, &got, n, args.warm_k(), args.group_size - 1);
+        last_member(&slowest, &got, n, args.warm_k(), args.online() - 1);
     let (server_cpu_cores, wall) = match (started, ended) {
         (Some((a, t0)), Some((b, t1))) if t1 > t0 => {
             (a.zip(b).map(|(a, b)| (b - a) / (t1 - t0)), t1 - t0)
@@ -514,11 +540,12 @@ fn merge(
         system: if mqtt { "mqtt" } else { "starling" },
         target: target.to_owned(),
         group_size: args.group_size,
+        online: args.online(),
         groups: args.groups,
         rate_offered: args.rate,
-        deliveries_offered_per_s: args.rate * (args.group_size - 1) as f64,
+        deliveries_offered_per_s: args.rate * (args.online() - 1) as f64,
         deliveries_per_s,
-        missing: (counts.sent * (args.group_size - 1)).saturating_sub(counts.delivered),
+        missing: (counts.sent * (args.online() - 1)).saturating_sub(counts.delivered),
         incomplete_messages: incomplete,
         deliver_us: Summary::of(&del),
         last_member_us: Summary::of(&last_member),
@@ -567,9 +594,10 @@ fn print_outcome(args: &FanoutArgs, out: &Outcome) {
     println!();
     println!("target            {} ({})", out.target, out.system);
     println!(
-        "workload          {} groups of {} members, {:.1} group msg/s offered ({:.0} deliveries/s), {} s, {}-byte bodies, {} processes",
+        "workload          {} groups of {} members ({} online), {:.1} group msg/s offered ({:.0} deliveries/s), {} s, {}-byte bodies, {} processes",
         args.groups,
         args.group_size,
+        out.online,
         args.rate,
         out.deliveries_offered_per_s,
         args.duration_secs,
@@ -768,6 +796,7 @@ mod tests {
             data_dir: None,
             accounts: "a.json".into(),
             group_size: 1000,
+            online: 0,
             groups: 4,
             rate: 20.0,
             duration_secs: 10,
@@ -793,6 +822,11 @@ mod tests {
         assert_eq!(a.per_group(), 50);
         assert_eq!(a.warm_k(), 5);
         assert_eq!(a.connections(), 4000);
+        a.online = 10;
+        assert_eq!((a.online(), a.connections(), a.accounts()), (10, 40, 4000));
+        a.online = 1;
+        assert!(check(&a).is_err_and(|e| format!("{e:#}").contains("--online")));
+        a.online = 0;
         assert!(check(&a).is_err_and(|e| format!("{e:#}").contains("a.json")));
         a.rate = 0.1;
         assert!(check(&a).is_err_and(|e| format!("{e:#}").contains("nothing would be recorded")));

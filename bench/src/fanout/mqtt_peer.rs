@@ -44,7 +44,7 @@ fn topic(g: u64) -> String {
 
 /// Connects member `i` (CONNECT; a receiver also SUBSCRIBEs), then publishes or receives.
 pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
-    let (g, m) = (i / ctx.group_size, i % ctx.group_size);
+    let (g, m) = (i / ctx.online, i % ctx.online);
     let dst = ctx.target.addr();
     let stream = Stream::connect(
         dst,

@@ -12,10 +12,10 @@ use crate::net::{StarlingConn, Stream, describe_error, source_addr};
 
 /// Connects member `i` (Hello with its account's token), then sends or receives.
 pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
-    let (g, m) = (i / ctx.group_size, i % ctx.group_size);
+    let (g, m) = (i / ctx.online, i % ctx.online);
     let acc = ctx
         .accounts
-        .get(i as usize)
+        .get((g * ctx.group_size + m) as usize)
         .context("the accounts file has too few accounts")?;
     let dst = ctx.target.addr();
     let s = Stream::connect(
@@ -32,7 +32,7 @@ pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
         (u64::from(limits.heartbeat_ms) * 1_000_000).clamp(1_000_000_000, ctx.plan.heartbeat_ns);
     ctx.rec.counts.borrow_mut().connected += 1;
     if m == 0 {
-        let first = i as usize + 1;
+        let first = (g * ctx.group_size) as usize + 1;
         let others: Vec<u64> = ctx
             .accounts
             .get(first..first + ctx.group_size as usize - 1)

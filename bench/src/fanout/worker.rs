@@ -247,7 +247,7 @@ pub(crate) fn run(args: &FanoutArgs, system: &str) -> anyhow::Result<()> {
     let cpu0 = report::own_cpu_secs();
     let rec = Rc::new(Rec::new((plan.n * plan.groups) as usize));
     let senders_here = (first..first + count)
-        .filter(|i| i % args.group_size == 0)
+        .filter(|i| i % args.online() == 0)
         .count() as u64;
     workers::block_on(async {
         let local = tokio::task::LocalSet::new();
@@ -266,6 +266,7 @@ pub(crate) fn run(args: &FanoutArgs, system: &str) -> anyhow::Result<()> {
                         timer: timer.clone(),
                         plan,
                         group_size: args.group_size,
+                        online: args.online(),
                         sources: args.sources,
                     };
                     let (members, next) = (members.clone(), next.clone());
@@ -283,7 +284,7 @@ pub(crate) fn run(args: &FanoutArgs, system: &str) -> anyhow::Result<()> {
                             members
                                 .borrow_mut()
                                 .push(tokio::task::spawn_local(async move {
-                                    let (g, m) = (i / ctx.group_size, i % ctx.group_size);
+                                    let (g, m) = (i / ctx.online, i % ctx.online);
                                     let r = if ctx.target.is_mqtt() {
                                         mqtt_peer::member(&ctx, i).await
                                     } else {
@@ -356,6 +357,9 @@ pub(crate) struct Member {
     pub(crate) timer: Rc<Timer>,
     pub(crate) plan: Plan,
     pub(crate) group_size: u64,
+    /// Members per group with a connection: connection `i` is member `i % online` of group
+    /// `i / online`.
+    pub(crate) online: u64,
     pub(crate) sources: u32,
 }
 

@@ -9,7 +9,7 @@ use crate::error::ClientError;
 
 /// How many times [`Client::group_info`] starts over when the group changes
 /// while its pages are read.
-pub const GROUP_INFO_ATTEMPTS: u32 = 4;
+const GROUP_INFO_ATTEMPTS: u32 = 4;
 
 impl Client {
     /// Creates a group named `name` with the caller as its first admin and
@@ -30,7 +30,7 @@ impl Client {
     /// A group's current state with every member (members only): one
     /// request per page of the server's page size (1,024 members by
     /// default). When the group changes while its pages are read, the read
-    /// starts over (at most [`GROUP_INFO_ATTEMPTS`] times; the last attempt's
+    /// starts over (at most 4 reads; the last one's
     /// pages are returned as read). The answer's
     /// `members_next_after_user_id` is 0.
     pub async fn group_info(&self, conversation_id: u64) -> Result<v1::GroupInfo, ClientError> {
