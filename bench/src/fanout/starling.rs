@@ -1,7 +1,9 @@
 //! The Starling members of `fanout`: member 0 of a group creates it and sends; the others
-//! receive, acknowledge cumulatively (held up to `--ack-delay-us`) and catch up by Sync when
-//! the server hints that they fell behind.
+//! learn their positions with a first Sync, then receive, acknowledge cumulatively (held up to
+//! `--ack-delay-us`) and catch up by Sync when the server hints that they fell behind (or, in
+//! a group fanned out on read, that it has new messages).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -30,6 +32,11 @@ pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
     let limits = w.limits.unwrap_or_default();
     let heartbeat_ns =
         (u64::from(limits.heartbeat_ms) * 1_000_000).clamp(1_000_000_000, ctx.plan.heartbeat_ns);
+    // A receiver counts as connected once it knows its positions.
+    let mut r = Receiver::default();
+    if m != 0 {
+        r.catch_up(&mut c).await?;
+    }
     ctx.rec.counts.borrow_mut().connected += 1;
     if m == 0 {
         let first = (g * ctx.group_size) as usize + 1;
@@ -49,7 +56,7 @@ pub(crate) async fn member(ctx: &Member, i: u64) -> anyhow::Result<()> {
         .max(1);
         send(ctx, &mut c, g, conv, window, heartbeat_ns).await
     } else {
-        receive(ctx, &mut c, g, heartbeat_ns).await
+        receive(ctx, &mut c, g, r, heartbeat_ns).await
     }
 }
 
@@ -223,11 +230,11 @@ async fn receive(
     ctx: &Member,
     c: &mut StarlingConn,
     g: u64,
+    mut r: Receiver,
     heartbeat_ns: u64,
 ) -> anyhow::Result<()> {
     let (plan, rec, timer) = (&ctx.plan, &*ctx.rec, &*ctx.timer);
     let mut seen = Seen::new(g, plan.n);
-    let mut r = Receiver::default();
     let mut last_write = rec.now_ns();
     loop {
         let now = rec.now_ns();
@@ -271,17 +278,75 @@ async fn receive(
 /// A receiver's protocol state.
 #[derive(Debug, Default)]
 struct Receiver {
-    /// The group's conversation and the highest seq up to which this connection has every
-    /// entry it may see (from the first it got, its join: the DeliveryAck and Sync position).
-    conv: u64,
-    upto: Option<u64>,
+    /// Per conversation, the highest seq up to which this connection has every entry it may
+    /// see (from the first it got: its join): the DeliveryAck and Sync position. Every known
+    /// conversation goes into each Sync, so that an account's other conversations (an earlier
+    /// run's) are not sent again.
+    upto: HashMap<u64, u64>,
     syncing: bool,
+    /// A hint came while a Sync was under way: sync again when it is done.
+    resync: bool,
+    /// The connection's first Sync, before the run: positions only, nothing recorded.
+    catching_up: bool,
     /// The cumulative DeliveryAck not yet queued, and since when it waits (ns).
     ack_unsent: Option<(u64, u64)>,
     held_since: Option<u64>,
 }
 
 impl Receiver {
+    /// Before the run: one Sync of everything the account has (an earlier run's groups and
+    /// conversations), to learn its positions, so that the run's Syncs fetch only the run's
+    /// messages.
+    async fn catch_up(&mut self, c: &mut StarlingConn) -> anyhow::Result<()> {
+        self.catching_up = true;
+        self.push_sync(c)?;
+        c.flush().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.catching_up {
+            let n = tokio::time::timeout_at(deadline, c.read_some())
+                .await
+                .context("no end of the first Sync within 60 s")??;
+            if n == 0 {
+                bail!("server closed the connection");
+            }
+            while let Some(f) = c.next_frame()? {
+                match f.body {
+                    Some(Body::Deliver(d)) => {
+                        let msg = d.message.context("Deliver without a message")?;
+                        self.advance(msg.conversation_id, msg.seq);
+                    }
+                    Some(Body::SyncDone(done)) => {
+                        self.syncing = false;
+                        if done.truncated.is_empty() {
+                            self.catching_up = false;
+                        } else {
+                            for t in &done.truncated {
+                                self.upto.entry(t.conversation_id).or_insert(0);
+                            }
+                            self.push_sync(c)?;
+                            c.flush().await?;
+                        }
+                    }
+                    Some(Body::Error(e)) => bail!("server error: {}", describe_error(&e)),
+                    Some(Body::Goodbye(g)) => bail!("server said Goodbye: {}", g.message),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Entry `seq` of `conv` arrived: the contiguous position moves if it was the next one
+    /// (live Delivers come in seq order; after a gap the position waits for the Sync that
+    /// fills it). The first entry of a conversation sets it (a member's first visible seq).
+    fn advance(&mut self, conv: u64, seq: u64) -> u64 {
+        let u = self.upto.entry(conv).or_insert(0);
+        if *u == 0 || seq == *u + 1 {
+            *u = seq;
+        }
+        *u
+    }
+
     fn on_frames(
         &mut self,
         c: &mut StarlingConn,
@@ -294,31 +359,28 @@ impl Receiver {
             match f.body {
                 Some(Body::Deliver(d)) => {
                     let msg = d.message.context("Deliver without a message")?;
-                    self.conv = msg.conversation_id;
-                    // Live Delivers come in seq order; after a gap the position waits for the
-                    // Sync that fills it.
-                    self.upto = match self.upto {
-                        Some(u) if msg.seq != u + 1 => Some(u),
-                        _ => Some(msg.seq),
-                    };
+                    let upto = self.advance(msg.conversation_id, msg.seq);
                     if msg.content_type == CONTENT_TYPE {
                         seen.on_body(&msg.body, plan, rec, now)?;
                     }
-                    if let (true, Some(upto)) = (plan.delivery_acks, self.upto) {
+                    if plan.delivery_acks {
                         self.ack_unsent = Some((msg.conversation_id, upto));
                         self.held_since.get_or_insert(now);
                     }
                 }
                 Some(Body::MessagesAvailable(h)) => {
                     rec.counts.borrow_mut().hints += 1;
-                    if !self.syncing {
-                        self.sync(c, h.conversation_id, rec)?;
+                    self.upto.entry(h.conversation_id).or_insert(0);
+                    if self.syncing {
+                        self.resync = true;
+                    } else {
+                        self.sync(c, rec)?;
                     }
                 }
                 Some(Body::SyncDone(done)) => {
                     self.syncing = false;
-                    if let Some(t) = done.truncated.first() {
-                        self.sync(c, t.conversation_id, rec)?;
+                    if !done.truncated.is_empty() || std::mem::take(&mut self.resync) {
+                        self.sync(c, rec)?;
                     }
                 }
                 Some(Body::Receipt(_) | Body::GroupReceipts(_)) => {
@@ -332,22 +394,22 @@ impl Receiver {
         Ok(())
     }
 
-    /// Asks for everything in `conv` after the contiguous position.
-    fn sync(&mut self, c: &mut StarlingConn, conv: u64, rec: &super::Rec) -> anyhow::Result<()> {
-        let from = if conv == self.conv {
-            self.upto.unwrap_or(0)
-        } else {
-            0
-        };
+    /// Asks for everything after the contiguous position of every known conversation.
+    fn sync(&mut self, c: &mut StarlingConn, rec: &super::Rec) -> anyhow::Result<()> {
+        self.push_sync(c)?;
+        rec.counts.borrow_mut().syncs += 1;
+        Ok(())
+    }
+
+    fn push_sync(&mut self, c: &mut StarlingConn) -> anyhow::Result<()> {
         let rid = c.rid();
         c.push(
             rid,
             Body::Sync(v1::Sync {
-                last_seq: std::iter::once((conv, from)).collect(),
+                last_seq: self.upto.iter().map(|(&k, &v)| (k, v)).collect(),
             }),
         )?;
         self.syncing = true;
-        rec.counts.borrow_mut().syncs += 1;
         Ok(())
     }
 
