@@ -5,7 +5,7 @@
 # directory, TLS on 127.0.0.1:7643): accounts are registered first, the server's CPU is measured
 # per phase, the report goes to JSON. EXTRA_TOML (with `\n` escapes) is appended to the server's
 # config, e.g. "[router]\nblock_requests_per_s = 1000000\nblock_requests_burst = 1000000" to let
-# every Block/Unblock through to the metadata writer. BENCHMARKS.md has the figures.
+# every Block/Unblock through to the metadata writer. docs/benchmarks/abuse.md has the figures.
 set -euo pipefail
 server=$(realpath "$1"); bench=$(realpath "$2"); json=$3; extra=${4:-}
 shift $(( $# < 4 ? $# : 4 ))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/scripts/login-flood.sh — the "Login flood" figure of BENCHMARKS.md: a fresh Starling
+# bench/scripts/login-flood.sh — the "Password-login flood" figure of docs/benchmarks/abuse.md: a fresh Starling
 # server (both shards, TLS), 20 accounts registered, then one `starling-bench login-flood` run
 # (a baseline phase, then a flood phase, DURATION seconds each).
 #

@@ -183,7 +183,7 @@ pub struct AccountsConfig {
     /// The hashing threads' priority: `idle` (`SCHED_IDLE`: they run on CPU
     /// time the shards leave, and a waking shard preempts them at once),
     /// `low` (nice 19) or `normal` (the shards' own). Measured in
-    /// BENCHMARKS.md, "Login flood".
+    /// docs/benchmarks/abuse.md, "Password-login flood".
     pub password_hash_priority: ThreadPriority,
     /// Password checks admitted but not finished (waiting for a hashing
     /// thread, or hashing); more are refused at once, without a hash.
