@@ -256,7 +256,10 @@ fn a_group_larger_than_a_page_is_read_in_pages() {
             Body::GroupInfo(i) => i,
             other => panic!("expected GroupInfo, got {other:?}"),
         };
-        assert!(page.members.len() <= 2 && page.member_count == 5, "{page:?}");
+        assert!(
+            page.members.len() <= 2 && page.member_count == 5,
+            "{page:?}"
+        );
         assert_eq!(page.version, first.version);
         seen.extend(page.members.iter().map(|m| m.user_id));
         next = page.members_next_after_user_id;
@@ -327,7 +330,10 @@ fn a_group_larger_than_a_page_is_read_in_pages() {
             other => panic!("expected ReceiptDetail, got {other:?}"),
         };
         pages += 1;
-        assert_eq!((d.sender_user_id, d.recipients, d.delivered, d.read), (sender, 4, 2, 1));
+        assert_eq!(
+            (d.sender_user_id, d.recipients, d.delivered, d.read),
+            (sender, 4, 2, 1)
+        );
         delivered.extend(d.delivered_user_ids);
         read.extend(d.read_user_ids);
         if d.next_after_user_id == 0 {

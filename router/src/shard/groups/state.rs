@@ -301,7 +301,10 @@ impl GroupState {
     pub(crate) fn info(&self, conv: ConvId, page: Option<Page>) -> v1::GroupInfo {
         let (mut members, mut next) = (Vec::new(), 0);
         if let Some(p) = page {
-            let after = (std::ops::Bound::Excluded(p.after), std::ops::Bound::Unbounded);
+            let after = (
+                std::ops::Bound::Excluded(p.after),
+                std::ops::Bound::Unbounded,
+            );
             let mut range = self.members.range(after);
             for (u, m) in range.by_ref().take(p.limit) {
                 members.push(v1::GroupMember {
@@ -728,7 +731,10 @@ mod tests {
         let ids = |i: &v1::GroupInfo| i.members.iter().map(|m| m.user_id).collect::<Vec<_>>();
         let whole = g.info(G, Some(Page::first(3)));
         assert_eq!((ids(&whole), whole.member_count), (vec![1, 2, 3], 3));
-        assert_eq!(whole.members_next_after_user_id, 0, "the last member is in it");
+        assert_eq!(
+            whole.members_next_after_user_id, 0,
+            "the last member is in it"
+        );
         let first = g.info(G, Some(Page::first(2)));
         assert_eq!(ids(&first), [1, 2]);
         assert_eq!(first.members_next_after_user_id, 2);
@@ -777,7 +783,10 @@ mod tests {
             assert_eq!(code(g.change(G, u(9), op, MAX, 20)), ErrorCode::NotAMember);
         }
         // Anyone may read and leave (but the last admin, see below).
-        assert!(matches!(g.change(G, u(2), &Op::Info(Page::first(10)), MAX, 20), Ok(None)));
+        assert!(matches!(
+            g.change(G, u(2), &Op::Info(Page::first(10)), MAX, 20),
+            Ok(None)
+        ));
         assert!(matches!(
             g.change(G, u(2), &Op::Leave, MAX, 20),
             Ok(Some(_))
