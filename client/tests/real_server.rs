@@ -14,37 +14,12 @@ use starling_client::{
     Client, ClientConfig, ConnectOptions, Event, Identifier, Profile, TlsTrust, Transport, v1,
 };
 
+#[path = "../../testsupport/server_binary.rs"]
+mod server_binary;
+
 /// `target/<profile>/starling`, built if needed.
 fn server_binary() -> PathBuf {
-    let cli = PathBuf::from(env!("CARGO_BIN_EXE_starling-cli"));
-    let dir = cli.parent().unwrap().to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut build = Command::new(cargo);
-    build.args(["build", "-p", "starling-gateway", "--bin", "starling"]);
-    // Without the variables cargo set for this test, so that build scripts
-    // (ring's reads CARGO_PKG_*) see the same environment as a plain build
-    // and nothing is rebuilt.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "CARGO_PRIMARY_",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-        {
-            build.env_remove(key);
-        }
-    }
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().unwrap();
-    assert!(status.success(), "building the starling server failed");
-    dir.join("starling")
+    server_binary::server_binary_beside(Path::new(env!("CARGO_BIN_EXE_starling-cli")))
 }
 
 struct Server {
