@@ -7,18 +7,20 @@
 //! and configuration; the glue that opens each shard's storage at start-up
 //! and drives its `starling_router::RouterShard` ([`messaging`]); and, for
 //! now, the accounts front door ([`accounts`]: one-time codes, sign-in,
-//! sessions and tokens, devices, contact discovery) with its own store,
-//! `<data>/accounts.redb` behind the narrow [`accounts::store::AccountStore`]
-//! trait. The account logic is meant to move to the router and its records to
-//! the storage crate's metadata store, whose schema already has them.
+//! sessions and tokens, devices, contact discovery), whose records live in
+//! the node's metadata store behind `starling_storage::accounts::AccountStore`
+//! (`<data>/meta.redb`; a data dir with the former `accounts.redb` is
+//! migrated at start, [`accounts::migrate`]). The account logic is meant to
+//! move to the router.
 //!
 //! **Is not:** chat state. Who is in which group, which `seq` a conversation
 //! is at, who may read what: all of that is the router's.
 //!
 //! **Must not touch:** conversation state or the messages in storage: it opens
 //! the storage and hands it to the router, and its writes to the metadata
-//! store are the mirror of a user who authenticates and the contacts that
-//! contact discovery found ([`profiles`]). Frames are decoded by
+//! store are the accounts' own records (users, devices, sessions, codes,
+//! rate-limit windows: [`accounts`]) and the contacts that contact discovery
+//! found ([`profiles`]). Frames are decoded by
 //! `starling-protocol`; the messaging ones are handed to `starling-router`,
 //! whose answers arrive already encoded.
 //!
@@ -109,7 +111,7 @@
 //!   accepting, send `Goodbye{SHUTTING_DOWN}`, drain for up to
 //!   `shutdown_drain_ms`, and the process exits 0.
 //! - **Storage faults** ([`health`]): the first failure of a shard's log or
-//!   index, `meta.redb` or `accounts.redb` marks the process unhealthy
+//!   index, or of `meta.redb` (accounts included) marks the process unhealthy
 //!   (`/healthz`, `/readyz`), stops reading connections, and tells the main
 //!   thread; shards give pending answers a short grace, send
 //!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
@@ -129,8 +131,11 @@
 //!   it finds become the caller's contacts in the metadata store, and
 //!   GetProfiles answers public profiles under the router's visibility rule
 //!   (`starling_router::visibility`), both in [`profiles`].
-//!   The store is [`accounts::store::AccountStore`] with a redb
-//!   implementation in `<data>/accounts.redb`.
+//!   The store is `starling_storage::accounts::AccountStore`, implemented by
+//!   the embedded metadata store on `<data>/meta.redb`: the user record the
+//!   router titles conversations with is the account itself. Devices' last
+//!   seen times are noted on the shards and written coalesced by a thread of
+//!   their own ([`accounts::seen`]).
 
 pub mod accounts;
 pub mod clock;

@@ -100,6 +100,7 @@ fn launch_logging_to(
         metrics_addr: metrics_addr.unwrap(),
         ca,
         tls,
+        startup: lines.clone(),
     };
     (srv, lines)
 }
@@ -145,14 +146,14 @@ fn fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u64, i64, i64, i64, i64)> {
 
 /// What a start that is expected to fail printed, and how it ended.
 #[derive(Debug)]
-struct Refused {
-    code: Option<i32>,
-    stderr: String,
+pub(super) struct Refused {
+    pub(super) code: Option<i32>,
+    pub(super) stderr: String,
 }
 
 /// Runs `starling serve` on `data` with `args` and waits for it to exit
 /// (it must, within 30 s: a start that is supposed to be refused).
-fn serve_expecting_exit(data: &Path, args: &[&str]) -> Refused {
+pub(super) fn serve_expecting_exit(data: &Path, args: &[&str]) -> Refused {
     let mut child = super::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_starling"))
             .arg("serve")
@@ -423,7 +424,7 @@ impl Mount {
     /// kernel makes it read-only under the running server, as a real disk's error would.
     /// (`mount -o remount,ro` is refused with EBUSY while the server holds files open for
     /// writing, so it cannot make a filesystem read-only under a running server.)
-    fn ext4(root: &Path, mib: u64) -> Mount {
+    pub(super) fn ext4(root: &Path, mib: u64) -> Mount {
         let image = tempfile::tempdir().unwrap();
         let file = image.path().join("fs.img");
         std::fs::File::create(&file)
@@ -497,7 +498,7 @@ impl Mount {
     }
 
     /// The kernel turns the ext4 filesystem read-only (`ext4_error`, errors=remount-ro).
-    fn force_read_only(&self) {
+    pub(super) fn force_read_only(&self) {
         let out = Command::new("findmnt")
             .args(["-n", "-o", "SOURCE", self.point.to_str().unwrap()])
             .output()
@@ -508,7 +509,7 @@ impl Mount {
     }
 
     /// Unmounts and mounts the ext4 filesystem again (writable; its journal is replayed).
-    fn remount_ext4(&self) {
+    pub(super) fn remount_ext4(&self) {
         self.unmount();
         self.mount_ext4();
     }
@@ -1051,7 +1052,7 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
 }
 
 /// A fault met by a metadata store rather than the log (the first message of a conversation
-/// writes its membership to `meta.redb`; a one-time code is stored in `accounts.redb`): the
+/// writes its membership to `meta.redb`; a one-time code is stored there too): the
 /// request is answered `STORAGE_FAILURE`, and the server stops with status 74 naming the
 /// store, as for the log — instead of failing every later metadata write until a manual
 /// restart. (Read-only, so that the store's write fails whatever room its file has.)
@@ -1116,7 +1117,7 @@ fn a_metadata_store_fault_stops_the_server_too() {
     assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
     let line = last_line(&log);
     assert!(
-        line.starts_with("starling: storage fault: accounts.redb: "),
+        line.starts_with("starling: storage fault: meta.redb: "),
         "{line}"
     );
     drop(srv);
