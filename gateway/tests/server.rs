@@ -1035,6 +1035,8 @@ mod faults;
 mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/last_seen.rs"]
+mod last_seen;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]
