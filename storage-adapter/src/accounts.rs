@@ -252,8 +252,13 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug {
     ) -> Result<(UserId, bool), StorageError>;
     /// Reads a user.
     fn user_get(&self, user: UserId) -> Result<Option<User>, StorageError>;
-    /// Writes a user (keeping the device-id counter the store holds).
-    fn user_put(&self, user: &User) -> Result<(), StorageError>;
+    /// Changes a user with `f` (read, changed and written in one transaction, so two changes
+    /// of one user at once both land); returns the user as written, `None` if there is none.
+    fn user_update(
+        &self,
+        user: UserId,
+        f: &dyn Fn(&mut User),
+    ) -> Result<Option<User>, StorageError>;
     /// The user whose phone key (HMAC(pepper, SHA-256(E.164))) is this.
     fn user_by_phone_key(&self, key: &[u8; 32]) -> Result<Option<UserId>, StorageError>;
     /// Adds a device and its first session; returns (device id, session id).
@@ -458,19 +463,19 @@ impl AccountStore for EmbeddedMeta {
         self.get::<User>(&keys::user(user))
     }
 
-    fn user_put(&self, user: &User) -> Result<(), StorageError> {
+    fn user_update(
+        &self,
+        user: UserId,
+        f: &dyn Fn(&mut User),
+    ) -> Result<Option<User>, StorageError> {
         self.account_write(|tx| {
-            let mut u = user.clone();
-            // The device-id counter is the store's: a profile change read before a sign-in
-            // must not hand out that sign-in's device id again.
-            if let Some(cur) = get_in::<User>(tx, &keys::user(user.id))? {
-                let next = cur.account.map_or(1, |a| a.next_device_id);
-                u.account
-                    .get_or_insert_with(AccountFields::default)
-                    .next_device_id = next;
-            }
+            let Some(mut u) = get_in::<User>(tx, &keys::user(user))? else {
+                return Ok(Err(None));
+            };
+            f(&mut u);
+            u.id = user;
             put_in(tx, &u)?;
-            Ok(Ok(()))
+            Ok(Ok(Some(u)))
         })
     }
 

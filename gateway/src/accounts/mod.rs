@@ -822,9 +822,7 @@ impl Accounts {
     }
 
     fn user(&self, p: Principal) -> ApiResult<User> {
-        self.store
-            .user_get(UserId(p.user_id))?
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "user not found"))
+        self.store.user_get(UserId(p.user_id))?.ok_or_else(no_user)
     }
 
     /// GetMe.
@@ -848,17 +846,26 @@ impl Accounts {
     /// conversation title is read from, so that once the client has its
     /// `Profile` every conversation list shows the new name.
     pub fn update_profile(&self, p: Principal, req: &v1::UpdateProfile) -> ApiResult<v1::Profile> {
-        let mut u = self.user(p)?;
-        if let Some(n) = &req.display_name {
-            let n = n.trim();
+        let name = req.display_name.as_deref().map(str::trim);
+        if let Some(n) = name {
             check_text("display_name", n, DISPLAY_NAME_CHARS_MAX)?;
-            n.clone_into(&mut u.display_name);
         }
         if let Some(a) = &req.about {
             check_text("about", a, ABOUT_CHARS_MAX)?;
-            a.clone_into(&mut u.account.get_or_insert_with(AccountFields::default).about);
         }
-        self.store.user_put(&u)?;
+        // Read, changed and written in one transaction: a SetPassword or a
+        // rename on another device at the same time is not undone.
+        let u = self
+            .store
+            .user_update(UserId(p.user_id), &|u| {
+                if let Some(n) = name {
+                    n.clone_into(&mut u.display_name);
+                }
+                if let Some(a) = &req.about {
+                    a.clone_into(&mut u.account.get_or_insert_with(AccountFields::default).about);
+                }
+            })?
+            .ok_or_else(no_user)?;
         Ok(own_profile(&u))
     }
 
@@ -973,11 +980,15 @@ impl Accounts {
 
     /// SetPassword, last step (a store write).
     pub fn store_password(&self, p: Principal, phc: String) -> ApiResult<()> {
-        let mut u = self.user(p)?;
-        u.password_hash = Some(phc);
-        self.store.user_put(&u)?;
+        self.store
+            .user_update(UserId(p.user_id), &|u| u.password_hash = Some(phc.clone()))?
+            .ok_or_else(no_user)?;
         Ok(())
     }
+}
+
+fn no_user() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "user not found")
 }
 
 fn own_profile(u: &User) -> v1::Profile {

@@ -174,26 +174,31 @@ fn a_user_is_created_once_per_identifier_and_is_the_record_the_router_reads() {
     assert_eq!(meta.user_by_phone_key(&[8; 32]).unwrap(), None);
 
     // A rename is the record the router reads for titles: no copy.
-    let mut u = meta.user_get(ana).unwrap().unwrap();
-    u.display_name = "Ana B.".into();
-    meta.user_put(&u).unwrap();
+    let renamed = meta
+        .user_update(ana, &|u| u.display_name = "Ana B.".into())
+        .unwrap()
+        .unwrap();
     let seen = meta.get::<User>(&keys::user(ana)).unwrap().unwrap();
+    assert_eq!(seen, renamed);
     assert_eq!(seen.display_name, "Ana B.");
     assert_eq!(seen.account.unwrap().email, "ana@x.org");
+    assert_eq!(meta.user_update(UserId(77), &|_| {}).unwrap(), None);
 }
 
 #[test]
-fn sign_ins_number_devices_and_a_profile_write_read_before_one_keeps_its_device_id() {
+fn sign_ins_number_devices_and_profile_changes_between_them_keep_the_numbering() {
     let dir = tempfile::tempdir().unwrap();
     let meta = open(dir.path());
     let (ana, _) = meta
         .user_create("email:ana@x.org", &new_user("ana"), None)
         .unwrap();
-    let stale = meta.user_get(ana).unwrap().unwrap();
     let (d1, s1) = sign_in(&meta, ana, 1, 100);
-    // A profile read before the sign-in and written after it.
-    meta.user_put(&stale).unwrap();
+    meta.user_update(ana, &|u| u.password_hash = Some("phc".into()))
+        .unwrap();
     let (d2, s2) = sign_in(&meta, ana, 2, 200);
+    let u = meta.user_get(ana).unwrap().unwrap();
+    assert_eq!(u.password_hash.as_deref(), Some("phc"));
+    assert_eq!(u.account.unwrap().next_device_id, 3);
     assert_eq!((d1, d2), (DeviceId(1), DeviceId(2)));
     assert_eq!((s1, s2), (1, 2));
     let devices = meta.devices(ana).unwrap();
@@ -292,4 +297,39 @@ fn removing_a_device_revokes_its_sessions_only_and_last_seen_only_rises() {
     // A removed device's last seen is not written back.
     meta.devices_seen(&[(ana, d1, TimestampMs(900))]).unwrap();
     assert_eq!(meta.devices(ana).unwrap().len(), 1);
+}
+
+#[test]
+fn changes_of_one_user_from_two_threads_at_once_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = std::sync::Arc::new(open(dir.path()));
+    let (ana, _) = meta
+        .user_create("email:ana@x.org", &new_user("ana"), None)
+        .unwrap();
+    let threads: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|mark| {
+            let meta = meta.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    meta.user_update(ana, &|u| {
+                        u.account
+                            .get_or_insert_with(AccountFields::default)
+                            .about
+                            .push_str(mark);
+                    })
+                    .unwrap()
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let about = meta.user_get(ana).unwrap().unwrap().account.unwrap().about;
+    assert_eq!(
+        (about.matches('a').count(), about.matches('b').count()),
+        (20, 20)
+    );
 }

@@ -214,9 +214,8 @@ fn after_a_crash_between_the_commit_and_the_rename_the_next_start_only_renames()
     meta.commit(&batch).unwrap();
     // Served after the crash's restart would not be: but were anything changed since, the
     // rename must not undo it.
-    let mut ana = meta.user_get(UserId(1)).unwrap().unwrap();
-    ana.display_name = "Ana B.".into();
-    meta.user_put(&ana).unwrap();
+    meta.user_update(UserId(1), &|u| u.display_name = "Ana B.".into())
+        .unwrap();
     let line = run(dir.path(), &meta).unwrap().unwrap();
     assert!(line.contains("was already moved"), "{line}");
     assert!(!old.exists() && dir.path().join(MOVED_FILE).exists());
