@@ -69,8 +69,7 @@
 //!   in the shard's cache of verified tokens (SHA-256 of the token →
 //!   principal and expiry; dropped at expiry and on revocation); on a miss
 //!   its Ed25519 signature is checked on the shard (ring, no pool hop) and
-//!   the session (plus the user's metadata mirror) in one blocking-pool
-//!   call. Revocations bump a shared epoch; a shard trusts its cache only
+//!   the session in one blocking-pool call. Revocations bump a shared epoch; a shard trusts its cache only
 //!   once it has applied every revocation.
 //! - **Requests are handled in order per connection**; account work (store
 //!   reads and transactions, webhooks) runs on one bounded blocking pool
@@ -100,10 +99,10 @@
 //!   Connection tasks call `handle_frame` for the router's frames and report
 //!   written bytes with `handle_conn_flushed`. The router's metadata writes
 //!   (cursor batches, Block/Unblock, new direct conversations) run on one
-//!   `starling-meta` thread per shard, in order. Users are mirrored from the
-//!   accounts store into the metadata store when they authenticate, and a
-//!   display name changed by `UpdateProfile` is mirrored before the request
-//!   is answered (the router titles direct conversations from the mirror).
+//!   `starling-meta` thread per shard, in order. The router titles direct
+//!   conversations from the same user record the accounts write (one
+//!   account store), so a name changed by `UpdateProfile` is in every title
+//!   once the request is answered.
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by

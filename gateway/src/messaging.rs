@@ -201,7 +201,7 @@ pub struct ShardRouter {
     waker: RefCell<Option<Waker>>,
     /// Connection tasks that stopped reading while a ring was full.
     paused: RefCell<Vec<Waker>>,
-    /// The node's metadata (for mirroring users).
+    /// The node's metadata.
     pub meta: Arc<EmbeddedMeta>,
     health: Arc<Health>,
 }

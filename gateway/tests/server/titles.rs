@@ -65,7 +65,7 @@ fn a_renamed_peer_shows_under_the_new_name_in_the_conversation_list() {
     rename(&mut b, "Ben B.");
     assert_eq!(title(&mut a, conv), "Ben B.");
 
-    // The mirror was durable before the Profile answer: a SIGKILL right after keeps it.
+    // The name was durable before the Profile answer: a SIGKILL right after keeps it.
     rename(&mut b, "Benny");
     drop((a, b));
     let srv = srv.kill9_and_restart("auto");
