@@ -648,4 +648,33 @@ mod tests {
             assert!(e.contains(&format!("accounts.{key}")), "{bad}: {e}");
         }
     }
+
+    #[test]
+    fn last_seen_settings_are_checked() {
+        let c = Config::from_toml(
+            "[accounts]
+last_seen_flush_ms = 250
+last_seen_pending_max = 7
+",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.accounts.last_seen_flush_ms,
+                c.accounts.last_seen_pending_max
+            ),
+            (250, 7)
+        );
+        c.validate().unwrap();
+        for bad in [
+            "last_seen_flush_ms = 0",
+            "last_seen_flush_ms = 60001",
+            "last_seen_pending_max = 0",
+        ] {
+            let c = Config::from_toml(&format!("[accounts]\n{bad}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(e.contains(&format!("accounts.{key}")), "{bad}: {e}");
+        }
+    }
 }
