@@ -114,6 +114,9 @@ impl Drop for LastSeen {
 }
 
 fn write_loop(inner: &Inner, store: &dyn AccountStore, every: Duration) {
+    // Once the store has failed, writing again only fails again: the process is stopping
+    // (the store's fault hook told `health`), so later notes are dropped quietly.
+    let mut failed = false;
     loop {
         let (batch, stop) = {
             let mut p = inner.lock();
@@ -127,15 +130,19 @@ fn write_loop(inner: &Inner, store: &dyn AccountStore, every: Duration) {
             p.full = false;
             (std::mem::take(&mut p.seen), p.stop)
         };
-        if !batch.is_empty() {
+        if !batch.is_empty() && !failed {
             let rows: Vec<_> = batch
                 .into_iter()
                 .map(|((u, d), t)| (UserId(u), DeviceId(d), TimestampMs(t)))
                 .collect();
-            if let Err(e) = store.devices_seen(&rows) {
-                // A fault of the disk stops the process through the store's hook; anything
-                // else loses these soft times only.
-                tracing::warn!(error = %e, devices = rows.len(), "writing last-seen times");
+            match store.devices_seen(&rows) {
+                Ok(()) => {}
+                // Reported by the store's hook (the first fault) and stopping the process.
+                Err(e) if e.is_fault() => failed = true,
+                // Anything else loses these soft times only.
+                Err(e) => {
+                    tracing::warn!(error = %e, devices = rows.len(), "writing last-seen times");
+                }
             }
         }
         if stop {

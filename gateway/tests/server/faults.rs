@@ -105,6 +105,15 @@ fn launch_logging_to(
     (srv, lines)
 }
 
+/// A config (in `root`, beside the data dir's mount) under which devices' last-seen times are
+/// not written during a test, so that the fault a test injects is met by the write the test
+/// makes (a last-seen write meeting it first would stop the server with another reason).
+fn no_last_seen_writes(root: &Path) -> PathBuf {
+    let cfg = root.join("starling.toml");
+    std::fs::write(&cfg, "[accounts]\nlast_seen_flush_ms = 60000\n").unwrap();
+    cfg
+}
+
 fn first_allowed_cpu() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     super::allowed_cpus(&status)
@@ -936,7 +945,9 @@ fn a_full_disk_under_a_stream_of_sends() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::tmpfs(root.path(), 512 << 20);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -1000,7 +1011,9 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::ext4(root.path(), 320);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -1061,7 +1074,9 @@ fn a_metadata_store_fault_stops_the_server_too() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::ext4(root.path(), 320);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -1100,7 +1115,8 @@ fn a_metadata_store_fault_stops_the_server_too() {
     mount.remount_ext4();
     let Server { dir, .. } = srv;
     let log = dir.path().join("stderr-2.log");
-    let (srv, _) = launch_logging_to(dir, &["--shards", "1"], false, Some(&log));
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(dir, &args, false, Some(&log));
     let mut a = srv.hello(&ga.access_token);
     let Body::SendAck(ack) = call(&mut a, fat_send(0, gb.user_id, 16, false)) else {
         panic!("the retry after the restart")
