@@ -27,12 +27,17 @@ struct Pending {
     stop: bool,
     /// The map is full: write now.
     full: bool,
+    /// The writer has ended.
+    done: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     pending: Mutex<Pending>,
+    /// Wakes the writer.
     wake: Condvar,
+    /// Tells the owner the writer ended.
+    ended: Condvar,
 }
 
 impl Inner {
@@ -41,6 +46,10 @@ impl Inner {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// How long dropping [`LastSeen`] waits for the writer's last write: a
+/// writer stuck on a failed disk must not hold the process's exit.
+const DROP_WAIT: Duration = Duration::from_secs(2);
 
 /// The last-seen times waiting for their write, and the thread that writes
 /// them.
@@ -65,7 +74,13 @@ impl LastSeen {
         let i = inner.clone();
         let writer = std::thread::Builder::new()
             .name("starling-seen".into())
-            .spawn(move || write_loop(&i, &*store, Duration::from_millis(flush_ms)))?;
+            .spawn(move || {
+                write_loop(&i, &*store, Duration::from_millis(flush_ms));
+                // The store is released before the owner hears of the end.
+                drop(store);
+                i.lock().done = true;
+                i.ended.notify_all();
+            })?;
         Ok(Self {
             inner,
             pending_max,
@@ -102,13 +117,25 @@ impl LastSeen {
 }
 
 impl Drop for LastSeen {
+    /// Writes what is noted (the writer's last round) and waits for it, at
+    /// most [`DROP_WAIT`]; a writer still stuck then is left behind.
     fn drop(&mut self) {
-        self.inner.lock().stop = true;
+        let mut p = self.inner.lock();
+        p.stop = true;
         self.inner.wake.notify_one();
-        if let Some(w) = self.writer.take()
-            && w.join().is_err()
-        {
-            tracing::error!("the last-seen writer panicked");
+        let (p, timeout) = self
+            .inner
+            .ended
+            .wait_timeout_while(p, DROP_WAIT, |p| !p.done)
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(p);
+        match self.writer.take() {
+            Some(w) if !timeout.timed_out() => {
+                if w.join().is_err() {
+                    tracing::error!("the last-seen writer panicked");
+                }
+            }
+            _ => tracing::warn!("the last-seen writer did not end in time; left behind"),
         }
     }
 }
