@@ -158,6 +158,20 @@ pub fn profile(p: &v1::Profile) -> Value {
     })
 }
 
+/// One of the caller's devices.
+#[must_use]
+pub fn device(d: &v1::Device) -> Value {
+    json!({
+        "type": "device",
+        "device_id": d.device_id,
+        "name": d.name,
+        "platform": d.platform,
+        "created_at_ms": d.created_at_ms,
+        "last_seen_ms": d.last_seen_ms,
+        "current": d.current,
+    })
+}
+
 /// A new session (tokens left out).
 #[must_use]
 pub fn session(g: &v1::SessionGranted) -> Value {

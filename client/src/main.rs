@@ -215,6 +215,19 @@ enum Cmd {
         #[arg(long)]
         seq: u64,
     },
+    /// Change your display name or status text (others see the new name at
+    /// once: conversation titles, profiles).
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "about"])))]
+    SetProfile {
+        /// New display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New status text.
+        #[arg(long)]
+        about: Option<String>,
+    },
+    /// List your devices, with when each was last seen.
+    Devices,
     /// Show other users' public profiles.
     Profiles {
         /// User ids or +phones, comma-separated.
@@ -498,6 +511,28 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let res = client.receipts(conv, seq).await;
             client.shutdown().await;
             out.print(&sj::receipt_detail(&res?));
+        }
+        Cmd::SetProfile { name, about } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = client
+                .update_profile(v1::UpdateProfile {
+                    display_name: name,
+                    about,
+                    ..v1::UpdateProfile::default()
+                })
+                .await;
+            client.shutdown().await;
+            out.print(&sj::profile(&res?));
+        }
+        Cmd::Devices => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = client.devices().await;
+            client.shutdown().await;
+            for d in &res?.devices {
+                out.print(&sj::device(d));
+            }
         }
         Cmd::Profiles { users } => {
             let (client, events) = start(&g, false)?;

@@ -430,5 +430,7 @@ mod contacts;
 mod groups;
 #[path = "real_server/presence.rs"]
 mod presence;
+#[path = "real_server/profile.rs"]
+mod profile;
 #[path = "real_server/receipts.rs"]
 mod receipts;

@@ -139,9 +139,10 @@ impl Default for LimitsConfig {
 /// Every refusal of a limit below is `RATE_LIMITED` with a message saying
 /// which limit and a `retry_after_ms` saying when a retry can pass it. "Per
 /// IP" means per IPv4 address, or per IPv6 /64. The one-time-code budgets and
-/// the failed-password budget are written to `<data>/accounts.redb` when
-/// they change (the latter from an identifier's second failure on), so a
-/// restart does not reset them; the others are in memory.
+/// the failed-password budget are written to the metadata store
+/// (`<data>/meta.redb`) when they change (the latter from an identifier's
+/// second failure on), so a restart does not reset them; the others are in
+/// memory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountsConfig {
@@ -203,6 +204,13 @@ pub struct AccountsConfig {
     /// Rate-limit windows kept (each IP or identifier counting toward a
     /// limit has one); beyond it, the ones that end soonest are dropped.
     pub rate_windows_max: usize,
+    /// Devices' last-seen times (noted when a device connects, authenticates
+    /// or disconnects, never per heartbeat) are written at most this often,
+    /// all in one transaction.
+    pub last_seen_flush_ms: u64,
+    /// Devices whose last-seen time waits for that write, at most; a note
+    /// for one more wakes the writer early and is dropped.
+    pub last_seen_pending_max: usize,
     /// Where codes are delivered.
     pub otp_sender: OtpSenderConfig,
 }
@@ -231,6 +239,8 @@ impl Default for AccountsConfig {
             password_checks_per_ip_per_minute: 30,
             password_failures_per_identifier_per_hour: 20,
             rate_windows_max: 100_000,
+            last_seen_flush_ms: 1000,
+            last_seen_pending_max: 100_000,
             otp_sender: OtpSenderConfig::Dev,
         }
     }
@@ -488,6 +498,18 @@ impl Config {
         if a.blocking_threads == 0 || a.blocking_threads > 64 {
             return bad("accounts.blocking_threads", "must be between 1 and 64");
         }
+        if !(10..=60_000).contains(&a.last_seen_flush_ms) {
+            return bad(
+                "accounts.last_seen_flush_ms",
+                "must be between 10 and 60000",
+            );
+        }
+        if !(1..=10_000_000).contains(&a.last_seen_pending_max) {
+            return bad(
+                "accounts.last_seen_pending_max",
+                "must be between 1 and 10000000",
+            );
+        }
         if a.password_hash_threads == 0 || a.password_hash_threads > 64 {
             return bad("accounts.password_hash_threads", "must be between 1 and 64");
         }
@@ -619,6 +641,35 @@ mod tests {
             "rate_windows_max = 10",
             "discover_numbers_per_hour = 0",
             "discover_numbers_remembered_max = 10",
+        ] {
+            let c = Config::from_toml(&format!("[accounts]\n{bad}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(e.contains(&format!("accounts.{key}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn last_seen_settings_are_checked() {
+        let c = Config::from_toml(
+            "[accounts]
+last_seen_flush_ms = 250
+last_seen_pending_max = 7
+",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.accounts.last_seen_flush_ms,
+                c.accounts.last_seen_pending_max
+            ),
+            (250, 7)
+        );
+        c.validate().unwrap();
+        for bad in [
+            "last_seen_flush_ms = 0",
+            "last_seen_flush_ms = 60001",
+            "last_seen_pending_max = 0",
         ] {
             let c = Config::from_toml(&format!("[accounts]\n{bad}\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();

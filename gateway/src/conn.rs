@@ -124,6 +124,9 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: boo
     };
     conn.drive().await;
     let id = conn.id;
+    if let Some(p) = conn.principal {
+        shard.shared.accounts.seen(p, clock::unix_ms());
+    }
     if conn.router_open
         && let Some(r) = &shard.router
     {
@@ -729,31 +732,19 @@ impl Conn {
     }
 
     /// Marks the connection authenticated as `p` by an access token that
-    /// expires at `expires_at_ms` (unix) and registers it with the router.
-    /// `mirrored`: the user is known to be in the node's metadata already.
-    async fn authenticated(&mut self, p: Principal, expires_at_ms: u64, mirrored: bool) {
+    /// expires at `expires_at_ms` (unix), notes its device as seen and
+    /// registers it with the router.
+    fn authenticated(&mut self, p: Principal, expires_at_ms: u64) {
         self.principal = Some(p);
         self.ctl.session_id.set(p.session_id);
-        let left_ms = expires_at_ms.saturating_sub(clock::unix_ms());
+        let now = clock::unix_ms();
+        self.shard.shared.accounts.seen(p, now);
+        let left_ms = expires_at_ms.saturating_sub(now);
         self.shard
             .set_token_expiry(self.id, &self.ctl, clock::mono_ms() + left_ms.max(1));
         let Some(r) = self.shard.router.clone() else {
             return;
         };
-        if !mirrored {
-            // The router resolves recipients in the node's metadata: make
-            // sure this user is there before it can be written to.
-            let (meta, accounts) = (r.meta.clone(), self.accounts());
-            if runtime::blocking(move || crate::messaging::ensure_user(&meta, &accounts, p, true))
-                .await
-                .is_none()
-            {
-                tracing::error!(
-                    user = p.user_id,
-                    "mirroring the user into metadata panicked"
-                );
-            }
-        }
         let id = router_conn(self.id);
         r.with(|rs, now| {
             if self.router_open {
@@ -770,8 +761,7 @@ impl Conn {
     }
 
     /// Checks an access token: the shard's cache first; else the signature
-    /// on this thread and the session (plus the user's metadata mirror) in
-    /// one blocking-pool call. Returns who it names and its expiry (unix ms).
+    /// on this thread and the session in one blocking-pool call. Returns who it names and its expiry (unix ms).
     async fn check_token(&self, token: String) -> Result<Access, ApiError> {
         let now = clock::unix_ms();
         let key = TokenKey::of(&token);
@@ -787,16 +777,8 @@ impl Conn {
         }
         let access = self.shard.shared.accounts.verify_access(&token, now)?;
         drop(token);
-        let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
-        self.call(move |acc, _| {
-            let p = acc.check_session(&access)?;
-            if let Some(meta) = meta {
-                // The router resolves recipients in the node's metadata.
-                crate::messaging::ensure_user(&meta, acc, p, false);
-            }
-            Ok(())
-        })
-        .await?;
+        self.call(move |acc, _| acc.check_session(&access).map(drop))
+            .await?;
         if self.shard.revocation_epoch() == epoch {
             self.shard
                 .token_cache
@@ -885,7 +867,7 @@ impl Conn {
             Body::Pong(_) => {}
             Body::Authenticate(a) => match self.check_token(a.access_token).await {
                 Ok(a) => {
-                    self.authenticated(a.principal, a.expires_at_ms, true).await;
+                    self.authenticated(a.principal, a.expires_at_ms);
                     self.send(rid, Body::Done(v1::Done {}));
                 }
                 Err(e) => self.api_error(rid, e),
@@ -965,8 +947,7 @@ impl Conn {
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
         match r {
             Ok(g) => {
-                self.authenticated(g.principal, g.frame.access_expires_at_ms, false)
-                    .await;
+                self.authenticated(g.principal, g.frame.access_expires_at_ms);
                 self.send(rid, Body::SessionGranted(g.frame));
             }
             Err(e) => self.api_error(rid, e),
@@ -1033,7 +1014,7 @@ impl Conn {
         self.welcomed = true;
         self.ctl.set_deadline(clock::mono_ms() + idle, Kill::Idle);
         if let Some(a) = authenticated {
-            self.authenticated(a.principal, a.expires_at_ms, true).await;
+            self.authenticated(a.principal, a.expires_at_ms);
         }
         self.send(rid, Body::Welcome(welcome));
         None
@@ -1062,13 +1043,9 @@ impl Conn {
                 Err(e) => self.api_error(rid, e),
             },
             Body::UpdateProfile(req) => {
-                // The new name reaches the metadata mirror (conversation titles) before the
-                // Profile answers.
-                let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
-                let update = move |acc: &Accounts, _| {
-                    crate::messaging::update_profile(meta.as_deref(), acc, p, &req)
-                };
-                match self.call(update).await {
+                // Durable in the record conversation titles are read from before the Profile
+                // answers.
+                match self.call(move |acc, _| acc.update_profile(p, &req)).await {
                     Ok(prof) => self.send(rid, Body::Profile(prof)),
                     Err(e) => self.api_error(rid, e),
                 }

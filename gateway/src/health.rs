@@ -3,8 +3,8 @@
 //!
 //! **A storage fault ends the process.** When a shard's log fails (a write or `fdatasync`
 //! error, a full disk, a filesystem gone read-only), when a shard's message index stops, or
-//! when `meta.redb` or `accounts.redb` fail with an I/O error (redb then refuses every later
-//! operation until reopened), nothing that depends on that store can work again in this
+//! when `meta.redb` (the metadata store, accounts included) fails with an I/O error (redb then
+//! refuses every later operation until reopened), nothing that depends on that store can work again in this
 //! process: a failed `fsync` leaves the page cache in an unknown state, so the only safe
 //! recovery is to restart and recover from what is on disk (never retry and acknowledge).
 //! Recovering in-process would mean reopening every store under live connections; exiting is
@@ -22,12 +22,12 @@
 //!
 //! A fault already present at start-up fails the start (the data directory must be writable).
 //!
-//! Faults are reported from wherever they are met: the shards' router drivers (log and index),
-//! the metadata store's fault hook, and — through [`report_fault`], since the account store's
-//! errors are converted without context — the account store.
+//! Faults are reported from wherever they are met: the shards' router drivers (log and index)
+//! and the metadata store's fault hook, which sees every operation of the store — the router's,
+//! the accounts' ([`starling_storage::accounts`]) and the last-seen writer's alike.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
+use std::sync::{Mutex, OnceLock, PoisonError, mpsc};
 
 /// The process's exit status after a storage fault (`EX_IOERR` of BSD's `sysexits.h`).
 pub const EXIT_STORAGE_FAULT: u8 = 74;
@@ -201,23 +201,6 @@ impl Health {
             );
         }
         s
-    }
-}
-
-/// The process's [`Health`], for code that meets a fault without a handle to it.
-static PROCESS: OnceLock<Arc<Health>> = OnceLock::new();
-
-/// Makes `h` the process's health for [`report_fault`] (once; the server does it at start).
-pub fn install(h: Arc<Health>) {
-    let _ = PROCESS.set(h);
-}
-
-/// Reports a storage fault of a store that has no handle to the process's [`Health`] (the
-/// account store). Without an installed health (unit tests) it is only logged.
-pub fn report_fault(reason: &str) {
-    match PROCESS.get() {
-        Some(h) => h.fault(None, reason),
-        None => tracing::error!(reason, "storage fault"),
     }
 }
 

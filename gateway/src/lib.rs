@@ -7,18 +7,20 @@
 //! and configuration; the glue that opens each shard's storage at start-up
 //! and drives its `starling_router::RouterShard` ([`messaging`]); and, for
 //! now, the accounts front door ([`accounts`]: one-time codes, sign-in,
-//! sessions and tokens, devices, contact discovery) with its own store,
-//! `<data>/accounts.redb` behind the narrow [`accounts::store::AccountStore`]
-//! trait. The account logic is meant to move to the router and its records to
-//! the storage crate's metadata store, whose schema already has them.
+//! sessions and tokens, devices, contact discovery), whose records live in
+//! the node's metadata store behind `starling_storage::accounts::AccountStore`
+//! (`<data>/meta.redb`; a data dir with the former `accounts.redb` is
+//! migrated at start, [`accounts::migrate`]). The account logic is meant to
+//! move to the router.
 //!
 //! **Is not:** chat state. Who is in which group, which `seq` a conversation
 //! is at, who may read what: all of that is the router's.
 //!
 //! **Must not touch:** conversation state or the messages in storage: it opens
 //! the storage and hands it to the router, and its writes to the metadata
-//! store are the mirror of a user who authenticates and the contacts that
-//! contact discovery found ([`profiles`]). Frames are decoded by
+//! store are the accounts' own records (users, devices, sessions, codes,
+//! rate-limit windows: [`accounts`]) and the contacts that contact discovery
+//! found ([`profiles`]). Frames are decoded by
 //! `starling-protocol`; the messaging ones are handed to `starling-router`,
 //! whose answers arrive already encoded.
 //!
@@ -67,8 +69,7 @@
 //!   in the shard's cache of verified tokens (SHA-256 of the token →
 //!   principal and expiry; dropped at expiry and on revocation); on a miss
 //!   its Ed25519 signature is checked on the shard (ring, no pool hop) and
-//!   the session (plus the user's metadata mirror) in one blocking-pool
-//!   call. Revocations bump a shared epoch; a shard trusts its cache only
+//!   the session in one blocking-pool call. Revocations bump a shared epoch; a shard trusts its cache only
 //!   once it has applied every revocation.
 //! - **Requests are handled in order per connection**; account work (store
 //!   reads and transactions, webhooks) runs on one bounded blocking pool
@@ -98,10 +99,10 @@
 //!   Connection tasks call `handle_frame` for the router's frames and report
 //!   written bytes with `handle_conn_flushed`. The router's metadata writes
 //!   (cursor batches, Block/Unblock, new direct conversations) run on one
-//!   `starling-meta` thread per shard, in order. Users are mirrored from the
-//!   accounts store into the metadata store when they authenticate, and a
-//!   display name changed by `UpdateProfile` is mirrored before the request
-//!   is answered (the router titles direct conversations from the mirror).
+//!   `starling-meta` thread per shard, in order. The router titles direct
+//!   conversations from the same user record the accounts write (one
+//!   account store), so a name changed by `UpdateProfile` is in every title
+//!   once the request is answered.
 //! - **Cross-shard control** (session revocation, shutdown) is a low-rate
 //!   `mpsc` queue per shard drained on each timer tick.
 //! - **Shutdown**: SIGINT/SIGTERM are blocked in every thread and taken by
@@ -109,7 +110,7 @@
 //!   accepting, send `Goodbye{SHUTTING_DOWN}`, drain for up to
 //!   `shutdown_drain_ms`, and the process exits 0.
 //! - **Storage faults** ([`health`]): the first failure of a shard's log or
-//!   index, `meta.redb` or `accounts.redb` marks the process unhealthy
+//!   index, or of `meta.redb` (accounts included) marks the process unhealthy
 //!   (`/healthz`, `/readyz`), stops reading connections, and tells the main
 //!   thread; shards give pending answers a short grace, send
 //!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
@@ -129,8 +130,11 @@
 //!   it finds become the caller's contacts in the metadata store, and
 //!   GetProfiles answers public profiles under the router's visibility rule
 //!   (`starling_router::visibility`), both in [`profiles`].
-//!   The store is [`accounts::store::AccountStore`] with a redb
-//!   implementation in `<data>/accounts.redb`.
+//!   The store is `starling_storage::accounts::AccountStore`, implemented by
+//!   the embedded metadata store on `<data>/meta.redb`: the user record the
+//!   router titles conversations with is the account itself. Devices' last
+//!   seen times are noted on the shards and written coalesced by a thread of
+//!   their own ([`accounts::seen`]).
 
 pub mod accounts;
 pub mod clock;

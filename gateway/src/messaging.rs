@@ -201,7 +201,7 @@ pub struct ShardRouter {
     waker: RefCell<Option<Waker>>,
     /// Connection tasks that stopped reading while a ring was full.
     paused: RefCell<Vec<Waker>>,
-    /// The node's metadata (for mirroring users).
+    /// The node's metadata.
     pub meta: Arc<EmbeddedMeta>,
     health: Arc<Health>,
 }
@@ -409,121 +409,6 @@ fn meta_writer(
 #[must_use]
 pub fn router_conn(id: ConnId) -> RouterConnId {
     RouterConnId(id.0)
-}
-
-/// Held while a display name goes into the accounts store and then into the metadata mirror,
-/// so that the mirror ends with the name the accounts store ends with when two devices of a
-/// user rename at once (or a login reconciles the mirror meanwhile). Profile changes are rare.
-static PROFILE_MIRROR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn profile_lock() -> std::sync::MutexGuard<'static, ()> {
-    PROFILE_MIRROR
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Puts `p`'s user into the node's metadata if it is not there yet (the
-/// router looks recipients up there and titles direct conversations with
-/// their display name; accounts live in `accounts.redb`). With `reconcile`
-/// (a login or refresh: rare), a mirror whose name or phone differs from the
-/// account's is brought up to date too. Blocking: run on the blocking pool.
-pub fn ensure_user(
-    meta: &EmbeddedMeta,
-    accounts: &crate::accounts::Accounts,
-    p: crate::accounts::Principal,
-    reconcile: bool,
-) {
-    use starling_storage::meta::{User, keys};
-    use starling_storage::{MetaBatch, MetadataStore as _, TimestampMs, UserId};
-    let key = keys::user(UserId(p.user_id));
-    let _guard = reconcile.then(profile_lock);
-    let existing = match meta.get::<User>(&key) {
-        Ok(Some(_)) if !reconcile => return,
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(user = p.user_id, error = %e, "user lookup in metadata failed");
-            return;
-        }
-    };
-    let Ok(prof) = accounts.get_me(p) else {
-        return;
-    };
-    if let Some(u) = &existing {
-        if u.display_name == prof.display_name && u.phone_e164 == prof.phone {
-            return;
-        }
-        if let Err(e) = mirror_profile(meta, p.user_id, &prof) {
-            tracing::warn!(user = p.user_id, error = %e, "updating the user's metadata mirror");
-        }
-        return;
-    }
-    let user = User {
-        id: UserId(p.user_id),
-        phone_e164: prof.phone,
-        display_name: prof.display_name,
-        password_hash: None,
-        created_ms: TimestampMs(clock::unix_ms()),
-    };
-    let mut b = MetaBatch::default();
-    b.expect::<User>(&key, None).put(&user);
-    if let Err(e) = meta.commit(&b) {
-        // A concurrent login of the same user wrote it first: fine.
-        tracing::debug!(user = p.user_id, error = %e, "mirroring user into metadata");
-    }
-}
-
-/// Writes `prof`'s display name and phone into user `user_id`'s metadata mirror (durably;
-/// nothing if they are there already).
-fn mirror_profile(
-    meta: &EmbeddedMeta,
-    user_id: u64,
-    prof: &starling_protocol::v1::Profile,
-) -> Result<(), starling_storage::StorageError> {
-    use starling_storage::meta::{User, keys};
-    use starling_storage::{MetaBatch, MetadataStore as _, TimestampMs, UserId};
-    let key = keys::user(UserId(user_id));
-    let mut user = meta.get::<User>(&key)?.unwrap_or_else(|| User {
-        id: UserId(user_id),
-        phone_e164: String::new(),
-        display_name: String::new(),
-        password_hash: None,
-        created_ms: TimestampMs(clock::unix_ms()),
-    });
-    if user.display_name == prof.display_name && user.phone_e164 == prof.phone {
-        return Ok(());
-    }
-    user.display_name.clone_from(&prof.display_name);
-    user.phone_e164.clone_from(&prof.phone);
-    let mut b = MetaBatch::default();
-    b.put(&user);
-    meta.commit(&b)
-}
-
-/// UpdateProfile: the accounts store, then the user's metadata mirror, both durable before it
-/// returns, so that once the client has its `Profile` every conversation list shows the new
-/// name. Blocking: run on the blocking pool.
-///
-/// # Errors
-/// The accounts store refused or failed; or the mirror could not be written (the profile is
-/// saved; sending UpdateProfile again writes the mirror).
-pub fn update_profile(
-    meta: Option<&EmbeddedMeta>,
-    accounts: &crate::accounts::Accounts,
-    p: crate::accounts::Principal,
-    req: &starling_protocol::v1::UpdateProfile,
-) -> Result<starling_protocol::v1::Profile, crate::accounts::ApiError> {
-    let _guard = profile_lock();
-    let prof = accounts.update_profile(p, req)?;
-    if let Some(meta) = meta
-        && let Err(e) = mirror_profile(meta, p.user_id, &prof)
-    {
-        tracing::warn!(user = p.user_id, error = %e, "mirroring the profile into metadata");
-        return Err(crate::accounts::ApiError::new(
-            starling_protocol::v1::ErrorCode::StorageFailure,
-            "the profile was saved but not yet shown to other users; send UpdateProfile again",
-        ));
-    }
-    Ok(prof)
 }
 
 /// Lets the runtime's other ready tasks run once.

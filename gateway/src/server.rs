@@ -177,7 +177,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         })?;
     }
     let health = Arc::new(Health::new(n));
-    crate::health::install(health.clone());
     // The main thread waits for a signal (taken by a thread of its own) or a fault.
     let (stop_tx, stop_rx) = mpsc::channel();
     health.set_stop(stop_tx.clone());
@@ -225,7 +224,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot run the log writers on CPUs {:?}", placement.io))?;
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
-    let (_meta, router_parts) = crate::messaging::open(
+    let (meta, router_parts) = crate::messaging::open(
         &cfg.data_dir,
         n,
         &cfg.storage,
@@ -240,8 +239,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("a shard's log closed while opening")?;
     let metrics = Arc::new(Metrics::new(n, log_stats));
+    if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
+        say(&line);
+    }
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
+        meta,
         cfg.accounts.clone(),
         metrics.clone(),
     )?);

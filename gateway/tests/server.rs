@@ -42,6 +42,8 @@ struct Server {
     /// The dev CA certificate (PEM) the server generated.
     ca: PathBuf,
     tls: Arc<rustls::ClientConfig>,
+    /// What it printed on stdout before `ready`.
+    startup: Vec<String>,
 }
 
 impl Server {
@@ -88,10 +90,12 @@ impl Server {
             }
         });
         let (mut tls_addr, mut metrics_addr, mut ca) = (None, None, None);
+        let mut startup = Vec::new();
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("server did not become ready");
+            startup.push(line.clone());
             if let Some(a) = line.strip_prefix("listening (TLS 1.3): ") {
                 tls_addr = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("metrics: http://") {
@@ -113,6 +117,7 @@ impl Server {
             metrics_addr: metrics_addr.unwrap(),
             ca,
             tls,
+            startup,
         }
     }
 
@@ -1014,6 +1019,8 @@ fn storage_io_cpus_place_every_log_writer_and_metadata_writer() {
 
 #[path = "server/accounts_abuse.rs"]
 mod accounts_abuse;
+#[path = "server/accounts_migration.rs"]
+mod accounts_migration;
 #[path = "server/blocks.rs"]
 mod blocks;
 #[path = "server/connections.rs"]
@@ -1028,6 +1035,8 @@ mod faults;
 mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/last_seen.rs"]
+mod last_seen;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]

@@ -442,6 +442,7 @@ mod tests {
                 display_name: format!("user{u}"),
                 password_hash: None,
                 created_ms: TimestampMs(0),
+                account: None,
             });
         }
         meta.commit(&b).unwrap();

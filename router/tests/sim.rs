@@ -284,6 +284,7 @@ impl World {
                 display_name: format!("user{u}"),
                 password_hash: None,
                 created_ms: TimestampMs(0),
+                account: None,
             });
             if u == 1 || rng.chance(700) {
                 b.add_member(&Member {

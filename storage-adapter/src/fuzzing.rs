@@ -254,13 +254,14 @@ fn meta_round_trip<R: Record + Debug + PartialEq>(b: &[u8]) {
 
 /// A metadata record; the first byte picks its table.
 pub fn meta_record(data: &[u8]) {
+    use crate::accounts::{Counter, DeviceSession, RateWindow, RefreshToken};
     use crate::meta::*;
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 20 {
+    match table % 25 {
         0 => meta_round_trip::<User>(b),
-        1 => meta_round_trip::<PhoneIndex>(b),
+        1 => meta_round_trip::<IdentIndex>(b),
         2 => meta_round_trip::<Device>(b),
         3 => meta_round_trip::<Session>(b),
         4 => meta_round_trip::<OtpRecord>(b),
@@ -279,7 +280,13 @@ pub fn meta_record(data: &[u8]) {
         16 => meta_round_trip::<Member>(b),
         17 => meta_round_trip::<FormerMember>(b),
         18 => meta_round_trip::<Contact>(b),
-        _ => meta_round_trip::<Presence>(b),
+        19 => meta_round_trip::<Presence>(b),
+        // Version 2 of users, and the account records of `crate::accounts`.
+        20 => meta_round_trip::<User>(b),
+        21 => meta_round_trip::<RefreshToken>(b),
+        22 => meta_round_trip::<DeviceSession>(b),
+        23 => meta_round_trip::<RateWindow>(b),
+        _ => meta_round_trip::<Counter>(b),
     }
 }
 

@@ -1,7 +1,8 @@
 //! # starling-storage
 //!
 //! **Owns:** the storage traits every backend implements ([`traits`]: durable
-//! log, message index, cursors; [`meta`]: metadata) and the one backend there
+//! log, message index, cursors; [`meta`]: metadata; [`accounts`]: users, devices, sessions,
+//! one-time codes and the accounts' rate-limit windows, on the metadata store) and the one backend there
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its resident index ([`DenseIndex`]), together an
 //! [`EmbeddedShard`]; per node a redb metadata and cursor store
@@ -19,6 +20,7 @@
 //! but the log writer's (`io_clock`: commit pacing and segment-switch timing).
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod embedded;
 pub mod error;
 pub mod format;
@@ -34,6 +36,7 @@ pub mod stats;
 pub mod traits;
 pub mod types;
 
+pub use accounts::AccountStore;
 pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
 pub use error::{LogError, StorageError};
 pub use index::DenseIndex;

@@ -48,6 +48,11 @@ impl Writer {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// The bytes as they are (a fixed-width field).
+    pub fn raw(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
     /// u32 length, then the bytes.
     pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
         self.u32(v.len() as u32);
@@ -232,9 +237,10 @@ pub(crate) mod tests_support {
                 display_name: "Ada".into(),
                 password_hash: Some("$argon2id$v=19$x".into()),
                 created_ms: t,
+                account: None,
             }),
-            encode(&PhoneIndex {
-                phone_e164: "+15551234567".into(),
+            encode(&IdentIndex {
+                ident: "phone:+15551234567".into(),
                 user: u,
             }),
             encode(&Device {
@@ -247,7 +253,7 @@ pub(crate) mod tests_support {
                 last_seen_ms: t,
             }),
             encode(&Session {
-                id: [1; 16],
+                id: 1,
                 user: u,
                 device: d,
                 refresh_token_hash: [2; 32],
@@ -256,10 +262,10 @@ pub(crate) mod tests_support {
                 revoked: true,
             }),
             encode(&OtpRecord {
-                phone_e164: "+15551234567".into(),
+                ident: "phone:+15551234567".into(),
                 code_hmac: [3; 32],
                 expires_ms: t,
-                attempts: 2,
+                attempts_left: 2,
                 created_ms: t,
             }),
             encode(&Group {
@@ -356,6 +362,38 @@ pub(crate) mod tests_support {
                 last_seen_ms: t,
                 hide_last_seen: true,
             }),
+            encode(&User {
+                id: u,
+                phone_e164: String::new(),
+                display_name: "Ada".into(),
+                password_hash: None,
+                created_ms: t,
+                account: Some(AccountFields {
+                    email: "ada@example.org".into(),
+                    about: "counting".into(),
+                    next_device_id: 4,
+                }),
+            }),
+            encode(&crate::accounts::RefreshToken {
+                hash: [5; 32],
+                session: 7,
+                current: true,
+            }),
+            encode(&crate::accounts::DeviceSession {
+                user: u,
+                device: d,
+                session: 7,
+            }),
+            encode(&crate::accounts::RateWindow {
+                key: "otp-ip:10.0.0.1".into(),
+                start_ms: t.0,
+                window_ms: 3_600_000,
+                count: 2,
+            }),
+            encode(&crate::accounts::Counter {
+                name: "user".into(),
+                next: 43,
+            }),
         ]
     }
 }
@@ -375,12 +413,20 @@ macro_rules! record {
     };
 }
 
-/// An account. Key: user id. Phone lookups go through [`PhoneIndex`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An account: the one record of a user, read by the accounts front door (sign-in, profile)
+/// and by the router (conversation titles, membership checks). Key: user id. Sign-in lookups go
+/// through [`IdentIndex`], contact discovery through [`ContactIndex`]; the account's writes are
+/// in [`crate::accounts`].
+///
+/// Encoding: version 1 is `id ‖ phone ‖ display_name ‖ password? ‖ created_ms`; version 2
+/// appends `2u8 ‖ email ‖ about ‖ next_device_id` ([`AccountFields`]). A record decodes to
+/// exactly the version it was written in (`account` is `None` for version 1, as written by
+/// releases before the one account store), so it re-encodes to the same bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     /// Id.
     pub id: UserId,
-    /// E.164 phone number.
+    /// E.164 phone number (empty: registered by e-mail).
     pub phone_e164: String,
     /// Display name.
     pub display_name: String,
@@ -388,25 +434,48 @@ pub struct User {
     pub password_hash: Option<String>,
     /// Created at.
     pub created_ms: TimestampMs,
+    /// Version 2's fields; `None` in a version-1 record (read as empty).
+    pub account: Option<AccountFields>,
 }
+
+/// The fields of an account beyond version 1 of [`User`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountFields {
+    /// E-mail (empty: registered by phone).
+    pub email: String,
+    /// Status text.
+    pub about: String,
+    /// The next device id to hand out (device ids start at 1).
+    pub next_device_id: u32,
+}
+
 record!(User, "users", key(s) { keys::user(s.id) },
     enc(s, w) { w.u64(s.id.0).bytes(s.phone_e164.as_bytes()).bytes(s.display_name.as_bytes());
         match &s.password_hash { Some(h) => { w.u8(1).bytes(h.as_bytes()); } None => { w.u8(0); } }
-        w.u64(s.created_ms.0); },
-    dec(r) { Ok(User { id: UserId(r.u64()?), phone_e164: r.string()?, display_name: r.string()?,
-        password_hash: if r.bool()? { Some(r.string()?) } else { None }, created_ms: TimestampMs(r.u64()?) }) });
+        w.u64(s.created_ms.0);
+        if let Some(a) = &s.account {
+            w.u8(2).bytes(a.email.as_bytes()).bytes(a.about.as_bytes()).u32(a.next_device_id);
+        } },
+    dec(r) { let mut u = User { id: UserId(r.u64()?), phone_e164: r.string()?, display_name: r.string()?,
+        password_hash: if r.bool()? { Some(r.string()?) } else { None }, created_ms: TimestampMs(r.u64()?), account: None };
+        if !r.at_end() {
+            r.version(2)?;
+            u.account = Some(AccountFields { email: r.string()?, about: r.string()?, next_device_id: r.u32()? });
+        }
+        Ok(u) });
 
-/// Phone → user (unique). Key: the phone string.
+/// A sign-in identifier → its user (unique). Key: the identifier as the accounts front door
+/// spells it (`phone:+15551234567`, `email:ana@example.org`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PhoneIndex {
-    /// E.164 phone number.
-    pub phone_e164: String,
+pub struct IdentIndex {
+    /// The identifier.
+    pub ident: String,
     /// Its user.
     pub user: UserId,
 }
-record!(PhoneIndex, "phones", key(s) { s.phone_e164.as_bytes().to_vec() },
-    enc(s, w) { w.bytes(s.phone_e164.as_bytes()).u64(s.user.0); },
-    dec(r) { Ok(PhoneIndex { phone_e164: r.string()?, user: UserId(r.u64()?) }) });
+record!(IdentIndex, "idents", key(s) { s.ident.as_bytes().to_vec() },
+    enc(s, w) { w.bytes(s.ident.as_bytes()).u64(s.user.0); },
+    dec(r) { Ok(IdentIndex { ident: r.string()?, user: UserId(r.u64()?) }) });
 
 /// A device of a user. Key: user ‖ device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -432,47 +501,49 @@ record!(Device, "devices", key(s) { keys::device(s.user, s.device) },
     dec(r) { Ok(Device { user: UserId(r.u64()?), device: DeviceId(r.u32()?), name: r.string()?, platform: r.string()?,
         identity_key: r.bytes()?, created_ms: TimestampMs(r.u64()?), last_seen_ms: TimestampMs(r.u64()?) }) });
 
-/// A login session. Key: session id. Only a hash of the refresh token is stored.
+/// A sign-in session of one device. Key: session id (big-endian). Only a hash of the refresh
+/// token is stored; [`crate::accounts::RefreshToken`] maps each hash back to its session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
-    /// Random session id (carried in access tokens; checked on every connect).
-    pub id: [u8; 16],
+    /// Session id (carried in access tokens; checked on every connect).
+    pub id: u64,
     /// User.
     pub user: UserId,
     /// Device.
     pub device: DeviceId,
-    /// SHA-256 (or HMAC) of the refresh token.
+    /// SHA-256 of the current refresh token.
     pub refresh_token_hash: [u8; 32],
     /// Created at.
     pub created_ms: TimestampMs,
-    /// Expires at.
+    /// When the current refresh token expires.
     pub expires_ms: TimestampMs,
-    /// Revoked by logout.
+    /// Revoked by logout, device removal or refresh-token reuse.
     pub revoked: bool,
 }
-record!(Session, "sessions", key(s) { s.id.to_vec() },
-    enc(s, w) { w.0.extend_from_slice(&s.id); w.u64(s.user.0).u32(s.device.0); w.0.extend_from_slice(&s.refresh_token_hash);
+record!(Session, "sessions", key(s) { s.id.to_be_bytes().to_vec() },
+    enc(s, w) { w.u64(s.id).u64(s.user.0).u32(s.device.0).raw(&s.refresh_token_hash);
         w.u64(s.created_ms.0).u64(s.expires_ms.0).u8(u8::from(s.revoked)); },
-    dec(r) { Ok(Session { id: r.arr16()?, user: UserId(r.u64()?), device: DeviceId(r.u32()?), refresh_token_hash: r.arr32()?,
+    dec(r) { Ok(Session { id: r.u64()?, user: UserId(r.u64()?), device: DeviceId(r.u32()?), refresh_token_hash: r.arr32()?,
         created_ms: TimestampMs(r.u64()?), expires_ms: TimestampMs(r.u64()?), revoked: r.bool()? }) });
 
-/// A pending one-time password. Key: phone. The code is stored as an HMAC only.
+/// A pending one-time code. Key: the identifier (as in [`IdentIndex`]). The code is stored as
+/// an HMAC only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtpRecord {
-    /// E.164 phone number.
-    pub phone_e164: String,
-    /// HMAC(pepper, code).
+    /// The identifier it was sent to.
+    pub ident: String,
+    /// HMAC-SHA256(secret, identifier ‖ code).
     pub code_hmac: [u8; 32],
     /// Expires at.
     pub expires_ms: TimestampMs,
-    /// Verification attempts so far.
-    pub attempts: u32,
-    /// Created at.
+    /// Guesses left (each VerifyOtp or Login with a code spends one).
+    pub attempts_left: u32,
+    /// When it was sent.
     pub created_ms: TimestampMs,
 }
-record!(OtpRecord, "otps", key(s) { s.phone_e164.as_bytes().to_vec() },
-    enc(s, w) { w.bytes(s.phone_e164.as_bytes()); w.0.extend_from_slice(&s.code_hmac); w.u64(s.expires_ms.0).u32(s.attempts).u64(s.created_ms.0); },
-    dec(r) { Ok(OtpRecord { phone_e164: r.string()?, code_hmac: r.arr32()?, expires_ms: TimestampMs(r.u64()?), attempts: r.u32()?,
+record!(OtpRecord, "otps", key(s) { s.ident.as_bytes().to_vec() },
+    enc(s, w) { w.bytes(s.ident.as_bytes()).raw(&s.code_hmac).u64(s.expires_ms.0).u32(s.attempts_left).u64(s.created_ms.0); },
+    dec(r) { Ok(OtpRecord { ident: r.string()?, code_hmac: r.arr32()?, expires_ms: TimestampMs(r.u64()?), attempts_left: r.u32()?,
         created_ms: TimestampMs(r.u64()?) }) });
 
 /// A group (its conversation id is the group id). Key: group id.
@@ -843,7 +914,7 @@ pub trait MetadataStore {
 const DELIVERY: TableDefinition<'static, &[u8], u64> = TableDefinition::new("delivery_cursors");
 const READ: TableDefinition<'static, &[u8], u64> = TableDefinition::new("read_cursors");
 
-fn table(name: &'static str) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+pub(crate) fn table(name: &'static str) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
 }
 
@@ -857,7 +928,7 @@ pub type FaultHook = Box<dyn Fn(&StorageError) + Send + Sync>;
 /// and tells the hook set with [`EmbeddedMeta::set_fault_hook`], so that the embedder can stop
 /// serving instead of failing every request that touches metadata.
 pub struct EmbeddedMeta {
-    db: Database,
+    pub(crate) db: Database,
     fault: OnceLock<String>,
     fault_hook: OnceLock<FaultHook>,
 }
@@ -893,7 +964,10 @@ impl EmbeddedMeta {
     }
 
     /// Runs one operation, noting a fault of the disk.
-    fn watch<T>(&self, op: impl FnOnce() -> Result<T, StorageError>) -> Result<T, StorageError> {
+    pub(crate) fn watch<T>(
+        &self,
+        op: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
         let r = op();
         if let Err(e) = &r
             && e.is_fault()
@@ -905,14 +979,14 @@ impl EmbeddedMeta {
         r
     }
 
-    fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {
+    pub(crate) fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         Ok(tx)
     }
 }
 
-fn map_table_err(e: redb::TableError) -> Result<(), StorageError> {
+pub(crate) fn map_table_err(e: redb::TableError) -> Result<(), StorageError> {
     match e {
         redb::TableError::TableDoesNotExist(_) => Ok(()),
         e => Err(e.into()),
@@ -1203,6 +1277,7 @@ mod tests {
             display_name: "A".into(),
             password_hash: None,
             created_ms: TimestampMs(1),
+            account: None,
         };
         meta.commit(MetaBatch::default().put(&user(1))).unwrap();
         // A request's own problem is not a fault of the store.
@@ -1236,6 +1311,7 @@ mod tests {
             display_name: "A".into(),
             password_hash: None,
             created_ms: TimestampMs(5),
+            account: None,
         };
         let mut b = encode(&user);
         assert_eq!(decode::<User>(&b).unwrap(), user);
@@ -1247,7 +1323,7 @@ mod tests {
         ));
 
         let session = Session {
-            id: [1; 16],
+            id: 1,
             user: UserId(1),
             device: DeviceId(1),
             refresh_token_hash: [2; 32],

@@ -1034,6 +1034,7 @@ fn metadata_records_round_trip_durably_with_conditions_and_cursors() {
         display_name: "Ann".into(),
         password_hash: None,
         created_ms: TimestampMs(5),
+        account: None,
     };
     {
         let meta = EmbeddedMeta::open(&path).unwrap();
@@ -1078,17 +1079,17 @@ fn metadata_records_round_trip_durably_with_conditions_and_cursors() {
         ));
         // OTP attempts via compare-and-set.
         let otp = OtpRecord {
-            phone_e164: "+15550001".into(),
+            ident: "+15550001".into(),
             code_hmac: [7; 32],
             expires_ms: TimestampMs(100),
-            attempts: 0,
+            attempts_left: 0,
             created_ms: TimestampMs(1),
         };
         meta.commit(MetaBatch::default().put(&otp)).unwrap();
-        let key = otp.phone_e164.as_bytes();
+        let key = otp.ident.as_bytes();
         let mut b = MetaBatch::default();
         b.expect(key, Some(&otp)).put(&OtpRecord {
-            attempts: 1,
+            attempts_left: 1,
             ..otp.clone()
         });
         meta.commit(&b).unwrap();
@@ -1138,7 +1139,7 @@ fn metadata_records_round_trip_durably_with_conditions_and_cursors() {
         meta.get::<OtpRecord>(b"+15550001")
             .unwrap()
             .unwrap()
-            .attempts,
+            .attempts_left,
         1
     );
     let prefix = keys::device(UserId(1), DeviceId(1));

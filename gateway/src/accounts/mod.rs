@@ -25,9 +25,10 @@
 pub mod ident;
 pub mod limits;
 pub mod lookups;
+pub mod migrate;
 pub mod password;
+pub mod seen;
 pub mod sender;
-pub mod store;
 pub mod tokens;
 
 use std::net::IpAddr;
@@ -44,12 +45,15 @@ use ident::{
     ABOUT_CHARS_MAX, DEVICE_NAME_CHARS_MAX, DISPLAY_NAME_CHARS_MAX, Ident, IdentKind, InputError,
     PLATFORM_CHARS_MAX, check_text,
 };
-use limits::{HashTicket, Limits, LimitsConfig, Refused};
+use limits::{HashTicket, Limits, LimitsConfig, Refused, Window, WindowRow};
 use password::{PASSWORD_CHARS_MAX, PASSWORD_CHARS_MIN, Passwords};
+use seen::LastSeen;
 use sender::OtpSender;
-use store::{
-    AccountStore, DeviceRec, OtpIssue, OtpOutcome, OtpRec, RotateOutcome, SessionRec, UserRec,
+use starling_storage::accounts::{
+    AccountStore, OtpIssue, OtpOutcome, RateWindow, RotateOutcome, SignIn, WindowWrites,
 };
+use starling_storage::meta::{AccountFields, OtpRecord, User};
+use starling_storage::{DeviceId, EmbeddedMeta, StorageError, TimestampMs, UserId};
 use tokens::{TokenError, TokenKeys};
 
 /// A request failed: what to put in the Error frame.
@@ -74,8 +78,9 @@ impl ApiError {
     }
 }
 
-impl From<store::StoreError> for ApiError {
-    fn from(e: store::StoreError) -> Self {
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        // A fault of the disk is reported to `health` by the metadata store's own hook.
         tracing::error!(error = %e, "account store failure");
         ApiError::new(ErrorCode::StorageFailure, "account store unavailable")
     }
@@ -191,7 +196,9 @@ fn check_device(d: Option<&v1::DeviceInfo>) -> Result<(), InputError> {
 #[derive(Debug)]
 pub struct Accounts {
     cfg: AccountsConfig,
-    store: Box<dyn AccountStore>,
+    store: Arc<dyn AccountStore>,
+    /// Devices' last-seen times waiting for their coalesced write.
+    seen: LastSeen,
     keys: TokenKeys,
     otp_key: ring::hmac::Key,
     pepper: ring::hmac::Key,
@@ -210,8 +217,23 @@ fn random_bytes<const N: usize>(rng: &ring::rand::SystemRandom) -> ApiResult<[u8
         .map_err(|_| ApiError::new(ErrorCode::Internal, "no randomness"))
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    out
+}
+
+fn to_rate_windows((rows, deletes): (Vec<WindowRow>, Vec<String>)) -> WindowWrites {
+    let rows = rows
+        .into_iter()
+        .map(|(key, w)| RateWindow {
+            key,
+            start_ms: w.start_ms,
+            window_ms: w.window_ms,
+            count: w.count,
+        })
+        .collect();
+    (rows, deletes)
 }
 
 /// Loads a 32-byte secret from `path`, generating it on first start.
@@ -230,9 +252,11 @@ fn load_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 impl Accounts {
-    /// Opens the store and keys under `data_dir`.
+    /// Opens the accounts on the node's metadata store `meta` (after
+    /// [`migrate::run`]), with their keys under `data_dir`.
     pub fn open(
         data_dir: &Path,
+        meta: Arc<EmbeddedMeta>,
         cfg: AccountsConfig,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -240,8 +264,7 @@ impl Accounts {
         let keys = TokenKeys::load_or_generate(&keys_dir)?;
         let otp_secret = load_secret(&keys_dir.join("otp-hmac.key"))?;
         let pepper = load_secret(&keys_dir.join("contacts-pepper.key"))?;
-        let store = store::RedbAccountStore::open(&data_dir.join("accounts.redb"))
-            .context("opening the account store")?;
+        let store: Arc<dyn AccountStore> = meta;
         let sender: Box<dyn OtpSender> = match &cfg.otp_sender {
             OtpSenderConfig::Dev => Box::new(sender::DevFileSender::new(data_dir.join("otp.log"))),
             OtpSenderConfig::Webhook { url } => {
@@ -254,12 +277,22 @@ impl Accounts {
         let hash_ms = crate::clock::mono_us().saturating_sub(started_us) / 1000;
         let limits = Arc::new(Limits::new(limits_config(&cfg), hash_ms));
         let now_ms = crate::clock::unix_ms();
-        let stale = limits.load(
-            store
-                .windows_load()
-                .context("reading the rate-limit windows")?,
-            now_ms,
-        );
+        let rows = store
+            .windows_load()
+            .context("reading the rate-limit windows")?
+            .into_iter()
+            .map(|w| {
+                (
+                    w.key,
+                    Window {
+                        start_ms: w.start_ms,
+                        window_ms: w.window_ms,
+                        count: w.count,
+                    },
+                )
+            })
+            .collect();
+        let stale = limits.load(rows, now_ms);
         store
             .windows_write(&[], &stale)
             .context("pruning the rate-limit windows")?;
@@ -270,9 +303,16 @@ impl Accounts {
             cfg.password_hash_priority,
         )
         .context("starting the password hashing threads")?;
+        let seen = LastSeen::start(
+            store.clone(),
+            cfg.last_seen_flush_ms,
+            cfg.last_seen_pending_max,
+        )
+        .context("starting the last-seen writer")?;
         Ok(Self {
             cfg,
-            store: Box::new(store),
+            store,
+            seen,
             keys,
             otp_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &otp_secret),
             pepper: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &pepper),
@@ -300,13 +340,21 @@ impl Accounts {
         ring::hmac::sign(&self.otp_key, format!("{}\n{code}", ident.key()).as_bytes())
     }
 
-    fn phone_key(&self, e164: &str) -> Vec<u8> {
-        let h = ring::digest::digest(&ring::digest::SHA256, e164.as_bytes());
-        self.phone_key_of_hash(h.as_ref())
+    fn phone_key(&self, e164: &str) -> [u8; 32] {
+        self.phone_key_of_hash(&sha256(e164.as_bytes()))
     }
 
-    fn phone_key_of_hash(&self, sha256: &[u8]) -> Vec<u8> {
-        ring::hmac::sign(&self.pepper, sha256).as_ref().to_vec()
+    fn phone_key_of_hash(&self, sha256: &[u8]) -> [u8; 32] {
+        let mut out = [0; 32];
+        out.copy_from_slice(ring::hmac::sign(&self.pepper, sha256).as_ref());
+        out
+    }
+
+    /// Notes that `p`'s device was seen (connected, authenticated or
+    /// disconnected) at `now_ms`. Cheap, no I/O: shard threads call it; the
+    /// last-seen writer stores it, coalesced ([`seen`]).
+    pub fn seen(&self, p: Principal, now_ms: u64) {
+        self.seen.note(p.user_id, p.device_id, now_ms);
     }
 
     /// RequestOtp: the IP's and the identifier's hourly budgets (durable),
@@ -330,17 +378,20 @@ impl Accounts {
                 break format!("{:06}", n % 1_000_000);
             }
         };
-        let rec = OtpRec {
-            mac: hex::encode(self.otp_mac(&ident, &code).as_ref()),
-            expires_at_ms: now_ms + c.otp_ttl_ms,
+        let mut code_hmac = [0; 32];
+        code_hmac.copy_from_slice(self.otp_mac(&ident, &code).as_ref());
+        let rec = OtpRecord {
+            ident: ident.key().to_owned(),
+            code_hmac,
+            expires_ms: TimestampMs(now_ms + c.otp_ttl_ms),
             attempts_left: c.otp_attempts_max,
-            sent_at_ms: now_ms,
+            created_ms: TimestampMs(now_ms),
         };
         // The budgets' new counts are written with the code, in one transaction.
-        let windows = || self.limits.durable_rows(charge.keys());
+        let windows = || to_rate_windows(self.limits.durable_rows(charge.keys()));
         match self
             .store
-            .otp_issue(ident.key(), &rec, c.otp_resend_ms, now_ms, &windows)
+            .otp_issue(&rec, c.otp_resend_ms, now_ms, &windows)
         {
             Ok(OtpIssue::Issued) => {}
             Ok(OtpIssue::TooSoon(wait_ms)) => {
@@ -364,7 +415,7 @@ impl Accounts {
             ApiError::new(ErrorCode::Unavailable, "could not deliver the code")
         })?;
         Ok(v1::OtpSent {
-            expires_at_ms: rec.expires_at_ms,
+            expires_at_ms: rec.expires_ms.0,
             resend_after_ms: u32::try_from(c.otp_resend_ms).unwrap_or(u32::MAX),
             attempts_allowed: c.otp_attempts_max,
         })
@@ -377,14 +428,12 @@ impl Accounts {
     fn check_otp(&self, ident: &Ident, code: &str, now_ms: u64) -> ApiResult<()> {
         let code = code.trim();
         let outcome = self.store.otp_consume(ident.key(), now_ms, &|rec| {
-            hex::decode(&rec.mac).is_ok_and(|mac| {
-                ring::hmac::verify(
-                    &self.otp_key,
-                    format!("{}\n{code}", ident.key()).as_bytes(),
-                    &mac,
-                )
-                .is_ok()
-            })
+            ring::hmac::verify(
+                &self.otp_key,
+                format!("{}\n{code}", ident.key()).as_bytes(),
+                &rec.code_hmac,
+            )
+            .is_ok()
         })?;
         match outcome {
             OtpOutcome::Accepted => Ok(()),
@@ -420,29 +469,21 @@ impl Accounts {
         now_ms: u64,
     ) -> ApiResult<Granted> {
         let d = device.cloned().unwrap_or_default();
-        // Checked before anything was spent on the request (check_device).
-        let device_id = self.store.device_create(
-            user_id,
-            &DeviceRec {
-                name: d.name,
-                platform: d.platform,
-                created_at_ms: now_ms,
-                last_seen_ms: now_ms,
-            },
-        )?;
         let refresh = self.new_refresh_token()?;
         let refresh_expires_at_ms = now_ms + self.cfg.refresh_token_ttl_ms;
-        let session_id = self.store.session_create(&SessionRec {
-            user_id,
-            device_id,
-            created_at_ms: now_ms,
-            revoked: false,
-            refresh_sha256: sha256_hex(refresh.as_bytes()),
-            refresh_expires_at_ms,
+        // The device and its session in one transaction. The device's text
+        // was checked before anything was spent on the request (check_device).
+        let (device_id, session_id) = self.store.sign_in(&SignIn {
+            user: UserId(user_id),
+            device_name: &d.name,
+            platform: &d.platform,
+            refresh_hash: sha256(refresh.as_bytes()),
+            refresh_expires: TimestampMs(refresh_expires_at_ms),
+            now: TimestampMs(now_ms),
         })?;
         let principal = Principal {
             user_id,
-            device_id,
+            device_id: device_id.0,
             session_id,
         };
         self.tokens_for(principal, refresh, refresh_expires_at_ms, new_user, now_ms)
@@ -496,19 +537,23 @@ impl Accounts {
         check_device(req.device.as_ref())?;
         self.check_otp(&ident, &req.code, now_ms)?;
         let is_phone = ident.kind() == IdentKind::Phone;
-        let rec = UserRec {
+        let value = || ident.value().to_owned();
+        let rec = User {
             display_name: name.to_owned(),
-            phone: is_phone.then(|| ident.value().to_owned()),
-            email: (!is_phone).then(|| ident.value().to_owned()),
-            created_at_ms: now_ms,
-            next_device_id: 1,
-            ..UserRec::default()
+            phone_e164: if is_phone { value() } else { String::new() },
+            created_ms: TimestampMs(now_ms),
+            account: Some(AccountFields {
+                email: if is_phone { String::new() } else { value() },
+                about: String::new(),
+                next_device_id: 1,
+            }),
+            ..User::default()
         };
         let phone_key = is_phone.then(|| self.phone_key(ident.value()));
         let (user_id, created) = self
             .store
-            .user_create(ident.key(), &rec, phone_key.as_deref())?;
-        self.grant(user_id, req.device.as_ref(), created, now_ms)
+            .user_create(ident.key(), &rec, phone_key.as_ref())?;
+        self.grant(user_id.0, req.device.as_ref(), created, now_ms)
     }
 
     /// Login with a one-time code (a password login goes through
@@ -529,7 +574,7 @@ impl Accounts {
                 "no such user; use VerifyOtp to register",
             )
         })?;
-        self.grant(user_id, req.device.as_ref(), false, now_ms)
+        self.grant(user_id.0, req.device.as_ref(), false, now_ms)
     }
 
     /// A password login, first step (on the shard: no store access, no
@@ -583,7 +628,7 @@ impl Accounts {
         } = login;
         let (user_id, phc) = match self.store.user_by_ident(ident.key())? {
             Some(uid) => (
-                Some(uid),
+                Some(uid.0),
                 self.store.user_get(uid)?.and_then(|u| u.password_hash),
             ),
             None => (None, None),
@@ -615,7 +660,10 @@ impl Accounts {
             .failure_key
             .as_deref()
             .and_then(|k| self.limits.failure_rows(k))
-            && let Err(e) = self.store.windows_write(&rows, &deletes)
+            && let Err(e) = {
+                let (rows, deletes) = to_rate_windows((rows, deletes));
+                self.store.windows_write(&rows, &deletes)
+            }
         {
             // Counted in memory all the same; only a restart would forget it.
             tracing::warn!(error = %e, "writing a failed-login count");
@@ -654,20 +702,20 @@ impl Accounts {
         req: &v1::Refresh,
         now_ms: u64,
     ) -> Result<Granted, (ApiError, Option<u64>)> {
-        let old = sha256_hex(req.refresh_token.as_bytes());
+        let old = sha256(req.refresh_token.as_bytes());
         let new = self.new_refresh_token().map_err(|e| (e, None))?;
         let exp = now_ms + self.cfg.refresh_token_ttl_ms;
         let outcome = self
             .store
-            .refresh_rotate(&old, &sha256_hex(new.as_bytes()), exp, now_ms)
+            .refresh_rotate(&old, &sha256(new.as_bytes()), TimestampMs(exp), now_ms)
             .map_err(|e| (e.into(), None))?;
         match outcome {
-            RotateOutcome::Rotated(sid, s) => self
+            RotateOutcome::Rotated(s) => self
                 .tokens_for(
                     Principal {
-                        user_id: s.user_id,
-                        device_id: s.device_id,
-                        session_id: sid,
+                        user_id: s.user.0,
+                        device_id: s.device.0,
+                        session_id: s.id,
                     },
                     new,
                     exp,
@@ -749,7 +797,7 @@ impl Accounts {
     pub fn check_session(&self, access: &Access) -> ApiResult<Principal> {
         let p = access.principal;
         match self.store.session_get(p.session_id)? {
-            Some(s) if !s.revoked && s.user_id == p.user_id && s.device_id == p.device_id => Ok(p),
+            Some(s) if !s.revoked && s.user.0 == p.user_id && s.device.0 == p.device_id => Ok(p),
             _ => Err(self.fail(
                 "session_revoked",
                 ApiError::new(ErrorCode::SessionRevoked, "session revoked"),
@@ -765,7 +813,7 @@ impl Accounts {
             session_id
         };
         match self.store.session_get(sid)? {
-            Some(s) if s.user_id == p.user_id => {
+            Some(s) if s.user.0 == p.user_id => {
                 self.store.session_revoke(sid)?;
                 Ok(sid)
             }
@@ -773,58 +821,70 @@ impl Accounts {
         }
     }
 
-    fn user(&self, p: Principal) -> ApiResult<UserRec> {
-        self.store
-            .user_get(p.user_id)?
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "user not found"))
+    fn user(&self, p: Principal) -> ApiResult<User> {
+        self.store.user_get(UserId(p.user_id))?.ok_or_else(no_user)
     }
 
     /// GetMe.
     pub fn get_me(&self, p: Principal) -> ApiResult<v1::Profile> {
-        Ok(own_profile(p.user_id, &self.user(p)?))
+        Ok(own_profile(&self.user(p)?))
     }
 
     /// The public profile of `user_id` (no phone, e-mail or password flag), if the user exists.
     pub fn public_profile(&self, user_id: u64) -> ApiResult<Option<v1::Profile>> {
-        Ok(self.store.user_get(user_id)?.map(|u| v1::Profile {
+        Ok(self.store.user_get(UserId(user_id))?.map(|u| v1::Profile {
             user_id,
+            about: u.account.map(|a| a.about).unwrap_or_default(),
             display_name: u.display_name,
-            about: u.about,
             avatar: None,
-            created_at_ms: u.created_at_ms,
+            created_at_ms: u.created_ms.0,
             ..v1::Profile::default()
         }))
     }
 
-    /// UpdateProfile.
+    /// UpdateProfile: durable before it returns, in the record every
+    /// conversation title is read from, so that once the client has its
+    /// `Profile` every conversation list shows the new name.
     pub fn update_profile(&self, p: Principal, req: &v1::UpdateProfile) -> ApiResult<v1::Profile> {
-        let mut u = self.user(p)?;
-        if let Some(n) = &req.display_name {
-            let n = n.trim();
+        let name = req.display_name.as_deref().map(str::trim);
+        if let Some(n) = name {
             check_text("display_name", n, DISPLAY_NAME_CHARS_MAX)?;
-            n.clone_into(&mut u.display_name);
         }
         if let Some(a) = &req.about {
             check_text("about", a, ABOUT_CHARS_MAX)?;
-            a.clone_into(&mut u.about);
         }
-        self.store.user_put(p.user_id, &u)?;
-        Ok(own_profile(p.user_id, &u))
+        // Read, changed and written in one transaction: a SetPassword or a
+        // rename on another device at the same time is not undone.
+        let u = self
+            .store
+            .user_update(UserId(p.user_id), &|u| {
+                if let Some(n) = name {
+                    n.clone_into(&mut u.display_name);
+                }
+                if let Some(a) = &req.about {
+                    a.clone_into(&mut u.account.get_or_insert_with(AccountFields::default).about);
+                }
+            })?
+            .ok_or_else(no_user)?;
+        Ok(own_profile(&u))
     }
 
-    /// ListDevices.
+    /// ListDevices. Last-seen times not yet written are shown all the same.
     pub fn list_devices(&self, p: Principal) -> ApiResult<v1::DeviceList> {
         let devices = self
             .store
-            .devices(p.user_id)?
+            .devices(UserId(p.user_id))?
             .into_iter()
-            .map(|(id, d)| v1::Device {
-                device_id: id,
+            .map(|d| v1::Device {
+                device_id: d.device.0,
                 name: d.name,
                 platform: d.platform,
-                created_at_ms: d.created_at_ms,
-                last_seen_ms: d.last_seen_ms,
-                current: id == p.device_id,
+                created_at_ms: d.created_ms.0,
+                last_seen_ms: d
+                    .last_seen_ms
+                    .0
+                    .max(self.seen.pending(p.user_id, d.device.0)),
+                current: d.device.0 == p.device_id,
             })
             .collect();
         Ok(v1::DeviceList { devices })
@@ -833,7 +893,7 @@ impl Accounts {
     /// RemoveDevice: returns the sessions revoked.
     pub fn remove_device(&self, p: Principal, device_id: u32) -> ApiResult<Vec<u64>> {
         self.store
-            .device_remove(p.user_id, device_id)?
+            .device_remove(UserId(p.user_id), DeviceId(device_id))?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))
     }
 
@@ -862,7 +922,7 @@ impl Accounts {
         let mut matches = Vec::new();
         for h in &req.phone_sha256 {
             if let Some(uid) = self.store.user_by_phone_key(&self.phone_key_of_hash(h))?
-                && uid != p.user_id
+                && uid.0 != p.user_id
             {
                 let name = self
                     .store
@@ -871,7 +931,7 @@ impl Accounts {
                     .unwrap_or_default();
                 matches.push(v1::ContactMatch {
                     phone_sha256: h.clone(),
-                    user_id: uid,
+                    user_id: uid.0,
                     display_name: name,
                 });
             }
@@ -920,22 +980,27 @@ impl Accounts {
 
     /// SetPassword, last step (a store write).
     pub fn store_password(&self, p: Principal, phc: String) -> ApiResult<()> {
-        let mut u = self.user(p)?;
-        u.password_hash = Some(phc);
-        self.store.user_put(p.user_id, &u)?;
+        self.store
+            .user_update(UserId(p.user_id), &|u| u.password_hash = Some(phc.clone()))?
+            .ok_or_else(no_user)?;
         Ok(())
     }
 }
 
-fn own_profile(user_id: u64, u: &UserRec) -> v1::Profile {
+fn no_user() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "user not found")
+}
+
+fn own_profile(u: &User) -> v1::Profile {
+    let a = u.account.clone().unwrap_or_default();
     v1::Profile {
-        user_id,
+        user_id: u.id.0,
         display_name: u.display_name.clone(),
-        about: u.about.clone(),
+        about: a.about,
         avatar: None,
-        phone: u.phone.clone().unwrap_or_default(),
-        email: u.email.clone().unwrap_or_default(),
-        created_at_ms: u.created_at_ms,
+        phone: u.phone_e164.clone(),
+        email: a.email,
+        created_at_ms: u.created_ms.0,
         has_password: u.password_hash.is_some(),
     }
 }
@@ -996,7 +1061,8 @@ mod tests {
     }
 
     fn open(dir: &Path, cfg: AccountsConfig) -> Arc<Accounts> {
-        Arc::new(Accounts::open(dir, cfg, Arc::new(Metrics::new(1, Vec::new()))).unwrap())
+        let meta = Arc::new(EmbeddedMeta::open(&dir.join("meta.redb")).unwrap());
+        Arc::new(Accounts::open(dir, meta, cfg, Arc::new(Metrics::new(1, Vec::new()))).unwrap())
     }
 
     fn ip(n: u8) -> IpAddr {

@@ -100,8 +100,18 @@ fn launch_logging_to(
         metrics_addr: metrics_addr.unwrap(),
         ca,
         tls,
+        startup: lines.clone(),
     };
     (srv, lines)
+}
+
+/// A config (in `root`, beside the data dir's mount) under which devices' last-seen times are
+/// not written during a test, so that the fault a test injects is met by the write the test
+/// makes (a last-seen write meeting it first would stop the server with another reason).
+fn no_last_seen_writes(root: &Path) -> PathBuf {
+    let cfg = root.join("starling.toml");
+    std::fs::write(&cfg, "[accounts]\nlast_seen_flush_ms = 60000\n").unwrap();
+    cfg
 }
 
 fn first_allowed_cpu() -> usize {
@@ -145,14 +155,14 @@ fn fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u64, i64, i64, i64, i64)> {
 
 /// What a start that is expected to fail printed, and how it ended.
 #[derive(Debug)]
-struct Refused {
-    code: Option<i32>,
-    stderr: String,
+pub(super) struct Refused {
+    pub(super) code: Option<i32>,
+    pub(super) stderr: String,
 }
 
 /// Runs `starling serve` on `data` with `args` and waits for it to exit
 /// (it must, within 30 s: a start that is supposed to be refused).
-fn serve_expecting_exit(data: &Path, args: &[&str]) -> Refused {
+pub(super) fn serve_expecting_exit(data: &Path, args: &[&str]) -> Refused {
     let mut child = super::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_starling"))
             .arg("serve")
@@ -423,7 +433,7 @@ impl Mount {
     /// kernel makes it read-only under the running server, as a real disk's error would.
     /// (`mount -o remount,ro` is refused with EBUSY while the server holds files open for
     /// writing, so it cannot make a filesystem read-only under a running server.)
-    fn ext4(root: &Path, mib: u64) -> Mount {
+    pub(super) fn ext4(root: &Path, mib: u64) -> Mount {
         let image = tempfile::tempdir().unwrap();
         let file = image.path().join("fs.img");
         std::fs::File::create(&file)
@@ -497,7 +507,7 @@ impl Mount {
     }
 
     /// The kernel turns the ext4 filesystem read-only (`ext4_error`, errors=remount-ro).
-    fn force_read_only(&self) {
+    pub(super) fn force_read_only(&self) {
         let out = Command::new("findmnt")
             .args(["-n", "-o", "SOURCE", self.point.to_str().unwrap()])
             .output()
@@ -508,7 +518,7 @@ impl Mount {
     }
 
     /// Unmounts and mounts the ext4 filesystem again (writable; its journal is replayed).
-    fn remount_ext4(&self) {
+    pub(super) fn remount_ext4(&self) {
         self.unmount();
         self.mount_ext4();
     }
@@ -935,7 +945,9 @@ fn a_full_disk_under_a_stream_of_sends() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::tmpfs(root.path(), 512 << 20);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -999,7 +1011,9 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::ext4(root.path(), 320);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -1051,7 +1065,7 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
 }
 
 /// A fault met by a metadata store rather than the log (the first message of a conversation
-/// writes its membership to `meta.redb`; a one-time code is stored in `accounts.redb`): the
+/// writes its membership to `meta.redb`; a one-time code is stored there too): the
 /// request is answered `STORAGE_FAILURE`, and the server stops with status 74 naming the
 /// store, as for the log — instead of failing every later metadata write until a manual
 /// restart. (Read-only, so that the store's write fails whatever room its file has.)
@@ -1060,7 +1074,9 @@ fn a_metadata_store_fault_stops_the_server_too() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::ext4(root.path(), 320);
     let log = root.path().join("stderr-1.log");
-    let (srv, _) = launch_logging_to(root, &["--shards", "1"], false, Some(&log));
+    let cfg = no_last_seen_writes(root.path());
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
@@ -1099,7 +1115,8 @@ fn a_metadata_store_fault_stops_the_server_too() {
     mount.remount_ext4();
     let Server { dir, .. } = srv;
     let log = dir.path().join("stderr-2.log");
-    let (srv, _) = launch_logging_to(dir, &["--shards", "1"], false, Some(&log));
+    let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
+    let (srv, _) = launch_logging_to(dir, &args, false, Some(&log));
     let mut a = srv.hello(&ga.access_token);
     let Body::SendAck(ack) = call(&mut a, fat_send(0, gb.user_id, 16, false)) else {
         panic!("the retry after the restart")
@@ -1116,7 +1133,7 @@ fn a_metadata_store_fault_stops_the_server_too() {
     assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
     let line = last_line(&log);
     assert!(
-        line.starts_with("starling: storage fault: accounts.redb: "),
+        line.starts_with("starling: storage fault: meta.redb: "),
         "{line}"
     );
     drop(srv);

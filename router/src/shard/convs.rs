@@ -551,6 +551,7 @@ mod tests {
                 display_name: String::new(),
                 password_hash: None,
                 created_ms: TimestampMs(0),
+                account: None,
             });
             b.add_member(&Member {
                 group: CONV.storage(),

@@ -48,6 +48,7 @@ pub(super) fn group_meta() -> Arc<MemMeta> {
             display_name: format!("user{u}"),
             password_hash: None,
             created_ms: TimestampMs(0),
+            account: None,
         });
         b.add_member(&Member {
             group: GROUP.storage(),

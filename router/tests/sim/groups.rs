@@ -102,6 +102,7 @@ impl GWorld {
                 display_name: format!("user{u}"),
                 password_hash: None,
                 created_ms: TimestampMs(0),
+                account: None,
             });
         }
         meta.commit(&b).unwrap();

@@ -36,6 +36,7 @@ impl Harness {
                 display_name: format!("user{u}"),
                 password_hash: None,
                 created_ms: TimestampMs(0),
+                account: None,
             });
         }
         meta.commit(&b).unwrap();
@@ -863,6 +864,7 @@ pub(super) fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
             display_name: format!("user{u}"),
             password_hash: None,
             created_ms: TimestampMs(0),
+            account: None,
         });
     }
     meta.commit(&b).unwrap();
