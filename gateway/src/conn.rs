@@ -1039,6 +1039,21 @@ impl Conn {
         None
     }
 
+    /// Hands a messaging frame to the shard's router, whose answers arrive already encoded.
+    fn to_router(&mut self, rid: u64, body: Body) {
+        if let Some(r) = &self.shard.router {
+            let (id, frame) = (
+                router_conn(self.id),
+                v1::Frame {
+                    request_id: rid,
+                    body: Some(body),
+                },
+            );
+            let now = self.clock.unix_ms();
+            r.with_at(now, |rs, now| rs.handle_frame(id, frame, now));
+        }
+    }
+
     async fn on_authenticated(&mut self, rid: u64, p: Principal, body: Body) {
         match body {
             Body::Logout(l) => {
@@ -1113,19 +1128,36 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
-            other if Router::handles(&other) && self.router_open => {
-                if let Some(r) = &self.shard.router {
-                    let (id, frame) = (
-                        router_conn(self.id),
-                        v1::Frame {
-                            request_id: rid,
-                            body: Some(other),
-                        },
-                    );
-                    let now = self.clock.unix_ms();
-                    r.with_at(now, |rs, now| rs.handle_frame(id, frame, now));
+            Body::RequestUpload(req) => {
+                let now = self.clock.unix_ms();
+                match self.shard.shared.media.as_ref() {
+                    Some(media) => match media.upload_grant(&req, now) {
+                        Ok(g) => self.send(rid, Body::UploadGrant(g)),
+                        Err(e) => self.api_error(rid, e),
+                    },
+                    None => self.not_supported(rid, &Body::RequestUpload(req), "media"),
                 }
             }
+            // A Send with media: the object must exist, and its reference is recorded
+            // durably (off the shard) before the message is sequenced, so the collector
+            // never deletes what an acknowledged message names.
+            Body::Send(s) if s.media.is_some() && self.router_open => {
+                let Some(media) = self.shard.shared.media.clone() else {
+                    self.not_supported(rid, &Body::Send(s), "media");
+                    return;
+                };
+                let id = s
+                    .media
+                    .as_ref()
+                    .map(|m| m.media_id.clone())
+                    .unwrap_or_default();
+                match runtime::blocking(move || media.add_reference(&id)).await {
+                    Some(Ok(())) => self.to_router(rid, Body::Send(s)),
+                    Some(Err(e)) => self.api_error(rid, e),
+                    None => self.error(rid, ErrorCode::Internal, "internal error"),
+                }
+            }
+            other if Router::handles(&other) && self.router_open => self.to_router(rid, other),
             other => {
                 let feature = starling_protocol::features::of(other.kind()).unwrap_or("none");
                 self.not_supported(rid, &other, feature);

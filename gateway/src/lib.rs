@@ -141,6 +141,7 @@ pub mod fsutil;
 pub mod health;
 pub mod kx;
 pub mod layout;
+pub mod media;
 pub mod messaging;
 pub mod metrics;
 pub mod profiles;

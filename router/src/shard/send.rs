@@ -63,6 +63,9 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
             "content_type longer than 255 bytes".into(),
         ));
     }
+    if let Some(m) = &s.media {
+        super::media::check_ref(m)?;
+    }
     let conv = match s.to.and_then(|t| t.target) {
         Some(v1::recipient::Target::UserId(peer)) => {
             match direct.resolve(sh, user, UserId(peer))? {
@@ -88,6 +91,7 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
         cmid_bytes: s.client_msg_id,
         content_type: s.content_type,
         body: s.body,
+        media: s.media,
         reply_to_seq: s.reply_to_seq,
         first_attempt: s.first_attempt,
         now_ms: sh.now_ms,
