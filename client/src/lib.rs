@@ -48,6 +48,7 @@ mod connection;
 mod error;
 mod ids;
 pub mod json;
+pub mod media;
 mod reorder;
 mod store;
 mod tls;

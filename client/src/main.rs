@@ -19,6 +19,7 @@ use starling_client::{
 mod cli {
     pub(crate) mod chat;
     pub(crate) mod groups;
+    pub(crate) mod media;
     pub(crate) mod messaging;
     pub(crate) mod out;
     pub(crate) mod presence;
@@ -135,15 +136,37 @@ enum Cmd {
     Logout,
     /// Show your profile.
     Me,
-    /// Send a text message.
+    /// Send a text message, or a file (uploaded to the server's media endpoint first) with
+    /// an optional caption.
     Send {
         /// Recipient: a user id, a +phone, conv:<conversation id> or
         /// group:<conversation id>.
         #[arg(long)]
         to: String,
-        /// The text.
-        #[arg(long)]
+        /// The text (the caption, with --file).
+        #[arg(long, default_value = "", required_unless_present = "file")]
         text: String,
+        /// A file to attach.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// The file's content type (must be one the server accepts).
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+    },
+    /// Download the attachment of a message into a file (its SHA-256 is checked).
+    Download {
+        /// The conversation of the message.
+        #[arg(long)]
+        conversation: u64,
+        /// The message's seq.
+        #[arg(long)]
+        seq: u64,
+        /// The media id (from the message's media).
+        #[arg(long)]
+        media_id: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Fetch everything new since the last sync and print it.
     Sync,
@@ -391,12 +414,42 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.shutdown().await;
             out.print(&sj::profile(&res?));
         }
-        Cmd::Send { to, text } => {
+        Cmd::Send {
+            to,
+            text,
+            file: None,
+            ..
+        } => {
             let (client, events) = start(&g, false)?;
             discard(events);
             let res = send(&client, &to, &text, g.timeout).await;
             client.shutdown().await;
             out.print(&sj::send_ack(&res?));
+        }
+        Cmd::Send {
+            to,
+            text,
+            file: Some(file),
+            content_type,
+        } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::media::send_file(&out, &client, &to, &text, &file, &content_type).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Download {
+            conversation,
+            seq,
+            media_id,
+            out: dest,
+        } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res =
+                cli::media::download(&out, &client, conversation, seq, &media_id, &dest).await;
+            client.shutdown().await;
+            res?;
         }
         Cmd::Sync => {
             let (client, events) = start(&g, true)?;

@@ -1040,7 +1040,7 @@ impl Conn {
     }
 
     /// Hands a messaging frame to the shard's router, whose answers arrive already encoded.
-    fn to_router(&mut self, rid: u64, body: Body) {
+    fn hand_to_router(&mut self, rid: u64, body: Body) {
         if let Some(r) = &self.shard.router {
             let (id, frame) = (
                 router_conn(self.id),
@@ -1152,12 +1152,12 @@ impl Conn {
                     .map(|m| m.media_id.clone())
                     .unwrap_or_default();
                 match runtime::blocking(move || media.add_reference(&id)).await {
-                    Some(Ok(())) => self.to_router(rid, Body::Send(s)),
+                    Some(Ok(())) => self.hand_to_router(rid, Body::Send(s)),
                     Some(Err(e)) => self.api_error(rid, e),
                     None => self.error(rid, ErrorCode::Internal, "internal error"),
                 }
             }
-            other if Router::handles(&other) && self.router_open => self.to_router(rid, other),
+            other if Router::handles(&other) && self.router_open => self.hand_to_router(rid, other),
             other => {
                 let feature = starling_protocol::features::of(other.kind()).unwrap_or("none");
                 self.not_supported(rid, &other, feature);
