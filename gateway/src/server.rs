@@ -226,7 +226,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
     // The media endpoint runs on threads of its own; the router signs download grants with it.
-    let media = crate::media::Media::start(&cfg.media, &cfg.data_dir, &tls)?;
+    let media_stats = Arc::new(crate::media::MediaStats::default());
+    let media = crate::media::Media::start(&cfg.media, &cfg.data_dir, &tls, media_stats.clone())?;
     let mut shard_config = cfg.shard_config();
     if let Some((m, _)) = &media {
         shard_config.media = Some(Arc::new(crate::media::DownloadUrls(m.clone())));
@@ -245,7 +246,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .map(|p| p.store.log().map(|l| l.stats().clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("a shard's log closed while opening")?;
-    let metrics = Arc::new(Metrics::new(n, log_stats));
+    let metrics = Arc::new(Metrics::new(n, log_stats).with_media(media_stats));
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
         cfg.accounts.clone(),

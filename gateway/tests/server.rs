@@ -39,6 +39,8 @@ struct Server {
     dir: tempfile::TempDir,
     tls_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// The media endpoint, if `[media] listen` was set.
+    media_addr: Option<SocketAddr>,
     /// The dev CA certificate (PEM) the server generated.
     ca: PathBuf,
     tls: Arc<rustls::ClientConfig>,
@@ -87,7 +89,7 @@ impl Server {
                 }
             }
         });
-        let (mut tls_addr, mut metrics_addr, mut ca) = (None, None, None);
+        let (mut tls_addr, mut metrics_addr, mut ca, mut media_addr) = (None, None, None, None);
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
@@ -96,6 +98,8 @@ impl Server {
                 tls_addr = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("metrics: http://") {
                 metrics_addr = Some(a.trim_end_matches("/metrics").parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("media (HTTPS): ") {
+                media_addr = Some(a.split(' ').next().unwrap().parse().unwrap());
             } else if let Some(p) = line.trim().strip_prefix("CA certificate:") {
                 ca = Some(PathBuf::from(p.trim()));
             } else if line.starts_with("shards: ") && driver != "auto" {
@@ -111,6 +115,7 @@ impl Server {
             dir,
             tls_addr: tls_addr.unwrap(),
             metrics_addr: metrics_addr.unwrap(),
+            media_addr,
             ca,
             tls,
         }
@@ -1028,6 +1033,8 @@ mod faults;
 mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/media.rs"]
+mod media;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]

@@ -46,8 +46,8 @@ pub struct Media {
     base_url: String,
     signer: Signer,
     store: Arc<dyn ObjectStore>,
-    /// Counters.
-    pub stats: MediaStats,
+    /// Counters (also rendered on `/metrics`).
+    pub stats: Arc<MediaStats>,
 }
 
 impl Media {
@@ -57,6 +57,7 @@ impl Media {
         cfg: &MediaConfig,
         data_dir: &Path,
         tls: &Arc<rustls::ServerConfig>,
+        stats: Arc<MediaStats>,
     ) -> anyhow::Result<Option<(Arc<Self>, SocketAddr)>> {
         let Some(listen) = cfg.listen else {
             return Ok(None);
@@ -76,7 +77,7 @@ impl Media {
             base_url,
             signer: Signer::new(&key),
             store: Arc::new(store),
-            stats: MediaStats::default(),
+            stats,
         });
         let mut tls = (**tls).clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
