@@ -538,6 +538,44 @@ impl Client {
         crate::media::get_to_file(trust, &grant, dest, progress).await
     }
 
+    /// Uploads the image at `path` and makes it the profile's avatar.
+    pub async fn set_avatar(
+        &self,
+        path: &std::path::Path,
+        content_type: &str,
+        progress: crate::media::Progress,
+    ) -> Result<v1::Profile, ClientError> {
+        let avatar = self.upload_file(path, content_type, progress).await?;
+        self.update_profile(v1::UpdateProfile {
+            avatar: Some(Box::new(avatar)),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Downloads `user_id`'s avatar `media_id` (from their `Profile.avatar`) into `dest`.
+    pub async fn download_avatar(
+        &self,
+        media_id: &str,
+        user_id: u64,
+        dest: &std::path::Path,
+        progress: crate::media::Progress,
+    ) -> Result<u64, ClientError> {
+        let trust = self.media_trust()?;
+        let grant = match self
+            .request(Body::RequestDownload(v1::RequestDownload {
+                media_id: media_id.to_owned(),
+                user_id,
+                ..Default::default()
+            }))
+            .await?
+        {
+            Body::DownloadGrant(g) => g,
+            other => return Err(ClientError::unexpected("DownloadGrant", Some(&other))),
+        };
+        crate::media::get_to_file(trust, &grant, dest, progress).await
+    }
+
     /// A `DownloadGrant` for the media of message `seq` of `conversation_id`.
     pub async fn download_grant(
         &self,
@@ -550,6 +588,7 @@ impl Client {
                 media_id: media_id.to_owned(),
                 conversation_id,
                 seq,
+                user_id: 0,
             }))
             .await?
         {

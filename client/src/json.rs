@@ -168,6 +168,7 @@ pub fn profile(p: &v1::Profile) -> Value {
         "email": p.email,
         "created_at_ms": p.created_at_ms,
         "has_password": p.has_password,
+        "avatar": p.avatar.as_deref().map(media_ref),
     })
 }
 

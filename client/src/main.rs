@@ -153,20 +153,36 @@ enum Cmd {
         #[arg(long, default_value = "application/octet-stream")]
         content_type: String,
     },
-    /// Download the attachment of a message into a file (its SHA-256 is checked).
+    /// Download the attachment of a message (--conversation and --seq), or a user's avatar
+    /// (--user), into a file (its SHA-256 is checked).
     Download {
         /// The conversation of the message.
-        #[arg(long)]
-        conversation: u64,
+        #[arg(long, requires = "seq", required_unless_present = "user")]
+        conversation: Option<u64>,
         /// The message's seq.
-        #[arg(long)]
-        seq: u64,
+        #[arg(long, requires = "conversation")]
+        seq: Option<u64>,
+        /// Or: the user whose avatar it is.
+        #[arg(long, conflicts_with_all = ["conversation", "seq"])]
+        user: Option<u64>,
         /// The media id (from the message's media).
         #[arg(long)]
         media_id: String,
         /// Where to write it.
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+    /// Set your profile's avatar from an image file (uploaded first), or remove it.
+    Avatar {
+        /// The image.
+        #[arg(long, required_unless_present = "clear")]
+        file: Option<std::path::PathBuf>,
+        /// Its content type (must be one the server accepts).
+        #[arg(long, default_value = "image/jpeg")]
+        content_type: String,
+        /// Remove the avatar.
+        #[arg(long, conflicts_with = "file")]
+        clear: bool,
     },
     /// Fetch everything new since the last sync and print it.
     Sync,
@@ -441,13 +457,34 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Cmd::Download {
             conversation,
             seq,
+            user,
             media_id,
             out: dest,
+        } => {
+            let of = match (conversation.zip(seq), user) {
+                (_, Some(u)) => cli::media::Of::Avatar(u),
+                (Some((c, s)), None) => cli::media::Of::Message(c, s),
+                (None, None) => {
+                    return Err(ClientError::InvalidArgument(
+                        "name a message (--conversation and --seq) or a user (--user)".into(),
+                    ));
+                }
+            };
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::media::download(&out, &client, of, &media_id, &dest).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Avatar {
+            file,
+            content_type,
+            clear,
         } => {
             let (client, events) = start(&g, false)?;
             discard(events);
             let res =
-                cli::media::download(&out, &client, conversation, seq, &media_id, &dest).await;
+                cli::media::avatar(&out, &client, file.as_deref(), &content_type, clear).await;
             client.shutdown().await;
             res?;
         }

@@ -153,12 +153,38 @@ pub async fn put_file(
     Ok(())
 }
 
-/// GETs a download grant's URL into `dest` (written to `dest.partial`, then renamed), checking
-/// that the bytes' SHA-256 is `media_id`. Returns the bytes written.
+/// GETs a download grant's URL into `dest` (written to `dest.partial`, fsynced, then renamed),
+/// checking that the bytes' SHA-256 is `media_id`. Returns the bytes written.
 pub async fn get_to_file(
     trust: &TlsTrust,
     grant: &starling_protocol::v1::DownloadGrant,
     dest: &Path,
+    progress: Progress,
+) -> Result<u64, ClientError> {
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut f = tokio::fs::File::create(&partial).await?;
+    let got = match get_to(trust, grant, &mut f, progress).await {
+        Ok(n) => n,
+        Err(e) => {
+            drop(f);
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+    };
+    f.sync_all().await?;
+    drop(f);
+    tokio::fs::rename(&partial, dest).await?;
+    Ok(got)
+}
+
+/// GETs a download grant's URL into `out`, checking that the bytes' SHA-256 is `media_id`
+/// (an error after the last byte if not: discard what `out` got). Returns the bytes written.
+pub async fn get_to<W: tokio::io::AsyncWrite + Unpin>(
+    trust: &TlsTrust,
+    grant: &starling_protocol::v1::DownloadGrant,
+    out: &mut W,
     mut progress: Progress,
 ) -> Result<u64, ClientError> {
     let url = parse_url(&grant.download_url)?;
@@ -178,30 +204,23 @@ pub async fn get_to_file(
         return Err(refusal(parts.status, body).await);
     }
     let total = body.size_hint().exact().unwrap_or(0);
-    let mut partial = dest.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
-    let mut f = tokio::fs::File::create(&partial).await?;
     let mut ctx = digest::Context::new(&digest::SHA256);
     let mut got = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ClientError::Media(format!("download: {e}")))?;
         if let Ok(data) = frame.into_data() {
             ctx.update(&data);
-            f.write_all(&data).await?;
+            out.write_all(&data).await?;
             got += data.len() as u64;
             progress(got, total.max(got));
         }
     }
-    f.sync_all().await?;
-    drop(f);
+    out.flush().await?;
     if hex::encode(ctx.finish()) != grant.media_id {
-        let _ = tokio::fs::remove_file(&partial).await;
         return Err(ClientError::Media(
             "downloaded bytes do not match the media id (SHA-256)".into(),
         ));
     }
-    tokio::fs::rename(&partial, dest).await?;
     Ok(got)
 }
 

@@ -33,6 +33,7 @@ use crate::shard::{ConnCtl, Kill, Shard};
 use crate::tokencache::TokenKey;
 use crate::wheel::ConnId;
 
+mod media;
 mod tls;
 use tls::TLS_ENCRYPT_CHUNK_BYTES;
 pub use tls::{Fed, TLS_RECORD_BYTES_MAX, Tls};
@@ -1072,22 +1073,19 @@ impl Conn {
                 Ok(()) => self.send(rid, Body::Done(v1::Done {})),
                 Err(e) => self.api_error(rid, e),
             },
-            Body::GetMe(_) => match self.call(move |acc, _| acc.get_me(p)).await {
-                Ok(prof) => self.send(rid, Body::Profile(prof)),
-                Err(e) => self.api_error(rid, e),
-            },
-            Body::UpdateProfile(req) => {
-                // The new name reaches the metadata mirror (conversation titles) before the
-                // Profile answers.
-                let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
-                let update = move |acc: &Accounts, _| {
-                    crate::messaging::update_profile(meta.as_deref(), acc, p, &req)
+            Body::GetMe(_) => {
+                let media = self.shard.shared.media.clone();
+                let me = move |acc: &Accounts, _| {
+                    let mut prof = acc.get_me(p)?;
+                    media::fill_avatar(media.as_deref(), &mut prof)?;
+                    Ok(prof)
                 };
-                match self.call(update).await {
+                match self.call(me).await {
                     Ok(prof) => self.send(rid, Body::Profile(prof)),
                     Err(e) => self.api_error(rid, e),
                 }
             }
+            Body::UpdateProfile(req) => self.update_profile(rid, p, req).await,
             Body::ListDevices(_) => match self.call(move |acc, _| acc.list_devices(p)).await {
                 Ok(list) => self.send(rid, Body::DeviceList(list)),
                 Err(e) => self.api_error(rid, e),
@@ -1119,8 +1117,15 @@ impl Conn {
             }
             Body::GetProfiles(req) if self.shard.router.is_some() => {
                 let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+                let media = self.shard.shared.media.clone();
                 let get = move |acc: &Accounts, _| match &meta {
-                    Some(meta) => crate::profiles::get_profiles(meta, acc, p, &req),
+                    Some(meta) => {
+                        let mut profiles = crate::profiles::get_profiles(meta, acc, p, &req)?;
+                        for prof in &mut profiles.profiles {
+                            media::fill_avatar(media.as_deref(), prof)?;
+                        }
+                        Ok(profiles)
+                    }
                     None => Ok(v1::Profiles::default()),
                 };
                 match self.call(get).await {
@@ -1128,35 +1133,11 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
-            Body::RequestUpload(req) => {
-                let now = self.clock.unix_ms();
-                match self.shard.shared.media.as_ref() {
-                    Some(media) => match media.upload_grant(&req, now) {
-                        Ok(g) => self.send(rid, Body::UploadGrant(g)),
-                        Err(e) => self.api_error(rid, e),
-                    },
-                    None => self.not_supported(rid, &Body::RequestUpload(req), "media"),
-                }
-            }
-            // A Send with media: the object must exist, and its reference is recorded
-            // durably (off the shard) before the message is sequenced, so the collector
-            // never deletes what an acknowledged message names.
+            Body::RequestUpload(req) => self.request_upload(rid, req),
             Body::Send(s) if s.media.is_some() && self.router_open => {
-                let Some(media) = self.shard.shared.media.clone() else {
-                    self.not_supported(rid, &Body::Send(s), "media");
-                    return;
-                };
-                let id = s
-                    .media
-                    .as_ref()
-                    .map(|m| m.media_id.clone())
-                    .unwrap_or_default();
-                match runtime::blocking(move || media.add_reference(&id)).await {
-                    Some(Ok(())) => self.hand_to_router(rid, Body::Send(s)),
-                    Some(Err(e)) => self.api_error(rid, e),
-                    None => self.error(rid, ErrorCode::Internal, "internal error"),
-                }
+                self.send_with_media(rid, s).await;
             }
+            Body::RequestDownload(r) if r.user_id != 0 => self.avatar_download(rid, p, r).await,
             other if Router::handles(&other) && self.router_open => self.hand_to_router(rid, other),
             other => {
                 let feature = starling_protocol::features::of(other.kind()).unwrap_or("none");

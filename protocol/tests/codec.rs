@@ -482,6 +482,7 @@ fn sample(kind: FrameKind) -> Body {
             media_id: MEDIA_ID.into(),
             conversation_id: 9_001,
             seq: 42,
+            user_id: 0,
         }),
         FrameKind::DownloadGrant => Body::DownloadGrant(v1::DownloadGrant {
             media_id: MEDIA_ID.into(),
@@ -608,6 +609,32 @@ fn to_json(desc: &MessageDescriptor, frame_bytes: &[u8]) -> String {
 /// Vectors beyond one per frame kind: (file stem, frame).
 fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
     vec![
+        (
+            // A download grant for a user's avatar rather than a message's media.
+            "request_download_avatar",
+            v1::Frame {
+                request_id: 12,
+                body: Some(Body::RequestDownload(v1::RequestDownload {
+                    media_id: MEDIA_ID.into(),
+                    conversation_id: 0,
+                    seq: 0,
+                    user_id: 1_002,
+                })),
+            },
+        ),
+        (
+            // Media in an UpdateProfile: the profile's avatar.
+            "update_profile_avatar",
+            v1::Frame {
+                request_id: 13,
+                body: Some(Body::UpdateProfile(v1::UpdateProfile {
+                    display_name: None,
+                    about: None,
+                    avatar: Some(Box::new(media())),
+                    clear_avatar: false,
+                })),
+            },
+        ),
         (
             // A group event, pushed like a message.
             "deliver_group_changed",

@@ -63,24 +63,70 @@ pub(crate) async fn send_file(
     Ok(())
 }
 
+/// What a download is of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Of {
+    /// The attachment of message (conversation, seq).
+    Message(u64, u64),
+    /// A user's avatar.
+    Avatar(u64),
+}
+
 pub(crate) async fn download(
     out: &Out,
     client: &Client,
-    conversation: u64,
-    seq: u64,
+    of: Of,
     media_id: &str,
     dest: &Path,
 ) -> Result<(), ClientError> {
-    let n = client
-        .download_media(media_id, conversation, seq, dest, bar(out, "download"))
-        .await?;
-    out.print(&json!({
+    let progress = bar(out, "download");
+    let n = match of {
+        Of::Message(c, s) => {
+            client
+                .download_media(media_id, c, s, dest, progress)
+                .await?
+        }
+        Of::Avatar(u) => client.download_avatar(media_id, u, dest, progress).await?,
+    };
+    let mut v = json!({
         "type": "downloaded",
         "media_id": media_id,
-        "conversation_id": conversation,
-        "seq": seq,
         "bytes": n,
         "path": dest.display().to_string(),
-    }));
+    });
+    match of {
+        Of::Message(c, s) => {
+            v["conversation_id"] = json!(c);
+            v["seq"] = json!(s);
+        }
+        Of::Avatar(u) => v["user_id"] = json!(u),
+    }
+    out.print(&v);
+    Ok(())
+}
+
+pub(crate) async fn avatar(
+    out: &Out,
+    client: &Client,
+    file: Option<&Path>,
+    content_type: &str,
+    clear: bool,
+) -> Result<(), ClientError> {
+    let prof = match file {
+        Some(f) if !clear => {
+            client
+                .set_avatar(f, content_type, bar(out, "upload"))
+                .await?
+        }
+        _ => {
+            client
+                .update_profile(starling_client::v1::UpdateProfile {
+                    clear_avatar: true,
+                    ..Default::default()
+                })
+                .await?
+        }
+    };
+    out.print(&sj::profile(&prof));
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! shard, that a message references it ([`Media::add_reference`]); objects never referenced are
 //! deleted `unreferenced_gc_ms` after their upload.
 
+mod avatars;
 pub(crate) mod http;
 pub(crate) mod sign;
 pub(crate) mod store;
@@ -46,6 +47,8 @@ pub struct Media {
     base_url: String,
     signer: Signer,
     store: Arc<dyn ObjectStore>,
+    /// Where profile avatars are recorded ([`avatars`]).
+    avatars_dir: std::path::PathBuf,
     /// Counters (also rendered on `/metrics`).
     pub stats: Arc<MediaStats>,
 }
@@ -65,6 +68,8 @@ impl Media {
         let key = load_or_generate_key(&data_dir.join("keys"))?;
         let store = FsStore::open(&data_dir.join("media"))
             .with_context(|| format!("opening the media store in {}", data_dir.display()))?;
+        let avatars_dir = data_dir.join("media").join("avatars");
+        crate::fsutil::create_dir_durable(&avatars_dir)?;
         let listener = TcpListener::bind(listen)
             .with_context(|| format!("cannot listen for media on {listen}"))?;
         let addr = listener.local_addr()?;
@@ -77,6 +82,7 @@ impl Media {
             base_url,
             signer: Signer::new(&key),
             store: Arc::new(store),
+            avatars_dir,
             stats,
         });
         let mut tls = (**tls).clone();

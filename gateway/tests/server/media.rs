@@ -172,6 +172,7 @@ fn download_grant(c: &mut Client, media_id: &str, conv: u64, seq: u64) -> Body {
             media_id: media_id.into(),
             conversation_id: conv,
             seq,
+            user_id: 0,
         }),
     )
 }
@@ -446,12 +447,17 @@ fn unreferenced_uploads_are_collected_and_referenced_ones_kept() {
     let (mut a, _ga, mut b, gb) = ana_and_ben(&srv);
     let kept = upload(&srv, &mut a, b"kept bytes");
     let dropped = upload(&srv, &mut a, b"dropped bytes");
+    let avatar = upload(&srv, &mut a, b"avatar bytes");
     let Body::SendAck(ack) = send_media(&mut a, 1, gb.user_id, &kept) else {
         panic!()
     };
-    assert_eq!(objects(&srv), 2);
+    assert!(matches!(
+        set_avatar(&mut a, Some(&avatar)),
+        Body::Profile(_)
+    ));
+    assert_eq!(objects(&srv), 3);
     let deadline = now() + Duration::from_secs(10);
-    while objects(&srv) > 1 {
+    while objects(&srv) > 2 {
         assert!(
             now() < deadline,
             "the unreferenced upload was not collected"
@@ -481,6 +487,117 @@ fn unreferenced_uploads_are_collected_and_referenced_ones_kept() {
         srv.metrics().contains("starling_media_collected_total 1"),
         "{}",
         srv.metrics()
+    );
+    // The avatar is referenced too: still there after more collections.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        srv.dir
+            .path()
+            .join("data/media/objects")
+            .join(&avatar.media_id)
+            .exists()
+    );
+}
+
+fn set_avatar(c: &mut Client, avatar: Option<&v1::MediaRef>) -> Body {
+    call(
+        c,
+        Body::UpdateProfile(v1::UpdateProfile {
+            avatar: avatar.map(|a| Box::new(a.clone())),
+            clear_avatar: avatar.is_none(),
+            ..Default::default()
+        }),
+    )
+}
+
+fn avatar_grant(c: &mut Client, media_id: &str, user: u64) -> Body {
+    call(
+        c,
+        Body::RequestDownload(v1::RequestDownload {
+            media_id: media_id.into(),
+            user_id: user,
+            ..Default::default()
+        }),
+    )
+}
+
+#[test]
+fn avatars_use_the_media_store_and_only_who_may_see_the_profile_downloads_them() {
+    let srv = Server::start("epoll", MEDIA_TOML);
+    let (mut a, ga, mut b, gb) = ana_and_ben(&srv);
+    let image = b"\x89PNG avatar".to_vec();
+    let avatar = upload(&srv, &mut a, &image);
+    // Not uploaded, or both set and cleared: refused, nothing changed.
+    let mut ghost = avatar.clone();
+    ghost.media_id = "cd".repeat(32);
+    assert_eq!(
+        err_code(&set_avatar(&mut a, Some(&ghost))),
+        ErrorCode::NotFound
+    );
+    let both = call(
+        &mut a,
+        Body::UpdateProfile(v1::UpdateProfile {
+            avatar: Some(Box::new(avatar.clone())),
+            clear_avatar: true,
+            ..Default::default()
+        }),
+    );
+    assert_eq!(err_code(&both), ErrorCode::InvalidArgument);
+    let Body::Profile(p) = set_avatar(&mut a, Some(&avatar)) else {
+        panic!()
+    };
+    assert_eq!(p.avatar.as_deref(), Some(&avatar));
+    let Body::Profile(me) = call(&mut a, Body::GetMe(v1::GetMe {})) else {
+        panic!()
+    };
+    assert_eq!(me.avatar.as_deref(), Some(&avatar));
+    // Ben shares nothing with Ana yet: no profile, no grant.
+    assert_eq!(
+        err_code(&avatar_grant(&mut b, &avatar.media_id, ga.user_id)),
+        ErrorCode::NotFound
+    );
+    // Once they share a conversation, Ben sees the avatar and downloads it.
+    assert!(matches!(
+        call(&mut a, super::messaging::text(1, gb.user_id, "hi")),
+        Body::SendAck(_)
+    ));
+    let Body::Profiles(ps) = call(
+        &mut b,
+        Body::GetProfiles(v1::GetProfiles {
+            user_ids: vec![ga.user_id],
+        }),
+    ) else {
+        panic!()
+    };
+    assert_eq!(ps.profiles[0].avatar.as_deref(), Some(&avatar));
+    let Body::DownloadGrant(g) = avatar_grant(&mut b, &avatar.media_id, ga.user_id) else {
+        panic!()
+    };
+    let r = http(&srv, "GET", &path_of(&srv, &g.download_url), &[], b"");
+    assert_eq!((r.status, &r.body[..]), (200, &image[..]));
+    // Another id, or a message and a user at once: refused.
+    assert_eq!(
+        err_code(&avatar_grant(&mut b, &"ef".repeat(32), ga.user_id)),
+        ErrorCode::NotFound
+    );
+    let mixed = call(
+        &mut b,
+        Body::RequestDownload(v1::RequestDownload {
+            media_id: avatar.media_id.clone(),
+            conversation_id: 5,
+            seq: 1,
+            user_id: ga.user_id,
+        }),
+    );
+    assert_eq!(err_code(&mixed), ErrorCode::InvalidArgument);
+    // Cleared: gone from the profile, no more grants.
+    let Body::Profile(p) = set_avatar(&mut a, None) else {
+        panic!()
+    };
+    assert_eq!(p.avatar, None);
+    assert_eq!(
+        err_code(&avatar_grant(&mut b, &avatar.media_id, ga.user_id)),
+        ErrorCode::NotFound
     );
 }
 
