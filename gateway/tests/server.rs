@@ -430,7 +430,7 @@ fn accounts_over_the_protocol() {
             Body::Done(_)
         ));
         // Features this server does not offer answer NOT_SUPPORTED and keep the connection
-        // (messaging and groups are wired to the router now; media is not).
+        // (media needs `[media] listen`, which this server does not set).
         let e = a.request(Body::RequestUpload(v1::RequestUpload::default()));
         assert_eq!(err_code(&e), ErrorCode::NotSupported);
 
