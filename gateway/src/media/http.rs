@@ -42,6 +42,10 @@ pub(crate) fn spawn(
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(media.cfg.threads)
+        // Disk writes and reads run under `block_in_place`, which hands the worker's place to a
+        // thread of this pool while the calling thread blocks; a small cap bounds the threads
+        // (and the allocator's per-thread memory) however many transfers run.
+        .max_blocking_threads(media.cfg.threads * 4)
         .thread_name("media")
         .enable_io()
         .enable_time()

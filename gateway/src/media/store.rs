@@ -98,6 +98,8 @@ impl FsStore {
 
 struct FsPending {
     file: File,
+    /// Bytes written so far (where the next write lands).
+    written: u64,
     tmp: PathBuf,
     dest: PathBuf,
     dir: PathBuf,
@@ -106,7 +108,10 @@ struct FsPending {
 
 impl PendingObject for FsPending {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)
+        self.file.write_all(bytes)?;
+        start_writeback(&self.file, self.written, bytes.len());
+        self.written += bytes.len() as u64;
+        Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> io::Result<()> {
@@ -125,6 +130,23 @@ impl PendingObject for FsPending {
         let _ = fs::remove_file(&self.tmp);
         Ok(())
     }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` back to the disk now, without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that the upload's final fsync finds
+/// most of the file already written: the disk works while the rest of the upload arrives, and
+/// the fsync of a 50 MiB object no longer costs tens of ms after its last byte. Only a hint:
+/// durability still comes from `commit`'s fsync, so a failure here is ignored.
+fn start_writeback(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for the whole call (borrowed from `file`), and
+    // sync_file_range reads no memory of ours: it only starts writeback of a byte range.
+    let _ = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
 }
 
 impl Drop for FsPending {
@@ -155,6 +177,7 @@ impl ObjectStore for FsStore {
         let file = File::options().write(true).create_new(true).open(&tmp)?;
         Ok(Box::new(FsPending {
             file,
+            written: 0,
             tmp,
             dest: self.objects.join(id),
             dir: self.objects.clone(),
