@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
@@ -206,7 +206,9 @@ async fn put(
         };
     let mut hash = digest::Context::new(&digest::SHA256);
     let mut got = 0u64;
-    let mut buf = BytesMut::with_capacity(WRITE_CHUNK_BYTES);
+    // The body's chunks as hyper hands them over (no copy), written together once they add up
+    // to WRITE_CHUNK_BYTES.
+    let (mut chunks, mut chunked) = (Vec::<Bytes>::new(), 0usize);
     let mut body = req.into_body();
     // Dropping `pending` on any early return removes the temporary file.
     while let Some(frame) = body.frame().await {
@@ -224,13 +226,14 @@ async fn put(
             );
         }
         hash.update(&data);
-        buf.extend_from_slice(&data);
-        if buf.len() >= WRITE_CHUNK_BYTES {
-            if let Err(e) = tokio::task::block_in_place(|| pending.write(&buf)) {
+        chunked += data.len();
+        chunks.push(data);
+        if chunked >= WRITE_CHUNK_BYTES {
+            if let Err(e) = tokio::task::block_in_place(|| write_chunks(&mut *pending, &chunks)) {
                 tracing::error!(error = %e, "media: writing an upload");
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
             }
-            buf.clear();
+            (chunks, chunked) = (Vec::new(), 0);
         }
     }
     if got != size {
@@ -243,7 +246,7 @@ async fn put(
         );
     }
     let done = tokio::task::block_in_place(|| {
-        pending.write(&buf)?;
+        write_chunks(&mut *pending, &chunks)?;
         pending.commit()
     });
     if let Err(e) = done {
@@ -251,6 +254,14 @@ async fn put(
         return text(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
     }
     text(StatusCode::CREATED, "stored")
+}
+
+fn write_chunks(pending: &mut dyn PendingObject, chunks: &[Bytes]) -> io::Result<()> {
+    for c in chunks {
+        pending.write(c)?;
+    }
+    pending.flush_hint();
+    Ok(())
 }
 
 fn get(m: &Media, req: &Request<Incoming>, id: &str) -> Response<RespBody> {

@@ -25,6 +25,9 @@ use crate::fsutil;
 pub(crate) trait PendingObject: Send {
     /// Appends bytes.
     fn write(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// The writes so far may go to the disk now (a hint after a batch of writes: the final
+    /// commit then has less to wait for).
+    fn flush_hint(&mut self);
     /// Makes the object durable and visible under its id (replacing nothing: an object with the
     /// same id has the same bytes).
     fn commit(self: Box<Self>) -> io::Result<()>;
@@ -100,6 +103,8 @@ struct FsPending {
     file: File,
     /// Bytes written so far (where the next write lands).
     written: u64,
+    /// Bytes whose writeback was started ([`PendingObject::flush_hint`]).
+    hinted: u64,
     tmp: PathBuf,
     dest: PathBuf,
     dir: PathBuf,
@@ -109,9 +114,13 @@ struct FsPending {
 impl PendingObject for FsPending {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
-        start_writeback(&self.file, self.written, bytes.len());
         self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    fn flush_hint(&mut self) {
+        start_writeback(&self.file, self.hinted, self.written - self.hinted);
+        self.hinted = self.written;
     }
 
     fn commit(mut self: Box<Self>) -> io::Result<()> {
@@ -137,7 +146,7 @@ impl PendingObject for FsPending {
 /// most of the file already written: the disk works while the rest of the upload arrives, and
 /// the fsync of a 50 MiB object no longer costs tens of ms after its last byte. Only a hint:
 /// durability still comes from `commit`'s fsync, so a failure here is ignored.
-fn start_writeback(file: &File, offset: u64, len: usize) {
+fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd as _;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
@@ -178,6 +187,7 @@ impl ObjectStore for FsStore {
         Ok(Box::new(FsPending {
             file,
             written: 0,
+            hinted: 0,
             tmp,
             dest: self.objects.join(id),
             dir: self.objects.clone(),
