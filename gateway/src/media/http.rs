@@ -1,9 +1,10 @@
 //! The HTTPS media endpoint: hyper's HTTP/1.1 server on a tokio runtime of its own threads
 //! (`media.threads`), TLS by tokio-rustls with the server's certificate. `PUT` stores an object
 //! from a signed upload URL, `GET` serves one (with a single `Range`) from a signed download
-//! URL. Bytes are streamed both ways: an upload is hashed and written in chunks of at most
-//! [`WRITE_CHUNK_BYTES`], a download read in chunks of [`READ_CHUNK_BYTES`] as the socket takes
-//! them, so the server's memory does not grow with the size of a file.
+//! URL. Bytes are streamed both ways: an upload is hashed as it arrives and written in batches of
+//! about [`WRITE_CHUNK_BYTES`] (the chunks hyper hands over, not copied), a download read in
+//! chunks of [`READ_CHUNK_BYTES`] as the socket takes them, so the server's memory does not grow
+//! with the size of a file.
 
 use std::convert::Infallible;
 use std::io;
@@ -26,7 +27,8 @@ use super::Media;
 use super::sign::{Grant, UrlError};
 use super::store::{ObjectReader, PendingObject};
 
-/// Bytes of an upload gathered before one write to the temporary file.
+/// Bytes of an upload gathered before they are written to the temporary file (and their
+/// writeback started).
 pub(crate) const WRITE_CHUNK_BYTES: usize = 1024 * 1024;
 /// Bytes of a download read from the store at a time.
 pub(crate) const READ_CHUNK_BYTES: usize = 256 * 1024;
