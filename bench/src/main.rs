@@ -21,6 +21,7 @@ mod heartbeats;
 mod index_cost;
 mod log;
 mod login_flood;
+mod media;
 mod messages;
 mod mqtt;
 mod net;
@@ -75,6 +76,8 @@ enum Command {
     LoginFlood(login_flood::LoginFloodArgs),
     /// Presence: watchers following users who go off and on line; change → update latency.
     Presence(presence::PresenceArgs),
+    /// Media: upload and download of one large file over loopback TLS; the server's RSS.
+    Media(media::MediaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,5 +103,6 @@ fn main() -> anyhow::Result<()> {
         Command::IndexCost(args) => index_cost::run(&args),
         Command::LoginFlood(args) => login_flood::run(&args),
         Command::Presence(args) => presence::run(&args),
+        Command::Media(args) => media::run(&args),
     }
 }

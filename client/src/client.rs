@@ -295,6 +295,9 @@ pub struct Client {
     connected_wait: Duration,
     /// Presence subscriptions and state, restored on every connection.
     sticky: Arc<Mutex<Sticky>>,
+    /// How media transfers trust the server's media endpoint: the connection's TLS trust
+    /// (`None` over plaintext).
+    media_trust: Option<crate::tls::TlsTrust>,
 }
 
 impl std::fmt::Debug for Command {
@@ -345,6 +348,10 @@ impl Client {
             device_id: creds.device_id,
             connected_wait: cfg.connected_wait,
             sticky: Arc::new(Mutex::new(Sticky::default())),
+            media_trust: match &cfg.connect.transport {
+                crate::connection::Transport::Tls(t) => Some(t.clone()),
+                crate::connection::Transport::DangerousPlaintext => None,
+            },
         };
         let driver = Driver {
             send_retry: cfg.send_retry,
@@ -452,6 +459,17 @@ impl Client {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<v1::SendAck, ClientError> {
+        self.send_with_media(to, content_type, body, None).await
+    }
+
+    /// [`send`](Self::send) with an attachment (from [`upload_file`](Self::upload_file)).
+    pub async fn send_with_media(
+        &self,
+        to: Target,
+        content_type: &str,
+        body: Vec<u8>,
+        media: Option<&v1::MediaRef>,
+    ) -> Result<v1::SendAck, ClientError> {
         let client_msg_id = ClientMsgId::random()
             .map_err(|_| ClientError::InvalidArgument("no randomness for client_msg_id".into()))?;
         let entry = OutboxEntry {
@@ -460,6 +478,7 @@ impl Client {
             content_type: content_type.to_owned(),
             body,
             queued_at_ms: unix_ms(),
+            media: media.map(prost::Message::encode_to_vec).unwrap_or_default(),
         };
         let (reply, rx) = oneshot::channel();
         self.cmd_tx
@@ -467,6 +486,125 @@ impl Client {
             .await
             .map_err(|_| ClientError::Stopped)?;
         rx.await.map_err(|_| ClientError::Stopped)?
+    }
+
+    /// Uploads the file at `path` to the server's media endpoint (hashing it first, then
+    /// streaming it) and returns the `MediaRef` to send it with.
+    pub async fn upload_file(
+        &self,
+        path: &std::path::Path,
+        content_type: &str,
+        progress: crate::media::Progress,
+    ) -> Result<v1::MediaRef, ClientError> {
+        let trust = self.media_trust()?;
+        let (sha, size) = crate::media::hash_file(path).await?;
+        let grant = match self
+            .request(Body::RequestUpload(v1::RequestUpload {
+                content_type: content_type.to_owned(),
+                size_bytes: size,
+                sha256: sha.to_vec().into(),
+            }))
+            .await?
+        {
+            Body::UploadGrant(g) => g,
+            other => return Err(ClientError::unexpected("UploadGrant", Some(&other))),
+        };
+        crate::media::put_file(trust, &grant, path, progress).await?;
+        Ok(v1::MediaRef {
+            media_id: grant.media_id,
+            content_type: content_type.to_owned(),
+            size_bytes: size,
+            sha256: sha.to_vec().into(),
+            file_name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    /// Downloads the media of message `seq` of `conversation_id` (which must name `media_id`)
+    /// into `dest`, checking its SHA-256. Returns the bytes written.
+    pub async fn download_media(
+        &self,
+        media_id: &str,
+        conversation_id: u64,
+        seq: u64,
+        dest: &std::path::Path,
+        progress: crate::media::Progress,
+    ) -> Result<u64, ClientError> {
+        let trust = self.media_trust()?;
+        let grant = self.download_grant(media_id, conversation_id, seq).await?;
+        crate::media::get_to_file(trust, &grant, dest, progress).await
+    }
+
+    /// Uploads the image at `path` and makes it the profile's avatar.
+    pub async fn set_avatar(
+        &self,
+        path: &std::path::Path,
+        content_type: &str,
+        progress: crate::media::Progress,
+    ) -> Result<v1::Profile, ClientError> {
+        let avatar = self.upload_file(path, content_type, progress).await?;
+        self.update_profile(v1::UpdateProfile {
+            avatar: Some(Box::new(avatar)),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Downloads `user_id`'s avatar `media_id` (from their `Profile.avatar`) into `dest`.
+    pub async fn download_avatar(
+        &self,
+        media_id: &str,
+        user_id: u64,
+        dest: &std::path::Path,
+        progress: crate::media::Progress,
+    ) -> Result<u64, ClientError> {
+        let trust = self.media_trust()?;
+        let grant = match self
+            .request(Body::RequestDownload(v1::RequestDownload {
+                media_id: media_id.to_owned(),
+                user_id,
+                ..Default::default()
+            }))
+            .await?
+        {
+            Body::DownloadGrant(g) => g,
+            other => return Err(ClientError::unexpected("DownloadGrant", Some(&other))),
+        };
+        crate::media::get_to_file(trust, &grant, dest, progress).await
+    }
+
+    /// A `DownloadGrant` for the media of message `seq` of `conversation_id`.
+    pub async fn download_grant(
+        &self,
+        media_id: &str,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<v1::DownloadGrant, ClientError> {
+        match self
+            .request(Body::RequestDownload(v1::RequestDownload {
+                media_id: media_id.to_owned(),
+                conversation_id,
+                seq,
+                user_id: 0,
+            }))
+            .await?
+        {
+            Body::DownloadGrant(g) => Ok(g),
+            other => Err(ClientError::unexpected("DownloadGrant", Some(&other))),
+        }
+    }
+
+    fn media_trust(&self) -> Result<&crate::tls::TlsTrust, ClientError> {
+        self.media_trust.as_ref().ok_or_else(|| {
+            ClientError::InvalidArgument(
+                "media transfers need a TLS connection (its trust is used for the media \
+                 endpoint)"
+                    .into(),
+            )
+        })
     }
 
     /// [`send`](Self::send) with a `text/plain` UTF-8 body.

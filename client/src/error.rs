@@ -156,6 +156,10 @@ pub enum ClientError {
     /// A bad argument from the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A media transfer failed: the endpoint refused it (its status and reason), or the bytes
+    /// did not match their id.
+    #[error("media: {0}")]
+    Media(String),
     /// The send did not go through yet; the message stays in the outbox and
     /// is retried under the same `client_msg_id`.
     #[error("message {client_msg_id} kept in the outbox for retry: {cause}")]

@@ -44,7 +44,22 @@ pub fn message(m: &v1::Message) -> Value {
     if m.reply_to_seq != 0 {
         v["reply_to_seq"] = json!(m.reply_to_seq);
     }
+    if let Some(media) = &m.media {
+        v["media"] = media_ref(media);
+    }
     v
+}
+
+/// An attachment.
+#[must_use]
+pub fn media_ref(m: &v1::MediaRef) -> Value {
+    json!({
+        "media_id": m.media_id,
+        "content_type": m.content_type,
+        "size_bytes": m.size_bytes,
+        "sha256": hex::encode(&m.sha256),
+        "file_name": m.file_name,
+    })
 }
 
 /// A send acknowledgement.
@@ -155,6 +170,7 @@ pub fn profile(p: &v1::Profile) -> Value {
         "email": p.email,
         "created_at_ms": p.created_at_ms,
         "has_password": p.has_password,
+        "avatar": p.avatar.as_deref().map(media_ref),
     })
 }
 

@@ -29,6 +29,9 @@
 //!   aggregate receipt counts arrive as [`Event::GroupReceipts`]), presence
 //!   (subscribe, set; restored on every reconnect), typing and other users'
 //!   profiles are requests on [`Client`]; their pushes arrive as [`Event`]s.
+//! - [`media`] — attachments over HTTPS to the server's media endpoint:
+//!   [`Client::upload_file`], [`Client::send_with_media`],
+//!   [`Client::download_media`] (streamed both ways, SHA-256 checked).
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
@@ -48,6 +51,7 @@ mod connection;
 mod error;
 mod ids;
 pub mod json;
+pub mod media;
 mod reorder;
 mod store;
 mod tls;

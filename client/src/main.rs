@@ -19,6 +19,7 @@ use starling_client::{
 mod cli {
     pub(crate) mod chat;
     pub(crate) mod groups;
+    pub(crate) mod media;
     pub(crate) mod messaging;
     pub(crate) mod out;
     pub(crate) mod presence;
@@ -135,15 +136,53 @@ enum Cmd {
     Logout,
     /// Show your profile.
     Me,
-    /// Send a text message.
+    /// Send a text message, or a file (uploaded to the server's media endpoint first) with
+    /// an optional caption.
     Send {
         /// Recipient: a user id, a +phone, conv:<conversation id> or
         /// group:<conversation id>.
         #[arg(long)]
         to: String,
-        /// The text.
-        #[arg(long)]
+        /// The text (the caption, with --file).
+        #[arg(long, default_value = "", required_unless_present = "file")]
         text: String,
+        /// A file to attach.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// The file's content type (must be one the server accepts).
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+    },
+    /// Download the attachment of a message (--conversation and --seq), or a user's avatar
+    /// (--user), into a file (its SHA-256 is checked).
+    Download {
+        /// The conversation of the message.
+        #[arg(long, requires = "seq", required_unless_present = "user")]
+        conversation: Option<u64>,
+        /// The message's seq.
+        #[arg(long, requires = "conversation")]
+        seq: Option<u64>,
+        /// Or: the user whose avatar it is.
+        #[arg(long, conflicts_with_all = ["conversation", "seq"])]
+        user: Option<u64>,
+        /// The media id (from the message's media).
+        #[arg(long)]
+        media_id: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Set your profile's avatar from an image file (uploaded first), or remove it.
+    Avatar {
+        /// The image.
+        #[arg(long, required_unless_present = "clear")]
+        file: Option<std::path::PathBuf>,
+        /// Its content type (must be one the server accepts).
+        #[arg(long, default_value = "image/jpeg")]
+        content_type: String,
+        /// Remove the avatar.
+        #[arg(long, conflicts_with = "file")]
+        clear: bool,
     },
     /// Fetch everything new since the last sync and print it.
     Sync,
@@ -404,12 +443,63 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.shutdown().await;
             out.print(&sj::profile(&res?));
         }
-        Cmd::Send { to, text } => {
+        Cmd::Send {
+            to,
+            text,
+            file: None,
+            ..
+        } => {
             let (client, events) = start(&g, false)?;
             discard(events);
             let res = send(&client, &to, &text, g.timeout).await;
             client.shutdown().await;
             out.print(&sj::send_ack(&res?));
+        }
+        Cmd::Send {
+            to,
+            text,
+            file: Some(file),
+            content_type,
+        } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::media::send_file(&out, &client, &to, &text, &file, &content_type).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Download {
+            conversation,
+            seq,
+            user,
+            media_id,
+            out: dest,
+        } => {
+            let of = match (conversation.zip(seq), user) {
+                (_, Some(u)) => cli::media::Of::Avatar(u),
+                (Some((c, s)), None) => cli::media::Of::Message(c, s),
+                (None, None) => {
+                    return Err(ClientError::InvalidArgument(
+                        "name a message (--conversation and --seq) or a user (--user)".into(),
+                    ));
+                }
+            };
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::media::download(&out, &client, of, &media_id, &dest).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Avatar {
+            file,
+            content_type,
+            clear,
+        } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res =
+                cli::media::avatar(&out, &client, file.as_deref(), &content_type, clear).await;
+            client.shutdown().await;
+            res?;
         }
         Cmd::Sync => {
             let (client, events) = start(&g, true)?;

@@ -312,9 +312,22 @@ pub struct OutboxEntry {
     pub body: Vec<u8>,
     /// When it was queued (ms since the epoch).
     pub queued_at_ms: u64,
+    /// The attachment, an encoded `MediaRef` (hex in the file; empty: none; absent in files
+    /// written before media existed).
+    #[serde(default, with = "hex_bytes")]
+    pub media: Vec<u8>,
 }
 
 impl OutboxEntry {
+    /// The attachment, if any (an entry whose stored MediaRef does not decode has none).
+    #[must_use]
+    pub fn media_ref(&self) -> Option<Box<v1::MediaRef>> {
+        if self.media.is_empty() {
+            return None;
+        }
+        prost::Message::decode(&self.media[..]).ok().map(Box::new)
+    }
+
     /// The `Send` frame body for this entry (the same for every attempt; `first_attempt` is
     /// false — only the driver knows whether an earlier copy was ever written).
     #[must_use]
@@ -324,7 +337,7 @@ impl OutboxEntry {
             to: Some(self.to.to_wire()),
             content_type: self.content_type.clone(),
             body: self.body.clone().into(),
-            media: None,
+            media: self.media_ref(),
             reply_to_seq: 0,
             first_attempt: false,
         }
@@ -479,6 +492,7 @@ mod tests {
             content_type: "text/plain".to_owned(),
             body: vec![n, 0, 255],
             queued_at_ms: 1000 + u64::from(n),
+            media: Vec::new(),
         }
     }
 

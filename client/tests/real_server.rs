@@ -30,11 +30,20 @@ struct Server {
 
 impl Server {
     fn start(bin: &Path, data: &Path, listen: &str) -> Server {
+        Server::start_with(bin, data, listen, "")
+    }
+
+    /// [`Server::start`] with a configuration file of `toml`.
+    fn start_with(bin: &Path, data: &Path, listen: &str, toml: &str) -> Server {
         // The server's stderr goes beside the data dir, so that a start that fails shows why.
         let err_path = data.with_extension("stderr");
         let err_file = std::fs::File::create(&err_path).unwrap();
+        let cfg = data.with_extension("toml");
+        std::fs::write(&cfg, toml).unwrap();
         let mut child = Command::new(bin)
             .args(["serve", "--shards", "1", "--metrics-listen", "off"])
+            .arg("--config")
+            .arg(&cfg)
             .arg("--data-dir")
             .arg(data)
             .args(["--listen", listen])
@@ -428,6 +437,8 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
 mod contacts;
 #[path = "real_server/groups.rs"]
 mod groups;
+#[path = "real_server/media.rs"]
+mod media;
 #[path = "real_server/presence.rs"]
 mod presence;
 #[path = "real_server/profile.rs"]

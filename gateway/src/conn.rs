@@ -33,6 +33,7 @@ use crate::shard::{ConnCtl, Kill, Shard};
 use crate::tokencache::TokenKey;
 use crate::wheel::ConnId;
 
+mod media;
 mod tls;
 use tls::TLS_ENCRYPT_CHUNK_BYTES;
 pub use tls::{Fed, TLS_RECORD_BYTES_MAX, Tls};
@@ -1020,6 +1021,21 @@ impl Conn {
         None
     }
 
+    /// Hands a messaging frame to the shard's router, whose answers arrive already encoded.
+    fn hand_to_router(&mut self, rid: u64, body: Body) {
+        if let Some(r) = &self.shard.router {
+            let (id, frame) = (
+                router_conn(self.id),
+                v1::Frame {
+                    request_id: rid,
+                    body: Some(body),
+                },
+            );
+            let now = self.clock.unix_ms();
+            r.with_at(now, |rs, now| rs.handle_frame(id, frame, now));
+        }
+    }
+
     async fn on_authenticated(&mut self, rid: u64, p: Principal, body: Body) {
         match body {
             Body::Logout(l) => {
@@ -1038,18 +1054,19 @@ impl Conn {
                 Ok(()) => self.send(rid, Body::Done(v1::Done {})),
                 Err(e) => self.api_error(rid, e),
             },
-            Body::GetMe(_) => match self.call(move |acc, _| acc.get_me(p)).await {
-                Ok(prof) => self.send(rid, Body::Profile(prof)),
-                Err(e) => self.api_error(rid, e),
-            },
-            Body::UpdateProfile(req) => {
-                // Durable in the record conversation titles are read from before the Profile
-                // answers.
-                match self.call(move |acc, _| acc.update_profile(p, &req)).await {
+            Body::GetMe(_) => {
+                let media = self.shard.shared.media.clone();
+                let me = move |acc: &Accounts, _| {
+                    let mut prof = acc.get_me(p)?;
+                    media::fill_avatar(media.as_deref(), &mut prof)?;
+                    Ok(prof)
+                };
+                match self.call(me).await {
                     Ok(prof) => self.send(rid, Body::Profile(prof)),
                     Err(e) => self.api_error(rid, e),
                 }
             }
+            Body::UpdateProfile(req) => self.update_profile(rid, p, req).await,
             Body::ListDevices(_) => match self.call(move |acc, _| acc.list_devices(p)).await {
                 Ok(list) => self.send(rid, Body::DeviceList(list)),
                 Err(e) => self.api_error(rid, e),
@@ -1081,8 +1098,15 @@ impl Conn {
             }
             Body::GetProfiles(req) if self.shard.router.is_some() => {
                 let meta = self.shard.router.as_ref().map(|r| r.meta.clone());
+                let media = self.shard.shared.media.clone();
                 let get = move |acc: &Accounts, _| match &meta {
-                    Some(meta) => crate::profiles::get_profiles(meta, acc, p, &req),
+                    Some(meta) => {
+                        let mut profiles = crate::profiles::get_profiles(meta, acc, p, &req)?;
+                        for prof in &mut profiles.profiles {
+                            media::fill_avatar(media.as_deref(), prof)?;
+                        }
+                        Ok(profiles)
+                    }
                     None => Ok(v1::Profiles::default()),
                 };
                 match self.call(get).await {
@@ -1090,19 +1114,12 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
-            other if Router::handles(&other) && self.router_open => {
-                if let Some(r) = &self.shard.router {
-                    let (id, frame) = (
-                        router_conn(self.id),
-                        v1::Frame {
-                            request_id: rid,
-                            body: Some(other),
-                        },
-                    );
-                    let now = self.clock.unix_ms();
-                    r.with_at(now, |rs, now| rs.handle_frame(id, frame, now));
-                }
+            Body::RequestUpload(req) => self.request_upload(rid, req),
+            Body::Send(s) if s.media.is_some() && self.router_open => {
+                self.send_with_media(rid, s).await;
             }
+            Body::RequestDownload(r) if r.user_id != 0 => self.avatar_download(rid, p, r).await,
+            other if Router::handles(&other) && self.router_open => self.hand_to_router(rid, other),
             other => {
                 let feature = starling_protocol::features::of(other.kind()).unwrap_or("none");
                 self.not_supported(rid, &other, feature);

@@ -71,6 +71,12 @@
 //!   its Ed25519 signature is checked on the shard (ring, no pool hop) and
 //!   the session in one blocking-pool call. Revocations bump a shared epoch; a shard trusts its cache only
 //!   once it has applied every revocation.
+//! - **Media** ([`media`]): an HTTPS endpoint on its own listener, threads
+//!   and tokio runtime (hyper, HTTP/1.1), never on a shard. Grants are URLs
+//!   signed with HMAC-SHA256; objects are content-addressed files in
+//!   `<data>/media/`, visible only once whole, hashed and fsynced; a Send
+//!   naming one records the reference durably first (blocking pool), and a
+//!   collector deletes unreferenced uploads after a configured age.
 //! - **Requests are handled in order per connection**; account work (store
 //!   reads and transactions, webhooks) runs on one bounded blocking pool
 //!   shared by all shards, and Argon2id password hashing on a small pool of
@@ -145,6 +151,7 @@ pub mod fsutil;
 pub mod health;
 pub mod kx;
 pub mod layout;
+pub mod media;
 pub mod messaging;
 pub mod metrics;
 pub mod profiles;

@@ -115,6 +115,8 @@ pub struct Metrics {
     auth_failures: Vec<AtomicU64>,
     /// Per shard, its log's I/O statistics (empty without messaging storage).
     logs: Vec<Arc<LogStats>>,
+    /// The media endpoint's counters (zero without one).
+    media: Arc<crate::media::MediaStats>,
 }
 
 /// Adds 1.
@@ -138,7 +140,15 @@ impl Metrics {
                 .iter()
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            media: Arc::default(),
         }
+    }
+
+    /// These metrics with the media endpoint's counters.
+    #[must_use]
+    pub fn with_media(mut self, media: Arc<crate::media::MediaStats>) -> Self {
+        self.media = media;
+        self
     }
 
     /// Counts an authentication failure (`reason` from [`AUTH_FAILURE_REASONS`]).
@@ -309,6 +319,35 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "{name}{{reason=\"{reason}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let m = &self.media;
+        for (name, help, c) in [
+            (
+                "starling_media_uploads_total",
+                "Media objects stored.",
+                &m.uploads,
+            ),
+            (
+                "starling_media_uploads_refused_total",
+                "Media uploads refused or broken off (nothing stored).",
+                &m.uploads_refused,
+            ),
+            (
+                "starling_media_downloads_total",
+                "Media downloads served.",
+                &m.downloads,
+            ),
+            (
+                "starling_media_collected_total",
+                "Unreferenced media objects deleted by the collector.",
+                &m.collected,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 c.load(Ordering::Relaxed)
             );
         }

@@ -224,11 +224,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot run the log writers on CPUs {:?}", placement.io))?;
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
+    // The media endpoint runs on threads of its own; the router signs download grants with it.
+    let media_stats = Arc::new(crate::media::MediaStats::default());
+    let media = crate::media::Media::start(&cfg.media, &cfg.data_dir, &tls, media_stats.clone())?;
+    let mut shard_config = cfg.shard_config();
+    if let Some((m, _)) = &media {
+        shard_config.media = Some(Arc::new(crate::media::DownloadUrls(m.clone())));
+    }
     let (meta, router_parts) = crate::messaging::open(
         &cfg.data_dir,
         n,
         &cfg.storage,
-        &cfg.shard_config(),
+        &shard_config,
         &placement.io,
         &health,
     )?;
@@ -238,7 +245,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .map(|p| p.store.log().map(|l| l.stats().clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("a shard's log closed while opening")?;
-    let metrics = Arc::new(Metrics::new(n, log_stats));
+    let metrics = Arc::new(Metrics::new(n, log_stats).with_media(media_stats));
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }
@@ -287,6 +294,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         controls: senders.clone(),
         revocation_epoch: std::sync::atomic::AtomicU64::new(0),
         health: health.clone(),
+        media: media.as_ref().map(|(m, _)| m.clone()),
     });
     let pool = BlockingPool::new(cfg.accounts.blocking_threads);
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -362,6 +370,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(a) = metrics_addr {
         say(&format!("metrics: http://{a}/metrics"));
+    }
+    if let Some((m, a)) = &media {
+        say(&format!("media (HTTPS): {a} at {}", m.base_url()));
     }
     health.serving();
     say("ready");

@@ -63,6 +63,8 @@ pub struct Shared {
     pub revocation_epoch: AtomicU64,
     /// Whether the process serves; where storage faults are reported.
     pub health: Arc<crate::health::Health>,
+    /// The media endpoint, if `[media] listen` is set.
+    pub media: Option<Arc<crate::media::Media>>,
 }
 
 impl Shared {
@@ -329,10 +331,24 @@ impl Shard {
     #[must_use]
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING,
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MEDIA, MESSAGING,
             PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
         };
-        if self.router.is_some() {
+        if self.router.is_some() && self.shared.media.is_some() {
+            &[
+                MESSAGING,
+                HISTORY,
+                CONVERSATION_LIST,
+                BLOCK,
+                PASSWORD_LOGIN,
+                CONTACT_DISCOVERY,
+                GROUPS,
+                PRESENCE,
+                TYPING,
+                PROFILES,
+                MEDIA,
+            ]
+        } else if self.router.is_some() {
             &[
                 MESSAGING,
                 HISTORY,

@@ -39,6 +39,8 @@ struct Server {
     dir: tempfile::TempDir,
     tls_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// The media endpoint, if `[media] listen` was set.
+    media_addr: Option<SocketAddr>,
     /// The dev CA certificate (PEM) the server generated.
     ca: PathBuf,
     tls: Arc<rustls::ClientConfig>,
@@ -89,7 +91,7 @@ impl Server {
                 }
             }
         });
-        let (mut tls_addr, mut metrics_addr, mut ca) = (None, None, None);
+        let (mut tls_addr, mut metrics_addr, mut ca, mut media_addr) = (None, None, None, None);
         let mut startup = Vec::new();
         loop {
             let line = rx
@@ -100,6 +102,8 @@ impl Server {
                 tls_addr = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("metrics: http://") {
                 metrics_addr = Some(a.trim_end_matches("/metrics").parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("media (HTTPS): ") {
+                media_addr = Some(a.split(' ').next().unwrap().parse().unwrap());
             } else if let Some(p) = line.trim().strip_prefix("CA certificate:") {
                 ca = Some(PathBuf::from(p.trim()));
             } else if line.starts_with("shards: ") && driver != "auto" {
@@ -115,6 +119,7 @@ impl Server {
             dir,
             tls_addr: tls_addr.unwrap(),
             metrics_addr: metrics_addr.unwrap(),
+            media_addr,
             ca,
             tls,
             startup,
@@ -430,7 +435,7 @@ fn accounts_over_the_protocol() {
             Body::Done(_)
         ));
         // Features this server does not offer answer NOT_SUPPORTED and keep the connection
-        // (messaging and groups are wired to the router now; media is not).
+        // (media needs `[media] listen`, which this server does not set).
         let e = a.request(Body::RequestUpload(v1::RequestUpload::default()));
         assert_eq!(err_code(&e), ErrorCode::NotSupported);
 
@@ -1037,6 +1042,8 @@ mod group_receipts;
 mod groups;
 #[path = "server/last_seen.rs"]
 mod last_seen;
+#[path = "server/media.rs"]
+mod media;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]

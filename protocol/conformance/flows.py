@@ -27,7 +27,7 @@ class Server:
              "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--shards", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "STARLING_LOG": "warn"})
-        self.addr, self.ca, lines = None, None, []
+        self.addr, self.ca, self.media, lines = None, None, None, []
         ready = threading.Event()
 
         def read_stdout():
@@ -37,6 +37,9 @@ class Server:
                 if line.startswith("listening (TLS 1.3): "):
                     host, port = line.split(": ", 1)[1].rsplit(":", 1)
                     self.addr = (host, int(port))
+                elif line.startswith("media (HTTPS): "):
+                    host, port = line.split(": ", 1)[1].split(" ")[0].rsplit(":", 1)
+                    self.media = (host, int(port))
                 elif line.startswith("CA certificate:"):
                     self.ca = line.split(":", 1)[1].strip()
                 elif line == "ready":

@@ -16,9 +16,12 @@ use starling_protocol::{DecodeError, FILE_DESCRIPTOR_SET, FrameDecoder, FrameEnc
 
 // ---------------------------------------------------------------- samples
 
+/// The media id of a blob whose SHA-256 is the samples' `[0x5a; 32]`: its lowercase hex.
+const MEDIA_ID: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
 fn media() -> v1::MediaRef {
     v1::MediaRef {
-        media_id: "m_01J9Z3V4".into(),
+        media_id: MEDIA_ID.into(),
         content_type: "image/jpeg".into(),
         size_bytes: 482_113,
         sha256: Bytes::from_static(&[0x5a; 32]),
@@ -475,18 +478,29 @@ fn sample(kind: FrameKind) -> Body {
             sha256: Bytes::from_static(&[0x5a; 32]),
         }),
         FrameKind::UploadGrant => Body::UploadGrant(v1::UploadGrant {
-            media_id: "m_01J9Z3V4".into(),
-            upload_url: "https://media.example/upload/m_01J9Z3V4".into(),
+            media_id: MEDIA_ID.into(),
+            upload_url: format!(
+                "https://media.example/v1/media/{MEDIA_ID}?size=482113&type=image%2Fjpeg\
+                 &exp=1790000900000&sig=0f3a"
+            ),
             method: "PUT".into(),
-            headers: BTreeMap::from([("content-type".into(), "image/jpeg".into())]),
+            headers: BTreeMap::from([
+                ("content-length".into(), "482113".into()),
+                ("content-type".into(), "image/jpeg".into()),
+            ]),
             expires_at_ms: 1_790_000_900_000,
         }),
         FrameKind::RequestDownload => Body::RequestDownload(v1::RequestDownload {
-            media_id: "m_01J9Z3V4".into(),
+            media_id: MEDIA_ID.into(),
+            conversation_id: 9_001,
+            seq: 42,
+            user_id: 0,
         }),
         FrameKind::DownloadGrant => Body::DownloadGrant(v1::DownloadGrant {
-            media_id: "m_01J9Z3V4".into(),
-            download_url: "https://media.example/m_01J9Z3V4?sig=abc".into(),
+            media_id: MEDIA_ID.into(),
+            download_url: format!(
+                "https://media.example/v1/media/{MEDIA_ID}?exp=1790000900000&sig=9bc1"
+            ),
             expires_at_ms: 1_790_000_900_000,
         }),
         FrameKind::UploadKeys => Body::UploadKeys(v1::UploadKeys {
@@ -607,6 +621,32 @@ fn to_json(desc: &MessageDescriptor, frame_bytes: &[u8]) -> String {
 /// Vectors beyond one per frame kind: (file stem, frame).
 fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
     vec![
+        (
+            // A download grant for a user's avatar rather than a message's media.
+            "request_download_avatar",
+            v1::Frame {
+                request_id: 12,
+                body: Some(Body::RequestDownload(v1::RequestDownload {
+                    media_id: MEDIA_ID.into(),
+                    conversation_id: 0,
+                    seq: 0,
+                    user_id: 1_002,
+                })),
+            },
+        ),
+        (
+            // Media in an UpdateProfile: the profile's avatar.
+            "update_profile_avatar",
+            v1::Frame {
+                request_id: 13,
+                body: Some(Body::UpdateProfile(v1::UpdateProfile {
+                    display_name: None,
+                    about: None,
+                    avatar: Some(Box::new(media())),
+                    clear_avatar: false,
+                })),
+            },
+        ),
         (
             // A group event, pushed like a message.
             "deliver_group_changed",

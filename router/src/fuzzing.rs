@@ -1,11 +1,13 @@
 //! Entry point for the cargo-fuzz target `message_envelope` in `fuzz/`: the envelope a message
-//! entry's body carries in the log (content type, reply-to seq, opaque body), decoded whenever
-//! history, sync or fan-out reads a stored message back.
+//! entry's body carries in the log (content type, reply-to seq, media, opaque body), decoded
+//! whenever history, sync or fan-out reads a stored message back.
 
-/// The envelope decoder never panics on stored bytes, and whatever it accepts re-encodes to
-/// exactly those bytes.
+/// The envelope decoders (version 1 and 2) never panic on stored bytes; whatever version 1
+/// accepts re-encodes to exactly those bytes, whatever version 2 accepts to a message that
+/// reads back the same.
 pub fn message_envelope(data: &[u8]) {
     let _ = crate::shard::fuzz_envelope(data);
+    let _ = crate::shard::fuzz_envelope_v2(data);
 }
 
 #[cfg(test)]

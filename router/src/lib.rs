@@ -47,7 +47,8 @@
 //! | `shard/convs.rs` | conversation state at its owner: membership, sequencing counters and durable tail, cursors; loading, eviction, reads over index + tail |
 //! | `shard/directory.rs` | the session directory slice: this shard's connections and, per user, theirs |
 //! | `shard/outbound.rs` | frames out to connections and each connection's push budget (behind, hints, slow-consumer close) |
-//! | `shard/frames.rs`, `shard/envelope.rs` | [`Transmit`] and frame encoding, `Error` answers; the stored message envelope |
+//! | `shard/frames.rs`, `shard/envelope.rs` | [`Transmit`] and frame encoding, `Error` answers; the stored message envelope (version 2 carries a message's `MediaRef`) |
+//! | `shard/media.rs` | a Send's `MediaRef` checks; `RequestDownload`: a grant (signed by the gateway's [`DownloadSigner`]) only for a reader of a message that names the object |
 //! | `shard/send.rs` | a Send at the ingress shard: checks, direct resolution, on to the owner |
 //! | `shard/direct.rs` | direct conversations by user pair: the cache, parking while one is created |
 //! | `shard/sequencer.rs` | the shard's log: open batch, dedup, batches in flight, durable completion, failure answers |
@@ -149,6 +150,7 @@ pub use ids::{ConnId, ConnRef};
 pub use metawriter::Offload;
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, RouterShard, STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED,
-    ShardConfig, ShardMsg, ShardStats, Transmit,
+    CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, RouterShard, STORAGE_NOT_STORED,
+    STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats,
+    THUMBNAIL_BYTES_MAX, Transmit, is_media_id,
 };

@@ -26,6 +26,7 @@ mod groups;
 mod history;
 mod list;
 mod mail;
+mod media;
 mod outbound;
 mod presence;
 mod read_fanout;
@@ -40,14 +41,15 @@ pub use config::ShardConfig;
 use convs::ConvState;
 use cursors::Cursors;
 use direct::Direct;
-pub(crate) use envelope::fuzz_envelope;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
+pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;
 pub use mail::ShardMsg;
 use mail::{CursorKind, Inner};
+pub use media::{DownloadSigner, MEDIA_TEXT_BYTES_MAX, THUMBNAIL_BYTES_MAX, is_media_id};
 use presence::Presence;
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
@@ -257,6 +259,7 @@ where
                 group_receipts::request(&mut self.sh, origin, rid, user, r)
             }
             Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
+            Some(Body::RequestDownload(d)) => media::request(&mut self.sh, origin, rid, user, d),
             Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
             Some(Body::Block(b)) => {
                 Blocks::request(&mut self.sh, origin, rid, user, b.user_id, true)
@@ -296,6 +299,7 @@ where
                 | Body::Sync(_)
                 | Body::GetReceipts(_)
                 | Body::GetHistory(_)
+                | Body::RequestDownload(_)
                 | Body::ListConversations(_)
                 | Body::Block(_)
                 | Body::Unblock(_)
@@ -442,6 +446,7 @@ where
             Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
             Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
             Inner::History(h) => history::on_cmd(&mut self.sh, h),
+            Inner::Download(d) => media::on_cmd(&mut self.sh, d),
             Inner::List(l) => list::on_cmd(&mut self.sh, l),
             Inner::ListPart(p) => list::on_part(&mut self.sh, p),
             Inner::Block(b) => self.blocks.on_cmd(&mut self.sh, b),

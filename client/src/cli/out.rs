@@ -27,7 +27,7 @@ pub(crate) fn human(v: &Value) -> String {
     };
     match v["type"].as_str().unwrap_or_default() {
         "message" => {
-            let body = if v.get("text").is_some() {
+            let mut body = if v.get("text").is_some() {
                 s("text")
             } else {
                 format!(
@@ -36,6 +36,15 @@ pub(crate) fn human(v: &Value) -> String {
                     s("content_type")
                 )
             };
+            if let Some(m) = v.get("media") {
+                body.push_str(&format!(
+                    " [file {:?}, {} bytes of {}, media_id {}]",
+                    m["file_name"].as_str().unwrap_or_default(),
+                    m["size_bytes"],
+                    m["content_type"].as_str().unwrap_or_default(),
+                    m["media_id"].as_str().unwrap_or_default()
+                ));
+            }
             format!(
                 "[conv {} #{}] user {}: {body}",
                 s("conversation_id"),
@@ -43,6 +52,7 @@ pub(crate) fn human(v: &Value) -> String {
                 s("sender_user_id")
             )
         }
+        "downloaded" => format!("downloaded {} bytes to {}", s("bytes"), s("path")),
         "sent" => format!(
             "sent: conv {} seq {} (client_msg_id {}{})",
             s("conversation_id"),

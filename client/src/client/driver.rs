@@ -561,9 +561,9 @@ impl Driver {
                 sender_device_id: self.creds.device_id,
                 client_msg_id: ack.client_msg_id.clone(),
                 server_ts_ms: ack.server_ts_ms,
+                media: entry.media_ref(),
                 content_type: entry.content_type,
                 body: entry.body.into(),
-                media: None,
                 reply_to_seq: 0,
                 group_changed: None,
             };

@@ -191,6 +191,8 @@ impl RouterConfig {
             typing_per_s: l.typing_per_s,
             typing_burst: l.typing_burst,
             typing_expiry_ms: r.typing_expiry_ms,
+            // The media endpoint's signer, set by the server once the endpoint runs.
+            media: None,
         }
     }
 

@@ -98,6 +98,7 @@ fn launch_logging_to(
         dir,
         tls_addr: tls_addr.unwrap(),
         metrics_addr: metrics_addr.unwrap(),
+        media_addr: None,
         ca,
         tls,
         startup: lines.clone(),

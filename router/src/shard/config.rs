@@ -3,6 +3,10 @@
 //! slow-consumer limits of `[limits]`), which also checks the relations between them; the
 //! defaults here are the server's defaults.
 
+use std::sync::Arc;
+
+use super::media::DownloadSigner;
+
 /// Limits and sizes of one shard, fixed at start-up.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
@@ -106,6 +110,9 @@ pub struct ShardConfig {
     pub typing_burst: u32,
     /// A `TYPING` not repeated within this long becomes a `STOPPED` pushed by the server.
     pub typing_expiry_ms: u64,
+    /// Signs download grants for `RequestDownload` (`None`: the server offers no media, and
+    /// `RequestDownload` is refused with `NOT_SUPPORTED`).
+    pub media: Option<Arc<dyn DownloadSigner>>,
 }
 
 impl Default for ShardConfig {
@@ -146,6 +153,7 @@ impl Default for ShardConfig {
             typing_per_s: 3,
             typing_burst: 10,
             typing_expiry_ms: 6000,
+            media: None,
         }
     }
 }

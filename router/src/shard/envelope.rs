@@ -1,12 +1,17 @@
 //! The message envelope: how a message's wire fields travel in a log entry's body, so that
-//! content type and reply-to round-trip without a schema in storage.
+//! content type, reply-to and media round-trip without a schema in storage.
 //!
-//! `Entry.content_type` [`ENVELOPE_V1`] marks a body of `u16 LE content-type length ‖ content
-//! type ‖ u64 LE reply_to_seq ‖ client body`. It is written when a message is sequenced and read
-//! back whenever history, sync or the conversation list shows a stored message; the decoder
-//! never panics on stored bytes (the `message_envelope` fuzz target checks it).
+//! `Entry.content_type` is the envelope's version. [`ENVELOPE_V1`] marks a body of `u16 LE
+//! content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`; [`ENVELOPE_V2`]
+//! (a message with media) inserts `u32 LE length ‖ MediaRef (protobuf)` before the client
+//! body. A message without media is still written as version 1, so logs written before media
+//! existed read back unchanged and the common entry stays as small as it was. It is written
+//! when a message is sequenced and read back whenever history, sync or the conversation list
+//! shows a stored message; the decoder never panics on stored bytes (the `message_envelope`
+//! fuzz target checks both versions).
 
 use bytes::Bytes;
+use prost::Message as _;
 use starling_protocol::v1;
 use starling_storage::{ClientMsgId, DeviceId, Entry, EntryKind, Seq, TimestampMs, UserId};
 
@@ -15,18 +20,38 @@ use crate::ids::ConvId;
 /// `Entry.content_type` of entries whose body is the router's envelope, version 1:
 /// `u16 LE content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`.
 pub(super) const ENVELOPE_V1: u16 = 1;
+/// ... version 2, a message with media: `u16 LE content-type length ‖ content type ‖ u64 LE
+/// reply_to_seq ‖ u32 LE media length ‖ MediaRef (protobuf) ‖ client body`.
+pub(super) const ENVELOPE_V2: u16 = 2;
 
-/// The body of a message entry: `body` with its content type and reply-to seq in front. A content
-/// type longer than `u16::MAX` bytes is cut (the ingress shard refuses any over 255).
-pub(super) fn encode_envelope(content_type: &str, reply_to_seq: u64, body: &[u8]) -> Vec<u8> {
+/// The body of a message entry and its envelope version: `body` with its content type, reply-to
+/// seq and media (if any) in front. A content type longer than `u16::MAX` bytes is cut (the
+/// ingress shard refuses any over 255).
+pub(super) fn encode_envelope(
+    content_type: &str,
+    reply_to_seq: u64,
+    media: Option<&v1::MediaRef>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let ct = content_type.as_bytes();
     let ct = &ct[..ct.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(2 + ct.len() + 8 + body.len());
+    let media_len = media.map_or(0, |m| 4 + m.encoded_len());
+    let mut out = Vec::with_capacity(2 + ct.len() + 8 + media_len + body.len());
     out.extend_from_slice(&(ct.len() as u16).to_le_bytes());
     out.extend_from_slice(ct);
     out.extend_from_slice(&reply_to_seq.to_le_bytes());
+    let version = match media {
+        None => ENVELOPE_V1,
+        Some(m) => {
+            // A MediaRef is checked at ingress (`media::check_ref`): a few KiB at most.
+            let n = u32::try_from(m.encoded_len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&n.to_le_bytes());
+            m.encode(&mut out).unwrap_or_default();
+            ENVELOPE_V2
+        }
+    };
     out.extend_from_slice(body);
-    out
+    (version, out)
 }
 
 /// The wire message for a stored entry; `None` if the entry is not a message or its envelope is
@@ -35,14 +60,24 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
     if e.kind == EntryKind::SYSTEM {
         return super::groups::event::to_message(conv, e);
     }
-    if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V1 {
+    if e.kind != EntryKind::MESSAGE {
         return None;
     }
     let b = &e.body;
     let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
     let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
     let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
-    let body = b.get(10 + n..)?;
+    let (media, body) = match e.content_type {
+        ENVELOPE_V1 => (None, b.get(10 + n..)?),
+        ENVELOPE_V2 => {
+            let at = 10 + n;
+            let m = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+            let end = (at + 4).checked_add(m)?;
+            let media = v1::MediaRef::decode(b.get(at + 4..end)?).ok()?;
+            (Some(Box::new(media)), b.get(end..)?)
+        }
+        _ => return None,
+    };
     Some(v1::Message {
         conversation_id: conv.0,
         seq: e.seq.0,
@@ -52,23 +87,44 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
         server_ts_ms: e.ts_ms.0,
         content_type: ct.to_owned(),
         body: Bytes::copy_from_slice(body),
-        media: None,
+        media,
         reply_to_seq: reply,
         group_changed: None,
     })
 }
 
 /// For `crate::fuzzing::message_envelope`: `body` as a stored message entry's body through the
-/// envelope decoder, which must not panic; whatever it accepts re-encodes to the same bytes.
+/// version-1 envelope decoder, which must not panic; whatever it accepts re-encodes to the same
+/// bytes.
 pub(crate) fn fuzz_envelope(body: &[u8]) -> bool {
     let e = message_entry(body.to_vec());
     let Some(m) = entry_to_message(ConvId(9), &e) else {
         return false;
     };
     assert_eq!(
-        encode_envelope(&m.content_type, m.reply_to_seq, &m.body),
-        body,
+        encode_envelope(&m.content_type, m.reply_to_seq, None, &m.body),
+        (ENVELOPE_V1, body.to_vec()),
         "an accepted envelope re-encodes to other bytes"
+    );
+    true
+}
+
+/// For `crate::fuzzing::message_envelope`: `body` through the version-2 (media) decoder, which
+/// must not panic; whatever it accepts re-encodes to an envelope that reads back the same
+/// message (protobuf has more than one encoding of a MediaRef, so not always the same bytes).
+pub(crate) fn fuzz_envelope_v2(body: &[u8]) -> bool {
+    let mut e = message_entry(body.to_vec());
+    e.content_type = ENVELOPE_V2;
+    let Some(m) = entry_to_message(ConvId(9), &e) else {
+        return false;
+    };
+    let (v, again) = encode_envelope(&m.content_type, m.reply_to_seq, m.media.as_deref(), &m.body);
+    e.content_type = v;
+    e.body = again;
+    assert_eq!(
+        entry_to_message(ConvId(9), &e).as_ref(),
+        Some(&m),
+        "a re-encoded media envelope reads back another message"
     );
     true
 }
@@ -91,7 +147,23 @@ fn message_entry(body: Vec<u8>) -> Entry {
 /// A stored message body as the router writes it.
 #[cfg(test)]
 pub(crate) fn sample_envelope() -> Vec<u8> {
-    encode_envelope("text/plain", 3, b"hello")
+    encode_envelope("text/plain", 3, None, b"hello").1
+}
+
+/// A MediaRef as a Send carries it.
+#[cfg(test)]
+pub(crate) fn sample_media() -> v1::MediaRef {
+    v1::MediaRef {
+        media_id: "ab".repeat(32),
+        content_type: "image/png".into(),
+        size_bytes: 1234,
+        sha256: Bytes::from_static(&[0xab; 32]),
+        width: 4,
+        height: 3,
+        duration_ms: 0,
+        thumbnail: Bytes::from_static(b"thumb"),
+        file_name: "a.png".into(),
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_stored_message_reads_back_as_it_was_sent() {
-        let e = message_entry(encode_envelope("image/png", 42, b"\x00\xffbytes"));
+        let e = message_entry(encode_envelope("image/png", 42, None, b"\x00\xffbytes").1);
         let m = entry_to_message(ConvId(9), &e).expect("a valid envelope");
         assert_eq!(
             (
@@ -115,14 +187,51 @@ mod tests {
         assert_eq!(&m.body[..], b"\x00\xffbytes");
         assert_eq!(&m.client_msg_id[..], &[1; 16]);
         // An empty content type and body are a valid envelope too.
-        let m = entry_to_message(ConvId(9), &message_entry(encode_envelope("", 0, b""))).unwrap();
+        let m = entry_to_message(
+            ConvId(9),
+            &message_entry(encode_envelope("", 0, None, b"").1),
+        )
+        .unwrap();
         assert!(m.content_type.is_empty() && m.body.is_empty());
+    }
+
+    #[test]
+    fn a_message_with_media_reads_back_with_it_and_old_entries_still_read() {
+        let media = sample_media();
+        let (v, body) = encode_envelope("text/plain", 7, Some(&media), b"caption");
+        assert_eq!(v, ENVELOPE_V2);
+        let mut e = message_entry(body);
+        e.content_type = v;
+        let m = entry_to_message(ConvId(9), &e).expect("a valid media envelope");
+        assert_eq!(m.media.as_deref(), Some(&media));
+        assert_eq!((m.content_type.as_str(), m.reply_to_seq), ("text/plain", 7));
+        assert_eq!(&m.body[..], b"caption");
+        // A message without media is written as version 1, byte for byte what logs written
+        // before media existed hold: `u16 5 ‖ "a/b-c" ‖ u64 9 ‖ body`.
+        let old: &[u8] = b"\x05\x00a/b-c\x09\x00\x00\x00\x00\x00\x00\x00old body";
+        assert_eq!(
+            encode_envelope("a/b-c", 9, None, b"old body"),
+            (ENVELOPE_V1, old.to_vec())
+        );
+        let m = entry_to_message(ConvId(9), &message_entry(old.to_vec())).expect("old entry");
+        assert_eq!(
+            (m.content_type.as_str(), m.reply_to_seq, m.media),
+            ("a/b-c", 9, None)
+        );
+        assert_eq!(&m.body[..], b"old body");
+        // A media length past the end, or media that is not a MediaRef, is refused.
+        let mut cut = e.clone();
+        cut.body.truncate(2 + 10 + 8 + 4 + 3);
+        assert_eq!(entry_to_message(ConvId(9), &cut), None);
+        let junk: &[u8] = b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\xffbody";
+        assert!(!fuzz_envelope_v2(junk));
+        assert!(fuzz_envelope_v2(&e.body));
     }
 
     #[test]
     fn other_entries_are_not_messages() {
         let mut e = message_entry(sample_envelope());
-        e.content_type = ENVELOPE_V1 + 1;
+        e.content_type = ENVELOPE_V2 + 1;
         assert_eq!(entry_to_message(ConvId(9), &e), None);
         let mut e = message_entry(sample_envelope());
         e.kind = EntryKind::RECEIPT;

@@ -29,6 +29,7 @@ impl fmt::Debug for ShardMsg {
             Inner::Sync(_) => "Sync",
             Inner::SyncPart(_) => "SyncPart",
             Inner::History(_) => "History",
+            Inner::Download(_) => "Download",
             Inner::List(_) => "List",
             Inner::ListPart(_) => "ListPart",
             Inner::Block(_) => "Block",
@@ -66,6 +67,8 @@ pub(super) enum Inner {
     SyncPart(SyncPart),
     /// A GetHistory, for the conversation's owner.
     History(HistoryCmd),
+    /// A RequestDownload, for the conversation's owner (`media.rs`).
+    Download(DownloadCmd),
     /// A ListConversations' conversations that one owner holds.
     List(ListCmd),
     /// An owner's summaries, for the connection that asked.
@@ -104,6 +107,8 @@ pub(super) struct SendCmd {
     pub(super) cmid_bytes: Bytes,
     pub(super) content_type: String,
     pub(super) body: Bytes,
+    /// The attachment, checked at ingress (`media::check_ref`).
+    pub(super) media: Option<Box<v1::MediaRef>>,
     pub(super) reply_to_seq: u64,
     /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
     /// dedup lookup (in-memory copies are still checked).
@@ -199,6 +204,15 @@ pub(super) struct HistoryCmd {
     pub(super) user: UserId,
     pub(super) conv: ConvId,
     pub(super) req: v1::GetHistory,
+}
+
+/// A RequestDownload of the media of one message.
+pub(super) struct DownloadCmd {
+    pub(super) origin: ConnRef,
+    pub(super) request_id: u64,
+    pub(super) user: UserId,
+    pub(super) conv: ConvId,
+    pub(super) req: v1::RequestDownload,
 }
 
 /// The conversations of a ListConversations that one owner holds.
@@ -429,6 +443,7 @@ mod tests {
             cmid_bytes: Bytes::from_static(&[1; 16]),
             content_type: String::new(),
             body: Bytes::new(),
+            media: None,
             reply_to_seq: 0,
             first_attempt,
             now_ms: 0,

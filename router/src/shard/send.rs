@@ -63,6 +63,9 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
             "content_type longer than 255 bytes".into(),
         ));
     }
+    if let Some(m) = &s.media {
+        super::media::check_ref(m)?;
+    }
     let conv = match s.to.and_then(|t| t.target) {
         Some(v1::recipient::Target::UserId(peer)) => {
             match direct.resolve(sh, user, UserId(peer))? {
@@ -88,6 +91,7 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
         cmid_bytes: s.client_msg_id,
         content_type: s.content_type,
         body: s.body,
+        media: s.media,
         reply_to_seq: s.reply_to_seq,
         first_attempt: s.first_attempt,
         now_ms: sh.now_ms,
@@ -126,7 +130,7 @@ mod tests {
         };
         let (mut s, _meta) = shard(dir.path(), cfg);
         let invalid = ErrorCode::InvalidArgument;
-        let cases: [(Spoil, ErrorCode, &str); 9] = [
+        let cases: [(Spoil, ErrorCode, &str); 13] = [
             (
                 |s| s.client_msg_id = Bytes::from(vec![7; 15]),
                 invalid,
@@ -184,6 +188,38 @@ mod tests {
                 },
                 ErrorCode::NotFound,
                 "no such user",
+            ),
+            (
+                |s| s.media = Some(Box::new(v1::MediaRef::default())),
+                invalid,
+                "media.media_id must be 64 lowercase hex characters (from UploadGrant)",
+            ),
+            (
+                |s| {
+                    let mut m = crate::shard::envelope::sample_media();
+                    m.thumbnail = Bytes::from(vec![0; 4097]);
+                    s.media = Some(Box::new(m));
+                },
+                invalid,
+                "media.thumbnail is at most 4096 bytes",
+            ),
+            (
+                |s| {
+                    let mut m = crate::shard::envelope::sample_media();
+                    m.file_name = "f".repeat(256);
+                    s.media = Some(Box::new(m));
+                },
+                invalid,
+                "media.content_type and media.file_name are at most 255 bytes each",
+            ),
+            (
+                |s| {
+                    let mut m = crate::shard::envelope::sample_media();
+                    m.media_id = m.media_id.to_uppercase();
+                    s.media = Some(Box::new(m));
+                },
+                invalid,
+                "media.media_id must be 64 lowercase hex characters (from UploadGrant)",
             ),
         ];
         for (rid, (spoil, code, message)) in (1..).zip(cases) {

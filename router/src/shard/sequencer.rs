@@ -23,7 +23,7 @@ use starling_storage::{
 
 use super::blocks;
 use super::config::ShardConfig;
-use super::envelope::{ENVELOPE_V1, encode_envelope, entry_to_message};
+use super::envelope::{encode_envelope, entry_to_message};
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
@@ -244,7 +244,12 @@ impl<L: DurableLog> Sequencer<L> {
             sh.reply(cmd.origin, vec![f]);
             return Ok(());
         }
-        let body = encode_envelope(&cmd.content_type, cmd.reply_to_seq, &cmd.body);
+        let (envelope, body) = encode_envelope(
+            &cmd.content_type,
+            cmd.reply_to_seq,
+            cmd.media.as_deref(),
+            &cmd.body,
+        );
         let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
         if open_len >= open_max || open_bytes + entry_bytes > open_bytes_max {
             return Err(Refusal(
@@ -266,7 +271,7 @@ impl<L: DurableLog> Sequencer<L> {
             sender: cmd.user,
             sender_device: cmd.device,
             ts_ms: TimestampMs(now),
-            content_type: ENVELOPE_V1,
+            content_type: envelope,
             body,
         });
         self.open.bytes += entry_bytes;
@@ -280,7 +285,7 @@ impl<L: DurableLog> Sequencer<L> {
                 server_ts_ms: now,
                 content_type: cmd.content_type,
                 body: cmd.body,
-                media: None,
+                media: cmd.media,
                 reply_to_seq: cmd.reply_to_seq,
                 group_changed: None,
             },
