@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod keys;
 mod router;
 
+pub use keys::KeysConfig;
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.
@@ -294,6 +296,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Messaging limits.
     pub router: RouterConfig,
+    /// The end-to-end key directory.
+    pub keys: KeysConfig,
     /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
     /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
     /// spends milliseconds zeroing it inside the page fault, which a kernel without preemption
@@ -316,6 +320,7 @@ impl Default for Config {
             accounts: AccountsConfig::default(),
             storage: StorageConfig::default(),
             router: RouterConfig::default(),
+            keys: KeysConfig::default(),
             transparent_huge_pages: false,
         }
     }
@@ -538,6 +543,7 @@ impl Config {
             );
         }
         self.router.validate(&self.limits)?;
+        self.keys.validate()?;
         if let OtpSenderConfig::Webhook { url } = &a.otp_sender
             && crate::accounts::sender::parse_http_url(url).is_none()
         {

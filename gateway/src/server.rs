@@ -225,7 +225,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot run the log writers on CPUs {:?}", placement.io))?;
         say(&format!("log writers on CPUs {:?}", placement.io));
     }
-    let (_meta, router_parts) = crate::messaging::open(
+    let (meta, router_parts) = crate::messaging::open(
         &cfg.data_dir,
         n,
         &cfg.storage,
@@ -276,7 +276,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         senders.push(tx);
         receivers.push(rx);
     }
+    let keys =
+        crate::keys::KeyService::start(meta, &cfg.keys, senders.clone(), placement.io.clone())
+            .context("cannot start the key directory's writer")?;
     let shared = Arc::new(Shared {
+        keys: Some(keys),
         cfg: cfg.clone(),
         accounts,
         metrics,

@@ -37,6 +37,9 @@ pub enum Control {
         /// [`Shared::revocation_epoch`] after this revocation.
         epoch: u64,
     },
+    /// Queue a key directory push on this shard's connections of its users
+    /// (`crate::keys`).
+    Push(Arc<crate::keys::Push>),
     /// Stop accepting, say Goodbye, drain, stop.
     Shutdown,
     /// A storage fault (see [`crate::health`]): stop accepting, let the answers on their way
@@ -63,6 +66,8 @@ pub struct Shared {
     pub revocation_epoch: AtomicU64,
     /// Whether the process serves; where storage faults are reported.
     pub health: Arc<crate::health::Health>,
+    /// The end-to-end key directory (`None` without messaging).
+    pub keys: Option<crate::keys::KeyService>,
 }
 
 impl Shared {
@@ -153,6 +158,8 @@ pub struct ConnCtl {
     waker: RefCell<Option<Waker>>,
     /// The authenticated session (0: none).
     pub session_id: Cell<u64>,
+    /// The authenticated user and device (for the key directory's pushes).
+    pub principal: Cell<Option<(u64, u32)>>,
     /// Frames from the router (encoded by it) waiting to be written.
     outbound: RefCell<VecDeque<Transmit>>,
 }
@@ -329,10 +336,24 @@ impl Shard {
     #[must_use]
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING,
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, E2E_KEYS, GROUPS, HISTORY, MESSAGING,
             PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
         };
-        if self.router.is_some() {
+        if self.router.is_some() && self.shared.keys.is_some() {
+            &[
+                MESSAGING,
+                HISTORY,
+                CONVERSATION_LIST,
+                BLOCK,
+                PASSWORD_LOGIN,
+                CONTACT_DISCOVERY,
+                GROUPS,
+                PRESENCE,
+                TYPING,
+                PROFILES,
+                E2E_KEYS,
+            ]
+        } else if self.router.is_some() {
             &[
                 MESSAGING,
                 HISTORY,
@@ -520,6 +541,20 @@ impl Shard {
                     let sid = ctl.session_id.get();
                     if sid != 0 && ids.contains(&sid) {
                         ctl.kill(Kill::Revoked);
+                    }
+                }
+            }
+            Control::Push(push) => {
+                for (&id, ctl) in self.conns.borrow().iter() {
+                    if let Some((user, device)) = ctl.principal.get()
+                        && push.is_for(user, device)
+                    {
+                        ctl.push_outbound(Transmit {
+                            conn: crate::messaging::router_conn(id),
+                            bytes: push.bytes.clone(),
+                            request_id: 0,
+                            kind: Some(push.kind),
+                        });
                     }
                 }
             }

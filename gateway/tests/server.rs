@@ -1028,6 +1028,8 @@ mod faults;
 mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/keys.rs"]
+mod keys;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]
