@@ -29,6 +29,10 @@
 //!   aggregate receipt counts arrive as [`Event::GroupReceipts`]), presence
 //!   (subscribe, set; restored on every reconnect), typing and other users'
 //!   profiles are requests on [`Client`]; their pushes arrive as [`Event`]s.
+//! - The end-to-end key directory: [`Client::upload_keys`],
+//!   [`Client::prekey_count`], [`Client::fetch_key_bundles`], the pushes
+//!   [`Event::PrekeyCount`] and [`Event::DeviceListChanged`]; [`e2e`] makes and
+//!   keeps a device's key material and checks fetched bundles.
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
@@ -45,6 +49,7 @@ mod backoff;
 mod client;
 mod clock;
 mod connection;
+pub mod e2e;
 mod error;
 mod ids;
 pub mod json;

@@ -453,6 +453,8 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
 mod contacts;
 #[path = "real_server/groups.rs"]
 mod groups;
+#[path = "real_server/keys.rs"]
+mod keys;
 #[path = "real_server/presence.rs"]
 mod presence;
 #[path = "real_server/receipts.rs"]
