@@ -19,6 +19,7 @@ mod fanout;
 mod handshakes;
 mod heartbeats;
 mod index_cost;
+mod keys;
 mod log;
 mod login_flood;
 mod messages;
@@ -75,6 +76,8 @@ enum Command {
     LoginFlood(login_flood::LoginFloodArgs),
     /// Presence: watchers following users who go off and on line; change → update latency.
     Presence(presence::PresenceArgs),
+    /// FetchKeyBundles per second (one-time prekeys taken, none twice).
+    Keys(keys::KeysArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,5 +103,6 @@ fn main() -> anyhow::Result<()> {
         Command::IndexCost(args) => index_cost::run(&args),
         Command::LoginFlood(args) => login_flood::run(&args),
         Command::Presence(args) => presence::run(&args),
+        Command::Keys(args) => keys::run(&args),
     }
 }
