@@ -258,7 +258,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 20 {
+    match table % 21 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<PhoneIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -279,7 +279,8 @@ pub fn meta_record(data: &[u8]) {
         16 => meta_round_trip::<Member>(b),
         17 => meta_round_trip::<FormerMember>(b),
         18 => meta_round_trip::<Contact>(b),
-        _ => meta_round_trip::<Presence>(b),
+        19 => meta_round_trip::<Presence>(b),
+        _ => meta_round_trip::<crate::keys::DeviceIdentity>(b),
     }
 }
 

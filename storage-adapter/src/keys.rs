@@ -14,7 +14,7 @@
 //! **Is not:** cryptography. The caller verifies signatures (the storage crate knows no
 //! algorithm); this module checks shapes (lengths, counts, duplicates) and the stock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::StorageError;
@@ -33,6 +33,16 @@ pub const ONE_TIME_PREKEYS_PER_UPLOAD_MAX: usize = 100;
 pub const DEVICES_PER_USER_MAX: usize = 256;
 /// Entries of the stock cache before it is dropped and refilled from the store as used.
 const STOCK_CACHE_MAX: usize = 1 << 20;
+/// One-time prekeys read ahead per device (the next ones a fetch takes), so that a busy
+/// device's claims cost one scan per this many.
+const READ_AHEAD: usize = 64;
+/// Devices with read-ahead keys before the read-ahead is dropped and refilled as used.
+const READ_AHEAD_DEVICES_MAX: usize = 1 << 14;
+/// Users whose devices are cached before the cache is dropped and refilled as used.
+const DEVICE_CACHE_USERS_MAX: usize = 1 << 16;
+
+/// A user's devices with keys: identity and signed prekey, in device order.
+type DeviceList = Arc<Vec<(DeviceIdentity, SignedPrekey)>>;
 
 /// A device's identity key (E2E). Key: user ‖ device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +151,12 @@ pub struct KeyDirectory<M> {
     stock: HashMap<(UserId, DeviceId), u32>,
     /// Keys of each device taken in the open batch (always the first ones in key order).
     claimed: HashMap<(UserId, DeviceId), usize>,
+    /// The next keys of each device in key order, in the store and not taken (read ahead).
+    ahead: HashMap<(UserId, DeviceId), VecDeque<OneTimePrekey>>,
+    /// Each user's devices with keys, as stored (cached).
+    devices: HashMap<UserId, DeviceList>,
+    /// Users whose keys the open batch changes.
+    touched: Vec<UserId>,
     batch: MetaBatch,
     ops: usize,
 }
@@ -155,6 +171,9 @@ impl<M: MetadataStore> KeyDirectory<M> {
             low_stock,
             stock: HashMap::new(),
             claimed: HashMap::new(),
+            ahead: HashMap::new(),
+            devices: HashMap::new(),
+            touched: Vec::new(),
             batch: MetaBatch::default(),
             ops: 0,
         }
@@ -169,6 +188,9 @@ impl<M: MetadataStore> KeyDirectory<M> {
     /// stock cache forgotten (it is reloaded from the store).
     pub fn commit(&mut self) -> Result<(), StorageError> {
         self.claimed.clear();
+        for u in std::mem::take(&mut self.touched) {
+            self.devices.remove(&u);
+        }
         if self.ops == 0 {
             return Ok(());
         }
@@ -177,6 +199,8 @@ impl<M: MetadataStore> KeyDirectory<M> {
         let r = self.meta.commit(&batch);
         if r.is_err() {
             self.stock.clear();
+            self.ahead.clear();
+            self.devices.clear();
         }
         r
     }
@@ -324,6 +348,8 @@ impl<M: MetadataStore> KeyDirectory<M> {
             self.batch.put(k);
         }
         self.ops += 1 + stored.len() + added.len();
+        self.ahead.remove(&(user, device));
+        self.touch(user);
         let after = u32::try_from(after).unwrap_or(u32::MAX);
         self.stock.insert((user, device), after);
         Ok(after)
@@ -340,29 +366,17 @@ impl<M: MetadataStore> KeyDirectory<M> {
     ) -> Result<(Vec<Bundle>, Vec<LowStock>), StorageError> {
         let mut bundles = Vec::new();
         let mut low = Vec::new();
-        for identity in self
-            .meta
-            .scan::<DeviceIdentity>(&keys::user(user), DEVICES_PER_USER_MAX)?
-        {
+        for (identity, signed) in self.devices(user)?.iter() {
             let device = identity.device;
             if !devices.is_empty() && !devices.contains(&device.0) {
                 continue;
             }
             let prefix = keys::device(user, device);
-            // An identity is always stored together with its signed prekey.
-            let Some(signed) = self.meta.get::<SignedPrekey>(&prefix)? else {
-                continue;
-            };
             let stock = self.stock(user, device)?;
             let mut one_time = None;
             if stock > 0 {
                 let taken = self.claimed.get(&(user, device)).copied().unwrap_or(0);
-                if let Some(k) = self
-                    .meta
-                    .scan::<OneTimePrekey>(&prefix, taken + 1)?
-                    .into_iter()
-                    .nth(taken)
-                {
+                if let Some(k) = self.next_one_time(user, device, &prefix, taken)? {
                     self.batch.delete::<OneTimePrekey>(&k.key());
                     self.ops += 1;
                     self.claimed.insert((user, device), taken + 1);
@@ -379,12 +393,77 @@ impl<M: MetadataStore> KeyDirectory<M> {
                 }
             }
             bundles.push(Bundle {
-                identity,
-                signed,
+                identity: identity.clone(),
+                signed: signed.clone(),
                 one_time,
             });
         }
         Ok((bundles, low))
+    }
+
+    /// `user`'s devices with keys and their signed prekeys, from the cache or the store.
+    fn devices(&mut self, user: UserId) -> Result<DeviceList, StorageError> {
+        if let Some(d) = self.devices.get(&user) {
+            return Ok(d.clone());
+        }
+        let mut list = Vec::new();
+        for identity in self
+            .meta
+            .scan::<DeviceIdentity>(&keys::user(user), DEVICES_PER_USER_MAX)?
+        {
+            // An identity is always stored together with its signed prekey.
+            if let Some(signed) = self
+                .meta
+                .get::<SignedPrekey>(&keys::device(user, identity.device))?
+            {
+                list.push((identity, signed));
+            }
+        }
+        if self.devices.len() >= DEVICE_CACHE_USERS_MAX {
+            self.devices.clear();
+        }
+        let list = Arc::new(list);
+        self.devices.insert(user, list.clone());
+        Ok(list)
+    }
+
+    /// `user`'s keys change in the open batch: their cached devices go now and at the commit
+    /// (a fetch in between would cache what the store still holds).
+    fn touch(&mut self, user: UserId) {
+        self.devices.remove(&user);
+        self.touched.push(user);
+    }
+
+    /// The lowest one-time prekey of the device not taken in the open batch (`taken` were),
+    /// from the read-ahead, refilled from the store when empty: the keys taken are always
+    /// the first ones in key order, so the store's first `taken` are the batch's.
+    fn next_one_time(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        prefix: &[u8],
+        taken: usize,
+    ) -> Result<Option<OneTimePrekey>, StorageError> {
+        let empty = self
+            .ahead
+            .get(&(user, device))
+            .is_none_or(VecDeque::is_empty);
+        if empty {
+            if self.ahead.len() >= READ_AHEAD_DEVICES_MAX {
+                self.ahead.clear();
+            }
+            let next: VecDeque<OneTimePrekey> = self
+                .meta
+                .scan::<OneTimePrekey>(prefix, taken + READ_AHEAD)?
+                .into_iter()
+                .skip(taken)
+                .collect();
+            self.ahead.insert((user, device), next);
+        }
+        Ok(self
+            .ahead
+            .get_mut(&(user, device))
+            .and_then(VecDeque::pop_front))
     }
 
     /// Deletes every key of `user`'s `device` (revoked) in the open batch.
@@ -399,6 +478,8 @@ impl<M: MetadataStore> KeyDirectory<M> {
             .delete::<DeviceIdentity>(&prefix);
         self.ops += 2;
         self.stock.insert((user, device), 0);
+        self.ahead.remove(&(user, device));
+        self.touch(user);
         Ok(())
     }
 }
@@ -514,6 +595,48 @@ mod tests {
         // A fresh directory (restart) agrees.
         let mut d2 = KeyDirectory::new(meta, 100, 3);
         assert_eq!(d2.stock(U, D).unwrap(), 0);
+    }
+
+    /// Past the read-ahead, across commits and with an upload in between: every key once, in
+    /// key order, then none.
+    #[test]
+    fn claims_past_the_read_ahead_and_across_uploads_stay_in_order() {
+        let (_, mut d) = dir(1000, 0);
+        for first in [1, 101] {
+            let mut up = upload(first, 100);
+            if first > 1 {
+                up.identity_key.clear();
+                up.signed_prekey = None;
+            }
+            d.upload(U, D, &up, TimestampMs(1), ok).unwrap();
+            d.commit().unwrap();
+        }
+        let mut got = Vec::new();
+        let mut take = |d: &mut KeyDirectory<MemMeta>, n: usize| {
+            for _ in 0..n {
+                got.push(
+                    d.fetch(U, &[]).unwrap().0[0]
+                        .one_time
+                        .as_ref()
+                        .map(|k| k.id),
+                );
+            }
+            d.commit().unwrap();
+        };
+        take(&mut d, 130);
+        // More keys arrive (ids below and above those left).
+        let mut more = upload(1000, 10);
+        more.identity_key.clear();
+        more.signed_prekey = None;
+        d.upload(U, D, &more, TimestampMs(2), ok).unwrap();
+        d.commit().unwrap();
+        take(&mut d, 85);
+        let want: Vec<Option<u32>> = (1..=200)
+            .chain(1000..1010)
+            .map(Some)
+            .chain(std::iter::repeat_n(None, 5))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -356,6 +356,13 @@ pub(crate) mod tests_support {
                 last_seen_ms: t,
                 hide_last_seen: true,
             }),
+            encode(&crate::keys::DeviceIdentity {
+                user: u,
+                device: d,
+                identity_key: vec![9; 32],
+                registration_id: 77,
+                updated_ms: t,
+            }),
         ]
     }
 }
