@@ -1130,6 +1130,7 @@ impl Conn {
                 }
             }
             Body::UploadKeys(req) if self.offers_keys() => {
+                self.ctl.keys_pushes.set(true);
                 let r = crate::keys::upload(&self.shard, p, req).await;
                 match r {
                     Ok(count) => self.send(rid, Body::PrekeyCount(count)),
@@ -1137,6 +1138,7 @@ impl Conn {
                 }
             }
             Body::FetchKeyBundles(req) if self.offers_keys() => {
+                self.ctl.keys_pushes.set(true);
                 let r = crate::keys::fetch(&self.shard, p, req).await;
                 match r {
                     Ok(bundles) => self.send(rid, Body::KeyBundles(bundles)),

@@ -160,6 +160,9 @@ pub struct ConnCtl {
     pub session_id: Cell<u64>,
     /// The authenticated user and device (for the key directory's pushes).
     pub principal: Cell<Option<(u64, u32)>>,
+    /// The connection has used the key directory (UploadKeys or FetchKeyBundles): it gets
+    /// the directory's pushes from then on.
+    pub keys_pushes: Cell<bool>,
     /// Frames from the router (encoded by it) waiting to be written.
     outbound: RefCell<VecDeque<Transmit>>,
 }
@@ -547,6 +550,7 @@ impl Shard {
             Control::Push(push) => {
                 for (&id, ctl) in self.conns.borrow().iter() {
                     if let Some((user, device)) = ctl.principal.get()
+                        && ctl.keys_pushes.get()
                         && push.is_for(user, device)
                     {
                         ctl.push_outbound(Transmit {

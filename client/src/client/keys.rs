@@ -1,7 +1,9 @@
 //! The end-to-end key directory's requests (feature `e2e_keys`). Its pushes arrive as
 //! [`Event::PrekeyCount`](crate::Event::PrekeyCount) (this device's stock ran low: upload
 //! more) and [`Event::DeviceListChanged`](crate::Event::DeviceListChanged) (a peer's devices
-//! changed: fetch new bundles before the next message). Key material: [`crate::e2e`].
+//! changed: fetch new bundles before the next message), on every connection after the first
+//! call here (the driver restores it with an empty `UploadKeys` on each new connection). Key
+//! material: [`crate::e2e`].
 
 use starling_protocol::v1::{self, frame::Body};
 
@@ -15,6 +17,7 @@ impl Client {
     /// The server's refusal (`INVALID_ARGUMENT`: a bad length, signature or count;
     /// `ALREADY_EXISTS`: a key id reused with another key), or a connection error.
     pub async fn upload_keys(&self, keys: v1::UploadKeys) -> Result<u32, ClientError> {
+        self.sticky().keys_pushes = true;
         match self.request(Body::UploadKeys(keys)).await? {
             Body::PrekeyCount(c) => Ok(c.one_time_prekeys),
             other => Err(ClientError::unexpected("PrekeyCount", Some(&other))),
@@ -39,6 +42,7 @@ impl Client {
         user_id: u64,
         device_ids: &[u32],
     ) -> Result<Vec<v1::KeyBundle>, ClientError> {
+        self.sticky().keys_pushes = true;
         let req = Body::FetchKeyBundles(v1::FetchKeyBundles {
             user_id,
             device_ids: device_ids.to_vec(),

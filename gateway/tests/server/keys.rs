@@ -312,15 +312,15 @@ fn racing_fetches_on_both_shards_never_share_a_one_time_prekey() {
         handed.sort_unstable();
         assert_eq!(handed, (1..=50).collect::<Vec<_>>(), "{driver}");
         assert_eq!(signed_only, 30, "{driver}");
-        assert_eq!(
-            count(&call(&mut a, Body::UploadKeys(v1::UploadKeys::default()))),
-            0
-        );
 
         // One low-stock push (50 → ... → 19 crossed 20 once), carrying 19.
         let low = pushes_until_pong(&mut a, |b| matches!(b, Body::PrekeyCount(_)));
         assert_eq!(low.len(), 1, "{driver}: {low:?}");
         assert_eq!(count(&low[0]), 19);
+        assert_eq!(
+            count(&call(&mut a, Body::UploadKeys(v1::UploadKeys::default()))),
+            0
+        );
         // Refilled to 25 (armed again), then taken below 20 again: one more push.
         assert_eq!(
             count(&call(&mut a, Body::UploadKeys(keys.upload(100, 25)))),
@@ -336,18 +336,28 @@ fn racing_fetches_on_both_shards_never_share_a_one_time_prekey() {
 }
 
 /// A sign-in (a new device) and RemoveDevice are pushed to the user's peers as
-/// DeviceListChanged; the removed device's keys leave the directory.
+/// DeviceListChanged (on their connections that have used the directory); the removed device's
+/// keys leave the directory.
 #[test]
 fn device_list_changes_reach_conversation_peers() {
     let srv = Server::start("auto", "");
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ada@example.org"), "ada@example.org");
     let mut b = srv.hello("");
-    register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    // Another connection of Ben's that never uses the directory.
+    let mut b_plain = srv.hello(&gb.access_token);
     let mut c = srv.hello("");
     register(&srv, &mut c, email("cy@example.org"), "cy@example.org");
     let ua = ga.user_id;
     assert!(matches!(call(&mut b, text(1, ua, "hi")), Body::SendAck(_)));
+    // The directory's pushes go to connections that have used it: an empty UploadKeys.
+    for conn in [&mut b, &mut c] {
+        assert_eq!(
+            count(&call(conn, Body::UploadKeys(v1::UploadKeys::default()))),
+            0
+        );
+    }
     assert_eq!(
         count(&call(
             &mut a,
@@ -378,6 +388,7 @@ fn device_list_changes_reach_conversation_peers() {
         (ch.user_id, ch.added_device_ids.as_slice()),
         (ua, &[d2][..])
     );
+    assert!(pushes_until_pong(&mut b_plain, is_change).is_empty());
     // Ada's first device hears of it too; Cy, who shares nothing with Ada, does not.
     let of_d2 =
         |b: &Body| matches!(b, Body::DeviceListChanged(c) if c.added_device_ids.contains(&d2));
