@@ -132,6 +132,14 @@ fn key_uploads_are_checked_and_the_stock_survives_sigkill() {
     let mut short_sig = keys.upload(1, 1);
     short_sig.signed_prekey.as_mut().unwrap().signature = vec![1; 63].into();
     refused(&mut a, short_sig, ErrorCode::InvalidArgument, "64 bytes");
+    let mut short_spk = keys.upload(1, 1);
+    short_spk.signed_prekey.as_mut().unwrap().public_key = vec![0x5a; 33].into();
+    refused(
+        &mut a,
+        short_spk,
+        ErrorCode::InvalidArgument,
+        "signed_prekey.public_key",
+    );
     let mut long_identity = keys.upload(1, 1);
     long_identity.identity_key = vec![1; 33].into();
     refused(
