@@ -19,6 +19,7 @@ mod fanout;
 mod handshakes;
 mod heartbeats;
 mod index_cost;
+mod keys;
 mod log;
 mod login_flood;
 mod media;
@@ -78,6 +79,8 @@ enum Command {
     Presence(presence::PresenceArgs),
     /// Media: upload and download of one large file over loopback TLS; the server's RSS.
     Media(media::MediaArgs),
+    /// FetchKeyBundles per second (one-time prekeys taken, none twice).
+    Keys(keys::KeysArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,5 +107,6 @@ fn main() -> anyhow::Result<()> {
         Command::LoginFlood(args) => login_flood::run(&args),
         Command::Presence(args) => presence::run(&args),
         Command::Media(args) => media::run(&args),
+        Command::Keys(args) => keys::run(&args),
     }
 }

@@ -152,6 +152,12 @@ pub enum Event {
         /// What changed, by whom.
         change: v1::GroupChanged,
     },
+    /// This device's stock of one-time prekeys on the server fell below its
+    /// low-stock threshold (the count left): upload more.
+    PrekeyCount(u32),
+    /// A user we share a conversation with (or our own user) gained or lost
+    /// devices: fetch new key bundles before messaging them end to end.
+    DeviceListChanged(v1::DeviceListChanged),
     /// An `Error` not tied to a request of ours (connection-level, or a
     /// failed gap fetch).
     ServerError(ServerError),
@@ -313,6 +319,7 @@ impl std::fmt::Debug for Command {
 mod account;
 mod driver;
 mod groups;
+mod keys;
 mod presence;
 
 use driver::Driver;

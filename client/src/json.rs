@@ -376,6 +376,16 @@ pub fn event(e: &Event) -> Value {
             "typing": t.state == v1::TypingState::Typing as i32,
         }),
         Event::Presence(p) => presence(p),
+        Event::PrekeyCount(n) => json!({
+            "type": "prekey_count",
+            "one_time_prekeys": n,
+        }),
+        Event::DeviceListChanged(d) => json!({
+            "type": "device_list_changed",
+            "user_id": d.user_id,
+            "added_device_ids": d.added_device_ids,
+            "removed_device_ids": d.removed_device_ids,
+        }),
         Event::GroupChanged {
             conversation_id,
             seq,
@@ -393,6 +403,28 @@ pub fn event(e: &Event) -> Value {
             "reason": reason,
         }),
     }
+}
+
+/// A fetched key bundle (`keys fetch`), with whether its signed prekey's signature verifies.
+#[must_use]
+pub fn key_bundle(b: &v1::KeyBundle) -> Value {
+    json!({
+        "type": "key_bundle",
+        "user_id": b.user_id,
+        "device_id": b.device_id,
+        "registration_id": b.registration_id,
+        "identity_key_hex": hex::encode(&b.identity_key),
+        "signed_prekey": b.signed_prekey.as_ref().map(|s| json!({
+            "key_id": s.key_id,
+            "public_key_hex": hex::encode(&s.public_key),
+            "signature_hex": hex::encode(&s.signature),
+        })),
+        "signature_valid": crate::e2e::verify_bundle(b),
+        "one_time_prekey": b.one_time_prekey.as_ref().map(|k| json!({
+            "key_id": k.key_id,
+            "public_key_hex": hex::encode(&k.public_key),
+        })),
+    })
 }
 
 #[cfg(test)]
@@ -495,6 +527,12 @@ mod tests {
             Event::LoggedOut {
                 reason: "revoked".into(),
             },
+            Event::PrekeyCount(19),
+            Event::DeviceListChanged(v1::DeviceListChanged {
+                user_id: 4,
+                added_device_ids: vec![2],
+                removed_device_ids: vec![],
+            }),
         ];
         let types: Vec<String> = events
             .iter()
@@ -520,7 +558,9 @@ mod tests {
                 "group_changed",
                 "error",
                 "error",
-                "logged_out"
+                "logged_out",
+                "prekey_count",
+                "device_list_changed"
             ]
         );
         assert_eq!(event(&events[1])["retry_in_ms"], 1500);

@@ -32,6 +32,10 @@
 //! - [`media`] — attachments over HTTPS to the server's media endpoint:
 //!   [`Client::upload_file`], [`Client::send_with_media`],
 //!   [`Client::download_media`] (streamed both ways, SHA-256 checked).
+//! - The end-to-end key directory: [`Client::upload_keys`],
+//!   [`Client::prekey_count`], [`Client::fetch_key_bundles`], the pushes
+//!   [`Event::PrekeyCount`] and [`Event::DeviceListChanged`]; [`e2e`] makes and
+//!   keeps a device's key material and checks fetched bundles.
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
@@ -48,6 +52,7 @@ mod backoff;
 mod client;
 mod clock;
 mod connection;
+pub mod e2e;
 mod error;
 mod ids;
 pub mod json;

@@ -19,6 +19,7 @@ use starling_client::{
 mod cli {
     pub(crate) mod chat;
     pub(crate) mod groups;
+    pub(crate) mod keys;
     pub(crate) mod media;
     pub(crate) mod messaging;
     pub(crate) mod out;
@@ -26,6 +27,7 @@ mod cli {
 }
 
 use cli::groups::GroupCmd;
+use cli::keys::KeysCmd;
 use cli::messaging::{conversation, history, outbox, send, server_info, sync, watch};
 use cli::out::Out;
 use cli::presence::PresenceCmd;
@@ -244,6 +246,10 @@ enum Cmd {
     /// Show, watch or set presence.
     #[command(subcommand)]
     Presence(PresenceCmd),
+    /// End-to-end keys: upload this device's, count them, fetch a user's
+    /// bundles.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Show who received and read one message of a group (or any
     /// conversation).
     Receipts {
@@ -591,6 +597,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Cmd::Presence(cmd) => {
             let (client, events) = start(&g, false)?;
             let res = cli::presence::run(&out, &client, events, cmd).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Keys(cmd) => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::keys::run(&out, &client, &g.profile_dir, cmd).await;
             client.shutdown().await;
             res?;
         }

@@ -439,6 +439,8 @@ mod contacts;
 mod groups;
 #[path = "real_server/media.rs"]
 mod media;
+#[path = "real_server/keys.rs"]
+mod keys;
 #[path = "real_server/presence.rs"]
 mod presence;
 #[path = "real_server/profile.rs"]

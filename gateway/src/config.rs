@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod keys;
 mod media;
 mod router;
 
+pub use keys::KeysConfig;
 pub use media::MediaConfig;
 pub use router::RouterConfig;
 
@@ -308,6 +310,8 @@ pub struct Config {
     pub router: RouterConfig,
     /// The HTTPS media endpoint (off unless `media.listen` is set).
     pub media: MediaConfig,
+    /// The end-to-end key directory.
+    pub keys: KeysConfig,
     /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
     /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
     /// spends milliseconds zeroing it inside the page fault, which a kernel without preemption
@@ -331,6 +335,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             router: RouterConfig::default(),
             media: MediaConfig::default(),
+            keys: KeysConfig::default(),
             transparent_huge_pages: false,
         }
     }
@@ -566,6 +571,7 @@ impl Config {
         }
         self.router.validate(&self.limits)?;
         self.media.validate()?;
+        self.keys.validate()?;
         if let OtpSenderConfig::Webhook { url } = &a.otp_sender
             && crate::accounts::sender::parse_http_url(url).is_none()
         {

@@ -740,6 +740,7 @@ impl Conn {
         self.ctl.session_id.set(p.session_id);
         let now = clock::unix_ms();
         self.shard.shared.accounts.seen(p, now);
+        self.ctl.principal.set(Some((p.user_id, p.device_id)));
         let left_ms = expires_at_ms.saturating_sub(now);
         self.shard
             .set_token_expiry(self.id, &self.ctl, clock::mono_ms() + left_ms.max(1));
@@ -885,6 +886,7 @@ impl Conn {
             }
             Body::VerifyOtp(req) => {
                 let r = self.call(move |acc, now| acc.verify_otp(&req, now)).await;
+                crate::keys::device_added(&self.shard, r.as_ref().ok().map(|g| g.principal));
                 self.granted(rid, r).await;
             }
             Body::Login(req) => {
@@ -893,6 +895,7 @@ impl Conn {
                 } else {
                     self.call(move |acc, now| acc.login_otp(&req, now)).await
                 };
+                crate::keys::device_added(&self.shard, r.as_ref().ok().map(|g| g.principal));
                 self.granted(rid, r).await;
             }
             Body::Refresh(req) => {
@@ -943,6 +946,13 @@ impl Conn {
                  (see Welcome.features); do not retry it here"
             ),
         );
+    }
+
+    /// Whether this server offers the key directory (`e2e_keys`).
+    fn offers_keys(&self) -> bool {
+        self.shard
+            .features()
+            .contains(&starling_protocol::features::E2E_KEYS)
     }
 
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
@@ -1073,10 +1083,16 @@ impl Conn {
             },
             Body::RemoveDevice(req) => {
                 let shared = self.shard.shared.clone();
-                match self
-                    .call(move |acc, _| acc.remove_device(p, req.device_id))
-                    .await
-                {
+                let device = req.device_id;
+                let r = self.call(move |acc, _| acc.remove_device(p, device)).await;
+                // Its keys leave the directory (durably) before the removal is answered.
+                let r = match r {
+                    Ok(revoked) => crate::keys::device_removed(&self.shard, p.user_id, device)
+                        .await
+                        .map(|()| revoked),
+                    Err(e) => Err(e),
+                };
+                match r {
                     Ok(revoked) => {
                         self.send(rid, Body::Done(v1::Done {}));
                         self.shard.forget_sessions(&revoked);
@@ -1117,6 +1133,22 @@ impl Conn {
             Body::RequestUpload(req) => self.request_upload(rid, req),
             Body::Send(s) if s.media.is_some() && self.router_open => {
                 self.send_with_media(rid, s).await;
+            }
+            Body::UploadKeys(req) if self.offers_keys() => {
+                self.ctl.keys_pushes.set(true);
+                let r = crate::keys::upload(&self.shard, p, req).await;
+                match r {
+                    Ok(count) => self.send(rid, Body::PrekeyCount(count)),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
+            Body::FetchKeyBundles(req) if self.offers_keys() => {
+                self.ctl.keys_pushes.set(true);
+                let r = crate::keys::fetch(&self.shard, p, req).await;
+                match r {
+                    Ok(bundles) => self.send(rid, Body::KeyBundles(bundles)),
+                    Err(e) => self.api_error(rid, e),
+                }
             }
             Body::RequestDownload(r) if r.user_id != 0 => self.avatar_download(rid, p, r).await,
             other if Router::handles(&other) && self.router_open => self.hand_to_router(rid, other),

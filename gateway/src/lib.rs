@@ -149,6 +149,7 @@ pub mod conn;
 pub mod cpus;
 pub mod fsutil;
 pub mod health;
+pub mod keys;
 pub mod kx;
 pub mod layout;
 pub mod media;

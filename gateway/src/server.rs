@@ -251,7 +251,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
-        meta,
+        meta.clone(),
         cfg.accounts.clone(),
         metrics.clone(),
     )?);
@@ -286,7 +286,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         senders.push(tx);
         receivers.push(rx);
     }
+    let keys =
+        crate::keys::KeyService::start(meta, &cfg.keys, senders.clone(), placement.io.clone())
+            .context("cannot start the key directory's writer")?;
     let shared = Arc::new(Shared {
+        keys: Some(keys),
         cfg: cfg.clone(),
         accounts,
         metrics,

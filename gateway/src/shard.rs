@@ -37,6 +37,9 @@ pub enum Control {
         /// [`Shared::revocation_epoch`] after this revocation.
         epoch: u64,
     },
+    /// Queue a key directory push on this shard's connections of its users
+    /// (`crate::keys`).
+    Push(Arc<crate::keys::Push>),
     /// Stop accepting, say Goodbye, drain, stop.
     Shutdown,
     /// A storage fault (see [`crate::health`]): stop accepting, let the answers on their way
@@ -65,6 +68,8 @@ pub struct Shared {
     pub health: Arc<crate::health::Health>,
     /// The media endpoint, if `[media] listen` is set.
     pub media: Option<Arc<crate::media::Media>>,
+    /// The end-to-end key directory (`None` without messaging).
+    pub keys: Option<crate::keys::KeyService>,
 }
 
 impl Shared {
@@ -155,6 +160,11 @@ pub struct ConnCtl {
     waker: RefCell<Option<Waker>>,
     /// The authenticated session (0: none).
     pub session_id: Cell<u64>,
+    /// The authenticated user and device (for the key directory's pushes).
+    pub principal: Cell<Option<(u64, u32)>>,
+    /// The connection has used the key directory (UploadKeys or FetchKeyBundles): it gets
+    /// the directory's pushes from then on.
+    pub keys_pushes: Cell<bool>,
     /// Frames from the router (encoded by it) waiting to be written.
     outbound: RefCell<VecDeque<Transmit>>,
 }
@@ -331,38 +341,45 @@ impl Shard {
     #[must_use]
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MEDIA, MESSAGING,
-            PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
+            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, E2E_KEYS, GROUPS, HISTORY, MEDIA,
+            MESSAGING, PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
         };
-        if self.router.is_some() && self.shared.media.is_some() {
-            &[
-                MESSAGING,
-                HISTORY,
-                CONVERSATION_LIST,
-                BLOCK,
-                PASSWORD_LOGIN,
-                CONTACT_DISCOVERY,
-                GROUPS,
-                PRESENCE,
-                TYPING,
-                PROFILES,
-                MEDIA,
-            ]
-        } else if self.router.is_some() {
-            &[
-                MESSAGING,
-                HISTORY,
-                CONVERSATION_LIST,
-                BLOCK,
-                PASSWORD_LOGIN,
-                CONTACT_DISCOVERY,
-                GROUPS,
-                PRESENCE,
-                TYPING,
-                PROFILES,
-            ]
-        } else {
-            &[PASSWORD_LOGIN, CONTACT_DISCOVERY]
+        /// Messaging's features, then the key directory's and the media endpoint's.
+        const ALL: [&str; 12] = [
+            MESSAGING,
+            HISTORY,
+            CONVERSATION_LIST,
+            BLOCK,
+            PASSWORD_LOGIN,
+            CONTACT_DISCOVERY,
+            GROUPS,
+            PRESENCE,
+            TYPING,
+            PROFILES,
+            E2E_KEYS,
+            MEDIA,
+        ];
+        const WITH_MEDIA_NO_KEYS: [&str; 11] = [
+            MESSAGING,
+            HISTORY,
+            CONVERSATION_LIST,
+            BLOCK,
+            PASSWORD_LOGIN,
+            CONTACT_DISCOVERY,
+            GROUPS,
+            PRESENCE,
+            TYPING,
+            PROFILES,
+            MEDIA,
+        ];
+        if self.router.is_none() {
+            return &[PASSWORD_LOGIN, CONTACT_DISCOVERY];
+        }
+        match (self.shared.keys.is_some(), self.shared.media.is_some()) {
+            (true, true) => &ALL,
+            (true, false) => &ALL[..11],
+            (false, true) => &WITH_MEDIA_NO_KEYS,
+            (false, false) => &ALL[..10],
         }
     }
 
@@ -536,6 +553,21 @@ impl Shard {
                     let sid = ctl.session_id.get();
                     if sid != 0 && ids.contains(&sid) {
                         ctl.kill(Kill::Revoked);
+                    }
+                }
+            }
+            Control::Push(push) => {
+                for (&id, ctl) in self.conns.borrow().iter() {
+                    if let Some((user, device)) = ctl.principal.get()
+                        && ctl.keys_pushes.get()
+                        && push.is_for(user, device)
+                    {
+                        ctl.push_outbound(Transmit {
+                            conn: crate::messaging::router_conn(id),
+                            bytes: push.bytes.clone(),
+                            request_id: 0,
+                            kind: Some(push.kind),
+                        });
                     }
                 }
             }

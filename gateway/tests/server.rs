@@ -1044,6 +1044,8 @@ mod groups;
 mod last_seen;
 #[path = "server/media.rs"]
 mod media;
+#[path = "server/keys.rs"]
+mod keys;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]

@@ -16,6 +16,7 @@ sys.path.insert(0, HERE)
 
 from vectors import check_all  # noqa: E402
 import flows  # noqa: E402
+import keys  # noqa: E402
 import presence  # noqa: E402
 import media  # noqa: E402
 import wire  # noqa: E402
@@ -60,6 +61,7 @@ def main():
             flows.run_all(pb, args.starling, results.check)
             presence.run_all(pb, args.starling, results.check)
             media.run_all(pb, args.starling, results.check)
+            keys.run_all(pb, args.starling, results.check)
     print(f"{results.passed} passed, {results.failed} failed")
     return 1 if results.failed else 0
 

@@ -119,7 +119,7 @@ fn group_info() -> v1::GroupInfo {
 fn signed_prekey() -> v1::SignedPrekey {
     v1::SignedPrekey {
         key_id: 7,
-        public_key: Bytes::from_static(&[0x05; 33]),
+        public_key: Bytes::from_static(&[0x05; 32]),
         signature: Bytes::from_static(&[0x0a; 64]),
     }
 }
@@ -504,17 +504,17 @@ fn sample(kind: FrameKind) -> Body {
             expires_at_ms: 1_790_000_900_000,
         }),
         FrameKind::UploadKeys => Body::UploadKeys(v1::UploadKeys {
-            identity_key: Bytes::from_static(&[0x05; 33]),
+            identity_key: Bytes::from_static(&[0x05; 32]),
             registration_id: 4_242,
             signed_prekey: Some(signed_prekey()),
             one_time_prekeys: vec![
                 v1::OneTimePrekey {
                     key_id: 100,
-                    public_key: Bytes::from_static(&[0x06; 33]),
+                    public_key: Bytes::from_static(&[0x06; 32]),
                 },
                 v1::OneTimePrekey {
                     key_id: 101,
-                    public_key: Bytes::from_static(&[0x07; 33]),
+                    public_key: Bytes::from_static(&[0x07; 32]),
                 },
             ],
         }),
@@ -530,13 +530,18 @@ fn sample(kind: FrameKind) -> Body {
                 user_id: 1_002,
                 device_id: 1,
                 registration_id: 4_242,
-                identity_key: Bytes::from_static(&[0x05; 33]),
+                identity_key: Bytes::from_static(&[0x05; 32]),
                 signed_prekey: Some(signed_prekey()),
                 one_time_prekey: Some(v1::OneTimePrekey {
                     key_id: 100,
-                    public_key: Bytes::from_static(&[0x06; 33]),
+                    public_key: Bytes::from_static(&[0x06; 32]),
                 }),
             }],
+        }),
+        FrameKind::DeviceListChanged => Body::DeviceListChanged(v1::DeviceListChanged {
+            user_id: 1_002,
+            added_device_ids: vec![3],
+            removed_device_ids: vec![],
         }),
         FrameKind::RegisterPushToken => Body::RegisterPushToken(v1::RegisterPushToken {
             platform: v1::PushPlatform::Fcm as i32,
@@ -560,6 +565,7 @@ fn sample_frame(kind: FrameKind) -> v1::Frame {
                 | FrameKind::PresenceUpdate
                 | FrameKind::Typing
                 | FrameKind::GroupChanged
+                | FrameKind::DeviceListChanged
                 | FrameKind::Goodbye
                 | FrameKind::DeliveryAck
                 | FrameKind::ReadCursor

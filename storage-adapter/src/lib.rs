@@ -6,7 +6,8 @@
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its resident index ([`DenseIndex`]), together an
 //! [`EmbeddedShard`]; per node a redb metadata and cursor store
-//! ([`EmbeddedMeta`]). Also an in-memory metadata store with the same
+//! ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
+//! writer ([`keys`]: exactly-once one-time prekeys, group-committed claims). Also an in-memory metadata store with the same
 //! semantics for tests and the router's simulator ([`MemMeta`]), and the
 //! statistics the log keeps for the metrics endpoint ([`stats`]). On-disk
 //! format and recovery rules: `docs/design/log.md`.
@@ -29,6 +30,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod index;
+pub mod keys;
 pub mod log;
 pub mod mem;
 pub mod meta;

@@ -394,6 +394,13 @@ pub(crate) mod tests_support {
                 name: "user".into(),
                 next: 43,
             }),
+            encode(&crate::keys::DeviceIdentity {
+                user: u,
+                device: d,
+                identity_key: vec![9; 32],
+                registration_id: 77,
+                updated_ms: t,
+            }),
         ]
     }
 }

@@ -407,6 +407,8 @@ impl Driver {
             }
             Body::Typing(t) => self.emit(Event::Typing(t)).await,
             Body::PresenceUpdate(p) => self.emit(Event::Presence(p)).await,
+            Body::PrekeyCount(c) => self.emit(Event::PrekeyCount(c.one_time_prekeys)).await,
+            Body::DeviceListChanged(d) => self.emit(Event::DeviceListChanged(d)).await,
             _ => {}
         }
     }

@@ -21,6 +21,9 @@ pub(super) struct Sticky {
     /// The presence last set with [`Client::set_presence`] (a new
     /// connection is ONLINE until told otherwise).
     pub(super) presence: Option<v1::SetPresence>,
+    /// The key directory was used: each new connection sends an empty
+    /// `UploadKeys`, which also makes it receive the directory's pushes.
+    pub(super) keys_pushes: bool,
 }
 
 impl Client {
@@ -103,7 +106,7 @@ impl Client {
         }
     }
 
-    fn sticky(&self) -> std::sync::MutexGuard<'_, Sticky> {
+    pub(super) fn sticky(&self) -> std::sync::MutexGuard<'_, Sticky> {
         // Plain data updated in single steps: consistent even after a panic.
         self.sticky
             .lock()
@@ -119,6 +122,9 @@ pub(super) fn restore_requests(sticky: &Sticky) -> Vec<Body> {
         && set.state != v1::PresenceState::Online as i32
     {
         out.push(Body::SetPresence(set));
+    }
+    if sticky.keys_pushes {
+        out.push(Body::UploadKeys(v1::UploadKeys::default()));
     }
     let users: Vec<u64> = sticky.presence_subscriptions.iter().copied().collect();
     // The server takes at most 1,000 ids per request.
@@ -165,5 +171,9 @@ mod tests {
         assert_eq!((a.user_ids.len(), b.user_ids.len()), (1000, 500));
         assert_eq!(a.user_ids[0], 1);
         assert_eq!(b.user_ids[499], 1500);
+        // After the key directory was used, each connection asks for its count.
+        s.keys_pushes = true;
+        let reqs = restore_requests(&s);
+        assert!(matches!(&reqs[1], Body::UploadKeys(u) if *u == v1::UploadKeys::default()));
     }
 }

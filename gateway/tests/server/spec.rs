@@ -287,7 +287,8 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "groups",
             "presence",
             "typing",
-            "profiles"
+            "profiles",
+            "e2e_keys"
         ]
     );
     for f in &w.features {
@@ -298,7 +299,6 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
     }
     let unsupported = [
         (Body::RequestUpload(v1::RequestUpload::default()), "media"),
-        (Body::UploadKeys(v1::UploadKeys::default()), "e2e_keys"),
         (
             Body::RegisterPushToken(v1::RegisterPushToken::default()),
             "push",
