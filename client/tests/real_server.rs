@@ -437,10 +437,10 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
 mod contacts;
 #[path = "real_server/groups.rs"]
 mod groups;
-#[path = "real_server/media.rs"]
-mod media;
 #[path = "real_server/keys.rs"]
 mod keys;
+#[path = "real_server/media.rs"]
+mod media;
 #[path = "real_server/presence.rs"]
 mod presence;
 #[path = "real_server/profile.rs"]

@@ -1040,12 +1040,12 @@ mod faults;
 mod group_receipts;
 #[path = "server/groups.rs"]
 mod groups;
+#[path = "server/keys.rs"]
+mod keys;
 #[path = "server/last_seen.rs"]
 mod last_seen;
 #[path = "server/media.rs"]
 mod media;
-#[path = "server/keys.rs"]
-mod keys;
 #[path = "server/messaging.rs"]
 mod messaging;
 #[path = "server/presence.rs"]
