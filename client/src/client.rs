@@ -311,6 +311,9 @@ mod account;
 mod driver;
 mod groups;
 mod presence;
+mod push;
+
+pub use push::PushToken;
 
 use driver::Driver;
 use presence::Sticky;

@@ -455,5 +455,7 @@ mod contacts;
 mod groups;
 #[path = "real_server/presence.rs"]
 mod presence;
+#[path = "real_server/push.rs"]
+mod push;
 #[path = "real_server/receipts.rs"]
 mod receipts;

@@ -1090,6 +1090,21 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
+            Body::RegisterPushToken(req) if self.shard.router.is_some() => {
+                match self
+                    .call(move |acc, now| acc.register_push_token(p, &req, now))
+                    .await
+                {
+                    Ok(()) => self.send(rid, Body::Done(v1::Done {})),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
+            Body::UnregisterPushToken(_) if self.shard.router.is_some() => {
+                match self.call(move |acc, _| acc.unregister_push_token(p)).await {
+                    Ok(()) => self.send(rid, Body::Done(v1::Done {})),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
             other if Router::handles(&other) && self.router_open => {
                 if let Some(r) = &self.shard.router {
                     let (id, frame) = (

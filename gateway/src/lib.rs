@@ -135,7 +135,8 @@
 //!   the embedded metadata store on `<data>/meta.redb`: the user record the
 //!   router titles conversations with is the account itself. Devices' last
 //!   seen times are noted on the shards and written coalesced by a thread of
-//!   their own ([`accounts::seen`]).
+//!   their own ([`accounts::seen`]). A device's push token is checked per
+//!   platform ([`accounts::push`]) and stored in the same store.
 
 pub mod accounts;
 pub mod clock;

@@ -330,7 +330,7 @@ impl Shard {
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
             BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, GROUPS, HISTORY, MESSAGING,
-            PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
+            PASSWORD_LOGIN, PRESENCE, PROFILES, PUSH, TYPING,
         };
         if self.router.is_some() {
             &[
@@ -344,6 +344,7 @@ impl Shard {
                 PRESENCE,
                 TYPING,
                 PROFILES,
+                PUSH,
             ]
         } else {
             &[PASSWORD_LOGIN, CONTACT_DISCOVERY]

@@ -1041,6 +1041,8 @@ mod last_seen;
 mod messaging;
 #[path = "server/presence.rs"]
 mod presence;
+#[path = "server/push.rs"]
+mod push;
 #[path = "server/read_fanout.rs"]
 mod read_fanout;
 #[path = "server/router_config.rs"]

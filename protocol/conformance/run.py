@@ -17,6 +17,7 @@ sys.path.insert(0, HERE)
 from vectors import check_all  # noqa: E402
 import flows  # noqa: E402
 import presence  # noqa: E402
+import push  # noqa: E402
 import wire  # noqa: E402
 
 
@@ -58,6 +59,7 @@ def main():
         else:
             flows.run_all(pb, args.starling, results.check)
             presence.run_all(pb, args.starling, results.check)
+            push.run_all(pb, args.starling, results.check)
     print(f"{results.passed} passed, {results.failed} failed")
     return 1 if results.failed else 0
 

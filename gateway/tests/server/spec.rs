@@ -287,7 +287,8 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "groups",
             "presence",
             "typing",
-            "profiles"
+            "profiles",
+            "push"
         ]
     );
     for f in &w.features {
@@ -299,10 +300,6 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
     let unsupported = [
         (Body::RequestUpload(v1::RequestUpload::default()), "media"),
         (Body::UploadKeys(v1::UploadKeys::default()), "e2e_keys"),
-        (
-            Body::RegisterPushToken(v1::RegisterPushToken::default()),
-            "push",
-        ),
     ];
     let check = |c: &mut Client, authenticated: bool| {
         for (body, feature) in &unsupported {
