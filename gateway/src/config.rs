@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod push;
 mod router;
 
+pub use push::{PushConfig, WebPushConfig};
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.
@@ -304,6 +306,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Messaging limits.
     pub router: RouterConfig,
+    /// Push notifications.
+    pub push: PushConfig,
     /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
     /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
     /// spends milliseconds zeroing it inside the page fault, which a kernel without preemption
@@ -326,6 +330,7 @@ impl Default for Config {
             accounts: AccountsConfig::default(),
             storage: StorageConfig::default(),
             router: RouterConfig::default(),
+            push: PushConfig::default(),
             transparent_huge_pages: false,
         }
     }
@@ -560,6 +565,7 @@ impl Config {
             );
         }
         self.router.validate(&self.limits)?;
+        self.push.validate()?;
         if let OtpSenderConfig::Webhook { url } = &a.otp_sender
             && crate::accounts::sender::parse_http_url(url).is_none()
         {

@@ -137,6 +137,8 @@
 //!   seen times are noted on the shards and written coalesced by a thread of
 //!   their own ([`accounts::seen`]). A device's push token is checked per
 //!   platform ([`accounts::push`]) and stored in the same store.
+//! - **Push notifications** ([`push`]): the notifier thread, its durable outbox and its
+//!   providers (Web Push), fed by the routers' notices over a bounded queue.
 
 pub mod accounts;
 pub mod clock;
@@ -150,6 +152,7 @@ pub mod layout;
 pub mod messaging;
 pub mod metrics;
 pub mod profiles;
+pub mod push;
 pub mod runtime;
 pub mod server;
 pub mod shard;

@@ -115,6 +115,8 @@ pub struct Metrics {
     auth_failures: Vec<AtomicU64>,
     /// Per shard, its log's I/O statistics (empty without messaging storage).
     logs: Vec<Arc<LogStats>>,
+    /// The push notifier's counters.
+    pub push: Arc<crate::push::PushMetrics>,
 }
 
 /// Adds 1.
@@ -133,6 +135,7 @@ impl Metrics {
     pub fn new(shards: usize, logs: Vec<Arc<LogStats>>) -> Self {
         Self {
             logs,
+            push: Arc::default(),
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             auth_failures: AUTH_FAILURE_REASONS
                 .iter()
@@ -312,6 +315,7 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
+        self.push.render(&mut s);
         s
     }
 }

@@ -242,6 +242,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }
+    let notices = crate::push::start(&cfg.push, meta.clone(), metrics.push.clone())?;
+    if notices.is_some() {
+        say("push notifier: web push");
+    }
+    let mut router_parts = router_parts;
+    for p in &mut router_parts {
+        p.notices.clone_from(&notices);
+    }
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
         meta,

@@ -1043,6 +1043,8 @@ mod messaging;
 mod presence;
 #[path = "server/push.rs"]
 mod push;
+#[path = "server/push_web.rs"]
+mod push_web;
 #[path = "server/read_fanout.rs"]
 mod read_fanout;
 #[path = "server/router_config.rs"]

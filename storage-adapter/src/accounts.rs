@@ -345,8 +345,11 @@ fn put_windows(
     Ok(())
 }
 
+/// Revokes a session; its device's push token goes with it (nobody is signed in there any
+/// more to be woken).
 fn revoke_in(tx: &WriteTransaction, s: &mut Session) -> Result<(), StorageError> {
     s.revoked = true;
+    delete_in::<PushToken>(tx, &keys::device(s.user, s.device))?;
     put_in(tx, s)
 }
 

@@ -259,7 +259,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 25 {
+    match table % 27 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<IdentIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -286,7 +286,10 @@ pub fn meta_record(data: &[u8]) {
         21 => meta_round_trip::<RefreshToken>(b),
         22 => meta_round_trip::<DeviceSession>(b),
         23 => meta_round_trip::<RateWindow>(b),
-        _ => meta_round_trip::<Counter>(b),
+        24 => meta_round_trip::<Counter>(b),
+        // The push notifier's outbox and dead letters.
+        25 => meta_round_trip::<crate::push::OutboxEntry>(b),
+        _ => meta_round_trip::<crate::push::DeadLetter>(b),
     }
 }
 

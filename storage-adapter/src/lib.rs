@@ -32,6 +32,7 @@ pub mod index;
 pub mod log;
 pub mod mem;
 pub mod meta;
+pub mod push;
 pub mod stats;
 pub mod traits;
 pub mod types;

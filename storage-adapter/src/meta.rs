@@ -396,6 +396,27 @@ pub(crate) mod tests_support {
                 name: "user".into(),
                 next: 43,
             }),
+            encode(&crate::push::OutboxEntry {
+                user: u,
+                device: d,
+                conv: 77,
+                seq: 5,
+                sender: 43,
+                due_ms: t.0,
+                sent_seq: 4,
+                sent_ms: t.0,
+                attempts: 2,
+            }),
+            encode(&crate::push::DeadLetter {
+                id: 1,
+                user: u,
+                device: d,
+                conv: 77,
+                seq: 5,
+                provider: "web_push".into(),
+                reason: "400".into(),
+                at_ms: t.0,
+            }),
         ]
     }
 }
@@ -986,6 +1007,10 @@ impl EmbeddedMeta {
             hook(e);
         }
         r
+    }
+
+    pub(crate) fn db_read(&self) -> Result<redb::ReadTransaction, StorageError> {
+        Ok(self.db.begin_read()?)
     }
 
     pub(crate) fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {

@@ -337,4 +337,9 @@ fn a_push_token_is_one_per_device_durable_and_goes_with_its_device() {
     // Removing a device removes its token.
     meta.device_remove(ana, d2).unwrap();
     assert_eq!(meta.push_token(ana, d2).unwrap(), None);
+    // So does ending the device's session (Logout).
+    let (d3, s3) = sign_in(&meta, ana, 3, 100);
+    assert!(meta.push_token_set(&push_token(ana, d3, "third")).unwrap());
+    assert!(meta.session_revoke(s3).unwrap());
+    assert_eq!(meta.push_token(ana, d3).unwrap(), None);
 }
