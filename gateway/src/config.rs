@@ -11,7 +11,7 @@ use serde::Deserialize;
 mod push;
 mod router;
 
-pub use push::{PushConfig, WebPushConfig};
+pub use push::{FcmConfig, PushConfig, WebPushConfig};
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.

@@ -244,7 +244,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let notices = crate::push::start(&cfg.push, meta.clone(), metrics.push.clone())?;
     if notices.is_some() {
-        say("push notifier: web push");
+        let mut names = Vec::new();
+        if cfg.push.web_push.is_some() {
+            names.push("web push");
+        }
+        if cfg.push.fcm.is_some() {
+            names.push("fcm");
+        }
+        say(&format!("push notifier: {}", names.join(", ")));
     }
     let mut router_parts = router_parts;
     for p in &mut router_parts {

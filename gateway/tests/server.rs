@@ -1043,6 +1043,8 @@ mod messaging;
 mod presence;
 #[path = "server/push.rs"]
 mod push;
+#[path = "server/push_fcm.rs"]
+mod push_fcm;
 #[path = "server/push_web.rs"]
 mod push_web;
 #[path = "server/read_fanout.rs"]

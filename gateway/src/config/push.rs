@@ -39,6 +39,28 @@ pub struct PushConfig {
     pub ca_file: PathBuf,
     /// Web Push (RFC 8030, VAPID RFC 8292, aes128gcm RFC 8291); off if absent.
     pub web_push: Option<WebPushConfig>,
+    /// Firebase Cloud Messaging (HTTP v1); off if absent.
+    pub fcm: Option<FcmConfig>,
+}
+
+/// `[push.fcm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The service account's JSON key file (Firebase console → Project settings → Service
+    /// accounts → Generate new private key): `project_id`, `client_email`, `private_key`
+    /// (RSA, PKCS#8 PEM), `private_key_id`, `token_uri` are used.
+    pub service_account_file: PathBuf,
+    /// The FCM API's base URL.
+    #[serde(default = "default_fcm_endpoint")]
+    pub endpoint: String,
+    /// The OAuth2 token endpoint, instead of the key file's `token_uri`.
+    #[serde(default)]
+    pub token_uri: Option<String>,
+}
+
+fn default_fcm_endpoint() -> String {
+    "https://fcm.googleapis.com".to_owned()
 }
 
 /// `[push.web_push]`.
@@ -73,6 +95,7 @@ impl Default for PushConfig {
             request_timeout_ms: 10_000,
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,
+            fcm: None,
         }
     }
 }
@@ -81,7 +104,7 @@ impl PushConfig {
     /// Whether a provider is configured (then the notifier runs).
     #[must_use]
     pub fn enabled(&self) -> bool {
-        self.web_push.is_some()
+        self.web_push.is_some() || self.fcm.is_some()
     }
 
     /// Checks every value.
@@ -125,6 +148,17 @@ impl PushConfig {
             }
             if w.ttl_s > 28 * 86_400 {
                 return bad("push.web_push.ttl_s", "at most 2419200 (28 days)");
+            }
+        }
+        if let Some(f) = &self.fcm {
+            if !f.endpoint.starts_with("https://") {
+                return bad("push.fcm.endpoint", "must be an https:// URL");
+            }
+            if f.token_uri
+                .as_ref()
+                .is_some_and(|t| !t.starts_with("https://"))
+            {
+                return bad("push.fcm.token_uri", "must be an https:// URL");
             }
         }
         Ok(())

@@ -23,7 +23,7 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-fn unb64(s: &str) -> Vec<u8> {
+pub(super) fn unb64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .unwrap()
@@ -31,10 +31,10 @@ fn unb64(s: &str) -> Vec<u8> {
 
 /// One request the push service received.
 #[derive(Debug, Clone)]
-struct Pushed {
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
+pub(super) struct Pushed {
+    pub(super) path: String,
+    pub(super) headers: HashMap<String, String>,
+    pub(super) body: Vec<u8>,
 }
 
 /// A browser's subscription: its P-256 key pair (static, so that every notification can be
@@ -121,16 +121,17 @@ impl UserAgent {
 }
 
 /// A local push service: HTTPS with a certificate of its own CA; answers each request with
-/// the next status of its path's script (201 once the script is used up).
-struct PushService {
-    port: u16,
-    ca_pem: PathBuf,
+/// the next status of its script (201 once the script is used up), scripts being per path, or
+/// per registration token for FCM sends. `/token` answers an OAuth2 access token (FCM).
+pub(super) struct PushService {
+    pub(super) port: u16,
+    pub(super) ca_pem: PathBuf,
     got: Receiver<Pushed>,
     scripts: Arc<Mutex<HashMap<String, Vec<u16>>>>,
 }
 
 impl PushService {
-    fn start(dir: &std::path::Path) -> PushService {
+    pub(super) fn start(dir: &std::path::Path) -> PushService {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -176,11 +177,11 @@ impl PushService {
         }
     }
 
-    fn endpoint(&self, path: &str) -> String {
+    pub(super) fn endpoint(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
 
-    fn script(&self, path: &str, statuses: &[u16]) {
+    pub(super) fn script(&self, path: &str, statuses: &[u16]) {
         self.scripts
             .lock()
             .unwrap()
@@ -188,7 +189,7 @@ impl PushService {
     }
 
     /// Every request received within `window`.
-    fn collect(&self, window: Duration) -> Vec<Pushed> {
+    pub(super) fn collect(&self, window: Duration) -> Vec<Pushed> {
         let deadline = now() + window;
         let mut out = Vec::new();
         while let Some(left) = deadline.checked_duration_since(now()) {
@@ -241,10 +242,15 @@ fn serve_one(
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let script = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["message"]["token"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| path.clone());
     let status = {
         let mut sc = scripts.lock().unwrap();
-        match sc.get_mut(&path) {
+        match sc.get_mut(&script) {
             Some(v) if !v.is_empty() => v.remove(0),
+            _ if path == "/token" => 200,
             _ => 201,
         }
     };
@@ -253,9 +259,19 @@ fn serve_one(
     } else {
         ""
     };
+    let answer = match status {
+        200 if path == "/token" => {
+            r#"{"access_token":"at-1","expires_in":3600,"token_type":"Bearer"}"#
+        }
+        404 => {
+            r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#
+        }
+        _ => "",
+    };
     let _ = write!(
         s,
-        "HTTP/1.1 {status} X\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
     );
     let _ = s.flush();
     s.conn.send_close_notify();
@@ -336,21 +352,21 @@ fn register_web_push(c: &mut Client, sub: &str) {
     assert!(matches!(r, Body::Done(_)), "{r:?}");
 }
 
-fn send(a: &mut Client, cmid: u8, to: u64, words: &str) -> v1::SendAck {
+pub(super) fn send(a: &mut Client, cmid: u8, to: u64, words: &str) -> v1::SendAck {
     match call(a, text(cmid, to, words)) {
         Body::SendAck(ack) => ack,
         other => panic!("{other:?}"),
     }
 }
 
-fn user(srv: &Server, name: &str) -> (Client, v1::SessionGranted) {
+pub(super) fn user(srv: &Server, name: &str) -> (Client, v1::SessionGranted) {
     let mut c = srv.hello("");
     let ident = format!("{name}@example.org");
     let g = register(srv, &mut c, email(&ident), &ident);
     (c, g)
 }
 
-fn metric(srv: &Server, name: &str) -> u64 {
+pub(super) fn metric(srv: &Server, name: &str) -> u64 {
     let m = srv.metrics();
     m.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
