@@ -76,6 +76,12 @@ pub struct WebPushConfig {
     /// How long the push service keeps an undelivered notification (`TTL`), in seconds.
     #[serde(default = "default_ttl_s")]
     pub ttl_s: u32,
+    /// Send to subscription endpoints on loopback, private, link-local or CGNAT addresses.
+    /// Off by default: the endpoint comes from a client, and the server would otherwise POST
+    /// wherever a client points it inside the operator's network (such a subscription's token
+    /// is removed instead). Only for tests and closed networks with their own push service.
+    #[serde(default)]
+    pub dangerous_allow_private_endpoints: bool,
 }
 
 fn default_ttl_s() -> u32 {

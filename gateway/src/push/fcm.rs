@@ -162,8 +162,11 @@ impl Fcm {
             &headers,
             body.as_bytes(),
             self.timeout,
+            http::Reach::Any,
         )
-        .map_err(retry)?;
+        .map_err(|e| match e {
+            http::PostError::Refused(why) | http::PostError::Failed(why) => retry(why),
+        })?;
         if r.status != 200 {
             // A refused assertion is the operator's to fix; retried (and dead-lettered after
             // push.attempts_max) rather than dropped.
@@ -222,9 +225,10 @@ impl Provider for Fcm {
             &headers,
             body.as_bytes(),
             self.timeout,
+            http::Reach::Any,
         ) {
             Ok(r) => r,
-            Err(why) => {
+            Err(http::PostError::Refused(why) | http::PostError::Failed(why)) => {
                 return Outcome::Retry {
                     after_ms: None,
                     why,

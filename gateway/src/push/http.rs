@@ -4,7 +4,7 @@
 //! pooling and HTTP/2 would buy nothing yet and add hyper, h2 and a runtime to the build.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpStream, ToSocketAddrs as _};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs as _};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,20 +110,85 @@ impl Url {
     }
 }
 
-/// POSTs `body` to `url` with `headers`; any failure to get an answer is an `Err` (retried by
-/// the caller like a 5xx).
+/// Whether `ip` is not a public unicast address: loopback, private (RFC 1918, unique local),
+/// link-local, carrier-grade NAT, unspecified, multicast or broadcast.
+#[must_use]
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// Where a request may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Any address (the operator configured the URL).
+    Any,
+    /// Public addresses only (the URL came from a client: a Web Push endpoint).
+    PublicOnly,
+}
+
+/// Why a POST got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostError {
+    /// The host resolves to an address `Reach::PublicOnly` refuses.
+    Refused(String),
+    /// No answer (resolution, connection, TLS, timeout): worth retrying.
+    Failed(String),
+}
+
+/// POSTs `body` to `url` with `headers`.
 pub fn post(
     tls: &Arc<rustls::ClientConfig>,
     url: &Url,
     headers: &[(&str, String)],
     body: &[u8],
     timeout: Duration,
-) -> Result<Response, String> {
+    reach: Reach,
+) -> Result<Response, PostError> {
     let addr = (url.host.as_str(), url.port)
         .to_socket_addrs()
-        .map_err(|e| format!("resolving {}: {e}", url.host))?
+        .map_err(|e| PostError::Failed(format!("resolving {}: {e}", url.host)))?
         .next()
-        .ok_or_else(|| format!("{} has no address", url.host))?;
+        .ok_or_else(|| PostError::Failed(format!("{} has no address", url.host)))?;
+    if reach == Reach::PublicOnly && is_private(addr.ip()) {
+        return Err(PostError::Refused(format!(
+            "{} is at {}, not a public address",
+            url.host,
+            addr.ip()
+        )));
+    }
+    send(tls, url, addr, headers, body, timeout).map_err(PostError::Failed)
+}
+
+fn send(
+    tls: &Arc<rustls::ClientConfig>,
+    url: &Url,
+    addr: std::net::SocketAddr,
+    headers: &[(&str, String)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Response, String> {
     let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
     tcp.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -213,5 +278,23 @@ mod tests {
             (429, Some(7), "slow")
         );
         assert!(parse_response(b"garbage").is_err());
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.4",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_private(private.parse().unwrap()), "{private}");
+        }
+        for public in ["8.8.8.8", "142.250.1.1", "2a00:1450::1", "100.128.0.1"] {
+            assert!(!is_private(public.parse().unwrap()), "{public}");
+        }
     }
 }

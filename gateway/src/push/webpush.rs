@@ -36,6 +36,7 @@ pub struct WebPush {
     ttl_s: u32,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
+    private_endpoints: bool,
     rng: SystemRandom,
 }
 
@@ -90,6 +91,7 @@ impl WebPush {
             ttl_s: cfg.ttl_s,
             tls,
             timeout,
+            private_endpoints: cfg.dangerous_allow_private_endpoints,
             rng,
         })
     }
@@ -223,8 +225,16 @@ impl Provider for WebPush {
             ("Content-Encoding", "aes128gcm".to_owned()),
             ("Content-Type", "application/octet-stream".to_owned()),
         ];
-        match http::post(&self.tls, &url, &headers, &body, self.timeout) {
-            Err(e) => Outcome::Retry {
+        let reach = if self.private_endpoints {
+            http::Reach::Any
+        } else {
+            http::Reach::PublicOnly
+        };
+        match http::post(&self.tls, &url, &headers, &body, self.timeout, reach) {
+            // A subscription naming an internal host is never sent to (the server would be a
+            // client's way into its own network): the token goes.
+            Err(http::PostError::Refused(why)) => Outcome::InvalidToken(why),
+            Err(http::PostError::Failed(e)) => Outcome::Retry {
                 after_ms: None,
                 why: e,
             },

@@ -304,7 +304,8 @@ fn vapid(dir: &std::path::Path, ca: &std::path::Path, extra: &str) -> Vapid {
         public: pair.public_key().as_ref().to_vec(),
         toml: format!(
             "[push]\nca_file = \"{}\"\nretry_base_ms = 100\nretry_max_ms = 500\n{extra}\
-             [push.web_push]\nvapid_private_key_file = \"{}\"\nvapid_subject = \"mailto:ops@example.org\"\n",
+             [push.web_push]\nvapid_private_key_file = \"{}\"\nvapid_subject = \"mailto:ops@example.org\"\n\
+             dangerous_allow_private_endpoints = true\n",
             ca.display(),
             key_path.display()
         ),
@@ -555,4 +556,30 @@ fn bad_push_settings_are_a_clear_error() {
         assert_eq!(out.status.code(), Some(code), "{toml}: {err}");
         assert!(err.contains(names), "{toml}: {err}");
     }
+}
+
+/// A subscription whose endpoint is on a loopback (or private) address is never sent to
+/// unless the operator allows it: its token is removed instead.
+#[test]
+fn a_subscription_on_a_private_address_is_never_sent_to() {
+    let keys = tempfile::tempdir().unwrap();
+    let service = PushService::start(keys.path());
+    let mut v = vapid(keys.path(), &service.ca_pem, "grace_ms = 200\n");
+    v.toml = v.toml.replace(
+        "dangerous_allow_private_endpoints = true",
+        "dangerous_allow_private_endpoints = false",
+    );
+    let srv = Server::start("auto", &v.toml);
+    let (mut ana, _) = user(&srv, "ana");
+    let (mut ben, gb) = user(&srv, "ben");
+    let ua = UserAgent::new(5);
+    register_web_push(&mut ben, &ua.subscription(&service.endpoint("/sub/ben")));
+    drop(ben);
+    send(&mut ana, 1, gb.user_id, "hello");
+    assert!(service.collect(Duration::from_secs(2)).is_empty());
+    assert_eq!(
+        metric(&srv, "starling_push_invalid_tokens_removed_total"),
+        1
+    );
+    assert_eq!(metric(&srv, "starling_push_sent_total"), 0);
 }
