@@ -133,9 +133,14 @@ fn write_loop(inner: &Inner, store: &dyn AccountStore, every: Duration) {
                 .map(|((u, d), t)| (UserId(u), DeviceId(d), TimestampMs(t)))
                 .collect();
             if let Err(e) = store.devices_seen(&rows) {
-                // A fault of the disk stops the process through the store's hook; anything
+                // A fault of the disk stops the process through the store's hook, which said
+                // so (and the process's last line must stay the reason it stops); anything
                 // else loses these soft times only.
-                tracing::warn!(error = %e, devices = rows.len(), "writing last-seen times");
+                if e.is_fault() {
+                    tracing::debug!(error = %e, devices = rows.len(), "writing last-seen times");
+                } else {
+                    tracing::warn!(error = %e, devices = rows.len(), "writing last-seen times");
+                }
             }
         }
         if stop {
