@@ -321,6 +321,9 @@ mod driver;
 mod groups;
 mod keys;
 mod presence;
+mod push;
+
+pub use push::PushToken;
 
 use driver::Driver;
 use presence::Sticky;

@@ -63,7 +63,9 @@ mod tls;
 mod typing;
 
 pub use backoff::{Backoff, BackoffConfig};
-pub use client::{Client, ClientConfig, Event, Events, HistoryAnchor, Identifier, LoginCredential};
+pub use client::{
+    Client, ClientConfig, Event, Events, HistoryAnchor, Identifier, LoginCredential, PushToken,
+};
 pub use connection::{ConnectOptions, Connection, Pushes, ResponseStream, Transport};
 pub use error::{ClientError, ServerError};
 pub use ids::ClientMsgId;

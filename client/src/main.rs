@@ -24,6 +24,7 @@ mod cli {
     pub(crate) mod messaging;
     pub(crate) mod out;
     pub(crate) mod presence;
+    pub(crate) mod push;
 }
 
 use cli::groups::GroupCmd;
@@ -31,6 +32,7 @@ use cli::keys::KeysCmd;
 use cli::messaging::{conversation, history, outbox, send, server_info, sync, watch};
 use cli::out::Out;
 use cli::presence::PresenceCmd;
+use cli::push::PushCmd;
 
 /// Starling command-line client.
 #[derive(Debug, Parser)]
@@ -279,6 +281,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', required = true)]
         users: Vec<String>,
     },
+    /// Register or forget this device's push token.
+    #[command(subcommand)]
+    Push(PushCmd),
     /// Show (or clear) messages waiting in the outbox.
     Outbox {
         /// Drop every queued message.
@@ -649,6 +654,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             for p in &res? {
                 out.print(&sj::public_profile(p));
             }
+        }
+        Cmd::Push(cmd) => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::push::run(&out, &client, cmd).await;
+            client.shutdown().await;
+            res?;
         }
         Cmd::Outbox { .. } => {}
     }

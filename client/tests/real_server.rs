@@ -445,5 +445,7 @@ mod media;
 mod presence;
 #[path = "real_server/profile.rs"]
 mod profile;
+#[path = "real_server/push.rs"]
+mod push;
 #[path = "real_server/receipts.rs"]
 mod receipts;

@@ -10,10 +10,12 @@ use serde::Deserialize;
 
 mod keys;
 mod media;
+mod push;
 mod router;
 
 pub use keys::KeysConfig;
 pub use media::MediaConfig;
+pub use push::{FcmConfig, PushConfig, WebPushConfig};
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.
@@ -312,6 +314,8 @@ pub struct Config {
     pub media: MediaConfig,
     /// The end-to-end key directory.
     pub keys: KeysConfig,
+    /// Push notifications.
+    pub push: PushConfig,
     /// Let the kernel back the heap with transparent huge pages (default: no). The allocator
     /// asks for them (`MADV_HUGEPAGE`), and a thread that touches a new 2 MiB region then
     /// spends milliseconds zeroing it inside the page fault, which a kernel without preemption
@@ -336,6 +340,7 @@ impl Default for Config {
             router: RouterConfig::default(),
             media: MediaConfig::default(),
             keys: KeysConfig::default(),
+            push: PushConfig::default(),
             transparent_huge_pages: false,
         }
     }
@@ -572,6 +577,7 @@ impl Config {
         self.router.validate(&self.limits)?;
         self.media.validate()?;
         self.keys.validate()?;
+        self.push.validate()?;
         if let OtpSenderConfig::Webhook { url } = &a.otp_sender
             && crate::accounts::sender::parse_http_url(url).is_none()
         {

@@ -1130,6 +1130,21 @@ impl Conn {
                     Err(e) => self.api_error(rid, e),
                 }
             }
+            Body::RegisterPushToken(req) if self.shard.router.is_some() => {
+                match self
+                    .call(move |acc, now| acc.register_push_token(p, &req, now))
+                    .await
+                {
+                    Ok(()) => self.send(rid, Body::Done(v1::Done {})),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
+            Body::UnregisterPushToken(_) if self.shard.router.is_some() => {
+                match self.call(move |acc, _| acc.unregister_push_token(p)).await {
+                    Ok(()) => self.send(rid, Body::Done(v1::Done {})),
+                    Err(e) => self.api_error(rid, e),
+                }
+            }
             Body::RequestUpload(req) => self.request_upload(rid, req),
             Body::Send(s) if s.media.is_some() && self.router_open => {
                 self.send_with_media(rid, s).await;

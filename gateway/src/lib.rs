@@ -140,7 +140,10 @@
 //!   the embedded metadata store on `<data>/meta.redb`: the user record the
 //!   router titles conversations with is the account itself. Devices' last
 //!   seen times are noted on the shards and written coalesced by a thread of
-//!   their own ([`accounts::seen`]).
+//!   their own ([`accounts::seen`]). A device's push token is checked per
+//!   platform ([`accounts::push`]) and stored in the same store.
+//! - **Push notifications** ([`push`]): the notifier thread, its durable outbox and its
+//!   providers (Web Push, FCM), fed by the routers' notices over a bounded queue.
 
 pub mod accounts;
 pub mod clock;
@@ -156,6 +159,7 @@ pub mod media;
 pub mod messaging;
 pub mod metrics;
 pub mod profiles;
+pub mod push;
 pub mod runtime;
 pub mod server;
 pub mod shard;

@@ -101,6 +101,8 @@ pub struct RouterParts {
     /// The router's configuration (`Config::shard_config`: `[router]` and the slow-consumer
     /// limits of `[limits]`).
     pub cfg: ShardConfig,
+    /// Where the router's notices go (the push notifier), if it runs.
+    pub notices: Option<crate::push::NoticeSender>,
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
@@ -186,6 +188,7 @@ pub fn open(
             io_cpus: io_for_parts.clone(),
             health: health.clone(),
             cfg: router.clone(),
+            notices: None,
         });
     }
     Ok((meta, parts))
@@ -204,6 +207,7 @@ pub struct ShardRouter {
     /// The node's metadata.
     pub meta: Arc<EmbeddedMeta>,
     health: Arc<Health>,
+    notices: Option<crate::push::NoticeSender>,
 }
 
 impl std::fmt::Debug for ShardRouter {
@@ -225,6 +229,9 @@ impl ShardRouter {
             parts.meta.clone(),
         );
         router.set_meta_offload(meta_writer(bell.clone(), parts.io_cpus.clone())?);
+        if parts.notices.is_some() {
+            router.enable_notices();
+        }
         let dup = parts.efd.0.try_clone()?;
         Ok(Self {
             router: RefCell::new(router),
@@ -236,6 +243,7 @@ impl ShardRouter {
             paused: RefCell::new(Vec::new()),
             meta: parts.meta,
             health: parts.health,
+            notices: parts.notices,
         })
     }
 
@@ -295,6 +303,11 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
             let now_us = clock::mono_us();
             while let Some(t) = rs.poll_transmit() {
                 shard.push_outbound(ConnId(t.conn.0), t, now_us);
+            }
+            if let Some(tx) = &r.notices {
+                while let Some(n) = rs.poll_notice() {
+                    tx.send(n);
+                }
             }
             while let Some(c) = rs.poll_close() {
                 tracing::info!(conn = c.conn.0, code = ?c.code, message = %c.message, "router closes connection");

@@ -117,6 +117,8 @@ pub struct Metrics {
     logs: Vec<Arc<LogStats>>,
     /// The media endpoint's counters (zero without one).
     media: Arc<crate::media::MediaStats>,
+    /// The push notifier's counters.
+    pub push: Arc<crate::push::PushMetrics>,
 }
 
 /// Adds 1.
@@ -135,6 +137,7 @@ impl Metrics {
     pub fn new(shards: usize, logs: Vec<Arc<LogStats>>) -> Self {
         Self {
             logs,
+            push: Arc::default(),
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             auth_failures: AUTH_FAILURE_REASONS
                 .iter()
@@ -351,6 +354,7 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
+        self.push.render(&mut s);
         s
     }
 }

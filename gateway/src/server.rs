@@ -249,6 +249,21 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }
+    let notices = crate::push::start(&cfg.push, meta.clone(), metrics.push.clone())?;
+    if notices.is_some() {
+        let mut names = Vec::new();
+        if cfg.push.web_push.is_some() {
+            names.push("web push");
+        }
+        if cfg.push.fcm.is_some() {
+            names.push("fcm");
+        }
+        say(&format!("push notifier: {}", names.join(", ")));
+    }
+    let mut router_parts = router_parts;
+    for p in &mut router_parts {
+        p.notices.clone_from(&notices);
+    }
     let accounts = Arc::new(Accounts::open(
         &cfg.data_dir,
         meta.clone(),

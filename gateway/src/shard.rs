@@ -342,10 +342,11 @@ impl Shard {
     pub fn features(&self) -> &'static [&'static str] {
         use starling_protocol::features::{
             BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, E2E_KEYS, GROUPS, HISTORY, MEDIA,
-            MESSAGING, PASSWORD_LOGIN, PRESENCE, PROFILES, TYPING,
+            MESSAGING, PASSWORD_LOGIN, PRESENCE, PROFILES, PUSH, TYPING,
         };
-        /// Messaging's features, then the key directory's and the media endpoint's.
-        const ALL: [&str; 12] = [
+        /// Messaging's features (push included), then the key directory's and the media
+        /// endpoint's.
+        const ALL: [&str; 13] = [
             MESSAGING,
             HISTORY,
             CONVERSATION_LIST,
@@ -356,10 +357,11 @@ impl Shard {
             PRESENCE,
             TYPING,
             PROFILES,
+            PUSH,
             E2E_KEYS,
             MEDIA,
         ];
-        const WITH_MEDIA_NO_KEYS: [&str; 11] = [
+        const WITH_MEDIA_NO_KEYS: [&str; 12] = [
             MESSAGING,
             HISTORY,
             CONVERSATION_LIST,
@@ -370,6 +372,7 @@ impl Shard {
             PRESENCE,
             TYPING,
             PROFILES,
+            PUSH,
             MEDIA,
         ];
         if self.router.is_none() {
@@ -377,9 +380,9 @@ impl Shard {
         }
         match (self.shared.keys.is_some(), self.shared.media.is_some()) {
             (true, true) => &ALL,
-            (true, false) => &ALL[..11],
+            (true, false) => &ALL[..12],
             (false, true) => &WITH_MEDIA_NO_KEYS,
-            (false, false) => &ALL[..10],
+            (false, false) => &ALL[..11],
         }
     }
 

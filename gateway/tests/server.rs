@@ -1050,6 +1050,12 @@ mod media;
 mod messaging;
 #[path = "server/presence.rs"]
 mod presence;
+#[path = "server/push.rs"]
+mod push;
+#[path = "server/push_fcm.rs"]
+mod push_fcm;
+#[path = "server/push_web.rs"]
+mod push_web;
 #[path = "server/read_fanout.rs"]
 mod read_fanout;
 #[path = "server/router_config.rs"]

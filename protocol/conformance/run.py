@@ -19,6 +19,7 @@ import flows  # noqa: E402
 import keys  # noqa: E402
 import presence  # noqa: E402
 import media  # noqa: E402
+import push  # noqa: E402
 import wire  # noqa: E402
 
 
@@ -62,6 +63,7 @@ def main():
             presence.run_all(pb, args.starling, results.check)
             media.run_all(pb, args.starling, results.check)
             keys.run_all(pb, args.starling, results.check)
+            push.run_all(pb, args.starling, results.check)
     print(f"{results.passed} passed, {results.failed} failed")
     return 1 if results.failed else 0
 

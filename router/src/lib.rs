@@ -88,7 +88,9 @@
 //! `request_id` and kind; a `Deliver` for several devices shares one buffer;
 //! the gateway checks the peer's frame limit), [`RouterShard::poll_close`] (close a
 //! connection, e.g. `SLOW_CONSUMER`), [`RouterShard::poll_timeout`] (when to
-//! tick). Messages to other shards go straight into the rings the shard owns;
+//! tick), [`RouterShard::poll_notice`] (once [`RouterShard::enable_notices`] was called:
+//! a content-free [`Notice`] of each entry its conversations made durable, for the gateway's
+//! push notifier). Messages to other shards go straight into the rings the shard owns;
 //! [`RouterShard::is_backpressured`] says a ring is full (stop reading
 //! sockets). [`RouterShard::failure`] says the log failed: restart the shard.
 //!
@@ -150,7 +152,7 @@ pub use ids::{ConnId, ConnRef};
 pub use metawriter::Offload;
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, RouterShard, STORAGE_NOT_STORED,
+    CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, Notice, RouterShard, STORAGE_NOT_STORED,
     STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats,
     THUMBNAIL_BYTES_MAX, Transmit, is_media_id,
 };

@@ -53,6 +53,7 @@ pub use media::{DownloadSigner, MEDIA_TEXT_BYTES_MAX, THUMBNAIL_BYTES_MAX, is_me
 use presence::Presence;
 use sequencer::Sequencer;
 pub use sequencer::{STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED};
+pub use shared::Notice;
 pub use shared::ShardStats;
 use shared::{MetaTag, Shared};
 use typing::Typing;
@@ -364,6 +365,20 @@ where
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.flush();
         self.sh.out.next_transmit()
+    }
+
+    /// Makes this shard keep a [`Notice`] of every entry its conversations make durable, for
+    /// [`RouterShard::poll_notice`] (the push notifier's feed). Off by default: without it no
+    /// notice is kept.
+    pub fn enable_notices(&mut self) {
+        self.sh.notices.get_or_insert_with(Default::default);
+    }
+
+    /// The next entry made durable since the last call (while notices are enabled). Take them
+    /// all after each turn: they are held until taken.
+    #[must_use]
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        self.sh.notices.as_mut()?.pop_front()
     }
 
     /// The next connection the router wants closed.

@@ -18,7 +18,7 @@ use redb::{ReadableTable, WriteTransaction};
 use crate::error::StorageError;
 use crate::meta::{
     AccountFields, ContactIndex, Device, EmbeddedMeta, IdentIndex, MetadataStore, OtpRecord,
-    Reader, Record, Session, User, Writer, decode, encode, keys, table,
+    PushToken, Reader, Record, Session, User, Writer, decode, encode, keys, table,
 };
 use crate::types::{DeviceId, TimestampMs, UserId};
 
@@ -265,7 +265,8 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug {
     fn sign_in(&self, s: &SignIn<'_>) -> Result<(DeviceId, u64), StorageError>;
     /// The user's devices, by id.
     fn devices(&self, user: UserId) -> Result<Vec<Device>, StorageError>;
-    /// Removes a device and revokes its sessions (returned); `None` if there is no such device.
+    /// Removes a device (and its push token) and revokes its sessions (returned); `None` if
+    /// there is no such device.
     fn device_remove(
         &self,
         user: UserId,
@@ -287,6 +288,14 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug {
         new_expires: TimestampMs,
         now_ms: u64,
     ) -> Result<RotateOutcome, StorageError>;
+    /// Registers `token` as its device's push token, replacing the one it had; false (nothing
+    /// written) if the device does not exist (removed meanwhile).
+    fn push_token_set(&self, token: &PushToken) -> Result<bool, StorageError>;
+    /// Forgets a device's push token; false (nothing written) if it had none.
+    fn push_token_remove(&self, user: UserId, device: DeviceId) -> Result<bool, StorageError>;
+    /// A device's push token.
+    fn push_token(&self, user: UserId, device: DeviceId)
+    -> Result<Option<PushToken>, StorageError>;
     /// Every durable rate-limit window.
     fn windows_load(&self) -> Result<Vec<RateWindow>, StorageError>;
     /// Puts and deletes durable rate-limit windows.
@@ -341,8 +350,11 @@ fn put_windows(
     Ok(())
 }
 
+/// Revokes a session; its device's push token goes with it (nobody is signed in there any
+/// more to be woken).
 fn revoke_in(tx: &WriteTransaction, s: &mut Session) -> Result<(), StorageError> {
     s.revoked = true;
+    delete_in::<PushToken>(tx, &keys::device(s.user, s.device))?;
     put_in(tx, s)
 }
 
@@ -550,6 +562,7 @@ impl AccountStore for EmbeddedMeta {
             if !delete_in::<Device>(tx, &keys::device(user, device))? {
                 return Ok(Err(None));
             }
+            delete_in::<PushToken>(tx, &keys::device(user, device))?;
             let prefix = keys::device(user, device);
             let mut found = Vec::new();
             {
@@ -593,6 +606,36 @@ impl AccountStore for EmbeddedMeta {
             }
             Ok(if changed { Ok(()) } else { Err(()) })
         })
+    }
+
+    fn push_token_set(&self, token: &PushToken) -> Result<bool, StorageError> {
+        self.account_write(|tx| {
+            if get_in::<Device>(tx, &keys::device(token.user, token.device))?.is_none() {
+                return Ok(Err(false));
+            }
+            put_in(tx, token)?;
+            Ok(Ok(true))
+        })
+    }
+
+    fn push_token_remove(&self, user: UserId, device: DeviceId) -> Result<bool, StorageError> {
+        self.account_write(|tx| {
+            Ok(
+                if delete_in::<PushToken>(tx, &keys::device(user, device))? {
+                    Ok(true)
+                } else {
+                    Err(false)
+                },
+            )
+        })
+    }
+
+    fn push_token(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<PushToken>, StorageError> {
+        self.get::<PushToken>(&keys::device(user, device))
     }
 
     fn session_get(&self, session: u64) -> Result<Option<Session>, StorageError> {

@@ -259,7 +259,7 @@ pub fn meta_record(data: &[u8]) {
     let Some((&table, b)) = data.split_first() else {
         return;
     };
-    match table % 26 {
+    match table % 28 {
         0 => meta_round_trip::<User>(b),
         1 => meta_round_trip::<IdentIndex>(b),
         2 => meta_round_trip::<Device>(b),
@@ -288,7 +288,10 @@ pub fn meta_record(data: &[u8]) {
         23 => meta_round_trip::<RateWindow>(b),
         24 => meta_round_trip::<Counter>(b),
         // The key directory's records of `crate::keys`.
-        _ => meta_round_trip::<crate::keys::DeviceIdentity>(b),
+        25 => meta_round_trip::<crate::keys::DeviceIdentity>(b),
+        // The push notifier's outbox and dead letters.
+        26 => meta_round_trip::<crate::push::OutboxEntry>(b),
+        _ => meta_round_trip::<crate::push::DeadLetter>(b),
     }
 }
 

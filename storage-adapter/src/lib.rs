@@ -34,6 +34,7 @@ pub mod keys;
 pub mod log;
 pub mod mem;
 pub mod meta;
+pub mod push;
 pub mod stats;
 pub mod traits;
 pub mod types;

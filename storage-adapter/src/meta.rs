@@ -306,6 +306,8 @@ pub(crate) mod tests_support {
                 device: d,
                 provider: "fcm".into(),
                 token: b"tok".to_vec(),
+                app_id: "org.example.chat".into(),
+                sandbox: true,
                 updated_ms: t,
             }),
             encode(&Block {
@@ -400,6 +402,27 @@ pub(crate) mod tests_support {
                 identity_key: vec![9; 32],
                 registration_id: 77,
                 updated_ms: t,
+            }),
+            encode(&crate::push::OutboxEntry {
+                user: u,
+                device: d,
+                conv: 77,
+                seq: 5,
+                sender: 43,
+                due_ms: t.0,
+                sent_seq: 4,
+                sent_ms: t.0,
+                attempts: 2,
+            }),
+            encode(&crate::push::DeadLetter {
+                id: 1,
+                user: u,
+                device: d,
+                conv: 77,
+                seq: 5,
+                provider: "web_push".into(),
+                reason: "400".into(),
+                at_ms: t.0,
             }),
         ]
     }
@@ -742,23 +765,30 @@ record!(OneTimePrekey, "one_time_prekeys", key(s) { keys::prekey(s.user, s.devic
     enc(s, w) { w.u64(s.user.0).u32(s.device.0).u32(s.id).bytes(&s.public_key); },
     dec(r) { Ok(OneTimePrekey { user: UserId(r.u64()?), device: DeviceId(r.u32()?), id: r.u32()?, public_key: r.bytes()? }) });
 
-/// A push token of a device. Key: user ‖ device.
+/// A device's push token: where the notifier wakes the device when it has no live connection.
+/// One per device (registering again replaces it); removed with the device, by
+/// UnregisterPushToken, and when the provider says the token is no longer valid. Key: user ‖
+/// device. Written through [`crate::accounts::AccountStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushToken {
     /// Owner.
     pub user: UserId,
     /// Device.
     pub device: DeviceId,
-    /// "apns", "fcm", "webhook", ...
+    /// The provider: "apns", "fcm" or "web_push".
     pub provider: String,
-    /// The token.
+    /// The token (for Web Push, the subscription JSON as registered).
     pub token: Vec<u8>,
-    /// Updated at.
+    /// The app's bundle / package id (APNs: the `apns-topic`).
+    pub app_id: String,
+    /// APNs: use the sandbox environment.
+    pub sandbox: bool,
+    /// Registered at.
     pub updated_ms: TimestampMs,
 }
 record!(PushToken, "push_tokens", key(s) { keys::device(s.user, s.device) },
-    enc(s, w) { w.u64(s.user.0).u32(s.device.0).bytes(s.provider.as_bytes()).bytes(&s.token).u64(s.updated_ms.0); },
-    dec(r) { Ok(PushToken { user: UserId(r.u64()?), device: DeviceId(r.u32()?), provider: r.string()?, token: r.bytes()?, updated_ms: TimestampMs(r.u64()?) }) });
+    enc(s, w) { w.u64(s.user.0).u32(s.device.0).bytes(s.provider.as_bytes()).bytes(&s.token).bytes(s.app_id.as_bytes()).u8(u8::from(s.sandbox)).u64(s.updated_ms.0); },
+    dec(r) { Ok(PushToken { user: UserId(r.u64()?), device: DeviceId(r.u32()?), provider: r.string()?, token: r.bytes()?, app_id: r.string()?, sandbox: r.bool()?, updated_ms: TimestampMs(r.u64()?) }) });
 
 /// `user` blocks `blocked`. Key: user ‖ blocked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -984,6 +1014,10 @@ impl EmbeddedMeta {
             hook(e);
         }
         r
+    }
+
+    pub(crate) fn db_read(&self) -> Result<redb::ReadTransaction, StorageError> {
+        Ok(self.db.begin_read()?)
     }
 
     pub(crate) fn write_txn(&self) -> Result<redb::WriteTransaction, StorageError> {

@@ -111,6 +111,12 @@ pub(crate) fn human(v: &Value) -> String {
             s("unread_count")
         ),
         "error" => format!("error: {} {}", s("code"), s("message")),
+        "push_registered" => format!(
+            "device {}: {} push token registered",
+            s("device_id"),
+            s("platform")
+        ),
+        "push_unregistered" => format!("device {}: push token forgotten", s("device_id")),
         "typing" => format!(
             "[conv {}] user {} {}",
             s("conversation_id"),

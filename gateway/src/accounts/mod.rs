@@ -27,6 +27,7 @@ pub mod limits;
 pub mod lookups;
 pub mod migrate;
 pub mod password;
+pub mod push;
 pub mod seen;
 pub mod sender;
 pub mod tokens;
@@ -895,6 +896,43 @@ impl Accounts {
         self.store
             .device_remove(UserId(p.user_id), DeviceId(device_id))?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))
+    }
+
+    /// RegisterPushToken: the device's token (replacing the one it had) is durable before it
+    /// returns.
+    pub fn register_push_token(
+        &self,
+        p: Principal,
+        req: &v1::RegisterPushToken,
+        now_ms: u64,
+    ) -> ApiResult<()> {
+        let t = push::parse(req)?;
+        let stored = self
+            .store
+            .push_token_set(&starling_storage::meta::PushToken {
+                user: UserId(p.user_id),
+                device: DeviceId(p.device_id),
+                provider: t.provider.to_owned(),
+                token: t.token.into_bytes(),
+                app_id: t.app_id,
+                sandbox: t.sandbox,
+                updated_ms: TimestampMs(now_ms),
+            })?;
+        if stored {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::SessionRevoked,
+                "this device was removed",
+            ))
+        }
+    }
+
+    /// UnregisterPushToken: done (durably) whether or not the device had a token.
+    pub fn unregister_push_token(&self, p: Principal) -> ApiResult<()> {
+        self.store
+            .push_token_remove(UserId(p.user_id), DeviceId(p.device_id))?;
+        Ok(())
     }
 
     /// DiscoverContacts: never stores the uploaded hashes.

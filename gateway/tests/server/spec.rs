@@ -288,6 +288,7 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "presence",
             "typing",
             "profiles",
+            "push",
             "e2e_keys"
         ]
     );
@@ -297,13 +298,7 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "{f}"
         );
     }
-    let unsupported = [
-        (Body::RequestUpload(v1::RequestUpload::default()), "media"),
-        (
-            Body::RegisterPushToken(v1::RegisterPushToken::default()),
-            "push",
-        ),
-    ];
+    let unsupported = [(Body::RequestUpload(v1::RequestUpload::default()), "media")];
     let check = |c: &mut Client, authenticated: bool| {
         for (body, feature) in &unsupported {
             let name = body.kind().name();

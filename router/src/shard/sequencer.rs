@@ -27,6 +27,7 @@ use super::envelope::{encode_envelope, entry_to_message};
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
+use super::shared::Notice;
 use super::shared::Shared;
 use crate::ids::{ConnId, ConnRef, ConvId};
 use starling_storage::UserId;
@@ -423,6 +424,14 @@ impl<L: DurableLog> Sequencer<L> {
             c.seq.recent.push_back((lsn, Arc::new(e)));
             let on_read = c.group.is_some() && members.len() > sh.cfg.group_push_members_max;
             let seq = c.seq.durable_seq;
+            if let Some(n) = &mut sh.notices {
+                n.push_back(Notice {
+                    conversation_id: conv.0,
+                    seq,
+                    sender: msg.sender_user_id,
+                    members: members.clone(),
+                });
+            }
             sh.convs.tail_added(lsn, conv);
             if on_read {
                 // Fan-out on read: announced, coalesced, to the members (`read_fanout.rs`).

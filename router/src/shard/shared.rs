@@ -87,7 +87,24 @@ pub(super) struct Shared<I, M> {
     pub(super) writer: MetaWriter<MetaTag>,
     /// Large groups' messages to announce instead of pushing them (`read_fanout.rs`).
     pub(super) available: Available,
+    /// Durable entries for the push notifier, while enabled (`RouterShard::enable_notices`).
+    pub(super) notices: Option<std::collections::VecDeque<Notice>>,
     pub(super) stats: ShardStats,
+}
+
+/// An entry that became durable at its owner, for the push notifier: the members of its
+/// conversation other than the sender may have devices to wake (`RouterShard::poll_notice`).
+/// It carries no content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The conversation (its wire id).
+    pub conversation_id: u64,
+    /// The entry's seq.
+    pub seq: u64,
+    /// Who sent it (the author of a group change).
+    pub sender: u64,
+    /// The conversation's members when it was sequenced (the sender included).
+    pub members: Arc<[UserId]>,
 }
 
 impl<I, M> Shared<I, M> {
@@ -101,6 +118,7 @@ impl<I, M> Shared<I, M> {
             out: Outbound::new(cfg.conn_outbound_bytes_max, cfg.slow_consumer_close_ms),
             writer: MetaWriter::new(cfg.blocks_max),
             available: Available::default(),
+            notices: None,
             cfg,
             now_ms: 0,
             index,

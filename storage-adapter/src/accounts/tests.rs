@@ -333,3 +333,53 @@ fn changes_of_one_user_from_two_threads_at_once_all_land() {
         (20, 20)
     );
 }
+
+fn push_token(user: UserId, device: DeviceId, token: &str) -> PushToken {
+    PushToken {
+        user,
+        device,
+        provider: "fcm".into(),
+        token: token.as_bytes().to_vec(),
+        app_id: "org.example.chat".into(),
+        sandbox: false,
+        updated_ms: TimestampMs(7),
+    }
+}
+
+#[test]
+fn a_push_token_is_one_per_device_durable_and_goes_with_its_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = open(dir.path());
+    let (ana, _) = meta
+        .user_create("email:ana@x.org", &new_user("ana"), None)
+        .unwrap();
+    let (d1, _) = sign_in(&meta, ana, 1, 100);
+    let (d2, _) = sign_in(&meta, ana, 2, 100);
+    assert!(meta.push_token_set(&push_token(ana, d1, "first")).unwrap());
+    assert!(meta.push_token_set(&push_token(ana, d1, "second")).unwrap());
+    assert!(meta.push_token_set(&push_token(ana, d2, "other")).unwrap());
+    // No device, no token.
+    assert!(
+        !meta
+            .push_token_set(&push_token(ana, DeviceId(99), "x"))
+            .unwrap()
+    );
+    assert_eq!(meta.push_token(ana, DeviceId(99)).unwrap(), None);
+    drop(meta);
+    let meta = open(dir.path());
+    assert_eq!(
+        meta.push_token(ana, d1).unwrap(),
+        Some(push_token(ana, d1, "second"))
+    );
+    assert!(meta.push_token_remove(ana, d1).unwrap());
+    assert!(!meta.push_token_remove(ana, d1).unwrap());
+    assert_eq!(meta.push_token(ana, d1).unwrap(), None);
+    // Removing a device removes its token.
+    meta.device_remove(ana, d2).unwrap();
+    assert_eq!(meta.push_token(ana, d2).unwrap(), None);
+    // So does ending the device's session (Logout).
+    let (d3, s3) = sign_in(&meta, ana, 3, 100);
+    assert!(meta.push_token_set(&push_token(ana, d3, "third")).unwrap());
+    assert!(meta.session_revoke(s3).unwrap());
+    assert_eq!(meta.push_token(ana, d3).unwrap(), None);
+}

@@ -1,0 +1,172 @@
+//! `[push]`: the push notifier (`crate::push`): its outbox, collapse and retry settings and
+//! its providers. No provider configured: no notifier runs and no notice is kept (push tokens
+//! are still registered and stored).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// `[push]` (see `docs/design/push.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// How long an entry may stay undelivered to a device (no DeliveryAck from it) before the
+    /// device is notified, in ms. A device that acknowledges within it gets no notification.
+    pub grace_ms: u64,
+    /// One notification per device per conversation per this interval, in ms: entries that
+    /// arrive meanwhile are collapsed into the next one, sent when it ends.
+    pub collapse_ms: u64,
+    /// Most rows of the durable outbox (one per device and conversation, pending or within its
+    /// collapse interval). Full: a notice for a device and conversation without a row is
+    /// dropped and counted (`starling_push_outbox_full_dropped_total`); rows present still
+    /// collapse new entries.
+    pub outbox_entries_max: usize,
+    /// Most notices waiting between the shards and the notifier. Full: a shard drops the
+    /// notice (it never waits) and counts it (`starling_push_queue_full_dropped_total`).
+    pub queue_notices_max: usize,
+    /// First retry delay after a 429 or 5xx, in ms; doubled per attempt (with full jitter) up
+    /// to `retry_max_ms`. A `Retry-After` longer than the delay wins.
+    pub retry_base_ms: u64,
+    /// Longest retry delay, in ms.
+    pub retry_max_ms: u64,
+    /// Attempts before a notification goes to the dead letters.
+    pub attempts_max: u32,
+    /// Timeout of one request to a push service (connect, write, read), in ms.
+    pub request_timeout_ms: u64,
+    /// The CA certificates (PEM) push services' TLS certificates are checked against.
+    pub ca_file: PathBuf,
+    /// Web Push (RFC 8030, VAPID RFC 8292, aes128gcm RFC 8291); off if absent.
+    pub web_push: Option<WebPushConfig>,
+    /// Firebase Cloud Messaging (HTTP v1); off if absent.
+    pub fcm: Option<FcmConfig>,
+}
+
+/// `[push.fcm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The service account's JSON key file (Firebase console → Project settings → Service
+    /// accounts → Generate new private key): `project_id`, `client_email`, `private_key`
+    /// (RSA, PKCS#8 PEM), `private_key_id`, `token_uri` are used.
+    pub service_account_file: PathBuf,
+    /// The FCM API's base URL.
+    #[serde(default = "default_fcm_endpoint")]
+    pub endpoint: String,
+    /// The OAuth2 token endpoint, instead of the key file's `token_uri`.
+    #[serde(default)]
+    pub token_uri: Option<String>,
+}
+
+fn default_fcm_endpoint() -> String {
+    "https://fcm.googleapis.com".to_owned()
+}
+
+/// `[push.web_push]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushConfig {
+    /// The VAPID key pair's private key: a P-256 key in PKCS#8, PEM (`-----BEGIN PRIVATE
+    /// KEY-----`), e.g. `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`.
+    /// Its public key is the application server key the web app subscribes with.
+    pub vapid_private_key_file: PathBuf,
+    /// The VAPID `sub` claim: a `mailto:` or `https:` contact for the push service's operator.
+    pub vapid_subject: String,
+    /// How long the push service keeps an undelivered notification (`TTL`), in seconds.
+    #[serde(default = "default_ttl_s")]
+    pub ttl_s: u32,
+    /// Send to subscription endpoints on loopback, private, link-local or CGNAT addresses.
+    /// Off by default: the endpoint comes from a client, and the server would otherwise POST
+    /// wherever a client points it inside the operator's network (such a subscription's token
+    /// is removed instead). Only for tests and closed networks with their own push service.
+    #[serde(default)]
+    pub dangerous_allow_private_endpoints: bool,
+}
+
+fn default_ttl_s() -> u32 {
+    86_400
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            grace_ms: 2_000,
+            collapse_ms: 60_000,
+            outbox_entries_max: 1_000_000,
+            queue_notices_max: 65_536,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+            attempts_max: 10,
+            request_timeout_ms: 10_000,
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            web_push: None,
+            fcm: None,
+        }
+    }
+}
+
+impl PushConfig {
+    /// Whether a provider is configured (then the notifier runs).
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        self.web_push.is_some() || self.fcm.is_some()
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if !(50..=3_600_000).contains(&self.grace_ms) {
+            return bad("push.grace_ms", "must be between 50 and 3600000");
+        }
+        if self.collapse_ms > 86_400_000 {
+            return bad("push.collapse_ms", "at most 86400000 (a day)");
+        }
+        if !(1..=100_000_000).contains(&self.outbox_entries_max) {
+            return bad("push.outbox_entries_max", "must be between 1 and 100000000");
+        }
+        if !(1..=10_000_000).contains(&self.queue_notices_max) {
+            return bad("push.queue_notices_max", "must be between 1 and 10000000");
+        }
+        if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return bad(
+                "push.retry_base_ms",
+                "must be at least 1 and at most push.retry_max_ms",
+            );
+        }
+        if self.attempts_max == 0 || self.attempts_max > 100 {
+            return bad("push.attempts_max", "must be between 1 and 100");
+        }
+        if !(100..=120_000).contains(&self.request_timeout_ms) {
+            return bad("push.request_timeout_ms", "must be between 100 and 120000");
+        }
+        if let Some(w) = &self.web_push {
+            if !(w.vapid_subject.starts_with("mailto:") || w.vapid_subject.starts_with("https:")) {
+                return bad(
+                    "push.web_push.vapid_subject",
+                    "must be a mailto: or https: URI",
+                );
+            }
+            if w.ttl_s > 28 * 86_400 {
+                return bad("push.web_push.ttl_s", "at most 2419200 (28 days)");
+            }
+        }
+        if let Some(f) = &self.fcm {
+            if !f.endpoint.starts_with("https://") {
+                return bad("push.fcm.endpoint", "must be an https:// URL");
+            }
+            if f.token_uri
+                .as_ref()
+                .is_some_and(|t| !t.starts_with("https://"))
+            {
+                return bad("push.fcm.token_uri", "must be an https:// URL");
+            }
+        }
+        Ok(())
+    }
+}
