@@ -1,4 +1,4 @@
-//! Compiles `proto/starling.proto` in pure Rust (protox: no system `protoc`),
+//! Compiles `proto/starling.proto` (and the files it imports) in pure Rust (protox: no system `protoc`),
 //! generates the prost types, writes the file descriptor set (for reflection
 //! and golden-vector tests), and generates `FrameKind`, one variant per
 //! `Frame.body` case.
@@ -7,8 +7,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The entry point; it imports the other files of the package publicly.
     let proto = "proto/starling.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build.rs");
 
     let descriptors = protox::compile([proto], ["proto"])?;

@@ -17,11 +17,13 @@ FRAME_BYTES_MAX_DEFAULT = 65536
 
 
 def generate_python(proto_dir):
-    """Compiles starling.proto into a temporary directory and imports it."""
+    """Compiles the package's .proto files into a temporary directory and imports
+    starling.proto's module (which re-exports the others: they are imported publicly)."""
     out = tempfile.mkdtemp(prefix="starling-pb-")
+    files = sorted(os.path.join(proto_dir, f) for f in os.listdir(proto_dir) if f.endswith(".proto"))
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}",
-         f"--python_out={out}", os.path.join(proto_dir, "starling.proto")],
+         f"--python_out={out}", *files],
         check=True)
     sys.path.insert(0, out)
     import starling_pb2  # noqa: E402  (generated just now)

@@ -1,6 +1,6 @@
 //! The optional features a server lists in `Welcome.features`, by name, and
 //! which frame kinds each covers. The registry is documented on
-//! `Welcome.features` in `proto/starling.proto`; a test checks that the two
+//! `Welcome.features` in `proto/connection.proto`; a test checks that the two
 //! agree.
 
 use crate::FrameKind;
@@ -89,7 +89,7 @@ mod tests {
 
     /// The names listed on `Welcome.features` in the `.proto`, in order.
     fn proto_registry() -> Vec<String> {
-        let proto = include_str!("../proto/starling.proto");
+        let proto = include_str!("../proto/connection.proto");
         let start = proto
             .find("The registry of names")
             .expect("the registry comment on Welcome.features");

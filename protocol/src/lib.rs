@@ -1,6 +1,6 @@
 //! # starling-protocol
 //!
-//! **Owns:** the wire protocol: the schema (`proto/starling.proto`, package
+//! **Owns:** the wire protocol: the schema (`proto/*.proto`, entry `starling.proto`, package
 //! `starling.v1`), the Rust types generated from it ([`v1`]), the frame codec
 //! ([`FrameDecoder`], [`FrameEncoder`], and the writers the router encodes its
 //! outbound frames with: [`put_framed`], [`put_deliver_framed`],

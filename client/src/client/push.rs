@@ -7,7 +7,7 @@ use super::Client;
 use crate::error::ClientError;
 
 /// A device's push token, per push service (what `RegisterPushToken` carries; the server's
-/// checks are specified on it in `starling.proto`).
+/// checks are specified on it in `push.proto`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushToken {
     /// Apple Push Notification service.

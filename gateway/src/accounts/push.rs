@@ -1,6 +1,6 @@
 //! RegisterPushToken's input, parsed: a device's push token checked against the form its
 //! platform gives it, so that the notifier never meets a token it cannot address. What each
-//! platform accepts is specified on `RegisterPushToken` in `proto/starling.proto`.
+//! platform accepts is specified on `RegisterPushToken` in `proto/push.proto`.
 //!
 //! - APNs: the device token in hex (32 to 100 bytes; stored lower-case); `app_id` (the
 //!   `apns-topic`, the app's bundle id) is required; `sandbox` picks the development

@@ -1,7 +1,7 @@
 //! Grant URLs: `{base}/v1/media/{id}?size=..&type=..&exp=..&sig=..` (upload) and
 //! `{base}/v1/media/{id}?exp=..&sig=..` (download), `sig` the hex HMAC-SHA256 under the server's
 //! media key of `"PUT\n" id "\n" size "\n" type "\n" exp` or `"GET\n" id "\n" exp`
-//! (`protocol/proto/starling.proto`, "media"). Verification is constant-time (ring).
+//! (`protocol/proto/media.proto`). Verification is constant-time (ring).
 
 use ring::hmac;
 

@@ -670,7 +670,7 @@ fn stream_until_goodbye(
             }
             (Some(Body::Error(e)), Some(i)) if e.code == ErrorCode::StorageFailure as i32 => {
                 failures += 1;
-                // The contract (starling.proto, ERROR_CODE_STORAGE_FAILURE): unknown unless
+                // The contract (connection.proto, ERROR_CODE_STORAGE_FAILURE): unknown unless
                 // the server says this Send stored nothing.
                 let o = if e.message == starling_router::STORAGE_NOT_STORED
                     || e.message == starling_router::STORAGE_SHARD_FAILED
