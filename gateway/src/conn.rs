@@ -933,7 +933,7 @@ impl Conn {
     /// The feature `body` needs if this server does not offer it.
     fn unsupported(&self, body: &Body) -> Option<&'static str> {
         let feature = starling_protocol::features::of(body.kind())?;
-        (!self.shard.features().contains(&feature)).then_some(feature)
+        (!self.shard.offers(feature)).then_some(feature)
     }
 
     fn not_supported(&mut self, rid: u64, body: &Body, feature: &str) {
@@ -950,9 +950,7 @@ impl Conn {
 
     /// Whether this server offers the key directory (`e2e_keys`).
     fn offers_keys(&self) -> bool {
-        self.shard
-            .features()
-            .contains(&starling_protocol::features::E2E_KEYS)
+        self.shard.offers(starling_protocol::features::E2E_KEYS)
     }
 
     async fn granted(&mut self, rid: u64, r: Result<Granted, ApiError>) {
@@ -1017,8 +1015,8 @@ impl Conn {
             features: self
                 .shard
                 .features()
-                .iter()
-                .map(|&f| f.to_owned())
+                .into_iter()
+                .map(str::to_owned)
                 .collect(),
         };
         let idle = u64::from(limits.idle_timeout_ms);

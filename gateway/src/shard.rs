@@ -336,54 +336,31 @@ impl Shard {
         }
     }
 
-    /// The optional features this server offers (`Welcome.features`; the registry is
-    /// `starling_protocol::features`).
+    /// Whether this server offers `feature` (a name of the registry,
+    /// `starling_protocol::features`): signing in and contact discovery always; the rest with
+    /// messaging; media with its endpoint; the key directory when it runs.
     #[must_use]
-    pub fn features(&self) -> &'static [&'static str] {
+    pub fn offers(&self, feature: &str) -> bool {
         use starling_protocol::features::{
-            BLOCK, CONTACT_DISCOVERY, CONVERSATION_LIST, E2E_KEYS, GROUPS, HISTORY, MEDIA,
-            MESSAGING, PASSWORD_LOGIN, PRESENCE, PROFILES, PUSH, TYPING,
+            ALL, CONTACT_DISCOVERY, E2E_KEYS, MEDIA, PASSWORD_LOGIN,
         };
-        /// Messaging's features (push included), then the key directory's and the media
-        /// endpoint's.
-        const ALL: [&str; 13] = [
-            MESSAGING,
-            HISTORY,
-            CONVERSATION_LIST,
-            BLOCK,
-            PASSWORD_LOGIN,
-            CONTACT_DISCOVERY,
-            GROUPS,
-            PRESENCE,
-            TYPING,
-            PROFILES,
-            PUSH,
-            E2E_KEYS,
-            MEDIA,
-        ];
-        const WITH_MEDIA_NO_KEYS: [&str; 12] = [
-            MESSAGING,
-            HISTORY,
-            CONVERSATION_LIST,
-            BLOCK,
-            PASSWORD_LOGIN,
-            CONTACT_DISCOVERY,
-            GROUPS,
-            PRESENCE,
-            TYPING,
-            PROFILES,
-            PUSH,
-            MEDIA,
-        ];
-        if self.router.is_none() {
-            return &[PASSWORD_LOGIN, CONTACT_DISCOVERY];
+        match feature {
+            PASSWORD_LOGIN | CONTACT_DISCOVERY => true,
+            _ if self.router.is_none() => false,
+            MEDIA => self.shared.media.is_some(),
+            E2E_KEYS => self.shared.keys.is_some(),
+            f => ALL.contains(&f),
         }
-        match (self.shared.keys.is_some(), self.shared.media.is_some()) {
-            (true, true) => &ALL,
-            (true, false) => &ALL[..12],
-            (false, true) => &WITH_MEDIA_NO_KEYS,
-            (false, false) => &ALL[..11],
-        }
+    }
+
+    /// The optional features this server offers (`Welcome.features`), in the registry's order.
+    #[must_use]
+    pub fn features(&self) -> Vec<&'static str> {
+        starling_protocol::features::ALL
+            .iter()
+            .copied()
+            .filter(|f| self.offers(f))
+            .collect()
     }
 
     /// This shard's counters.

@@ -288,8 +288,8 @@ fn welcome_lists_features_and_other_requests_are_not_supported() {
             "presence",
             "typing",
             "profiles",
-            "push",
-            "e2e_keys"
+            "e2e_keys",
+            "push"
         ]
     );
     for f in &w.features {
