@@ -41,7 +41,7 @@ pub struct WebPush {
 }
 
 /// Reads a PKCS#8 key from PEM (`-----BEGIN PRIVATE KEY-----`) or DER.
-fn pkcs8(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub(super) fn pkcs8(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Ok(bytes.to_vec());
     };
