@@ -211,13 +211,16 @@ impl Apns {
         Ok(sender)
     }
 
-    /// Posts one notification; the status, `Retry-After` (s) and body.
+    /// Posts one notification; the status, `Retry-After` (s) and body, or why there is none
+    /// and whether it failed on a connection that was already open (which APNs may have
+    /// closed meanwhile: worth one more try on a new one).
     fn post(
         &mut self,
         sandbox: bool,
         req: http::Request<Full<Bytes>>,
-    ) -> Result<(u16, Option<u64>, String), String> {
+    ) -> Result<(u16, Option<u64>, String), (String, bool)> {
         let existing = self.conns.get(&sandbox).filter(|s| !s.is_closed()).cloned();
+        let reused = existing.is_some();
         let url = if sandbox {
             &self.sandbox
         } else {
@@ -284,7 +287,7 @@ impl Apns {
                 self.conns.remove(&sandbox);
             }
         }
-        answer
+        answer.map_err(|why| (why, reused))
     }
 
     /// What an APNs answer means.
@@ -339,22 +342,33 @@ impl Provider for Apns {
         } else {
             now_ms / 1000 + u64::from(self.ttl_s)
         };
-        let req = http::Request::post(uri)
-            .header("authorization", format!("bearer {jwt}"))
-            .header("apns-topic", &token.app_id)
-            .header("apns-push-type", "alert")
-            .header("apns-priority", "10")
-            .header("apns-expiration", expiration.to_string())
-            .header("apns-collapse-id", n.collapse_key())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(Self::payload(n))));
-        let req = match req {
-            Ok(r) => r,
-            Err(e) => return Outcome::Failed(format!("APNs request: {e}")),
+        let payload = Bytes::from(Self::payload(n));
+        let build = || {
+            http::Request::post(&uri)
+                .header("authorization", format!("bearer {jwt}"))
+                .header("apns-topic", &token.app_id)
+                .header("apns-push-type", "alert")
+                .header("apns-priority", "10")
+                .header("apns-expiration", expiration.to_string())
+                .header("apns-collapse-id", n.collapse_key())
+                .header("content-type", "application/json")
+                .body(Full::new(payload.clone()))
+                .map_err(|e| format!("APNs request: {e}"))
         };
-        match self.post(token.sandbox, req) {
+        let mut answer = match build() {
+            Ok(req) => self.post(token.sandbox, req),
+            Err(why) => return Outcome::Failed(why),
+        };
+        if let Err((why, true)) = &answer {
+            tracing::info!(%why, "APNs connection lost: sending again on a new one");
+            answer = match build() {
+                Ok(req) => self.post(token.sandbox, req),
+                Err(why) => return Outcome::Failed(why),
+            };
+        }
+        match answer {
             Ok((status, retry_after, body)) => self.verdict(status, retry_after, &body),
-            Err(why) => Outcome::Retry {
+            Err((why, _)) => Outcome::Retry {
                 after_ms: None,
                 why,
             },
