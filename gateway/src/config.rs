@@ -15,7 +15,7 @@ mod router;
 
 pub use keys::KeysConfig;
 pub use media::MediaConfig;
-pub use push::{FcmConfig, PushConfig, WebPushConfig};
+pub use push::{ApnsConfig, FcmConfig, PushConfig, WebPushConfig};
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.

@@ -1052,6 +1052,8 @@ mod messaging;
 mod presence;
 #[path = "server/push.rs"]
 mod push;
+#[path = "server/push_apns.rs"]
+mod push_apns;
 #[path = "server/push_fcm.rs"]
 mod push_fcm;
 #[path = "server/push_web.rs"]

@@ -41,6 +41,39 @@ pub struct PushConfig {
     pub web_push: Option<WebPushConfig>,
     /// Firebase Cloud Messaging (HTTP v1); off if absent.
     pub fcm: Option<FcmConfig>,
+    /// Apple Push Notification service (HTTP/2, token-based auth); off if absent.
+    pub apns: Option<ApnsConfig>,
+}
+
+/// `[push.apns]`: token-based authentication with a signing key of the Apple developer
+/// account (Certificates, Identifiers & Profiles → Keys → Apple Push Notifications service).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// The team id (10 characters, the provider JWT's `iss`).
+    pub team_id: String,
+    /// The key's id (10 characters, the provider JWT's `kid`).
+    pub key_id: String,
+    /// The `.p8` file Apple hands out for the key: a P-256 key in PKCS#8, PEM.
+    pub key_file: PathBuf,
+    /// The production APNs base URL (tokens registered without `sandbox`).
+    #[serde(default = "default_apns_endpoint")]
+    pub endpoint: String,
+    /// The development APNs base URL (tokens registered with `sandbox`).
+    #[serde(default = "default_apns_sandbox_endpoint")]
+    pub sandbox_endpoint: String,
+    /// How long APNs keeps an undelivered notification (`apns-expiration` = now + this), in
+    /// seconds; 0: delivered only if the device is reachable at once.
+    #[serde(default = "default_ttl_s")]
+    pub ttl_s: u32,
+}
+
+fn default_apns_endpoint() -> String {
+    "https://api.push.apple.com".to_owned()
+}
+
+fn default_apns_sandbox_endpoint() -> String {
+    "https://api.sandbox.push.apple.com".to_owned()
 }
 
 /// `[push.fcm]`.
@@ -102,6 +135,7 @@ impl Default for PushConfig {
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,
             fcm: None,
+            apns: None,
         }
     }
 }
@@ -110,7 +144,7 @@ impl PushConfig {
     /// Whether a provider is configured (then the notifier runs).
     #[must_use]
     pub fn enabled(&self) -> bool {
-        self.web_push.is_some() || self.fcm.is_some()
+        self.web_push.is_some() || self.fcm.is_some() || self.apns.is_some()
     }
 
     /// Checks every value.
@@ -165,6 +199,26 @@ impl PushConfig {
                 .is_some_and(|t| !t.starts_with("https://"))
             {
                 return bad("push.fcm.token_uri", "must be an https:// URL");
+            }
+        }
+        if let Some(a) = &self.apns {
+            let id = |s: &str| {
+                !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+            };
+            if !id(&a.team_id) {
+                return bad("push.apns.team_id", "must be the team id (A-Z 0-9)");
+            }
+            if !id(&a.key_id) {
+                return bad("push.apns.key_id", "must be the key id (A-Z 0-9)");
+            }
+            if !a.endpoint.starts_with("https://") {
+                return bad("push.apns.endpoint", "must be an https:// URL");
+            }
+            if !a.sandbox_endpoint.starts_with("https://") {
+                return bad("push.apns.sandbox_endpoint", "must be an https:// URL");
+            }
+            if a.ttl_s > 28 * 86_400 {
+                return bad("push.apns.ttl_s", "at most 2419200 (28 days)");
             }
         }
         Ok(())

@@ -46,8 +46,7 @@ pub struct Fcm {
     token_uri: String,
     send_url: Url,
     access: Option<(String, u64)>,
-    tls: Arc<rustls::ClientConfig>,
-    timeout: Duration,
+    http: http::Client,
     rng: SystemRandom,
 }
 
@@ -106,8 +105,7 @@ impl Fcm {
             token_uri,
             send_url,
             access: None,
-            tls,
-            timeout,
+            http: http::Client::new(tls, timeout),
             rng: SystemRandom::new(),
         })
     }
@@ -156,17 +154,12 @@ impl Fcm {
             "Content-Type",
             "application/x-www-form-urlencoded".to_owned(),
         )];
-        let r = http::post(
-            &self.tls,
-            &self.token_url,
-            &headers,
-            body.as_bytes(),
-            self.timeout,
-            http::Reach::Any,
-        )
-        .map_err(|e| match e {
-            http::PostError::Refused(why) | http::PostError::Failed(why) => retry(why),
-        })?;
+        let r = self
+            .http
+            .post(&self.token_url, &headers, body.as_bytes(), http::Reach::Any)
+            .map_err(|e| match e {
+                http::PostError::Refused(why) | http::PostError::Failed(why) => retry(why),
+            })?;
         if r.status != 200 {
             // A refused assertion is the operator's to fix; retried (and dead-lettered after
             // push.attempts_max) rather than dropped.
@@ -219,14 +212,10 @@ impl Provider for Fcm {
             ("Authorization", format!("Bearer {access}")),
             ("Content-Type", "application/json".to_owned()),
         ];
-        let r = match http::post(
-            &self.tls,
-            &self.send_url,
-            &headers,
-            body.as_bytes(),
-            self.timeout,
-            http::Reach::Any,
-        ) {
+        let r = match self
+            .http
+            .post(&self.send_url, &headers, body.as_bytes(), http::Reach::Any)
+        {
             Ok(r) => r,
             Err(http::PostError::Refused(why) | http::PostError::Failed(why)) => {
                 return Outcome::Retry {

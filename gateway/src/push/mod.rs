@@ -16,10 +16,12 @@
 //!   a notification; otherwise the provider sends one naming the conversation, the seq and
 //!   the unread count (seq - the user's read cursor). 2xx: sent. 429, 5xx or no answer: retried
 //!   with exponential backoff and full jitter (at least `Retry-After`), up to
-//!   `push.attempts_max`. An invalid token (Web Push 404/410, FCM 404/UNREGISTERED) is removed. Other refusals go to
+//!   `push.attempts_max`. An invalid token (Web Push 404/410, FCM 404/UNREGISTERED, APNs 410 or 400
+//!   BadDeviceToken/Unregistered) is removed. Other refusals go to
 //!   the dead letters. The row is written before and after each send, so a crash sends a
 //!   notification at most once more (at least once), and a restart resumes from the rows.
 
+pub mod apns;
 pub mod fcm;
 pub mod http;
 pub mod webpush;
@@ -250,6 +252,9 @@ pub fn start(
     }
     if let Some(f) = &cfg.fcm {
         providers.push(Box::new(fcm::Fcm::new(f, tls.clone(), timeout)?));
+    }
+    if let Some(a) = &cfg.apns {
+        providers.push(Box::new(apns::Apns::new(a, &tls, timeout)?));
     }
     let rows = meta.outbox_load()?;
     let dead = meta.dead_letters_count()?;

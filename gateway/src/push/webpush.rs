@@ -34,14 +34,13 @@ pub struct WebPush {
     public_b64: String,
     subject: String,
     ttl_s: u32,
-    tls: Arc<rustls::ClientConfig>,
-    timeout: Duration,
+    http: http::Client,
     private_endpoints: bool,
     rng: SystemRandom,
 }
 
 /// Reads a PKCS#8 key from PEM (`-----BEGIN PRIVATE KEY-----`) or DER.
-fn pkcs8(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub(super) fn pkcs8(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Ok(bytes.to_vec());
     };
@@ -89,8 +88,7 @@ impl WebPush {
             key,
             subject: cfg.vapid_subject.clone(),
             ttl_s: cfg.ttl_s,
-            tls,
-            timeout,
+            http: http::Client::new(tls, timeout),
             private_endpoints: cfg.dangerous_allow_private_endpoints,
             rng,
         })
@@ -230,7 +228,7 @@ impl Provider for WebPush {
         } else {
             http::Reach::PublicOnly
         };
-        match http::post(&self.tls, &url, &headers, &body, self.timeout, reach) {
+        match self.http.post(&url, &headers, &body, reach) {
             // A subscription naming an internal host is never sent to (the server would be a
             // client's way into its own network): the token goes.
             Err(http::PostError::Refused(why)) => Outcome::InvalidToken(why),

@@ -149,6 +149,13 @@ fn offline_devices_get_one_content_free_fcm_message_per_interval() {
     );
     assert_eq!(to("cy").len(), 2, "503 then 200: {sends:?}");
     assert_eq!(to("dee").len(), 1, "UNREGISTERED: asked once: {sends:?}");
+    assert_eq!(
+        service
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the token exchange and every send share one kept-alive connection"
+    );
     send(&mut ana, 15, ids[0].user_id, "more secret words");
     assert!(
         service.collect(Duration::from_secs(1)).is_empty(),

@@ -128,6 +128,8 @@ pub(super) struct PushService {
     pub(super) ca_pem: PathBuf,
     got: Receiver<Pushed>,
     scripts: Arc<Mutex<HashMap<String, Vec<u16>>>>,
+    /// TLS connections accepted.
+    pub(super) connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PushService {
@@ -162,11 +164,14 @@ impl PushService {
         let (tx, got) = std::sync::mpsc::channel();
         let scripts: Arc<Mutex<HashMap<String, Vec<u16>>>> = Arc::default();
         let s = scripts.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = connections.clone();
         std::thread::spawn(move || {
             for tcp in listener.incoming() {
                 let Ok(tcp) = tcp else { return };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (cfg, tx, s) = (cfg.clone(), tx.clone(), s.clone());
-                std::thread::spawn(move || serve_one(tcp, cfg, &tx, &s));
+                std::thread::spawn(move || serve(tcp, cfg, &tx, &s));
             }
         });
         PushService {
@@ -174,6 +179,7 @@ impl PushService {
             ca_pem,
             got,
             scripts,
+            connections,
         }
     }
 
@@ -202,23 +208,29 @@ impl PushService {
     }
 }
 
-fn serve_one(
+/// Serves the requests of one connection (keep-alive) until the client closes it.
+fn serve(
     tcp: TcpStream,
     cfg: Arc<rustls::ServerConfig>,
     tx: &Sender<Pushed>,
     scripts: &Mutex<HashMap<String, Vec<u16>>>,
 ) {
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let conn = rustls::ServerConnection::new(cfg).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
     let mut raw = Vec::new();
+    while serve_one(&mut s, &mut raw, tx, scripts) {}
+}
+
+/// One request; whether the connection stays open.
+fn serve_one(
+    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    raw: &mut Vec<u8>,
+    tx: &Sender<Pushed>,
+    scripts: &Mutex<HashMap<String, Vec<u16>>>,
+) -> bool {
     let mut buf = [0u8; 4096];
     let (head, body) = loop {
-        let Ok(n) = s.read(&mut buf) else { return };
-        if n == 0 {
-            return;
-        }
-        raw.extend_from_slice(&buf[..n]);
         if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8(raw[..i].to_vec()).unwrap();
             let len: usize = head
@@ -230,9 +242,18 @@ fn serve_one(
                 })
                 .unwrap_or(0);
             if raw.len() >= i + 4 + len {
-                break (head, raw[i + 4..i + 4 + len].to_vec());
+                let body = raw[i + 4..i + 4 + len].to_vec();
+                raw.drain(..i + 4 + len);
+                break (head, body);
             }
         }
+        let Ok(n) = s.read(&mut buf) else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        raw.extend_from_slice(&buf[..n]);
     };
     let mut lines = head.lines();
     let request_line = lines.next().unwrap().to_owned();
@@ -270,17 +291,16 @@ fn serve_one(
     };
     let _ = write!(
         s,
-        "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\n\r\n{answer}",
         answer.len()
     );
-    let _ = s.flush();
-    s.conn.send_close_notify();
     let _ = s.flush();
     let _ = tx.send(Pushed {
         path,
         headers,
         body,
     });
+    true
 }
 
 /// The VAPID key the server signs with, and the config naming it and the push service's CA.
@@ -442,6 +462,13 @@ fn offline_devices_get_one_content_free_web_push_per_interval_retried_or_dropped
     assert_eq!(check(cy[1], &v, service.port, &cy_ua)["seq"], 1);
     // 410: asked once, then the token is gone.
     assert_eq!(on("/sub/dee").len(), 1, "{got:?}");
+    // Every request to the one push service went over one kept-alive connection.
+    assert_eq!(
+        service
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
     // Within the collapse interval: nothing more for Ben.
     send(&mut ana, 15, ids[0].user_id, "more secret words");
     assert!(

@@ -1,0 +1,524 @@
+//! APNs: a notification is `POST /3/device/<token>` over HTTP/2 (ALPN `h2`; APNs speaks
+//! nothing else) to the production or, for a token registered with `sandbox`, the development
+//! endpoint, authenticated with a provider token: an ES256 JWT (`iss` the team id, `iat`;
+//! header `kid` the key id) signed with the account's `.p8` key, reused for 50 minutes and
+//! never renewed more often than every 20 (APNs refuses faster renewals with
+//! `TooManyProviderTokenUpdates`).
+//!
+//! hyper's HTTP/2 client runs on a tokio runtime of this provider's own (one worker thread,
+//! `starling-apns`, which drives the connections); the notifier's thread waits on it for each
+//! answer. One persistent connection per endpoint, reopened when it closes.
+//!
+//! The notification is an alert (`apns-push-type: alert`, priority 10) with
+//! `mutable-content: 1` and a localizable placeholder text: the app's notification service
+//! extension fetches and decrypts the conversation's latest entries and replaces it. A
+//! background push (`content-available`) would be throttled by iOS to a few an hour and never
+//! reach a force-quit app.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+
+use super::http::Url;
+use super::{Notification, Outcome, Provider};
+use crate::config::ApnsConfig;
+use starling_storage::meta::PushToken;
+
+/// A provider token is renewed once it is this old (APNs refuses one older than an hour).
+const JWT_REFRESH_MS: u64 = 50 * 60 * 1000;
+/// A provider token is never renewed before it is this old.
+const JWT_MIN_AGE_MS: u64 = 20 * 60 * 1000;
+/// Bytes of an answer's body read at most.
+const RESPONSE_BYTES_MAX: usize = 16 * 1024;
+/// The alert's localization key (the app's `Localizable.strings` says what it reads).
+pub const ALERT_LOC_KEY: &str = "STARLING_NEW_MESSAGES";
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The provider token and when it was signed.
+#[derive(Debug, Clone)]
+struct Jwt {
+    token: String,
+    issued_ms: u64,
+    /// APNs said it expired: renew it as soon as [`JWT_MIN_AGE_MS`] allows.
+    stale: bool,
+}
+
+/// The APNs provider.
+pub struct Apns {
+    key: EcdsaKeyPair,
+    team_id: String,
+    key_id: String,
+    production: Url,
+    sandbox: Url,
+    ttl_s: u32,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    rng: SystemRandom,
+    jwt: Option<Jwt>,
+    rt: tokio::runtime::Runtime,
+    /// One HTTP/2 connection per endpoint (`true`: sandbox).
+    conns: HashMap<bool, SendRequest<Full<Bytes>>>,
+    /// Connections opened (a metric of reuse, for tests and logs).
+    connections_opened: u64,
+}
+
+impl std::fmt::Debug for Apns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apns")
+            .field("team_id", &self.team_id)
+            .field("key_id", &self.key_id)
+            .field("production", &self.production)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Apns {
+    /// The provider of `[push.apns]`, checking APNs' certificates with the roots of `tls`.
+    pub fn new(
+        cfg: &ApnsConfig,
+        tls: &rustls::ClientConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let path = &cfg.key_file;
+        let what = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("push.apns.key_file {}: {e}", path.display())
+        };
+        let bytes = std::fs::read(path).map_err(|e| what(&e))?;
+        let der = super::webpush::pkcs8(&bytes).map_err(|e| what(&e))?;
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+            .map_err(|e| what(&format!("not a P-256 PKCS#8 key ({e})")))?;
+        let production =
+            Url::parse(&cfg.endpoint).map_err(|e| anyhow::anyhow!("push.apns.endpoint: {e}"))?;
+        let sandbox = Url::parse(&cfg.sandbox_endpoint)
+            .map_err(|e| anyhow::anyhow!("push.apns.sandbox_endpoint: {e}"))?;
+        let mut tls = tls.clone();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("starling-apns")
+            .enable_io()
+            .enable_time()
+            .build()?;
+        Ok(Self {
+            key,
+            team_id: cfg.team_id.clone(),
+            key_id: cfg.key_id.clone(),
+            production,
+            sandbox,
+            ttl_s: cfg.ttl_s,
+            tls: Arc::new(tls),
+            timeout,
+            rng,
+            jwt: None,
+            rt,
+            conns: HashMap::new(),
+            connections_opened: 0,
+        })
+    }
+
+    /// The provider token to send with, renewed when it is 50 minutes old, or when APNs said
+    /// it expired and it is at least 20 minutes old.
+    fn provider_token(&mut self, now_ms: u64) -> Result<String, String> {
+        if let Some(j) = &self.jwt {
+            let age = now_ms.saturating_sub(j.issued_ms);
+            let renew = age >= JWT_REFRESH_MS || (j.stale && age >= JWT_MIN_AGE_MS);
+            if !renew {
+                return Ok(j.token.clone());
+            }
+        }
+        let iat = now_ms / 1000;
+        let header = serde_json::json!({ "alg": "ES256", "kid": self.key_id });
+        let claims = serde_json::json!({ "iss": self.team_id, "iat": iat });
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = self
+            .key
+            .sign(&self.rng, input.as_bytes())
+            .map_err(|_| "signing the APNs provider token failed".to_owned())?;
+        let token = format!("{input}.{}", b64(sig.as_ref()));
+        self.jwt = Some(Jwt {
+            token: token.clone(),
+            issued_ms: now_ms,
+            stale: false,
+        });
+        Ok(token)
+    }
+
+    /// The JSON payload: a placeholder alert the app replaces, and the content-free fields.
+    #[must_use]
+    pub fn payload(n: &Notification) -> String {
+        serde_json::json!({
+            "aps": {
+                "alert": { "loc-key": ALERT_LOC_KEY },
+                "mutable-content": 1,
+                "thread-id": n.collapse_key(),
+            },
+            "v": 1,
+            "conversation_id": n.conversation_id.to_string(),
+            "seq": n.seq,
+            "unread_count": n.unread_count,
+        })
+        .to_string()
+    }
+
+    /// The connection to `sandbox`'s endpoint: the open one, or a new one.
+    async fn connection(
+        tls: Arc<rustls::ClientConfig>,
+        url: &Url,
+    ) -> Result<SendRequest<Full<Bytes>>, String> {
+        let origin = url.origin();
+        let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| format!("connecting to {origin}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| format!("{origin}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {origin}: {e}"))?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(format!("{origin} did not agree to HTTP/2 (ALPN h2)"));
+        }
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 with {origin}: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::info!(error = %e, "APNs connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Posts one notification; the status, `Retry-After` (s) and body, or why there is none
+    /// and whether it failed on a connection that was already open (which APNs may have
+    /// closed meanwhile: worth one more try on a new one).
+    fn post(
+        &mut self,
+        sandbox: bool,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<(u16, Option<u64>, String), (String, bool)> {
+        let existing = self.conns.get(&sandbox).filter(|s| !s.is_closed()).cloned();
+        let reused = existing.is_some();
+        let url = if sandbox {
+            &self.sandbox
+        } else {
+            &self.production
+        };
+        let tls = self.tls.clone();
+        let url = url.clone();
+        let timeout = self.timeout;
+        let (sender, fresh, answer) = self.rt.block_on(async move {
+            let work = async {
+                let (mut sender, fresh) = match existing {
+                    Some(s) => (s, false),
+                    None => (Self::connection(tls, &url).await?, true),
+                };
+                let answer = async {
+                    sender
+                        .ready()
+                        .await
+                        .map_err(|e| format!("APNs connection: {e}"))?;
+                    let resp = sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| format!("APNs request: {e}"))?;
+                    let status = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse().ok());
+                    let body = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+                        .collect()
+                        .await
+                        .map_err(|e| format!("APNs answer: {e}"))?
+                        .to_bytes();
+                    Ok::<_, String>((
+                        status,
+                        retry_after,
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ))
+                }
+                .await;
+                Ok::<_, String>((sender, fresh, answer))
+            };
+            match tokio::time::timeout(timeout, work).await {
+                Ok(Ok((s, fresh, a))) => (Some(s), fresh, a),
+                Ok(Err(e)) => (None, false, Err(e)),
+                Err(_) => (None, false, Err(format!("no answer within {timeout:?}"))),
+            }
+        });
+        if fresh {
+            self.connections_opened += 1;
+            tracing::info!(
+                sandbox,
+                opened = self.connections_opened,
+                "APNs connection opened"
+            );
+        }
+        match (&sender, &answer) {
+            (Some(s), Ok(_)) => {
+                self.conns.insert(sandbox, s.clone());
+            }
+            _ => {
+                // A failed request may have left the connection broken: open a new one next.
+                self.conns.remove(&sandbox);
+            }
+        }
+        answer.map_err(|why| (why, reused))
+    }
+
+    /// What an APNs answer means.
+    fn verdict(&mut self, status: u16, retry_after_s: Option<u64>, body: &str) -> Outcome {
+        let reason = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let why = format!("{status} {reason}").trim().to_owned();
+        match (status, reason.as_str()) {
+            (200, _) => Outcome::Sent,
+            (410, _) | (400, "BadDeviceToken" | "Unregistered") => Outcome::InvalidToken(why),
+            (403, "ExpiredProviderToken") => {
+                if let Some(j) = &mut self.jwt {
+                    j.stale = true;
+                }
+                Outcome::Retry {
+                    after_ms: None,
+                    why,
+                }
+            }
+            (429 | 500..=599, _) => Outcome::Retry {
+                after_ms: retry_after_s.map(|s| s.saturating_mul(1000)),
+                why,
+            },
+            _ => Outcome::Failed(why),
+        }
+    }
+}
+
+impl Provider for Apns {
+    fn name(&self) -> &'static str {
+        "apns"
+    }
+
+    fn send(&mut self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
+        let Ok(device) = std::str::from_utf8(&token.token) else {
+            return Outcome::InvalidToken("the stored token is not UTF-8".into());
+        };
+        let jwt = match self.provider_token(now_ms) {
+            Ok(j) => j,
+            Err(why) => return Outcome::Failed(why),
+        };
+        let url = if token.sandbox {
+            &self.sandbox
+        } else {
+            &self.production
+        };
+        let uri = format!("{}/3/device/{device}", url.origin());
+        let expiration = if self.ttl_s == 0 {
+            0
+        } else {
+            now_ms / 1000 + u64::from(self.ttl_s)
+        };
+        let payload = Bytes::from(Self::payload(n));
+        let build = || {
+            http::Request::post(&uri)
+                .header("authorization", format!("bearer {jwt}"))
+                .header("apns-topic", &token.app_id)
+                .header("apns-push-type", "alert")
+                .header("apns-priority", "10")
+                .header("apns-expiration", expiration.to_string())
+                .header("apns-collapse-id", n.collapse_key())
+                .header("content-type", "application/json")
+                .body(Full::new(payload.clone()))
+                .map_err(|e| format!("APNs request: {e}"))
+        };
+        let mut answer = match build() {
+            Ok(req) => self.post(token.sandbox, req),
+            Err(why) => return Outcome::Failed(why),
+        };
+        if let Err((why, true)) = &answer {
+            tracing::info!(%why, "APNs connection lost: sending again on a new one");
+            answer = match build() {
+                Ok(req) => self.post(token.sandbox, req),
+                Err(why) => return Outcome::Failed(why),
+            };
+        }
+        match answer {
+            Ok((status, retry_after, body)) => self.verdict(status, retry_after, &body),
+            Err((why, _)) => Outcome::Retry {
+                after_ms: None,
+                why,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(dir: &std::path::Path) -> Apns {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
+        );
+        let key_file = dir.join("AuthKey.p8");
+        std::fs::write(&key_file, pem).unwrap();
+        let cfg = ApnsConfig {
+            team_id: "TEAM123456".into(),
+            key_id: "KEY1234567".into(),
+            key_file,
+            endpoint: "https://127.0.0.1:1".into(),
+            sandbox_endpoint: "https://127.0.0.1:2".into(),
+            ttl_s: 60,
+        };
+        let roots = rustls::RootCertStore::empty();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Apns::new(&cfg, &tls, Duration::from_secs(1)).unwrap()
+    }
+
+    #[test]
+    fn the_provider_token_lives_50_minutes_and_is_never_renewed_within_20() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = provider(dir.path());
+        let t0 = 1_000_000_000_000;
+        let a = p.provider_token(t0).unwrap();
+        assert_eq!(p.provider_token(t0 + 49 * 60_000).unwrap(), a, "reused");
+        // APNs says it expired, but it is younger than 20 minutes: kept, retried later.
+        assert!(matches!(
+            p.verdict(403, None, r#"{"reason":"ExpiredProviderToken"}"#),
+            Outcome::Retry { .. }
+        ));
+        let kept = p.provider_token(t0 + 60_000);
+        assert_eq!(kept.unwrap(), a);
+        let b = p.provider_token(t0 + 21 * 60_000).unwrap();
+        assert_ne!(
+            b, a,
+            "renewed after ExpiredProviderToken once 20 minutes old"
+        );
+        let t1 = t0 + 21 * 60_000;
+        assert_eq!(p.provider_token(t1 + 49 * 60_000).unwrap(), b);
+        assert_ne!(p.provider_token(t1 + 50 * 60_000).unwrap(), b, "50 minutes");
+        let (input, _) = b.rsplit_once('.').unwrap();
+        let (h, c) = input.split_once('.').unwrap();
+        let dec = |s: &str| -> serde_json::Value {
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(s)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            dec(h),
+            serde_json::json!({"alg":"ES256","kid":"KEY1234567"})
+        );
+        assert_eq!(
+            dec(c),
+            serde_json::json!({"iss":"TEAM123456","iat": t1 / 1000})
+        );
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = provider(dir.path());
+        assert_eq!(p.verdict(200, None, ""), Outcome::Sent);
+        for (status, body) in [
+            (410, r#"{"reason":"Unregistered","timestamp":1}"#),
+            (400, r#"{"reason":"BadDeviceToken"}"#),
+            (400, r#"{"reason":"Unregistered"}"#),
+        ] {
+            assert!(
+                matches!(p.verdict(status, None, body), Outcome::InvalidToken(_)),
+                "{status} {body}"
+            );
+        }
+        assert_eq!(
+            p.verdict(429, Some(3), r#"{"reason":"TooManyRequests"}"#),
+            Outcome::Retry {
+                after_ms: Some(3000),
+                why: "429 TooManyRequests".into()
+            }
+        );
+        assert!(matches!(p.verdict(503, None, ""), Outcome::Retry { .. }));
+        for (status, body) in [
+            (400, r#"{"reason":"BadTopic"}"#),
+            (403, r#"{"reason":"InvalidProviderToken"}"#),
+            (413, r#"{"reason":"PayloadTooLarge"}"#),
+        ] {
+            assert!(
+                matches!(p.verdict(status, None, body), Outcome::Failed(_)),
+                "{status} {body}"
+            );
+        }
+        let payload = Apns::payload(&Notification {
+            conversation_id: 7,
+            seq: 3,
+            unread_count: 2,
+        });
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(v["aps"]["mutable-content"], 1);
+        assert_eq!(v["aps"]["alert"]["loc-key"], ALERT_LOC_KEY);
+        assert_eq!(
+            (v["conversation_id"].as_str(), v["seq"].as_u64()),
+            (Some("7"), Some(3))
+        );
+    }
+
+    #[test]
+    fn no_answer_is_retried_and_no_connection_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = provider(dir.path());
+        let token = PushToken {
+            user: starling_storage::UserId(1),
+            device: starling_storage::DeviceId(1),
+            provider: "apns".into(),
+            token: b"00ff".to_vec(),
+            app_id: "org.example.chat".into(),
+            sandbox: false,
+            updated_ms: starling_storage::TimestampMs(0),
+        };
+        let n = Notification {
+            conversation_id: 1,
+            seq: 1,
+            unread_count: 1,
+        };
+        assert!(matches!(
+            p.send(&token, &n, 1_000_000),
+            Outcome::Retry { .. }
+        ));
+        assert!(p.conns.is_empty());
+    }
+}
