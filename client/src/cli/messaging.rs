@@ -100,6 +100,7 @@ pub(crate) async fn send(
 pub(crate) async fn history(
     out: &Out,
     client: &Client,
+    reader: &mut super::e2e::Reader,
     with: &str,
     limit: u32,
     before: Option<u64>,
@@ -108,7 +109,7 @@ pub(crate) async fn history(
     let anchor = before.map_or(HistoryAnchor::Latest, HistoryAnchor::Before);
     let page = client.history(conv, anchor, limit).await?;
     for m in &page.messages {
-        out.print(&sj::message(m));
+        out.print(&reader.message(m)?);
     }
     out.print(
         &json!({ "type": "history_end", "conversation_id": conv, "has_more": page.has_more }),
@@ -118,7 +119,12 @@ pub(crate) async fn history(
 
 /// Prints events until `Synced`; a refused Sync or a lost session is an
 /// error.
-pub(crate) async fn sync(out: &Out, mut events: Events, wait: Duration) -> Result<(), ClientError> {
+pub(crate) async fn sync(
+    out: &Out,
+    reader: &mut super::e2e::Reader,
+    mut events: Events,
+    wait: Duration,
+) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut last_disconnect = None;
     loop {
@@ -141,7 +147,7 @@ pub(crate) async fn sync(out: &Out, mut events: Events, wait: Duration) -> Resul
             }
             Some(Event::Disconnected { reason, .. }) => last_disconnect = Some(reason),
             Some(Event::Connected { .. }) => {}
-            Some(ev) => out.print(&sj::event(&ev)),
+            Some(ev) => out.print(&reader.event(&ev)?),
         }
     }
 }
