@@ -603,7 +603,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Cmd::Watch { for_secs } => {
             let (client, events) = start(&g, true)?;
-            let res = watch(&out, events, Duration::from_secs(for_secs)).await;
+            let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
+            let res = watch(&out, &mut reader, events, Duration::from_secs(for_secs)).await;
             client.shutdown().await;
             res?;
         }

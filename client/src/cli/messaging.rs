@@ -154,6 +154,7 @@ pub(crate) async fn sync(
 
 pub(crate) async fn watch(
     out: &Out,
+    reader: &mut super::e2e::Reader,
     mut events: Events,
     for_: Duration,
 ) -> Result<(), ClientError> {
@@ -162,7 +163,7 @@ pub(crate) async fn watch(
         let Some(ev) = ev else {
             return Err(ClientError::Stopped);
         };
-        out.print(&sj::event(&ev));
+        out.print(&reader.event(&ev)?);
         if let Event::LoggedOut { reason } = ev {
             return Err(ClientError::SessionLost(reason));
         }

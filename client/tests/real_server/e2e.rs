@@ -56,7 +56,29 @@ async fn e2e_messages_through_the_cli_and_a_blind_server() {
 
     let (ok, out) = ana.run(&["send", "--to", "+15550900002", "--text", "x", "--e2e"]);
     assert!(!ok, "no keys yet: {out:?}");
-    for c in [&ana, &ana2, &ben] {
+    assert_eq!(out[0]["type"], "error", "{out:?}");
+    assert!(
+        out[0]["message"].as_str().unwrap().contains("keys upload"),
+        "{out:?}"
+    );
+    let (ok, out) = ana.run(&["keys", "upload", "--one-time", "5"]);
+    assert!(ok, "{out:?}");
+    let (ok, out) = ana.run(&["send", "--to", "+15550900002", "--text", "x", "--e2e"]);
+    assert!(!ok, "ben has no keys yet: {out:?}");
+    assert!(
+        out[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no device to encrypt for"),
+        "{out:?}"
+    );
+    let (ok, out) = ana.run(&["send", "--to", "conv:1", "--text", "x", "--e2e"]);
+    assert!(!ok, "{out:?}");
+    assert!(
+        out[0]["message"].as_str().unwrap().contains("one user"),
+        "{out:?}"
+    );
+    for c in [&ana2, &ben] {
         let (ok, out) = c.run(&["keys", "upload", "--one-time", "5"]);
         assert!(ok, "{out:?}");
         assert_eq!(out[0]["one_time_prekeys"], 5);
