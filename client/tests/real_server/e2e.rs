@@ -7,10 +7,11 @@ use super::*;
 use starling_client::e2e::DeviceKeys;
 use starling_client::e2e::olm::CONTENT_TYPE;
 
-const SECRETS: [&str; 3] = [
+const SECRETS: [&str; 4] = [
     "first secret: the owl flies at midnight",
     "second secret: under the old oak",
     "third secret: never delivered intact",
+    "fourth secret: the sessions outlive the process",
 ];
 
 /// Every file under `dir`, raw bytes.
@@ -37,8 +38,9 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 /// Ana sends Ben two `--e2e` messages (a pre-key message, then a normal one on the same
 /// session); Ben reads both with `sync` and again with `history`, as does Ana's second
 /// device; no file of the server's data directory holds a plaintext, while the container's
-/// content type is there. A body tampered with is shown as undecryptable; `send --e2e`
-/// without keys is refused.
+/// content type is there. A body tampered with is shown as undecryptable, and the next
+/// message opens again (sessions persist across runs); `send --e2e` without keys, to a user
+/// without keys or to a conversation is refused.
 #[tokio::test]
 async fn e2e_messages_through_the_cli_and_a_blind_server() {
     let bin = server_binary();
@@ -184,6 +186,19 @@ async fn e2e_messages_through_the_cli_and_a_blind_server() {
     assert_eq!(m[0]["e2e"], true);
     assert!(m[0]["undecryptable"].is_string(), "{out:?}");
     assert!(m[0].get("text").is_none(), "{out:?}");
+    // The sessions persisted across runs on both sides: the next one opens in a new run.
+    let (ok, out) = ana.run(&[
+        "send",
+        "--to",
+        &ben_id.to_string(),
+        "--text",
+        SECRETS[3],
+        "--e2e",
+    ]);
+    assert!(ok, "{out:?}");
+    let (ok, out) = ben.run(&["sync"]);
+    assert!(ok, "{out:?}");
+    assert_eq!(texts(&out), SECRETS[3..], "{out:?}");
 
     // The server is blind: no plaintext anywhere in its data directory, the containers are.
     let files = all_bytes(&data);
