@@ -50,6 +50,25 @@ pub fn message(m: &v1::Message) -> Value {
     v
 }
 
+/// A received message with its end-to-end encrypted body opened
+/// ([`crate::e2e::olm::Opened`]): `"e2e": true` and the plaintext as `text`, or
+/// `"undecryptable"` with why (the container is not repeated).
+#[must_use]
+pub fn opened_message(m: &v1::Message, opened: &crate::e2e::olm::Opened) -> Value {
+    use crate::e2e::olm::Opened;
+    let mut v = message(m);
+    match opened {
+        Opened::NotEncrypted => return v,
+        Opened::Text(t) => v["text"] = json!(t),
+        Opened::Undecryptable(why) => v["undecryptable"] = json!(why),
+    }
+    v["e2e"] = json!(true);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("body_hex");
+    }
+    v
+}
+
 /// An attachment.
 #[must_use]
 pub fn media_ref(m: &v1::MediaRef) -> Value {

@@ -34,8 +34,10 @@
 //!   [`Client::download_media`] (streamed both ways, SHA-256 checked).
 //! - The end-to-end key directory: [`Client::upload_keys`],
 //!   [`Client::prekey_count`], [`Client::fetch_key_bundles`], the pushes
-//!   [`Event::PrekeyCount`] and [`Event::DeviceListChanged`]; [`e2e`] makes and
-//!   keeps a device's key material and checks fetched bundles.
+//!   [`Event::PrekeyCount`] and [`Event::DeviceListChanged`]; [`e2e`] keeps a
+//!   device's Olm account and sessions, checks fetched bundles and seals and
+//!   opens end-to-end encrypted messages ([`Client::send_encrypted`],
+//!   [`Client::open_message`]).
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!

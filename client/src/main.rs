@@ -18,6 +18,7 @@ use starling_client::{
 
 mod cli {
     pub(crate) mod chat;
+    pub(crate) mod e2e;
     pub(crate) mod groups;
     pub(crate) mod keys;
     pub(crate) mod media;
@@ -156,6 +157,10 @@ enum Cmd {
         /// The file's content type (must be one the server accepts).
         #[arg(long, default_value = "application/octet-stream")]
         content_type: String,
+        /// End-to-end encrypt the text with Olm for every device of the recipient (a user)
+        /// and your other devices (run `keys upload` first).
+        #[arg(long, conflicts_with = "file")]
+        e2e: bool,
     },
     /// Download the attachment of a message (--conversation and --seq), or a user's avatar
     /// (--user), into a file (its SHA-256 is checked).
@@ -458,6 +463,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             to,
             text,
             file: None,
+            e2e: true,
+            ..
+        } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::e2e::send(&out, &client, &g.profile_dir, &to, &text).await;
+            client.shutdown().await;
+            res?;
+        }
+        Cmd::Send {
+            to,
+            text,
+            file: None,
             ..
         } => {
             let (client, events) = start(&g, false)?;
@@ -471,6 +489,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             text,
             file: Some(file),
             content_type,
+            ..
         } => {
             let (client, events) = start(&g, false)?;
             discard(events);
@@ -514,7 +533,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Cmd::Sync => {
             let (client, events) = start(&g, true)?;
-            let res = sync(&out, events, g.timeout).await;
+            let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
+            let res = sync(&out, &mut reader, events, g.timeout).await;
             client.shutdown().await;
             res?;
         }
@@ -525,7 +545,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         } => {
             let (client, events) = start(&g, false)?;
             discard(events);
-            let res = history(&out, &client, &with, limit, before).await;
+            let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
+            let res = history(&out, &client, &mut reader, &with, limit, before).await;
             client.shutdown().await;
             res?;
         }
@@ -582,13 +603,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Cmd::Watch { for_secs } => {
             let (client, events) = start(&g, true)?;
-            let res = watch(&out, events, Duration::from_secs(for_secs)).await;
+            let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
+            let res = watch(&out, &mut reader, events, Duration::from_secs(for_secs)).await;
             client.shutdown().await;
             res?;
         }
         Cmd::Chat { with } => {
             let (client, events) = start(&g, true)?;
-            let res = cli::chat::chat(&out, &client, events, &with, g.timeout).await;
+            let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
+            let res = cli::chat::chat(&out, &client, &mut reader, events, &with, g.timeout).await;
             client.shutdown().await;
             res?;
         }

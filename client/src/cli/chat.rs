@@ -21,6 +21,7 @@ const LINE_BYTES_MAX: usize = 64 * 1024;
 pub(crate) async fn chat(
     out: &Out,
     client: &Client,
+    reader: &mut super::e2e::Reader,
     mut events: Events,
     with: &str,
     wait: Duration,
@@ -122,7 +123,7 @@ pub(crate) async fn chat(
                     _ => true,
                 };
                 if show {
-                    out.print(&sj::event(&ev));
+                    out.print(&reader.event(&ev)?);
                 }
                 match ev {
                     Event::LoggedOut { reason } => return Err(ClientError::SessionLost(reason)),

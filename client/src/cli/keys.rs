@@ -1,5 +1,6 @@
 //! `keys upload|count|fetch`: the end-to-end key directory. The device's key material lives in
-//! the profile directory (`keys.json`, see `starling_client::e2e`), saved before an upload.
+//! the profile directory (an Olm account in `olm.json`, see `starling_client::e2e`), saved
+//! before an upload.
 
 use clap::Subcommand;
 use serde_json::json;

@@ -100,6 +100,7 @@ pub(crate) async fn send(
 pub(crate) async fn history(
     out: &Out,
     client: &Client,
+    reader: &mut super::e2e::Reader,
     with: &str,
     limit: u32,
     before: Option<u64>,
@@ -108,7 +109,7 @@ pub(crate) async fn history(
     let anchor = before.map_or(HistoryAnchor::Latest, HistoryAnchor::Before);
     let page = client.history(conv, anchor, limit).await?;
     for m in &page.messages {
-        out.print(&sj::message(m));
+        out.print(&reader.message(m)?);
     }
     out.print(
         &json!({ "type": "history_end", "conversation_id": conv, "has_more": page.has_more }),
@@ -118,7 +119,12 @@ pub(crate) async fn history(
 
 /// Prints events until `Synced`; a refused Sync or a lost session is an
 /// error.
-pub(crate) async fn sync(out: &Out, mut events: Events, wait: Duration) -> Result<(), ClientError> {
+pub(crate) async fn sync(
+    out: &Out,
+    reader: &mut super::e2e::Reader,
+    mut events: Events,
+    wait: Duration,
+) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut last_disconnect = None;
     loop {
@@ -141,13 +147,14 @@ pub(crate) async fn sync(out: &Out, mut events: Events, wait: Duration) -> Resul
             }
             Some(Event::Disconnected { reason, .. }) => last_disconnect = Some(reason),
             Some(Event::Connected { .. }) => {}
-            Some(ev) => out.print(&sj::event(&ev)),
+            Some(ev) => out.print(&reader.event(&ev)?),
         }
     }
 }
 
 pub(crate) async fn watch(
     out: &Out,
+    reader: &mut super::e2e::Reader,
     mut events: Events,
     for_: Duration,
 ) -> Result<(), ClientError> {
@@ -156,7 +163,7 @@ pub(crate) async fn watch(
         let Some(ev) = ev else {
             return Err(ClientError::Stopped);
         };
-        out.print(&sj::event(&ev));
+        out.print(&reader.event(&ev)?);
         if let Event::LoggedOut { reason } = ev {
             return Err(ClientError::SessionLost(reason));
         }

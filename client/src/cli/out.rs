@@ -27,8 +27,17 @@ pub(crate) fn human(v: &Value) -> String {
     };
     match v["type"].as_str().unwrap_or_default() {
         "message" => {
-            let mut body = if v.get("text").is_some() {
-                s("text")
+            let mut body = if let Some(why) = v.get("undecryptable") {
+                format!(
+                    "[end-to-end encrypted, undecryptable: {}]",
+                    why.as_str().unwrap_or_default()
+                )
+            } else if v.get("text").is_some() {
+                if v["e2e"] == true {
+                    format!("[e2e] {}", s("text"))
+                } else {
+                    s("text")
+                }
             } else {
                 format!(
                     "<{} bytes of {}>",

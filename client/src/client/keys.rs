@@ -53,3 +53,50 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Sends `text` end to end encrypted to user `to` (`protocol/README.md`, "End-to-end
+    /// encrypted messages (client convention)"): fetches the bundles of its devices and of
+    /// this user's other devices, seals one container with `keys` (stored sessions reused,
+    /// new ones from verified bundles), saves `keys` to `profile_dir` before sending and again
+    /// with the sent plaintext kept for `history`.
+    ///
+    /// # Errors
+    /// No device to encrypt for; the server's refusal; a connection or profile error.
+    pub async fn send_encrypted(
+        &self,
+        keys: &mut crate::e2e::DeviceKeys,
+        profile_dir: &std::path::Path,
+        to: u64,
+        text: &str,
+    ) -> Result<(v1::SendAck, crate::e2e::olm::Sealed), ClientError> {
+        let mut bundles = self.fetch_key_bundles(to, &[]).await?;
+        if to != self.user_id() {
+            bundles.extend(
+                self.fetch_key_bundles(self.user_id(), &[])
+                    .await?
+                    .into_iter()
+                    .filter(|b| b.device_id != self.device_id()),
+            );
+        }
+        let mut sealed = keys.seal((self.user_id(), self.device_id()), &bundles, text)?;
+        keys.save(profile_dir)?;
+        let body = std::mem::take(&mut sealed.body);
+        let ack = self
+            .send(crate::Target::User(to), crate::e2e::olm::CONTENT_TYPE, body)
+            .await?;
+        keys.remember_sent(ack.conversation_id, ack.seq, text);
+        keys.save(profile_dir)?;
+        Ok((ack, sealed))
+    }
+
+    /// Opens a received message with this device's `keys` (see
+    /// [`DeviceKeys::open`](crate::e2e::DeviceKeys::open)); save `keys` afterwards.
+    pub fn open_message(
+        &self,
+        keys: &mut crate::e2e::DeviceKeys,
+        m: &v1::Message,
+    ) -> crate::e2e::olm::Opened {
+        keys.open((self.user_id(), self.device_id()), m)
+    }
+}

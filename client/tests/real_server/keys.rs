@@ -35,7 +35,7 @@ async fn keys_through_the_cli_and_the_sdk() {
     assert_eq!(out[0]["one_time_prekeys"], 21);
     assert_eq!(out[0]["published_identity"], true);
     let identity = out[0]["identity_key_hex"].as_str().unwrap().to_owned();
-    assert!(ana.profile.join("keys.json").exists());
+    assert!(ana.profile.join("olm.json").exists());
     let (ok, out) = ana.run(&["keys", "upload", "--one-time", "5"]);
     assert!(ok, "{out:?}");
     assert_eq!(out[0]["one_time_prekeys"], 26);
