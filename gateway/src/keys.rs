@@ -26,9 +26,7 @@ use starling_protocol::FrameKind;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::keys::{Bundle, KeyDirectory, KeyError, LowStock, Upload};
 use starling_storage::meta::{Member, MemberOf, keys};
-use starling_storage::{
-    DeviceId, EmbeddedMeta, MetadataStore as _, StorageError, TimestampMs, UserId,
-};
+use starling_storage::{DeviceId, EmbeddedMeta, MetadataStore, StorageError, TimestampMs, UserId};
 
 use crate::accounts::{ApiError, Principal};
 use crate::clock;
@@ -37,9 +35,10 @@ use crate::shard::{Control, Shard};
 
 /// Most `device_ids` in one FetchKeyBundles (the `.proto`'s limit).
 pub const FETCH_DEVICE_IDS_MAX: usize = 64;
-/// Most conversations of a user read to find whom a device change is pushed to.
+/// Most conversations of a user read to find whom a device change is pushed to (the `.proto`
+/// states it on `DeviceListChanged`; reaching it is logged).
 const PEER_CONVS_MAX: usize = 10_000;
-/// Most users a device change is pushed to.
+/// Most users a device change is pushed to (stated and logged alike).
 const PEERS_MAX: usize = 100_000;
 
 /// A frame pushed by the key directory to the authenticated connections of some users, on
@@ -451,8 +450,17 @@ impl Writer {
             .commit()
             .map_err(|e| storage_failure("deleting a removed device's keys", &e))?;
         // The push is best effort: the change itself is already durable.
-        match peers(&self.meta, UserId(user)) {
-            Ok(users) => {
+        match peers(&*self.meta, UserId(user), PEER_CONVS_MAX, PEERS_MAX) {
+            Ok((users, cut)) => {
+                if cut {
+                    tracing::warn!(
+                        user,
+                        told = users.len(),
+                        "device list change: told the users of at most {PEER_CONVS_MAX} \
+                         conversations and at most {PEERS_MAX} users; the others learn of it \
+                         when they next fetch key bundles"
+                    );
+                }
                 let body = Body::DeviceListChanged(v1::DeviceListChanged {
                     user_id: user,
                     added_device_ids: added,
@@ -474,18 +482,29 @@ impl Writer {
     }
 }
 
-/// The user and everyone sharing a conversation (direct or group) with them, sorted.
-fn peers(meta: &EmbeddedMeta, user: UserId) -> Result<Vec<u64>, StorageError> {
+/// The user and everyone sharing a conversation (direct or group) with them, sorted: from at
+/// most `convs_max` of the user's conversations and at most `peers_max` users (the limits the
+/// `.proto` states on `DeviceListChanged`), and whether the limits left anyone out.
+fn peers<M: MetadataStore>(
+    meta: &M,
+    user: UserId,
+    convs_max: usize,
+    peers_max: usize,
+) -> Result<(Vec<u64>, bool), StorageError> {
     let mut out = BTreeSet::from([user.0]);
-    for m in meta.scan::<MemberOf>(&keys::user(user), PEER_CONVS_MAX)? {
-        for member in meta.scan::<Member>(&m.group.0.to_be_bytes(), PEERS_MAX)? {
+    // One more than the limit: whether there are more.
+    let convs = meta.scan::<MemberOf>(&keys::user(user), convs_max + 1)?;
+    let mut cut = convs.len() > convs_max;
+    'convs: for m in convs.iter().take(convs_max) {
+        for member in meta.scan::<Member>(&m.group.0.to_be_bytes(), peers_max + 1)? {
+            if out.len() >= peers_max && !out.contains(&member.user.0) {
+                cut = true;
+                break 'convs;
+            }
             out.insert(member.user.0);
         }
-        if out.len() >= PEERS_MAX {
-            break;
-        }
     }
-    Ok(out.into_iter().collect())
+    Ok((out.into_iter().collect(), cut))
 }
 
 /// Whether `signature` is identity key `identity`'s Ed25519 signature of `public_key`.
@@ -595,6 +614,44 @@ impl<T> std::fmt::Debug for Answer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_change_reaches_the_peers_within_the_stated_limits_and_says_when_cut() {
+        use starling_storage::meta::Role;
+        use starling_storage::{ConvId, MemMeta, MetaBatch};
+        let meta = MemMeta::default();
+        let mut b = MetaBatch::default();
+        // User 1 is in 3 conversations of 3 members each: 1 with 10+c and 20+c.
+        for c in 0..3u64 {
+            let conv = ConvId(u128::from(100 + c));
+            for u in [1, 10 + c, 20 + c] {
+                b.put(&Member {
+                    group: conv,
+                    user: UserId(u),
+                    role: Role::Member,
+                    joined_ms: TimestampMs(1),
+                    joined_seq: Some(1),
+                });
+            }
+            b.put(&MemberOf {
+                user: UserId(1),
+                group: conv,
+            });
+        }
+        meta.commit(&b).unwrap();
+        let all = vec![1, 10, 11, 12, 20, 21, 22];
+        assert_eq!(
+            peers(&meta, UserId(1), 3, 100).unwrap(),
+            (all.clone(), false)
+        );
+        assert_eq!(peers(&meta, UserId(1), 3, 7).unwrap(), (all, false));
+        // Fewer conversations read than the user has: cut, and said.
+        let (some, cut) = peers(&meta, UserId(1), 2, 100).unwrap();
+        assert!(cut && some == [1, 10, 11, 20, 21], "{some:?}");
+        // Fewer users than there are: cut at the limit, and said.
+        let (some, cut) = peers(&meta, UserId(1), 3, 4).unwrap();
+        assert!(cut && some.len() == 4 && some.contains(&1), "{some:?}");
+    }
 
     #[test]
     fn ed25519_signatures_of_the_signed_prekey_are_checked() {
