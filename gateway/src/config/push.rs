@@ -35,6 +35,9 @@ pub struct PushConfig {
     pub attempts_max: u32,
     /// Timeout of one request to a push service (connect, write, read), in ms.
     pub request_timeout_ms: u64,
+    /// Sender threads: notifications in flight at once (each sender waits for its push
+    /// service's answer; a slow service holds only its own requests).
+    pub senders: usize,
     /// The CA certificates (PEM) push services' TLS certificates are checked against.
     pub ca_file: PathBuf,
     /// Web Push (RFC 8030, VAPID RFC 8292, aes128gcm RFC 8291); off if absent.
@@ -132,6 +135,7 @@ impl Default for PushConfig {
             retry_max_ms: 300_000,
             attempts_max: 10,
             request_timeout_ms: 10_000,
+            senders: 32,
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,
             fcm: None,
@@ -178,6 +182,9 @@ impl PushConfig {
         }
         if !(100..=120_000).contains(&self.request_timeout_ms) {
             return bad("push.request_timeout_ms", "must be between 100 and 120000");
+        }
+        if !(1..=1024).contains(&self.senders) {
+            return bad("push.senders", "must be between 1 and 1024");
         }
         if let Some(w) = &self.web_push {
             if !(w.vapid_subject.starts_with("mailto:") || w.vapid_subject.starts_with("https:")) {

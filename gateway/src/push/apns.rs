@@ -16,7 +16,8 @@
 //! reach a force-quit app.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -41,6 +42,12 @@ const RESPONSE_BYTES_MAX: usize = 16 * 1024;
 /// The alert's localization key (the app's `Localizable.strings` says what it reads).
 pub const ALERT_LOC_KEY: &str = "STARLING_NEW_MESSAGES";
 
+/// A lock whose holder cannot have left the data half-written (no panicking code runs under
+/// it): a poisoned one is used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
@@ -54,6 +61,9 @@ struct Jwt {
     stale: bool,
 }
 
+/// The open connection per endpoint (`true`: sandbox) and its generation.
+type Conns = HashMap<bool, (u64, SendRequest<Full<Bytes>>)>;
+
 /// The APNs provider.
 pub struct Apns {
     key: EcdsaKeyPair,
@@ -65,12 +75,15 @@ pub struct Apns {
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
     rng: SystemRandom,
-    jwt: Option<Jwt>,
+    jwt: Mutex<Option<Jwt>>,
     rt: tokio::runtime::Runtime,
-    /// One HTTP/2 connection per endpoint (`true`: sandbox).
-    conns: HashMap<bool, SendRequest<Full<Bytes>>>,
-    /// Connections opened (a metric of reuse, for tests and logs).
-    connections_opened: u64,
+    /// One HTTP/2 connection per endpoint (`true`: sandbox), shared by the sender threads:
+    /// their requests are streams multiplexed on it. The lock is held while a connection is
+    /// opened, so concurrent senders wait for it rather than open their own.
+    conns: Mutex<Conns>,
+    /// Connections opened (a metric of reuse, for tests and logs; also each connection's
+    /// generation).
+    connections_opened: AtomicU64,
 }
 
 impl std::fmt::Debug for Apns {
@@ -122,17 +135,18 @@ impl Apns {
             tls: Arc::new(tls),
             timeout,
             rng,
-            jwt: None,
+            jwt: Mutex::new(None),
             rt,
-            conns: HashMap::new(),
-            connections_opened: 0,
+            conns: Mutex::new(HashMap::new()),
+            connections_opened: AtomicU64::new(0),
         })
     }
 
     /// The provider token to send with, renewed when it is 50 minutes old, or when APNs said
     /// it expired and it is at least 20 minutes old.
-    fn provider_token(&mut self, now_ms: u64) -> Result<String, String> {
-        if let Some(j) = &self.jwt {
+    fn provider_token(&self, now_ms: u64) -> Result<String, String> {
+        let mut jwt = lock(&self.jwt);
+        if let Some(j) = &*jwt {
             let age = now_ms.saturating_sub(j.issued_ms);
             let renew = age >= JWT_REFRESH_MS || (j.stale && age >= JWT_MIN_AGE_MS);
             if !renew {
@@ -152,7 +166,7 @@ impl Apns {
             .sign(&self.rng, input.as_bytes())
             .map_err(|_| "signing the APNs provider token failed".to_owned())?;
         let token = format!("{input}.{}", b64(sig.as_ref()));
-        self.jwt = Some(Jwt {
+        *jwt = Some(Jwt {
             token: token.clone(),
             issued_ms: now_ms,
             stale: false,
@@ -213,85 +227,82 @@ impl Apns {
 
     /// Posts one notification; the status, `Retry-After` (s) and body, or why there is none
     /// and whether it failed on a connection that was already open (which APNs may have
-    /// closed meanwhile: worth one more try on a new one).
+    /// closed meanwhile: worth one more try on a new one). Concurrent calls share the
+    /// endpoint's connection, each request a stream of its own.
     fn post(
-        &mut self,
+        &self,
         sandbox: bool,
         req: http::Request<Full<Bytes>>,
     ) -> Result<(u16, Option<u64>, String), (String, bool)> {
-        let existing = self.conns.get(&sandbox).filter(|s| !s.is_closed()).cloned();
-        let reused = existing.is_some();
-        let url = if sandbox {
-            &self.sandbox
-        } else {
-            &self.production
-        };
-        let tls = self.tls.clone();
-        let url = url.clone();
         let timeout = self.timeout;
-        let (sender, fresh, answer) = self.rt.block_on(async move {
-            let work = async {
-                let (mut sender, fresh) = match existing {
-                    Some(s) => (s, false),
-                    None => (Self::connection(tls, &url).await?, true),
-                };
-                let answer = async {
-                    sender
-                        .ready()
-                        .await
-                        .map_err(|e| format!("APNs connection: {e}"))?;
-                    let resp = sender
-                        .send_request(req)
-                        .await
-                        .map_err(|e| format!("APNs request: {e}"))?;
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse().ok());
-                    let body = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
-                        .collect()
-                        .await
-                        .map_err(|e| format!("APNs answer: {e}"))?
-                        .to_bytes();
-                    Ok::<_, String>((
-                        status,
-                        retry_after,
-                        String::from_utf8_lossy(&body).into_owned(),
-                    ))
+        let (generation, mut sender, reused) = {
+            let mut conns = lock(&self.conns);
+            match conns.get(&sandbox).filter(|(_, s)| !s.is_closed()) {
+                Some((g, s)) => (*g, s.clone(), true),
+                None => {
+                    let url = if sandbox {
+                        self.sandbox.clone()
+                    } else {
+                        self.production.clone()
+                    };
+                    let tls = self.tls.clone();
+                    let opened = self.rt.block_on(async move {
+                        tokio::time::timeout(timeout, Self::connection(tls, &url))
+                            .await
+                            .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
+                    });
+                    let s = opened.map_err(|why| (why, false))?;
+                    let g = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::info!(sandbox, opened = g, "APNs connection opened");
+                    conns.insert(sandbox, (g, s.clone()));
+                    (g, s, false)
                 }
-                .await;
-                Ok::<_, String>((sender, fresh, answer))
+            }
+        };
+        let answer = self.rt.block_on(async move {
+            let work = async {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("APNs connection: {e}"))?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("APNs request: {e}"))?;
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok());
+                let body = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+                    .collect()
+                    .await
+                    .map_err(|e| format!("APNs answer: {e}"))?
+                    .to_bytes();
+                Ok::<_, String>((
+                    status,
+                    retry_after,
+                    String::from_utf8_lossy(&body).into_owned(),
+                ))
             };
-            match tokio::time::timeout(timeout, work).await {
-                Ok(Ok((s, fresh, a))) => (Some(s), fresh, a),
-                Ok(Err(e)) => (None, false, Err(e)),
-                Err(_) => (None, false, Err(format!("no answer within {timeout:?}"))),
-            }
+            tokio::time::timeout(timeout, work)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
         });
-        if fresh {
-            self.connections_opened += 1;
-            tracing::info!(
-                sandbox,
-                opened = self.connections_opened,
-                "APNs connection opened"
-            );
-        }
-        match (&sender, &answer) {
-            (Some(s), Ok(_)) => {
-                self.conns.insert(sandbox, s.clone());
-            }
-            _ => {
-                // A failed request may have left the connection broken: open a new one next.
-                self.conns.remove(&sandbox);
+        if answer.is_err() {
+            // A failed request may have left the connection broken: open a new one next,
+            // unless another sender already has.
+            let mut conns = lock(&self.conns);
+            if conns.get(&sandbox).is_some_and(|(g, _)| *g == generation) {
+                conns.remove(&sandbox);
             }
         }
         answer.map_err(|why| (why, reused))
     }
 
     /// What an APNs answer means.
-    fn verdict(&mut self, status: u16, retry_after_s: Option<u64>, body: &str) -> Outcome {
+    fn verdict(&self, status: u16, retry_after_s: Option<u64>, body: &str) -> Outcome {
         let reason = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["reason"].as_str().map(str::to_owned))
@@ -301,7 +312,7 @@ impl Apns {
             (200, _) => Outcome::Sent,
             (410, _) | (400, "BadDeviceToken" | "Unregistered") => Outcome::InvalidToken(why),
             (403, "ExpiredProviderToken") => {
-                if let Some(j) = &mut self.jwt {
+                if let Some(j) = &mut *lock(&self.jwt) {
                     j.stale = true;
                 }
                 Outcome::Retry {
@@ -323,7 +334,7 @@ impl Provider for Apns {
         "apns"
     }
 
-    fn send(&mut self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
+    fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
         let Ok(device) = std::str::from_utf8(&token.token) else {
             return Outcome::InvalidToken("the stored token is not UTF-8".into());
         };
@@ -411,7 +422,7 @@ mod tests {
     #[test]
     fn the_provider_token_lives_50_minutes_and_is_never_renewed_within_20() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = provider(dir.path());
+        let p = provider(dir.path());
         let t0 = 1_000_000_000_000;
         let a = p.provider_token(t0).unwrap();
         assert_eq!(p.provider_token(t0 + 49 * 60_000).unwrap(), a, "reused");
@@ -453,7 +464,7 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = provider(dir.path());
+        let p = provider(dir.path());
         assert_eq!(p.verdict(200, None, ""), Outcome::Sent);
         for (status, body) in [
             (410, r#"{"reason":"Unregistered","timestamp":1}"#),
@@ -500,7 +511,7 @@ mod tests {
     #[test]
     fn no_answer_is_retried_and_no_connection_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = provider(dir.path());
+        let p = provider(dir.path());
         let token = PushToken {
             user: starling_storage::UserId(1),
             device: starling_storage::DeviceId(1),
@@ -519,6 +530,6 @@ mod tests {
             p.send(&token, &n, 1_000_000),
             Outcome::Retry { .. }
         ));
-        assert!(p.conns.is_empty());
+        assert!(lock(&p.conns).is_empty());
     }
 }

@@ -45,7 +45,9 @@ pub struct Fcm {
     token_url: Url,
     token_uri: String,
     send_url: Url,
-    access: Option<(String, u64)>,
+    /// The cached access token and when it expires; the lock is held through an exchange,
+    /// so concurrent senders wait for one exchange rather than each making one.
+    access: std::sync::Mutex<Option<(String, u64)>>,
     http: http::Client,
     rng: SystemRandom,
 }
@@ -104,7 +106,7 @@ impl Fcm {
             token_url,
             token_uri,
             send_url,
-            access: None,
+            access: std::sync::Mutex::new(None),
             http: http::Client::new(tls, timeout),
             rng: SystemRandom::new(),
         })
@@ -136,8 +138,12 @@ impl Fcm {
     }
 
     /// A valid access token: the cached one, or a new one from the token endpoint.
-    fn access_token(&mut self, now_ms: u64) -> Result<String, Outcome> {
-        if let Some((t, exp)) = &self.access
+    fn access_token(&self, now_ms: u64) -> Result<String, Outcome> {
+        let mut access = self
+            .access
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((t, exp)) = &*access
             && now_ms + TOKEN_MARGIN_MS < *exp
         {
             return Ok(t.clone());
@@ -176,7 +182,7 @@ impl Fcm {
         let g: Granted = serde_json::from_str(&r.body)
             .map_err(|e| retry(format!("token endpoint answer: {e}")))?;
         let exp = now_ms + g.expires_in.saturating_mul(1000);
-        self.access = Some((g.access_token.clone(), exp));
+        *access = Some((g.access_token.clone(), exp));
         Ok(g.access_token)
     }
 }
@@ -186,7 +192,7 @@ impl Provider for Fcm {
         "fcm"
     }
 
-    fn send(&mut self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
+    fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
         let access = match self.access_token(now_ms) {
             Ok(a) => a,
             Err(o) => return o,
@@ -230,8 +236,15 @@ impl Provider for Fcm {
             404 => Outcome::InvalidToken(why),
             _ if r.body.contains("\"UNREGISTERED\"") => Outcome::InvalidToken(why),
             401 => {
-                // The access token was refused: get a new one next time.
-                self.access = None;
+                // The access token was refused: get a new one next time (unless another
+                // sender already has).
+                let mut cached = self
+                    .access
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cached.as_ref().is_some_and(|(t, _)| *t == access) {
+                    *cached = None;
+                }
                 Outcome::Retry {
                     after_ms: None,
                     why,

@@ -1,14 +1,16 @@
 //! A blocking HTTPS/1.1 client for the notifier's thread (Web Push, FCM): rustls (ring) over a
 //! `TcpStream`, keep-alive (an idle connection per host is reused; one the server closed while
 //! idle is replaced and the request sent again), timeouts on connect, write and read, and the
-//! answer capped. The notifier sends one request at a time, so HTTP/1.1 over a kept
-//! connection is all these services need; APNs, which requires HTTP/2, has its own client
-//! (`push/apns.rs`).
+//! answer capped. The notifier's sender threads share one client per provider: each request
+//! takes an idle connection to its host (or opens one) and puts it back after the answer, so
+//! as many requests are in flight as there are senders, each on its own connection. APNs,
+//! which requires HTTP/2, has its own client (`push/apns.rs`).
 
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, TcpStream, ToSocketAddrs as _};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject as _;
@@ -160,29 +162,33 @@ pub enum PostError {
     Failed(String),
 }
 
-/// Idle connections kept at most (per provider).
-const IDLE_CONNECTIONS_MAX: usize = 32;
+/// Idle connections kept at most (per provider): enough for every sender thread to keep one
+/// to each of a few hosts.
+const IDLE_CONNECTIONS_MAX: usize = 1024;
 /// An idle connection older than this is closed rather than reused (servers close theirs
 /// after a minute or more; reusing one they are closing costs a retry).
 const IDLE_MAX_MS: u64 = 30_000;
 
 type Stream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// A blocking HTTPS/1.1 client with keep-alive: one idle connection per host and port is kept
-/// for the next request (at most [`IDLE_CONNECTIONS_MAX`], each for [`IDLE_MAX_MS`]).
+/// Idle connections per host and port, each with when it became idle (`clock::mono_ms`).
+type Idle = HashMap<(String, u16), Vec<(Stream, u64)>>;
+
+/// A blocking HTTPS/1.1 client with keep-alive, shared by threads: a request takes an idle
+/// connection to its host and port if there is one (the most recently used) and puts it back
+/// after the answer (at most [`IDLE_CONNECTIONS_MAX`] are kept, each for [`IDLE_MAX_MS`]).
+/// Requests run in parallel; only taking and putting back a connection is under the lock.
 pub struct Client {
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-    /// Idle connections and when they became idle (`clock::mono_ms`).
-    idle: HashMap<(String, u16), (Stream, u64)>,
-    opened: u64,
+    idle: Mutex<Idle>,
+    opened: AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("idle", &self.idle.len())
-            .field("opened", &self.opened)
+            .field("opened", &self.connections_opened())
             .finish_non_exhaustive()
     }
 }
@@ -203,30 +209,54 @@ impl Client {
         Self {
             tls,
             timeout,
-            idle: HashMap::new(),
-            opened: 0,
+            idle: Mutex::new(HashMap::new()),
+            opened: AtomicU64::new(0),
         }
     }
 
     /// Connections opened so far.
     #[must_use]
     pub fn connections_opened(&self) -> u64 {
-        self.opened
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        // A thread that panicked holding the lock left the map consistent (no method panics
+        // between its reads and writes): keep using it.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle connection to `key` that is young enough, the most recently used first.
+    fn take(&self, key: &(String, u16)) -> Option<Stream> {
+        let now = crate::clock::mono_ms();
+        let mut idle = self.idle();
+        let list = idle.get_mut(key)?;
+        let found = loop {
+            match list.pop() {
+                Some((s, at)) if now.saturating_sub(at) < IDLE_MAX_MS => break Some(s),
+                Some(_) => {}
+                None => break None,
+            }
+        };
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        found
     }
 
     /// POSTs `body` to `url` with `headers`, on an idle connection to its host if there is
     /// one (whose address was checked against `reach` when it was opened).
     pub fn post(
-        &mut self,
+        &self,
         url: &Url,
         headers: &[(&str, String)],
         body: &[u8],
         reach: Reach,
     ) -> Result<Response, PostError> {
         let key = (url.host.clone(), url.port);
-        if let Some((mut s, at)) = self.idle.remove(&key)
-            && crate::clock::mono_ms().saturating_sub(at) < IDLE_MAX_MS
-        {
+        if let Some(mut s) = self.take(&key) {
             match exchange(&mut s, url, headers, body) {
                 Ok((r, reusable)) => {
                     self.keep(key, s, reusable);
@@ -251,7 +281,7 @@ impl Client {
             )));
         }
         let mut s = connect(&self.tls, url, addr, self.timeout).map_err(PostError::Failed)?;
-        self.opened += 1;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         match exchange(&mut s, url, headers, body) {
             Ok((r, reusable)) => {
                 self.keep(key, s, reusable);
@@ -261,17 +291,22 @@ impl Client {
         }
     }
 
-    fn keep(&mut self, key: (String, u16), s: Stream, reusable: bool) {
+    fn keep(&self, key: (String, u16), s: Stream, reusable: bool) {
         if !reusable {
             return;
         }
         let now = crate::clock::mono_ms();
-        if self.idle.len() >= IDLE_CONNECTIONS_MAX {
-            self.idle
-                .retain(|_, (_, at)| now.saturating_sub(*at) < IDLE_MAX_MS);
+        let mut idle = self.idle();
+        let mut count: usize = idle.values().map(Vec::len).sum();
+        if count >= IDLE_CONNECTIONS_MAX {
+            for list in idle.values_mut() {
+                list.retain(|(_, at)| now.saturating_sub(*at) < IDLE_MAX_MS);
+            }
+            idle.retain(|_, list| !list.is_empty());
+            count = idle.values().map(Vec::len).sum();
         }
-        if self.idle.len() < IDLE_CONNECTIONS_MAX {
-            self.idle.insert(key, (s, now));
+        if count < IDLE_CONNECTIONS_MAX {
+            idle.entry(key).or_default().push((s, now));
         }
     }
 }

@@ -24,19 +24,19 @@
 pub mod apns;
 pub mod fcm;
 pub mod http;
+mod notifier;
 pub mod webpush;
 
-use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Duration;
 
 use starling_router::Notice;
+use starling_storage::EmbeddedMeta;
 use starling_storage::meta::PushToken;
-use starling_storage::push::{DeadLetter, OutboxEntry, PushStore};
-use starling_storage::{ConvId, CursorStore, DeviceId, EmbeddedMeta, UserId};
+use starling_storage::push::PushStore;
 
 use crate::config::PushConfig;
 
@@ -96,12 +96,13 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// A push service client (blocking; runs on the notifier's thread).
-pub trait Provider: Send + std::fmt::Debug {
+/// A push service client (blocking; shared by the notifier's sender threads, which call
+/// `send` concurrently).
+pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The provider name of the tokens it serves (`PushToken::provider`).
     fn name(&self) -> &'static str;
     /// Sends one notification to `token`.
-    fn send(&mut self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome;
+    fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome;
 }
 
 /// The notifier's counters, rendered on `/metrics`.
@@ -129,12 +130,14 @@ pub struct PushMetrics {
     pub dead_letters: AtomicU64,
     /// Durable writes of the outbox that failed (the notifier then stops).
     pub store_errors: AtomicU64,
+    /// Notifications handed to the sender threads and not answered yet (gauge).
+    pub in_flight: AtomicU64,
 }
 
 impl PushMetrics {
     /// Appends the Prometheus text of the counters.
     pub fn render(&self, s: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "starling_push_notices_queued_total",
                 "counter",
@@ -164,6 +167,12 @@ impl PushMetrics {
                 "gauge",
                 "Rows of the durable notification outbox.",
                 &self.outbox_entries,
+            ),
+            (
+                "starling_push_in_flight",
+                "gauge",
+                "Notifications with the sender threads, not answered yet.",
+                &self.in_flight,
             ),
             (
                 "starling_push_sent_total",
@@ -215,14 +224,14 @@ impl PushMetrics {
 /// Where the shards hand notices to the notifier.
 #[derive(Debug, Clone)]
 pub struct NoticeSender {
-    tx: SyncSender<Notice>,
+    tx: SyncSender<notifier::Event>,
     metrics: Arc<PushMetrics>,
 }
 
 impl NoticeSender {
     /// Hands a notice over without waiting: dropped and counted if the queue is full.
     pub fn send(&self, n: Notice) {
-        match self.tx.try_send(n) {
+        match self.tx.try_send(notifier::Event::Notice(n)) {
             Ok(()) => {
                 self.metrics.notices_queued.fetch_add(1, Ordering::Relaxed);
             }
@@ -235,7 +244,8 @@ impl NoticeSender {
     }
 }
 
-/// Starts the notifier thread if a provider is configured; returns where to send notices.
+/// Starts the notifier thread and its `push.senders` sender threads if a provider is
+/// configured; returns where to send notices.
 pub fn start(
     cfg: &PushConfig,
     meta: Arc<EmbeddedMeta>,
@@ -260,310 +270,10 @@ pub fn start(
     let dead = meta.dead_letters_count()?;
     metrics.dead_letters.store(dead, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_notices_max);
-    let mut n = Notifier::new(cfg.clone(), meta, providers, metrics.clone(), rows);
+    let jobs = notifier::senders(cfg.senders, providers.into(), &tx)?;
+    let mut n = notifier::Notifier::new(cfg.clone(), meta, jobs, metrics.clone(), rows);
     std::thread::Builder::new()
         .name("starling-push".into())
         .spawn(move || n.run(&rx))?;
     Ok(Some(NoticeSender { tx, metrics }))
-}
-
-type Key = (UserId, DeviceId, u64);
-
-struct Notifier {
-    cfg: PushConfig,
-    meta: Arc<EmbeddedMeta>,
-    providers: Vec<Box<dyn Provider>>,
-    metrics: Arc<PushMetrics>,
-    rows: HashMap<Key, OutboxEntry>,
-    /// (when, row): a pending row's due time, a sent row's end of collapse interval. Stale
-    /// timers (the row changed) are skipped when they come up.
-    timers: BTreeSet<(u64, Key)>,
-    rng: ring::rand::SystemRandom,
-}
-
-impl std::fmt::Debug for Notifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Notifier").finish_non_exhaustive()
-    }
-}
-
-fn key(e: &OutboxEntry) -> Key {
-    (e.user, e.device, e.conv)
-}
-
-impl Notifier {
-    fn new(
-        cfg: PushConfig,
-        meta: Arc<EmbeddedMeta>,
-        providers: Vec<Box<dyn Provider>>,
-        metrics: Arc<PushMetrics>,
-        loaded: Vec<OutboxEntry>,
-    ) -> Self {
-        let mut n = Self {
-            cfg,
-            meta,
-            providers,
-            metrics,
-            rows: HashMap::new(),
-            timers: BTreeSet::new(),
-            rng: ring::rand::SystemRandom::new(),
-        };
-        for e in loaded {
-            n.schedule(&e);
-            n.rows.insert(key(&e), e);
-        }
-        n.gauge();
-        n
-    }
-
-    fn gauge(&self) {
-        self.metrics
-            .outbox_entries
-            .store(self.rows.len() as u64, Ordering::Relaxed);
-    }
-
-    fn schedule(&mut self, e: &OutboxEntry) {
-        let when = if e.pending() {
-            e.due_ms
-        } else {
-            e.sent_ms.saturating_add(self.cfg.collapse_ms)
-        };
-        self.timers.insert((when, key(e)));
-    }
-
-    fn run(&mut self, rx: &Receiver<Notice>) {
-        loop {
-            let now = crate::clock::unix_ms();
-            let wait = self
-                .timers
-                .first()
-                .map_or(1000, |&(t, _)| t.saturating_sub(now).clamp(1, 1000));
-            let mut batch = Vec::new();
-            match rx.recv_timeout(Duration::from_millis(wait)) {
-                Ok(n) => {
-                    batch.push(n);
-                    while batch.len() < 4096 {
-                        match rx.try_recv() {
-                            Ok(n) => batch.push(n),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let r = self
-                .take(&batch, crate::clock::unix_ms())
-                .and_then(|()| self.due(crate::clock::unix_ms()));
-            if let Err(e) = r {
-                // The outbox cannot be written: stop rather than send what is not recorded.
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "push notifier stops: the outbox cannot be written");
-                return;
-            }
-        }
-    }
-
-    /// Turns notices into outbox rows, written in one transaction.
-    fn take(&mut self, batch: &[Notice], now: u64) -> Result<(), starling_storage::StorageError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut tokens: HashMap<u64, Vec<PushToken>> = HashMap::new();
-        let mut puts: HashMap<Key, OutboxEntry> = HashMap::new();
-        for n in batch {
-            for &user in n.members.iter() {
-                if user.0 == n.sender {
-                    continue;
-                }
-                let list = match tokens.entry(user.0) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(self.meta.push_tokens(user)?)
-                    }
-                };
-                for t in list.iter() {
-                    if !self.providers.iter().any(|p| p.name() == t.provider) {
-                        continue;
-                    }
-                    let k = (user, t.device, n.conversation_id);
-                    let e = match self.rows.get(&k) {
-                        Some(old) if n.seq <= old.seq => continue,
-                        Some(old) => {
-                            self.metrics.collapsed.fetch_add(1, Ordering::Relaxed);
-                            let mut e = old.clone();
-                            if !old.pending() {
-                                e.due_ms = (now + self.cfg.grace_ms)
-                                    .max(old.sent_ms.saturating_add(self.cfg.collapse_ms));
-                            }
-                            e.seq = n.seq;
-                            e.sender = n.sender;
-                            e
-                        }
-                        None if self.rows.len() >= self.cfg.outbox_entries_max => {
-                            self.metrics
-                                .outbox_full_dropped
-                                .fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        None => OutboxEntry {
-                            user,
-                            device: t.device,
-                            conv: n.conversation_id,
-                            seq: n.seq,
-                            sender: n.sender,
-                            due_ms: now + self.cfg.grace_ms,
-                            sent_seq: 0,
-                            sent_ms: 0,
-                            attempts: 0,
-                        },
-                    };
-                    self.schedule(&e);
-                    self.rows.insert(k, e.clone());
-                    puts.insert(k, e);
-                }
-            }
-        }
-        let puts: Vec<OutboxEntry> = puts.into_values().collect();
-        self.gauge();
-        self.meta.outbox_write(&puts, &[])
-    }
-
-    /// Sends (or settles, or forgets) every row whose time has come.
-    fn due(&mut self, now: u64) -> Result<(), starling_storage::StorageError> {
-        while let Some(&(when, k)) = self.timers.first() {
-            if when > now {
-                break;
-            }
-            self.timers.pop_first();
-            let Some(e) = self.rows.get(&k).cloned() else {
-                continue;
-            };
-            if e.pending() {
-                if e.due_ms == when {
-                    self.send(e, now)?;
-                }
-            } else if e.sent_ms.saturating_add(self.cfg.collapse_ms) == when {
-                self.rows.remove(&k);
-                self.meta.outbox_write(&[], &[k])?;
-            }
-        }
-        self.gauge();
-        Ok(())
-    }
-
-    fn settle(
-        &mut self,
-        mut e: OutboxEntry,
-        sent_ms: u64,
-    ) -> Result<(), starling_storage::StorageError> {
-        e.sent_seq = e.seq;
-        e.sent_ms = sent_ms;
-        e.attempts = 0;
-        self.meta.outbox_write(std::slice::from_ref(&e), &[])?;
-        self.schedule(&e);
-        self.rows.insert(key(&e), e);
-        Ok(())
-    }
-
-    fn forget(&mut self, k: Key) -> Result<(), starling_storage::StorageError> {
-        self.rows.remove(&k);
-        self.meta.outbox_write(&[], &[k])
-    }
-
-    fn send(&mut self, mut e: OutboxEntry, now: u64) -> Result<(), starling_storage::StorageError> {
-        let k = key(&e);
-        let conv = ConvId(u128::from(e.conv));
-        let delivered = self.meta.delivery_cursor(conv, e.user, e.device)?;
-        if delivered.0 >= e.seq {
-            self.metrics
-                .delivered_in_time
-                .fetch_add(1, Ordering::Relaxed);
-            // Nothing was sent: the next entry waits only for the grace period.
-            return self.settle(e, 0);
-        }
-        let token = self
-            .meta
-            .push_tokens(e.user)?
-            .into_iter()
-            .find(|t| t.device == e.device);
-        let Some(token) = token else {
-            return self.forget(k);
-        };
-        let Some(p) = self
-            .providers
-            .iter_mut()
-            .find(|p| p.name() == token.provider)
-        else {
-            return self.forget(k);
-        };
-        let read = self.meta.read_cursor(conv, e.user)?;
-        let n = Notification {
-            conversation_id: e.conv,
-            seq: e.seq,
-            unread_count: e.seq.saturating_sub(read.0),
-        };
-        match p.send(&token, &n, now) {
-            Outcome::Sent => {
-                self.metrics.sent.fetch_add(1, Ordering::Relaxed);
-                self.settle(e, now)
-            }
-            Outcome::Retry { after_ms, why } => {
-                e.attempts += 1;
-                if e.attempts >= self.cfg.attempts_max {
-                    let reason = format!("{} attempts, last: {why}", e.attempts);
-                    return self.dead(e, token.provider, reason);
-                }
-                self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                let cap = self
-                    .cfg
-                    .retry_base_ms
-                    .saturating_mul(1 << e.attempts.min(20))
-                    .min(self.cfg.retry_max_ms);
-                let jitter: [u8; 8] = ring::rand::generate(&self.rng)
-                    .map(ring::rand::Random::expose)
-                    .unwrap_or_default();
-                let backoff = u64::from_le_bytes(jitter) % cap.max(1) + 1;
-                let wait = backoff.max(after_ms.unwrap_or(0).min(self.cfg.retry_max_ms));
-                tracing::info!(user = e.user.0, device = e.device.0, attempts = e.attempts, wait_ms = wait, %why, "push notification retried");
-                e.due_ms = now + wait;
-                self.meta.outbox_write(std::slice::from_ref(&e), &[])?;
-                self.schedule(&e);
-                self.rows.insert(k, e);
-                Ok(())
-            }
-            Outcome::InvalidToken(why) => {
-                tracing::info!(user = e.user.0, device = e.device.0, %why, "push token invalid: removed");
-                self.meta
-                    .push_token_remove_if(e.user, e.device, &token.token)?;
-                self.metrics
-                    .invalid_tokens_removed
-                    .fetch_add(1, Ordering::Relaxed);
-                self.forget(k)
-            }
-            Outcome::Failed(why) => self.dead(e, token.provider, why),
-        }
-    }
-
-    fn dead(
-        &mut self,
-        e: OutboxEntry,
-        provider: String,
-        reason: String,
-    ) -> Result<(), starling_storage::StorageError> {
-        tracing::warn!(user = e.user.0, device = e.device.0, %reason, "push notification refused: dead letter");
-        self.meta.dead_letter_add(&DeadLetter {
-            id: 0,
-            user: e.user,
-            device: e.device,
-            conv: e.conv,
-            seq: e.seq,
-            provider,
-            reason,
-            at_ms: crate::clock::unix_ms(),
-        })?;
-        self.rows.remove(&key(&e));
-        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
 }

@@ -195,7 +195,7 @@ impl Provider for WebPush {
         "web_push"
     }
 
-    fn send(&mut self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
+    fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
         let Ok(json) = std::str::from_utf8(&token.token) else {
             return Outcome::InvalidToken("the stored subscription is not UTF-8".into());
         };

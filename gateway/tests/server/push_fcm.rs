@@ -149,12 +149,15 @@ fn offline_devices_get_one_content_free_fcm_message_per_interval() {
     );
     assert_eq!(to("cy").len(), 2, "503 then 200: {sends:?}");
     assert_eq!(to("dee").len(), 1, "UNREGISTERED: asked once: {sends:?}");
-    assert_eq!(
-        service
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the token exchange and every send share one kept-alive connection"
+    // The three devices are notified at once, by parallel senders, each on a connection of
+    // its own (the token exchange came first, on one of them); the retry reuses a kept one.
+    let requests = 1 + sends.len() as u64;
+    let opened = service
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&opened) && opened < requests,
+        "kept-alive connections: {opened} for {requests} requests"
     );
     send(&mut ana, 15, ids[0].user_id, "more secret words");
     assert!(

@@ -462,12 +462,15 @@ fn offline_devices_get_one_content_free_web_push_per_interval_retried_or_dropped
     assert_eq!(check(cy[1], &v, service.port, &cy_ua)["seq"], 1);
     // 410: asked once, then the token is gone.
     assert_eq!(on("/sub/dee").len(), 1, "{got:?}");
-    // Every request to the one push service went over one kept-alive connection.
-    assert_eq!(
-        service
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
+    // The three devices are notified at once, by parallel senders, each on a connection of
+    // its own; the retry reuses a kept one.
+    let opened = service
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&opened) && opened < got.len() as u64,
+        "kept-alive connections: {opened} for {} requests",
+        got.len()
     );
     // Within the collapse interval: nothing more for Ben.
     send(&mut ana, 15, ids[0].user_id, "more secret words");
