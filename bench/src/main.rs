@@ -27,6 +27,7 @@ mod messages;
 mod mqtt;
 mod net;
 mod presence;
+mod push;
 mod rate;
 mod report;
 mod scrape;
@@ -81,6 +82,9 @@ enum Command {
     Media(media::MediaArgs),
     /// FetchKeyBundles per second (one-time prekeys taken, none twice).
     Keys(keys::KeysArgs),
+    /// Push notifications per second through the server's notifier to a local APNs, and their
+    /// latency from the SendAck.
+    Push(push::PushArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,5 +112,6 @@ fn main() -> anyhow::Result<()> {
         Command::Presence(args) => presence::run(&args),
         Command::Media(args) => media::run(&args),
         Command::Keys(args) => keys::run(&args),
+        Command::Push(args) => push::run(&args),
     }
 }

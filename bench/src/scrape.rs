@@ -28,8 +28,8 @@ pub(crate) struct ServerAck {
     pub(crate) p999_le_us: Option<u64>,
 }
 
-/// `GET /metrics` from `addr` (HOST:PORT) and its SendAck buckets.
-pub(crate) fn fetch(addr: &str) -> anyhow::Result<Buckets> {
+/// `GET /metrics` from `addr` (HOST:PORT): the exposition text.
+pub(crate) fn get_metrics(addr: &str) -> anyhow::Result<String> {
     let sa = addr
         .to_socket_addrs()
         .with_context(|| format!("resolving {addr}"))?
@@ -44,6 +44,12 @@ pub(crate) fn fetch(addr: &str) -> anyhow::Result<Buckets> {
     let mut body = String::new();
     s.read_to_string(&mut body)
         .with_context(|| format!("reading {addr}/metrics"))?;
+    Ok(body)
+}
+
+/// `GET /metrics` from `addr` (HOST:PORT) and its SendAck buckets.
+pub(crate) fn fetch(addr: &str) -> anyhow::Result<Buckets> {
+    let body = get_metrics(addr)?;
     let b = parse(&body);
     anyhow::ensure!(
         !b.0.is_empty(),
