@@ -396,10 +396,12 @@ fn offline_devices_get_one_signed_content_free_webhook_per_interval() {
     assert_eq!(dee.len(), 1, "{got:?}");
     assert_eq!(dee[0].json()["token"], web_sub.as_str());
     assert_eq!(dee[0].status, 410);
-    assert_eq!(
-        relay.connections.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "every request over one kept-alive connection"
+    // Kept-alive connections: fewer than requests (one per device notified at once at most).
+    let opened = relay.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&opened) && opened < got.len() as u64,
+        "{opened} connections for {} requests",
+        got.len()
     );
     // Within the collapse interval: nothing more for Ben.
     send(&mut ana, 15, ids[0].user_id, "more secret words");
