@@ -15,7 +15,9 @@ mod router;
 
 pub use keys::KeysConfig;
 pub use media::MediaConfig;
-pub use push::{ApnsConfig, FcmConfig, PushConfig, WebPushConfig};
+pub use push::{
+    ApnsConfig, FcmConfig, PushConfig, WEBHOOK_PLATFORMS, WebPushConfig, WebhookConfig,
+};
 pub use router::RouterConfig;
 
 /// Which I/O driver the shards use.

@@ -143,7 +143,8 @@
 //!   their own ([`accounts::seen`]). A device's push token is checked per
 //!   platform ([`accounts::push`]) and stored in the same store.
 //! - **Push notifications** ([`push`]): the notifier thread, its durable outbox and its
-//!   providers (Web Push, FCM), fed by the routers' notices over a bounded queue.
+//!   providers (Web Push, FCM, APNs, the operator webhook), fed by the routers' notices over a
+//!   bounded queue.
 
 pub mod accounts;
 pub mod clock;

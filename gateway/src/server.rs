@@ -253,10 +253,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if notices.is_some() {
         let mut names = Vec::new();
         if cfg.push.web_push.is_some() {
-            names.push("web push");
+            names.push("web push".to_owned());
         }
         if cfg.push.fcm.is_some() {
-            names.push("fcm");
+            names.push("fcm".to_owned());
+        }
+        if cfg.push.apns.is_some() {
+            names.push("apns".to_owned());
+        }
+        if let Some(w) = &cfg.push.webhook {
+            names.push(format!("webhook ({})", w.platforms.join(", ")));
         }
         say(&format!("push notifier: {}", names.join(", ")));
     }

@@ -1058,6 +1058,8 @@ mod push_apns;
 mod push_fcm;
 #[path = "server/push_web.rs"]
 mod push_web;
+#[path = "server/push_webhook.rs"]
+mod push_webhook;
 #[path = "server/read_fanout.rs"]
 mod read_fanout;
 #[path = "server/router_config.rs"]

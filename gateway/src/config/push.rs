@@ -46,6 +46,34 @@ pub struct PushConfig {
     pub fcm: Option<FcmConfig>,
     /// Apple Push Notification service (HTTP/2, token-based auth); off if absent.
     pub apns: Option<ApnsConfig>,
+    /// The operator's own relay: a signed HTTPS POST of JSON per notification, for the
+    /// platforms it names; off if absent.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// The token platforms (`PushToken::provider`) a deployment may route through its relay.
+pub const WEBHOOK_PLATFORMS: [&str; 3] = ["apns", "fcm", "web_push"];
+
+/// `[push.webhook]`: an HTTPS POST of the notification as JSON, signed with HMAC-SHA256 over
+/// a timestamp and the body, to a relay of the operator's (which then talks to the push
+/// services itself). See "Operator webhook" in `docs/design/push.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The relay's URL; `https://` only (the body carries device tokens; a relay on a private
+    /// network uses a certificate whose CA is in `push.ca_file`).
+    pub url: String,
+    /// The shared secret: the file's bytes, a final line ending (and any trailing spaces)
+    /// removed, at least 32 bytes (e.g. `openssl rand -hex 32`).
+    pub secret_file: PathBuf,
+    /// The token platforms the relay serves: some of "apns", "fcm", "web_push" (all three
+    /// by default). A platform it serves may not have a built-in provider configured too.
+    #[serde(default = "default_webhook_platforms")]
+    pub platforms: Vec<String>,
+}
+
+fn default_webhook_platforms() -> Vec<String> {
+    WEBHOOK_PLATFORMS.iter().map(|&p| p.to_owned()).collect()
 }
 
 /// `[push.apns]`: token-based authentication with a signing key of the Apple developer
@@ -140,6 +168,7 @@ impl Default for PushConfig {
             web_push: None,
             fcm: None,
             apns: None,
+            webhook: None,
         }
     }
 }
@@ -148,7 +177,10 @@ impl PushConfig {
     /// Whether a provider is configured (then the notifier runs).
     #[must_use]
     pub fn enabled(&self) -> bool {
-        self.web_push.is_some() || self.fcm.is_some() || self.apns.is_some()
+        self.web_push.is_some()
+            || self.fcm.is_some()
+            || self.apns.is_some()
+            || self.webhook.is_some()
     }
 
     /// Checks every value.
@@ -228,6 +260,120 @@ impl PushConfig {
                 return bad("push.apns.ttl_s", "at most 2419200 (28 days)");
             }
         }
+        if let Some(w) = &self.webhook {
+            self.validate_webhook(w)?;
+        }
         Ok(())
+    }
+
+    fn validate_webhook(&self, w: &WebhookConfig) -> Result<(), ConfigError> {
+        let bad = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if let Err(e) = crate::push::http::Url::parse(&w.url) {
+            return bad(
+                "push.webhook.url",
+                format!("must be an https://host[:port][/path] URL ({e})"),
+            );
+        }
+        if w.platforms.is_empty() {
+            return bad(
+                "push.webhook.platforms",
+                "names no platform (leave it out for all three)".to_owned(),
+            );
+        }
+        for (i, p) in w.platforms.iter().enumerate() {
+            if !WEBHOOK_PLATFORMS.contains(&p.as_str()) {
+                return bad(
+                    "push.webhook.platforms",
+                    format!("{p:?} is not one of \"apns\", \"fcm\", \"web_push\""),
+                );
+            }
+            if w.platforms[..i].contains(p) {
+                return bad("push.webhook.platforms", format!("{p:?} is named twice"));
+            }
+            let built_in = match p.as_str() {
+                "apns" => self.apns.is_some().then_some("[push.apns]"),
+                "fcm" => self.fcm.is_some().then_some("[push.fcm]"),
+                _ => self.web_push.is_some().then_some("[push.web_push]"),
+            };
+            if let Some(table) = built_in {
+                return bad(
+                    "push.webhook.platforms",
+                    format!(
+                        "{p:?} is also served by {table}: a platform goes through one provider \
+                         (remove it from the list or the table)"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    fn with_webhook(extra: &str) -> Result<(), String> {
+        let toml = format!(
+            "[push.webhook]\nsecret_file = \"/s\"\nurl = \"https://relay.example.org/p\"\n{extra}"
+        );
+        let c = Config::from_toml(&toml).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn webhook_settings_are_checked() {
+        with_webhook("").unwrap();
+        with_webhook("platforms = [\"fcm\"]\n").unwrap();
+        let c = Config::from_toml("[push.webhook]\nsecret_file = \"/s\"\nurl = \"https://r/\"\n")
+            .unwrap();
+        assert!(c.push.enabled());
+        let w = c.push.webhook.unwrap();
+        assert_eq!(w.platforms, ["apns", "fcm", "web_push"], "all by default");
+        for (extra, names) in [
+            ("platforms = []\n", "push.webhook.platforms"),
+            ("platforms = [\"gcm\"]\n", "push.webhook.platforms"),
+            ("platforms = [\"fcm\", \"fcm\"]\n", "push.webhook.platforms"),
+            (
+                "platforms = [\"fcm\"]\n[push.fcm]\nservice_account_file = \"/sa.json\"\n",
+                "[push.fcm]",
+            ),
+            (
+                "[push.apns]\nteam_id = \"T\"\nkey_id = \"K\"\nkey_file = \"/k.p8\"\n",
+                "[push.apns]",
+            ),
+            (
+                "platforms = [\"web_push\"]\n[push.web_push]\nvapid_private_key_file = \"/v\"\n\
+                 vapid_subject = \"mailto:o@x.org\"\n",
+                "[push.web_push]",
+            ),
+        ] {
+            let err = with_webhook(extra).unwrap_err();
+            assert!(err.contains(names), "{extra}: {err}");
+            assert!(err.contains("push.webhook.platforms"), "{extra}: {err}");
+        }
+        // The built-ins and the webhook may share the work, one platform each.
+        with_webhook(
+            "platforms = [\"apns\", \"web_push\"]\n[push.fcm]\nservice_account_file = \"/sa.json\"\n",
+        )
+        .unwrap();
+        for url in [
+            "http://relay.example.org/p",
+            "relay.example.org",
+            "https://u@relay/",
+            "https://relay:port/",
+        ] {
+            let toml = format!("[push.webhook]\nsecret_file = \"/s\"\nurl = \"{url}\"\n");
+            let err = Config::from_toml(&toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("push.webhook.url"), "{url}: {err}");
+        }
+        assert!(
+            Config::from_toml("[push.webhook]\nurl = \"https://r/\"\n").is_err(),
+            "secret_file is required"
+        );
     }
 }

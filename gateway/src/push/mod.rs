@@ -17,7 +17,7 @@
 //!   the unread count (seq - the user's read cursor). 2xx: sent. 429, 5xx or no answer: retried
 //!   with exponential backoff and full jitter (at least `Retry-After`), up to
 //!   `push.attempts_max`. An invalid token (Web Push 404/410, FCM 404/UNREGISTERED, APNs 410 or 400
-//!   BadDeviceToken/Unregistered) is removed. Other refusals go to
+//!   BadDeviceToken/Unregistered, the operator webhook's 404/410) is removed. Other refusals go to
 //!   the dead letters. The row is written before and after each send, so a crash sends a
 //!   notification at most once more (at least once), and a restart resumes from the rows.
 
@@ -25,6 +25,7 @@ pub mod apns;
 pub mod fcm;
 pub mod http;
 mod notifier;
+pub mod webhook;
 pub mod webpush;
 
 use std::fmt::Write as _;
@@ -99,8 +100,13 @@ pub enum Outcome {
 /// A push service client (blocking; shared by the notifier's sender threads, which call
 /// `send` concurrently).
 pub trait Provider: Send + Sync + std::fmt::Debug {
-    /// The provider name of the tokens it serves (`PushToken::provider`).
+    /// The provider's name (the platform of the tokens it serves, or "webhook").
     fn name(&self) -> &'static str;
+    /// Whether it serves tokens of `provider` (`PushToken::provider`): its own name, unless
+    /// it serves several platforms (the operator webhook).
+    fn serves(&self, provider: &str) -> bool {
+        provider == self.name()
+    }
     /// Sends one notification to `token`.
     fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome;
 }
@@ -265,6 +271,9 @@ pub fn start(
     }
     if let Some(a) = &cfg.apns {
         providers.push(Box::new(apns::Apns::new(a, &tls, timeout)?));
+    }
+    if let Some(w) = &cfg.webhook {
+        providers.push(Box::new(webhook::Webhook::new(w, tls.clone(), timeout)?));
     }
     let rows = meta.outbox_load()?;
     let dead = meta.dead_letters_count()?;

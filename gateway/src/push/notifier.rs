@@ -301,7 +301,7 @@ impl Notifier {
                     Entry::Vacant(v) => v.insert(self.meta.push_tokens(user)?),
                 };
                 for t in list.iter() {
-                    if !self.providers.iter().any(|p| p.name() == t.provider) {
+                    if !self.providers.iter().any(|p| p.serves(&t.provider)) {
                         continue;
                     }
                     let k = (user, t.device, n.conversation_id);
@@ -407,7 +407,7 @@ impl Notifier {
         let token = list.iter().find(|t| t.device == e.device).cloned();
         let provider = token
             .as_ref()
-            .and_then(|t| self.providers.iter().position(|p| p.name() == t.provider));
+            .and_then(|t| self.providers.iter().position(|p| p.serves(&t.provider)));
         let (Some(token), Some(provider)) = (token, provider) else {
             self.rows.remove(&k);
             w.delete(k);
