@@ -25,7 +25,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=bench-config.sh
 . "$ROOT/bench/scripts/bench-config.sh"
 RECIPIENTS=${RECIPIENTS:-1000}
-GROUPS_N=${GROUPS:-20}
+GROUPS_N=${GROUP_COUNT:-20}
 GROUP_SIZE=${GROUP_SIZE:-1000}
 RATE=${RATE:-20}
 PAIRS=${PAIRS:-50}
@@ -34,7 +34,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-6}
 PUSH_SECS=${PUSH_SECS:-$((DURATION + 2 * WARMUP))}
 RUNS=${RUNS:-1}
-SENDERS=${SENDERS:-32}
+SENDERS=${SENDERS:-64}
 STARLING=${STARLING:-$ROOT/target/release/starling}
 BENCH=${BENCH:-$ROOT/target/release/starling-bench}
 S_PLAIN=127.0.0.1:47644

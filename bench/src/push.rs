@@ -89,6 +89,9 @@ pub(crate) struct PushArgs {
     json: Option<PathBuf>,
 }
 
+/// Users one group request may name (the server's default `router.group_request_users_max`).
+const GROUP_REQUEST_USERS: usize = 256;
+
 /// One request the local APNs answered.
 struct Arrival {
     recipient: u64,
@@ -104,6 +107,8 @@ struct Outcome {
     notifications_received: u64,
     missing: u64,
     duplicates: u64,
+    /// Notifications for entries the run did not send (the groups' member changes).
+    other_notifications: u64,
     /// Received per second after the warm-up, up to the end of sending.
     notifications_per_s: f64,
     /// From the message's SendAck to the notification's arrival (includes `push.grace_ms`).
@@ -354,19 +359,36 @@ async fn drive(
     let mut sender = connect(args.recipients).await?;
     let mut convs = Vec::with_capacity(args.groups);
     for g in 0..args.groups {
-        let members = (0..args.group_size)
+        let members: Vec<u64> = (0..args.group_size)
             .map(|i| accounts[(g * args.group_size + i) % args.recipients].user_id)
             .collect();
+        // One request names at most `router.group_request_users_max` (256 by default) users.
+        let mut chunks = members.chunks(GROUP_REQUEST_USERS);
         let create = Body::CreateGroup(v1::CreateGroup {
             name: format!("push bench {g}"),
-            member_user_ids: members,
+            member_user_ids: chunks.next().map(<[u64]>::to_vec).unwrap_or_default(),
             avatar: None,
         });
-        match sender.request(create).await? {
-            Body::GroupInfo(info) => convs.push(info.conversation_id),
+        let conv = match sender.request(create).await? {
+            Body::GroupInfo(info) => info.conversation_id,
             Body::Error(e) => bail!("CreateGroup refused: {}", describe_error(&e)),
             other => bail!("unexpected answer to CreateGroup: {}", other.kind().name()),
+        };
+        for chunk in chunks {
+            let add = Body::AddGroupMembers(v1::AddGroupMembers {
+                conversation_id: conv,
+                user_ids: chunk.to_vec(),
+            });
+            match sender.request(add).await? {
+                Body::GroupInfo(_) => {}
+                Body::Error(e) => bail!("AddGroupMembers refused: {}", describe_error(&e)),
+                other => bail!(
+                    "unexpected answer to AddGroupMembers: {}",
+                    other.kind().name()
+                ),
+            }
         }
+        convs.push(conv);
     }
     // Counters before.
     let counters0 = args
@@ -383,6 +405,11 @@ async fn drive(
     let mut acks: HashMap<(u64, u64), Instant> = HashMap::new();
     let mut next = start;
     let mut k: u64 = 0;
+    // Client message ids are unique per run (a second run against the same server must not
+    // be answered as retries of the first).
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut got: Vec<Arrival> = Vec::new();
     while clock::now() < end {
         while next <= clock::now() && next < end {
@@ -391,7 +418,10 @@ async fn drive(
             sender.push(
                 rid,
                 Body::Send(v1::Send {
-                    client_msg_id: k.to_be_bytes().to_vec().into(),
+                    client_msg_id: (u128::from(k) | (u128::from(run_id) << 64))
+                        .to_be_bytes()
+                        .to_vec()
+                        .into(),
                     to: Some(v1::Recipient {
                         target: Some(v1::recipient::Target::ConversationId(conv)),
                     }),
@@ -464,7 +494,13 @@ async fn drive(
     let mut hist = report::histogram();
     let warm = start + Duration::from_secs(args.warmup_secs);
     let mut in_window = 0u64;
+    let mut other = 0u64;
     for a in &got {
+        let Some(t) = acks.get(&(a.conv, a.seq)) else {
+            // For an entry the run did not send: the groups' member changes.
+            other += 1;
+            continue;
+        };
         if !seen.insert((a.recipient, a.conv, a.seq)) {
             duplicates += 1;
             continue;
@@ -472,11 +508,8 @@ async fn drive(
         if a.at >= warm && a.at <= end {
             in_window += 1;
         }
-        if let Some(t) = acks.get(&(a.conv, a.seq)) {
-            let us =
-                u64::try_from(a.at.saturating_duration_since(*t).as_micros()).unwrap_or(u64::MAX);
-            let _ = hist.record(us.max(1));
-        }
+        let us = u64::try_from(a.at.saturating_duration_since(*t).as_micros()).unwrap_or(u64::MAX);
+        let _ = hist.record(us.max(1));
     }
     let window_secs = (send_secs - args.warmup_secs as f64).max(1e-9);
     Ok(Outcome {
@@ -485,6 +518,7 @@ async fn drive(
         notifications_received: seen.len() as u64,
         missing: owed.saturating_sub(seen.len() as u64),
         duplicates,
+        other_notifications: other,
         notifications_per_s: in_window as f64 / window_secs,
         latency_us: Summary::of(&hist),
         server_cpu_cores: cpu,

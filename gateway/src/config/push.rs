@@ -163,7 +163,7 @@ impl Default for PushConfig {
             retry_max_ms: 300_000,
             attempts_max: 10,
             request_timeout_ms: 10_000,
-            senders: 32,
+            senders: 64,
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,
             fcm: None,

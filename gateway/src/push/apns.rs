@@ -122,6 +122,7 @@ impl Apns {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("starling-apns")
+            .on_thread_start(super::notifier::background)
             .enable_io()
             .enable_time()
             .build()?;

@@ -3,11 +3,18 @@
 //! (`starling-push-send`) that carry out the requests to the push services.
 //!
 //! Each turn of the notifier's loop takes every event waiting (notices from the shards,
-//! answers from the senders), applies them to the rows, picks the rows that are due, writes
-//! every row it changed in **one** durable transaction, and only then hands the due rows to the
-//! senders. So a row is durable before its request goes out (a crash sends it once more,
-//! never loses it), and the outbox costs one fsync per turn however many notifications the
-//! turn carried: under load a turn gathers what arrived during the previous turn's fsync.
+//! answers from the senders), applies them to the rows, picks the rows that are due, and
+//! writes every row it changed in **one** durable transaction. A due row whose durable copy
+//! names the seq to send is handed to the senders at once (while the transaction commits); a
+//! row this turn changed, only after the commit. So a row is durable before its request goes
+//! out (a crash sends it once more, never loses it), and the outbox costs one fsync per turn
+//! however many notifications the turn carried: under load a turn gathers what arrived during
+//! the previous turn's fsync.
+//!
+//! The notifier and the senders run at the lowest priority (nice 19): notifications are
+//! background work that yields the CPU to the shards, so the message path's latency does not
+//! pay for them; under a CPU shortage they fall behind (and the queue from the shards, when
+//! full, drops and counts notices).
 //!
 //! At most twice `push.senders` rows are with the senders at once; a row with the senders
 //! is not picked again (a newer entry for it waits for the answer, which reschedules it).
@@ -83,6 +90,7 @@ pub(super) fn senders(
         std::thread::Builder::new()
             .name(format!("starling-push-send-{i}"))
             .spawn(move || {
+                background();
                 loop {
                     // Nothing panics under this lock: a poisoned one is still a queue.
                     let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
@@ -107,6 +115,13 @@ pub(super) fn senders(
         jobs: tx,
         providers,
     })
+}
+
+/// Lowers the calling thread's priority (see the module docs).
+pub(super) fn background() {
+    if let Err(e) = crate::cpus::lowest_priority() {
+        tracing::warn!(error = %e, "a push thread keeps its priority");
+    }
 }
 
 /// Why the notifier stops.
@@ -220,6 +235,7 @@ impl Notifier {
     }
 
     pub(super) fn run(&mut self, rx: &Receiver<Event>) {
+        background();
         loop {
             let now = crate::clock::unix_ms();
             let wait = match self.timers.first() {
@@ -273,9 +289,20 @@ impl Notifier {
         let now = crate::clock::unix_ms();
         self.take(&notices, now, &mut w)?;
         let jobs = self.due(now, &mut w)?;
+        // A row whose durable copy is what is sent goes out at once, while the transaction
+        // commits; one this turn changed (a newer seq) only once the commit is done.
+        let (clean, dirty): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| !w.puts.contains_key(&j.key));
+        self.hand_out(clean)?;
         let puts: Vec<OutboxEntry> = w.puts.into_values().collect();
         let deletes: Vec<Key> = w.deletes.into_iter().collect();
         self.meta.outbox_write(&puts, &deletes)?;
+        self.hand_out(dirty)?;
+        self.gauge();
+        Ok(())
+    }
+
+    fn hand_out(&mut self, jobs: Vec<Job>) -> Result<(), Stop> {
         for job in jobs {
             self.in_flight.insert(job.key);
             if self.jobs.send(job).is_err() {
@@ -284,7 +311,6 @@ impl Notifier {
                 return Err(Stop::Senders);
             }
         }
-        self.gauge();
         Ok(())
     }
 
