@@ -250,6 +250,7 @@ async fn fetch_loop(
     let req = Body::FetchKeyBundles(v1::FetchKeyBundles {
         user_id: user,
         device_ids: vec![],
+        list_only: false,
     });
     let mut inflight: HashMap<u64, Instant> = HashMap::new();
     let fail = |t: &Rc<RefCell<Tally>>, why: String| {

@@ -33,7 +33,8 @@
 //!   [`Client::upload_file`], [`Client::send_with_media`],
 //!   [`Client::download_media`] (streamed both ways, SHA-256 checked).
 //! - The end-to-end key directory: [`Client::upload_keys`],
-//!   [`Client::prekey_count`], [`Client::fetch_key_bundles`], the pushes
+//!   [`Client::prekey_count`], [`Client::fetch_key_bundles`] (claims),
+//!   [`Client::list_key_bundles`] (takes nothing), the pushes
 //!   [`Event::PrekeyCount`] and [`Event::DeviceListChanged`]; [`e2e`] keeps a
 //!   device's Olm account and sessions, checks fetched bundles and seals and
 //!   opens end-to-end encrypted messages ([`Client::send_encrypted`],

@@ -246,6 +246,10 @@ enum Cmd {
         /// A user id, a +phone, conv:<id> or group:<id>.
         #[arg(long)]
         with: String,
+        /// End-to-end encrypt each line with Olm, as `send --e2e` does (a user only; run
+        /// `keys upload` first). Received end-to-end messages are shown decrypted either way.
+        #[arg(long)]
+        e2e: bool,
     },
     /// Manage groups.
     #[command(subcommand)]
@@ -608,10 +612,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.shutdown().await;
             res?;
         }
-        Cmd::Chat { with } => {
+        Cmd::Chat { with, e2e } => {
             let (client, events) = start(&g, true)?;
             let mut reader = cli::e2e::Reader::new(&client, &g.profile_dir);
-            let res = cli::chat::chat(&out, &client, &mut reader, events, &with, g.timeout).await;
+            let res =
+                cli::chat::chat(&out, &client, &mut reader, events, &with, g.timeout, e2e).await;
             client.shutdown().await;
             res?;
         }

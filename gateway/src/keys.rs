@@ -6,7 +6,8 @@
 //! the [`KeyDirectory`] (`starling_storage::keys`): it takes the requests waiting in its queue
 //! (up to `keys.batch_max`), carries them out against one open batch and makes the batch
 //! durable with one redb commit before it answers any of them (group commit; an upload is
-//! committed on its own, after the fetches before it). Being the only writer of the key
+//! committed on its own, after the fetches before it; a `list_only` fetch takes nothing and is
+//! answered at once). Being the only writer of the key
 //! tables is what makes each one-time prekey go out once, whichever shard the fetches come
 //! from; answering only after the commit is what keeps that true across a crash. Shards never
 //! wait on it: a connection awaits its answer ([`Answer`]) like it awaits the blocking pool.
@@ -180,7 +181,8 @@ impl KeyService {
         self.wait(|reply| Job::Upload { p, req, reply }).await
     }
 
-    /// FetchKeyBundles: the bundles, their one-time prekeys durably taken.
+    /// FetchKeyBundles: the bundles, their one-time prekeys durably taken (`list_only`: none
+    /// taken, answered without waiting for a commit).
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`; `OVERLOADED`; `STORAGE_FAILURE`.
@@ -322,6 +324,8 @@ impl Writer {
 
     fn job(&mut self, job: Job, waiting: &mut Waiting) {
         match job {
+            // A listing takes nothing: answered now, without waiting for a commit.
+            Job::Fetch { p, req, reply } if req.list_only => reply.send(self.list(p, &req)),
             Job::Fetch { p, req, reply } => match self.fetch(p, &req) {
                 Ok((bundles, low)) => {
                     waiting.fetches.push((reply, bundles));
@@ -374,11 +378,12 @@ impl Writer {
         }
     }
 
-    fn fetch(
-        &mut self,
+    /// Checks a FetchKeyBundles and whether `p` may see its user (`None`: answer nothing).
+    fn fetch_target(
+        &self,
         p: Principal,
         req: &v1::FetchKeyBundles,
-    ) -> Result<(v1::KeyBundles, Vec<LowStock>), ApiError> {
+    ) -> Result<Option<UserId>, ApiError> {
         if req.user_id == 0 {
             return Err(ApiError::new(ErrorCode::InvalidArgument, "user id 0"));
         }
@@ -392,9 +397,35 @@ impl Writer {
         let visible =
             starling_router::visibility::visible(&*self.meta, UserId(p.user_id), &[target])
                 .map_err(|e| storage_failure("checking who may fetch", &e))?;
-        if visible.first() != Some(&true) {
+        Ok((visible.first() == Some(&true)).then_some(target))
+    }
+
+    /// A list_only FetchKeyBundles: the bundles without one-time prekeys, nothing taken.
+    fn list(
+        &mut self,
+        p: Principal,
+        req: &v1::FetchKeyBundles,
+    ) -> Result<v1::KeyBundles, ApiError> {
+        let Some(target) = self.fetch_target(p, req)? else {
+            return Ok(v1::KeyBundles::default());
+        };
+        let bundles = self
+            .dir
+            .list(target, &req.device_ids)
+            .map_err(|e| storage_failure("reading key bundles", &e))?;
+        Ok(v1::KeyBundles {
+            bundles: bundles.into_iter().map(wire_bundle).collect(),
+        })
+    }
+
+    fn fetch(
+        &mut self,
+        p: Principal,
+        req: &v1::FetchKeyBundles,
+    ) -> Result<(v1::KeyBundles, Vec<LowStock>), ApiError> {
+        let Some(target) = self.fetch_target(p, req)? else {
             return Ok((v1::KeyBundles::default(), Vec::new()));
-        }
+        };
         let (bundles, low) = self
             .dir
             .fetch(target, &req.device_ids)

@@ -1,8 +1,8 @@
 """The end-to-end key directory, against the real `starling` binary (see protocol/README.md,
 "End-to-end key directory"): UploadKeys with an Ed25519-signed prekey and its refusals,
 FetchKeyBundles taking one one-time prekey per fetch (lowest key id first, none twice, then
-the signed prekey only), the visibility rule, the low-stock PrekeyCount push, and
-DeviceListChanged when a peer signs in a new device.
+the signed prekey only) and none with list_only, the visibility rule, the low-stock
+PrekeyCount push, and DeviceListChanged when a peer signs in a new device.
 
 Ed25519 signing (RFC 8032) is written out below from the RFC, so that the suite needs no
 crypto package; the server checks the signature with its own implementation."""
@@ -172,6 +172,32 @@ def flows(pb, srv, check):
                and pushes[0].prekey_count.one_time_prekeys == 2, f"{before}")
     check("keys: FetchKeyBundles takes one one-time prekey each, then the signed prekey only; "
           "one low-stock PrekeyCount push", fetches)
+
+    def list_only():
+        a, b, c, ga = s["a"], s["b"], s["c"], s["ga"]
+        f, _ = a.call("upload_keys", pb.UploadKeys(one_time_prekeys=[
+            pb.OneTimePrekey(key_id=i, public_key=i.to_bytes(32, "big")) for i in (20, 21)]))
+        expect(f.prekey_count.one_time_prekeys == 2, f"{f}")
+        listing = pb.FetchKeyBundles(user_id=ga.user_id, list_only=True)
+        for _ in range(3):
+            f, _ = b.call("fetch_key_bundles", listing)
+            bundles = f.key_bundles.bundles
+            expect(len(bundles) == 1 and not bundles[0].HasField("one_time_prekey")
+                   and bundles[0].identity_key == ed25519_public(s["secret"])
+                   and bundles[0].HasField("signed_prekey"), f"{f}")
+        f, _ = c.call("fetch_key_bundles", listing)
+        expect(len(f.key_bundles.bundles) == 0, f"cy shares nothing with ana: {f}")
+        f, _ = a.call("upload_keys", pb.UploadKeys())
+        expect(f.prekey_count.one_time_prekeys == 2, f"a listing takes nothing: {f}")
+        device = bundles[0].device_id
+        f, _ = b.call("fetch_key_bundles",
+                      pb.FetchKeyBundles(user_id=ga.user_id, device_ids=[device]))
+        k = f.key_bundles.bundles
+        expect(len(k) == 1 and k[0].one_time_prekey.key_id == 20, f"{f}")
+        f, _ = b.call("fetch_key_bundles", pb.FetchKeyBundles(user_id=0, list_only=True))
+        expect_error(pb, f, "INVALID_ARGUMENT")
+    check("keys: FetchKeyBundles with list_only lists the devices and takes no one-time "
+          "prekey; device_ids then claim one", list_only)
 
     def device_list_changed():
         b, ga = s["b"], s["ga"]

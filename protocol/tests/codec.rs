@@ -524,6 +524,7 @@ fn sample(kind: FrameKind) -> Body {
         FrameKind::FetchKeyBundles => Body::FetchKeyBundles(v1::FetchKeyBundles {
             user_id: 1_002,
             device_ids: vec![],
+            list_only: false,
         }),
         FrameKind::KeyBundles => Body::KeyBundles(v1::KeyBundles {
             bundles: vec![v1::KeyBundle {
@@ -660,6 +661,30 @@ fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
                 request_id: 0,
                 body: Some(Body::Deliver(v1::Deliver {
                     message: Some(group_event()),
+                })),
+            },
+        ),
+        (
+            // A listing of a user's devices that takes no one-time prekey, then a claim for
+            // the one device without a session.
+            "fetch_key_bundles_list_only",
+            v1::Frame {
+                request_id: 14,
+                body: Some(Body::FetchKeyBundles(v1::FetchKeyBundles {
+                    user_id: 1_002,
+                    device_ids: vec![],
+                    list_only: true,
+                })),
+            },
+        ),
+        (
+            "fetch_key_bundles_devices",
+            v1::Frame {
+                request_id: 15,
+                body: Some(Body::FetchKeyBundles(v1::FetchKeyBundles {
+                    user_id: 1_002,
+                    device_ids: vec![3],
+                    list_only: false,
                 })),
             },
         ),

@@ -401,6 +401,22 @@ impl<M: MetadataStore> KeyDirectory<M> {
         Ok((bundles, low))
     }
 
+    /// Bundles of `user`'s devices that have keys (`devices` empty: all; else those of them),
+    /// in device order, without one-time prekeys: a listing that takes nothing and changes
+    /// nothing, so it needs no commit.
+    pub fn list(&mut self, user: UserId, devices: &[u32]) -> Result<Vec<Bundle>, StorageError> {
+        Ok(self
+            .devices(user)?
+            .iter()
+            .filter(|(identity, _)| devices.is_empty() || devices.contains(&identity.device.0))
+            .map(|(identity, signed)| Bundle {
+                identity: identity.clone(),
+                signed: signed.clone(),
+                one_time: None,
+            })
+            .collect())
+    }
+
     /// `user`'s devices with keys and their signed prekeys, from the cache or the store.
     fn devices(&mut self, user: UserId) -> Result<DeviceList, StorageError> {
         if let Some(d) = self.devices.get(&user) {
@@ -595,6 +611,32 @@ mod tests {
         // A fresh directory (restart) agrees.
         let mut d2 = KeyDirectory::new(meta, 100, 3);
         assert_eq!(d2.stock(U, D).unwrap(), 0);
+    }
+
+    /// A listing takes nothing: the stock and the next claim are as before it.
+    #[test]
+    fn a_listing_takes_no_one_time_prekey() {
+        let (_, mut d) = dir(100, 3);
+        let d2 = DeviceId(2);
+        d.upload(U, D, &upload(10, 4), TimestampMs(1), ok).unwrap();
+        d.upload(U, d2, &upload(20, 4), TimestampMs(1), ok).unwrap();
+        d.commit().unwrap();
+        for _ in 0..3 {
+            let b = d.list(U, &[]).unwrap();
+            assert_eq!(b.len(), 2);
+            assert!(b.iter().all(|b| b.one_time.is_none()));
+            assert_eq!(b[0].identity.device, D);
+            assert_eq!(b[1].signed.public_key, vec![2; 32]);
+        }
+        let only = d.list(U, &[2]).unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].identity.device, d2);
+        assert!(d.list(U, &[9]).unwrap().is_empty());
+        assert!(d.list(UserId(99), &[]).unwrap().is_empty());
+        assert!(!d.has_pending());
+        assert_eq!(d.stock(U, D).unwrap(), 4);
+        let (b, _) = d.fetch(U, &[1]).unwrap();
+        assert_eq!(b[0].one_time.as_ref().map(|k| k.id), Some(10));
     }
 
     /// Past the read-ahead, across commits and with an upload in between: every key once, in

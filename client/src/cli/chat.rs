@@ -6,17 +6,61 @@
 //! (rate-limited by [`TypingNotifier`]) and the line's end sends the message
 //! and `STOPPED`. A terminal in its usual line mode hands over whole lines,
 //! so there the indicator only flashes as the line is sent.
+//!
+//! With `--e2e` (a chat with one user) each line is sealed and sent as
+//! `send --e2e` does, one line at a time in the order typed (two sends at
+//! once could each start a session with the same new device); received
+//! end-to-end messages are shown opened, as everywhere in the CLI.
 
 use std::io::Read as _;
 use std::time::Duration;
 
+use serde_json::Value;
 use starling_client::{Client, ClientError, Event, Events, Target, TypingNotifier, json as sj, v1};
+use tokio::sync::mpsc;
+use tokio::time::error::Elapsed;
 
 use super::messaging::target;
 use super::out::{Out, print_error};
 
 /// Bytes of a line being typed at most; a longer one is sent as it is.
 const LINE_BYTES_MAX: usize = 64 * 1024;
+
+/// How a line went: the ack and what to print for it.
+type Outcome = Result<Result<(v1::SendAck, Value), ClientError>, Elapsed>;
+
+/// Where typed lines go.
+enum Lines {
+    /// Each sent in clear on its own task.
+    Plain(Target),
+    /// To the task that seals and sends them one at a time.
+    Sealed(mpsc::UnboundedSender<String>),
+}
+
+/// Starts the task that sends `--e2e` lines to user `to`, in order, each within `wait`.
+fn sealed_lines(
+    client: &Client,
+    reader: &mut super::e2e::Reader,
+    to: u64,
+    wait: Duration,
+    results: mpsc::Sender<Outcome>,
+) -> Result<Lines, ClientError> {
+    let keys = reader.keys_to_send()?;
+    let dir = reader.dir().to_path_buf();
+    let client = client.clone();
+    let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(text) = lines.recv().await {
+            let res = tokio::time::timeout(wait, client.send_encrypted(&keys, &dir, to, &text))
+                .await
+                .map(|r| r.map(|(ack, sealed)| (ack.clone(), super::e2e::sent(&ack, &sealed))));
+            if results.send(res).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Lines::Sealed(tx))
+}
 
 pub(crate) async fn chat(
     out: &Out,
@@ -25,8 +69,18 @@ pub(crate) async fn chat(
     mut events: Events,
     with: &str,
     wait: Duration,
+    e2e: bool,
 ) -> Result<(), ClientError> {
-    let to = target(client, with).await?;
+    let to = if e2e {
+        Target::User(super::e2e::recipient(client, with).await?)
+    } else {
+        target(client, with).await?
+    };
+    let (result_tx, mut results) = mpsc::channel::<Outcome>(16);
+    let lines_to = match to {
+        Target::User(u) if e2e => sealed_lines(client, reader, u, wait, result_tx.clone())?,
+        to => Lines::Plain(to),
+    };
     let (peer, mut conv) = match to {
         Target::Conversation(c) => (None, Some(c)),
         Target::User(u) => (Some(u), client.conversation_with(u).await.ok().flatten()),
@@ -47,11 +101,13 @@ pub(crate) async fn chat(
             }
         }
     });
-    let (result_tx, mut results) = tokio::sync::mpsc::channel(16);
     let mut stdin_open = true;
     let mut sending = 0usize;
     let mut line: Vec<u8> = Vec::new();
     let mut typing = TypingNotifier::default();
+    // This device's own messages that arrived before the first ack named the conversation
+    // (the first line to a user starts it): shown once the ack says whether they belong.
+    let mut early: Vec<v1::Message> = Vec::new();
     loop {
         tokio::select! {
             chunk = chunks.recv(), if stdin_open => {
@@ -81,13 +137,23 @@ pub(crate) async fn chat(
                     if text.trim().is_empty() {
                         continue;
                     }
-                    let client = client.clone();
-                    let tx = result_tx.clone();
                     sending += 1;
-                    tokio::spawn(async move {
-                        let res = tokio::time::timeout(wait, client.send_text(to, &text)).await;
-                        let _ = tx.send(res).await;
-                    });
+                    match &lines_to {
+                        Lines::Plain(to) => {
+                            let (client, tx, to) = (client.clone(), result_tx.clone(), *to);
+                            tokio::spawn(async move {
+                                let res = tokio::time::timeout(wait, client.send_text(to, &text))
+                                    .await
+                                    .map(|r| r.map(|ack| (ack.clone(), sj::send_ack(&ack))));
+                                let _ = tx.send(res).await;
+                            });
+                        }
+                        Lines::Sealed(tx) => {
+                            if tx.send(text).is_err() {
+                                return Err(ClientError::Stopped);
+                            }
+                        }
+                    }
                 }
                 if typed
                     && let (Some(c), Some(state)) =
@@ -99,12 +165,23 @@ pub(crate) async fn chat(
             Some(res) = results.recv() => {
                 sending -= 1;
                 match res {
-                    Ok(Ok(ack)) => {
+                    Ok(Ok((ack, printed))) => {
                         conv.get_or_insert(ack.conversation_id);
-                        out.print(&sj::send_ack(&ack));
+                        out.print(&printed);
+                        for m in std::mem::take(&mut early) {
+                            if conv == Some(m.conversation_id) {
+                                out.print(&reader.message(&m)?);
+                            }
+                        }
                     }
                     Ok(Err(e)) => print_error(out, &e),
-                    Err(_) => print_error(out, &ClientError::Timeout { what: "SendAck (kept in the outbox)", after: wait }),
+                    Err(_) => {
+                        let what = match lines_to {
+                            Lines::Plain(_) => "SendAck (kept in the outbox)",
+                            Lines::Sealed(_) => "the end-to-end send (once sealed, kept in the outbox)",
+                        };
+                        print_error(out, &ClientError::Timeout { what, after: wait });
+                    }
                 }
             }
             ev = events.next() => {
@@ -113,6 +190,13 @@ pub(crate) async fn chat(
                     Event::Message(m) => {
                         if conv.is_none() && peer == Some(m.sender_user_id) {
                             conv = Some(m.conversation_id);
+                        }
+                        if conv.is_none()
+                            && sending > 0
+                            && (m.sender_user_id, m.sender_device_id)
+                                == (client.user_id(), client.device_id())
+                        {
+                            early.push(m.clone());
                         }
                         conv == Some(m.conversation_id)
                     }

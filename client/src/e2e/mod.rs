@@ -73,6 +73,10 @@ pub struct DeviceKeys {
     published: bool,
     pub(crate) sessions: BTreeMap<String, Vec<PeerSession>>,
     pub(crate) plaintexts: BTreeMap<String, String>,
+    /// Plaintexts of containers sealed and not yet acknowledged, by the container's SHA-256:
+    /// this device's own copy, delivered back as soon as the server acknowledges it, opens
+    /// from here before [`DeviceKeys::remember_sent`] keeps it by seq (not saved).
+    pub(crate) sealing: BTreeMap<[u8; 32], String>,
 }
 
 impl std::fmt::Debug for DeviceKeys {
@@ -111,6 +115,7 @@ impl DeviceKeys {
             published: false,
             sessions: BTreeMap::new(),
             plaintexts: BTreeMap::new(),
+            sealing: BTreeMap::new(),
         })
     }
 
@@ -156,6 +161,7 @@ impl DeviceKeys {
                         })
                         .collect(),
                     plaintexts: s.plaintexts,
+                    sealing: BTreeMap::new(),
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -3,6 +3,8 @@
 //! (pre-key or normal) of the same inner plaintext. The server stores and delivers it as
 //! opaque bytes.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use vodozemac::olm::{OlmMessage, SessionConfig};
 use vodozemac::{Curve25519PublicKey, base64_decode, base64_encode};
@@ -82,7 +84,81 @@ fn plaintext_key(m: &v1::Message) -> String {
     format!("{}:{}", m.conversation_id, m.seq)
 }
 
+fn digest(body: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A bundle's Curve25519 identity key (its signed prekey), base64, if its signature verifies.
+fn listed_key(b: &v1::KeyBundle) -> Option<String> {
+    if !verify_bundle(b) {
+        return None;
+    }
+    let spk = b.signed_prekey.as_ref()?;
+    Curve25519PublicKey::from_slice(&spk.public_key)
+        .ok()
+        .map(|k| k.to_base64())
+}
+
 impl DeviceKeys {
+    /// Takes in a listing of `user`'s devices (a `FetchKeyBundles` with `list_only`: bundles
+    /// without one-time prekeys) and returns the listed devices that need a bundle with a
+    /// one-time prekey: those with a verified bundle and no stored session of its Curve25519
+    /// key (device `me` left out). The stored sessions of `user`'s devices that the listing
+    /// does not name with a verified bundle (removed), or of a key other than the listed one
+    /// (the device started over), are forgotten. An empty listing forgets nothing: the server
+    /// answers one for a user the caller may not see, so it says nothing about devices.
+    pub fn reconcile(&mut self, me: (u64, u32), user: u64, listed: &[v1::KeyBundle]) -> Vec<u32> {
+        let keys: BTreeMap<u32, String> = listed
+            .iter()
+            .filter(|b| b.user_id == user)
+            .filter_map(|b| Some((b.device_id, listed_key(b)?)))
+            .collect();
+        if !listed.is_empty() {
+            let prefix = format!("{user}:");
+            self.sessions.retain(|peer_id, list| {
+                let Some(device) = peer_id
+                    .strip_prefix(&prefix)
+                    .and_then(|d| d.parse::<u32>().ok())
+                else {
+                    return true;
+                };
+                match keys.get(&device) {
+                    Some(key) => {
+                        list.retain(|s| &s.peer_key == key);
+                        !list.is_empty()
+                    }
+                    None => false,
+                }
+            });
+        }
+        keys.into_iter()
+            .filter(|(device, key)| {
+                (user, *device) != me
+                    && !self
+                        .sessions
+                        .get(&peer(user, *device))
+                        .is_some_and(|l| l.iter().any(|s| &s.peer_key == key))
+            })
+            .map(|(device, _)| device)
+            .collect()
+    }
+
+    /// The devices (user, device) this account holds a session with.
+    #[must_use]
+    pub fn session_devices(&self) -> Vec<(u64, u32)> {
+        self.sessions
+            .iter()
+            .filter(|(_, l)| !l.is_empty())
+            .filter_map(|(k, _)| {
+                let (u, d) = k.split_once(':')?;
+                Some((u.parse().ok()?, d.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Encrypts `text` from device `me` (user, device) for every device in `bundles`: with the
     /// stored session of the device's identity key, or a new outbound session from its bundle
     /// (whose signature is checked). Save the keys afterwards (the sessions advanced).
@@ -194,6 +270,7 @@ impl DeviceKeys {
             recipients,
         })
         .unwrap_or_default();
+        self.sealing.insert(digest(&out.body), text.to_owned());
         Ok(out)
     }
 
@@ -202,6 +279,12 @@ impl DeviceKeys {
     pub fn remember_sent(&mut self, conversation_id: u64, seq: u64, text: &str) {
         self.plaintexts
             .insert(format!("{conversation_id}:{seq}"), text.to_owned());
+    }
+
+    /// Forgets the plaintext of sealed container `body` kept until it is acknowledged (call
+    /// once it was, or will not be, sent).
+    pub fn sealed_done(&mut self, body: &[u8]) {
+        self.sealing.remove(&digest(body));
     }
 
     /// Opens message `m` for device `me` (user, device): a plaintext read before, or this
@@ -213,6 +296,14 @@ impl DeviceKeys {
         }
         if let Some(t) = self.plaintexts.get(&plaintext_key(m)) {
             return Opened::Text(t.clone());
+        }
+        // This device's own copy, delivered back before the sender kept it by seq.
+        if (m.sender_user_id, m.sender_device_id) == me
+            && let Some(t) = self.sealing.get(&digest(&m.body))
+        {
+            let t = t.clone();
+            self.plaintexts.insert(plaintext_key(m), t.clone());
+            return Opened::Text(t);
         }
         match self.open_entry(me, m) {
             Ok(text) => {
@@ -389,6 +480,69 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(kb.open(b, &plain), Opened::NotEncrypted);
+    }
+
+    fn listed(b: &v1::KeyBundle) -> v1::KeyBundle {
+        let mut l = b.clone();
+        l.one_time_prekey = None;
+        l
+    }
+
+    /// A listing names the devices without a session of their listed key (never `me`),
+    /// forgets the sessions of devices no longer listed or whose key changed, and leaves other
+    /// users' sessions alone; an empty listing forgets nothing; a forged bundle lists nothing.
+    #[test]
+    fn a_listing_keeps_the_sessions_of_listed_keys_and_names_the_devices_without_one() {
+        let me = (1, 1);
+        let mut ka = DeviceKeys::generate().unwrap();
+        let (mut kb1, mut kb2, mut kc) = (
+            DeviceKeys::generate().unwrap(),
+            DeviceKeys::generate().unwrap(),
+            DeviceKeys::generate().unwrap(),
+        );
+        let (b1, b2, c1) = (
+            bundle(&mut kb1, 2, 1, true),
+            bundle(&mut kb2, 2, 2, true),
+            bundle(&mut kc, 3, 1, true),
+        );
+        assert_eq!(ka.reconcile(me, 2, &[listed(&b1), listed(&b2)]), [1, 2]);
+        ka.seal(me, &[b1.clone(), b2.clone(), c1.clone()], "x")
+            .unwrap();
+        assert!(ka.reconcile(me, 2, &[listed(&b1), listed(&b2)]).is_empty());
+        assert!(ka.reconcile(me, 2, &[]).is_empty());
+        assert_eq!(ka.session_devices(), [(2, 1), (2, 2), (3, 1)]);
+        // Device 2 removed: its session goes, user 3's stays.
+        assert!(ka.reconcile(me, 2, &[listed(&b1)]).is_empty());
+        assert_eq!(ka.session_devices(), [(2, 1), (3, 1)]);
+        // Device 1 started over with a new key: its old session goes, it is named.
+        let b1_new = bundle(&mut DeviceKeys::generate().unwrap(), 2, 1, true);
+        assert_eq!(ka.reconcile(me, 2, &[listed(&b1_new)]), [1]);
+        assert_eq!(ka.session_devices(), [(3, 1)]);
+        // A bundle whose signature does not verify is not a listing of its device.
+        let mut forged = listed(&b2);
+        forged.signed_prekey.as_mut().unwrap().public_key = vec![1; 32].into();
+        assert!(ka.reconcile(me, 2, &[forged]).is_empty());
+        // This device is never named.
+        assert!(ka.reconcile((3, 1), 3, &[listed(&c1)]).is_empty());
+    }
+
+    /// The sender's own copy, delivered back before the ack was handled, opens from the
+    /// container sealed; once done with, it does not.
+    #[test]
+    fn the_own_copy_opens_while_it_is_being_sent() {
+        let a = (1, 1);
+        let mut ka = DeviceKeys::generate().unwrap();
+        let bb = bundle(&mut DeviceKeys::generate().unwrap(), 2, 1, true);
+        let s = ka.seal(a, &[bb], "mine").unwrap();
+        assert_eq!(
+            ka.open(a, &message(s.body.clone(), 1, a)),
+            Opened::Text("mine".into())
+        );
+        ka.sealed_done(&s.body);
+        assert!(matches!(
+            ka.open(a, &message(s.body, 2, a)),
+            Opened::Undecryptable(_)
+        ));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! End-to-end encrypted 1:1 messages (Olm, `send --e2e`) through the CLI against the real
 //! binary: the server stores and delivers only the container, the recipient's devices and the
-//! sender's other devices read the plaintext, and a tampered body is reported undecryptable.
+//! sender's other devices read the plaintext, and a tampered body is reported undecryptable;
+//! a one-time prekey is taken per new session, not per message, and the sender follows the
+//! recipient's devices as they are added and removed.
 
 use super::contacts::register;
 use super::*;
@@ -15,7 +17,7 @@ const SECRETS: [&str; 4] = [
 ];
 
 /// Every file under `dir`, raw bytes.
-fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -31,7 +33,7 @@ fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-fn contains(hay: &[u8], needle: &str) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
@@ -204,6 +206,138 @@ async fn e2e_messages_through_the_cli_and_a_blind_server() {
     let files = all_bytes(&data);
     assert!(files.iter().any(|(_, b)| contains(b, CONTENT_TYPE)));
     for (p, b) in &files {
+        for s in SECRETS {
+            assert!(!contains(b, s), "{} holds {s:?}", p.display());
+        }
+    }
+}
+
+/// Ana sends Ben two `--e2e` messages: Ben's device gives up one one-time prekey, not two,
+/// and Ana's none (listing her own devices takes nothing). Ben signs in a second device: the
+/// third message reaches it on a new session (its one prekey taken), the first device on its
+/// old one. Ben removes the second device: the fourth reaches only the first, and Ana's
+/// profile no longer holds a session with the removed one. The server holds no plaintext.
+#[tokio::test]
+async fn e2e_sends_take_a_one_time_prekey_per_new_session_only() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&bin, &data, "127.0.0.1:0");
+    let cli = |name: &str| Cli {
+        server: &server,
+        profile: tmp.path().join(name),
+    };
+    let (ana, ben, ben2) = (cli("ana"), cli("ben"), cli("ben2"));
+    let ana_id = register(&ana, "+15550910001", "Ana");
+    let ben_id = register(&ben, "+15550910002", "Ben");
+    for c in [&ana, &ben] {
+        let (ok, out) = c.run(&["keys", "upload", "--one-time", "5"]);
+        assert!(ok, "{out:?}");
+    }
+    let count = |c: &Cli<'_>| -> u64 {
+        let (ok, out) = c.run(&["keys", "count"]);
+        assert!(ok, "{out:?}");
+        out[0]["one_time_prekeys"].as_u64().unwrap()
+    };
+    let send = |text: &str| -> Vec<(u64, u64, bool)> {
+        // By phone: a contact may fetch the keys before the first message (the rule of
+        // presence and profiles).
+        let (ok, out) = ana.run(&["send", "--to", "+15550910002", "--text", text, "--e2e"]);
+        assert!(ok, "{out:?}");
+        assert_eq!(out[0]["type"], "sent", "{out:?}");
+        assert_eq!(
+            out[0]["e2e"]["skipped"].as_array().unwrap().len(),
+            0,
+            "{out:?}"
+        );
+        let mut d: Vec<(u64, u64, bool)> = out[0]["e2e"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["user_id"].as_u64().unwrap(),
+                    d["device_id"].as_u64().unwrap(),
+                    d["new_session"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        d.sort_unstable();
+        d
+    };
+
+    let first = send(SECRETS[0]);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let ben_dev = first[0].1;
+    assert_eq!(first, [(ben_id, ben_dev, true)]);
+    assert_eq!(send(SECRETS[1]), [(ben_id, ben_dev, false)]);
+    assert_eq!(count(&ben), 4, "two sends, one new session, one prekey");
+    assert_eq!(count(&ana), 5, "the sender's own device gives none");
+
+    // A new device of Ben's: found by the listing, one prekey taken from it alone.
+    assert_eq!(register(&ben2, "+15550910002", "Ben"), ben_id);
+    let (ok, out) = ben2.run(&["keys", "upload", "--one-time", "5"]);
+    assert!(ok, "{out:?}");
+    let third = send(SECRETS[2]);
+    assert_eq!(third.len(), 2, "{third:?}");
+    assert!(third.contains(&(ben_id, ben_dev, false)), "{third:?}");
+    let ben2_dev = third.iter().find(|d| d.1 != ben_dev).unwrap().1;
+    assert!(third.contains(&(ben_id, ben2_dev, true)), "{third:?}");
+    assert_eq!(count(&ben), 4);
+    assert_eq!(count(&ben2), 4);
+    let (ok, out) = ben2.run(&["sync"]);
+    assert!(ok, "{out:?}");
+    let m: Vec<&Value> = out.iter().filter(|v| v["type"] == "message").collect();
+    assert_eq!(m.len(), 3, "{out:?}");
+    assert_eq!(m[2]["text"], SECRETS[2], "{out:?}");
+    assert!(
+        m[..2].iter().all(|v| v["undecryptable"]
+            .as_str()
+            .is_some_and(|w| w.contains("not encrypted for this device"))),
+        "sent before the device existed: {out:?}"
+    );
+
+    let ben_reads = || -> Vec<String> {
+        let (ok, out) = ben.run(&["sync"]);
+        assert!(ok, "{out:?}");
+        out.iter()
+            .filter(|v| v["type"] == "message" && v["sender_user_id"] == ana_id)
+            .map(|v| {
+                v["text"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{v}"))
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(ben_reads(), SECRETS[..3]);
+
+    // The second device is removed: the next message is for the first only, and the
+    // sender forgets its session with the removed one.
+    let connect = ConnectOptions::new(
+        server.addr.to_string(),
+        Transport::Tls(TlsTrust::CaFile(server.ca())),
+    );
+    let (b, mut b_events) = Client::start(ClientConfig::new(connect, &ben.profile)).unwrap();
+    while !matches!(next(&mut b_events).await, Event::Connected { .. }) {}
+    let done = b
+        .request(v1::frame::Body::RemoveDevice(v1::RemoveDevice {
+            device_id: u32::try_from(ben2_dev).unwrap(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(done, v1::frame::Body::Done(_)), "{done:?}");
+    b.shutdown().await;
+    let sessions = |p: &Path| DeviceKeys::load_or_generate(p).unwrap().session_devices();
+    let ben2_dev = u32::try_from(ben2_dev).unwrap();
+    let ben_dev = u32::try_from(ben_dev).unwrap();
+    assert!(sessions(&ana.profile).contains(&(ben_id, ben2_dev)));
+    assert_eq!(send(SECRETS[3]), [(ben_id, u64::from(ben_dev), false)]);
+    assert_eq!(sessions(&ana.profile), [(ben_id, ben_dev)]);
+    assert_eq!(count(&ben), 4);
+
+    assert_eq!(ben_reads(), SECRETS[3..]);
+    for (p, b) in &all_bytes(&data) {
         for s in SECRETS {
             assert!(!contains(b, s), "{} holds {s:?}", p.display());
         }

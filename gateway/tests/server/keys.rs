@@ -72,8 +72,20 @@ fn fetch(c: &mut Client, user: u64) -> Vec<v1::KeyBundle> {
         Body::FetchKeyBundles(v1::FetchKeyBundles {
             user_id: user,
             device_ids: vec![],
+            list_only: false,
         }),
     ))
+}
+
+fn list(c: &mut Client, user: u64, device_ids: Vec<u32>) -> Body {
+    call(
+        c,
+        Body::FetchKeyBundles(v1::FetchKeyBundles {
+            user_id: user,
+            device_ids,
+            list_only: true,
+        }),
+    )
 }
 
 /// Frames of kind `pred` that arrive on `c` before a Ping's Pong (pushes queued before the
@@ -201,6 +213,7 @@ fn key_uploads_are_checked_and_the_stock_survives_sigkill() {
         Body::FetchKeyBundles(v1::FetchKeyBundles {
             user_id: 0,
             device_ids: vec![],
+            list_only: false,
         }),
     );
     assert_eq!(err_code(&b), ErrorCode::InvalidArgument);
@@ -209,6 +222,7 @@ fn key_uploads_are_checked_and_the_stock_survives_sigkill() {
         Body::FetchKeyBundles(v1::FetchKeyBundles {
             user_id: ga.user_id,
             device_ids: (0..65).collect(),
+            list_only: false,
         }),
     );
     assert_eq!(err_code(&b), ErrorCode::InvalidArgument);
@@ -435,4 +449,87 @@ fn device_list_changes_reach_conversation_peers() {
     let left = fetch(&mut b, ua);
     assert_eq!(left.len(), 1);
     assert_ne!(left[0].device_id, d2);
+}
+
+/// A list_only FetchKeyBundles lists a user's devices with their identity and signed prekey
+/// and takes no one-time prekey (the stock and the next claim are unchanged); it follows the
+/// same visibility rule and refuses the same bad input; device_ids then claim for one device.
+#[test]
+fn a_listing_takes_no_one_time_prekey() {
+    let srv = Server::start("auto", "");
+    let mut a = srv.hello("");
+    let ga = register(&srv, &mut a, email("ada@example.org"), "ada@example.org");
+    let mut a2 = srv.hello("");
+    let ga2 = register(&srv, &mut a2, email("ada@example.org"), "ada@example.org");
+    let mut b = srv.hello("");
+    register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
+    let mut c = srv.hello("");
+    register(&srv, &mut c, email("cy@example.org"), "cy@example.org");
+    let ua = ga.user_id;
+    assert!(matches!(call(&mut b, text(1, ua, "hi")), Body::SendAck(_)));
+    let (k1, k2) = (DeviceKeys::new(), DeviceKeys::new());
+    assert_eq!(count(&call(&mut a, Body::UploadKeys(k1.upload(1, 5)))), 5);
+    assert_eq!(count(&call(&mut a2, Body::UploadKeys(k2.upload(1, 5)))), 5);
+
+    for _ in 0..3 {
+        let got = bundles(list(&mut b, ua, vec![]));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|b| b.one_time_prekey.is_none()), "{got:?}");
+        assert_eq!(got[0].device_id, ga.device_id);
+        assert_eq!(got[0].identity_key, k1.identity_key());
+        assert_eq!(got[1].identity_key, k2.identity_key());
+        assert!(got.iter().all(|b| b.signed_prekey.is_some()));
+    }
+    let only = bundles(list(&mut b, ua, vec![ga2.device_id]));
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].device_id, ga2.device_id);
+    // Nothing was taken: both stocks are whole, the next claim is key 1.
+    for conn in [&mut a, &mut a2] {
+        assert_eq!(
+            count(&call(conn, Body::UploadKeys(v1::UploadKeys::default()))),
+            5
+        );
+    }
+    let claimed = bundles(call(
+        &mut b,
+        Body::FetchKeyBundles(v1::FetchKeyBundles {
+            user_id: ua,
+            device_ids: vec![ga2.device_id],
+            list_only: false,
+        }),
+    ));
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].device_id, ga2.device_id);
+    assert_eq!(claimed[0].one_time_prekey.as_ref().unwrap().key_id, 1);
+    assert_eq!(
+        count(&call(&mut a, Body::UploadKeys(v1::UploadKeys::default()))),
+        5
+    );
+    assert_eq!(
+        count(&call(&mut a2, Body::UploadKeys(v1::UploadKeys::default()))),
+        4
+    );
+
+    // The visibility rule and the refusals of a fetch hold for a listing.
+    assert!(bundles(list(&mut c, ua, vec![])).is_empty());
+    assert_eq!(
+        err_code(&list(&mut b, 0, vec![])),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        err_code(&list(&mut b, ua, (0..65).collect())),
+        ErrorCode::InvalidArgument
+    );
+
+    // A removed device is no longer listed.
+    let done = call(
+        &mut a,
+        Body::RemoveDevice(v1::RemoveDevice {
+            device_id: ga2.device_id,
+        }),
+    );
+    assert!(matches!(done, Body::Done(_)), "{done:?}");
+    let left = bundles(list(&mut b, ua, vec![]));
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].device_id, ga.device_id);
 }
