@@ -407,9 +407,7 @@ async fn drive(
     let mut k: u64 = 0;
     // Client message ids are unique per run (a second run against the same server must not
     // be answered as retries of the first).
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let run_id = clock::unix_secs() ^ clock::monotonic_ns();
     let mut got: Vec<Arrival> = Vec::new();
     while clock::now() < end {
         while next <= clock::now() && next < end {

@@ -38,6 +38,9 @@ pub struct PushConfig {
     /// Sender threads: notifications in flight at once (each sender waits for its push
     /// service's answer; a slow service holds only its own requests).
     pub senders: usize,
+    /// Most notifications handed to the senders and not answered yet (APNs carries up to 64
+    /// per sender as concurrent HTTP/2 streams; the other providers one per sender).
+    pub in_flight_max: usize,
     /// The CA certificates (PEM) push services' TLS certificates are checked against.
     pub ca_file: PathBuf,
     /// Web Push (RFC 8030, VAPID RFC 8292, aes128gcm RFC 8291); off if absent.
@@ -164,6 +167,7 @@ impl Default for PushConfig {
             attempts_max: 10,
             request_timeout_ms: 10_000,
             senders: 64,
+            in_flight_max: 1024,
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,
             fcm: None,
@@ -217,6 +221,9 @@ impl PushConfig {
         }
         if !(1..=1024).contains(&self.senders) {
             return bad("push.senders", "must be between 1 and 1024");
+        }
+        if !(1..=100_000).contains(&self.in_flight_max) {
+            return bad("push.in_flight_max", "must be between 1 and 100000");
         }
         if let Some(w) = &self.web_push {
             if !(w.vapid_subject.starts_with("mailto:") || w.vapid_subject.starts_with("https:")) {

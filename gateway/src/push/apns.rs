@@ -39,6 +39,9 @@ const JWT_REFRESH_MS: u64 = 50 * 60 * 1000;
 const JWT_MIN_AGE_MS: u64 = 20 * 60 * 1000;
 /// Bytes of an answer's body read at most.
 const RESPONSE_BYTES_MAX: usize = 16 * 1024;
+/// Notifications one sender hands to APNs at once (concurrent streams; APNs allows far more
+/// per connection).
+const BATCH_MAX: usize = 64;
 /// The alert's localization key (the app's `Localizable.strings` says what it reads).
 pub const ALERT_LOC_KEY: &str = "STARLING_NEW_MESSAGES";
 
@@ -226,6 +229,81 @@ impl Apns {
         Ok(sender)
     }
 
+    /// The connection to an endpoint (`sandbox`): the open one, or a new one opened under the
+    /// lock (so concurrent senders never open two); its generation, and whether it was
+    /// already open.
+    fn connection_for(
+        &self,
+        sandbox: bool,
+    ) -> Result<(u64, SendRequest<Full<Bytes>>, bool), String> {
+        let timeout = self.timeout;
+        let mut conns = lock(&self.conns);
+        if let Some((g, s)) = conns.get(&sandbox).filter(|(_, s)| !s.is_closed()) {
+            return Ok((*g, s.clone(), true));
+        }
+        let url = if sandbox {
+            self.sandbox.clone()
+        } else {
+            self.production.clone()
+        };
+        let tls = self.tls.clone();
+        let s = self.rt.block_on(async move {
+            tokio::time::timeout(timeout, Self::connection(tls, &url))
+                .await
+                .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
+        })?;
+        let g = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(sandbox, opened = g, "APNs connection opened");
+        conns.insert(sandbox, (g, s.clone()));
+        Ok((g, s, false))
+    }
+
+    /// Forgets connection `generation` of an endpoint after a failed request (it may be
+    /// broken: the next request opens a new one), unless another sender already has.
+    fn forget_connection(&self, sandbox: bool, generation: u64) {
+        let mut conns = lock(&self.conns);
+        if conns.get(&sandbox).is_some_and(|(g, _)| *g == generation) {
+            conns.remove(&sandbox);
+        }
+    }
+
+    /// One request on `sender` within `timeout`: the status, `Retry-After` (s) and body.
+    async fn exchange(
+        mut sender: SendRequest<Full<Bytes>>,
+        req: http::Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(u16, Option<u64>, String), String> {
+        let work = async {
+            sender
+                .ready()
+                .await
+                .map_err(|e| format!("APNs connection: {e}"))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("APNs request: {e}"))?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            let body = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|e| format!("APNs answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((
+                status,
+                retry_after,
+                String::from_utf8_lossy(&body).into_owned(),
+            ))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    }
+
     /// Posts one notification; the status, `Retry-After` (s) and body, or why there is none
     /// and whether it failed on a connection that was already open (which APNs may have
     /// closed meanwhile: worth one more try on a new one). Concurrent calls share the
@@ -235,71 +313,50 @@ impl Apns {
         sandbox: bool,
         req: http::Request<Full<Bytes>>,
     ) -> Result<(u16, Option<u64>, String), (String, bool)> {
-        let timeout = self.timeout;
-        let (generation, mut sender, reused) = {
-            let mut conns = lock(&self.conns);
-            match conns.get(&sandbox).filter(|(_, s)| !s.is_closed()) {
-                Some((g, s)) => (*g, s.clone(), true),
-                None => {
-                    let url = if sandbox {
-                        self.sandbox.clone()
-                    } else {
-                        self.production.clone()
-                    };
-                    let tls = self.tls.clone();
-                    let opened = self.rt.block_on(async move {
-                        tokio::time::timeout(timeout, Self::connection(tls, &url))
-                            .await
-                            .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
-                    });
-                    let s = opened.map_err(|why| (why, false))?;
-                    let g = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::info!(sandbox, opened = g, "APNs connection opened");
-                    conns.insert(sandbox, (g, s.clone()));
-                    (g, s, false)
-                }
-            }
-        };
-        let answer = self.rt.block_on(async move {
-            let work = async {
-                sender
-                    .ready()
-                    .await
-                    .map_err(|e| format!("APNs connection: {e}"))?;
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("APNs request: {e}"))?;
-                let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse().ok());
-                let body = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
-                    .collect()
-                    .await
-                    .map_err(|e| format!("APNs answer: {e}"))?
-                    .to_bytes();
-                Ok::<_, String>((
-                    status,
-                    retry_after,
-                    String::from_utf8_lossy(&body).into_owned(),
-                ))
-            };
-            tokio::time::timeout(timeout, work)
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-        });
+        let (generation, sender, reused) =
+            self.connection_for(sandbox).map_err(|why| (why, false))?;
+        let answer = self
+            .rt
+            .block_on(Self::exchange(sender, req, self.timeout));
         if answer.is_err() {
-            // A failed request may have left the connection broken: open a new one next,
-            // unless another sender already has.
-            let mut conns = lock(&self.conns);
-            if conns.get(&sandbox).is_some_and(|(g, _)| *g == generation) {
-                conns.remove(&sandbox);
-            }
+            self.forget_connection(sandbox, generation);
         }
         answer.map_err(|why| (why, reused))
+    }
+
+    /// The request for one notification (to the endpoint of the token's environment).
+    fn request(
+        &self,
+        token: &PushToken,
+        n: &Notification,
+        jwt: &str,
+        now_ms: u64,
+    ) -> Result<http::Request<Full<Bytes>>, Outcome> {
+        let Ok(device) = std::str::from_utf8(&token.token) else {
+            return Err(Outcome::InvalidToken(
+                "the stored token is not UTF-8".into(),
+            ));
+        };
+        let url = if token.sandbox {
+            &self.sandbox
+        } else {
+            &self.production
+        };
+        let expiration = if self.ttl_s == 0 {
+            0
+        } else {
+            now_ms / 1000 + u64::from(self.ttl_s)
+        };
+        http::Request::post(format!("{}/3/device/{device}", url.origin()))
+            .header("authorization", format!("bearer {jwt}"))
+            .header("apns-topic", &token.app_id)
+            .header("apns-push-type", "alert")
+            .header("apns-priority", "10")
+            .header("apns-expiration", expiration.to_string())
+            .header("apns-collapse-id", n.collapse_key())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(Self::payload(n))))
+            .map_err(|e| Outcome::Failed(format!("APNs request: {e}")))
     }
 
     /// What an APNs answer means.
@@ -336,46 +393,19 @@ impl Provider for Apns {
     }
 
     fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome {
-        let Ok(device) = std::str::from_utf8(&token.token) else {
-            return Outcome::InvalidToken("the stored token is not UTF-8".into());
-        };
         let jwt = match self.provider_token(now_ms) {
             Ok(j) => j,
             Err(why) => return Outcome::Failed(why),
         };
-        let url = if token.sandbox {
-            &self.sandbox
-        } else {
-            &self.production
-        };
-        let uri = format!("{}/3/device/{device}", url.origin());
-        let expiration = if self.ttl_s == 0 {
-            0
-        } else {
-            now_ms / 1000 + u64::from(self.ttl_s)
-        };
-        let payload = Bytes::from(Self::payload(n));
-        let build = || {
-            http::Request::post(&uri)
-                .header("authorization", format!("bearer {jwt}"))
-                .header("apns-topic", &token.app_id)
-                .header("apns-push-type", "alert")
-                .header("apns-priority", "10")
-                .header("apns-expiration", expiration.to_string())
-                .header("apns-collapse-id", n.collapse_key())
-                .header("content-type", "application/json")
-                .body(Full::new(payload.clone()))
-                .map_err(|e| format!("APNs request: {e}"))
-        };
-        let mut answer = match build() {
+        let mut answer = match self.request(token, n, &jwt, now_ms) {
             Ok(req) => self.post(token.sandbox, req),
-            Err(why) => return Outcome::Failed(why),
+            Err(o) => return o,
         };
         if let Err((why, true)) = &answer {
             tracing::info!(%why, "APNs connection lost: sending again on a new one");
-            answer = match build() {
+            answer = match self.request(token, n, &jwt, now_ms) {
                 Ok(req) => self.post(token.sandbox, req),
-                Err(why) => return Outcome::Failed(why),
+                Err(o) => return o,
             };
         }
         match answer {
@@ -385,6 +415,75 @@ impl Provider for Apns {
                 why,
             },
         }
+    }
+
+    fn batch_max(&self) -> usize {
+        BATCH_MAX
+    }
+
+    /// The batch's requests go out at once, as concurrent streams of the endpoints'
+    /// connections, driven by the provider's runtime; the calling thread waits for them all.
+    /// One that failed on a connection that was already open is sent again on its own.
+    fn send_batch(&self, batch: &[(&PushToken, &Notification)], now_ms: u64) -> Vec<Outcome> {
+        let jwt = match self.provider_token(now_ms) {
+            Ok(j) => j,
+            Err(why) => return vec![Outcome::Failed(why); batch.len()],
+        };
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut started = Vec::new();
+        for (i, (token, n)) in batch.iter().enumerate() {
+            let req = match self.request(token, n, &jwt, now_ms) {
+                Ok(r) => r,
+                Err(o) => {
+                    outcomes[i] = Some(o);
+                    continue;
+                }
+            };
+            match self.connection_for(token.sandbox) {
+                Ok((generation, sender, reused)) => {
+                    let task = self.rt.spawn(Self::exchange(sender, req, self.timeout));
+                    started.push((i, generation, reused, task));
+                }
+                Err(why) => {
+                    outcomes[i] = Some(Outcome::Retry {
+                        after_ms: None,
+                        why,
+                    });
+                }
+            }
+        }
+        let answers = self.rt.block_on(async move {
+            let mut answers = Vec::with_capacity(started.len());
+            for (i, generation, reused, task) in started {
+                let a = task
+                    .await
+                    .unwrap_or_else(|e| Err(format!("APNs request task: {e}")));
+                answers.push((i, generation, reused, a));
+            }
+            answers
+        });
+        for (i, generation, reused, answer) in answers {
+            let (token, n) = batch[i];
+            outcomes[i] = Some(match answer {
+                Ok((status, retry_after, body)) => self.verdict(status, retry_after, &body),
+                Err(why) => {
+                    self.forget_connection(token.sandbox, generation);
+                    if reused {
+                        tracing::info!(%why, "APNs connection lost: sending again on a new one");
+                        self.send(token, n, now_ms)
+                    } else {
+                        Outcome::Retry {
+                            after_ms: None,
+                            why,
+                        }
+                    }
+                }
+            });
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Failed("not sent".into())))
+            .collect()
     }
 }
 

@@ -109,6 +109,15 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     }
     /// Sends one notification to `token`.
     fn send(&self, token: &PushToken, n: &Notification, now_ms: u64) -> Outcome;
+    /// Most notifications one [`Provider::send_batch`] takes (1: one request per sender).
+    fn batch_max(&self) -> usize {
+        1
+    }
+    /// Sends several notifications (at most [`Provider::batch_max`]), concurrently where the
+    /// protocol allows: one outcome each, in order.
+    fn send_batch(&self, batch: &[(&PushToken, &Notification)], now_ms: u64) -> Vec<Outcome> {
+        batch.iter().map(|(t, n)| self.send(t, n, now_ms)).collect()
+    }
 }
 
 /// The notifier's counters, rendered on `/metrics`.

@@ -16,8 +16,12 @@
 //! pay for them; under a CPU shortage they fall behind (and the queue from the shards, when
 //! full, drops and counts notices).
 //!
-//! At most twice `push.senders` rows are with the senders at once; a row with the senders
-//! is not picked again (a newer entry for it waits for the answer, which reschedules it).
+//! At most `push.in_flight_max` rows are with the senders at once; a row with the senders is
+//! not picked again (a newer entry for it waits for the answer, which reschedules it). A
+//! sender takes one job of a one-request-at-a-time provider (HTTP/1.1: Web Push, FCM, the
+//! webhook) or a batch of up to `batch_max` of a multiplexing one (APNs: one `send_batch`
+//! puts them on the HTTP/2 connection at once), so a batch costs the thread hand-offs of one
+//! request.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -39,8 +43,8 @@ use crate::config::PushConfig;
 pub(super) enum Event {
     /// A durable entry, from a shard.
     Notice(Notice),
-    /// A sender's answer.
-    Done(Done),
+    /// A sender's answers to one batch.
+    Done(Vec<Done>),
 }
 
 /// One notification for a sender to carry out.
@@ -71,7 +75,7 @@ fn key(e: &OutboxEntry) -> Key {
 /// The sender threads: where to hand them jobs, and the providers they share. They stop when
 /// this is dropped (the notifier stopped).
 pub(super) struct Senders {
-    jobs: Sender<Job>,
+    jobs: Sender<Vec<Job>>,
     providers: Arc<[Box<dyn Provider>]>,
 }
 
@@ -81,7 +85,7 @@ pub(super) fn senders(
     providers: Arc<[Box<dyn Provider>]>,
     events: &SyncSender<Event>,
 ) -> anyhow::Result<Senders> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..count {
         let rx = rx.clone();
@@ -93,19 +97,24 @@ pub(super) fn senders(
                 background();
                 loop {
                     // Nothing panics under this lock: a poisoned one is still a queue.
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(job) = job else { return };
+                    let jobs = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok(jobs) = jobs else { return };
+                    let Some(first) = jobs.first() else { continue };
+                    let p = &providers[first.provider];
                     let now = crate::clock::unix_ms();
-                    let outcome = providers[job.provider].send(&job.token, &job.n, now);
+                    let outcomes = if let [job] = jobs.as_slice() {
+                        vec![p.send(&job.token, &job.n, now)]
+                    } else {
+                        let batch: Vec<_> = jobs.iter().map(|j| (&j.token, &j.n)).collect();
+                        p.send_batch(&batch, now)
+                    };
                     let at_ms = crate::clock::unix_ms();
-                    if events
-                        .send(Event::Done(Done {
-                            job,
-                            outcome,
-                            at_ms,
-                        }))
-                        .is_err()
-                    {
+                    let done = jobs
+                        .into_iter()
+                        .zip(outcomes)
+                        .map(|(job, outcome)| Done { job, outcome, at_ms })
+                        .collect();
+                    if events.send(Event::Done(done)).is_err() {
                         return;
                     }
                 }
@@ -165,7 +174,7 @@ pub(super) struct Notifier {
     cfg: PushConfig,
     meta: Arc<EmbeddedMeta>,
     providers: Arc<[Box<dyn Provider>]>,
-    jobs: Sender<Job>,
+    jobs: Sender<Vec<Job>>,
     metrics: Arc<PushMetrics>,
     rows: HashMap<Key, OutboxEntry>,
     /// (when, row): a pending row's due time, a sent row's end of collapse interval. Stale
@@ -222,7 +231,7 @@ impl Notifier {
     }
 
     fn in_flight_max(&self) -> usize {
-        self.cfg.senders.saturating_mul(2)
+        self.cfg.in_flight_max
     }
 
     fn schedule(&mut self, e: &OutboxEntry) {
@@ -283,7 +292,11 @@ impl Notifier {
         for e in events {
             match e {
                 Event::Notice(n) => notices.push(n),
-                Event::Done(d) => self.answered(d, &mut w)?,
+                Event::Done(done) => {
+                    for d in done {
+                        self.answered(d, &mut w)?;
+                    }
+                }
             }
         }
         let now = crate::clock::unix_ms();
@@ -302,13 +315,24 @@ impl Notifier {
         Ok(())
     }
 
+    /// Hands jobs to the senders: one provider's in batches of its `batch_max`.
     fn hand_out(&mut self, jobs: Vec<Job>) -> Result<(), Stop> {
+        let mut by_provider: Vec<Vec<Job>> = Vec::new();
+        by_provider.resize_with(self.providers.len(), Vec::new);
         for job in jobs {
             self.in_flight.insert(job.key);
-            if self.jobs.send(job).is_err() {
-                // Every sender thread is gone (a provider panicked in each): nothing can be
-                // sent; stop as for a store error rather than pile up rows.
-                return Err(Stop::Senders);
+            by_provider[job.provider].push(job);
+        }
+        for (p, mut jobs) in by_provider.into_iter().enumerate() {
+            let max = self.providers[p].batch_max().max(1);
+            while !jobs.is_empty() {
+                let rest = jobs.split_off(jobs.len().min(max));
+                if self.jobs.send(jobs).is_err() {
+                    // Every sender thread is gone (a provider panicked in each): nothing can
+                    // be sent; stop as for a store error rather than pile up rows.
+                    return Err(Stop::Senders);
+                }
+                jobs = rest;
             }
         }
         Ok(())
