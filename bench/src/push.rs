@@ -467,11 +467,19 @@ async fn drive(
     }
     let owed = acks.len() as u64 * args.group_size as u64;
     let drain_deadline = clock::now() + Duration::from_secs(args.drain_secs);
-    while (got.len() as u64) < owed && clock::now() < drain_deadline {
+    let ours = |got: &[Arrival]| {
+        got.iter()
+            .filter(|a| acks.contains_key(&(a.conv, a.seq)))
+            .count() as u64
+    };
+    let mut matched = ours(&got);
+    while matched < owed && clock::now() < drain_deadline {
+        let before = got.len();
         if let Ok(a) = arrivals.recv_timeout(Duration::from_millis(100)) {
             got.push(a);
         }
         got.extend(arrivals.try_iter());
+        matched += ours(&got[before..]);
     }
     let total_secs = sw.elapsed_secs();
     let cpu = cpu0

@@ -342,7 +342,10 @@ impl<T> Drop for CpuJob<T> {
 
 /// Sets the calling thread's priority (Linux: both calls act on the calling
 /// thread only).
-fn set_priority(priority: ThreadPriority) -> io::Result<()> {
+///
+/// # Errors
+/// The kernel refused it.
+pub(crate) fn set_priority(priority: ThreadPriority) -> io::Result<()> {
     let r = match priority {
         ThreadPriority::Normal => return Ok(()),
         // SAFETY: PRIO_PROCESS with who = 0 sets the calling thread's nice value; no memory

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, ThreadPriority};
 
 /// `[push]` (see `docs/design/push.md`).
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +38,10 @@ pub struct PushConfig {
     /// Sender threads: notifications in flight at once (each sender waits for its push
     /// service's answer; a slow service holds only its own requests).
     pub senders: usize,
+    /// The scheduling priority of the notifier, its senders and the APNs connection thread:
+    /// `idle` (`SCHED_IDLE`, the default: a waking shard preempts them at once), `low`
+    /// (nice 19) or `normal`.
+    pub priority: ThreadPriority,
     /// Most notifications handed to the senders and not answered yet (APNs carries up to 64
     /// per sender as concurrent HTTP/2 streams; the other providers one per sender).
     pub in_flight_max: usize,
@@ -167,6 +171,7 @@ impl Default for PushConfig {
             attempts_max: 10,
             request_timeout_ms: 10_000,
             senders: 64,
+            priority: ThreadPriority::Idle,
             in_flight_max: 1024,
             ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             web_push: None,

@@ -101,11 +101,13 @@ impl std::fmt::Debug for Apns {
 }
 
 impl Apns {
-    /// The provider of `[push.apns]`, checking APNs' certificates with the roots of `tls`.
+    /// The provider of `[push.apns]`, checking APNs' certificates with the roots of `tls`; its
+    /// connection thread runs at `priority`.
     pub fn new(
         cfg: &ApnsConfig,
         tls: &rustls::ClientConfig,
         timeout: Duration,
+        priority: crate::config::ThreadPriority,
     ) -> anyhow::Result<Self> {
         let path = &cfg.key_file;
         let what = |e: &dyn std::fmt::Display| {
@@ -125,7 +127,7 @@ impl Apns {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("starling-apns")
-            .on_thread_start(super::notifier::background)
+            .on_thread_start(move || super::notifier::background(priority))
             .enable_io()
             .enable_time()
             .build()?;
@@ -315,9 +317,7 @@ impl Apns {
     ) -> Result<(u16, Option<u64>, String), (String, bool)> {
         let (generation, sender, reused) =
             self.connection_for(sandbox).map_err(|why| (why, false))?;
-        let answer = self
-            .rt
-            .block_on(Self::exchange(sender, req, self.timeout));
+        let answer = self.rt.block_on(Self::exchange(sender, req, self.timeout));
         if answer.is_err() {
             self.forget_connection(sandbox, generation);
         }
@@ -516,7 +516,13 @@ mod tests {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        Apns::new(&cfg, &tls, Duration::from_secs(1)).unwrap()
+        Apns::new(
+            &cfg,
+            &tls,
+            Duration::from_secs(1),
+            crate::config::ThreadPriority::Normal,
+        )
+        .unwrap()
     }
 
     #[test]

@@ -279,7 +279,7 @@ pub fn start(
         providers.push(Box::new(fcm::Fcm::new(f, tls.clone(), timeout)?));
     }
     if let Some(a) = &cfg.apns {
-        providers.push(Box::new(apns::Apns::new(a, &tls, timeout)?));
+        providers.push(Box::new(apns::Apns::new(a, &tls, timeout, cfg.priority)?));
     }
     if let Some(w) = &cfg.webhook {
         providers.push(Box::new(webhook::Webhook::new(w, tls.clone(), timeout)?));
@@ -288,7 +288,7 @@ pub fn start(
     let dead = meta.dead_letters_count()?;
     metrics.dead_letters.store(dead, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_notices_max);
-    let jobs = notifier::senders(cfg.senders, providers.into(), &tx)?;
+    let jobs = notifier::senders(cfg.senders, cfg.priority, providers.into(), &tx)?;
     let mut n = notifier::Notifier::new(cfg.clone(), meta, jobs, metrics.clone(), rows);
     std::thread::Builder::new()
         .name("starling-push".into())

@@ -11,10 +11,11 @@
 //! however many notifications the turn carried: under load a turn gathers what arrived during
 //! the previous turn's fsync.
 //!
-//! The notifier and the senders run at the lowest priority (nice 19): notifications are
-//! background work that yields the CPU to the shards, so the message path's latency does not
-//! pay for them; under a CPU shortage they fall behind (and the queue from the shards, when
-//! full, drops and counts notices).
+//! The notifier, the senders and the APNs runtime's thread run at `push.priority` (default
+//! `idle`: `SCHED_IDLE`, which a waking shard preempts at once): notifications are background
+//! work that yields the CPU to the shards, so the message path's latency does not pay for
+//! them; under a CPU shortage they fall behind (and the queue from the shards, when full,
+//! drops and counts notices).
 //!
 //! At most `push.in_flight_max` rows are with the senders at once; a row with the senders is
 //! not picked again (a newer entry for it waits for the answer, which reschedules it). A
@@ -36,7 +37,7 @@ use starling_storage::push::{DeadLetter, OutboxEntry, PushStore as _};
 use starling_storage::{ConvId, CursorStore as _, DeviceId, EmbeddedMeta, StorageError, UserId};
 
 use super::{Notification, Outcome, Provider, PushMetrics};
-use crate::config::PushConfig;
+use crate::config::{PushConfig, ThreadPriority};
 
 /// Events the notifier thread waits for, in one queue so one blocking receive serves both.
 #[derive(Debug)]
@@ -82,6 +83,7 @@ pub(super) struct Senders {
 /// Starts `count` sender threads sharing `providers`; they answer on `events`.
 pub(super) fn senders(
     count: usize,
+    priority: ThreadPriority,
     providers: Arc<[Box<dyn Provider>]>,
     events: &SyncSender<Event>,
 ) -> anyhow::Result<Senders> {
@@ -94,7 +96,7 @@ pub(super) fn senders(
         std::thread::Builder::new()
             .name(format!("starling-push-send-{i}"))
             .spawn(move || {
-                background();
+                background(priority);
                 loop {
                     // Nothing panics under this lock: a poisoned one is still a queue.
                     let jobs = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
@@ -112,7 +114,11 @@ pub(super) fn senders(
                     let done = jobs
                         .into_iter()
                         .zip(outcomes)
-                        .map(|(job, outcome)| Done { job, outcome, at_ms })
+                        .map(|(job, outcome)| Done {
+                            job,
+                            outcome,
+                            at_ms,
+                        })
                         .collect();
                     if events.send(Event::Done(done)).is_err() {
                         return;
@@ -126,10 +132,10 @@ pub(super) fn senders(
     })
 }
 
-/// Lowers the calling thread's priority (see the module docs).
-pub(super) fn background() {
-    if let Err(e) = crate::cpus::lowest_priority() {
-        tracing::warn!(error = %e, "a push thread keeps its priority");
+/// Gives the calling thread `push.priority` (see the module docs).
+pub(super) fn background(priority: ThreadPriority) {
+    if let Err(e) = crate::runtime::set_priority(priority) {
+        tracing::warn!(error = %e, ?priority, "a push thread keeps its priority");
     }
 }
 
@@ -244,7 +250,7 @@ impl Notifier {
     }
 
     pub(super) fn run(&mut self, rx: &Receiver<Event>) {
-        background();
+        background(self.cfg.priority);
         loop {
             let now = crate::clock::unix_ms();
             let wait = match self.timers.first() {
