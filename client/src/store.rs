@@ -340,6 +340,7 @@ impl OutboxEntry {
             media: self.media_ref(),
             reply_to_seq: 0,
             first_attempt: false,
+            change: None,
         }
     }
 }

@@ -581,6 +581,7 @@ impl World {
                 media: None,
                 reply_to_seq: 0,
                 first_attempt,
+                change: None,
             }),
         );
     }

@@ -568,6 +568,7 @@ impl Driver {
                 body: entry.body.into(),
                 reply_to_seq: 0,
                 group_changed: None,
+                ..v1::Message::default()
             };
             let released = self.reorder.handle_message(own);
             self.accept(conn, released).await;
