@@ -44,7 +44,7 @@ use cursors::Cursors;
 use direct::Direct;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
-pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2};
+pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;

@@ -131,6 +131,7 @@ where
         ));
     }
     let c = sh.conv(cmd.conv)?;
+    c.seq.has_states = Some(true);
     let slot = c
         .seq
         .states
@@ -384,6 +385,9 @@ where
     I: MessageIndex,
     M: MetadataStore + CursorStore,
 {
+    if msgs.iter().all(|m| m.group_changed.is_some()) || !has_states(sh, conv)? {
+        return Ok(());
+    }
     for m in msgs {
         if m.group_changed.is_some() {
             continue;
@@ -402,6 +406,24 @@ where
         }
     }
     Ok(())
+}
+
+/// Whether any message of `conv` has a state (looked up once per load of the conversation).
+fn has_states<I, M>(sh: &mut Shared<I, M>, conv: ConvId) -> Result<bool, Refusal>
+where
+    I: MessageIndex,
+    M: MetadataStore + CursorStore,
+{
+    if let Some(known) = sh.conv(conv)?.seq.has_states {
+        return Ok(known);
+    }
+    let any = !sh
+        .meta
+        .scan::<MessageState>(&conv.storage().0.to_be_bytes(), 1)
+        .map_err(|e| Refusal::storage("message state", &e))?
+        .is_empty();
+    sh.conv(conv)?.seq.has_states = Some(any);
+    Ok(any)
 }
 
 /// `m` as state `s` says it is now.

@@ -64,6 +64,10 @@ pub(super) struct ConvSeq {
     /// client_msg_id → retries of a change whose state is being written (they are answered
     /// once it is sequenced).
     pub(super) committing: HashMap<ClientMsgId, Vec<SendCmd>>,
+    /// Whether any message of the conversation has a state record (`None`: not looked up
+    /// since it was loaded). Serving a conversation that never had a change costs one lookup,
+    /// not one per message.
+    pub(super) has_states: Option<bool>,
 }
 
 /// A conversation's delivery and read cursors, and what of them was announced as receipts.
@@ -175,6 +179,7 @@ impl ConvSeq {
             recent_ids: HashMap::default(),
             states: HashMap::default(),
             committing: HashMap::default(),
+            has_states: None,
         }
     }
 
