@@ -29,6 +29,7 @@ fn send_frame() -> v1::Frame {
             media: None,
             reply_to_seq: 0,
             first_attempt: false,
+            change: None,
         })),
     }
 }
@@ -49,6 +50,7 @@ fn deliver_frame() -> v1::Frame {
                 media: None,
                 reply_to_seq: 0,
                 group_changed: None,
+                ..Default::default()
             }),
         })),
     }

@@ -63,6 +63,7 @@ pub(crate) fn send_frame(body_bytes: usize) -> v1::Frame {
             media: None,
             reply_to_seq: 0,
             first_attempt: false,
+            change: None,
         })),
     }
 }
@@ -84,6 +85,7 @@ pub(crate) fn deliver_frame(body_bytes: usize) -> v1::Frame {
                 media: None,
                 reply_to_seq: 0,
                 group_changed: None,
+                ..Default::default()
             }),
         })),
     }

@@ -964,6 +964,7 @@ fn due_starling(
                 reply_to_seq: 0,
                 // Sent once, never resent.
                 first_attempt: true,
+                change: None,
             }),
         )?;
         rec.record_lag(sched, now);

@@ -671,6 +671,7 @@ async fn storm_pair(
                         media: None,
                         reply_to_seq: 0,
                         first_attempt,
+                        change: None,
                     }),
                 )?;
                 member.unacked.insert(k, sched);

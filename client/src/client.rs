@@ -139,6 +139,13 @@ pub enum Event {
     Typing(v1::Typing),
     /// A followed user's presence changed.
     Presence(v1::PresenceUpdate),
+    /// An earlier message was edited, deleted for everyone or reacted to: a
+    /// change entry of the conversation (a `Message` with `change` set; an
+    /// edit's new content in `content_type` and `body`), handed over in seq
+    /// order with the messages, each once. Apply it to your copy of
+    /// `change.target_seq` (history and Sync also serve that message as it
+    /// is now).
+    MessageChanged(v1::Message),
     /// A group changed: an entry of the group's conversation (a `Message`
     /// with `group_changed` set), handed over in seq order with the
     /// messages, each once, whether it came live, by Sync or by a gap fetch.
@@ -172,10 +179,14 @@ pub enum Event {
 
 impl Event {
     /// The event for a conversation entry: [`Event::GroupChanged`] for a
-    /// group event, [`Event::Message`] otherwise (also for entries of a
-    /// history page).
+    /// group event, [`Event::MessageChanged`] for a change of an earlier
+    /// message, [`Event::Message`] otherwise (also for entries of a history
+    /// page).
     #[must_use]
     pub fn from_entry(mut m: v1::Message) -> Event {
+        if m.change.is_some() {
+            return Event::MessageChanged(m);
+        }
         match m.group_changed.take() {
             Some(change) => Event::GroupChanged {
                 conversation_id: m.conversation_id,
@@ -317,6 +328,7 @@ impl std::fmt::Debug for Command {
 }
 
 mod account;
+mod changes;
 mod driver;
 mod groups;
 mod keys;
@@ -489,7 +501,15 @@ impl Client {
             body,
             queued_at_ms: unix_ms(),
             media: media.map(prost::Message::encode_to_vec).unwrap_or_default(),
+            reply_to_seq: 0,
+            change: Vec::new(),
         };
+        self.queue(entry).await
+    }
+
+    /// Queues `entry` in the outbox (durably) and waits for its `SendAck` (see
+    /// [`send`](Self::send)).
+    async fn queue(&self, entry: OutboxEntry) -> Result<v1::SendAck, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.cmd_tx
             .send(Command::Send { entry, reply })

@@ -17,15 +17,33 @@ fn msg_id(bytes: &[u8]) -> Value {
     )
 }
 
-/// A conversation entry: a message, or a group event (see
-/// [`group_changed`]).
+/// The name of a change's kind in the JSON.
+fn change_kind(kind: i32) -> &'static str {
+    match v1::ChangeKind::try_from(kind) {
+        Ok(v1::ChangeKind::Edit) => "edit",
+        Ok(v1::ChangeKind::Delete) => "delete",
+        Ok(v1::ChangeKind::React) => "react",
+        _ => "unknown",
+    }
+}
+
+/// A conversation entry: a message, a change of an earlier message (`"type": "change"`, with
+/// `kind` edit, delete or react, `target_seq`, `emoji` for a reaction, and an edit's new
+/// text), or a group event (see [`group_changed`]). A message served as it is now carries
+/// `edited_ts_ms` once edited, `"deleted": true` (and no text) once deleted for everyone, and
+/// `reactions` (`[{user_id, emoji}]`) when it has some.
 #[must_use]
 pub fn message(m: &v1::Message) -> Value {
     if let Some(change) = &m.group_changed {
         return group_changed(m.conversation_id, m.seq, m.server_ts_ms, change);
     }
+    let kind = if m.change.is_some() {
+        "change"
+    } else {
+        "message"
+    };
     let mut v = json!({
-        "type": "message",
+        "type": kind,
         "conversation_id": m.conversation_id,
         "seq": m.seq,
         "sender_user_id": m.sender_user_id,
@@ -46,6 +64,30 @@ pub fn message(m: &v1::Message) -> Value {
     }
     if let Some(media) = &m.media {
         v["media"] = media_ref(media);
+    }
+    if let Some(c) = &m.change {
+        v["kind"] = json!(change_kind(c.kind));
+        v["target_seq"] = json!(c.target_seq);
+        if !c.emoji.is_empty() || c.kind == v1::ChangeKind::React as i32 {
+            v["emoji"] = json!(c.emoji);
+        }
+    }
+    if m.edited_ts_ms != 0 {
+        v["edited_ts_ms"] = json!(m.edited_ts_ms);
+    }
+    if m.deleted {
+        v["deleted"] = json!(true);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("text");
+            o.remove("body_hex");
+        }
+    }
+    if !m.reactions.is_empty() {
+        v["reactions"] = m
+            .reactions
+            .iter()
+            .map(|r| json!({ "user_id": r.user_id, "emoji": r.emoji }))
+            .collect();
     }
     v
 }
@@ -375,7 +417,7 @@ pub fn event(e: &Event) -> Value {
             v["context"] = json!("sync");
             v
         }
-        Event::Message(m) => message(m),
+        Event::Message(m) | Event::MessageChanged(m) => message(m),
         Event::Receipt(r) => receipt(r),
         Event::GroupReceipts(g) => group_receipts(g),
         Event::Sent(a) => send_ack(a),
@@ -483,11 +525,54 @@ mod tests {
         let bin = v1::Message {
             content_type: "application/x-starling-e2e".into(),
             body: vec![0, 1].into(),
-            ..m
+            ..m.clone()
         };
         let v = message(&bin);
         assert_eq!(v["body_hex"], "0001");
         assert!(v.get("text").is_none());
+        // A message as it is now: edited with reactions; deleted (no content); a change entry.
+        let edited = v1::Message {
+            edited_ts_ms: 7,
+            reactions: vec![v1::Reaction {
+                user_id: 3,
+                emoji: "👍".into(),
+            }],
+            ..m.clone()
+        };
+        let v = message(&edited);
+        assert_eq!(
+            (v["edited_ts_ms"].clone(), v["text"].clone()),
+            (json!(7), json!("hi 🐦"))
+        );
+        assert_eq!(v["reactions"], json!([{ "user_id": 3, "emoji": "👍" }]));
+        let deleted = v1::Message {
+            deleted: true,
+            body: Default::default(),
+            content_type: String::new(),
+            ..m.clone()
+        };
+        let v = message(&deleted);
+        assert_eq!(v["deleted"], json!(true));
+        assert!(v.get("text").is_none() && v.get("body_hex").is_none());
+        let edit = v1::Message {
+            change: Some(Box::new(v1::MessageChange {
+                kind: v1::ChangeKind::Edit as i32,
+                target_seq: 4,
+                emoji: String::new(),
+            })),
+            ..m
+        };
+        let v = message(&edit);
+        assert_eq!(
+            (
+                v["type"].clone(),
+                v["kind"].clone(),
+                v["target_seq"].clone()
+            ),
+            (json!("change"), json!("edit"), json!(4))
+        );
+        assert_eq!(v["text"], "hi 🐦");
+        assert!(v.get("emoji").is_none());
     }
 
     #[test]
@@ -508,6 +593,14 @@ mod tests {
                 receipts: 1,
             },
             Event::Message(v1::Message::default()),
+            Event::MessageChanged(v1::Message {
+                change: Some(Box::new(v1::MessageChange {
+                    kind: v1::ChangeKind::React as i32,
+                    target_seq: 1,
+                    emoji: "👍".into(),
+                })),
+                ..v1::Message::default()
+            }),
             Event::Receipt(v1::Receipt {
                 kind: v1::ReceiptKind::Read as i32,
                 ..v1::Receipt::default()
@@ -569,6 +662,7 @@ mod tests {
                 "disconnected",
                 "synced",
                 "message",
+                "change",
                 "receipt",
                 "sent",
                 "send_failed",
@@ -583,12 +677,13 @@ mod tests {
             ]
         );
         assert_eq!(event(&events[1])["retry_in_ms"], 1500);
-        assert_eq!(event(&events[4])["kind"], "read");
-        assert_eq!(event(&events[6])["code"], "BLOCKED");
-        assert_eq!(event(&events[8])["state"], "online");
+        assert_eq!(event(&events[4])["kind"], "react");
+        assert_eq!(event(&events[5])["kind"], "read");
+        assert_eq!(event(&events[7])["code"], "BLOCKED");
+        assert_eq!(event(&events[9])["state"], "online");
         // Unknown codes read as INTERNAL but keep their number.
-        assert_eq!(event(&events[10])["code"], "INTERNAL");
-        assert_eq!(event(&events[10])["code_num"], 9999);
+        assert_eq!(event(&events[11])["code"], "INTERNAL");
+        assert_eq!(event(&events[11])["code_num"], 9999);
     }
 
     #[test]

@@ -39,11 +39,15 @@
 //!   device's Olm account and sessions, checks fetched bundles and seals and
 //!   opens end-to-end encrypted messages ([`Client::send_encrypted`],
 //!   [`Client::open_message`]).
+//! - Replies, edits, deletes for everyone and reactions: [`Client::reply`],
+//!   [`Client::edit`], [`Client::delete_for_everyone`], [`Client::react`]
+//!   (through the outbox, like messages); other devices' changes arrive as
+//!   [`Event::MessageChanged`], and history serves each message as it is now.
 //! - [`TypingNotifier`] — when to send typing indicators (rate-limited).
 //! - [`json`] — the JSON shapes `starling-cli --json` prints.
 //!
 //! **Guarantee to the application:** per conversation, the entries
-//! ([`Event::Message`]s and [`Event::GroupChanged`] events) arrive in
+//! ([`Event::Message`]s, [`Event::MessageChanged`] and [`Event::GroupChanged`] events) arrive in
 //! strictly increasing, contiguous seq order, each once per run (in a group:
 //! contiguous from the member's join on, the seqs before it being invisible
 //! to it); a

@@ -30,7 +30,7 @@ mod cli {
 
 use cli::groups::GroupCmd;
 use cli::keys::KeysCmd;
-use cli::messaging::{conversation, history, outbox, send, server_info, sync, watch};
+use cli::messaging::{Change, conversation, history, outbox, send, server_info, sync, watch};
 use cli::out::Out;
 use cli::presence::PresenceCmd;
 use cli::push::PushCmd;
@@ -161,6 +161,35 @@ enum Cmd {
         /// and your other devices (run `keys upload` first).
         #[arg(long, conflicts_with = "file")]
         e2e: bool,
+        /// Send the text as a reply to the message with this seq (in the same conversation).
+        #[arg(long, conflicts_with_all = ["file", "e2e"])]
+        reply_to: Option<u64>,
+    },
+    /// Edit one of your messages (within the server's edit window): its new text.
+    Edit {
+        /// The conversation: a user id, a +phone, conv:<conversation id> or group:<id>.
+        conv: String,
+        /// The message's seq.
+        seq: u64,
+        /// The new text.
+        text: String,
+    },
+    /// Delete a message for everyone (yours within the server's delete window; anyone's in a
+    /// group you administer).
+    Delete {
+        /// The conversation: a user id, a +phone, conv:<conversation id> or group:<id>.
+        conv: String,
+        /// The message's seq.
+        seq: u64,
+    },
+    /// React to a message with an emoji, replacing your earlier reaction; "" removes it.
+    React {
+        /// The conversation: a user id, a +phone, conv:<conversation id> or group:<id>.
+        conv: String,
+        /// The message's seq.
+        seq: u64,
+        /// The reaction (at most 64 bytes).
+        emoji: String,
     },
     /// Download the attachment of a message (--conversation and --seq), or a user's avatar
     /// (--user), into a file (its SHA-256 is checked).
@@ -480,11 +509,35 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             to,
             text,
             file: None,
+            reply_to,
             ..
         } => {
             let (client, events) = start(&g, false)?;
             discard(events);
-            let res = send(&client, &to, &text, g.timeout).await;
+            let res = send(&client, &to, &text, reply_to, g.timeout).await;
+            client.shutdown().await;
+            out.print(&sj::send_ack(&res?));
+        }
+        Cmd::Edit { conv, seq, text } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res =
+                cli::messaging::change(&client, &conv, seq, Change::Edit(&text), g.timeout).await;
+            client.shutdown().await;
+            out.print(&sj::send_ack(&res?));
+        }
+        Cmd::Delete { conv, seq } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::messaging::change(&client, &conv, seq, Change::Delete, g.timeout).await;
+            client.shutdown().await;
+            out.print(&sj::send_ack(&res?));
+        }
+        Cmd::React { conv, seq, emoji } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res =
+                cli::messaging::change(&client, &conv, seq, Change::React(&emoji), g.timeout).await;
             client.shutdown().await;
             out.print(&sj::send_ack(&res?));
         }

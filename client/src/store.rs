@@ -316,6 +316,14 @@ pub struct OutboxEntry {
     /// written before media existed).
     #[serde(default, with = "hex_bytes")]
     pub media: Vec<u8>,
+    /// The seq of the message it replies to (0: none; absent in files written before replies).
+    #[serde(default)]
+    pub reply_to_seq: u64,
+    /// An edit, delete or reaction of an earlier message instead of a new message: an encoded
+    /// `MessageChange` (hex in the file; empty: a message; absent in files written before
+    /// changes existed).
+    #[serde(default, with = "hex_bytes")]
+    pub change: Vec<u8>,
 }
 
 impl OutboxEntry {
@@ -328,6 +336,16 @@ impl OutboxEntry {
         prost::Message::decode(&self.media[..]).ok().map(Box::new)
     }
 
+    /// The change it makes, if it is one (an entry whose stored change does not decode is
+    /// none).
+    #[must_use]
+    pub fn change(&self) -> Option<Box<v1::MessageChange>> {
+        if self.change.is_empty() {
+            return None;
+        }
+        prost::Message::decode(&self.change[..]).ok().map(Box::new)
+    }
+
     /// The `Send` frame body for this entry (the same for every attempt; `first_attempt` is
     /// false — only the driver knows whether an earlier copy was ever written).
     #[must_use]
@@ -338,8 +356,9 @@ impl OutboxEntry {
             content_type: self.content_type.clone(),
             body: self.body.clone().into(),
             media: self.media_ref(),
-            reply_to_seq: 0,
+            reply_to_seq: self.reply_to_seq,
             first_attempt: false,
+            change: self.change(),
         }
     }
 }
@@ -493,6 +512,8 @@ mod tests {
             body: vec![n, 0, 255],
             queued_at_ms: 1000 + u64::from(n),
             media: Vec::new(),
+            reply_to_seq: 0,
+            change: Vec::new(),
         }
     }
 

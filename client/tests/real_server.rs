@@ -433,6 +433,8 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
     client.shutdown().await;
 }
 
+#[path = "real_server/changes.rs"]
+mod changes;
 #[path = "real_server/contacts.rs"]
 mod contacts;
 #[path = "real_server/e2e.rs"]

@@ -1028,6 +1028,8 @@ mod accounts_abuse;
 mod accounts_migration;
 #[path = "server/blocks.rs"]
 mod blocks;
+#[path = "server/changes.rs"]
+mod changes;
 #[path = "server/connections.rs"]
 mod connections;
 #[path = "server/cursors.rs"]

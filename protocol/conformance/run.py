@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from vectors import check_all  # noqa: E402
+import changes  # noqa: E402
 import flows  # noqa: E402
 import keys  # noqa: E402
 import presence  # noqa: E402
@@ -60,6 +61,7 @@ def main():
             results.failed += 1
         else:
             flows.run_all(pb, args.starling, results.check)
+            changes.run_all(pb, args.starling, results.check)
             presence.run_all(pb, args.starling, results.check)
             media.run_all(pb, args.starling, results.check)
             keys.run_all(pb, args.starling, results.check)

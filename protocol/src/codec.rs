@@ -358,6 +358,7 @@ mod tests {
             media: None,
             reply_to_seq: 5,
             group_changed: None,
+            ..Default::default()
         };
         // Bodies around the one- and two-byte length prefixes of the message, the Deliver and
         // the frame.

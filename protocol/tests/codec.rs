@@ -46,6 +46,7 @@ fn message() -> v1::Message {
         media: None,
         reply_to_seq: 41,
         group_changed: None,
+        ..v1::Message::default()
     }
 }
 
@@ -74,6 +75,7 @@ fn group_event() -> v1::Message {
             user_ids: vec![1_004],
             role: 0,
         })),
+        ..v1::Message::default()
     }
 }
 
@@ -293,6 +295,7 @@ fn sample(kind: FrameKind) -> Body {
             media: None,
             reply_to_seq: 41,
             first_attempt: true,
+            change: None,
         }),
         FrameKind::SendAck => Body::SendAck(v1::SendAck {
             client_msg_id: Bytes::from_static(&[0x11; 16]),
@@ -655,6 +658,95 @@ fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
             },
         ),
         (
+            // An edit of message 42: a Send with a change and the new content.
+            "send_edit",
+            v1::Frame {
+                request_id: 14,
+                body: Some(Body::Send(v1::Send {
+                    client_msg_id: Bytes::from_static(&[0x12; 16]),
+                    to: Some(v1::Recipient {
+                        target: Some(v1::recipient::Target::ConversationId(9_001)),
+                    }),
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"hello, starling!"),
+                    change: Some(Box::new(v1::MessageChange {
+                        kind: v1::ChangeKind::Edit as i32,
+                        target_seq: 42,
+                        emoji: String::new(),
+                    })),
+                    ..v1::Send::default()
+                })),
+            },
+        ),
+        (
+            // A reaction to message 42, pushed like a message (a change entry).
+            "deliver_reaction",
+            v1::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(v1::Deliver {
+                    message: Some(v1::Message {
+                        conversation_id: 9_001,
+                        seq: 44,
+                        sender_user_id: 1_002,
+                        sender_device_id: 1,
+                        client_msg_id: Bytes::from_static(&[0x13; 16]),
+                        server_ts_ms: 1_790_000_000_456,
+                        change: Some(Box::new(v1::MessageChange {
+                            kind: v1::ChangeKind::React as i32,
+                            target_seq: 42,
+                            emoji: "👍".into(),
+                        })),
+                        ..v1::Message::default()
+                    }),
+                })),
+            },
+        ),
+        (
+            // History as it is now: message 42 edited, with a reaction; 43 deleted for
+            // everyone (no content); 44 the edit's change entry.
+            "history_page_changed",
+            v1::Frame {
+                request_id: 15,
+                body: Some(Body::HistoryPage(v1::HistoryPage {
+                    conversation_id: 9_001,
+                    messages: vec![
+                        v1::Message {
+                            body: Bytes::from_static(b"hello, starling!"),
+                            edited_ts_ms: 1_790_000_000_400,
+                            reactions: vec![v1::Reaction {
+                                user_id: 1_002,
+                                emoji: "👍".into(),
+                            }],
+                            ..message()
+                        },
+                        v1::Message {
+                            seq: 43,
+                            client_msg_id: Bytes::from_static(&[0x14; 16]),
+                            content_type: String::new(),
+                            body: Bytes::new(),
+                            reply_to_seq: 0,
+                            deleted: true,
+                            ..message()
+                        },
+                        v1::Message {
+                            seq: 44,
+                            client_msg_id: Bytes::from_static(&[0x12; 16]),
+                            server_ts_ms: 1_790_000_000_400,
+                            body: Bytes::from_static(b"hello, starling!"),
+                            reply_to_seq: 0,
+                            change: Some(Box::new(v1::MessageChange {
+                                kind: v1::ChangeKind::Edit as i32,
+                                target_seq: 42,
+                                emoji: String::new(),
+                            })),
+                            ..message()
+                        },
+                    ],
+                    has_more: false,
+                })),
+            },
+        ),
+        (
             // A group event, pushed like a message.
             "deliver_group_changed",
             v1::Frame {
@@ -951,6 +1043,7 @@ fn arb_message() -> impl Strategy<Value = v1::Message> {
                     media: None,
                     reply_to_seq,
                     group_changed: None,
+                    ..v1::Message::default()
                 }
             },
         )
@@ -980,6 +1073,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                         media: None,
                         reply_to_seq,
                         first_attempt,
+                        change: None,
                     }
                 )
             ),

@@ -1,19 +1,20 @@
 //! Entry point for the cargo-fuzz target `message_envelope` in `fuzz/`: the envelope a message
-//! entry's body carries in the log (content type, reply-to seq, media, opaque body), decoded
-//! whenever history, sync or fan-out reads a stored message back.
+//! entry's body carries in the log (content type, reply-to seq, media or a change of an earlier
+//! message, opaque body), decoded whenever history, sync or fan-out reads a stored message back.
 
-/// The envelope decoders (version 1 and 2) never panic on stored bytes; whatever version 1
-/// accepts re-encodes to exactly those bytes, whatever version 2 accepts to a message that
+/// The envelope decoders (versions 1, 2 and 3) never panic on stored bytes; whatever version 1
+/// or 3 accepts re-encodes to exactly those bytes, whatever version 2 accepts to a message that
 /// reads back the same.
 pub fn message_envelope(data: &[u8]) {
     let _ = crate::shard::fuzz_envelope(data);
     let _ = crate::shard::fuzz_envelope_v2(data);
+    let _ = crate::shard::fuzz_envelope_v3(data);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::{fuzz_envelope, sample_envelope};
+    use crate::shard::{fuzz_envelope, fuzz_envelope_v3, sample_envelope};
 
     #[test]
     fn envelopes_round_trip_and_damaged_ones_are_refused() {
@@ -31,6 +32,17 @@ mod tests {
         long[0] = 0xFF;
         long[1] = 0xFF;
         assert!(!fuzz_envelope(&long));
+        // A change: accepted and re-encoded; cut inside its emoji, or of an unknown kind: not.
+        let react = std::fs::read(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus/message_envelope/seed-reaction"),
+        )
+        .unwrap();
+        assert!(fuzz_envelope_v3(&react));
+        assert!(!fuzz_envelope_v3(&react[..react.len() - 1]));
+        let mut unknown = react.clone();
+        unknown[2 + 8] = 9;
+        assert!(!fuzz_envelope_v3(&unknown));
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../fuzz/corpus/message_envelope");
         for ent in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {

@@ -12,6 +12,7 @@ use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::metawriter::Offload;
 
 mod blocks;
+mod changes;
 mod config;
 mod convs;
 mod cursors;
@@ -43,7 +44,7 @@ use cursors::Cursors;
 use direct::Direct;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
-pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2};
+pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;
@@ -519,6 +520,9 @@ where
                     *job,
                     outcome,
                 ),
+                MetaTag::Change(cmd) => {
+                    changes::committed(&mut self.sh, &mut self.sequencer, *cmd, outcome);
+                }
                 MetaTag::GroupSettled { conv } => groups::settled(&mut self.sh, conv, outcome),
                 MetaTag::Presence { user, reply } => {
                     self.presence.written(&mut self.sh, user, reply, outcome);

@@ -5,7 +5,8 @@
 //! metadata writer that runs its jobs whenever the world decides (odd seeds), and simulated
 //! clients that behave like the SDK (outbox retried under the same client_msg_id until SendAck,
 //! per-conversation stores ordered by seq, cumulative DeliveryAck, Sync on reconnect and on
-//! MessagesAvailable) and now and then block or unblock each other.
+//! MessagesAvailable), now and then react to a message they hold (a change entry, sequenced,
+//! acknowledged and delivered like a message) and block or unblock each other.
 //!
 //! Invariants, checked after every step (and after every recovery):
 //! - a SendAck or Deliver is only ever issued for a message the disk has synced;
@@ -151,6 +152,8 @@ struct Outgoing {
     cmid: [u8; 16],
     to: v1::recipient::Target,
     body: Bytes,
+    /// A reaction to an earlier message instead of a message (`Send.change`).
+    change: Option<Box<v1::MessageChange>>,
     /// A Send carrying it was handed to a connection (later ones are not first attempts).
     written: bool,
 }
@@ -267,6 +270,8 @@ struct World {
     /// Cursor and Block requests answered with an Error (storage faults, limits).
     req_errors: u64,
     blocks_done: u64,
+    /// Reactions queued (changes of earlier messages, sequenced like messages).
+    reactions: u64,
 }
 
 impl World {
@@ -363,6 +368,7 @@ impl World {
             blocks_in_doubt: BTreeSet::new(),
             unblock_sent: HashMap::new(),
             req_errors: 0,
+            reactions: 0,
             blocks_done: 0,
         }
     }
@@ -576,11 +582,16 @@ impl World {
             Body::Send(v1::Send {
                 client_msg_id: Bytes::copy_from_slice(&o.cmid),
                 to: Some(v1::Recipient { target: Some(o.to) }),
-                content_type: "text/plain".into(),
+                content_type: if o.change.is_some() {
+                    String::new()
+                } else {
+                    "text/plain".into()
+                },
                 body: o.body.clone(),
                 media: None,
                 reply_to_seq: 0,
                 first_attempt,
+                change: o.change.clone(),
             }),
         );
     }
@@ -605,11 +616,40 @@ impl World {
             let peer = self.users[self.rng.below(self.users.len() as u64) as usize];
             v1::recipient::Target::UserId(peer)
         };
-        let body = Bytes::from(format!("m{:?}", &cmid[..]).into_bytes());
+        let mut body = Bytes::from(format!("m{:?}", &cmid[..]).into_bytes());
+        let mut change = None;
+        // Now and then a reaction to a message of a conversation the device knows (an entry
+        // with a body: not a change), sequenced and delivered like a message.
+        if let v1::recipient::Target::ConversationId(conv) = to
+            && self.rng.chance(100)
+        {
+            let targets: Vec<u64> = self.devices[d]
+                .store
+                .get(&conv)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, (_, b))| !b.is_empty())
+                        .map(|(&seq, _)| seq)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !targets.is_empty() {
+                let target = targets[self.rng.below(targets.len() as u64) as usize];
+                let emoji = ["👍", "🎉", ""][self.rng.below(3) as usize];
+                body = Bytes::new();
+                self.reactions += 1;
+                change = Some(Box::new(v1::MessageChange {
+                    kind: v1::ChangeKind::React as i32,
+                    target_seq: target,
+                    emoji: emoji.into(),
+                }));
+            }
+        }
         let o = Outgoing {
             cmid,
             to,
             body,
+            change,
             written: false,
         };
         self.devices[d].outbox.push(o.clone());
@@ -1271,9 +1311,15 @@ impl World {
 
 fn starling_like_body(e: &Entry) -> Bytes {
     // The router stores an envelope (content type, reply_to, body); the client body is its tail.
+    // A change (envelope version 3) has its kind, target and emoji before the body.
     let b = &e.body;
     let n = u16::from_le_bytes([b[0], b[1]]) as usize;
-    Bytes::copy_from_slice(&b[2 + n + 8..])
+    let mut at = 2 + n + 8;
+    if e.content_type == 3 {
+        at += 1 + 8;
+        at += 1 + b[at] as usize;
+    }
+    Bytes::copy_from_slice(&b[at..])
 }
 
 fn shard_into_log(mut shard: Shard) -> SimLog {
@@ -1296,6 +1342,8 @@ struct Totals {
     req_errors: u64,
     /// Block/Unblock requests answered `Done`.
     blocks_done: u64,
+    /// Reactions queued.
+    reactions: u64,
 }
 
 fn run_seed(seed: u64, steps: usize) -> Totals {
@@ -1314,6 +1362,7 @@ fn run_seed(seed: u64, steps: usize) -> Totals {
         said_not_stored: w.not_stored_checked,
         req_errors: w.req_errors,
         blocks_done: w.blocks_done,
+        reactions: w.reactions,
     }
 }
 
@@ -1349,6 +1398,7 @@ fn simulation() {
                 total.said_not_stored += t.said_not_stored;
                 total.req_errors += t.req_errors;
                 total.blocks_done += t.blocks_done;
+                total.reactions += t.reactions;
             }
             Err(e) => {
                 eprintln!("simulation failed; replay with STARLING_SIM_SEED={seed}");
@@ -1370,6 +1420,7 @@ fn simulation() {
             && total.said_not_stored > 0
             && total.req_errors > 0
             && total.blocks_done > 0
+            && total.reactions > 0
     );
 }
 

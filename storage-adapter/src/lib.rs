@@ -1,7 +1,8 @@
 //! # starling-storage
 //!
 //! **Owns:** the storage traits every backend implements ([`traits`]: durable
-//! log, message index, cursors; [`meta`]: metadata; [`accounts`]: users, devices, sessions,
+//! log, message index, cursors; [`meta`]: metadata, with [`message_state`]: the current state of
+//! messages changed after they were stored (edits, deletes for everyone, reactions); [`accounts`]: users, devices, sessions,
 //! one-time codes and the accounts' rate-limit windows, on the metadata store) and the one backend there
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its resident index ([`DenseIndex`]), together an
@@ -33,6 +34,7 @@ pub mod index;
 pub mod keys;
 pub mod log;
 pub mod mem;
+pub mod message_state;
 pub mod meta;
 pub mod push;
 pub mod stats;

@@ -142,6 +142,10 @@ impl<'a> Reader<'a> {
             reason: "not UTF-8".into(),
         })
     }
+    /// How many bytes are left to read.
+    pub fn remaining(&self) -> usize {
+        self.b.len()
+    }
     /// Whether every byte was read (a record's optional newer-version tail is absent).
     pub fn at_end(&self) -> bool {
         self.b.is_empty()

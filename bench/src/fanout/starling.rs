@@ -138,6 +138,7 @@ async fn send(
                     media: None,
                     reply_to_seq: 0,
                     first_attempt: true,
+                    change: None,
                 }),
             )?;
             pacer.sent(plan, rec, now, sched);

@@ -200,6 +200,7 @@ pub(crate) async fn chat(
                         }
                         conv == Some(m.conversation_id)
                     }
+                    Event::MessageChanged(m) => conv == Some(m.conversation_id),
                     Event::Receipt(r) => conv == Some(r.conversation_id),
                     Event::Typing(t) => conv == Some(t.conversation_id),
                     Event::GroupChanged { conversation_id, .. } => conv == Some(*conversation_id),

@@ -83,7 +83,7 @@ impl Reader {
     /// An event's JSON, its message opened.
     pub(crate) fn event(&mut self, ev: &Event) -> Result<Value, ClientError> {
         match ev {
-            Event::Message(m) => self.message(m),
+            Event::Message(m) | Event::MessageChanged(m) => self.message(m),
             ev => Ok(sj::event(ev)),
         }
     }

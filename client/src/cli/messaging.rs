@@ -86,13 +86,54 @@ pub(crate) async fn send(
     client: &Client,
     to: &str,
     text: &str,
+    reply_to: Option<u64>,
     wait: Duration,
 ) -> Result<v1::SendAck, ClientError> {
     let to = target(client, to).await?;
-    tokio::time::timeout(wait, client.send_text(to, text))
+    let sent = async {
+        match reply_to {
+            Some(seq) => client.reply(to, seq, text).await,
+            None => client.send_text(to, text).await,
+        }
+    };
+    tokio::time::timeout(wait, sent)
         .await
         .map_err(|_| ClientError::Timeout {
             what: "SendAck (the message stays in the outbox and will be retried)",
+            after: wait,
+        })?
+}
+
+/// What `edit`, `delete` and `react` do to a message.
+pub(crate) enum Change<'a> {
+    /// New text.
+    Edit(&'a str),
+    /// Delete for everyone.
+    Delete,
+    /// Set (or, empty, remove) our reaction.
+    React(&'a str),
+}
+
+/// Edits, deletes or reacts to message `seq` of the conversation `with` names.
+pub(crate) async fn change(
+    client: &Client,
+    with: &str,
+    seq: u64,
+    what: Change<'_>,
+    wait: Duration,
+) -> Result<v1::SendAck, ClientError> {
+    let conv = conversation(client, with).await?;
+    let sent = async {
+        match what {
+            Change::Edit(text) => client.edit(conv, seq, text).await,
+            Change::Delete => client.delete_for_everyone(conv, seq).await,
+            Change::React(emoji) => client.react(conv, seq, emoji).await,
+        }
+    };
+    tokio::time::timeout(wait, sent)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            what: "SendAck (the change stays in the outbox and will be retried)",
             after: wait,
         })?
 }
@@ -109,7 +150,28 @@ pub(crate) async fn history(
     let anchor = before.map_or(HistoryAnchor::Latest, HistoryAnchor::Before);
     let page = client.history(conv, anchor, limit).await?;
     for m in &page.messages {
-        out.print(&reader.message(m)?);
+        let mut v = reader.message(m)?;
+        if m.reply_to_seq != 0 {
+            // The reply's quote: the message it answers, as it is now.
+            let quoted = match page.messages.iter().find(|q| q.seq == m.reply_to_seq) {
+                Some(q) => Some(q.clone()),
+                None => client
+                    .history(conv, HistoryAnchor::After(m.reply_to_seq - 1), 1)
+                    .await?
+                    .messages
+                    .into_iter()
+                    .find(|q| q.seq == m.reply_to_seq),
+            };
+            if let Some(q) = quoted {
+                let q = reader.message(&q)?;
+                v["reply_quote"] = if q["deleted"] == true {
+                    json!("[deleted for everyone]")
+                } else {
+                    q.get("text").cloned().unwrap_or(json!("[not text]"))
+                };
+            }
+        }
+        out.print(&v);
     }
     out.print(
         &json!({ "type": "history_end", "conversation_id": conv, "has_more": page.has_more }),

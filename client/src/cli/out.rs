@@ -27,7 +27,9 @@ pub(crate) fn human(v: &Value) -> String {
     };
     match v["type"].as_str().unwrap_or_default() {
         "message" => {
-            let mut body = if let Some(why) = v.get("undecryptable") {
+            let mut body = if v["deleted"] == true {
+                "[deleted for everyone]".to_owned()
+            } else if let Some(why) = v.get("undecryptable") {
                 format!(
                     "[end-to-end encrypted, undecryptable: {}]",
                     why.as_str().unwrap_or_default()
@@ -54,8 +56,55 @@ pub(crate) fn human(v: &Value) -> String {
                     m["media_id"].as_str().unwrap_or_default()
                 ));
             }
+            if v.get("edited_ts_ms").is_some() {
+                body.push_str(" (edited)");
+            }
+            if let Some(rs) = v["reactions"].as_array() {
+                let rs: Vec<String> = rs
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {}",
+                            r["emoji"].as_str().unwrap_or_default(),
+                            r["user_id"]
+                        )
+                    })
+                    .collect();
+                body.push_str(&format!(" [reactions: {}]", rs.join(", ")));
+            }
+            let reply = match (v.get("reply_to_seq"), v.get("reply_quote")) {
+                (Some(r), Some(q)) => {
+                    format!(" (reply to #{r}: {:?})", q.as_str().unwrap_or_default())
+                }
+                (Some(r), None) => format!(" (reply to #{r})"),
+                _ => String::new(),
+            };
             format!(
-                "[conv {} #{}] user {}: {body}",
+                "[conv {} #{}] user {}{reply}: {body}",
+                s("conversation_id"),
+                s("seq"),
+                s("sender_user_id")
+            )
+        }
+        "change" => {
+            let what = match s("kind").as_str() {
+                "edit" => match v.get("text") {
+                    Some(t) => format!(
+                        "edited #{} to {:?}",
+                        s("target_seq"),
+                        t.as_str().unwrap_or_default()
+                    ),
+                    None => format!("edited #{}", s("target_seq")),
+                },
+                "delete" => format!("deleted #{} for everyone", s("target_seq")),
+                "react" if s("emoji").is_empty() => {
+                    format!("removed their reaction to #{}", s("target_seq"))
+                }
+                "react" => format!("reacted {} to #{}", s("emoji"), s("target_seq")),
+                other => format!("changed #{} ({other})", s("target_seq")),
+            };
+            format!(
+                "[conv {} #{}] user {} {what}",
                 s("conversation_id"),
                 s("seq"),
                 s("sender_user_id")
@@ -250,5 +299,56 @@ pub(crate) fn print_error(out: &Out, e: &ClientError) {
         println!("{}", sj::error(e));
     } else {
         eprintln!("error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::human;
+
+    #[test]
+    fn a_message_shows_its_state_and_a_change_what_it_did() {
+        let m = json!({
+            "type": "message", "conversation_id": 5, "seq": 3, "sender_user_id": 1,
+            "text": "hi", "edited_ts_ms": 9, "reply_to_seq": 2, "reply_quote": "yo",
+            "reactions": [{ "user_id": 2, "emoji": "👍" }],
+        });
+        assert_eq!(
+            human(&m),
+            "[conv 5 #3] user 1 (reply to #2: \"yo\"): hi (edited) [reactions: 👍 2]"
+        );
+        let gone = json!({
+            "type": "message", "conversation_id": 5, "seq": 1, "sender_user_id": 1,
+            "deleted": true,
+        });
+        assert_eq!(human(&gone), "[conv 5 #1] user 1: [deleted for everyone]");
+        let change = |kind: &str, extra: serde_json::Value| {
+            let mut v = json!({
+                "type": "change", "conversation_id": 5, "seq": 4, "sender_user_id": 2,
+                "kind": kind, "target_seq": 1,
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            human(&v)
+        };
+        assert_eq!(
+            change("edit", json!({ "text": "new" })),
+            "[conv 5 #4] user 2 edited #1 to \"new\""
+        );
+        assert_eq!(
+            change("delete", json!({})),
+            "[conv 5 #4] user 2 deleted #1 for everyone"
+        );
+        assert_eq!(
+            change("react", json!({ "emoji": "🎉" })),
+            "[conv 5 #4] user 2 reacted 🎉 to #1"
+        );
+        assert_eq!(
+            change("react", json!({ "emoji": "" })),
+            "[conv 5 #4] user 2 removed their reaction to #1"
+        );
     }
 }

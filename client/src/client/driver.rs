@@ -564,10 +564,12 @@ impl Driver {
                 client_msg_id: ack.client_msg_id.clone(),
                 server_ts_ms: ack.server_ts_ms,
                 media: entry.media_ref(),
+                change: entry.change(),
                 content_type: entry.content_type,
                 body: entry.body.into(),
-                reply_to_seq: 0,
+                reply_to_seq: entry.reply_to_seq,
                 group_changed: None,
+                ..v1::Message::default()
             };
             let released = self.reorder.handle_message(own);
             self.accept(conn, released).await;

@@ -69,6 +69,13 @@ pub struct RouterConfig {
     pub group_receipts_coalesce_ms: u64,
     /// Unread counts in `ConversationList` stop at this value.
     pub unread_count_max: usize,
+    /// A sender may edit a message for this long after the server accepted it (ms, at least 1).
+    pub edit_window_ms: u64,
+    /// A sender may delete a message for everyone for this long after the server accepted it
+    /// (ms, at least 1); a group admin may at any time.
+    pub delete_window_ms: u64,
+    /// Most users with a reaction on one message (1 to 10000).
+    pub reactions_max: usize,
     /// A conversation's state leaves memory after this long unused (it is loaded again from the
     /// index and the metadata on next use).
     pub conv_idle_evict_ms: u64,
@@ -133,6 +140,9 @@ impl Default for RouterConfig {
             group_push_members_max: d.group_push_members_max,
             group_available_ms: d.group_available_ms,
             unread_count_max: d.unread_count_max,
+            edit_window_ms: d.edit_window_ms,
+            delete_window_ms: d.delete_window_ms,
+            reactions_max: d.reactions_max,
             conv_idle_evict_ms: d.conv_idle_evict_ms,
             blocks_max: d.blocks_max,
             block_requests_per_s: d.block_requests_per_s,
@@ -176,6 +186,9 @@ impl RouterConfig {
             group_push_members_max: r.group_push_members_max,
             group_available_ms: r.group_available_ms,
             unread_count_max: r.unread_count_max,
+            edit_window_ms: r.edit_window_ms,
+            delete_window_ms: r.delete_window_ms,
+            reactions_max: r.reactions_max,
             conv_idle_evict_ms: r.conv_idle_evict_ms,
             blocks_max: r.blocks_max,
             block_requests_per_s: r.block_requests_per_s,
@@ -216,6 +229,8 @@ impl RouterConfig {
             ("router.list_limit_default", r.list_limit_default),
             ("router.cursor_flush_max", r.cursor_flush_max),
             ("router.unread_count_max", r.unread_count_max),
+            ("router.edit_window_ms", r.edit_window_ms as usize),
+            ("router.delete_window_ms", r.delete_window_ms as usize),
             ("router.meta_jobs_max", r.meta_jobs_max),
         ] {
             if v == 0 {
@@ -277,6 +292,9 @@ impl RouterConfig {
                 "router.list_limit_default",
                 "must be at most router.list_limit_max",
             );
+        }
+        if r.reactions_max == 0 || r.reactions_max > 10_000 {
+            return bad("router.reactions_max", "must be between 1 and 10000");
         }
         if r.group_push_members_max < 2 {
             return bad("router.group_push_members_max", "must be at least 2");
@@ -382,7 +400,8 @@ mod tests {
              conv_idle_evict_ms = 500\nblocks_max = 3\nblock_requests_per_s = 2\n\
              block_requests_burst = 4\nparked_sends_max = 16\nmeta_jobs_max = 17\n\
              group_members_max = 19\ngroup_request_users_max = 18\n\
-             group_changes_queued_max = 20\ngroup_info_members_page = 21\n",
+             group_changes_queued_max = 20\ngroup_info_members_page = 21\n\
+             edit_window_ms = 22\ndelete_window_ms = 23\nreactions_max = 24\n",
         )
         .unwrap();
         c.validate().unwrap();
@@ -442,6 +461,10 @@ mod tests {
             ),
             (19, 18, 20, 21)
         );
+        assert_eq!(
+            (s.edit_window_ms, s.delete_window_ms, s.reactions_max),
+            (22, 23, 24)
+        );
         for bad in [
             "group_members_max = 1",
             "group_members_max = 1000001",
@@ -496,6 +519,13 @@ mod tests {
                 "[router]\nunread_count_max = 0\n",
                 "router.unread_count_max",
             ),
+            ("[router]\nedit_window_ms = 0\n", "router.edit_window_ms"),
+            (
+                "[router]\ndelete_window_ms = 0\n",
+                "router.delete_window_ms",
+            ),
+            ("[router]\nreactions_max = 0\n", "router.reactions_max"),
+            ("[router]\nreactions_max = 10001\n", "router.reactions_max"),
             (
                 "[router]\nbody_bytes_max = 65000\n",
                 "router.body_bytes_max",

@@ -64,6 +64,14 @@ pub struct ShardConfig {
     pub group_receipts_coalesce_ms: u64,
     /// Unread counts stop at this value.
     pub unread_count_max: usize,
+    /// A sender may edit a message for this long after the server accepted it (`changes.rs`).
+    pub edit_window_ms: u64,
+    /// A sender may delete a message for everyone for this long after the server accepted it (a
+    /// group admin may at any time).
+    pub delete_window_ms: u64,
+    /// Most users with a reaction on one message; a reaction from one more is refused with
+    /// `FAILED_PRECONDITION`.
+    pub reactions_max: usize,
     /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
     /// has not been used for this long and nothing of it is in flight; it is loaded again from
     /// the index and the metadata on next use. Bounds the shard's memory by its active
@@ -138,6 +146,9 @@ impl Default for ShardConfig {
             group_push_members_max: 1024,
             group_available_ms: 100,
             unread_count_max: 999,
+            edit_window_ms: 15 * 60 * 1000,
+            delete_window_ms: 48 * 3600 * 1000,
+            reactions_max: 256,
             conv_idle_evict_ms: 10 * 60 * 1000,
             blocks_max: 10_000,
             block_requests_per_s: 10,

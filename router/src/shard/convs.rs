@@ -10,6 +10,7 @@ use std::collections::hash_map::Entry as Slot;
 use std::sync::Arc;
 
 use starling_protocol::v1::ErrorCode;
+use starling_storage::message_state::MessageState;
 use starling_storage::meta::{DirectConv, MemberOf, keys};
 use starling_storage::{
     ClientMsgId, CursorStore, DeviceId, Entry, Lsn, MessageIndex, MetadataStore, Seq, UserId,
@@ -18,6 +19,7 @@ use starling_storage::{
 use super::frames::Refusal;
 use super::group_receipts::RecentSent;
 use super::groups::GroupConv;
+use super::mail::SendCmd;
 use crate::hash::HashMap;
 use crate::ids::ConvId;
 
@@ -56,6 +58,16 @@ pub(super) struct ConvSeq {
     pub(super) pending: HashMap<ClientMsgId, (u64, u64, u64)>,
     /// client_msg_id → (seq, ts) of durable entries in `recent`.
     pub(super) recent_ids: HashMap<ClientMsgId, (u64, u64)>,
+    /// Message states being written (`changes.rs`): seq → (the newest state, writes in
+    /// flight). The next change of the same message starts from it, not from the metadata.
+    pub(super) states: HashMap<u64, (MessageState, u32)>,
+    /// client_msg_id → retries of a change whose state is being written (they are answered
+    /// once it is sequenced).
+    pub(super) committing: HashMap<ClientMsgId, Vec<SendCmd>>,
+    /// Whether any message of the conversation has a state record (`None`: not looked up
+    /// since it was loaded). Serving a conversation that never had a change costs one lookup,
+    /// not one per message.
+    pub(super) has_states: Option<bool>,
 }
 
 /// A conversation's delivery and read cursors, and what of them was announced as receipts.
@@ -165,12 +177,19 @@ impl ConvSeq {
             recent: VecDeque::new(),
             pending: HashMap::default(),
             recent_ids: HashMap::default(),
+            states: HashMap::default(),
+            committing: HashMap::default(),
+            has_states: None,
         }
     }
 
     /// Whether every accepted message is durable and in the index.
     pub(super) fn settled(&self) -> bool {
-        self.pending.is_empty() && self.recent.is_empty() && self.next_seq == self.durable_seq + 1
+        self.pending.is_empty()
+            && self.recent.is_empty()
+            && self.next_seq == self.durable_seq + 1
+            && self.states.is_empty()
+            && self.committing.is_empty()
     }
 
     /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`: from the

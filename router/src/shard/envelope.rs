@@ -5,10 +5,11 @@
 //! content-type length ‖ content type ‖ u64 LE reply_to_seq ‖ client body`; [`ENVELOPE_V2`]
 //! (a message with media) inserts `u32 LE length ‖ MediaRef (protobuf)` before the client
 //! body. A message without media is still written as version 1, so logs written before media
-//! existed read back unchanged and the common entry stays as small as it was. It is written
+//! existed read back unchanged and the common entry stays as small as it was. [`ENVELOPE_V3`]
+//! is a change of an earlier message (an edit, a delete for everyone, a reaction). It is written
 //! when a message is sequenced and read back whenever history, sync or the conversation list
 //! shows a stored message; the decoder never panics on stored bytes (the `message_envelope`
-//! fuzz target checks both versions).
+//! fuzz target checks every version).
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -23,6 +24,35 @@ pub(super) const ENVELOPE_V1: u16 = 1;
 /// ... version 2, a message with media: `u16 LE content-type length ‖ content type ‖ u64 LE
 /// reply_to_seq ‖ u32 LE media length ‖ MediaRef (protobuf) ‖ client body`.
 pub(super) const ENVELOPE_V2: u16 = 2;
+
+/// ... version 3, a change of an earlier message (`changes.rs`): `u16 LE content-type length ‖
+/// content type ‖ u64 LE reply_to_seq (0) ‖ u8 kind ‖ u64 LE target seq ‖ u8 emoji length ‖
+/// emoji ‖ client body` (the body of an edit; empty otherwise).
+pub(super) const ENVELOPE_V3: u16 = 3;
+
+/// Whether `e` is a change entry (an edit, delete or reaction) rather than a message.
+pub(super) fn is_change(e: &Entry) -> bool {
+    e.kind == EntryKind::MESSAGE && e.content_type == ENVELOPE_V3
+}
+
+/// The body of a change entry (version 3). The emoji is checked at ingress (at most 64 bytes);
+/// one longer than `u8::MAX` bytes would be cut.
+pub(super) fn encode_change(content_type: &str, ch: &v1::MessageChange, body: &[u8]) -> Vec<u8> {
+    let ct = content_type.as_bytes();
+    let ct = &ct[..ct.len().min(u16::MAX as usize)];
+    let emoji = ch.emoji.as_bytes();
+    let emoji = &emoji[..emoji.len().min(u8::MAX as usize)];
+    let mut out = Vec::with_capacity(2 + ct.len() + 8 + 1 + 8 + 1 + emoji.len() + body.len());
+    out.extend_from_slice(&(ct.len() as u16).to_le_bytes());
+    out.extend_from_slice(ct);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.push(u8::try_from(ch.kind).unwrap_or(0));
+    out.extend_from_slice(&ch.target_seq.to_le_bytes());
+    out.push(emoji.len() as u8);
+    out.extend_from_slice(emoji);
+    out.extend_from_slice(body);
+    out
+}
 
 /// The body of a message entry and its envelope version: `body` with its content type, reply-to
 /// seq and media (if any) in front. A content type longer than `u16::MAX` bytes is cut (the
@@ -67,8 +97,25 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
     let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
     let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
     let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
+    let mut change = None;
     let (media, body) = match e.content_type {
         ENVELOPE_V1 => (None, b.get(10 + n..)?),
+        ENVELOPE_V3 => {
+            let at = 10 + n;
+            let kind = *b.get(at)?;
+            v1::ChangeKind::try_from(i32::from(kind))
+                .ok()
+                .filter(|k| *k != v1::ChangeKind::Unspecified)?;
+            let target = u64::from_le_bytes(b.get(at + 1..at + 9)?.try_into().ok()?);
+            let m = *b.get(at + 9)? as usize;
+            let emoji = std::str::from_utf8(b.get(at + 10..at + 10 + m)?).ok()?;
+            change = Some(Box::new(v1::MessageChange {
+                kind: i32::from(kind),
+                target_seq: target,
+                emoji: emoji.to_owned(),
+            }));
+            (None, b.get(at + 10 + m..)?)
+        }
         ENVELOPE_V2 => {
             let at = 10 + n;
             let m = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
@@ -90,6 +137,8 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
         media,
         reply_to_seq: reply,
         group_changed: None,
+        change,
+        ..v1::Message::default()
     })
 }
 
@@ -125,6 +174,26 @@ pub(crate) fn fuzz_envelope_v2(body: &[u8]) -> bool {
         entry_to_message(ConvId(9), &e).as_ref(),
         Some(&m),
         "a re-encoded media envelope reads back another message"
+    );
+    true
+}
+
+/// For `crate::fuzzing::message_envelope`: `body` through the version-3 (change) decoder, which
+/// must not panic; whatever it accepts re-encodes to exactly those bytes.
+pub(crate) fn fuzz_envelope_v3(body: &[u8]) -> bool {
+    let mut e = message_entry(body.to_vec());
+    e.content_type = ENVELOPE_V3;
+    let Some(m) = entry_to_message(ConvId(9), &e) else {
+        return false;
+    };
+    let ch = m
+        .change
+        .as_deref()
+        .expect("a version-3 entry reads back as a change");
+    assert_eq!(
+        encode_change(&m.content_type, ch, &m.body),
+        body,
+        "an accepted change re-encodes to other bytes"
     );
     true
 }
@@ -229,9 +298,55 @@ mod tests {
     }
 
     #[test]
+    fn a_change_reads_back_as_it_was_made_and_damaged_ones_are_refused() {
+        let ch = v1::MessageChange {
+            kind: v1::ChangeKind::React as i32,
+            target_seq: 41,
+            emoji: "👍".into(),
+        };
+        let mut e = message_entry(encode_change("", &ch, b""));
+        e.content_type = ENVELOPE_V3;
+        assert!(is_change(&e));
+        let m = entry_to_message(ConvId(9), &e).expect("a valid change");
+        assert_eq!(m.change.as_deref(), Some(&ch));
+        assert!(m.body.is_empty() && m.media.is_none() && m.reply_to_seq == 0);
+        let edit = v1::MessageChange {
+            kind: v1::ChangeKind::Edit as i32,
+            target_seq: 3,
+            emoji: String::new(),
+        };
+        e.body = encode_change("text/plain", &edit, b"new words");
+        let m = entry_to_message(ConvId(9), &e).unwrap();
+        assert_eq!(
+            (m.change.as_deref(), &m.body[..]),
+            (Some(&edit), &b"new words"[..])
+        );
+        assert_eq!(m.content_type, "text/plain");
+        // An unknown kind, an emoji past the end, or one that is not UTF-8: not a change.
+        let mut bad = e.clone();
+        bad.body = encode_change(
+            "",
+            &v1::MessageChange {
+                kind: 9,
+                ..ch.clone()
+            },
+            b"",
+        );
+        assert_eq!(entry_to_message(ConvId(9), &bad), None);
+        bad.body = encode_change("", &ch, b"");
+        bad.body.truncate(bad.body.len() - 1);
+        assert_eq!(entry_to_message(ConvId(9), &bad), None);
+        let n = bad.body.len();
+        bad.body = encode_change("", &ch, b"");
+        bad.body[n - 3] = 0xff;
+        assert_eq!(entry_to_message(ConvId(9), &bad), None);
+        assert!(!is_change(&message_entry(sample_envelope())));
+    }
+
+    #[test]
     fn other_entries_are_not_messages() {
         let mut e = message_entry(sample_envelope());
-        e.content_type = ENVELOPE_V2 + 1;
+        e.content_type = ENVELOPE_V3 + 1;
         assert_eq!(entry_to_message(ConvId(9), &e), None);
         let mut e = message_entry(sample_envelope());
         e.kind = EntryKind::RECEIPT;

@@ -100,6 +100,8 @@ where
         .drain(..)
         .filter_map(|e| entry_to_message(conv, &e))
         .collect();
+    // As they are now: edited, deleted, reacted to.
+    super::changes::present(sh, conv, &mut messages)?;
     // One frame: keep it under `page_bytes_max`, dropping from the far end of the anchor
     // (the newest for AfterSeq, the oldest otherwise); the client pages on with `has_more`.
     let after = matches!(h.req.anchor, Some(v1::get_history::Anchor::AfterSeq(_)));

@@ -9,6 +9,7 @@ use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::meta::{User, keys};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
+use super::changes;
 use super::convs::conversations_of;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
@@ -118,7 +119,7 @@ where
     let unread = sh
         .read_after(conv, read.max(from.saturating_sub(1)), unread_max)?
         .iter()
-        .filter(|e| e.seq.0 <= to && e.sender != user)
+        .filter(|e| e.seq.0 <= to && e.sender != user && changes::counts_as_unread(e))
         .count();
     let title = if kind == v1::ConversationKind::Direct {
         sh.meta
@@ -130,15 +131,18 @@ where
     } else {
         title
     };
+    let mut last_message: Vec<v1::Message> = last
+        .first()
+        .and_then(|e| entry_to_message(conv, e))
+        .into_iter()
+        .collect();
+    changes::present(sh, conv, &mut last_message)?;
     Ok(v1::ConversationSummary {
         conversation_id: conv.0,
         kind: kind as i32,
         peer_user_id: peer,
         title,
-        last_message: last
-            .first()
-            .and_then(|e| entry_to_message(conv, e))
-            .map(Box::new),
+        last_message: last_message.pop().map(Box::new),
         last_seq,
         unread_count: unread as u32,
         read_up_to_seq: read,

@@ -110,6 +110,11 @@ pub(super) struct SendCmd {
     /// The attachment, checked at ingress (`media::check_ref`).
     pub(super) media: Option<Box<v1::MediaRef>>,
     pub(super) reply_to_seq: u64,
+    /// An edit, delete or reaction of an earlier message instead of a new message
+    /// (`changes.rs`), checked for consistency at ingress.
+    pub(super) change: Option<Box<v1::MessageChange>>,
+    /// The change's new state of its target is durable in the metadata: sequence it.
+    pub(super) change_ready: bool,
     /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
     /// dedup lookup (in-memory copies are still checked).
     pub(super) first_attempt: bool,
@@ -445,6 +450,8 @@ mod tests {
             body: Bytes::new(),
             media: None,
             reply_to_seq: 0,
+            change: None,
+            change_ready: false,
             first_attempt,
             now_ms: 0,
         }))

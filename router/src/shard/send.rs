@@ -66,6 +66,7 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
     if let Some(m) = &s.media {
         super::media::check_ref(m)?;
     }
+    super::changes::check_request(&s)?;
     let conv = match s.to.and_then(|t| t.target) {
         Some(v1::recipient::Target::UserId(peer)) => {
             match direct.resolve(sh, user, UserId(peer))? {
@@ -93,6 +94,8 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
         body: s.body,
         media: s.media,
         reply_to_seq: s.reply_to_seq,
+        change: s.change,
+        change_ready: false,
         first_attempt: s.first_attempt,
         now_ms: sh.now_ms,
     };

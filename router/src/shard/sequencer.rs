@@ -22,8 +22,9 @@ use starling_storage::{
 };
 
 use super::blocks;
+use super::changes;
 use super::config::ShardConfig;
-use super::envelope::{encode_envelope, entry_to_message};
+use super::envelope::{ENVELOPE_V3, encode_change, encode_envelope, entry_to_message, is_change};
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
@@ -245,12 +246,26 @@ impl<L: DurableLog> Sequencer<L> {
             sh.reply(cmd.origin, vec![f]);
             return Ok(());
         }
-        let (envelope, body) = encode_envelope(
-            &cmd.content_type,
-            cmd.reply_to_seq,
-            cmd.media.as_deref(),
-            &cmd.body,
-        );
+        // A reply's target, and a change's target and rules (a change's new state is written
+        // before the change is sequenced: it comes back through here once it is).
+        let cmd = if cmd.reply_to_seq != 0 || cmd.change.is_some() {
+            match changes::prepare(sh, cmd)? {
+                changes::Prepared::Go(cmd) => *cmd,
+                changes::Prepared::Waiting => return Ok(()),
+            }
+        } else {
+            cmd
+        };
+        let c = sh.conv(cmd.conv)?;
+        let (envelope, body) = match &cmd.change {
+            Some(ch) => (ENVELOPE_V3, encode_change(&cmd.content_type, ch, &cmd.body)),
+            None => encode_envelope(
+                &cmd.content_type,
+                cmd.reply_to_seq,
+                cmd.media.as_deref(),
+                &cmd.body,
+            ),
+        };
         let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
         if open_len >= open_max || open_bytes + entry_bytes > open_bytes_max {
             return Err(Refusal(
@@ -289,6 +304,8 @@ impl<L: DurableLog> Sequencer<L> {
                 media: cmd.media,
                 reply_to_seq: cmd.reply_to_seq,
                 group_changed: None,
+                change: cmd.change,
+                ..v1::Message::default()
             },
             cmd.origin,
             c.members.clone(),
@@ -414,7 +431,8 @@ impl<L: DurableLog> Sequencer<L> {
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.seq.durable_seq = e.seq.0;
-            if c.group.is_some() && e.kind == EntryKind::MESSAGE {
+            let change = is_change(&e);
+            if c.group.is_some() && e.kind == EntryKind::MESSAGE && !change {
                 c.cursors.sent.record(e.seq.0, e.sender);
             }
             c.seq.pending.remove(&e.client_msg_id);
@@ -424,7 +442,8 @@ impl<L: DurableLog> Sequencer<L> {
             c.seq.recent.push_back((lsn, Arc::new(e)));
             let on_read = c.group.is_some() && members.len() > sh.cfg.group_push_members_max;
             let seq = c.seq.durable_seq;
-            if let Some(n) = &mut sh.notices {
+            // A change is not a new message: no push notification for it.
+            if let Some(n) = sh.notices.as_mut().filter(|_| !change) {
                 n.push_back(Notice {
                     conversation_id: conv.0,
                     seq,

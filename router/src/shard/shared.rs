@@ -62,6 +62,8 @@ pub(super) enum MetaTag {
     Direct { pair: (UserId, UserId) },
     /// A group change (or creation) and its pending-event marker.
     Group(Box<super::groups::Committing>),
+    /// A message change's new state (`changes.rs`): sequence the change.
+    Change(Box<super::mail::SendCmd>),
     /// A group change's event is durable: the marker is cleared, the seqs written.
     GroupSettled { conv: ConvId },
     /// A user's presence record: answer the SetPresence in `reply`, if one waits for it.

@@ -119,7 +119,13 @@ where
                 truncated = true;
                 break;
             }
-            if let Some(m) = entry_to_message(conv, e) {
+            if let Some(mut m) = entry_to_message(conv, e) {
+                // As it is now (edited, deleted, reacted to); a state that cannot be read ends
+                // this conversation's part here (a deleted body is never served).
+                if super::changes::present(sh, conv, std::slice::from_mut(&mut m)).is_err() {
+                    truncated = true;
+                    break;
+                }
                 let f = frame(
                     cmd.request_id,
                     Body::Deliver(v1::Deliver { message: Some(m) }),
@@ -139,6 +145,9 @@ where
             // A former member: the group's receipts are no longer its business.
             continue;
         }
+        let Ok((c, _)) = sh.reader_conv(conv, cmd.user) else {
+            continue;
+        };
         if c.group.is_some() {
             // Linear in what the caller has: its own read cursor and its messages' counts,
             // not every member's cursors.

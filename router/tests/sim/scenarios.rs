@@ -120,6 +120,7 @@ impl Harness {
                 media: None,
                 reply_to_seq: 0,
                 first_attempt: false,
+                change: None,
             }),
         )
     }
@@ -890,6 +891,7 @@ pub(super) fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
                     media: None,
                     reply_to_seq: 0,
                     first_attempt: false,
+                    change: None,
                 })),
             },
             1,

@@ -73,6 +73,7 @@ pub(crate) fn to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
         media: None,
         reply_to_seq: 0,
         group_changed: Some(Box::new(ev)),
+        ..v1::Message::default()
     })
 }
 

@@ -287,6 +287,11 @@ impl GroupState {
         Ok(())
     }
 
+    /// Whether `user` is one of the group's admins.
+    pub(crate) fn is_admin(&self, user: UserId) -> bool {
+        self.members.get(&user).is_some_and(|m| m.admin)
+    }
+
     fn admins(&self) -> usize {
         self.members.values().filter(|m| m.admin).count()
     }
