@@ -106,7 +106,8 @@ pub struct RouterParts {
 }
 
 /// Opens the node's metadata and every shard's storage under `data_dir`
-/// and builds the grid. Blocking; call before serving. If `io_cpus` is not
+/// (the shards in parallel, a thread each) and builds the grid. Blocking;
+/// call before serving. If `io_cpus` is not
 /// empty (`crate::cpus`), each log's writer thread (and each router's metadata
 /// writer) runs there and its spare-segment maker at the lowest priority
 /// wherever the caller may run. A fault of the metadata store is reported to
@@ -146,42 +147,62 @@ pub fn open(
         efds.push(efd);
     }
     let links = starling_router::grid::<ShardMsg>(4096, &bells);
+    let opts: Vec<ShardOptions> = links
+        .iter()
+        .map(|l| {
+            // The log wakes the driver through the shard's bell, like the rings do: its eventfd
+            // is written only while the driver is parked.
+            let bell = l.bell().clone();
+            ShardOptions {
+                log: LogOptions {
+                    wake: Some(Arc::new(move || {
+                        bell.notify();
+                    })),
+                    commit_interval_min: std::time::Duration::from_micros(u64::from(
+                        storage.commit_interval_min_us,
+                    )),
+                    thread_start: Some(thread_start.clone()),
+                    cached_sealed_segments: usize::try_from(storage.cached_sealed_segments)
+                        .unwrap_or(usize::MAX),
+                    ..LogOptions::default()
+                },
+                ..ShardOptions::default()
+            }
+        })
+        .collect();
+    // Every shard's storage opens (recovers) at once, each on a thread of its own: a start
+    // takes as long as the slowest shard, not the sum.
+    let started = crate::clock::mono_ms();
+    let stores: Vec<anyhow::Result<EmbeddedShard>> = std::thread::scope(|scope| {
+        let opening: Vec<_> = opts
+            .into_iter()
+            .enumerate()
+            .map(|(i, opts)| {
+                let dir = data_dir.join("shards").join(i.to_string());
+                std::thread::Builder::new()
+                    .name(format!("starling-open-{i}"))
+                    .spawn_scoped(scope, move || open_shard(i, &dir, opts))
+            })
+            .collect();
+        opening
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("opening a shard's storage panicked"))),
+                Err(e) => Err(anyhow::Error::from(e).context("cannot start a thread")),
+            })
+            .collect()
+    });
+    tracing::info!(
+        shards,
+        ms = crate::clock::mono_ms().saturating_sub(started),
+        "every shard's storage opened"
+    );
     let mut parts = Vec::new();
-    for (i, (links, efd)) in links.into_iter().zip(efds).enumerate() {
-        // The log wakes the driver through the shard's bell, like the rings do: its eventfd is
-        // written only while the driver is parked.
-        let bell = links.bell().clone();
-        let opts = ShardOptions {
-            log: LogOptions {
-                wake: Some(Arc::new(move || {
-                    bell.notify();
-                })),
-                commit_interval_min: std::time::Duration::from_micros(u64::from(
-                    storage.commit_interval_min_us,
-                )),
-                thread_start: Some(thread_start.clone()),
-                cached_sealed_segments: usize::try_from(storage.cached_sealed_segments)
-                    .unwrap_or(usize::MAX),
-                ..LogOptions::default()
-            },
-            ..ShardOptions::default()
-        };
-        let dir = data_dir.join("shards").join(i.to_string());
-        let opened = crate::clock::mono_ms();
-        let store = EmbeddedShard::open(&dir, opts)
-            .with_context(|| format!("cannot open shard storage {}", dir.display()))?;
-        let r = store.open_report();
-        tracing::info!(
-            shard = i,
-            log_last_lsn = r.log.last_lsn.0,
-            index_entries = store.index().len(),
-            index_from_snapshot = !r.index_rebuilt,
-            replayed_records = r.replayed_records,
-            ms = crate::clock::mono_ms().saturating_sub(opened),
-            "shard storage opened"
-        );
+    for ((links, efd), store) in links.into_iter().zip(efds).zip(stores) {
         parts.push(RouterParts {
-            store,
+            store: store?,
             links,
             meta: meta.clone(),
             efd,
@@ -192,6 +213,24 @@ pub fn open(
         });
     }
     Ok((meta, parts))
+}
+
+/// Opens (recovers) shard `i`'s storage in `dir` and logs what it found.
+fn open_shard(i: usize, dir: &Path, opts: ShardOptions) -> anyhow::Result<EmbeddedShard> {
+    let opened = crate::clock::mono_ms();
+    let store = EmbeddedShard::open(dir, opts)
+        .with_context(|| format!("cannot open shard storage {}", dir.display()))?;
+    let r = store.open_report();
+    tracing::info!(
+        shard = i,
+        log_last_lsn = r.log.last_lsn.0,
+        index_entries = store.index().len(),
+        index_from_snapshot = !r.index_rebuilt,
+        replayed_records = r.replayed_records,
+        ms = crate::clock::mono_ms().saturating_sub(opened),
+        "shard storage opened"
+    );
+    Ok(store)
 }
 
 /// A shard's router and the wake-up state of its driver task.

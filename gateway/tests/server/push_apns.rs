@@ -44,31 +44,8 @@ struct Apns {
 
 impl Apns {
     fn start(dir: &std::path::Path) -> Apns {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_pem = dir.join("apns-ca.pem");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            )
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let (cfg, ca_pem) = super::push_web::local_tls(dir, "apns", &[b"h2"]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let (tx, got) = std::sync::mpsc::channel();
         let scripts: Scripts = Arc::default();
         let connections = Arc::new(AtomicU64::new(0));

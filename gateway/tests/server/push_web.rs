@@ -132,33 +132,44 @@ pub(super) struct PushService {
     pub(super) connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// A TLS server configuration for a local push service: a certificate for 127.0.0.1 signed by a
+/// CA of its own, whose PEM is written to `dir/<name>-ca.pem` (for `push.ca_file`); the server
+/// offers `alpn`.
+pub(super) fn local_tls(
+    dir: &std::path::Path,
+    name: &str,
+    alpn: &[&[u8]],
+) -> (Arc<rustls::ServerConfig>, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_pem = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (Arc::new(cfg), ca_pem)
+}
+
 impl PushService {
     pub(super) fn start(dir: &std::path::Path) -> PushService {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_pem = dir.join("push-ca.pem");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-                )
-                .unwrap(),
-        );
+        let (cfg, ca_pem) = local_tls(dir, "push", &[]);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, got) = std::sync::mpsc::channel();

@@ -51,31 +51,7 @@ struct Relay {
 
 impl Relay {
     fn start(dir: &std::path::Path, secret: &[u8]) -> Relay {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_pem = dir.join("relay-ca.pem");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-                )
-                .unwrap(),
-        );
+        let (cfg, ca_pem) = super::push_web::local_tls(dir, "relay", &[]);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, got) = std::sync::mpsc::channel();
