@@ -121,6 +121,15 @@ fn chat_e2e_seals_each_line_and_shows_replies_decrypted() {
     stdin.flush().unwrap();
     let sent = until(&lines, &mut seen, is_sent);
     assert_eq!(sent["e2e"]["devices"][0]["new_session"], false, "{sent}");
+    // The chat shows its own line once it comes back, before or after the "sent" line; wait
+    // for it before ending the chat (at the end of its input the chat stops without waiting
+    // for its own copies).
+    let seq = sent["seq"].clone();
+    let own_copy =
+        |v: &Value| v["type"] == "message" && v["sender_user_id"] == ana_id && v["seq"] == seq;
+    if !seen.iter().any(own_copy) {
+        until(&lines, &mut seen, own_copy);
+    }
     drop(stdin);
     let status = chat.wait().unwrap();
     reading.join().unwrap();
