@@ -43,6 +43,11 @@ mod tests {
         let mut unknown = react.clone();
         unknown[2 + 8] = 9;
         assert!(!fuzz_envelope_v3(&unknown));
+        // A change never replies: one whose reply-to field is not 0 is damaged (the fuzzer's
+        // find: it was accepted and re-encoded with 0).
+        let mut replying = react.clone();
+        replying[2 + 1] = 0x80;
+        assert!(!fuzz_envelope_v3(&replying));
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../fuzz/corpus/message_envelope");
         for ent in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {

@@ -101,6 +101,10 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
     let (media, body) = match e.content_type {
         ENVELOPE_V1 => (None, b.get(10 + n..)?),
         ENVELOPE_V3 => {
+            // A change never replies: its reply-to field is written as 0.
+            if reply != 0 {
+                return None;
+            }
             let at = 10 + n;
             let kind = *b.get(at)?;
             v1::ChangeKind::try_from(i32::from(kind))
