@@ -63,14 +63,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
 /// # Errors
 /// `setpriority` failed.
 pub fn lowest_priority() -> io::Result<()> {
-    // SAFETY: on Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value; no
-    // memory is passed.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::runtime::set_priority(crate::config::ThreadPriority::Low)
 }
 
 /// Where the shards and the storage threads go.

@@ -13,11 +13,9 @@ use std::sync::mpsc::{Receiver, Sender};
 
 use base64::Engine as _;
 use ring::signature::KeyPair as _;
-use starling_storage::AccountStore as _;
-use starling_storage::{DeviceId, EmbeddedMeta, UserId};
 
 use super::messaging::call;
-use super::push_web::{metric, send, unb64, user};
+use super::push_web::{has_push_token, meta_after_kill, metric, send, unb64, user};
 use super::*;
 
 /// One request the local APNs received.
@@ -318,21 +316,9 @@ fn offline_devices_get_one_content_free_apns_alert_per_interval() {
         metric(&srv, "starling_push_invalid_tokens_removed_total"),
         1
     );
-    let Server { mut child, dir, .. } = srv;
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
-    let meta = EmbeddedMeta::open(&dir.path().join("data/meta.redb")).unwrap();
-    assert!(
-        meta.push_token(UserId(ids[2].user_id), DeviceId(ids[2].device_id))
-            .unwrap()
-            .is_none(),
-        "410 removes the token"
-    );
-    assert!(
-        meta.push_token(UserId(ids[0].user_id), DeviceId(ids[0].device_id))
-            .unwrap()
-            .is_some()
-    );
+    let (meta, _dir) = meta_after_kill(srv);
+    assert!(!has_push_token(&meta, &ids[2]), "410 removes the token");
+    assert!(has_push_token(&meta, &ids[0]));
 }
 
 /// A bad `[push.apns]` value or key file stops the start with a message naming the setting.

@@ -7,11 +7,9 @@
 
 use aws_lc_rs::encoding::AsDer as _;
 use aws_lc_rs::signature::KeyPair as _;
-use starling_storage::AccountStore as _;
-use starling_storage::{DeviceId, EmbeddedMeta, UserId};
 
 use super::messaging::call;
-use super::push_web::{PushService, metric, send, unb64, user};
+use super::push_web::{PushService, has_push_token, meta_after_kill, metric, send, unb64, user};
 use super::*;
 
 fn register_fcm(c: &mut Client, token: &str) {
@@ -169,14 +167,9 @@ fn offline_devices_get_one_content_free_fcm_message_per_interval() {
         metric(&srv, "starling_push_invalid_tokens_removed_total"),
         1
     );
-    let Server { mut child, dir, .. } = srv;
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
-    let meta = EmbeddedMeta::open(&dir.path().join("data/meta.redb")).unwrap();
+    let (meta, _dir) = meta_after_kill(srv);
     assert!(
-        meta.push_token(UserId(ids[2].user_id), DeviceId(ids[2].device_id))
-            .unwrap()
-            .is_none(),
+        !has_push_token(&meta, &ids[2]),
         "UNREGISTERED removes the token"
     );
 }

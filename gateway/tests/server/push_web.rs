@@ -398,6 +398,23 @@ pub(super) fn user(srv: &Server, name: &str) -> (Client, v1::SessionGranted) {
     (c, g)
 }
 
+/// Stops `srv` with SIGKILL and opens its metadata, to look at what it stored (the directory
+/// goes when the returned guard does).
+pub(super) fn meta_after_kill(srv: Server) -> (EmbeddedMeta, tempfile::TempDir) {
+    let Server { mut child, dir, .. } = srv;
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let meta = EmbeddedMeta::open(&dir.path().join("data/meta.redb")).unwrap();
+    (meta, dir)
+}
+
+/// Whether the device of `who` has a push token stored.
+pub(super) fn has_push_token(meta: &EmbeddedMeta, who: &v1::SessionGranted) -> bool {
+    meta.push_token(UserId(who.user_id), DeviceId(who.device_id))
+        .unwrap()
+        .is_some()
+}
+
 pub(super) fn metric(srv: &Server, name: &str) -> u64 {
     let m = srv.metrics();
     m.lines()
@@ -496,21 +513,9 @@ fn offline_devices_get_one_content_free_web_push_per_interval_retried_or_dropped
         1
     );
     assert!(metric(&srv, "starling_push_collapsed_total") >= 5);
-    let Server { mut child, dir, .. } = srv;
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
-    let meta = EmbeddedMeta::open(&dir.path().join("data/meta.redb")).unwrap();
-    assert!(
-        meta.push_token(UserId(ids[2].user_id), DeviceId(ids[2].device_id))
-            .unwrap()
-            .is_none(),
-        "a 410 removes the token"
-    );
-    assert!(
-        meta.push_token(UserId(ids[0].user_id), DeviceId(ids[0].device_id))
-            .unwrap()
-            .is_some()
-    );
+    let (meta, _dir) = meta_after_kill(srv);
+    assert!(!has_push_token(&meta, &ids[2]), "a 410 removes the token");
+    assert!(has_push_token(&meta, &ids[0]));
 }
 
 #[test]

@@ -18,7 +18,7 @@ use starling_storage::push::PushStore as _;
 use starling_storage::{DeviceId, EmbeddedMeta, UserId};
 
 use super::messaging::call;
-use super::push_web::{metric, send, user};
+use super::push_web::{has_push_token, meta_after_kill, metric, send, user};
 use super::*;
 
 /// How far a request's timestamp may be from the relay's clock.
@@ -391,21 +391,9 @@ fn offline_devices_get_one_signed_content_free_webhook_per_interval() {
         metric(&srv, "starling_push_invalid_tokens_removed_total"),
         1
     );
-    let Server { mut child, dir, .. } = srv;
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
-    let meta = EmbeddedMeta::open(&dir.path().join("data/meta.redb")).unwrap();
-    assert!(
-        meta.push_token(UserId(ids[2].user_id), DeviceId(ids[2].device_id))
-            .unwrap()
-            .is_none(),
-        "a 410 removes the token"
-    );
-    assert!(
-        meta.push_token(UserId(ids[1].user_id), DeviceId(ids[1].device_id))
-            .unwrap()
-            .is_some()
-    );
+    let (meta, _dir) = meta_after_kill(srv);
+    assert!(!has_push_token(&meta, &ids[2]), "a 410 removes the token");
+    assert!(has_push_token(&meta, &ids[1]));
 }
 
 /// The relay holds another secret: it answers 401, which is a dead letter (not retried). A
