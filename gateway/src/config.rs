@@ -270,7 +270,16 @@ pub struct StorageConfig {
     /// released so their memory is reused for the next segment (docs/design/log.md, "Page
     /// cache"). Reads of released segments go to the disk. A large number: never released.
     pub cached_sealed_segments: u32,
+    /// Memory for the message index, in bytes, shared equally by the shards: resident
+    /// conversations' pointers, the buffers of segments not checkpointed yet, and the index
+    /// files' heads (bloom filters, directory fences). Past it, pointers of conversations not
+    /// used lately leave memory and are read back from the index files when needed
+    /// (docs/design/log.md, "The index"). At least 16 MiB per shard.
+    pub index_memory_bytes: u64,
 }
+
+/// The smallest index budget per shard the configuration accepts.
+pub const INDEX_MEMORY_PER_SHARD_MIN: u64 = 16 << 20;
 
 impl Default for StorageConfig {
     fn default() -> Self {
@@ -278,6 +287,7 @@ impl Default for StorageConfig {
             commit_interval_min_us: 300,
             io_cpus: None,
             cached_sealed_segments: 2,
+            index_memory_bytes: 1 << 30,
         }
     }
 }
@@ -493,6 +503,12 @@ impl Config {
             if v < l.timer_tick_ms {
                 return bad(key, "must be at least limits.timer_tick_ms");
             }
+        }
+        if self.storage.index_memory_bytes < INDEX_MEMORY_PER_SHARD_MIN {
+            return bad(
+                "storage.index_memory_bytes",
+                "at least 16777216 (16 MiB) per shard",
+            );
         }
         if self.storage.commit_interval_min_us > 10_000 {
             return bad(

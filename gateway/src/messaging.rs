@@ -129,7 +129,7 @@ pub fn open(
             // then waits for it at the next segment.)
             _ if io.is_empty() => Ok(()),
             LogThread::Writer => crate::cpus::pin_current_thread(&io),
-            LogThread::Spare => crate::cpus::lowest_priority(),
+            LogThread::Spare | LogThread::Index => crate::cpus::lowest_priority(),
         };
         if let Err(e) = placed {
             tracing::warn!(thread = ?t, error = %e, "cannot place a storage thread");
@@ -147,6 +147,16 @@ pub fn open(
         efds.push(efd);
     }
     let links = starling_router::grid::<ShardMsg>(4096, &bells);
+    let index_budget = storage.index_memory_bytes / shards.max(1) as u64;
+    if index_budget < crate::config::INDEX_MEMORY_PER_SHARD_MIN {
+        anyhow::bail!(
+            "storage.index_memory_bytes = {} is {} per shard for {shards} shards; each needs at \
+             least {}",
+            storage.index_memory_bytes,
+            index_budget,
+            crate::config::INDEX_MEMORY_PER_SHARD_MIN
+        );
+    }
     let opts: Vec<ShardOptions> = links
         .iter()
         .map(|l| {
@@ -166,6 +176,7 @@ pub fn open(
                         .unwrap_or(usize::MAX),
                     ..LogOptions::default()
                 },
+                index_memory_bytes: usize::try_from(index_budget).unwrap_or(usize::MAX),
                 ..ShardOptions::default()
             }
         })
@@ -225,7 +236,8 @@ fn open_shard(i: usize, dir: &Path, opts: ShardOptions) -> anyhow::Result<Embedd
         shard = i,
         log_last_lsn = r.log.last_lsn.0,
         index_entries = store.index().len(),
-        index_from_snapshot = !r.index_rebuilt,
+        index_rebuilt = r.index_rebuilt,
+        checkpointed_segments_skipped = r.log.skipped_segments,
         replayed_records = r.replayed_records,
         ms = crate::clock::mono_ms().saturating_sub(opened),
         "shard storage opened"

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use starling_storage::stats::{BUCKET_BOUNDS_US, LatencyHistogram, LogStats};
+use starling_storage::{DenseIndex, IndexStats};
+
+/// A per-shard gauge of the message index: name, help, value.
+type IndexGauge = (&'static str, &'static str, fn(&IndexStats) -> u64);
 
 use crate::health::Health;
 
@@ -115,6 +119,7 @@ pub struct Metrics {
     auth_failures: Vec<AtomicU64>,
     /// Per shard, its log's I/O statistics (empty without messaging storage).
     logs: Vec<Arc<LogStats>>,
+    indexes: Vec<Arc<DenseIndex>>,
     /// The media endpoint's counters (zero without one).
     media: Arc<crate::media::MediaStats>,
     /// The push notifier's counters.
@@ -137,6 +142,7 @@ impl Metrics {
     pub fn new(shards: usize, logs: Vec<Arc<LogStats>>) -> Self {
         Self {
             logs,
+            indexes: Vec::new(),
             push: Arc::default(),
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             auth_failures: AUTH_FAILURE_REASONS
@@ -145,6 +151,13 @@ impl Metrics {
                 .collect(),
             media: Arc::default(),
         }
+    }
+
+    /// These metrics with the shards' message indexes (indexed by shard) as gauges.
+    #[must_use]
+    pub fn with_indexes(mut self, indexes: Vec<Arc<DenseIndex>>) -> Self {
+        self.indexes = indexes;
+        self
     }
 
     /// These metrics with the media endpoint's counters.
@@ -180,6 +193,41 @@ impl Metrics {
             "Conversation states in the router's memory.",
             &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         );
+        let index_stats: Vec<_> = self.indexes.iter().map(|ix| ix.stats()).collect();
+        let index_gauges: [IndexGauge; 5] = [
+            (
+                "starling_index_memory_bytes",
+                "Memory the message index holds (resident pointers, buffers of segments not \
+                 checkpointed, index files' heads).",
+                |x| x.memory_bytes,
+            ),
+            (
+                "starling_index_budget_bytes",
+                "The message index's memory budget.",
+                |x| x.budget_bytes,
+            ),
+            (
+                "starling_index_resident_conversations",
+                "Conversations with pointers in memory.",
+                |x| x.resident_convs,
+            ),
+            (
+                "starling_index_checkpointed_segments",
+                "Log segments whose index file is written (a restart does not read them).",
+                |x| x.checkpointed_segments,
+            ),
+            (
+                "starling_index_live_segments",
+                "Log segments not checkpointed yet (a restart after a crash replays them).",
+                |x| x.live_segments,
+            ),
+        ];
+        for (name, help, f) in index_gauges {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (i, x) in index_stats.iter().enumerate() {
+                let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {}", f(x));
+            }
+        }
         let counters: [Counter<ShardMetrics>; 21] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts

@@ -245,7 +245,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .map(|p| p.store.log().map(|l| l.stats().clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("a shard's log closed while opening")?;
-    let metrics = Arc::new(Metrics::new(n, log_stats).with_media(media_stats));
+    let indexes = router_parts
+        .iter()
+        .map(|p| p.store.index().clone())
+        .collect();
+    let metrics = Arc::new(
+        Metrics::new(n, log_stats)
+            .with_indexes(indexes)
+            .with_media(media_stats),
+    );
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }

@@ -1,7 +1,8 @@
 //! The embedded backend for one sequencer shard: the segmented log (source of truth) plus the
-//! in-memory index, applied by the log's I/O thread right after each group commit's fdatasync
-//! (after the commit's completions fired), snapshotted at clean close and caught up from the log
-//! on open.
+//! message index, applied by the log's I/O thread right after each group commit's fdatasync
+//! (after the commit's completions fired), checkpointed a sealed segment at a time by the
+//! index's own thread, and caught up from the log on open from the first segment not
+//! checkpointed.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{LogError, StorageError};
 use crate::format;
-use crate::index::DenseIndex;
+use crate::index::{Checkpointer, DenseIndex};
 use crate::log::{Completion, DurableRecord, LogOptions, ReadModel, RecoveryReport, SegmentedLog};
 use crate::traits::DurableLog;
 use crate::types::{Entry, Level, Lsn};
@@ -22,13 +23,20 @@ pub struct ShardOptions {
     /// Test hook run on the log's I/O thread before each index write (e.g. to stall it). `None`
     /// in production.
     pub apply_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The index's memory budget in bytes (resident pointers, live segments' buffers, index
+    /// files' heads); 0 for [`DEFAULT_INDEX_MEMORY_BYTES`].
+    pub index_memory_bytes: usize,
 }
+
+/// The index budget when none is configured.
+pub const DEFAULT_INDEX_MEMORY_BYTES: usize = 256 << 20;
 
 impl fmt::Debug for ShardOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShardOptions")
             .field("log", &self.log)
             .field("apply_hook", &self.apply_hook.is_some())
+            .field("index_memory_bytes", &self.index_memory_bytes)
             .finish()
     }
 }
@@ -38,18 +46,20 @@ impl fmt::Debug for ShardOptions {
 pub struct ShardOpenReport {
     /// The log's recovery.
     pub log: RecoveryReport,
-    /// The index had no valid snapshot and was rebuilt from the whole log.
+    /// The index had no checkpoint and was rebuilt from the whole log.
     pub index_rebuilt: bool,
-    /// The index was ahead of the log (a replaced log directory) and was rebuilt.
-    pub index_was_ahead: bool,
+    /// Index files dropped at open (damaged, past a gap, or naming segments the log no longer
+    /// has); their segments were replayed.
+    pub index_files_dropped: usize,
     /// Log records replayed into the index at open.
     pub replayed_records: u64,
 }
 
-/// One shard's embedded store: `dir/log/` (segments) and `dir/index/` (the index's snapshot).
+/// One shard's embedded store: `dir/log/` (segments) and `dir/index/` (the index's files).
 pub struct EmbeddedShard {
     log: Option<SegmentedLog>,
     index: Arc<DenseIndex>,
+    checkpointer: Option<Checkpointer>,
     report: ShardOpenReport,
     dir: PathBuf,
 }
@@ -72,14 +82,21 @@ impl EmbeddedShard {
             path: dir.to_path_buf(),
             source,
         })?;
-        let index = Arc::new(DenseIndex::open(&dir.join("index"), &dir.join("log"))?);
+        let budget = match opts.index_memory_bytes {
+            0 => DEFAULT_INDEX_MEMORY_BYTES,
+            n => n,
+        };
+        let (index, opened) = DenseIndex::open(&dir.join("index"), &dir.join("log"), budget)?;
+        let index = Arc::new(index);
         let index_rebuilt = index.rebuilt();
-        let applied = index.applied_lsn();
+        let applied = opened.checkpointed_through;
         let mut replayed = 0u64;
         let mut replay_err = None;
+        let start = opts.log.thread_start.clone();
         let log = SegmentedLog::open_with(
             &dir.join("log"),
             opts.log,
+            applied,
             |rec, pos| {
                 if replay_err.is_none() && rec.last_lsn() > applied {
                     replayed += 1;
@@ -94,29 +111,31 @@ impl EmbeddedShard {
             return Err(e);
         }
         let last = log.recovery().last_lsn;
-        let index_was_ahead = index.applied_lsn() > last;
-        if index_was_ahead {
-            index.clear()?;
-            let mut err = None;
-            log.scan_at(Lsn(1), |rec, pos| {
-                replayed += 1;
-                err = index.apply(&[(*rec, pos)]).err();
-                err.is_none()
-            })?;
-            if let Some(e) = err {
-                return Err(e);
-            }
+        if index.applied_lsn() > last {
+            // The checkpoint names segments the log does not have (a replaced log directory):
+            // open refuses rather than serve an index of another log.
+            return Err(StorageError::Decode {
+                table: "index",
+                reason: format!(
+                    "the index is checkpointed through lsn {} but the log ends at {}",
+                    index.applied_lsn().0,
+                    last.0
+                ),
+            });
         }
-        debug_assert_eq!(index.applied_lsn(), last);
+        let checkpointer = Checkpointer::spawn(index.clone(), start)?;
+        // Rebuilt: sealed segments there were, and none had a usable index file.
+        let index_rebuilt = index_rebuilt && log.recovery().segments > 1;
         let report = ShardOpenReport {
             log: log.recovery().clone(),
             index_rebuilt,
-            index_was_ahead,
+            index_files_dropped: opened.dropped_files,
             replayed_records: replayed,
         };
         Ok(EmbeddedShard {
             log: Some(log),
             index,
+            checkpointer: Some(checkpointer),
             report,
             dir: dir.to_path_buf(),
         })
@@ -172,12 +191,14 @@ impl DurableLog for SegmentedLog {
 
 impl Drop for EmbeddedShard {
     fn drop(&mut self) {
-        // Stop the log first: its I/O thread applies what became durable, then exits.
+        // Stop the log first: its I/O thread applies what became durable, then exits. Then the
+        // index's thread.
         self.log = None;
-        // Everything durable is applied now: save the index so the next open replays only what
-        // comes after. A failed save costs that open a longer replay, nothing else.
+        self.checkpointer = None;
         if !self.index.failed() {
-            let _ = self.index.save_snapshot();
+            // Segments completed since the thread's last turn: checkpoint them now, so the next
+            // open replays only the last segment. A failure costs that open a longer replay.
+            let _ = self.index.checkpoint_complete();
         }
     }
 }

@@ -209,7 +209,7 @@ fn scratch_dir() -> std::path::PathBuf {
         std::env::temp_dir()
     };
     let dir = base.join(format!(
-        "starling-fuzz-recovery-{}-{}",
+        "starling-fuzz-{}-{}",
         std::process::id(),
         RUN.fetch_add(1, Ordering::Relaxed)
     ));
@@ -295,9 +295,12 @@ pub fn meta_record(data: &[u8]) {
     }
 }
 
-/// An index snapshot file (the first byte: odd = seal the rest with magic and checksum).
-pub fn index_snapshot(data: &[u8]) {
-    crate::index::fuzz_snapshot(data);
+/// A sealed segment's index file: opening it and looking conversations up returns errors for
+/// anything damaged, never panics, never reads out of bounds.
+pub fn segment_index(data: &[u8]) {
+    let dir = scratch_dir();
+    crate::index::fuzz_segment_index(data, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[cfg(test)]
@@ -337,8 +340,8 @@ mod tests {
         for s in corpus("meta_record") {
             meta_record(&s);
         }
-        for s in corpus("index_snapshot") {
-            index_snapshot(&s);
+        for s in corpus("segment_index") {
+            segment_index(&s);
         }
         for s in corpus("log_recovery") {
             log_recovery(&s);
@@ -391,7 +394,7 @@ mod tests {
         for (i, b) in meta::tests_support::sample_records().iter().enumerate() {
             meta_record(&sealed(i as u8, b));
         }
-        index_snapshot(&crate::index::sample_snapshot());
+        segment_index(&crate::index::sample_segment_index());
     }
 
     /// The committed seed files of `fuzz/corpus/` are what today's encoders write, so the fuzz
@@ -439,9 +442,9 @@ mod tests {
             &[three, &[4, 1, 159, 0, 0xFF, 0]].concat(),
         );
         put(
-            "index_snapshot",
+            "segment_index",
             "seed-two-convs",
-            &crate::index::sample_snapshot(),
+            &crate::index::sample_segment_index(),
         );
         assert!(
             stale.is_empty(),

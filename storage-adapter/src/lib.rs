@@ -5,7 +5,8 @@
 //! messages changed after they were stored (edits, deletes for everyone, reactions); [`accounts`]: users, devices, sessions,
 //! one-time codes and the accounts' rate-limit windows, on the metadata store) and the one backend there
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
-//! ([`log`], [`format`](mod@format)) with its resident index ([`DenseIndex`]), together an
+//! ([`log`], [`format`](mod@format)) with its message index ([`DenseIndex`]: resident pointers
+//! within a memory budget, an index file per sealed segment as its checkpoint), together an
 //! [`EmbeddedShard`]; per node a redb metadata and cursor store
 //! ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
 //! writer ([`keys`]: exactly-once one-time prekeys, group-committed claims). Also an in-memory metadata store with the same
@@ -17,7 +18,7 @@
 //! records; what a message or a receipt means is the router's.
 //!
 //! **Must not touch:** frames, sockets, connections or the runtime. It starts
-//! its own threads (the log's writer and spare-segment maker) but leaves where
+//! its own threads (the log's writer and spare-segment maker, the index's checkpointer) but leaves where
 //! they run to the embedder (`LogOptions::thread_start`), and reads no clock
 //! but the log writer's (`io_clock`: commit pacing and segment-switch timing).
 #![forbid(unsafe_code)]
@@ -42,9 +43,9 @@ pub mod traits;
 pub mod types;
 
 pub use accounts::AccountStore;
-pub use embedded::{EmbeddedShard, ShardOpenReport, ShardOptions};
+pub use embedded::{DEFAULT_INDEX_MEMORY_BYTES, EmbeddedShard, ShardOpenReport, ShardOptions};
 pub use error::{LogError, StorageError};
-pub use index::DenseIndex;
+pub use index::{DenseIndex, IndexStats};
 pub use log::{
     Appended, Completion, CompletionSource, LogOptions, LogThread, RecoveryReport, SegmentedLog,
     ThreadStart,

@@ -2,7 +2,9 @@
 //! The caller supplies the clock (`now_ns`: a monotonic reading in nanoseconds), so this crate
 //! still reads none.
 
-use super::{ClientMsgId, ConvId, Ptr, Seq, SplitMap, State, mix64};
+use super::resident::{Ptr, SplitMap, mix64};
+use super::state::State;
+use crate::types::{ClientMsgId, ConvId, Seq};
 
 /// What [`split_map_growth`] saw.
 #[derive(Debug, Clone)]
@@ -104,13 +106,13 @@ pub fn dedup_walk(n: u64, now_ns: &dyn Fn() -> u64) -> DedupWalk {
     let mut false_candidates = 0;
     for k in 0..lookups {
         false_candidates += st
-            .dedup_candidates(conv, id(mix64(n + 1 + k)), u64::MAX)
+            .dedup_candidates(conv, id(mix64(n + 1 + k)), 0, u64::MAX)
             .map_or(0, |(c, _)| c.len());
     }
     let absent_ns = now_ns().saturating_sub(t) / lookups;
     let t = now_ns();
     for k in 0..lookups {
-        let _ = st.dedup_candidates(conv, id(mix64(n - k)), u64::MAX);
+        let _ = st.dedup_candidates(conv, id(mix64(n - k)), 0, u64::MAX);
     }
     let recent_ns = now_ns().saturating_sub(t) / lookups;
     DedupWalk {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
+pub(crate) use recovery::list_segments;
 
 use crate::error::LogError;
 use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};
@@ -82,6 +83,8 @@ pub enum LogThread {
     Writer,
     /// Zero-fills the next segment in the background.
     Spare,
+    /// Writes the message index's checkpoints and keeps it within its memory budget.
+    Index,
 }
 
 impl Default for LogOptions {
@@ -145,7 +148,7 @@ pub(crate) fn recover_only(
     dir: &Path,
     mut visit: impl FnMut(&format::RecordView<'_>, u64),
 ) -> Result<RecoveryReport, LogError> {
-    recovery::recover(dir, |v, pos| visit(v, pos.offset)).map(|r| r.report)
+    recovery::recover(dir, Lsn::ZERO, |v, pos| visit(v, pos.offset)).map(|r| r.report)
 }
 
 /// The file of the segment starting at `base` in the log directory `dir`.
@@ -196,16 +199,20 @@ impl fmt::Debug for SegmentedLog {
 impl SegmentedLog {
     /// Opens (creating if needed) the log in `dir`, recovering it first (see `recovery`).
     pub fn open(dir: &Path, opts: LogOptions) -> Result<SegmentedLog, LogError> {
-        Self::open_with(dir, opts, |_, _| {}, None)
+        Self::open_with(dir, opts, Lsn::ZERO, |_, _| {}, None)
     }
 
     /// Opens the log; `visit` sees every recovered record; after each group commit's fdatasync
     /// (and after the completions and the wake callback have fired) the I/O thread hands the
     /// commit's records to `read_model`, inline: a slow read model delays the next commit, which
     /// is backpressure on `append` ([`LogError::Busy`] once the in-flight bytes run out).
+    ///
+    /// Sealed segments that end at or below `trusted_through` (the caller's checkpoint) are not
+    /// read: `visit` sees only the records after them.
     pub(crate) fn open_with(
         dir: &Path,
         opts: LogOptions,
+        trusted_through: Lsn,
         visit: impl FnMut(&format::RecordView<'_>, RecordPos),
         read_model: Option<ReadModel>,
     ) -> Result<SegmentedLog, LogError> {
@@ -213,7 +220,7 @@ impl SegmentedLog {
             return Err(LogError::InvalidBatch("segment_bytes too small"));
         }
         fs::create_dir_all(dir).map_err(|e| LogError::io("create_dir", dir, e))?;
-        let rec = recovery::recover(dir, visit)?;
+        let rec = recovery::recover(dir, trusted_through, visit)?;
         let next_lsn = Lsn(rec.report.last_lsn.0 + 1);
         let cur = match rec.tail {
             Some((file, path, base, pos)) => {

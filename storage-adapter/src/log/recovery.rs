@@ -41,6 +41,8 @@ pub struct RecoveryReport {
     pub zeroed_bytes: u64,
     /// Empty or torn segment files removed.
     pub removed_segments: usize,
+    /// Sealed segments not read because the index had checkpointed them.
+    pub skipped_segments: usize,
 }
 
 /// The state the writer continues from.
@@ -138,6 +140,7 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 /// Scans and repairs the log in `dir`; `visit` sees every valid record in lsn order.
 pub(crate) fn recover(
     dir: &Path,
+    trusted_through: Lsn,
     mut visit: impl FnMut(&format::RecordView<'_>, super::RecordPos),
 ) -> Result<Recovered, LogError> {
     let spare = dir.join(SPARE_NAME);
@@ -152,6 +155,19 @@ pub(crate) fn recover(
     let mut cut: Option<(usize, usize)> = None; // (segment index, offset) of a torn tail
 
     'segments: for (i, seg) in segs.iter().enumerate() {
+        // A sealed segment the caller has checkpointed (everything in it is at or below
+        // `trusted_through`, and the next segment starts right after it) is not read again:
+        // its records were checked when they were written and when they were indexed.
+        if let Some(next) = segs.get(i + 1)
+            && next.base.0 > seg.base.0
+            && next.base.0 - 1 <= trusted_through.0
+            && expected.is_none_or(|e| e == seg.base)
+        {
+            expected = Some(next.base);
+            report.last_lsn = Lsn(next.base.0 - 1);
+            report.skipped_segments += 1;
+            continue;
+        }
         let data = read_all(&seg.path)?;
         match format::decode_segment_header(&data) {
             Ok(base) if base == seg.base => {}

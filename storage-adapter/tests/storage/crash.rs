@@ -9,6 +9,17 @@ use super::*;
 pub(super) const CRASH_CONVS: u64 = 6;
 pub(super) const CRASH_SEGMENT_BYTES: u64 = 32 * 1024;
 
+/// The crash test's shards: small segments, so that checkpoints (an index file per sealed
+/// segment) are written all the time and kills land in the middle of them; and an index budget
+/// far below what the index holds, so that sweeps drop resident pointers all the time and reads
+/// page them back in from the index files.
+fn crash_opts() -> ShardOptions {
+    ShardOptions {
+        index_memory_bytes: 16 * 1024,
+        ..shard_opts(CRASH_SEGMENT_BYTES)
+    }
+}
+
 /// The crash child. A no-op unless re-invoked by `kill_9_at_random_moments_loses_nothing_acknowledged`.
 /// Appends batches (up to 8 in flight) and reports on stdout, flushing each line:
 /// `B <first_lsn> <conv>:<seq>:<cmid-n>:<body-len> ...` before submitting a batch,
@@ -30,7 +41,7 @@ pub(super) fn crash_child_entry_point() {
     let mut out = io::stdout().lock();
     // libtest has printed "test crash_child_entry_point ... " without a newline: end that line.
     writeln!(out).unwrap();
-    let mut shard = EmbeddedShard::open(Path::new(&dir), shard_opts(CRASH_SEGMENT_BYTES)).unwrap();
+    let mut shard = EmbeddedShard::open(Path::new(&dir), crash_opts()).unwrap();
     // A client retrying a send after the crash gets its original seq back.
     if let Ok(retries) = std::env::var("STARLING_CRASH_CHILD_RETRY") {
         for item in retries.split_whitespace() {
@@ -165,6 +176,7 @@ pub(super) fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     let mut max_seq: HashMap<u128, u64> = HashMap::new();
     let (mut acked_total, mut unacked_present, mut unacked_absent, mut retries_checked) =
         (0u64, 0u64, 0u64, 0u64);
+    let mut skipped_total = 0u64;
     for it in 0..iterations {
         let tag = it + 1;
         // Some acknowledged sends to retry in the next child.
@@ -228,8 +240,9 @@ pub(super) fn kill_9_at_random_moments_loses_nothing_acknowledged() {
             retries_checked += 1;
         }
 
-        let shard = EmbeddedShard::open(dir.path(), shard_opts(CRASH_SEGMENT_BYTES))
+        let shard = EmbeddedShard::open(dir.path(), crash_opts())
             .unwrap_or_else(|e| panic!("seed {seed} iter {it}: reopen failed: {e}"));
+        skipped_total += shard.open_report().log.skipped_segments as u64;
         let ix = shard.index();
         let mut absent_seen = false;
         for (first, b) in &batches {
@@ -311,8 +324,13 @@ pub(super) fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     }
     eprintln!(
         "kill -9 test: {iterations} kills, {acked_total} acknowledged batches checked, unacknowledged: \
-         {unacked_present} present / {unacked_absent} absent, {retries_checked} retries, {} entries durable",
+         {unacked_present} present / {unacked_absent} absent, {retries_checked} retries, {} entries durable, \
+         {skipped_total} checkpointed segments not read at reopen",
         durable.len()
+    );
+    assert!(
+        skipped_total > iterations,
+        "reopens must start from checkpoints, not from the whole log"
     );
     assert!(
         acked_total > iterations,

@@ -1,4 +1,0 @@
-#![no_main]
-//! See `starling_storage::fuzzing::index_snapshot` for the property checked.
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| starling_storage::fuzzing::index_snapshot(data));
