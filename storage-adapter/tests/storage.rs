@@ -1364,3 +1364,5 @@ fn index_reads_entries_from_the_log_and_checks_them() {
 mod crash;
 #[path = "storage/paging.rs"]
 mod paging;
+#[path = "storage/scale.rs"]
+mod scale;

@@ -25,6 +25,9 @@ use super::state::LIVE_ENTRY_BYTES;
 const SWEEP_TARGET_PERCENT: usize = 90;
 /// How often the thread looks at memory when no segment completes.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
+/// Pointers a conversation in use keeps through a sweep: its newest chunk's worth (sends and
+/// syncs need only the newest; a retry's dedup lookup pages in the rest of the window).
+const KEEP_REFERENCED: usize = super::resident::PTR_CHUNK;
 /// After a failed checkpoint (disk full, I/O error), the next try waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -158,9 +161,10 @@ impl DenseIndex {
 
     /// When memory is over the budget: a clock sweep, a table of the conversation map at a time,
     /// drops pointers into checkpointed segments — all of them from conversations not read or
-    /// written since the sweep last passed, the ones beyond the newest [`super::DEDUP_WINDOW`]
-    /// from the others (whose bit it clears) — until memory is under
-    /// [`SWEEP_TARGET_PERCENT`] of the budget. Returns the pointers dropped.
+    /// written since the sweep last passed, all but the newest [`KEEP_REFERENCED`] from the
+    /// others (whose bit it clears) — until memory is under [`SWEEP_TARGET_PERCENT`] of the
+    /// budget. If two turns of the clock are not enough (every conversation in use), a third
+    /// drops every pointer into checkpointed segments. Returns the pointers dropped.
     pub fn sweep(&self) -> usize {
         let _one = self
             .background
@@ -172,20 +176,20 @@ impl DenseIndex {
         }
         let mut dropped = 0;
         let mut hand = self.sweep_hand.load(Ordering::Relaxed) % SPLIT_TABLES;
-        for _ in 0..2 * SPLIT_TABLES {
+        for step in 0..3 * SPLIT_TABLES {
             let mut st = self.write();
             let live_from = st.live_from;
-            let keep = super::DEDUP_WINDOW as usize;
+            let last_turn = step >= 2 * SPLIT_TABLES;
             let mut freed = 0;
-            let mut slots = 0;
             st.convs.table_mut(hand).retain(|_, c| {
-                let keep = if c.referenced.swap(false, Ordering::Relaxed) {
-                    keep
+                let referenced = c.referenced.swap(false, Ordering::Relaxed);
+                let keep = if referenced && !last_turn {
+                    KEEP_REFERENCED
                 } else {
                     0
                 };
                 let n = c.trim(live_from, keep);
-                slots += n;
+                dropped += n;
                 freed += n * PTR_RESIDENT_BYTES;
                 if c.ptrs.is_empty() {
                     freed += CONV_OVERHEAD_BYTES;
@@ -195,7 +199,6 @@ impl DenseIndex {
                 }
             });
             st.resident_bytes = st.resident_bytes.saturating_sub(freed);
-            dropped += slots;
             hand = (hand + 1) % SPLIT_TABLES;
             if st.memory_bytes() <= target {
                 break;

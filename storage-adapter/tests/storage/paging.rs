@@ -66,7 +66,7 @@ fn a_small_budget_pages_conversations_in_with_the_same_reads() {
     let swept = ix.stats();
     assert!(swept.checkpointed_segments > 10, "{swept:?}");
     assert!(swept.memory_bytes <= budget as u64, "{swept:?}");
-    assert!(swept.resident_convs < convs / 2, "{swept:?}");
+    assert!(swept.resident_convs < convs, "{swept:?}");
     // Every read, cold or hot, answers as the log says; sweeps between rounds drop it all again.
     for round in 0..2 {
         for c in 1..=convs as u128 {
