@@ -249,6 +249,8 @@ struct Restart {
     /// The new process's RSS and peak RSS once ready.
     rss_ready_kib: Option<u64>,
     peak_rss_ready_kib: Option<u64>,
+    /// The server's log lines on opening each shard's storage (time, what was replayed).
+    storage_opened: Vec<String>,
     verified: probe::Verified,
 }
 
@@ -268,6 +270,9 @@ struct Outcome {
     sigterm: Restart,
     /// Peak RSS ≤ `index_memory_bytes` + 512 MiB (issue 37's bound), when a budget was given.
     rss_within_budget: Option<bool>,
+    peak_rss_all_kib: Option<u64>,
+    /// Messages acknowledged per second between consecutive fill samples: min, median, max.
+    fill_rates: Option<[f64; 3]>,
     phases: Vec<(String, f64)>,
     samples: Vec<server::Sample>,
 }
@@ -481,6 +486,7 @@ pub(crate) fn run(args: &StoreScaleArgs) -> anyhow::Result<()> {
         ready_secs,
         rss_ready_kib,
         peak_rss_ready_kib,
+        storage_opened: server.storage_opened_lines(),
         verified,
     };
     print_restart("SIGKILL", &sigkill);
@@ -499,6 +505,7 @@ pub(crate) fn run(args: &StoreScaleArgs) -> anyhow::Result<()> {
         ready_secs,
         rss_ready_kib,
         peak_rss_ready_kib,
+        storage_opened: server.storage_opened_lines(),
         verified,
     };
     print_restart("SIGTERM", &sigterm);
@@ -507,15 +514,32 @@ pub(crate) fn run(args: &StoreScaleArgs) -> anyhow::Result<()> {
     server.terminate(ready_timeout)?;
     phases.done("stop", sw);
     let samples = sampler.finish();
-    let peak_all = samples.iter().map(|s| s.hwm_kib).max();
+    let peak_all = samples
+        .iter()
+        .map(|s| s.hwm_kib)
+        .chain(peak_rss_kib)
+        .chain(sigkill.peak_rss_ready_kib)
+        .chain(sigterm.peak_rss_ready_kib)
+        .max();
     let rss_within_budget = (args.index_memory_bytes > 0)
         .then(|| peak_all.unwrap_or(0) * 1024 <= args.index_memory_bytes + (512 << 20));
-    if let Some(ok) = rss_within_budget {
+    println!(
+        "peak RSS over the run {} MiB{}",
+        mib(peak_all),
+        rss_within_budget.map_or_else(
+            || " (no index budget given)".to_owned(),
+            |ok| format!(
+                ": {} the index budget {} MiB + 512 MiB",
+                if ok { "within" } else { "OVER" },
+                args.index_memory_bytes >> 20
+            )
+        )
+    );
+    let fill_rates = interval_rates(&samples, "fill");
+    if let Some([lo, mid, hi]) = fill_rates {
         println!(
-            "peak RSS over the run {} MiB: {} the index budget {} MiB + 512 MiB",
-            mib(peak_all),
-            if ok { "within" } else { "OVER" },
-            args.index_memory_bytes >> 20
+            "fill rate per {} s sample: min {lo:.0}, median {mid:.0}, max {hi:.0} msg/s",
+            args.sample_secs
         );
     }
     let failed =
@@ -533,6 +557,8 @@ pub(crate) fn run(args: &StoreScaleArgs) -> anyhow::Result<()> {
         sigkill,
         sigterm,
         rss_within_budget,
+        peak_rss_all_kib: peak_all,
+        fill_rates,
         phases: phases.0,
         samples,
     };
@@ -585,6 +611,21 @@ fn print_restart(how: &str, r: &Restart) {
             String::new()
         }
     );
+    for l in &r.storage_opened {
+        println!("    storage opened: {l}");
+    }
+}
+
+/// Acknowledgements per second between consecutive samples of `phase`: min, median, max.
+fn interval_rates(samples: &[server::Sample], phase: &str) -> Option<[f64; 3]> {
+    let of: Vec<&server::Sample> = samples.iter().filter(|s| s.phase == phase).collect();
+    let mut rates: Vec<f64> = of
+        .windows(2)
+        .filter(|w| w[1].secs > w[0].secs)
+        .map(|w| (w[1].messages_acked - w[0].messages_acked) as f64 / (w[1].secs - w[0].secs))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    Some([*rates.first()?, rates[rates.len() / 2], *rates.last()?])
 }
 
 fn mib(kib: Option<u64>) -> String {
@@ -596,4 +637,68 @@ fn machine_line(m: &Machine) -> String {
         "{} CPUs, load average {:.2}, kernel {}",
         m.cores, m.loadavg_1m_start, m.kernel
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_conversation_has_one_sender_and_one_recipient_who_lists_it() {
+        let l = Layout {
+            convs: 1003,
+            senders: 10,
+        };
+        assert_eq!(l.recipients(), 101);
+        let mut seen = vec![0u32; l.convs as usize];
+        for r in 0..l.recipients() as usize {
+            for i in l.convs_of_recipient(r) {
+                assert_eq!(l.recipient_of(i), r);
+                seen[i as usize] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "each conversation listed once"
+        );
+        // Different conversations of one recipient have different senders: one pair each.
+        let senders: std::collections::HashSet<usize> =
+            l.convs_of_recipient(7).map(|i| l.sender_of(i)).collect();
+        assert_eq!(senders.len(), 10);
+        assert_eq!(l.convs_of_recipient(100).count(), 3);
+    }
+
+    #[test]
+    fn zipf_draws_follow_the_popularity() {
+        let n = 1000u64;
+        let z = Zipf::new(n, 1.0);
+        let mut rng = Rng(1);
+        let draws = 200_000;
+        let mut counts = vec![0u32; n as usize];
+        for _ in 0..draws {
+            counts[z.sample(&mut rng) as usize] += 1;
+        }
+        let h: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
+        // Rank 1 and rank 10 within 5% of their expected shares; the tail is drawn too.
+        for k in [0usize, 9] {
+            let want = draws as f64 / ((k + 1) as f64 * h);
+            let got = f64::from(counts[k]);
+            assert!(
+                (got - want).abs() < 0.05 * want,
+                "rank {k}: {got} vs {want}"
+            );
+        }
+        assert!(counts[500..].iter().any(|&c| c > 0));
+    }
+
+    #[test]
+    fn acknowledgements_keep_the_latest_seq_and_when() {
+        let mut c = Convs::new(3);
+        c.ack(1, 77, 5);
+        c.ack(2, 78, 1);
+        c.ack(1, 77, 4);
+        assert_eq!((c.id[1], c.last_seq[1], c.acked[1]), (77, 5, 2));
+        assert!(c.touched[1] > c.touched[2]);
+        assert_eq!(c.acked[0], 0);
+    }
 }

@@ -400,3 +400,70 @@ pub(super) fn send_body(to_user: u64, s: usize, k: u64, conv: u32, body: &bytes:
         change: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(total: u64, convs: u64, senders: u64) -> Gen {
+        let layout = Layout { convs, senders };
+        Gen {
+            layout,
+            next: 0,
+            total,
+            zipf: Zipf::new(convs, 1.0),
+            rng: Rng(3),
+            queues: vec![VecDeque::new(); senders as usize],
+            queued: 0,
+            stop: false,
+        }
+    }
+
+    #[test]
+    fn each_conversation_gets_its_first_message_in_order_then_the_popularity() {
+        let mut g = draws(5000, 100, 4);
+        let mut per_sender: Vec<Vec<u32>> = vec![Vec::new(); 4];
+        let mut n = 0;
+        while n < 5000 {
+            for (s, got) in per_sender.iter_mut().enumerate() {
+                if let Some(i) = g.take(s) {
+                    assert_eq!(g.layout.sender_of(i), s, "a sender only gets its own");
+                    got.push(i);
+                    n += 1;
+                }
+            }
+        }
+        assert!((0..4).all(|s| g.done(s)));
+        for (s, got) in per_sender.iter().enumerate() {
+            // Its 25 conversations, in order, first.
+            let first: Vec<u32> = (0..25).map(|j| (j * 4 + s) as u32).collect();
+            assert_eq!(got[..25], first[..]);
+        }
+        // Conversation 0 (rank 1) is the most popular after that.
+        let count = |i: u32| per_sender[0].iter().filter(|&&j| j == i).count();
+        assert!(count(0) > count(4) && count(4) > count(96));
+    }
+
+    #[test]
+    fn a_halt_drops_what_was_drawn_and_ends_every_sender() {
+        let mut g = draws(1_000_000, 100, 2);
+        assert!(g.take(0).is_some());
+        g.halt();
+        assert_eq!(g.queued, 0);
+        assert!(g.take(0).is_none() && g.take(1).is_none());
+        assert!(g.done(0) && g.done(1));
+    }
+
+    #[test]
+    fn client_ids_are_distinct_and_never_all_zeroes() {
+        let body = bytes::Bytes::from_static(b"x");
+        let id = |s, k, i| match send_body(1, s, k, i, &body) {
+            Body::Send(m) => m.client_msg_id,
+            _ => unreachable!(),
+        };
+        assert!(id(0, 0, 0).iter().any(|&b| b != 0));
+        assert_ne!(id(0, 0, 0), id(0, 1, 0));
+        assert_ne!(id(0, 0, 0), id(1, 0, 0));
+        assert_ne!(id(0, 0, 0), id(1 << 31, 0, 0));
+    }
+}

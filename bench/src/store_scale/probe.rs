@@ -175,7 +175,7 @@ impl<'a> Probe<'a> {
             }
             match f.body {
                 Some(Body::Deliver(d)) => {
-                    seqs.extend(d.message.map(|m| (m.conversation_id, m.seq)))
+                    seqs.extend(d.message.map(|m| (m.conversation_id, m.seq)));
                 }
                 Some(Body::SyncDone(_)) => break,
                 Some(Body::Error(e)) => bail!("Sync refused: {}", describe_error(&e)),
@@ -288,7 +288,7 @@ impl<'a> Probe<'a> {
                 }
                 v.counted += 1;
             }
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 report::progress(&format!("verify: {n}/{}", sample.len()));
             }
         }
@@ -301,7 +301,7 @@ impl<'a> Probe<'a> {
 }
 
 fn progress(label: &str, what: &str, n: usize, of: usize) {
-    if n % 100 == 0 {
+    if n.is_multiple_of(100) {
         report::progress(&format!("{label}: {what} {n}/{of}"));
     }
 }

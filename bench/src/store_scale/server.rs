@@ -34,6 +34,8 @@ pub(super) struct Server {
     cmd: ServerCmd,
     child: Option<Child>,
     started: Option<Stopwatch>,
+    /// The log's length when the server was last started.
+    log_start: u64,
     /// The current pid (0 while none runs), for the sampler.
     pid: Arc<AtomicU32>,
 }
@@ -44,6 +46,7 @@ impl Server {
             cmd,
             child: None,
             started: None,
+            log_start: 0,
             pid: Arc::new(AtomicU32::new(0)),
         }
     }
@@ -62,10 +65,28 @@ impl Server {
         self.pid().and_then(report::rss_kib)
     }
 
+    /// The server's own account of opening its storage since the last start (its log lines
+    /// that say "storage opened": per shard, how long and what it replayed).
+    pub(super) fn storage_opened_lines(&self) -> Vec<String> {
+        let text = std::fs::read(&self.cmd.log).unwrap_or_default();
+        let from = usize::try_from(self.log_start).unwrap_or(0).min(text.len());
+        String::from_utf8_lossy(&text[from..])
+            .lines()
+            .filter(|l| l.contains("storage opened"))
+            .map(|l| {
+                l.split_once("storage opened")
+                    .map_or(l, |(_, rest)| rest)
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// Spawns `starling serve` (its output appended to the log file).
     pub(super) fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "the server already runs");
         let c = &self.cmd;
+        let log_start = std::fs::metadata(&c.log).map_or(0, |m| m.len());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -91,6 +112,7 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {}", c.bin.display()))?;
         self.pid.store(child.id(), Ordering::Relaxed);
+        self.log_start = log_start;
         self.child = Some(child);
         self.started = Some(Stopwatch::start());
         Ok(())
