@@ -25,6 +25,9 @@ use crate::report::{self, Summary};
 const BATCH: usize = 256;
 /// Most messages drawn but not yet sent, over all senders (a slow sender holds up the rest).
 const QUEUED_MAX: usize = 1 << 22;
+/// A sender that has written nothing for this long pings (the server's default idle timeout
+/// is 90 s).
+const IDLE_PING_NS: u64 = 20_000_000_000;
 /// Errors after which the fill gives up.
 const ERRORS_MAX: u64 = 100;
 
@@ -284,6 +287,7 @@ async fn sender(
     let mut retry: VecDeque<u32> = VecDeque::new();
     let mut cwnd = window as f64;
     let mut paused_until = 0u64;
+    let mut last_write = clock::monotonic_ns();
     loop {
         if st.draws.borrow().stop {
             retry.clear();
@@ -308,10 +312,18 @@ async fn sender(
         }
         if pushed {
             c.flush().await?;
+            last_write = clock::monotonic_ns();
         }
         if inflight.is_empty() {
             if retry.is_empty() && st.draws.borrow().done(s) {
                 return Ok(());
+            }
+            // Idle (waiting for the others): a Ping now and then, within the server's idle
+            // timeout.
+            if clock::monotonic_ns() > last_write + IDLE_PING_NS {
+                c.push(0, Body::Ping(v1::Ping { nonce: 0 }))?;
+                c.flush().await?;
+                last_write = clock::monotonic_ns();
             }
             // Paused for a retry, or every sender's queue is at its cap (wait for the others).
             tokio::time::sleep(Duration::from_millis(1)).await;

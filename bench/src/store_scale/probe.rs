@@ -67,18 +67,32 @@ impl<'a> Probe<'a> {
         accounts: &'a [Account],
         layout: Layout,
     ) -> anyhow::Result<Self> {
-        let mut senders = Vec::new();
-        for (i, acc) in accounts[..layout.senders as usize].iter().enumerate() {
-            senders.push(open_conn(dst, acc, i as u64).await?.0);
-        }
-        Ok(Self {
+        let mut p = Self {
             dst,
             accounts,
             layout,
-            senders,
+            senders: Vec::new(),
             recipients: HashMap::new(),
             sent: 0,
-        })
+        };
+        p.fresh().await?;
+        Ok(p)
+    }
+
+    /// New connections for every sender, none for recipients: a phase's connections are never
+    /// older than the phase, so none reaches the server's idle timeout however slow the
+    /// requests are.
+    async fn fresh(&mut self) -> anyhow::Result<()> {
+        self.recipients.clear();
+        self.senders.clear();
+        for (i, acc) in self.accounts[..self.layout.senders as usize]
+            .iter()
+            .enumerate()
+        {
+            self.senders
+                .push(open_conn(self.dst, acc, i as u64).await?.0);
+        }
+        Ok(())
     }
 
     async fn recipient(&mut self, r: usize) -> anyhow::Result<&mut StarlingConn> {
@@ -111,18 +125,21 @@ impl<'a> Probe<'a> {
             report::histogram(),
         ];
         let mut wrong = Vec::new();
+        self.fresh().await?;
         for (n, &i) in sets[0].iter().enumerate() {
             if let Some(w) = self.sync(convs, i, &mut hs[0]).await? {
                 wrong.push(w);
             }
             progress(label, "Sync", n, sets[0].len());
         }
+        self.fresh().await?;
         for (n, &i) in sets[1].iter().enumerate() {
             if let Some(w) = self.history(convs, i, &mut hs[1]).await? {
                 wrong.push(w);
             }
             progress(label, "history", n, sets[1].len());
         }
+        self.fresh().await?;
         for (n, &i) in sets[2].iter().enumerate() {
             if let Some(w) = self.send(convs, i, &mut hs[2]).await? {
                 wrong.push(w);
