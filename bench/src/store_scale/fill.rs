@@ -51,8 +51,9 @@ pub(super) struct FillOutcome {
     pub(super) retries: u64,
     pub(super) first_errors: Vec<String>,
     pub(super) secs: f64,
-    /// Seconds until the first `--conversations` messages (one per conversation, each creating
-    /// its direct conversation) were acknowledged.
+    /// Seconds until as many messages as conversations were acknowledged: about the time to
+    /// create them all, as each conversation's first message (which creates it) is drawn
+    /// before any other (a sender may be retrying a creation while others have moved on).
     pub(super) create_secs: Option<f64>,
     pub(super) messages_per_s: f64,
     /// Stopped by `--fill-secs` before all messages were sent.
