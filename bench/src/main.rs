@@ -31,6 +31,7 @@ mod push;
 mod rate;
 mod report;
 mod scrape;
+mod store_scale;
 mod storm;
 mod timeline;
 mod timer;
@@ -85,6 +86,10 @@ enum Command {
     /// Push notifications per second through the server's notifier to a local APNs, and their
     /// latency from the SendAck.
     Push(push::PushArgs),
+    /// The embedded store at scale: fills a server it starts with N messages in C conversations
+    /// (Zipf popularity), its RSS and disk; cold and hot Sync/history/Send latency; time to
+    /// ready after SIGKILL and after a clean stop, with what was acknowledged checked.
+    StoreScale(store_scale::StoreScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,5 +118,6 @@ fn main() -> anyhow::Result<()> {
         Command::Media(args) => media::run(&args),
         Command::Keys(args) => keys::run(&args),
         Command::Push(args) => push::run(&args),
+        Command::StoreScale(args) => store_scale::run(&args),
     }
 }

@@ -151,3 +151,84 @@ fn fanout_runs_end_to_end_with_a_group_of_three() {
     assert!(o["deliveries_per_s"].as_f64().unwrap() > 0.0, "{o}");
     assert!(o["server_cpu_cores"].as_f64().is_some(), "{o}");
 }
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn store_scale_fills_restarts_and_checks_what_was_acknowledged() {
+    let bin = server_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("starling.toml");
+    std::fs::write(
+        &config,
+        "[accounts]\notp_requests_per_ip_per_hour = 100000\naccess_token_ttl_ms = 86400000\n\
+         [limits]\ninflight_requests_max = 64\n",
+    )
+    .unwrap();
+    let report = tmp.path().join("store-scale.json");
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    // The tool starts, kills and restarts the server itself.
+    bench(&[
+        "store-scale",
+        "--starling",
+        bin.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        tmp.path().join("data").to_str().unwrap(),
+        "--accounts",
+        tmp.path().join("accounts.json").to_str().unwrap(),
+        "--tls-listen",
+        &addr(free_port()),
+        "--plain-listen",
+        &addr(free_port()),
+        "--metrics-listen",
+        &addr(free_port()),
+        "--shards",
+        "2",
+        "--messages",
+        "3000",
+        "--conversations",
+        "300",
+        "--senders",
+        "10",
+        "--ops",
+        "20",
+        "--verify",
+        "40",
+        "--sample-secs",
+        "1",
+        "--ready-timeout-secs",
+        "60",
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["subcommand"], "store-scale");
+    let o = &r["outcome"];
+    assert_eq!(o["accounts"], 10 + 30, "{o}");
+    assert_eq!(o["fill"]["messages_acked"], 3000, "{o}");
+    assert_eq!(o["fill"]["errors"], 0, "{o}");
+    for kind in ["cold", "hot"] {
+        for op in ["sync_us", "history_us", "send_us"] {
+            assert_eq!(o[kind][op]["count"], 20, "{kind} {op}: {o}");
+        }
+        assert_eq!(o[kind]["wrong"], 0, "{o}");
+    }
+    for restart in ["sigkill", "sigterm"] {
+        let v = &o[restart]["verified"];
+        assert_eq!(v["conversations"], 40, "{restart}: {o}");
+        assert_eq!(v["wrong"], 0, "{restart}: {o}");
+        assert!(o[restart]["ready_secs"].as_f64().unwrap() > 0.0, "{o}");
+    }
+    assert!(o["sigterm"]["stop_secs"].as_f64().is_some(), "{o}");
+    assert!(o["peak_rss_all_kib"].as_u64().unwrap() > 0, "{o}");
+    assert!(o["disk_after_fill_bytes"].as_u64().unwrap() > 0, "{o}");
+}
