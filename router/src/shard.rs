@@ -401,7 +401,9 @@ where
         let evict = if self.cursors.in_flight() || self.sequencer.failure().is_some() {
             None
         } else {
-            self.sh.convs.evict_due_ms(self.sh.cfg.conv_idle_evict_ms)
+            self.sh
+                .convs
+                .evict_due_ms(self.sh.cfg.conv_idle_evict_ms, self.sh.cfg.conv_states_max)
         };
         [
             self.cursors.due_ms(),
@@ -493,9 +495,12 @@ where
                 && c.group.as_ref().is_none_or(|g| g.is_idle())
         };
         let sh = &mut self.sh;
-        sh.stats.convs_evicted +=
-            sh.convs
-                .evict_idle(sh.now_ms, sh.cfg.conv_idle_evict_ms, evictable);
+        sh.stats.convs_evicted += sh.convs.evict_idle(
+            sh.now_ms,
+            sh.cfg.conv_idle_evict_ms,
+            sh.cfg.conv_states_max,
+            evictable,
+        );
     }
 
     /// Takes the outcomes of finished metadata writes, in the order they were submitted.

@@ -79,6 +79,9 @@ pub struct RouterConfig {
     /// A conversation's state leaves memory after this long unused (it is loaded again from the
     /// index and the metadata on next use).
     pub conv_idle_evict_ms: u64,
+    /// Most conversation states a shard keeps in memory (at least 100); beyond it the least
+    /// recently used ones with nothing in flight are dropped before their idle time is up.
+    pub conv_states_max: usize,
     /// Most users one user may block; a Block beyond it is refused with `PERMISSION_DENIED`
     /// (at most 10000: one metadata scan counts a user's blocks).
     pub blocks_max: usize,
@@ -144,6 +147,7 @@ impl Default for RouterConfig {
             delete_window_ms: d.delete_window_ms,
             reactions_max: d.reactions_max,
             conv_idle_evict_ms: d.conv_idle_evict_ms,
+            conv_states_max: d.conv_states_max,
             blocks_max: d.blocks_max,
             block_requests_per_s: d.block_requests_per_s,
             block_requests_burst: d.block_requests_burst,
@@ -190,6 +194,7 @@ impl RouterConfig {
             delete_window_ms: r.delete_window_ms,
             reactions_max: r.reactions_max,
             conv_idle_evict_ms: r.conv_idle_evict_ms,
+            conv_states_max: r.conv_states_max,
             blocks_max: r.blocks_max,
             block_requests_per_s: r.block_requests_per_s,
             block_requests_burst: r.block_requests_burst,
@@ -337,6 +342,9 @@ impl RouterConfig {
         }
         if !(1000..=60_000).contains(&r.typing_expiry_ms) {
             return bad("router.typing_expiry_ms", "must be between 1000 and 60000");
+        }
+        if r.conv_states_max < 100 {
+            return bad("router.conv_states_max", "must be at least 100");
         }
         if r.conv_idle_evict_ms < 10 {
             return bad("router.conv_idle_evict_ms", "must be at least 10");

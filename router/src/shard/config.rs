@@ -77,6 +77,11 @@ pub struct ShardConfig {
     /// the index and the metadata on next use. Bounds the shard's memory by its active
     /// conversations instead of every conversation it ever served.
     pub conv_idle_evict_ms: u64,
+    /// Most conversation states in memory; beyond it the least recently used ones that hold
+    /// nothing in flight are dropped before their idle time is up (a long-idle one first, one
+    /// used since it was queued gets a second chance). Bounds the shard's memory when more
+    /// conversations are active within `conv_idle_evict_ms` than memory allows.
+    pub conv_states_max: usize,
     /// Most users one user may block (at most `starling_storage::meta::SCAN_RECORDS_MAX`, so
     /// that one metadata scan counts them); a Block beyond it is refused with
     /// `PERMISSION_DENIED`.
@@ -150,6 +155,7 @@ impl Default for ShardConfig {
             delete_window_ms: 48 * 3600 * 1000,
             reactions_max: 256,
             conv_idle_evict_ms: 10 * 60 * 1000,
+            conv_states_max: 65_536,
             blocks_max: 10_000,
             block_requests_per_s: 10,
             block_requests_burst: 20,

@@ -23,6 +23,10 @@ use super::mail::SendCmd;
 use crate::hash::HashMap;
 use crate::ids::ConvId;
 
+/// Over the cap of loaded states, sweeps come at most this often (so that a shard whose every
+/// state is in use does not spin).
+const OVER_CAP_SWEEP_MS: u64 = 10;
+
 /// Most conversation states one eviction sweep examines, so that a sweep never holds the shard
 /// thread for long (the rest wait for the next tick).
 const EVICT_SCAN_MAX: usize = 1024;
@@ -338,12 +342,15 @@ impl Convs {
     }
 
     /// Drops the states of conversations idle for `idle_ms` that are `evictable` (hold nothing
-    /// the index and the metadata do not: exactly what [`Convs::load`] would load again). At
-    /// most [`EVICT_SCAN_MAX`] are examined per call. Returns how many were dropped.
+    /// the index and the metadata do not: exactly what [`Convs::load`] would load again), and
+    /// while more than `max` are loaded, the least recently queued evictable ones that were not
+    /// used since they were queued. At most [`EVICT_SCAN_MAX`] are examined per call. Returns
+    /// how many were dropped.
     pub(super) fn evict_idle(
         &mut self,
         now_ms: u64,
         idle_ms: u64,
+        max: usize,
         evictable: impl Fn(ConvId, &ConvState) -> bool,
     ) -> u64 {
         let mut evicted = 0;
@@ -351,7 +358,11 @@ impl Convs {
             let Some(&(conv, queued)) = self.idle_queue.front() else {
                 break;
             };
-            if queued.saturating_add(idle_ms) > now_ms {
+            // Not idle long enough, and either under the cap or queued in this very call (the
+            // queue has come round).
+            if queued.saturating_add(idle_ms) > now_ms
+                && (self.map.len() <= max || queued >= now_ms)
+            {
                 break;
             }
             self.idle_queue.pop_front();
@@ -371,11 +382,15 @@ impl Convs {
     }
 
     /// When the next eviction sweep has something to look at (at or before now until it has
-    /// caught up).
-    pub(super) fn evict_due_ms(&self, idle_ms: u64) -> Option<u64> {
-        self.idle_queue
-            .front()
-            .map(|&(_, t)| t.saturating_add(idle_ms))
+    /// caught up; while more than `max` states are loaded, every [`OVER_CAP_SWEEP_MS`]).
+    pub(super) fn evict_due_ms(&self, idle_ms: u64, max: usize) -> Option<u64> {
+        self.idle_queue.front().map(|&(_, t)| {
+            if self.map.len() > max {
+                t.saturating_add(idle_ms.min(OVER_CAP_SWEEP_MS))
+            } else {
+                t.saturating_add(idle_ms)
+            }
+        })
     }
 
     /// The entry at `lsn` joined the durable tail of `conv` (`ConvSeq::recent`).
@@ -615,20 +630,41 @@ mod tests {
             Err(Refusal(ErrorCode::NotFound, _))
         ));
         // Not idle long enough yet; then used again meanwhile: looked at again later.
-        assert_eq!(convs.evict_due_ms(50), Some(150));
-        assert_eq!(convs.evict_idle(149, 50, |_, _| true), 0);
+        assert_eq!(convs.evict_due_ms(50, usize::MAX), Some(150));
+        assert_eq!(convs.evict_idle(149, 50, usize::MAX, |_, _| true), 0);
         convs.load(CONV, &ix, &meta, 120).unwrap();
-        assert_eq!(convs.evict_idle(150, 50, |_, _| true), 0);
-        assert_eq!(convs.evict_due_ms(50), Some(200));
+        assert_eq!(convs.evict_idle(150, 50, usize::MAX, |_, _| true), 0);
+        assert_eq!(convs.evict_due_ms(50, usize::MAX), Some(200));
         // Idle, but holding something the stores do not: kept.
-        assert_eq!(convs.evict_idle(200, 50, |_, _| false), 0);
+        assert_eq!(convs.evict_idle(200, 50, usize::MAX, |_, _| false), 0);
         assert_eq!(convs.len(), 1);
         assert_eq!(
-            convs.evict_idle(250, 50, |conv, c| conv == CONV && c.seq.settled()),
+            convs.evict_idle(250, 50, usize::MAX, |conv, c| conv == CONV
+                && c.seq.settled()),
             1
         );
         assert_eq!(convs.len(), 0);
-        assert_eq!(convs.evict_due_ms(50), None);
+        assert_eq!(convs.evict_due_ms(50, usize::MAX), None);
+    }
+
+    #[test]
+    fn over_the_cap_states_go_before_their_idle_time_used_ones_after_a_second_chance() {
+        let meta = meta();
+        let ix = Index { last: 5 };
+        let mut convs = Convs::default();
+        convs.load(CONV, &ix, &meta, 100).unwrap();
+        // Under the cap: only once idle.
+        assert_eq!(convs.evict_due_ms(50, 1), Some(150));
+        assert_eq!(convs.evict_idle(101, 50, 1, |_, _| true), 0);
+        // Over it (a cap of 0): due now; used since it was queued, it gets a second chance.
+        assert_eq!(convs.evict_due_ms(50, 0), Some(110));
+        convs.load(CONV, &ix, &meta, 110).unwrap();
+        assert_eq!(convs.evict_idle(111, 50, 0, |_, _| true), 0);
+        assert_eq!(convs.len(), 1);
+        // Holding something in flight: kept even over the cap.
+        assert_eq!(convs.evict_idle(112, 50, 0, |_, _| false), 0);
+        assert_eq!(convs.evict_idle(113, 50, 0, |_, _| true), 1);
+        assert_eq!(convs.len(), 0);
     }
 
     #[test]
