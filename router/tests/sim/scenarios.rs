@@ -121,6 +121,7 @@ impl Harness {
                 reply_to_seq: 0,
                 first_attempt: false,
                 change: None,
+                set_timer: None,
             }),
         )
     }
@@ -892,6 +893,7 @@ pub(super) fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
                     reply_to_seq: 0,
                     first_attempt: false,
                     change: None,
+                    set_timer: None,
                 })),
             },
             1,
