@@ -18,6 +18,7 @@ mod convs;
 mod cursors;
 mod direct;
 mod directory;
+mod disappearing;
 mod envelope;
 mod fanout;
 pub(crate) mod frames;

@@ -68,6 +68,11 @@ pub(super) struct ConvSeq {
     /// since it was loaded). Serving a conversation that never had a change costs one lookup,
     /// not one per message.
     pub(super) has_states: Option<bool>,
+    /// The disappearing-messages timer in force, in seconds (0: off): it stamps the expiry of
+    /// every message and change sequenced now (`disappearing.rs`).
+    pub(super) timer_secs: u64,
+    /// Timer settings being written to the metadata.
+    pub(super) timer_writes: u32,
 }
 
 /// A conversation's delivery and read cursors, and what of them was announced as receipts.
@@ -112,13 +117,17 @@ impl ConvState {
             .last_seq(cid)
             .map_err(|e| Refusal::storage("index", &e))?
             .0;
+        let timer_secs = super::disappearing::load(meta, cid)?;
         let mut st = ConvState {
             members,
             pair,
             blocks: None,
             title,
             group,
-            seq: ConvSeq::new(last),
+            seq: ConvSeq {
+                timer_secs,
+                ..ConvSeq::new(last)
+            },
             cursors: ConvCursors::default(),
             touched_ms: now_ms,
         };
@@ -180,6 +189,8 @@ impl ConvSeq {
             states: HashMap::default(),
             committing: HashMap::default(),
             has_states: None,
+            timer_secs: 0,
+            timer_writes: 0,
         }
     }
 

@@ -24,7 +24,11 @@ use starling_storage::{
 use super::blocks;
 use super::changes;
 use super::config::ShardConfig;
-use super::envelope::{ENVELOPE_V3, encode_change, encode_envelope, entry_to_message, is_change};
+use super::disappearing;
+use super::envelope::{
+    ENVELOPE_V3, ENVELOPE_V5, encode_change, encode_envelope, encode_timer, entry_to_message,
+    is_change, is_timer, with_expiry,
+};
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
@@ -248,7 +252,7 @@ impl<L: DurableLog> Sequencer<L> {
         }
         // A reply's target, and a change's target and rules (a change's new state is written
         // before the change is sequenced: it comes back through here once it is).
-        let cmd = if cmd.reply_to_seq != 0 || cmd.change.is_some() {
+        let cmd = if cmd.reply_to_seq != 0 || cmd.change.is_some() || cmd.set_timer.is_some() {
             match changes::prepare(sh, cmd)? {
                 changes::Prepared::Go(cmd) => *cmd,
                 changes::Prepared::Waiting => return Ok(()),
@@ -257,13 +261,27 @@ impl<L: DurableLog> Sequencer<L> {
             cmd
         };
         let c = sh.conv(cmd.conv)?;
-        let (envelope, body) = match &cmd.change {
-            Some(ch) => (ENVELOPE_V3, encode_change(&cmd.content_type, ch, &cmd.body)),
-            None => encode_envelope(
-                &cmd.content_type,
-                cmd.reply_to_seq,
-                cmd.media.as_deref(),
-                &cmd.body,
+        // A message sequenced under a timer disappears (`disappearing.rs`); a change goes with
+        // its target; a timer change never does.
+        let expires_at_ms = match (&cmd.change, cmd.set_timer) {
+            (_, Some(_)) => 0,
+            (Some(_), None) => cmd.target_expiry_ms,
+            (None, None) => disappearing::expiry(now, c.seq.timer_secs),
+        };
+        let (envelope, body) = match (&cmd.change, cmd.set_timer) {
+            (_, Some(secs)) => (ENVELOPE_V5, encode_timer(secs)),
+            (Some(ch), None) => with_expiry(
+                expires_at_ms,
+                (ENVELOPE_V3, encode_change(&cmd.content_type, ch, &cmd.body)),
+            ),
+            (None, None) => with_expiry(
+                expires_at_ms,
+                encode_envelope(
+                    &cmd.content_type,
+                    cmd.reply_to_seq,
+                    cmd.media.as_deref(),
+                    &cmd.body,
+                ),
             ),
         };
         let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
@@ -305,6 +323,10 @@ impl<L: DurableLog> Sequencer<L> {
                 reply_to_seq: cmd.reply_to_seq,
                 group_changed: None,
                 change: cmd.change,
+                timer_changed: cmd
+                    .set_timer
+                    .map(|seconds| v1::DisappearingTimer { seconds }),
+                expires_at_ms,
                 ..v1::Message::default()
             },
             cmd.origin,
@@ -431,7 +453,8 @@ impl<L: DurableLog> Sequencer<L> {
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.seq.durable_seq = e.seq.0;
-            let change = is_change(&e);
+            // A change, or a timer change: not a new message.
+            let change = is_change(&e) || is_timer(&e);
             if c.group.is_some() && e.kind == EntryKind::MESSAGE && !change {
                 c.cursors.sent.record(e.seq.0, e.sender);
             }
