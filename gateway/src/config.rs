@@ -270,6 +270,10 @@ pub struct StorageConfig {
     /// released so their memory is reused for the next segment (docs/design/log.md, "Page
     /// cache"). Reads of released segments go to the disk. A large number: never released.
     pub cached_sealed_segments: u32,
+    /// The server's retention, in seconds: an entry (message, change, group or timer event)
+    /// is no longer served once its server timestamp is this old, and the log segments holding
+    /// only such entries are removed (docs/design/retention.md). 0: keep forever.
+    pub retention_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -278,9 +282,15 @@ impl Default for StorageConfig {
             commit_interval_min_us: 300,
             io_cpus: None,
             cached_sealed_segments: 2,
+            retention_secs: 0,
         }
     }
 }
+
+/// Shortest server retention (`storage.retention_secs`, 0 aside), in seconds.
+const RETENTION_SECS_MIN: u64 = 60;
+/// Longest server retention, in seconds: 100 years.
+const RETENTION_SECS_MAX: u64 = 100 * 365 * 24 * 3600;
 
 /// The whole server configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -410,7 +420,10 @@ impl Config {
     /// `[limits]`. The one place the gateway builds a `starling_router::ShardConfig`.
     #[must_use]
     pub fn shard_config(&self) -> starling_router::ShardConfig {
-        self.router.shard_config(&self.limits)
+        starling_router::ShardConfig {
+            retention_ms: self.storage.retention_secs.saturating_mul(1000),
+            ..self.router.shard_config(&self.limits)
+        }
     }
 
     /// Checks every value; the first bad one is reported.
@@ -498,6 +511,14 @@ impl Config {
             return bad(
                 "storage.commit_interval_min_us",
                 "at most 10000 (every acknowledgement may wait this long)",
+            );
+        }
+        if self.storage.retention_secs != 0
+            && !(RETENTION_SECS_MIN..=RETENTION_SECS_MAX).contains(&self.storage.retention_secs)
+        {
+            return bad(
+                "storage.retention_secs",
+                "0 (keep forever) or from 60 to 3153600000 (100 years)",
             );
         }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
@@ -628,6 +649,20 @@ mod tests {
         let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
         assert_eq!(c.storage.cached_sealed_segments, 0);
         c.validate().unwrap();
+        assert_eq!(Config::default().storage.retention_secs, 0);
+        assert_eq!(Config::default().shard_config().retention_ms, 0);
+        let c = Config::from_toml("[storage]
+retention_secs = 3600
+").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.shard_config().retention_ms, 3_600_000);
+        for bad in ["1", "59", "3153600001"] {
+            let c = Config::from_toml(&format!("[storage]
+retention_secs = {bad}
+")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("storage.retention_secs"), "{e}");
+        }
     }
 
     #[test]

@@ -189,6 +189,8 @@ impl RouterConfig {
             edit_window_ms: r.edit_window_ms,
             delete_window_ms: r.delete_window_ms,
             reactions_max: r.reactions_max,
+            // `storage.retention_secs`: set by `Config::shard_config`.
+            retention_ms: 0,
             conv_idle_evict_ms: r.conv_idle_evict_ms,
             blocks_max: r.blocks_max,
             block_requests_per_s: r.block_requests_per_s,
