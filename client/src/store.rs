@@ -324,6 +324,10 @@ pub struct OutboxEntry {
     /// changes existed).
     #[serde(default, with = "hex_bytes")]
     pub change: Vec<u8>,
+    /// A change of the conversation's disappearing-messages timer to this many seconds (0: off)
+    /// instead of a message (absent in files written before timers existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_timer: Option<u64>,
 }
 
 impl OutboxEntry {
@@ -359,6 +363,9 @@ impl OutboxEntry {
             reply_to_seq: self.reply_to_seq,
             first_attempt: false,
             change: self.change(),
+            set_timer: self
+                .set_timer
+                .map(|seconds| v1::DisappearingTimer { seconds }),
         }
     }
 }
@@ -514,6 +521,7 @@ mod tests {
             media: Vec::new(),
             reply_to_seq: 0,
             change: Vec::new(),
+            set_timer: None,
         }
     }
 

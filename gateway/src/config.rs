@@ -651,15 +651,21 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(Config::default().storage.retention_secs, 0);
         assert_eq!(Config::default().shard_config().retention_ms, 0);
-        let c = Config::from_toml("[storage]
+        let c = Config::from_toml(
+            "[storage]
 retention_secs = 3600
-").unwrap();
+",
+        )
+        .unwrap();
         c.validate().unwrap();
         assert_eq!(c.shard_config().retention_ms, 3_600_000);
         for bad in ["1", "59", "3153600001"] {
-            let c = Config::from_toml(&format!("[storage]
+            let c = Config::from_toml(&format!(
+                "[storage]
 retention_secs = {bad}
-")).unwrap();
+"
+            ))
+            .unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("storage.retention_secs"), "{e}");
         }

@@ -304,6 +304,7 @@ fn sample(kind: FrameKind) -> Body {
             seq: 42,
             server_ts_ms: 1_790_000_000_123,
             duplicate: false,
+            expires_at_ms: 1_790_086_400_123,
         }),
         FrameKind::Deliver => Body::Deliver(v1::Deliver {
             message: Some(v1::Message {

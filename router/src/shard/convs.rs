@@ -54,10 +54,10 @@ pub(super) struct ConvSeq {
     pub(super) durable_seq: u64,
     /// Durable entries the index may not show yet (pruned once `indexed_lsn` covers them).
     pub(super) recent: VecDeque<(Lsn, Arc<Entry>)>,
-    /// client_msg_id → (seq, ts, batch number) of accepted, not yet durable messages.
-    pub(super) pending: HashMap<ClientMsgId, (u64, u64, u64)>,
-    /// client_msg_id → (seq, ts) of durable entries in `recent`.
-    pub(super) recent_ids: HashMap<ClientMsgId, (u64, u64)>,
+    /// client_msg_id → (seq, ts, expiry, batch number) of accepted, not yet durable messages.
+    pub(super) pending: HashMap<ClientMsgId, (u64, u64, u64, u64)>,
+    /// client_msg_id → (seq, ts, expiry) of durable entries in `recent`.
+    pub(super) recent_ids: HashMap<ClientMsgId, (u64, u64, u64)>,
     /// Message states being written (`changes.rs`): seq → (the newest state, writes in
     /// flight). The next change of the same message starts from it, not from the metadata.
     pub(super) states: HashMap<u64, (MessageState, u32)>,
@@ -649,7 +649,7 @@ mod tests {
         let c = convs.load(CONV, &Index { last: 0 }, &meta, 0).unwrap();
         for seq in 1..=3 {
             let e = entry(seq);
-            c.seq.recent_ids.insert(e.client_msg_id, (seq, seq));
+            c.seq.recent_ids.insert(e.client_msg_id, (seq, seq, 0));
             c.seq.recent.push_back((Lsn(10 + seq), Arc::new(e)));
         }
         for seq in 1..=3 {
