@@ -675,6 +675,50 @@ impl DenseIndex {
         Ok(())
     }
 
+    /// Retention (`log/retention.rs`): drops every pointer into a segment that starts before
+    /// `base` (all of them applied: the caller removes only such segments), so each
+    /// conversation loses a prefix of its seqs; one whose every pointer goes keeps its last seq
+    /// as a hole, so that its next entry still gets the next seq. Then writes the snapshot, so
+    /// that an open after a crash starts from this state and never from pointers into files
+    /// about to be deleted.
+    pub(crate) fn forget_segments_before(&self, base: Lsn) -> Result<(), StorageError> {
+        {
+            let mut st = self.write();
+            // Pointers name segments by their place in `segs`, which stays as it is (the bases of
+            // removed segments included), so the pointers kept need no renumbering.
+            let cut = st.segs.partition_point(|s| *s < base) as u32;
+            let mut dropped = 0u64;
+            for t in &mut st.convs.0 {
+                for c in t.values_mut() {
+                    let (n, entries) = c
+                        .ptrs
+                        .iter()
+                        .take_while(|p| p.is_hole() || p.seg < cut)
+                        .fold((0usize, 0u64), |(n, e), p| {
+                            (n + 1, e + u64::from(!p.is_hole()))
+                        });
+                    if entries == 0 {
+                        continue;
+                    }
+                    dropped += entries;
+                    let keep = n.min(c.ptrs.len() - 1);
+                    let mut ptrs = Ptrs::default();
+                    for (i, p) in c.ptrs.iter().enumerate().skip(keep) {
+                        ptrs.push(if i < n { Ptr::default() } else { p });
+                    }
+                    c.first += keep as u64;
+                    c.ptrs = ptrs;
+                }
+            }
+            st.entries -= dropped;
+        }
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|b, _| *b >= base);
+        self.save_snapshot()
+    }
+
     /// Writes the snapshot (temporary file, fsync, rename, fsync of the directory). Called at
     /// clean close, when nothing applies concurrently.
     pub(crate) fn save_snapshot(&self) -> Result<(), StorageError> {

@@ -1357,3 +1357,5 @@ fn index_reads_entries_from_the_log_and_checks_them() {
 
 #[path = "storage/crash.rs"]
 mod crash;
+#[path = "storage/retention.rs"]
+mod retention;
