@@ -274,6 +274,9 @@ pub struct StorageConfig {
     /// is no longer served once its server timestamp is this old, and the log segments holding
     /// only such entries are removed (docs/design/retention.md). 0: keep forever.
     pub retention_secs: u64,
+    /// How often the retention thread looks for log segments to remove, in ms (1,000 to
+    /// 86,400,000). A segment goes at most this long after its last entry may.
+    pub retention_sweep_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -283,6 +286,7 @@ impl Default for StorageConfig {
             io_cpus: None,
             cached_sealed_segments: 2,
             retention_secs: 0,
+            retention_sweep_ms: 60_000,
         }
     }
 }
@@ -521,6 +525,12 @@ impl Config {
                 "0 (keep forever) or from 60 to 3153600000 (100 years)",
             );
         }
+        if !(1_000..=86_400_000).contains(&self.storage.retention_sweep_ms) {
+            return bad(
+                "storage.retention_sweep_ms",
+                "must be between 1000 and 86400000",
+            );
+        }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
             return bad("accounts.otp_attempts_max", "must be between 1 and 20");
         }
@@ -659,6 +669,8 @@ retention_secs = 3600
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.shard_config().retention_ms, 3_600_000);
+        let c = Config::from_toml("[storage]\nretention_sweep_ms = 10\n").unwrap();
+        assert!(c.validate().is_err());
         for bad in ["1", "59", "3153600001"] {
             let c = Config::from_toml(&format!(
                 "[storage]

@@ -245,7 +245,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .map(|p| p.store.log().map(|l| l.stats().clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("a shard's log closed while opening")?;
-    let metrics = Arc::new(Metrics::new(n, log_stats).with_media(media_stats));
+    let reclaimers: Vec<_> = router_parts.iter().map(|p| p.store.reclaimer()).collect();
+    let metrics = Arc::new(
+        Metrics::new(n, log_stats)
+            .with_media(media_stats)
+            .with_retention(crate::retention::stats(&reclaimers)),
+    );
+    let retention = crate::retention::start(
+        reclaimers,
+        cfg.storage.retention_secs.saturating_mul(1000),
+        cfg.storage.retention_sweep_ms,
+    )
+    .context("cannot start the retention thread")?;
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }
@@ -407,6 +418,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(Stop::Signal(sig)) => {
             tracing::info!(signal = sig, "shutting down: draining connections");
             health.draining();
+            // No sweep while the stores close (each saves its index snapshot).
+            retention.stop();
             for s in &senders {
                 let _ = s.send(Control::Shutdown);
             }

@@ -154,5 +154,5 @@ pub use metawriter::Offload;
 pub use shard::{
     CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, Notice, RouterShard, STORAGE_NOT_STORED,
     STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats,
-    THUMBNAIL_BYTES_MAX, Transmit, is_media_id,
+    THUMBNAIL_BYTES_MAX, Transmit, is_media_id, keep_until,
 };

@@ -43,6 +43,7 @@ pub use config::ShardConfig;
 use convs::ConvState;
 use cursors::Cursors;
 use direct::Direct;
+pub use disappearing::keep_until;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3};

@@ -1,7 +1,8 @@
 //! Disappearing messages through the real binary (issue 37 §4): a member sets a timer in a
 //! direct conversation, the timer change is pushed as an entry, messages sent afterwards carry
 //! their expiry (in the SendAck, the live Deliver and history), and once it passes neither
-//! history nor Sync serves them any more. The setting survives a SIGKILL and restart.
+//! history nor Sync serves them any more. The setting survives a SIGKILL and restart. The
+//! retention thread sweeps and reports on /metrics.
 
 use super::messaging::{ana_and_ben, call, recv_until, text};
 use super::*;
@@ -72,7 +73,7 @@ fn pushed(c: &mut Client, seq: u64) -> v1::Message {
 
 #[test]
 fn a_timer_makes_later_messages_disappear_from_history_and_sync_and_survives_a_restart() {
-    let srv = Server::start("io-uring", "");
+    let srv = Server::start("io-uring", "[storage]\nretention_sweep_ms = 1000\n");
     let (mut a, ga, mut b, gb) = ana_and_ben(&srv);
     let ub = gb.user_id;
     let first = ack(call(&mut a, text(1, ub, "kept")));
@@ -102,6 +103,18 @@ fn a_timer_makes_later_messages_disappear_from_history_and_sync_and_survives_a_r
     assert_eq!(seqs_in_history(&mut b, conv), [1, 2]);
     let s = synced(&mut b, conv);
     assert_eq!(s.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    // The retention thread sweeps (nothing to remove: each log is one segment, in use).
+    while super::connections::metric_sum(&srv, "starling_retention_sweeps_total") < 2 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        super::connections::metric_sum(&srv, "starling_retention_removed_segments_total"),
+        0
+    );
+    assert_eq!(
+        super::connections::metric_sum(&srv, "starling_log_oldest_segment_lsn"),
+        2
+    );
     // The setting is durable: after a SIGKILL the next message still disappears.
     drop((a, b));
     let srv = srv.kill9_and_restart("io-uring");

@@ -66,6 +66,22 @@ pub(super) fn gone(e: &Entry, now_ms: u64, retention_ms: u64) -> bool {
         || (retention_ms != 0 && e.ts_ms.0.saturating_add(retention_ms) <= now_ms)
 }
 
+/// Until when (ms since the epoch) the log must keep entry `e` under a server retention of
+/// `retention_ms` (0: forever): its expiry or the end of its retention, whichever comes first;
+/// `u64::MAX` for an entry kept forever. The policy the gateway's retention sweeps give the
+/// storage (`starling_storage::log::Reclaimer`); an entry is [`gone`] from then on.
+pub fn keep_until(e: &Entry, retention_ms: u64) -> u64 {
+    let by_timer = match expiry_of(e) {
+        0 => u64::MAX,
+        t => t,
+    };
+    let by_retention = match retention_ms {
+        0 => u64::MAX,
+        r => e.ts_ms.0.saturating_add(r),
+    };
+    by_timer.min(by_retention)
+}
+
 /// The expiry of a message or change sequenced at `now_ms` under a timer of `secs` (0: none).
 pub(super) fn expiry(now_ms: u64, secs: u64) -> u64 {
     if secs == 0 {

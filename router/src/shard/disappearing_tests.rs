@@ -74,6 +74,15 @@ fn an_entry_is_gone_once_expired_or_past_retention() {
         gone(&timed, 11_000, 10_000),
         "retention shorter than the timer wins"
     );
+    // The storage's policy agrees: kept until the earlier of the two, forever with neither.
+    assert_eq!(keep_until(&forever, 0), u64::MAX);
+    assert_eq!(keep_until(&forever, 10_000), 11_000);
+    assert_eq!(keep_until(&timed, 0), 61_000);
+    assert_eq!(keep_until(&timed, 10_000), 11_000);
+    for (e, r) in [(&forever, 10_000), (&timed, 0), (&timed, 100_000)] {
+        let t = keep_until(e, r);
+        assert!(!gone(e, t - 1, r) && gone(e, t, r), "{t}");
+    }
     assert_eq!(expiry(5_000, 0), 0);
     assert_eq!(expiry(5_000, 7), 12_000);
     assert_eq!(expiry(u64::MAX - 1, 7), u64::MAX, "saturates, never wraps");
