@@ -1357,5 +1357,7 @@ fn index_reads_entries_from_the_log_and_checks_them() {
 
 #[path = "storage/crash.rs"]
 mod crash;
+#[path = "storage/crash_retention.rs"]
+mod crash_retention;
 #[path = "storage/retention.rs"]
 mod retention;

@@ -57,8 +57,9 @@ pub struct SweepReport {
     pub oldest_kept: Lsn,
 }
 
-/// Test hook: called before each file is deleted (e.g. to exit the process there).
-pub type RemoveHook = Arc<dyn Fn(Lsn) + Send + Sync>;
+/// Test hook: called before each file is deleted, with its base lsn and the base of the oldest
+/// segment the sweep keeps (the index has forgotten everything before it by then).
+pub type RemoveHook = Arc<dyn Fn(Lsn, Lsn) + Send + Sync>;
 
 /// One shard's reclaimer: the log directory and the index whose pointers name it. Sweeps run on
 /// whatever thread calls them (the gateway's retention thread), beside the log's writer, which
@@ -146,7 +147,7 @@ impl Reclaimer {
         self.index.forget_segments_before(report.oldest_kept)?;
         for seg in &segs[..cut] {
             if let Some(h) = &self.before_remove {
-                h(seg.base);
+                h(seg.base, report.oldest_kept);
             }
             let bytes = fs::metadata(&seg.path).map_or(0, |m| m.len());
             fs::remove_file(&seg.path).map_err(|e| LogError::io("remove", &seg.path, e))?;

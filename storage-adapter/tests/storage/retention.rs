@@ -165,11 +165,11 @@ fn a_crash_between_forgetting_and_deleting_leaves_files_the_next_sweep_removes()
     let seen = copied.clone();
     let r = shard
         .reclaimer()
-        .with_remove_hook(Arc::new(move |base: Lsn| {
+        .with_remove_hook(Arc::new(move |base: Lsn, keep: Lsn| {
+            assert!(base < keep);
             if seen.fetch_add(1, Ordering::SeqCst) == 1 {
                 copy_dir(&src, &dst);
             }
-            let _ = base;
         }));
     let rep = r.sweep(2_000, &keep_until).unwrap();
     assert!(rep.removed.len() >= 2, "{rep:?}");
