@@ -365,7 +365,7 @@ impl OutboxEntry {
             change: self.change(),
             set_timer: self
                 .set_timer
-                .map(|seconds| v1::DisappearingTimer { seconds }),
+                .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
         }
     }
 }

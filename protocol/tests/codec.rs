@@ -713,7 +713,7 @@ fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
                     to: Some(v1::Recipient {
                         target: Some(v1::recipient::Target::ConversationId(9_001)),
                     }),
-                    set_timer: Some(v1::DisappearingTimer { seconds: 86_400 }),
+                    set_timer: Some(Box::new(v1::DisappearingTimer { seconds: 86_400 })),
                     ..v1::Send::default()
                 })),
             },
@@ -731,7 +731,7 @@ fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
                         sender_device_id: 1,
                         client_msg_id: Bytes::from_static(&[0x14; 16]),
                         server_ts_ms: 1_790_000_000_500,
-                        timer_changed: Some(v1::DisappearingTimer { seconds: 86_400 }),
+                        timer_changed: Some(Box::new(v1::DisappearingTimer { seconds: 86_400 })),
                         ..v1::Message::default()
                     }),
                 })),

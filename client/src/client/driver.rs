@@ -567,7 +567,7 @@ impl Driver {
                 change: entry.change(),
                 timer_changed: entry
                     .set_timer
-                    .map(|seconds| v1::DisappearingTimer { seconds }),
+                    .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
                 expires_at_ms: ack.expires_at_ms,
                 content_type: entry.content_type,
                 body: entry.body.into(),

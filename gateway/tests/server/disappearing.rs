@@ -13,7 +13,7 @@ fn set_timer(cmid: u8, conv: u64, seconds: u64) -> Body {
         to: Some(v1::Recipient {
             target: Some(v1::recipient::Target::ConversationId(conv)),
         }),
-        set_timer: Some(v1::DisappearingTimer { seconds }),
+        set_timer: Some(Box::new(v1::DisappearingTimer { seconds })),
         ..Default::default()
     })
 }
@@ -88,7 +88,7 @@ fn a_timer_makes_later_messages_disappear_from_history_and_sync_and_survives_a_r
     let live = pushed(&mut a, 2);
     assert_eq!(
         live.timer_changed,
-        Some(v1::DisappearingTimer { seconds: 5 })
+        Some(Box::new(v1::DisappearingTimer { seconds: 5 }))
     );
     // A message sent now carries its expiry: in the SendAck and in what Ben receives.
     let gone = ack(call(&mut a, text(4, ub, "soon gone")));

@@ -3,7 +3,7 @@ use super::*;
 fn send(seconds: u64) -> v1::Send {
     v1::Send {
         client_msg_id: bytes::Bytes::from_static(&[1; 16]),
-        set_timer: Some(v1::DisappearingTimer { seconds }),
+        set_timer: Some(Box::new(v1::DisappearingTimer { seconds })),
         ..v1::Send::default()
     }
 }
@@ -135,7 +135,7 @@ mod at_a_shard {
         send(s, now, conn, id, |sd| {
             sd.content_type.clear();
             sd.body = Bytes::new();
-            sd.set_timer = Some(v1::DisappearingTimer { seconds: secs });
+            sd.set_timer = Some(Box::new(v1::DisappearingTimer { seconds: secs }));
         })
         .0
     }
@@ -214,7 +214,7 @@ mod at_a_shard {
         let (set, out) = send(&mut s, &mut now, c2, (2, 2), |sd| {
             sd.content_type.clear();
             sd.body = Bytes::new();
-            sd.set_timer = Some(v1::DisappearingTimer { seconds: 60 });
+            sd.set_timer = Some(Box::new(v1::DisappearingTimer { seconds: 60 }));
         });
         assert_eq!(acked(&set), (2, false));
         let mut pushed = out;
@@ -230,7 +230,7 @@ mod at_a_shard {
             .expect("the timer change is pushed to user 1");
         assert_eq!(
             (live.seq, live.timer_changed),
-            (2, Some(v1::DisappearingTimer { seconds: 60 }))
+            (2, Some(Box::new(v1::DisappearingTimer { seconds: 60 })))
         );
         // A retry is the same entry.
         assert_eq!(acked(&timer(&mut s, &mut now, c2, (3, 2), 60)), (2, true));
@@ -245,7 +245,7 @@ mod at_a_shard {
         );
         assert_eq!(
             h[1].timer_changed,
-            Some(v1::DisappearingTimer { seconds: 60 })
+            Some(Box::new(v1::DisappearingTimer { seconds: 60 }))
         );
         assert_eq!(
             h[1].expires_at_ms, 0,
@@ -335,7 +335,7 @@ mod at_a_shard {
         let h = history(&mut s, &mut now);
         assert_eq!(
             h[1].timer_changed,
-            Some(v1::DisappearingTimer { seconds: 30 })
+            Some(Box::new(v1::DisappearingTimer { seconds: 30 }))
         );
     }
 

@@ -166,7 +166,7 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
                 sender_device_id: e.sender_device.0,
                 client_msg_id: Bytes::copy_from_slice(&e.client_msg_id.0),
                 server_ts_ms: e.ts_ms.0,
-                timer_changed: Some(v1::DisappearingTimer { seconds }),
+                timer_changed: Some(Box::new(v1::DisappearingTimer { seconds })),
                 ..v1::Message::default()
             })
         }
@@ -484,7 +484,7 @@ mod tests {
         let m = entry_to_message(ConvId(9), &t).unwrap();
         assert_eq!(
             m.timer_changed,
-            Some(v1::DisappearingTimer { seconds: 3600 })
+            Some(Box::new(v1::DisappearingTimer { seconds: 3600 }))
         );
         assert!(m.body.is_empty() && m.content_type.is_empty() && m.expires_at_ms == 0);
         t.body.push(0);

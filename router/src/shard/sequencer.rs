@@ -333,7 +333,7 @@ impl<L: DurableLog> Sequencer<L> {
                 change: cmd.change,
                 timer_changed: cmd
                     .set_timer
-                    .map(|seconds| v1::DisappearingTimer { seconds }),
+                    .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
                 expires_at_ms,
                 ..v1::Message::default()
             },

@@ -35,7 +35,7 @@ fn send_timer(h: &mut Harness, conn: u64, n: u32, conv: u64, seconds: u64) -> u6
             to: Some(v1::Recipient {
                 target: Some(Target::ConversationId(conv)),
             }),
-            set_timer: Some(v1::DisappearingTimer { seconds }),
+            set_timer: Some(Box::new(v1::DisappearingTimer { seconds })),
             ..v1::Send::default()
         }),
     )

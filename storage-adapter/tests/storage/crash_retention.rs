@@ -123,11 +123,14 @@ struct Known {
     removed: bool,
 }
 
+/// A submitted batch's entries: (conv, seq, n, body len).
+type BatchEntries = Vec<(u128, u64, u64, usize)>;
+
 /// What one child printed.
 #[derive(Default)]
 struct ChildOutput {
     /// first lsn → (entries (conv, seq, n, len), acknowledged)
-    batches: BTreeMap<u64, (Vec<(u128, u64, u64, usize)>, bool)>,
+    batches: BTreeMap<u64, (BatchEntries, bool)>,
     /// The latest sweep's `now`.
     swept: u64,
     /// The highest "oldest kept" a delete announced (the index forgot everything before it).
