@@ -593,6 +593,42 @@ mod tests {
     }
 
     #[test]
+    fn a_timer_change_and_an_expiring_message_say_so() {
+        let timer = v1::Message {
+            conversation_id: 9,
+            seq: 5,
+            timer_changed: Some(Box::new(v1::DisappearingTimer { seconds: 3600 })),
+            ..v1::Message::default()
+        };
+        let v = message(&timer);
+        assert_eq!(
+            (v["type"].clone(), v["timer_secs"].clone()),
+            (json!("timer"), json!(3600))
+        );
+        assert!(v.get("text").is_none() && v.get("expires_at_ms").is_none());
+        let m = v1::Message {
+            seq: 6,
+            content_type: "text/plain".into(),
+            body: "soon gone".as_bytes().to_vec().into(),
+            expires_at_ms: 1_790_000_003_600,
+            ..v1::Message::default()
+        };
+        let v = message(&m);
+        assert_eq!(v["type"], json!("message"));
+        assert_eq!(v["expires_at_ms"], json!(1_790_000_003_600u64));
+        let ack = send_ack(&v1::SendAck {
+            expires_at_ms: 7,
+            ..v1::SendAck::default()
+        });
+        assert_eq!(ack["expires_at_ms"], json!(7));
+        assert!(
+            send_ack(&v1::SendAck::default())
+                .get("expires_at_ms")
+                .is_none()
+        );
+    }
+
+    #[test]
     fn every_event_is_one_line_with_a_type() {
         let events = [
             Event::Connected {

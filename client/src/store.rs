@@ -636,6 +636,29 @@ mod tests {
     }
 
     #[test]
+    fn a_timer_change_survives_reopen_and_older_files_read_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::open(dir.path()).unwrap();
+        let timer = OutboxEntry {
+            to: Target::Conversation(9),
+            content_type: String::new(),
+            body: Vec::new(),
+            set_timer: Some(60),
+            ..entry(4)
+        };
+        profile.outbox().unwrap().push(timer.clone()).unwrap();
+        let ob = profile.outbox().unwrap();
+        assert_eq!(ob.entries(), &[timer.clone()]);
+        let send = ob.entries()[0].to_send();
+        assert_eq!(send.set_timer.map(|t| t.seconds), Some(60));
+        // A message is written without the field, as before timers existed, and reads back.
+        let plain = serde_json::to_string(&entry(5)).unwrap();
+        assert!(!plain.contains("set_timer"), "{plain}");
+        let back: OutboxEntry = serde_json::from_str(&plain).unwrap();
+        assert_eq!(back.set_timer, None);
+    }
+
+    #[test]
     fn a_corrupt_file_is_an_error_not_a_reset() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::open(dir.path()).unwrap();
