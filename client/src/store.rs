@@ -648,7 +648,7 @@ mod tests {
         };
         profile.outbox().unwrap().push(timer.clone()).unwrap();
         let ob = profile.outbox().unwrap();
-        assert_eq!(ob.entries(), &[timer.clone()]);
+        assert_eq!(ob.entries(), std::slice::from_ref(&timer));
         let send = ob.entries()[0].to_send();
         assert_eq!(send.set_timer.map(|t| t.seconds), Some(60));
         // A message is written without the field, as before timers existed, and reads back.
