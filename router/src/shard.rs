@@ -46,7 +46,9 @@ use direct::Direct;
 pub use disappearing::keep_until;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
-pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3};
+pub(crate) use envelope::{
+    fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3, fuzz_envelope_v4, fuzz_envelope_v5,
+};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;
