@@ -81,6 +81,12 @@ impl RetentionTask {
             let _ = t.join();
         }
     }
+
+    /// Asks the thread to stop without waiting for it (a storage fault: a sweep may be stuck
+    /// on the failed disk, and the process is about to exit).
+    pub fn stop_soon(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 /// The counters of `reclaimers`, in shard order, for `/metrics`.

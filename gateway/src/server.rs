@@ -430,6 +430,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Ok(Stop::Fault(reason)) => {
+            retention.stop_soon();
             for s in &senders {
                 let _ = s.send(Control::Fault);
             }

@@ -117,6 +117,11 @@ impl Reclaimer {
         keep_until: &dyn Fn(&Entry) -> u64,
     ) -> Result<SweepReport, StorageError> {
         self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+        // A failed index is rebuilt from the log at the next open: it must not be saved, and
+        // the log must keep everything that rebuild needs until then.
+        if self.index.failed() {
+            return Ok(SweepReport::default());
+        }
         let segs = list_segments(&self.log_dir)?;
         let applied = self.index.applied_lsn();
         let mut cut = 0;
