@@ -340,6 +340,40 @@ mod at_a_shard {
     }
 
     #[test]
+    fn in_a_group_where_only_admins_send_only_an_admin_sets_the_timer() {
+        use starling_storage::meta::{Group, GroupSettings, Member, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, meta) = shard(dir.path(), ShardConfig::default());
+        // User 1 becomes the group's admin and only admins may send.
+        let mut b = MetaBatch::default();
+        b.put(&Group {
+            id: GROUP.storage(),
+            name: "g".into(),
+            created_by: UserId(1),
+            created_ms: TimestampMs(0),
+            epoch: 0,
+            settings: Some(GroupSettings {
+                only_admins_send: true,
+                ..GroupSettings::default()
+            }),
+        });
+        b.add_member(&Member {
+            group: GROUP.storage(),
+            user: UserId(1),
+            role: Role::Admin,
+            joined_ms: TimestampMs(0),
+            joined_seq: None,
+        });
+        meta.commit(&b).unwrap();
+        let mut now = 1_000_000;
+        let Body::Error(e) = timer(&mut s, &mut now, ConnId(2), (1, 1), 60) else {
+            panic!("a member who may not send may not set the timer");
+        };
+        assert_eq!(e.code, ErrorCode::PermissionDenied as i32);
+        assert_eq!(acked(&timer(&mut s, &mut now, ConnId(1), (2, 2), 60)).0, 1);
+    }
+
+    #[test]
     fn the_servers_retention_hides_every_entry_past_it() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = ShardConfig {
