@@ -202,3 +202,36 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn under_a_constant_load_disk_use_reaches_a_steady_state() {
+    // 40 rounds of 500 entries (ts + 1 each), a sweep after each: with entries kept for 1,000
+    // ts, the log holds at most the last 1,000 entries plus what shares their oldest segment and
+    // the segment in use, whatever has been written in total.
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = EmbeddedShard::open(dir.path(), shard_opts(SEG)).unwrap();
+    let r = shard.reclaimer();
+    let (mut seqs, mut w) = ([0u64; 3], Written::new());
+    let log_bytes = |dir: &Path| -> u64 {
+        segments(&dir.join("log"))
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    let mut sizes = Vec::new();
+    for round in 0..40u64 {
+        write(&mut shard, round * 500, 500, &mut seqs, &mut w);
+        r.sweep((round + 1) * 500, &keep_until).unwrap();
+        sizes.push(log_bytes(dir.path()));
+    }
+    // ~250 bytes an entry, 1,000 live entries: ~8 segments of 32 KiB, plus the two partly live.
+    let bound = 12 * SEG;
+    assert!(
+        sizes[4..].iter().all(|&s| s <= bound),
+        "the log keeps growing: {sizes:?}"
+    );
+    let written: u64 = w.len() as u64 * 250;
+    assert!(written > 4 * bound, "the load wrote {written} bytes");
+    assert!(r.stats().removed_segments.load(Ordering::Relaxed) > 100);
+    check(&shard, &seqs, &w, 40 * 500, "at the end");
+}
