@@ -36,6 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .boxed(".starling.v1.Message.group_changed")
         .boxed(".starling.v1.Send.change")
         .boxed(".starling.v1.Message.change")
+        .boxed(".starling.v1.Send.set_timer")
+        .boxed(".starling.v1.Message.timer_changed")
         .boxed(".starling.v1.Profile.avatar")
         .boxed(".starling.v1.UpdateProfile.avatar")
         .boxed(".starling.v1.CreateGroup.avatar")

@@ -30,6 +30,7 @@ fn send_frame() -> v1::Frame {
             reply_to_seq: 0,
             first_attempt: false,
             change: None,
+            set_timer: None,
         })),
     }
 }

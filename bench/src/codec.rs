@@ -64,6 +64,7 @@ pub(crate) fn send_frame(body_bytes: usize) -> v1::Frame {
             reply_to_seq: 0,
             first_attempt: false,
             change: None,
+            set_timer: None,
         })),
     }
 }

@@ -965,6 +965,7 @@ fn due_starling(
                 // Sent once, never resent.
                 first_attempt: true,
                 change: None,
+                set_timer: None,
             }),
         )?;
         rec.record_lag(sched, now);

@@ -672,6 +672,7 @@ async fn storm_pair(
                         reply_to_seq: 0,
                         first_attempt,
                         change: None,
+                        set_timer: None,
                     }),
                 )?;
                 member.unacked.insert(k, sched);

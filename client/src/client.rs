@@ -503,6 +503,7 @@ impl Client {
             media: media.map(prost::Message::encode_to_vec).unwrap_or_default(),
             reply_to_seq: 0,
             change: Vec::new(),
+            set_timer: None,
         };
         self.queue(entry).await
     }

@@ -132,8 +132,10 @@ impl Shared {
     }
 }
 
+/// What the writer task is asked to do. The frame is boxed: a `Message` inside it makes it
+/// hundreds of bytes, and the queue holds `Close` too.
 enum Out {
-    Frame(v1::Frame),
+    Frame(Box<v1::Frame>),
     Close,
 }
 
@@ -500,7 +502,7 @@ impl Connection {
         }
         self.shared
             .out
-            .send(Out::Frame(frame))
+            .send(Out::Frame(Box::new(frame)))
             .await
             .map_err(|_| self.shared.closed_error())
     }

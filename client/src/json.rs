@@ -29,7 +29,9 @@ fn change_kind(kind: i32) -> &'static str {
 
 /// A conversation entry: a message, a change of an earlier message (`"type": "change"`, with
 /// `kind` edit, delete or react, `target_seq`, `emoji` for a reaction, and an edit's new
-/// text), or a group event (see [`group_changed`]). A message served as it is now carries
+/// text), a change of the disappearing-messages timer (`"type": "timer"`, `timer_secs`, 0:
+/// off), or a group event (see [`group_changed`]). A message that disappears carries
+/// `expires_at_ms`. A message served as it is now carries
 /// `edited_ts_ms` once edited, `"deleted": true` (and no text) once deleted for everyone, and
 /// `reactions` (`[{user_id, emoji}]`) when it has some.
 #[must_use]
@@ -39,6 +41,8 @@ pub fn message(m: &v1::Message) -> Value {
     }
     let kind = if m.change.is_some() {
         "change"
+    } else if m.timer_changed.is_some() {
+        "timer"
     } else {
         "message"
     };
@@ -71,6 +75,15 @@ pub fn message(m: &v1::Message) -> Value {
         if !c.emoji.is_empty() || c.kind == v1::ChangeKind::React as i32 {
             v["emoji"] = json!(c.emoji);
         }
+    }
+    if let Some(t) = &m.timer_changed {
+        v["timer_secs"] = json!(t.seconds);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("text");
+        }
+    }
+    if m.expires_at_ms != 0 {
+        v["expires_at_ms"] = json!(m.expires_at_ms);
     }
     if m.edited_ts_ms != 0 {
         v["edited_ts_ms"] = json!(m.edited_ts_ms);
@@ -126,14 +139,18 @@ pub fn media_ref(m: &v1::MediaRef) -> Value {
 /// A send acknowledgement.
 #[must_use]
 pub fn send_ack(a: &v1::SendAck) -> Value {
-    json!({
+    let mut v = json!({
         "type": "sent",
         "client_msg_id": msg_id(&a.client_msg_id),
         "conversation_id": a.conversation_id,
         "seq": a.seq,
         "server_ts_ms": a.server_ts_ms,
         "duplicate": a.duplicate,
-    })
+    });
+    if a.expires_at_ms != 0 {
+        v["expires_at_ms"] = json!(a.expires_at_ms);
+    }
+    v
 }
 
 /// A group's aggregate receipts for our messages.
@@ -573,6 +590,42 @@ mod tests {
         );
         assert_eq!(v["text"], "hi 🐦");
         assert!(v.get("emoji").is_none());
+    }
+
+    #[test]
+    fn a_timer_change_and_an_expiring_message_say_so() {
+        let timer = v1::Message {
+            conversation_id: 9,
+            seq: 5,
+            timer_changed: Some(Box::new(v1::DisappearingTimer { seconds: 3600 })),
+            ..v1::Message::default()
+        };
+        let v = message(&timer);
+        assert_eq!(
+            (v["type"].clone(), v["timer_secs"].clone()),
+            (json!("timer"), json!(3600))
+        );
+        assert!(v.get("text").is_none() && v.get("expires_at_ms").is_none());
+        let m = v1::Message {
+            seq: 6,
+            content_type: "text/plain".into(),
+            body: "soon gone".as_bytes().to_vec().into(),
+            expires_at_ms: 1_790_000_003_600,
+            ..v1::Message::default()
+        };
+        let v = message(&m);
+        assert_eq!(v["type"], json!("message"));
+        assert_eq!(v["expires_at_ms"], json!(1_790_000_003_600u64));
+        let ack = send_ack(&v1::SendAck {
+            expires_at_ms: 7,
+            ..v1::SendAck::default()
+        });
+        assert_eq!(ack["expires_at_ms"], json!(7));
+        assert!(
+            send_ack(&v1::SendAck::default())
+                .get("expires_at_ms")
+                .is_none()
+        );
     }
 
     #[test]

@@ -191,6 +191,14 @@ enum Cmd {
         /// The reaction (at most 64 bytes).
         emoji: String,
     },
+    /// Turn on disappearing messages in a conversation (messages sent from now on disappear
+    /// SECONDS after the server accepted them), or off with 0.
+    Timer {
+        /// The conversation: a user id, a +phone, conv:<conversation id> or group:<id>.
+        conv: String,
+        /// The timer: 0 (off) or from 5 to 31536000 (one year).
+        seconds: u64,
+    },
     /// Download the attachment of a message (--conversation and --seq), or a user's avatar
     /// (--user), into a file (its SHA-256 is checked).
     Download {
@@ -538,6 +546,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             discard(events);
             let res =
                 cli::messaging::change(&client, &conv, seq, Change::React(&emoji), g.timeout).await;
+            client.shutdown().await;
+            out.print(&sj::send_ack(&res?));
+        }
+        Cmd::Timer { conv, seconds } => {
+            let (client, events) = start(&g, false)?;
+            discard(events);
+            let res = cli::messaging::set_timer(&client, &conv, seconds, g.timeout).await;
             client.shutdown().await;
             out.print(&sj::send_ack(&res?));
         }

@@ -324,6 +324,10 @@ pub struct OutboxEntry {
     /// changes existed).
     #[serde(default, with = "hex_bytes")]
     pub change: Vec<u8>,
+    /// A change of the conversation's disappearing-messages timer to this many seconds (0: off)
+    /// instead of a message (absent in files written before timers existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_timer: Option<u64>,
 }
 
 impl OutboxEntry {
@@ -359,6 +363,9 @@ impl OutboxEntry {
             reply_to_seq: self.reply_to_seq,
             first_attempt: false,
             change: self.change(),
+            set_timer: self
+                .set_timer
+                .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
         }
     }
 }
@@ -514,6 +521,7 @@ mod tests {
             media: Vec::new(),
             reply_to_seq: 0,
             change: Vec::new(),
+            set_timer: None,
         }
     }
 
@@ -625,6 +633,29 @@ mod tests {
         book.insert("+19999999999", 2).unwrap();
         assert_eq!(book.all().len(), CONTACTS_MAX);
         assert_eq!(book.get("+19999999999"), Some(2));
+    }
+
+    #[test]
+    fn a_timer_change_survives_reopen_and_older_files_read_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::open(dir.path()).unwrap();
+        let timer = OutboxEntry {
+            to: Target::Conversation(9),
+            content_type: String::new(),
+            body: Vec::new(),
+            set_timer: Some(60),
+            ..entry(4)
+        };
+        profile.outbox().unwrap().push(timer.clone()).unwrap();
+        let ob = profile.outbox().unwrap();
+        assert_eq!(ob.entries(), std::slice::from_ref(&timer));
+        let send = ob.entries()[0].to_send();
+        assert_eq!(send.set_timer.map(|t| t.seconds), Some(60));
+        // A message is written without the field, as before timers existed, and reads back.
+        let plain = serde_json::to_string(&entry(5)).unwrap();
+        assert!(!plain.contains("set_timer"), "{plain}");
+        let back: OutboxEntry = serde_json::from_str(&plain).unwrap();
+        assert_eq!(back.set_timer, None);
     }
 
     #[test]

@@ -437,6 +437,8 @@ async fn sdk_refreshes_in_place_when_hello_refuses_its_token() {
 mod changes;
 #[path = "real_server/contacts.rs"]
 mod contacts;
+#[path = "real_server/disappearing.rs"]
+mod disappearing;
 #[path = "real_server/e2e.rs"]
 mod e2e;
 #[path = "real_server/e2e_chat.rs"]

@@ -276,6 +276,13 @@ pub struct StorageConfig {
     /// used lately leave memory and are read back from the index files when needed
     /// (docs/design/log.md, "The index"). At least 16 MiB per shard.
     pub index_memory_bytes: u64,
+    /// The server's retention, in seconds: an entry (message, change, group or timer event)
+    /// is no longer served once its server timestamp is this old, and the log segments holding
+    /// only such entries are removed (docs/design/retention.md). 0: keep forever.
+    pub retention_secs: u64,
+    /// How often the retention thread looks for log segments to remove, in ms (1,000 to
+    /// 86,400,000). A segment goes at most this long after its last entry may.
+    pub retention_sweep_ms: u64,
 }
 
 /// The smallest index budget per shard the configuration accepts.
@@ -288,9 +295,16 @@ impl Default for StorageConfig {
             io_cpus: None,
             cached_sealed_segments: 2,
             index_memory_bytes: 1 << 30,
+            retention_secs: 0,
+            retention_sweep_ms: 60_000,
         }
     }
 }
+
+/// Shortest server retention (`storage.retention_secs`, 0 aside), in seconds.
+const RETENTION_SECS_MIN: u64 = 60;
+/// Longest server retention, in seconds: 100 years.
+const RETENTION_SECS_MAX: u64 = 100 * 365 * 24 * 3600;
 
 /// The whole server configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -420,7 +434,10 @@ impl Config {
     /// `[limits]`. The one place the gateway builds a `starling_router::ShardConfig`.
     #[must_use]
     pub fn shard_config(&self) -> starling_router::ShardConfig {
-        self.router.shard_config(&self.limits)
+        starling_router::ShardConfig {
+            retention_ms: self.storage.retention_secs.saturating_mul(1000),
+            ..self.router.shard_config(&self.limits)
+        }
     }
 
     /// Checks every value; the first bad one is reported.
@@ -514,6 +531,20 @@ impl Config {
             return bad(
                 "storage.commit_interval_min_us",
                 "at most 10000 (every acknowledgement may wait this long)",
+            );
+        }
+        if self.storage.retention_secs != 0
+            && !(RETENTION_SECS_MIN..=RETENTION_SECS_MAX).contains(&self.storage.retention_secs)
+        {
+            return bad(
+                "storage.retention_secs",
+                "0 (keep forever) or from 60 to 3153600000 (100 years)",
+            );
+        }
+        if !(1_000..=86_400_000).contains(&self.storage.retention_sweep_ms) {
+            return bad(
+                "storage.retention_sweep_ms",
+                "must be between 1000 and 86400000",
             );
         }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
@@ -644,6 +675,28 @@ mod tests {
         let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
         assert_eq!(c.storage.cached_sealed_segments, 0);
         c.validate().unwrap();
+        assert_eq!(Config::default().storage.retention_secs, 0);
+        assert_eq!(Config::default().shard_config().retention_ms, 0);
+        let c = Config::from_toml(
+            "[storage]
+retention_secs = 3600
+",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.shard_config().retention_ms, 3_600_000);
+        let c = Config::from_toml("[storage]\nretention_sweep_ms = 10\n").unwrap();
+        assert!(c.validate().is_err());
+        for bad in ["1", "59", "3153600001"] {
+            let c = Config::from_toml(&format!(
+                "[storage]
+retention_secs = {bad}
+"
+            ))
+            .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("storage.retention_secs"), "{e}");
+        }
     }
 
     #[test]

@@ -161,6 +161,7 @@ pub mod messaging;
 pub mod metrics;
 pub mod profiles;
 pub mod push;
+pub mod retention;
 pub mod runtime;
 pub mod server;
 pub mod shard;

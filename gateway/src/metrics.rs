@@ -120,6 +120,8 @@ pub struct Metrics {
     /// Per shard, its log's I/O statistics (empty without messaging storage).
     logs: Vec<Arc<LogStats>>,
     indexes: Vec<Arc<DenseIndex>>,
+    /// Per shard, what retention removed from its log (empty without messaging storage).
+    retention: Vec<Arc<starling_storage::log::RetentionStats>>,
     /// The media endpoint's counters (zero without one).
     media: Arc<crate::media::MediaStats>,
     /// The push notifier's counters.
@@ -143,6 +145,7 @@ impl Metrics {
         Self {
             logs,
             indexes: Vec::new(),
+            retention: Vec::new(),
             push: Arc::default(),
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             auth_failures: AUTH_FAILURE_REASONS
@@ -164,6 +167,16 @@ impl Metrics {
     #[must_use]
     pub fn with_media(mut self, media: Arc<crate::media::MediaStats>) -> Self {
         self.media = media;
+        self
+    }
+
+    /// These metrics with each shard's retention counters (in shard order).
+    #[must_use]
+    pub fn with_retention(
+        mut self,
+        retention: Vec<Arc<starling_storage::log::RetentionStats>>,
+    ) -> Self {
+        self.retention = retention;
         self
     }
 
@@ -361,6 +374,38 @@ impl Metrics {
              spare, its rename and the directory fsync (no commit completes meanwhile).",
             self.logs.iter().map(|l| &l.segment_switch),
         );
+        let retention_counters: [Counter<starling_storage::log::RetentionStats>; 3] = [
+            (
+                "starling_retention_removed_segments_total",
+                "Log segments removed by retention (every entry past retention or expired).",
+                |r| &r.removed_segments,
+            ),
+            (
+                "starling_retention_removed_bytes_total",
+                "Bytes of the log segments removed by retention.",
+                |r| &r.removed_bytes,
+            ),
+            (
+                "starling_retention_sweeps_total",
+                "Retention sweeps of the shard's log.",
+                |r| &r.sweeps,
+            ),
+        ];
+        per_shard_counters(
+            &mut s,
+            self.retention.iter().map(|r| &**r),
+            &retention_counters,
+        );
+        let name = "starling_log_oldest_segment_lsn";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Base lsn of the oldest log segment kept after the last retention \
+             sweep (0: no sweep yet).\n# TYPE {name} gauge"
+        );
+        for (i, r) in self.retention.iter().enumerate() {
+            let v = r.oldest_kept_base.load(Ordering::Relaxed);
+            let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {v}");
+        }
         let name = "starling_auth_failures_total";
         let _ = writeln!(
             s,

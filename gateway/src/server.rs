@@ -249,11 +249,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.store.index().clone())
         .collect();
+    let reclaimers: Vec<_> = router_parts.iter().map(|p| p.store.reclaimer()).collect();
     let metrics = Arc::new(
         Metrics::new(n, log_stats)
             .with_indexes(indexes)
-            .with_media(media_stats),
+            .with_media(media_stats)
+            .with_retention(crate::retention::stats(&reclaimers)),
     );
+    let retention = crate::retention::start(
+        reclaimers,
+        cfg.storage.retention_secs.saturating_mul(1000),
+        cfg.storage.retention_sweep_ms,
+    )
+    .context("cannot start the retention thread")?;
     if let Some(line) = crate::accounts::migrate::run(&cfg.data_dir, &meta)? {
         say(&line);
     }
@@ -415,6 +423,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(Stop::Signal(sig)) => {
             tracing::info!(signal = sig, "shutting down: draining connections");
             health.draining();
+            // No sweep while the stores close (each checkpoints its index).
+            retention.stop();
             for s in &senders {
                 let _ = s.send(Control::Shutdown);
             }
@@ -425,6 +435,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Ok(Stop::Fault(reason)) => {
+            retention.stop_soon();
             for s in &senders {
                 let _ = s.send(Control::Fault);
             }

@@ -1034,6 +1034,8 @@ mod changes;
 mod connections;
 #[path = "server/cursors.rs"]
 mod cursors;
+#[path = "server/disappearing.rs"]
+mod disappearing;
 #[path = "server/discovery.rs"]
 mod discovery;
 #[path = "server/faults.rs"]

@@ -16,6 +16,7 @@ sys.path.insert(0, HERE)
 
 from vectors import check_all  # noqa: E402
 import changes  # noqa: E402
+import disappearing  # noqa: E402
 import flows  # noqa: E402
 import keys  # noqa: E402
 import presence  # noqa: E402
@@ -62,6 +63,7 @@ def main():
         else:
             flows.run_all(pb, args.starling, results.check)
             changes.run_all(pb, args.starling, results.check)
+            disappearing.run_all(pb, args.starling, results.check)
             presence.run_all(pb, args.starling, results.check)
             media.run_all(pb, args.starling, results.check)
             keys.run_all(pb, args.starling, results.check)

@@ -20,6 +20,19 @@ pub const BODY_BYTES_MAX_DEFAULT: u32 = 60 * 1024;
 /// Length of `client_msg_id` in bytes.
 pub const CLIENT_MSG_ID_BYTES: usize = 16;
 
+/// Shortest disappearing-messages timer (`DisappearingTimer.seconds`, 0 aside: off), in
+/// seconds. Shorter timers would expire a message before a device online at the time could
+/// show it.
+pub const DISAPPEARING_TIMER_SECS_MIN: u64 = 5;
+
+/// Longest disappearing-messages timer, in seconds: one year.
+pub const DISAPPEARING_TIMER_SECS_MAX: u64 = 365 * 24 * 3600;
+
+const _: () = assert!(DISAPPEARING_TIMER_SECS_MIN > 0);
+const _: () = assert!(DISAPPEARING_TIMER_SECS_MIN < DISAPPEARING_TIMER_SECS_MAX);
+// An expiry in ms (server ts + timer) never overflows for any ts before year 500,000,000.
+const _: () = assert!(DISAPPEARING_TIMER_SECS_MAX.checked_mul(1000).is_some());
+
 const _: () = assert!(FRAME_BYTES_MAX_FLOOR <= FRAME_BYTES_MAX_DEFAULT);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_CEILING);
 // A body must fit in a default frame together with its envelope.

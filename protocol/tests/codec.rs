@@ -296,6 +296,7 @@ fn sample(kind: FrameKind) -> Body {
             reply_to_seq: 41,
             first_attempt: true,
             change: None,
+            set_timer: None,
         }),
         FrameKind::SendAck => Body::SendAck(v1::SendAck {
             client_msg_id: Bytes::from_static(&[0x11; 16]),
@@ -303,6 +304,7 @@ fn sample(kind: FrameKind) -> Body {
             seq: 42,
             server_ts_ms: 1_790_000_000_123,
             duplicate: false,
+            expires_at_ms: 1_790_086_400_123,
         }),
         FrameKind::Deliver => Body::Deliver(v1::Deliver {
             message: Some(v1::Message {
@@ -702,6 +704,61 @@ fn extra_vectors() -> Vec<(&'static str, v1::Frame)> {
             },
         ),
         (
+            // Turn on disappearing messages (one day) in conversation 9,001.
+            "send_set_timer",
+            v1::Frame {
+                request_id: 16,
+                body: Some(Body::Send(v1::Send {
+                    client_msg_id: Bytes::from_static(&[0x14; 16]),
+                    to: Some(v1::Recipient {
+                        target: Some(v1::recipient::Target::ConversationId(9_001)),
+                    }),
+                    set_timer: Some(Box::new(v1::DisappearingTimer { seconds: 86_400 })),
+                    ..v1::Send::default()
+                })),
+            },
+        ),
+        (
+            // The timer's entry, pushed like a message.
+            "deliver_timer_changed",
+            v1::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(v1::Deliver {
+                    message: Some(v1::Message {
+                        conversation_id: 9_001,
+                        seq: 45,
+                        sender_user_id: 1_001,
+                        sender_device_id: 1,
+                        client_msg_id: Bytes::from_static(&[0x14; 16]),
+                        server_ts_ms: 1_790_000_000_500,
+                        timer_changed: Some(Box::new(v1::DisappearingTimer { seconds: 86_400 })),
+                        ..v1::Message::default()
+                    }),
+                })),
+            },
+        ),
+        (
+            // A message sent under that timer: it disappears a day after its server_ts_ms.
+            "deliver_expiring",
+            v1::Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(v1::Deliver {
+                    message: Some(v1::Message {
+                        conversation_id: 9_001,
+                        seq: 46,
+                        sender_user_id: 1_002,
+                        sender_device_id: 2,
+                        client_msg_id: Bytes::from_static(&[0x15; 16]),
+                        server_ts_ms: 1_790_000_000_600,
+                        content_type: "text/plain".into(),
+                        body: Bytes::from_static(b"see you"),
+                        expires_at_ms: 1_790_086_400_600,
+                        ..v1::Message::default()
+                    }),
+                })),
+            },
+        ),
+        (
             // History as it is now: message 42 edited, with a reaction; 43 deleted for
             // everyone (no content); 44 the edit's change entry.
             "history_page_changed",
@@ -1074,6 +1131,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                         reply_to_seq,
                         first_attempt,
                         change: None,
+                        set_timer: None,
                     }
                 )
             ),

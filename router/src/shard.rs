@@ -18,6 +18,7 @@ mod convs;
 mod cursors;
 mod direct;
 mod directory;
+mod disappearing;
 mod envelope;
 mod fanout;
 pub(crate) mod frames;
@@ -42,9 +43,12 @@ pub use config::ShardConfig;
 use convs::ConvState;
 use cursors::Cursors;
 use direct::Direct;
+pub use disappearing::keep_until;
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
-pub(crate) use envelope::{fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3};
+pub(crate) use envelope::{
+    fuzz_envelope, fuzz_envelope_v2, fuzz_envelope_v3, fuzz_envelope_v4, fuzz_envelope_v5,
+};
 pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;

@@ -592,6 +592,7 @@ impl World {
                 reply_to_seq: 0,
                 first_attempt,
                 change: o.change.clone(),
+                set_timer: None,
             }),
         );
     }
@@ -1424,6 +1425,8 @@ fn simulation() {
     );
 }
 
+#[path = "sim/disappearing.rs"]
+mod disappearing;
 #[path = "sim/groups.rs"]
 mod groups;
 #[path = "sim/scenarios.rs"]

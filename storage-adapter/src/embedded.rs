@@ -151,6 +151,12 @@ impl EmbeddedShard {
         &self.index
     }
 
+    /// A reclaimer of this shard's log space (`log/retention.rs`): it makes the index forget
+    /// the segments it removes, then deletes them. Run its sweeps on any thread.
+    pub fn reclaimer(&self) -> crate::log::Reclaimer {
+        crate::log::Reclaimer::new(&self.dir.join("log"), self.index.clone())
+    }
+
     /// The log itself (for scans and statistics).
     pub fn log(&self) -> Result<&SegmentedLog, LogError> {
         self.log.as_ref().ok_or(LogError::Closed)

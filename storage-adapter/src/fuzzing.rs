@@ -1,5 +1,5 @@
 //! Entry points for the cargo-fuzz targets in `fuzz/` over every decoder of data at rest: log
-//! records, segment headers, log recovery, metadata records and index snapshots. The unit tests below run
+//! records, segment headers, log recovery, metadata records and segment index files. The unit tests below run
 //! them over the committed corpus (`fuzz/corpus/<target>/`) and over fresh encodings.
 //!
 //! A checksum stops random bytes at the first check, so where a format has one, an odd first

@@ -834,7 +834,7 @@ fn index_reads_latest_before_after_and_dedup_survive_restart() {
 }
 
 /// Conversations of several 4,096-entry chunks: every id is found, whether its chunk is full
-/// (a tag table) or filling (a scan), after a clean restart (tags from the snapshot) and after a
+/// (a tag table) or filling (a scan), after a clean restart (tags from the index files) and after a
 /// rebuild (a fresh tag key); ids never sent are not.
 #[test]
 fn dedup_finds_every_id_in_conversations_of_many_chunks_across_restart_and_rebuild() {
@@ -1362,7 +1362,11 @@ fn index_reads_entries_from_the_log_and_checks_them() {
 
 #[path = "storage/crash.rs"]
 mod crash;
+#[path = "storage/crash_retention.rs"]
+mod crash_retention;
 #[path = "storage/paging.rs"]
 mod paging;
+#[path = "storage/retention.rs"]
+mod retention;
 #[path = "storage/scale.rs"]
 mod scale;

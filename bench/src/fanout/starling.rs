@@ -139,6 +139,7 @@ async fn send(
                     reply_to_seq: 0,
                     first_attempt: true,
                     change: None,
+                    set_timer: None,
                 }),
             )?;
             pacer.sent(plan, rec, now, sched);

@@ -411,6 +411,7 @@ pub(super) fn send_body(to_user: u64, s: usize, k: u64, conv: u32, body: &bytes:
         reply_to_seq: 0,
         first_attempt: true,
         change: None,
+        set_timer: None,
     })
 }
 

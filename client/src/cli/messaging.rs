@@ -138,6 +138,22 @@ pub(crate) async fn change(
         })?
 }
 
+/// Sets the disappearing-messages timer of the conversation `with` names (0: off).
+pub(crate) async fn set_timer(
+    client: &Client,
+    with: &str,
+    seconds: u64,
+    wait: Duration,
+) -> Result<v1::SendAck, ClientError> {
+    let conv = conversation(client, with).await?;
+    tokio::time::timeout(wait, client.set_disappearing_timer(conv, seconds))
+        .await
+        .map_err(|_| ClientError::Timeout {
+            what: "SendAck (the timer change stays in the outbox and will be retried)",
+            after: wait,
+        })?
+}
+
 pub(crate) async fn history(
     out: &Out,
     client: &Client,

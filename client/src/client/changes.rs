@@ -1,5 +1,6 @@
 //! Replies, edits, deletes for everyone and reactions (protocol/README.md, "Edits, deletes,
-//! reactions and replies"). Each goes through the outbox like a message: durable on this
+//! reactions and replies"), and the disappearing-messages timer ("Disappearing messages and
+//! retention"). Each goes through the outbox like a message: durable on this
 //! device before it is sent, retried with the same `client_msg_id` until the server answers,
 //! and acknowledged with the `SendAck` of its own entry in the conversation.
 
@@ -80,6 +81,34 @@ impl Client {
         .await
     }
 
+    /// Sets the disappearing-messages timer of `conversation_id` to `seconds` (0: off): every
+    /// message sent into it afterwards disappears `seconds` after the server accepted it
+    /// (`Message.expires_at_ms`). Any member of a 1:1 conversation; in a group, any member who
+    /// may send. `seconds` is 0 or from 5 to 31,536,000 (one year).
+    pub async fn set_disappearing_timer(
+        &self,
+        conversation_id: u64,
+        seconds: u64,
+    ) -> Result<v1::SendAck, ClientError> {
+        use starling_protocol::limits::{DISAPPEARING_TIMER_SECS_MAX, DISAPPEARING_TIMER_SECS_MIN};
+        if conversation_id == 0 {
+            return Err(ClientError::InvalidArgument(
+                "name a conversation: its id is not 0".into(),
+            ));
+        }
+        if seconds != 0
+            && !(DISAPPEARING_TIMER_SECS_MIN..=DISAPPEARING_TIMER_SECS_MAX).contains(&seconds)
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "a disappearing timer is 0 (off) or from {DISAPPEARING_TIMER_SECS_MIN} to \
+                 {DISAPPEARING_TIMER_SECS_MAX} seconds, not {seconds}"
+            )));
+        }
+        let mut e = entry(Target::Conversation(conversation_id), "", Vec::new())?;
+        e.set_timer = Some(seconds);
+        self.queue(e).await
+    }
+
     async fn change(
         &self,
         conversation_id: u64,
@@ -120,5 +149,6 @@ fn entry(to: Target, content_type: &str, body: Vec<u8>) -> Result<OutboxEntry, C
         media: Vec::new(),
         reply_to_seq: 0,
         change: Vec::new(),
+        set_timer: None,
     })
 }

@@ -565,6 +565,10 @@ impl Driver {
                 server_ts_ms: ack.server_ts_ms,
                 media: entry.media_ref(),
                 change: entry.change(),
+                timer_changed: entry
+                    .set_timer
+                    .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
+                expires_at_ms: ack.expires_at_ms,
                 content_type: entry.content_type,
                 body: entry.body.into(),
                 reply_to_seq: entry.reply_to_seq,

@@ -24,7 +24,8 @@ use starling_storage::{
     TimestampMs, UserId,
 };
 
-use super::envelope::is_change;
+use super::disappearing::gone;
+use super::envelope::{expiry_of, is_change, is_timer};
 use super::frames::{Refusal, error_frame};
 use super::mail::SendCmd;
 use super::sequencer::Sequencer;
@@ -98,6 +99,9 @@ where
     if cmd.reply_to_seq != 0 {
         target(sh, cmd.conv, cmd.user, cmd.reply_to_seq, "reply_to_seq")?;
     }
+    if cmd.set_timer.is_some() {
+        return super::disappearing::prepare(sh, cmd);
+    }
     let Some(ch) = cmd.change.clone() else {
         return Ok(Prepared::Go(Box::new(cmd)));
     };
@@ -110,6 +114,8 @@ where
         return Ok(Prepared::Waiting);
     }
     let t = target(sh, cmd.conv, cmd.user, ch.target_seq, "change.target_seq")?;
+    let mut cmd = cmd;
+    cmd.target_expiry_ms = expiry_of(&t);
     let old = state(sh, cmd.conv, ch.target_seq)?
         .unwrap_or_else(|| MessageState::new(cmd.conv.storage(), Seq(ch.target_seq)));
     let admin = sh
@@ -165,6 +171,9 @@ pub(super) fn committed<L, I, M>(
     let target = cmd.change.as_ref().map_or(0, |c| c.target_seq);
     let parked = match sh.conv(cmd.conv) {
         Ok(c) => {
+            if cmd.set_timer.is_some() {
+                c.seq.timer_writes = c.seq.timer_writes.saturating_sub(1);
+            }
             if let Some(slot) = c.seq.states.get_mut(&target) {
                 slot.1 -= 1;
                 if slot.1 == 0 {
@@ -217,15 +226,21 @@ where
     if seq < from || seq > to || seq > c.seq.durable_seq {
         return Err(missing());
     }
+    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
     let e = sh
         .read_after(conv, seq - 1, 1)?
         .into_iter()
         .next()
-        .filter(|e| e.seq.0 == seq)
+        .filter(|e| e.seq.0 == seq && !gone(e, now, retention))
         .ok_or_else(missing)?;
     if e.kind != EntryKind::MESSAGE {
         return Err(invalid(format!(
             "{field} {seq} is a group event, not a message"
+        )));
+    }
+    if is_timer(&e) {
+        return Err(invalid(format!(
+            "{field} {seq} is a disappearing-timer change, not a message"
         )));
     }
     if is_change(&e) {
@@ -452,9 +467,10 @@ fn overlay(m: &mut v1::Message, s: &MessageState) {
         .collect();
 }
 
-/// Whether `e` counts as unread for a user other than its sender: a message, not a change.
+/// Whether `e` counts as unread for a user other than its sender: a message, not a change or
+/// a timer change.
 pub(super) fn counts_as_unread(e: &Entry) -> bool {
-    !is_change(e)
+    !is_change(e) && !is_timer(e)
 }
 
 #[cfg(test)]

@@ -72,6 +72,9 @@ pub struct ShardConfig {
     /// Most users with a reaction on one message; a reaction from one more is refused with
     /// `FAILED_PRECONDITION`.
     pub reactions_max: usize,
+    /// The server's retention (`storage.retention_secs`, in ms; 0: keep forever): an entry whose
+    /// server timestamp is this long ago or longer is no longer served (`disappearing.rs`).
+    pub retention_ms: u64,
     /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
     /// has not been used for this long and nothing of it is in flight; it is loaded again from
     /// the index and the metadata on next use. Bounds the shard's memory by its active
@@ -154,6 +157,7 @@ impl Default for ShardConfig {
             edit_window_ms: 15 * 60 * 1000,
             delete_window_ms: 48 * 3600 * 1000,
             reactions_max: 256,
+            retention_ms: 0,
             conv_idle_evict_ms: 10 * 60 * 1000,
             conv_states_max: 65_536,
             blocks_max: 10_000,

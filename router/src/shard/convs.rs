@@ -58,10 +58,10 @@ pub(super) struct ConvSeq {
     pub(super) durable_seq: u64,
     /// Durable entries the index may not show yet (pruned once `indexed_lsn` covers them).
     pub(super) recent: VecDeque<(Lsn, Arc<Entry>)>,
-    /// client_msg_id → (seq, ts, batch number) of accepted, not yet durable messages.
-    pub(super) pending: HashMap<ClientMsgId, (u64, u64, u64)>,
-    /// client_msg_id → (seq, ts) of durable entries in `recent`.
-    pub(super) recent_ids: HashMap<ClientMsgId, (u64, u64)>,
+    /// client_msg_id → (seq, ts, expiry, batch number) of accepted, not yet durable messages.
+    pub(super) pending: HashMap<ClientMsgId, (u64, u64, u64, u64)>,
+    /// client_msg_id → (seq, ts, expiry) of durable entries in `recent`.
+    pub(super) recent_ids: HashMap<ClientMsgId, (u64, u64, u64)>,
     /// Message states being written (`changes.rs`): seq → (the newest state, writes in
     /// flight). The next change of the same message starts from it, not from the metadata.
     pub(super) states: HashMap<u64, (MessageState, u32)>,
@@ -72,6 +72,11 @@ pub(super) struct ConvSeq {
     /// since it was loaded). Serving a conversation that never had a change costs one lookup,
     /// not one per message.
     pub(super) has_states: Option<bool>,
+    /// The disappearing-messages timer in force, in seconds (0: off): it stamps the expiry of
+    /// every message and change sequenced now (`disappearing.rs`).
+    pub(super) timer_secs: u64,
+    /// Timer settings being written to the metadata.
+    pub(super) timer_writes: u32,
 }
 
 /// A conversation's delivery and read cursors, and what of them was announced as receipts.
@@ -116,13 +121,17 @@ impl ConvState {
             .last_seq(cid)
             .map_err(|e| Refusal::storage("index", &e))?
             .0;
+        let timer_secs = super::disappearing::load(meta, cid)?;
         let mut st = ConvState {
             members,
             pair,
             blocks: None,
             title,
             group,
-            seq: ConvSeq::new(last),
+            seq: ConvSeq {
+                timer_secs,
+                ..ConvSeq::new(last)
+            },
             cursors: ConvCursors::default(),
             touched_ms: now_ms,
         };
@@ -184,6 +193,8 @@ impl ConvSeq {
             states: HashMap::default(),
             committing: HashMap::default(),
             has_states: None,
+            timer_secs: 0,
+            timer_writes: 0,
         }
     }
 
@@ -674,7 +685,7 @@ mod tests {
         let c = convs.load(CONV, &Index { last: 0 }, &meta, 0).unwrap();
         for seq in 1..=3 {
             let e = entry(seq);
-            c.seq.recent_ids.insert(e.client_msg_id, (seq, seq));
+            c.seq.recent_ids.insert(e.client_msg_id, (seq, seq, 0));
             c.seq.recent.push_back((Lsn(10 + seq), Arc::new(e)));
         }
         for seq in 1..=3 {

@@ -30,9 +30,61 @@ pub(super) const ENVELOPE_V2: u16 = 2;
 /// emoji ‖ client body` (the body of an edit; empty otherwise).
 pub(super) const ENVELOPE_V3: u16 = 3;
 
+/// ... version 4, an entry that disappears (`disappearing.rs`): `u64 LE expires_at_ms ‖ u16 LE
+/// inner version (1, 2 or 3) ‖ the inner version's body`. A message or a change sequenced while
+/// its conversation has a timer; every other entry is written as before.
+pub(super) const ENVELOPE_V4: u16 = 4;
+
+/// ... version 5, a change of the conversation's disappearing-messages timer: `u64 LE seconds`
+/// (0: off).
+pub(super) const ENVELOPE_V5: u16 = 5;
+
+/// The inner version of a version-4 entry (`None` for any other, or a damaged one).
+fn inner_version(e: &Entry) -> Option<u16> {
+    (e.content_type == ENVELOPE_V4)
+        .then(|| e.body.get(8..10))
+        .flatten()
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
 /// Whether `e` is a change entry (an edit, delete or reaction) rather than a message.
 pub(super) fn is_change(e: &Entry) -> bool {
-    e.kind == EntryKind::MESSAGE && e.content_type == ENVELOPE_V3
+    e.kind == EntryKind::MESSAGE
+        && (e.content_type == ENVELOPE_V3 || inner_version(e) == Some(ENVELOPE_V3))
+}
+
+/// Whether `e` is a change of its conversation's disappearing-messages timer.
+pub(super) fn is_timer(e: &Entry) -> bool {
+    e.kind == EntryKind::MESSAGE && e.content_type == ENVELOPE_V5
+}
+
+/// When `e` disappears by its conversation's timer, in ms since the epoch (0: never).
+pub(super) fn expiry_of(e: &Entry) -> u64 {
+    if e.kind != EntryKind::MESSAGE || e.content_type != ENVELOPE_V4 {
+        return 0;
+    }
+    e.body
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// `(version, body)` (version 1, 2 or 3) as it is written for an entry expiring at
+/// `expires_at_ms` (0: never; then unchanged).
+pub(super) fn with_expiry(expires_at_ms: u64, (version, body): (u16, Vec<u8>)) -> (u16, Vec<u8>) {
+    if expires_at_ms == 0 {
+        return (version, body);
+    }
+    let mut out = Vec::with_capacity(10 + body.len());
+    out.extend_from_slice(&expires_at_ms.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&body);
+    (ENVELOPE_V4, out)
+}
+
+/// The body of a timer change entry (version 5).
+pub(super) fn encode_timer(seconds: u64) -> Vec<u8> {
+    seconds.to_le_bytes().to_vec()
 }
 
 /// The body of a change entry (version 3). The emoji is checked at ingress (at most 64 bytes);
@@ -93,12 +145,42 @@ pub(super) fn entry_to_message(conv: ConvId, e: &Entry) -> Option<v1::Message> {
     if e.kind != EntryKind::MESSAGE {
         return None;
     }
-    let b = &e.body;
+    match e.content_type {
+        ENVELOPE_V4 => {
+            let expires = u64::from_le_bytes(e.body.get(..8)?.try_into().ok()?);
+            let inner = inner_version(e)?;
+            // 0 would read as "never": a damaged entry.
+            if expires == 0 || !matches!(inner, ENVELOPE_V1 | ENVELOPE_V2 | ENVELOPE_V3) {
+                return None;
+            }
+            let mut m = decode(conv, e, inner, e.body.get(10..)?)?;
+            m.expires_at_ms = expires;
+            Some(m)
+        }
+        ENVELOPE_V5 => {
+            let seconds = u64::from_le_bytes(e.body.as_slice().try_into().ok()?);
+            Some(v1::Message {
+                conversation_id: conv.0,
+                seq: e.seq.0,
+                sender_user_id: e.sender.0,
+                sender_device_id: e.sender_device.0,
+                client_msg_id: Bytes::copy_from_slice(&e.client_msg_id.0),
+                server_ts_ms: e.ts_ms.0,
+                timer_changed: Some(Box::new(v1::DisappearingTimer { seconds })),
+                ..v1::Message::default()
+            })
+        }
+        v => decode(conv, e, v, &e.body),
+    }
+}
+
+/// The message of entry `e` whose envelope `version` (1, 2 or 3) is `b`.
+fn decode(conv: ConvId, e: &Entry, version: u16, b: &[u8]) -> Option<v1::Message> {
     let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
     let ct = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
     let reply = u64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
     let mut change = None;
-    let (media, body) = match e.content_type {
+    let (media, body) = match version {
         ENVELOPE_V1 => (None, b.get(10 + n..)?),
         ENVELOPE_V3 => {
             // A change never replies: its reply-to field is written as 0.
@@ -198,6 +280,54 @@ pub(crate) fn fuzz_envelope_v3(body: &[u8]) -> bool {
         encode_change(&m.content_type, ch, &m.body),
         body,
         "an accepted change re-encodes to other bytes"
+    );
+    true
+}
+
+/// For `crate::fuzzing::message_envelope`: `body` through the version-4 (expiring) decoder,
+/// which must not panic; whatever it accepts re-encodes (around its inner version) to an
+/// envelope that reads back the same message.
+pub(crate) fn fuzz_envelope_v4(body: &[u8]) -> bool {
+    let mut e = message_entry(body.to_vec());
+    e.content_type = ENVELOPE_V4;
+    let Some(m) = entry_to_message(ConvId(9), &e) else {
+        return false;
+    };
+    assert_ne!(
+        m.expires_at_ms, 0,
+        "an accepted expiring entry has an expiry"
+    );
+    let inner = match m.change.as_deref() {
+        Some(ch) => (ENVELOPE_V3, encode_change(&m.content_type, ch, &m.body)),
+        None => encode_envelope(&m.content_type, m.reply_to_seq, m.media.as_deref(), &m.body),
+    };
+    let (v, again) = with_expiry(m.expires_at_ms, inner);
+    e.content_type = v;
+    e.body = again;
+    assert_eq!(
+        entry_to_message(ConvId(9), &e).as_ref(),
+        Some(&m),
+        "a re-encoded expiring envelope reads back another message"
+    );
+    true
+}
+
+/// For `crate::fuzzing::message_envelope`: `body` through the version-5 (timer change)
+/// decoder, which must not panic; whatever it accepts re-encodes to exactly those bytes.
+pub(crate) fn fuzz_envelope_v5(body: &[u8]) -> bool {
+    let mut e = message_entry(body.to_vec());
+    e.content_type = ENVELOPE_V5;
+    let Some(m) = entry_to_message(ConvId(9), &e) else {
+        return false;
+    };
+    let t = m
+        .timer_changed
+        .as_deref()
+        .expect("a version-5 entry reads back as a timer change");
+    assert_eq!(
+        encode_timer(t.seconds),
+        body,
+        "a timer re-encodes to other bytes"
     );
     true
 }
@@ -348,9 +478,71 @@ mod tests {
     }
 
     #[test]
+    fn an_expiring_entry_and_a_timer_change_read_back_and_damaged_ones_are_refused() {
+        let media = sample_media();
+        for (v, body) in [
+            encode_envelope("text/plain", 4, None, b"soon gone"),
+            encode_envelope("text/plain", 0, Some(&media), b"caption"),
+        ] {
+            let mut plain = message_entry(body.clone());
+            plain.content_type = v;
+            let want = entry_to_message(ConvId(9), &plain).unwrap();
+            let (v4, b4) = with_expiry(1_790_000_060_000, (v, body.clone()));
+            assert_eq!(v4, ENVELOPE_V4);
+            let mut e = message_entry(b4);
+            e.content_type = v4;
+            let m = entry_to_message(ConvId(9), &e).expect("a valid expiring envelope");
+            assert_eq!(m.expires_at_ms, 1_790_000_060_000);
+            assert_eq!(
+                v1::Message {
+                    expires_at_ms: 0,
+                    ..m
+                },
+                want
+            );
+            assert_eq!(expiry_of(&e), 1_790_000_060_000);
+            assert!(!is_change(&e) && !is_timer(&e));
+            // No expiry: written as before.
+            assert_eq!(with_expiry(0, (v, body.clone())), (v, body));
+            // An inner version that is not 1, 2 or 3, or an expiry of 0: damaged.
+            let mut bad = e.clone();
+            bad.body[8] = 4;
+            assert_eq!(entry_to_message(ConvId(9), &bad), None);
+            let mut bad = e.clone();
+            bad.body[..8].copy_from_slice(&[0; 8]);
+            assert_eq!(entry_to_message(ConvId(9), &bad), None);
+            bad.body.truncate(9);
+            assert_eq!(entry_to_message(ConvId(9), &bad), None);
+        }
+        let ch = v1::MessageChange {
+            kind: v1::ChangeKind::Delete as i32,
+            target_seq: 2,
+            emoji: String::new(),
+        };
+        let (v, b) = with_expiry(77, (ENVELOPE_V3, encode_change("", &ch, b"")));
+        let mut e = message_entry(b);
+        e.content_type = v;
+        assert!(is_change(&e), "an expiring change is a change");
+        let m = entry_to_message(ConvId(9), &e).unwrap();
+        assert_eq!((m.change.as_deref(), m.expires_at_ms), (Some(&ch), 77));
+
+        let mut t = message_entry(encode_timer(3600));
+        t.content_type = ENVELOPE_V5;
+        assert!(is_timer(&t) && !is_change(&t) && expiry_of(&t) == 0);
+        let m = entry_to_message(ConvId(9), &t).unwrap();
+        assert_eq!(
+            m.timer_changed,
+            Some(Box::new(v1::DisappearingTimer { seconds: 3600 }))
+        );
+        assert!(m.body.is_empty() && m.content_type.is_empty() && m.expires_at_ms == 0);
+        t.body.push(0);
+        assert_eq!(entry_to_message(ConvId(9), &t), None, "a timer is 8 bytes");
+    }
+
+    #[test]
     fn other_entries_are_not_messages() {
         let mut e = message_entry(sample_envelope());
-        e.content_type = ENVELOPE_V3 + 1;
+        e.content_type = ENVELOPE_V5 + 1;
         assert_eq!(entry_to_message(ConvId(9), &e), None);
         let mut e = message_entry(sample_envelope());
         e.kind = EntryKind::RECEIPT;

@@ -8,6 +8,7 @@ use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
+use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, error_frame, frame};
 use super::mail::{HistoryCmd, Inner};
@@ -96,8 +97,10 @@ where
             (v, more)
         }
     };
+    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
     let mut messages: Vec<v1::Message> = entries
         .drain(..)
+        .filter(|e| !gone(e, now, retention))
         .filter_map(|e| entry_to_message(conv, &e))
         .collect();
     // As they are now: edited, deleted, reacted to.

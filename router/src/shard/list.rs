@@ -11,6 +11,7 @@ use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::changes;
 use super::convs::conversations_of;
+use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::ListGather;
@@ -100,6 +101,7 @@ where
     M: MetadataStore + CursorStore,
 {
     let unread_max = sh.cfg.unread_count_max;
+    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
     // Only the seqs the user may read: a group member's from its join, a former member's up
     // to its removal.
     let (_, (from, to)) = sh.reader_conv(conv, user)?;
@@ -119,7 +121,12 @@ where
     let unread = sh
         .read_after(conv, read.max(from.saturating_sub(1)), unread_max)?
         .iter()
-        .filter(|e| e.seq.0 <= to && e.sender != user && changes::counts_as_unread(e))
+        .filter(|e| {
+            e.seq.0 <= to
+                && e.sender != user
+                && changes::counts_as_unread(e)
+                && !gone(e, now, retention)
+        })
         .count();
     let title = if kind == v1::ConversationKind::Direct {
         sh.meta
@@ -133,6 +140,7 @@ where
     };
     let mut last_message: Vec<v1::Message> = last
         .first()
+        .filter(|e| !gone(e, now, retention))
         .and_then(|e| entry_to_message(conv, e))
         .into_iter()
         .collect();

@@ -113,7 +113,14 @@ pub(super) struct SendCmd {
     /// An edit, delete or reaction of an earlier message instead of a new message
     /// (`changes.rs`), checked for consistency at ingress.
     pub(super) change: Option<Box<v1::MessageChange>>,
-    /// The change's new state of its target is durable in the metadata: sequence it.
+    /// A change of the conversation's disappearing-messages timer to this many seconds (0:
+    /// off) instead of a message (`disappearing.rs`), checked at ingress.
+    pub(super) set_timer: Option<u64>,
+    /// For a change: its target's expiry (0: none), which the change entry carries too (set
+    /// when the target is checked, `changes.rs`).
+    pub(super) target_expiry_ms: u64,
+    /// The change's new state of its target (or the timer's new setting) is durable in the
+    /// metadata: sequence it.
     pub(super) change_ready: bool,
     /// The device says no earlier frame carried `cmid` (`Send.first_attempt`): skip the durable
     /// dedup lookup (in-memory copies are still checked).
@@ -451,6 +458,8 @@ mod tests {
             media: None,
             reply_to_seq: 0,
             change: None,
+            set_timer: None,
+            target_expiry_ms: 0,
             change_ready: false,
             first_attempt,
             now_ms: 0,

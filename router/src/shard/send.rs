@@ -67,6 +67,7 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
         super::media::check_ref(m)?;
     }
     super::changes::check_request(&s)?;
+    super::disappearing::check_request(&s)?;
     let conv = match s.to.and_then(|t| t.target) {
         Some(v1::recipient::Target::UserId(peer)) => {
             match direct.resolve(sh, user, UserId(peer))? {
@@ -95,6 +96,8 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
         media: s.media,
         reply_to_seq: s.reply_to_seq,
         change: s.change,
+        set_timer: s.set_timer.map(|t| t.seconds),
+        target_expiry_ms: 0,
         change_ready: false,
         first_attempt: s.first_attempt,
         now_ms: sh.now_ms,

@@ -24,7 +24,11 @@ use starling_storage::{
 use super::blocks;
 use super::changes;
 use super::config::ShardConfig;
-use super::envelope::{ENVELOPE_V3, encode_change, encode_envelope, entry_to_message, is_change};
+use super::disappearing;
+use super::envelope::{
+    ENVELOPE_V3, ENVELOPE_V5, encode_change, encode_envelope, encode_timer, entry_to_message,
+    expiry_of, is_change, is_timer, with_expiry,
+};
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
@@ -54,6 +58,8 @@ struct Waiter {
     conv: ConvId,
     seq: u64,
     ts: u64,
+    /// The entry's expiry (`disappearing.rs`; 0: never).
+    expires: u64,
     /// The `client_msg_id` as the frame carried it.
     cmid_bytes: Bytes,
     duplicate: bool,
@@ -204,13 +210,15 @@ impl<L: DurableLog> Sequencer<L> {
             conv: cmd.conv,
             seq: 0,
             ts: 0,
+            expires: 0,
             cmid_bytes: cmd.cmid_bytes.clone(),
             duplicate: true,
         };
         // Dedup: pending (not yet durable) → answer when durable; recent or indexed → answer now.
-        if let Some(&(seq, ts, no)) = c.seq.pending.get(&cmd.cmid) {
+        if let Some(&(seq, ts, expires, no)) = c.seq.pending.get(&cmd.cmid) {
             waiter.seq = seq;
             waiter.ts = ts;
+            waiter.expires = expires;
             sh.stats.duplicates += 1;
             if no == open_no {
                 self.open.waiters.push(waiter);
@@ -220,7 +228,7 @@ impl<L: DurableLog> Sequencer<L> {
             return Ok(());
         }
         let known = match c.seq.recent_ids.get(&cmd.cmid) {
-            Some(&(seq, ts)) => Some((seq, ts)),
+            Some(&(seq, ts, expires)) => Some((seq, ts, expires)),
             // The device promises no earlier copy exists beyond the in-memory ones above: a
             // first attempt costs no index read (the index is the slow, cache-missing part).
             None if cmd.first_attempt => None,
@@ -229,18 +237,19 @@ impl<L: DurableLog> Sequencer<L> {
                 .map_err(|e| Refusal::storage("dedup", &e))?
             {
                 Some(seq) => {
-                    let ts = index
+                    let (ts, expires) = index
                         .entry(cmd.conv.storage(), seq)
                         .map_err(|e| Refusal::storage("index", &e))?
-                        .map_or(0, |e| e.ts_ms.0);
-                    Some((seq.0, ts))
+                        .map_or((0, 0), |e| (e.ts_ms.0, expiry_of(&e)));
+                    Some((seq.0, ts, expires))
                 }
                 None => None,
             },
         };
-        if let Some((seq, ts)) = known {
+        if let Some((seq, ts, expires)) = known {
             waiter.seq = seq;
             waiter.ts = ts;
+            waiter.expires = expires;
             sh.stats.duplicates += 1;
             let f = ack_frame(waiter);
             sh.reply(cmd.origin, vec![f]);
@@ -248,7 +257,7 @@ impl<L: DurableLog> Sequencer<L> {
         }
         // A reply's target, and a change's target and rules (a change's new state is written
         // before the change is sequenced: it comes back through here once it is).
-        let cmd = if cmd.reply_to_seq != 0 || cmd.change.is_some() {
+        let cmd = if cmd.reply_to_seq != 0 || cmd.change.is_some() || cmd.set_timer.is_some() {
             match changes::prepare(sh, cmd)? {
                 changes::Prepared::Go(cmd) => *cmd,
                 changes::Prepared::Waiting => return Ok(()),
@@ -257,13 +266,27 @@ impl<L: DurableLog> Sequencer<L> {
             cmd
         };
         let c = sh.conv(cmd.conv)?;
-        let (envelope, body) = match &cmd.change {
-            Some(ch) => (ENVELOPE_V3, encode_change(&cmd.content_type, ch, &cmd.body)),
-            None => encode_envelope(
-                &cmd.content_type,
-                cmd.reply_to_seq,
-                cmd.media.as_deref(),
-                &cmd.body,
+        // A message sequenced under a timer disappears (`disappearing.rs`); a change goes with
+        // its target; a timer change never does.
+        let expires_at_ms = match (&cmd.change, cmd.set_timer) {
+            (_, Some(_)) => 0,
+            (Some(_), None) => cmd.target_expiry_ms,
+            (None, None) => disappearing::expiry(now, c.seq.timer_secs),
+        };
+        let (envelope, body) = match (&cmd.change, cmd.set_timer) {
+            (_, Some(secs)) => (ENVELOPE_V5, encode_timer(secs)),
+            (Some(ch), None) => with_expiry(
+                expires_at_ms,
+                (ENVELOPE_V3, encode_change(&cmd.content_type, ch, &cmd.body)),
+            ),
+            (None, None) => with_expiry(
+                expires_at_ms,
+                encode_envelope(
+                    &cmd.content_type,
+                    cmd.reply_to_seq,
+                    cmd.media.as_deref(),
+                    &cmd.body,
+                ),
             ),
         };
         let entry_bytes = format::ENTRY_HEADER_BYTES + body.len();
@@ -275,9 +298,12 @@ impl<L: DurableLog> Sequencer<L> {
         }
         let seq = c.seq.next_seq;
         c.seq.next_seq += 1;
-        c.seq.pending.insert(cmd.cmid, (seq, now, open_no));
+        c.seq
+            .pending
+            .insert(cmd.cmid, (seq, now, expires_at_ms, open_no));
         waiter.seq = seq;
         waiter.ts = now;
+        waiter.expires = expires_at_ms;
         waiter.duplicate = false;
         self.open.entries.push(Entry {
             kind: EntryKind::MESSAGE,
@@ -305,6 +331,10 @@ impl<L: DurableLog> Sequencer<L> {
                 reply_to_seq: cmd.reply_to_seq,
                 group_changed: None,
                 change: cmd.change,
+                timer_changed: cmd
+                    .set_timer
+                    .map(|seconds| Box::new(v1::DisappearingTimer { seconds })),
+                expires_at_ms,
                 ..v1::Message::default()
             },
             cmd.origin,
@@ -349,7 +379,9 @@ impl<L: DurableLog> Sequencer<L> {
             ));
         };
         c.seq.next_seq += 1;
-        c.seq.pending.insert(e.client_msg_id, (seq, now, open_no));
+        c.seq
+            .pending
+            .insert(e.client_msg_id, (seq, now, 0, open_no));
         self.open.bytes += format::ENTRY_HEADER_BYTES + e.body.len();
         self.open.entries.push(e);
         self.open.fresh.push((msg, NO_ORIGIN, audience));
@@ -431,14 +463,15 @@ impl<L: DurableLog> Sequencer<L> {
             // What a Sync or a history page will read back from the log is what is pushed now.
             debug_assert_eq!(entry_to_message(conv, &e).as_ref(), Some(&msg));
             c.seq.durable_seq = e.seq.0;
-            let change = is_change(&e);
+            // A change, or a timer change: not a new message.
+            let change = is_change(&e) || is_timer(&e);
             if c.group.is_some() && e.kind == EntryKind::MESSAGE && !change {
                 c.cursors.sent.record(e.seq.0, e.sender);
             }
             c.seq.pending.remove(&e.client_msg_id);
             c.seq
                 .recent_ids
-                .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0));
+                .insert(e.client_msg_id, (e.seq.0, e.ts_ms.0, expiry_of(&e)));
             c.seq.recent.push_back((lsn, Arc::new(e)));
             let on_read = c.group.is_some() && members.len() > sh.cfg.group_push_members_max;
             let seq = c.seq.durable_seq;
@@ -526,6 +559,7 @@ fn ack_frame(w: Waiter) -> v1::Frame {
             seq: w.seq,
             server_ts_ms: w.ts,
             duplicate: w.duplicate,
+            expires_at_ms: w.expires,
         }),
     )
 }

@@ -12,6 +12,7 @@ use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::convs::conversations_of;
 use super::cursors::receipt;
+use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::SyncGather;
@@ -118,6 +119,10 @@ where
             if bytes >= cmd.bytes_max {
                 truncated = true;
                 break;
+            }
+            // Expired, or past the server's retention: a gap the client does not fill.
+            if gone(e, sh.now_ms, sh.cfg.retention_ms) {
+                continue;
             }
             if let Some(mut m) = entry_to_message(conv, e) {
                 // As it is now (edited, deleted, reacted to); a state that cannot be read ends

@@ -10,18 +10,23 @@ use super::*;
 pub(super) struct Harness {
     meta: Arc<MemMeta>,
     node: Node,
-    now: u64,
+    pub(super) now: u64,
     /// conn → shard.
     conns: HashMap<u64, usize>,
+    /// conn → (user, device).
+    users: HashMap<u64, (u64, u32)>,
     out: HashMap<u64, Vec<v1::Frame>>,
     next_rid: u64,
     fail_next_sync: bool,
     /// Connections whose written bytes the harness does not report (slow readers).
     stalled: BTreeSet<u64>,
+    /// What survives a crash, and the shards' configuration (for [`Harness::crash`]).
+    disks: Vec<Arc<Mutex<Disk>>>,
+    cfg: ShardConfig,
 }
 
 impl Harness {
-    fn new(shards: usize, users: &[u64]) -> Harness {
+    pub(super) fn new(shards: usize, users: &[u64]) -> Harness {
         Harness::with(shards, users, false, &cfg())
     }
 
@@ -45,10 +50,13 @@ impl Harness {
             .collect();
         let node = Node::start_cfg(&disks, &meta, offload, cfg);
         Harness {
+            disks,
+            cfg: cfg.clone(),
             meta,
             node,
             now: 1_000,
             conns: HashMap::new(),
+            users: HashMap::new(),
             out: HashMap::new(),
             next_rid: 1,
             fail_next_sync: false,
@@ -56,7 +64,7 @@ impl Harness {
         }
     }
 
-    fn group(&self, id: u64, members: &[u64]) -> u64 {
+    pub(super) fn group(&self, id: u64, members: &[u64]) -> u64 {
         let conv = GROUP_BIT | id;
         let mut b = MetaBatch::default();
         b.put(&Group {
@@ -80,9 +88,10 @@ impl Harness {
         conv
     }
 
-    fn open(&mut self, conn: u64, user: u64, device: u32) {
+    pub(super) fn open(&mut self, conn: u64, user: u64, device: u32) {
         let shard = conn as usize % self.node.shards.len();
         self.conns.insert(conn, shard);
+        self.users.insert(conn, (user, device));
         self.node.shards[shard].handle_conn_opened(
             ConnId(conn),
             UserId(user),
@@ -91,7 +100,7 @@ impl Harness {
         );
     }
 
-    fn send(&mut self, conn: u64, body: Body) -> u64 {
+    pub(super) fn send(&mut self, conn: u64, body: Body) -> u64 {
         let rid = self.next_rid;
         self.next_rid += 1;
         let shard = self.conns[&conn];
@@ -106,7 +115,7 @@ impl Harness {
         rid
     }
 
-    fn msg(&mut self, conn: u64, n: u32, to: v1::recipient::Target, body: &str) -> u64 {
+    pub(super) fn msg(&mut self, conn: u64, n: u32, to: v1::recipient::Target, body: &str) -> u64 {
         let mut cmid = [0u8; 16];
         cmid[..8].copy_from_slice(&conn.to_le_bytes());
         cmid[12..].copy_from_slice(&n.to_le_bytes());
@@ -121,12 +130,13 @@ impl Harness {
                 reply_to_seq: 0,
                 first_attempt: false,
                 change: None,
+                set_timer: None,
             }),
         )
     }
 
     /// Runs every shard until nothing moves (logs sync, index catches up, cursors flush).
-    fn run(&mut self) {
+    pub(super) fn run(&mut self) {
         for _ in 0..20 {
             self.now += 5;
             for s in 0..self.node.shards.len() {
@@ -149,7 +159,35 @@ impl Harness {
         }
     }
 
-    fn take(&mut self, conn: u64) -> Vec<v1::Frame> {
+    /// A crash of the node (unsynced log bytes lost, the last record torn as `rng` says) and
+    /// its restart on the same disks and metadata; every connection opens again.
+    pub(super) fn crash(&mut self, rng: &mut Rng) {
+        let old = std::mem::replace(
+            &mut self.node,
+            Node {
+                shards: Vec::new(),
+                jobs: None,
+            },
+        );
+        for shard in old.shards {
+            shard_into_log(shard).crash(rng);
+        }
+        self.node = Node::start_cfg(&self.disks, &self.meta, false, &self.cfg);
+        self.out.clear();
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            let shard = self.conns[&conn];
+            let (user, device) = self.users[&conn];
+            self.node.shards[shard].handle_conn_opened(
+                ConnId(conn),
+                UserId(user),
+                DeviceId(device),
+                self.now,
+            );
+        }
+    }
+
+    pub(super) fn take(&mut self, conn: u64) -> Vec<v1::Frame> {
         self.out.remove(&conn).unwrap_or_default()
     }
 
@@ -892,6 +930,7 @@ pub(super) fn the_embedded_backend_plugs_in_and_dedup_survives_a_restart() {
                     reply_to_seq: 0,
                     first_attempt: false,
                     change: None,
+                    set_timer: None,
                 })),
             },
             1,

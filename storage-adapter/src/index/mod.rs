@@ -51,6 +51,7 @@ mod checkpoint;
 
 pub use checkpoint::Checkpointer;
 mod paging;
+mod removal;
 mod resident;
 mod segfile;
 mod state;
@@ -110,6 +111,8 @@ pub struct DenseIndex {
     sweep_hand: AtomicUsize,
     /// Held by a checkpoint or a sweep: one at a time.
     background: Mutex<()>,
+    /// Last seqs of conversations retention emptied (`removal.rs`).
+    floors: Mutex<HashMap<ConvId, u64>>,
 }
 
 impl fmt::Debug for DenseIndex {
@@ -148,6 +151,8 @@ impl DenseIndex {
             move |source| StorageError::Fs { op, path, source }
         };
         fs::create_dir_all(dir).map_err(fs_err("create index dir", dir))?;
+        // A removal a crash interrupted is finished first (its segments are gone for good).
+        let removed = removal::finish_removal(dir, log_dir)?;
         let segs = match list_segments(log_dir) {
             Ok(s) => s,
             Err(_) if !log_dir.exists() => Vec::new(),
@@ -185,7 +190,7 @@ impl DenseIndex {
         for ent in fs::read_dir(dir).map_err(fs_err("read index dir", dir))? {
             let ent = ent.map_err(fs_err("read index dir", dir))?;
             let name = ent.file_name().to_string_lossy().into_owned();
-            if keep.contains(&name) {
+            if keep.contains(&name) || name == removal::REMOVED_FILE {
                 continue;
             }
             let path = ent.path();
@@ -199,6 +204,8 @@ impl DenseIndex {
             };
             res.map_err(fs_err("remove unusable index file", &path))?;
         }
+        let floors = removed.floors;
+        st.floor_bytes = floors.len() * 24;
         let index = DenseIndex {
             dir: dir.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
@@ -213,6 +220,7 @@ impl DenseIndex {
             work: checkpoint::Signal::default(),
             sweep_hand: AtomicUsize::new(0),
             background: Mutex::new(()),
+            floors: Mutex::new(floors),
         };
         Ok((
             index,

@@ -203,7 +203,12 @@ impl MessageIndex for DenseIndex {
 
     fn last_seq(&self, conv: ConvId) -> Result<Seq, StorageError> {
         let end = self.with_conv(conv, NEWEST, |st| end_of(st.convs.get(&conv)))?;
-        Ok(end.map_or(Seq::NONE, |e| Seq(e - 1)))
+        Ok(match end {
+            Some(e) => Seq(e - 1),
+            // Retention may have removed every entry: the conversation still goes on after its
+            // last seq.
+            None => self.floor(conv).map_or(Seq::NONE, Seq),
+        })
     }
 
     fn dedup(&self, conv: ConvId, id: ClientMsgId) -> Result<Option<Seq>, StorageError> {

@@ -488,6 +488,36 @@ impl SegIx {
     }
 }
 
+impl SegIx {
+    /// Every conversation in the segment with the seq after its last one there, in directory
+    /// order (reads the whole directory, checking every block).
+    pub(super) fn conversations(&self) -> Result<Vec<(ConvId, u64)>, StorageError> {
+        let mut out = Vec::with_capacity(self.convs as usize);
+        for block in 0..self.fences.len() {
+            let in_block = (self.convs as usize - block * DIR_BLOCK).min(DIR_BLOCK);
+            let at = self.dir_at + (block * (DIR_BLOCK * DIR_ENTRY_BYTES + 4)) as u64;
+            let b = self.read(at, in_block * DIR_ENTRY_BYTES + 4)?;
+            let body = in_block * DIR_ENTRY_BYTES;
+            if crc32c::crc32c(&b[..body]) != u32_at(&b, body) {
+                return Err(decode_err(
+                    &self.path,
+                    format!("directory block {block} fails its checksum"),
+                ));
+            }
+            for e in b[..body].chunks_exact(DIR_ENTRY_BYTES) {
+                let first = u64_at(e, 16);
+                let count = u64::from(u32_at(e, 24));
+                let end = first
+                    .checked_add(count)
+                    .filter(|_| count > 0)
+                    .ok_or_else(|| decode_err(&self.path, "directory entry out of range"))?;
+                out.push((ConvId(u128_at(e, 0)), end));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// For `crate::fuzzing::segment_index`: whatever `bytes` hold, opening them as an index file
 /// and looking conversations up returns errors, never panics; a valid file's every run reads
 /// back as encoded.
@@ -509,4 +539,5 @@ pub(crate) fn fuzz(bytes: &[u8], dir: &Path) {
     for c in [0, 1, 2, u128::MAX] {
         probe(c);
     }
+    let _ = ix.conversations();
 }

@@ -49,6 +49,8 @@ pub(super) struct State {
     pub(super) live_bytes: usize,
     /// Bytes of the index files' heads held in memory.
     pub(super) head_bytes: usize,
+    /// Bytes of the floors (last seqs of conversations retention emptied).
+    pub(super) floor_bytes: usize,
 }
 
 impl State {
@@ -178,6 +180,10 @@ impl State {
     /// Bytes the index holds in memory: resident conversations, live buffers, and the heads of
     /// the index files (bloom filters and directory fences).
     pub(super) fn memory_bytes(&self) -> usize {
-        self.resident_bytes + self.live_bytes + self.head_bytes + self.segs.len() * 16
+        self.resident_bytes
+            + self.live_bytes
+            + self.head_bytes
+            + self.floor_bytes
+            + self.segs.len() * 16
     }
 }

@@ -10,6 +10,7 @@
 mod completion;
 mod fault;
 mod recovery;
+mod retention;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -25,6 +26,7 @@ pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
 pub(crate) use recovery::list_segments;
+pub use retention::{Reclaimer, RemoveHook, RetentionStats, SweepReport};
 
 use crate::error::LogError;
 use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};

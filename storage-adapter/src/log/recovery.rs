@@ -299,6 +299,13 @@ pub(crate) fn recover(
         }
         None => None,
     };
+    // A first segment that holds no record yet (its predecessors removed by retention, say):
+    // the log goes on from its base.
+    if report.records == 0
+        && let Some(next) = expected
+    {
+        report.last_lsn = Lsn(next.0.saturating_sub(1));
+    }
     report.segments = segs.len() - report.removed_segments;
     Ok(Recovered { report, tail })
 }
