@@ -43,12 +43,14 @@ pub mod traits;
 pub mod types;
 
 pub use accounts::AccountStore;
-pub use embedded::{DEFAULT_INDEX_MEMORY_BYTES, EmbeddedShard, ShardOpenReport, ShardOptions};
+pub use embedded::{
+    DEFAULT_INDEX_MEMORY_BYTES, EmbeddedShard, FailedShard, ShardOpenReport, ShardOptions,
+};
 pub use error::{LogError, StorageError};
 pub use index::{DenseIndex, IndexStats};
 pub use log::{
     Appended, Completion, CompletionSource, LogOptions, LogThread, RecoveryReport, SegmentedLog,
-    ThreadStart,
+    ThreadStart, TruncateReport,
 };
 pub use mem::MemMeta;
 pub use meta::{EmbeddedMeta, MetaBatch, MetadataStore, Record};

@@ -1364,5 +1364,7 @@ fn index_reads_entries_from_the_log_and_checks_them() {
 mod crash;
 #[path = "storage/paging.rs"]
 mod paging;
+#[path = "storage/reopen.rs"]
+mod reopen;
 #[path = "storage/scale.rs"]
 mod scale;

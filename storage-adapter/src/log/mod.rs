@@ -10,6 +10,7 @@
 mod completion;
 mod fault;
 mod recovery;
+mod truncate;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -25,6 +26,7 @@ pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
 pub(crate) use recovery::list_segments;
+pub use truncate::{TruncateReport, truncate_after};
 
 use crate::error::LogError;
 use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};
@@ -183,6 +185,7 @@ pub struct SegmentedLog {
     marks: Arc<Watermarks>,
     stats: Arc<LogStats>,
     io_thread: Option<JoinHandle<()>>,
+    spare_thread: Option<JoinHandle<()>>,
     report: RecoveryReport,
 }
 
@@ -247,7 +250,7 @@ impl SegmentedLog {
         let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
         let stats = Arc::new(LogStats::default());
         let (tx, rx) = mpsc::channel();
-        let (spare_req, spare_res) = spawn_spare_maker(
+        let (spare_req, spare_res, spare_thread) = spawn_spare_maker(
             dir,
             opts.segment_bytes,
             opts.fault_hook.clone(),
@@ -294,6 +297,7 @@ impl SegmentedLog {
             marks,
             stats,
             io_thread: Some(io_thread),
+            spare_thread: Some(spare_thread),
             report: rec.report,
         })
     }
@@ -374,6 +378,30 @@ impl SegmentedLog {
         self.marks.durable()
     }
 
+    /// Whether the log failed, and if so the highest lsn it had made durable before: every
+    /// record after it was never acknowledged (see [`SegmentedLog::close`]).
+    pub fn failed_at(&self) -> Option<(Lsn, LogError)> {
+        self.marks.failure().map(|e| (self.marks.durable_mark(), e))
+    }
+
+    /// Stops the log: its I/O thread makes what was queued durable (unless the log failed) and
+    /// exits, then the spare maker finishes the spare it is making and exits. When this
+    /// returns, no thread of this log touches its files any more (dropping the log does not wait
+    /// for the spare maker). Blocking.
+    pub fn close(mut self) {
+        self.stop();
+        if let Some(t) = self.spare_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.tx = None; // the I/O thread drains what was queued, then stops
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+    }
+
     /// The highest lsn handed to the OS (durable against a process crash, not a power failure).
     pub fn written_lsn(&self) -> Lsn {
         self.marks.written()
@@ -422,10 +450,7 @@ impl SegmentedLog {
 
 impl Drop for SegmentedLog {
     fn drop(&mut self) {
-        self.tx = None; // the I/O thread drains what was queued, then stops
-        if let Some(t) = self.io_thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -544,6 +569,7 @@ type SpareRequest = Option<(File, PathBuf)>;
 type SpareChannels = (
     mpsc::Sender<SpareRequest>,
     mpsc::Receiver<Result<File, LogError>>,
+    JoinHandle<()>,
 );
 
 /// A helper thread that keeps one zero-filled, synced spare segment ready, so a segment switch
@@ -558,7 +584,7 @@ fn spawn_spare_maker(
     let (req_tx, req_rx) = mpsc::channel::<SpareRequest>();
     let (res_tx, res_rx) = mpsc::channel();
     let d = dir.to_path_buf();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("starling-log-spare".into())
         .spawn(move || {
             if let Some(f) = start {
@@ -578,7 +604,7 @@ fn spawn_spare_maker(
         })
         .map_err(|e| LogError::io("spawn", dir, e))?;
     req_tx.send(None).map_err(|_| LogError::Closed)?;
-    Ok((req_tx, res_rx))
+    Ok((req_tx, res_rx, thread))
 }
 
 #[derive(Debug)]
