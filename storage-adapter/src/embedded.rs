@@ -167,6 +167,7 @@ impl EmbeddedShard {
             dir: self.dir.clone(),
             durable,
             error,
+            stats: None,
         })
     }
 
@@ -246,6 +247,8 @@ pub struct FailedShard {
     dir: PathBuf,
     durable: Lsn,
     error: LogError,
+    /// The old log's statistics, continued by the reopened one.
+    stats: Option<Arc<crate::stats::LogStats>>,
 }
 
 impl fmt::Debug for FailedShard {
@@ -277,7 +280,9 @@ impl FailedShard {
     /// One attempt to reopen the shard in place. The first call stops the old log (its I/O
     /// thread and spare maker) and the index's checkpointer, and checkpoints the segments the
     /// index has complete (best effort: on a full disk that fails and the reopen replays them).
-    /// Then: cut the log back to [`FailedShard::durable_lsn`], open the shard with `opts`.
+    /// Then: check that the log has room for its next segment (a file that size is written,
+    /// synced and removed: a disk still full or read-only fails here), cut the log back to
+    /// [`FailedShard::durable_lsn`], open the shard with `opts`.
     /// Blocking (it reads the log's tail and may rebuild part of the index); run it off the
     /// shard's thread.
     ///
@@ -286,14 +291,23 @@ impl FailedShard {
     /// from the new shard; call again later.
     pub fn reopen(
         &mut self,
-        opts: ShardOptions,
+        mut opts: ShardOptions,
     ) -> Result<(EmbeddedShard, TruncateReport), StorageError> {
         if let Some(log) = self.log.take() {
+            self.stats = Some(log.stats().clone());
             log.close();
+        }
+        if opts.log.stats.is_none() {
+            opts.log.stats.clone_from(&self.stats);
         }
         if self.checkpointer.take().is_some() && !self.index.failed() {
             let _ = self.index.checkpoint_complete();
         }
+        crate::log::probe_room(
+            &self.dir.join("log"),
+            opts.log.segment_bytes,
+            opts.log.fault_hook.as_deref(),
+        )?;
         let cut = crate::log::truncate_after(
             &self.dir.join("log"),
             self.durable,

@@ -26,6 +26,7 @@ pub use completion::{Appended, Completion, CompletionSource, WakeFn};
 pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
 pub(crate) use recovery::list_segments;
+pub(crate) use truncate::probe_room;
 pub use truncate::{TruncateReport, truncate_after};
 
 use crate::error::LogError;
@@ -73,6 +74,9 @@ pub struct LogOptions {
     /// "Sealed segments leave the page cache"). Reads of released segments (old history) go to
     /// the disk. `usize::MAX`: never release.
     pub cached_sealed_segments: usize,
+    /// The statistics to count into; `None`: new ones. A log reopened in place continues its
+    /// predecessor's (the metrics endpoint holds them).
+    pub stats: Option<Arc<LogStats>>,
 }
 
 /// See [`LogOptions::thread_start`].
@@ -101,6 +105,7 @@ impl Default for LogOptions {
             commit_interval_min: Duration::ZERO,
             thread_start: None,
             cached_sealed_segments: 2,
+            stats: None,
         }
     }
 }
@@ -117,6 +122,7 @@ impl fmt::Debug for LogOptions {
             .field("commit_interval_min", &self.commit_interval_min)
             .field("thread_start", &self.thread_start.is_some())
             .field("cached_sealed_segments", &self.cached_sealed_segments)
+            .field("stats", &self.stats.is_some())
             .finish()
     }
 }
@@ -248,7 +254,7 @@ impl SegmentedLog {
             None => None,
         };
         let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
-        let stats = Arc::new(LogStats::default());
+        let stats = opts.stats.clone().unwrap_or_default();
         let (tx, rx) = mpsc::channel();
         let (spare_req, spare_res, spare_thread) = spawn_spare_maker(
             dir,

@@ -16,6 +16,11 @@
 //! 3. Every later segment is removed.
 //! 4. The zeroed files and the directory are synced before the log is opened.
 //!
+//! Before the cut, [`probe_room`] checks that the log can go on at all: it writes and syncs a
+//! file the size of a segment, then removes it. Without it a reopen on a disk that is still full
+//! (or read-only) could succeed, as the segment in use is preallocated, and the log would fail
+//! again at its next segment: the shard would flap between failed and serving.
+//!
 //! Every zeroing write and sync goes through the log's fault hook, like the writer's: a fault
 //! still present makes the cut fail, and the caller tries again later.
 
@@ -84,6 +89,44 @@ pub fn truncate_after(
             .map_err(|e| LogError::io("fsync_dir", dir, e))?;
     }
     Ok(report)
+}
+
+/// The name of the file [`probe_room`] writes (removed again; a leftover one is harmless).
+pub(crate) const PROBE_NAME: &str = "reopen.probe";
+
+/// Checks that the log in `dir` can make its next segment: writes `segment_bytes` of zeroes
+/// to a new file, syncs it and removes it. Asks the fault hook first (as a preallocation).
+pub(crate) fn probe_room(
+    dir: &Path,
+    segment_bytes: u64,
+    hook: Option<&dyn FaultHook>,
+) -> Result<(), LogError> {
+    let path = dir.join(PROBE_NAME);
+    if let Some(h) = hook
+        && let Some(f) = h.before(&IoOp::Preallocate {
+            path: &path,
+            len: segment_bytes,
+        })
+    {
+        let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
+        return Err(LogError::io("preallocate", &path, e));
+    }
+    let filled = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| LogError::io("create", &path, e))
+        .and_then(|f| {
+            super::zero_fill(&f, &path, 0, segment_bytes, true)?;
+            f.sync_all().map_err(|e| LogError::io("fsync", &path, e))
+        });
+    let removed = fs::remove_file(&path);
+    filled?;
+    removed.map_err(|e| LogError::io("remove", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io("fsync_dir", dir, e))
 }
 
 /// The offset just after the record of `data` (a segment) that ends at lsn `last`; the header's

@@ -98,7 +98,8 @@ fn a_failed_shard_reopens_in_place_with_exactly_what_was_acknowledged() {
             "{mode:?}: reads while failed"
         );
 
-        // The fault is still there: the attempt fails and changes nothing acknowledged.
+        // The fault is still there: the attempt fails (a full disk at the probe for room for
+        // the next segment) and changes nothing acknowledged.
         match mode {
             Mode::Sync | Mode::TornWrite => f
                 .fail_write
@@ -106,29 +107,18 @@ fn a_failed_shard_reopens_in_place_with_exactly_what_was_acknowledged() {
             Mode::DiskFull => {}
         }
         let still = failed.reopen(opts(&f));
-        if let Err(e) = &still {
-            println!("{mode:?}: reopen while the fault lasts: {e}");
-        }
-        let mut cut_bytes = 0;
-        let mut reopened = match still {
-            // A full disk does not stop the reopen itself (the segment in use has room);
-            // its next rollover fails again, as below.
-            Ok((s, cut)) if matches!(mode, Mode::DiskFull) => {
-                cut_bytes += cut.zeroed_bytes;
-                s
-            }
-            Ok(_) => panic!("{mode:?}: reopened with the fault still there"),
-            Err(_) => {
-                // The condition clears.
-                f.fail_write.store(0, Ordering::SeqCst);
-                f.fail_sync.store(0, Ordering::SeqCst);
-                let (s, cut) = failed
-                    .reopen(opts(&f))
-                    .expect("reopens once the fault is gone");
-                cut_bytes += cut.zeroed_bytes;
-                s
-            }
+        let Err(e) = still else {
+            panic!("{mode:?}: reopened with the fault still there")
         };
+        println!("{mode:?}: reopen while the fault lasts: {e}");
+        // The condition clears.
+        f.fail_write.store(0, Ordering::SeqCst);
+        f.fail_sync.store(0, Ordering::SeqCst);
+        f.disk_full.store(0, Ordering::SeqCst);
+        let (mut reopened, cut) = failed
+            .reopen(opts(&f))
+            .expect("reopens once the fault is gone");
+        let cut_bytes = cut.zeroed_bytes;
         if matches!(mode, Mode::Sync) {
             assert!(
                 cut_bytes > 0,
@@ -156,8 +146,7 @@ fn a_failed_shard_reopens_in_place_with_exactly_what_was_acknowledged() {
             "{mode:?}: the log holds the acknowledged records only"
         );
 
-        // Space is back (for the full disk): appends continue right after the durable lsn.
-        f.disk_full.store(0, Ordering::SeqCst);
+        // Appends continue right after the durable lsn.
         let mut more = Vec::new();
         for i in 0..40u64 {
             let seq = acked.len() as u64 + i + 1;
