@@ -276,6 +276,11 @@ pub struct StorageConfig {
     /// used lately leave memory and are read back from the index files when needed
     /// (docs/design/log.md, "The index"). At least 16 MiB per shard.
     pub index_memory_bytes: u64,
+    /// After a shard's log failed (a write or `fdatasync` error, a full disk, a read-only
+    /// filesystem), how often its recovery in place is tried (docs/design/log.md, "Recovery in
+    /// place"): reopen the log and index, cut back to what was durable. Meanwhile the shard
+    /// refuses writes with `STORAGE_FAILURE` and serves reads. Between 100 and 60000.
+    pub recovery_retry_ms: u64,
 }
 
 /// The smallest index budget per shard the configuration accepts.
@@ -288,6 +293,7 @@ impl Default for StorageConfig {
             io_cpus: None,
             cached_sealed_segments: 2,
             index_memory_bytes: 1 << 30,
+            recovery_retry_ms: 1000,
         }
     }
 }
@@ -516,6 +522,9 @@ impl Config {
                 "at most 10000 (every acknowledgement may wait this long)",
             );
         }
+        if !(100..=60_000).contains(&self.storage.recovery_retry_ms) {
+            return bad("storage.recovery_retry_ms", "must be between 100 and 60000");
+        }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
             return bad("accounts.otp_attempts_max", "must be between 1 and 20");
         }
@@ -641,6 +650,13 @@ mod tests {
         let c = Config::from_toml("[storage]\ncommit_interval_min_us = 20000\n").unwrap();
         assert!(c.validate().is_err());
         assert_eq!(Config::default().storage.cached_sealed_segments, 2);
+        assert_eq!(Config::default().storage.recovery_retry_ms, 1000);
+        let c = Config::from_toml("[storage]\nrecovery_retry_ms = 250\n").unwrap();
+        assert_eq!(c.storage.recovery_retry_ms, 250);
+        c.validate().unwrap();
+        let c = Config::from_toml("[storage]\nrecovery_retry_ms = 10\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("storage.recovery_retry_ms"), "{e}");
         let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
         assert_eq!(c.storage.cached_sealed_segments, 0);
         c.validate().unwrap();
