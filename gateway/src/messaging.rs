@@ -561,7 +561,7 @@ fn spawn_recovery(
                         return;
                     }
                     Err(e) => {
-                        if attempts == 1 || attempts % quiet == 0 {
+                        if attempts == 1 || attempts.is_multiple_of(quiet) {
                             tracing::warn!(shard = i, attempts, error = %e, "the shard's log cannot be reopened yet");
                         }
                     }

@@ -7,8 +7,8 @@
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its message index ([`DenseIndex`]: resident pointers
 //! within a memory budget, an index file per sealed segment as its checkpoint), together an
-//! [`EmbeddedShard`]; per node a redb metadata and cursor store
-//! ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
+//! [`EmbeddedShard`] (one whose log failed is reopened in place through
+//! [`FailedShard`]); per node a redb metadata and cursor store ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
 //! writer ([`keys`]: exactly-once one-time prekeys, group-committed claims). Also an in-memory metadata store with the same
 //! semantics for tests and the router's simulator ([`MemMeta`]), and the
 //! statistics the log keeps for the metrics endpoint ([`stats`]). On-disk

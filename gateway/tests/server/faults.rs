@@ -620,17 +620,17 @@ impl StreamEnd {
 /// (`STORAGE_SHARD_FAILED`: it refuses writes while it recovers); then sends nothing more and
 /// waits for every answer. `progress(acked, failures)` runs after every answer. Panics on any
 /// answer other than SendAck or STORAGE_FAILURE, on a Goodbye or a close (the server must keep
-/// serving), and if the shard does not fail within `max` messages or 45 s.
+/// serving), and if the shard does not fail within 20,000 messages or 45 s.
 fn stream_until_refused(
     c: &mut super::Client,
     first: u32,
     to: u64,
     body_bytes: usize,
     window: usize,
-    max: u32,
     refusals: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> StreamEnd {
+    let max = first + 20_000;
     use std::collections::HashMap;
     let deadline = now() + Duration::from_secs(45);
     let mut outcomes = BTreeMap::new();
@@ -993,7 +993,7 @@ fn a_full_disk_under_a_stream_of_sends_recovers_in_place() {
     mount.fill();
     let body_bytes = 56 << 10;
     assert_eq!(http_get(srv.metrics_addr, "/readyz").0, 200);
-    let mut end = stream_until_refused(&mut a, 1, gb.user_id, body_bytes, 4, 6_000, 8, |_, _| {});
+    let mut end = stream_until_refused(&mut a, 1, gb.user_id, body_bytes, 4, 8, |_, _| {});
     end.outcomes.insert(0, Outcome::Acked(first.seq));
     end.conv = first.conversation_id;
     let unknown = end.count(|o| *o == Outcome::Unknown);
@@ -1078,21 +1078,12 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
     let body_bytes = 2 << 10;
     let mut srv = srv;
     let mut forced = false;
-    let end = stream_until_refused(
-        &mut a,
-        0,
-        gb.user_id,
-        body_bytes,
-        16,
-        20_000,
-        8,
-        |acked, _| {
-            if acked >= 200 && !forced {
-                forced = true;
-                mount.force_read_only();
-            }
-        },
-    );
+    let end = stream_until_refused(&mut a, 0, gb.user_id, body_bytes, 16, 8, |acked, _| {
+        if acked >= 200 && !forced {
+            forced = true;
+            mount.force_read_only();
+        }
+    });
     println!(
         "{} acked, {} outcome unknown, {} not stored",
         end.count(|o| matches!(o, Outcome::Acked(_))),
