@@ -168,6 +168,12 @@ where
         }
         let sh = &mut self.sh;
         sh.convs.log_reopened(&*sh.index, &dropped);
+        // The dropped groups load again now: one whose change lost its event finds the change's
+        // marker and sequences the event again (at the next `drive`), instead of waiting for
+        // its next use.
+        for conv in dropped {
+            let _ = self.sh.conv(conv);
+        }
         self.drive();
         old
     }
