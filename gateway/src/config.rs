@@ -283,6 +283,11 @@ pub struct StorageConfig {
     /// How often the retention thread looks for log segments to remove, in ms (1,000 to
     /// 86,400,000). A segment goes at most this long after its last entry may.
     pub retention_sweep_ms: u64,
+    /// After a shard's log failed (a write or `fdatasync` error, a full disk, a read-only
+    /// filesystem), how often its recovery in place is tried (docs/design/log.md, "Recovery in
+    /// place"): reopen the log and index, cut back to what was durable. Meanwhile the shard
+    /// refuses writes with `STORAGE_FAILURE` and serves reads. Between 100 and 60000.
+    pub recovery_retry_ms: u64,
 }
 
 /// The smallest index budget per shard the configuration accepts.
@@ -297,6 +302,7 @@ impl Default for StorageConfig {
             index_memory_bytes: 1 << 30,
             retention_secs: 0,
             retention_sweep_ms: 60_000,
+            recovery_retry_ms: 1000,
         }
     }
 }
@@ -547,6 +553,9 @@ impl Config {
                 "must be between 1000 and 86400000",
             );
         }
+        if !(100..=60_000).contains(&self.storage.recovery_retry_ms) {
+            return bad("storage.recovery_retry_ms", "must be between 100 and 60000");
+        }
         if a.otp_attempts_max == 0 || a.otp_attempts_max > 20 {
             return bad("accounts.otp_attempts_max", "must be between 1 and 20");
         }
@@ -672,6 +681,13 @@ mod tests {
         let c = Config::from_toml("[storage]\ncommit_interval_min_us = 20000\n").unwrap();
         assert!(c.validate().is_err());
         assert_eq!(Config::default().storage.cached_sealed_segments, 2);
+        assert_eq!(Config::default().storage.recovery_retry_ms, 1000);
+        let c = Config::from_toml("[storage]\nrecovery_retry_ms = 250\n").unwrap();
+        assert_eq!(c.storage.recovery_retry_ms, 250);
+        c.validate().unwrap();
+        let c = Config::from_toml("[storage]\nrecovery_retry_ms = 10\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("storage.recovery_retry_ms"), "{e}");
         let c = Config::from_toml("[storage]\ncached_sealed_segments = 0\n").unwrap();
         assert_eq!(c.storage.cached_sealed_segments, 0);
         c.validate().unwrap();

@@ -1,19 +1,28 @@
 //! Whether the process serves, and why not: what `/healthz`, `/readyz` and the health gauges on
-//! `/metrics` report, and how a storage fault stops the process.
+//! `/metrics` report, and how a storage fault is handled.
 //!
-//! **A storage fault ends the process.** When a shard's log fails (a write or `fdatasync`
-//! error, a full disk, a filesystem gone read-only), when a shard's message index stops, or
-//! when `meta.redb` (the metadata store, accounts included) fails with an I/O error (redb then
-//! refuses every later operation until reopened), nothing that depends on that store can work again in this
-//! process: a failed `fsync` leaves the page cache in an unknown state, so the only safe
-//! recovery is to restart and recover from what is on disk (never retry and acknowledge).
-//! Recovering in-process would mean reopening every store under live connections; exiting is
-//! simpler to make correct, and a supervisor (systemd `Restart=on-failure`, Kubernetes)
-//! restarts the server. So at the first fault:
+//! **A shard whose log failed recovers in place.** When a shard's log fails (a write or
+//! `fdatasync` error, a full disk, a filesystem gone read-only), that shard's sequencer answers
+//! every waiting Send truthfully (outcome unknown, or not stored) and refuses every later write
+//! with `STORAGE_FAILURE`, while reads (history, sync, conversation lists) go on from its index.
+//! [`Health::shard_failed`] marks it: `/readyz` answers 503 with the reason,
+//! `starling_storage_failed{shard}` is 1, `/healthz` stays 200 (the process is alive and must not
+//! be restarted for this). Off the shard's thread, every `storage.recovery_retry_ms`, the failed
+//! log is reopened in place (`starling_storage::FailedShard::reopen`: its threads stopped, the
+//! log cut back to the last lsn it had made durable, so nothing refused comes back, then opened
+//! as at start); once that succeeds the shard takes the new log and index, reloads its
+//! conversations' counters and serves writes again, and [`Health::shard_recovered`] clears the
+//! mark. Never retry a failed `fsync` on the same file: a reopen recovers from what is on disk.
+//!
+//! **A fault of the metadata store or of an index ends the process.** When `meta.redb` (the
+//! metadata store, accounts included) fails with an I/O error (redb then refuses every later
+//! operation until reopened), or a shard's message index stops applying its log, nothing that
+//! depends on that store can work again in this process; reopening the metadata store under
+//! every shard and connection is not done. A supervisor (systemd `Restart=on-failure`,
+//! Kubernetes) restarts the server. So at such a fault:
 //!
 //! 1. [`Health::fault`] marks the node unhealthy at once (`/healthz` and `/readyz` answer 503
-//!    with the reason, `starling_ready` drops to 0, `starling_storage_failed{shard}` rises);
-//!    connections stop reading new requests;
+//!    with the reason, `starling_ready` drops to 0); connections stop reading new requests;
 //! 2. the main thread is told ([`Stop::Fault`]): every shard stops accepting, gives the answers
 //!    already on their way [`FAULT_ANSWER_GRACE_MS`] to reach their connections, sends
 //!    `Goodbye{STORAGE_FAILURE, reconnect_after_ms: FAULT_RECONNECT_AFTER_MS}` and drains;
@@ -59,8 +68,10 @@ pub struct Health {
     phase: AtomicU8,
     shards: usize,
     shards_up: AtomicUsize,
-    /// Per shard: its log or index failed.
+    /// Per shard: its log failed and is not recovered yet (or its index failed).
     storage_failed: Box<[AtomicBool]>,
+    /// Per shard: why its log failed, while it is failed.
+    shard_reasons: Mutex<Vec<Option<String>>>,
     /// Set with the first fault (fast check on the data path).
     faulted: AtomicBool,
     fault: OnceLock<String>,
@@ -76,6 +87,7 @@ impl Health {
             shards,
             shards_up: AtomicUsize::new(0),
             storage_failed: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            shard_reasons: Mutex::new(vec![None; shards]),
             faulted: AtomicBool::new(false),
             fault: OnceLock::new(),
             stop: Mutex::new(None),
@@ -104,8 +116,49 @@ impl Health {
         self.phase.store(DRAINING, Ordering::Release);
     }
 
-    /// A storage fault (`shard`: the shard whose log or index failed, if it is one). The first
-    /// one is kept as the reason, marks the process unhealthy and tells the main thread;
+    /// Shard `i`'s log failed (`reason` names the shard and the error): it refuses writes and
+    /// recovers in place. The process stays live; it is not ready until the shard recovered.
+    pub fn shard_failed(&self, i: usize, reason: &str) {
+        if let Some(flag) = self.storage_failed.get(i) {
+            flag.store(true, Ordering::Release);
+        }
+        if let Some(r) = self
+            .shard_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(i)
+        {
+            *r = Some(reason.to_owned());
+        }
+        tracing::error!(
+            shard = i,
+            reason,
+            "storage fault: the shard refuses writes and serves reads until its log is \
+             recovered in place"
+        );
+    }
+
+    /// Shard `i`'s log was reopened in place: it serves writes again.
+    pub fn shard_recovered(&self, i: usize) {
+        if let Some(r) = self
+            .shard_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(i)
+        {
+            *r = None;
+        }
+        if let Some(flag) = self.storage_failed.get(i) {
+            flag.store(false, Ordering::Release);
+        }
+        tracing::warn!(
+            shard = i,
+            "storage recovered in place: the shard serves writes again"
+        );
+    }
+
+    /// A storage fault that stops the process (the metadata store's, or `shard`'s index). The
+    /// first one is kept as the reason, marks the process unhealthy and tells the main thread;
     /// later ones only mark their shard.
     pub fn fault(&self, shard: Option<usize>, reason: &str) {
         if let Some(flag) = shard.and_then(|i| self.storage_failed.get(i)) {
@@ -158,12 +211,25 @@ impl Health {
         }
     }
 
-    /// `/readyz`: `Ok` only when every shard runs and accepts and no fault is pending.
+    /// `/readyz`: `Ok` only when every shard runs and accepts, no fault is pending and no
+    /// shard's log is failed.
     ///
     /// # Errors
     /// Why the process does not take traffic now.
     pub fn readiness(&self) -> Result<(), String> {
         self.liveness()?;
+        if let Some(r) = self
+            .shard_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .next()
+        {
+            return Err(format!(
+                "storage fault: {r}; writes are refused until it recovers in place"
+            ));
+        }
         match self.phase.load(Ordering::Acquire) {
             STARTING => Err(format!(
                 "starting: {} of {} shards up",
@@ -190,7 +256,8 @@ impl Health {
         let name = "starling_storage_failed";
         let _ = writeln!(
             s,
-            "# HELP {name} 1 once the shard's log or index failed (the process then exits).\n\
+            "# HELP {name} 1 while the shard's log is failed (it refuses writes and recovers in \
+             place), or once its index failed (the process then exits).\n\
              # TYPE {name} gauge"
         );
         for i in 0..self.shards {
@@ -231,6 +298,41 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_shard_log_is_not_ready_but_live_until_it_recovers() {
+        let h = Health::new(2);
+        let (tx, rx) = mpsc::channel();
+        h.set_stop(tx);
+        h.shard_up();
+        h.shard_up();
+        h.serving();
+        h.shard_failed(1, "shard 1: log failed: disk full");
+        assert!(!h.faulted());
+        assert!(h.liveness().is_ok());
+        assert_eq!(
+            h.readiness().unwrap_err(),
+            "storage fault: shard 1: log failed: disk full; writes are refused until it \
+             recovers in place"
+        );
+        assert!(h.storage_failed(1) && !h.storage_failed(0));
+        let m = h.render();
+        assert!(
+            m.contains("starling_storage_failed{shard=\"1\"} 1\n"),
+            "{m}"
+        );
+        assert!(m.contains("starling_ready 0\n"), "{m}");
+        assert!(rx.try_recv().is_err(), "the process does not stop");
+        h.shard_recovered(1);
+        assert!(h.readiness().is_ok());
+        assert!(!h.storage_failed(1));
+        let m = h.render();
+        assert!(
+            m.contains("starling_storage_failed{shard=\"1\"} 0\n"),
+            "{m}"
+        );
+        assert!(m.contains("starling_ready 1\n"), "{m}");
+    }
+
+    #[test]
     fn the_first_fault_is_the_reason_and_stops_the_process_once() {
         let h = Health::new(2);
         let (tx, rx) = mpsc::channel();
@@ -239,17 +341,17 @@ mod tests {
         h.shard_up();
         h.serving();
         assert!(!h.faulted());
-        h.fault(Some(1), "shard 1: log failed: disk full");
+        h.fault(Some(1), "shard 1: its message index stopped");
         h.fault(None, "meta.redb: previous I/O error");
         assert!(h.faulted());
         assert_eq!(
             h.liveness().unwrap_err(),
-            "storage fault: shard 1: log failed: disk full"
+            "storage fault: shard 1: its message index stopped"
         );
         assert_eq!(h.readiness(), h.liveness());
         assert_eq!(
             rx.try_recv(),
-            Ok(Stop::Fault("shard 1: log failed: disk full".to_owned()))
+            Ok(Stop::Fault("shard 1: its message index stopped".to_owned()))
         );
         assert!(rx.try_recv().is_err());
         let m = h.render();

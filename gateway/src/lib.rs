@@ -115,12 +115,15 @@
 //!   `sigwait` on a signal thread, which tells the main thread; shards stop
 //!   accepting, send `Goodbye{SHUTTING_DOWN}`, drain for up to
 //!   `shutdown_drain_ms`, and the process exits 0.
-//! - **Storage faults** ([`health`]): the first failure of a shard's log or
-//!   index, or of `meta.redb` (accounts included) marks the process unhealthy
-//!   (`/healthz`, `/readyz`), stops reading connections, and tells the main
-//!   thread; shards give pending answers a short grace, send
-//!   `Goodbye{STORAGE_FAILURE}`, drain, and the process exits with status
-//!   74 for a supervisor to restart it. Never retry-and-acknowledge.
+//! - **Storage faults** ([`health`]): a shard whose log failed refuses
+//!   writes, serves reads, is not ready (`/readyz`), and is reopened in place
+//!   off its thread every `storage.recovery_retry_ms` ([`messaging`]). The
+//!   first failure of a shard's index, or of `meta.redb` (accounts included),
+//!   marks the process unhealthy (`/healthz`, `/readyz`), stops reading
+//!   connections, and tells the main thread; shards give pending answers a
+//!   short grace, send `Goodbye{STORAGE_FAILURE}`, drain, and the process
+//!   exits with status 74 for a supervisor to restart it. Never
+//!   retry-and-acknowledge.
 //! - **Accounts** ([`accounts`]): identifiers and account text parsed by
 //!   explicit rules ([`accounts::ident`]); OTP codes stored as HMAC-SHA256
 //!   with a server secret, 6 digits, TTL and attempt limits, rate-limited per

@@ -12,14 +12,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit status: 0 after SIGTERM/SIGINT and a drain; 1 when start-up fails
 /// (a bad data dir, a refused layout, a filesystem that does not take a
 /// durable write, ...); 2 for a configuration error; 74 after a storage
-/// fault while serving (a supervisor should restart the server).
+/// fault of the metadata store or an index while serving (a supervisor should
+/// restart the server; a failed message log recovers in place instead).
 #[derive(Debug, Parser)]
 #[command(
     name = "starling",
     version,
     about = "Starling chat server",
     after_help = "Exit status: 0 after SIGTERM/SIGINT; 1 start-up failed; 2 configuration \
-                  error; 74 a storage fault while serving (restart the server)."
+                  error; 74 a metadata or index storage fault while serving (restart the \
+                  server; a failed message log recovers in place)."
 )]
 struct Cli {
     #[command(subcommand)]

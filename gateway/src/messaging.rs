@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use starling_router::ring::{Bell, Doorbell};
 use starling_router::{ConnId as RouterConnId, RouterShard, ShardConfig, ShardLinks, ShardMsg};
 use starling_storage::{
-    DenseIndex, EmbeddedMeta, EmbeddedShard, LogOptions, LogThread, ShardOptions,
+    DenseIndex, EmbeddedMeta, EmbeddedShard, FailedShard, LogOptions, LogThread, ShardOptions,
 };
 
 use crate::clock;
@@ -98,6 +98,13 @@ pub struct RouterParts {
     pub io_cpus: Arc<[usize]>,
     /// Where a failure of the shard's log or index is reported.
     pub health: Arc<Health>,
+    /// The options the store was opened with: a failed log is reopened in place with them.
+    pub store_opts: ShardOptions,
+    /// How often a failed log's recovery in place is tried (`storage.recovery_retry_ms`).
+    pub recovery_retry_ms: u64,
+    /// The shard's retention reclaimer (shared with the retention thread): paused while a
+    /// failed log is reopened, given the new index after.
+    pub reclaimer: Arc<starling_storage::log::Reclaimer>,
     /// The router's configuration (`Config::shard_config`: `[router]` and the slow-consumer
     /// limits of `[limits]`).
     pub cfg: ShardConfig,
@@ -184,6 +191,7 @@ pub fn open(
     // Every shard's storage opens (recovers) at once, each on a thread of its own: a start
     // takes as long as the slowest shard, not the sum.
     let started = crate::clock::mono_ms();
+    let reopen_opts = opts.clone();
     let stores: Vec<anyhow::Result<EmbeddedShard>> = std::thread::scope(|scope| {
         let opening: Vec<_> = opts
             .into_iter()
@@ -211,14 +219,21 @@ pub fn open(
         "every shard's storage opened"
     );
     let mut parts = Vec::new();
-    for ((links, efd), store) in links.into_iter().zip(efds).zip(stores) {
+    for (((links, efd), store), store_opts) in
+        links.into_iter().zip(efds).zip(stores).zip(reopen_opts)
+    {
+        let store = store?;
+        let reclaimer = Arc::new(store.reclaimer());
         parts.push(RouterParts {
-            store: store?,
+            store,
+            reclaimer,
             links,
             meta: meta.clone(),
             efd,
             io_cpus: io_for_parts.clone(),
             health: health.clone(),
+            store_opts,
+            recovery_retry_ms: storage.recovery_retry_ms,
             cfg: router.clone(),
             notices: None,
         });
@@ -259,6 +274,26 @@ pub struct ShardRouter {
     pub meta: Arc<EmbeddedMeta>,
     health: Arc<Health>,
     notices: Option<crate::push::NoticeSender>,
+    store_opts: ShardOptions,
+    recovery_retry_ms: u64,
+    reclaimer: Arc<starling_storage::log::Reclaimer>,
+    /// While the shard's log is failed: its recovery in place, running on another thread.
+    recovering: RefCell<Option<Recovery>>,
+}
+
+/// A failed log's recovery in place, seen from the shard: where the reopened store arrives,
+/// and the flag that stops the attempts when the shard goes away.
+struct Recovery {
+    rx: std::sync::mpsc::Receiver<EmbeddedShard>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ShardRouter {
+    fn drop(&mut self) {
+        if let Some(r) = self.recovering.get_mut() {
+            r.stop.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 impl std::fmt::Debug for ShardRouter {
@@ -295,6 +330,10 @@ impl ShardRouter {
             meta: parts.meta,
             health: parts.health,
             notices: parts.notices,
+            store_opts: parts.store_opts,
+            recovery_retry_ms: parts.recovery_retry_ms,
+            reclaimer: parts.reclaimer,
+            recovering: RefCell::new(None),
         })
     }
 
@@ -364,11 +403,7 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
                 tracing::info!(conn = c.conn.0, code = ?c.code, message = %c.message, "router closes connection");
                 shard.kill_conn(ConnId(c.conn.0), Kill::Router(c.code));
             }
-            if !failed && let Some(f) = rs.failure() {
-                failed = true;
-                r.health
-                    .fault(Some(shard.index), &format!("shard {}: {f}", shard.index));
-            }
+            recover_log(&shard, &r, &mut rs);
             // The index is applied on the log's thread; an uncontended lock per turn.
             if !failed && rs.log().index().failed() {
                 failed = true;
@@ -431,6 +466,120 @@ pub async fn drive(shard: Rc<Shard>, r: Rc<ShardRouter>) {
         })
         .await;
     }
+}
+
+/// A failed log's recovery in place (see [`crate::health`]), one step per driver turn: at the
+/// failure, the shard is marked failed and its log handed to a recovery thread; once that
+/// thread has reopened it, the shard takes the new log and index and is marked recovered.
+fn recover_log(shard: &Shard, r: &ShardRouter, rs: &mut Router) {
+    let i = shard.index;
+    let mut recovering = r.recovering.borrow_mut();
+    if let Some(rec) = recovering.as_ref() {
+        let Ok(store) = rec.rx.try_recv() else {
+            return;
+        };
+        let index = store.index().clone();
+        let old = rs.storage_recovered(store, index.clone());
+        // The old log was detached: dropping it stops nothing and writes nothing.
+        drop(old);
+        shard.shared.metrics.set_index(i, index.clone());
+        r.reclaimer.resume(index);
+        *recovering = None;
+        r.health.shard_recovered(i);
+        return;
+    }
+    let Some(f) = rs.failure().map(str::to_owned) else {
+        return;
+    };
+    r.health.shard_failed(i, &format!("shard {i}: {f}"));
+    // No segment removal while the log is reopened (the reopened shard brings its own index).
+    r.reclaimer.pause();
+    let Some(failed) = rs.log_mut().detach_failed() else {
+        // The sequencer failed on an error the log itself does not hold (it refused a batch
+        // as closed): nothing to reopen in place.
+        r.health.fault(
+            Some(i),
+            &format!("shard {i}: {f} (the log cannot be reopened in place)"),
+        );
+        return;
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    match spawn_recovery(
+        i,
+        failed,
+        r.store_opts.clone(),
+        r.recovery_retry_ms,
+        r.bell.clone(),
+        stop.clone(),
+        tx,
+    ) {
+        Ok(()) => *recovering = Some(Recovery { rx, stop }),
+        Err(e) => r.health.fault(
+            Some(i),
+            &format!("shard {i}: {f}; cannot start its recovery: {e}"),
+        ),
+    }
+}
+
+/// Tries to reopen `failed` every `retry_ms` (first after one period) until it succeeds, then
+/// sends the new store and rings the shard's bell. Stops early once `stop` is set. A reopen
+/// that fails (the disk is still full, the filesystem still read-only) is logged at the first
+/// attempt and then once a minute.
+fn spawn_recovery(
+    i: usize,
+    mut failed: FailedShard,
+    opts: ShardOptions,
+    retry_ms: u64,
+    bell: Arc<Bell>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tx: std::sync::mpsc::Sender<EmbeddedShard>,
+) -> std::io::Result<()> {
+    let every = clock::ms(retry_ms);
+    let quiet = (60_000 / retry_ms.max(1)).max(1);
+    std::thread::Builder::new()
+        .name(format!("starling-recover-{i}"))
+        .spawn(move || {
+            tracing::warn!(
+                shard = i,
+                durable_lsn = failed.durable_lsn().0,
+                error = %failed.error(),
+                "the shard's log failed: reopening it in place once the fault clears"
+            );
+            let mut attempts = 0u64;
+            loop {
+                std::thread::sleep(every);
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                attempts += 1;
+                let started = clock::mono_ms();
+                match failed.reopen(opts.clone()) {
+                    Ok((store, cut)) => {
+                        tracing::warn!(
+                            shard = i,
+                            attempts,
+                            durable_lsn = failed.durable_lsn().0,
+                            zeroed_bytes = cut.zeroed_bytes,
+                            removed_segments = cut.removed_segments,
+                            replayed_records = store.open_report().replayed_records,
+                            ms = clock::mono_ms().saturating_sub(started),
+                            "the shard's log was reopened in place"
+                        );
+                        if tx.send(store).is_ok() {
+                            bell.notify();
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        if attempts == 1 || attempts.is_multiple_of(quiet) {
+                            tracing::warn!(shard = i, attempts, error = %e, "the shard's log cannot be reopened yet");
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 /// The thread that runs the router's metadata writes (cursor batches, Block/Unblock, new

@@ -119,7 +119,8 @@ pub struct Metrics {
     auth_failures: Vec<AtomicU64>,
     /// Per shard, its log's I/O statistics (empty without messaging storage).
     logs: Vec<Arc<LogStats>>,
-    indexes: Vec<Arc<DenseIndex>>,
+    /// Per shard, its message index (replaced when a failed log is reopened in place).
+    indexes: Vec<std::sync::RwLock<Arc<DenseIndex>>>,
     /// Per shard, what retention removed from its log (empty without messaging storage).
     retention: Vec<Arc<starling_storage::log::RetentionStats>>,
     /// The media endpoint's counters (zero without one).
@@ -159,8 +160,17 @@ impl Metrics {
     /// These metrics with the shards' message indexes (indexed by shard) as gauges.
     #[must_use]
     pub fn with_indexes(mut self, indexes: Vec<Arc<DenseIndex>>) -> Self {
-        self.indexes = indexes;
+        self.indexes = indexes.into_iter().map(std::sync::RwLock::new).collect();
         self
+    }
+
+    /// Shard `shard`'s index was replaced (its log was reopened in place).
+    pub fn set_index(&self, shard: usize, index: Arc<DenseIndex>) {
+        if let Some(slot) = self.indexes.get(shard) {
+            *slot
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = index;
+        }
     }
 
     /// These metrics with the media endpoint's counters.
@@ -206,7 +216,15 @@ impl Metrics {
             "Conversation states in the router's memory.",
             &|m| i64::try_from(m.router.convs_loaded.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         );
-        let index_stats: Vec<_> = self.indexes.iter().map(|ix| ix.stats()).collect();
+        let index_stats: Vec<_> = self
+            .indexes
+            .iter()
+            .map(|ix| {
+                ix.read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .stats()
+            })
+            .collect();
         let index_gauges: [IndexGauge; 5] = [
             (
                 "starling_index_memory_bytes",

@@ -26,7 +26,7 @@ pub struct RetentionTask {
 /// Starts the thread over `reclaimers` (one per shard): a sweep every `sweep_ms` with the server
 /// retention `retention_ms` (0: keep forever; entries with an expiry still go).
 pub fn start(
-    reclaimers: Vec<Reclaimer>,
+    reclaimers: Vec<Arc<Reclaimer>>,
     retention_ms: u64,
     sweep_ms: u64,
 ) -> std::io::Result<RetentionTask> {
@@ -53,7 +53,7 @@ pub fn start(
 }
 
 /// One sweep of every shard, stopping early when asked to.
-fn sweep(reclaimers: &[Reclaimer], retention_ms: u64, stop: &AtomicBool) {
+fn sweep(reclaimers: &[Arc<Reclaimer>], retention_ms: u64, stop: &AtomicBool) {
     for (shard, r) in reclaimers.iter().enumerate() {
         if stop.load(Ordering::Acquire) {
             return;
@@ -91,6 +91,6 @@ impl RetentionTask {
 
 /// The counters of `reclaimers`, in shard order, for `/metrics`.
 #[must_use]
-pub fn stats(reclaimers: &[Reclaimer]) -> Vec<Arc<RetentionStats>> {
+pub fn stats(reclaimers: &[Arc<Reclaimer>]) -> Vec<Arc<RetentionStats>> {
     reclaimers.iter().map(|r| r.stats().clone()).collect()
 }

@@ -249,7 +249,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.store.index().clone())
         .collect();
-    let reclaimers: Vec<_> = router_parts.iter().map(|p| p.store.reclaimer()).collect();
+    let reclaimers: Vec<_> = router_parts.iter().map(|p| p.reclaimer.clone()).collect();
     let metrics = Arc::new(
         Metrics::new(n, log_stats)
             .with_indexes(indexes)

@@ -94,7 +94,8 @@
 //! a content-free [`Notice`] of each entry its conversations made durable, for the gateway's
 //! push notifier). Messages to other shards go straight into the rings the shard owns;
 //! [`RouterShard::is_backpressured`] says a ring is full (stop reading
-//! sockets). [`RouterShard::failure`] says the log failed: restart the shard.
+//! sockets). [`RouterShard::failure`] says the log failed: writes are refused, reads go on,
+//! and [`RouterShard::storage_recovered`] takes the log and index reopened in place.
 //!
 //! ## How the gateway drives it
 //!

@@ -145,9 +145,41 @@ where
     }
 
     /// Why this shard stopped sequencing (its log failed), if it did. Nothing is sequenced
-    /// after it; the gateway stops the process, and its restart recovers the log.
+    /// after it (every Send and group change is refused with `STORAGE_FAILURE`; reads go on
+    /// from the index) until [`RouterShard::storage_recovered`].
     pub fn failure(&self) -> Option<&str> {
         self.sequencer.failure()
+    }
+
+    /// The failed log was reopened in place (off this thread): `log` ends at the last lsn the
+    /// failed one had made durable (nothing after it: see `starling_storage::FailedShard`) and
+    /// `index` covers all of it. Both replace the old ones; every conversation state that could
+    /// disagree with the log (next seqs, durable tails, pending Sends, a group change whose
+    /// event was lost) is read again from the stores; sequencing resumes right after the last
+    /// durable seq of each conversation. Returns the failed log (drop it off the hot path if
+    /// dropping is slow). Without a failure, nothing changes and `log` is handed back.
+    pub fn storage_recovered(&mut self, log: L, index: Arc<I>) -> L {
+        if self.sequencer.failure().is_none() {
+            return log;
+        }
+        let old = self.sequencer.replace_failed(log);
+        self.sh.index = index;
+        let mut dropped = Vec::new();
+        for conv in self.sh.convs.ids() {
+            if groups::log_reopened(&mut self.sh, conv) {
+                dropped.push(conv);
+            }
+        }
+        let sh = &mut self.sh;
+        sh.convs.log_reopened(&*sh.index, &dropped);
+        // The dropped groups load again now: one whose change lost its event finds the change's
+        // marker and sequences the event again (at the next `drive`), instead of waiting for
+        // its next use.
+        for conv in dropped {
+            let _ = self.sh.conv(conv);
+        }
+        self.drive();
+        old
     }
 
     /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use crate::error::{LogError, StorageError};
 use crate::format;
 use crate::index::{Checkpointer, DenseIndex};
-use crate::log::{Completion, DurableRecord, LogOptions, ReadModel, RecoveryReport, SegmentedLog};
+use crate::log::{
+    Completion, DurableRecord, LogOptions, ReadModel, RecoveryReport, SegmentedLog, TruncateReport,
+};
 use crate::traits::DurableLog;
 use crate::types::{Entry, Level, Lsn};
 
@@ -62,6 +64,9 @@ pub struct EmbeddedShard {
     checkpointer: Option<Checkpointer>,
     report: ShardOpenReport,
     dir: PathBuf,
+    /// Its log and checkpointer were handed to a [`FailedShard`]: dropping it writes no
+    /// checkpoint (the reopened shard owns the index's files).
+    detached: bool,
 }
 
 impl fmt::Debug for EmbeddedShard {
@@ -138,6 +143,31 @@ impl EmbeddedShard {
             checkpointer: Some(checkpointer),
             report,
             dir: dir.to_path_buf(),
+            detached: false,
+        })
+    }
+
+    /// Whether the log failed: the last lsn it made durable and why it failed.
+    pub fn failed_at(&self) -> Option<(Lsn, LogError)> {
+        self.log.as_ref().and_then(SegmentedLog::failed_at)
+    }
+
+    /// Takes the failed log (and the index's checkpointer) out of this shard, for
+    /// [`FailedShard::reopen`] on another thread. `None` if the log has not failed (or was
+    /// taken already). This shard keeps its index for reads of what is durable; appends to it
+    /// fail ([`LogError::Closed`]) until it is replaced by the reopened shard.
+    pub fn detach_failed(&mut self) -> Option<FailedShard> {
+        let (durable, error) = self.failed_at()?;
+        let log = self.log.take()?;
+        self.detached = true;
+        Some(FailedShard {
+            log: Some(log),
+            checkpointer: self.checkpointer.take(),
+            index: self.index.clone(),
+            dir: self.dir.clone(),
+            durable,
+            error,
+            stats: None,
         })
     }
 
@@ -201,11 +231,106 @@ impl Drop for EmbeddedShard {
         // index's thread.
         self.log = None;
         self.checkpointer = None;
-        if !self.index.failed() {
+        if !self.detached && !self.index.failed() {
             // Segments completed since the thread's last turn: checkpoint them now, so the next
             // open replays only the last segment. A failure costs that open a longer replay.
             let _ = self.index.checkpoint_complete();
         }
+    }
+}
+
+/// A shard whose log failed, taken out of its [`EmbeddedShard`] to be reopened in place (see
+/// `docs/design/log.md`, "Recovery in place"): [`FailedShard::reopen`] stops the old log's
+/// threads, cuts the log back to the last lsn it made durable (nothing the server answered as
+/// refused or unknown can come back; see [`crate::log::truncate_after`]) and opens the shard
+/// again as [`EmbeddedShard::open`] does. Until it succeeds the old index keeps serving reads of
+/// what was durable. Retry it until the condition that failed the log (a full disk, a read-only
+/// filesystem) has cleared.
+pub struct FailedShard {
+    log: Option<SegmentedLog>,
+    checkpointer: Option<Checkpointer>,
+    index: Arc<DenseIndex>,
+    dir: PathBuf,
+    durable: Lsn,
+    error: LogError,
+    /// The old log's statistics, continued by the reopened one.
+    stats: Option<Arc<crate::stats::LogStats>>,
+}
+
+impl fmt::Debug for FailedShard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailedShard")
+            .field("dir", &self.dir)
+            .field("durable", &self.durable)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FailedShard {
+    /// The last lsn the log made durable before it failed.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.durable
+    }
+
+    /// Why the log failed.
+    pub fn error(&self) -> &LogError {
+        &self.error
+    }
+
+    /// The shard's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// One attempt to reopen the shard in place. The first call stops the old log (its I/O
+    /// thread and spare maker) and the index's checkpointer, and checkpoints the segments the
+    /// index has complete (best effort: on a full disk that fails and the reopen replays them).
+    /// Then: check that the log has room for its next segment (a file that size is written,
+    /// synced and removed: a disk still full or read-only fails here), cut the log back to
+    /// [`FailedShard::durable_lsn`], open the shard with `opts`.
+    /// Blocking (it reads the log's tail and may rebuild part of the index); run it off the
+    /// shard's thread.
+    ///
+    /// # Errors
+    /// The cut or the open failed (the fault is still there, typically): nothing was served
+    /// from the new shard; call again later.
+    pub fn reopen(
+        &mut self,
+        mut opts: ShardOptions,
+    ) -> Result<(EmbeddedShard, TruncateReport), StorageError> {
+        if let Some(log) = self.log.take() {
+            self.stats = Some(log.stats().clone());
+            log.close();
+        }
+        if opts.log.stats.is_none() {
+            opts.log.stats.clone_from(&self.stats);
+        }
+        if self.checkpointer.take().is_some() && !self.index.failed() {
+            let _ = self.index.checkpoint_complete();
+        }
+        crate::log::probe_room(
+            &self.dir.join("log"),
+            opts.log.segment_bytes,
+            opts.log.fault_hook.as_deref(),
+        )?;
+        let cut = crate::log::truncate_after(
+            &self.dir.join("log"),
+            self.durable,
+            opts.log.fault_hook.as_deref(),
+        )?;
+        let shard = EmbeddedShard::open(&self.dir, opts)?;
+        let last = shard.open_report().log.last_lsn;
+        if last != self.durable {
+            return Err(StorageError::Decode {
+                table: "log",
+                reason: format!(
+                    "reopened at lsn {} but the log had made lsn {} durable",
+                    last.0, self.durable.0
+                ),
+            });
+        }
+        Ok((shard, cut))
     }
 }
 

@@ -8,8 +8,8 @@
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its message index ([`DenseIndex`]: resident pointers
 //! within a memory budget, an index file per sealed segment as its checkpoint), together an
-//! [`EmbeddedShard`]; per node a redb metadata and cursor store
-//! ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
+//! [`EmbeddedShard`] (one whose log failed is reopened in place through
+//! [`FailedShard`]); per node a redb metadata and cursor store ([`EmbeddedMeta`]), with the end-to-end key directory's records and the logic of its one
 //! writer ([`keys`]: exactly-once one-time prekeys, group-committed claims). Also an in-memory metadata store with the same
 //! semantics for tests and the router's simulator ([`MemMeta`]), and the
 //! statistics the log keeps for the metrics endpoint ([`stats`]). On-disk
@@ -45,12 +45,14 @@ pub mod traits;
 pub mod types;
 
 pub use accounts::AccountStore;
-pub use embedded::{DEFAULT_INDEX_MEMORY_BYTES, EmbeddedShard, ShardOpenReport, ShardOptions};
+pub use embedded::{
+    DEFAULT_INDEX_MEMORY_BYTES, EmbeddedShard, FailedShard, ShardOpenReport, ShardOptions,
+};
 pub use error::{LogError, StorageError};
 pub use index::{DenseIndex, IndexStats};
 pub use log::{
     Appended, Completion, CompletionSource, LogOptions, LogThread, RecoveryReport, SegmentedLog,
-    ThreadStart,
+    ThreadStart, TruncateReport,
 };
 pub use mem::MemMeta;
 pub use meta::{EmbeddedMeta, MetaBatch, MetadataStore, Record};

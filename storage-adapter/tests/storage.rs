@@ -20,6 +20,10 @@ use starling_storage::{
     LogOptions, Lsn, MessageIndex, SegmentedLog, Seq, ShardOptions, SyncData, TimestampMs, UserId,
 };
 
+/// The server's allocator (the store-at-scale test measures memory as the server has it).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // ---------------------------------------------------------------------------------------------
 // helpers
 
@@ -1366,6 +1370,8 @@ mod crash;
 mod crash_retention;
 #[path = "storage/paging.rs"]
 mod paging;
+#[path = "storage/reopen.rs"]
+mod reopen;
 #[path = "storage/retention.rs"]
 mod retention;
 #[path = "storage/scale.rs"]

@@ -1,8 +1,10 @@
 //! Data-directory safety and storage faults through the real binary: the
 //! shard count recorded in the data dir, the TLS material's set refused
 //! when half-written, and a disk that fills or a filesystem that goes
-//! read-only under a stream of Sends (truthful answers, health endpoints,
-//! exit with status 74, nothing lost or invented after the restart).
+//! read-only under a stream of Sends (truthful answers, health endpoints, the
+//! shard refusing writes and serving reads, recovery in place once space is
+//! back, nothing lost or invented), and a metadata store fault (exit with
+//! status 74).
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
@@ -598,8 +600,6 @@ enum Outcome {
     Unknown,
     /// STORAGE_FAILURE: this Send stored nothing.
     NotStored,
-    /// No answer before the Goodbye and the close.
-    Unanswered,
 }
 
 /// How a stream of Sends ended.
@@ -607,7 +607,6 @@ enum Outcome {
 struct StreamEnd {
     outcomes: BTreeMap<u32, Outcome>,
     conv: u64,
-    goodbye: Option<v1::Goodbye>,
 }
 
 impl StreamEnd {
@@ -616,51 +615,41 @@ impl StreamEnd {
     }
 }
 
-/// Sends `fat_send(i)` for i = `first`, `first` + 1, ... (at most `window` outstanding) until the server
-/// says Goodbye and closes. `progress(acked, failures)` runs after every answer. Panics on
-/// any answer other than SendAck or STORAGE_FAILURE, and if the server neither fails nor
-/// closes within `max` messages or 45 s.
-fn stream_until_goodbye(
+/// Sends `fat_send(i)` for i = `first`, `first` + 1, ... (at most `window` outstanding) until
+/// `refusals` of them were refused because the shard's log had already failed
+/// (`STORAGE_SHARD_FAILED`: it refuses writes while it recovers); then sends nothing more and
+/// waits for every answer. `progress(acked, failures)` runs after every answer. Panics on any
+/// answer other than SendAck or STORAGE_FAILURE, on a Goodbye or a close (the server must keep
+/// serving), and if the shard does not fail within 20,000 messages or 45 s.
+fn stream_until_refused(
     c: &mut super::Client,
     first: u32,
     to: u64,
     body_bytes: usize,
     window: usize,
-    max: u32,
+    refusals: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> StreamEnd {
+    let max = first + 20_000;
     use std::collections::HashMap;
-    use std::io::Write as _;
     let deadline = now() + Duration::from_secs(45);
     let mut outcomes = BTreeMap::new();
     let mut inflight: HashMap<u64, u32> = HashMap::new();
-    let (mut next, mut acked, mut failures, mut conv) = (first, 0usize, 0usize, 0u64);
-    let mut goodbye = None;
-    let mut sending = true;
+    let (mut next, mut acked, mut failures, mut refused, mut conv) = (first, 0usize, 0, 0, 0u64);
     loop {
-        assert!(now() < deadline, "no fault and no close within 45 s");
-        while sending && inflight.len() < window {
+        assert!(now() < deadline, "no refusals within 45 s: {outcomes:?}");
+        while refused < refusals && inflight.len() < window {
             assert!(next < max, "no storage fault within {max} messages");
             let rid = c.next_id;
             c.next_id += 1;
-            let mut b = bytes::BytesMut::new();
-            starling_protocol::FrameEncoder::new(1 << 20)
-                .encode(
-                    &v1::Frame {
-                        request_id: rid,
-                        body: Some(fat_send(next, to, body_bytes, true)),
-                    },
-                    &mut b,
-                )
-                .unwrap();
-            if c.s.write_all(&b).and_then(|()| c.s.flush()).is_err() {
-                sending = false;
-                break;
-            }
+            c.send(rid, fat_send(next, to, body_bytes, true));
             inflight.insert(rid, next);
             next += 1;
         }
-        let Some(f) = c.recv() else { break };
+        if refused >= refusals && inflight.is_empty() {
+            break;
+        }
+        let f = c.recv().expect("the server kept the connection");
         let answer = inflight.remove(&f.request_id).filter(|_| f.request_id != 0);
         match (f.body, answer) {
             (Some(Body::SendAck(a)), Some(i)) => {
@@ -670,33 +659,77 @@ fn stream_until_goodbye(
             }
             (Some(Body::Error(e)), Some(i)) if e.code == ErrorCode::StorageFailure as i32 => {
                 failures += 1;
-                // The contract (connection.proto, ERROR_CODE_STORAGE_FAILURE): unknown unless
-                // the server says this Send stored nothing.
-                let o = if e.message == starling_router::STORAGE_NOT_STORED
-                    || e.message == starling_router::STORAGE_SHARD_FAILED
-                {
+                let o = if e.message == starling_router::STORAGE_SHARD_FAILED {
+                    refused += 1;
+                    Outcome::NotStored
+                } else if e.message == starling_router::STORAGE_NOT_STORED {
                     Outcome::NotStored
                 } else {
                     Outcome::Unknown
                 };
                 outcomes.insert(i, o);
             }
-            (Some(Body::Goodbye(g)), None) => {
-                goodbye = Some(g);
-                sending = false;
-            }
             (body, i) => panic!("send {i:?}: unexpected {body:?}"),
         }
         progress(acked, failures);
     }
-    for i in inflight.into_values() {
-        outcomes.insert(i, Outcome::Unanswered);
+    StreamEnd { outcomes, conv }
+}
+
+/// Polls `path` on the metrics listener until it answers `code` (or panics after `secs`);
+/// the body.
+fn wait_http(addr: std::net::SocketAddr, path: &str, code: u16, secs: u64) -> String {
+    let deadline = now() + Duration::from_secs(secs);
+    loop {
+        let (got, body) = http_get(addr, path);
+        if got == code {
+            return body;
+        }
+        assert!(now() < deadline, "{path}: still {got} {body}");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    StreamEnd {
-        outcomes,
-        conv,
-        goodbye,
-    }
+}
+
+/// While shard 0's log is failed: `/readyz` says 503 naming it, `/healthz` says 200 (the
+/// process is alive: no supervisor restart), the gauges say which shard failed; the process is
+/// still running.
+fn check_shard_failed_reported(srv: &mut Server) {
+    let body = wait_http(srv.metrics_addr, "/readyz", 503, 30);
+    assert!(
+        body.starts_with("storage fault: shard 0: log failed: "),
+        "{body}"
+    );
+    assert!(body.contains("recovers in place"), "{body}");
+    assert_eq!(body.trim_end().lines().count(), 1, "{body}");
+    assert_eq!(http_get(srv.metrics_addr, "/healthz").0, 200);
+    let m = http_get(srv.metrics_addr, "/metrics").1;
+    assert!(m.contains("starling_ready 0\n"), "{m}");
+    assert!(
+        m.contains("starling_storage_failed{shard=\"0\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        srv.child.0.try_wait().unwrap().is_none(),
+        "the server exited"
+    );
+}
+
+/// The acknowledged messages of `end` from seq `after` on, read with GetHistory on `c`: each
+/// at its acknowledged seq, nothing else among them.
+fn check_reads(c: &mut super::Client, end: &StreamEnd, after: u64) {
+    let got: Vec<(u64, u32)> = history_after(c, end.conv, after)
+        .iter()
+        .map(|m| (m.seq, index_of(&m.body)))
+        .collect();
+    let want: Vec<(u64, u32)> = end
+        .outcomes
+        .iter()
+        .filter_map(|(&i, o)| match o {
+            Outcome::Acked(seq) if *seq > after => Some((*seq, i)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, want, "history after seq {after}");
 }
 
 /// What the health endpoints said once `/healthz` stopped answering 200.
@@ -730,27 +763,6 @@ fn watch_health(addr: std::net::SocketAddr) -> std::thread::JoinHandle<Option<Fa
         }
         None
     })
-}
-
-/// While the fault was being handled: `/healthz` and `/readyz` said 503 with the reason on
-/// one line, the gauges said which shard failed.
-fn check_fault_reported(seen: Option<FaultSeen>, log: &Path) {
-    let stderr = std::fs::read_to_string(log).unwrap_or_default();
-    let seen = seen.unwrap_or_else(|| panic!("no 503 from /healthz before the exit\n{stderr}"));
-    for (path, (code, body)) in [("/healthz", &seen.healthz), ("/readyz", &seen.readyz)] {
-        assert_eq!(*code, 503, "{path}: {body}\nserver stderr:\n{stderr}");
-        assert!(
-            body.starts_with("storage fault: shard 0: "),
-            "{path}: {body}"
-        );
-        assert_eq!(body.trim_end().lines().count(), 1, "{path}: {body}");
-    }
-    let m = &seen.metrics;
-    assert!(m.contains("starling_ready 0\n"), "{m}");
-    assert!(
-        m.contains("starling_storage_failed{shard=\"0\"} 1\n"),
-        "{m}"
-    );
 }
 
 /// Waits for the server to exit on its own (after a fault); its status.
@@ -844,7 +856,17 @@ fn retry_all(
 /// dedup with the acknowledged seq, as a device's outbox relies on), and the history is read
 /// in full from just before the first unacknowledged message on, which is where anything the
 /// fault touched has its seq.
-fn check_and_resolve(srv: &Server, token: &str, to: u64, body_bytes: usize, end: &StreamEnd) {
+///
+/// `in_place`: the log was reopened in place, cut back to what it had made durable, so no
+/// unacknowledged message may be there (nothing refused reappears).
+fn check_and_resolve(
+    srv: &Server,
+    token: &str,
+    to: u64,
+    body_bytes: usize,
+    end: &StreamEnd,
+    in_place: bool,
+) {
     let mut a = hello_large(srv, token);
     let acked: Vec<(u32, u64)> = end
         .outcomes
@@ -889,8 +911,8 @@ fn check_and_resolve(srv: &Server, token: &str, to: u64, body_bytes: usize, end:
         }
     }
     for (&i, &o) in &end.outcomes {
-        if o == Outcome::NotStored {
-            assert_eq!(stored.get(&i), None, "message {i}: said not stored");
+        if o == Outcome::NotStored || (in_place && !matches!(o, Outcome::Acked(_))) {
+            assert_eq!(stored.get(&i), None, "message {i} ({o:?}) is not stored");
         }
     }
     let resolved = retry_all(&mut a, to, &open, body_bytes);
@@ -921,7 +943,7 @@ fn check_and_resolve(srv: &Server, token: &str, to: u64, body_bytes: usize, end:
     want.sort_unstable();
     assert_eq!(indexes, want, "every message exactly once");
     println!(
-        "after the restart: {} of {} unacknowledged were stored",
+        "afterwards: {} of {} unacknowledged were stored",
         resolved_present,
         open.len()
     );
@@ -937,24 +959,31 @@ fn last_line(path: &Path) -> String {
         .to_owned()
 }
 
-/// Issue 34 §2: the disk fills under a stream of Sends. Every Send is answered truthfully
-/// (acknowledged, outcome unknown, or stored nothing) or left unanswered at the Goodbye; the
-/// health endpoints report the fault; the process exits with status 74. After space is back
-/// and the server restarted, nothing acknowledged is lost and retries resolve the rest.
+/// Issue 34 §2, issue 37 §3: the disk fills under a stream of Sends. Every Send is answered
+/// truthfully (acknowledged, outcome unknown, or stored nothing); the shard then refuses
+/// writes with STORAGE_FAILURE and keeps serving reads; `/readyz` names the failed shard while
+/// `/healthz` stays 200; the process does not exit. Once space is back the shard's log is
+/// reopened in place: the shard serves writes again, nothing acknowledged is lost, no refused
+/// or unknown message is there (their retries are new messages), seqs continue without a gap.
 #[test]
-fn a_full_disk_under_a_stream_of_sends() {
+fn a_full_disk_under_a_stream_of_sends_recovers_in_place() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::tmpfs(root.path(), 512 << 20);
     let log = root.path().join("stderr-1.log");
-    let cfg = no_last_seen_writes(root.path());
+    let cfg = root.path().join("starling.toml");
+    std::fs::write(
+        &cfg,
+        "[accounts]\nlast_seen_flush_ms = 60000\n[storage]\nrecovery_retry_ms = 200\n",
+    )
+    .unwrap();
     let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
-    let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
+    let (mut srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
     let ga = register(&srv, &mut a, email("ana@example.org"), "ana@example.org");
     let mut b = srv.hello("");
     let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
     drop(b);
-    let mut a = srv.hello(&ga.access_token);
+    let mut a = hello_large(&srv, &ga.access_token);
     // The conversation exists (its metadata is written) before the disk fills.
     let Body::SendAck(first) = call(&mut a, fat_send(0, gb.user_id, 16, true)) else {
         panic!("first message refused")
@@ -963,56 +992,81 @@ fn a_full_disk_under_a_stream_of_sends() {
     // then cannot make the next one.
     mount.fill();
     let body_bytes = 56 << 10;
-    let mut srv = srv;
-    let (healthy, _) = http_get(srv.metrics_addr, "/readyz");
-    assert_eq!(healthy, 200);
-    let watcher = watch_health(srv.metrics_addr);
-    // A window the socket buffers hold: the server stops reading at the fault.
-    let mut end = stream_until_goodbye(&mut a, 1, gb.user_id, body_bytes, 4, 6_000, |_, _| {});
+    assert_eq!(http_get(srv.metrics_addr, "/readyz").0, 200);
+    let mut end = stream_until_refused(&mut a, 1, gb.user_id, body_bytes, 4, 8, |_, _| {});
     end.outcomes.insert(0, Outcome::Acked(first.seq));
     end.conv = first.conversation_id;
-    check_fault_reported(watcher.join().unwrap(), &log);
-    let g = end.goodbye.clone().expect("a Goodbye before the close");
-    assert_eq!(g.code, ErrorCode::StorageFailure as i32, "{g:?}");
-    assert_eq!(g.reconnect_after_ms, 2_000);
-    let st = wait_exit(&mut srv);
-    assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
-    let line = last_line(&log);
-    assert!(
-        line.starts_with("starling: storage fault: shard 0: log failed: ")
-            && line.contains("No space left on device")
-            && line.ends_with("exiting so that a supervisor restarts the server"),
-        "{line}"
-    );
     let unknown = end.count(|o| *o == Outcome::Unknown);
     let not_stored = end.count(|o| *o == Outcome::NotStored);
-    println!(
-        "{} acked, {unknown} outcome unknown, {not_stored} not stored, {} unanswered",
-        end.count(|o| matches!(o, Outcome::Acked(_))),
-        end.count(|o| *o == Outcome::Unanswered)
-    );
+    let acked = end.count(|o| matches!(o, Outcome::Acked(_)));
+    println!("{acked} acked, {unknown} outcome unknown, {not_stored} not stored");
     assert!(
         unknown > 0,
         "the in-flight batch's senders hear 'unknown': {end:?}"
     );
+    check_shard_failed_reported(&mut srv);
 
+    // Still full: reads keep working, writes are refused, the server stays up through several
+    // recovery attempts.
+    let last_acked = end
+        .outcomes
+        .values()
+        .filter_map(|o| match o {
+            Outcome::Acked(seq) => Some(*seq),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    check_reads(&mut a, &end, last_acked.saturating_sub(6));
+    std::thread::sleep(Duration::from_millis(800));
+    let e = call(&mut a, fat_send(1_000_000, gb.user_id, 16, true));
+    let Body::Error(e) = e else {
+        panic!("a Send while the disk is full: {e:?}")
+    };
+    assert_eq!(e.code, ErrorCode::StorageFailure as i32, "{e:?}");
+    assert_eq!(e.message, starling_router::STORAGE_SHARD_FAILED);
+    end.outcomes.insert(1_000_000, Outcome::NotStored);
+    check_shard_failed_reported(&mut srv);
+
+    // Space returns: the shard recovers in place, without a restart.
     mount.resize(1 << 30);
-    let Server { dir, .. } = srv;
-    let (srv, _) = launch(dir, &["--shards", "1"], false);
-    check_and_resolve(&srv, &ga.access_token, gb.user_id, body_bytes, &end);
+    wait_http(srv.metrics_addr, "/readyz", 200, 30);
+    let m = http_get(srv.metrics_addr, "/metrics").1;
+    assert!(
+        m.contains("starling_storage_failed{shard=\"0\"} 0\n"),
+        "{m}"
+    );
+    assert!(m.contains("starling_ready 1\n"), "{m}");
+    check_reads(&mut a, &end, last_acked.saturating_sub(6));
+    drop(a);
+    check_and_resolve(&srv, &ga.access_token, gb.user_id, body_bytes, &end, true);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("reopened in place"),
+        "the recovery is logged:\n{stderr}"
+    );
+    assert!(srv.sigterm().success());
     drop(srv);
     drop(mount);
 }
 
-/// Issue 34 §2: the filesystem goes read-only under a stream of Sends: the same shape as
-/// [`a_full_disk_under_a_stream_of_sends`]; a start while it is read-only fails at once with
-/// the reason.
+/// Issue 34 §2, issue 37 §3: the filesystem goes read-only under a stream of Sends: the same
+/// truthful answers; the shard refuses writes and serves reads, and the process stays up,
+/// trying to reopen its log, for as long as the filesystem stays read-only. (An ext4 made
+/// read-only by an error cannot be made writable under a running server: its journal is
+/// aborted until it is unmounted. So it is stopped, the filesystem mounted again, and the
+/// start after it resolves the rest.) A start while it is read-only fails at once.
 #[test]
 fn a_read_only_filesystem_under_a_stream_of_sends() {
     let root = tempfile::tempdir().unwrap();
     let mount = Mount::ext4(root.path(), 320);
     let log = root.path().join("stderr-1.log");
-    let cfg = no_last_seen_writes(root.path());
+    let cfg = root.path().join("starling.toml");
+    std::fs::write(
+        &cfg,
+        "[accounts]\nlast_seen_flush_ms = 60000\n[storage]\nrecovery_retry_ms = 200\n",
+    )
+    .unwrap();
     let args = ["--shards", "1", "--config", cfg.to_str().unwrap()];
     let (srv, _) = launch_logging_to(root, &args, false, Some(&log));
     let mut a = srv.hello("");
@@ -1020,35 +1074,46 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
     let mut b = srv.hello("");
     let gb = register(&srv, &mut b, email("ben@example.org"), "ben@example.org");
     drop(b);
-    let mut a = srv.hello(&ga.access_token);
+    let mut a = hello_large(&srv, &ga.access_token);
     let body_bytes = 2 << 10;
     let mut srv = srv;
-    let watcher = watch_health(srv.metrics_addr);
     let mut forced = false;
-    let end = stream_until_goodbye(&mut a, 0, gb.user_id, body_bytes, 16, 20_000, |acked, _| {
+    let end = stream_until_refused(&mut a, 0, gb.user_id, body_bytes, 16, 8, |acked, _| {
         if acked >= 200 && !forced {
             forced = true;
             mount.force_read_only();
         }
     });
-    check_fault_reported(watcher.join().unwrap(), &log);
-    let g = end.goodbye.clone().expect("a Goodbye before the close");
-    assert_eq!(g.code, ErrorCode::StorageFailure as i32, "{g:?}");
-    let st = wait_exit(&mut srv);
-    assert_eq!(st.code(), Some(EXIT_STORAGE_FAULT), "{st:?}");
-    let line = last_line(&log);
-    assert!(
-        line.starts_with("starling: storage fault: shard 0: log failed: ")
-            && line.contains("Read-only file system")
-            && line.ends_with("exiting so that a supervisor restarts the server"),
-        "{line}"
-    );
     println!(
-        "{} acked, {} outcome unknown, {} not stored, {} unanswered",
+        "{} acked, {} outcome unknown, {} not stored",
         end.count(|o| matches!(o, Outcome::Acked(_))),
         end.count(|o| *o == Outcome::Unknown),
         end.count(|o| *o == Outcome::NotStored),
-        end.count(|o| *o == Outcome::Unanswered)
+    );
+    check_shard_failed_reported(&mut srv);
+    let last_acked = end
+        .outcomes
+        .values()
+        .filter_map(|o| match o {
+            Outcome::Acked(seq) => Some(*seq),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    check_reads(&mut a, &end, last_acked.saturating_sub(20));
+    // Several recovery attempts later: still up, still refusing, still reading.
+    std::thread::sleep(Duration::from_millis(1_000));
+    check_shard_failed_reported(&mut srv);
+    check_reads(&mut a, &end, last_acked.saturating_sub(20));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("cannot be reopened yet") && stderr.contains("Read-only file system"),
+        "the failed attempts are logged:\n{stderr}"
+    );
+    drop(a);
+    assert!(
+        srv.sigterm().success(),
+        "a failed shard drains and stops like the others"
     );
 
     // Still read-only: the start fails at once, naming the reason.
@@ -1060,7 +1125,7 @@ fn a_read_only_filesystem_under_a_stream_of_sends() {
 
     mount.remount_ext4();
     let (srv, _) = launch(dir, &["--shards", "1"], false);
-    check_and_resolve(&srv, &ga.access_token, gb.user_id, body_bytes, &end);
+    check_and_resolve(&srv, &ga.access_token, gb.user_id, body_bytes, &end, false);
     drop(srv);
     drop(mount);
 }
@@ -1093,6 +1158,11 @@ fn a_metadata_store_fault_stops_the_server_too() {
     let seen = watcher.join().unwrap().expect("a 503 before the exit");
     assert!(
         seen.healthz.1.starts_with("storage fault: meta.redb: "),
+        "{seen:?}"
+    );
+    assert_eq!(seen.readyz.0, 503, "{seen:?}");
+    assert!(
+        seen.readyz.1.starts_with("storage fault: meta.redb: "),
         "{seen:?}"
     );
     assert!(seen.metrics.contains("starling_ready 0\n"), "{seen:?}");

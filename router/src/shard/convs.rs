@@ -404,6 +404,35 @@ impl Convs {
         })
     }
 
+    /// Every conversation whose state is in memory.
+    pub(super) fn ids(&self) -> Vec<ConvId> {
+        self.map.keys().copied().collect()
+    }
+
+    /// The shard's log was reopened in place, cut back to what it had made durable, with
+    /// `index` covering all of it: the states of `dropped` go (they load again on next use);
+    /// every other state's counters are read again from the index (a seq handed out after the
+    /// last durable one is void) and its durable tail forgotten (the index has it all). Sends
+    /// pending at the failure were answered then. A state whose counter cannot be read is
+    /// dropped too.
+    pub(super) fn log_reopened<I: MessageIndex>(&mut self, index: &I, dropped: &[ConvId]) {
+        for conv in dropped {
+            self.map.remove(conv);
+        }
+        self.recent_order.clear();
+        self.map.retain(|conv, c| {
+            let Ok(last) = index.last_seq(conv.storage()) else {
+                return false;
+            };
+            c.seq.next_seq = last.0 + 1;
+            c.seq.durable_seq = last.0;
+            c.seq.pending.clear();
+            c.seq.recent.clear();
+            c.seq.recent_ids.clear();
+            true
+        });
+    }
+
     /// The entry at `lsn` joined the durable tail of `conv` (`ConvSeq::recent`).
     pub(super) fn tail_added(&mut self, lsn: Lsn, conv: ConvId) {
         self.recent_order.push_back((lsn, conv));

@@ -8,7 +8,8 @@
 //! conversation's state (`convs::ConvSeq`). Dedup answers a retry with the original seq from
 //! the Sends in flight, the durable tail, or the index (skipped for a Send marked
 //! `first_attempt`). When the log fails, every waiting Send hears the truth (outcome unknown,
-//! or not stored) and nothing more is sequenced until the restart.
+//! or not stored) and nothing more is sequenced until the log is reopened in place
+//! (`RouterShard::storage_recovered`), cut back to what it had made durable.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,15 +41,14 @@ use starling_storage::UserId;
 /// `STORAGE_FAILURE` for a Send whose batch the log had taken when it failed.
 pub const STORAGE_OUTCOME_UNKNOWN: &str = "storage failed while this message was being made \
      durable: the outcome is unknown. Retry with the same client_msg_id and first_attempt = false \
-     after reconnecting: the answer is the original SendAck (duplicate = true) if it was stored, \
+     in a few seconds: the answer is the original SendAck (duplicate = true) if it was stored, \
      or a new SendAck if it was not";
 /// `STORAGE_FAILURE` for a Send still waiting for the log when it failed.
 pub const STORAGE_NOT_STORED: &str = "storage failed before this message was written: it was \
-     not stored. Retry with the same client_msg_id after reconnecting";
+     not stored. Retry with the same client_msg_id in a few seconds";
 /// `STORAGE_FAILURE` for a Send that reached a shard whose log had already failed.
-pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed (the server is \
-     restarting): the message was not stored. Retry with the same client_msg_id after \
-     reconnecting";
+pub const STORAGE_SHARD_FAILED: &str = "this conversation's log has failed and is being \
+     recovered: the message was not stored. Retry with the same client_msg_id in a few seconds";
 
 /// A Send waiting for its SendAck: until its batch is durable (a retry of a Send still in
 /// flight waits for the original's batch).
@@ -143,6 +143,15 @@ impl<L> Sequencer<L> {
     /// Why the log failed, if it did.
     pub(super) fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// The log was reopened in place: `log` (ending at the last lsn the failed one made
+    /// durable) replaces it and sequencing resumes. Returns the failed log. Nothing is in
+    /// flight or open: the failure answered and dropped all of it.
+    pub(super) fn replace_failed(&mut self, log: L) -> L {
+        debug_assert!(self.inflight.is_empty() && self.open.entries.is_empty());
+        self.failed = None;
+        std::mem::replace(&mut self.log, log)
     }
 
     /// The group events made durable since the last call (conversation, seq), in seq order.
@@ -542,7 +551,8 @@ impl<L: DurableLog> Sequencer<L> {
                 sh.reply(w.origin, vec![f]);
             }
         }
-        // Seqs handed out to failed entries are void; nothing is sequenced until restart.
+        // Seqs handed out to failed entries are void; nothing is sequenced until the log is
+        // reopened (`RouterShard::storage_recovered` then reloads every counter).
         for c in sh.convs.values_mut() {
             c.seq.pending.clear();
         }
@@ -805,5 +815,118 @@ mod tests {
         // Seqs are contiguous from 1 in the order the accepted sends arrived.
         let seqs: Vec<u64> = acked.values().copied().collect();
         assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
+    }
+
+    /// Fails every `fdatasync` while set.
+    #[derive(Debug, Default)]
+    struct SyncFails(std::sync::atomic::AtomicBool);
+
+    impl starling_storage::log::FaultHook for SyncFails {
+        fn before(
+            &self,
+            op: &starling_storage::log::IoOp<'_>,
+        ) -> Option<starling_storage::log::Fault> {
+            let on = self.0.load(std::sync::atomic::Ordering::SeqCst);
+            matches!(op, starling_storage::log::IoOp::SyncData { .. } if on)
+                .then(|| starling_storage::log::Fault::Fail(io::Error::from_raw_os_error(5)))
+        }
+    }
+
+    fn history(s: &mut super::super::fixture::Shard, now: &mut u64, rid: u64) -> Vec<(u64, u8)> {
+        let f = v1::Frame {
+            request_id: rid,
+            body: Some(Body::GetHistory(v1::GetHistory {
+                conversation_id: GROUP.0,
+                anchor: Some(v1::get_history::Anchor::AfterSeq(0)),
+                limit: 100,
+            })),
+        };
+        s.handle_frame(ConnId(1), f, *now);
+        let out = drive_until(s, now, |c, f| c == ConnId(1) && f.request_id == rid);
+        match answers(&out, ConnId(1), rid)[..] {
+            [Body::HistoryPage(p)] => p
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.client_msg_id[0]))
+                .collect(),
+            ref other => panic!("history: {other:?}"),
+        }
+    }
+
+    /// The shard's log fails (its fdatasync: the batch reached the disk, unacknowledged): Sends
+    /// are refused while reads go on; the log is reopened in place off the shard's thread and
+    /// handed over; seqs continue right after the last durable one, and the refused message
+    /// does not come back (its retry is a new message).
+    #[test]
+    fn a_log_reopened_in_place_serves_again_from_the_last_durable_seq() {
+        use starling_storage::{EmbeddedShard, LogOptions, ShardOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let fails = Arc::new(SyncFails::default());
+        let opts = ShardOptions {
+            log: LogOptions {
+                segment_bytes: 1 << 16,
+                fault_hook: Some(fails.clone()),
+                ..LogOptions::default()
+            },
+            ..ShardOptions::default()
+        };
+        let store = EmbeddedShard::open(dir.path(), opts.clone()).unwrap();
+        let index = store.index().clone();
+        let mut s = shard_over(ShardConfig::default(), store, index, group_meta());
+        let mut now = 10;
+        for rid in 1..=2 {
+            send(&mut s, now, rid);
+            let out = drive_until(&mut s, &mut now, |c, f| {
+                c == ConnId(1) && f.request_id == rid
+            });
+            assert_eq!(ack(&out, rid), Some((rid, false)));
+        }
+
+        fails.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        send(&mut s, now, 3);
+        let out = drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 3);
+        let failed = ErrorCode::StorageFailure as i32;
+        assert_eq!(error(&out, 3), (failed, STORAGE_OUTCOME_UNKNOWN.to_owned()));
+        assert!(s.failure().is_some());
+        send(&mut s, now, 4);
+        let out = transmitted(&mut s);
+        assert_eq!(error(&out, 4), (failed, STORAGE_SHARD_FAILED.to_owned()));
+        // Reads keep working from the index while the log is failed.
+        assert_eq!(history(&mut s, &mut now, 50), [(1, 1), (2, 2)]);
+
+        // Recovery, as the gateway runs it on another thread: the fault is gone.
+        let mut detached = s.log_mut().detach_failed().expect("the log failed");
+        assert_eq!(detached.durable_lsn(), Lsn(2));
+        assert!(
+            detached.reopen(opts.clone()).is_err(),
+            "the fault is still there"
+        );
+        fails.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (store, _) = std::thread::scope(|t| {
+            t.spawn(|| detached.reopen(opts.clone()).unwrap())
+                .join()
+                .unwrap()
+        });
+        let index = store.index().clone();
+        let old = s.storage_recovered(store, index);
+        drop(old);
+        assert!(s.failure().is_none());
+
+        // Sequencing resumes at seq 3; the retry of message 3 (not a first attempt) is new.
+        send(&mut s, now, 5);
+        let out = drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 5);
+        assert_eq!(ack(&out, 5), Some((3, false)));
+        let to = v1::recipient::Target::ConversationId(GROUP.0);
+        let mut retry = send_frame(6, 3, to, b"hi");
+        if let Some(Body::Send(sd)) = &mut retry.body {
+            sd.first_attempt = false;
+        }
+        s.handle_frame(ConnId(1), retry, now);
+        let out = drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 6);
+        assert_eq!(ack(&out, 6), Some((4, false)), "message 3 was never stored");
+        assert_eq!(
+            history(&mut s, &mut now, 51),
+            [(1, 1), (2, 2), (3, 5), (4, 3)]
+        );
     }
 }

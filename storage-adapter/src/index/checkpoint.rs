@@ -16,7 +16,7 @@ use crate::error::StorageError;
 use crate::log::{LogThread, ThreadStart};
 
 use super::DenseIndex;
-use super::resident::{CONV_OVERHEAD_BYTES, PTR_RESIDENT_BYTES, SPLIT_TABLES};
+use super::resident::SPLIT_TABLES;
 use super::segfile::{self, SegIx};
 use super::state::LIVE_ENTRY_BYTES;
 
@@ -176,7 +176,16 @@ impl DenseIndex {
         }
         let mut dropped = 0;
         let mut hand = self.sweep_hand.load(Ordering::Relaxed) % SPLIT_TABLES;
+        let mut freed_this_turn = 0;
         for step in 0..3 * SPLIT_TABLES {
+            if step % SPLIT_TABLES == 0 {
+                // A whole turn after the first (which may only clear bits) that freed nothing:
+                // what is left is not evictable (live segments, index-file heads).
+                if step >= 2 * SPLIT_TABLES && freed_this_turn == 0 {
+                    break;
+                }
+                freed_this_turn = 0;
+            }
             let mut st = self.write();
             let live_from = st.live_from;
             let last_turn = step >= 2 * SPLIT_TABLES;
@@ -188,17 +197,14 @@ impl DenseIndex {
                 } else {
                     0
                 };
+                let before = c.cost();
                 let n = c.trim(live_from, keep);
                 dropped += n;
-                freed += n * PTR_RESIDENT_BYTES;
-                if c.ptrs.is_empty() {
-                    freed += CONV_OVERHEAD_BYTES;
-                    false
-                } else {
-                    true
-                }
+                freed += before.saturating_sub(if c.ptrs.is_empty() { 0 } else { c.cost() });
+                !c.ptrs.is_empty()
             });
             st.resident_bytes = st.resident_bytes.saturating_sub(freed);
+            freed_this_turn += freed;
             hand = (hand + 1) % SPLIT_TABLES;
             if st.memory_bytes() <= target {
                 break;

@@ -9,7 +9,7 @@ use crate::error::StorageError;
 use crate::traits::MessageIndex;
 use crate::types::{ClientMsgId, ConvId, Entry, Lsn, Seq};
 
-use super::resident::{CONV_OVERHEAD_BYTES, ConvIx, PTR_RESIDENT_BYTES, Ptr};
+use super::resident::{ConvIx, Ptr};
 use super::{DEDUP_WINDOW, DenseIndex, READ_ENTRIES_MAX};
 
 /// Page-ins that raced a sweep start over at most this often before the read fails.
@@ -110,10 +110,10 @@ impl DenseIndex {
         }
         let created = st.convs.get(&conv).is_none();
         let c = st.convs.get_or_default(conv);
-        let mut added = 0;
+        let before = if created { 0 } else { c.cost() };
         for (k, run) in &runs {
             let ptrs: Vec<Ptr> = run.ptrs.iter().map(|&p| Ptr { seg: *k, ..p }).collect();
-            added += c.prepend(run.first, &ptrs);
+            c.prepend(run.first, &ptrs);
         }
         // Older entries can only be in segments before the oldest one whose run was taken; with
         // every segment down to the first read, there are none. Another page-in may have gone
@@ -125,8 +125,8 @@ impl DenseIndex {
             _ => None,
         };
         *c.referenced.get_mut() = true;
-        st.resident_bytes +=
-            added * PTR_RESIDENT_BYTES + usize::from(created) * CONV_OVERHEAD_BYTES;
+        let after = c.cost();
+        st.resident_bytes = (st.resident_bytes + after).saturating_sub(before);
         Ok(Paged::Done)
     }
 }

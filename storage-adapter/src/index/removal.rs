@@ -25,7 +25,6 @@ use crate::error::StorageError;
 use crate::types::{ConvId, Lsn};
 
 use super::DenseIndex;
-use super::resident::{CONV_OVERHEAD_BYTES, PTR_RESIDENT_BYTES};
 use super::segfile;
 
 pub(super) const REMOVED_FILE: &str = "removed";
@@ -230,14 +229,10 @@ impl DenseIndex {
             let mut freed = 0;
             for t in 0..super::resident::SPLIT_TABLES {
                 st.convs.table_mut(t).retain(|_, c| {
-                    let n = c.trim(cut, 0);
-                    freed += n * PTR_RESIDENT_BYTES;
-                    if c.ptrs.is_empty() {
-                        freed += CONV_OVERHEAD_BYTES;
-                        false
-                    } else {
-                        true
-                    }
+                    let before = c.cost();
+                    c.trim(cut, 0);
+                    freed += before.saturating_sub(if c.ptrs.is_empty() { 0 } else { c.cost() });
+                    !c.ptrs.is_empty()
                 });
             }
             st.resident_bytes = st.resident_bytes.saturating_sub(freed);

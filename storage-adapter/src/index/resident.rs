@@ -366,12 +366,29 @@ impl<K: SplitKey, V> std::ops::Index<&K> for SplitMap<K, V> {
     }
 }
 
-/// Bytes a resident conversation costs beyond its pointers (map slot, vectors, chunk tables).
-pub(super) const CONV_OVERHEAD_BYTES: usize = 112;
-/// Bytes one resident pointer costs: itself and its share of its chunk's tag table.
-pub(super) const PTR_RESIDENT_BYTES: usize = 28;
+/// Bytes a resident conversation costs beyond its pointer storage: its slot in the map (key,
+/// value, control byte, at the map's 7/8 load).
+pub(super) const CONV_OVERHEAD_BYTES: usize = (16 + std::mem::size_of::<ConvIx>() + 1) * 8 / 7 + 1;
+
+impl Ptrs {
+    /// Heap bytes of the pointer storage, from capacities (so growth slack counts): the head
+    /// vector, the full-size chunks, the tag tables. O(1).
+    pub(super) fn heap_bytes(&self) -> usize {
+        let ptr = std::mem::size_of::<Ptr>();
+        self.head.capacity() * ptr
+            + self.rest.len() * PTR_CHUNK * ptr
+            + self.rest.capacity() * std::mem::size_of::<Vec<Ptr>>()
+            + self.tags.len() * PTR_CHUNK * 8
+            + self.tags.capacity() * std::mem::size_of::<Box<[u64]>>()
+    }
+}
 
 impl ConvIx {
+    /// What this conversation costs in memory.
+    pub(super) fn cost(&self) -> usize {
+        CONV_OVERHEAD_BYTES + self.ptrs.heap_bytes()
+    }
+
     /// Puts `older` (pointers of seqs `from..`, ascending, `seg` set) before the resident ones:
     /// only those below `first` are taken (the rest are resident already), a gap up to `first`
     /// becomes holes. Returns how many slots were added.

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use crate::error::StorageError;
 use crate::types::{ClientMsgId, ConvId, Lsn, Seq};
 
-use super::resident::{
-    CONV_OVERHEAD_BYTES, ConvIx, PTR_CHUNK, PTR_RESIDENT_BYTES, Ptr, SplitMap, id_tag,
-    random_tag_key,
-};
+use super::resident::{ConvIx, PTR_CHUNK, Ptr, SplitMap, id_tag, random_tag_key};
 use super::segfile::{SegEntry, SegIx};
 
 /// Bytes a live segment's buffered entry costs.
@@ -91,18 +88,18 @@ impl State {
     pub(super) fn insert(&mut self, conv: ConvId, seq: Seq, id: ClientMsgId, mut p: Ptr) {
         p.id = id_tag(self.tag_key, id);
         let older_in = self.live_from.checked_sub(1);
-        let mut added = 0;
         let c = self.convs.get_or_default(conv);
-        if c.ptrs.is_empty() {
+        let before = if c.ptrs.is_empty() {
             // New to memory: older entries, if any, are in checkpointed segments.
             c.older_in = older_in;
-            added += CONV_OVERHEAD_BYTES;
-        }
-        let before = c.ptrs.len();
+            0
+        } else {
+            c.cost()
+        };
         c.set(seq.0, p);
         *c.referenced.get_mut() = true;
-        added += (c.ptrs.len() - before) * PTR_RESIDENT_BYTES;
-        self.resident_bytes += added;
+        let after = c.cost();
+        self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
         self.entries += 1;
         if let Some(live) = self.live.get_mut((p.seg - self.live_from) as usize) {
             live.entries.push(SegEntry {

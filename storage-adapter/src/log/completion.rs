@@ -129,6 +129,12 @@ impl Watermarks {
         }
     }
 
+    /// The highest lsn made durable, whether or not the log failed since: after a failure,
+    /// everything after it was never acknowledged.
+    pub(crate) fn durable_mark(&self) -> Lsn {
+        self.lock().durable
+    }
+
     /// The highest lsn handed to the OS.
     pub(crate) fn written(&self) -> Lsn {
         self.lock().written

@@ -11,6 +11,7 @@ mod completion;
 mod fault;
 mod recovery;
 mod retention;
+mod truncate;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,6 +28,8 @@ pub use fault::{Fault, FaultHook, IoOp};
 pub use recovery::RecoveryReport;
 pub(crate) use recovery::list_segments;
 pub use retention::{Reclaimer, RemoveHook, RetentionStats, SweepReport};
+pub(crate) use truncate::probe_room;
+pub use truncate::{TruncateReport, truncate_after};
 
 use crate::error::LogError;
 use crate::format::{self, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES};
@@ -73,6 +76,9 @@ pub struct LogOptions {
     /// "Sealed segments leave the page cache"). Reads of released segments (old history) go to
     /// the disk. `usize::MAX`: never release.
     pub cached_sealed_segments: usize,
+    /// The statistics to count into; `None`: new ones. A log reopened in place continues its
+    /// predecessor's (the metrics endpoint holds them).
+    pub stats: Option<Arc<LogStats>>,
 }
 
 /// See [`LogOptions::thread_start`].
@@ -101,6 +107,7 @@ impl Default for LogOptions {
             commit_interval_min: Duration::ZERO,
             thread_start: None,
             cached_sealed_segments: 2,
+            stats: None,
         }
     }
 }
@@ -117,6 +124,7 @@ impl fmt::Debug for LogOptions {
             .field("commit_interval_min", &self.commit_interval_min)
             .field("thread_start", &self.thread_start.is_some())
             .field("cached_sealed_segments", &self.cached_sealed_segments)
+            .field("stats", &self.stats.is_some())
             .finish()
     }
 }
@@ -185,6 +193,7 @@ pub struct SegmentedLog {
     marks: Arc<Watermarks>,
     stats: Arc<LogStats>,
     io_thread: Option<JoinHandle<()>>,
+    spare_thread: Option<JoinHandle<()>>,
     report: RecoveryReport,
 }
 
@@ -247,9 +256,9 @@ impl SegmentedLog {
             None => None,
         };
         let marks = Arc::new(Watermarks::new(rec.report.last_lsn, opts.wake.clone()));
-        let stats = Arc::new(LogStats::default());
+        let stats = opts.stats.clone().unwrap_or_default();
         let (tx, rx) = mpsc::channel();
-        let (spare_req, spare_res) = spawn_spare_maker(
+        let (spare_req, spare_res, spare_thread) = spawn_spare_maker(
             dir,
             opts.segment_bytes,
             opts.fault_hook.clone(),
@@ -296,6 +305,7 @@ impl SegmentedLog {
             marks,
             stats,
             io_thread: Some(io_thread),
+            spare_thread: Some(spare_thread),
             report: rec.report,
         })
     }
@@ -376,6 +386,30 @@ impl SegmentedLog {
         self.marks.durable()
     }
 
+    /// Whether the log failed, and if so the highest lsn it had made durable before: every
+    /// record after it was never acknowledged (see [`SegmentedLog::close`]).
+    pub fn failed_at(&self) -> Option<(Lsn, LogError)> {
+        self.marks.failure().map(|e| (self.marks.durable_mark(), e))
+    }
+
+    /// Stops the log: its I/O thread makes what was queued durable (unless the log failed) and
+    /// exits, then the spare maker finishes the spare it is making and exits. When this
+    /// returns, no thread of this log touches its files any more (dropping the log does not wait
+    /// for the spare maker). Blocking.
+    pub fn close(mut self) {
+        self.stop();
+        if let Some(t) = self.spare_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.tx = None; // the I/O thread drains what was queued, then stops
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+    }
+
     /// The highest lsn handed to the OS (durable against a process crash, not a power failure).
     pub fn written_lsn(&self) -> Lsn {
         self.marks.written()
@@ -424,10 +458,7 @@ impl SegmentedLog {
 
 impl Drop for SegmentedLog {
     fn drop(&mut self) {
-        self.tx = None; // the I/O thread drains what was queued, then stops
-        if let Some(t) = self.io_thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -546,6 +577,7 @@ type SpareRequest = Option<(File, PathBuf)>;
 type SpareChannels = (
     mpsc::Sender<SpareRequest>,
     mpsc::Receiver<Result<File, LogError>>,
+    JoinHandle<()>,
 );
 
 /// A helper thread that keeps one zero-filled, synced spare segment ready, so a segment switch
@@ -560,7 +592,7 @@ fn spawn_spare_maker(
     let (req_tx, req_rx) = mpsc::channel::<SpareRequest>();
     let (res_tx, res_rx) = mpsc::channel();
     let d = dir.to_path_buf();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("starling-log-spare".into())
         .spawn(move || {
             if let Some(f) = start {
@@ -580,7 +612,7 @@ fn spawn_spare_maker(
         })
         .map_err(|e| LogError::io("spawn", dir, e))?;
     req_tx.send(None).map_err(|_| LogError::Closed)?;
-    Ok((req_tx, res_rx))
+    Ok((req_tx, res_rx, thread))
 }
 
 #[derive(Debug)]

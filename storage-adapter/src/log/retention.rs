@@ -68,7 +68,9 @@ pub type RemoveHook = Arc<dyn Fn(Lsn, Lsn) + Send + Sync>;
 /// never touches a sealed segment again.
 pub struct Reclaimer {
     log_dir: PathBuf,
-    index: Arc<DenseIndex>,
+    /// The index, and whether sweeps are paused (the shard's log failed and is being reopened
+    /// in place: the reopened shard brings a new index). Held for a whole sweep.
+    index: Mutex<(Arc<DenseIndex>, bool)>,
     /// Sealed segments' newest `keep_until`, by base lsn.
     keep_until: Mutex<BTreeMap<Lsn, u64>>,
     stats: Arc<RetentionStats>,
@@ -88,7 +90,7 @@ impl Reclaimer {
     pub(crate) fn new(log_dir: &Path, index: Arc<DenseIndex>) -> Reclaimer {
         Reclaimer {
             log_dir: log_dir.to_path_buf(),
-            index,
+            index: Mutex::new((index, false)),
             keep_until: Mutex::new(BTreeMap::new()),
             stats: Arc::new(RetentionStats::default()),
             before_remove: None,
@@ -100,6 +102,17 @@ impl Reclaimer {
     pub fn with_remove_hook(mut self, hook: RemoveHook) -> Reclaimer {
         self.before_remove = Some(hook);
         self
+    }
+
+    /// Pauses sweeps (waiting for one in progress to end): the shard's log failed and is being
+    /// reopened in place, which must not race a removal.
+    pub fn pause(&self) {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+    }
+
+    /// Resumes sweeps over the reopened shard's index.
+    pub fn resume(&self, index: Arc<DenseIndex>) {
+        *self.index.lock().unwrap_or_else(PoisonError::into_inner) = (index, false);
     }
 
     /// Its counters.
@@ -118,14 +131,17 @@ impl Reclaimer {
         now_ms: u64,
         keep_until: &dyn Fn(&Entry) -> u64,
     ) -> Result<SweepReport, StorageError> {
+        let held = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let (index, paused) = (&held.0, held.1);
         self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
         // A failed index is rebuilt from the log at the next open: it must not be saved, and
-        // the log must keep everything that rebuild needs until then.
-        if self.index.failed() {
+        // the log must keep everything that rebuild needs until then. A paused one belongs to
+        // a log being reopened.
+        if paused || index.failed() {
             return Ok(SweepReport::default());
         }
         let segs = list_segments(&self.log_dir)?;
-        let applied = self.index.applied_lsn();
+        let applied = index.applied_lsn();
         let mut cut = 0;
         for (i, seg) in segs.iter().enumerate() {
             // The segment after it must exist (this one is sealed) and hold an applied record
@@ -151,7 +167,7 @@ impl Reclaimer {
                 .store(report.oldest_kept.0, Ordering::Relaxed);
             return Ok(report);
         }
-        self.index.forget_segments_before(report.oldest_kept)?;
+        index.forget_segments_before(report.oldest_kept)?;
         for seg in &segs[..cut] {
             if let Some(h) = &self.before_remove {
                 h(seg.base, report.oldest_kept);
@@ -166,7 +182,7 @@ impl Reclaimer {
         File::open(&self.log_dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| LogError::io("fsync_dir", &self.log_dir, e))?;
-        self.index.drop_removed_files(report.oldest_kept)?;
+        index.drop_removed_files(report.oldest_kept)?;
         let mut cached = self
             .keep_until
             .lock()

@@ -235,3 +235,33 @@ fn under_a_constant_load_disk_use_reaches_a_steady_state() {
     assert!(r.stats().removed_segments.load(Ordering::Relaxed) > 100);
     check(&shard, &seqs, &w, 40 * 500, "at the end");
 }
+
+/// While a shard's log is reopened in place its reclaimer is paused (no removal may race the
+/// reopen); resumed with the reopened shard's index it removes what has expired, and the index
+/// files of the removed segments go with them.
+#[test]
+fn a_paused_reclaimer_removes_nothing_until_resumed_with_the_new_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = EmbeddedShard::open(dir.path(), shard_opts(SEG)).unwrap();
+    let (mut seqs, mut w) = ([0u64; 3], Written::new());
+    write(&mut shard, 0, 2_000, &mut seqs, &mut w);
+    let r = shard.reclaimer();
+    r.pause();
+    let paused = r.sweep(2_000, &keep_until).unwrap();
+    assert!(paused.removed.is_empty(), "{paused:?}");
+    assert!(
+        segments(&dir.path().join("log"))
+            .iter()
+            .any(|p| p.ends_with(format!("{:020}.seg", 1)))
+    );
+    r.resume(shard.index().clone());
+    let rep = r.sweep(2_000, &keep_until).unwrap();
+    assert!(!rep.removed.is_empty(), "{rep:?}");
+    let ix_files: Vec<_> = fs::read_dir(dir.path().join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".ix"))
+        .collect();
+    assert!(!ix_files.contains(&format!("{:020}.ix", 1)), "{ix_files:?}");
+    check(&shard, &seqs, &w, 2_000, "after the resumed sweep");
+}

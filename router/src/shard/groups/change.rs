@@ -298,7 +298,7 @@ fn broken<I, M>(sh: &mut Shared<I, M>, conv: ConvId) {
         return;
     };
     g.phase = Phase::Broken;
-    let msg = "storage failed under this group's change; retry after the server restarted";
+    let msg = "storage failed under this group's change; retry in a few seconds";
     let mut out: Vec<(ConnRef, v1::Frame)> = Vec::new();
     if let Some(w) = g.waiter.take() {
         out.push((
@@ -314,6 +314,25 @@ fn broken<I, M>(sh: &mut Shared<I, M>, conv: ConvId) {
     }
     for (to, f) in out {
         sh.reply(to, vec![f]);
+    }
+}
+
+/// The shard's log was reopened in place (cut back to what it had made durable): whether the
+/// state of group `conv` must be dropped, to be loaded again from the metadata. A change whose
+/// event was sequenced but never made durable (its seq is void now) has already taken effect
+/// in memory: its requester hears `STORAGE_FAILURE` and the reload finds the change's marker and
+/// sequences its event again (`resume`). A broken group is reloaded the same way.
+pub(in crate::shard) fn log_reopened<I, M>(sh: &mut Shared<I, M>, conv: ConvId) -> bool {
+    let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
+        return false;
+    };
+    match g.phase {
+        Phase::Sequenced(_) => {
+            broken(sh, conv);
+            true
+        }
+        Phase::Broken => true,
+        _ => false,
     }
 }
 

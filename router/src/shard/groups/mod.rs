@@ -50,7 +50,7 @@ pub(super) mod event;
 mod ingress;
 mod state;
 
-pub(super) use change::{committed, events_durable, resume, settled};
+pub(super) use change::{committed, events_durable, log_reopened, resume, settled};
 use change::{find_event, start};
 pub(super) use create::Groups;
 use create::create;

@@ -331,3 +331,81 @@ fn a_group_id_already_taken_is_drawn_again() {
     );
     assert_eq!(group_record(&meta, conv).name, "g2");
 }
+
+/// Fails every `fdatasync` while set.
+#[derive(Debug, Default)]
+struct SyncFails(std::sync::atomic::AtomicBool);
+
+impl starling_storage::log::FaultHook for SyncFails {
+    fn before(&self, op: &starling_storage::log::IoOp<'_>) -> Option<starling_storage::log::Fault> {
+        let on = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        matches!(op, starling_storage::log::IoOp::SyncData { .. } if on)
+            .then(|| starling_storage::log::Fault::Fail(std::io::Error::from_raw_os_error(5)))
+    }
+}
+
+/// The log fails while a group change's event is on its way to it: after the log is reopened
+/// in place the requester hears STORAGE_FAILURE, and the change (committed to the metadata,
+/// with its marker) gets its event sequenced again, right after the last durable seq; the
+/// marker is cleared.
+#[test]
+fn a_group_change_whose_event_the_failed_log_lost_is_sequenced_again_after_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = super::super::fixture::group_meta();
+    let fails = Arc::new(SyncFails::default());
+    let opts = ShardOptions {
+        log: LogOptions {
+            segment_bytes: 1 << 20,
+            fault_hook: Some(fails.clone()),
+            ..LogOptions::default()
+        },
+        ..ShardOptions::default()
+    };
+    let store = EmbeddedShard::open(dir.path(), opts.clone()).unwrap();
+    let index: Arc<DenseIndex> = store.index().clone();
+    let mut s = shard_over(ShardConfig::default(), store, index, meta.clone());
+    let mut now = 1_000;
+    let conv = create(&mut s, &mut now);
+    settle(&mut s, &meta, conv, &mut now);
+    assert_eq!(s.index_last(conv), 1);
+
+    fails.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let f = v1::Frame {
+        request_id: 40,
+        body: Some(Body::UpdateGroup(v1::UpdateGroup {
+            conversation_id: conv.0,
+            name: Some("renamed".into()),
+            ..v1::UpdateGroup::default()
+        })),
+    };
+    s.handle_frame(ConnId(1), f, now);
+    for _ in 0..2_000 {
+        s.handle_rings(now);
+        s.handle_log_progress(now);
+        let _ = super::super::fixture::transmitted(&mut s);
+        if s.failure().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        now += 1;
+    }
+    assert!(s.failure().is_some(), "the log failed");
+    let mut failed = s.log_mut().detach_failed().unwrap();
+    fails.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (store, _) = failed.reopen(opts).unwrap();
+    let index = store.index().clone();
+    drop(s.storage_recovered(store, index));
+    let out = super::super::fixture::transmitted(&mut s);
+    let answer: Vec<_> = out
+        .iter()
+        .filter(|(c, f)| *c == ConnId(1) && f.request_id == 40)
+        .filter_map(|(_, f)| f.body.as_ref())
+        .collect();
+    assert!(
+        matches!(answer[..], [Body::Error(e)] if e.code == v1::ErrorCode::StorageFailure as i32),
+        "{answer:?}"
+    );
+    settle(&mut s, &meta, conv, &mut now);
+    assert_eq!(s.index_last(conv), 2, "the change's event, once");
+    assert_eq!(group_record(&meta, conv).name, "renamed");
+}
