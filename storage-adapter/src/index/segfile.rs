@@ -421,6 +421,22 @@ impl SegIx {
         Ok(b)
     }
 
+    /// Directory block `block`'s entries, checked against its CRC.
+    fn dir_block(&self, block: usize) -> Result<Vec<u8>, StorageError> {
+        let in_block = (self.convs as usize - block * DIR_BLOCK).min(DIR_BLOCK);
+        let at = self.dir_at + (block * (DIR_BLOCK * DIR_ENTRY_BYTES + 4)) as u64;
+        let mut b = self.read(at, in_block * DIR_ENTRY_BYTES + 4)?;
+        let body = in_block * DIR_ENTRY_BYTES;
+        if crc32c::crc32c(&b[..body]) != u32_at(&b, body) {
+            return Err(decode_err(
+                &self.path,
+                format!("directory block {block} fails its checksum"),
+            ));
+        }
+        b.truncate(body);
+        Ok(b)
+    }
+
     /// Whether the segment may hold entries of `conv` (no false negatives).
     pub(super) fn may_hold(&self, conv: ConvId) -> bool {
         bloom_probes(conv, self.bloom.len()).all(|(w, bit)| self.bloom[w] & bit != 0)
@@ -435,16 +451,8 @@ impl SegIx {
         let Some(block) = block.checked_sub(1) else {
             return Ok(None);
         };
-        let in_block = (self.convs as usize - block * DIR_BLOCK).min(DIR_BLOCK);
-        let at = self.dir_at + (block * (DIR_BLOCK * DIR_ENTRY_BYTES + 4)) as u64;
-        let b = self.read(at, in_block * DIR_ENTRY_BYTES + 4)?;
-        let body = in_block * DIR_ENTRY_BYTES;
-        if crc32c::crc32c(&b[..body]) != u32_at(&b, body) {
-            return Err(decode_err(
-                &self.path,
-                format!("directory block {block} fails its checksum"),
-            ));
-        }
+        let b = self.dir_block(block)?;
+        let in_block = b.len() / DIR_ENTRY_BYTES;
         let ent = |i: usize| &b[i * DIR_ENTRY_BYTES..(i + 1) * DIR_ENTRY_BYTES];
         let found = (0..in_block).find(|&i| u128_at(ent(i), 0) == conv.0);
         let Some(i) = found else {
@@ -494,17 +502,8 @@ impl SegIx {
     pub(super) fn conversations(&self) -> Result<Vec<(ConvId, u64)>, StorageError> {
         let mut out = Vec::with_capacity(self.convs as usize);
         for block in 0..self.fences.len() {
-            let in_block = (self.convs as usize - block * DIR_BLOCK).min(DIR_BLOCK);
-            let at = self.dir_at + (block * (DIR_BLOCK * DIR_ENTRY_BYTES + 4)) as u64;
-            let b = self.read(at, in_block * DIR_ENTRY_BYTES + 4)?;
-            let body = in_block * DIR_ENTRY_BYTES;
-            if crc32c::crc32c(&b[..body]) != u32_at(&b, body) {
-                return Err(decode_err(
-                    &self.path,
-                    format!("directory block {block} fails its checksum"),
-                ));
-            }
-            for e in b[..body].chunks_exact(DIR_ENTRY_BYTES) {
+            let b = self.dir_block(block)?;
+            for e in b.chunks_exact(DIR_ENTRY_BYTES) {
                 let first = u64_at(e, 16);
                 let count = u64::from(u32_at(e, 24));
                 let end = first

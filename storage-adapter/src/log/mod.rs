@@ -530,21 +530,31 @@ fn zero_fill(file: &File, path: &Path, from: u64, to: u64, paced: bool) -> Resul
     Ok(())
 }
 
+/// The fault a test hook injects into preallocating `path` (`segment_bytes` long), if any.
+pub(crate) fn preallocate_fault(
+    path: &Path,
+    segment_bytes: u64,
+    hook: Option<&dyn FaultHook>,
+) -> Result<(), LogError> {
+    if let Some(h) = hook
+        && let Some(f) = h.before(&IoOp::Preallocate {
+            path,
+            len: segment_bytes,
+        })
+    {
+        let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
+        return Err(LogError::io("preallocate", path, e));
+    }
+    Ok(())
+}
+
 fn make_spare(
     dir: &Path,
     segment_bytes: u64,
     hook: Option<&dyn FaultHook>,
 ) -> Result<File, LogError> {
     let path = dir.join(SPARE_NAME);
-    if let Some(h) = hook
-        && let Some(f) = h.before(&IoOp::Preallocate {
-            path: &path,
-            len: segment_bytes,
-        })
-    {
-        let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
-        return Err(LogError::io("preallocate", &path, e));
-    }
+    preallocate_fault(&path, segment_bytes, hook)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -102,15 +102,7 @@ pub(crate) fn probe_room(
     hook: Option<&dyn FaultHook>,
 ) -> Result<(), LogError> {
     let path = dir.join(PROBE_NAME);
-    if let Some(h) = hook
-        && let Some(f) = h.before(&IoOp::Preallocate {
-            path: &path,
-            len: segment_bytes,
-        })
-    {
-        let (Fault::Fail(e) | Fault::TornWrite(_, e)) = f;
-        return Err(LogError::io("preallocate", &path, e));
-    }
+    super::preallocate_fault(&path, segment_bytes, hook)?;
     let filled = OpenOptions::new()
         .write(true)
         .create(true)
