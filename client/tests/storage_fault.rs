@@ -1,8 +1,11 @@
 //! The SDK's outbox across a storage fault of the real `starling` binary: the server's
 //! filesystem goes read-only under a stream of sends, the server answers `STORAGE_FAILURE`
-//! (outcome unknown, or stored nothing), says `Goodbye{STORAGE_FAILURE}` and exits with status
-//! 74; once it is back the SDK resends every unacknowledged message with its `client_msg_id`
-//! and `first_attempt = false`, and every message ends up stored exactly once.
+//! (outcome unknown, or stored nothing) and either waits, serving reads, to reopen its log in
+//! place once the filesystem is writable again, or — if a metadata write failed too — says
+//! `Goodbye{STORAGE_FAILURE}` and exits with status 74. The test then restarts it on the
+//! remounted filesystem, as a supervisor or an operator would; the SDK resends every
+//! unacknowledged message with its `client_msg_id` and `first_attempt = false`, and every
+//! message ends up stored exactly once.
 //!
 //! Needs root (a loop device with ext4, mounted `errors=remount-ro`, made read-only through
 //! ext4's `trigger_fs_error`, as an I/O error of a real disk would).
@@ -191,17 +194,18 @@ async fn register(
         .unwrap()
 }
 
-/// Waits up to 30 s for a child process to exit on its own (killed otherwise); its status.
-async fn exit_status(mut child: Child) -> std::process::ExitStatus {
-    for _ in 0..1500 {
+/// Waits up to 3 s for the server to exit on its own after a storage fault: its exit status,
+/// or `None` if it stays up (its log waits to be reopened in place), killed then.
+async fn exit_status(mut child: Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..150 {
         if let Some(st) = child.try_wait().unwrap() {
-            return st;
+            return Some(st);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the server did not exit after the storage fault");
+    None
 }
 
 #[tokio::test]
@@ -244,7 +248,8 @@ async fn the_outbox_resolves_every_send_across_a_storage_fault() {
     }
 
     // The fault: after the first acknowledgements, the filesystem goes read-only; the server
-    // exits with 74. It comes back (filesystem mounted again) on the same address.
+    // exits with 74 or stays up refusing writes (and is stopped). It comes back (filesystem
+    // mounted again) on the same address.
     let mut sent: BTreeMap<Vec<u8>, v1::SendAck> = BTreeMap::new();
     let mut server = Some(server);
     let mut faulted = false;
@@ -262,8 +267,9 @@ async fn the_outbox_resolves_every_send_across_a_storage_fault() {
                     faulted = true;
                     fs.force_read_only();
                     let child = server.as_mut().and_then(|s| s.child.take()).unwrap();
-                    let st = exit_status(child).await;
-                    assert_eq!(st.code(), Some(74), "{st:?}");
+                    if let Some(st) = exit_status(child).await {
+                        assert_eq!(st.code(), Some(74), "{st:?}");
+                    }
                     fs.unmount();
                     fs.mount();
                     server = Some(Server::start(&bin, &data, &addr.to_string()));

@@ -315,6 +315,7 @@ impl ShardRouter {
             parts.meta.clone(),
         );
         router.set_meta_offload(meta_writer(bell.clone(), parts.io_cpus.clone())?);
+        router.set_read_offload(readers(bell.clone(), parts.io_cpus.clone())?);
         if parts.notices.is_some() {
             router.enable_notices();
         }
@@ -611,6 +612,52 @@ fn meta_writer(
     Ok(Box::new(move |job| {
         if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
             tracing::error!("the metadata writer thread is gone");
+            // Dropped unrun, the job records a failure for its requests; wake the shard for it.
+            drop(job);
+            bell.notify();
+        }
+    }))
+}
+
+/// Threads reading storage for one shard ([`readers`]): a read that misses the page cache
+/// waits on the disk on one of them while the other goes on with the next.
+const READ_THREADS_PER_SHARD: usize = 2;
+
+/// The threads that run the router's storage reads (conversation states, pages of entries,
+/// dedup lookups, users' conversation lists: `docs/design/reads.md`), so the shard thread never
+/// waits on the disk or on a lock the log or index threads hold; each finished read notifies
+/// the shard's bell. Reads finish in any order. Like the metadata writer they run on `io_cpus`
+/// if there are any, and exit when the router (the only sender) is dropped. The router bounds
+/// what it hands over by what its parked messages wait for.
+fn readers(bell: Arc<Bell>, io_cpus: Arc<[usize]>) -> std::io::Result<starling_router::Offload> {
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for _ in 0..READ_THREADS_PER_SHARD {
+        let (rx, bell, io_cpus) = (rx.clone(), bell.clone(), io_cpus.clone());
+        std::thread::Builder::new()
+            .name("starling-read".into())
+            .spawn(move || {
+                if !io_cpus.is_empty()
+                    && let Err(e) = crate::cpus::pin_current_thread(&io_cpus)
+                {
+                    tracing::warn!(error = %e, "cannot place a storage read thread");
+                }
+                loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else {
+                        return;
+                    };
+                    job();
+                    bell.notify();
+                }
+            })?;
+    }
+    Ok(Box::new(move |job| {
+        if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            tracing::error!("the storage read threads are gone");
             // Dropped unrun, the job records a failure for its requests; wake the shard for it.
             drop(job);
             bell.notify();

@@ -79,6 +79,10 @@ pub struct RouterMetrics {
     pub typing_dropped: AtomicU64,
     /// Last seen times not written (the metadata writer was full).
     pub presence_unwritten: AtomicU64,
+    /// Storage reads handed to the read threads.
+    pub reads_submitted: AtomicU64,
+    /// Storage reads made on a shard thread (paths the read gate does not cover).
+    pub inline_reads: AtomicU64,
 }
 
 impl RouterMetrics {
@@ -95,6 +99,9 @@ impl RouterMetrics {
             .store(s.typing_dropped, Ordering::Relaxed);
         self.presence_unwritten
             .store(s.presence_unwritten, Ordering::Relaxed);
+        self.reads_submitted
+            .store(s.reads_submitted, Ordering::Relaxed);
+        self.inline_reads.store(s.inline_reads, Ordering::Relaxed);
     }
 }
 
@@ -259,7 +266,7 @@ impl Metrics {
                 let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {}", f(x));
             }
         }
-        let counters: [Counter<ShardMetrics>; 21] = [
+        let counters: [Counter<ShardMetrics>; 23] = [
             ("starling_accepts_total", "Connections accepted.", |m| {
                 &m.accepts
             }),
@@ -352,6 +359,16 @@ impl Metrics {
                 "starling_presence_last_seen_unwritten_total",
                 "Last seen times not written because the metadata writer was full.",
                 |m| &m.router.presence_unwritten,
+            ),
+            (
+                "starling_storage_reads_total",
+                "Storage reads (conversation states, pages, dedup lookups, conversation lists) run off the shard threads.",
+                |m| &m.router.reads_submitted,
+            ),
+            (
+                "starling_storage_inline_reads_total",
+                "Storage reads a shard thread made itself, on paths the read gate does not cover yet.",
+                |m| &m.router.inline_reads,
             ),
         ];
         per_shard_counters(&mut s, self.shards.iter(), &counters);

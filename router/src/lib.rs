@@ -41,6 +41,7 @@
 //! | `limits` | token buckets per user (Block/Unblock) or per connection (Typing) |
 //! | [`visibility`] | whose presence and profile a user may see: self, shared conversations, contacts |
 //! | `metawriter` | the shard's metadata writer: every metadata write as a job, outcomes in order |
+//! | `shard/reader.rs`, `shard/reads.rs` | storage reads as jobs with completions (in any order), and the gate every message passes: handled now, or parked until its reads complete (`docs/design/reads.md`) |
 //! | `shard/config.rs` | [`ShardConfig`] and its defaults |
 //! | `shard/shared.rs` | what the concerns share (configuration, clock, storage, conversations, connections, mail, metadata writer, [`ShardStats`]) |
 //! | `shard/mail.rs` | [`ShardMsg`]: what crosses the rings, one variant per step of a path; sending, the outbox of full rings |

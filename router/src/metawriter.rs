@@ -12,7 +12,7 @@
 //! outcome waits for the next poll, so the simulation stays deterministic; the simulation also
 //! drives an offload whose jobs run at times it chooses.
 //!
-//! Reads stay on the shard thread: they take no fsync and cost microseconds.
+//! Reads go through the shard's reader instead (`shard/reader.rs`): they may finish in any order.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

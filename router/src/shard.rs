@@ -32,6 +32,8 @@ mod media;
 mod outbound;
 mod presence;
 mod read_fanout;
+mod reader;
+mod reads;
 mod send;
 mod sequencer;
 mod shared;
@@ -53,7 +55,7 @@ pub use frames::{CloseRequest, Transmit};
 use frames::{Refusal, error_frame};
 use groups::Groups;
 pub use mail::ShardMsg;
-use mail::{CursorKind, Inner};
+use mail::{CursorKind, Inner, Start};
 pub use media::{DownloadSigner, MEDIA_TEXT_BYTES_MAX, THUMBNAIL_BYTES_MAX, is_media_id};
 use presence::Presence;
 use sequencer::Sequencer;
@@ -62,6 +64,9 @@ pub use shared::Notice;
 pub use shared::ShardStats;
 use shared::{MetaTag, Shared};
 use typing::Typing;
+
+/// Points the reads' offload at an index (kept to point it at a reopened log's).
+type PointReads<I> = Box<dyn Fn(&mut reader::Reader, Arc<I>)>;
 
 /// One shard's messaging core: its sequencer partition, its slice of the session directory
 /// (its own connections), its log and its rings. Sans-IO: see the crate docs.
@@ -83,6 +88,8 @@ pub struct RouterShard<L, I, M> {
     presence: Presence,
     /// Typing: this shard's connections' rate limits, its conversations' typing users.
     typing: Typing,
+    /// Points the reads' offload (`set_read_offload`) at an index: kept for a reopened log's.
+    read_offload: Option<PointReads<I>>,
 }
 
 impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
@@ -92,6 +99,7 @@ impl<L, I, M> fmt::Debug for RouterShard<L, I, M> {
             .field("convs", &self.sh.convs.len())
             .field("conns", &self.sh.dir.conns.len())
             .field("inflight", &self.sequencer.inflight())
+            .field("reads", &self.sh.reads)
             .field("failed", &self.sequencer.failure())
             .finish_non_exhaustive()
     }
@@ -109,6 +117,28 @@ where
     /// simulation's default). See the `metawriter` module.
     pub fn set_meta_offload(&mut self, offload: Offload) {
         self.sh.writer.set_offload(self.sh.meta.clone(), offload);
+    }
+}
+
+impl<L, I, M> RouterShard<L, I, M>
+where
+    I: MessageIndex + Send + Sync + 'static,
+    M: MetadataStore + CursorStore + Send + Sync + 'static,
+{
+    /// Makes every storage read the shard's messages need (conversation states, pages of
+    /// entries, dedup lookups, users' conversation lists) a job run by `offload` on another
+    /// thread, which must wake the shard after each (as the log's wake callback does), so that
+    /// [`RouterShard::handle_log_progress`] or [`RouterShard::handle_tick`] takes the result
+    /// and handles the messages that waited for it. Jobs may finish in any order. Without it
+    /// reads run inline (the simulation's default). See `docs/design/reads.md`.
+    pub fn set_read_offload(&mut self, offload: Offload) {
+        let offload = std::rc::Rc::new(offload);
+        let meta = self.sh.meta.clone();
+        let point: PointReads<I> = Box::new(move |r, index| {
+            r.set_offload(index, meta.clone(), offload.clone());
+        });
+        point(&mut self.sh.reads.reader, self.sh.index.clone());
+        self.read_offload = Some(point);
     }
 }
 
@@ -136,6 +166,7 @@ where
             cursors: Cursors::default(),
             direct: Direct::default(),
             groups: Groups::default(),
+            read_offload: None,
         }
     }
 
@@ -164,6 +195,11 @@ where
         }
         let old = self.sequencer.replace_failed(log);
         self.sh.index = index;
+        // Reads in flight read the old log's index: their results are void.
+        self.sh.reads.reopened();
+        if let Some(point) = &self.read_offload {
+            point(&mut self.sh.reads.reader, self.sh.index.clone());
+        }
         let mut dropped = Vec::new();
         for conv in self.sh.convs.ids() {
             if groups::log_reopened(&mut self.sh, conv) {
@@ -185,6 +221,11 @@ where
     /// Conversations whose state is in memory (see `ShardConfig::conv_idle_evict_ms`).
     pub fn loaded_conversations(&self) -> usize {
         self.sh.convs.len()
+    }
+
+    /// Messages parked for storage reads in flight (see [`RouterShard::set_read_offload`]).
+    pub fn reads_waiting(&self) -> usize {
+        self.sh.reads.parked()
     }
 
     /// Counters.
@@ -292,13 +333,34 @@ where
                 r.conversation_id,
                 r.up_to_seq,
             ),
-            Some(Body::Sync(s)) => sync::request(&mut self.sh, origin, rid, user, s),
+            // Both start from the user's conversation list, read off this thread.
+            Some(Body::Sync(s)) => {
+                let start = Start {
+                    origin,
+                    request_id: rid,
+                    user,
+                    req: s,
+                };
+                self.sh
+                    .send_to(origin.shard, Inner::SyncStart(Box::new(start)));
+                Ok(())
+            }
             Some(Body::GetReceipts(r)) => {
                 group_receipts::request(&mut self.sh, origin, rid, user, r)
             }
             Some(Body::GetHistory(h)) => history::request(&mut self.sh, origin, rid, user, h),
             Some(Body::RequestDownload(d)) => media::request(&mut self.sh, origin, rid, user, d),
-            Some(Body::ListConversations(l)) => list::request(&mut self.sh, origin, rid, user, &l),
+            Some(Body::ListConversations(l)) => {
+                let start = Start {
+                    origin,
+                    request_id: rid,
+                    user,
+                    req: l,
+                };
+                self.sh
+                    .send_to(origin.shard, Inner::ListStart(Box::new(start)));
+                Ok(())
+            }
             Some(Body::Block(b)) => {
                 Blocks::request(&mut self.sh, origin, rid, user, b.user_id, true)
             }
@@ -366,7 +428,7 @@ where
         self.sequencer.poll_log(&mut self.sh);
         self.poll_events();
         self.poll_meta();
-        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
+        self.sh.prune_tails();
         self.drive();
     }
 
@@ -377,7 +439,7 @@ where
         self.poll_meta();
         self.cursors.tick(&mut self.sh);
         read_fanout::tick(&mut self.sh);
-        self.sh.convs.prune_tails(self.sh.index.indexed_lsn());
+        self.sh.prune_tails();
         self.evict_idle();
         self.presence.tick(&mut self.sh);
         self.typing.tick(&mut self.sh);
@@ -460,6 +522,7 @@ where
 
     fn drive(&mut self) {
         self.drive_local();
+        self.drive_reads();
         if self.sequencer.is_full(&self.sh.cfg) {
             self.sequencer.submit(&mut self.sh);
         }
@@ -468,7 +531,29 @@ where
         }
         self.poll_meta();
         self.drive_local();
+        self.drive_reads();
         self.sh.mail.flush();
+    }
+
+    /// Takes finished reads and handles the messages that waited for them (and what they send
+    /// this shard), until none is left ready (inline reads complete at once).
+    fn drive_reads(&mut self) {
+        loop {
+            self.sh.reads_done();
+            let mut any = false;
+            for (pair, found) in self.sh.reads.take_directs() {
+                self.direct.resolved(&mut self.sh, pair, found);
+                any = true;
+            }
+            while let Some((m, got)) = self.sh.next_ready() {
+                self.dispatch(m, got);
+                any = true;
+            }
+            if !any {
+                break;
+            }
+            self.drive_local();
+        }
     }
 
     fn drive_local(&mut self) {
@@ -486,7 +571,21 @@ where
         }
     }
 
+    /// `m` through the read gate (`reads.rs`): handled now, or parked until its reads are done.
     fn process(&mut self, m: Inner) {
+        if let Some((m, got)) = self.sh.admit(m) {
+            self.dispatch(m, got);
+        }
+    }
+
+    /// `m` to the concern that owns it, with the results of the reads it was parked for.
+    fn dispatch(&mut self, m: Inner, got: reads::GotMap) {
+        self.sh.got = got;
+        self.handle(m);
+        self.sh.got.clear();
+    }
+
+    fn handle(&mut self, m: Inner) {
         match m {
             Inner::Send(cmd) => self.sequencer.on_send(&mut self.sh, *cmd),
             Inner::Reply { to, frames } => {
@@ -497,6 +596,34 @@ where
             Inner::Fanout(items) => fanout::push(&mut self.sh, &items),
             Inner::Cursor(c) => self.cursors.on_cmd(&mut self.sh, c),
             Inner::Receipts(r) => group_receipts::on_cmd(&mut self.sh, r),
+            Inner::SyncStart(s) => {
+                let Start {
+                    origin,
+                    request_id,
+                    user,
+                    req,
+                } = *s;
+                if let Err(Refusal(code, msg)) =
+                    sync::request(&mut self.sh, origin, request_id, user, req)
+                {
+                    self.sh
+                        .emit(origin.conn, error_frame(request_id, code, msg), false);
+                }
+            }
+            Inner::ListStart(l) => {
+                let Start {
+                    origin,
+                    request_id,
+                    user,
+                    req,
+                } = *l;
+                if let Err(Refusal(code, msg)) =
+                    list::request(&mut self.sh, origin, request_id, user, &req)
+                {
+                    self.sh
+                        .emit(origin.conn, error_frame(request_id, code, msg), false);
+                }
+            }
             Inner::Sync(s) => sync::on_cmd(&mut self.sh, s),
             Inner::SyncPart(p) => sync::on_part(&mut self.sh, p),
             Inner::History(h) => history::on_cmd(&mut self.sh, h),
@@ -524,13 +651,16 @@ where
             return;
         }
         let cursors = &self.cursors;
+        let sh = &mut self.sh;
+        let reads = &sh.reads;
+        // A state a parked message holds or waits for stays.
         let evictable = |conv: ConvId, c: &ConvState| {
-            c.seq.settled()
+            !reads.busy(conv)
+                && c.seq.settled()
                 && c.cursors.announced()
                 && cursors.is_clean(conv, &c.cursors)
                 && c.group.as_ref().is_none_or(|g| g.is_idle())
         };
-        let sh = &mut self.sh;
         sh.stats.convs_evicted += sh.convs.evict_idle(
             sh.now_ms,
             sh.cfg.conv_idle_evict_ms,
@@ -575,5 +705,7 @@ where
 
 #[cfg(test)]
 mod fixture;
+#[cfg(test)]
+mod reads_tests;
 #[cfg(test)]
 mod tests;

@@ -89,6 +89,36 @@ struct Node {
     /// Some: the shards write metadata through an offload (the gateway's way); a crash drops
     /// the jobs not yet run.
     jobs: Option<Jobs>,
+    /// Some (with `jobs`): the shards read storage through an offload too; the world runs the
+    /// reads when and in what order it likes.
+    reads: Option<Jobs>,
+}
+
+impl Node {
+    /// Runs one of the reads handed off so far, chosen by `pick` among them (reads complete in
+    /// any order); whether there was one.
+    fn run_read(&self, pick: impl FnOnce(u64) -> u64) -> bool {
+        let Some(reads) = &self.reads else {
+            return false;
+        };
+        let job = {
+            let mut q = reads.borrow_mut();
+            if q.is_empty() {
+                return false;
+            }
+            let i = pick(q.len() as u64) as usize;
+            q.remove(i)
+        };
+        if let Some(job) = job {
+            job();
+        }
+        true
+    }
+
+    /// Runs every read handed off so far, newest first (and those they lead to).
+    fn run_reads(&self) {
+        while self.run_read(|n| n - 1) {}
+    }
 }
 
 fn cfg() -> ShardConfig {
@@ -124,6 +154,7 @@ impl Node {
         cfg: &ShardConfig,
     ) -> Node {
         let jobs: Option<Jobs> = offload.then(Jobs::default);
+        let reads: Option<Jobs> = offload.then(Jobs::default);
         let bells: Vec<_> = disks.iter().map(|_| Bell::new(NoBell)).collect();
         let links = grid(64, &bells);
         let shards = links
@@ -137,10 +168,18 @@ impl Node {
                     let jobs = jobs.clone();
                     shard.set_meta_offload(Box::new(move |job| jobs.borrow_mut().push_back(job)));
                 }
+                if let Some(reads) = &reads {
+                    let reads = reads.clone();
+                    shard.set_read_offload(Box::new(move |job| reads.borrow_mut().push_back(job)));
+                }
                 shard
             })
             .collect();
-        Node { shards, jobs }
+        Node {
+            shards,
+            jobs,
+            reads,
+        }
     }
 }
 
@@ -699,6 +738,13 @@ impl World {
                     job();
                 }
             }
+            // The read threads finish some reads, in any order.
+            while self.rng.chance(500) {
+                let rng = &mut self.rng;
+                if !self.node.run_read(|n| rng.below(n)) {
+                    break;
+                }
+            }
             self.node.shards[s].handle_tick(self.now);
             while let Some(t) = self.node.shards[s].poll_transmit() {
                 if let Some(d) = self
@@ -740,6 +786,7 @@ impl World {
             Node {
                 shards: Vec::new(),
                 jobs: None,
+                reads: None,
             },
         );
         for shard in old.shards {
@@ -1261,6 +1308,7 @@ impl World {
                         job();
                     }
                 }
+                self.node.run_reads();
                 self.server_step();
                 for d in 0..self.devices.len() {
                     self.client_read(d, 64);

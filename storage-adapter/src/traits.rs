@@ -3,9 +3,10 @@
 //! `UNIQUE(conv, client_msg_id)`) later.
 //!
 //! Threading contract: [`DurableLog::append`] never blocks (it queues the batch for the backend's
-//! I/O thread and returns a [`Completion`]). Index, cursor and metadata calls may touch the disk:
-//! index reads are fast page-cache reads in the common case; metadata writes wait for an fsync and
-//! belong on the blocking pool, not on a shard thread.
+//! I/O thread and returns a [`Completion`]). Index, cursor and metadata calls may touch the disk
+//! and take locks other threads hold: the router makes them on its read threads (reads) and its
+//! metadata writer (writes, which wait for an fsync), not on a shard thread
+//! (`docs/design/reads.md`). Every read reflects every write acknowledged before it was made.
 
 use crate::error::{LogError, StorageError};
 use crate::log::Completion;

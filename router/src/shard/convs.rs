@@ -98,7 +98,12 @@ pub(super) struct ConvCursors {
 impl ConvState {
     /// `conv` as the stores have it: members from the metadata, the last seq from the index,
     /// cursors from the cursor store (all of them announced: they are durable).
-    fn load<I, M>(conv: ConvId, index: &I, meta: &M, now_ms: u64) -> Result<ConvState, Refusal>
+    pub(super) fn load<I, M>(
+        conv: ConvId,
+        index: &I,
+        meta: &M,
+        now_ms: u64,
+    ) -> Result<ConvState, Refusal>
     where
         I: MessageIndex,
         M: MetadataStore + CursorStore,
@@ -208,7 +213,8 @@ impl ConvSeq {
     }
 
     /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`: from the
-    /// index, then from the tail it may not cover yet.
+    /// index, then from the tail it may not cover yet (the index is not read if the tail covers
+    /// it all).
     pub(super) fn read_after<I: MessageIndex>(
         &self,
         index: &I,
@@ -216,6 +222,10 @@ impl ConvSeq {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let key = super::reader::Want::After { conv, after, limit };
+        if let Some(v) = self.tail_page(key) {
+            return Ok(v);
+        }
         let mut out: Vec<Arc<Entry>> = index
             .after(conv.storage(), Seq(after), limit)
             .map_err(|e| Refusal::storage("index", &e))?
@@ -245,6 +255,32 @@ impl ConvSeq {
         before: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
+        let (mut newest, next) = self.tail_before(before, limit);
+        if newest.len() < limit && next > 1 {
+            let older = index
+                .before(conv.storage(), Seq(next), limit - newest.len())
+                .map_err(|e| Refusal::storage("index", &e))?;
+            for e in older.into_iter().rev() {
+                newest.push(Arc::new(e));
+            }
+        }
+        newest.reverse();
+        Ok(newest)
+    }
+
+    /// The tail's entries with seq > `after`, at most `limit`, oldest first.
+    pub(super) fn tail_after(&self, after: u64, limit: usize) -> Vec<Arc<Entry>> {
+        self.recent
+            .iter()
+            .filter(|(_, e)| e.seq.0 > after)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// The tail's newest entries below `before` (capped at the durable end), contiguous, at
+    /// most `limit`, newest first; and the seq below which the index must go on.
+    pub(super) fn tail_before(&self, before: u64, limit: usize) -> (Vec<Arc<Entry>>, u64) {
         let before = before.min(self.durable_seq + 1);
         let mut newest: Vec<Arc<Entry>> = Vec::new();
         let mut next = before; // collecting seqs below this, descending
@@ -257,16 +293,7 @@ impl ConvSeq {
                 next -= 1;
             }
         }
-        if newest.len() < limit && next > 1 {
-            let older = index
-                .before(conv.storage(), Seq(next), limit - newest.len())
-                .map_err(|e| Refusal::storage("index", &e))?;
-            for e in older.into_iter().rev() {
-                newest.push(Arc::new(e));
-            }
-        }
-        newest.reverse();
-        Ok(newest)
+        (newest, next)
     }
 }
 
@@ -338,6 +365,17 @@ impl Convs {
         };
         c.touched_ms = now_ms;
         Ok(&mut **c)
+    }
+
+    /// Puts in `st`, read off the shard thread (`reads.rs`), as the state of `conv`, which is
+    /// not loaded; marked used at `now_ms`.
+    pub(super) fn install(&mut self, conv: ConvId, st: Box<ConvState>, now_ms: u64) {
+        if st.group.as_ref().is_some_and(|g| g.needs_resume()) {
+            self.resume.push(conv);
+        }
+        self.idle_queue.push_back((conv, now_ms));
+        let c = self.map.entry(conv).or_insert(st);
+        c.touched_ms = now_ms;
     }
 
     /// Reads the members and title of direct conversation `conv` again, if its state is in
@@ -438,10 +476,13 @@ impl Convs {
         self.recent_order.push_back((lsn, conv));
     }
 
-    /// Drops from the durable tails what the index covers (everything up to `indexed`).
-    pub(super) fn prune_tails(&mut self, indexed: Lsn) {
+    /// Drops from the durable tails what the index covers (everything up to `indexed`), in lsn
+    /// order, stopping at the first entry of a conversation `held` says a parked message holds:
+    /// its tail (and so its in-memory dedup) stays until the message is handled, so that parking
+    /// never shortens what memory catches (`reads.rs`).
+    pub(super) fn prune_tails(&mut self, indexed: Lsn, held: impl Fn(ConvId) -> bool) {
         while let Some(&(lsn, conv)) = self.recent_order.front() {
-            if lsn > indexed {
+            if lsn > indexed || held(conv) {
                 break;
             }
             self.recent_order.pop_front();
@@ -720,11 +761,11 @@ mod tests {
         for seq in 1..=3 {
             convs.tail_added(Lsn(10 + seq), CONV);
         }
-        convs.prune_tails(Lsn(12));
+        convs.prune_tails(Lsn(12), |_| false);
         let c = convs.get(CONV).unwrap();
         assert_eq!(c.seq.recent.len(), 1);
         assert_eq!(c.seq.recent_ids.len(), 1);
-        convs.prune_tails(Lsn(13));
+        convs.prune_tails(Lsn(13), |_| false);
         assert!(convs.get(CONV).unwrap().seq.recent.is_empty());
     }
 }

@@ -1,13 +1,14 @@
 //! Direct (1:1) conversations as a Send names them, by the peer's user id: resolving the pair
-//! to its conversation (cached, or read from the metadata), and, for the pair's first message,
-//! parking the Sends while the metadata writer creates the conversation (see
+//! to its conversation (cached, or read from the metadata off the shard thread while the pair's
+//! Sends wait, `reads.rs`), and, for the pair's first message, parking the Sends while the
+//! metadata writer creates the conversation (see
 //! `docs/design/messaging.md`, "Conversation ids and ownership" and "The path of one message").
 //! The shard serves everything else meanwhile; the parked Sends go on to the conversation's
 //! owner in the order they came, or are answered with the creation's failure.
 
 use starling_protocol::v1::ErrorCode;
 use starling_storage::meta::{DirectPair, User, keys};
-use starling_storage::{CursorStore, MetadataStore, UserId};
+use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::frames::{Refusal, error_frame, retry_frame};
 use super::mail::{Inner, SendCmd};
@@ -27,50 +28,48 @@ pub(super) struct Direct {
     cache: HashMap<(UserId, UserId), ConvId>,
     /// Sends waiting for their pair's direct conversation to be created, in arrival order.
     parked: HashMap<(UserId, UserId), Vec<SendCmd>>,
-    /// Sends in `parked` (bounded by `parked_sends_max`).
+    /// Sends waiting for their pair to be looked up in the metadata, in arrival order.
+    resolving: HashMap<(UserId, UserId), Vec<SendCmd>>,
+    /// Sends in `parked` and `resolving` (bounded by `parked_sends_max`).
     parked_sends: usize,
 }
 
+/// Looks the direct conversation of `low` and `high` up, for a Send from one of them to `peer`
+/// (the other): found, or `None` if it has to be created, or `NOT_FOUND` if `peer` is nobody.
+/// Runs on a read thread (`reader.rs`).
+pub(super) fn lookup<M: MetadataStore>(
+    meta: &M,
+    low: UserId,
+    high: UserId,
+    peer: UserId,
+) -> Result<Option<ConvId>, Refusal> {
+    if let Some(p) = meta
+        .get::<DirectPair>(&metawriter::direct_pair_key(low, high))
+        .map_err(|e| Refusal::storage("direct lookup", &e))?
+    {
+        return Ok(Some(ConvId::from_storage(p.conv)));
+    }
+    if meta
+        .get::<User>(&keys::user(peer))
+        .map_err(|e| Refusal::storage("user lookup", &e))?
+        .is_none()
+    {
+        return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
+    }
+    Ok(None)
+}
+
 impl Direct {
-    /// The direct conversation of `me` and `peer`, if it exists (cached, or found in the
-    /// metadata); `None` if it has to be created first (by the metadata writer, see
-    /// [`Direct::park`]) or is being created.
-    pub(super) fn resolve<I, M: MetadataStore>(
-        &mut self,
-        sh: &Shared<I, M>,
-        me: UserId,
-        peer: UserId,
-    ) -> Result<Option<ConvId>, Refusal> {
+    /// The direct conversation of `me` and `peer`, if this shard knows it; `None` if it has to
+    /// be looked up or created first ([`Direct::park`]).
+    pub(super) fn resolve(&mut self, me: UserId, peer: UserId) -> Result<Option<ConvId>, Refusal> {
         if peer.0 == 0 {
             return Err(Refusal(
                 ErrorCode::InvalidArgument,
                 "recipient user_id is 0".into(),
             ));
         }
-        let pair = ordered(me, peer);
-        if let Some(&c) = self.cache.get(&pair) {
-            return Ok(Some(c));
-        }
-        if self.parked.contains_key(&pair) {
-            return Ok(None);
-        }
-        let meta = &*sh.meta;
-        if let Some(p) = meta
-            .get::<DirectPair>(&metawriter::direct_pair_key(pair.0, pair.1))
-            .map_err(|e| Refusal::storage("direct lookup", &e))?
-        {
-            let conv = ConvId::from_storage(p.conv);
-            self.remember(pair, conv);
-            return Ok(Some(conv));
-        }
-        if meta
-            .get::<User>(&keys::user(peer))
-            .map_err(|e| Refusal::storage("user lookup", &e))?
-            .is_none()
-        {
-            return Err(Refusal(ErrorCode::NotFound, "no such user".into()));
-        }
-        Ok(None)
+        Ok(self.cache.get(&ordered(me, peer)).copied())
     }
 
     fn remember(&mut self, pair: (UserId, UserId), conv: ConvId) {
@@ -80,11 +79,79 @@ impl Direct {
         self.cache.insert(pair, conv);
     }
 
-    /// Holds `cmd`, a Send between the users of `pair`, until their direct conversation exists
-    /// durably; the first Send of a pair starts its creation on the metadata writer. The Sends
-    /// go on to the conversation's owner, in the order they came, when the writer's outcome
-    /// arrives ([`Direct::created`]); the shard serves everything else meanwhile.
-    pub(super) fn park<I, M: MetadataStore + CursorStore>(
+    /// Holds `cmd`, a Send from one user of `pair` to `peer` (the other) that this shard does
+    /// not know the conversation of, until it does: the first such Send of a pair starts a
+    /// lookup on the read threads ([`Direct::resolved`] takes its result); later ones wait
+    /// behind it, or behind the pair's creation. The shard serves everything else meanwhile.
+    pub(super) fn park<I, M>(
+        &mut self,
+        sh: &mut Shared<I, M>,
+        pair: (UserId, UserId),
+        peer: UserId,
+        cmd: SendCmd,
+    ) where
+        I: MessageIndex,
+        M: MetadataStore + CursorStore,
+    {
+        if let Some(q) = self.resolving.get_mut(&pair) {
+            if self.parked_sends >= sh.cfg.parked_sends_max {
+                return overloaded(sh, &cmd);
+            }
+            q.push(cmd);
+            self.parked_sends += 1;
+            return;
+        }
+        if self.parked.contains_key(&pair) {
+            return self.park_for_creation(sh, pair, cmd);
+        }
+        if self.parked_sends >= sh.cfg.parked_sends_max {
+            return overloaded(sh, &cmd);
+        }
+        self.resolving.insert(pair, vec![cmd]);
+        self.parked_sends += 1;
+        sh.read_detached(super::reader::Want::Direct {
+            low: pair.0,
+            high: pair.1,
+            peer,
+        });
+    }
+
+    /// The lookup of `pair` finished: its Sends go on to the conversation's owner, or wait for
+    /// its creation, or are answered with the lookup's refusal (`NOT_FOUND` for a peer who is
+    /// nobody).
+    pub(super) fn resolved<I, M>(
+        &mut self,
+        sh: &mut Shared<I, M>,
+        pair: (UserId, UserId),
+        found: Result<Option<ConvId>, Refusal>,
+    ) where
+        M: MetadataStore + CursorStore,
+    {
+        let sends = self.resolving.remove(&pair).unwrap_or_default();
+        self.parked_sends -= sends.len();
+        match found {
+            Ok(Some(conv)) => {
+                self.remember(pair, conv);
+                forward(sh, conv, sends);
+            }
+            Ok(None) => {
+                for cmd in sends {
+                    self.park_for_creation(sh, pair, cmd);
+                }
+            }
+            Err(Refusal(code, msg)) => {
+                for cmd in sends {
+                    let f = error_frame(cmd.request_id, code, msg.clone());
+                    sh.reply(cmd.origin, vec![f]);
+                }
+            }
+        }
+    }
+
+    /// Holds `cmd` until the direct conversation of `pair` exists durably; the first Send of a
+    /// pair starts its creation on the metadata writer. The Sends go on to the conversation's
+    /// owner, in the order they came, when the writer's outcome arrives ([`Direct::created`]).
+    fn park_for_creation<I, M: MetadataStore + CursorStore>(
         &mut self,
         sh: &mut Shared<I, M>,
         pair: (UserId, UserId),
@@ -94,16 +161,7 @@ impl Direct {
         if self.parked_sends >= sh.cfg.parked_sends_max
             || (!creating && sh.writer.queued() >= sh.cfg.meta_jobs_max)
         {
-            let f = retry_frame(
-                cmd.request_id,
-                ErrorCode::Overloaded,
-                "too many new conversations are being created; the message was not accepted, \
-                 send it again"
-                    .into(),
-                META_RETRY_AFTER_MS,
-            );
-            sh.reply(cmd.origin, vec![f]);
-            return;
+            return overloaded(sh, &cmd);
         }
         self.parked.entry(pair).or_default().push(cmd);
         self.parked_sends += 1;
@@ -130,15 +188,7 @@ impl Direct {
         match outcome {
             Ok(Written::Direct { conv }) => {
                 self.remember(pair, conv);
-                let owner = sh.mail.owner(conv);
-                for mut cmd in sends {
-                    cmd.conv = conv;
-                    // Held back while the conversation was created, this copy may now reach
-                    // the owner after a resend of the same message from another connection was
-                    // sequenced: its `first_attempt` promise no longer holds here.
-                    cmd.first_attempt = false;
-                    sh.send_to(owner, Inner::Send(Box::new(cmd)));
-                }
+                forward(sh, conv, sends);
             }
             other => {
                 let Refusal(code, msg) = match other {
@@ -152,6 +202,33 @@ impl Direct {
             }
         }
     }
+}
+
+/// Sends that waited for their direct conversation `conv`, on to its owner in the order they
+/// came.
+fn forward<I, M>(sh: &mut Shared<I, M>, conv: ConvId, sends: Vec<SendCmd>) {
+    let owner = sh.mail.owner(conv);
+    for mut cmd in sends {
+        cmd.conv = conv;
+        // Held back while the conversation was looked up or created, this copy may now reach
+        // the owner after a resend of the same message from another connection was sequenced:
+        // its `first_attempt` promise no longer holds here.
+        cmd.first_attempt = false;
+        sh.send_to(owner, Inner::Send(Box::new(cmd)));
+    }
+}
+
+/// Refuses `cmd`: too many Sends wait for their direct conversations.
+fn overloaded<I, M>(sh: &mut Shared<I, M>, cmd: &SendCmd) {
+    let f = retry_frame(
+        cmd.request_id,
+        ErrorCode::Overloaded,
+        "too many new conversations are being created; the message was not accepted, send it \
+         again"
+            .into(),
+        META_RETRY_AFTER_MS,
+    );
+    sh.reply(cmd.origin, vec![f]);
 }
 
 #[cfg(test)]

@@ -115,12 +115,20 @@ pub(super) fn retry_frame(
 }
 
 /// A refusal: the code and message of the `Error` frame that answers the request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Refusal(pub(crate) ErrorCode, pub(crate) String);
 
 impl Refusal {
     pub(crate) fn storage(what: &str, e: &StorageError) -> Refusal {
         Refusal(ErrorCode::StorageFailure, format!("{what}: {e}"))
+    }
+
+    /// A read that was dropped without running: the read threads stopped.
+    pub(crate) fn storage_stopped() -> Refusal {
+        Refusal(
+            ErrorCode::StorageFailure,
+            "the storage read threads stopped before this was read".into(),
+        )
     }
 }
 

@@ -12,6 +12,7 @@ use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, error_frame, frame};
 use super::mail::{HistoryCmd, Inner};
+use super::reader::Want;
 use super::shared::Shared;
 use crate::ids::{ConnRef, ConvId};
 
@@ -57,29 +58,72 @@ where
     sh.reply(h.origin, vec![f]);
 }
 
+/// The page's size: the request's limit, or the default, capped.
+fn limit_of<I, M>(sh: &Shared<I, M>, h: &HistoryCmd) -> usize {
+    match h.req.limit as usize {
+        0 => sh.cfg.history_limit_default,
+        n => n.min(sh.cfg.history_limit_max),
+    }
+}
+
+/// The read of `h`'s page, for the seqs the caller may read (`from..=to`): one more than the
+/// limit, to tell whether there are more.
+fn read_of(h: &HistoryCmd, limit: usize, (from, to): (u64, u64)) -> Want {
+    let conv = h.conv;
+    match h.req.anchor {
+        Some(v1::get_history::Anchor::AfterSeq(a)) => Want::After {
+            conv,
+            after: a.max(from.saturating_sub(1)),
+            limit: limit + 1,
+        },
+        Some(v1::get_history::Anchor::BeforeSeq(b)) => Want::Before {
+            conv,
+            before: b.min(to.saturating_add(1)),
+            limit: limit + 1,
+        },
+        None => Want::Before {
+            conv,
+            before: to.saturating_add(1),
+            limit: limit + 1,
+        },
+    }
+}
+
+/// The read `h`'s page needs (for the read gate, `reads.rs`), once its state is loaded.
+pub(super) fn reads<I, M>(sh: &Shared<I, M>, h: &HistoryCmd) -> Vec<Want> {
+    let Some(c) = sh.convs.get(h.conv) else {
+        return Vec::new();
+    };
+    match c.visible(h.user) {
+        Ok(range) => vec![read_of(h, limit_of(sh, h), range)],
+        Err(_) => Vec::new(),
+    }
+}
+
 fn page<I, M>(sh: &mut Shared<I, M>, h: &HistoryCmd) -> Result<v1::HistoryPage, Refusal>
 where
     I: MessageIndex,
     M: MetadataStore + CursorStore,
 {
     let conv = h.conv;
-    let limit = match h.req.limit as usize {
-        0 => sh.cfg.history_limit_default,
-        n => n.min(sh.cfg.history_limit_max),
-    };
+    let limit = limit_of(sh, h);
     // Only the seqs the caller may read: a group member's from its join, a former member's up
     // to its removal.
     let (_, (from, to)) = sh.reader_conv(conv, h.user)?;
-    let (mut entries, has_more) = match h.req.anchor {
-        Some(v1::get_history::Anchor::AfterSeq(a)) => {
-            let mut v = sh.read_after(conv, a.max(from.saturating_sub(1)), limit + 1)?;
+    let (mut entries, has_more) = match read_of(h, limit, (from, to)) {
+        Want::After {
+            after, limit: n, ..
+        } => {
+            let mut v = sh.read_after(conv, after, n)?;
             v.retain(|e| e.seq.0 <= to);
             let more = v.len() > limit;
             v.truncate(limit);
             (v, more)
         }
-        Some(v1::get_history::Anchor::BeforeSeq(b)) => {
-            let mut v = sh.read_before(conv, b.min(to.saturating_add(1)), limit + 1)?;
+        Want::Before {
+            before, limit: n, ..
+        } => {
+            let mut v = sh.read_before(conv, before, n)?;
             v.retain(|e| e.seq.0 >= from);
             let more = v.len() > limit;
             if more {
@@ -87,15 +131,7 @@ where
             }
             (v, more)
         }
-        None => {
-            let mut v = sh.read_before(conv, to.saturating_add(1), limit + 1)?;
-            v.retain(|e| e.seq.0 >= from);
-            let more = v.len() > limit;
-            if more {
-                v.remove(0);
-            }
-            (v, more)
-        }
+        _ => unreachable!("a page reads after or before a seq"),
     };
     let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
     let mut messages: Vec<v1::Message> = entries

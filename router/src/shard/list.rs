@@ -10,18 +10,18 @@ use starling_storage::meta::{User, keys};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::changes;
-use super::convs::conversations_of;
 use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::ListGather;
 use super::mail::{Inner, ListCmd, ListPart};
+use super::reader::Want;
 use super::shared::Shared;
 use crate::ids::{ConnRef, ConvId};
 
 /// At the ingress shard: lists the user's conversations, splits them by owner and starts
 /// gathering the owners' summaries.
-pub(super) fn request<I, M: MetadataStore>(
+pub(super) fn request<I: MessageIndex, M: MetadataStore + CursorStore>(
     sh: &mut Shared<I, M>,
     origin: ConnRef,
     rid: u64,
@@ -33,7 +33,7 @@ pub(super) fn request<I, M: MetadataStore>(
         0 => sh.cfg.list_limit_default,
         n => n.min(sh.cfg.list_limit_max),
     };
-    let convs = conversations_of(&*sh.meta, user)?;
+    let convs = sh.user_convs(user)?;
     let mut per_owner: BTreeMap<usize, Vec<ConvId>> = BTreeMap::new();
     for conv in convs {
         per_owner.entry(sh.mail.owner(conv)).or_default().push(conv);
@@ -64,6 +64,32 @@ pub(super) fn request<I, M: MetadataStore>(
         );
     }
     Ok(())
+}
+
+/// The pages an owner's summaries read (for the read gate, `reads.rs`), once the states are
+/// loaded: each conversation's last message and its messages after the user's read cursor.
+pub(super) fn reads<I, M>(sh: &Shared<I, M>, l: &ListCmd) -> Vec<Want> {
+    let mut out = Vec::new();
+    for &conv in &l.convs {
+        let Some(c) = sh.convs.get(conv) else {
+            continue;
+        };
+        let Ok((from, to)) = c.visible(l.user) else {
+            continue;
+        };
+        let read = c.cursors.read.get(&l.user).copied().unwrap_or(0);
+        out.push(Want::Before {
+            conv,
+            before: to.saturating_add(1),
+            limit: 1,
+        });
+        out.push(Want::After {
+            conv,
+            after: read.max(from.saturating_sub(1)),
+            limit: sh.cfg.unread_count_max,
+        });
+    }
+    out
 }
 
 /// At an owner: a summary of each conversation the user is still a member of.
@@ -117,7 +143,9 @@ where
         ),
         None => (v1::ConversationKind::Group, 0, c.title.clone()),
     };
-    let last_seq = c.seq.durable_seq.min(to);
+    // As of the page's read (a moment ago, off this thread, if it was parked for it): the
+    // last message's seq (0: none then).
+    let last_seq = last.first().map_or(0, |e| e.seq.0);
     let unread = sh
         .read_after(conv, read.max(from.saturating_sub(1)), unread_max)?
         .iter()

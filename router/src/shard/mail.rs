@@ -26,10 +26,12 @@ impl fmt::Debug for ShardMsg {
             Inner::Fanout(_) => "Fanout",
             Inner::Cursor(_) => "Cursor",
             Inner::Receipts(_) => "Receipts",
+            Inner::SyncStart(_) => "SyncStart",
             Inner::Sync(_) => "Sync",
             Inner::SyncPart(_) => "SyncPart",
             Inner::History(_) => "History",
             Inner::Download(_) => "Download",
+            Inner::ListStart(_) => "ListStart",
             Inner::List(_) => "List",
             Inner::ListPart(_) => "ListPart",
             Inner::Block(_) => "Block",
@@ -61,6 +63,8 @@ pub(super) enum Inner {
     Cursor(CursorCmd),
     /// A GetReceipts, for the conversation's owner (`group_receipts.rs`).
     Receipts(ReceiptsCmd),
+    /// A Sync at its ingress shard, once the user's conversations are read (to itself).
+    SyncStart(Box<Start<v1::Sync>>),
     /// A Sync's conversations that one owner holds.
     Sync(SyncCmd),
     /// An owner's part of a Sync, for the connection that asked.
@@ -69,6 +73,9 @@ pub(super) enum Inner {
     History(HistoryCmd),
     /// A RequestDownload, for the conversation's owner (`media.rs`).
     Download(DownloadCmd),
+    /// A ListConversations at its ingress shard, once the user's conversations are read (to
+    /// itself).
+    ListStart(Box<Start<v1::ListConversations>>),
     /// A ListConversations' conversations that one owner holds.
     List(ListCmd),
     /// An owner's summaries, for the connection that asked.
@@ -91,6 +98,14 @@ pub(super) enum Inner {
     /// Typing: a Typing for its conversation's owner, and the owner's push to every shard
     /// (`typing.rs`).
     Typing(TypingMsg),
+}
+
+/// A request that starts from the requesting user's conversation list, at its ingress shard.
+pub(super) struct Start<R> {
+    pub(super) origin: ConnRef,
+    pub(super) request_id: u64,
+    pub(super) user: UserId,
+    pub(super) req: R,
 }
 
 /// A Send, validated at the ingress shard.

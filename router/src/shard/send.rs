@@ -2,7 +2,7 @@
 //! `docs/design/messaging.md`, "The path of one message"). The owner's side is the sequencer.
 
 use starling_protocol::v1::{self, ErrorCode};
-use starling_storage::{ClientMsgId, CursorStore, DeviceId, MetadataStore, UserId};
+use starling_storage::{ClientMsgId, CursorStore, DeviceId, MessageIndex, MetadataStore, UserId};
 
 use super::direct::Direct;
 use super::frames::Refusal;
@@ -15,7 +15,7 @@ use crate::metawriter::ordered;
 /// body within `body_bytes_max`, content type within 255 bytes, a recipient), resolves a user
 /// recipient to their direct conversation, and sends it on to the conversation's owner; the
 /// first Send of a pair is parked while its conversation is created.
-pub(super) fn request<I, M: MetadataStore + CursorStore>(
+pub(super) fn request<I: MessageIndex, M: MetadataStore + CursorStore>(
     sh: &mut Shared<I, M>,
     direct: &mut Direct,
     origin: ConnRef,
@@ -69,12 +69,10 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
     super::changes::check_request(&s)?;
     super::disappearing::check_request(&s)?;
     let conv = match s.to.and_then(|t| t.target) {
-        Some(v1::recipient::Target::UserId(peer)) => {
-            match direct.resolve(sh, user, UserId(peer))? {
-                Some(conv) => Ok(conv),
-                None => Err(ordered(user, UserId(peer))),
-            }
-        }
+        Some(v1::recipient::Target::UserId(peer)) => match direct.resolve(user, UserId(peer))? {
+            Some(conv) => Ok(conv),
+            None => Err((ordered(user, UserId(peer)), UserId(peer))),
+        },
         Some(v1::recipient::Target::ConversationId(c)) if c != 0 => Ok(ConvId(c)),
         _ => {
             return Err(Refusal(
@@ -108,8 +106,9 @@ pub(super) fn request<I, M: MetadataStore + CursorStore>(
             let owner = sh.mail.owner(conv);
             sh.send_to(owner, Inner::Send(Box::new(cmd)));
         }
-        // The pair's first message: its conversation is created first, off this thread.
-        Err(pair) => direct.park(sh, pair, cmd),
+        // A pair this shard does not know yet: its conversation is looked up (and, for its
+        // first message, created) off this thread.
+        Err((pair, peer)) => direct.park(sh, pair, peer, cmd),
     }
     Ok(())
 }

@@ -33,6 +33,7 @@ use super::envelope::{
 use super::frames::{Refusal, error_frame, frame};
 use super::groups;
 use super::mail::{FanoutItem, SendCmd};
+use super::reader::{Got, Want, dedup_lookup};
 use super::shared::Notice;
 use super::shared::Shared;
 use crate::ids::{ConnId, ConnRef, ConvId};
@@ -241,19 +242,20 @@ impl<L: DurableLog> Sequencer<L> {
             // The device promises no earlier copy exists beyond the in-memory ones above: a
             // first attempt costs no index read (the index is the slow, cache-missing part).
             None if cmd.first_attempt => None,
-            None => match index
-                .dedup(cmd.conv.storage(), cmd.cmid)
-                .map_err(|e| Refusal::storage("dedup", &e))?
-            {
-                Some(seq) => {
-                    let (ts, expires) = index
-                        .entry(cmd.conv.storage(), seq)
-                        .map_err(|e| Refusal::storage("index", &e))?
-                        .map_or((0, 0), |e| (e.ts_ms.0, expiry_of(&e)));
-                    Some((seq.0, ts, expires))
+            // Read off the shard thread for this Send (`reads.rs`), or here if unforeseen.
+            None => {
+                let key = Want::Dedup {
+                    conv: cmd.conv,
+                    cmid: cmd.cmid,
+                };
+                match sh.got.remove(&key) {
+                    Some(Got::Dedup(r)) => r?,
+                    _ => {
+                        sh.stats.inline_reads += 1;
+                        dedup_lookup(&*index, cmd.conv, cmd.cmid)?
+                    }
                 }
-                None => None,
-            },
+            }
         };
         if let Some((seq, ts, expires)) = known {
             waiter.seq = seq;
@@ -578,6 +580,20 @@ fn ack_frame(w: Waiter) -> v1::Frame {
 fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
     let n = v.len();
     std::mem::replace(v, Vec::with_capacity(n))
+}
+
+/// The durable dedup lookup `cmd` needs at its owner, if its state is loaded and nothing in
+/// memory answers it: a retry (not a first attempt) whose id is neither pending nor in the
+/// durable tail (`reads.rs` reads it off the shard thread).
+pub(super) fn dedup_want<I, M>(sh: &Shared<I, M>, cmd: &SendCmd) -> Option<Want> {
+    let c = sh.convs.get(cmd.conv)?;
+    (!cmd.first_attempt
+        && !c.seq.pending.contains_key(&cmd.cmid)
+        && !c.seq.recent_ids.contains_key(&cmd.cmid))
+    .then_some(Want::Dedup {
+        conv: cmd.conv,
+        cmid: cmd.cmid,
+    })
 }
 
 #[cfg(test)]

@@ -39,6 +39,11 @@ pub struct ShardStats {
     pub hints: u64,
     /// Cursor flushes (durable batches of cursor updates).
     pub cursor_flushes: u64,
+    /// Storage reads made on the shard thread instead of through the read jobs (`reads.rs`):
+    /// conversation states and pages the gate did not foresee. Zero on the paths it covers.
+    pub inline_reads: u64,
+    /// Storage reads handed to the read jobs.
+    pub reads_submitted: u64,
     /// Idle conversation states dropped from memory (see `ShardConfig::conv_idle_evict_ms`).
     pub convs_evicted: u64,
     /// Typing frames dropped or refused over a connection's rate limit.
@@ -81,6 +86,10 @@ pub(super) struct Shared<I, M> {
     pub(super) index: Arc<I>,
     pub(super) meta: Arc<M>,
     pub(super) convs: Convs,
+    /// Reads in flight and the messages parked for them (`reads.rs`).
+    pub(super) reads: super::reads::Reads,
+    /// The results of the reads of the message being handled, if it was parked for them.
+    pub(super) got: super::reads::GotMap,
     pub(super) dir: Directory,
     pub(super) out: Outbound,
     pub(super) mail: Mail,
@@ -126,6 +135,8 @@ impl<I, M> Shared<I, M> {
             index,
             meta,
             convs: Convs::default(),
+            reads: super::reads::Reads::default(),
+            got: super::reads::GotMap::default(),
             dir: Directory::default(),
             mail: Mail::new(links),
             stats: ShardStats::default(),
@@ -153,9 +164,19 @@ where
     I: MessageIndex,
     M: MetadataStore + CursorStore,
 {
-    /// The owner-side state of `conv`, loaded on first use.
+    /// The owner-side state of `conv`: in memory, or read for the message being handled
+    /// (`reads.rs`), or — a path the gate did not foresee — loaded here, on the shard thread.
     pub(super) fn conv(&mut self, conv: ConvId) -> Result<&mut ConvState, Refusal> {
         debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
+        if self.convs.get(conv).is_none() {
+            if let Some(super::reader::Got::Conv(Err(r))) =
+                self.got.get(&super::reader::Want::Conv(conv))
+            {
+                return Err(r.clone());
+            }
+            self.stats.inline_reads += 1;
+            self.reads.loaded_inline(conv);
+        }
         self.convs
             .load(conv, &*self.index, &*self.meta, self.now_ms)
     }
@@ -188,34 +209,59 @@ where
         Ok((c, range))
     }
 
-    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`.
+    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`: as read for
+    /// the message being handled, or from the tail, or (unforeseen) from the index here.
     pub(super) fn read_after(
         &mut self,
         conv: ConvId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let (c, index) = self.conv_and_index(conv)?;
-        c.seq.read_after(index, conv, after, limit)
+        let key = super::reader::Want::After { conv, after, limit };
+        if let Some(super::reader::Got::Read(r)) = self.got.remove(&key) {
+            return r;
+        }
+        self.conv(conv)?;
+        let c = self.convs.get(conv).expect("just loaded");
+        if c.seq.tail_page(key).is_none() {
+            self.stats.inline_reads += 1;
+        }
+        c.seq.read_after(&*self.index, conv, after, limit)
     }
 
-    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first.
+    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first: as
+    /// read for the message being handled, or from the tail, or (unforeseen) from the index.
     pub(super) fn read_before(
         &mut self,
         conv: ConvId,
         before: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let (c, index) = self.conv_and_index(conv)?;
-        c.seq.read_before(index, conv, before, limit)
+        let key = super::reader::Want::Before {
+            conv,
+            before,
+            limit,
+        };
+        if let Some(super::reader::Got::Read(r)) = self.got.remove(&key) {
+            return r;
+        }
+        self.conv(conv)?;
+        let c = self.convs.get(conv).expect("just loaded");
+        if c.seq.tail_page(key).is_none() {
+            self.stats.inline_reads += 1;
+        }
+        c.seq.read_before(&*self.index, conv, before, limit)
     }
 
-    /// [`Shared::conv`], with the index to read it from.
-    fn conv_and_index(&mut self, conv: ConvId) -> Result<(&ConvState, &I), Refusal> {
-        debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
-        let c = self
-            .convs
-            .load(conv, &*self.index, &*self.meta, self.now_ms)?;
-        Ok((c, &*self.index))
+    /// The conversations `user` is a member of: as read for the message being handled, or
+    /// (unforeseen) from the metadata here.
+    pub(super) fn user_convs(&mut self, user: UserId) -> Result<Vec<ConvId>, Refusal> {
+        match self.got.remove(&super::reader::Want::UserConvs(user)) {
+            Some(super::reader::Got::UserConvs(r)) => r,
+            _ => {
+                self.stats.inline_reads += 1;
+                super::convs::conversations_of(&*self.meta, user)
+            }
+        }
     }
 }

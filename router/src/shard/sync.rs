@@ -10,7 +10,6 @@ use prost::Message as _;
 use starling_protocol::v1::{self, frame::Body};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
-use super::convs::conversations_of;
 use super::cursors::receipt;
 use super::disappearing::gone;
 use super::envelope::entry_to_message;
@@ -19,20 +18,21 @@ use super::gather::SyncGather;
 use super::group_receipts;
 use super::mail::{Inner, SyncCmd, SyncPart};
 use super::outbound::Outbound;
+use super::reader::Want;
 use super::shared::Shared;
 use crate::ids::{ConnRef, ConvId};
 
 /// At the ingress shard: lists the user's conversations (so that those missing from the
 /// request's map are included), splits them by owner and starts gathering the owners' parts.
 /// The device is catching up, so it is no longer behind.
-pub(super) fn request<I, M: MetadataStore>(
+pub(super) fn request<I: MessageIndex, M: MetadataStore + CursorStore>(
     sh: &mut Shared<I, M>,
     origin: ConnRef,
     rid: u64,
     user: UserId,
     s: v1::Sync,
 ) -> Result<(), Refusal> {
-    let convs = conversations_of(&*sh.meta, user)?;
+    let convs = sh.user_convs(user)?;
     let mut per_owner: BTreeMap<usize, Vec<(ConvId, u64)>> = BTreeMap::new();
     for conv in convs {
         let last = s.last_seq.get(&conv.0).copied().unwrap_or(0);
@@ -71,6 +71,27 @@ pub(super) fn request<I, M: MetadataStore>(
         );
     }
     Ok(())
+}
+
+/// The pages an owner's part of a Sync reads (for the read gate, `reads.rs`), once the states
+/// are loaded: each conversation's messages after the device's last seq.
+pub(super) fn reads<I, M>(sh: &Shared<I, M>, cmd: &SyncCmd) -> Vec<Want> {
+    let max = sh.cfg.sync_messages_max;
+    let mut out = Vec::new();
+    for &(conv, last) in &cmd.convs {
+        let Some(Ok((from, to))) = sh.convs.get(conv).map(|c| c.visible(cmd.user)) else {
+            continue;
+        };
+        let last = last.max(from.saturating_sub(1));
+        if last < to {
+            out.push(Want::After {
+                conv,
+                after: last,
+                limit: max + 1,
+            });
+        }
+    }
+    out
 }
 
 /// At an owner: each conversation's messages after the device's last seq (at most

@@ -386,6 +386,13 @@ impl GWorld {
                 }
                 self.node.shards[s].handle_log_progress(self.now);
             }
+            // The read threads finish some reads, in any order.
+            while self.rng.chance(400) {
+                let rng = &mut self.rng;
+                if !self.node.run_read(|n| rng.below(n)) {
+                    break;
+                }
+            }
             self.node.shards[s].handle_tick(self.now);
             self.deliver(s);
         }
@@ -420,6 +427,7 @@ impl GWorld {
             Node {
                 shards: Vec::new(),
                 jobs: None,
+                reads: None,
             },
         );
         // Metadata jobs not yet run die with the process.
@@ -452,6 +460,7 @@ impl GWorld {
                     job();
                 }
             }
+            self.node.run_reads();
             for s in 0..self.node.shards.len() {
                 self.node.shards[s].handle_rings(self.now);
                 let _ = self.node.shards[s].log_mut().sim_sync(false);

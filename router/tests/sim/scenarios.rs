@@ -140,6 +140,7 @@ impl Harness {
         for _ in 0..20 {
             self.now += 5;
             for s in 0..self.node.shards.len() {
+                self.node.run_reads();
                 let shard = &mut self.node.shards[s];
                 shard.handle_rings(self.now);
                 let _ = shard.poll_timeout();
@@ -167,6 +168,7 @@ impl Harness {
             Node {
                 shards: Vec::new(),
                 jobs: None,
+                reads: None,
             },
         );
         for shard in old.shards {

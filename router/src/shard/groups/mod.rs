@@ -73,6 +73,13 @@ pub(super) struct GroupCmd {
     attempt: u32,
 }
 
+impl GroupCmd {
+    /// The group whose state the request needs at its owner (none for a creation).
+    pub(super) fn state_conv(&self) -> Option<ConvId> {
+        (!matches!(self.op, Op::Create { .. })).then_some(self.conv)
+    }
+}
+
 /// A change (or creation) being committed by the metadata writer: the request and the state
 /// it makes.
 pub(super) struct Committing {
