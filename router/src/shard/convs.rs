@@ -127,6 +127,12 @@ impl ConvState {
             .map_err(|e| Refusal::storage("index", &e))?
             .0;
         let timer_secs = super::disappearing::load(meta, cid)?;
+        // Whether any message has a state (a change): known with the state, so serving a page
+        // never has to look it up.
+        let has_states = !meta
+            .scan::<MessageState>(&cid.0.to_be_bytes(), 1)
+            .map_err(|e| Refusal::storage("message state", &e))?
+            .is_empty();
         let mut st = ConvState {
             members,
             pair,
@@ -135,6 +141,7 @@ impl ConvState {
             group,
             seq: ConvSeq {
                 timer_secs,
+                has_states: Some(has_states),
                 ..ConvSeq::new(last)
             },
             cursors: ConvCursors::default(),
