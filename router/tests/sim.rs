@@ -289,6 +289,8 @@ struct World {
     hints: u64,
     duplicates: u64,
     evicted: u64,
+    reads_off_thread: u64,
+    inline_reads: u64,
     closes: u64,
     /// Metadata writes fail until this (simulated) time.
     meta_fail_until: u64,
@@ -400,6 +402,8 @@ impl World {
             hints: 0,
             duplicates: 0,
             evicted: 0,
+            reads_off_thread: 0,
+            inline_reads: 0,
             closes: 0,
             meta_fail_until: 0,
             events: 0,
@@ -1262,6 +1266,10 @@ impl World {
             self.hints += st.hints;
             self.duplicates += st.duplicates;
             self.evicted += st.convs_evicted;
+            if self.offload {
+                self.reads_off_thread += st.reads_submitted;
+                self.inline_reads += st.inline_reads;
+            }
         }
     }
 
@@ -1384,6 +1392,10 @@ struct Totals {
     hints: u64,
     duplicates: u64,
     evicted: u64,
+    /// Odd seeds (reads through an offload): reads run off the shard threads, and reads a
+    /// shard thread made itself (none: the gate foresees every read these paths make).
+    reads_off_thread: u64,
+    inline_reads: u64,
     slow_closes: u64,
     /// Sends answered "not stored" whose absence a recovery checked.
     said_not_stored: u64,
@@ -1408,6 +1420,8 @@ fn run_seed(seed: u64, steps: usize) -> Totals {
         duplicates: w.duplicates,
         slow_closes: w.closes,
         evicted: w.evicted,
+        reads_off_thread: w.reads_off_thread,
+        inline_reads: w.inline_reads,
         said_not_stored: w.not_stored_checked,
         req_errors: w.req_errors,
         blocks_done: w.blocks_done,
@@ -1444,6 +1458,8 @@ fn simulation() {
                 total.duplicates += t.duplicates;
                 total.slow_closes += t.slow_closes;
                 total.evicted += t.evicted;
+                total.reads_off_thread += t.reads_off_thread;
+                total.inline_reads += t.inline_reads;
                 total.said_not_stored += t.said_not_stored;
                 total.req_errors += t.req_errors;
                 total.blocks_done += t.blocks_done;
@@ -1470,7 +1486,9 @@ fn simulation() {
             && total.req_errors > 0
             && total.blocks_done > 0
             && total.reactions > 0
+            && total.reads_off_thread > 0
     );
+    assert_eq!(total.inline_reads, 0, "reads the gate did not foresee");
 }
 
 #[path = "sim/disappearing.rs"]

@@ -120,11 +120,27 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
     };
     match m {
         Inner::Send(cmd) => {
-            if loaded(cmd.conv, got, out)
-                && let Some(w) = super::sequencer::dedup_want(sh, cmd)
-                && !got.contains_key(&w)
-            {
-                out.push(w);
+            if loaded(cmd.conv, got, out) {
+                if let Some(w) = super::sequencer::dedup_want(sh, cmd)
+                    && !got.contains_key(&w)
+                {
+                    out.push(w);
+                }
+                // A reply's or a change's target (`changes::target`).
+                let targets = [
+                    cmd.reply_to_seq,
+                    cmd.change.as_ref().map_or(0, |c| c.target_seq),
+                ];
+                let keys = targets
+                    .into_iter()
+                    .filter(|&t| t != 0)
+                    .map(|t| Want::After {
+                        conv: cmd.conv,
+                        after: t - 1,
+                        limit: 1,
+                    })
+                    .collect();
+                pages(sh, keys, got, out);
             }
         }
         Inner::Cursor(c) => {

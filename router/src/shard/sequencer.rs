@@ -242,6 +242,9 @@ impl<L: DurableLog> Sequencer<L> {
             // The device promises no earlier copy exists beyond the in-memory ones above: a
             // first attempt costs no index read (the index is the slow, cache-missing part).
             None if cmd.first_attempt => None,
+            // A change whose state was written: its dedup lookup found no copy before the write,
+            // and every copy since waited for it (`changes.rs`, `committing`).
+            None if cmd.change_ready => None,
             // Read off the shard thread for this Send (`reads.rs`), or here if unforeseen.
             None => {
                 let key = Want::Dedup {
@@ -588,6 +591,7 @@ fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
 pub(super) fn dedup_want<I, M>(sh: &Shared<I, M>, cmd: &SendCmd) -> Option<Want> {
     let c = sh.convs.get(cmd.conv)?;
     (!cmd.first_attempt
+        && !cmd.change_ready
         && !c.seq.pending.contains_key(&cmd.cmid)
         && !c.seq.recent_ids.contains_key(&cmd.cmid))
     .then_some(Want::Dedup {
