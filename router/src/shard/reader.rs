@@ -219,6 +219,10 @@ impl Reader {
 
     /// Every finished read, in the order they finished.
     pub(super) fn poll(&mut self) -> Vec<Done> {
+        if self.outstanding == 0 {
+            // Nothing in flight (the hot path): no lock to take.
+            return Vec::new();
+        }
         let v = std::mem::take(&mut *lock(&self.done));
         self.outstanding -= v.len();
         v

@@ -286,8 +286,13 @@ where
     /// parked message holds (see `Convs::prune_tails`).
     pub(super) fn prune_tails(&mut self) {
         let held = &self.reads.held;
-        self.convs
-            .prune_tails(self.index.indexed_lsn(), |c| held.contains_key(&c));
+        let indexed = self.index.indexed_lsn();
+        if held.is_empty() {
+            // Nothing parked (the hot path): no lookup per entry.
+            self.convs.prune_tails(indexed, |_| false);
+        } else {
+            self.convs.prune_tails(indexed, |c| held.contains_key(&c));
+        }
     }
 
     /// `m`, with the results its handler needs (an empty map if memory has them all), or
