@@ -609,14 +609,23 @@ fn meta_writer(
                 writer_bell.notify();
             }
         })?;
-    Ok(Box::new(move |job| {
+    Ok(hand_over(tx, bell, "the metadata writer thread is gone"))
+}
+
+/// The offload that hands a job to `tx`'s threads; if they are gone, the job is dropped unrun
+/// (which records a failure for its requests) and the shard woken for it.
+fn hand_over(
+    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    bell: Arc<Bell>,
+    gone: &'static str,
+) -> starling_router::Offload {
+    Box::new(move |job| {
         if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
-            tracing::error!("the metadata writer thread is gone");
-            // Dropped unrun, the job records a failure for its requests; wake the shard for it.
+            tracing::error!("{gone}");
             drop(job);
             bell.notify();
         }
-    }))
+    })
 }
 
 /// Threads reading storage for one shard ([`readers`]): a read that misses the page cache
@@ -655,14 +664,7 @@ fn readers(bell: Arc<Bell>, io_cpus: Arc<[usize]>) -> std::io::Result<starling_r
                 }
             })?;
     }
-    Ok(Box::new(move |job| {
-        if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
-            tracing::error!("the storage read threads are gone");
-            // Dropped unrun, the job records a failure for its requests; wake the shard for it.
-            drop(job);
-            bell.notify();
-        }
-    }))
+    Ok(hand_over(tx, bell, "the storage read threads are gone"))
 }
 
 /// The router's id for a gateway connection.

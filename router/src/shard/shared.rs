@@ -18,6 +18,7 @@ use super::frames::Refusal;
 use super::mail::{Inner, Mail, ShardMsg};
 use super::outbound::Outbound;
 use super::read_fanout::Available;
+use super::reader::{Got, Want};
 use crate::grid::ShardLinks;
 use crate::ids::{ConnId, ConnRef, ConvId};
 use crate::metawriter::MetaWriter;
@@ -169,9 +170,7 @@ where
     pub(super) fn conv(&mut self, conv: ConvId) -> Result<&mut ConvState, Refusal> {
         debug_assert_eq!(self.mail.owner(conv), self.mail.shard());
         if self.convs.get(conv).is_none() {
-            if let Some(super::reader::Got::Conv(Err(r))) =
-                self.got.get(&super::reader::Want::Conv(conv))
-            {
+            if let Some(Got::Conv(Err(r))) = self.got.get(&Want::Conv(conv)) {
                 return Err(r.clone());
             }
             self.stats.inline_reads += 1;
@@ -209,55 +208,61 @@ where
         Ok((c, range))
     }
 
-    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit`: as read for
-    /// the message being handled, or from the tail, or (unforeseen) from the index here.
+    /// Durable entries of `conv` with seq > `after`, oldest first, at most `limit` (see
+    /// [`Shared::read_page`]).
     pub(super) fn read_after(
         &mut self,
         conv: ConvId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let key = super::reader::Want::After { conv, after, limit };
-        if let Some(super::reader::Got::Read(r)) = self.got.remove(&key) {
-            return r;
-        }
-        self.conv(conv)?;
-        let c = self.convs.get(conv).expect("just loaded");
-        if c.seq.tail_page(key).is_none() {
-            self.stats.inline_reads += 1;
-        }
-        c.seq.read_after(&*self.index, conv, after, limit)
+        self.read_page(Want::After { conv, after, limit })
     }
 
-    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first: as
-    /// read for the message being handled, or from the tail, or (unforeseen) from the index.
+    /// Durable entries of `conv` with seq < `before`, newest `limit` of them, oldest first (see
+    /// [`Shared::read_page`]).
     pub(super) fn read_before(
         &mut self,
         conv: ConvId,
         before: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Entry>>, Refusal> {
-        let key = super::reader::Want::Before {
+        self.read_page(Want::Before {
             conv,
             before,
             limit,
-        };
-        if let Some(super::reader::Got::Read(r)) = self.got.remove(&key) {
+        })
+    }
+
+    /// The page `key` (`After` or `Before`): as read for the message being handled, or from
+    /// the durable tail, or — a read the gate did not foresee — from the index here.
+    fn read_page(&mut self, key: Want) -> Result<Vec<Arc<Entry>>, Refusal> {
+        if let Some(Got::Read(r)) = self.got.remove(&key) {
             return r;
         }
+        let (Want::After { conv, .. } | Want::Before { conv, .. }) = key else {
+            return Err(Refusal(ErrorCode::Internal, "not a page".into()));
+        };
         self.conv(conv)?;
         let c = self.convs.get(conv).expect("just loaded");
-        if c.seq.tail_page(key).is_none() {
-            self.stats.inline_reads += 1;
+        if let Some(v) = c.seq.tail_page(key) {
+            return Ok(v);
         }
-        c.seq.read_before(&*self.index, conv, before, limit)
+        self.stats.inline_reads += 1;
+        match key {
+            Want::After { after, limit, .. } => c.seq.read_after(&*self.index, conv, after, limit),
+            Want::Before { before, limit, .. } => {
+                c.seq.read_before(&*self.index, conv, before, limit)
+            }
+            _ => Err(Refusal(ErrorCode::Internal, "not a page".into())),
+        }
     }
 
     /// The conversations `user` is a member of: as read for the message being handled, or
     /// (unforeseen) from the metadata here.
     pub(super) fn user_convs(&mut self, user: UserId) -> Result<Vec<ConvId>, Refusal> {
-        match self.got.remove(&super::reader::Want::UserConvs(user)) {
-            Some(super::reader::Got::UserConvs(r)) => r,
+        match self.got.remove(&Want::UserConvs(user)) {
+            Some(Got::UserConvs(r)) => r,
             _ => {
                 self.stats.inline_reads += 1;
                 super::convs::conversations_of(&*self.meta, user)
