@@ -96,8 +96,8 @@
 //!   `starling_router::RouterShard` over its `EmbeddedShard`
 //!   (`<data>/shards/<i>/`) and the node's `EmbeddedMeta`
 //!   (`<data>/meta.redb`). One eventfd per shard is rung only by the shard's
-//!   bell, which the rings, the log's wake callback and the metadata writer
-//!   notify (it rings only while the driver is parked); a driver task waits on it, on
+//!   bell, which the rings, the log's wake callback, the metadata writer and
+//!   the read threads notify (it rings only while the driver is parked); a driver task waits on it, on
 //!   `poll_timeout` and on kicks from connection tasks, and moves
 //!   `poll_transmit`/`poll_close` into the connections' outbound queues
 //!   (router frames arrive encoded; a connection copies them into its output,
@@ -105,7 +105,9 @@
 //!   Connection tasks call `handle_frame` for the router's frames and report
 //!   written bytes with `handle_conn_flushed`. The router's metadata writes
 //!   (cursor batches, Block/Unblock, new direct conversations) run on one
-//!   `starling-meta` thread per shard, in order. The router titles direct
+//!   `starling-meta` thread per shard, in order; its storage reads
+//!   (conversation states, pages, dedup lookups, conversation lists) on two
+//!   `starling-read` threads per shard, in any order (`docs/design/reads.md`). The router titles direct
 //!   conversations from the same user record the accounts write (one
 //!   account store), so a name changed by `UpdateProfile` is in every title
 //!   once the request is answered.
