@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
-use starling_storage::meta::{User, keys};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::changes;
@@ -78,6 +77,10 @@ pub(super) fn reads<I, M>(sh: &Shared<I, M>, l: &ListCmd) -> Vec<Want> {
             continue;
         };
         let read = c.cursors.read.get(&l.user).copied().unwrap_or(0);
+        if let Some((a, b)) = c.pair {
+            // A direct conversation is titled with the peer's name.
+            out.push(Want::UserName(if a == l.user { b } else { a }));
+        }
         out.push(Want::Before {
             conv,
             before: to.saturating_add(1),
@@ -157,12 +160,7 @@ where
         })
         .count();
     let title = if kind == v1::ConversationKind::Direct {
-        sh.meta
-            .get::<User>(&keys::user(UserId(peer)))
-            .ok()
-            .flatten()
-            .map(|u| u.display_name)
-            .unwrap_or(title)
+        sh.user_name(UserId(peer)).unwrap_or(title)
     } else {
         title
     };

@@ -17,6 +17,7 @@
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use starling_storage::meta::{User, keys};
 use starling_storage::{ClientMsgId, CursorStore, Entry, MessageIndex, MetadataStore, Seq, UserId};
 
 use super::convs::{ConvState, conversations_of};
@@ -46,6 +47,8 @@ pub(super) enum Want {
     Dedup { conv: ConvId, cmid: ClientMsgId },
     /// The conversations `user` is a member of.
     UserConvs(UserId),
+    /// A user's display name (a direct conversation's title in the conversation list).
+    UserName(UserId),
     /// The direct conversation of `low` and `high`, for a Send to `peer` (one of them).
     Direct {
         low: UserId,
@@ -61,6 +64,7 @@ pub(super) enum Got {
     Dedup(Result<Option<(u64, u64, u64)>, Refusal>),
     UserConvs(Result<Vec<ConvId>, Refusal>),
     Direct(Result<Option<ConvId>, Refusal>),
+    UserName(Result<Option<String>, Refusal>),
     /// A page as its handler reads it: the index's part merged with the durable tail's
     /// (`reads.rs`); never a job's own result.
     Read(Result<Vec<Arc<Entry>>, Refusal>),
@@ -96,6 +100,11 @@ where
         } => entries(index.before(conv.storage(), Seq(before), limit)),
         Want::Dedup { conv, cmid } => Got::Dedup(dedup_lookup(index, conv, cmid)),
         Want::UserConvs(user) => Got::UserConvs(conversations_of(meta, user)),
+        Want::UserName(user) => Got::UserName(
+            meta.get::<User>(&keys::user(user))
+                .map(|u| u.map(|u| u.display_name))
+                .map_err(|e| Refusal::storage("user lookup", &e)),
+        ),
         Want::Direct { low, high, peer } => {
             Got::Direct(super::direct::lookup(meta, low, high, peer))
         }
@@ -148,6 +157,7 @@ impl Drop for Completer {
                 Want::Dedup { .. } => Got::Dedup(Err(r)),
                 Want::UserConvs(_) => Got::UserConvs(Err(r)),
                 Want::Direct { .. } => Got::Direct(Err(r)),
+                Want::UserName(_) => Got::UserName(Err(r)),
             };
             lock(&c).push((token, epoch, want, got));
         }

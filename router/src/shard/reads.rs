@@ -207,10 +207,15 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
 }
 
 /// For each page a handler will read: computed now into `got` if the durable tail covers it,
-/// else its index read added to `out`.
+/// else its index read added to `out`; other reads (a user's name) are added to `out`.
 fn pages<I, M>(sh: &Shared<I, M>, keys: Vec<Want>, got: &mut GotMap, out: &mut Vec<Want>) {
     for key in keys {
         if got.contains_key(&key) || out.contains(&key) {
+            continue;
+        }
+        if !matches!(key, Want::After { .. } | Want::Before { .. }) {
+            // Not a page (a user's name): read it.
+            out.push(key);
             continue;
         }
         let Some(c) = conv_of(&key).and_then(|conv| sh.convs.get(conv)) else {
@@ -230,7 +235,7 @@ fn conv_of(w: &Want) -> Option<ConvId> {
         | Want::After { conv, .. }
         | Want::Before { conv, .. }
         | Want::Dedup { conv, .. } => Some(conv),
-        Want::UserConvs(_) | Want::Direct { .. } => None,
+        Want::UserConvs(_) | Want::UserName(_) | Want::Direct { .. } => None,
     }
 }
 
@@ -370,7 +375,7 @@ where
                     (job, p)
                 }
                 Want::Direct { .. } => unreachable!("a lookup no message waits for"),
-                Want::Dedup { .. } | Want::UserConvs(_) => (
+                Want::Dedup { .. } | Want::UserConvs(_) | Want::UserName(_) => (
                     w,
                     Pending::Of {
                         id,

@@ -258,6 +258,22 @@ where
         }
     }
 
+    /// `user`'s display name (`None`: no such user, or it could not be read): as read for the
+    /// message being handled, or (unforeseen) from the metadata here.
+    pub(super) fn user_name(&mut self, user: UserId) -> Option<String> {
+        match self.got.remove(&Want::UserName(user)) {
+            Some(Got::UserName(r)) => r.ok().flatten(),
+            _ => {
+                self.stats.inline_reads += 1;
+                self.meta
+                    .get::<starling_storage::meta::User>(&starling_storage::meta::keys::user(user))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.display_name)
+            }
+        }
+    }
+
     /// The conversations `user` is a member of: as read for the message being handled, or
     /// (unforeseen) from the metadata here.
     pub(super) fn user_convs(&mut self, user: UserId) -> Result<Vec<ConvId>, Refusal> {
