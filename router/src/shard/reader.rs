@@ -70,8 +70,8 @@ pub(super) enum Got {
     Read(Result<Vec<Arc<Entry>>, Refusal>),
 }
 
-/// A finished read: its token, the storage epoch it read in, what it wanted and found.
-pub(super) type Done = (u64, u64, Want, Got);
+/// A finished read: its token, the storage epoch it read in, and what it found.
+pub(super) type Done = (u64, u64, Got);
 
 type Completions = Arc<Mutex<Vec<Done>>>;
 
@@ -100,15 +100,21 @@ where
         } => entries(index.before(conv.storage(), Seq(before), limit)),
         Want::Dedup { conv, cmid } => Got::Dedup(dedup_lookup(index, conv, cmid)),
         Want::UserConvs(user) => Got::UserConvs(conversations_of(meta, user)),
-        Want::UserName(user) => Got::UserName(
-            meta.get::<User>(&keys::user(user))
-                .map(|u| u.map(|u| u.display_name))
-                .map_err(|e| Refusal::storage("user lookup", &e)),
-        ),
+        Want::UserName(user) => Got::UserName(user_name(meta, user)),
         Want::Direct { low, high, peer } => {
             Got::Direct(super::direct::lookup(meta, low, high, peer))
         }
     }
+}
+
+/// `user`'s display name (`None`: no such user).
+pub(super) fn user_name<M: MetadataStore>(
+    meta: &M,
+    user: UserId,
+) -> Result<Option<String>, Refusal> {
+    meta.get::<User>(&keys::user(user))
+        .map(|u| u.map(|u| u.display_name))
+        .map_err(|e| Refusal::storage("user lookup", &e))
 }
 
 /// The seq, timestamp and expiry the index has for `(conv, cmid)`, if any.
@@ -141,8 +147,8 @@ struct Completer {
 
 impl Completer {
     fn complete(mut self, got: Got) {
-        if let Some((c, token, epoch, want)) = self.done.take() {
-            lock(&c).push((token, epoch, want, got));
+        if let Some((c, token, epoch, _)) = self.done.take() {
+            lock(&c).push((token, epoch, got));
         }
     }
 }
@@ -159,7 +165,7 @@ impl Drop for Completer {
                 Want::Direct { .. } => Got::Direct(Err(r)),
                 Want::UserName(_) => Got::UserName(Err(r)),
             };
-            lock(&c).push((token, epoch, want, got));
+            lock(&c).push((token, epoch, got));
         }
     }
 }
@@ -222,7 +228,7 @@ impl Reader {
             Some(start) => start(token, epoch, want, now_ms),
             None => {
                 let got = run(index, meta, want, now_ms);
-                lock(&self.done).push((token, epoch, want, got));
+                lock(&self.done).push((token, epoch, got));
             }
         }
     }

@@ -397,14 +397,12 @@ where
         }
     }
 
-    /// Takes the finished reads: states are installed, results go to their messages; returns
-    /// whether any message became ready to be planned again.
-    pub(super) fn reads_done(&mut self) -> bool {
-        let done = self.reads.reader.poll();
-        for d in done {
+    /// Takes the finished reads: states are installed, results go to their messages (which
+    /// `next_ready` then hands out) and lookups to `take_directs`.
+    pub(super) fn reads_done(&mut self) {
+        for d in self.reads.reader.poll() {
             self.read_done(d);
         }
-        !self.reads.ready.is_empty() || !self.reads.directs.is_empty()
     }
 
     /// Starts `want`, a read no parked message waits for (a direct conversation's lookup: its
@@ -426,7 +424,7 @@ where
             .submit(&*self.index, &*self.meta, token, epoch, want, self.now_ms);
     }
 
-    fn read_done(&mut self, (token, epoch, _job, got): Done) {
+    fn read_done(&mut self, (token, epoch, got): Done) {
         let Some(p) = self.reads.pending.remove(&token) else {
             return;
         };

@@ -265,11 +265,7 @@ where
             Some(Got::UserName(r)) => r.ok().flatten(),
             _ => {
                 self.stats.inline_reads += 1;
-                self.meta
-                    .get::<starling_storage::meta::User>(&starling_storage::meta::keys::user(user))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.display_name)
+                super::reader::user_name(&*self.meta, user).ok().flatten()
             }
         }
     }
