@@ -280,6 +280,14 @@ pub struct StorageConfig {
     /// is no longer served once its server timestamp is this old, and the log segments holding
     /// only such entries are removed (docs/design/retention.md). 0: keep forever.
     pub retention_secs: u64,
+    /// The server's retention after delivery, in seconds: an entry is no longer served once
+    /// every member of its conversation received it (on any of their devices; their other
+    /// devices have this long to fetch it) this long ago, and its segment may go
+    /// (docs/design/retention.md). Unset: no such bound. 0: gone as soon as everyone received
+    /// it. With `retention_secs` as well, whichever comes first: `retention_secs` is then how
+    /// long a message nobody fetches is kept. The time of delivery is recorded late by up to
+    /// a sixteenth of this (10 s to 5 min), never early.
+    pub retention_after_delivery_secs: Option<u64>,
     /// How often the retention thread looks for log segments to remove, in ms (1,000 to
     /// 86,400,000). A segment goes at most this long after its last entry may.
     pub retention_sweep_ms: u64,
@@ -301,6 +309,7 @@ impl Default for StorageConfig {
             cached_sealed_segments: 2,
             index_memory_bytes: 1 << 30,
             retention_secs: 0,
+            retention_after_delivery_secs: None,
             retention_sweep_ms: 60_000,
             recovery_retry_ms: 1000,
         }
@@ -442,6 +451,10 @@ impl Config {
     pub fn shard_config(&self) -> starling_router::ShardConfig {
         starling_router::ShardConfig {
             retention_ms: self.storage.retention_secs.saturating_mul(1000),
+            retention_after_delivery_ms: self
+                .storage
+                .retention_after_delivery_secs
+                .map(|s| s.saturating_mul(1000)),
             ..self.router.shard_config(&self.limits)
         }
     }
@@ -545,6 +558,16 @@ impl Config {
             return bad(
                 "storage.retention_secs",
                 "0 (keep forever) or from 60 to 3153600000 (100 years)",
+            );
+        }
+        if self
+            .storage
+            .retention_after_delivery_secs
+            .is_some_and(|s| s > RETENTION_SECS_MAX)
+        {
+            return bad(
+                "storage.retention_after_delivery_secs",
+                "at most 3153600000 (100 years); leave it out for no bound after delivery",
             );
         }
         if !(1_000..=86_400_000).contains(&self.storage.retention_sweep_ms) {
@@ -712,6 +735,32 @@ retention_secs = {bad}
             .unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("storage.retention_secs"), "{e}");
+        }
+        assert_eq!(
+            Config::default().shard_config().retention_after_delivery_ms,
+            None
+        );
+        for (v, ok) in [
+            ("0", Some(0)),
+            ("86400", Some(86_400_000)),
+            ("3153600001", None),
+        ] {
+            let c = Config::from_toml(&format!(
+                "[storage]
+retention_after_delivery_secs = {v}
+"
+            ))
+            .unwrap();
+            match ok {
+                Some(ms) => {
+                    c.validate().unwrap();
+                    assert_eq!(c.shard_config().retention_after_delivery_ms, Some(ms));
+                }
+                None => {
+                    let e = c.validate().unwrap_err().to_string();
+                    assert!(e.contains("storage.retention_after_delivery_secs"), "{e}");
+                }
+            }
         }
     }
 

@@ -258,7 +258,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let retention = crate::retention::start(
         reclaimers,
-        cfg.storage.retention_secs.saturating_mul(1000),
+        cfg.shard_config().retention(),
+        meta.clone(),
         cfg.storage.retention_sweep_ms,
     )
     .context("cannot start the retention thread")?;

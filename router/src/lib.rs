@@ -51,7 +51,7 @@
 //! | `shard/frames.rs`, `shard/envelope.rs` | [`Transmit`] and frame encoding, `Error` answers; the stored message envelope (version 2 carries a message's `MediaRef`) |
 //! | `shard/media.rs` | a Send's `MediaRef` checks; `RequestDownload`: a grant (signed by the gateway's [`DownloadSigner`]) only for a reader of a message that names the object |
 //! | `shard/changes.rs` | edits, deletes for everyone, reactions and a reply's target: the rules, the state committed before the change is sequenced, the state overlaid on what is served |
-//! | `shard/disappearing.rs` | disappearing messages and retention: the timer change (committed, then sequenced), the expiry stamped on later messages, what is gone from what is served, and [`keep_until`], the policy of the storage's segment removal |
+//! | `shard/disappearing.rs` | disappearing messages and retention: the timer change (committed, then sequenced), the expiry stamped on later messages, what is gone from what is served, and [`Retention`] (with [`keep_until`]), the policy of the storage's segment removal |
 //! | `shard/send.rs` | a Send at the ingress shard: checks, direct resolution, on to the owner |
 //! | `shard/direct.rs` | direct conversations by user pair: the cache, parking while one is created |
 //! | `shard/sequencer.rs` | the shard's log: open batch, dedup, batches in flight, durable completion, failure answers |
@@ -156,7 +156,7 @@ pub use ids::{ConnId, ConnRef};
 pub use metawriter::Offload;
 #[cfg(not(loom))]
 pub use shard::{
-    CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, Notice, RouterShard, STORAGE_NOT_STORED,
-    STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg, ShardStats,
-    THUMBNAIL_BYTES_MAX, Transmit, is_media_id, keep_until,
+    CloseRequest, DownloadSigner, MEDIA_TEXT_BYTES_MAX, Notice, Retention, RouterShard,
+    STORAGE_NOT_STORED, STORAGE_OUTCOME_UNKNOWN, STORAGE_SHARD_FAILED, ShardConfig, ShardMsg,
+    ShardStats, THUMBNAIL_BYTES_MAX, Transmit, is_media_id, keep_until,
 };

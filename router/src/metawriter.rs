@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use starling_protocol::v1::ErrorCode;
+use starling_storage::conv_delivered::ConvDelivered;
 use starling_storage::meta::{Block, DirectConv, DirectPair, Member, Presence, Role, User, keys};
 use starling_storage::{
     CursorStore, DeliveryCursor, MetaBatch, MetadataStore, ReadCursor, StorageError, TimestampMs,
@@ -34,10 +35,12 @@ pub type Offload = Box<dyn Fn(Box<dyn FnOnce() + Send>)>;
 /// One metadata write.
 #[derive(Debug)]
 pub(crate) enum Job {
-    /// Raise these cursors (one commit per kind).
+    /// Raise these cursors (one commit per kind), then record these delivery-floor steps
+    /// (one commit; computed from cursors that are durable once the first commits are).
     Cursors {
         delivery: Vec<DeliveryCursor>,
         read: Vec<ReadCursor>,
+        floors: Vec<ConvDelivered>,
     },
     /// `user` blocks (`block`) or unblocks `target`. Validated and counted by the writer, which
     /// is the only one that writes `user`'s blocks (they all go through `user`'s home shard).
@@ -242,7 +245,11 @@ const DIRECT_PROBES_MAX: u32 = 8;
 
 fn run<M: MetadataStore + CursorStore>(meta: &M, st: &mut WriterState, job: Job) -> Outcome {
     match job {
-        Job::Cursors { delivery, read } => {
+        Job::Cursors {
+            delivery,
+            read,
+            floors,
+        } => {
             let not_recorded = |e: &StorageError| {
                 Refusal(
                     ErrorCode::StorageFailure,
@@ -255,6 +262,13 @@ fn run<M: MetadataStore + CursorStore>(meta: &M, st: &mut WriterState, job: Job)
             }
             if !read.is_empty() {
                 meta.advance_read(&read).map_err(|e| not_recorded(&e))?;
+            }
+            if !floors.is_empty() {
+                let mut batch = MetaBatch::default();
+                for f in &floors {
+                    batch.put(f);
+                }
+                meta.commit(&batch).map_err(|e| not_recorded(&e))?;
             }
             Ok(Written::Cursors)
         }
@@ -618,6 +632,7 @@ mod tests {
                 seq: Seq(3),
             }],
             read: Vec::new(),
+            floors: Vec::new(),
         };
         let Err(Refusal(code, msg)) = one(cursors) else {
             panic!()

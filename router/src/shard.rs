@@ -45,7 +45,7 @@ pub use config::ShardConfig;
 use convs::ConvState;
 use cursors::Cursors;
 use direct::Direct;
-pub use disappearing::keep_until;
+pub use disappearing::{Retention, keep_until};
 #[cfg(test)]
 pub(crate) use envelope::sample_envelope;
 pub(crate) use envelope::{
@@ -676,10 +676,12 @@ where
                 MetaTag::Cursors {
                     delivery,
                     read,
+                    floors,
                     waiters,
-                } => self
-                    .cursors
-                    .batch_done(&mut self.sh, outcome, delivery, read, waiters),
+                } => {
+                    self.cursors
+                        .batch_done(&mut self.sh, outcome, delivery, read, floors, waiters);
+                }
                 MetaTag::Block { origin, request_id } => {
                     Blocks::written(&mut self.sh, origin, request_id, outcome);
                 }

@@ -3,7 +3,8 @@
 //! **Owns:** the storage traits every backend implements ([`traits`]: durable
 //! log, message index, cursors; [`meta`]: metadata, with [`message_state`]: the current state of
 //! messages changed after they were stored (edits, deletes for everyone, reactions); [`conv_timer`]: a
-//! conversation's disappearing-messages timer; [`accounts`]: users, devices, sessions,
+//! conversation's disappearing-messages timer; [`conv_delivered`]: when its messages were received
+//! by every member; [`accounts`]: users, devices, sessions,
 //! one-time codes and the accounts' rate-limit windows, on the metadata store) and the one backend there
 //! is, the embedded one: per sequencer shard a segmented, group-committed log
 //! ([`log`], [`format`](mod@format)) with its message index ([`DenseIndex`]: resident pointers
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod conv_delivered;
 pub mod conv_timer;
 pub mod embedded;
 pub mod error;

@@ -193,8 +193,10 @@ impl RouterConfig {
             edit_window_ms: r.edit_window_ms,
             delete_window_ms: r.delete_window_ms,
             reactions_max: r.reactions_max,
-            // `storage.retention_secs`: set by `Config::shard_config`.
+            // `storage.retention_secs` and `retention_after_delivery_secs`: set by
+            // `Config::shard_config`.
             retention_ms: 0,
+            retention_after_delivery_ms: None,
             conv_idle_evict_ms: r.conv_idle_evict_ms,
             conv_states_max: r.conv_states_max,
             blocks_max: r.blocks_max,

@@ -127,3 +127,54 @@ fn a_timer_makes_later_messages_disappear_from_history_and_sync_and_survives_a_r
     let kept = ack(call(&mut a, text(7, ub, "stays")));
     assert_eq!((kept.seq, kept.expires_at_ms), (6, 0));
 }
+
+/// `storage.retention_after_delivery_secs = 0`: a message goes once every member received it
+/// (the sender's device acknowledges its own, as the SDK does), not before; what was received
+/// stays gone after a SIGKILL and restart.
+#[test]
+fn the_retention_after_delivery_drops_what_everyone_received_and_keeps_the_rest() {
+    let srv = Server::start(
+        "io-uring",
+        "[storage]\nretention_after_delivery_secs = 0\nretention_sweep_ms = 1000\n",
+    );
+    let (mut a, ga, mut b, gb) = ana_and_ben(&srv);
+    let ub = gb.user_id;
+    let first = ack(call(&mut a, text(1, ub, "read and gone")));
+    let conv = first.conversation_id;
+    assert_eq!(pushed(&mut b, 1).seq, 1);
+    let delivered = |c: &mut Client, seq: u64| {
+        let done = call(
+            c,
+            Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: conv,
+                up_to_seq: seq,
+            }),
+        );
+        assert!(matches!(done, Body::Done(_)), "{done:?}");
+    };
+    // Only Ben's device has it: Ana's has not said so yet, so it stays.
+    delivered(&mut b, 1);
+    assert_eq!(seqs_in_history(&mut b, conv), [1]);
+    delivered(&mut a, 1);
+    assert!(
+        seqs_in_history(&mut b, conv).is_empty(),
+        "everyone received it"
+    );
+    assert!(synced(&mut a, conv).is_empty());
+    // A message Ben has not received stays, however long.
+    let second = ack(call(&mut a, text(2, ub, "not yet received")));
+    assert_eq!(second.seq, 2);
+    delivered(&mut a, 2);
+    assert_eq!(seqs_in_history(&mut a, conv), [2]);
+    drop((a, b));
+    let srv = srv.kill9_and_restart("io-uring");
+    let mut b = srv.hello(&gb.access_token);
+    assert_eq!(
+        seqs_in_history(&mut b, conv),
+        [2],
+        "the record of delivery is durable"
+    );
+    let s = synced(&mut b, conv);
+    assert_eq!(s.iter().map(|m| m.seq).collect::<Vec<_>>(), [2]);
+    let _ = ga;
+}

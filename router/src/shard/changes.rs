@@ -24,7 +24,6 @@ use starling_storage::{
     TimestampMs, UserId,
 };
 
-use super::disappearing::gone;
 use super::envelope::{expiry_of, is_change, is_timer};
 use super::frames::{Refusal, error_frame};
 use super::mail::SendCmd;
@@ -226,12 +225,12 @@ where
     if seq < from || seq > to || seq > c.seq.durable_seq {
         return Err(missing());
     }
-    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
+    let keep = sh.keep(conv);
     let e = sh
         .read_after(conv, seq - 1, 1)?
         .into_iter()
         .next()
-        .filter(|e| e.seq.0 == seq && !gone(e, now, retention))
+        .filter(|e| e.seq.0 == seq && !keep.gone(e))
         .ok_or_else(missing)?;
     if e.kind != EntryKind::MESSAGE {
         return Err(invalid(format!(

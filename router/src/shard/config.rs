@@ -75,6 +75,11 @@ pub struct ShardConfig {
     /// The server's retention (`storage.retention_secs`, in ms; 0: keep forever): an entry whose
     /// server timestamp is this long ago or longer is no longer served (`disappearing.rs`).
     pub retention_ms: u64,
+    /// The server's retention after delivery (`storage.retention_after_delivery_secs`, in ms;
+    /// `None`: none): an entry every member received this long ago or longer is no longer
+    /// served. The conversation's owner records when its members received what
+    /// (`ConvDelivered`, `cursors.rs`).
+    pub retention_after_delivery_ms: Option<u64>,
     /// A conversation's state (members, seqs, cursors, caches) is dropped from memory once it
     /// has not been used for this long and nothing of it is in flight; it is loaded again from
     /// the index and the metadata on next use. Bounds the shard's memory by its active
@@ -131,6 +136,17 @@ pub struct ShardConfig {
     pub media: Option<Arc<dyn DownloadSigner>>,
 }
 
+impl ShardConfig {
+    /// The server's retention as one policy.
+    #[must_use]
+    pub fn retention(&self) -> super::disappearing::Retention {
+        super::disappearing::Retention {
+            after_ts_ms: self.retention_ms,
+            after_delivery_ms: self.retention_after_delivery_ms,
+        }
+    }
+}
+
 impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
@@ -158,6 +174,7 @@ impl Default for ShardConfig {
             delete_window_ms: 48 * 3600 * 1000,
             reactions_max: 256,
             retention_ms: 0,
+            retention_after_delivery_ms: None,
             conv_idle_evict_ms: 10 * 60 * 1000,
             conv_states_max: 65_536,
             blocks_max: 10_000,

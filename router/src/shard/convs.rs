@@ -10,6 +10,7 @@ use std::collections::hash_map::Entry as Slot;
 use std::sync::Arc;
 
 use starling_protocol::v1::ErrorCode;
+use starling_storage::conv_delivered::ConvDelivered;
 use starling_storage::message_state::MessageState;
 use starling_storage::meta::{DirectConv, MemberOf, keys};
 use starling_storage::{
@@ -93,6 +94,9 @@ pub(super) struct ConvCursors {
     pub(super) announced_read: HashMap<UserId, u64>,
     /// For a group: its latest messages whose aggregate receipts go to their senders.
     pub(super) sent: RecentSent,
+    /// When every member had received what, as durably recorded (`ConvDelivered` steps), for
+    /// the server's retention after delivery.
+    pub(super) steps: Arc<[(u64, u64)]>,
 }
 
 impl ConvState {
@@ -170,6 +174,10 @@ impl ConvState {
                 cursors.read.insert(*u, r);
             }
         }
+        cursors.steps = meta
+            .get::<ConvDelivered>(&ConvDelivered::key_of(cid))
+            .map_err(|e| Refusal::storage("delivery steps", &e))?
+            .map_or_else(|| Arc::from(Vec::new()), |r| Arc::from(r.steps));
         cursors.announced_delivered = cursors.delivered.clone();
         cursors.announced_read = cursors.read.clone();
         Ok(st)

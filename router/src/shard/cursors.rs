@@ -9,20 +9,28 @@
 //! receipts, so a receipt is never taken back by a crash. A request with a `request_id` gets one
 //! answer: `Done` with the batch that made it durable, or an `Error` if that batch failed (the
 //! cursor stays dirty and is retried).
+//!
+//! Under the server's retention after delivery, a batch also records the conversations whose
+//! delivery floor ([`floor_of`]: what every member received) rose, as a `ConvDelivered` step
+//! written after the cursors it comes from, at most one step per conversation per
+//! `Retention::delivery_step_ms` (docs/design/retention.md, "Retention after delivery").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::{
     CursorStore, DeliveryCursor, DeviceId, MessageIndex, MetadataStore, ReadCursor, Seq, UserId,
 };
 
-use super::convs::ConvCursors;
+use starling_storage::conv_delivered::ConvDelivered;
+
+use super::convs::{ConvCursors, ConvState};
 use super::frames::{Refusal, error_frame, frame};
 use super::group_receipts::Pending;
 use super::mail::{CursorCmd, CursorKind, FanoutItem, Inner};
 use super::shared::{MetaTag, Shared};
-use crate::hash::HashSet;
+use crate::hash::{HashMap, HashSet};
 use crate::ids::{ConnRef, ConvId};
 use crate::metawriter::{Job, Outcome, Written, unexpected_outcome};
 
@@ -39,15 +47,19 @@ pub(super) struct Cursors {
     in_flight: bool,
     /// Groups whose senders' aggregate receipts are to be pushed (`group_receipts.rs`).
     groups: Pending,
+    /// Conversations whose delivery floor rose above its last recorded step, by when the next
+    /// step may be recorded (the server's retention after delivery; [`floor_of`]).
+    floors_due: BTreeSet<(u64, ConvId)>,
+    floor_due_of: HashMap<ConvId, u64>,
 }
 
 impl Cursors {
     /// When the next batch or group receipts push is due, if one is scheduled.
     pub(super) fn due_ms(&self) -> Option<u64> {
-        match (self.due_ms, self.groups.due_ms()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.due_ms, self.groups.due_ms(), self.floor_due_ms()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Timer: writes the batch and pushes the group receipts that are due.
@@ -55,12 +67,23 @@ impl Cursors {
     where
         M: MetadataStore + CursorStore,
     {
-        if self.due_ms.is_some_and(|d| d <= sh.now_ms) {
+        if self.due_ms.is_some_and(|d| d <= sh.now_ms)
+            || self.floor_due_ms().is_some_and(|d| d <= sh.now_ms)
+        {
             self.flush(sh);
         }
         if self.groups.due_ms().is_some_and(|d| d <= sh.now_ms) {
             self.groups.push(sh);
         }
+    }
+
+    /// When the first delivery-floor step waiting for its granularity may be written (not
+    /// while a batch is in flight: the next one goes when it lands).
+    fn floor_due_ms(&self) -> Option<u64> {
+        if self.in_flight {
+            return None;
+        }
+        self.floors_due.first().map(|f| f.0)
     }
 
     /// Whether a batch is with the metadata writer.
@@ -73,11 +96,13 @@ impl Cursors {
         self.dirty_delivery.len() + self.dirty_read.len() >= max
     }
 
-    /// Whether none of `conv`'s cursors waits to be written.
+    /// Whether none of `conv`'s cursors, nor a step of its delivery floor, waits to be written.
     pub(super) fn is_clean(&self, conv: ConvId, c: &ConvCursors) -> bool {
-        !c.delivery
-            .keys()
-            .any(|&(u, d)| self.dirty_delivery.contains(&(conv, u, d)))
+        !self.floor_due_of.contains_key(&conv)
+            && !c
+                .delivery
+                .keys()
+                .any(|&(u, d)| self.dirty_delivery.contains(&(conv, u, d)))
             && !c.read.keys().any(|&u| self.dirty_read.contains(&(conv, u)))
     }
 
@@ -174,7 +199,8 @@ impl Cursors {
             self.due_ms = None;
             return;
         }
-        if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() {
+        let floors = self.floors(sh);
+        if self.dirty_delivery.is_empty() && self.dirty_read.is_empty() && floors.is_empty() {
             self.due_ms = None;
             self.answer_waiters(sh);
             return;
@@ -210,13 +236,74 @@ impl Cursors {
         let job = Job::Cursors {
             delivery: dc.clone(),
             read: rc.clone(),
+            floors: floors.clone(),
         };
         let tag = MetaTag::Cursors {
             delivery: dc,
             read: rc,
+            floors,
             waiters,
         };
         sh.writer.submit(&*sh.meta, job, tag);
+    }
+
+    /// The delivery-floor steps to write with the next batch (the server's retention after
+    /// delivery; `ConvDelivered`): for each conversation whose delivery cursors are in it or
+    /// whose floor waited for its granularity, a new step if its floor rose and the last step
+    /// is old enough; a floor that rose too soon after its last step waits in `floors_due`.
+    fn floors<I, M>(&mut self, sh: &Shared<I, M>) -> Vec<ConvDelivered> {
+        let retention = sh.cfg.retention();
+        let Some(after) = retention.after_delivery_ms else {
+            return Vec::new();
+        };
+        let step = retention.delivery_step_ms();
+        let now = sh.now_ms;
+        let mut convs: BTreeSet<ConvId> = self.dirty_delivery.iter().map(|k| k.0).collect();
+        while let Some(&(due, conv)) = self.floors_due.first()
+            && due <= now
+        {
+            self.floors_due.pop_first();
+            self.floor_due_of.remove(&conv);
+            convs.insert(conv);
+        }
+        let mut out = Vec::new();
+        for conv in convs {
+            let Some(c) = sh.convs.get(conv) else {
+                continue;
+            };
+            let floor = floor_of(c);
+            let steps = &c.cursors.steps;
+            if let Some(steps) = ConvDelivered::advanced(steps, floor, now, step, after) {
+                if let Some(due) = self.floor_due_of.remove(&conv) {
+                    self.floors_due.remove(&(due, conv));
+                }
+                out.push(ConvDelivered {
+                    conv: conv.storage(),
+                    steps,
+                });
+            } else if ConvDelivered::behind(steps, floor) && !self.floor_due_of.contains_key(&conv)
+            {
+                let due = steps
+                    .last()
+                    .map_or(now, |l| l.1.saturating_add(step))
+                    .max(now);
+                self.floors_due.insert((due, conv));
+                self.floor_due_of.insert(conv, due);
+            }
+        }
+        out
+    }
+
+    /// Steps whose write failed are tried again with the next batch.
+    fn floors_failed<I, M>(&mut self, sh: &Shared<I, M>, floors: &[ConvDelivered]) {
+        for f in floors {
+            let conv = ConvId::from_storage(f.conv);
+            if !self.floor_due_of.contains_key(&conv) {
+                let due = sh.now_ms + sh.cfg.cursor_flush_ms;
+                self.floors_due.insert((due, conv));
+                self.floor_due_of.insert(conv, due);
+            }
+        }
     }
 
     /// The metadata writer's outcome for the batch in flight.
@@ -226,6 +313,7 @@ impl Cursors {
         outcome: Outcome,
         delivery: Vec<DeliveryCursor>,
         read: Vec<ReadCursor>,
+        floors: Vec<ConvDelivered>,
         waiters: Vec<(ConnRef, u64)>,
     ) {
         self.in_flight = false;
@@ -233,6 +321,16 @@ impl Cursors {
             Written::Cursors => Ok(()),
             w => Err(unexpected_outcome(&w)),
         });
+        if outcome.is_ok() {
+            // Durable now: what serving hides from (`Shared::keep`).
+            for f in floors {
+                if let Some(c) = sh.convs.get_mut(ConvId::from_storage(f.conv)) {
+                    c.cursors.steps = Arc::from(f.steps);
+                }
+            }
+        } else {
+            self.floors_failed(sh, &floors);
+        }
         self.written(sh, outcome, delivery, read, waiters);
         if !self.dirty_delivery.is_empty()
             || !self.dirty_read.is_empty()
@@ -354,6 +452,22 @@ pub(super) fn receipt(
         by_user_id: by.0,
         ts_ms: now,
     }
+}
+
+/// The highest seq every member of `c` has received (the server's retention after delivery):
+/// the lowest, over the members, of the highest delivery cursor of any of their devices, a
+/// group member counting as having what came before its join. At most the durable end.
+pub(super) fn floor_of(c: &ConvState) -> u64 {
+    c.members
+        .iter()
+        .filter_map(|&u| {
+            let from = c.visible(u).ok()?.0;
+            let got = c.cursors.delivered.get(&u).copied().unwrap_or(0);
+            Some(got.max(from.saturating_sub(1)))
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+        .min(c.seq.durable_seq)
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@
 
 use starling_protocol::limits::{DISAPPEARING_TIMER_SECS_MAX, DISAPPEARING_TIMER_SECS_MIN};
 use starling_protocol::v1::{self, ErrorCode};
+use std::sync::Arc;
+
+use starling_storage::conv_delivered::ConvDelivered;
 use starling_storage::conv_timer::ConvTimer;
 use starling_storage::{CursorStore, Entry, MessageIndex, MetaBatch, MetadataStore, TimestampMs};
 
@@ -58,28 +61,102 @@ pub(super) fn check_request(s: &v1::Send) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Whether entry `e` is no longer served at `now_ms`: its conversation's timer expired it, or
-/// it is older than the server's retention (`retention_ms`, 0: keep forever).
-pub(super) fn gone(e: &Entry, now_ms: u64, retention_ms: u64) -> bool {
-    let expiry = expiry_of(e);
-    (expiry != 0 && expiry <= now_ms)
-        || (retention_ms != 0 && e.ts_ms.0.saturating_add(retention_ms) <= now_ms)
+/// The server's retention (`storage.retention_secs`, `storage.retention_after_delivery_secs`;
+/// docs/design/retention.md): how long an entry is kept after its server timestamp (0: no
+/// bound), and how long after every member received it (`None`: no such bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Kept this long after its server timestamp, in ms (0: no bound).
+    pub after_ts_ms: u64,
+    /// Kept this long after every member received it, in ms (`None`: no bound).
+    pub after_delivery_ms: Option<u64>,
 }
 
-/// Until when (ms since the epoch) the log must keep entry `e` under a server retention of
-/// `retention_ms` (0: forever): its expiry or the end of its retention, whichever comes first;
-/// `u64::MAX` for an entry kept forever. The policy the gateway's retention sweeps give the
-/// storage (`starling_storage::log::Reclaimer`); an entry is [`gone`] from then on.
+/// Least and most time between two recorded steps of a conversation's delivery floor.
+const DELIVERY_STEP_MS: (u64, u64) = (10_000, 300_000);
+
+impl Retention {
+    /// How often at most a conversation's delivery floor is recorded (`ConvDelivered`): a
+    /// sixteenth of the delivery bound, from 10 s to 5 min. A message's recorded delivery time
+    /// is late by at most this (so it goes at most this late), and a conversation whose
+    /// members keep receiving costs one small metadata record per this interval.
+    #[must_use]
+    pub fn delivery_step_ms(&self) -> u64 {
+        let d = self.after_delivery_ms.unwrap_or(0);
+        (d / 16).clamp(DELIVERY_STEP_MS.0, DELIVERY_STEP_MS.1)
+    }
+
+    /// Until when (ms since the epoch) the log must keep entry `e`: the earliest of its
+    /// disappearing-messages expiry, the end of its retention after its timestamp, and (if
+    /// `delivered_at`: when every member had received it) the end of its retention after
+    /// delivery; `u64::MAX` for an entry kept forever. The policy the gateway's retention
+    /// sweeps give the storage (`starling_storage::log::Reclaimer`); an entry is [`gone`]
+    /// from then on.
+    #[must_use]
+    pub fn keep_until(&self, e: &Entry, delivered_at: Option<u64>) -> u64 {
+        let by_timer = match expiry_of(e) {
+            0 => u64::MAX,
+            t => t,
+        };
+        let by_ts = match self.after_ts_ms {
+            0 => u64::MAX,
+            r => e.ts_ms.0.saturating_add(r),
+        };
+        let by_delivery = match (self.after_delivery_ms, delivered_at) {
+            (Some(d), Some(at)) => at.saturating_add(d),
+            _ => u64::MAX,
+        };
+        by_timer.min(by_ts).min(by_delivery)
+    }
+
+    /// Whether [`Retention::keep_until`]'s answer for an entry can no longer come down: always,
+    /// unless the policy has a bound after delivery and the entry was not received by every
+    /// member yet (`delivered_at` is `None`).
+    #[must_use]
+    pub fn settled(&self, delivered_at: Option<u64>) -> bool {
+        self.after_delivery_ms.is_none() || delivered_at.is_some()
+    }
+}
+
+/// What decides, for one conversation at one moment, whether an entry is [`gone`].
+pub(super) struct Keep {
+    pub(super) now_ms: u64,
+    pub(super) retention: Retention,
+    /// The conversation's delivery-floor steps (`ConvDelivered`), if the policy uses them.
+    pub(super) steps: Arc<[(u64, u64)]>,
+}
+
+impl Keep {
+    /// Whether entry `e` is no longer served: expired by its conversation's timer, or past
+    /// the server's retention.
+    pub(super) fn gone(&self, e: &Entry) -> bool {
+        let delivered_at = match self.retention.after_delivery_ms {
+            Some(_) => ConvDelivered::delivered_at(&self.steps, e.seq.0),
+            None => None,
+        };
+        let until = self.retention.keep_until(e, delivered_at);
+        until != u64::MAX && until <= self.now_ms
+    }
+}
+
+/// Whether entry `e` is no longer served at `now_ms` under the server's retention after its
+/// timestamp alone (`retention_ms`, 0: keep forever): what the tests and the simulation's
+/// model check; serving uses [`Keep::gone`], which also knows the conversation's deliveries.
+#[cfg(test)]
+pub(super) fn gone(e: &Entry, now_ms: u64, retention_ms: u64) -> bool {
+    let until = keep_until(e, retention_ms);
+    until != u64::MAX && until <= now_ms
+}
+
+/// [`Retention::keep_until`] under a retention after the timestamp alone (`retention_ms`, 0:
+/// forever).
+#[must_use]
 pub fn keep_until(e: &Entry, retention_ms: u64) -> u64 {
-    let by_timer = match expiry_of(e) {
-        0 => u64::MAX,
-        t => t,
-    };
-    let by_retention = match retention_ms {
-        0 => u64::MAX,
-        r => e.ts_ms.0.saturating_add(r),
-    };
-    by_timer.min(by_retention)
+    Retention {
+        after_ts_ms: retention_ms,
+        after_delivery_ms: None,
+    }
+    .keep_until(e, None)
 }
 
 /// The expiry of a message or change sequenced at `now_ms` under a timer of `secs` (0: none).

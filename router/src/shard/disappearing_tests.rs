@@ -91,6 +91,7 @@ fn an_entry_is_gone_once_expired_or_past_retention() {
 mod at_a_shard {
     use bytes::Bytes;
     use starling_protocol::v1::{self, ErrorCode, frame::Body};
+    use starling_storage::conv_delivered::ConvDelivered;
     use starling_storage::conv_timer::ConvTimer;
     use starling_storage::{ClientMsgId, MetaBatch, MetadataStore, TimestampMs, UserId};
 
@@ -399,5 +400,103 @@ mod at_a_shard {
         assert!(history(&mut s, &mut now).is_empty());
         let p = preview(&mut s, &mut now);
         assert_eq!((p.last_seq, p.last_message, p.unread_count), (2, None, 0));
+    }
+
+    /// `conn`'s device acknowledges delivery of [`GROUP`] up to `seq`; returns once the cursor
+    /// batch that carries it (and any delivery step due) is durable.
+    fn delivered(s: &mut Shard, now: &mut u64, conn: ConnId, rid: u64, seq: u64) {
+        let f = v1::Frame {
+            request_id: rid,
+            body: Some(Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: GROUP.0,
+                up_to_seq: seq,
+            })),
+        };
+        s.handle_frame(conn, f, *now);
+        let out = drive_until(s, now, |c, f| c == conn && f.request_id == rid);
+        assert!(
+            out.iter().any(|(c, f)| *c == conn
+                && f.request_id == rid
+                && matches!(f.body, Some(Body::Done(_)))),
+            "{out:?}"
+        );
+    }
+
+    fn steps(meta: &starling_storage::MemMeta) -> Vec<(u64, u64)> {
+        meta.get::<ConvDelivered>(&ConvDelivered::key_of(GROUP.storage()))
+            .unwrap()
+            .map(|r| r.steps)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_retention_after_delivery_hides_what_every_member_received_that_long_ago() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ShardConfig {
+            retention_after_delivery_ms: Some(60_000),
+            ..ShardConfig::default()
+        };
+        let step = cfg.retention().delivery_step_ms();
+        assert_eq!(
+            step, 10_000,
+            "a sixteenth of a minute is under the least step"
+        );
+        let (mut s, meta) = shard(dir.path(), cfg.clone());
+        let mut now = 1_000_000;
+        for i in 1..=3u8 {
+            let (a, _) = send(&mut s, &mut now, ConnId(1), (u64::from(i), i), |_| {});
+            assert_eq!(acked(&a).0, u64::from(i));
+        }
+        // Nobody received anything yet: nothing recorded, everything served however late.
+        assert!(steps(&meta).is_empty());
+        // The sender's device has its own messages (the SDK acknowledges them too); the other
+        // member received the first only.
+        delivered(&mut s, &mut now, ConnId(1), 10, 3);
+        assert!(steps(&meta).is_empty(), "user 2 received nothing yet");
+        delivered(&mut s, &mut now, ConnId(2), 11, 1);
+        let first = steps(&meta);
+        assert_eq!(first.len(), 1);
+        let (floor, t1) = first[0];
+        assert_eq!(floor, 1);
+        assert!(t1 <= now);
+        // User 2 receives the rest soon after: the step waits for the granularity.
+        now += 1_000;
+        delivered(&mut s, &mut now, ConnId(2), 12, 3);
+        assert_eq!(steps(&meta), first, "too soon after the last step");
+        // Far later than the message was received, but before its recorded step:
+        now = t1 + 60_000 - 1;
+        assert_eq!(seqs(&history(&mut s, &mut now)), [1, 2, 3]);
+        now = t1 + 60_000;
+        assert_eq!(seqs(&history(&mut s, &mut now)), [2, 3]);
+        assert_eq!(seqs(&sync(&mut s, &mut now)), [2, 3]);
+        // The pending step was written when its granularity allowed (with the cursor batch
+        // of the ticks meanwhile); a barrier: a cursor request is answered with the next batch.
+        delivered(&mut s, &mut now, ConnId(2), 13, 3);
+        let both = steps(&meta);
+        assert_eq!(both.len(), 2, "{both:?}");
+        let (floor2, t2) = both[1];
+        assert_eq!(floor2, 3);
+        assert!((t1 + step..=t1 + 60_000).contains(&t2), "{both:?}");
+        now = t2 + 60_000 - 1;
+        assert_eq!(seqs(&history(&mut s, &mut now)), [2, 3]);
+        now = t2 + 60_000;
+        assert!(history(&mut s, &mut now).is_empty());
+        let p = preview(&mut s, &mut now);
+        assert_eq!((p.last_seq, p.last_message, p.unread_count), (3, None, 0));
+        // A restart reads the steps back: still gone.
+        drop(s);
+        let store = starling_storage::EmbeddedShard::open(
+            dir.path(),
+            starling_storage::ShardOptions::default(),
+        )
+        .unwrap();
+        let index = store.index().clone();
+        let mut s = super::super::super::fixture::shard_over(cfg, store, index, meta.clone());
+        assert!(history(&mut s, &mut now).is_empty());
+        // A message sent now is served: nobody but its sender received it.
+        let (a, _) = send(&mut s, &mut now, ConnId(1), (20, 20), |_| {});
+        assert_eq!(acked(&a).0, 4);
+        now += 3_600_000;
+        assert_eq!(seqs(&history(&mut s, &mut now)), [4]);
     }
 }

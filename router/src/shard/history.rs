@@ -8,7 +8,6 @@ use prost::Message as _;
 use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
-use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, error_frame, frame};
 use super::mail::{HistoryCmd, Inner};
@@ -133,10 +132,10 @@ where
         }
         _ => unreachable!("a page reads after or before a seq"),
     };
-    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
+    let keep = sh.keep(conv);
     let mut messages: Vec<v1::Message> = entries
         .drain(..)
-        .filter(|e| !gone(e, now, retention))
+        .filter(|e| !keep.gone(e))
         .filter_map(|e| entry_to_message(conv, &e))
         .collect();
     // As they are now: edited, deleted, reacted to.

@@ -9,7 +9,6 @@ use starling_protocol::v1::{self, ErrorCode, frame::Body};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::changes;
-use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::ListGather;
@@ -130,12 +129,12 @@ where
     M: MetadataStore + CursorStore,
 {
     let unread_max = sh.cfg.unread_count_max;
-    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
     // Only the seqs the user may read: a group member's from its join, a former member's up
     // to its removal.
     let (_, (from, to)) = sh.reader_conv(conv, user)?;
     let mut last = sh.read_before(conv, to.saturating_add(1), 1)?;
     last.retain(|e| e.seq.0 >= from);
+    let keep = sh.keep(conv);
     let (c, _) = sh.reader_conv(conv, user)?;
     let read = c.cursors.read.get(&user).copied().unwrap_or(0);
     let (kind, peer, title) = match c.pair {
@@ -153,10 +152,7 @@ where
         .read_after(conv, read.max(from.saturating_sub(1)), unread_max)?
         .iter()
         .filter(|e| {
-            e.seq.0 <= to
-                && e.sender != user
-                && changes::counts_as_unread(e)
-                && !gone(e, now, retention)
+            e.seq.0 <= to && e.sender != user && changes::counts_as_unread(e) && !keep.gone(e)
         })
         .count();
     let title = if kind == v1::ConversationKind::Direct {
@@ -166,7 +162,7 @@ where
     };
     let mut last_message: Vec<v1::Message> = last
         .first()
-        .filter(|e| !gone(e, now, retention))
+        .filter(|e| !keep.gone(e))
         .and_then(|e| entry_to_message(conv, e))
         .into_iter()
         .collect();

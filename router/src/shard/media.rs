@@ -129,10 +129,10 @@ where
         return Err(not_found());
     }
     let entries = sh.read_after(conv, seq - 1, 1)?;
-    let (now, retention) = (sh.now_ms, sh.cfg.retention_ms);
+    let keep = sh.keep(conv);
     let named = entries
         .first()
-        .filter(|e| e.seq.0 == seq && !super::disappearing::gone(e, now, retention))
+        .filter(|e| e.seq.0 == seq && !keep.gone(e))
         .and_then(|e| entry_to_message(conv, e))
         .and_then(|m| m.media)
         .is_some_and(|m| m.media_id == d.req.media_id);

@@ -60,6 +60,7 @@ pub(super) enum MetaTag {
     Cursors {
         delivery: Vec<DeliveryCursor>,
         read: Vec<ReadCursor>,
+        floors: Vec<starling_storage::conv_delivered::ConvDelivered>,
         waiters: Vec<(ConnRef, u64)>,
     },
     /// A Block/Unblock: answer it (through the conversation's owner if there is one).
@@ -198,6 +199,22 @@ where
 
     /// The state of `conv` and the seqs of it `user` may read (inclusive; a former member of a
     /// group reads up to its removal), or `NOT_A_MEMBER`.
+    /// What decides, now, which entries of `conv` are gone (its delivery steps if its state is
+    /// in memory; a conversation not in memory has none, so nothing of it is gone by delivery:
+    /// later, never earlier).
+    pub(super) fn keep(&self, conv: ConvId) -> super::disappearing::Keep {
+        let retention = self.cfg.retention();
+        let steps = match (retention.after_delivery_ms, self.convs.get(conv)) {
+            (Some(_), Some(c)) => c.cursors.steps.clone(),
+            _ => Arc::from(Vec::new()),
+        };
+        super::disappearing::Keep {
+            now_ms: self.now_ms,
+            retention,
+            steps,
+        }
+    }
+
     pub(super) fn reader_conv(
         &mut self,
         conv: ConvId,

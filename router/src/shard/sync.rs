@@ -11,7 +11,6 @@ use starling_protocol::v1::{self, frame::Body};
 use starling_storage::{CursorStore, MessageIndex, MetadataStore, UserId};
 
 use super::cursors::receipt;
-use super::disappearing::gone;
 use super::envelope::entry_to_message;
 use super::frames::{Refusal, frame};
 use super::gather::SyncGather;
@@ -130,6 +129,7 @@ where
             entries.retain(|e| e.seq.0 <= to);
             entries
         };
+        let keep = sh.keep(conv);
         let Ok((c, _)) = sh.reader_conv(conv, cmd.user) else {
             continue;
         };
@@ -142,7 +142,7 @@ where
                 break;
             }
             // Expired, or past the server's retention: a gap the client does not fill.
-            if gone(e, sh.now_ms, sh.cfg.retention_ms) {
+            if keep.gone(e) {
                 continue;
             }
             if let Some(mut m) = entry_to_message(conv, e) {

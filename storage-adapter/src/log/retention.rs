@@ -4,8 +4,10 @@
 //! What "past retention" means is the caller's: [`Reclaimer::sweep`] takes a `keep_until` that
 //! says, for one entry, until when (ms since the epoch) it must be kept (`u64::MAX`: forever).
 //! The router's answer is the server's retention after the entry's timestamp, or the entry's
-//! disappearing-messages expiry if that comes first. A sealed segment's newest `keep_until` is
-//! computed once, by reading it, and cached; the segment goes once `now` reaches it.
+//! disappearing-messages expiry if that comes first, or the end of its retention after every
+//! member received it. A sealed segment's newest `keep_until` is computed by reading it, and
+//! cached when every answer in it was final ([`Reclaimer::sweep_unsettled`]: an entry not
+//! received by everyone yet may go earlier later); the segment goes once `now` reaches it.
 //!
 //! Only a prefix of the log goes (recovery accepts missing *leading* segments, never a hole),
 //! and never the segment being written nor one whose successor holds no applied record: the
@@ -131,6 +133,19 @@ impl Reclaimer {
         now_ms: u64,
         keep_until: &dyn Fn(&Entry) -> u64,
     ) -> Result<SweepReport, StorageError> {
+        self.sweep_unsettled(now_ms, &|e| (keep_until(e), true))
+    }
+
+    /// [`Reclaimer::sweep`] with a policy whose answer for an entry may still come down
+    /// (`keep_until` gives `(until, settled)`; `settled: false`, e.g. a message not yet
+    /// received by every member, may have an earlier `until` at a later sweep). A segment's
+    /// newest answer is cached only when every answer in it was settled; an unsettled one is
+    /// read again at the next sweep that reaches it.
+    pub fn sweep_unsettled(
+        &self,
+        now_ms: u64,
+        keep_until: &dyn Fn(&Entry) -> (u64, bool),
+    ) -> Result<SweepReport, StorageError> {
         let held = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         let (index, paused) = (&held.0, held.1);
         self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
@@ -194,12 +209,13 @@ impl Reclaimer {
         Ok(report)
     }
 
-    /// The newest `keep_until` of the entries of the sealed segment at `base` (read once).
+    /// The newest `keep_until` of the entries of the sealed segment at `base` (read once if
+    /// every answer was settled).
     fn newest_keep_until(
         &self,
         base: Lsn,
         path: &Path,
-        keep_until: &dyn Fn(&Entry) -> u64,
+        keep_until: &dyn Fn(&Entry) -> (u64, bool),
     ) -> Result<u64, StorageError> {
         if let Some(&t) = self
             .keep_until
@@ -212,20 +228,25 @@ impl Reclaimer {
         let data = read_all(path)?;
         let mut pos = SEGMENT_HEADER_BYTES;
         let mut newest = 0u64;
+        let mut settled = true;
         while let Ok(view) = format::decode_record(data.get(pos..).unwrap_or(&[])) {
             let entries = view.entries().map_err(|e| StorageError::Decode {
                 table: "log record",
                 reason: e.to_string(),
             })?;
             for e in &entries {
-                newest = newest.max(keep_until(e));
+                let (until, fixed) = keep_until(e);
+                newest = newest.max(until);
+                settled &= fixed;
             }
             pos += view.total_bytes();
         }
-        self.keep_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(base, newest);
+        if settled {
+            self.keep_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(base, newest);
+        }
         Ok(newest)
     }
 }

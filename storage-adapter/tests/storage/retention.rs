@@ -265,3 +265,55 @@ fn a_paused_reclaimer_removes_nothing_until_resumed_with_the_new_index() {
     assert!(!ix_files.contains(&format!("{:020}.ix", 1)), "{ix_files:?}");
     check(&shard, &seqs, &w, 2_000, "after the resumed sweep");
 }
+
+#[test]
+fn an_unsettled_answer_is_asked_again_and_a_settled_one_is_not() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = EmbeddedShard::open(dir.path(), shard_opts(SEG)).unwrap();
+    let (mut seqs, mut w) = ([0u64; 3], Written::new());
+    write(&mut shard, 0, 2_000, &mut seqs, &mut w);
+    let r = shard.reclaimer();
+    // Conversation 3 (index 2) was not received by everyone yet: its entries are kept for
+    // good as far as this sweep knows, but may come down.
+    let received = AtomicBool::new(false);
+    let asked = AtomicU64::new(0);
+    let policy = |e: &Entry| {
+        asked.fetch_add(1, Ordering::Relaxed);
+        if e.conv == ConvId(3) && !received.load(Ordering::Relaxed) {
+            (u64::MAX, false)
+        } else {
+            (keep_until(e), true)
+        }
+    };
+    let before = r.sweep_unsettled(10_000, &policy).unwrap();
+    assert!(
+        before.removed.is_empty(),
+        "the first segment holds conversation 3: {before:?}"
+    );
+    let first = asked.load(Ordering::Relaxed);
+    assert!(first > 0);
+    // Asked again: the first segment's answer was not cached.
+    assert!(
+        r.sweep_unsettled(10_000, &policy)
+            .unwrap()
+            .removed
+            .is_empty()
+    );
+    assert!(asked.load(Ordering::Relaxed) >= 2 * first);
+    // Everyone received it: the same segments go now, as with a settled policy.
+    received.store(true, Ordering::Relaxed);
+    let rep = r.sweep_unsettled(10_000, &policy).unwrap();
+    assert!(!rep.removed.is_empty(), "{rep:?}");
+    assert_eq!(rep.removed[0], Lsn(1));
+    check(&shard, &seqs, &w, 10_000, "after the unsettled sweep");
+    // Settled answers are cached: a sweep that removes nothing more reads no segment again
+    // but the one it stops at (each sweep reads at most what it has not cached).
+    let n = asked.load(Ordering::Relaxed);
+    r.sweep_unsettled(10_000, &policy).unwrap();
+    let again = asked.load(Ordering::Relaxed) - n;
+    assert!(
+        again < first,
+        "cached segments are not read again ({again} ≥ {first})"
+    );
+}
