@@ -144,6 +144,7 @@ where
         .or_insert_with(|| (new.clone(), 0));
     slot.0 = new.clone();
     slot.1 += 1;
+    c.seq.state_epoch += 1;
     c.seq.committing.insert(cmd.cmid, Vec::new());
     let mut batch = MetaBatch::default();
     batch.put(&new);
@@ -174,6 +175,7 @@ pub(super) fn committed<L, I, M>(
                 c.seq.timer_writes = c.seq.timer_writes.saturating_sub(1);
             }
             if let Some(slot) = c.seq.states.get_mut(&target) {
+                c.seq.state_epoch += 1;
                 slot.1 -= 1;
                 if slot.1 == 0 {
                     // The metadata holds the newest state again.
@@ -261,12 +263,38 @@ where
     I: MessageIndex,
     M: MetadataStore + CursorStore,
 {
-    if let Some((s, _)) = sh.conv(conv)?.seq.states.get(&seq) {
+    let c = sh.conv(conv)?;
+    if let Some((s, _)) = c.seq.states.get(&seq) {
         return Ok(Some(s.clone()));
     }
-    sh.meta
-        .get::<MessageState>(&MessageState::key_of(conv.storage(), Seq(seq)))
-        .map_err(|e| Refusal::storage("message state", &e))
+    if c.seq.has_states == Some(false) {
+        return Ok(None);
+    }
+    let key = super::reader::Want::State {
+        conv,
+        seq,
+        epoch: c.seq.state_epoch,
+    };
+    if let Some(super::reader::Got::State(r)) = sh.got.get(&key) {
+        return r.clone();
+    }
+    sh.stats.inline_reads += 1;
+    super::reader::message_state(&*sh.meta, conv, seq)
+}
+
+/// The seq whose state serving entry `e` reads (`present`): its own, or an edit's target's
+/// (whether that was deleted); none for a group event or a change of another kind.
+pub(super) fn state_seq(conv: ConvId, e: &Entry) -> Option<u64> {
+    if e.kind != starling_storage::EntryKind::MESSAGE {
+        return None;
+    }
+    if !super::envelope::is_change(e) {
+        return Some(e.seq.0);
+    }
+    super::envelope::entry_to_message(conv, e)
+        .and_then(|m| m.change)
+        .filter(|ch| ch.kind == ChangeKind::Edit as i32)
+        .map(|ch| ch.target_seq)
 }
 
 /// `old` with `cmd`'s change `ch` of message `t` by `cmd.user` at `now`, or why not. A retry of

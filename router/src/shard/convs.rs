@@ -73,6 +73,10 @@ pub(super) struct ConvSeq {
     /// since it was loaded). Serving a conversation that never had a change costs one lookup,
     /// not one per message.
     pub(super) has_states: Option<bool>,
+    /// Moves when a message state's write starts and when it ends: a state read off the
+    /// shard thread is used only at the epoch it was planned in (`reads.rs`), so it never
+    /// misses a change committed meanwhile.
+    pub(super) state_epoch: u64,
     /// The disappearing-messages timer in force, in seconds (0: off): it stamps the expiry of
     /// every message and change sequenced now (`disappearing.rs`).
     pub(super) timer_secs: u64,
@@ -215,6 +219,7 @@ impl ConvSeq {
             has_states: None,
             timer_secs: 0,
             timer_writes: 0,
+            state_epoch: 0,
         }
     }
 

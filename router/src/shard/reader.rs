@@ -1,6 +1,6 @@
 //! The shard's storage reads, as jobs with completions: a conversation's state (members, last
 //! seq, timer, cursors, cached blocks), a range of a conversation's entries, a dedup lookup, a
-//! user's conversations. A [`Want`] names a read; [`Reader::submit`] starts it and its [`Got`]
+//! user's conversations, a message's state. A [`Want`] names a read; [`Reader::submit`] starts it and its [`Got`]
 //! comes back from [`Reader::poll`], **in any order** (reads do not depend on each other, and a
 //! network database answers them out of order too). See `docs/design/reads.md`.
 //!
@@ -17,6 +17,7 @@
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use starling_storage::message_state::MessageState;
 use starling_storage::meta::{User, keys};
 use starling_storage::{ClientMsgId, CursorStore, Entry, MessageIndex, MetadataStore, Seq, UserId};
 
@@ -55,6 +56,9 @@ pub(super) enum Want {
         high: UserId,
         peer: UserId,
     },
+    /// The state of message `seq` of `conv` (edited, deleted, reacted to), as of the
+    /// conversation's state epoch `epoch` (`ConvSeq::state_epoch`).
+    State { conv: ConvId, seq: u64, epoch: u64 },
 }
 
 /// What a read found.
@@ -65,6 +69,7 @@ pub(super) enum Got {
     UserConvs(Result<Vec<ConvId>, Refusal>),
     Direct(Result<Option<ConvId>, Refusal>),
     UserName(Result<Option<String>, Refusal>),
+    State(Result<Option<MessageState>, Refusal>),
     /// A page as its handler reads it: the index's part merged with the durable tail's
     /// (`reads.rs`); never a job's own result.
     Read(Result<Vec<Arc<Entry>>, Refusal>),
@@ -104,7 +109,18 @@ where
         Want::Direct { low, high, peer } => {
             Got::Direct(super::direct::lookup(meta, low, high, peer))
         }
+        Want::State { conv, seq, .. } => Got::State(message_state(meta, conv, seq)),
     }
+}
+
+/// The stored state of message `seq` of `conv`, if it has one.
+pub(super) fn message_state<M: MetadataStore>(
+    meta: &M,
+    conv: ConvId,
+    seq: u64,
+) -> Result<Option<MessageState>, Refusal> {
+    meta.get::<MessageState>(&MessageState::key_of(conv.storage(), Seq(seq)))
+        .map_err(|e| Refusal::storage("message state", &e))
 }
 
 /// `user`'s display name (`None`: no such user).
@@ -164,6 +180,7 @@ impl Drop for Completer {
                 Want::UserConvs(_) => Got::UserConvs(Err(r)),
                 Want::Direct { .. } => Got::Direct(Err(r)),
                 Want::UserName(_) => Got::UserName(Err(r)),
+                Want::State { .. } => Got::State(Err(r)),
             };
             lock(&c).push((token, epoch, got));
         }

@@ -141,6 +141,10 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
                     })
                     .collect();
                 pages(sh, keys, got, out);
+                // The state of a change's target, which the change starts from.
+                if let Some(ch) = &cmd.change {
+                    state(sh, cmd.conv, ch.target_seq, got, out);
+                }
             }
         }
         Inner::Cursor(c) => {
@@ -163,6 +167,7 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
         Inner::History(h) => {
             if loaded(h.conv, got, out) {
                 pages(sh, super::history::reads(sh, h), got, out);
+                states(sh, got, out);
             }
         }
         Inner::Sync(s) => {
@@ -172,6 +177,7 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
             }
             if all {
                 pages(sh, super::sync::reads(sh, s), got, out);
+                states(sh, got, out);
             }
         }
         Inner::List(l) => {
@@ -181,6 +187,7 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
             }
             if all {
                 pages(sh, super::list::reads(sh, l), got, out);
+                states(sh, got, out);
             }
         }
         Inner::SyncStart(s) => {
@@ -229,12 +236,60 @@ fn pages<I, M>(sh: &Shared<I, M>, keys: Vec<Want>, got: &mut GotMap, out: &mut V
     }
 }
 
+/// The state of message `seq` of `conv` (loaded), unless none is needed: the conversation has
+/// no state at all, the state is being written (in memory), or it was read at this epoch.
+fn state<I, M>(sh: &Shared<I, M>, conv: ConvId, seq: u64, got: &GotMap, out: &mut Vec<Want>) {
+    let Some(c) = sh.convs.get(conv) else {
+        return;
+    };
+    if c.seq.has_states == Some(false) || c.seq.states.contains_key(&seq) {
+        return;
+    }
+    let w = Want::State {
+        conv,
+        seq,
+        epoch: c.seq.state_epoch,
+    };
+    if !got.contains_key(&w) && !out.contains(&w) {
+        out.push(w);
+    }
+}
+
+/// The message states serving the pages in `got` reads (`changes::present`): for each entry of
+/// a conversation that has any, its own or (an edit) its target's. Planned once the pages are
+/// read; a state written meanwhile moves the epoch and is read again.
+fn states<I, M>(sh: &Shared<I, M>, got: &GotMap, out: &mut Vec<Want>) {
+    let mut seen = crate::hash::HashSet::default();
+    for (key, g) in got {
+        let (Want::After { conv, .. } | Want::Before { conv, .. }, Got::Read(Ok(entries))) =
+            (*key, g)
+        else {
+            continue;
+        };
+        if sh
+            .convs
+            .get(conv)
+            .is_none_or(|c| c.seq.has_states == Some(false))
+        {
+            continue;
+        }
+        for e in entries {
+            if let Some(seq) = super::changes::state_seq(conv, e)
+                && seen.insert((conv, seq))
+            {
+                state(sh, conv, seq, got, out);
+            }
+        }
+    }
+}
+
 fn conv_of(w: &Want) -> Option<ConvId> {
     match *w {
         Want::Conv(conv)
         | Want::After { conv, .. }
         | Want::Before { conv, .. }
-        | Want::Dedup { conv, .. } => Some(conv),
+        | Want::Dedup { conv, .. }
+        | Want::State { conv, .. } => Some(conv),
         Want::UserConvs(_) | Want::UserName(_) | Want::Direct { .. } => None,
     }
 }
@@ -375,7 +430,10 @@ where
                     (job, p)
                 }
                 Want::Direct { .. } => unreachable!("a lookup no message waits for"),
-                Want::Dedup { .. } | Want::UserConvs(_) | Want::UserName(_) => (
+                Want::Dedup { .. }
+                | Want::UserConvs(_)
+                | Want::UserName(_)
+                | Want::State { .. } => (
                     w,
                     Pending::Of {
                         id,

@@ -352,3 +352,58 @@ fn a_pair_is_looked_up_off_the_shard_thread_with_its_sends_in_order() {
     assert_eq!(meta.writes(), writes, "nothing created");
     assert_eq!(s.stats().inline_reads, 0);
 }
+
+#[test]
+fn a_pages_message_states_are_read_off_the_thread_after_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = meta_with_other();
+    five_and_one(dir.path(), &meta);
+    // User 1 deletes message 5 for everyone (its state is written), then the shard stops.
+    {
+        let mut now = 1_500;
+        let (mut s, _) = open_with(dir.path(), &meta, false);
+        let to = v1::recipient::Target::ConversationId(GROUP.0);
+        let mut f = send_frame(7, 7, to, b"");
+        if let Some(Body::Send(sd)) = &mut f.body {
+            sd.content_type.clear();
+            sd.change = Some(Box::new(v1::MessageChange {
+                kind: v1::ChangeKind::Delete as i32,
+                target_seq: 5,
+                emoji: String::new(),
+            }));
+        }
+        s.handle_frame(ConnId(1), f, now);
+        let out = drive_until(&mut s, &mut now, |c, f| c == ConnId(1) && f.request_id == 7);
+        assert_eq!(ack_seq(answers(&out, ConnId(1), 7)[0]), 6);
+    }
+    let (mut s, held) = open(dir.path(), &meta);
+    let mut now = 2_000;
+    s.handle_frame(ConnId(2), history(GROUP, 20), now);
+    assert_eq!(finish(&mut s, &held, now), 1, "GROUP's state");
+    assert_eq!(
+        finish(&mut s, &held, now),
+        1,
+        "the page: 3 (to know there is more), 4, 5 and the delete"
+    );
+    assert!(answers(&transmitted(&mut s), ConnId(2), 20).is_empty());
+    assert_eq!(
+        finish(&mut s, &held, now),
+        3,
+        "the states of 3, 4 and 5 (a delete's own entry has none)"
+    );
+    let out = drive_until(&mut s, &mut now, |c, f| {
+        c == ConnId(2) && f.request_id == 20
+    });
+    let Body::HistoryPage(p) = answers(&out, ConnId(2), 20)[0] else {
+        panic!("{out:?}")
+    };
+    let five = p.messages.iter().find(|m| m.seq == 5).expect("5 is served");
+    assert!(five.deleted && five.body.is_empty(), "{five:?}");
+    let four = p.messages.iter().find(|m| m.seq == 4).expect("4 is served");
+    assert!(!four.deleted && &four.body[..] == b"hi");
+    assert_eq!(
+        s.stats().inline_reads,
+        0,
+        "no state was read on the shard thread"
+    );
+}
