@@ -13,6 +13,7 @@ use super::config::ShardConfig;
 use super::convs::ConvState;
 use super::frames::{Refusal, error_frame, frame, retry_frame};
 use super::mail::{BlockCmd, Inner};
+use super::reader::{Got, Want};
 use super::shared::{META_RETRY_AFTER_MS, MetaTag, Shared};
 use crate::ids::{ConnRef, ConvId};
 use crate::limits::RateLimiter;
@@ -156,14 +157,64 @@ impl Blocks {
     ) {
         if let Some(c) = sh.convs.get_mut(conv) {
             c.blocks = None;
+            c.block_epoch += 1;
         }
         sh.reply(origin, vec![frame(request_id, Body::Done(v1::Done {}))]);
     }
 }
 
+/// The block lookup of `conv`'s pair a Send needs, if its blocks are not known (a loaded
+/// direct conversation of two users whose blocks were not read since the last Block/Unblock).
+pub(super) fn want(c: &ConvState, conv: ConvId) -> Option<Want> {
+    match c.pair {
+        Some((a, b)) if a != b && c.blocks.is_none() => Some(Want::Blocks {
+            conv,
+            a,
+            b,
+            epoch: c.block_epoch,
+        }),
+        _ => None,
+    }
+}
+
+/// Before a Send is checked: the pair's blocks as read off the shard thread for it, if they
+/// were (`reads.rs`), become the cached ones; otherwise [`check_send`] reads them here.
+pub(super) fn take_read<I, M>(sh: &mut Shared<I, M>, conv: ConvId) -> Result<(), Refusal> {
+    let Some(key) = sh.convs.get(conv).and_then(|c| want(c, conv)) else {
+        return Ok(());
+    };
+    let found = match sh.got.get(&key) {
+        Some(Got::Blocks(r)) => r.clone()?,
+        _ => {
+            sh.stats.inline_reads += 1;
+            return Ok(());
+        }
+    };
+    if let Some(c) = sh.convs.get_mut(conv) {
+        c.blocks = Some(found);
+    }
+    Ok(())
+}
+
+/// `(a blocks b, b blocks a)` as the metadata has it.
+pub(super) fn lookup<M: MetadataStore>(
+    meta: &M,
+    a: UserId,
+    b: UserId,
+) -> Result<(bool, bool), Refusal> {
+    let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
+        Ok(meta
+            .get::<Block>(&block_key(who, whom))
+            .map_err(|e| Refusal::storage("block lookup", &e))?
+            .is_some())
+    };
+    Ok((has(a, b)?, has(b, a)?))
+}
+
 /// At the owner of a direct conversation: refuses `sender`'s Send if the peer blocks them (the
-/// pair's blocks are read from the metadata on first use and kept until a Block/Unblock of the
-/// pair is committed). Groups are not affected by blocks.
+/// pair's blocks are read on first use, off the shard thread when the read gate foresaw it
+/// ([`take_read`]), and kept until a Block/Unblock of the pair is committed). Groups are not
+/// affected by blocks.
 pub(super) fn check_send<M: MetadataStore>(
     meta: &M,
     c: &mut ConvState,
@@ -175,13 +226,7 @@ pub(super) fn check_send<M: MetadataStore>(
         let (a_blocks_b, b_blocks_a) = match c.blocks {
             Some(bl) => bl,
             None => {
-                let has = |who: UserId, whom: UserId| -> Result<bool, Refusal> {
-                    Ok(meta
-                        .get::<Block>(&block_key(who, whom))
-                        .map_err(|e| Refusal::storage("block lookup", &e))?
-                        .is_some())
-                };
-                let bl = (has(a, b)?, has(b, a)?);
+                let bl = lookup(meta, a, b)?;
                 c.blocks = Some(bl);
                 bl
             }

@@ -26,7 +26,7 @@ use starling_storage::{
 
 use super::envelope::{expiry_of, is_change, is_timer};
 use super::frames::{Refusal, error_frame};
-use super::mail::SendCmd;
+use super::mail::{Inner, SendCmd};
 use super::sequencer::Sequencer;
 use super::shared::{MetaTag, Shared};
 use crate::ids::ConvId;
@@ -189,9 +189,19 @@ pub(super) fn committed<L, I, M>(
     let refusal = match outcome {
         Ok(Written::Committed { conflict: false }) => {
             cmd.change_ready = true;
-            seq.on_send(sh, cmd);
-            for p in parked {
-                seq.on_send(sh, p);
+            // A Block/Unblock of a direct pair committed meanwhile made its blocks unknown:
+            // through the read gate, in this order, so that they are read off the thread.
+            let unknown = sh
+                .convs
+                .get(cmd.conv)
+                .is_some_and(|c| super::blocks::want(c, cmd.conv).is_some());
+            let own = sh.mail.shard();
+            for c in std::iter::once(cmd).chain(parked) {
+                if unknown {
+                    sh.send_to(own, Inner::Send(Box::new(c)));
+                } else {
+                    seq.on_send(sh, c);
+                }
             }
             return;
         }

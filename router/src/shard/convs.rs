@@ -41,6 +41,9 @@ pub(super) struct ConvState {
     /// For a direct conversation: (first blocks second, second blocks first) of `pair`, read
     /// from metadata on first use and forgotten when a Block/Unblock of the pair is committed.
     pub(super) blocks: Option<(bool, bool)>,
+    /// Moves each time `blocks` is forgotten (a Block/Unblock of the pair was committed): a
+    /// block lookup off the shard thread is used only at the epoch it was planned in.
+    pub(super) block_epoch: u64,
     pub(super) title: String,
     /// For a group: its members, roles, settings and change in progress (`shard/groups`).
     pub(super) group: Option<Box<GroupConv>>,
@@ -145,6 +148,7 @@ impl ConvState {
             members,
             pair,
             blocks: None,
+            block_epoch: 0,
             title,
             group,
             seq: ConvSeq {

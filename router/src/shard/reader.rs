@@ -1,6 +1,6 @@
 //! The shard's storage reads, as jobs with completions: a conversation's state (members, last
 //! seq, timer, cursors, cached blocks), a range of a conversation's entries, a dedup lookup, a
-//! user's conversations, a message's state. A [`Want`] names a read; [`Reader::submit`] starts it and its [`Got`]
+//! user's conversations, a message's state, a direct pair's blocks. A [`Want`] names a read; [`Reader::submit`] starts it and its [`Got`]
 //! comes back from [`Reader::poll`], **in any order** (reads do not depend on each other, and a
 //! network database answers them out of order too). See `docs/design/reads.md`.
 //!
@@ -59,6 +59,14 @@ pub(super) enum Want {
     /// The state of message `seq` of `conv` (edited, deleted, reacted to), as of the
     /// conversation's state epoch `epoch` (`ConvSeq::state_epoch`).
     State { conv: ConvId, seq: u64, epoch: u64 },
+    /// Whether `a` blocks `b` and `b` blocks `a`, for the direct conversation `conv` of the
+    /// two, as of its block epoch `epoch` (`ConvState::block_epoch`).
+    Blocks {
+        conv: ConvId,
+        a: UserId,
+        b: UserId,
+        epoch: u64,
+    },
 }
 
 /// What a read found.
@@ -70,6 +78,7 @@ pub(super) enum Got {
     Direct(Result<Option<ConvId>, Refusal>),
     UserName(Result<Option<String>, Refusal>),
     State(Result<Option<MessageState>, Refusal>),
+    Blocks(Result<(bool, bool), Refusal>),
     /// A page as its handler reads it: the index's part merged with the durable tail's
     /// (`reads.rs`); never a job's own result.
     Read(Result<Vec<Arc<Entry>>, Refusal>),
@@ -110,6 +119,7 @@ where
             Got::Direct(super::direct::lookup(meta, low, high, peer))
         }
         Want::State { conv, seq, .. } => Got::State(message_state(meta, conv, seq)),
+        Want::Blocks { a, b, .. } => Got::Blocks(super::blocks::lookup(meta, a, b)),
     }
 }
 
@@ -181,6 +191,7 @@ impl Drop for Completer {
                 Want::Direct { .. } => Got::Direct(Err(r)),
                 Want::UserName(_) => Got::UserName(Err(r)),
                 Want::State { .. } => Got::State(Err(r)),
+                Want::Blocks { .. } => Got::Blocks(Err(r)),
             };
             lock(&c).push((token, epoch, got));
         }

@@ -145,6 +145,16 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
                 if let Some(ch) = &cmd.change {
                     state(sh, cmd.conv, ch.target_seq, got, out);
                 }
+                // A direct pair's blocks, checked before it is sequenced.
+                if let Some(w) = sh
+                    .convs
+                    .get(cmd.conv)
+                    .and_then(|c| super::blocks::want(c, cmd.conv))
+                    && !got.contains_key(&w)
+                    && !out.contains(&w)
+                {
+                    out.push(w);
+                }
             }
         }
         Inner::Cursor(c) => {
@@ -289,7 +299,8 @@ fn conv_of(w: &Want) -> Option<ConvId> {
         | Want::After { conv, .. }
         | Want::Before { conv, .. }
         | Want::Dedup { conv, .. }
-        | Want::State { conv, .. } => Some(conv),
+        | Want::State { conv, .. }
+        | Want::Blocks { conv, .. } => Some(conv),
         Want::UserConvs(_) | Want::UserName(_) | Want::Direct { .. } => None,
     }
 }
@@ -433,7 +444,8 @@ where
                 Want::Dedup { .. }
                 | Want::UserConvs(_)
                 | Want::UserName(_)
-                | Want::State { .. } => (
+                | Want::State { .. }
+                | Want::Blocks { .. } => (
                     w,
                     Pending::Of {
                         id,

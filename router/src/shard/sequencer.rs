@@ -211,6 +211,7 @@ impl<L: DurableLog> Sequencer<L> {
         let open_bytes = self.open.bytes;
         let open_bytes_max = sh.cfg.open_bytes_max.min(format::RECORD_PAYLOAD_BYTES_MAX);
         let now = sh.now_ms.max(cmd.now_ms);
+        blocks::take_read(sh, cmd.conv)?;
         let c = sh.member_conv(cmd.conv, cmd.user)?;
         blocks::check_send(&*meta, c, cmd.user)?;
         groups::check_send(c, cmd.user)?;
