@@ -173,6 +173,13 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
             if let Some(conv) = g.state_conv() {
                 loaded(conv, got, out);
             }
+            // Who must exist (a user's record; its name is what the lookup reads).
+            for &u in g.users_to_check() {
+                let w = Want::UserName(u);
+                if !got.contains_key(&w) && !out.contains(&w) {
+                    out.push(w);
+                }
+            }
         }
         Inner::History(h) => {
             if loaded(h.conv, got, out) {

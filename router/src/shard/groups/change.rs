@@ -41,7 +41,7 @@ where
     // Who is added must exist (checked after the permission: a member learns nothing of
     // accounts from a request it may not make).
     if let Op::Add(users) = &cmd.op
-        && let Err(r) = check_users(&*sh.meta, users)
+        && let Err(r) = check_users(sh, users)
     {
         return refuse(sh, &cmd, r);
     }

@@ -37,7 +37,7 @@ where
     else {
         return;
     };
-    if let Err(r) = check_users(&*sh.meta, members) {
+    if let Err(r) = check_users(sh, members) {
         return refuse(sh, &cmd, r);
     }
     if sh.writer.queued() >= sh.cfg.meta_jobs_max {

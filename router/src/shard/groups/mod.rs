@@ -39,6 +39,7 @@ use starling_storage::{CursorStore, DurableLog, MessageIndex, MetadataStore, Use
 use super::convs::ConvState;
 use super::frames::{Refusal, error_frame, frame, retry_frame};
 use super::mail::Inner;
+use super::reader::{Got, Want};
 use super::sequencer::Sequencer;
 use super::shared::{META_RETRY_AFTER_MS, MetaTag, Shared};
 use crate::ids::{ConnRef, ConvId, GROUP_BIT, mix64};
@@ -77,6 +78,16 @@ impl GroupCmd {
     /// The group whose state the request needs at its owner (none for a creation).
     pub(super) fn state_conv(&self) -> Option<ConvId> {
         (!matches!(self.op, Op::Create { .. })).then_some(self.conv)
+    }
+
+    /// The users the request names who must exist (a creation's members, those added); the
+    /// read gate reads their records off the shard thread (`Want::UserName`).
+    pub(super) fn users_to_check(&self) -> &[UserId] {
+        match &self.op {
+            Op::Create { members, .. } => members,
+            Op::Add(users) => users,
+            _ => &[],
+        }
     }
 }
 
@@ -197,13 +208,19 @@ fn info_frame(rid: u64, g: &GroupConv, conv: ConvId, page: Page) -> v1::Frame {
 }
 
 /// The users of `list` that have no account: NOT_FOUND naming the first.
-fn check_users<M: MetadataStore>(meta: &M, list: &[UserId]) -> Result<(), Refusal> {
+fn check_users<I, M: MetadataStore>(sh: &mut Shared<I, M>, list: &[UserId]) -> Result<(), Refusal> {
     for &u in list {
-        if meta
-            .get::<User>(&keys::user(u))
-            .map_err(|e| Refusal::storage("user lookup", &e))?
-            .is_none()
-        {
+        let exists = match sh.got.get(&Want::UserName(u)) {
+            Some(Got::UserName(r)) => r.clone()?.is_some(),
+            _ => {
+                sh.stats.inline_reads += 1;
+                sh.meta
+                    .get::<User>(&keys::user(u))
+                    .map_err(|e| Refusal::storage("user lookup", &e))?
+                    .is_some()
+            }
+        };
+        if !exists {
             return Err(Refusal(
                 ErrorCode::NotFound,
                 format!("no such user: {}", u.0),
