@@ -63,6 +63,29 @@ where
     sh.writer.submit(&*sh.meta, Job::Commit { batch }, tag);
 }
 
+/// A CreateGroup whose commit landed, back from the read gate with the new group's state
+/// loaded as it was committed: it has the marker, so its event is sequenced by `resume`, which
+/// answers the request.
+pub(super) fn created<I, M>(sh: &mut Shared<I, M>, cmd: GroupCmd)
+where
+    I: MessageIndex,
+    M: MetadataStore + CursorStore,
+{
+    let waiter = Waiter {
+        origin: cmd.origin,
+        request_id: cmd.request_id,
+        done: false,
+    };
+    match group(sh, cmd.conv) {
+        Ok(c) => {
+            if let Some(g) = c.group.as_mut() {
+                g.waiter = Some(waiter);
+            }
+        }
+        Err(r) => refuse(sh, &cmd, r),
+    }
+}
+
 /// The metadata writer's outcome of a change's (or creation's) commit: on success its event is
 /// sequenced; a creation whose id was taken tries another.
 pub(in crate::shard) fn committed<L, I, M>(
@@ -81,25 +104,19 @@ pub(in crate::shard) fn committed<L, I, M>(
     let creating = matches!(cmd.op, Op::Create { .. });
     match outcome {
         Ok(Written::Committed { conflict: false }) => {
+            if creating {
+                // Back through the read gate, which loads the new group's state off the shard
+                // thread ([`created`]).
+                cmd.created = true;
+                let own = sh.mail.shard();
+                sh.send_to(own, Inner::Group(Box::new(cmd)));
+                return;
+            }
             let waiter = Waiter {
                 origin: cmd.origin,
                 request_id: cmd.request_id,
                 done: matches!(cmd.op, Op::Leave),
             };
-            if creating {
-                // Loaded from what was just committed: it has the marker, so the event is
-                // sequenced by `resume`.
-                match group(sh, conv) {
-                    Ok(c) => {
-                        if let Some(g) = c.group.as_mut() {
-                            g.waiter = Some(waiter);
-                        }
-                    }
-                    Err(r) => refuse(sh, &cmd, r),
-                }
-                resume(sh, seq);
-                return;
-            }
             let Some(g) = sh.convs.get_mut(conv).and_then(|c| c.group.as_mut()) else {
                 debug_assert!(false, "a group with a change in progress was dropped");
                 return;

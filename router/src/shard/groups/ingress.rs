@@ -112,6 +112,7 @@ pub(in crate::shard) fn request<I, M>(
         conv,
         op,
         attempt: 0,
+        created: false,
     };
     sh.send_to(sh.mail.owner(conv), Inner::Group(Box::new(cmd)));
     Ok(())

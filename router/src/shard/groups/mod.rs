@@ -72,18 +72,22 @@ pub(super) struct GroupCmd {
     op: Op,
     /// For CreateGroup: how many ids were tried.
     attempt: u32,
+    /// For CreateGroup: its commit landed; the request comes back through the read gate to
+    /// find the new group's state loaded (read off the shard thread) and be answered.
+    created: bool,
 }
 
 impl GroupCmd {
     /// The group whose state the request needs at its owner (none for a creation).
     pub(super) fn state_conv(&self) -> Option<ConvId> {
-        (!matches!(self.op, Op::Create { .. })).then_some(self.conv)
+        (!matches!(self.op, Op::Create { .. }) || self.created).then_some(self.conv)
     }
 
     /// The users the request names who must exist (a creation's members, those added); the
     /// read gate reads their records off the shard thread (`Want::UserName`).
     pub(super) fn users_to_check(&self) -> &[UserId] {
         match &self.op {
+            Op::Create { .. } if self.created => &[],
             Op::Create { members, .. } => members,
             Op::Add(users) => users,
             _ => &[],
@@ -253,6 +257,9 @@ where
     M: MetadataStore + CursorStore,
 {
     if matches!(cmd.op, Op::Create { .. }) {
+        if cmd.created {
+            return change::created(sh, cmd);
+        }
         return create(sh, cmd);
     }
     let queued_max = sh.cfg.group_changes_queued_max;
