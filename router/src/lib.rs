@@ -56,7 +56,7 @@
 //! | `shard/direct.rs` | direct conversations by user pair: the cache, parking while one is created |
 //! | `shard/sequencer.rs` | the shard's log: open batch, dedup, batches in flight, durable completion, failure answers |
 //! | `shard/fanout.rs` | pushing durable messages and receipts to this shard's connections of the members |
-//! | `shard/cursors.rs` | delivery and read cursors: ingress → owner → batched write → receipts |
+//! | `shard/cursors.rs` | delivery and read cursors: ingress → owner → batched write → receipts; the delivery floor's steps for the retention after delivery |
 //! | `shard/read_fanout.rs` | fan-out on read: large groups' messages announced by coalesced `MessagesAvailable` |
 //! | `shard/group_receipts.rs` | a group's receipts aggregated for its senders (coalesced), `GetReceipts` |
 //! | `shard/sync.rs` | Sync: ingress → owners → gather |
