@@ -90,8 +90,8 @@ impl Retention {
     /// disappearing-messages expiry, the end of its retention after its timestamp, and (if
     /// `delivered_at`: when every member had received it) the end of its retention after
     /// delivery; `u64::MAX` for an entry kept forever. The policy the gateway's retention
-    /// sweeps give the storage (`starling_storage::log::Reclaimer`); an entry is [`gone`]
-    /// from then on.
+    /// sweeps give the storage (`starling_storage::log::Reclaimer`); an entry is gone
+    /// (`Keep::gone`) from then on.
     #[must_use]
     pub fn keep_until(&self, e: &Entry, delivered_at: Option<u64>) -> u64 {
         let by_timer = match expiry_of(e) {
