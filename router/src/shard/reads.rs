@@ -142,8 +142,13 @@ fn plan<I, M>(sh: &Shared<I, M>, m: &Inner, got: &mut GotMap, out: &mut Vec<Want
                     .collect();
                 pages(sh, keys, got, out);
                 // The state of a change's target, which the change starts from.
-                if let Some(ch) = &cmd.change {
-                    state(sh, cmd.conv, ch.target_seq, got, out);
+                if let Some(w) = cmd
+                    .change
+                    .as_ref()
+                    .and_then(|ch| state(sh, cmd.conv, ch.target_seq, got))
+                    && !out.contains(&w)
+                {
+                    out.push(w);
                 }
                 // A direct pair's blocks, checked before it is sequenced.
                 if let Some(w) = sh
@@ -253,23 +258,20 @@ fn pages<I, M>(sh: &Shared<I, M>, keys: Vec<Want>, got: &mut GotMap, out: &mut V
     }
 }
 
-/// The state of message `seq` of `conv` (loaded), unless none is needed: the conversation has
-/// no state at all, the state is being written (in memory), or it was read at this epoch.
-fn state<I, M>(sh: &Shared<I, M>, conv: ConvId, seq: u64, got: &GotMap, out: &mut Vec<Want>) {
-    let Some(c) = sh.convs.get(conv) else {
-        return;
-    };
+/// The read of message `seq`'s state of `conv` (loaded), unless none is needed: the
+/// conversation has no state at all, the state is being written (in memory), or it was read at
+/// this epoch.
+fn state<I, M>(sh: &Shared<I, M>, conv: ConvId, seq: u64, got: &GotMap) -> Option<Want> {
+    let c = sh.convs.get(conv)?;
     if c.seq.has_states == Some(false) || c.seq.states.contains_key(&seq) {
-        return;
+        return None;
     }
     let w = Want::State {
         conv,
         seq,
         epoch: c.seq.state_epoch,
     };
-    if !got.contains_key(&w) && !out.contains(&w) {
-        out.push(w);
-    }
+    (!got.contains_key(&w)).then_some(w)
 }
 
 /// The message states serving the pages in `got` reads (`changes::present`): for each entry of
@@ -291,10 +293,12 @@ fn states<I, M>(sh: &Shared<I, M>, got: &GotMap, out: &mut Vec<Want>) {
             continue;
         }
         for e in entries {
+            // `seen` keeps each state once (an entry and an edit of it name the same one).
             if let Some(seq) = super::changes::state_seq(conv, e)
                 && seen.insert((conv, seq))
+                && let Some(w) = state(sh, conv, seq, got)
             {
-                state(sh, conv, seq, got, out);
+                out.push(w);
             }
         }
     }
